@@ -1,0 +1,133 @@
+//! HTTP: every route in one place, the shared state, and the JSON body reader whose rejections are
+//! already OpenAI error envelopes. Handlers live one file per endpoint family.
+
+pub mod admin;
+pub mod auth;
+pub mod chat_completions;
+pub mod error;
+pub mod health;
+pub mod models;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use http::request::Parts;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{Map, Value};
+use tokio::sync::Semaphore;
+
+use crate::gateway::Gateway;
+use auth::{Authenticator, PeerAddr};
+use error::ApiError;
+
+pub struct AppState {
+    pub gateway: Arc<Gateway>,
+    pub auth: Authenticator,
+    pub metrics: Option<PrometheusHandle>,
+    pub inflight: Arc<Semaphore>,
+    pub body_limit: usize,
+    pub max_inflight: usize,
+    pub ready: AtomicBool,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions::create))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{*id}", get(models::retrieve))
+        .route("/admin/routes", get(admin::list_routes))
+        .route(
+            "/admin/routes/{name}",
+            get(admin::get_route).put(admin::put_route),
+        )
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(state)
+}
+
+async fn unknown_route(uri: http::Uri) -> axum::response::Response {
+    ApiError::not_found(format!("Unknown request URL: {}.", uri.path()))
+        .with_code("unknown_url")
+        .into_response()
+}
+
+async fn wrong_method(method: http::Method, uri: http::Uri) -> axum::response::Response {
+    ApiError::new(
+        http::StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("{method} is not allowed on {}.", uri.path()),
+    )
+    .with_code("method_not_allowed")
+    .into_response()
+}
+
+pub fn peer(parts: &Parts) -> Option<SocketAddr> {
+    parts.extensions.get::<PeerAddr>().map(|p| p.0)
+}
+
+pub fn header(parts: &Parts, name: &str) -> Option<String> {
+    parts
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// Reads a JSON object body within `limit` bytes.
+pub async fn read_json_object(
+    parts: &Parts,
+    body: Body,
+    limit: usize,
+) -> Result<Map<String, Value>, ApiError> {
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(limit));
+    }
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(s) = source {
+                if s.is::<http_body_util::LengthLimitError>() {
+                    return Err(ApiError::too_large(limit));
+                }
+                source = s.source();
+            }
+            return Err(ApiError::invalid(format!(
+                "Could not read the request body: {e}"
+            )));
+        }
+    };
+    if bytes.is_empty() {
+        return Err(
+            ApiError::invalid("The request body is empty; send a JSON object.")
+                .with_code("invalid_json"),
+        );
+    }
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => {
+            Err(ApiError::invalid("The request body must be a JSON object.")
+                .with_code("invalid_json"))
+        }
+        Err(e) => Err(ApiError::invalid(format!(
+            "We could not parse the JSON body of your request ({e}). The body must be valid JSON."
+        ))
+        .with_code("invalid_json")),
+    }
+}

@@ -1,0 +1,89 @@
+//! Backends answer chat completions: upstream OpenAI-compatible providers today, the local engine
+//! later. A backend neither logs nor applies rails; the gateway pipeline does both around it.
+
+pub mod sse;
+pub mod upstream;
+
+use std::pin::Pin;
+
+use futures_util::future::BoxFuture;
+use futures_util::Stream;
+use serde_json::{Map, Value};
+
+/// One chat completion request, already validated, with `model` set to the backend's own model name.
+#[derive(Debug, Clone)]
+pub struct BackendRequest {
+    pub body: Map<String, Value>,
+    pub stream: bool,
+}
+
+/// A stream of `chat.completion.chunk` objects. An `Err` item ends the stream.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Value, BackendError>> + Send>>;
+
+pub enum BackendReply {
+    /// A whole `chat.completion`.
+    Full(Value),
+    /// Chunks; the first has already arrived when this is returned. `usage_injected` says the backend
+    /// asked for a usage chunk the client did not ask for (the gateway strips it from the client's copy).
+    Stream {
+        chunks: ChunkStream,
+        usage_injected: bool,
+    },
+}
+
+/// Why a backend could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to upstream '{backend}': {message}")]
+    Connect { backend: String, message: String },
+    #[error("upstream '{backend}' did not answer within {after_ms} ms ({phase})")]
+    Timeout {
+        backend: String,
+        phase: &'static str,
+        after_ms: u64,
+    },
+    /// The provider answered with a non-success status; `body` is its error envelope if it sent one.
+    #[error("upstream '{backend}' answered with status {status}")]
+    Status {
+        backend: String,
+        status: u16,
+        body: Option<Value>,
+        retry_after_ms: Option<u64>,
+    },
+    /// The provider answered something that is not an OpenAI-compatible response.
+    #[error("upstream '{backend}' sent an invalid response: {message}")]
+    Protocol { backend: String, message: String },
+    /// The provider reported an error inside a stream that had already begun.
+    #[error("upstream '{backend}' reported an error mid-stream")]
+    StreamError { backend: String, body: Value },
+    #[error("backend '{backend}' cannot serve this request: {message}")]
+    Unsupported {
+        backend: String,
+        message: String,
+        param: Option<String>,
+    },
+}
+
+impl BackendError {
+    /// Failures worth trying the next fallback target for (the request itself was fine).
+    pub fn is_target_failure(&self) -> bool {
+        match self {
+            BackendError::Connect { .. }
+            | BackendError::Timeout { .. }
+            | BackendError::Protocol { .. }
+            | BackendError::StreamError { .. } => true,
+            BackendError::Status { status, .. } => {
+                *status == 429 || *status >= 500 || *status == 401 || *status == 403
+            }
+            BackendError::Unsupported { .. } => false,
+        }
+    }
+}
+
+/// Something that can answer chat completions.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &str;
+    /// Whether `n` > 1 can be served.
+    fn supports_n(&self) -> bool;
+    fn chat(&self, request: BackendRequest) -> BoxFuture<'_, Result<BackendReply, BackendError>>;
+}

@@ -1,0 +1,193 @@
+//! The command line: `serve`, `logs export`, `keys`, `config check`.
+
+mod serve;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::store::traffic::{export_jsonl, ExportFilter};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "flywheel",
+    version,
+    about = "A self-improving OpenAI-compatible inference gateway"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, default_value = "config/flywheel.toml")]
+        config: PathBuf,
+        /// Overrides the config's listen address.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// The traffic log.
+    Logs {
+        #[command(subcommand)]
+        command: LogsCommand,
+    },
+    /// API keys for the config.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Check a config file and print what it defines.
+    Check {
+        #[arg(long, default_value = "config/flywheel.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LogsCommand {
+    /// Write the log as JSONL in the NVIDIA Data Flywheel record schema plus Flywheel's fields.
+    Export {
+        #[arg(long, default_value = "config/flywheel.toml")]
+        config: PathBuf,
+        /// Output file; standard output if absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        workload_id: Option<String>,
+        #[arg(long)]
+        route: Option<String>,
+        /// Only records at or after this time (Unix milliseconds).
+        #[arg(long)]
+        since_ms: Option<i64>,
+        /// Only records before this time (Unix milliseconds).
+        #[arg(long)]
+        until_ms: Option<i64>,
+        /// Include shadow requests.
+        #[arg(long)]
+        include_shadow: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Print the SHA-256 to put in `[[auth.keys]]` for a key read from standard input.
+    Hash,
+    /// Make a new random key and print it with its SHA-256.
+    New,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    init_tracing();
+    let result = match cli.command {
+        Command::Serve { config, listen } => serve::run(&config, listen),
+        Command::Logs {
+            command:
+                LogsCommand::Export {
+                    config,
+                    out,
+                    workload_id,
+                    route,
+                    since_ms,
+                    until_ms,
+                    include_shadow,
+                },
+        } => export(
+            &config,
+            out,
+            ExportFilter {
+                workload_id,
+                route,
+                since_ms,
+                until_ms,
+                include_shadow,
+            },
+        ),
+        Command::Keys { command } => keys(command),
+        Command::Check { config } => check(&config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flywheel: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn export(
+    config: &std::path::Path,
+    out: Option<PathBuf>,
+    filter: ExportFilter,
+) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let conn = crate::store::open(&config.db_path())?;
+    let n = match out {
+        Some(path) => {
+            let tmp = path.with_extension("jsonl.partial");
+            let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            let n = export_jsonl(&conn, &filter, &mut w)?;
+            w.flush()?;
+            drop(w);
+            std::fs::rename(&tmp, &path)?;
+            n
+        }
+        None => {
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::new(stdout.lock());
+            let n = export_jsonl(&conn, &filter, &mut w)?;
+            w.flush()?;
+            n
+        }
+    };
+    tracing::info!(records = n, "exported");
+    Ok(())
+}
+
+fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Hash => {
+            let mut key = String::new();
+            std::io::stdin().read_line(&mut key)?;
+            println!("{}", crate::api::auth::hash_key(key.trim()));
+        }
+        KeysCommand::New => {
+            let bytes: [u8; 24] = rand::random();
+            let key = format!(
+                "fw-{}",
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            );
+            println!("key    = {key}");
+            println!("sha256 = {}", crate::api::auth::hash_key(&key));
+        }
+    }
+    Ok(())
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    println!("config {} is valid", path.display());
+    println!("listen   {}", config.listen);
+    println!("data_dir {}", config.data_dir.display());
+    for u in &config.upstreams {
+        println!("upstream {} -> {}", u.name, u.base_url);
+    }
+    for r in &config.routes {
+        println!("route    {} -> champion {}", r.name, r.rollout.champion);
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! `flywheel serve`: wires config, store, backends, gateway and HTTP together, and shuts them down
+//! in order (stop accepting → finish requests and streams → finish shadows → drain the log).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tokio::sync::Semaphore;
+
+use crate::api::auth::Authenticator;
+use crate::api::{self, AppState};
+use crate::backend::upstream::Upstream;
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::store::traffic::TrafficLog;
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+pub fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let mut config = Config::load(config_path)?;
+    if let Some(l) = listen {
+        config.listen = l;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("flywheel")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let metrics = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .context("invalid metric buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+
+    let writer = if config.log.enabled {
+        let path = config.db_path();
+        let w = TrafficLog::start(&path, config.log.queue_capacity, config.log.batch_size)
+            .with_context(|| format!("cannot open the traffic log at {}", path.display()))?;
+        tracing::info!(path = %path.display(), "traffic log open");
+        Some(w)
+    } else {
+        tracing::warn!("traffic logging is disabled in the config");
+        None
+    };
+    let log = writer
+        .as_ref()
+        .map_or_else(TrafficLog::disabled, |w| w.log());
+
+    let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+    for u in &config.upstreams {
+        let up = Upstream::new(u).map_err(anyhow::Error::msg)?;
+        backends.insert(u.name.clone(), Arc::new(up));
+    }
+    let gateway = Arc::new(Gateway::new(config.clone(), backends, log));
+    let state = Arc::new(AppState {
+        gateway: gateway.clone(),
+        auth: Authenticator::new(&config.auth),
+        metrics: Some(metrics),
+        inflight: Arc::new(Semaphore::new(config.server.max_inflight_requests)),
+        body_limit: config.server.body_limit_bytes,
+        max_inflight: config.server.max_inflight_requests,
+        ready: AtomicBool::new(false),
+    });
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(c), Some(k)) => Some(api::server::tls_acceptor(c, k).map_err(anyhow::Error::msg)?),
+        _ => None,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    if config.auth.keys.is_empty() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "no API keys are configured and the gateway listens beyond loopback: every non-loopback request will be refused");
+    }
+    tracing::info!(
+        %addr,
+        tls = tls.is_some(),
+        routes = config.routes.len(),
+        upstreams = config.upstreams.len(),
+        "flywheel listening on {}://{addr}",
+        if tls.is_some() { "https" } else { "http" }
+    );
+    state.ready.store(true, Ordering::Relaxed);
+    let shutdown_state = state.clone();
+    let shutdown = async move {
+        wait_for_signal().await;
+        shutdown_state.ready.store(false, Ordering::Relaxed);
+        tracing::info!("shutdown requested");
+    };
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    api::server::serve(listener, api::router(state.clone()), tls, shutdown, grace).await;
+
+    // Streams and shadows run as tracked tasks; they write their own log records when they end.
+    gateway.tasks().close();
+    if tokio::time::timeout(grace, gateway.tasks().wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks still running after the grace period");
+    }
+    if let Some(w) = writer {
+        let queued = gateway.log().depth();
+        w.close().await;
+        tracing::info!(queued, "traffic log drained");
+    }
+    tracing::info!("flywheel stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,521 @@
+//! The TOML configuration: its shape, its defaults and its validation.
+//!
+//! Everything the gateway reads from the outside world at start-up comes through here, including the
+//! environment variables that hold upstream API keys (named by the config, read once). Other modules
+//! receive validated values and never parse configuration themselves.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem, phrased so the operator knows what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file '{path}': {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file '{path}' is not valid TOML for flywheel: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the gateway listens on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where state lives: the SQLite database, datasets, adapters, checkpoints.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub shadow: ShadowConfig,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Largest accepted request body, in bytes.
+    #[serde(default = "default_body_limit")]
+    pub body_limit_bytes: usize,
+    /// Requests served at once; more are refused with 429.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight_requests: usize,
+    /// Seconds to wait for in-flight requests on shutdown before giving up on them.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
+    /// Optional TLS listener: both paths set turns TLS on.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            body_limit_bytes: default_body_limit(),
+            max_inflight_requests: default_max_inflight(),
+            shutdown_grace_secs: default_shutdown_grace(),
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Inference,
+    Admin,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// A label for logs; never the key itself.
+    pub name: String,
+    /// Hex SHA-256 of the key (`flywheel keys hash` prints it). Keys themselves are never stored.
+    pub sha256: String,
+    pub scopes: Vec<Scope>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Requests without a key from a loopback address get every scope.
+    #[serde(default = "yes")]
+    pub allow_loopback_without_key: bool,
+    #[serde(default)]
+    pub keys: Vec<ApiKeyConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            allow_loopback_without_key: true,
+            keys: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Record traffic to SQLite.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Records waiting to be written; beyond this they are dropped (and counted), never waited for.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Most records written in one transaction.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            queue_capacity: default_queue_capacity(),
+            batch_size: default_batch_size(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// Shadow requests in flight at once across all routes; sampled requests beyond it are shed.
+    #[serde(default = "default_shadow_concurrency")]
+    pub max_concurrency: usize,
+}
+
+impl Default for ShadowConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrency: default_shadow_concurrency(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// OpenAI-compatible base URL, up to and including `/v1`.
+    pub base_url: String,
+    /// Name of the environment variable holding the API key (read once at start-up).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Extra headers sent on every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Time allowed until the response headers (and, for streams, the first event) arrive.
+    #[serde(default = "default_first_byte_timeout")]
+    pub first_byte_timeout_ms: u64,
+    #[serde(default = "default_total_timeout")]
+    pub total_timeout_ms: u64,
+    /// Retries after the first attempt, on connect errors, 429 and 5xx.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    #[serde(default = "default_backoff_base")]
+    pub backoff_base_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+    /// Speak HTTP/2 without TLS negotiation (h2c). Over https, HTTP/2 is negotiated by ALPN.
+    #[serde(default)]
+    pub http2_prior_knowledge: bool,
+    /// Whether the provider accepts `n` > 1.
+    #[serde(default = "yes")]
+    pub supports_n: bool,
+    /// Ask streams for a usage chunk (stripped again if the client did not ask), so the log has token counts.
+    #[serde(default = "yes")]
+    pub request_stream_usage: bool,
+    /// Idle keep-alive connections kept per host.
+    #[serde(default = "default_pool_idle")]
+    pub pool_max_idle_per_host: usize,
+}
+
+/// Where a request goes: an upstream provider's model. (Local engine targets come with the engine.)
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub upstream: String,
+    pub model: String,
+}
+
+impl std::fmt::Display for TargetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.upstream, self.model)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryConfig {
+    pub target: TargetConfig,
+    /// Share of sticky traffic sent to the canary, 0–100.
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowTargetConfig {
+    pub target: TargetConfig,
+    /// Share of successful primary requests mirrored to the shadow, 0–1.
+    pub sample_rate: f64,
+}
+
+/// A route's rollout: who serves, who is tried, who listens in.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    pub champion: TargetConfig,
+    #[serde(default)]
+    pub canary: Option<CanaryConfig>,
+    #[serde(default)]
+    pub shadow: Option<ShadowTargetConfig>,
+    /// Tried in order when the serving target fails with a connect error, timeout, 429 or 5xx.
+    #[serde(default)]
+    pub fallbacks: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The public model name clients ask for.
+    pub name: String,
+    #[serde(flatten)]
+    pub rollout: RolloutConfig,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+fn default_body_limit() -> usize {
+    8 * 1024 * 1024
+}
+fn default_max_inflight() -> usize {
+    4096
+}
+fn default_shutdown_grace() -> u64 {
+    30
+}
+fn default_queue_capacity() -> usize {
+    65_536
+}
+fn default_batch_size() -> usize {
+    512
+}
+fn default_shadow_concurrency() -> usize {
+    16
+}
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+fn default_first_byte_timeout() -> u64 {
+    60_000
+}
+fn default_total_timeout() -> u64 {
+    600_000
+}
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_backoff_base() -> u64 {
+    100
+}
+fn default_backoff_max() -> u64 {
+    2_000
+}
+fn default_pool_idle() -> usize {
+    64
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        // A relative data_dir is relative to the working directory, as the README's commands assume.
+        config.validate()?;
+        if config.data_dir.as_os_str().is_empty() {
+            config.data_dir = default_data_dir();
+        }
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.server.body_limit_bytes < 1024 {
+            return invalid("server.body_limit_bytes must be at least 1024".into());
+        }
+        if self.server.max_inflight_requests == 0 {
+            return invalid("server.max_inflight_requests must be at least 1".into());
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return invalid("server.tls_cert and server.tls_key must be set together".into());
+        }
+        if self.log.queue_capacity == 0 || self.log.batch_size == 0 {
+            return invalid("log.queue_capacity and log.batch_size must be at least 1".into());
+        }
+        for key in &self.auth.keys {
+            let ok = key.sha256.len() == 64 && key.sha256.chars().all(|c| c.is_ascii_hexdigit());
+            if !ok {
+                return invalid(format!(
+                    "auth key '{}': sha256 must be 64 hex characters (run `flywheel keys hash` to make one)",
+                    key.name
+                ));
+            }
+            if key.scopes.is_empty() {
+                return invalid(format!("auth key '{}' has no scopes", key.name));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for up in &self.upstreams {
+            if !names.insert(up.name.as_str()) {
+                return invalid(format!("upstream '{}' is defined twice", up.name));
+            }
+            if !(up.base_url.starts_with("http://") || up.base_url.starts_with("https://")) {
+                return invalid(format!(
+                    "upstream '{}': base_url '{}' must start with http:// or https://",
+                    up.name, up.base_url
+                ));
+            }
+            if up.base_url.parse::<http::Uri>().is_err() {
+                return invalid(format!(
+                    "upstream '{}': base_url '{}' is not a valid URL",
+                    up.name, up.base_url
+                ));
+            }
+            for (k, v) in &up.headers {
+                if http::HeaderName::from_bytes(k.as_bytes()).is_err()
+                    || http::HeaderValue::from_str(v).is_err()
+                {
+                    return invalid(format!("upstream '{}': header '{k}' is not valid", up.name));
+                }
+            }
+            if up.total_timeout_ms == 0
+                || up.first_byte_timeout_ms == 0
+                || up.connect_timeout_ms == 0
+            {
+                return invalid(format!(
+                    "upstream '{}': timeouts must be above zero",
+                    up.name
+                ));
+            }
+        }
+        let mut route_names = std::collections::HashSet::new();
+        for route in &self.routes {
+            if !route_names.insert(route.name.as_str()) {
+                return invalid(format!("route '{}' is defined twice", route.name));
+            }
+            self.validate_rollout(&route.name, &route.rollout)?;
+        }
+        Ok(())
+    }
+
+    /// Checks a rollout against the configured upstreams; also used for rollouts changed at runtime.
+    pub fn validate_rollout(
+        &self,
+        route: &str,
+        rollout: &RolloutConfig,
+    ) -> Result<(), ConfigError> {
+        let check = |t: &TargetConfig, role: &str| -> Result<(), ConfigError> {
+            if !self.upstreams.iter().any(|u| u.name == t.upstream) {
+                return Err(ConfigError::Invalid(format!(
+                    "route '{route}': {role} names upstream '{}', which is not defined (defined: {})",
+                    t.upstream,
+                    self.upstreams
+                        .iter()
+                        .map(|u| u.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            if t.model.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "route '{route}': {role} has an empty model"
+                )));
+            }
+            Ok(())
+        };
+        check(&rollout.champion, "champion")?;
+        if let Some(c) = &rollout.canary {
+            check(&c.target, "canary")?;
+            if !(0.0..=100.0).contains(&c.percent) {
+                return Err(ConfigError::Invalid(format!(
+                    "route '{route}': canary percent {} must be within 0–100",
+                    c.percent
+                )));
+            }
+        }
+        if let Some(s) = &rollout.shadow {
+            check(&s.target, "shadow")?;
+            if !(0.0..=1.0).contains(&s.sample_rate) {
+                return Err(ConfigError::Invalid(format!(
+                    "route '{route}': shadow sample_rate {} must be within 0–1",
+                    s.sample_rate
+                )));
+            }
+        }
+        for f in &rollout.fallbacks {
+            check(f, "fallback")?;
+        }
+        Ok(())
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("flywheel.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("t.toml"),
+            message: e.to_string(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_file() {
+        let c = parse("").unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert!(c.log.enabled);
+        assert!(c.auth.allow_loopback_without_key);
+    }
+
+    #[test]
+    fn route_naming_an_unknown_upstream_is_refused_with_the_known_ones() {
+        let err = parse(
+            r#"
+            [[upstreams]]
+            name = "a"
+            base_url = "http://127.0.0.1:1/v1"
+            [[routes]]
+            name = "m"
+            champion = { upstream = "b", model = "x" }
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("upstream 'b'"), "{err}");
+        assert!(err.contains("defined: a"), "{err}");
+    }
+
+    #[test]
+    fn canary_percent_out_of_range_is_refused() {
+        let err = parse(
+            r#"
+            [[upstreams]]
+            name = "a"
+            base_url = "http://127.0.0.1:1/v1"
+            [[routes]]
+            name = "m"
+            champion = { upstream = "a", model = "x" }
+            canary = { target = { upstream = "a", model = "y" }, percent = 120.0 }
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("0–100"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = parse("listen_address = '1.2.3.4:1'")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_address"), "{err}");
+    }
+
+    #[test]
+    fn bad_key_hash_is_refused() {
+        let err = parse(
+            r#"
+            [[auth.keys]]
+            name = "ops"
+            sha256 = "abc"
+            scopes = ["admin"]
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("64 hex"), "{err}");
+    }
+}

@@ -1,0 +1,480 @@
+//! The request pipeline, independent of HTTP: validate, resolve the route and rollout arm, call the
+//! backend (with fallbacks), tee the outcome into the traffic log, and mirror sampled traffic to a
+//! shadow target off the response path.
+
+pub mod agreement;
+pub mod assemble;
+pub mod routing;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::api::error::ApiError;
+use crate::backend::{Backend, BackendError, BackendReply, BackendRequest, ChunkStream};
+use crate::config::{Config, ConfigError, RolloutConfig, TargetConfig};
+use crate::store::traffic::{TrafficLog, TrafficRecord};
+use assemble::ChunkAssembler;
+use routing::{Arm, Resolution, RouteTable};
+
+/// Who is asking, as told by headers (the body's `metadata` and `user` are read by the pipeline).
+#[derive(Debug, Default)]
+pub struct RequestContext {
+    pub workload_id: Option<String>,
+    pub client_id: Option<String>,
+    pub session_id: Option<String>,
+    /// Held until the response is complete (the server's in-flight budget).
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+/// What the HTTP layer sends back.
+pub enum ChatResponse {
+    Full {
+        id: Uuid,
+        arm: Arm,
+        body: Value,
+    },
+    /// SSE frames, ready to write; the stream ends with `data: [DONE]`.
+    Stream {
+        id: Uuid,
+        arm: Arm,
+        frames: mpsc::Receiver<Bytes>,
+    },
+}
+
+pub struct Gateway {
+    config: Arc<Config>,
+    routes: RouteTable,
+    backends: HashMap<String, Arc<dyn Backend>>,
+    log: TrafficLog,
+    tasks: TaskTracker,
+    shadow_permits: Arc<Semaphore>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Encodes one SSE `data:` frame.
+pub fn sse_frame(v: &Value) -> Bytes {
+    let mut buf = BytesMut::with_capacity(256).writer();
+    buf.get_mut().put_slice(b"data: ");
+    // Serializing a Value cannot fail.
+    let _ = serde_json::to_writer(&mut buf, v);
+    buf.get_mut().put_slice(b"\n\n");
+    buf.into_inner().freeze()
+}
+
+pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
+
+impl Gateway {
+    pub fn new(
+        config: Arc<Config>,
+        backends: HashMap<String, Arc<dyn Backend>>,
+        log: TrafficLog,
+    ) -> Self {
+        Self {
+            routes: RouteTable::new(&config.routes),
+            shadow_permits: Arc::new(Semaphore::new(config.shadow.max_concurrency)),
+            config,
+            backends,
+            log,
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    pub fn log(&self) -> &TrafficLog {
+        &self.log
+    }
+
+    /// Background work (stream pumps, shadows) that shutdown must wait for.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    /// Validates and installs a new rollout for a route (adding the route if it is new).
+    pub fn set_rollout(&self, route: &str, rollout: RolloutConfig) -> Result<(), ConfigError> {
+        self.config.validate_rollout(route, &rollout)?;
+        self.routes.set(route, rollout);
+        tracing::info!(route, "rollout changed");
+        Ok(())
+    }
+
+    /// Serves one chat completion request.
+    pub async fn chat(
+        self: &Arc<Self>,
+        body: Map<String, Value>,
+        ctx: RequestContext,
+    ) -> Result<ChatResponse, ApiError> {
+        let started = Instant::now();
+        let mut rec = TrafficRecord {
+            id: Uuid::now_v7(),
+            ts_ms: now_ms(),
+            workload_id: ctx.workload_id.clone(),
+            client_id: ctx.client_id.clone(),
+            session_id: ctx.session_id.clone(),
+            route: body
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            target_kind: None,
+            target: None,
+            target_model: None,
+            adapter: None,
+            arm: "none".into(),
+            shadow_of: None,
+            attempts: 0,
+            stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            status: 200,
+            error: None,
+            latency_ms: 0.0,
+            ttft_ms: None,
+            upstream_ms: None,
+            rails: None,
+            tool_name_agreement: None,
+            tool_args_agreement: None,
+            request: Value::Null,
+            response: None,
+        };
+        let info = match validate::validate_chat_request(&body) {
+            Ok(i) => i,
+            Err(e) => return Err(self.fail(rec, body, started, e)),
+        };
+        rec.workload_id = rec.workload_id.or(info.metadata_workload_id.clone());
+        rec.client_id = rec.client_id.or(info.metadata_client_id.clone());
+        rec.session_id = rec.session_id.or(info.metadata_session_id.clone());
+        let sticky = rec
+            .session_id
+            .clone()
+            .or(info.user.clone())
+            .or(rec.workload_id.clone());
+        let Some(resolution) = self.routes.resolve(&info.model, sticky.as_deref()) else {
+            let known: Vec<String> = self
+                .routes
+                .model_ids()
+                .into_iter()
+                .map(|(m, _)| m)
+                .collect();
+            let e = ApiError::model_not_found(&info.model, &known);
+            return Err(self.fail(rec, body, started, e));
+        };
+        rec.route = resolution.route.clone();
+        rec.arm = resolution.arm.as_str().to_string();
+
+        let mut upstream_wait = Duration::ZERO;
+        let mut last_error: Option<BackendError> = None;
+        for (i, target) in resolution.targets.iter().enumerate() {
+            let Some(backend) = self.backends.get(&target.upstream).cloned() else {
+                last_error = Some(BackendError::Connect {
+                    backend: target.upstream.clone(),
+                    message: "no such upstream is configured".into(),
+                });
+                continue;
+            };
+            if info.n > 1 && !backend.supports_n() {
+                if i + 1 < resolution.targets.len() {
+                    continue;
+                }
+                let e = ApiError::invalid_param(
+                    "n",
+                    format!("The model '{}' can only be served with n = 1.", info.model),
+                );
+                return Err(self.fail(rec, body, started, e));
+            }
+            let mut forwarded = body.clone();
+            forwarded.insert("model".into(), Value::String(target.model.clone()));
+            rec.attempts = i as u32 + 1;
+            rec.target_kind = Some("upstream".into());
+            rec.target = Some(target.upstream.clone());
+            rec.target_model = Some(target.model.clone());
+            let t0 = Instant::now();
+            let reply = backend
+                .chat(BackendRequest {
+                    body: forwarded,
+                    stream: info.stream,
+                })
+                .await;
+            upstream_wait += t0.elapsed();
+            match reply {
+                Ok(BackendReply::Full(response)) => {
+                    rec.latency_ms = ms(started.elapsed());
+                    rec.ttft_ms = Some(rec.latency_ms);
+                    rec.upstream_ms = Some(ms(upstream_wait));
+                    rec.request = Value::Object(body);
+                    rec.response = Some(response.clone());
+                    let (id, arm) = (rec.id, resolution.arm);
+                    self.finish(rec, &resolution);
+                    return Ok(ChatResponse::Full {
+                        id,
+                        arm,
+                        body: response,
+                    });
+                }
+                Ok(BackendReply::Stream {
+                    chunks,
+                    usage_injected,
+                }) => {
+                    let (tx, rx) = mpsc::channel(64);
+                    let (id, arm) = (rec.id, resolution.arm);
+                    rec.request = Value::Object(body);
+                    let pump = StreamPump {
+                        gateway: self.clone(),
+                        rec,
+                        resolution,
+                        chunks,
+                        strip_usage: usage_injected && !info.include_usage,
+                        tx,
+                        started,
+                        upstream_wait,
+                        permit: ctx.permit,
+                    };
+                    self.tasks.spawn(pump.run());
+                    return Ok(ChatResponse::Stream {
+                        id,
+                        arm,
+                        frames: rx,
+                    });
+                }
+                Err(e) => {
+                    let next = i + 1 < resolution.targets.len();
+                    if e.is_target_failure() && next {
+                        metrics::counter!("flywheel_fallbacks_total", "route" => resolution.route.clone()).increment(1);
+                        tracing::warn!(route = %resolution.route, target = %target, error = %e, "target failed; trying the next fallback");
+                        last_error = Some(e);
+                        continue;
+                    }
+                    rec.upstream_ms = Some(ms(upstream_wait));
+                    let api = ApiError::from(&e);
+                    return Err(self.fail(rec, body, started, api));
+                }
+            }
+        }
+        let e = last_error.map_or_else(
+            || ApiError::internal("no target could serve the request"),
+            |e| ApiError::from(&e),
+        );
+        Err(self.fail(rec, body, started, e))
+    }
+
+    /// Records a request that ends in an error and hands the error back.
+    fn fail(
+        &self,
+        mut rec: TrafficRecord,
+        body: Map<String, Value>,
+        started: Instant,
+        e: ApiError,
+    ) -> ApiError {
+        rec.latency_ms = ms(started.elapsed());
+        rec.status = e.status.as_u16();
+        rec.error = Some(e.body());
+        rec.request = Value::Object(body);
+        metrics::counter!("flywheel_request_errors_total", "route" => rec.route.clone(), "status" => rec.status.to_string())
+            .increment(1);
+        self.observe(&rec);
+        self.log.record(rec);
+        e
+    }
+
+    /// Records a served request and starts its shadow, if sampled.
+    fn finish(self: &Arc<Self>, rec: TrafficRecord, resolution: &Resolution) {
+        self.observe(&rec);
+        if rec.status == 200 {
+            if let (Some(shadow), Some(response)) = (&resolution.shadow, &rec.response) {
+                if rand::random::<f64>() < shadow.sample_rate {
+                    self.start_shadow(&rec, &shadow.target, response.clone());
+                }
+            }
+        }
+        self.log.record(rec);
+    }
+
+    fn observe(&self, rec: &TrafficRecord) {
+        let route = rec.route.clone();
+        metrics::counter!("flywheel_requests_total", "route" => route.clone(), "arm" => rec.arm.clone(), "status" => rec.status.to_string())
+            .increment(1);
+        metrics::histogram!("flywheel_request_duration_seconds", "route" => route.clone(), "stream" => rec.stream.to_string())
+            .record(rec.latency_ms / 1000.0);
+        if let Some(t) = rec.ttft_ms {
+            metrics::histogram!("flywheel_time_to_first_token_seconds", "route" => route)
+                .record(t / 1000.0);
+        }
+        if let Some(u) = rec.upstream_ms {
+            metrics::histogram!("flywheel_gateway_overhead_seconds")
+                .record(((rec.latency_ms - u).max(0.0)) / 1000.0);
+        }
+    }
+
+    /// Mirrors a served request to the shadow target off the response path. Bounded: when all shadow
+    /// slots are busy the sample is shed and counted.
+    fn start_shadow(
+        self: &Arc<Self>,
+        primary: &TrafficRecord,
+        target: &TargetConfig,
+        primary_response: Value,
+    ) {
+        let route = primary.route.clone();
+        let Ok(permit) = self.shadow_permits.clone().try_acquire_owned() else {
+            metrics::counter!("flywheel_shadow_shed_total", "route" => route).increment(1);
+            return;
+        };
+        let Some(backend) = self.backends.get(&target.upstream).cloned() else {
+            return;
+        };
+        let Value::Object(mut body) = primary.request.clone() else {
+            return;
+        };
+        body.insert("model".into(), Value::String(target.model.clone()));
+        body.insert("stream".into(), Value::Bool(false));
+        body.remove("stream_options");
+        let mut rec = primary.clone();
+        rec.id = Uuid::now_v7();
+        rec.ts_ms = now_ms();
+        rec.arm = Arm::Shadow.as_str().into();
+        rec.shadow_of = Some(primary.id);
+        rec.attempts = 1;
+        rec.stream = false;
+        rec.target_kind = Some("upstream".into());
+        rec.target = Some(target.upstream.clone());
+        rec.target_model = Some(target.model.clone());
+        rec.response = None;
+        rec.ttft_ms = None;
+        let gateway = self.clone();
+        self.tasks.spawn(async move {
+            let _permit = permit;
+            let started = Instant::now();
+            let reply = backend.chat(BackendRequest { body, stream: false }).await;
+            rec.latency_ms = ms(started.elapsed());
+            rec.upstream_ms = Some(rec.latency_ms);
+            let outcome = match reply {
+                Ok(BackendReply::Full(v)) => {
+                    if let Some((names, args)) = agreement::tool_call_agreement(&primary_response, &v) {
+                        rec.tool_name_agreement = Some(names);
+                        rec.tool_args_agreement = Some(args);
+                        metrics::counter!("flywheel_shadow_tool_agreement_total", "route" => rec.route.clone(), "names" => names.to_string(), "arguments" => args.to_string())
+                            .increment(1);
+                    }
+                    rec.status = 200;
+                    rec.response = Some(v);
+                    "ok"
+                }
+                Ok(BackendReply::Stream { .. }) => {
+                    rec.status = 502;
+                    rec.error = Some(ApiError::internal("shadow backend streamed a non-streaming request").body());
+                    "error"
+                }
+                Err(e) => {
+                    let api = ApiError::from(&e);
+                    rec.status = api.status.as_u16();
+                    rec.error = Some(api.body());
+                    "error"
+                }
+            };
+            metrics::counter!("flywheel_shadow_requests_total", "route" => rec.route.clone(), "outcome" => outcome).increment(1);
+            gateway.log.record(rec);
+        });
+    }
+}
+
+/// Drives one streamed response: forwards frames to the client, reassembles the completion for the
+/// log, and stops the upstream the moment the client goes away.
+struct StreamPump {
+    gateway: Arc<Gateway>,
+    rec: TrafficRecord,
+    resolution: Resolution,
+    chunks: ChunkStream,
+    strip_usage: bool,
+    tx: mpsc::Sender<Bytes>,
+    started: Instant,
+    upstream_wait: Duration,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl StreamPump {
+    async fn run(mut self) {
+        let _permit = self.permit.take();
+        let mut assembler = ChunkAssembler::default();
+        let mut client_gone = false;
+        let mut failure: Option<ApiError> = None;
+        loop {
+            let t0 = Instant::now();
+            let next = tokio::select! {
+                biased;
+                _ = self.tx.closed() => { client_gone = true; break; }
+                item = self.chunks.next() => item,
+            };
+            self.upstream_wait += t0.elapsed();
+            match next {
+                None => break,
+                Some(Ok(chunk)) => {
+                    assembler.push(&chunk);
+                    if self.rec.ttft_ms.is_none() && assemble::carries_output(&chunk) {
+                        self.rec.ttft_ms = Some(ms(self.started.elapsed()));
+                    }
+                    if self.strip_usage && assemble::is_usage_only(&chunk) {
+                        continue;
+                    }
+                    if self.tx.send(sse_frame(&chunk)).await.is_err() {
+                        client_gone = true;
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    let api = ApiError::from(&e);
+                    tracing::warn!(route = %self.rec.route, error = %e, "stream failed after it began");
+                    let _ = self.tx.send(sse_frame(&api.body())).await;
+                    failure = Some(api);
+                    break;
+                }
+            }
+        }
+        // Drop the upstream stream now: closing its connection cancels the provider's work.
+        drop(std::mem::replace(
+            &mut self.chunks,
+            Box::pin(futures_util::stream::empty()),
+        ));
+        if !client_gone {
+            let _ = self.tx.send(Bytes::from_static(SSE_DONE)).await;
+        }
+        drop(self.tx);
+        let mut rec = self.rec;
+        rec.latency_ms = ms(self.started.elapsed());
+        rec.upstream_ms = Some(ms(self.upstream_wait));
+        if !assembler.is_empty() {
+            rec.response = Some(assembler.finish());
+        }
+        if let Some(e) = failure {
+            rec.status = e.status.as_u16();
+            rec.error = Some(e.body());
+            metrics::counter!("flywheel_request_errors_total", "route" => rec.route.clone(), "status" => rec.status.to_string())
+                .increment(1);
+        } else if client_gone {
+            // nginx's convention for "client closed request".
+            rec.status = 499;
+            rec.error = Some(
+                serde_json::json!({"error": {"message": "client disconnected mid-stream", "type": "client_closed", "param": null, "code": null}}),
+            );
+        }
+        self.gateway.finish(rec, &self.resolution);
+    }
+}

@@ -1,0 +1,9 @@
+//! Flywheel: an OpenAI-compatible inference gateway with the data flywheel inside it.
+//! See ARCHITECTURE.md in the shared folder for the map of these modules.
+
+pub mod api;
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod gateway;
+pub mod store;

@@ -1,0 +1,149 @@
+//! The SQLite store: schema and migrations, and the traffic log. Nothing else opens the database.
+
+pub mod traffic;
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot create data directory '{path}': {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the database at '{path}' has schema version {found}, newer than this binary knows ({known}); upgrade flywheel")]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many have run.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE traffic (
+    id TEXT PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    workload_id TEXT,
+    client_id TEXT,
+    session_id TEXT,
+    route TEXT NOT NULL,
+    target_kind TEXT,
+    target TEXT,
+    target_model TEXT,
+    adapter TEXT,
+    arm TEXT NOT NULL,
+    shadow_of TEXT,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    stream INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    error TEXT,
+    latency_ms REAL NOT NULL,
+    ttft_ms REAL,
+    upstream_ms REAL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    total_tokens INTEGER,
+    finish_reason TEXT,
+    rails TEXT,
+    tool_name_agreement INTEGER,
+    tool_args_agreement INTEGER,
+    request TEXT NOT NULL,
+    response TEXT
+);
+CREATE INDEX traffic_ts ON traffic(ts_ms);
+CREATE INDEX traffic_route_ts ON traffic(route, ts_ms);
+CREATE INDEX traffic_workload_ts ON traffic(workload_id, ts_ms);
+CREATE INDEX traffic_shadow_of ON traffic(shadow_of) WHERE shadow_of IS NOT NULL;
+CREATE TABLE tool_calls (
+    traffic_id TEXT NOT NULL REFERENCES traffic(id) ON DELETE CASCADE,
+    choice_index INTEGER NOT NULL,
+    call_index INTEGER NOT NULL,
+    call_id TEXT,
+    name TEXT NOT NULL,
+    arguments TEXT NOT NULL,
+    arguments_valid_json INTEGER NOT NULL,
+    PRIMARY KEY (traffic_id, choice_index, call_index)
+);
+CREATE INDEX tool_calls_name ON tool_calls(name);
+"#];
+
+/// Opens (creating if needed) the database and brings its schema up to date.
+pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+    }
+    let mut conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    migrate(&mut conn, path)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew {
+            path: path.display().to_string(),
+            found: version,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied database migration");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_once_and_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("f.db");
+        drop(open(&path).unwrap());
+        let conn = open(&path).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_newer_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let err = open(&path).unwrap_err().to_string();
+        assert!(err.contains("newer"), "{err}");
+    }
+}

@@ -1,0 +1,532 @@
+//! The traffic log: one row per request, one row per tool call. Writers on the serving path hand
+//! records to a bounded queue and never wait; a dedicated thread writes them in batched transactions.
+//! A full queue drops the record (counted in metrics and logged), it never stalls a response.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::StoreError;
+
+/// Everything recorded about one request (or one shadow request).
+#[derive(Debug, Clone)]
+pub struct TrafficRecord {
+    pub id: uuid::Uuid,
+    pub ts_ms: i64,
+    pub workload_id: Option<String>,
+    pub client_id: Option<String>,
+    pub session_id: Option<String>,
+    pub route: String,
+    /// `upstream` (or `local` once the engine lands).
+    pub target_kind: Option<String>,
+    /// The upstream's name.
+    pub target: Option<String>,
+    pub target_model: Option<String>,
+    pub adapter: Option<String>,
+    /// `champion`, `canary`, `shadow`, or `direct` (a target's model asked for by name).
+    pub arm: String,
+    pub shadow_of: Option<uuid::Uuid>,
+    /// Targets tried, counting fallbacks.
+    pub attempts: u32,
+    pub stream: bool,
+    pub status: u16,
+    pub error: Option<Value>,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub upstream_ms: Option<f64>,
+    pub rails: Option<Value>,
+    pub tool_name_agreement: Option<bool>,
+    pub tool_args_agreement: Option<bool>,
+    pub request: Value,
+    /// The full response; for streams, reassembled into one `chat.completion`.
+    pub response: Option<Value>,
+}
+
+enum Message {
+    Record(Box<TrafficRecord>),
+    Close,
+}
+
+/// The serving path's handle on the log. Cheap to clone.
+#[derive(Clone)]
+pub struct TrafficLog {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Message>,
+    capacity: usize,
+    dropped: AtomicU64,
+}
+
+/// Owns the writer thread; `close` drains the queue and waits for the last commit.
+pub struct TrafficWriter {
+    thread: Option<JoinHandle<()>>,
+    log: TrafficLog,
+}
+
+impl TrafficLog {
+    /// A log that records nothing (logging disabled in the config).
+    pub fn disabled() -> Self {
+        Self { inner: None }
+    }
+
+    /// Starts the writer thread on `path`.
+    pub fn start(
+        path: &Path,
+        capacity: usize,
+        batch_size: usize,
+    ) -> Result<TrafficWriter, StoreError> {
+        let conn = super::open(path)?;
+        let (tx, rx) = mpsc::channel(capacity);
+        let thread = std::thread::Builder::new()
+            .name("traffic-writer".into())
+            .spawn(move || write_loop(conn, rx, batch_size))?;
+        let log = TrafficLog {
+            inner: Some(Arc::new(Inner {
+                tx,
+                capacity,
+                dropped: AtomicU64::new(0),
+            })),
+        };
+        Ok(TrafficWriter {
+            thread: Some(thread),
+            log,
+        })
+    }
+
+    /// Queues a record without waiting. Returns false if it was dropped.
+    pub fn record(&self, record: TrafficRecord) -> bool {
+        let Some(inner) = &self.inner else {
+            return true;
+        };
+        match inner.tx.try_send(Message::Record(Box::new(record))) {
+            Ok(()) => {
+                metrics::gauge!("flywheel_log_queue_depth").set(self.depth() as f64);
+                true
+            }
+            Err(e) => {
+                let n = inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                metrics::counter!("flywheel_log_dropped_total").increment(1);
+                let why = match e {
+                    mpsc::error::TrySendError::Full(_) => "queue full",
+                    mpsc::error::TrySendError::Closed(_) => "writer stopped",
+                };
+                tracing::warn!(dropped_total = n, "traffic record dropped: {why}");
+                false
+            }
+        }
+    }
+
+    /// Records waiting to be written.
+    pub fn depth(&self) -> usize {
+        self.inner
+            .as_ref()
+            .map_or(0, |i| i.capacity - i.tx.capacity())
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.inner
+            .as_ref()
+            .map_or(0, |i| i.dropped.load(Ordering::Relaxed))
+    }
+}
+
+impl TrafficWriter {
+    pub fn log(&self) -> TrafficLog {
+        self.log.clone()
+    }
+
+    /// Writes everything queued so far, then stops the writer thread.
+    pub async fn close(mut self) {
+        if let Some(inner) = &self.log.inner {
+            // Waits for room rather than dropping: at shutdown nothing else is queuing.
+            let _ = inner.tx.send(Message::Close).await;
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Message>, batch_size: usize) {
+    let mut batch: Vec<Box<TrafficRecord>> = Vec::with_capacity(batch_size);
+    let mut closing = false;
+    while !closing {
+        match rx.blocking_recv() {
+            None => closing = true,
+            Some(Message::Close) => closing = true,
+            Some(Message::Record(r)) => batch.push(r),
+        }
+        // Take what else is already waiting, up to a batch, without blocking.
+        while batch.len() < batch_size {
+            match rx.try_recv() {
+                Ok(Message::Record(r)) => batch.push(r),
+                Ok(Message::Close) => closing = true,
+                Err(_) => break,
+            }
+        }
+        if closing {
+            rx.close();
+            while let Ok(m) = rx.try_recv() {
+                if let Message::Record(r) = m {
+                    batch.push(r);
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let n = batch.len();
+        if let Err(e) = write_batch(&mut conn, &batch) {
+            tracing::error!(records = n, error = %e, "writing traffic records failed; retrying one by one");
+            // One bad record must not take its batch-mates with it.
+            for r in &batch {
+                if let Err(e) = write_batch(&mut conn, std::slice::from_ref(r)) {
+                    metrics::counter!("flywheel_log_dropped_total").increment(1);
+                    tracing::error!(id = %r.id, error = %e, "traffic record lost");
+                }
+            }
+        }
+        metrics::counter!("flywheel_log_written_total").increment(n as u64);
+        metrics::gauge!("flywheel_log_queue_depth").set(rx.len() as f64);
+        batch.clear();
+    }
+    tracing::debug!("traffic writer stopped");
+}
+
+fn write_batch(conn: &mut Connection, batch: &[Box<TrafficRecord>]) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    for r in batch {
+        insert(&tx, r)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<(), StoreError> {
+    let usage = r.response.as_ref().and_then(|v| v.get("usage"));
+    let tokens = |k: &str| usage.and_then(|u| u.get(k)).and_then(Value::as_i64);
+    let finish_reason = r
+        .response
+        .as_ref()
+        .and_then(|v| v.pointer("/choices/0/finish_reason"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO traffic (id, ts_ms, workload_id, client_id, session_id, route, target_kind, target,
+            target_model, adapter, arm, shadow_of, attempts, stream, status, error, latency_ms, ttft_ms,
+            upstream_ms, prompt_tokens, completion_tokens, total_tokens, finish_reason, rails,
+            tool_name_agreement, tool_args_agreement, request, response)
+         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28)",
+    )?;
+    stmt.execute(params![
+        r.id.to_string(),
+        r.ts_ms,
+        r.workload_id,
+        r.client_id,
+        r.session_id,
+        r.route,
+        r.target_kind,
+        r.target,
+        r.target_model,
+        r.adapter,
+        r.arm,
+        r.shadow_of.map(|u| u.to_string()),
+        r.attempts,
+        r.stream,
+        r.status,
+        r.error.as_ref().map(Value::to_string),
+        r.latency_ms,
+        r.ttft_ms,
+        r.upstream_ms,
+        tokens("prompt_tokens"),
+        tokens("completion_tokens"),
+        tokens("total_tokens"),
+        finish_reason,
+        r.rails.as_ref().map(Value::to_string),
+        r.tool_name_agreement,
+        r.tool_args_agreement,
+        r.request.to_string(),
+        r.response.as_ref().map(Value::to_string),
+    ])?;
+    let mut call_stmt = tx.prepare_cached(
+        "INSERT INTO tool_calls (traffic_id, choice_index, call_index, call_id, name, arguments, arguments_valid_json)
+         VALUES (?1,?2,?3,?4,?5,?6,?7)",
+    )?;
+    for call in tool_calls(r.response.as_ref()) {
+        call_stmt.execute(params![
+            r.id.to_string(),
+            call.choice_index,
+            call.call_index,
+            call.id,
+            call.name,
+            call.arguments,
+            serde_json::from_str::<Value>(&call.arguments).is_ok(),
+        ])?;
+    }
+    Ok(())
+}
+
+/// One tool call found in a `chat.completion`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub choice_index: i64,
+    pub call_index: i64,
+    pub id: Option<String>,
+    pub name: String,
+    pub arguments: String,
+}
+
+/// The tool calls of every choice of a `chat.completion`, in order.
+pub fn tool_calls(response: Option<&Value>) -> Vec<ToolCall> {
+    let mut out = Vec::new();
+    let Some(choices) = response
+        .and_then(|r| r.get("choices"))
+        .and_then(Value::as_array)
+    else {
+        return out;
+    };
+    for (ci, choice) in choices.iter().enumerate() {
+        let choice_index = choice
+            .get("index")
+            .and_then(Value::as_i64)
+            .unwrap_or(ci as i64);
+        let Some(calls) = choice
+            .pointer("/message/tool_calls")
+            .and_then(Value::as_array)
+        else {
+            continue;
+        };
+        for (i, call) in calls.iter().enumerate() {
+            let name = call
+                .pointer("/function/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let arguments = match call.pointer("/function/arguments") {
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+                None => String::new(),
+            };
+            out.push(ToolCall {
+                choice_index,
+                call_index: i as i64,
+                id: call.get("id").and_then(Value::as_str).map(str::to_string),
+                name: name.to_string(),
+                arguments,
+            });
+        }
+    }
+    out
+}
+
+/// Filters for an export.
+#[derive(Debug, Default, Clone)]
+pub struct ExportFilter {
+    pub workload_id: Option<String>,
+    pub route: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    /// Include shadow rows (off by default: they are not what clients were served).
+    pub include_shadow: bool,
+}
+
+/// Writes the log as JSONL in the NVIDIA Data Flywheel Blueprint record schema (`timestamp`,
+/// `workload_id`, `client_id`, `request`, `response`) plus Flywheel's own fields. Returns the count.
+pub fn export_jsonl(
+    conn: &Connection,
+    filter: &ExportFilter,
+    out: &mut dyn Write,
+) -> Result<u64, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT id, ts_ms, workload_id, client_id, session_id, route, target_kind, target, target_model,
+                adapter, arm, shadow_of, attempts, stream, status, error, latency_ms, ttft_ms, upstream_ms,
+                prompt_tokens, completion_tokens, total_tokens, finish_reason, rails,
+                tool_name_agreement, tool_args_agreement, request, response
+         FROM traffic
+         WHERE (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
+           AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
+           AND (?5 OR arm != 'shadow')
+         ORDER BY ts_ms, id",
+    )?;
+    let mut rows = stmt.query(params![
+        filter.workload_id,
+        filter.route,
+        filter.since_ms,
+        filter.until_ms,
+        filter.include_shadow
+    ])?;
+    let mut calls_stmt = conn.prepare_cached(
+        "SELECT choice_index, call_index, call_id, name, arguments, arguments_valid_json
+         FROM tool_calls WHERE traffic_id = ?1 ORDER BY choice_index, call_index",
+    )?;
+    let mut n = 0u64;
+    while let Some(row) = rows.next()? {
+        let id: String = row.get(0)?;
+        let ts_ms: i64 = row.get(1)?;
+        let json_col = |i: usize| -> Result<Value, rusqlite::Error> {
+            let s: Option<String> = row.get(i)?;
+            Ok(s.and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or(Value::Null))
+        };
+        let calls: Vec<Value> = calls_stmt
+            .query_map([&id], |c| {
+                Ok(json!({
+                    "choice_index": c.get::<_, i64>(0)?,
+                    "index": c.get::<_, i64>(1)?,
+                    "id": c.get::<_, Option<String>>(2)?,
+                    "name": c.get::<_, String>(3)?,
+                    "arguments": c.get::<_, String>(4)?,
+                    "arguments_valid_json": c.get::<_, bool>(5)?,
+                }))
+            })?
+            .collect::<Result<_, _>>()?;
+        let line = json!({
+            "timestamp": ts_ms / 1000,
+            "workload_id": row.get::<_, Option<String>>(2)?,
+            "client_id": row.get::<_, Option<String>>(3)?,
+            "request": json_col(26)?,
+            "response": json_col(27)?,
+            "id": id,
+            "timestamp_ms": ts_ms,
+            "session_id": row.get::<_, Option<String>>(4)?,
+            "route": row.get::<_, String>(5)?,
+            "target_kind": row.get::<_, Option<String>>(6)?,
+            "target": row.get::<_, Option<String>>(7)?,
+            "target_model": row.get::<_, Option<String>>(8)?,
+            "adapter": row.get::<_, Option<String>>(9)?,
+            "arm": row.get::<_, String>(10)?,
+            "shadow_of": row.get::<_, Option<String>>(11)?,
+            "attempts": row.get::<_, i64>(12)?,
+            "stream": row.get::<_, bool>(13)?,
+            "status": row.get::<_, i64>(14)?,
+            "error": json_col(15)?,
+            "latency_ms": row.get::<_, f64>(16)?,
+            "ttft_ms": row.get::<_, Option<f64>>(17)?,
+            "upstream_ms": row.get::<_, Option<f64>>(18)?,
+            "usage": {
+                "prompt_tokens": row.get::<_, Option<i64>>(19)?,
+                "completion_tokens": row.get::<_, Option<i64>>(20)?,
+                "total_tokens": row.get::<_, Option<i64>>(21)?,
+            },
+            "finish_reason": row.get::<_, Option<String>>(22)?,
+            "rails": json_col(23)?,
+            "tool_name_agreement": row.get::<_, Option<bool>>(24)?,
+            "tool_args_agreement": row.get::<_, Option<bool>>(25)?,
+            "tool_calls": calls,
+        });
+        serde_json::to_writer(&mut *out, &line)?;
+        out.write_all(b"\n")?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The number of rows in the traffic table (used by tests and the CLI summary).
+pub fn count(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn
+        .query_row("SELECT COUNT(*) FROM traffic", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: u32, response: Option<Value>) -> TrafficRecord {
+        TrafficRecord {
+            id: uuid::Uuid::now_v7(),
+            ts_ms: 1_700_000_000_000 + i as i64,
+            workload_id: Some("w".into()),
+            client_id: Some("c".into()),
+            session_id: None,
+            route: "r".into(),
+            target_kind: Some("upstream".into()),
+            target: Some("u".into()),
+            target_model: Some("m".into()),
+            adapter: None,
+            arm: "champion".into(),
+            shadow_of: None,
+            attempts: 1,
+            stream: false,
+            status: 200,
+            error: None,
+            latency_ms: 1.0,
+            ttft_ms: None,
+            upstream_ms: Some(0.5),
+            rails: None,
+            tool_name_agreement: None,
+            tool_args_agreement: None,
+            request: json!({"model": "r", "messages": [{"role": "user", "content": "hi"}]}),
+            response,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_and_their_tool_calls_are_written_and_exported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let writer = TrafficLog::start(&path, 16, 4).unwrap();
+        let log = writer.log();
+        let response = json!({
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\":1}"}},
+                {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{oops"}}
+            ]}, "finish_reason": "tool_calls"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        });
+        for i in 0..10 {
+            assert!(log.record(record(i, Some(response.clone()))));
+        }
+        writer.close().await;
+        let conn = crate::store::open(&path).unwrap();
+        assert_eq!(count(&conn).unwrap(), 10);
+        let invalid: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM tool_calls WHERE arguments_valid_json = 0",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(invalid, 10);
+        let mut out = Vec::new();
+        let n = export_jsonl(&conn, &ExportFilter::default(), &mut out).unwrap();
+        assert_eq!(n, 10);
+        let first: Value =
+            serde_json::from_slice(out.split(|b| *b == b'\n').next().unwrap()).unwrap();
+        assert_eq!(first["timestamp"], 1_700_000_000);
+        assert_eq!(first["workload_id"], "w");
+        assert_eq!(first["tool_calls"][1]["name"], "g");
+        assert_eq!(first["usage"]["total_tokens"], 7);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        // Hold the database's write lock so the writer cannot drain the queue.
+        let blocker = crate::store::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let writer = TrafficLog::start(&path, 2, 1).unwrap();
+        let log = writer.log();
+        let mut accepted = 0;
+        for i in 0..50 {
+            if log.record(record(i, None)) {
+                accepted += 1;
+            }
+        }
+        assert!(accepted < 50);
+        assert_eq!(log.dropped(), 50 - accepted);
+        blocker.execute_batch("COMMIT").unwrap();
+        writer.close().await;
+        let conn = crate::store::open(&path).unwrap();
+        assert_eq!(count(&conn).unwrap(), accepted as i64);
+    }
+}
