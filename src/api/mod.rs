@@ -95,24 +95,7 @@ pub async fn read_json_object(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::too_large(limit));
-    }
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) => {
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(s) = source {
-                if s.is::<http_body_util::LengthLimitError>() {
-                    return Err(ApiError::too_large(limit));
-                }
-                source = s.source();
-            }
-            return Err(ApiError::invalid(format!(
-                "Could not read the request body: {e}"
-            )));
-        }
-    };
+    let bytes = read_limited(body, limit, declared.is_some_and(|n| n > limit)).await?;
     if bytes.is_empty() {
         return Err(
             ApiError::invalid("The request body is empty; send a JSON object.")
@@ -130,4 +113,55 @@ pub async fn read_json_object(
         ))
         .with_code("invalid_json")),
     }
+}
+
+/// Most bytes read and thrown away after a body turned out too large, so the client (still sending)
+/// receives the 413 instead of a broken pipe. Past this the connection is simply closed.
+const OVERSIZE_DRAIN_BYTES: usize = 64 * 1024 * 1024;
+
+async fn read_limited(
+    mut body: Body,
+    limit: usize,
+    known_too_large: bool,
+) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    let mut too_large = known_too_large;
+    let drain = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|e| ApiError::invalid(format!("Could not read the request body: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            seen += data.len();
+            if seen > limit {
+                too_large = true;
+                buf.clear();
+            }
+            if too_large {
+                if seen > OVERSIZE_DRAIN_BYTES {
+                    break;
+                }
+            } else {
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok::<(), ApiError>(())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(60), drain).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(ApiError::new(
+                http::StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "Timed out reading the request body.",
+            ))
+        }
+    }
+    if too_large {
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(buf.freeze())
 }

@@ -1,0 +1,437 @@
+//! Test harness: a mock OpenAI-compatible upstream (the only stand-in) and the real `flywheel`
+//! binary started on an ephemeral port with a config written for the test.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+/// What the mock saw.
+#[derive(Default)]
+pub struct MockState {
+    pub requests: Mutex<Vec<(HeaderMap, Value)>>,
+    pub counts: Mutex<HashMap<String, usize>>,
+    /// Streams whose body was dropped before it finished (the gateway hung up).
+    pub cancelled: AtomicUsize,
+}
+
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    pub state: Arc<MockState>,
+}
+
+impl MockUpstream {
+    pub async fn start() -> Self {
+        let state = Arc::new(MockState::default());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(mock_chat))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self { addr, state }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn count(&self, model: &str) -> usize {
+        self.state
+            .counts
+            .lock()
+            .unwrap()
+            .get(model)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn requests_for(&self, model: &str) -> Vec<(HeaderMap, Value)> {
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, b)| b["model"] == model)
+            .cloned()
+            .collect()
+    }
+}
+
+fn completion(model: &str, message: Value, finish: &str) -> Value {
+    json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+    })
+}
+
+fn chunk(model: &str, delta: Value, finish: Option<&str>) -> Value {
+    json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+    })
+}
+
+fn usage_chunk(model: &str) -> Value {
+    json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+    })
+}
+
+fn sse(events: &[Value], done: bool) -> String {
+    let mut s = String::new();
+    for e in events {
+        s.push_str(&format!("data: {e}\n\n"));
+    }
+    if done {
+        s.push_str("data: [DONE]\n\n");
+    }
+    s
+}
+
+fn sse_response(body: impl Into<Body>) -> Response {
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(body.into())
+        .unwrap()
+}
+
+fn tool_calls(model: &str) -> Vec<(&'static str, &'static str)> {
+    match model {
+        "tools" => vec![("get_weather", r#"{"city": "Paris"}"#)],
+        "tools-alt" => vec![("get_weather", r#"{"city": "Lyon"}"#)],
+        "parallel" => vec![
+            ("get_weather", r#"{"city": "Paris"}"#),
+            ("get_time", r#"{"tz": "Europe/Paris"}"#),
+        ],
+        _ => vec![],
+    }
+}
+
+/// A stream chunk source that counts itself cancelled when dropped before its end.
+struct DropWatch {
+    state: Arc<MockState>,
+    finished: bool,
+}
+impl Drop for DropWatch {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.state.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn mock_chat(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let model = body["model"].as_str().unwrap_or("").to_string();
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let include_usage = body["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
+    let n = {
+        let mut counts = state.counts.lock().unwrap();
+        let c = counts.entry(model.clone()).or_insert(0);
+        *c += 1;
+        *c
+    };
+    state.requests.lock().unwrap().push((headers, body.clone()));
+    let last_user = body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_string();
+    match model.as_str() {
+        "flaky" if n <= 2 => {
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": {"message": "busy", "type": "server_error", "param": null, "code": null}}))).into_response()
+        }
+        "always-500" => return (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+        "rate-limited" => {
+            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "0")], Json(json!({"error": {"message": "slow down", "type": "rate_limit_error", "param": null, "code": null}}))).into_response()
+        }
+        "bad-request" => {
+            return (StatusCode::BAD_REQUEST, Json(json!({"error": {"message": "upstream says no", "type": "invalid_request_error", "param": "messages", "code": "upstream_specific"}}))).into_response()
+        }
+        "garbage" => return (StatusCode::OK, [("content-type", "application/json")], "<html>not json</html>").into_response(),
+        "wrong-ctype" => return (StatusCode::OK, Json(completion(&model, json!({"role": "assistant", "content": "x"}), "stop"))).into_response(),
+        "hang" => {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            return (StatusCode::OK, "late").into_response();
+        }
+        "slow" => tokio::time::sleep(Duration::from_millis(300)).await,
+        _ => {}
+    }
+    let calls = tool_calls(&model);
+    if !stream {
+        let message = if calls.is_empty() {
+            json!({"role": "assistant", "content": format!("echo: {last_user}"), "refusal": null})
+        } else {
+            let tc: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, (name, args))| json!({"id": format!("call_{i}"), "type": "function", "function": {"name": name, "arguments": args}}))
+                .collect();
+            json!({"role": "assistant", "content": null, "refusal": null, "tool_calls": tc})
+        };
+        let finish = if calls.is_empty() {
+            "stop"
+        } else {
+            "tool_calls"
+        };
+        return Json(completion(&model, message, finish)).into_response();
+    }
+    // Streaming.
+    let mut events = vec![chunk(
+        &model,
+        json!({"role": "assistant", "content": if calls.is_empty() { json!("") } else { Value::Null }}),
+        None,
+    )];
+    if calls.is_empty() {
+        for word in format!("echo: {last_user}").split_inclusive(' ') {
+            events.push(chunk(&model, json!({"content": word}), None));
+        }
+    } else {
+        for (i, (name, args)) in calls.iter().enumerate() {
+            events.push(chunk(&model, json!({"tool_calls": [{"index": i, "id": format!("call_{i}"), "type": "function", "function": {"name": name, "arguments": ""}}]}), None));
+            let (a, b) = args.split_at(args.len() / 2);
+            for part in [a, b] {
+                events.push(chunk(
+                    &model,
+                    json!({"tool_calls": [{"index": i, "function": {"arguments": part}}]}),
+                    None,
+                ));
+            }
+        }
+    }
+    match model.as_str() {
+        "midstream-fail" => {
+            let head = sse(&events[..2], false);
+            // The head is flushed before the connection dies, so the stream has really begun.
+            let body = futures_util::stream::unfold(0, move |i| {
+                let head = head.clone();
+                async move {
+                    match i {
+                        0 => Some((Ok::<Bytes, std::io::Error>(Bytes::from(head)), 1)),
+                        1 => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            Some((Err(std::io::Error::other("upstream died")), 2))
+                        }
+                        _ => None,
+                    }
+                }
+            });
+            return sse_response(Body::from_stream(body));
+        }
+        "truncated" => return sse_response(sse(&events, false)),
+        "endless" => {
+            let watch = DropWatch {
+                state: state.clone(),
+                finished: false,
+            };
+            let model = model.clone();
+            let body = futures_util::stream::unfold((watch, 0u64), move |(w, i)| {
+                let model = model.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let ev = chunk(&model, json!({"content": format!("t{i} ")}), None);
+                    Some((
+                        Ok::<Bytes, std::io::Error>(Bytes::from(format!("data: {ev}\n\n"))),
+                        (w, i + 1),
+                    ))
+                }
+            });
+            return sse_response(Body::from_stream(body));
+        }
+        _ => {}
+    }
+    events.push(chunk(
+        &model,
+        json!({}),
+        Some(if calls.is_empty() {
+            "stop"
+        } else {
+            "tool_calls"
+        }),
+    ));
+    if include_usage {
+        events.push(usage_chunk(&model));
+    }
+    sse_response(sse(&events, true))
+}
+
+/// A running `flywheel serve` process.
+pub struct GatewayProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_flywheel")
+}
+
+impl GatewayProcess {
+    /// Starts the gateway on `config` (TOML; `data_dir` and `listen` are filled in).
+    pub fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("flywheel.toml");
+        let full = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{config}",
+            dir.path().join("data").display()
+        );
+        std::fs::write(&config_path, full).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve").arg("--config").arg(&config_path);
+        cmd.env("RUST_LOG", "info,flywheel=debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("listening on http") {
+                    let rest = &line[i..];
+                    if let Some(a) = rest.split("://").nth(1) {
+                        let a = a.split_whitespace().next().unwrap_or("");
+                        let _ = tx.send(a.to_string());
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr: String = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "gateway did not start; its log:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let addr = addr.parse().unwrap();
+        Self {
+            child,
+            addr,
+            dir,
+            config_path,
+            logs,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("data").join("flywheel.db")
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!(
+            "gateway did not stop within 15 s; its log:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.db_path()).unwrap()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads an SSE body into its `data:` payloads (`[DONE]` included as a string).
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn upstream_toml(name: &str, base_url: &str, extra: &str) -> String {
+    format!("[[upstreams]]\nname = \"{name}\"\nbase_url = \"{base_url}\"\nbackoff_base_ms = 10\nbackoff_max_ms = 50\n{extra}\n")
+}
+
+pub fn route_toml(name: &str, upstream: &str, model: &str, extra: &str) -> String {
+    format!("[[routes]]\nname = \"{name}\"\nchampion = {{ upstream = \"{upstream}\", model = \"{model}\" }}\n{extra}\n")
+}
+
+pub fn user_request(model: &str, text: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": text}]})
+}
+
+pub fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}
+    ])
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
