@@ -1,1 +1,437 @@
-fn main() {}
+//! Gateway overhead benchmark.
+//!
+//! Starts a mock OpenAI upstream (a canned `chat.completion`), the real `flywheel` binary in front of
+//! it with the traffic log on, and optionally a LiteLLM proxy in front of the same mock. Then drives
+//! each target with a load generator written here (keep-alive HTTP/1.1 connections):
+//! - closed loop: a fixed number of connections, each sending its next request when the last ends;
+//! - open loop: a fixed request rate, latency measured from each request's scheduled start (so a
+//!   stalled server cannot hide its queueing).
+//!
+//! Prints requests/s and p50/p90/p99 latency per target, direct vs through the gateway.
+//!
+//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN]`
+//! (`benches/overhead.sh` installs LiteLLM and runs the comparison.)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+const COMPLETION: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"The weather in Paris is sunny.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":24,"completion_tokens":8,"total_tokens":32}}"#;
+
+const REQUEST: &str = r#"{"model":"bench","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"What is the weather in Paris today?"}],"temperature":0}"#;
+
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    auth: Option<&'static str>,
+}
+
+#[derive(Default)]
+struct Stats {
+    ok: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies_us: Vec<u64>,
+}
+
+impl Stats {
+    fn pct(&mut self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        self.latencies_us.sort_unstable();
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies_us[i] as f64 / 1000.0
+    }
+    fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+async fn mock_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    // Read the body like a real server would.
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from_static(COMPLETION.as_bytes())))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Sender {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn one_request(sender: &mut Sender, target: &Target) -> bool {
+    if sender.ready().await.is_err() {
+        return false;
+    }
+    let mut req = Request::post("/v1/chat/completions")
+        .header("host", target.addr.to_string())
+        .header("content-type", "application/json");
+    if let Some(key) = target.auth {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    let req = req
+        .body(Full::new(Bytes::from_static(REQUEST.as_bytes())))
+        .unwrap();
+    match sender.send_request(req).await {
+        Ok(resp) => {
+            let ok = resp.status().is_success();
+            ok && resp.into_body().collect().await.is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+async fn closed_loop(target: &Target, connections: usize, duration: Duration) -> Stats {
+    let deadline = Instant::now() + duration;
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..connections {
+        let t = Target {
+            name: target.name,
+            addr: target.addr,
+            auth: target.auth,
+        };
+        handles.push(tokio::spawn(async move {
+            let mut sender = connect(t.addr).await;
+            let mut s = Stats::default();
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                if one_request(&mut sender, &t).await {
+                    s.ok += 1;
+                    s.latencies_us.push(t0.elapsed().as_micros() as u64);
+                } else {
+                    s.errors += 1;
+                    sender = connect(t.addr).await;
+                }
+            }
+            s
+        }));
+    }
+    let mut total = Stats::default();
+    for h in handles {
+        let s = h.await.unwrap();
+        total.ok += s.ok;
+        total.errors += s.errors;
+        total.latencies_us.extend(s.latencies_us);
+    }
+    total.elapsed = start.elapsed();
+    total
+}
+
+async fn open_loop(target: &Target, rate: f64, duration: Duration, connections: usize) -> Stats {
+    let (tx, rx) = async_channel();
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..connections {
+        let rx = rx.clone();
+        let t = Target {
+            name: target.name,
+            addr: target.addr,
+            auth: target.auth,
+        };
+        handles.push(tokio::spawn(async move {
+            let mut sender = connect(t.addr).await;
+            let mut s = Stats::default();
+            loop {
+                let scheduled: Instant = {
+                    let mut guard = rx.lock().await;
+                    match guard.recv().await {
+                        Some(x) => x,
+                        None => break,
+                    }
+                };
+                if one_request(&mut sender, &t).await {
+                    s.ok += 1;
+                    s.latencies_us.push(scheduled.elapsed().as_micros() as u64);
+                } else {
+                    s.errors += 1;
+                    sender = connect(t.addr).await;
+                }
+            }
+            s
+        }));
+    }
+    // The schedule is kept by an OS thread: tokio's timer wheel has 1 ms granularity, which
+    // would add up to 1 ms of fake latency to every request at these rates.
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let total_requests = (rate * duration.as_secs_f64()) as u64;
+    let dispatcher = std::thread::spawn(move || {
+        for i in 0..total_requests {
+            let at = start + interval.mul_f64(i as f64);
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            if tx.send(at).is_err() {
+                break;
+            }
+        }
+    });
+    let mut total = Stats::default();
+    for h in handles {
+        let s = h.await.unwrap();
+        total.ok += s.ok;
+        total.errors += s.errors;
+        total.latencies_us.extend(s.latencies_us);
+    }
+    total.elapsed = start.elapsed();
+    let _ = dispatcher.join();
+    total
+}
+
+/// A multi-consumer queue of scheduled start times: an unbounded channel behind a mutex.
+fn async_channel() -> (
+    tokio::sync::mpsc::UnboundedSender<Instant>,
+    Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Instant>>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    (tx, Arc::new(tokio::sync::Mutex::new(rx)))
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_gateway(dir: &std::path::Path, upstream: SocketAddr) -> (Proc, SocketAddr) {
+    let config = dir.join("flywheel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"listen = "127.0.0.1:0"
+data_dir = "{}"
+[[upstreams]]
+name = "mock"
+base_url = "http://{upstream}/v1"
+[[routes]]
+name = "bench"
+champion = {{ upstream = "mock", model = "bench-model" }}
+"#,
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn,flywheel::cli=info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("listening on http://") {
+                let a = line[i + "listening on http://".len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                let _ = tx.send(a);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("gateway did not start")
+        .parse()
+        .unwrap();
+    (Proc(child), addr)
+}
+
+fn start_litellm(
+    bin: &str,
+    dir: &std::path::Path,
+    upstream: SocketAddr,
+    workers: usize,
+) -> (Proc, SocketAddr) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config = dir.join(format!("litellm-{workers}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/bench-model\n      api_base: http://{upstream}/v1\n      api_key: sk-mock\ngeneral_settings:\n  master_key: sk-bench\nlitellm_settings:\n  set_verbose: false\n  json_logs: false\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .args(["--config"])
+        .arg(&config)
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--num_workers",
+            &workers.to_string(),
+        ])
+        .env("LITELLM_LOG", "ERROR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(120) {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            std::thread::sleep(Duration::from_secs(2));
+            return (Proc(child), addr);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("LiteLLM did not start within 120 s");
+}
+
+fn row(name: &str, mode: &str, s: &mut Stats) {
+    println!(
+        "| {name:<22} | {mode:<16} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>6} |",
+        s.rps(),
+        s.pct(0.50),
+        s.pct(0.90),
+        s.pct(0.99),
+        s.errors
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let secs: f64 = arg("--secs").map_or(10.0, |s| s.parse().unwrap());
+    let litellm = arg("--litellm");
+    let duration = Duration::from_secs_f64(secs);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The mock gets its own runtime thread; the load generator another.
+    let upstream_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let upstream = upstream_rt.block_on(mock_upstream());
+    let (gateway_proc, gateway) = start_gateway(dir.path(), upstream);
+    let mut litellm_procs = Vec::new();
+    let mut targets = vec![
+        Target {
+            name: "direct (mock upstream)",
+            addr: upstream,
+            auth: None,
+        },
+        Target {
+            name: "flywheel",
+            addr: gateway,
+            auth: None,
+        },
+    ];
+    if let Some(bin) = &litellm {
+        for (workers, name) in [(1, "litellm (1 worker)"), (2, "litellm (2 workers)")] {
+            let (p, addr) = start_litellm(bin, dir.path(), upstream, workers);
+            litellm_procs.push(p);
+            targets.push(Target {
+                name,
+                addr,
+                auth: Some("sk-bench"),
+            });
+        }
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "gateway overhead benchmark: {secs} s per run, machine: {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!("| target                 | load             | req/s     | p50 ms   | p90 ms   | p99 ms   | errors |");
+    println!("|------------------------|------------------|-----------|----------|----------|----------|--------|");
+    rt.block_on(async {
+        for t in &targets {
+            // Warm up connections and caches.
+            let _ = closed_loop(t, 4, Duration::from_millis(500)).await;
+            for c in [1usize, 32] {
+                let mut s = closed_loop(t, c, duration).await;
+                row(t.name, &format!("closed c={c}"), &mut s);
+            }
+            let rates: &[f64] = if t.name.starts_with("litellm") {
+                &[50.0]
+            } else {
+                &[1000.0, 5000.0]
+            };
+            for &rate in rates {
+                let mut s = open_loop(t, rate, duration, 64).await;
+                row(t.name, &format!("open {rate:.0} rps"), &mut s);
+            }
+        }
+    });
+    drop(litellm_procs);
+    drop(gateway_proc);
+    let db = dir.path().join("data").join("flywheel.db");
+    if let Ok(conn) = rusqlite::Connection::open(&db) {
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM traffic", [], |r| r.get(0))
+            .unwrap_or(-1);
+        println!("flywheel traffic rows logged: {n}");
+    }
+}

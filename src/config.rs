@@ -126,6 +126,9 @@ pub struct LogConfig {
     /// Most records written in one transaction.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// How long the writer lets records gather before a transaction (fewer, larger commits).
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval_ms: u64,
 }
 
 impl Default for LogConfig {
@@ -134,6 +137,7 @@ impl Default for LogConfig {
             enabled: true,
             queue_capacity: default_queue_capacity(),
             batch_size: default_batch_size(),
+            flush_interval_ms: default_flush_interval(),
         }
     }
 }
@@ -270,6 +274,9 @@ fn default_queue_capacity() -> usize {
 }
 fn default_batch_size() -> usize {
     512
+}
+fn default_flush_interval() -> u64 {
+    10
 }
 fn default_shadow_concurrency() -> usize {
     16

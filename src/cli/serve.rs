@@ -48,8 +48,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let writer = if config.log.enabled {
         let path = config.db_path();
-        let w = TrafficLog::start(&path, config.log.queue_capacity, config.log.batch_size)
-            .with_context(|| format!("cannot open the traffic log at {}", path.display()))?;
+        let w = TrafficLog::start(
+            &path,
+            config.log.queue_capacity,
+            config.log.batch_size,
+            Duration::from_millis(config.log.flush_interval_ms),
+        )
+        .with_context(|| format!("cannot open the traffic log at {}", path.display()))?;
         tracing::info!(path = %path.display(), "traffic log open");
         Some(w)
     } else {

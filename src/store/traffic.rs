@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{json, Value};
@@ -82,12 +83,13 @@ impl TrafficLog {
         path: &Path,
         capacity: usize,
         batch_size: usize,
+        flush_interval: Duration,
     ) -> Result<TrafficWriter, StoreError> {
         let conn = super::open(path)?;
         let (tx, rx) = mpsc::channel(capacity);
         let thread = std::thread::Builder::new()
             .name("traffic-writer".into())
-            .spawn(move || write_loop(conn, rx, batch_size))?;
+            .spawn(move || write_loop(conn, rx, batch_size, flush_interval))?;
         let log = TrafficLog {
             inner: Some(Arc::new(Inner {
                 tx,
@@ -155,14 +157,25 @@ impl TrafficWriter {
     }
 }
 
-fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Message>, batch_size: usize) {
+fn write_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Message>,
+    batch_size: usize,
+    flush_interval: Duration,
+) {
     let mut batch: Vec<Box<TrafficRecord>> = Vec::with_capacity(batch_size);
     let mut closing = false;
     while !closing {
         match rx.blocking_recv() {
             None => closing = true,
             Some(Message::Close) => closing = true,
-            Some(Message::Record(r)) => batch.push(r),
+            Some(Message::Record(r)) => {
+                batch.push(r);
+                // Let a batch gather: one transaction per interval instead of one per request.
+                if rx.len() + 1 < batch_size && !flush_interval.is_zero() {
+                    std::thread::sleep(flush_interval);
+                }
+            }
         }
         // Take what else is already waiting, up to a batch, without blocking.
         while batch.len() < batch_size {
@@ -473,7 +486,7 @@ mod tests {
     async fn records_and_their_tool_calls_are_written_and_exported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let writer = TrafficLog::start(&path, 16, 4).unwrap();
+        let writer = TrafficLog::start(&path, 16, 4, Duration::from_millis(1)).unwrap();
         let log = writer.log();
         let response = json!({
             "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
@@ -514,7 +527,7 @@ mod tests {
         // Hold the database's write lock so the writer cannot drain the queue.
         let blocker = crate::store::open(&path).unwrap();
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let writer = TrafficLog::start(&path, 2, 1).unwrap();
+        let writer = TrafficLog::start(&path, 2, 1, Duration::ZERO).unwrap();
         let log = writer.log();
         let mut accepted = 0;
         for i in 0..50 {

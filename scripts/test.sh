@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit and integration tests (real binary, real HTTP,
+# real SQLite, the official Python `openai` client in a virtualenv the tests create under target/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }
+command -v python3 >/dev/null || { echo "python3 is required for the OpenAI client compatibility test"; exit 1; }
+
+cargo fmt --all -- --check
+cargo clippy --release --all-targets -- -D warnings
+cargo test --release

@@ -1,0 +1,96 @@
+//! The gateway driven by the official Python `openai` package (installed into a virtualenv under
+//! `target/` on first run, pinned by tests/python/requirements.txt).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// A Python with the pinned `openai` package: `FLYWHEEL_TEST_PYTHON` if set, else a virtualenv
+/// created (once) under target/.
+fn python_with_openai() -> PathBuf {
+    if let Ok(p) = std::env::var("FLYWHEEL_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("target").join("pyenv");
+    let python = venv.join("bin").join("python");
+    let requirements = root.join("tests/python/requirements.txt");
+    let stamp = venv.join(".requirements");
+    let wanted = std::fs::read_to_string(&requirements).unwrap();
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) && python.exists() {
+        return python;
+    }
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "python3 -m venv failed");
+    let ok = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&requirements)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "pip install -r {} failed", requirements.display());
+    std::fs::write(&stamp, wanted).unwrap();
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_client_works_unchanged_against_the_gateway() {
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
+    let mock = MockUpstream::start().await;
+    let mut config = upstream_toml("mock", &mock.base_url(), "");
+    for m in ["echo", "tools", "parallel"] {
+        config.push_str(&route_toml(m, "mock", m, ""));
+    }
+    let mut gw = GatewayProcess::start(&config);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_compat.py");
+    let base = gw.url("/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg(&script)
+            .arg(&base)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python compat script failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.lines().filter(|l| l.starts_with("ok: ")).count() >= 14,
+        "{stdout}"
+    );
+    assert!(gw.stop().success());
+    let (n, workload): (i64, i64) = gw
+        .db()
+        .query_row(
+            "SELECT COUNT(*), SUM(workload_id = 'py-compat') FROM traffic",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    // Four served requests and two refused ones, all recorded.
+    assert_eq!(n, 6);
+    assert_eq!(workload, 1);
+}
