@@ -311,28 +311,30 @@ fn start_litellm(
         ),
     )
     .unwrap();
-    let child = Command::new(bin)
-        .args(["--config"])
-        .arg(&config)
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--num_workers",
-            &workers.to_string(),
-        ])
-        .env("LITELLM_LOG", "ERROR")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let proc = Proc(
+        Command::new(bin)
+            .args(["--config"])
+            .arg(&config)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--num_workers",
+                &workers.to_string(),
+            ])
+            .env("LITELLM_LOG", "ERROR")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(120) {
         if std::net::TcpStream::connect(addr).is_ok() {
             std::thread::sleep(Duration::from_secs(2));
-            return (Proc(child), addr);
+            return (proc, addr);
         }
         std::thread::sleep(Duration::from_millis(250));
     }
