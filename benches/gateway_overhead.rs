@@ -9,7 +9,7 @@
 //!
 //! Prints requests/s and p50/p90/p99 latency per target, direct vs through the gateway.
 //!
-//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN]`
+//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN] [--also-without-log]`
 //! (`benches/overhead.sh` installs LiteLLM and runs the comparison.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -246,13 +246,15 @@ impl Drop for Proc {
     }
 }
 
-fn start_gateway(dir: &std::path::Path, upstream: SocketAddr) -> (Proc, SocketAddr) {
-    let config = dir.join("flywheel.toml");
+fn start_gateway(dir: &std::path::Path, upstream: SocketAddr, log: bool) -> (Proc, SocketAddr) {
+    let config = dir.join(format!("flywheel-log-{log}.toml"));
     std::fs::write(
         &config,
         format!(
             r#"listen = "127.0.0.1:0"
 data_dir = "{}"
+[log]
+enabled = {log}
 [[upstreams]]
 name = "mock"
 base_url = "http://{upstream}/v1"
@@ -372,8 +374,8 @@ fn main() {
         .build()
         .unwrap();
     let upstream = upstream_rt.block_on(mock_upstream());
-    let (gateway_proc, gateway) = start_gateway(dir.path(), upstream);
-    let mut litellm_procs = Vec::new();
+    let (gateway_proc, gateway) = start_gateway(dir.path(), upstream, true);
+    let mut extra_procs = Vec::new();
     let mut targets = vec![
         Target {
             name: "direct (mock upstream)",
@@ -386,10 +388,19 @@ fn main() {
             auth: None,
         },
     ];
+    if args.iter().any(|a| a == "--also-without-log") {
+        let (p, addr) = start_gateway(dir.path(), upstream, false);
+        extra_procs.push(p);
+        targets.push(Target {
+            name: "flywheel (log off)",
+            addr,
+            auth: None,
+        });
+    }
     if let Some(bin) = &litellm {
         for (workers, name) in [(1, "litellm (1 worker)"), (2, "litellm (2 workers)")] {
             let (p, addr) = start_litellm(bin, dir.path(), upstream, workers);
-            litellm_procs.push(p);
+            extra_procs.push(p);
             targets.push(Target {
                 name,
                 addr,
@@ -427,7 +438,7 @@ fn main() {
             }
         }
     });
-    drop(litellm_procs);
+    drop(extra_procs);
     drop(gateway_proc);
     let db = dir.path().join("data").join("flywheel.db");
     if let Ok(conn) = rusqlite::Connection::open(&db) {

@@ -276,7 +276,7 @@ fn default_batch_size() -> usize {
     512
 }
 fn default_flush_interval() -> u64 {
-    10
+    2
 }
 fn default_shadow_concurrency() -> usize {
     16

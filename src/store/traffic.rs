@@ -157,12 +157,22 @@ impl TrafficWriter {
     }
 }
 
+/// The writer yields the CPU to serving threads: on a small machine its batch bursts would
+/// otherwise show up in the serving path's tail latency.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
+        tracing::debug!(error = %e, "could not lower the traffic writer's priority");
+    }
+}
+
 fn write_loop(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Message>,
     batch_size: usize,
     flush_interval: Duration,
 ) {
+    lower_thread_priority();
     let mut batch: Vec<Box<TrafficRecord>> = Vec::with_capacity(batch_size);
     let mut closing = false;
     while !closing {
