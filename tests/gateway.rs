@@ -827,3 +827,26 @@ async fn models_health_metrics_and_export() {
     );
     assert_eq!(rec["tool_calls"][0]["name"], "get_weather");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_streaming_request_abandoned_by_its_client_is_still_recorded() {
+    let (mock, mut gw) = start().await;
+    let client = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let r = client.post(gw.url("/v1/chat/completions")).json(&user_request("hang", "x")).send().await;
+    assert!(r.is_err(), "the client gave up first");
+    // Wait for the upstream to have seen it, then shut down.
+    for _ in 0..40 {
+        if mock.count("hang") > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(gw.stop().success());
+    let (status, request): (i64, String) = gw
+        .db()
+        .query_row("SELECT status, request FROM traffic WHERE route = 'hang'", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap();
+    assert_eq!(status, 499);
+    assert!(request.contains("\"hang\""));
+}

@@ -123,7 +123,7 @@ impl Gateway {
     /// Serves one chat completion request.
     pub async fn chat(
         self: &Arc<Self>,
-        body: Map<String, Value>,
+        mut body: Map<String, Value>,
         ctx: RequestContext,
     ) -> Result<ChatResponse, ApiError> {
         let started = Instant::now();
@@ -209,12 +209,24 @@ impl Gateway {
             rec.target = Some(target.upstream.clone());
             rec.target_model = Some(target.model.clone());
             let t0 = Instant::now();
+            // If the client goes away while the backend works, this future is dropped (which
+            // cancels the upstream request) and the guard records the abandoned request.
+            let guard = AbandonGuard {
+                log: &self.log,
+                parts: Some((rec, body)),
+                started,
+            };
             let reply = backend
                 .chat(BackendRequest {
                     body: forwarded,
                     stream: info.stream,
                 })
                 .await;
+            let Some((rec_back, body_back)) = guard.disarm() else {
+                return Err(ApiError::internal("request state was lost"));
+            };
+            rec = rec_back;
+            body = body_back;
             upstream_wait += t0.elapsed();
             match reply {
                 Ok(BackendReply::Full(response)) => {
@@ -393,6 +405,35 @@ impl Gateway {
             metrics::counter!("flywheel_shadow_requests_total", "route" => rec.route.clone(), "outcome" => outcome).increment(1);
             gateway.log.record(rec);
         });
+    }
+}
+
+/// Holds a request's record while its backend call is awaited; dropped un-disarmed (the client hung
+/// up and the handler future was dropped) it logs the request as abandoned with status 499.
+struct AbandonGuard<'a> {
+    log: &'a TrafficLog,
+    parts: Option<(TrafficRecord, Map<String, Value>)>,
+    started: Instant,
+}
+
+impl AbandonGuard<'_> {
+    /// Takes the record back; always `Some`, as only this (consuming) call and `drop` take it.
+    fn disarm(mut self) -> Option<(TrafficRecord, Map<String, Value>)> {
+        self.parts.take()
+    }
+}
+
+impl Drop for AbandonGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((mut rec, body)) = self.parts.take() {
+            rec.latency_ms = ms(self.started.elapsed());
+            rec.status = 499;
+            rec.error = Some(serde_json::json!({"error": {"message": "client disconnected before the response", "type": "client_closed", "param": null, "code": null}}));
+            rec.request = Value::Object(body);
+            metrics::counter!("flywheel_requests_total", "route" => rec.route.clone(), "arm" => rec.arm.clone(), "status" => "499")
+                .increment(1);
+            self.log.record(rec);
+        }
     }
 }
 
