@@ -196,6 +196,10 @@ pub struct UpstreamConfig {
     /// Idle keep-alive connections kept per host.
     #[serde(default = "default_pool_idle")]
     pub pool_max_idle_per_host: usize,
+    /// PEM file of extra CA certificates to trust for this upstream (a private deployment's CA),
+    /// in addition to the public web roots.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// Where a request goes: an upstream provider's model. (Local engine targets come with the engine.)

@@ -831,8 +831,15 @@ async fn models_health_metrics_and_export() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_streaming_request_abandoned_by_its_client_is_still_recorded() {
     let (mock, mut gw) = start().await;
-    let client = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
-    let r = client.post(gw.url("/v1/chat/completions")).json(&user_request("hang", "x")).send().await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let r = client
+        .post(gw.url("/v1/chat/completions"))
+        .json(&user_request("hang", "x"))
+        .send()
+        .await;
     assert!(r.is_err(), "the client gave up first");
     // Wait for the upstream to have seen it, then shut down.
     for _ in 0..40 {
@@ -845,7 +852,11 @@ async fn a_non_streaming_request_abandoned_by_its_client_is_still_recorded() {
     assert!(gw.stop().success());
     let (status, request): (i64, String) = gw
         .db()
-        .query_row("SELECT status, request FROM traffic WHERE route = 'hang'", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT status, request FROM traffic WHERE route = 'hang'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .unwrap();
     assert_eq!(status, 499);
     assert!(request.contains("\"hang\""));

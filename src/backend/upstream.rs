@@ -85,8 +85,7 @@ impl Upstream {
         http.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
         http.set_keepalive(Some(Duration::from_secs(60)));
         let tls = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("upstream '{}': TLS set-up failed: {e}", cfg.name))?
+            .with_tls_config(tls_config(cfg)?)
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
@@ -325,6 +324,53 @@ impl Upstream {
             },
         }
     }
+}
+
+/// Public web roots, plus the upstream's own CA certificates if it names a file of them.
+fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = &cfg.ca_cert {
+        let file = std::fs::File::open(path).map_err(|e| {
+            format!(
+                "upstream '{}': cannot open ca_cert '{}': {e}",
+                cfg.name,
+                path.display()
+            )
+        })?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+            let cert = cert.map_err(|e| {
+                format!(
+                    "upstream '{}': cannot read ca_cert '{}': {e}",
+                    cfg.name,
+                    path.display()
+                )
+            })?;
+            roots.add(cert).map_err(|e| {
+                format!(
+                    "upstream '{}': ca_cert '{}' holds an unusable certificate: {e}",
+                    cfg.name,
+                    path.display()
+                )
+            })?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!(
+                "upstream '{}': ca_cert '{}' holds no PEM certificate",
+                cfg.name,
+                path.display()
+            ));
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("upstream '{}': TLS set-up failed: {e}", cfg.name))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 enum Attempt {

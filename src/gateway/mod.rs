@@ -428,7 +428,9 @@ impl Drop for AbandonGuard<'_> {
         if let Some((mut rec, body)) = self.parts.take() {
             rec.latency_ms = ms(self.started.elapsed());
             rec.status = 499;
-            rec.error = Some(serde_json::json!({"error": {"message": "client disconnected before the response", "type": "client_closed", "param": null, "code": null}}));
+            rec.error = Some(
+                serde_json::json!({"error": {"message": "client disconnected before the response", "type": "client_closed", "param": null, "code": null}}),
+            );
             rec.request = Value::Object(body);
             metrics::counter!("flywheel_requests_total", "route" => rec.route.clone(), "arm" => rec.arm.clone(), "status" => "499")
                 .increment(1);

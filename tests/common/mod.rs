@@ -27,6 +27,8 @@ pub struct MockState {
     pub counts: Mutex<HashMap<String, usize>>,
     /// Streams whose body was dropped before it finished (the gateway hung up).
     pub cancelled: AtomicUsize,
+    /// The HTTP version of each request.
+    pub versions: Mutex<Vec<axum::http::Version>>,
 }
 
 pub struct MockUpstream {
@@ -45,6 +47,25 @@ impl MockUpstream {
         tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
+        Self { addr, state }
+    }
+
+    /// The same mock over TLS (HTTP/1.1 and HTTP/2 by ALPN), using the gateway's own listener code.
+    pub async fn start_tls(cert: &Path, key: &Path) -> Self {
+        let state = Arc::new(MockState::default());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(mock_chat))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = flywheel::api::server::tls_acceptor(cert, key).unwrap();
+        tokio::spawn(flywheel::api::server::serve(
+            listener,
+            app,
+            Some(acceptor),
+            std::future::pending(),
+            Duration::from_secs(1),
+        ));
         Self { addr, state }
     }
 
@@ -151,9 +172,11 @@ impl Drop for DropWatch {
 
 async fn mock_chat(
     State(state): State<Arc<MockState>>,
+    version: axum::http::Version,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
+    state.versions.lock().unwrap().push(version);
     let model = body["model"].as_str().unwrap_or("").to_string();
     let stream = body["stream"].as_bool().unwrap_or(false);
     let include_usage = body["stream_options"]["include_usage"]
@@ -403,6 +426,18 @@ impl Drop for GatewayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, written as PEM files into `dir`.
+pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    (cert_path, key_path)
 }
 
 /// Reads an SSE body into its `data:` payloads (`[DONE]` included as a string).
