@@ -199,6 +199,7 @@ impl Upstream {
         stream: bool,
         deadline: Instant,
     ) -> Result<Attempt, BackendError> {
+        let attempt_started = Instant::now();
         let mut builder = Request::builder()
             .method(Method::POST)
             .uri(self.url.clone());
@@ -221,18 +222,17 @@ impl Upstream {
             })?;
         let first_byte = Duration::from_millis(self.cfg.first_byte_timeout_ms);
         let first_byte_deadline = deadline.min(Instant::now() + first_byte);
-        let resp = match tokio::time::timeout_at(first_byte_deadline, self.client.request(req))
-            .await
-        {
-            Err(_) => return Err(self.timeout("waiting for response headers", first_byte_deadline)),
-            Ok(Err(e)) => {
-                return Err(BackendError::Connect {
-                    backend: self.name.clone(),
-                    message: describe_client_error(&e),
-                })
-            }
-            Ok(Ok(r)) => r,
-        };
+        let resp =
+            match tokio::time::timeout_at(first_byte_deadline, self.client.request(req)).await {
+                Err(_) => return Err(self.timeout("waiting for response headers", attempt_started)),
+                Ok(Err(e)) => {
+                    return Err(BackendError::Connect {
+                        backend: self.name.clone(),
+                        message: describe_client_error(&e),
+                    })
+                }
+                Ok(Ok(r)) => r,
+            };
         let status = resp.status();
         if !status.is_success() {
             let retry_after_ms = resp
@@ -271,9 +271,7 @@ impl Upstream {
             let mut chunks =
                 chunk_stream(self.name.clone(), resp.into_body(), deadline, first_byte);
             match tokio::time::timeout_at(first_byte_deadline, chunks.next()).await {
-                Err(_) => {
-                    Err(self.timeout("waiting for the first stream event", first_byte_deadline))
-                }
+                Err(_) => Err(self.timeout("waiting for the first stream event", attempt_started)),
                 Ok(None) => Err(BackendError::Protocol {
                     backend: self.name.clone(),
                     message: "the stream ended before its first event".into(),
@@ -287,7 +285,7 @@ impl Upstream {
             let bytes = match read_body(resp.into_body(), MAX_RESPONSE_BYTES, deadline).await {
                 Ok(b) => b,
                 Err(ReadError::Timeout) => {
-                    return Err(self.timeout("reading the response body", deadline))
+                    return Err(self.timeout("reading the response body", attempt_started))
                 }
                 Err(ReadError::Other(m)) => {
                     return Err(BackendError::Protocol {
@@ -313,15 +311,12 @@ impl Upstream {
         }
     }
 
-    fn timeout(&self, phase: &'static str, deadline: Instant) -> BackendError {
-        let _ = deadline;
+    /// A timeout, reported with the time actually waited in this attempt.
+    fn timeout(&self, phase: &'static str, attempt_started: Instant) -> BackendError {
         BackendError::Timeout {
             backend: self.name.clone(),
             phase,
-            after_ms: match phase {
-                "reading the response body" => self.cfg.total_timeout_ms,
-                _ => self.cfg.first_byte_timeout_ms,
-            },
+            after_ms: attempt_started.elapsed().as_millis() as u64,
         }
     }
 }
