@@ -45,6 +45,9 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Local models served by the embedded engine.
+    #[serde(default)]
+    pub models: Vec<crate::engine::LocalModelConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -202,17 +205,73 @@ pub struct UpstreamConfig {
     pub ca_cert: Option<PathBuf>,
 }
 
-/// Where a request goes: an upstream provider's model. (Local engine targets come with the engine.)
+/// Where a request goes: an upstream provider's model (`{ upstream, model }`) or a local model
+/// (`{ local }`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
-    pub upstream: String,
-    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<String>,
+}
+
+impl TargetConfig {
+    pub fn upstream(upstream: &str, model: &str) -> Self {
+        Self {
+            upstream: Some(upstream.into()),
+            model: Some(model.into()),
+            local: None,
+        }
+    }
+
+    pub fn local(name: &str) -> Self {
+        Self {
+            upstream: None,
+            model: None,
+            local: Some(name.into()),
+        }
+    }
+
+    /// `upstream` or `local`.
+    pub fn kind(&self) -> &'static str {
+        if self.local.is_some() {
+            "local"
+        } else {
+            "upstream"
+        }
+    }
+
+    /// The backend serving this target: the upstream's or the local model's name.
+    pub fn backend(&self) -> &str {
+        self.local
+            .as_deref()
+            .or(self.upstream.as_deref())
+            .unwrap_or("")
+    }
+
+    /// The key of this target's backend in the gateway's backend table.
+    pub fn backend_key(&self) -> String {
+        format!("{}:{}", self.kind(), self.backend())
+    }
+
+    /// The model name the backend is asked for (and that resolves to this target directly).
+    pub fn model_name(&self) -> &str {
+        self.model
+            .as_deref()
+            .or(self.local.as_deref())
+            .unwrap_or("")
+    }
 }
 
 impl std::fmt::Display for TargetConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.upstream, self.model)
+        match &self.local {
+            Some(l) => write!(f, "local:{l}"),
+            None => write!(f, "{}:{}", self.backend(), self.model_name()),
+        }
     }
 }
 
@@ -385,6 +444,18 @@ impl Config {
                 ));
             }
         }
+        let mut model_names = std::collections::HashSet::new();
+        for m in &self.models {
+            if !model_names.insert(m.name.as_str()) {
+                return invalid(format!("local model '{}' is defined twice", m.name));
+            }
+            if m.max_batch == 0 || m.context_length < 16 {
+                return invalid(format!(
+                    "local model '{}': max_batch must be at least 1 and context_length at least 16",
+                    m.name
+                ));
+            }
+        }
         let mut route_names = std::collections::HashSet::new();
         for route in &self.routes {
             if !route_names.insert(route.name.as_str()) {
@@ -402,21 +473,41 @@ impl Config {
         rollout: &RolloutConfig,
     ) -> Result<(), ConfigError> {
         let check = |t: &TargetConfig, role: &str| -> Result<(), ConfigError> {
-            if !self.upstreams.iter().any(|u| u.name == t.upstream) {
-                return Err(ConfigError::Invalid(format!(
-                    "route '{route}': {role} names upstream '{}', which is not defined (defined: {})",
-                    t.upstream,
-                    self.upstreams
-                        .iter()
-                        .map(|u| u.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            if t.model.is_empty() {
-                return Err(ConfigError::Invalid(format!(
-                    "route '{route}': {role} has an empty model"
-                )));
+            let fail =
+                |m: String| Err(ConfigError::Invalid(format!("route '{route}': {role} {m}")));
+            match (&t.upstream, &t.local) {
+                (Some(_), Some(_)) => {
+                    return fail("names both an upstream and a local model; pick one".into())
+                }
+                (None, None) => return fail("needs `upstream` and `model`, or `local`".into()),
+                (None, Some(name)) => {
+                    if t.model.is_some() {
+                        return fail(
+                            "is local: drop `model` (the local model's name is its model)".into(),
+                        );
+                    }
+                    if !self.models.iter().any(|m| &m.name == name) {
+                        let known: Vec<&str> =
+                            self.models.iter().map(|m| m.name.as_str()).collect();
+                        return fail(format!(
+                            "names local model '{name}', which is not defined (defined: {})",
+                            known.join(", ")
+                        ));
+                    }
+                }
+                (Some(up), None) => {
+                    if !self.upstreams.iter().any(|u| &u.name == up) {
+                        let known: Vec<&str> =
+                            self.upstreams.iter().map(|u| u.name.as_str()).collect();
+                        return fail(format!(
+                            "names upstream '{up}', which is not defined (defined: {})",
+                            known.join(", ")
+                        ));
+                    }
+                    if t.model.as_deref().is_none_or(str::is_empty) {
+                        return fail("needs a `model` for its upstream".into());
+                    }
+                }
             }
             Ok(())
         };

@@ -5,5 +5,7 @@ pub mod api;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod gateway;
+pub mod ops;
 pub mod store;

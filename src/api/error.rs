@@ -156,6 +156,7 @@ impl From<&crate::backend::BackendError> for ApiError {
                 Self::new(StatusCode::BAD_GATEWAY, "upstream_error", format!("upstream '{backend}' reported an error: {detail}"))
                     .with_code("upstream_error")
             }
+            B::Internal { .. } => Self::internal(e.to_string()),
             B::Unsupported { message, param, .. } => {
                 let mut err = Self::invalid(message.clone());
                 err.param = param.clone();

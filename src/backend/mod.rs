@@ -1,6 +1,7 @@
 //! Backends answer chat completions: upstream OpenAI-compatible providers today, the local engine
 //! later. A backend neither logs nor applies rails; the gateway pipeline does both around it.
 
+pub mod local;
 pub mod sse;
 pub mod upstream;
 
@@ -56,6 +57,8 @@ pub enum BackendError {
     /// The provider reported an error inside a stream that had already begun.
     #[error("upstream '{backend}' reported an error mid-stream")]
     StreamError { backend: String, body: Value },
+    #[error("backend '{backend}' failed: {message}")]
+    Internal { backend: String, message: String },
     #[error("backend '{backend}' cannot serve this request: {message}")]
     Unsupported {
         backend: String,
@@ -76,6 +79,7 @@ impl BackendError {
                 *status == 429 || *status >= 500 || *status == 401 || *status == 403
             }
             BackendError::Unsupported { .. } => false,
+            BackendError::Internal { .. } => true,
         }
     }
 }

@@ -186,6 +186,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     for u in &config.upstreams {
         println!("upstream {} -> {}", u.name, u.base_url);
     }
+    for m in &config.models {
+        println!("model    {} -> {}", m.name, m.path.display());
+    }
     for r in &config.routes {
         println!("route    {} -> champion {}", r.name, r.rollout.champion);
     }

@@ -14,9 +14,11 @@ use tokio::sync::Semaphore;
 
 use crate::api::auth::Authenticator;
 use crate::api::{self, AppState};
+use crate::backend::local::LocalBackend;
 use crate::backend::upstream::Upstream;
 use crate::backend::Backend;
 use crate::config::Config;
+use crate::engine::Engine;
 use crate::gateway::Gateway;
 use crate::store::traffic::TrafficLog;
 
@@ -68,7 +70,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
     for u in &config.upstreams {
         let up = Upstream::new(u).map_err(anyhow::Error::msg)?;
-        backends.insert(u.name.clone(), Arc::new(up));
+        backends.insert(format!("upstream:{}", u.name), Arc::new(up));
+    }
+    for m in &config.models {
+        let cfg = m.clone();
+        let engine = tokio::task::spawn_blocking(move || Engine::load(&cfg)).await??;
+        backends.insert(
+            format!("local:{}", m.name),
+            Arc::new(LocalBackend::new(engine)),
+        );
     }
     let gateway = Arc::new(Gateway::new(config.clone(), backends, log));
     let state = Arc::new(AppState {

@@ -185,9 +185,9 @@ impl Gateway {
         let mut upstream_wait = Duration::ZERO;
         let mut last_error: Option<BackendError> = None;
         for (i, target) in resolution.targets.iter().enumerate() {
-            let Some(backend) = self.backends.get(&target.upstream).cloned() else {
+            let Some(backend) = self.backends.get(&target.backend_key()).cloned() else {
                 last_error = Some(BackendError::Connect {
-                    backend: target.upstream.clone(),
+                    backend: target.backend().to_string(),
                     message: "no such upstream is configured".into(),
                 });
                 continue;
@@ -203,11 +203,14 @@ impl Gateway {
                 return Err(self.fail(rec, body, started, e));
             }
             let mut forwarded = body.clone();
-            forwarded.insert("model".into(), Value::String(target.model.clone()));
+            forwarded.insert(
+                "model".into(),
+                Value::String(target.model_name().to_string()),
+            );
             rec.attempts = i as u32 + 1;
-            rec.target_kind = Some("upstream".into());
-            rec.target = Some(target.upstream.clone());
-            rec.target_model = Some(target.model.clone());
+            rec.target_kind = Some(target.kind().into());
+            rec.target = Some(target.backend().to_string());
+            rec.target_model = Some(target.model_name().to_string());
             let t0 = Instant::now();
             // If the client goes away while the backend works, this future is dropped (which
             // cancels the upstream request) and the guard records the abandoned request.
@@ -350,13 +353,16 @@ impl Gateway {
             metrics::counter!("flywheel_shadow_shed_total", "route" => route).increment(1);
             return;
         };
-        let Some(backend) = self.backends.get(&target.upstream).cloned() else {
+        let Some(backend) = self.backends.get(&target.backend_key()).cloned() else {
             return;
         };
         let Value::Object(mut body) = primary.request.clone() else {
             return;
         };
-        body.insert("model".into(), Value::String(target.model.clone()));
+        body.insert(
+            "model".into(),
+            Value::String(target.model_name().to_string()),
+        );
         body.insert("stream".into(), Value::Bool(false));
         body.remove("stream_options");
         let mut rec = primary.clone();
@@ -366,9 +372,9 @@ impl Gateway {
         rec.shadow_of = Some(primary.id);
         rec.attempts = 1;
         rec.stream = false;
-        rec.target_kind = Some("upstream".into());
-        rec.target = Some(target.upstream.clone());
-        rec.target_model = Some(target.model.clone());
+        rec.target_kind = Some(target.kind().into());
+        rec.target = Some(target.backend().to_string());
+        rec.target_model = Some(target.model_name().to_string());
         rec.response = None;
         rec.ttft_ms = None;
         let gateway = self.clone();

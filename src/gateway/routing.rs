@@ -116,8 +116,8 @@ impl RouteTable {
         for name in self.names() {
             let Some(r) = snap.get(&name) else { continue };
             for t in targets_of(r) {
-                if !out.iter().any(|(m, _)| *m == t.model) {
-                    out.push((t.model.clone(), Some(name.clone())));
+                if !out.iter().any(|(m, _)| m == t.model_name()) {
+                    out.push((t.model_name().to_string(), Some(name.clone())));
                 }
             }
         }
@@ -164,7 +164,7 @@ impl RouteTable {
         }
         for name in self.names() {
             let Some(r) = snap.get(&name) else { continue };
-            if let Some(t) = targets_of(r).into_iter().find(|t| t.model == model) {
+            if let Some(t) = targets_of(r).into_iter().find(|t| t.model_name() == model) {
                 return Some(Resolution {
                     route: name,
                     arm: Arm::Direct,
@@ -192,10 +192,7 @@ mod tests {
     use crate::config::CanaryConfig;
 
     fn t(m: &str) -> TargetConfig {
-        TargetConfig {
-            upstream: "u".into(),
-            model: m.into(),
-        }
+        TargetConfig::upstream("u", m)
     }
 
     fn table(percent: f64) -> RouteTable {
@@ -236,7 +233,7 @@ mod tests {
         let table = table(100.0);
         let r = table.resolve("agent", Some("k")).unwrap();
         assert_eq!(r.arm, Arm::Canary);
-        let models: Vec<_> = r.targets.iter().map(|t| t.model.as_str()).collect();
+        let models: Vec<_> = r.targets.iter().map(|t| t.model_name()).collect();
         assert_eq!(models, ["small", "big", "backup"]);
     }
 
@@ -264,9 +261,9 @@ mod tests {
                 fallbacks: vec![],
             },
         );
-        assert_eq!(before.champion.model, "big");
+        assert_eq!(before.champion.model_name(), "big");
         assert_eq!(
-            table.resolve("agent", None).unwrap().targets[0].model,
+            table.resolve("agent", None).unwrap().targets[0].model_name(),
             "small"
         );
     }

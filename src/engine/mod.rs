@@ -1,0 +1,432 @@
+//! The embedded inference engine: a Llama-family model loaded from GGUF, its tokenizer and chat
+//! template, and a scheduler thread that runs continuous batching: every decode step advances all
+//! active sequences in one forward pass; new requests join between steps, finished or abandoned
+//! ones leave at once. The engine does no I/O beyond loading weights.
+
+pub mod model;
+pub mod sampling;
+pub mod template;
+#[doc(hidden)]
+pub mod testing;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use candle_core::quantized::gguf_file;
+use candle_core::Device;
+use tokio::sync::mpsc;
+
+use model::{KvCache, LlamaModel, ModelError, WeightFormat};
+use sampling::{Sampler, SamplingParams};
+use template::ChatTemplate;
+use tokenizer::TokenizerInfo;
+
+/// How to load one local model.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalModelConfig {
+    /// The model's id in routes (`{ local = "<name>" }`) and requests.
+    pub name: String,
+    /// A GGUF file.
+    pub path: PathBuf,
+    /// In-memory format of the projection weights: native, q8_0 or f32.
+    #[serde(default)]
+    pub weights: WeightFormat,
+    /// Longest sequence (prompt + completion) served; capped by the model's own.
+    #[serde(default = "default_context")]
+    pub context_length: usize,
+    /// Sequences decoded together in one step; more wait their turn.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+}
+
+fn default_context() -> usize {
+    4096
+}
+fn default_max_batch() -> usize {
+    16
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model '{name}': cannot open '{path}': {source}. Run `bash scripts/fetch-model.sh` to fetch the default model.")]
+    Open {
+        name: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("model '{name}': {source}")]
+    Model { name: String, source: ModelError },
+    #[error("model '{name}': {message}")]
+    Template { name: String, message: String },
+    #[error("the engine for '{0}' has stopped")]
+    Stopped(String),
+}
+
+/// Why generation ended, as OpenAI's `finish_reason` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What a generation reports, in order: text deltas, then exactly one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    Delta(String),
+    Done {
+        finish_reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+/// One generation job.
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub sampling: SamplingParams,
+    /// Closed by the receiver when the client goes away: the sequence leaves the batch at once.
+    pub events: mpsc::UnboundedSender<GenEvent>,
+}
+
+pub struct Engine {
+    pub name: String,
+    pub context_length: usize,
+    tokenizer: Arc<TokenizerInfo>,
+    template: ChatTemplate,
+    queue: std_mpsc::Sender<GenerationRequest>,
+    _thread: JoinHandle<()>,
+}
+
+impl Engine {
+    /// Loads a GGUF model and starts its scheduler thread.
+    pub fn load(cfg: &LocalModelConfig) -> Result<Arc<Engine>, EngineError> {
+        let name = cfg.name.clone();
+        let model_err = |source: ModelError| EngineError::Model {
+            name: name.clone(),
+            source,
+        };
+        let mut file = std::fs::File::open(&cfg.path).map_err(|source| EngineError::Open {
+            name: name.clone(),
+            path: cfg.path.display().to_string(),
+            source,
+        })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| model_err(e.into()))?;
+        let device = Device::Cpu;
+        let model = LlamaModel::from_gguf(
+            &content,
+            &mut file,
+            cfg.weights,
+            cfg.context_length,
+            &device,
+        )
+        .map_err(model_err)?;
+        let tok = tokenizer::from_gguf(&content).map_err(model_err)?;
+        let template_src = match content.metadata.get("tokenizer.chat_template") {
+            Some(v) => v.to_string().map_err(|e| model_err(e.into()))?.clone(),
+            None => CHATML_FALLBACK.to_string(),
+        };
+        let template =
+            ChatTemplate::new(&template_src, &tok.bos_text, &tok.eos_text).map_err(|message| {
+                EngineError::Template {
+                    name: name.clone(),
+                    message,
+                }
+            })?;
+        let tokenizer = Arc::new(tok);
+        let (tx, rx) = std_mpsc::channel();
+        let context_length = model.cfg.context_length;
+        let sched_tok = tokenizer.clone();
+        let max_batch = cfg.max_batch.max(1);
+        let thread_name = format!("engine-{name}");
+        let thread = std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || Scheduler::new(model, sched_tok, max_batch).run(rx))
+            .map_err(|source| EngineError::Open {
+                name: name.clone(),
+                path: cfg.path.display().to_string(),
+                source,
+            })?;
+        tracing::info!(model = %name, path = %cfg.path.display(), context_length, "local model loaded");
+        Ok(Arc::new(Engine {
+            name,
+            context_length,
+            tokenizer,
+            template,
+            queue: tx,
+            _thread: thread,
+        }))
+    }
+
+    pub fn render(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String, String> {
+        self.template.render(messages, tools, true)
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        let enc = self
+            .tokenizer
+            .tokenizer
+            .encode_fast(text, false)
+            .map_err(|e| e.to_string())?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        self.tokenizer
+            .tokenizer
+            .decode(ids, true)
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn submit(&self, request: GenerationRequest) -> Result<(), EngineError> {
+        self.queue
+            .send(request)
+            .map_err(|_| EngineError::Stopped(self.name.clone()))
+    }
+}
+
+/// Used when a GGUF file carries no template: ChatML, which SmolLM and Qwen families share.
+const CHATML_FALLBACK: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+struct Sequence {
+    request: GenerationRequest,
+    cache: KvCache,
+    sampler: Sampler,
+    generated: Vec<u32>,
+    /// Bytes of decoded text already sent.
+    sent: usize,
+    last: u32,
+}
+
+struct Scheduler {
+    model: LlamaModel,
+    tokenizer: Arc<TokenizerInfo>,
+    max_batch: usize,
+    active: Vec<Sequence>,
+}
+
+enum Step {
+    Continue,
+    Finished,
+}
+
+impl Scheduler {
+    fn new(model: LlamaModel, tokenizer: Arc<TokenizerInfo>, max_batch: usize) -> Self {
+        Self {
+            model,
+            tokenizer,
+            max_batch,
+            active: Vec::new(),
+        }
+    }
+
+    fn run(mut self, rx: std_mpsc::Receiver<GenerationRequest>) {
+        loop {
+            if self.active.is_empty() {
+                match rx.recv() {
+                    Ok(r) => self.admit(r),
+                    Err(_) => return,
+                }
+            }
+            while self.active.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(r) => self.admit(r),
+                    Err(_) => break,
+                }
+            }
+            self.active.retain(|s| !s.request.events.is_closed());
+            if !self.active.is_empty() {
+                self.decode_step();
+            }
+        }
+    }
+
+    /// Prefills a new sequence and produces its first token.
+    fn admit(&mut self, request: GenerationRequest) {
+        if request.events.is_closed() {
+            return;
+        }
+        if request.prompt.is_empty() {
+            let _ = request
+                .events
+                .send(GenEvent::Error("the prompt is empty".into()));
+            return;
+        }
+        let mut seq = Sequence {
+            cache: self.model.new_cache(),
+            sampler: Sampler::new(request.sampling.clone()),
+            request,
+            generated: Vec::new(),
+            sent: 0,
+            last: 0,
+        };
+        let prompt = seq.request.prompt.clone();
+        match self.model.forward(&[&prompt], &mut [&mut seq.cache]) {
+            Ok(logits) => match logits.to_vec2::<f32>() {
+                Ok(rows) => {
+                    let tok = seq.sampler.sample(&rows[0]);
+                    if let Step::Continue = self.accept(&mut seq, tok) {
+                        self.active.push(seq);
+                    }
+                }
+                Err(e) => {
+                    let _ = seq.request.events.send(GenEvent::Error(e.to_string()));
+                }
+            },
+            Err(e) => {
+                let _ = seq.request.events.send(GenEvent::Error(e.to_string()));
+            }
+        }
+    }
+
+    /// One decode step for every active sequence, in one batched forward pass.
+    fn decode_step(&mut self) {
+        let tokens: Vec<[u32; 1]> = self.active.iter().map(|s| [s.last]).collect();
+        let token_refs: Vec<&[u32]> = tokens.iter().map(|t| &t[..]).collect();
+        let result = {
+            let mut caches: Vec<&mut KvCache> =
+                self.active.iter_mut().map(|s| &mut s.cache).collect();
+            self.model
+                .forward(&token_refs, &mut caches)
+                .and_then(|l| Ok(l.to_vec2::<f32>()?))
+        };
+        let rows = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "decode step failed");
+                for s in self.active.drain(..) {
+                    let _ = s.request.events.send(GenEvent::Error(e.to_string()));
+                }
+                return;
+            }
+        };
+        let mut seqs = std::mem::take(&mut self.active);
+        let mut keep = Vec::with_capacity(seqs.len());
+        for (mut seq, row) in seqs.drain(..).zip(rows) {
+            let tok = seq.sampler.sample(&row);
+            if let Step::Continue = self.accept(&mut seq, tok) {
+                keep.push(seq);
+            }
+        }
+        self.active = keep;
+    }
+
+    /// Takes a sampled token: emits text, checks end conditions.
+    fn accept(&self, seq: &mut Sequence, tok: u32) -> Step {
+        let done = |seq: &Sequence, reason: FinishReason| {
+            let _ = seq.request.events.send(GenEvent::Done {
+                finish_reason: reason,
+                prompt_tokens: seq.request.prompt.len(),
+                completion_tokens: seq.generated.len(),
+            });
+            Step::Finished
+        };
+        if self.tokenizer.eos.contains(&tok) {
+            self.flush(seq, None);
+            return done(seq, FinishReason::Stop);
+        }
+        seq.generated.push(tok);
+        seq.last = tok;
+        let text = match self.tokenizer.tokenizer.decode(&seq.generated, true) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = seq.request.events.send(GenEvent::Error(e.to_string()));
+                return Step::Finished;
+            }
+        };
+        if let Some(at) = seq
+            .request
+            .stop
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            self.flush_text(seq, &text[..at]);
+            return done(seq, FinishReason::Stop);
+        }
+        // Hold back an incomplete UTF-8 character and anything that may still become a stop string.
+        let mut safe = text.len();
+        if text.ends_with('\u{FFFD}') {
+            safe = text.len() - '\u{FFFD}'.len_utf8();
+        }
+        for s in &seq.request.stop {
+            for k in (1..s.len()).rev() {
+                if s.is_char_boundary(k) && text[..safe].ends_with(&s[..k]) {
+                    safe = safe.min(text.len() - k);
+                    break;
+                }
+            }
+        }
+        if safe > seq.sent && text.is_char_boundary(safe) && text.is_char_boundary(seq.sent) {
+            let _ = seq
+                .request
+                .events
+                .send(GenEvent::Delta(text[seq.sent..safe].to_string()));
+            seq.sent = safe;
+        }
+        if seq.generated.len() >= seq.request.max_tokens
+            || seq.cache.len() + 1 >= self.model.cfg.context_length
+        {
+            self.flush(seq, Some(text));
+            return done(seq, FinishReason::Length);
+        }
+        Step::Continue
+    }
+
+    /// Sends whatever decoded text is still held back.
+    fn flush(&self, seq: &mut Sequence, text: Option<String>) {
+        let text = match text {
+            Some(t) => t,
+            None => self
+                .tokenizer
+                .tokenizer
+                .decode(&seq.generated, true)
+                .unwrap_or_default(),
+        };
+        self.flush_text(seq, &text);
+    }
+
+    fn flush_text(&self, seq: &mut Sequence, text: &str) {
+        if text.len() > seq.sent && text.is_char_boundary(seq.sent) {
+            let _ = seq
+                .request
+                .events
+                .send(GenEvent::Delta(text[seq.sent..].to_string()));
+            seq.sent = text.len();
+        }
+    }
+}
+
+/// Loads every configured local model.
+pub fn load_all(models: &[LocalModelConfig]) -> Result<Vec<Arc<Engine>>, EngineError> {
+    models.iter().map(Engine::load).collect()
+}
+
+/// True if `path` looks like a GGUF file (magic bytes), for clear errors before loading.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}

@@ -1,0 +1,447 @@
+//! A Llama-family decoder (Llama, SmolLM, Qwen-style GQA) over candle tensors, with a per-sequence
+//! KV cache and a forward pass over any mix of sequences: one prefill of many tokens and many
+//! one-token decode steps go through the same batched matmuls.
+
+use std::io::{Read, Seek};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::ops::{self, RopeStyle};
+
+/// The shape of a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f64,
+    pub context_length: usize,
+}
+
+/// How projection weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightFormat {
+    /// As stored in the file.
+    Native,
+    /// Re-quantized to Q8_0 at load: ~1.5x faster than Q4_1 on AVX2 at one row (shared/PERF-FACTS.md).
+    #[default]
+    Q8_0,
+    /// Dequantized to f32: fastest once a batch has ~8+ rows, 4x the memory of Q8_0.
+    F32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model file: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("model file lacks '{0}'")]
+    Missing(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    /// q, k and v rows stacked: (heads + 2 kv_heads) * head_dim outputs.
+    qkv: QMatMul,
+    o: QMatMul,
+    ffn_norm: Tensor,
+    /// gate and up rows stacked: 2 * ffn outputs.
+    gate_up: QMatMul,
+    down: QMatMul,
+}
+
+pub struct LlamaModel {
+    pub cfg: LlamaConfig,
+    embed: Arc<QTensor>,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    head: QMatMul,
+    rope_style: RopeStyle,
+    /// (context_length, head_dim / 2)
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// One layer's cached keys and values for one sequence: (kv_heads, capacity, head_dim), filled to `len`.
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// A sequence's KV cache.
+pub struct KvCache {
+    layers: Vec<Option<LayerCache>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: (0..n_layers).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    /// Tokens already in the cache (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Stacks 2-D quantized or float tensors along their rows into one matrix of the chosen format.
+fn stack_rows(
+    parts: &[QTensor],
+    format: WeightFormat,
+    device: &Device,
+) -> Result<QMatMul, ModelError> {
+    let same_dtype = parts.windows(2).all(|w| w[0].dtype() == w[1].dtype());
+    let native_quantized = !matches!(
+        parts[0].dtype(),
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+    );
+    if format == WeightFormat::Native && same_dtype && native_quantized {
+        // Quantized blocks run along a row, so rows stack by concatenating their bytes.
+        let mut bytes = Vec::new();
+        let mut rows = 0;
+        let cols = parts[0].shape().dims2()?.1;
+        for p in parts {
+            bytes.extend_from_slice(&p.data()?);
+            rows += p.shape().dims2()?.0;
+        }
+        let storage = candle_core::quantized::QStorage::from_data(
+            std::borrow::Cow::Owned(bytes),
+            device,
+            parts[0].dtype(),
+        )?;
+        return Ok(QMatMul::from_qtensor(QTensor::new(storage, (rows, cols))?)?);
+    }
+    let dense: Vec<Tensor> = parts
+        .iter()
+        .map(|p| p.dequantize(device))
+        .collect::<Result<_, _>>()?;
+    let w = Tensor::cat(&dense, 0)?;
+    quantized_matrix(w, format)
+}
+
+fn quantized_matrix(w: Tensor, format: WeightFormat) -> Result<QMatMul, ModelError> {
+    match format {
+        WeightFormat::F32 => Ok(QMatMul::Tensor(w)),
+        WeightFormat::Q8_0 | WeightFormat::Native => {
+            let cols = w.dim(1)?;
+            if cols % GgmlDType::Q8_0.block_size() != 0 {
+                return Ok(QMatMul::Tensor(w));
+            }
+            Ok(QMatMul::from_qtensor(QTensor::quantize(
+                &w,
+                GgmlDType::Q8_0,
+            )?)?)
+        }
+    }
+}
+
+fn md<'a>(content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, ModelError> {
+    content
+        .metadata
+        .get(key)
+        .ok_or_else(|| ModelError::Missing(format!("metadata {key}")))
+}
+
+impl LlamaModel {
+    /// Loads a Llama-architecture GGUF file's weights.
+    pub fn from_gguf<R: Read + Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        format: WeightFormat,
+        max_context: usize,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let arch = md(content, "general.architecture")?.to_string()?.clone();
+        if !matches!(arch.as_str(), "llama" | "mistral" | "granite") {
+            return Err(ModelError::Unsupported(format!(
+                "architecture '{arch}' (supported: llama)"
+            )));
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let n_layers = md(content, &key("block_count"))?.to_u32()? as usize;
+        let hidden = md(content, &key("embedding_length"))?.to_u32()? as usize;
+        let ffn = md(content, &key("feed_forward_length"))?.to_u32()? as usize;
+        let heads = md(content, &key("attention.head_count"))?.to_u32()? as usize;
+        let kv_heads = match content.metadata.get(&key("attention.head_count_kv")) {
+            Some(v) => v.to_u32()? as usize,
+            None => heads,
+        };
+        let rms_eps = md(content, &key("attention.layer_norm_rms_epsilon"))?.to_f32()? as f64;
+        let rope_theta = match content.metadata.get(&key("rope.freq_base")) {
+            Some(v) => v.to_f32()?,
+            None => 10_000.0,
+        };
+        let file_context = match content.metadata.get(&key("context_length")) {
+            Some(v) => v.to_u32()? as usize,
+            None => 2048,
+        };
+        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
+            return Err(ModelError::Unsupported(format!(
+                "{heads} heads / {kv_heads} kv heads over hidden size {hidden}"
+            )));
+        }
+        let head_dim = hidden / heads;
+        let tensor = |name: &str, reader: &mut R| -> Result<QTensor, ModelError> {
+            if !content.tensor_infos.contains_key(name) {
+                return Err(ModelError::Missing(format!("tensor {name}")));
+            }
+            Ok(content.tensor(reader, name, device)?)
+        };
+        let embed = Arc::new(tensor("token_embd.weight", reader)?);
+        let vocab = embed.shape().dims2()?.0;
+        let mut layers = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            let q = tensor(&p("attn_q"), reader)?;
+            let k = tensor(&p("attn_k"), reader)?;
+            let v = tensor(&p("attn_v"), reader)?;
+            let o = tensor(&p("attn_output"), reader)?;
+            let gate = tensor(&p("ffn_gate"), reader)?;
+            let up = tensor(&p("ffn_up"), reader)?;
+            let down = tensor(&p("ffn_down"), reader)?;
+            layers.push(Layer {
+                attn_norm: tensor(&p("attn_norm"), reader)?.dequantize(device)?,
+                qkv: stack_rows(&[q, k, v], format, device)?,
+                o: stack_rows(&[o], format, device)?,
+                ffn_norm: tensor(&p("ffn_norm"), reader)?.dequantize(device)?,
+                gate_up: stack_rows(&[gate, up], format, device)?,
+                down: stack_rows(&[down], format, device)?,
+            });
+        }
+        let norm = tensor("output_norm.weight", reader)?.dequantize(device)?;
+        // Tied embeddings: without an output matrix the embedding table doubles as the head.
+        let head = if content.tensor_infos.contains_key("output.weight") {
+            QMatMul::from_qtensor(tensor("output.weight", reader)?)?
+        } else {
+            QMatMul::from_arc(embed.clone())?
+        };
+        let context_length = file_context.min(max_context).max(1);
+        let cfg = LlamaConfig {
+            n_layers,
+            hidden,
+            ffn,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab,
+            rope_theta,
+            rms_eps,
+            context_length,
+        };
+        let (cos, sin) = rope_tables(&cfg, device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            head,
+            rope_style: RopeStyle::Interleaved,
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.n_layers)
+    }
+
+    /// Runs `tokens[i]` through the model on top of `caches[i]` for every sequence i, appends them
+    /// to the caches, and returns the logits of each sequence's last token: (sequences, vocab).
+    pub fn forward(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.cfg;
+        if tokens.len() != caches.len() || tokens.iter().any(|t| t.is_empty()) {
+            return Err(ModelError::Unsupported(
+                "forward needs one non-empty token list per cache".into(),
+            ));
+        }
+        for (t, c) in tokens.iter().zip(caches.iter()) {
+            if c.len + t.len() > cfg.context_length {
+                return Err(ModelError::Unsupported(format!(
+                    "sequence of {} tokens exceeds the context length {}",
+                    c.len + t.len(),
+                    cfg.context_length
+                )));
+            }
+        }
+        let flat: Vec<u32> = tokens.iter().flat_map(|t| t.iter().copied()).collect();
+        let positions: Vec<u32> = tokens
+            .iter()
+            .zip(caches.iter())
+            .flat_map(|(t, c)| (c.len..c.len + t.len()).map(|p| p as u32))
+            .collect();
+        let n = flat.len();
+        let ids = Tensor::from_vec(flat, n, &self.device)?;
+        let pos = Tensor::from_vec(positions, n, &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+        let mut x = self.embed.embedding(&ids)?; // (n, hidden)
+        let (h, kvh, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let residual = x.clone();
+            let xn = ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+            let qkv = layer.qkv.forward(&xn)?; // (n, (h + 2 kvh) * hd)
+            let q = qkv.narrow(1, 0, h * hd)?.reshape((n, h, hd))?;
+            let k = qkv.narrow(1, h * hd, kvh * hd)?.reshape((n, kvh, hd))?;
+            let v = qkv
+                .narrow(1, (h + kvh) * hd, kvh * hd)?
+                .reshape((n, kvh, hd))?;
+            let q = ops::rope(&q, &cos, &sin, self.rope_style)?;
+            let k = ops::rope(&k, &cos, &sin, self.rope_style)?;
+            let mut outs = Vec::with_capacity(tokens.len());
+            let mut row = 0;
+            for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
+                let t = seq.len();
+                let q_s = q.narrow(0, row, t)?;
+                let k_s = k.narrow(0, row, t)?.transpose(0, 1)?.contiguous()?; // (kvh, t, hd)
+                let v_s = v.narrow(0, row, t)?.transpose(0, 1)?.contiguous()?;
+                let (k_all, v_all) =
+                    append(&mut cache.layers[li], cache.len, &k_s, &v_s, &self.device)?;
+                outs.push(attend(&q_s, &k_all, &v_all, cache.len, h, kvh, hd, scale)?);
+                row += t;
+            }
+            let attn = Tensor::cat(&outs, 0)?; // (n, h * hd)
+            x = (residual + layer.o.forward(&attn)?)?;
+            let residual = x.clone();
+            let xn = ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
+            let gu = layer.gate_up.forward(&xn)?;
+            let act = ops::silu_mul(&gu.narrow(1, 0, cfg.ffn)?, &gu.narrow(1, cfg.ffn, cfg.ffn)?)?;
+            x = (residual + layer.down.forward(&act)?)?;
+        }
+        for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
+            cache.len += seq.len();
+        }
+        let mut last_rows = Vec::with_capacity(tokens.len());
+        let mut end = 0u32;
+        for seq in tokens {
+            end += seq.len() as u32;
+            last_rows.push(end - 1);
+        }
+        let last = Tensor::from_vec(last_rows, tokens.len(), &self.device)?;
+        let x = x.index_select(&last, 0)?;
+        let x = ops::rms_norm(&x, &self.norm, cfg.rms_eps)?;
+        Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// Appends (kvh, t, hd) keys and values at `start`, growing the cache in chunks; returns the filled views.
+fn append(
+    slot: &mut Option<LayerCache>,
+    start: usize,
+    k: &Tensor,
+    v: &Tensor,
+    device: &Device,
+) -> Result<(Tensor, Tensor), ModelError> {
+    let (kvh, t, hd) = k.dims3()?;
+    let need = start + t;
+    let cap = slot.as_ref().map_or(0, |c| c.k.dim(1).unwrap_or(0));
+    if need > cap {
+        let new_cap = need.max(cap * 2).max(64).next_multiple_of(64);
+        let mut nk = Tensor::zeros((kvh, new_cap, hd), DType::F32, device)?;
+        let mut nv = Tensor::zeros((kvh, new_cap, hd), DType::F32, device)?;
+        if let Some(old) = slot.take() {
+            if start > 0 {
+                nk.slice_set(&old.k.narrow(1, 0, start)?.contiguous()?, 1, 0)?;
+                nv.slice_set(&old.v.narrow(1, 0, start)?.contiguous()?, 1, 0)?;
+            }
+        }
+        // slice_set writes in place into storage it shares; fresh tensors keep that private.
+        nk = nk.contiguous()?;
+        nv = nv.contiguous()?;
+        *slot = Some(LayerCache { k: nk, v: nv });
+    }
+    let c = slot
+        .as_mut()
+        .ok_or_else(|| ModelError::Unsupported("cache slot".into()))?;
+    c.k.slice_set(k, 1, start)?;
+    c.v.slice_set(v, 1, start)?;
+    Ok((c.k.narrow(1, 0, need)?, c.v.narrow(1, 0, need)?))
+}
+
+/// Causal grouped-query attention for one sequence. `q`: (t, h, hd) for positions start..start+t;
+/// `k`, `v`: (kvh, start + t, hd). Returns (t, h * hd).
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    start: usize,
+    h: usize,
+    kvh: usize,
+    hd: usize,
+    scale: f64,
+) -> Result<Tensor, ModelError> {
+    let t = q.dim(0)?;
+    let g = h / kvh;
+    let total = start + t;
+    // Heads sharing a kv head sit next to each other: head = kv * g + j.
+    let q = q
+        .reshape((t, kvh, g, hd))?
+        .permute((1, 2, 0, 3))?
+        .reshape((kvh, g * t, hd))?
+        .contiguous()?;
+    let kt = k.transpose(1, 2)?.contiguous()?; // (kvh, hd, total)
+    let mut scores = (q.matmul(&kt)? * scale)?; // (kvh, g * t, total)
+    if t > 1 {
+        let mut mask = vec![0f32; t * total];
+        for i in 0..t {
+            for j in (start + i + 1)..total {
+                mask[i * total + j] = f32::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (1, 1, t, total), q.device())?;
+        scores = scores
+            .reshape((kvh, g, t, total))?
+            .broadcast_add(&mask)?
+            .reshape((kvh, g * t, total))?;
+    }
+    let p = ops::softmax_last_dim(&scores)?;
+    let out = p.matmul(&v.contiguous()?)?; // (kvh, g * t, hd)
+    Ok(out
+        .reshape((kvh, g, t, hd))?
+        .permute((2, 0, 1, 3))?
+        .reshape((t, h * hd))?)
+}
+
+fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor), ModelError> {
+    let half = cfg.head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(cfg.context_length * half);
+    let mut sin = Vec::with_capacity(cfg.context_length * half);
+    for p in 0..cfg.context_length {
+        for f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (cfg.context_length, half), device)?,
+        Tensor::from_vec(sin, (cfg.context_length, half), device)?,
+    ))
+}

@@ -1,0 +1,113 @@
+//! Builds a `tokenizers` tokenizer from a GGUF file's own vocabulary: byte-level BPE (`gpt2`
+//! models) from `tokenizer.ggml.tokens` and `tokenizer.ggml.merges`, with control tokens added as
+//! special tokens so chat markers like `<|im_start|>` are never split.
+
+use candle_core::quantized::gguf_file;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+
+use super::model::ModelError;
+
+/// A tokenizer plus the ids the engine needs.
+pub struct TokenizerInfo {
+    pub tokenizer: Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Vec<u32>,
+    pub bos_text: String,
+    pub eos_text: String,
+}
+
+fn strings(v: &gguf_file::Value) -> Result<Vec<String>, ModelError> {
+    v.to_vec()?
+        .iter()
+        .map(|s| s.to_string().cloned().map_err(ModelError::from))
+        .collect()
+}
+
+pub fn from_gguf(content: &gguf_file::Content) -> Result<TokenizerInfo, ModelError> {
+    let get = |k: &str| content.metadata.get(k);
+    let model = get("tokenizer.ggml.model")
+        .map(|v| v.to_string().cloned())
+        .transpose()?
+        .unwrap_or_default();
+    if model != "gpt2" {
+        return Err(ModelError::Unsupported(format!(
+            "GGUF tokenizer model '{model}' (supported: gpt2 byte-level BPE); load the model from a Hugging Face directory with tokenizer.json instead"
+        )));
+    }
+    let tokens = strings(
+        get("tokenizer.ggml.tokens")
+            .ok_or_else(|| ModelError::Missing("tokenizer.ggml.tokens".into()))?,
+    )?;
+    let merges = strings(
+        get("tokenizer.ggml.merges")
+            .ok_or_else(|| ModelError::Missing("tokenizer.ggml.merges".into()))?,
+    )?;
+    let types: Vec<i32> = match get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|t| t.to_i32())
+            .collect::<Result<_, _>>()?,
+        None => vec![1; tokens.len()],
+    };
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let merges: Vec<(String, String)> = merges
+        .iter()
+        .filter_map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        })
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| ModelError::Unsupported(format!("cannot build the BPE tokenizer: {e}")))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    let pre: Vec<PreTokenizerWrapper> = vec![
+        Digits::new(true).into(),
+        ByteLevel::new(false, true, true).into(),
+    ];
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(pre)));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    // Type 3 is "control" in GGUF's token types; 4 is "user defined". Both must stay atomic.
+    let special: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types.iter())
+        .filter(|(_, t)| **t == 3 || **t == 4)
+        .map(|(s, _)| AddedToken::from(s.clone(), true))
+        .collect();
+    tokenizer.add_special_tokens(&special);
+    let id = |k: &str| -> Result<Option<u32>, ModelError> {
+        Ok(get(k).map(|v| v.to_u32()).transpose()?)
+    };
+    let bos = id("tokenizer.ggml.bos_token_id")?;
+    let eos_id = id("tokenizer.ggml.eos_token_id")?;
+    let text = |i: Option<u32>| {
+        i.and_then(|i| tokens.get(i as usize).cloned())
+            .unwrap_or_default()
+    };
+    let mut eos: Vec<u32> = eos_id.into_iter().collect();
+    // Chat models end turns with their end-of-turn marker even when eos names another token.
+    for marker in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"] {
+        if let Some(i) = tokens.iter().position(|t| t == marker) {
+            if !eos.contains(&(i as u32)) {
+                eos.push(i as u32);
+            }
+        }
+    }
+    Ok(TokenizerInfo {
+        tokenizer,
+        bos,
+        bos_text: text(bos),
+        eos_text: text(eos_id),
+        eos,
+    })
+}

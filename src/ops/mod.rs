@@ -1,0 +1,118 @@
+//! Tensor ops the engine composes its model from. Each is written from candle primitives that carry
+//! gradients (unlike candle's fused rms_norm/softmax/rope), so training can reuse them; a CUDA
+//! kernel can replace any of them behind the same signature.
+
+use candle_core::{Result, Tensor, D};
+
+/// Root-mean-square norm over the last dimension, scaled by `weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (mean_sq + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension, stabilised by the row maximum.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+/// `silu(gate) * up`.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()?.mul(up)
+}
+
+/// How a model pairs the dimensions RoPE rotates together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (2i, 2i+1): GGUF's Llama layout (q/k rows are permuted at conversion).
+    Interleaved,
+    /// Halves (i, i + d/2): Hugging Face's `rotate_half`.
+    Halves,
+}
+
+/// Rotary position embedding. `x`: (tokens, heads, head_dim); `cos`/`sin`: (tokens, head_dim/2),
+/// already gathered for each token's position.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tensor> {
+    let (n, h, d) = x.dims3()?;
+    let half = d / 2;
+    match style {
+        RopeStyle::Interleaved => {
+            let x = x.reshape((n, h, half, 2))?;
+            let x0 = x.narrow(3, 0, 1)?;
+            let x1 = x.narrow(3, 1, 1)?;
+            let cos = cos.reshape((n, 1, half, 1))?;
+            let sin = sin.reshape((n, 1, half, 1))?;
+            let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+            let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Tensor::cat(&[r0, r1], 3)?.reshape((n, h, d))
+        }
+        RopeStyle::Halves => {
+            let x0 = x.narrow(2, 0, half)?;
+            let x1 = x.narrow(2, half, half)?;
+            let cos = cos.reshape((n, 1, half))?;
+            let sin = sin.reshape((n, 1, half))?;
+            let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+            let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Tensor::cat(&[r0, r1], 2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn rms_norm_matches_the_formula() {
+        let x = Tensor::new(&[[1f32, 2., 3., 4.]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[1f32, 1., 2., 0.5], &Device::Cpu).unwrap();
+        let y: Vec<f32> = rms_norm(&x, &w, 0.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let rms = ((1. + 4. + 9. + 16.) / 4f32).sqrt();
+        let want = [1. / rms, 2. / rms, 6. / rms, 2. / rms];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_survive_large_values() {
+        let x = Tensor::new(&[[1000f32, 1001., 999.], [0., 0., 0.]], &Device::Cpu).unwrap();
+        let y: Vec<Vec<f32>> = softmax_last_dim(&x).unwrap().to_vec2().unwrap();
+        for row in &y {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+        assert!(y[0][1] > y[0][0] && y[0][0] > y[0][2]);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_and_preserves_norm() {
+        // One token, one head, d = 4; angle pi/2 for the first pair, 0 for the second.
+        let x = Tensor::new(&[[[1f32, 2., 3., 4.]]], &Device::Cpu).unwrap();
+        let cos = Tensor::new(&[[0f32, 1.]], &Device::Cpu).unwrap();
+        let sin = Tensor::new(&[[1f32, 0.]], &Device::Cpu).unwrap();
+        let y: Vec<f32> = rope(&x, &cos, &sin, RopeStyle::Interleaved)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(y, vec![-2., 1., 3., 4.]);
+        let y: Vec<f32> = rope(&x, &cos, &sin, RopeStyle::Halves)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Pairs are (x0, x2) and (x1, x3).
+        assert_eq!(y, vec![-3., 2., 1., 4.]);
+    }
+}
