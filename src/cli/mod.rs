@@ -31,6 +31,9 @@ pub enum Command {
         /// Overrides the config's listen address.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Overrides the config's data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// The traffic log.
     Logs {
@@ -94,7 +97,11 @@ fn init_tracing() {
 pub fn run(cli: Cli) -> ExitCode {
     init_tracing();
     let result = match cli.command {
-        Command::Serve { config, listen } => serve::run(&config, listen),
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => serve::run(&config, listen, data_dir),
         Command::Logs {
             command:
                 LogsCommand::Export {

@@ -27,10 +27,17 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-pub fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+pub fn run(
+    config_path: &Path,
+    listen: Option<SocketAddr>,
+    data_dir: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let mut config = Config::load(config_path)?;
     if let Some(l) = listen {
         config.listen = l;
+    }
+    if let Some(d) = data_dir {
+        config.data_dir = d;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

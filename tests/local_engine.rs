@@ -1,0 +1,294 @@
+//! The embedded engine behind the gateway, on the real default model (SmolLM2-135M-Instruct Q4_1,
+//! fetched by scripts/fetch-model.sh on first run) and on a tiny random model.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn default_model() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ok = std::process::Command::new("bash")
+        .arg(root.join("scripts/fetch-model.sh"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "scripts/fetch-model.sh failed");
+    root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn local_config(path: &Path, extra: &str) -> String {
+    format!(
+        "[[models]]\nname = \"smollm2\"\npath = \"{}\"\ncontext_length = 512\n{extra}\n[[routes]]\nname = \"smol\"\nchampion = {{ local = \"smollm2\" }}\n",
+        path_str(path)
+    )
+}
+
+async fn ask(gw: &GatewayProcess, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_answers_coherently_streams_and_batches() {
+    let path = tokio::task::spawn_blocking(default_model).await.unwrap();
+    let mut gw = GatewayProcess::start(&local_config(&path, ""));
+    // Greedy decoding of a fixed prompt: the model's answer is deterministic and on topic.
+    let body = json!({"model": "smol", "messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0, "max_tokens": 30});
+    let (status, v) = ask(&gw, body.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains('4'), "incoherent answer: {text:?}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    let (_, again) = ask(&gw, body.clone()).await;
+    assert_eq!(
+        again["choices"][0]["message"]["content"],
+        text.as_str(),
+        "greedy decoding is deterministic"
+    );
+
+    // The same through SSE: the chunks reassemble to the same text; usage only when asked.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&sbody)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = sse_events(&r.text().await.unwrap());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    assert!(
+        chunks.last().unwrap()["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    // Concurrent requests share decode steps and all finish, each with its own answer.
+    let prompts = [
+        "Name a color.",
+        "Say hello.",
+        "What is the sun?",
+        "Count to three.",
+    ];
+    let mut handles = Vec::new();
+    for p in prompts {
+        let url = gw.url("/v1/chat/completions");
+        handles.push(tokio::spawn(async move {
+            let body = json!({"model": "smol", "messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": 16});
+            let r = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut concurrent = Vec::new();
+    for h in handles {
+        let (s, v) = h.await.unwrap();
+        assert_eq!(s, 200, "{v}");
+        concurrent.push(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // Batched answers equal the answers each prompt gets alone.
+    for (p, batched) in prompts.iter().zip(&concurrent) {
+        let (_, v) = ask(&gw, json!({"model": "smol", "messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": 16})).await;
+        assert_eq!(
+            v["choices"][0]["message"]["content"].as_str().unwrap(),
+            batched,
+            "{p}"
+        );
+    }
+
+    // Seeded sampling reproduces.
+    let seeded = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a story."}], "temperature": 1.0, "seed": 42, "max_tokens": 12});
+    let (_, a) = ask(&gw, seeded.clone()).await;
+    let (_, b) = ask(&gw, seeded).await;
+    assert_eq!(
+        a["choices"][0]["message"]["content"],
+        b["choices"][0]["message"]["content"]
+    );
+
+    // Stop sequences end generation without including the stop text.
+    let (_, v) = ask(&gw, json!({"model": "smol", "messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0, "max_tokens": 30, "stop": ["4"]})).await;
+    let stopped = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        !stopped.contains('4') && text.starts_with(stopped),
+        "{stopped:?} vs {text:?}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    assert!(gw.stop().success());
+    let n: i64 = gw
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM traffic WHERE target_kind = 'local' AND status = 200",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 3 + 4 + 4 + 2 + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    flywheel::engine::testing::write_tiny_llama(&path, candle_core::quantized::GgmlDType::Q8_0, 5);
+    let mut gw = GatewayProcess::start(
+        &local_config(&path, "").replace("context_length = 512", "context_length = 64"),
+    );
+    let long = "word ".repeat(200);
+    let (s, v) = ask(
+        &gw,
+        json!({"model": "smol", "messages": [{"role": "user", "content": long}]}),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 64"),
+        "{v}"
+    );
+    let (s, v) = ask(&gw, json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000})).await;
+    assert_eq!(s, 400);
+    assert_eq!(v["error"]["param"], "max_tokens");
+    let (s, v) = ask(
+        &gw,
+        json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 2}),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert_eq!(v["error"]["param"], "n");
+    let (s, v) = ask(&gw, json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]})).await;
+    assert_eq!(s, 400);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tool calling"),
+        "{v}"
+    );
+    // Still serving: random weights give random text, but a whole, well-formed completion.
+    let (s, v) = ask(&gw, json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0})).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 5);
+    // A streaming client that leaves mid-generation frees its slot; others are unaffected.
+    let mut r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let _ = r.chunk().await;
+    drop(r);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (s, _) = ask(
+        &gw,
+        json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn a_missing_model_file_fails_start_up_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, local_config(&dir.path().join("nope.gguf"), "")).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fetch-model.sh"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_config_serves_the_local_model_out_of_the_box() {
+    tokio::task::spawn_blocking(default_model).await.unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(bin())
+        .current_dir(root)
+        .args([
+            "serve",
+            "--config",
+            "config/flywheel.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(i) = line.find("listening on http://") {
+                let a = line[i + 20..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                let _ = tx.send(a);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the default config did not start");
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(&json!({"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["model"], "smollm2");
+    assert!(!v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .is_empty());
+}
