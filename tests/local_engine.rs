@@ -126,6 +126,21 @@ async fn smollm2_answers_coherently_streams_and_batches() {
         );
     }
 
+    // Tool calling: tools go into the prompt and the answer is a well-formed completion (whether
+    // the base model calls the tool is what fine-tuning improves).
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let (s, v) = ask(&gw, json!({"model": "smol", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": tools, "temperature": 0, "max_tokens": 24})).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() > 100,
+        "the tool prompt was rendered: {v}"
+    );
+    let finish = v["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(["stop", "length", "tool_calls"].contains(&finish));
+    if finish == "tool_calls" {
+        assert!(v["choices"][0]["message"]["tool_calls"][0]["function"]["name"].is_string());
+    }
+
     // Seeded sampling reproduces.
     let seeded = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a story."}], "temperature": 1.0, "seed": 42, "max_tokens": 12});
     let (_, a) = ask(&gw, seeded.clone()).await;
@@ -153,7 +168,7 @@ async fn smollm2_answers_coherently_streams_and_batches() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(n, 3 + 4 + 4 + 2 + 1);
+    assert_eq!(n, 3 + 4 + 4 + 1 + 2 + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,15 +203,22 @@ async fn local_bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
     .await;
     assert_eq!(s, 400);
     assert_eq!(v["error"]["param"], "n");
-    let (s, v) = ask(&gw, json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]})).await;
-    assert_eq!(s, 400);
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("tool calling"),
-        "{v}"
-    );
+    // Tools are rendered into the prompt (Hermes style): the same request grows by the tool prompt.
+    let (s, plain) = ask(
+        &gw,
+        json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let tools =
+        json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let (s, v) = ask(&gw, json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "tools": tools})).await;
+    assert_eq!(s, 400, "the tool prompt does not fit in 64 tokens: {v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most 64"));
+    assert!(plain["usage"]["prompt_tokens"].as_u64().unwrap() < 64);
     // Still serving: random weights give random text, but a whole, well-formed completion.
     let (s, v) = ask(&gw, json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0})).await;
     assert_eq!(s, 200, "{v}");

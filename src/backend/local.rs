@@ -10,7 +10,8 @@ use tokio::sync::mpsc;
 
 use super::{Backend, BackendError, BackendReply, BackendRequest, ChunkStream};
 use crate::engine::sampling::SamplingParams;
-use crate::engine::{Engine, FinishReason, GenEvent, GenerationRequest};
+use crate::engine::tools::{self, Parsed, ParsedCall, ToolCallParser};
+use crate::engine::{Engine, GenEvent, GenerationRequest};
 
 pub struct LocalBackend {
     engine: Arc<Engine>,
@@ -29,26 +30,30 @@ impl LocalBackend {
         }
     }
 
-    fn prepare(
-        &self,
-        body: &serde_json::Map<String, Value>,
-    ) -> Result<(Vec<u32>, usize, Vec<String>, SamplingParams), BackendError> {
-        let has_tools = body
+    fn prepare(&self, body: &serde_json::Map<String, Value>) -> Result<Prepared, BackendError> {
+        let tools: Vec<Value> = body
             .get("tools")
             .and_then(Value::as_array)
-            .is_some_and(|t| !t.is_empty());
+            .cloned()
+            .unwrap_or_default();
         let choice_none = body.get("tool_choice").and_then(Value::as_str) == Some("none");
-        if has_tools && !choice_none {
-            return Err(self.refuse(
-                Some("tools"),
-                format!("tool calling on the local model '{}' is not available yet; route tool-calling traffic to an upstream", self.engine.name),
-            ));
-        }
-        let messages = body
+        let use_tools = !tools.is_empty() && !choice_none;
+        let mut messages = body
             .get("messages")
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
+        let has_tool_history = messages.iter().any(|m| {
+            m.get("tool_calls").is_some() || m.get("role").and_then(Value::as_str) == Some("tool")
+        });
+        if use_tools || has_tool_history {
+            let prompt = if use_tools {
+                tools::tools_system_prompt(&tools, body.get("tool_choice"))
+            } else {
+                String::new()
+            };
+            messages = tools::messages_with_tools(&messages, &prompt);
+        }
         let prompt = self
             .engine
             .render(&messages, None)
@@ -101,18 +106,25 @@ impl LocalBackend {
             top_k: body.get("top_k").and_then(Value::as_u64).unwrap_or(0) as usize,
             seed: body.get("seed").and_then(Value::as_i64).map(|s| s as u64),
         };
-        Ok((ids, max_tokens, stop, sampling))
+        Ok(Prepared {
+            prompt: ids,
+            max_tokens,
+            stop,
+            sampling,
+            tools: use_tools,
+        })
     }
 
     async fn run(&self, request: BackendRequest) -> Result<BackendReply, BackendError> {
-        let (prompt, max_tokens, stop, sampling) = self.prepare(&request.body)?;
+        let prepared = self.prepare(&request.body)?;
+        let with_tools = prepared.tools;
         let (tx, mut rx) = mpsc::unbounded_channel();
         self.engine
             .submit(GenerationRequest {
-                prompt,
-                max_tokens,
-                stop,
-                sampling,
+                prompt: prepared.prompt,
+                max_tokens: prepared.max_tokens,
+                stop: prepared.stop,
+                sampling: prepared.sampling,
                 events: tx,
             })
             .map_err(|e| BackendError::Internal {
@@ -126,27 +138,51 @@ impl LocalBackend {
         let model = self.engine.name.clone();
         if !request.stream {
             let mut text = String::new();
+            let mut calls: Vec<ParsedCall> = Vec::new();
+            let mut parser = ToolCallParser::default();
+            let take = |parsed: Vec<Parsed>, text: &mut String, calls: &mut Vec<ParsedCall>| {
+                for p in parsed {
+                    match p {
+                        Parsed::Text(t) => text.push_str(&t),
+                        Parsed::Call(c) => calls.push(c),
+                    }
+                }
+            };
             while let Some(ev) = rx.recv().await {
                 match ev {
+                    GenEvent::Delta(d) if with_tools => {
+                        take(parser.push(&d), &mut text, &mut calls)
+                    }
                     GenEvent::Delta(d) => text.push_str(&d),
                     GenEvent::Done {
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
                     } => {
+                        take(parser.finish(), &mut text, &mut calls);
+                        let mut message =
+                            json!({"role": "assistant", "content": text, "refusal": null});
+                        let mut finish = finish_reason.as_str();
+                        if !calls.is_empty() {
+                            let trimmed = text.trim();
+                            message["content"] = if trimmed.is_empty() {
+                                Value::Null
+                            } else {
+                                json!(trimmed)
+                            };
+                            message["tool_calls"] = Value::Array(
+                                calls.iter().map(|c| tool_call_json(c, None)).collect(),
+                            );
+                            finish = "tool_calls";
+                        }
                         return Ok(BackendReply::Full(json!({
                             "id": id,
                             "object": "chat.completion",
                             "created": created,
                             "model": model,
-                            "choices": [{
-                                "index": 0,
-                                "message": {"role": "assistant", "content": text, "refusal": null},
-                                "logprobs": null,
-                                "finish_reason": finish_reason.as_str(),
-                            }],
+                            "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
                             "usage": usage(prompt_tokens, completion_tokens),
-                        })))
+                        })));
                     }
                     GenEvent::Error(message) => {
                         return Err(BackendError::Internal {
@@ -161,52 +197,71 @@ impl LocalBackend {
                 message: "generation ended without a result".into(),
             });
         }
-        let chunk = move |delta: Value, finish: Option<FinishReason>| {
+        let chunk = move |delta: Value, finish: Option<&str>| {
             json!({
                 "id": id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish.map(FinishReason::as_str)}],
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
             })
         };
         let first = chunk(json!({"role": "assistant", "content": ""}), None);
         let backend = self.engine.name.clone();
-        // After the role chunk: one chunk per delta, the finish chunk, then the usage chunk.
-        let rest = futures_util::stream::unfold((rx, false), move |(mut rx, ended)| {
+        let state = StreamState {
+            rx,
+            parser: with_tools.then(ToolCallParser::default),
+            calls: 0,
+            ended: false,
+        };
+        // After the role chunk: content and tool-call chunks, the finish chunk, then the usage chunk.
+        let rest = futures_util::stream::unfold(state, move |mut st| {
             let chunk = chunk.clone();
             let backend = backend.clone();
             async move {
-                if ended {
+                if st.ended {
                     return None;
                 }
-                match rx.recv().await {
-                    Some(GenEvent::Delta(d)) => {
-                        Some((vec![Ok(chunk(json!({"content": d}), None))], (rx, false)))
-                    }
+                let out = match st.rx.recv().await {
+                    Some(GenEvent::Delta(d)) => match st.parser.as_mut().map(|p| p.push(&d)) {
+                        Some(parsed) => st.chunks(parsed, &chunk),
+                        None => vec![Ok(chunk(json!({"content": d}), None))],
+                    },
                     Some(GenEvent::Done {
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
                     }) => {
-                        let fin = chunk(json!({}), Some(finish_reason));
+                        let tail = st
+                            .parser
+                            .as_mut()
+                            .map(ToolCallParser::finish)
+                            .unwrap_or_default();
+                        let mut out = st.chunks(tail, &chunk);
+                        let finish = if st.calls > 0 {
+                            "tool_calls"
+                        } else {
+                            finish_reason.as_str()
+                        };
+                        out.push(Ok(chunk(json!({}), Some(finish))));
                         let mut usage_chunk = chunk(json!({}), None);
                         usage_chunk["choices"] = json!([]);
                         usage_chunk["usage"] = usage(prompt_tokens, completion_tokens);
-                        Some((vec![Ok(fin), Ok(usage_chunk)], (rx, true)))
+                        out.push(Ok(usage_chunk));
+                        st.ended = true;
+                        out
                     }
-                    Some(GenEvent::Error(message)) => Some((
-                        vec![Err(BackendError::Internal { backend, message })],
-                        (rx, true),
-                    )),
-                    None => Some((
-                        vec![Err(BackendError::Internal {
-                            backend,
-                            message: "generation stopped unexpectedly".into(),
-                        })],
-                        (rx, true),
-                    )),
-                }
+                    Some(GenEvent::Error(message)) => {
+                        st.ended = true;
+                        vec![Err(BackendError::Internal { backend, message })]
+                    }
+                    None => {
+                        st.ended = true;
+                        let message = "generation stopped unexpectedly".to_string();
+                        vec![Err(BackendError::Internal { backend, message })]
+                    }
+                };
+                Some((out, st))
             }
         });
         let stream = futures_util::StreamExt::flat_map(rest, futures_util::stream::iter);
@@ -219,6 +274,57 @@ impl LocalBackend {
             usage_injected: true,
         })
     }
+}
+
+struct Prepared {
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    stop: Vec<String>,
+    sampling: SamplingParams,
+    tools: bool,
+}
+
+struct StreamState {
+    rx: mpsc::UnboundedReceiver<GenEvent>,
+    parser: Option<ToolCallParser>,
+    calls: usize,
+    ended: bool,
+}
+
+impl StreamState {
+    /// Parsed output as stream chunks; tool calls are numbered in order.
+    fn chunks(
+        &mut self,
+        parsed: Vec<Parsed>,
+        chunk: &impl Fn(Value, Option<&str>) -> Value,
+    ) -> Vec<Result<Value, BackendError>> {
+        parsed
+            .into_iter()
+            .map(|p| match p {
+                Parsed::Text(t) => Ok(chunk(json!({"content": t}), None)),
+                Parsed::Call(c) => {
+                    self.calls += 1;
+                    Ok(chunk(
+                        json!({"tool_calls": [tool_call_json(&c, Some(self.calls - 1))]}),
+                        None,
+                    ))
+                }
+            })
+            .collect()
+    }
+}
+
+/// An OpenAI tool call (with `index` when it is a stream delta).
+fn tool_call_json(c: &ParsedCall, index: Option<usize>) -> Value {
+    let mut v = json!({
+        "id": format!("call_{}", uuid::Uuid::now_v7().simple()),
+        "type": "function",
+        "function": {"name": c.name, "arguments": c.arguments},
+    });
+    if let Some(i) = index {
+        v["index"] = json!(i);
+    }
+    v
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {

@@ -9,6 +9,7 @@ pub mod template;
 #[doc(hidden)]
 pub mod testing;
 pub mod tokenizer;
+pub mod tools;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
