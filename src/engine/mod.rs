@@ -3,6 +3,7 @@
 //! active sequences in one forward pass; new requests join between steps, finished or abandoned
 //! ones leave at once. The engine does no I/O beyond loading weights.
 
+pub mod lora;
 pub mod model;
 pub mod sampling;
 pub mod template;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::lora::{LoraAdapter, ModuleLora};
 use crate::ops::{self, RopeStyle};
 
 /// The shape of a model.
@@ -271,7 +272,24 @@ impl LlamaModel {
         tokens: &[&[u32]],
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor, ModelError> {
+        let none: Vec<Option<&LoraAdapter>> = vec![None; tokens.len()];
+        self.forward_with(tokens, caches, &none)
+    }
+
+    /// `forward` where sequence i runs with `adapters[i]` (or the bare base). Rows are grouped by
+    /// adapter and each group's low-rank delta is added to the shared base projections.
+    pub fn forward_with(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        adapters: &[Option<&LoraAdapter>],
+    ) -> Result<Tensor, ModelError> {
         let cfg = &self.cfg;
+        if adapters.len() != tokens.len() {
+            return Err(ModelError::Unsupported(
+                "forward needs one adapter slot per sequence".into(),
+            ));
+        }
         if tokens.len() != caches.len() || tokens.iter().any(|t| t.is_empty()) {
             return Err(ModelError::Unsupported(
                 "forward needs one non-empty token list per cache".into(),
@@ -297,13 +315,25 @@ impl LlamaModel {
         let pos = Tensor::from_vec(positions, n, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
+        let groups = group_rows(tokens, adapters, &self.device)?;
         let mut x = self.embed.embedding(&ids)?; // (n, hidden)
         let (h, kvh, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = x.clone();
             let xn = ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let qkv = layer.qkv.forward(&xn)?; // (n, (h + 2 kvh) * hd)
+            let mut qkv = layer.qkv.forward(&xn)?; // (n, (h + 2 kvh) * hd)
+            for (a, rows) in &groups {
+                let l = &a.layers[li];
+                qkv = add_delta(
+                    qkv,
+                    &xn,
+                    rows,
+                    &l.qkv,
+                    &[h * hd, kvh * hd, kvh * hd],
+                    a.scale,
+                )?;
+            }
             let q = qkv.narrow(1, 0, h * hd)?.reshape((n, h, hd))?;
             let k = qkv.narrow(1, h * hd, kvh * hd)?.reshape((n, kvh, hd))?;
             let v = qkv
@@ -324,12 +354,44 @@ impl LlamaModel {
                 row += t;
             }
             let attn = Tensor::cat(&outs, 0)?; // (n, h * hd)
-            x = (residual + layer.o.forward(&attn)?)?;
+            let mut o = layer.o.forward(&attn)?;
+            for (a, rows) in &groups {
+                o = add_delta(
+                    o,
+                    &attn,
+                    rows,
+                    std::slice::from_ref(&a.layers[li].o),
+                    &[cfg.hidden],
+                    a.scale,
+                )?;
+            }
+            x = (residual + o)?;
             let residual = x.clone();
             let xn = ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            let gu = layer.gate_up.forward(&xn)?;
+            let mut gu = layer.gate_up.forward(&xn)?;
+            for (a, rows) in &groups {
+                gu = add_delta(
+                    gu,
+                    &xn,
+                    rows,
+                    &a.layers[li].gate_up,
+                    &[cfg.ffn, cfg.ffn],
+                    a.scale,
+                )?;
+            }
             let act = ops::silu_mul(&gu.narrow(1, 0, cfg.ffn)?, &gu.narrow(1, cfg.ffn, cfg.ffn)?)?;
-            x = (residual + layer.down.forward(&act)?)?;
+            let mut down = layer.down.forward(&act)?;
+            for (a, rows) in &groups {
+                down = add_delta(
+                    down,
+                    &act,
+                    rows,
+                    std::slice::from_ref(&a.layers[li].down),
+                    &[cfg.hidden],
+                    a.scale,
+                )?;
+            }
+            x = (residual + down)?;
         }
         for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
             cache.len += seq.len();
@@ -345,6 +407,63 @@ impl LlamaModel {
         let x = ops::rms_norm(&x, &self.norm, cfg.rms_eps)?;
         Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
     }
+}
+
+/// The rows of the flattened batch that each distinct adapter owns.
+fn group_rows<'a>(
+    tokens: &[&[u32]],
+    adapters: &[Option<&'a LoraAdapter>],
+    device: &Device,
+) -> Result<Vec<(&'a LoraAdapter, Tensor)>, ModelError> {
+    let mut groups: Vec<(&'a LoraAdapter, Vec<u32>)> = Vec::new();
+    let mut row = 0u32;
+    for (seq, adapter) in tokens.iter().zip(adapters) {
+        let n = seq.len() as u32;
+        if let Some(a) = adapter {
+            match groups.iter_mut().find(|(g, _)| std::ptr::eq(*g, *a)) {
+                Some((_, rows)) => rows.extend(row..row + n),
+                None => groups.push((a, (row..row + n).collect())),
+            }
+        }
+        row += n;
+    }
+    groups
+        .into_iter()
+        .map(|(a, rows)| {
+            let len = rows.len();
+            Ok((a, Tensor::from_vec(rows, len, device)?))
+        })
+        .collect()
+}
+
+/// Adds one adapter's delta to its rows of a (possibly fused) projection output `y`: `modules[i]`
+/// covers the next `widths[i]` columns (a module the adapter does not target adds nothing).
+fn add_delta(
+    y: Tensor,
+    x: &Tensor,
+    rows: &Tensor,
+    modules: &[Option<ModuleLora>],
+    widths: &[usize],
+    scale: f64,
+) -> Result<Tensor, ModelError> {
+    if modules.iter().all(Option::is_none) {
+        return Ok(y);
+    }
+    let xa = x.index_select(rows, 0)?;
+    let n = xa.dim(0)?;
+    let mut parts = Vec::with_capacity(modules.len());
+    for (m, &w) in modules.iter().zip(widths) {
+        parts.push(match m {
+            Some(m) => (xa.matmul(&m.a_t)?.matmul(&m.b_t)? * scale)?,
+            None => Tensor::zeros((n, w), DType::F32, x.device())?,
+        });
+    }
+    let delta = if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        Tensor::cat(&parts, 1)?
+    };
+    Ok(y.index_add(rows, &delta, 0)?)
 }
 
 /// Appends (kvh, t, hd) keys and values at `start`, growing the cache in chunks; returns the filled views.

@@ -284,3 +284,248 @@ mod tests {
         assert!(err.contains("context length 8"), "{err}");
     }
 }
+
+/// Writes a PEFT adapter for the tiny model (hidden 64, 4 heads / 2 kv heads, ffn 128, 2 layers)
+/// with random A and B for `targets`, in Hugging Face's (un-permuted) layout.
+#[allow(clippy::unwrap_used)]
+pub fn write_tiny_adapter(dir: &Path, rank: usize, alpha: f64, targets: &[&str], seed: u64) {
+    let (hidden, kv, ffn) = (64usize, 32usize, 128usize);
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
+        "base_model_name_or_path": "tiny", "bias": "none", "task_type": "CAUSAL_LM"
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    let mut k = seed * 1000;
+    for layer in 0..2 {
+        for t in targets {
+            let (inp, out, block) = match *t {
+                "q_proj" => (hidden, hidden, "self_attn"),
+                "k_proj" | "v_proj" => (hidden, kv, "self_attn"),
+                "o_proj" => (hidden, hidden, "self_attn"),
+                "gate_proj" | "up_proj" => (hidden, ffn, "mlp"),
+                _ => (ffn, hidden, "mlp"),
+            };
+            let prefix = format!("base_model.model.model.layers.{layer}.{block}.{t}");
+            k += 2;
+            tensors.insert(
+                format!("{prefix}.lora_A.weight"),
+                random(&[rank, inp], k, 0.3),
+            );
+            tensors.insert(
+                format!("{prefix}.lora_B.weight"),
+                random(&[out, rank], k + 1, 0.3),
+            );
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
+}
+
+#[cfg(test)]
+mod lora_tests {
+    use super::*;
+    use crate::engine::lora::LoraAdapter;
+    use crate::engine::model::{LlamaModel, WeightFormat};
+
+    const ALL: [&str; 7] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+
+    fn load(path: &Path) -> LlamaModel {
+        let mut f = std::fs::File::open(path).unwrap();
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        LlamaModel::from_gguf(&content, &mut f, WeightFormat::F32, 256, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Writes a copy of the GGUF model at `src` with W + scale·B·A merged into every targeted weight
+    /// (B's q/k rows permuted into GGUF's layout), straight from the adapter files.
+    fn write_merged(src: &Path, adapter_dir: &Path, dst: &Path, scale: f64) {
+        let mut f = std::fs::File::open(src).unwrap();
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        let lora = candle_core::safetensors::load(
+            adapter_dir.join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let gguf_name = |m: &str| match m {
+            "q_proj" => "attn_q",
+            "k_proj" => "attn_k",
+            "v_proj" => "attn_v",
+            "o_proj" => "attn_output",
+            "gate_proj" => "ffn_gate",
+            "up_proj" => "ffn_up",
+            _ => "ffn_down",
+        };
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        for name in content.tensor_infos.keys() {
+            let q = content.tensor(&mut f, name, &Device::Cpu).unwrap();
+            let mut w = q.dequantize(&Device::Cpu).unwrap();
+            for layer in 0..2 {
+                for m in ALL {
+                    if *name != format!("blk.{layer}.{}.weight", gguf_name(m)) {
+                        continue;
+                    }
+                    let block = if m.ends_with("_proj")
+                        && ["gate_proj", "up_proj", "down_proj"].contains(&m)
+                    {
+                        "mlp"
+                    } else {
+                        "self_attn"
+                    };
+                    let prefix = format!("base_model.model.model.layers.{layer}.{block}.{m}");
+                    let (Some(a), Some(b)) = (
+                        lora.get(&format!("{prefix}.lora_A.weight")),
+                        lora.get(&format!("{prefix}.lora_B.weight")),
+                    ) else {
+                        continue;
+                    };
+                    let mut b = b.clone();
+                    let heads = match m {
+                        "q_proj" => Some(4),
+                        "k_proj" => Some(2),
+                        _ => None,
+                    };
+                    if let Some(h) = heads {
+                        let (out, r) = b.dims2().unwrap();
+                        b = b
+                            .reshape((h, 2, out / h / 2, r))
+                            .unwrap()
+                            .transpose(1, 2)
+                            .unwrap()
+                            .contiguous()
+                            .unwrap()
+                            .reshape((out, r))
+                            .unwrap();
+                    }
+                    w = (w + (b.matmul(a).unwrap() * scale).unwrap()).unwrap();
+                }
+            }
+            tensors.push((name.clone(), QTensor::quantize(&w, GgmlDType::F32).unwrap()));
+        }
+        let md: Vec<(&str, &Value)> = content
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut std::fs::File::create(dst).unwrap(), &md, &ts).unwrap();
+    }
+
+    #[test]
+    fn the_lora_delta_equals_explicitly_merged_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.gguf");
+        write_tiny_llama(&base, GgmlDType::F32, 11);
+        let adir = dir.path().join("adapter");
+        write_tiny_adapter(&adir, 4, 8.0, &ALL, 1);
+        let merged = dir.path().join("merged.gguf");
+        write_merged(&base, &adir, &merged, 8.0 / 4.0);
+        let m = load(&base);
+        let adapter = LoraAdapter::load("t/a", "tiny", &adir, &m.cfg, true).unwrap();
+        assert_eq!(adapter.scale, 2.0);
+        let reference = load(&merged);
+        let toks = [3u32, 50, 100, 7, 9, 200];
+        let mut c1 = m.new_cache();
+        let got = m
+            .forward_with(&[&toks], &mut [&mut c1], &[Some(&adapter)])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut c2 = reference.new_cache();
+        let want = reference
+            .forward(&[&toks], &mut [&mut c2])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let d = max_diff(&got[0], &want[0]);
+        assert!(d < 1e-3, "adapter vs merged differ by {d}");
+        // And the adapter really changes the output.
+        let mut c3 = m.new_cache();
+        let bare = m
+            .forward(&[&toks], &mut [&mut c3])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(max_diff(&bare[0], &want[0]) > 1e-2);
+    }
+
+    #[test]
+    fn a_batch_mixing_adapters_and_the_bare_base_equals_each_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.gguf");
+        write_tiny_llama(&base, GgmlDType::F32, 12);
+        let m = load(&base);
+        let a1 = dir.path().join("a1");
+        let a2 = dir.path().join("a2");
+        write_tiny_adapter(&a1, 4, 16.0, &["q_proj", "v_proj", "down_proj"], 2);
+        write_tiny_adapter(&a2, 8, 8.0, &ALL, 3);
+        let a1 = LoraAdapter::load("t/a1", "tiny", &a1, &m.cfg, true).unwrap();
+        let a2 = LoraAdapter::load("t/a2", "tiny", &a2, &m.cfg, true).unwrap();
+        let prompts: [&[u32]; 4] = [&[1, 2, 3], &[4, 5], &[6, 7, 8, 9], &[10]];
+        let which = [Some(&a1), None, Some(&a2), Some(&a1)];
+        let mut alone = Vec::new();
+        for (p, a) in prompts.iter().zip(which) {
+            let mut c = m.new_cache();
+            m.forward_with(&[p], &mut [&mut c], &[a]).unwrap();
+            alone.push(
+                m.forward_with(&[&[42]], &mut [&mut c], &[a])
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap()
+                    .remove(0),
+            );
+        }
+        let mut caches: Vec<_> = prompts.iter().map(|_| m.new_cache()).collect();
+        let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+        m.forward_with(&prompts, &mut refs, &which).unwrap();
+        let together = m
+            .forward_with(&[&[42], &[42], &[42], &[42]], &mut refs, &which)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for i in 0..4 {
+            let d = max_diff(&alone[i], &together[i]);
+            assert!(d < 1e-3, "sequence {i} differs by {d}");
+        }
+    }
+
+    #[test]
+    fn an_adapter_for_another_base_is_refused_with_the_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.gguf");
+        write_tiny_llama(&base, GgmlDType::F32, 13);
+        let m = load(&base);
+        let adir = dir.path().join("a");
+        write_tiny_adapter(&adir, 4, 8.0, &["q_proj"], 4);
+        let mut cfg = m.cfg.clone();
+        cfg.hidden = 128;
+        let err = LoraAdapter::load("t/a", "other", &adir, &cfg, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("hidden size 128") && err.contains("another base"),
+            "{err}"
+        );
+        std::fs::write(adir.join("adapter_model.safetensors"), b"not safetensors").unwrap();
+        let err = LoraAdapter::load("t/a", "tiny", &adir, &m.cfg, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("cannot read"), "{err}");
+    }
+}

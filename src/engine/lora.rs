@@ -1,0 +1,432 @@
+//! LoRA adapters in PEFT format (`adapter_config.json` + `adapter_model.safetensors`), checked
+//! against the base they load onto, and an LRU registry of resident adapters. Deltas are applied per
+//! row in the model's forward pass, grouped by adapter; base weights are never modified.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use super::model::LlamaConfig;
+
+/// The projections an adapter may target, in the order the fused base matrices stack them.
+pub const MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error("adapter name '{0}' is invalid: use 'namespace/name' with letters, digits, '.', '_' and '-' (no '..')")]
+    BadName(String),
+    #[error("adapter path '{path}' is outside the allowed adapter directories ({allowed})")]
+    PathNotAllowed { path: String, allowed: String },
+    #[error("adapter '{name}': cannot read '{path}': {message}")]
+    Read {
+        name: String,
+        path: String,
+        message: String,
+    },
+    #[error("adapter '{name}': {message}")]
+    Invalid { name: String, message: String },
+    #[error("adapter '{0}' is not loaded")]
+    NotLoaded(String),
+}
+
+/// One targeted projection: `delta = scale · (x Aᵀ) Bᵀ`, stored transposed for the row-major matmuls.
+pub struct ModuleLora {
+    /// Aᵀ: (in, r)
+    pub a_t: Tensor,
+    /// Bᵀ: (r, out)
+    pub b_t: Tensor,
+}
+
+/// Per layer, per fused base matrix: the parts of its output each targeted module covers.
+#[derive(Default)]
+pub struct LayerLora {
+    /// q, k, v (None where not targeted).
+    pub qkv: [Option<ModuleLora>; 3],
+    pub o: Option<ModuleLora>,
+    /// gate, up.
+    pub gate_up: [Option<ModuleLora>; 2],
+    pub down: Option<ModuleLora>,
+}
+
+pub struct LoraAdapter {
+    pub id: String,
+    pub base: String,
+    pub rank: usize,
+    pub alpha: f64,
+    pub scale: f64,
+    pub target_modules: Vec<String>,
+    pub path: PathBuf,
+    pub layers: Vec<LayerLora>,
+    /// Increases with every load, so a reload is a new generation; in-flight requests keep theirs.
+    pub generation: u64,
+}
+
+/// A valid adapter id: `namespace/name`.
+pub fn check_name(name: &str) -> Result<(), LoraError> {
+    let ok_part = |p: &str| {
+        !p.is_empty()
+            && p != "."
+            && p != ".."
+            && p.len() <= 128
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    };
+    match name.split_once('/') {
+        Some((ns, n)) if ok_part(ns) && ok_part(n) && !name.contains("..") => Ok(()),
+        _ => Err(LoraError::BadName(name.to_string())),
+    }
+}
+
+/// Resolves `path` and checks it lies inside one of `allowed` (after following symlinks).
+pub fn check_path(path: &Path, allowed: &[PathBuf]) -> Result<PathBuf, LoraError> {
+    let shown = || {
+        allowed
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let real = path.canonicalize().map_err(|_| LoraError::PathNotAllowed {
+        path: path.display().to_string(),
+        allowed: shown(),
+    })?;
+    for root in allowed {
+        if let Ok(r) = root.canonicalize() {
+            if real.starts_with(&r) {
+                return Ok(real);
+            }
+        }
+    }
+    Err(LoraError::PathNotAllowed {
+        path: path.display().to_string(),
+        allowed: shown(),
+    })
+}
+
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// Reorders the output rows of a q or k projection from Hugging Face's half-split RoPE layout to the
+/// interleaved layout of GGUF weights (llama.cpp permutes q/k at conversion; adapters must follow).
+fn permute_rows_for_gguf(b: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (out, r) = b.dims2()?;
+    let half = out / heads / 2;
+    b.reshape((heads, 2, half, r))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, r))
+}
+
+impl LoraAdapter {
+    /// Loads a PEFT adapter directory for a base of shape `cfg`. `gguf_layout` applies the q/k row
+    /// permutation GGUF bases need.
+    pub fn load(
+        id: &str,
+        base: &str,
+        dir: &Path,
+        cfg: &LlamaConfig,
+        gguf_layout: bool,
+    ) -> Result<Self, LoraError> {
+        let invalid = |message: String| LoraError::Invalid {
+            name: id.to_string(),
+            message,
+        };
+        let read = |p: &Path, e: String| LoraError::Read {
+            name: id.to_string(),
+            path: p.display().to_string(),
+            message: e,
+        };
+        let cfg_path = dir.join("adapter_config.json");
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| read(&cfg_path, e.to_string()))?;
+        let ac: Value = serde_json::from_str(&text)
+            .map_err(|e| read(&cfg_path, format!("not valid JSON: {e}")))?;
+        let rank = ac
+            .get("r")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| invalid("adapter_config.json lacks 'r'".into()))?
+            as usize;
+        if rank == 0 {
+            return Err(invalid("rank 'r' must be at least 1".into()));
+        }
+        let alpha = ac
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .unwrap_or(rank as f64);
+        let rslora = ac
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let scale = if rslora {
+            alpha / (rank as f64).sqrt()
+        } else {
+            alpha / rank as f64
+        };
+        let targets: Vec<String> = match ac.get("target_modules") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            Some(Value::String(s)) => vec![s.clone()],
+            _ => return Err(invalid("adapter_config.json lacks 'target_modules'".into())),
+        };
+        for t in &targets {
+            if !MODULES.contains(&t.as_str()) {
+                return Err(invalid(format!(
+                    "target module '{t}' is not supported (supported: {})",
+                    MODULES.join(", ")
+                )));
+            }
+        }
+        let weights_path = dir.join("adapter_model.safetensors");
+        let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
+            .map_err(|e| read(&weights_path, e.to_string()))?;
+        let (h, kvh, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+        let dims = |m: &str| -> (usize, usize) {
+            match m {
+                "q_proj" => (cfg.hidden, h * hd),
+                "k_proj" | "v_proj" => (cfg.hidden, kvh * hd),
+                "o_proj" => (h * hd, cfg.hidden),
+                "gate_proj" | "up_proj" => (cfg.hidden, cfg.ffn),
+                _ => (cfg.ffn, cfg.hidden),
+            }
+        };
+        let mut layers: Vec<LayerLora> = (0..cfg.n_layers).map(|_| LayerLora::default()).collect();
+        let mut found = 0;
+        for (key, t) in &tensors {
+            let Some((layer, module, which)) = parse_key(key) else {
+                continue;
+            };
+            if which != 'A' {
+                continue;
+            }
+            if layer >= cfg.n_layers {
+                return Err(invalid(format!(
+                    "has weights for layer {layer} but base '{base}' has {} layers",
+                    cfg.n_layers
+                )));
+            }
+            let b_key = key.replacen("lora_A", "lora_B", 1);
+            let b = tensors
+                .get(&b_key)
+                .ok_or_else(|| invalid(format!("'{key}' has no matching '{b_key}'")))?;
+            let a = t.to_dtype(DType::F32).map_err(|e| invalid(e.to_string()))?;
+            let mut b = b.to_dtype(DType::F32).map_err(|e| invalid(e.to_string()))?;
+            let (in_dim, out_dim) = dims(module);
+            let (ar, ain) = a.dims2().map_err(|e| invalid(format!("{key}: {e}")))?;
+            let (bout, br) = b.dims2().map_err(|e| invalid(format!("{b_key}: {e}")))?;
+            if ar != rank || br != rank {
+                return Err(invalid(format!("{module} in layer {layer} has rank {ar}/{br}, but adapter_config.json says r = {rank}")));
+            }
+            if ain != in_dim || bout != out_dim {
+                return Err(invalid(format!(
+                    "{module} in layer {layer} maps {ain} -> {bout}, but base '{base}' has {in_dim} -> {out_dim} (hidden size {}); this adapter was trained for another base",
+                    cfg.hidden
+                )));
+            }
+            if gguf_layout && module == "q_proj" {
+                b = permute_rows_for_gguf(&b, h).map_err(|e| invalid(e.to_string()))?;
+            }
+            if gguf_layout && module == "k_proj" {
+                b = permute_rows_for_gguf(&b, kvh).map_err(|e| invalid(e.to_string()))?;
+            }
+            let tr = |t: &Tensor| {
+                t.t()
+                    .and_then(|t| t.contiguous())
+                    .map_err(|e| invalid(e.to_string()))
+            };
+            let m = Some(ModuleLora {
+                a_t: tr(&a)?,
+                b_t: tr(&b)?,
+            });
+            let l = &mut layers[layer];
+            match module {
+                "q_proj" => l.qkv[0] = m,
+                "k_proj" => l.qkv[1] = m,
+                "v_proj" => l.qkv[2] = m,
+                "o_proj" => l.o = m,
+                "gate_proj" => l.gate_up[0] = m,
+                "up_proj" => l.gate_up[1] = m,
+                _ => l.down = m,
+            }
+            found += 1;
+        }
+        if found == 0 {
+            return Err(invalid(
+                "adapter_model.safetensors holds no lora_A/lora_B weights for a supported module"
+                    .into(),
+            ));
+        }
+        Ok(Self {
+            id: id.to_string(),
+            base: base.to_string(),
+            rank,
+            alpha,
+            scale,
+            target_modules: targets,
+            path: dir.to_path_buf(),
+            layers,
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+}
+
+/// `...layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}[.default].weight` → (i, module, A|B).
+fn parse_key(key: &str) -> Option<(usize, &'static str, char)> {
+    let rest = &key[key.find("layers.")? + "layers.".len()..];
+    let (num, rest) = rest.split_once('.')?;
+    let layer = num.parse().ok()?;
+    let module = MODULES
+        .iter()
+        .find(|m| rest.contains(&format!("{m}.lora_")))?;
+    let which = if rest.contains("lora_A") {
+        'A'
+    } else if rest.contains("lora_B") {
+        'B'
+    } else {
+        return None;
+    };
+    Some((layer, module, which))
+}
+
+struct Resident {
+    adapter: Arc<LoraAdapter>,
+    last_used: Instant,
+}
+
+/// The resident adapters of one base model, capped, least recently used evicted first.
+pub struct AdapterRegistry {
+    cap: usize,
+    resident: Mutex<HashMap<String, Resident>>,
+}
+
+impl AdapterRegistry {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            resident: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Resident>> {
+        match self.resident.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Installs (or replaces) an adapter; returns the ids evicted to make room.
+    pub fn insert(&self, adapter: LoraAdapter) -> Vec<String> {
+        let mut map = self.lock();
+        let mut evicted = Vec::new();
+        if !map.contains_key(&adapter.id) {
+            while map.len() >= self.cap {
+                let Some(oldest) = map
+                    .iter()
+                    .min_by_key(|(_, r)| r.last_used)
+                    .map(|(k, _)| k.clone())
+                else {
+                    break;
+                };
+                map.remove(&oldest);
+                evicted.push(oldest);
+            }
+        }
+        map.insert(
+            adapter.id.clone(),
+            Resident {
+                adapter: Arc::new(adapter),
+                last_used: Instant::now(),
+            },
+        );
+        evicted
+    }
+
+    /// The adapter for a request (marking it used).
+    pub fn get(&self, id: &str) -> Option<Arc<LoraAdapter>> {
+        let mut map = self.lock();
+        let r = map.get_mut(id)?;
+        r.last_used = Instant::now();
+        Some(r.adapter.clone())
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+
+    pub fn remove(&self, id: &str) -> Result<(), LoraError> {
+        self.lock()
+            .remove(id)
+            .map(|_| ())
+            .ok_or_else(|| LoraError::NotLoaded(id.to_string()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<LoraAdapter>> {
+        let mut v: Vec<_> = self.lock().values().map(|r| r.adapter.clone()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_paths_are_checked() {
+        assert!(check_name("team/my-adapter.v2").is_ok());
+        for bad in ["noslash", "a/b/c", "../x", "a/..", "a/", "/b", "a/b c"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        let root = tempfile::tempdir().unwrap();
+        let inside = root.path().join("ok");
+        std::fs::create_dir(&inside).unwrap();
+        let allowed = vec![root.path().to_path_buf()];
+        assert!(check_path(&inside, &allowed).is_ok());
+        assert!(check_path(&inside.join("..").join(".."), &allowed).is_err());
+        assert!(check_path(Path::new("/etc"), &allowed).is_err());
+    }
+
+    #[test]
+    fn peft_keys_parse() {
+        assert_eq!(
+            parse_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"),
+            Some((3, "q_proj", 'A'))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.12.mlp.down_proj.lora_B.default.weight"),
+            Some((12, "down_proj", 'B'))
+        );
+        assert_eq!(parse_key("base_model.model.lm_head.weight"), None);
+    }
+
+    #[test]
+    fn the_gguf_permutation_interleaves_halves_per_head() {
+        // 2 heads of head_dim 4: HF rows [h0: a0 a1 b0 b1 | h1: ...] -> GGUF [a0 b0 a1 b1 | ...].
+        let b = Tensor::from_vec(
+            (0..8).map(|x| x as f32).collect::<Vec<_>>(),
+            (8, 1),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let p: Vec<f32> = permute_rows_for_gguf(&b, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(p, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+    }
+}
