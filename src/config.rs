@@ -48,6 +48,16 @@ pub struct Config {
     /// Local models served by the embedded engine.
     #[serde(default)]
     pub models: Vec<crate::engine::LocalModelConfig>,
+    #[serde(default)]
+    pub adapters: AdaptersConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptersConfig {
+    /// Directories adapters may be loaded from (default: `<data_dir>/adapters`); paths elsewhere are refused.
+    #[serde(default)]
+    pub allowed_dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -216,6 +226,9 @@ pub struct TargetConfig {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<String>,
+    /// A LoRA adapter (`namespace/name`) on the local model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
 }
 
 impl TargetConfig {
@@ -224,6 +237,7 @@ impl TargetConfig {
             upstream: Some(upstream.into()),
             model: Some(model.into()),
             local: None,
+            adapter: None,
         }
     }
 
@@ -232,6 +246,7 @@ impl TargetConfig {
             upstream: None,
             model: None,
             local: Some(name.into()),
+            adapter: None,
         }
     }
 
@@ -259,18 +274,28 @@ impl TargetConfig {
 
     /// The model name the backend is asked for (and that resolves to this target directly).
     pub fn model_name(&self) -> &str {
-        self.model
+        self.adapter
             .as_deref()
+            .or(self.model.as_deref())
             .or(self.local.as_deref())
             .unwrap_or("")
+    }
+
+    /// A local model with an adapter on it.
+    pub fn local_adapter(name: &str, adapter: &str) -> Self {
+        Self {
+            adapter: Some(adapter.into()),
+            ..Self::local(name)
+        }
     }
 }
 
 impl std::fmt::Display for TargetConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.local {
-            Some(l) => write!(f, "local:{l}"),
-            None => write!(f, "{}:{}", self.backend(), self.model_name()),
+        match (&self.local, &self.adapter) {
+            (Some(l), Some(a)) => write!(f, "local:{l}+{a}"),
+            (Some(l), None) => write!(f, "local:{l}"),
+            (None, _) => write!(f, "{}:{}", self.backend(), self.model_name()),
         }
     }
 }
@@ -486,6 +511,11 @@ impl Config {
                             "is local: drop `model` (the local model's name is its model)".into(),
                         );
                     }
+                    if let Some(a) = &t.adapter {
+                        crate::engine::lora::check_name(a).map_err(|e| {
+                            ConfigError::Invalid(format!("route '{route}': {role}: {e}"))
+                        })?;
+                    }
                     if !self.models.iter().any(|m| &m.name == name) {
                         let known: Vec<&str> =
                             self.models.iter().map(|m| m.name.as_str()).collect();
@@ -496,6 +526,11 @@ impl Config {
                     }
                 }
                 (Some(up), None) => {
+                    if t.adapter.is_some() {
+                        return fail(
+                            "puts an adapter on an upstream; adapters run on local models".into(),
+                        );
+                    }
                     if !self.upstreams.iter().any(|u| &u.name == up) {
                         let known: Vec<&str> =
                             self.upstreams.iter().map(|u| u.name.as_str()).collect();
@@ -534,6 +569,15 @@ impl Config {
             check(f, "fallback")?;
         }
         Ok(())
+    }
+
+    /// Where adapters may be loaded from.
+    pub fn adapter_dirs(&self) -> Vec<PathBuf> {
+        if self.adapters.allowed_dirs.is_empty() {
+            vec![self.data_dir.join("adapters")]
+        } else {
+            self.adapters.allowed_dirs.clone()
+        }
     }
 
     pub fn db_path(&self) -> PathBuf {

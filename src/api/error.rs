@@ -157,6 +157,9 @@ impl From<&crate::backend::BackendError> for ApiError {
                     .with_code("upstream_error")
             }
             B::Internal { .. } => Self::internal(e.to_string()),
+            B::UnknownModel { message, .. } => Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message.clone())
+                .with_param("model")
+                .with_code("model_not_found"),
             B::Unsupported { message, param, .. } => {
                 let mut err = Self::invalid(message.clone());
                 err.param = param.clone();

@@ -1,6 +1,7 @@
 //! HTTP: every route in one place, the shared state, and the JSON body reader whose rejections are
 //! already OpenAI error envelopes. Handlers live one file per endpoint family.
 
+pub mod adapters;
 pub mod admin;
 pub mod auth;
 pub mod chat_completions;
@@ -34,6 +35,9 @@ pub struct AppState {
     pub body_limit: usize,
     pub max_inflight: usize,
     pub ready: AtomicBool,
+    /// Local engines, for the adapter registry endpoints.
+    pub engines: Vec<Arc<crate::engine::Engine>>,
+    pub adapter_dirs: Vec<std::path::PathBuf>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -41,6 +45,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions::create))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*id}", get(models::retrieve))
+        .route("/v1/adapters", get(adapters::list).post(adapters::create))
+        .route(
+            "/v1/adapters/{ns}/{name}",
+            axum::routing::delete(adapters::delete),
+        )
+        .route("/v1/load_lora_adapter", post(adapters::vllm_load))
+        .route("/v1/unload_lora_adapter", post(adapters::vllm_unload))
         .route("/admin/routes", get(admin::list_routes))
         .route(
             "/admin/routes/{name}",

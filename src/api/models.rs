@@ -31,7 +31,6 @@ pub async fn list(State(state): State<Arc<AppState>>, request: Request) -> Respo
     }
     let data: Vec<Value> = state
         .gateway
-        .routes()
         .model_ids()
         .iter()
         .map(|(id, route)| model_object(id, route.as_deref()))
@@ -51,7 +50,7 @@ pub async fn retrieve(
     {
         return e.into_response();
     }
-    let ids = state.gateway.routes().model_ids();
+    let ids = state.gateway.model_ids();
     match ids.iter().find(|(m, _)| *m == id) {
         Some((m, route)) => Json(model_object(m, route.as_deref())).into_response(),
         None => {

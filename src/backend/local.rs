@@ -116,6 +116,19 @@ impl LocalBackend {
     }
 
     async fn run(&self, request: BackendRequest) -> Result<BackendReply, BackendError> {
+        let adapter =
+            match &request.adapter {
+                Some(id) => Some(self.engine.adapters.get(id).ok_or_else(|| {
+                    BackendError::UnknownModel {
+                        backend: self.engine.name.clone(),
+                        message: format!(
+                        "The adapter '{id}' is not loaded on '{}'; load it with POST /v1/adapters.",
+                        self.engine.name
+                    ),
+                    }
+                })?),
+                None => None,
+            };
         let prepared = self.prepare(&request.body)?;
         let with_tools = prepared.tools;
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -126,6 +139,7 @@ impl LocalBackend {
                 stop: prepared.stop,
                 sampling: prepared.sampling,
                 events: tx,
+                adapter,
             })
             .map_err(|e| BackendError::Internal {
                 backend: self.engine.name.clone(),
@@ -135,7 +149,10 @@ impl LocalBackend {
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let model = self.engine.name.clone();
+        let model = request
+            .adapter
+            .clone()
+            .unwrap_or_else(|| self.engine.name.clone());
         if !request.stream {
             let mut text = String::new();
             let mut calls: Vec<ParsedCall> = Vec::new();
@@ -342,5 +359,18 @@ impl Backend for LocalBackend {
 
     fn chat(&self, request: BackendRequest) -> BoxFuture<'_, Result<BackendReply, BackendError>> {
         Box::pin(self.run(request))
+    }
+
+    fn serves_adapter(&self, id: &str) -> bool {
+        self.engine.adapters.contains(id)
+    }
+
+    fn adapter_ids(&self) -> Vec<String> {
+        self.engine
+            .adapters
+            .list()
+            .iter()
+            .map(|a| a.id.clone())
+            .collect()
     }
 }

@@ -16,6 +16,8 @@ use serde_json::{Map, Value};
 pub struct BackendRequest {
     pub body: Map<String, Value>,
     pub stream: bool,
+    /// A LoRA adapter to run with (local backends only).
+    pub adapter: Option<String>,
 }
 
 /// A stream of `chat.completion.chunk` objects. An `Err` item ends the stream.
@@ -57,6 +59,8 @@ pub enum BackendError {
     /// The provider reported an error inside a stream that had already begun.
     #[error("upstream '{backend}' reported an error mid-stream")]
     StreamError { backend: String, body: Value },
+    #[error("{message}")]
+    UnknownModel { backend: String, message: String },
     #[error("backend '{backend}' failed: {message}")]
     Internal { backend: String, message: String },
     #[error("backend '{backend}' cannot serve this request: {message}")]
@@ -80,6 +84,7 @@ impl BackendError {
             }
             BackendError::Unsupported { .. } => false,
             BackendError::Internal { .. } => true,
+            BackendError::UnknownModel { .. } => true,
         }
     }
 }
@@ -90,4 +95,12 @@ pub trait Backend: Send + Sync {
     /// Whether `n` > 1 can be served.
     fn supports_n(&self) -> bool;
     fn chat(&self, request: BackendRequest) -> BoxFuture<'_, Result<BackendReply, BackendError>>;
+    /// Whether this backend has the LoRA adapter `id` loaded.
+    fn serves_adapter(&self, _id: &str) -> bool {
+        false
+    }
+    /// The adapters this backend has loaded.
+    fn adapter_ids(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

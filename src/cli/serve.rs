@@ -79,13 +79,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let up = Upstream::new(u).map_err(anyhow::Error::msg)?;
         backends.insert(format!("upstream:{}", u.name), Arc::new(up));
     }
+    let mut engines = Vec::new();
     for m in &config.models {
         let cfg = m.clone();
         let engine = tokio::task::spawn_blocking(move || Engine::load(&cfg)).await??;
         backends.insert(
             format!("local:{}", m.name),
-            Arc::new(LocalBackend::new(engine)),
+            Arc::new(LocalBackend::new(engine.clone())),
         );
+        engines.push(engine);
+    }
+    let adapter_dirs = config.adapter_dirs();
+    if !config.models.is_empty() {
+        for d in &adapter_dirs {
+            if let Err(e) = std::fs::create_dir_all(d) {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot create the adapter directory");
+            }
+        }
     }
     let gateway = Arc::new(Gateway::new(config.clone(), backends, log));
     let state = Arc::new(AppState {
@@ -96,6 +106,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         body_limit: config.server.body_limit_bytes,
         max_inflight: config.server.max_inflight_requests,
         ready: AtomicBool::new(false),
+        engines,
+        adapter_dirs,
     });
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(c), Some(k)) => Some(api::server::tls_acceptor(c, k).map_err(anyhow::Error::msg)?),

@@ -26,7 +26,7 @@ pub const MODULES: [&str; 7] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoraError {
-    #[error("adapter name '{0}' is invalid: use 'namespace/name' with letters, digits, '.', '_' and '-' (no '..')")]
+    #[error("adapter name '{0}' is invalid: use 'namespace/name' (or 'name') with letters, digits, '.', '_' and '-' (no '..')")]
     BadName(String),
     #[error("adapter path '{path}' is outside the allowed adapter directories ({allowed})")]
     PathNotAllowed { path: String, allowed: String },
@@ -74,7 +74,7 @@ pub struct LoraAdapter {
     pub generation: u64,
 }
 
-/// A valid adapter id: `namespace/name`.
+/// A valid adapter id: `namespace/name` (or a bare `name`, as vLLM clients send).
 pub fn check_name(name: &str) -> Result<(), LoraError> {
     let ok_part = |p: &str| {
         !p.is_empty()
@@ -84,9 +84,14 @@ pub fn check_name(name: &str) -> Result<(), LoraError> {
             && p.chars()
                 .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
     };
-    match name.split_once('/') {
-        Some((ns, n)) if ok_part(ns) && ok_part(n) && !name.contains("..") => Ok(()),
-        _ => Err(LoraError::BadName(name.to_string())),
+    let ok = match name.split_once('/') {
+        Some((ns, n)) => ok_part(ns) && ok_part(n),
+        None => ok_part(name),
+    };
+    if ok && !name.contains("..") {
+        Ok(())
+    } else {
+        Err(LoraError::BadName(name.to_string()))
     }
 }
 
@@ -387,7 +392,8 @@ mod tests {
     #[test]
     fn names_and_paths_are_checked() {
         assert!(check_name("team/my-adapter.v2").is_ok());
-        for bad in ["noslash", "a/b/c", "../x", "a/..", "a/", "/b", "a/b c"] {
+        assert!(check_name("plain_name").is_ok());
+        for bad in ["a/b/c", "../x", "a/..", "a/", "/b", "a/b c", "..", ""] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
         let root = tempfile::tempdir().unwrap();

@@ -21,7 +21,8 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use tokio::sync::mpsc;
 
-use model::{KvCache, LlamaModel, ModelError, WeightFormat};
+use lora::{AdapterRegistry, LoraAdapter, LoraError};
+use model::{KvCache, LlamaConfig, LlamaModel, ModelError, WeightFormat};
 use sampling::{Sampler, SamplingParams};
 use template::ChatTemplate;
 use tokenizer::TokenizerInfo;
@@ -43,6 +44,9 @@ pub struct LocalModelConfig {
     /// Sequences decoded together in one step; more wait their turn.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// LoRA adapters kept loaded at once; loading another evicts the least recently used.
+    #[serde(default = "default_max_adapters")]
+    pub max_adapters: usize,
 }
 
 fn default_context() -> usize {
@@ -50,6 +54,9 @@ fn default_context() -> usize {
 }
 fn default_max_batch() -> usize {
     16
+}
+fn default_max_adapters() -> usize {
+    64
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,11 +111,17 @@ pub struct GenerationRequest {
     pub sampling: SamplingParams,
     /// Closed by the receiver when the client goes away: the sequence leaves the batch at once.
     pub events: mpsc::UnboundedSender<GenEvent>,
+    /// The adapter this sequence runs with; held for its whole life, so an unload or reload never
+    /// changes a generation that has started.
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 pub struct Engine {
     pub name: String,
     pub context_length: usize,
+    /// The base model's shape, for checking adapters.
+    pub shape: LlamaConfig,
+    pub adapters: AdapterRegistry,
     tokenizer: Arc<TokenizerInfo>,
     template: ChatTemplate,
     queue: std_mpsc::Sender<GenerationRequest>,
@@ -153,6 +166,7 @@ impl Engine {
         let tokenizer = Arc::new(tok);
         let (tx, rx) = std_mpsc::channel();
         let context_length = model.cfg.context_length;
+        let shape = model.cfg.clone();
         let sched_tok = tokenizer.clone();
         let max_batch = cfg.max_batch.max(1);
         let thread_name = format!("engine-{name}");
@@ -168,6 +182,8 @@ impl Engine {
         Ok(Arc::new(Engine {
             name,
             context_length,
+            shape,
+            adapters: AdapterRegistry::new(cfg.max_adapters),
             tokenizer,
             template,
             queue: tx,
@@ -197,6 +213,22 @@ impl Engine {
             .tokenizer
             .decode(ids, true)
             .map_err(|e| e.to_string())
+    }
+
+    /// Loads (or reloads) a PEFT adapter onto this base. Returns it and the ids evicted for room.
+    pub fn load_adapter(
+        &self,
+        id: &str,
+        dir: &Path,
+    ) -> Result<(Arc<LoraAdapter>, Vec<String>), LoraError> {
+        lora::check_name(id)?;
+        let adapter = LoraAdapter::load(id, &self.name, dir, &self.shape, true)?;
+        let evicted = self.adapters.insert(adapter);
+        let loaded = self
+            .adapters
+            .get(id)
+            .ok_or_else(|| LoraError::NotLoaded(id.to_string()))?;
+        Ok((loaded, evicted))
     }
 
     pub fn submit(&self, request: GenerationRequest) -> Result<(), EngineError> {
@@ -282,7 +314,11 @@ impl Scheduler {
             last: 0,
         };
         let prompt = seq.request.prompt.clone();
-        match self.model.forward(&[&prompt], &mut [&mut seq.cache]) {
+        let adapter = seq.request.adapter.clone();
+        match self
+            .model
+            .forward_with(&[&prompt], &mut [&mut seq.cache], &[adapter.as_deref()])
+        {
             Ok(logits) => match logits.to_vec2::<f32>() {
                 Ok(rows) => {
                     let tok = seq.sampler.sample(&rows[0]);
@@ -304,11 +340,18 @@ impl Scheduler {
     fn decode_step(&mut self) {
         let tokens: Vec<[u32; 1]> = self.active.iter().map(|s| [s.last]).collect();
         let token_refs: Vec<&[u32]> = tokens.iter().map(|t| &t[..]).collect();
+        let adapter_arcs: Vec<Option<Arc<LoraAdapter>>> = self
+            .active
+            .iter()
+            .map(|s| s.request.adapter.clone())
+            .collect();
+        let adapters: Vec<Option<&LoraAdapter>> =
+            adapter_arcs.iter().map(|a| a.as_deref()).collect();
         let result = {
             let mut caches: Vec<&mut KvCache> =
                 self.active.iter_mut().map(|s| &mut s.cache).collect();
             self.model
-                .forward(&token_refs, &mut caches)
+                .forward_with(&token_refs, &mut caches, &adapters)
                 .and_then(|l| Ok(l.to_vec2::<f32>()?))
         };
         let rows = match result {

@@ -112,6 +112,42 @@ impl Gateway {
         &self.tasks
     }
 
+    /// A loaded adapter id (`namespace/name`) resolves to its local base with the adapter.
+    fn resolve_adapter(&self, model: &str) -> Option<Resolution> {
+        let (key, _) = self
+            .backends
+            .iter()
+            .find(|(k, b)| k.starts_with("local:") && b.serves_adapter(model))?;
+        let base = key.trim_start_matches("local:");
+        Some(Resolution {
+            route: model.to_string(),
+            arm: Arm::Direct,
+            targets: vec![TargetConfig::local_adapter(base, model)],
+            shadow: None,
+        })
+    }
+
+    /// Every model name a request may use: routes, their targets, then loaded adapters.
+    pub fn model_ids(&self) -> Vec<(String, Option<String>)> {
+        let mut ids = self.routes.model_ids();
+        let mut keys: Vec<&String> = self
+            .backends
+            .keys()
+            .filter(|k| k.starts_with("local:"))
+            .collect();
+        keys.sort();
+        for k in keys {
+            if let Some(b) = self.backends.get(k) {
+                for a in b.adapter_ids() {
+                    if !ids.iter().any(|(m, _)| *m == a) {
+                        ids.push((a, None));
+                    }
+                }
+            }
+        }
+        ids
+    }
+
     /// Validates and installs a new rollout for a route (adding the route if it is new).
     pub fn set_rollout(&self, route: &str, rollout: RolloutConfig) -> Result<(), ConfigError> {
         self.config.validate_rollout(route, &rollout)?;
@@ -169,13 +205,12 @@ impl Gateway {
             .clone()
             .or(info.user.clone())
             .or(rec.workload_id.clone());
-        let Some(resolution) = self.routes.resolve(&info.model, sticky.as_deref()) else {
-            let known: Vec<String> = self
-                .routes
-                .model_ids()
-                .into_iter()
-                .map(|(m, _)| m)
-                .collect();
+        let resolved = self
+            .routes
+            .resolve(&info.model, sticky.as_deref())
+            .or_else(|| self.resolve_adapter(&info.model));
+        let Some(resolution) = resolved else {
+            let known: Vec<String> = self.model_ids().into_iter().map(|(m, _)| m).collect();
             let e = ApiError::model_not_found(&info.model, &known);
             return Err(self.fail(rec, body, started, e));
         };
@@ -211,6 +246,7 @@ impl Gateway {
             rec.target_kind = Some(target.kind().into());
             rec.target = Some(target.backend().to_string());
             rec.target_model = Some(target.model_name().to_string());
+            rec.adapter = target.adapter.clone();
             let t0 = Instant::now();
             // If the client goes away while the backend works, this future is dropped (which
             // cancels the upstream request) and the guard records the abandoned request.
@@ -223,6 +259,7 @@ impl Gateway {
                 .chat(BackendRequest {
                     body: forwarded,
                     stream: info.stream,
+                    adapter: target.adapter.clone(),
                 })
                 .await;
             let Some((rec_back, body_back)) = guard.disarm() else {
@@ -375,13 +412,21 @@ impl Gateway {
         rec.target_kind = Some(target.kind().into());
         rec.target = Some(target.backend().to_string());
         rec.target_model = Some(target.model_name().to_string());
+        rec.adapter = target.adapter.clone();
         rec.response = None;
+        let adapter = target.adapter.clone();
         rec.ttft_ms = None;
         let gateway = self.clone();
         self.tasks.spawn(async move {
             let _permit = permit;
             let started = Instant::now();
-            let reply = backend.chat(BackendRequest { body, stream: false }).await;
+            let reply = backend
+                .chat(BackendRequest {
+                    body,
+                    stream: false,
+                    adapter,
+                })
+                .await;
             rec.latency_ms = ms(started.elapsed());
             rec.upstream_ms = Some(rec.latency_ms);
             let outcome = match reply {
