@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
-use flywheel::engine::model::{KvCache, LlamaModel, WeightFormat};
+use flywheel::engine::lora::LoraAdapter;
+use flywheel::engine::model::{KvCache, LlamaConfig, LlamaModel, WeightFormat};
 use flywheel::engine::sampling::argmax;
 
 fn main() {
@@ -47,41 +48,128 @@ fn main() {
     }
     println!("prefill 256 tokens: {:.1} tok/s", 256.0 / best);
 
-    println!("| streams | aggregate decode tok/s | per-stream tok/s | ms/step |");
-    println!("|---|---|---|---|");
+    println!(
+        "| streams | adapters in the batch | aggregate decode tok/s | per-stream tok/s | ms/step |"
+    );
+    println!("|---|---|---|---|---|");
     for streams in [1usize, 4, 8, 16] {
-        let prompts: Vec<Vec<u32>> = (0..streams)
-            .map(|s| prompt[..32].iter().map(|t| t + s as u32).collect())
-            .collect();
-        let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
-        let mut last: Vec<u32> = Vec::new();
-        for (p, c) in prompts.iter().zip(caches.iter_mut()) {
-            let l = model
-                .forward(&[p], &mut [c])
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            last.push(argmax(&l[0]));
-        }
-        let steps = decode;
-        let t = Instant::now();
-        for _ in 0..steps {
-            let toks: Vec<[u32; 1]> = last.iter().map(|t| [*t]).collect();
-            let refs: Vec<&[u32]> = toks.iter().map(|t| &t[..]).collect();
-            let mut crefs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            let rows = model
-                .forward(&refs, &mut crefs)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            last = rows.iter().map(|r| argmax(r)).collect();
-        }
-        let secs = t.elapsed().as_secs_f64();
-        let agg = (steps * streams) as f64 / secs;
+        let (agg, ms) = decode_run(&model, &prompt, streams, &vec![None; streams], decode);
         println!(
-            "| {streams} | {agg:.1} | {:.1} | {:.2} |",
-            agg / streams as f64,
-            secs * 1000.0 / steps as f64
+            "| {streams} | none | {agg:.1} | {:.1} | {ms:.2} |",
+            agg / streams as f64
         );
     }
+
+    // Rank-16 adapters on all seven projections: load time, then 8 streams with none, one shared
+    // adapter, and 8 distinct adapters in the same batch.
+    let dir = tempfile::tempdir().unwrap();
+    let mut adapters = Vec::new();
+    let mut load_ms = Vec::new();
+    for i in 0..8 {
+        let d = dir.path().join(format!("a{i}"));
+        write_adapter(&d, &model.cfg, 16, i as u64);
+        let t = Instant::now();
+        adapters.push(
+            LoraAdapter::load(&format!("bench/a{i}"), "smollm2", &d, &model.cfg, true).unwrap(),
+        );
+        load_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    load_ms.sort_by(f64::total_cmp);
+    println!(
+        "rank-16 adapter load (all 7 projections, 30 layers): median {:.1} ms, max {:.1} ms",
+        load_ms[4], load_ms[7]
+    );
+    let none: Vec<Option<&LoraAdapter>> = vec![None; 8];
+    let one: Vec<Option<&LoraAdapter>> = vec![Some(&adapters[0]); 8];
+    let eight: Vec<Option<&LoraAdapter>> = adapters.iter().map(Some).collect();
+    for (label, set) in [
+        ("none", &none),
+        ("1 shared (rank 16)", &one),
+        ("8 distinct (rank 16)", &eight),
+    ] {
+        let (agg, ms) = decode_run(&model, &prompt, 8, set, decode);
+        println!("| 8 | {label} | {agg:.1} | {:.1} | {ms:.2} |", agg / 8.0);
+    }
+}
+
+/// Decodes `steps` tokens for `streams` sequences in lockstep; returns (aggregate tok/s, ms/step).
+fn decode_run(
+    model: &LlamaModel,
+    prompt: &[u32],
+    streams: usize,
+    adapters: &[Option<&LoraAdapter>],
+    steps: usize,
+) -> (f64, f64) {
+    let prompts: Vec<Vec<u32>> = (0..streams)
+        .map(|s| prompt[..32].iter().map(|t| t + s as u32).collect())
+        .collect();
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut last: Vec<u32> = Vec::new();
+    for ((p, c), a) in prompts.iter().zip(caches.iter_mut()).zip(adapters) {
+        let l = model
+            .forward_with(&[p], &mut [c], &[*a])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        last.push(argmax(&l[0]));
+    }
+    let t = Instant::now();
+    for _ in 0..steps {
+        let toks: Vec<[u32; 1]> = last.iter().map(|t| [*t]).collect();
+        let refs: Vec<&[u32]> = toks.iter().map(|t| &t[..]).collect();
+        let mut crefs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let rows = model
+            .forward_with(&refs, &mut crefs, adapters)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        last = rows.iter().map(|r| argmax(r)).collect();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    (
+        (steps * streams) as f64 / secs,
+        secs * 1000.0 / steps as f64,
+    )
+}
+
+/// A random rank-`r` PEFT adapter on all seven projections for a model of shape `cfg`.
+fn write_adapter(dir: &std::path::Path, cfg: &LlamaConfig, r: usize, seed: u64) {
+    use candle_core::Tensor;
+    std::fs::create_dir_all(dir).unwrap();
+    let modules = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    let config = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": modules});
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let (h, kv, f) = (
+        cfg.heads * cfg.head_dim,
+        cfg.kv_heads * cfg.head_dim,
+        cfg.ffn,
+    );
+    let mut tensors = std::collections::HashMap::new();
+    for layer in 0..cfg.n_layers {
+        for m in modules {
+            let (inp, out, block) = match m {
+                "q_proj" => (cfg.hidden, h, "self_attn"),
+                "k_proj" | "v_proj" => (cfg.hidden, kv, "self_attn"),
+                "o_proj" => (h, cfg.hidden, "self_attn"),
+                "gate_proj" | "up_proj" => (cfg.hidden, f, "mlp"),
+                _ => (f, cfg.hidden, "mlp"),
+            };
+            let p = format!("base_model.model.model.layers.{layer}.{block}.{m}");
+            let a = (Tensor::randn(0f32, 0.02, (r, inp), &Device::Cpu).unwrap()
+                + seed as f64 * 1e-4)
+                .unwrap();
+            let b = Tensor::randn(0f32, 0.02, (out, r), &Device::Cpu).unwrap();
+            tensors.insert(format!("{p}.lora_A.weight"), a);
+            tensors.insert(format!("{p}.lora_B.weight"), b);
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
 }

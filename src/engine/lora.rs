@@ -42,13 +42,8 @@ pub enum LoraError {
     NotLoaded(String),
 }
 
-/// One targeted projection: `delta = scale · (x Aᵀ) Bᵀ`, stored transposed for the row-major matmuls.
-pub struct ModuleLora {
-    /// Aᵀ: (in, r)
-    pub a_t: Tensor,
-    /// Bᵀ: (r, out)
-    pub b_t: Tensor,
-}
+/// One targeted projection: `delta = scale · (x Aᵀ) Bᵀ`.
+pub type ModuleLora = crate::ops::lora::LowRank;
 
 /// Per layer, per fused base matrix: the parts of its output each targeted module covers.
 #[derive(Default)]
@@ -247,14 +242,19 @@ impl LoraAdapter {
             if gguf_layout && module == "k_proj" {
                 b = permute_rows_for_gguf(&b, kvh).map_err(|e| invalid(e.to_string()))?;
             }
-            let tr = |t: &Tensor| {
+            let flat_t = |t: &Tensor| {
                 t.t()
                     .and_then(|t| t.contiguous())
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
                     .map_err(|e| invalid(e.to_string()))
             };
             let m = Some(ModuleLora {
-                a_t: tr(&a)?,
-                b_t: tr(&b)?,
+                rank,
+                input: in_dim,
+                output: out_dim,
+                a_t: flat_t(&a)?,
+                b_t: flat_t(&b)?,
             });
             let l = &mut layers[layer];
             match module {

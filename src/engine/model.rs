@@ -9,6 +9,8 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::lora::{LoraAdapter, ModuleLora};
+use crate::ops::lora::{bgmv_add, Slot};
+use crate::ops::qgemm::Q8Matrix;
 use crate::ops::{self, RopeStyle};
 
 /// The shape of a model.
@@ -49,15 +51,32 @@ pub enum ModelError {
     Unsupported(String),
 }
 
+/// A projection matrix in one of the in-memory formats.
+enum Proj {
+    /// candle's kernels: the file's own quantization, or f32.
+    Candle(QMatMul),
+    /// The batched Q8_0 kernel in `ops::qgemm`.
+    Q8(Q8Matrix),
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Proj::Candle(m) => m.forward(x),
+            Proj::Q8(m) => m.forward(x),
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
     /// q, k and v rows stacked: (heads + 2 kv_heads) * head_dim outputs.
-    qkv: QMatMul,
-    o: QMatMul,
+    qkv: Proj,
+    o: Proj,
     ffn_norm: Tensor,
     /// gate and up rows stacked: 2 * ffn outputs.
-    gate_up: QMatMul,
-    down: QMatMul,
+    gate_up: Proj,
+    down: Proj,
 }
 
 pub struct LlamaModel {
@@ -65,7 +84,7 @@ pub struct LlamaModel {
     embed: Arc<QTensor>,
     layers: Vec<Layer>,
     norm: Tensor,
-    head: QMatMul,
+    head: Proj,
     rope_style: RopeStyle,
     /// (context_length, head_dim / 2)
     cos: Tensor,
@@ -108,7 +127,7 @@ fn stack_rows(
     parts: &[QTensor],
     format: WeightFormat,
     device: &Device,
-) -> Result<QMatMul, ModelError> {
+) -> Result<Proj, ModelError> {
     let same_dtype = parts.windows(2).all(|w| w[0].dtype() == w[1].dtype());
     let native_quantized = !matches!(
         parts[0].dtype(),
@@ -128,7 +147,10 @@ fn stack_rows(
             device,
             parts[0].dtype(),
         )?;
-        return Ok(QMatMul::from_qtensor(QTensor::new(storage, (rows, cols))?)?);
+        return Ok(Proj::Candle(QMatMul::from_qtensor(QTensor::new(
+            storage,
+            (rows, cols),
+        )?)?));
     }
     let dense: Vec<Tensor> = parts
         .iter()
@@ -138,19 +160,16 @@ fn stack_rows(
     quantized_matrix(w, format)
 }
 
-fn quantized_matrix(w: Tensor, format: WeightFormat) -> Result<QMatMul, ModelError> {
+fn quantized_matrix(w: Tensor, format: WeightFormat) -> Result<Proj, ModelError> {
+    let cols = w.dim(1)?;
     match format {
-        WeightFormat::F32 => Ok(QMatMul::Tensor(w)),
-        WeightFormat::Q8_0 | WeightFormat::Native => {
-            let cols = w.dim(1)?;
-            if cols % GgmlDType::Q8_0.block_size() != 0 {
-                return Ok(QMatMul::Tensor(w));
-            }
-            Ok(QMatMul::from_qtensor(QTensor::quantize(
-                &w,
-                GgmlDType::Q8_0,
-            )?)?)
-        }
+        WeightFormat::F32 => Ok(Proj::Candle(QMatMul::Tensor(w))),
+        _ if cols % GgmlDType::Q8_0.block_size() != 0 => Ok(Proj::Candle(QMatMul::Tensor(w))),
+        WeightFormat::Q8_0 => Ok(Proj::Q8(Q8Matrix::from_tensor(&w)?)),
+        WeightFormat::Native => Ok(Proj::Candle(QMatMul::from_qtensor(QTensor::quantize(
+            &w,
+            GgmlDType::Q8_0,
+        )?)?)),
     }
 }
 
@@ -229,10 +248,14 @@ impl LlamaModel {
         }
         let norm = tensor("output_norm.weight", reader)?.dequantize(device)?;
         // Tied embeddings: without an output matrix the embedding table doubles as the head.
-        let head = if content.tensor_infos.contains_key("output.weight") {
-            QMatMul::from_qtensor(tensor("output.weight", reader)?)?
+        let head_q = if content.tensor_infos.contains_key("output.weight") {
+            Arc::new(tensor("output.weight", reader)?)
         } else {
-            QMatMul::from_arc(embed.clone())?
+            embed.clone()
+        };
+        let head = match format {
+            WeightFormat::Q8_0 => quantized_matrix(head_q.dequantize(device)?, format)?,
+            _ => Proj::Candle(QMatMul::from_arc(head_q)?),
         };
         let context_length = file_context.min(max_context).max(1);
         let cfg = LlamaConfig {
@@ -315,7 +338,7 @@ impl LlamaModel {
         let pos = Tensor::from_vec(positions, n, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
-        let groups = group_rows(tokens, adapters, &self.device)?;
+        let lora_rows = row_adapters(tokens, adapters);
         let mut x = self.embed.embedding(&ids)?; // (n, hidden)
         let (h, kvh, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
@@ -323,15 +346,14 @@ impl LlamaModel {
             let residual = x.clone();
             let xn = ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
             let mut qkv = layer.qkv.forward(&xn)?; // (n, (h + 2 kvh) * hd)
-            for (a, rows) in &groups {
-                let l = &a.layers[li];
-                qkv = add_delta(
+            if let Some(rows) = &lora_rows {
+                qkv = add_deltas(
                     qkv,
                     &xn,
                     rows,
-                    &l.qkv,
+                    li,
+                    Projection::Qkv,
                     &[h * hd, kvh * hd, kvh * hd],
-                    a.scale,
                 )?;
             }
             let q = qkv.narrow(1, 0, h * hd)?.reshape((n, h, hd))?;
@@ -355,41 +377,20 @@ impl LlamaModel {
             }
             let attn = Tensor::cat(&outs, 0)?; // (n, h * hd)
             let mut o = layer.o.forward(&attn)?;
-            for (a, rows) in &groups {
-                o = add_delta(
-                    o,
-                    &attn,
-                    rows,
-                    std::slice::from_ref(&a.layers[li].o),
-                    &[cfg.hidden],
-                    a.scale,
-                )?;
+            if let Some(rows) = &lora_rows {
+                o = add_deltas(o, &attn, rows, li, Projection::O, &[cfg.hidden])?;
             }
             x = (residual + o)?;
             let residual = x.clone();
             let xn = ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
             let mut gu = layer.gate_up.forward(&xn)?;
-            for (a, rows) in &groups {
-                gu = add_delta(
-                    gu,
-                    &xn,
-                    rows,
-                    &a.layers[li].gate_up,
-                    &[cfg.ffn, cfg.ffn],
-                    a.scale,
-                )?;
+            if let Some(rows) = &lora_rows {
+                gu = add_deltas(gu, &xn, rows, li, Projection::GateUp, &[cfg.ffn, cfg.ffn])?;
             }
             let act = ops::silu_mul(&gu.narrow(1, 0, cfg.ffn)?, &gu.narrow(1, cfg.ffn, cfg.ffn)?)?;
             let mut down = layer.down.forward(&act)?;
-            for (a, rows) in &groups {
-                down = add_delta(
-                    down,
-                    &act,
-                    rows,
-                    std::slice::from_ref(&a.layers[li].down),
-                    &[cfg.hidden],
-                    a.scale,
-                )?;
+            if let Some(rows) = &lora_rows {
+                down = add_deltas(down, &act, rows, li, Projection::Down, &[cfg.hidden])?;
             }
             x = (residual + down)?;
         }
@@ -409,61 +410,83 @@ impl LlamaModel {
     }
 }
 
-/// The rows of the flattened batch that each distinct adapter owns.
-fn group_rows<'a>(
+/// Each row's adapter, for the flattened batch (one entry per token).
+fn row_adapters<'a>(
     tokens: &[&[u32]],
     adapters: &[Option<&'a LoraAdapter>],
-    device: &Device,
-) -> Result<Vec<(&'a LoraAdapter, Tensor)>, ModelError> {
-    let mut groups: Vec<(&'a LoraAdapter, Vec<u32>)> = Vec::new();
-    let mut row = 0u32;
-    for (seq, adapter) in tokens.iter().zip(adapters) {
-        let n = seq.len() as u32;
-        if let Some(a) = adapter {
-            match groups.iter_mut().find(|(g, _)| std::ptr::eq(*g, *a)) {
-                Some((_, rows)) => rows.extend(row..row + n),
-                None => groups.push((a, (row..row + n).collect())),
-            }
-        }
-        row += n;
+) -> Option<Vec<Option<&'a LoraAdapter>>> {
+    if adapters.iter().all(Option::is_none) {
+        return None;
     }
-    groups
-        .into_iter()
-        .map(|(a, rows)| {
-            let len = rows.len();
-            Ok((a, Tensor::from_vec(rows, len, device)?))
-        })
-        .collect()
+    Some(
+        tokens
+            .iter()
+            .zip(adapters)
+            .flat_map(|(t, a)| std::iter::repeat_n(*a, t.len()))
+            .collect(),
+    )
 }
 
-/// Adds one adapter's delta to its rows of a (possibly fused) projection output `y`: `modules[i]`
-/// covers the next `widths[i]` columns (a module the adapter does not target adds nothing).
-fn add_delta(
+/// The fused base matrices an adapter's modules add to.
+#[derive(Clone, Copy)]
+enum Projection {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+/// An adapter's modules for one fused projection of one layer, in column order.
+fn modules(a: &LoraAdapter, layer: usize, p: Projection) -> Vec<Option<&ModuleLora>> {
+    let l = &a.layers[layer];
+    match p {
+        Projection::Qkv => l.qkv.iter().map(Option::as_ref).collect(),
+        Projection::O => vec![l.o.as_ref()],
+        Projection::GateUp => l.gate_up.iter().map(Option::as_ref).collect(),
+        Projection::Down => vec![l.down.as_ref()],
+    }
+}
+
+/// Adds each row's adapter delta to a (possibly fused) projection output `y`; module i of the
+/// projection covers the next `widths[i]` output columns.
+fn add_deltas(
     y: Tensor,
     x: &Tensor,
-    rows: &Tensor,
-    modules: &[Option<ModuleLora>],
+    rows: &[Option<&LoraAdapter>],
+    layer: usize,
+    projection: Projection,
     widths: &[usize],
-    scale: f64,
 ) -> Result<Tensor, ModelError> {
-    if modules.iter().all(Option::is_none) {
+    let slots: Vec<Vec<Slot<'_>>> = rows
+        .iter()
+        .map(|a| match a {
+            None => Vec::new(),
+            Some(a) => {
+                let mut offset = 0;
+                let mut v = Vec::new();
+                for (m, w) in modules(a, layer, projection).into_iter().zip(widths) {
+                    if let Some(m) = m {
+                        v.push(Slot {
+                            module: m,
+                            scale: a.scale as f32,
+                            offset,
+                        });
+                    }
+                    offset += w;
+                }
+                v
+            }
+        })
+        .collect();
+    if slots.iter().all(Vec::is_empty) {
         return Ok(y);
     }
-    let xa = x.index_select(rows, 0)?;
-    let n = xa.dim(0)?;
-    let mut parts = Vec::with_capacity(modules.len());
-    for (m, &w) in modules.iter().zip(widths) {
-        parts.push(match m {
-            Some(m) => (xa.matmul(&m.a_t)?.matmul(&m.b_t)? * scale)?,
-            None => Tensor::zeros((n, w), DType::F32, x.device())?,
-        });
-    }
-    let delta = if parts.len() == 1 {
-        parts.remove(0)
-    } else {
-        Tensor::cat(&parts, 1)?
-    };
-    Ok(y.index_add(rows, &delta, 0)?)
+    let (n, out) = y.dims2()?;
+    let input = x.dim(1)?;
+    let mut yv = y.flatten_all()?.to_vec1::<f32>()?;
+    let xv = x.flatten_all()?.to_vec1::<f32>()?;
+    bgmv_add(&mut yv, out, &xv, input, &slots);
+    Ok(Tensor::from_vec(yv, (n, out), y.device())?)
 }
 
 /// Appends (kvh, t, hd) keys and values at `start`, growing the cache in chunks; returns the filled views.

@@ -2,6 +2,9 @@
 //! gradients (unlike candle's fused rms_norm/softmax/rope), so training can reuse them; a CUDA
 //! kernel can replace any of them behind the same signature.
 
+pub mod lora;
+pub mod qgemm;
+
 use candle_core::{Result, Tensor, D};
 
 /// Root-mean-square norm over the last dimension, scaled by `weight`.
