@@ -136,15 +136,7 @@ fn decode_run(
 fn write_adapter(dir: &std::path::Path, cfg: &LlamaConfig, r: usize, seed: u64) {
     use candle_core::Tensor;
     std::fs::create_dir_all(dir).unwrap();
-    let modules = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let modules = flywheel::engine::lora::MODULES;
     let config = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": modules});
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
     let (h, kv, f) = (

@@ -8,15 +8,7 @@ use common::*;
 use flywheel::engine::testing::{write_tiny_adapter, write_tiny_llama};
 use serde_json::{json, Value};
 
-const ALL: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+use flywheel::engine::lora::MODULES as ALL;
 
 struct Setup {
     _dir: tempfile::TempDir,

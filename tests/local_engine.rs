@@ -314,3 +314,28 @@ async fn the_default_config_serves_the_local_model_out_of_the_box() {
         .unwrap()
         .is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hugging_face_directory_serves_the_same_answers_as_its_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    flywheel::engine::testing::write_tiny_llama(&gguf, candle_core::quantized::GgmlDType::F32, 41);
+    let hf = dir.path().join("hf");
+    flywheel::engine::testing::write_hf_dir_from_gguf(&gguf, &hf);
+    let body = json!({"model": "smol", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8, "temperature": 0});
+    let mut answers = Vec::new();
+    for path in [&gguf, &hf] {
+        let mut gw = GatewayProcess::start(
+            &local_config(path, "weights = \"f32\"")
+                .replace("context_length = 512", "context_length = 128"),
+        );
+        let (s, v) = ask(&gw, body.clone()).await;
+        assert_eq!(s, 200, "{v}");
+        answers.push((
+            v["choices"][0]["message"]["content"].clone(),
+            v["usage"].clone(),
+        ));
+        assert!(gw.stop().success());
+    }
+    assert_eq!(answers[0], answers[1]);
+}

@@ -33,7 +33,7 @@ use tokenizer::TokenizerInfo;
 pub struct LocalModelConfig {
     /// The model's id in routes (`{ local = "<name>" }`) and requests.
     pub name: String,
-    /// A GGUF file.
+    /// A GGUF file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
     pub path: PathBuf,
     /// In-memory format of the projection weights: native, q8_0 or f32.
     #[serde(default)]
@@ -121,6 +121,8 @@ pub struct Engine {
     pub context_length: usize,
     /// The base model's shape, for checking adapters.
     pub shape: LlamaConfig,
+    /// Whether the base's q/k rows are in GGUF's layout (adapters are permuted to match).
+    gguf_layout: bool,
     pub adapters: AdapterRegistry,
     tokenizer: Arc<TokenizerInfo>,
     template: ChatTemplate,
@@ -136,26 +138,36 @@ impl Engine {
             name: name.clone(),
             source,
         };
-        let mut file = std::fs::File::open(&cfg.path).map_err(|source| EngineError::Open {
-            name: name.clone(),
-            path: cfg.path.display().to_string(),
-            source,
-        })?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| model_err(e.into()))?;
         let device = Device::Cpu;
-        let model = LlamaModel::from_gguf(
-            &content,
-            &mut file,
-            cfg.weights,
-            cfg.context_length,
-            &device,
-        )
-        .map_err(model_err)?;
-        let tok = tokenizer::from_gguf(&content).map_err(model_err)?;
-        let template_src = match content.metadata.get("tokenizer.chat_template") {
-            Some(v) => v.to_string().map_err(|e| model_err(e.into()))?.clone(),
-            None => CHATML_FALLBACK.to_string(),
+        let (model, tok, template_src) = if cfg.path.is_dir() {
+            let model =
+                LlamaModel::from_hf_dir(&cfg.path, cfg.weights, cfg.context_length, &device)
+                    .map_err(model_err)?;
+            let (tok, template) = tokenizer::from_hf_dir(&cfg.path).map_err(model_err)?;
+            (model, tok, template)
+        } else {
+            let mut file = std::fs::File::open(&cfg.path).map_err(|source| EngineError::Open {
+                name: name.clone(),
+                path: cfg.path.display().to_string(),
+                source,
+            })?;
+            let content = gguf_file::Content::read(&mut file).map_err(|e| model_err(e.into()))?;
+            let model = LlamaModel::from_gguf(
+                &content,
+                &mut file,
+                cfg.weights,
+                cfg.context_length,
+                &device,
+            )
+            .map_err(model_err)?;
+            let tok = tokenizer::from_gguf(&content).map_err(model_err)?;
+            let template = match content.metadata.get("tokenizer.chat_template") {
+                Some(v) => Some(v.to_string().map_err(|e| model_err(e.into()))?.clone()),
+                None => None,
+            };
+            (model, tok, template)
         };
+        let template_src = template_src.unwrap_or_else(|| CHATML_FALLBACK.to_string());
         let template =
             ChatTemplate::new(&template_src, &tok.bos_text, &tok.eos_text).map_err(|message| {
                 EngineError::Template {
@@ -167,6 +179,7 @@ impl Engine {
         let (tx, rx) = std_mpsc::channel();
         let context_length = model.cfg.context_length;
         let shape = model.cfg.clone();
+        let gguf_layout = model.gguf_layout();
         let sched_tok = tokenizer.clone();
         let max_batch = cfg.max_batch.max(1);
         let thread_name = format!("engine-{name}");
@@ -183,6 +196,7 @@ impl Engine {
             name,
             context_length,
             shape,
+            gguf_layout,
             adapters: AdapterRegistry::new(cfg.max_adapters),
             tokenizer,
             template,
@@ -222,7 +236,7 @@ impl Engine {
         dir: &Path,
     ) -> Result<(Arc<LoraAdapter>, Vec<String>), LoraError> {
         lora::check_name(id)?;
-        let adapter = LoraAdapter::load(id, &self.name, dir, &self.shape, true)?;
+        let adapter = LoraAdapter::load(id, &self.name, dir, &self.shape, self.gguf_layout)?;
         let evicted = self.adapters.insert(adapter);
         let loaded = self
             .adapters

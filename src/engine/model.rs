@@ -3,6 +3,7 @@
 //! one-token decode steps go through the same batched matmuls.
 
 use std::io::{Read, Seek};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
@@ -218,46 +219,166 @@ impl LlamaModel {
                 "{heads} heads / {kv_heads} kv heads over hidden size {hidden}"
             )));
         }
-        let head_dim = hidden / heads;
-        let tensor = |name: &str, reader: &mut R| -> Result<QTensor, ModelError> {
-            if !content.tensor_infos.contains_key(name) {
-                return Err(ModelError::Missing(format!("tensor {name}")));
-            }
-            Ok(content.tensor(reader, name, device)?)
+        let shape = Shape {
+            n_layers,
+            hidden,
+            ffn,
+            heads,
+            kv_heads,
+            rope_theta,
+            rms_eps,
+            context_length: file_context.min(max_context).max(1),
         };
-        let embed = Arc::new(tensor("token_embd.weight", reader)?);
+        let mut get = |name: &str| -> Result<Option<QTensor>, ModelError> {
+            if !content.tensor_infos.contains_key(name) {
+                return Ok(None);
+            }
+            Ok(Some(content.tensor(reader, name, device)?))
+        };
+        Self::build(shape, &mut get, format, RopeStyle::Interleaved, device)
+    }
+
+    /// Loads a Hugging Face Llama directory (`config.json` and `*.safetensors`; bf16/f16 weights
+    /// are widened to f32 at load). Its q/k rows are in Hugging Face's layout: RoPE pairs halves.
+    pub fn from_hf_dir(
+        dir: &Path,
+        format: WeightFormat,
+        max_context: usize,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| ModelError::Missing(format!("{}: {e}", cfg_path.display())))?;
+        let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            ModelError::Unsupported(format!("{} is not JSON: {e}", cfg_path.display()))
+        })?;
+        let arch = c["architectures"][0].as_str().unwrap_or("LlamaForCausalLM");
+        if !matches!(arch, "LlamaForCausalLM" | "MistralForCausalLM") {
+            return Err(ModelError::Unsupported(format!(
+                "architecture '{arch}' (supported: LlamaForCausalLM)"
+            )));
+        }
+        let num = |k: &str| {
+            c[k].as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| ModelError::Missing(format!("config.json {k}")))
+        };
+        let heads = num("num_attention_heads")?;
+        let shape = Shape {
+            n_layers: num("num_hidden_layers")?,
+            hidden: num("hidden_size")?,
+            ffn: num("intermediate_size")?,
+            heads,
+            kv_heads: c["num_key_value_heads"]
+                .as_u64()
+                .map_or(heads, |v| v as usize),
+            rope_theta: c["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
+            rms_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-5),
+            context_length: c["max_position_embeddings"]
+                .as_u64()
+                .map_or(2048, |v| v as usize)
+                .min(max_context)
+                .max(1),
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| ModelError::Missing(format!("{}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(ModelError::Missing(format!(
+                "*.safetensors in {}",
+                dir.display()
+            )));
+        }
+        let mut all = std::collections::HashMap::new();
+        for f in &files {
+            all.extend(candle_core::safetensors::load(f, device)?);
+        }
+        let tied = c["tie_word_embeddings"].as_bool().unwrap_or(false);
+        let mut get = |gguf_name: &str| -> Result<Option<QTensor>, ModelError> {
+            let Some(hf) = hf_name(gguf_name) else {
+                return Ok(None);
+            };
+            if hf == "lm_head.weight" && tied {
+                return Ok(None);
+            }
+            match all.remove(&hf) {
+                Some(t) => Ok(Some(QTensor::quantize(
+                    &t.to_dtype(DType::F32)?,
+                    GgmlDType::F32,
+                )?)),
+                None => Ok(None),
+            }
+        };
+        Self::build(shape, &mut get, format, RopeStyle::Halves, device)
+    }
+
+    /// True when q/k rows are in GGUF's interleaved layout (adapters trained on Hugging Face
+    /// weights must be permuted to match).
+    pub fn gguf_layout(&self) -> bool {
+        self.rope_style == RopeStyle::Interleaved
+    }
+
+    /// Assembles the model from tensors named as in GGUF.
+    fn build(
+        shape: Shape,
+        get: &mut dyn FnMut(&str) -> Result<Option<QTensor>, ModelError>,
+        format: WeightFormat,
+        rope_style: RopeStyle,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let Shape {
+            n_layers,
+            hidden,
+            ffn,
+            heads,
+            kv_heads,
+            rope_theta,
+            rms_eps,
+            context_length,
+        } = shape;
+        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
+            return Err(ModelError::Unsupported(format!(
+                "{heads} heads / {kv_heads} kv heads over hidden size {hidden}"
+            )));
+        }
+        let head_dim = hidden / heads;
+        let mut tensor = |name: &str| -> Result<QTensor, ModelError> {
+            get(name)?.ok_or_else(|| ModelError::Missing(format!("tensor {name}")))
+        };
+        let embed = Arc::new(tensor("token_embd.weight")?);
         let vocab = embed.shape().dims2()?.0;
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
-            let q = tensor(&p("attn_q"), reader)?;
-            let k = tensor(&p("attn_k"), reader)?;
-            let v = tensor(&p("attn_v"), reader)?;
-            let o = tensor(&p("attn_output"), reader)?;
-            let gate = tensor(&p("ffn_gate"), reader)?;
-            let up = tensor(&p("ffn_up"), reader)?;
-            let down = tensor(&p("ffn_down"), reader)?;
+            let q = tensor(&p("attn_q"))?;
+            let k = tensor(&p("attn_k"))?;
+            let v = tensor(&p("attn_v"))?;
+            let o = tensor(&p("attn_output"))?;
+            let gate = tensor(&p("ffn_gate"))?;
+            let up = tensor(&p("ffn_up"))?;
+            let down = tensor(&p("ffn_down"))?;
             layers.push(Layer {
-                attn_norm: tensor(&p("attn_norm"), reader)?.dequantize(device)?,
+                attn_norm: tensor(&p("attn_norm"))?.dequantize(device)?,
                 qkv: stack_rows(&[q, k, v], format, device)?,
                 o: stack_rows(&[o], format, device)?,
-                ffn_norm: tensor(&p("ffn_norm"), reader)?.dequantize(device)?,
+                ffn_norm: tensor(&p("ffn_norm"))?.dequantize(device)?,
                 gate_up: stack_rows(&[gate, up], format, device)?,
                 down: stack_rows(&[down], format, device)?,
             });
         }
-        let norm = tensor("output_norm.weight", reader)?.dequantize(device)?;
+        let norm = tensor("output_norm.weight")?.dequantize(device)?;
         // Tied embeddings: without an output matrix the embedding table doubles as the head.
-        let head_q = if content.tensor_infos.contains_key("output.weight") {
-            Arc::new(tensor("output.weight", reader)?)
-        } else {
-            embed.clone()
+        let head_q = match get("output.weight")? {
+            Some(t) => Arc::new(t),
+            None => embed.clone(),
         };
         let head = match format {
             WeightFormat::Q8_0 => quantized_matrix(head_q.dequantize(device)?, format)?,
             _ => Proj::Candle(QMatMul::from_arc(head_q)?),
         };
-        let context_length = file_context.min(max_context).max(1);
         let cfg = LlamaConfig {
             n_layers,
             hidden,
@@ -277,7 +398,7 @@ impl LlamaModel {
             layers,
             norm,
             head,
-            rope_style: RopeStyle::Interleaved,
+            rope_style,
             cos,
             sin,
             device: device.clone(),
@@ -487,6 +608,43 @@ fn add_deltas(
     let xv = x.flatten_all()?.to_vec1::<f32>()?;
     bgmv_add(&mut yv, out, &xv, input, &slots);
     Ok(Tensor::from_vec(yv, (n, out), y.device())?)
+}
+
+/// The shape read from a model's metadata, before its tensors.
+struct Shape {
+    n_layers: usize,
+    hidden: usize,
+    ffn: usize,
+    heads: usize,
+    kv_heads: usize,
+    rope_theta: f32,
+    rms_eps: f64,
+    context_length: usize,
+}
+
+/// The Hugging Face name of a GGUF-named Llama tensor.
+fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (i, rest) = rest.split_once('.')?;
+    let part = match rest.strip_suffix(".weight")? {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{i}.{part}.weight"))
 }
 
 /// Appends (kvh, t, hd) keys and values at `start`, growing the cache in chunks; returns the filled views.

@@ -328,15 +328,7 @@ mod lora_tests {
     use crate::engine::lora::LoraAdapter;
     use crate::engine::model::{LlamaModel, WeightFormat};
 
-    const ALL: [&str; 7] = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    use crate::engine::lora::MODULES as ALL;
 
     fn load(path: &Path) -> LlamaModel {
         let mut f = std::fs::File::open(path).unwrap();
@@ -527,5 +519,128 @@ mod lora_tests {
             .unwrap()
             .to_string();
         assert!(err.contains("cannot read"), "{err}");
+    }
+}
+
+/// Converts a tiny GGUF model into a Hugging Face directory (un-permuting q/k rows back to
+/// Hugging Face's layout), so both loaders can be compared on the same weights.
+#[allow(clippy::unwrap_used)]
+pub fn write_hf_dir_from_gguf(gguf: &Path, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut f = std::fs::File::open(gguf).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let (heads, kv_heads) = (4usize, 2usize);
+    let mut tensors = std::collections::HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let mut t = content
+            .tensor(&mut f, name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let h = if name.ends_with("attn_q.weight") {
+            Some(heads)
+        } else if name.ends_with("attn_k.weight") {
+            Some(kv_heads)
+        } else {
+            None
+        };
+        if let Some(h) = h {
+            let (out, inp) = t.dims2().unwrap();
+            t = t
+                .reshape((h, out / h / 2, 2, inp))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((out, inp))
+                .unwrap();
+        }
+        let hf = name
+            .replace("token_embd.weight", "model.embed_tokens.weight")
+            .replace("output_norm.weight", "model.norm.weight")
+            .replace("blk.", "model.layers.")
+            .replace("attn_q", "self_attn.q_proj")
+            .replace("attn_k", "self_attn.k_proj")
+            .replace("attn_v", "self_attn.v_proj")
+            .replace("attn_output", "self_attn.o_proj")
+            .replace("ffn_gate", "mlp.gate_proj")
+            .replace("ffn_up", "mlp.up_proj")
+            .replace("ffn_down", "mlp.down_proj")
+            .replace("attn_norm", "input_layernorm")
+            .replace("ffn_norm", "post_attention_layernorm");
+        tensors.insert(hf, t);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": true, "vocab_size": 263
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let tok = crate::engine::tokenizer::from_gguf(&content).unwrap();
+    tok.tokenizer
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    let template = content.metadata["tokenizer.chat_template"]
+        .to_string()
+        .unwrap()
+        .clone();
+    let tc = serde_json::json!({"chat_template": template, "eos_token": "<|im_end|>", "bos_token": {"content": "<|im_start|>"}});
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+}
+
+#[cfg(test)]
+mod hf_tests {
+    use super::*;
+    use crate::engine::lora::{LoraAdapter, MODULES};
+    use crate::engine::model::{LlamaModel, WeightFormat};
+
+    #[test]
+    fn a_hugging_face_directory_and_its_gguf_give_the_same_logits_with_and_without_an_adapter() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("m.gguf");
+        write_tiny_llama(&gguf, GgmlDType::F32, 31);
+        let hf = dir.path().join("hf");
+        write_hf_dir_from_gguf(&gguf, &hf);
+        let mut f = std::fs::File::open(&gguf).unwrap();
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        let a =
+            LlamaModel::from_gguf(&content, &mut f, WeightFormat::F32, 256, &Device::Cpu).unwrap();
+        let b = LlamaModel::from_hf_dir(&hf, WeightFormat::F32, 256, &Device::Cpu).unwrap();
+        assert!(a.gguf_layout() && !b.gguf_layout());
+        assert!((a.cfg.rms_eps - b.cfg.rms_eps).abs() < 1e-9);
+        let mut same_eps = b.cfg.clone();
+        same_eps.rms_eps = a.cfg.rms_eps;
+        assert_eq!(a.cfg, same_eps);
+        let adir = dir.path().join("adapter");
+        write_tiny_adapter(&adir, 4, 8.0, &MODULES, 7);
+        let la = LoraAdapter::load("t/a", "gguf", &adir, &a.cfg, true).unwrap();
+        let lb = LoraAdapter::load("t/a", "hf", &adir, &b.cfg, false).unwrap();
+        let toks = [3u32, 40, 7, 100, 22];
+        for (ad_a, ad_b) in [(None, None), (Some(&la), Some(&lb))] {
+            let (mut ca, mut cb) = (a.new_cache(), b.new_cache());
+            let x = a
+                .forward_with(&[&toks], &mut [&mut ca], &[ad_a])
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let y = b
+                .forward_with(&[&toks], &mut [&mut cb], &[ad_b])
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let d = x[0]
+                .iter()
+                .zip(&y[0])
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                d < 1e-3,
+                "adapter {}: GGUF and HF logits differ by {d}",
+                ad_a.is_some()
+            );
+        }
     }
 }

@@ -111,3 +111,56 @@ pub fn from_gguf(content: &gguf_file::Content) -> Result<TokenizerInfo, ModelErr
         eos,
     })
 }
+
+/// The tokenizer and chat template of a Hugging Face model directory (`tokenizer.json`,
+/// `tokenizer_config.json`). Returns the tokenizer and the template source, if any.
+pub fn from_hf_dir(dir: &std::path::Path) -> Result<(TokenizerInfo, Option<String>), ModelError> {
+    let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
+        ModelError::Unsupported(format!("{}: {e}", dir.join("tokenizer.json").display()))
+    })?;
+    let cfg: serde_json::Value = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+        Ok(t) => serde_json::from_str(&t).map_err(|e| {
+            ModelError::Unsupported(format!("tokenizer_config.json is not JSON: {e}"))
+        })?,
+        Err(_) => serde_json::Value::Null,
+    };
+    // Special tokens appear either as strings or as {"content": ...} objects.
+    let token_text = |k: &str| match &cfg[k] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        _ => None,
+    };
+    let template = match &cfg["chat_template"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_string),
+        _ => None,
+    };
+    let bos_text = token_text("bos_token").unwrap_or_default();
+    let eos_text = token_text("eos_token").unwrap_or_default();
+    let bos = tokenizer.token_to_id(&bos_text);
+    let mut eos: Vec<u32> = tokenizer.token_to_id(&eos_text).into_iter().collect();
+    for marker in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"] {
+        if let Some(i) = tokenizer.token_to_id(marker) {
+            if !eos.contains(&i) {
+                eos.push(i);
+            }
+        }
+    }
+    Ok((
+        TokenizerInfo {
+            tokenizer,
+            bos,
+            eos,
+            bos_text,
+            eos_text,
+        },
+        template,
+    ))
+}
