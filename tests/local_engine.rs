@@ -339,3 +339,26 @@ async fn a_hugging_face_directory_serves_the_same_answers_as_its_gguf() {
     }
     assert_eq!(answers[0], answers[1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_that_renders_tools_is_used_instead_of_the_hermes_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    flywheel::engine::testing::write_tiny_llama(&gguf, candle_core::quantized::GgmlDType::F32, 43);
+    let hf = dir.path().join("hf");
+    flywheel::engine::testing::write_hf_dir_from_gguf(&gguf, &hf);
+    let template = "{% if tools %}T{% for t in tools %}{{ t.function.name }}{% endfor %}\n{% endif %}{% for m in messages %}{{ m.content }}\n{% endfor %}";
+    let tc = json!({"chat_template": template, "eos_token": "<|im_end|>"});
+    std::fs::write(hf.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    let tools = json!([{"type": "function", "function": {"name": "lookup", "description": "a long description that the Hermes prompt would include", "parameters": {"type": "object"}}}]);
+    let body = json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "tools": tools});
+    let mut gw = GatewayProcess::start(
+        &local_config(&hf, "").replace("context_length = 512", "context_length = 256"),
+    );
+    let (s, v) = ask(&gw, body).await;
+    assert_eq!(s, 200, "{v}");
+    // "Tlookup\nhi\n": a dozen byte-level tokens, not the hundreds of the Hermes system prompt.
+    let n = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!((8..=16).contains(&n), "{n} prompt tokens: {v}");
+    assert!(gw.stop().success());
+}

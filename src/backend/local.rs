@@ -46,7 +46,8 @@ impl LocalBackend {
         let has_tool_history = messages.iter().any(|m| {
             m.get("tool_calls").is_some() || m.get("role").and_then(Value::as_str) == Some("tool")
         });
-        if use_tools || has_tool_history {
+        let native_tools = use_tools && self.engine.template_tools;
+        if !native_tools && (use_tools || has_tool_history) {
             let prompt = if use_tools {
                 tools::tools_system_prompt(&tools, body.get("tool_choice"))
             } else {
@@ -54,9 +55,10 @@ impl LocalBackend {
             };
             messages = tools::messages_with_tools(&messages, &prompt);
         }
+        let tools_value = native_tools.then(|| Value::Array(tools.clone()));
         let prompt = self
             .engine
-            .render(&messages, None)
+            .render(&messages, tools_value.as_ref())
             .map_err(|m| self.refuse(Some("messages"), m))?;
         let ids = self
             .engine

@@ -124,6 +124,8 @@ pub struct Engine {
     /// Whether the base's q/k rows are in GGUF's layout (adapters are permuted to match).
     gguf_layout: bool,
     pub adapters: AdapterRegistry,
+    /// Whether the chat template renders `tools` itself.
+    pub template_tools: bool,
     tokenizer: Arc<TokenizerInfo>,
     template: ChatTemplate,
     queue: std_mpsc::Sender<GenerationRequest>,
@@ -168,6 +170,8 @@ impl Engine {
             (model, tok, template)
         };
         let template_src = template_src.unwrap_or_else(|| CHATML_FALLBACK.to_string());
+        // A template that reads `tools` renders them itself (Qwen 2.5, Hermes, ...).
+        let template_tools = template_src.contains("tools");
         let template =
             ChatTemplate::new(&template_src, &tok.bos_text, &tok.eos_text).map_err(|message| {
                 EngineError::Template {
@@ -198,6 +202,7 @@ impl Engine {
             shape,
             gguf_layout,
             adapters: AdapterRegistry::new(cfg.max_adapters),
+            template_tools,
             tokenizer,
             template,
             queue: tx,

@@ -25,8 +25,26 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     pub vocab: usize,
     pub rope_theta: f32,
+    pub rope_scaling: RopeScaling,
     pub rms_eps: f64,
     pub context_length: usize,
+}
+
+/// How RoPE frequencies are stretched for long contexts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by the factor.
+    Linear(f32),
+    /// Llama 3's scheme: low frequencies divided by `factor`, high ones kept, a smooth blend between.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_context: f32,
+    },
+    /// Per-frequency divisors, as GGUF files store Llama 3's scaling (`rope_freqs.weight`).
+    Factors(Vec<f32>),
 }
 
 /// How projection weights are held in memory.
@@ -219,6 +237,30 @@ impl LlamaModel {
                 "{heads} heads / {kv_heads} kv heads over hidden size {hidden}"
             )));
         }
+        let rope_scaling = match content.metadata.get(&key("rope.scaling.type")) {
+            Some(v) => match v.to_string()?.as_str() {
+                "none" => RopeScaling::None,
+                "linear" => {
+                    RopeScaling::Linear(md(content, &key("rope.scaling.factor"))?.to_f32()?)
+                }
+                other => {
+                    return Err(ModelError::Unsupported(format!(
+                        "rope scaling '{other}' (supported: none, linear, llama3)"
+                    )))
+                }
+            },
+            None => RopeScaling::None,
+        };
+        // Llama 3 GGUF files carry their frequency divisors as a tensor.
+        let rope_scaling = match content.tensor_infos.contains_key("rope_freqs.weight") {
+            true => RopeScaling::Factors(
+                content
+                    .tensor(reader, "rope_freqs.weight", device)?
+                    .dequantize(device)?
+                    .to_vec1::<f32>()?,
+            ),
+            false => rope_scaling,
+        };
         let shape = Shape {
             n_layers,
             hidden,
@@ -226,6 +268,7 @@ impl LlamaModel {
             heads,
             kv_heads,
             rope_theta,
+            rope_scaling,
             rms_eps,
             context_length: file_context.min(max_context).max(1),
         };
@@ -273,6 +316,7 @@ impl LlamaModel {
                 .as_u64()
                 .map_or(heads, |v| v as usize),
             rope_theta: c["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
+            rope_scaling: hf_rope_scaling(&c["rope_scaling"])?,
             rms_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-5),
             context_length: c["max_position_embeddings"]
                 .as_u64()
@@ -336,6 +380,7 @@ impl LlamaModel {
             heads,
             kv_heads,
             rope_theta,
+            rope_scaling,
             rms_eps,
             context_length,
         } = shape;
@@ -388,6 +433,7 @@ impl LlamaModel {
             head_dim,
             vocab,
             rope_theta,
+            rope_scaling,
             rms_eps,
             context_length,
         };
@@ -618,6 +664,7 @@ struct Shape {
     heads: usize,
     kv_heads: usize,
     rope_theta: f32,
+    rope_scaling: RopeScaling,
     rms_eps: f64,
     context_length: usize,
 }
@@ -726,11 +773,114 @@ fn attend(
         .reshape((t, h * hd))?)
 }
 
+/// RoPE's inverse frequencies (one per rotated pair), after the model's scaling.
+fn scaled_frequencies(
+    theta: f32,
+    head_dim: usize,
+    scaling: &RopeScaling,
+) -> Result<Vec<f32>, ModelError> {
+    let half = head_dim / 2;
+    let mut inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
+        .collect();
+    match scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear(f) => inv.iter_mut().for_each(|x| *x /= f),
+        RopeScaling::Factors(v) => {
+            if v.len() != half {
+                return Err(ModelError::Unsupported(format!(
+                    "rope_freqs has {} factors for {half} frequencies",
+                    v.len()
+                )));
+            }
+            inv.iter_mut().zip(v).for_each(|(x, f)| *x /= f);
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_context,
+        } => {
+            let low_wavelen = original_context / low_freq_factor;
+            let high_wavelen = original_context / high_freq_factor;
+            for x in inv.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *x;
+                if wavelen > low_wavelen {
+                    *x /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (original_context / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    *x = (1.0 - smooth) * *x / factor + smooth * *x;
+                }
+            }
+        }
+    }
+    Ok(inv)
+}
+
+/// Hugging Face's `rope_scaling` object.
+fn hf_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling, ModelError> {
+    if v.is_null() {
+        return Ok(RopeScaling::None);
+    }
+    let kind = v["rope_type"]
+        .as_str()
+        .or(v["type"].as_str())
+        .unwrap_or("default");
+    let f = |k: &str| {
+        v[k].as_f64()
+            .map(|x| x as f32)
+            .ok_or_else(|| ModelError::Missing(format!("rope_scaling.{k}")))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear(f("factor")?)),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: f("factor")?,
+            low_freq_factor: f("low_freq_factor")?,
+            high_freq_factor: f("high_freq_factor")?,
+            original_context: f("original_max_position_embeddings")?,
+        }),
+        other => Err(ModelError::Unsupported(format!(
+            "rope scaling '{other}' (supported: linear, llama3)"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod rope_tests {
+    use super::*;
+
+    #[test]
+    fn linear_and_llama3_scaling_move_the_right_frequencies() {
+        let base = scaled_frequencies(500_000.0, 128, &RopeScaling::None).unwrap();
+        let lin = scaled_frequencies(500_000.0, 128, &RopeScaling::Linear(2.0)).unwrap();
+        assert!(base
+            .iter()
+            .zip(&lin)
+            .all(|(b, l)| (b / l - 2.0).abs() < 1e-5));
+        let l3 = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context: 8192.0,
+        };
+        let s = scaled_frequencies(500_000.0, 128, &l3).unwrap();
+        // The highest frequency (short wavelength) is kept; the lowest is divided by the factor.
+        assert_eq!(s[0], base[0]);
+        assert!((base[63] / s[63] - 8.0).abs() < 1e-4);
+        // In between, the divisor lies between 1 and the factor.
+        assert!(base
+            .iter()
+            .zip(&s)
+            .all(|(b, x)| b / x >= 1.0 - 1e-6 && b / x <= 8.0 + 1e-4));
+        assert!(hf_rope_scaling(&serde_json::json!({"rope_type": "yarn", "factor": 4.0})).is_err());
+    }
+}
+
 fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor), ModelError> {
     let half = cfg.head_dim / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
-        .collect();
+    let inv = scaled_frequencies(cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling)?;
     let mut cos = Vec::with_capacity(cfg.context_length * half);
     let mut sin = Vec::with_capacity(cfg.context_length * half);
     for p in 0..cfg.context_length {
