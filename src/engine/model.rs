@@ -847,6 +847,24 @@ fn hf_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling, ModelError> {
     }
 }
 
+fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor), ModelError> {
+    let half = cfg.head_dim / 2;
+    let inv = scaled_frequencies(cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling)?;
+    let mut cos = Vec::with_capacity(cfg.context_length * half);
+    let mut sin = Vec::with_capacity(cfg.context_length * half);
+    for p in 0..cfg.context_length {
+        for f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (cfg.context_length, half), device)?,
+        Tensor::from_vec(sin, (cfg.context_length, half), device)?,
+    ))
+}
+
 #[cfg(test)]
 mod rope_tests {
     use super::*;
@@ -876,22 +894,4 @@ mod rope_tests {
             .all(|(b, x)| b / x >= 1.0 - 1e-6 && b / x <= 8.0 + 1e-4));
         assert!(hf_rope_scaling(&serde_json::json!({"rope_type": "yarn", "factor": 4.0})).is_err());
     }
-}
-
-fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor), ModelError> {
-    let half = cfg.head_dim / 2;
-    let inv = scaled_frequencies(cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling)?;
-    let mut cos = Vec::with_capacity(cfg.context_length * half);
-    let mut sin = Vec::with_capacity(cfg.context_length * half);
-    for p in 0..cfg.context_length {
-        for f in &inv {
-            let a = p as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (cfg.context_length, half), device)?,
-        Tensor::from_vec(sin, (cfg.context_length, half), device)?,
-    ))
 }
