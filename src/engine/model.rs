@@ -10,6 +10,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::lora::{LoraAdapter, ModuleLora};
+use crate::ops::attention::{attention, SeqAttention};
 use crate::ops::lora::{bgmv_add, Slot};
 use crate::ops::qgemm::Q8Matrix;
 use crate::ops::{self, RopeStyle};
@@ -112,21 +113,23 @@ pub struct LlamaModel {
 }
 
 /// One layer's cached keys and values for one sequence: (kv_heads, capacity, head_dim), filled to `len`.
+#[derive(Default)]
 struct LayerCache {
-    k: Tensor,
-    v: Tensor,
+    /// Token-major: (positions, kv_heads, head_dim).
+    k: Vec<f32>,
+    v: Vec<f32>,
 }
 
 /// A sequence's KV cache.
 pub struct KvCache {
-    layers: Vec<Option<LayerCache>>,
+    layers: Vec<LayerCache>,
     len: usize,
 }
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self {
-            layers: (0..n_layers).map(|_| None).collect(),
+            layers: (0..n_layers).map(|_| LayerCache::default()).collect(),
             len: 0,
         }
     }
@@ -508,7 +511,6 @@ impl LlamaModel {
         let lora_rows = row_adapters(tokens, adapters);
         let mut x = self.embed.embedding(&ids)?; // (n, hidden)
         let (h, kvh, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
-        let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = x.clone();
             let xn = ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
@@ -530,19 +532,37 @@ impl LlamaModel {
                 .reshape((n, kvh, hd))?;
             let q = ops::rope(&q, &cos, &sin, self.rope_style)?;
             let k = ops::rope(&k, &cos, &sin, self.rope_style)?;
-            let mut outs = Vec::with_capacity(tokens.len());
+            // Append this call's keys and values, then attend over each sequence's whole cache.
+            let kv_width = kvh * hd;
+            let kf = k.flatten_all()?.to_vec1::<f32>()?;
+            let vf = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             let mut row = 0;
             for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
                 let t = seq.len();
-                let q_s = q.narrow(0, row, t)?;
-                let k_s = k.narrow(0, row, t)?.transpose(0, 1)?.contiguous()?; // (kvh, t, hd)
-                let v_s = v.narrow(0, row, t)?.transpose(0, 1)?.contiguous()?;
-                let (k_all, v_all) =
-                    append(&mut cache.layers[li], cache.len, &k_s, &v_s, &self.device)?;
-                outs.push(attend(&q_s, &k_all, &v_all, cache.len, h, kvh, hd, scale)?);
+                let c = &mut cache.layers[li];
+                c.k.extend_from_slice(&kf[row * kv_width..(row + t) * kv_width]);
+                c.v.extend_from_slice(&vf[row * kv_width..(row + t) * kv_width]);
                 row += t;
             }
-            let attn = Tensor::cat(&outs, 0)?; // (n, h * hd)
+            let qf = q.flatten_all()?.to_vec1::<f32>()?;
+            let mut attn_out = vec![0f32; n * h * hd];
+            let mut row = 0;
+            let seqs: Vec<SeqAttention<'_>> = tokens
+                .iter()
+                .zip(caches.iter())
+                .map(|(seq, cache)| {
+                    let s = SeqAttention {
+                        k: &cache.layers[li].k,
+                        v: &cache.layers[li].v,
+                        row,
+                        tokens: seq.len(),
+                    };
+                    row += seq.len();
+                    s
+                })
+                .collect();
+            attention(&qf, &mut attn_out, &seqs, h, kvh, hd);
+            let attn = Tensor::from_vec(attn_out, (n, h * hd), &self.device)?;
             let mut o = layer.o.forward(&attn)?;
             if let Some(rows) = &lora_rows {
                 o = add_deltas(o, &attn, rows, li, Projection::O, &[cfg.hidden])?;
@@ -692,85 +712,6 @@ fn hf_name(gguf: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{i}.{part}.weight"))
-}
-
-/// Appends (kvh, t, hd) keys and values at `start`, growing the cache in chunks; returns the filled views.
-fn append(
-    slot: &mut Option<LayerCache>,
-    start: usize,
-    k: &Tensor,
-    v: &Tensor,
-    device: &Device,
-) -> Result<(Tensor, Tensor), ModelError> {
-    let (kvh, t, hd) = k.dims3()?;
-    let need = start + t;
-    let cap = slot.as_ref().map_or(0, |c| c.k.dim(1).unwrap_or(0));
-    if need > cap {
-        let new_cap = need.max(cap * 2).max(64).next_multiple_of(64);
-        let mut nk = Tensor::zeros((kvh, new_cap, hd), DType::F32, device)?;
-        let mut nv = Tensor::zeros((kvh, new_cap, hd), DType::F32, device)?;
-        if let Some(old) = slot.take() {
-            if start > 0 {
-                nk.slice_set(&old.k.narrow(1, 0, start)?.contiguous()?, 1, 0)?;
-                nv.slice_set(&old.v.narrow(1, 0, start)?.contiguous()?, 1, 0)?;
-            }
-        }
-        // slice_set writes in place into storage it shares; fresh tensors keep that private.
-        nk = nk.contiguous()?;
-        nv = nv.contiguous()?;
-        *slot = Some(LayerCache { k: nk, v: nv });
-    }
-    let c = slot
-        .as_mut()
-        .ok_or_else(|| ModelError::Unsupported("cache slot".into()))?;
-    c.k.slice_set(k, 1, start)?;
-    c.v.slice_set(v, 1, start)?;
-    Ok((c.k.narrow(1, 0, need)?, c.v.narrow(1, 0, need)?))
-}
-
-/// Causal grouped-query attention for one sequence. `q`: (t, h, hd) for positions start..start+t;
-/// `k`, `v`: (kvh, start + t, hd). Returns (t, h * hd).
-#[allow(clippy::too_many_arguments)]
-fn attend(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    start: usize,
-    h: usize,
-    kvh: usize,
-    hd: usize,
-    scale: f64,
-) -> Result<Tensor, ModelError> {
-    let t = q.dim(0)?;
-    let g = h / kvh;
-    let total = start + t;
-    // Heads sharing a kv head sit next to each other: head = kv * g + j.
-    let q = q
-        .reshape((t, kvh, g, hd))?
-        .permute((1, 2, 0, 3))?
-        .reshape((kvh, g * t, hd))?
-        .contiguous()?;
-    let kt = k.transpose(1, 2)?.contiguous()?; // (kvh, hd, total)
-    let mut scores = (q.matmul(&kt)? * scale)?; // (kvh, g * t, total)
-    if t > 1 {
-        let mut mask = vec![0f32; t * total];
-        for i in 0..t {
-            for j in (start + i + 1)..total {
-                mask[i * total + j] = f32::NEG_INFINITY;
-            }
-        }
-        let mask = Tensor::from_vec(mask, (1, 1, t, total), q.device())?;
-        scores = scores
-            .reshape((kvh, g, t, total))?
-            .broadcast_add(&mask)?
-            .reshape((kvh, g * t, total))?;
-    }
-    let p = ops::softmax_last_dim(&scores)?;
-    let out = p.matmul(&v.contiguous()?)?; // (kvh, g * t, hd)
-    Ok(out
-        .reshape((kvh, g, t, hd))?
-        .permute((2, 0, 1, 3))?
-        .reshape((t, h * hd))?)
 }
 
 /// RoPE's inverse frequencies (one per rotated pair), after the model's scaling.

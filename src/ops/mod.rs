@@ -2,6 +2,7 @@
 //! gradients (unlike candle's fused rms_norm/softmax/rope), so training can reuse them; a CUDA
 //! kernel can replace any of them behind the same signature.
 
+pub mod attention;
 pub mod lora;
 pub mod qgemm;
 
