@@ -93,6 +93,18 @@ async fn load(
     Ok((adapter, evicted, ms))
 }
 
+/// Authorizes an admin request and reads its JSON object body.
+async fn admin_body(
+    state: &AppState,
+    request: Request,
+) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let (parts, body) = request.into_parts();
+    state
+        .auth
+        .authorize(&parts.headers, peer(&parts), Scope::Admin)?;
+    read_json_object(&parts, body, state.body_limit).await
+}
+
 fn string_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<String, ApiError> {
     match body.get(key) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
@@ -122,11 +134,7 @@ pub async fn list(State(state): State<Arc<AppState>>, request: Request) -> Respo
 
 pub async fn create(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let run = async {
-        let (parts, body) = request.into_parts();
-        state
-            .auth
-            .authorize(&parts.headers, peer(&parts), Scope::Admin)?;
-        let body = read_json_object(&parts, body, state.body_limit).await?;
+        let body = admin_body(&state, request).await?;
         let id = string_field(&body, "name")?;
         let path = string_field(&body, "path")?;
         let base = body
@@ -175,11 +183,7 @@ fn unload(state: &AppState, id: &str) -> Result<(), ApiError> {
 /// vLLM's `POST /v1/load_lora_adapter {"lora_name", "lora_path"}`.
 pub async fn vllm_load(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let run = async {
-        let (parts, body) = request.into_parts();
-        state
-            .auth
-            .authorize(&parts.headers, peer(&parts), Scope::Admin)?;
-        let body = read_json_object(&parts, body, state.body_limit).await?;
+        let body = admin_body(&state, request).await?;
         let id = string_field(&body, "lora_name")?;
         let path = string_field(&body, "lora_path")?;
         let (adapter, _, _) = load(&state, id, path, None).await?;
@@ -193,11 +197,7 @@ pub async fn vllm_load(State(state): State<Arc<AppState>>, request: Request) -> 
 /// vLLM's `POST /v1/unload_lora_adapter {"lora_name"}`.
 pub async fn vllm_unload(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let run = async {
-        let (parts, body) = request.into_parts();
-        state
-            .auth
-            .authorize(&parts.headers, peer(&parts), Scope::Admin)?;
-        let body = read_json_object(&parts, body, state.body_limit).await?;
+        let body = admin_body(&state, request).await?;
         let id = string_field(&body, "lora_name")?;
         unload(&state, &id)?;
         Ok::<_, ApiError>(
