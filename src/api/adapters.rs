@@ -13,7 +13,7 @@ use http::StatusCode;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::{peer, read_json_object, AppState};
+use super::{authorize, authorized_json, AppState};
 use crate::config::Scope;
 use crate::engine::lora::{self, LoraAdapter, LoraError};
 use crate::engine::Engine;
@@ -93,18 +93,6 @@ async fn load(
     Ok((adapter, evicted, ms))
 }
 
-/// Authorizes an admin request and reads its JSON object body.
-async fn admin_body(
-    state: &AppState,
-    request: Request,
-) -> Result<serde_json::Map<String, Value>, ApiError> {
-    let (parts, body) = request.into_parts();
-    state
-        .auth
-        .authorize(&parts.headers, peer(&parts), Scope::Admin)?;
-    read_json_object(&parts, body, state.body_limit).await
-}
-
 fn string_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<String, ApiError> {
     match body.get(key) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
@@ -117,10 +105,7 @@ fn string_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<Stri
 
 pub async fn list(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let (parts, _) = request.into_parts();
-    if let Err(e) = state
-        .auth
-        .authorize(&parts.headers, peer(&parts), Scope::Admin)
-    {
+    if let Err(e) = authorize(&state, &parts, Scope::Admin) {
         return e.into_response();
     }
     let data: Vec<Value> = state
@@ -134,7 +119,7 @@ pub async fn list(State(state): State<Arc<AppState>>, request: Request) -> Respo
 
 pub async fn create(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let run = async {
-        let body = admin_body(&state, request).await?;
+        let body = authorized_json(&state, request, Scope::Admin).await?;
         let id = string_field(&body, "name")?;
         let path = string_field(&body, "path")?;
         let base = body
@@ -156,10 +141,7 @@ pub async fn delete(
     request: Request,
 ) -> Response {
     let (parts, _) = request.into_parts();
-    if let Err(e) = state
-        .auth
-        .authorize(&parts.headers, peer(&parts), Scope::Admin)
-    {
+    if let Err(e) = authorize(&state, &parts, Scope::Admin) {
         return e.into_response();
     }
     let id = format!("{ns}/{name}");
@@ -183,7 +165,7 @@ fn unload(state: &AppState, id: &str) -> Result<(), ApiError> {
 /// vLLM's `POST /v1/load_lora_adapter {"lora_name", "lora_path"}`.
 pub async fn vllm_load(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let run = async {
-        let body = admin_body(&state, request).await?;
+        let body = authorized_json(&state, request, Scope::Admin).await?;
         let id = string_field(&body, "lora_name")?;
         let path = string_field(&body, "lora_path")?;
         let (adapter, _, _) = load(&state, id, path, None).await?;
@@ -197,7 +179,7 @@ pub async fn vllm_load(State(state): State<Arc<AppState>>, request: Request) -> 
 /// vLLM's `POST /v1/unload_lora_adapter {"lora_name"}`.
 pub async fn vllm_unload(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let run = async {
-        let body = admin_body(&state, request).await?;
+        let body = authorized_json(&state, request, Scope::Admin).await?;
         let id = string_field(&body, "lora_name")?;
         unload(&state, &id)?;
         Ok::<_, ApiError>(

@@ -9,7 +9,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::{peer, read_json_object, AppState};
+use super::{authorize, authorized_json, AppState};
 use crate::config::{RolloutConfig, Scope};
 
 fn route_json(name: &str, r: &RolloutConfig) -> Value {
@@ -22,10 +22,7 @@ fn route_json(name: &str, r: &RolloutConfig) -> Value {
 
 pub async fn list_routes(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let (parts, _) = request.into_parts();
-    if let Err(e) = state
-        .auth
-        .authorize(&parts.headers, peer(&parts), Scope::Admin)
-    {
+    if let Err(e) = authorize(&state, &parts, Scope::Admin) {
         return e.into_response();
     }
     let routes = state.gateway.routes();
@@ -43,10 +40,7 @@ pub async fn get_route(
     request: Request,
 ) -> Response {
     let (parts, _) = request.into_parts();
-    if let Err(e) = state
-        .auth
-        .authorize(&parts.headers, peer(&parts), Scope::Admin)
-    {
+    if let Err(e) = authorize(&state, &parts, Scope::Admin) {
         return e.into_response();
     }
     match state.gateway.routes().get(&name) {
@@ -67,11 +61,7 @@ pub async fn put_route(
 }
 
 async fn put(state: Arc<AppState>, name: String, request: Request) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
-    state
-        .auth
-        .authorize(&parts.headers, peer(&parts), Scope::Admin)?;
-    let mut body = read_json_object(&parts, body, state.body_limit).await?;
+    let mut body = authorized_json(&state, request, Scope::Admin).await?;
     body.remove("name");
     let rollout: RolloutConfig = serde_json::from_value(Value::Object(body))
         .map_err(|e| ApiError::invalid(format!("Invalid rollout: {e}.")))?;

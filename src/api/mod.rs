@@ -95,6 +95,29 @@ pub fn header(parts: &Parts, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Checks that the caller of `parts` holds `scope`.
+pub fn authorize(
+    state: &AppState,
+    parts: &Parts,
+    scope: crate::config::Scope,
+) -> Result<(), ApiError> {
+    state
+        .auth
+        .authorize(&parts.headers, peer(parts), scope)
+        .map(|_| ())
+}
+
+/// Authorizes a request for `scope` and reads its JSON object body.
+pub async fn authorized_json(
+    state: &AppState,
+    request: axum::extract::Request,
+    scope: crate::config::Scope,
+) -> Result<Map<String, Value>, ApiError> {
+    let (parts, body) = request.into_parts();
+    authorize(state, &parts, scope)?;
+    read_json_object(&parts, body, state.body_limit).await
+}
+
 /// Reads a JSON object body within `limit` bytes.
 pub async fn read_json_object(
     parts: &Parts,

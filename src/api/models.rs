@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::{peer, AppState};
+use super::{authorize, AppState};
 use crate::config::Scope;
 
 fn model_object(id: &str, route: Option<&str>) -> Value {
@@ -23,10 +23,7 @@ fn model_object(id: &str, route: Option<&str>) -> Value {
 
 pub async fn list(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let (parts, _) = request.into_parts();
-    if let Err(e) = state
-        .auth
-        .authorize(&parts.headers, peer(&parts), Scope::Inference)
-    {
+    if let Err(e) = authorize(&state, &parts, Scope::Inference) {
         return e.into_response();
     }
     let data: Vec<Value> = state
@@ -44,10 +41,7 @@ pub async fn retrieve(
     request: Request,
 ) -> Response {
     let (parts, _) = request.into_parts();
-    if let Err(e) = state
-        .auth
-        .authorize(&parts.headers, peer(&parts), Scope::Inference)
-    {
+    if let Err(e) = authorize(&state, &parts, Scope::Inference) {
         return e.into_response();
     }
     let ids = state.gateway.model_ids();
