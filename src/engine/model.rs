@@ -211,77 +211,7 @@ impl LlamaModel {
         max_context: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let arch = md(content, "general.architecture")?.to_string()?.clone();
-        if !matches!(arch.as_str(), "llama" | "mistral" | "granite") {
-            return Err(ModelError::Unsupported(format!(
-                "architecture '{arch}' (supported: llama)"
-            )));
-        }
-        let key = |k: &str| format!("{arch}.{k}");
-        let n_layers = md(content, &key("block_count"))?.to_u32()? as usize;
-        let hidden = md(content, &key("embedding_length"))?.to_u32()? as usize;
-        let ffn = md(content, &key("feed_forward_length"))?.to_u32()? as usize;
-        let heads = md(content, &key("attention.head_count"))?.to_u32()? as usize;
-        let kv_heads = match content.metadata.get(&key("attention.head_count_kv")) {
-            Some(v) => v.to_u32()? as usize,
-            None => heads,
-        };
-        let rms_eps = md(content, &key("attention.layer_norm_rms_epsilon"))?.to_f32()? as f64;
-        let rope_theta = match content.metadata.get(&key("rope.freq_base")) {
-            Some(v) => v.to_f32()?,
-            None => 10_000.0,
-        };
-        let file_context = match content.metadata.get(&key("context_length")) {
-            Some(v) => v.to_u32()? as usize,
-            None => 2048,
-        };
-        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-            return Err(ModelError::Unsupported(format!(
-                "{heads} heads / {kv_heads} kv heads over hidden size {hidden}"
-            )));
-        }
-        let rope_scaling = match content.metadata.get(&key("rope.scaling.type")) {
-            Some(v) => match v.to_string()?.as_str() {
-                "none" => RopeScaling::None,
-                "linear" => {
-                    RopeScaling::Linear(md(content, &key("rope.scaling.factor"))?.to_f32()?)
-                }
-                other => {
-                    return Err(ModelError::Unsupported(format!(
-                        "rope scaling '{other}' (supported: none, linear, llama3)"
-                    )))
-                }
-            },
-            None => RopeScaling::None,
-        };
-        // Llama 3 GGUF files carry their frequency divisors as a tensor.
-        let rope_scaling = match content.tensor_infos.contains_key("rope_freqs.weight") {
-            true => RopeScaling::Factors(
-                content
-                    .tensor(reader, "rope_freqs.weight", device)?
-                    .dequantize(device)?
-                    .to_vec1::<f32>()?,
-            ),
-            false => rope_scaling,
-        };
-        let shape = Shape {
-            n_layers,
-            hidden,
-            ffn,
-            heads,
-            kv_heads,
-            rope_theta,
-            rope_scaling,
-            rms_eps,
-            context_length: file_context.min(max_context).max(1),
-        };
-        let mut get = |name: &str| -> Result<Option<QTensor>, ModelError> {
-            if !content.tensor_infos.contains_key(name) {
-                return Ok(None);
-            }
-            Ok(Some(content.tensor(reader, name, device)?))
-        };
-        Self::build(shape, &mut get, format, RopeStyle::Interleaved, device)
+        Self::build(ModelSource::gguf(content, reader, max_context, device)?, format, device)
     }
 
     /// Loads a Hugging Face Llama directory (`config.json` and `*.safetensors`; bf16/f16 weights
@@ -292,74 +222,7 @@ impl LlamaModel {
         max_context: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| ModelError::Missing(format!("{}: {e}", cfg_path.display())))?;
-        let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            ModelError::Unsupported(format!("{} is not JSON: {e}", cfg_path.display()))
-        })?;
-        let arch = c["architectures"][0].as_str().unwrap_or("LlamaForCausalLM");
-        if !matches!(arch, "LlamaForCausalLM" | "MistralForCausalLM") {
-            return Err(ModelError::Unsupported(format!(
-                "architecture '{arch}' (supported: LlamaForCausalLM)"
-            )));
-        }
-        let num = |k: &str| {
-            c[k].as_u64()
-                .map(|v| v as usize)
-                .ok_or_else(|| ModelError::Missing(format!("config.json {k}")))
-        };
-        let heads = num("num_attention_heads")?;
-        let shape = Shape {
-            n_layers: num("num_hidden_layers")?,
-            hidden: num("hidden_size")?,
-            ffn: num("intermediate_size")?,
-            heads,
-            kv_heads: c["num_key_value_heads"]
-                .as_u64()
-                .map_or(heads, |v| v as usize),
-            rope_theta: c["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
-            rope_scaling: hf_rope_scaling(&c["rope_scaling"])?,
-            rms_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-5),
-            context_length: c["max_position_embeddings"]
-                .as_u64()
-                .map_or(2048, |v| v as usize)
-                .min(max_context)
-                .max(1),
-        };
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| ModelError::Missing(format!("{}: {e}", dir.display())))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(ModelError::Missing(format!(
-                "*.safetensors in {}",
-                dir.display()
-            )));
-        }
-        let mut all = std::collections::HashMap::new();
-        for f in &files {
-            all.extend(candle_core::safetensors::load(f, device)?);
-        }
-        let tied = c["tie_word_embeddings"].as_bool().unwrap_or(false);
-        let mut get = |gguf_name: &str| -> Result<Option<QTensor>, ModelError> {
-            let Some(hf) = hf_name(gguf_name) else {
-                return Ok(None);
-            };
-            if hf == "lm_head.weight" && tied {
-                return Ok(None);
-            }
-            match all.remove(&hf) {
-                Some(t) => Ok(Some(QTensor::quantize(
-                    &t.to_dtype(DType::F32)?,
-                    GgmlDType::F32,
-                )?)),
-                None => Ok(None),
-            }
-        };
-        Self::build(shape, &mut get, format, RopeStyle::Halves, device)
+        Self::build(ModelSource::hf_dir(dir, max_context, device)?, format, device)
     }
 
     /// True when q/k rows are in GGUF's interleaved layout (adapters trained on Hugging Face
@@ -370,34 +233,21 @@ impl LlamaModel {
 
     /// Assembles the model from tensors named as in GGUF.
     fn build(
-        shape: Shape,
-        get: &mut dyn FnMut(&str) -> Result<Option<QTensor>, ModelError>,
+        mut src: ModelSource<'_>,
         format: WeightFormat,
-        rope_style: RopeStyle,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let Shape {
-            n_layers,
-            hidden,
-            ffn,
-            heads,
-            kv_heads,
-            rope_theta,
-            rope_scaling,
-            rms_eps,
-            context_length,
-        } = shape;
+        let embed = Arc::new(src.require("token_embd.weight")?);
+        let cfg = src.config(embed.shape().dims2()?.0);
+        let rope_style = src.rope_style;
+        let (heads, kv_heads, hidden) = (cfg.heads, cfg.kv_heads, cfg.hidden);
         if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
             return Err(ModelError::Unsupported(format!(
                 "{heads} heads / {kv_heads} kv heads over hidden size {hidden}"
             )));
         }
-        let head_dim = hidden / heads;
-        let mut tensor = |name: &str| -> Result<QTensor, ModelError> {
-            get(name)?.ok_or_else(|| ModelError::Missing(format!("tensor {name}")))
-        };
-        let embed = Arc::new(tensor("token_embd.weight")?);
-        let vocab = embed.shape().dims2()?.0;
+        let n_layers = cfg.n_layers;
+        let mut tensor = |name: &str| src.require(name);
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
@@ -419,26 +269,13 @@ impl LlamaModel {
         }
         let norm = tensor("output_norm.weight")?.dequantize(device)?;
         // Tied embeddings: without an output matrix the embedding table doubles as the head.
-        let head_q = match get("output.weight")? {
+        let head_q = match src.tensor("output.weight")? {
             Some(t) => Arc::new(t),
             None => embed.clone(),
         };
         let head = match format {
             WeightFormat::Q8_0 => quantized_matrix(head_q.dequantize(device)?, format)?,
             _ => Proj::Candle(QMatMul::from_arc(head_q)?),
-        };
-        let cfg = LlamaConfig {
-            n_layers,
-            hidden,
-            ffn,
-            heads,
-            kv_heads,
-            head_dim,
-            vocab,
-            rope_theta,
-            rope_scaling,
-            rms_eps,
-            context_length,
         };
         let (cos, sin) = rope_tables(&cfg, device)?;
         Ok(Self {
@@ -674,6 +511,200 @@ fn add_deltas(
     let xv = x.flatten_all()?.to_vec1::<f32>()?;
     bgmv_add(&mut yv, out, &xv, input, &slots);
     Ok(Tensor::from_vec(yv, (n, out), y.device())?)
+}
+
+/// A model file opened for loading: its shape and its tensors by GGUF name, whichever format it is
+/// in. Serving (`LlamaModel`) and training (`flywheel::train`) load through the same source.
+pub struct ModelSource<'a> {
+    shape: Shape,
+    get: Box<dyn FnMut(&str) -> Result<Option<QTensor>, ModelError> + 'a>,
+    /// How the file's q/k rows pair dimensions for RoPE.
+    pub rope_style: RopeStyle,
+}
+
+impl<'a> ModelSource<'a> {
+    /// A GGUF file (Llama architecture).
+    pub fn gguf<R: Read + Seek>(
+        content: &'a gguf_file::Content,
+        reader: &'a mut R,
+        max_context: usize,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let arch = md(content, "general.architecture")?.to_string()?.clone();
+        if !matches!(arch.as_str(), "llama" | "mistral" | "granite") {
+            return Err(ModelError::Unsupported(format!(
+                "architecture '{arch}' (supported: llama)"
+            )));
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let n_layers = md(content, &key("block_count"))?.to_u32()? as usize;
+        let hidden = md(content, &key("embedding_length"))?.to_u32()? as usize;
+        let ffn = md(content, &key("feed_forward_length"))?.to_u32()? as usize;
+        let heads = md(content, &key("attention.head_count"))?.to_u32()? as usize;
+        let kv_heads = match content.metadata.get(&key("attention.head_count_kv")) {
+            Some(v) => v.to_u32()? as usize,
+            None => heads,
+        };
+        let rms_eps = md(content, &key("attention.layer_norm_rms_epsilon"))?.to_f32()? as f64;
+        let rope_theta = match content.metadata.get(&key("rope.freq_base")) {
+            Some(v) => v.to_f32()?,
+            None => 10_000.0,
+        };
+        let file_context = match content.metadata.get(&key("context_length")) {
+            Some(v) => v.to_u32()? as usize,
+            None => 2048,
+        };
+        let rope_scaling = match content.metadata.get(&key("rope.scaling.type")) {
+            Some(v) => match v.to_string()?.as_str() {
+                "none" => RopeScaling::None,
+                "linear" => {
+                    RopeScaling::Linear(md(content, &key("rope.scaling.factor"))?.to_f32()?)
+                }
+                other => {
+                    return Err(ModelError::Unsupported(format!(
+                        "rope scaling '{other}' (supported: none, linear, llama3)"
+                    )))
+                }
+            },
+            None => RopeScaling::None,
+        };
+        // Llama 3 GGUF files carry their frequency divisors as a tensor.
+        let rope_scaling = match content.tensor_infos.contains_key("rope_freqs.weight") {
+            true => RopeScaling::Factors(
+                content
+                    .tensor(reader, "rope_freqs.weight", device)?
+                    .dequantize(device)?
+                    .to_vec1::<f32>()?,
+            ),
+            false => rope_scaling,
+        };
+        let shape = Shape {
+            n_layers,
+            hidden,
+            ffn,
+            heads,
+            kv_heads,
+            rope_theta,
+            rope_scaling,
+            rms_eps,
+            context_length: file_context.min(max_context).max(1),
+        };
+        let device = device.clone();
+        Ok(Self {
+            shape,
+            get: Box::new(move |name: &str| {
+                if !content.tensor_infos.contains_key(name) {
+                    return Ok(None);
+                }
+                Ok(Some(content.tensor(reader, name, &device)?))
+            }),
+            rope_style: RopeStyle::Interleaved,
+        })
+    }
+
+    /// A Hugging Face directory: `config.json` and `*.safetensors`.
+    pub fn hf_dir(dir: &Path, max_context: usize, device: &Device) -> Result<Self, ModelError> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| ModelError::Missing(format!("{}: {e}", cfg_path.display())))?;
+        let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            ModelError::Unsupported(format!("{} is not JSON: {e}", cfg_path.display()))
+        })?;
+        let arch = c["architectures"][0].as_str().unwrap_or("LlamaForCausalLM");
+        if !matches!(arch, "LlamaForCausalLM" | "MistralForCausalLM") {
+            return Err(ModelError::Unsupported(format!(
+                "architecture '{arch}' (supported: LlamaForCausalLM)"
+            )));
+        }
+        let num = |k: &str| {
+            c[k].as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| ModelError::Missing(format!("config.json {k}")))
+        };
+        let heads = num("num_attention_heads")?;
+        let shape = Shape {
+            n_layers: num("num_hidden_layers")?,
+            hidden: num("hidden_size")?,
+            ffn: num("intermediate_size")?,
+            heads,
+            kv_heads: c["num_key_value_heads"]
+                .as_u64()
+                .map_or(heads, |v| v as usize),
+            rope_theta: c["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
+            rope_scaling: hf_rope_scaling(&c["rope_scaling"])?,
+            rms_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-5),
+            context_length: c["max_position_embeddings"]
+                .as_u64()
+                .map_or(2048, |v| v as usize)
+                .min(max_context)
+                .max(1),
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| ModelError::Missing(format!("{}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(ModelError::Missing(format!(
+                "*.safetensors in {}",
+                dir.display()
+            )));
+        }
+        let mut all = std::collections::HashMap::new();
+        for f in &files {
+            all.extend(candle_core::safetensors::load(f, device)?);
+        }
+        let tied = c["tie_word_embeddings"].as_bool().unwrap_or(false);
+        Ok(Self {
+            shape,
+            get: Box::new(move |gguf_name: &str| {
+                let Some(hf) = hf_name(gguf_name) else {
+                    return Ok(None);
+                };
+                if hf == "lm_head.weight" && tied {
+                    return Ok(None);
+                }
+                match all.remove(&hf) {
+                    Some(t) => Ok(Some(QTensor::quantize(
+                        &t.to_dtype(DType::F32)?,
+                        GgmlDType::F32,
+                    )?)),
+                    None => Ok(None),
+                }
+            }),
+            rope_style: RopeStyle::Halves,
+        })
+    }
+
+    /// The tensor named `name` (GGUF naming), if the file has it.
+    pub fn tensor(&mut self, name: &str) -> Result<Option<QTensor>, ModelError> {
+        (self.get)(name)
+    }
+
+    /// The tensor named `name`, or a clear error.
+    pub fn require(&mut self, name: &str) -> Result<QTensor, ModelError> {
+        self.tensor(name)?
+            .ok_or_else(|| ModelError::Missing(format!("tensor {name}")))
+    }
+
+    /// The model's shape, once the vocabulary size is known (from the embedding table).
+    pub fn config(&self, vocab: usize) -> LlamaConfig {
+        let s = &self.shape;
+        LlamaConfig {
+            n_layers: s.n_layers,
+            hidden: s.hidden,
+            ffn: s.ffn,
+            heads: s.heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.hidden / s.heads.max(1),
+            vocab,
+            rope_theta: s.rope_theta,
+            rope_scaling: s.rope_scaling.clone(),
+            rms_eps: s.rms_eps,
+            context_length: s.context_length,
+        }
+    }
 }
 
 /// The shape read from a model's metadata, before its tensors.
