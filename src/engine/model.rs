@@ -513,11 +513,14 @@ fn add_deltas(
     Ok(Tensor::from_vec(yv, (n, out), y.device())?)
 }
 
+/// Reads one tensor by GGUF name, `None` when the file lacks it.
+type TensorGetter<'a> = Box<dyn FnMut(&str) -> Result<Option<QTensor>, ModelError> + 'a>;
+
 /// A model file opened for loading: its shape and its tensors by GGUF name, whichever format it is
 /// in. Serving (`LlamaModel`) and training (`flywheel::train`) load through the same source.
 pub struct ModelSource<'a> {
     shape: Shape,
-    get: Box<dyn FnMut(&str) -> Result<Option<QTensor>, ModelError> + 'a>,
+    get: TensorGetter<'a>,
     /// How the file's q/k rows pair dimensions for RoPE.
     pub rope_style: RopeStyle,
 }
