@@ -3,6 +3,7 @@
 //! kernel can replace any of them behind the same signature.
 
 pub mod attention;
+pub mod grad;
 pub mod lora;
 pub mod qgemm;
 
