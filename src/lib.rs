@@ -6,6 +6,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod flywheel;
 pub mod gateway;
 pub mod ops;
 pub mod store;

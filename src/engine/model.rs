@@ -822,7 +822,7 @@ fn hf_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling, ModelError> {
     }
 }
 
-fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor), ModelError> {
+pub(crate) fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor), ModelError> {
     let half = cfg.head_dim / 2;
     let inv = scaled_frequencies(cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling)?;
     let mut cos = Vec::with_capacity(cfg.context_length * half);

@@ -1,0 +1,4 @@
+//! The flywheel path: datasets, LoRA training, evaluation. Runs off the serving path and never
+//! touches HTTP.
+
+pub mod train;

@@ -1,0 +1,3 @@
+//! LoRA supervised fine-tuning on the local base model.
+
+pub mod model;

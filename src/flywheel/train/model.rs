@@ -1,0 +1,843 @@
+//! The base model for LoRA training: frozen f32 weights (quantized files are dequantized once, as
+//! QLoRA does), LoRA factors in one flat parameter vector, and an explicit forward and backward
+//! pass. The backward computes gradients for the LoRA factors and the activations only; the base
+//! weights never get one, so each projection costs two matmuls backwards instead of three.
+//!
+//! GGUF files store q/k rows permuted for interleaved RoPE; they are put back into Hugging Face's
+//! layout here, so the trained factors are a plain PEFT adapter that serves on any base format.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+
+use crate::engine::model::{rope_tables, LlamaConfig, ModelError, ModelSource};
+use crate::ops::grad;
+use crate::ops::RopeStyle;
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// The seven projections PEFT can target, in the order they are stored.
+pub const MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Projection matrices that share an input run as one matmul: (first module, module count).
+const GROUPS: [(usize, usize); 4] = [(0, 3), (3, 1), (4, 2), (6, 1)];
+
+struct BaseLayer {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    /// One (outputs, inputs) matrix per group in `GROUPS`: qkv, o, gate_up, down.
+    groups: [Tensor; 4],
+}
+
+/// The frozen base.
+pub struct TrainBase {
+    pub cfg: LlamaConfig,
+    embed: Tensor,
+    head: Tensor,
+    norm: Vec<f32>,
+    layers: Vec<BaseLayer>,
+    /// (context, head_dim / 2)
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// Where one module's factors live in the flat parameter vector.
+#[derive(Debug, Clone, Copy)]
+pub struct FactorSlot {
+    /// A: (rank, inputs) at `a`; B: (outputs, rank) at `b`.
+    pub a: usize,
+    pub b: usize,
+    pub inputs: usize,
+    pub outputs: usize,
+}
+
+/// The trainable LoRA factors of every targeted module, in one vector.
+#[derive(Debug, Clone)]
+pub struct LoraShape {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Indices into `MODULES`.
+    pub targets: Vec<usize>,
+    /// layers × 7: the slot of each targeted module.
+    pub slots: Vec<[Option<FactorSlot>; 7]>,
+    pub len: usize,
+}
+
+impl LoraShape {
+    pub fn new(cfg: &LlamaConfig, rank: usize, alpha: f64, targets: &[usize]) -> Self {
+        let mut slots = Vec::with_capacity(cfg.n_layers);
+        let mut len = 0;
+        for _ in 0..cfg.n_layers {
+            let mut layer = [None; 7];
+            for &m in targets {
+                let (inputs, outputs) = module_dims(cfg, m);
+                layer[m] = Some(FactorSlot {
+                    a: len,
+                    b: len + rank * inputs,
+                    inputs,
+                    outputs,
+                });
+                len += rank * (inputs + outputs);
+            }
+            slots.push(layer);
+        }
+        Self {
+            rank,
+            alpha,
+            targets: targets.to_vec(),
+            slots,
+            len,
+        }
+    }
+
+    pub fn scale(&self) -> f32 {
+        (self.alpha / self.rank as f64) as f32
+    }
+
+    /// PEFT's initialisation: A uniform in ±1/√inputs (Kaiming with a = √5), B zero, so training
+    /// starts from the base model exactly.
+    pub fn init(&self, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix(seed);
+        let mut theta = vec![0f32; self.len];
+        for layer in &self.slots {
+            for s in layer.iter().flatten() {
+                let bound = 1.0 / (s.inputs as f32).sqrt();
+                for v in &mut theta[s.a..s.a + self.rank * s.inputs] {
+                    *v = (rng.unit() * 2.0 - 1.0) * bound;
+                }
+            }
+        }
+        theta
+    }
+}
+
+impl LoraShape {
+    /// Writes `theta` as a PEFT adapter directory (`adapter_config.json` and
+    /// `adapter_model.safetensors`). Files go to a sibling temporary directory first, which is then
+    /// renamed into place, so a reader never sees a half-written adapter.
+    pub fn save_peft(
+        &self,
+        theta: &[f32],
+        dir: &Path,
+        base_model: &str,
+        dropout: f32,
+    ) -> std::io::Result<()> {
+        let io = |e: candle_core::Error| std::io::Error::other(e.to_string());
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)?;
+        let tmp = parent.join(format!(
+            ".{}.partial-{}",
+            dir.file_name().and_then(|n| n.to_str()).unwrap_or("adapter"),
+            std::process::id()
+        ));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        let mut tensors = std::collections::HashMap::new();
+        for (li, layer) in self.slots.iter().enumerate() {
+            for (m, slot) in layer.iter().enumerate() {
+                let Some(s) = slot else { continue };
+                let block = if m < 4 { "self_attn" } else { "mlp" };
+                let prefix = format!("base_model.model.model.layers.{li}.{block}.{}", MODULES[m]);
+                let (a, b) = factors(theta, s, self.rank).map_err(io)?;
+                tensors.insert(format!("{prefix}.lora_A.weight"), a);
+                tensors.insert(format!("{prefix}.lora_B.weight"), b);
+            }
+        }
+        candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))
+            .map_err(io)?;
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": dropout,
+            "bias": "none",
+            "target_modules": self.targets.iter().map(|m| MODULES[*m]).collect::<Vec<_>>(),
+        });
+        std::fs::write(tmp.join("adapter_config.json"), config.to_string())?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::rename(&tmp, dir)
+    }
+}
+
+/// (inputs, outputs) of module `m`.
+fn module_dims(cfg: &LlamaConfig, m: usize) -> (usize, usize) {
+    let (h, kv) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
+    match m {
+        0 => (cfg.hidden, h),
+        1 | 2 => (cfg.hidden, kv),
+        3 => (h, cfg.hidden),
+        4 | 5 => (cfg.hidden, cfg.ffn),
+        _ => (cfg.ffn, cfg.hidden),
+    }
+}
+
+/// A small deterministic generator (SplitMix64) for initialisation, dropout and shuffling.
+#[derive(Debug, Clone)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// Reorders GGUF's interleaved q/k rows back to Hugging Face's half-split layout.
+fn unpermute_rows(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (out, inputs) = w.dims2()?;
+    let half = out / heads / 2;
+    w.reshape((heads, half, 2, inputs))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inputs))
+}
+
+fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// A training batch: `rows` sequences padded to `t` tokens; `targets[i]` is the token position i
+/// must predict, for positions that carry loss.
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub rows: usize,
+    pub t: usize,
+    /// (flat position, target token)
+    pub targets: Vec<(usize, u32)>,
+}
+
+/// What the backward pass needs from one module's LoRA branch.
+struct LoraSaved {
+    /// The branch's input after dropout: (n, inputs).
+    x: Tensor,
+    /// `x · Aᵀ`: (n, rank).
+    u: Tensor,
+    /// The dropout mask (0 or 1/(1-p) per input), when dropout is on.
+    mask: Option<Tensor>,
+}
+
+struct LayerSaved {
+    x: Vec<f32>,
+    rstd1: Vec<f32>,
+    /// (batch, kv_heads, group · t, head_dim), after RoPE.
+    q: Tensor,
+    /// (batch, kv_heads, t, head_dim), after RoPE.
+    k: Tensor,
+    v: Tensor,
+    /// Attention probabilities: (batch, kv_heads, group · t, t).
+    p: Tensor,
+    x2: Vec<f32>,
+    rstd2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    lora: [Option<LoraSaved>; 7],
+}
+
+/// Loss and gradient of one batch.
+pub struct StepResult {
+    /// Summed cross-entropy over the batch's targets.
+    pub loss_sum: f64,
+    pub targets: usize,
+}
+
+impl TrainBase {
+    /// Loads a GGUF file or a Hugging Face directory, dequantized to f32.
+    pub fn load(path: &Path, max_context: usize) -> Result<Self> {
+        let device = Device::Cpu;
+        if path.is_dir() {
+            let src = ModelSource::hf_dir(path, max_context, &device)?;
+            Self::from_source(src)
+        } else {
+            let mut file = std::fs::File::open(path)
+                .map_err(|e| ModelError::Missing(format!("{}: {e}", path.display())))?;
+            let content = gguf_file::Content::read(&mut file)?;
+            let src = ModelSource::gguf(&content, &mut file, max_context, &device)?;
+            Self::from_source(src)
+        }
+    }
+
+    fn from_source(mut src: ModelSource<'_>) -> Result<Self> {
+        let device = Device::Cpu;
+        let embed = src.require("token_embd.weight")?.dequantize(&device)?;
+        let cfg = src.config(embed.dims2()?.0);
+        let gguf = src.rope_style == RopeStyle::Interleaved;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let mut w = |s: &str| -> Result<Tensor> {
+                Ok(src
+                    .require(&format!("blk.{i}.{s}.weight"))?
+                    .dequantize(&device)?)
+            };
+            let mut q = w("attn_q")?;
+            let mut k = w("attn_k")?;
+            if gguf {
+                q = unpermute_rows(&q, cfg.heads)?;
+                k = unpermute_rows(&k, cfg.kv_heads)?;
+            }
+            let v = w("attn_v")?;
+            let o = w("attn_output")?;
+            let gate = w("ffn_gate")?;
+            let up = w("ffn_up")?;
+            let down = w("ffn_down")?;
+            layers.push(BaseLayer {
+                attn_norm: to_vec(&w("attn_norm")?)?,
+                ffn_norm: to_vec(&w("ffn_norm")?)?,
+                groups: [
+                    Tensor::cat(&[q, k, v], 0)?,
+                    o,
+                    Tensor::cat(&[gate, up], 0)?,
+                    down,
+                ],
+            });
+        }
+        let norm = to_vec(&src.require("output_norm.weight")?.dequantize(&device)?)?;
+        let head = match src.tensor("output.weight")? {
+            Some(t) => t.dequantize(&device)?,
+            None => embed.clone(),
+        };
+        let (cos, sin) = rope_tables(&cfg, &device)?;
+        Ok(Self {
+            cos: to_vec(&cos)?,
+            sin: to_vec(&sin)?,
+            cfg,
+            embed,
+            head,
+            norm,
+            layers,
+        })
+    }
+
+    /// Output widths of group `g`'s modules.
+    fn group_widths(&self, g: usize) -> Vec<usize> {
+        let (first, count) = GROUPS[g];
+        (first..first + count)
+            .map(|m| module_dims(&self.cfg, m).1)
+            .collect()
+    }
+
+    /// `x · Wᵀ` for group `g` of `layer`, plus each targeted module's `scale · dropout(x) Aᵀ Bᵀ`.
+    #[allow(clippy::too_many_arguments)]
+    fn group_forward(
+        &self,
+        layer: usize,
+        g: usize,
+        x: &Tensor,
+        lora: &LoraShape,
+        theta: &[f32],
+        dropout: f32,
+        rng: &mut SplitMix,
+        saved: &mut [Option<LoraSaved>; 7],
+    ) -> Result<Tensor> {
+        let w = &self.layers[layer].groups[g];
+        let y = x.matmul(&w.t()?)?;
+        let (first, count) = GROUPS[g];
+        let n = x.dim(0)?;
+        let widths = self.group_widths(g);
+        let mut parts = Vec::with_capacity(count);
+        let mut any = false;
+        for (j, m) in (first..first + count).enumerate() {
+            match lora.slots[layer][m] {
+                Some(s) => {
+                    let (xd, mask) = dropout_input(x, dropout, rng)?;
+                    let (a, b) = factors(theta, &s, lora.rank)?;
+                    let u = xd.matmul(&a.t()?)?; // (n, rank)
+                    parts.push((u.matmul(&b.t()?)? * f64::from(lora.scale()))?);
+                    saved[m] = Some(LoraSaved { x: xd, u, mask });
+                    any = true;
+                }
+                None => parts.push(Tensor::zeros((n, widths[j]), y.dtype(), y.device())?),
+            }
+        }
+        if !any {
+            return Ok(y);
+        }
+        Ok((y + Tensor::cat(&parts, 1)?)?)
+    }
+
+    /// The input gradient of a group given its output gradient `dy`; LoRA factor gradients are
+    /// added into `grad`.
+    fn group_backward(
+        &self,
+        layer: usize,
+        g: usize,
+        dy: &Tensor,
+        lora: &LoraShape,
+        theta: &[f32],
+        saved: &[Option<LoraSaved>; 7],
+        grad: &mut [f32],
+    ) -> Result<Tensor> {
+        let w = &self.layers[layer].groups[g];
+        let mut dx = dy.matmul(w)?;
+        let (first, count) = GROUPS[g];
+        let widths = self.group_widths(g);
+        let mut offset = 0;
+        let scale = f64::from(lora.scale());
+        for (j, m) in (first..first + count).enumerate() {
+            if let (Some(s), Some(sv)) = (lora.slots[layer][m], &saved[m]) {
+                let dym = dy.narrow(1, offset, widths[j])?;
+                let (a, b) = factors(theta, &s, lora.rank)?;
+                let db = (dym.t()?.matmul(&sv.u)? * scale)?; // (outputs, rank)
+                let du = (dym.matmul(&b)? * scale)?; // (n, rank)
+                let da = du.t()?.matmul(&sv.x)?; // (rank, inputs)
+                add_into(&mut grad[s.a..s.a + lora.rank * s.inputs], &da)?;
+                add_into(&mut grad[s.b..s.b + s.outputs * lora.rank], &db)?;
+                let dxl = du.matmul(&a)?;
+                dx = match &sv.mask {
+                    Some(mask) => (dx + dxl.mul(mask)?)?,
+                    None => (dx + dxl)?,
+                };
+            }
+            offset += widths[j];
+        }
+        Ok(dx)
+    }
+
+    /// Loss and (accumulated into `grad`) LoRA gradient of one batch; each target's loss is
+    /// weighted by `weight` in the gradient (1 / targets of the whole optimizer step).
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grad(
+        &self,
+        batch: &Batch,
+        lora: &LoraShape,
+        theta: &[f32],
+        dropout: f32,
+        rng: &mut SplitMix,
+        weight: f32,
+        grad: &mut [f32],
+    ) -> Result<StepResult> {
+        let (xl, saved) = self.forward_layers(batch, lora, theta, dropout, rng)?;
+        let (loss_sum, mut dx) = self.head_loss(&xl, batch, weight, true)?;
+        for li in (0..self.cfg.n_layers).rev() {
+            dx = self.layer_backward(li, dx, &saved[li], batch, lora, theta, grad)?;
+        }
+        Ok(StepResult {
+            loss_sum,
+            targets: batch.targets.len(),
+        })
+    }
+
+    /// The summed loss of a batch, without gradients.
+    pub fn loss(&self, batch: &Batch, lora: &LoraShape, theta: &[f32]) -> Result<StepResult> {
+        let mut rng = SplitMix(0);
+        let (xl, _) = self.forward_layers(batch, lora, theta, 0.0, &mut rng)?;
+        let (loss_sum, _) = self.head_loss(&xl, batch, 1.0, false)?;
+        Ok(StepResult {
+            loss_sum,
+            targets: batch.targets.len(),
+        })
+    }
+
+    /// Logits of every position: (rows · t, vocab). For tests against the serving engine.
+    pub fn logits(&self, batch: &Batch, lora: &LoraShape, theta: &[f32]) -> Result<Tensor> {
+        let mut rng = SplitMix(0);
+        let (xl, _) = self.forward_layers(batch, lora, theta, 0.0, &mut rng)?;
+        let n = batch.rows * batch.t;
+        let (h, _) = grad::rms_norm_fwd(&xl, &self.norm, self.cfg.rms_eps as f32);
+        let h = Tensor::from_vec(h, (n, self.cfg.hidden), &Device::Cpu)?;
+        Ok(h.matmul(&self.head.t()?)?)
+    }
+
+    fn forward_layers(
+        &self,
+        batch: &Batch,
+        lora: &LoraShape,
+        theta: &[f32],
+        dropout: f32,
+        rng: &mut SplitMix,
+    ) -> Result<(Vec<f32>, Vec<LayerSaved>)> {
+        let cfg = &self.cfg;
+        let (bsz, t) = (batch.rows, batch.t);
+        let n = bsz * t;
+        if t > cfg.context_length {
+            return Err(ModelError::Unsupported(format!(
+                "a training sequence of {t} tokens exceeds the context length {}",
+                cfg.context_length
+            )));
+        }
+        let (h, kvh, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+        let group = h / kvh;
+        let half = hd / 2;
+        let ids = Tensor::from_slice(&batch.tokens, n, &Device::Cpu)?;
+        let mut x = to_vec(&self.embed.index_select(&ids, 0)?)?;
+        // Each row's position is its index within its sequence.
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for _ in 0..bsz {
+            cos.extend_from_slice(&self.cos[..t * half]);
+            sin.extend_from_slice(&self.sin[..t * half]);
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let eps = cfg.rms_eps as f32;
+        let mut saved = Vec::with_capacity(cfg.n_layers);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut lsaved: [Option<LoraSaved>; 7] = Default::default();
+            let (h1, rstd1) = grad::rms_norm_fwd(&x, &layer.attn_norm, eps);
+            let h1 = Tensor::from_vec(h1, (n, cfg.hidden), &Device::Cpu)?;
+            let qkv = self.group_forward(li, 0, &h1, lora, theta, dropout, rng, &mut lsaved)?;
+            let mut q = to_vec(&qkv.narrow(1, 0, h * hd)?.contiguous()?)?;
+            let mut k = to_vec(&qkv.narrow(1, h * hd, kvh * hd)?.contiguous()?)?;
+            let v = qkv.narrow(1, (h + kvh) * hd, kvh * hd)?.contiguous()?;
+            grad::rope_halves(&mut q, h, hd, &cos, &sin, false);
+            grad::rope_halves(&mut k, kvh, hd, &cos, &sin, false);
+            // (b, t, heads, hd) → (b, kv, group·t, hd): query head kv·group + g reads kv head kv.
+            let q = heads_major(Tensor::from_vec(q, (bsz, t, h, hd), &Device::Cpu)?)?
+                .reshape((bsz, kvh, group * t, hd))?;
+            let k = heads_major(Tensor::from_vec(k, (bsz, t, kvh, hd), &Device::Cpu)?)?;
+            let v = heads_major(v.reshape((bsz, t, kvh, hd))?)?;
+            let mut s = to_vec(&q.matmul(&k.t()?)?)?;
+            grad::causal_softmax_fwd(&mut s, t, scale);
+            let p = Tensor::from_vec(s, (bsz, kvh, group * t, t), &Device::Cpu)?;
+            let o = p.matmul(&v)?.reshape((bsz, h, t, hd))?;
+            let attn = o.transpose(1, 2)?.contiguous()?.reshape((n, h * hd))?;
+            let out = self.group_forward(li, 1, &attn, lora, theta, dropout, rng, &mut lsaved)?;
+            let mut x2 = x.clone();
+            x2.iter_mut()
+                .zip(to_vec(&out)?)
+                .for_each(|(a, b)| *a += b);
+            let (h2, rstd2) = grad::rms_norm_fwd(&x2, &layer.ffn_norm, eps);
+            let h2 = Tensor::from_vec(h2, (n, cfg.hidden), &Device::Cpu)?;
+            let gu = self.group_forward(li, 2, &h2, lora, theta, dropout, rng, &mut lsaved)?;
+            let gate = to_vec(&gu.narrow(1, 0, cfg.ffn)?.contiguous()?)?;
+            let up = to_vec(&gu.narrow(1, cfg.ffn, cfg.ffn)?.contiguous()?)?;
+            let act = Tensor::from_vec(
+                grad::silu_mul_fwd(&gate, &up),
+                (n, cfg.ffn),
+                &Device::Cpu,
+            )?;
+            let down = self.group_forward(li, 3, &act, lora, theta, dropout, rng, &mut lsaved)?;
+            let mut x3 = x2.clone();
+            x3.iter_mut()
+                .zip(to_vec(&down)?)
+                .for_each(|(a, b)| *a += b);
+            saved.push(LayerSaved {
+                x,
+                rstd1,
+                q,
+                k,
+                v,
+                p,
+                x2,
+                rstd2,
+                gate,
+                up,
+                lora: lsaved,
+            });
+            x = x3;
+        }
+        Ok((x, saved))
+    }
+
+    /// Cross-entropy over the batch's target positions only (the head is the largest matmul, and
+    /// most positions carry no loss). Returns the summed loss and, when asked, dL/dx of the last
+    /// layer's output.
+    fn head_loss(
+        &self,
+        xl: &[f32],
+        batch: &Batch,
+        weight: f32,
+        want_grad: bool,
+    ) -> Result<(f64, Vec<f32>)> {
+        let d = self.cfg.hidden;
+        let vocab = self.cfg.vocab;
+        let eps = self.cfg.rms_eps as f32;
+        let mut dx = if want_grad {
+            vec![0f32; xl.len()]
+        } else {
+            Vec::new()
+        };
+        let mut loss = 0f64;
+        // Chunks bound the logits buffer (rows × vocab floats).
+        for chunk in batch.targets.chunks(256) {
+            let mut rows = Vec::with_capacity(chunk.len() * d);
+            for (pos, _) in chunk {
+                rows.extend_from_slice(&xl[pos * d..(pos + 1) * d]);
+            }
+            let (hn, rstd) = grad::rms_norm_fwd(&rows, &self.norm, eps);
+            let m = chunk.len();
+            let hn = Tensor::from_vec(hn, (m, d), &Device::Cpu)?;
+            let mut logits = to_vec(&hn.matmul(&self.head.t()?)?)?;
+            let targets: Vec<u32> = chunk.iter().map(|(_, t)| *t).collect();
+            loss += grad::cross_entropy(&mut logits, vocab, &targets, weight);
+            if want_grad {
+                let dl = Tensor::from_vec(logits, (m, vocab), &Device::Cpu)?;
+                let dh = to_vec(&dl.matmul(&self.head)?)?;
+                let drows = grad::rms_norm_bwd(&dh, &rows, &self.norm, &rstd);
+                for (i, (pos, _)) in chunk.iter().enumerate() {
+                    dx[pos * d..(pos + 1) * d]
+                        .iter_mut()
+                        .zip(&drows[i * d..(i + 1) * d])
+                        .for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+        Ok((loss, dx))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        li: usize,
+        dx3: Vec<f32>,
+        s: &LayerSaved,
+        batch: &Batch,
+        lora: &LoraShape,
+        theta: &[f32],
+        grad: &mut [f32],
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let layer = &self.layers[li];
+        let (bsz, t) = (batch.rows, batch.t);
+        let n = bsz * t;
+        let (h, kvh, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+        let group = h / kvh;
+        let half = hd / 2;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let dev = Device::Cpu;
+        // MLP: x3 = x2 + down(silu(gate) ⊙ up).
+        let dy = Tensor::from_slice(&dx3, (n, cfg.hidden), &dev)?;
+        let dact = to_vec(&self.group_backward(li, 3, &dy, lora, theta, &s.lora, grad)?)?;
+        let (dgate, dup) = grad::silu_mul_bwd(&dact, &s.gate, &s.up);
+        let dgu = Tensor::cat(
+            &[
+                Tensor::from_vec(dgate, (n, cfg.ffn), &dev)?,
+                Tensor::from_vec(dup, (n, cfg.ffn), &dev)?,
+            ],
+            1,
+        )?;
+        let dh2 = to_vec(&self.group_backward(li, 2, &dgu, lora, theta, &s.lora, grad)?)?;
+        let mut dx2 = grad::rms_norm_bwd(&dh2, &s.x2, &layer.ffn_norm, &s.rstd2);
+        dx2.iter_mut().zip(&dx3).for_each(|(a, b)| *a += b);
+        // Attention: x2 = x + o(softmax(q kᵀ) v).
+        let dy = Tensor::from_slice(&dx2, (n, cfg.hidden), &dev)?;
+        let dattn = self.group_backward(li, 1, &dy, lora, theta, &s.lora, grad)?;
+        let do_ = heads_major(dattn.reshape((bsz, t, h, hd))?)?.reshape((bsz, kvh, group * t, hd))?;
+        let mut dp = to_vec(&do_.matmul(&s.v.t()?)?)?;
+        let dv = s.p.t()?.matmul(&do_)?; // (b, kv, t, hd)
+        let p = to_vec(&s.p)?;
+        grad::causal_softmax_bwd(&p, &mut dp, t, scale);
+        let ds = Tensor::from_vec(dp, (bsz, kvh, group * t, t), &dev)?;
+        let dq = ds.matmul(&s.k)?.reshape((bsz, h, t, hd))?;
+        let dk = ds.t()?.matmul(&s.q)?; // (b, kv, t, hd)
+        let mut dq = to_vec(&dq.transpose(1, 2)?.contiguous()?)?;
+        let mut dk = to_vec(&dk.transpose(1, 2)?.contiguous()?)?;
+        let dv = dv.transpose(1, 2)?.contiguous()?.reshape((n, kvh * hd))?;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for _ in 0..bsz {
+            cos.extend_from_slice(&self.cos[..t * half]);
+            sin.extend_from_slice(&self.sin[..t * half]);
+        }
+        grad::rope_halves(&mut dq, h, hd, &cos, &sin, true);
+        grad::rope_halves(&mut dk, kvh, hd, &cos, &sin, true);
+        let dqkv = Tensor::cat(
+            &[
+                Tensor::from_vec(dq, (n, h * hd), &dev)?,
+                Tensor::from_vec(dk, (n, kvh * hd), &dev)?,
+                dv,
+            ],
+            1,
+        )?;
+        let dh1 = to_vec(&self.group_backward(li, 0, &dqkv, lora, theta, &s.lora, grad)?)?;
+        let mut dx = grad::rms_norm_bwd(&dh1, &s.x, &layer.attn_norm, &s.rstd1);
+        dx.iter_mut().zip(&dx2).for_each(|(a, b)| *a += b);
+        Ok(dx)
+    }
+}
+
+/// (b, t, heads, hd) → (b, heads, t, hd), contiguous.
+fn heads_major(x: Tensor) -> candle_core::Result<Tensor> {
+    x.transpose(1, 2)?.contiguous()
+}
+
+/// A module's A (rank, inputs) and B (outputs, rank) as tensors.
+fn factors(theta: &[f32], s: &FactorSlot, rank: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    let a = Tensor::from_slice(&theta[s.a..s.a + rank * s.inputs], (rank, s.inputs), &Device::Cpu)?;
+    let b = Tensor::from_slice(
+        &theta[s.b..s.b + s.outputs * rank],
+        (s.outputs, rank),
+        &Device::Cpu,
+    )?;
+    Ok((a, b))
+}
+
+fn add_into(dst: &mut [f32], t: &Tensor) -> candle_core::Result<()> {
+    let v = to_vec(&t.contiguous()?)?;
+    dst.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+    Ok(())
+}
+
+/// Inverted dropout on a LoRA branch's input: each value is zeroed with probability `p` and the
+/// rest scaled by 1/(1-p). Returns the branch input and its mask (none when `p` is 0).
+fn dropout_input(
+    x: &Tensor,
+    p: f32,
+    rng: &mut SplitMix,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    if p <= 0.0 {
+        return Ok((x.clone(), None));
+    }
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.unit() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+    Ok((x.mul(&mask)?, Some(mask)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::lora::LoraAdapter;
+    use crate::engine::model::{LlamaModel, WeightFormat};
+    use crate::engine::testing::{write_hf_dir_from_gguf, write_tiny_llama};
+    use candle_core::quantized::GgmlDType;
+
+    fn batch(rows: &[Vec<u32>]) -> Batch {
+        let t = rows.iter().map(Vec::len).max().unwrap();
+        let mut tokens = Vec::new();
+        let mut targets = Vec::new();
+        for (r, seq) in rows.iter().enumerate() {
+            for i in 0..t {
+                tokens.push(*seq.get(i).unwrap_or(&0));
+                if i + 1 < seq.len() && i >= 2 {
+                    targets.push((r * t + i, seq[i + 1]));
+                }
+            }
+        }
+        Batch {
+            tokens,
+            rows: rows.len(),
+            t,
+            targets,
+        }
+    }
+
+    fn random_theta(lora: &LoraShape, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix(seed);
+        (0..lora.len).map(|_| (rng.unit() - 0.5) * 0.4).collect()
+    }
+
+    /// The training forward (f32, its own attention and RoPE) gives the serving engine's logits,
+    /// with and without a LoRA adapter, for a GGUF base (permuted q/k) and a Hugging Face one.
+    #[test]
+    fn training_forward_matches_the_serving_engine_with_and_without_lora() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("tiny.gguf");
+        write_tiny_llama(&gguf, GgmlDType::F32, 3);
+        let hf = dir.path().join("hf");
+        write_hf_dir_from_gguf(&gguf, &hf);
+        let seqs = vec![vec![5u32, 70, 71, 72, 9, 33], vec![100u32, 101, 102, 8]];
+        for (path, serving) in [(&gguf, true), (&hf, false)] {
+            let base = TrainBase::load(path, 64).unwrap();
+            let lora = LoraShape::new(&base.cfg, 4, 8.0, &[0, 1, 2, 3, 4, 5, 6]);
+            let theta = random_theta(&lora, 7);
+            let adir = dir.path().join(format!("adapter-{serving}"));
+            lora.save_peft(&theta, &adir, "tiny", 0.0).unwrap();
+            let engine = if serving {
+                let mut f = std::fs::File::open(path).unwrap();
+                let c = gguf_file::Content::read(&mut f).unwrap();
+                LlamaModel::from_gguf(&c, &mut f, WeightFormat::F32, 64, &Device::Cpu).unwrap()
+            } else {
+                LlamaModel::from_hf_dir(path, WeightFormat::F32, 64, &Device::Cpu).unwrap()
+            };
+            let adapter =
+                LoraAdapter::load("t/a", "tiny", &adir, &engine.cfg, engine.gguf_layout()).unwrap();
+            let b = batch(&seqs);
+            let zero = vec![0f32; lora.len];
+            for (theta, with) in [(&zero, None), (&theta, Some(&adapter))] {
+                let logits: Vec<Vec<f32>> = base.logits(&b, &lora, theta).unwrap().to_vec2().unwrap();
+                for (r, seq) in seqs.iter().enumerate() {
+                    let mut cache = engine.new_cache();
+                    let want: Vec<Vec<f32>> = engine
+                        .forward_with(&[seq], &mut [&mut cache], &[with])
+                        .unwrap()
+                        .to_vec2()
+                        .unwrap();
+                    let got = &logits[r * b.t + seq.len() - 1];
+                    let diff = got
+                        .iter()
+                        .zip(&want[0])
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(diff < 1e-3, "row {r} (lora {}): max diff {diff}", with.is_some());
+                }
+            }
+        }
+    }
+
+    /// Every LoRA factor's gradient, on a sample of coordinates in every module, matches central
+    /// finite differences of the loss through the whole model, with and without dropout.
+    #[test]
+    fn lora_gradients_match_finite_differences_through_the_whole_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("tiny.gguf");
+        write_tiny_llama(&gguf, GgmlDType::F32, 5);
+        let base = TrainBase::load(&gguf, 64).unwrap();
+        let lora = LoraShape::new(&base.cfg, 2, 4.0, &[0, 1, 2, 3, 4, 5, 6]);
+        let theta = random_theta(&lora, 11);
+        let b = batch(&[vec![5u32, 70, 71, 72, 9, 33, 40], vec![100u32, 101, 102, 8, 7]]);
+        for dropout in [0.0f32, 0.3] {
+            let mut g = vec![0f32; lora.len];
+            base.loss_and_grad(&b, &lora, &theta, dropout, &mut SplitMix(1), 1.0, &mut g)
+                .unwrap();
+            let loss_at = |th: &[f32]| {
+                let mut scratch = vec![0f32; lora.len];
+                base.loss_and_grad(&b, &lora, th, dropout, &mut SplitMix(1), 1.0, &mut scratch)
+                    .unwrap()
+                    .loss_sum
+            };
+            let mut rng = SplitMix(3);
+            let mut checked = 0;
+            for layer in &lora.slots {
+                for s in layer.iter().flatten() {
+                    let a_len = lora.rank * s.inputs;
+                    let b_len = s.outputs * lora.rank;
+                    for _ in 0..2 {
+                        for i in [
+                            s.a + (rng.next_u64() as usize) % a_len,
+                            s.b + (rng.next_u64() as usize) % b_len,
+                        ] {
+                            let h = 1e-2f32;
+                            let mut p = theta.clone();
+                            p[i] += h;
+                            let mut m = theta.clone();
+                            m[i] -= h;
+                            let fd = (loss_at(&p) - loss_at(&m)) / (2.0 * f64::from(h));
+                            let an = f64::from(g[i]);
+                            assert!(
+                                (fd - an).abs() <= 2e-3 + 3e-2 * fd.abs().max(an.abs()),
+                                "dropout {dropout}, parameter {i}: analytic {an}, finite difference {fd}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+            assert_eq!(checked, 2 * 7 * 2 * 2);
+            assert!(g.iter().any(|v| v.abs() > 1e-3));
+        }
+    }
+}
