@@ -379,6 +379,7 @@ impl TrainBase {
 
     /// The input gradient of a group given its output gradient `dy`; LoRA factor gradients are
     /// added into `grad`.
+    #[allow(clippy::too_many_arguments)]
     fn group_backward(
         &self,
         layer: usize,
