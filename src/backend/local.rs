@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::{Backend, BackendError, BackendReply, BackendRequest, ChunkStream};
 use crate::engine::sampling::SamplingParams;
-use crate::engine::tools::{self, Parsed, ParsedCall, ToolCallParser};
+use crate::engine::tools::{Parsed, ParsedCall, ToolCallParser};
 use crate::engine::{Engine, GenEvent, GenerationRequest};
 
 pub struct LocalBackend {
@@ -36,32 +36,21 @@ impl LocalBackend {
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let choice_none = body.get("tool_choice").and_then(Value::as_str) == Some("none");
-        let use_tools = !tools.is_empty() && !choice_none;
-        let mut messages = body
+        let messages = body
             .get("messages")
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let has_tool_history = messages.iter().any(|m| {
-            m.get("tool_calls").is_some() || m.get("role").and_then(Value::as_str) == Some("tool")
-        });
-        let native_tools = use_tools && self.engine.template_tools;
-        if !native_tools && (use_tools || has_tool_history) {
-            let prompt = if use_tools {
-                tools::tools_system_prompt(&tools, body.get("tool_choice"))
-            } else {
-                String::new()
-            };
-            messages = tools::messages_with_tools(&messages, &prompt);
-        }
-        let tools_value = native_tools.then(|| Value::Array(tools.clone()));
+        let choice_none = body.get("tool_choice").and_then(Value::as_str) == Some("none");
+        let use_tools = !tools.is_empty() && !choice_none;
         let prompt = self
             .engine
-            .render(&messages, tools_value.as_ref())
+            .chat
+            .prompt(&messages, &tools, body.get("tool_choice"))
             .map_err(|m| self.refuse(Some("messages"), m))?;
         let ids = self
             .engine
+            .chat
             .encode(&prompt)
             .map_err(|m| BackendError::Internal {
                 backend: self.engine.name.clone(),

@@ -3,6 +3,7 @@
 //! active sequences in one forward pass; new requests join between steps, finished or abandoned
 //! ones leave at once. The engine does no I/O beyond loading weights.
 
+pub mod chat;
 pub mod lora;
 pub mod model;
 pub mod sampling;
@@ -24,7 +25,7 @@ use tokio::sync::mpsc;
 use lora::{AdapterRegistry, LoraAdapter, LoraError};
 use model::{KvCache, LlamaConfig, LlamaModel, ModelError, WeightFormat};
 use sampling::{Sampler, SamplingParams};
-use template::ChatTemplate;
+use chat::ChatFormat;
 use tokenizer::TokenizerInfo;
 
 /// How to load one local model.
@@ -124,10 +125,8 @@ pub struct Engine {
     /// Whether the base's q/k rows are in GGUF's layout (adapters are permuted to match).
     gguf_layout: bool,
     pub adapters: AdapterRegistry,
-    /// Whether the chat template renders `tools` itself.
-    pub template_tools: bool,
-    tokenizer: Arc<TokenizerInfo>,
-    template: ChatTemplate,
+    /// Tokenizer, chat template and tool prompting.
+    pub chat: ChatFormat,
     queue: std_mpsc::Sender<GenerationRequest>,
     _thread: JoinHandle<()>,
 }
@@ -141,12 +140,16 @@ impl Engine {
             source,
         };
         let device = Device::Cpu;
-        let (model, tok, template_src) = if cfg.path.is_dir() {
+        let template_err = |message: String| EngineError::Template {
+            name: name.clone(),
+            message,
+        };
+        let (model, chat) = if cfg.path.is_dir() {
             let model =
                 LlamaModel::from_hf_dir(&cfg.path, cfg.weights, cfg.context_length, &device)
                     .map_err(model_err)?;
-            let (tok, template) = tokenizer::from_hf_dir(&cfg.path).map_err(model_err)?;
-            (model, tok, template)
+            let chat = ChatFormat::from_hf_dir(&cfg.path).map_err(template_err)?;
+            (model, chat)
         } else {
             let mut file = std::fs::File::open(&cfg.path).map_err(|source| EngineError::Open {
                 name: name.clone(),
@@ -162,24 +165,10 @@ impl Engine {
                 &device,
             )
             .map_err(model_err)?;
-            let tok = tokenizer::from_gguf(&content).map_err(model_err)?;
-            let template = match content.metadata.get("tokenizer.chat_template") {
-                Some(v) => Some(v.to_string().map_err(|e| model_err(e.into()))?.clone()),
-                None => None,
-            };
-            (model, tok, template)
+            let chat = ChatFormat::from_gguf(&content).map_err(template_err)?;
+            (model, chat)
         };
-        let template_src = template_src.unwrap_or_else(|| CHATML_FALLBACK.to_string());
-        // A template that reads `tools` renders them itself (Qwen 2.5, Hermes, ...).
-        let template_tools = template_src.contains("tools");
-        let template =
-            ChatTemplate::new(&template_src, &tok.bos_text, &tok.eos_text).map_err(|message| {
-                EngineError::Template {
-                    name: name.clone(),
-                    message,
-                }
-            })?;
-        let tokenizer = Arc::new(tok);
+        let tokenizer = chat.tokenizer.clone();
         let (tx, rx) = std_mpsc::channel();
         let context_length = model.cfg.context_length;
         let shape = model.cfg.clone();
@@ -202,36 +191,10 @@ impl Engine {
             shape,
             gguf_layout,
             adapters: AdapterRegistry::new(cfg.max_adapters),
-            template_tools,
-            tokenizer,
-            template,
+            chat,
             queue: tx,
             _thread: thread,
         }))
-    }
-
-    pub fn render(
-        &self,
-        messages: &[serde_json::Value],
-        tools: Option<&serde_json::Value>,
-    ) -> Result<String, String> {
-        self.template.render(messages, tools, true)
-    }
-
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        let enc = self
-            .tokenizer
-            .tokenizer
-            .encode_fast(text, false)
-            .map_err(|e| e.to_string())?;
-        Ok(enc.get_ids().to_vec())
-    }
-
-    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
-        self.tokenizer
-            .tokenizer
-            .decode(ids, true)
-            .map_err(|e| e.to_string())
     }
 
     /// Loads (or reloads) a PEFT adapter onto this base. Returns it and the ids evicted for room.
@@ -257,8 +220,6 @@ impl Engine {
     }
 }
 
-/// Used when a GGUF file carries no template: ChatML, which SmolLM and Qwen families share.
-const CHATML_FALLBACK: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 struct Sequence {
     request: GenerationRequest,
