@@ -1,4 +1,5 @@
 //! The flywheel path: datasets, LoRA training, evaluation. Runs off the serving path and never
 //! touches HTTP.
 
+pub mod eval;
 pub mod train;

@@ -1,3 +1,559 @@
-//! LoRA supervised fine-tuning on the local base model.
+//! LoRA supervised fine-tuning on the local base model: loss on the answer tokens only, AdamW with
+//! linear warmup and cosine decay, gradient accumulation and clipping, validation loss each epoch
+//! with best-epoch selection, and checkpoints so a killed job resumes where it stopped.
 
 pub mod model;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use model::{Batch, LoraShape, SplitMix, TrainBase, MODULES};
+
+/// One training sequence: prompt then answer; the answer's tokens carry the loss.
+#[derive(Debug, Clone)]
+pub struct TrainExample {
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+}
+
+/// Training settings, with NeMo Customizer's names where it has one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Hyperparameters {
+    pub epochs: usize,
+    /// Examples per optimizer step.
+    pub batch_size: usize,
+    /// Examples per forward pass; gradients accumulate over `batch_size / micro_batch_size` passes.
+    pub micro_batch_size: usize,
+    pub learning_rate: f64,
+    /// LoRA rank.
+    pub adapter_dim: usize,
+    /// LoRA alpha; the delta is scaled by alpha / rank. Defaults to twice the rank.
+    pub alpha: Option<f64>,
+    pub adapter_dropout: f32,
+    pub target_modules: Vec<String>,
+    pub weight_decay: f64,
+    /// Share of the optimizer steps spent warming the learning rate up from zero.
+    pub warmup_ratio: f64,
+    /// Global gradient-norm clip; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Longest example in tokens; longer ones are refused when the dataset is prepared.
+    pub max_seq_len: usize,
+}
+
+impl Default for Hyperparameters {
+    fn default() -> Self {
+        Self {
+            epochs: 2,
+            batch_size: 8,
+            micro_batch_size: 4,
+            learning_rate: 1e-4,
+            adapter_dim: 16,
+            alpha: None,
+            adapter_dropout: 0.0,
+            target_modules: MODULES.iter().map(|m| m.to_string()).collect(),
+            weight_decay: 0.01,
+            warmup_ratio: 0.1,
+            max_grad_norm: 1.0,
+            seed: 42,
+            max_seq_len: 1024,
+        }
+    }
+}
+
+impl Hyperparameters {
+    /// Checks every value's range; the error names the field.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |field: &str, why: String| {
+            Err(TrainError::Hyperparameter {
+                field: field.to_string(),
+                message: why,
+            })
+        };
+        if !(1..=1000).contains(&self.epochs) {
+            return bad("epochs", format!("{} is outside 1..=1000", self.epochs));
+        }
+        if !(1..=4096).contains(&self.batch_size) {
+            return bad("batch_size", format!("{} is outside 1..=4096", self.batch_size));
+        }
+        if self.micro_batch_size == 0 {
+            return bad("micro_batch_size", "must be at least 1".into());
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate <= 1.0) {
+            return bad(
+                "learning_rate",
+                format!("{} is outside (0, 1]", self.learning_rate),
+            );
+        }
+        if !(1..=512).contains(&self.adapter_dim) {
+            return bad("adapter_dim", format!("{} is outside 1..=512", self.adapter_dim));
+        }
+        if let Some(a) = self.alpha {
+            if !(a > 0.0 && a.is_finite()) {
+                return bad("alpha", format!("{a} must be positive"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.adapter_dropout) {
+            return bad(
+                "adapter_dropout",
+                format!("{} is outside [0, 1)", self.adapter_dropout),
+            );
+        }
+        if self.target_modules.is_empty() {
+            return bad("target_modules", "name at least one projection".into());
+        }
+        for m in &self.target_modules {
+            if !MODULES.contains(&m.as_str()) {
+                return bad(
+                    "target_modules",
+                    format!("unknown module '{m}' (expected one of {})", MODULES.join(", ")),
+                );
+            }
+        }
+        if !(0.0..=1.0).contains(&self.weight_decay) {
+            return bad("weight_decay", format!("{} is outside [0, 1]", self.weight_decay));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return bad("warmup_ratio", format!("{} is outside [0, 1)", self.warmup_ratio));
+        }
+        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
+            return bad("max_grad_norm", "must be 0 (off) or positive".into());
+        }
+        if !(16..=131_072).contains(&self.max_seq_len) {
+            return bad("max_seq_len", format!("{} is outside 16..=131072", self.max_seq_len));
+        }
+        Ok(())
+    }
+
+    fn targets(&self) -> Vec<usize> {
+        MODULES
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| self.target_modules.iter().any(|t| t == *m))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    pub fn lora_alpha(&self) -> f64 {
+        self.alpha.unwrap_or(2.0 * self.adapter_dim as f64)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("hyperparameter '{field}': {message}")]
+    Hyperparameter { field: String, message: String },
+    #[error("dataset: {0}")]
+    Data(String),
+    #[error("model: {0}")]
+    Model(#[from] crate::engine::model::ModelError),
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: String, message: String },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("training diverged: the loss became {0}")]
+    Diverged(f64),
+}
+
+/// Where a job stands, reported after every optimizer step.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub epoch: usize,
+    pub epochs: usize,
+    pub step: usize,
+    pub total_steps: usize,
+    /// Mean loss per answer token over the last optimizer step.
+    pub train_loss: f64,
+    pub val_loss: Option<f64>,
+    pub tokens_per_sec: f64,
+    pub eta_secs: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochStats {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub val_loss: Option<f64>,
+}
+
+pub struct TrainOutcome {
+    pub lora: LoraShape,
+    /// The factors of the best epoch (lowest validation loss, or training loss without one).
+    pub theta: Vec<f32>,
+    pub best_epoch: usize,
+    pub epochs: Vec<EpochStats>,
+    pub steps: usize,
+    pub tokens_per_sec: f64,
+}
+
+/// Optimizer and loop state, all of it in the checkpoint.
+#[derive(Serialize, Deserialize)]
+struct LoopState {
+    fingerprint: String,
+    epoch: usize,
+    /// Optimizer steps done within `epoch`.
+    step_in_epoch: usize,
+    global_step: usize,
+    epochs: Vec<EpochStats>,
+    best_epoch: usize,
+    best_loss: f64,
+    #[serde(skip)]
+    theta: Vec<f32>,
+    #[serde(skip)]
+    m: Vec<f32>,
+    #[serde(skip)]
+    v: Vec<f32>,
+    #[serde(skip)]
+    best_theta: Vec<f32>,
+    /// Summed loss and targets of the epoch so far.
+    epoch_loss: f64,
+    epoch_targets: usize,
+}
+
+impl LoopState {
+    /// One file: a JSON header line, then theta, m, v and the best theta as little-endian f32.
+    /// Written to a temporary file and renamed, so a crash leaves the previous checkpoint whole.
+    fn save(&self, path: &Path) -> Result<(), TrainError> {
+        let err = |e: std::io::Error| TrainError::Checkpoint {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let header = serde_json::to_string(self).map_err(|e| TrainError::Checkpoint {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let mut bytes = Vec::with_capacity(header.len() + 1 + 16 * self.theta.len());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.push(b'\n');
+        for v in [&self.theta, &self.m, &self.v, &self.best_theta] {
+            for x in v.iter() {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        let tmp = path.with_extension("partial");
+        std::fs::write(&tmp, &bytes).map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+
+    fn load(path: &Path, len: usize) -> Result<Self, TrainError> {
+        let bad = |message: String| TrainError::Checkpoint {
+            path: path.display().to_string(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let nl = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or_else(|| bad("no header".into()))?;
+        let mut state: LoopState =
+            serde_json::from_slice(&bytes[..nl]).map_err(|e| bad(e.to_string()))?;
+        let body = &bytes[nl + 1..];
+        if body.len() != 16 * len {
+            return Err(bad(format!(
+                "holds {} bytes of parameters, expected {}",
+                body.len(),
+                16 * len
+            )));
+        }
+        let mut vecs = body.chunks(4 * len).map(|c| {
+            c.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect::<Vec<f32>>()
+        });
+        let mut next = || vecs.next().ok_or_else(|| bad("truncated".into()));
+        state.theta = next()?;
+        state.m = next()?;
+        state.v = next()?;
+        state.best_theta = next()?;
+        Ok(state)
+    }
+}
+
+/// The learning rate at optimizer step `step` (0-based) of `total`.
+fn learning_rate(hp: &Hyperparameters, step: usize, total: usize) -> f64 {
+    let warmup = ((total as f64) * hp.warmup_ratio).ceil() as usize;
+    if step < warmup {
+        return hp.learning_rate * (step + 1) as f64 / warmup as f64;
+    }
+    let span = (total - warmup).max(1) as f64;
+    let t = (step - warmup) as f64 / span;
+    hp.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+/// Pads `examples` into one batch; positions after each prompt predict the next answer token.
+fn make_batch(examples: &[&TrainExample]) -> Batch {
+    let t = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(1);
+    let mut tokens = Vec::with_capacity(examples.len() * t);
+    let mut targets = Vec::new();
+    for (r, e) in examples.iter().enumerate() {
+        tokens.extend_from_slice(&e.tokens);
+        tokens.resize((r + 1) * t, 0);
+        for i in e.prompt_len.max(1)..e.tokens.len() {
+            targets.push((r * t + i - 1, e.tokens[i]));
+        }
+    }
+    Batch {
+        tokens,
+        rows: examples.len(),
+        t,
+        targets,
+    }
+}
+
+/// Mean loss per answer token over `examples`.
+fn mean_loss(
+    base: &TrainBase,
+    examples: &[TrainExample],
+    lora: &LoraShape,
+    theta: &[f32],
+    micro: usize,
+) -> Result<f64, TrainError> {
+    let mut sorted: Vec<&TrainExample> = examples.iter().collect();
+    sorted.sort_by_key(|e| e.tokens.len());
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in sorted.chunks(micro) {
+        let r = base.loss(&make_batch(chunk), lora, theta)?;
+        sum += r.loss_sum;
+        n += r.targets;
+    }
+    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+}
+
+/// Deterministic shuffle of 0..n for one epoch.
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut rng = SplitMix(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// Trains a LoRA adapter on `train`, scoring `val` after every epoch. With `checkpoint`, the loop
+/// state is saved there after every epoch and at least every 30 seconds, and a matching
+/// checkpoint found at the start is resumed from. `cancel` stops the job between steps.
+pub fn train(
+    base: &TrainBase,
+    train: &[TrainExample],
+    val: &[TrainExample],
+    hp: &Hyperparameters,
+    checkpoint: Option<&Path>,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<TrainOutcome, TrainError> {
+    hp.validate()?;
+    if train.is_empty() {
+        return Err(TrainError::Data("the training split is empty".into()));
+    }
+    for (i, e) in train.iter().chain(val).enumerate() {
+        if e.prompt_len >= e.tokens.len() {
+            return Err(TrainError::Data(format!("example {i} has no answer tokens")));
+        }
+        if e.tokens.len() > hp.max_seq_len.min(base.cfg.context_length) {
+            return Err(TrainError::Data(format!(
+                "example {i} is {} tokens, over max_seq_len {} (or the model's context {})",
+                e.tokens.len(),
+                hp.max_seq_len,
+                base.cfg.context_length
+            )));
+        }
+    }
+    let lora = LoraShape::new(&base.cfg, hp.adapter_dim, hp.lora_alpha(), &hp.targets());
+    let steps_per_epoch = train.len().div_ceil(hp.batch_size);
+    let total_steps = steps_per_epoch * hp.epochs;
+    let fingerprint = format!(
+        "{}|{}|{}|{}",
+        serde_json::to_string(hp).unwrap_or_default(),
+        train.len(),
+        val.len(),
+        lora.len
+    );
+    let fresh = || LoopState {
+        fingerprint: fingerprint.clone(),
+        epoch: 0,
+        step_in_epoch: 0,
+        global_step: 0,
+        epochs: Vec::new(),
+        best_epoch: 0,
+        best_loss: f64::INFINITY,
+        theta: lora.init(hp.seed),
+        m: vec![0.0; lora.len],
+        v: vec![0.0; lora.len],
+        best_theta: Vec::new(),
+        epoch_loss: 0.0,
+        epoch_targets: 0,
+    };
+    let mut st = match checkpoint.filter(|p| p.exists()) {
+        Some(p) => match LoopState::load(p, lora.len) {
+            Ok(s) if s.fingerprint == fingerprint => {
+                tracing::info!(path = %p.display(), epoch = s.epoch, step = s.global_step, "resuming training from its checkpoint");
+                s
+            }
+            Ok(_) => {
+                tracing::warn!(path = %p.display(), "checkpoint is for other settings or data; starting over");
+                fresh()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable checkpoint; starting over");
+                fresh()
+            }
+        },
+        None => fresh(),
+    };
+    if st.best_theta.len() != lora.len {
+        st.best_theta = st.theta.clone();
+    }
+    let micro = hp.micro_batch_size.min(hp.batch_size);
+    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+    let started = Instant::now();
+    let mut tokens_done = 0usize;
+    let mut last_save = Instant::now();
+    let mut grad = vec![0f32; lora.len];
+    while st.epoch < hp.epochs {
+        let order = epoch_order(train.len(), hp.seed, st.epoch);
+        while st.step_in_epoch < steps_per_epoch {
+            if cancel.load(Ordering::Relaxed) {
+                if let Some(p) = checkpoint {
+                    st.save(p)?;
+                }
+                return Err(TrainError::Cancelled);
+            }
+            let lo = st.step_in_epoch * hp.batch_size;
+            let hi = (lo + hp.batch_size).min(train.len());
+            let mut step_examples: Vec<&TrainExample> =
+                order[lo..hi].iter().map(|&i| &train[i]).collect();
+            // Similar lengths share a micro-batch: less padding.
+            step_examples.sort_by_key(|e| e.tokens.len());
+            let targets: usize = step_examples
+                .iter()
+                .map(|e| e.tokens.len() - e.prompt_len.max(1))
+                .sum();
+            grad.iter_mut().for_each(|g| *g = 0.0);
+            // Dropout masks depend only on the seed and the step, so a resumed job draws the same.
+            let mut rng = SplitMix(hp.seed.wrapping_mul(0x2545_F491).wrapping_add(st.global_step as u64));
+            let mut loss_sum = 0.0;
+            for chunk in step_examples.chunks(micro) {
+                let batch = make_batch(chunk);
+                let r = base.loss_and_grad(
+                    &batch,
+                    &lora,
+                    &st.theta,
+                    hp.adapter_dropout,
+                    &mut rng,
+                    1.0 / targets.max(1) as f32,
+                    &mut grad,
+                )?;
+                loss_sum += r.loss_sum;
+                tokens_done += chunk.iter().map(|e| e.tokens.len()).sum::<usize>();
+            }
+            let step_loss = loss_sum / targets.max(1) as f64;
+            if !step_loss.is_finite() {
+                return Err(TrainError::Diverged(step_loss));
+            }
+            // Clip the global norm, then AdamW with decoupled weight decay.
+            let norm = grad
+                .iter()
+                .map(|g| f64::from(*g) * f64::from(*g))
+                .sum::<f64>()
+                .sqrt();
+            let clip = if hp.max_grad_norm > 0.0 && norm > hp.max_grad_norm {
+                hp.max_grad_norm / norm
+            } else {
+                1.0
+            };
+            let lr = learning_rate(hp, st.global_step, total_steps);
+            let t = (st.global_step + 1) as i32;
+            let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+            for i in 0..lora.len {
+                let g = f64::from(grad[i]) * clip;
+                let m = b1 * f64::from(st.m[i]) + (1.0 - b1) * g;
+                let v = b2 * f64::from(st.v[i]) + (1.0 - b2) * g * g;
+                st.m[i] = m as f32;
+                st.v[i] = v as f32;
+                let p = f64::from(st.theta[i]);
+                let update = (m / c1) / ((v / c2).sqrt() + eps) + hp.weight_decay * p;
+                st.theta[i] = (p - lr * update) as f32;
+            }
+            st.global_step += 1;
+            st.step_in_epoch += 1;
+            st.epoch_loss += loss_sum;
+            st.epoch_targets += targets;
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            let tps = tokens_done as f64 / secs;
+            progress(&Progress {
+                epoch: st.epoch,
+                epochs: hp.epochs,
+                step: st.global_step,
+                total_steps,
+                train_loss: step_loss,
+                val_loss: st.epochs.last().and_then(|e| e.val_loss),
+                tokens_per_sec: tps,
+                eta_secs: eta(secs, tokens_done, train, hp.epochs, st.global_step, total_steps),
+            });
+            if let Some(p) = checkpoint {
+                if last_save.elapsed().as_secs() >= 30 {
+                    st.save(p)?;
+                    last_save = Instant::now();
+                }
+            }
+        }
+        // End of epoch: validation loss and best-epoch selection.
+        let train_loss = st.epoch_loss / st.epoch_targets.max(1) as f64;
+        let val_loss = if val.is_empty() {
+            None
+        } else {
+            Some(mean_loss(base, val, &lora, &st.theta, micro)?)
+        };
+        let score = val_loss.unwrap_or(train_loss);
+        if score < st.best_loss {
+            st.best_loss = score;
+            st.best_epoch = st.epoch;
+            st.best_theta = st.theta.clone();
+        }
+        st.epochs.push(EpochStats {
+            epoch: st.epoch,
+            train_loss,
+            val_loss,
+        });
+        tracing::info!(epoch = st.epoch, train_loss, ?val_loss, "epoch done");
+        st.epoch += 1;
+        st.step_in_epoch = 0;
+        st.epoch_loss = 0.0;
+        st.epoch_targets = 0;
+        if let Some(p) = checkpoint {
+            st.save(p)?;
+            last_save = Instant::now();
+        }
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(TrainOutcome {
+        lora,
+        theta: st.best_theta,
+        best_epoch: st.best_epoch,
+        epochs: st.epochs,
+        steps: st.global_step,
+        tokens_per_sec: tokens_done as f64 / secs,
+    })
+}
+
+/// Seconds left, from the pace so far in this process.
+fn eta(
+    secs: f64,
+    tokens_done: usize,
+    train: &[TrainExample],
+    epochs: usize,
+    step: usize,
+    total_steps: usize,
+) -> f64 {
+    if tokens_done == 0 || total_steps == 0 {
+        return 0.0;
+    }
+    let total_tokens: usize = train.iter().map(|e| e.tokens.len()).sum::<usize>() * epochs;
+    let left_fraction = (total_steps - step.min(total_steps)) as f64 / total_steps as f64;
+    secs / tokens_done as f64 * total_tokens as f64 * left_fraction
+}
