@@ -1,5 +1,6 @@
 //! The flywheel path: datasets, LoRA training, evaluation. Runs off the serving path and never
 //! touches HTTP.
 
+pub mod dataset;
 pub mod eval;
 pub mod train;
