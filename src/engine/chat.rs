@@ -64,8 +64,8 @@ impl ChatFormat {
             return Self::from_hf_dir(path);
         }
         let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let content = gguf_file::Content::read(&mut f)
-            .map_err(|e| ModelError::from(e).to_string())?;
+        let content =
+            gguf_file::Content::read(&mut f).map_err(|e| ModelError::from(e).to_string())?;
         Self::from_gguf(&content)
     }
 
@@ -166,8 +166,10 @@ mod tests {
         let path = dir.path().join("tiny.gguf");
         write_tiny_llama(&path, GgmlDType::F32, 1);
         let chat = ChatFormat::load(&path).unwrap();
-        let tools = vec![json!({"type": "function", "function": {"name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})];
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}),
+        ];
         let messages = vec![json!({"role": "user", "content": "weather in Oslo?"})];
         let answer = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1",
             "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]});
@@ -181,7 +183,11 @@ mod tests {
                 .unwrap()
         );
         assert!(prompt.contains("get_weather") && prompt.ends_with("assistant\n"));
-        let text = chat.tokenizer.tokenizer.decode(&ex.completion, false).unwrap();
+        let text = chat
+            .tokenizer
+            .tokenizer
+            .decode(&ex.completion, false)
+            .unwrap();
         assert_eq!(
             text,
             "<tool_call>\n{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Oslo\"}}\n</tool_call><|im_end|>"

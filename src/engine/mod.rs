@@ -22,10 +22,10 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use tokio::sync::mpsc;
 
+use chat::ChatFormat;
 use lora::{AdapterRegistry, LoraAdapter, LoraError};
 use model::{KvCache, LlamaConfig, LlamaModel, ModelError, WeightFormat};
 use sampling::{Sampler, SamplingParams};
-use chat::ChatFormat;
 use tokenizer::TokenizerInfo;
 
 /// How to load one local model.
@@ -219,7 +219,6 @@ impl Engine {
             .map_err(|_| EngineError::Stopped(self.name.clone()))
     }
 }
-
 
 struct Sequence {
     request: GenerationRequest,

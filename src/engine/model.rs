@@ -211,7 +211,11 @@ impl LlamaModel {
         max_context: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        Self::build(ModelSource::gguf(content, reader, max_context, device)?, format, device)
+        Self::build(
+            ModelSource::gguf(content, reader, max_context, device)?,
+            format,
+            device,
+        )
     }
 
     /// Loads a Hugging Face Llama directory (`config.json` and `*.safetensors`; bf16/f16 weights
@@ -222,7 +226,11 @@ impl LlamaModel {
         max_context: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        Self::build(ModelSource::hf_dir(dir, max_context, device)?, format, device)
+        Self::build(
+            ModelSource::hf_dir(dir, max_context, device)?,
+            format,
+            device,
+        )
     }
 
     /// True when q/k rows are in GGUF's interleaved layout (adapters trained on Hugging Face
@@ -822,7 +830,10 @@ fn hf_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling, ModelError> {
     }
 }
 
-pub(crate) fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor), ModelError> {
+pub(crate) fn rope_tables(
+    cfg: &LlamaConfig,
+    device: &Device,
+) -> Result<(Tensor, Tensor), ModelError> {
     let half = cfg.head_dim / 2;
     let inv = scaled_frequencies(cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling)?;
     let mut cos = Vec::with_capacity(cfg.context_length * half);

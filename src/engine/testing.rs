@@ -151,7 +151,7 @@ pub fn write_tiny_llama(path: &Path, dtype: GgmlDType, seed: u64) {
         ("llama.attention.head_count_kv", u(kv_heads as u32)),
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
         ("llama.rope.freq_base", Value::F32(10_000.0)),
-        ("llama.context_length", u(256)),
+        ("llama.context_length", u(2048)),
         ("tokenizer.ggml.model", s("gpt2")),
         (
             "tokenizer.ggml.tokens",

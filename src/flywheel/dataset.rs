@@ -130,7 +130,11 @@ fn check_record(v: Value) -> Result<Record, String> {
         for (j, c) in calls.iter_mut().enumerate() {
             match c.pointer("/function/name").and_then(Value::as_str) {
                 Some(n) if !n.is_empty() => {}
-                _ => return Err(format!("messages[{i}].tool_calls[{j}] has no function name")),
+                _ => {
+                    return Err(format!(
+                        "messages[{i}].tool_calls[{j}] has no function name"
+                    ))
+                }
             }
             let args = c.pointer("/function/arguments").cloned();
             let text = match args {
@@ -154,7 +158,12 @@ fn check_record(v: Value) -> Result<Record, String> {
             }
         }
     }
-    if messages.last().and_then(|m| m.get("role")).and_then(Value::as_str) != Some("assistant") {
+    if messages
+        .last()
+        .and_then(|m| m.get("role"))
+        .and_then(Value::as_str)
+        != Some("assistant")
+    {
         return Err("the last message must be the assistant's answer".into());
     }
     Ok(Record {
@@ -166,7 +175,7 @@ fn check_record(v: Value) -> Result<Record, String> {
 
 /// Parses OpenAI-format JSONL (`{"messages": [...], "tools": [...]}` per line).
 pub fn parse_openai_jsonl(text: &str) -> Result<Vec<Record>, DataError> {
-    parse_lines(text, |v| check_record(v))
+    parse_lines(text, check_record)
 }
 
 fn parse_lines(
@@ -191,7 +200,12 @@ fn parse_lines(
 /// A Python type name from xLAM's tool descriptions as a JSON Schema type.
 fn schema_type(python: &str) -> &'static str {
     let t = python.trim();
-    let base = t.split(['[', ',']).next().unwrap_or(t).trim().to_ascii_lowercase();
+    let base = t
+        .split(['[', ','])
+        .next()
+        .unwrap_or(t)
+        .trim()
+        .to_ascii_lowercase();
     match base.as_str() {
         "str" | "string" => "string",
         "int" | "integer" => "integer",
@@ -391,11 +405,16 @@ mod tests {
         assert_eq!(props["on"]["type"], "boolean");
         assert_eq!(props["meta"]["type"], "object");
         assert_eq!(props["when"]["type"], "string");
-        let required = r.tools[0]["function"]["parameters"]["required"].as_array().unwrap();
+        let required = r.tools[0]["function"]["parameters"]["required"]
+            .as_array()
+            .unwrap();
         assert!(!required.contains(&json!("type")) && required.contains(&json!("limit")));
         let calls = r.expected_calls();
         assert_eq!(calls.len(), 2);
-        assert_eq!(calls[1], ("live_giveaways_by_type".into(), json!({"type": "game"})));
+        assert_eq!(
+            calls[1],
+            ("live_giveaways_by_type".into(), json!({"type": "game"}))
+        );
         assert_eq!(r.eval_item().messages.len(), 1);
     }
 
@@ -412,15 +431,26 @@ mod tests {
         let e = parse_openai_jsonl(&format!("{good}\n{bad_args}")).unwrap_err();
         assert_eq!(e.row, 2);
         assert!(e.message.contains("arguments is not JSON"), "{}", e.message);
-        let nameless = good.replace(r#"{"type":"function","function":{"name":"f"}}"#, r#"{"type":"function","function":{}}"#);
-        assert!(parse_openai_jsonl(&nameless).unwrap_err().message.contains("tools[0] has no function name"));
-        let no_answer = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
-        assert!(parse_openai_jsonl(no_answer).unwrap_err().message.contains("last message"));
-        assert_eq!(parse_openai_jsonl("{not json").unwrap_err().row, 1);
-        assert!(parse_xlam(r#"{"query": "q", "tools": "[", "answers": "[]"}"#)
+        let nameless = good.replace(
+            r#"{"type":"function","function":{"name":"f"}}"#,
+            r#"{"type":"function","function":{}}"#,
+        );
+        assert!(parse_openai_jsonl(&nameless)
             .unwrap_err()
             .message
-            .contains("'tools' is not valid JSON"));
+            .contains("tools[0] has no function name"));
+        let no_answer = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        assert!(parse_openai_jsonl(no_answer)
+            .unwrap_err()
+            .message
+            .contains("last message"));
+        assert_eq!(parse_openai_jsonl("{not json").unwrap_err().row, 1);
+        assert!(
+            parse_xlam(r#"{"query": "q", "tools": "[", "answers": "[]"}"#)
+                .unwrap_err()
+                .message
+                .contains("'tools' is not valid JSON")
+        );
     }
 
     #[test]
@@ -439,13 +469,22 @@ mod tests {
         let recs = dedup(recs);
         assert_eq!(recs.len(), 40);
         let s = split(&recs, 0.1, 0.2, 7);
-        assert_eq!((s.train.len(), s.validation.len(), s.test.len()), (28, 4, 8));
+        assert_eq!(
+            (s.train.len(), s.validation.len(), s.test.len()),
+            (28, 4, 8)
+        );
         assert_eq!(s.test.iter().filter(|r| r.stratum() == "b").count(), 2);
         let again = split(&recs, 0.1, 0.2, 7);
         assert_eq!(s.test, again.test);
         let other = split(&recs, 0.1, 0.2, 8);
         assert_ne!(s.test, other.test);
-        let mut all: Vec<String> = s.train.iter().chain(&s.validation).chain(&s.test).map(Record::user_query).collect();
+        let mut all: Vec<String> = s
+            .train
+            .iter()
+            .chain(&s.validation)
+            .chain(&s.test)
+            .map(Record::user_query)
+            .collect();
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 40);

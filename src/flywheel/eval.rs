@@ -98,9 +98,10 @@ pub fn names_and_args_match(expected: &[(String, Value)], predicted: &[Predicted
     }
     let mut used = vec![false; predicted.len()];
     expected.iter().all(|(name, args)| {
-        let hit = predicted.iter().enumerate().position(|(i, p)| {
-            !used[i] && p.name == *name && p.arguments.as_ref() == Some(args)
-        });
+        let hit = predicted
+            .iter()
+            .enumerate()
+            .position(|(i, p)| !used[i] && p.name == *name && p.arguments.as_ref() == Some(args));
         match hit {
             Some(i) => {
                 used[i] = true;
@@ -157,7 +158,8 @@ pub fn aggregate(results: &[ItemResult], wall_secs: f64) -> Scores {
     if n == 0 {
         return Scores::default();
     }
-    let frac = |f: &dyn Fn(&ItemResult) -> bool| results.iter().filter(|r| f(r)).count() as f64 / n as f64;
+    let frac =
+        |f: &dyn Fn(&ItemResult) -> bool| results.iter().filter(|r| f(r)).count() as f64 / n as f64;
     let calls: usize = results.iter().map(|r| r.predicted.len()).sum();
     let failures: usize = results.iter().map(|r| r.parse_failures).sum();
     let mut lat: Vec<f64> = results.iter().map(|r| r.latency_ms).collect();
@@ -216,7 +218,9 @@ pub async fn run(
             };
             let reply = match backend.chat(req).await {
                 Ok(BackendReply::Full(v)) => Ok(v),
-                Ok(BackendReply::Stream { .. }) => Err("the backend streamed a non-streaming request".to_string()),
+                Ok(BackendReply::Stream { .. }) => {
+                    Err("the backend streamed a non-streaming request".to_string())
+                }
                 Err(e) => Err(e.to_string()),
             };
             let ms = t.elapsed().as_secs_f64() * 1000.0;

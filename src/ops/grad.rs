@@ -112,7 +112,9 @@ pub fn causal_softmax_fwd(s: &mut [f32], t: usize, scale: f32) {
     par_rows(s, t, |r, row| {
         let q = r % t;
         let (seen, masked) = row.split_at_mut(q + 1);
-        let max = seen.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v * scale));
+        let max = seen
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, v| m.max(*v * scale));
         let mut sum = 0.0;
         for v in seen.iter_mut() {
             *v = (*v * scale - max).exp();
@@ -187,7 +189,9 @@ mod tests {
     use super::*;
 
     fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
                 s = s

@@ -78,7 +78,10 @@ impl Hyperparameters {
             return bad("epochs", format!("{} is outside 1..=1000", self.epochs));
         }
         if !(1..=4096).contains(&self.batch_size) {
-            return bad("batch_size", format!("{} is outside 1..=4096", self.batch_size));
+            return bad(
+                "batch_size",
+                format!("{} is outside 1..=4096", self.batch_size),
+            );
         }
         if self.micro_batch_size == 0 {
             return bad("micro_batch_size", "must be at least 1".into());
@@ -90,7 +93,10 @@ impl Hyperparameters {
             );
         }
         if !(1..=512).contains(&self.adapter_dim) {
-            return bad("adapter_dim", format!("{} is outside 1..=512", self.adapter_dim));
+            return bad(
+                "adapter_dim",
+                format!("{} is outside 1..=512", self.adapter_dim),
+            );
         }
         if let Some(a) = self.alpha {
             if !(a > 0.0 && a.is_finite()) {
@@ -110,21 +116,33 @@ impl Hyperparameters {
             if !MODULES.contains(&m.as_str()) {
                 return bad(
                     "target_modules",
-                    format!("unknown module '{m}' (expected one of {})", MODULES.join(", ")),
+                    format!(
+                        "unknown module '{m}' (expected one of {})",
+                        MODULES.join(", ")
+                    ),
                 );
             }
         }
         if !(0.0..=1.0).contains(&self.weight_decay) {
-            return bad("weight_decay", format!("{} is outside [0, 1]", self.weight_decay));
+            return bad(
+                "weight_decay",
+                format!("{} is outside [0, 1]", self.weight_decay),
+            );
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
-            return bad("warmup_ratio", format!("{} is outside [0, 1)", self.warmup_ratio));
+            return bad(
+                "warmup_ratio",
+                format!("{} is outside [0, 1)", self.warmup_ratio),
+            );
         }
         if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
             return bad("max_grad_norm", "must be 0 (off) or positive".into());
         }
         if !(16..=131_072).contains(&self.max_seq_len) {
-            return bad("max_seq_len", format!("{} is outside 16..=131072", self.max_seq_len));
+            return bad(
+                "max_seq_len",
+                format!("{} is outside 16..=131072", self.max_seq_len),
+            );
         }
         Ok(())
     }
@@ -352,7 +370,9 @@ pub fn train(
     }
     for (i, e) in train.iter().chain(val).enumerate() {
         if e.prompt_len >= e.tokens.len() {
-            return Err(TrainError::Data(format!("example {i} has no answer tokens")));
+            return Err(TrainError::Data(format!(
+                "example {i} has no answer tokens"
+            )));
         }
         if e.tokens.len() > hp.max_seq_len.min(base.cfg.context_length) {
             return Err(TrainError::Data(format!(
@@ -435,7 +455,11 @@ pub fn train(
                 .sum();
             grad.iter_mut().for_each(|g| *g = 0.0);
             // Dropout masks depend only on the seed and the step, so a resumed job draws the same.
-            let mut rng = SplitMix(hp.seed.wrapping_mul(0x2545_F491).wrapping_add(st.global_step as u64));
+            let mut rng = SplitMix(
+                hp.seed
+                    .wrapping_mul(0x2545_F491)
+                    .wrapping_add(st.global_step as u64),
+            );
             let mut loss_sum = 0.0;
             for chunk in step_examples.chunks(micro) {
                 let batch = make_batch(chunk);
@@ -469,15 +493,20 @@ pub fn train(
             let lr = learning_rate(hp, st.global_step, total_steps);
             let t = (st.global_step + 1) as i32;
             let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-            for i in 0..lora.len {
-                let g = f64::from(grad[i]) * clip;
-                let m = b1 * f64::from(st.m[i]) + (1.0 - b1) * g;
-                let v = b2 * f64::from(st.v[i]) + (1.0 - b2) * g * g;
-                st.m[i] = m as f32;
-                st.v[i] = v as f32;
-                let p = f64::from(st.theta[i]);
+            let params = st
+                .theta
+                .iter_mut()
+                .zip(st.m.iter_mut())
+                .zip(st.v.iter_mut());
+            for (((theta, m1), m2), g) in params.zip(&grad) {
+                let g = f64::from(*g) * clip;
+                let m = b1 * f64::from(*m1) + (1.0 - b1) * g;
+                let v = b2 * f64::from(*m2) + (1.0 - b2) * g * g;
+                *m1 = m as f32;
+                *m2 = v as f32;
+                let p = f64::from(*theta);
                 let update = (m / c1) / ((v / c2).sqrt() + eps) + hp.weight_decay * p;
-                st.theta[i] = (p - lr * update) as f32;
+                *theta = (p - lr * update) as f32;
             }
             st.global_step += 1;
             st.step_in_epoch += 1;
@@ -493,7 +522,14 @@ pub fn train(
                 train_loss: step_loss,
                 val_loss: st.epochs.last().and_then(|e| e.val_loss),
                 tokens_per_sec: tps,
-                eta_secs: eta(secs, tokens_done, train, hp.epochs, st.global_step, total_steps),
+                eta_secs: eta(
+                    secs,
+                    tokens_done,
+                    train,
+                    hp.epochs,
+                    st.global_step,
+                    total_steps,
+                ),
             });
             if let Some(p) = checkpoint {
                 if last_save.elapsed().as_secs() >= 30 {

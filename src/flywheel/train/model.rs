@@ -136,7 +136,9 @@ impl LoraShape {
         std::fs::create_dir_all(parent)?;
         let tmp = parent.join(format!(
             ".{}.partial-{}",
-            dir.file_name().and_then(|n| n.to_str()).unwrap_or("adapter"),
+            dir.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("adapter"),
             std::process::id()
         ));
         if tmp.exists() {
@@ -504,8 +506,12 @@ impl TrainBase {
             grad::rope_halves(&mut q, h, hd, &cos, &sin, false);
             grad::rope_halves(&mut k, kvh, hd, &cos, &sin, false);
             // (b, t, heads, hd) → (b, kv, group·t, hd): query head kv·group + g reads kv head kv.
-            let q = heads_major(Tensor::from_vec(q, (bsz, t, h, hd), &Device::Cpu)?)?
-                .reshape((bsz, kvh, group * t, hd))?;
+            let q = heads_major(Tensor::from_vec(q, (bsz, t, h, hd), &Device::Cpu)?)?.reshape((
+                bsz,
+                kvh,
+                group * t,
+                hd,
+            ))?;
             let k = heads_major(Tensor::from_vec(k, (bsz, t, kvh, hd), &Device::Cpu)?)?;
             let v = heads_major(v.reshape((bsz, t, kvh, hd))?)?;
             let mut s = to_vec(&q.matmul(&k.t()?)?)?;
@@ -515,24 +521,16 @@ impl TrainBase {
             let attn = o.transpose(1, 2)?.contiguous()?.reshape((n, h * hd))?;
             let out = self.group_forward(li, 1, &attn, lora, theta, dropout, rng, &mut lsaved)?;
             let mut x2 = x.clone();
-            x2.iter_mut()
-                .zip(to_vec(&out)?)
-                .for_each(|(a, b)| *a += b);
+            x2.iter_mut().zip(to_vec(&out)?).for_each(|(a, b)| *a += b);
             let (h2, rstd2) = grad::rms_norm_fwd(&x2, &layer.ffn_norm, eps);
             let h2 = Tensor::from_vec(h2, (n, cfg.hidden), &Device::Cpu)?;
             let gu = self.group_forward(li, 2, &h2, lora, theta, dropout, rng, &mut lsaved)?;
             let gate = to_vec(&gu.narrow(1, 0, cfg.ffn)?.contiguous()?)?;
             let up = to_vec(&gu.narrow(1, cfg.ffn, cfg.ffn)?.contiguous()?)?;
-            let act = Tensor::from_vec(
-                grad::silu_mul_fwd(&gate, &up),
-                (n, cfg.ffn),
-                &Device::Cpu,
-            )?;
+            let act = Tensor::from_vec(grad::silu_mul_fwd(&gate, &up), (n, cfg.ffn), &Device::Cpu)?;
             let down = self.group_forward(li, 3, &act, lora, theta, dropout, rng, &mut lsaved)?;
             let mut x3 = x2.clone();
-            x3.iter_mut()
-                .zip(to_vec(&down)?)
-                .for_each(|(a, b)| *a += b);
+            x3.iter_mut().zip(to_vec(&down)?).for_each(|(a, b)| *a += b);
             saved.push(LayerSaved {
                 x,
                 rstd1,
@@ -634,7 +632,8 @@ impl TrainBase {
         // Attention: x2 = x + o(softmax(q kᵀ) v).
         let dy = Tensor::from_slice(&dx2, (n, cfg.hidden), &dev)?;
         let dattn = self.group_backward(li, 1, &dy, lora, theta, &s.lora, grad)?;
-        let do_ = heads_major(dattn.reshape((bsz, t, h, hd))?)?.reshape((bsz, kvh, group * t, hd))?;
+        let do_ =
+            heads_major(dattn.reshape((bsz, t, h, hd))?)?.reshape((bsz, kvh, group * t, hd))?;
         let mut dp = to_vec(&do_.matmul(&s.v.t()?)?)?;
         let dv = s.p.t()?.matmul(&do_)?; // (b, kv, t, hd)
         let p = to_vec(&s.p)?;
@@ -675,7 +674,11 @@ fn heads_major(x: Tensor) -> candle_core::Result<Tensor> {
 
 /// A module's A (rank, inputs) and B (outputs, rank) as tensors.
 fn factors(theta: &[f32], s: &FactorSlot, rank: usize) -> candle_core::Result<(Tensor, Tensor)> {
-    let a = Tensor::from_slice(&theta[s.a..s.a + rank * s.inputs], (rank, s.inputs), &Device::Cpu)?;
+    let a = Tensor::from_slice(
+        &theta[s.a..s.a + rank * s.inputs],
+        (rank, s.inputs),
+        &Device::Cpu,
+    )?;
     let b = Tensor::from_slice(
         &theta[s.b..s.b + s.outputs * rank],
         (s.outputs, rank),
@@ -769,7 +772,8 @@ mod tests {
             let b = batch(&seqs);
             let zero = vec![0f32; lora.len];
             for (theta, with) in [(&zero, None), (&theta, Some(&adapter))] {
-                let logits: Vec<Vec<f32>> = base.logits(&b, &lora, theta).unwrap().to_vec2().unwrap();
+                let logits: Vec<Vec<f32>> =
+                    base.logits(&b, &lora, theta).unwrap().to_vec2().unwrap();
                 for (r, seq) in seqs.iter().enumerate() {
                     let mut cache = engine.new_cache();
                     let want: Vec<Vec<f32>> = engine
@@ -783,7 +787,11 @@ mod tests {
                         .zip(&want[0])
                         .map(|(a, b)| (a - b).abs())
                         .fold(0f32, f32::max);
-                    assert!(diff < 1e-3, "row {r} (lora {}): max diff {diff}", with.is_some());
+                    assert!(
+                        diff < 1e-3,
+                        "row {r} (lora {}): max diff {diff}",
+                        with.is_some()
+                    );
                 }
             }
         }
@@ -799,7 +807,10 @@ mod tests {
         let base = TrainBase::load(&gguf, 64).unwrap();
         let lora = LoraShape::new(&base.cfg, 2, 4.0, &[0, 1, 2, 3, 4, 5, 6]);
         let theta = random_theta(&lora, 11);
-        let b = batch(&[vec![5u32, 70, 71, 72, 9, 33, 40], vec![100u32, 101, 102, 8, 7]]);
+        let b = batch(&[
+            vec![5u32, 70, 71, 72, 9, 33, 40],
+            vec![100u32, 101, 102, 8, 7],
+        ]);
         for dropout in [0.0f32, 0.3] {
             let mut g = vec![0f32; lora.len];
             base.loss_and_grad(&b, &lora, &theta, dropout, &mut SplitMix(1), 1.0, &mut g)
