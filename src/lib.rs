@@ -10,3 +10,9 @@ pub mod flywheel;
 pub mod gateway;
 pub mod ops;
 pub mod store;
+
+/// mimalloc keeps freed pages for reuse: training and batched inference allocate and free
+/// many-megabyte activations every step, which glibc returns to the kernel and faults back in
+/// zeroed (measured: ~15% of a LoRA training step went to page clearing).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod grad;
 pub mod lora;
+pub mod memory;
 pub mod qgemm;
 
 use candle_core::{Result, Tensor, D};

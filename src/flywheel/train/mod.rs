@@ -384,6 +384,7 @@ pub fn train(
         }
     }
     let lora = LoraShape::new(&base.cfg, hp.adapter_dim, hp.lora_alpha(), &hp.targets());
+    let _memory = crate::ops::memory::RetainFreedMemory::new();
     let steps_per_epoch = train.len().div_ceil(hp.batch_size);
     let total_steps = steps_per_epoch * hp.epochs;
     let fingerprint = format!(
