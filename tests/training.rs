@@ -53,6 +53,7 @@ fn task() -> Vec<Record> {
                 ],
                 tools: tools(),
                 tool_choice: None,
+                ground_truth: None,
             });
         }
     }

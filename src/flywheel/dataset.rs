@@ -18,6 +18,8 @@ pub struct Record {
     pub messages: Vec<Value>,
     pub tools: Vec<Value>,
     pub tool_choice: Option<Value>,
+    /// BFCL's acceptable values per call (`[{name: {param: [values]}}]`), for AST scoring.
+    pub ground_truth: Option<Value>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -83,6 +85,9 @@ impl Record {
         let mut o = json!({"messages": self.messages, "tools": self.tools});
         if let Some(c) = &self.tool_choice {
             o["tool_choice"] = c.clone();
+        }
+        if let Some(g) = &self.ground_truth {
+            o["bfcl_ground_truth"] = g.clone();
         }
         o
     }
@@ -170,6 +175,7 @@ fn check_record(v: Value) -> Result<Record, String> {
         messages,
         tools,
         tool_choice: o.remove("tool_choice"),
+        ground_truth: o.remove("bfcl_ground_truth"),
     })
 }
 
@@ -305,6 +311,94 @@ pub fn parse_xlam(text: &str) -> Result<Vec<Record>, DataError> {
     parse_lines(text, |v| from_xlam(&v))
 }
 
+/// BFCL's schema dialect (`dict`, `float`, `tuple`, `any`) as JSON Schema, recursively.
+fn bfcl_schema(v: &Value) -> Value {
+    match v {
+        Value::Object(o) => {
+            let mut out = serde_json::Map::new();
+            for (k, x) in o {
+                let x = if k == "type" {
+                    match x.as_str() {
+                        Some("dict") => json!("object"),
+                        Some("float") => json!("number"),
+                        Some("tuple") => json!("array"),
+                        Some("any") => json!("string"),
+                        _ => x.clone(),
+                    }
+                } else {
+                    bfcl_schema(x)
+                };
+                out.insert(k.clone(), x);
+            }
+            Value::Object(out)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(bfcl_schema).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Joins BFCL question rows (`id`, `question`: turns of messages, `function`: tool docs) with their
+/// `possible_answer` rows (`id`, `ground_truth`: `[{name: {param: [acceptable values]}}]`). The
+/// answer to learn takes each parameter's first acceptable value and leaves out parameters whose
+/// first acceptable value is "" (optional, not given). A question without a possible answer (the
+/// irrelevance categories) expects no call.
+pub fn parse_bfcl(questions: &str, answers: Option<&str>) -> Result<Vec<Record>, DataError> {
+    let mut truth = std::collections::HashMap::new();
+    if let Some(a) = answers {
+        for (i, line) in a.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line).map_err(|e| DataError {
+                row: i + 1,
+                message: format!("possible answer is not JSON: {e}"),
+            })?;
+            let id = v.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+            truth.insert(id, v.get("ground_truth").cloned().unwrap_or(Value::Null));
+        }
+    }
+    parse_lines(questions, |v| {
+        let id = v.get("id").and_then(Value::as_str).unwrap_or_default();
+        let turn = v
+            .pointer("/question/0")
+            .and_then(Value::as_array)
+            .ok_or("'question' must hold at least one turn of messages")?;
+        let tools: Vec<Value> = v
+            .get("function")
+            .and_then(Value::as_array)
+            .ok_or("'function' must be an array")?
+            .iter()
+            .map(|f| json!({"type": "function", "function": bfcl_schema(f)}))
+            .collect();
+        let mut calls = Vec::new();
+        let gt = truth.get(id).cloned();
+        for (i, c) in gt.iter().filter_map(Value::as_array).flatten().enumerate() {
+            let (name, params) = c
+                .as_object()
+                .and_then(|o| o.iter().next())
+                .ok_or(format!("ground_truth[{i}] of '{id}' is not {{name: params}}"))?;
+            let mut args = serde_json::Map::new();
+            for (p, acceptable) in params.as_object().into_iter().flatten() {
+                match acceptable.as_array().and_then(|a| a.first()) {
+                    Some(Value::String(s)) if s.is_empty() => {}
+                    Some(first) => {
+                        args.insert(p.clone(), first.clone());
+                    }
+                    None => {}
+                }
+            }
+            calls.push(json!({"id": format!("call_{i}"), "type": "function",
+                "function": {"name": name, "arguments": Value::Object(args).to_string()}}));
+        }
+        let mut messages = turn.clone();
+        messages.push(if calls.is_empty() {
+            json!({"role": "assistant", "content": ""})
+        } else {
+            json!({"role": "assistant", "content": "", "tool_calls": calls})
+        });
+        let mut r = check_record(json!({"messages": messages, "tools": tools}))?;
+        r.ground_truth = gt.filter(|g| !g.is_null());
+        Ok(r)
+    })
+}
+
 /// Drops records whose user query was already seen (the first one stays).
 pub fn dedup(records: Vec<Record>) -> Vec<Record> {
     let mut seen = std::collections::HashSet::new();
@@ -419,6 +513,29 @@ mod tests {
     }
 
     #[test]
+    fn bfcl_questions_join_their_possible_answers() {
+        let q = r#"{"id": "simple_0", "question": [[{"role": "user", "content": "Area of a triangle, base 10, height 5?"}]], "function": [{"name": "calculate_triangle_area", "description": "Area.", "parameters": {"type": "dict", "properties": {"base": {"type": "integer"}, "height": {"type": "float"}, "unit": {"type": "string"}, "pts": {"type": "tuple", "items": {"type": "float"}}}, "required": ["base", "height"]}}]}
+{"id": "irrelevance_0", "question": [[{"role": "user", "content": "Tell me a joke"}]], "function": [{"name": "f", "parameters": {"type": "dict", "properties": {}}}]}"#;
+        let a = r#"{"id": "simple_0", "ground_truth": [{"calculate_triangle_area": {"base": [10], "height": [5.0, 5], "unit": ["", "units"]}}]}"#;
+        let recs = parse_bfcl(q, Some(a)).unwrap();
+        assert_eq!(recs.len(), 2);
+        let params = &recs[0].tools[0]["function"]["parameters"];
+        assert_eq!(params["type"], "object");
+        assert_eq!(params["properties"]["height"]["type"], "number");
+        assert_eq!(params["properties"]["pts"]["type"], "array");
+        assert_eq!(params["properties"]["pts"]["items"]["type"], "number");
+        assert_eq!(
+            recs[0].expected_calls(),
+            vec![("calculate_triangle_area".to_string(), json!({"base": 10, "height": 5.0}))]
+        );
+        assert!(recs[0].ground_truth.is_some());
+        assert!(recs[1].expected_calls().is_empty());
+        assert_eq!(recs[1].stratum(), "");
+        let back = parse_openai_jsonl(&recs[0].to_json().to_string()).unwrap();
+        assert_eq!(back[0], recs[0]);
+    }
+
+    #[test]
     fn malformed_rows_are_refused_with_their_row_number() {
         let good = r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"","tool_calls":[{"function":{"name":"f","arguments":{"a":1}}}]}],"tools":[{"type":"function","function":{"name":"f"}}]}"#;
         let recs = parse_openai_jsonl(&format!("{good}\n\n{good}\n")).unwrap();
@@ -462,6 +579,7 @@ mod tests {
             ],
             tools: vec![],
             tool_choice: None,
+            ground_truth: None,
         };
         let mut recs: Vec<Record> = (0..30).map(|i| mk("a", i)).collect();
         recs.extend((0..10).map(|i| mk("b", i)));
