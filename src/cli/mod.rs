@@ -1,5 +1,6 @@
-//! The command line: `serve`, `logs export`, `keys`, `config check`.
+//! The command line: `serve`, `logs export`, `keys`, `check`, `data`, `train`, `eval`.
 
+mod flywheel;
 mod serve;
 
 use std::io::Write;
@@ -50,6 +51,15 @@ pub enum Command {
         #[arg(long, default_value = "config/flywheel.toml")]
         config: PathBuf,
     },
+    /// Tool-calling datasets: import and split.
+    Data {
+        #[command(subcommand)]
+        command: flywheel::DataCommand,
+    },
+    /// Train a LoRA adapter on a local base model.
+    Train(flywheel::TrainArgs),
+    /// Score a base model (or base + adapter) on a test set.
+    Eval(flywheel::EvalArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,6 +136,9 @@ pub fn run(cli: Cli) -> ExitCode {
         ),
         Command::Keys { command } => keys(command),
         Command::Check { config } => check(&config),
+        Command::Data { command } => flywheel::data(command),
+        Command::Train(a) => flywheel::train_command(a),
+        Command::Eval(a) => flywheel::eval_command(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -350,7 +350,11 @@ pub fn parse_bfcl(questions: &str, answers: Option<&str>) -> Result<Vec<Record>,
                 row: i + 1,
                 message: format!("possible answer is not JSON: {e}"),
             })?;
-            let id = v.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+            let id = v
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
             truth.insert(id, v.get("ground_truth").cloned().unwrap_or(Value::Null));
         }
     }
@@ -370,10 +374,9 @@ pub fn parse_bfcl(questions: &str, answers: Option<&str>) -> Result<Vec<Record>,
         let mut calls = Vec::new();
         let gt = truth.get(id).cloned();
         for (i, c) in gt.iter().filter_map(Value::as_array).flatten().enumerate() {
-            let (name, params) = c
-                .as_object()
-                .and_then(|o| o.iter().next())
-                .ok_or(format!("ground_truth[{i}] of '{id}' is not {{name: params}}"))?;
+            let (name, params) = c.as_object().and_then(|o| o.iter().next()).ok_or(format!(
+                "ground_truth[{i}] of '{id}' is not {{name: params}}"
+            ))?;
             let mut args = serde_json::Map::new();
             for (p, acceptable) in params.as_object().into_iter().flatten() {
                 match acceptable.as_array().and_then(|a| a.first()) {
@@ -416,36 +419,54 @@ pub struct Splits {
     pub test: Vec<Record>,
 }
 
-/// Deterministic splits, stratified by tool name: within each tool, records are shuffled with
-/// `seed` and dealt out in the given proportions, so every tool appears in every split it can.
+/// Deterministic splits, stratified by tool name: records are shuffled with `seed` within each
+/// tool and the tools themselves are put in a seeded order; walking that sequence, every k-th
+/// record goes to test (and then to validation) by a running count, so each split gets its share
+/// of every tool that is common enough to have one, and exactly its share overall, even when most
+/// tools appear only once.
 pub fn split(records: &[Record], validation: f64, test: f64, seed: u64) -> Splits {
     let mut by: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
     for r in records {
         by.entry(r.stratum()).or_default().push(r);
+    }
+    let mut rng = SplitMix(seed);
+    let shuffle = |v: &mut Vec<&Record>, rng: &mut SplitMix| {
+        for i in (1..v.len()).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    };
+    let mut groups: Vec<Vec<&Record>> = by.into_values().collect();
+    for g in groups.iter_mut() {
+        shuffle(g, &mut rng);
+    }
+    for i in (1..groups.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        groups.swap(i, j);
     }
     let mut out = Splits {
         train: Vec::new(),
         validation: Vec::new(),
         test: Vec::new(),
     };
-    let mut rng = SplitMix(seed);
-    for (_, mut group) in by {
-        for i in (1..group.len()).rev() {
-            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-            group.swap(i, j);
-        }
-        let n = group.len() as f64;
-        let n_test = (n * test).round() as usize;
-        let n_val = (n * validation).round() as usize;
-        for (i, r) in group.into_iter().enumerate() {
-            let dst = if i < n_test {
-                &mut out.test
-            } else if i < n_test + n_val {
-                &mut out.validation
+    let val_share = if test < 1.0 {
+        validation / (1.0 - test)
+    } else {
+        0.0
+    };
+    let crosses =
+        |i: usize, share: f64| ((i + 1) as f64 * share).floor() > (i as f64 * share).floor();
+    let mut rest = 0;
+    for (i, r) in groups.into_iter().flatten().enumerate() {
+        if crosses(i, test) {
+            out.test.push(r.clone());
+        } else {
+            if crosses(rest, val_share) {
+                out.validation.push(r.clone());
             } else {
-                &mut out.train
-            };
-            dst.push(r.clone());
+                out.train.push(r.clone());
+            }
+            rest += 1;
         }
     }
     out
@@ -526,7 +547,10 @@ mod tests {
         assert_eq!(params["properties"]["pts"]["items"]["type"], "number");
         assert_eq!(
             recs[0].expected_calls(),
-            vec![("calculate_triangle_area".to_string(), json!({"base": 10, "height": 5.0}))]
+            vec![(
+                "calculate_triangle_area".to_string(),
+                json!({"base": 10, "height": 5.0})
+            )]
         );
         assert!(recs[0].ground_truth.is_some());
         assert!(recs[1].expected_calls().is_empty());

@@ -1,0 +1,315 @@
+//! `flywheel data …`, `flywheel train` and `flywheel eval`: the customize and evaluate steps on
+//! local files, without a running gateway.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::backend::local::LocalBackend;
+use crate::engine::chat::ChatFormat;
+use crate::engine::model::WeightFormat;
+use crate::engine::{Engine, LocalModelConfig};
+use crate::flywheel::dataset::{self, Record};
+use crate::flywheel::eval;
+use crate::flywheel::train::model::TrainBase;
+use crate::flywheel::train::{self, Hyperparameters};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DataFormat {
+    /// `{"messages": [...], "tools": [...]}` per line, the last message the answer.
+    Openai,
+    /// Salesforce xLAM function-calling rows (`query`, `tools`, `answers`).
+    Xlam,
+    /// Berkeley Function Calling Leaderboard questions (with `--answers` for possible answers).
+    Bfcl,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Convert a dataset into validated OpenAI-format JSONL.
+    Import {
+        #[arg(long, value_enum)]
+        format: DataFormat,
+        #[arg(long)]
+        input: PathBuf,
+        /// BFCL possible-answer file for `--format bfcl`.
+        #[arg(long)]
+        answers: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Deduplicate on the user query and write seeded, tool-stratified train/validation/test files.
+    Split {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out_dir: PathBuf,
+        #[arg(long, default_value_t = 0.1)]
+        validation: f64,
+        #[arg(long, default_value_t = 0.2)]
+        test: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// The base model: a GGUF file or a Hugging Face directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training records (OpenAI-format JSONL).
+    #[arg(long)]
+    pub train: PathBuf,
+    #[arg(long)]
+    pub validation: Option<PathBuf>,
+    /// Where the PEFT adapter is written (replaced atomically when the job completes).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Hyperparameters as a JSON object (NeMo names: epochs, batch_size, learning_rate,
+    /// adapter_dim, adapter_dropout, ...); the flags below override it.
+    #[arg(long)]
+    pub hyperparameters: Option<PathBuf>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    #[arg(long)]
+    pub adapter_dim: Option<usize>,
+    /// Resume from and save to this checkpoint file.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT adapter directory to evaluate on top of the base.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Test records (OpenAI-format JSONL).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Per-item results and scores as JSON.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 4096)]
+    pub context_length: usize,
+}
+
+fn read_records(path: &Path) -> anyhow::Result<Vec<Record>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(dataset::parse_openai_jsonl(&text).with_context(|| path.display().to_string())?)
+}
+
+fn write_records(path: &Path, records: &[Record]) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for r in records {
+        text.push_str(&r.to_json().to_string());
+        text.push('\n');
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+pub fn data(command: DataCommand) -> anyhow::Result<()> {
+    match command {
+        DataCommand::Import {
+            format,
+            input,
+            answers,
+            out,
+        } => {
+            let text = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let records = match format {
+                DataFormat::Openai => dataset::parse_openai_jsonl(&text),
+                DataFormat::Xlam => dataset::parse_xlam(&text),
+                DataFormat::Bfcl => {
+                    let a = match &answers {
+                        Some(p) => Some(std::fs::read_to_string(p)?),
+                        None => None,
+                    };
+                    dataset::parse_bfcl(&text, a.as_deref())
+                }
+            }
+            .with_context(|| input.display().to_string())?;
+            write_records(&out, &records)?;
+            println!("{} records -> {}", records.len(), out.display());
+        }
+        DataCommand::Split {
+            input,
+            out_dir,
+            validation,
+            test,
+            seed,
+        } => {
+            if !(0.0..1.0).contains(&(validation + test)) || validation < 0.0 || test < 0.0 {
+                bail!("--validation and --test must be fractions summing to less than 1");
+            }
+            let records = dataset::dedup(read_records(&input)?);
+            let s = dataset::split(&records, validation, test, seed);
+            if s.train.is_empty() {
+                bail!(
+                    "the training split is empty: {} records after dedup",
+                    records.len()
+                );
+            }
+            for (name, part) in [
+                ("train", &s.train),
+                ("validation", &s.validation),
+                ("test", &s.test),
+            ] {
+                write_records(&out_dir.join(format!("{name}.jsonl")), part)?;
+            }
+            println!(
+                "{} records after dedup: train {}, validation {}, test {} -> {}",
+                records.len(),
+                s.train.len(),
+                s.validation.len(),
+                s.test.len(),
+                out_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn train_command(a: TrainArgs) -> anyhow::Result<()> {
+    let mut hp: Hyperparameters = match &a.hyperparameters {
+        Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)
+            .with_context(|| format!("{} is not a hyperparameter object", p.display()))?,
+        None => Hyperparameters::default(),
+    };
+    hp.epochs = a.epochs.unwrap_or(hp.epochs);
+    hp.batch_size = a.batch_size.unwrap_or(hp.batch_size);
+    hp.learning_rate = a.learning_rate.unwrap_or(hp.learning_rate);
+    hp.adapter_dim = a.adapter_dim.unwrap_or(hp.adapter_dim);
+    hp.validate()?;
+    let chat = ChatFormat::load(&a.model).map_err(anyhow::Error::msg)?;
+    let train_ex = dataset::training_examples(&chat, &read_records(&a.train)?)?;
+    let val_ex = match &a.validation {
+        Some(p) => dataset::training_examples(&chat, &read_records(p)?)?,
+        None => Vec::new(),
+    };
+    let base = TrainBase::load(&a.model, hp.max_seq_len)?;
+    let tokens: usize = train_ex.iter().map(|e| e.tokens.len()).sum();
+    println!(
+        "training rank-{} LoRA on {} examples ({} tokens), {} validation, {} epochs",
+        hp.adapter_dim,
+        train_ex.len(),
+        tokens,
+        val_ex.len(),
+        hp.epochs
+    );
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  elapsed {elapsed_precise}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let out = train::train(
+        &base,
+        &train_ex,
+        &val_ex,
+        &hp,
+        a.checkpoint.as_deref(),
+        &AtomicBool::new(false),
+        &mut |p| {
+            bar.set_length(p.total_steps as u64);
+            bar.set_position(p.step as u64);
+            bar.set_message(format!(
+                "epoch {}/{}  loss {:.4}  val {}  {:.0} tok/s  eta {:.0}s",
+                p.epoch + 1,
+                p.epochs,
+                p.train_loss,
+                p.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+                p.tokens_per_sec,
+                p.eta_secs
+            ));
+        },
+    )?;
+    bar.finish();
+    let base_name = a
+        .model
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("base");
+    out.lora
+        .save_peft(&out.theta, &a.output, base_name, hp.adapter_dropout)?;
+    for e in &out.epochs {
+        println!(
+            "epoch {}: train loss {:.4}, validation loss {}",
+            e.epoch + 1,
+            e.train_loss,
+            e.val_loss.map_or("-".into(), |v| format!("{v:.4}"))
+        );
+    }
+    println!(
+        "best epoch {}; {:.1} tokens/s; adapter -> {}",
+        out.best_epoch + 1,
+        out.tokens_per_sec,
+        a.output.display()
+    );
+    Ok(())
+}
+
+pub fn eval_command(a: EvalArgs) -> anyhow::Result<()> {
+    let mut records = read_records(&a.data)?;
+    if let Some(n) = a.limit {
+        records.truncate(n);
+    }
+    let items: Vec<eval::EvalItem> = records.iter().map(Record::eval_item).collect();
+    let cfg: LocalModelConfig = serde_json::from_value(json!({
+        "name": "eval-base",
+        "path": a.model,
+        "weights": WeightFormat::default(),
+        "context_length": a.context_length,
+    }))?;
+    let engine: Arc<Engine> = Engine::load(&cfg)?;
+    let adapter = match &a.adapter {
+        Some(dir) => {
+            engine.load_adapter("eval/candidate", dir)?;
+            Some("eval/candidate")
+        }
+        None => None,
+    };
+    let backend = LocalBackend::new(engine);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (results, scores) = rt.block_on(eval::run(
+        &backend,
+        "eval-base",
+        adapter,
+        &items,
+        a.max_tokens,
+        4,
+    ));
+    println!("{}", serde_json::to_string_pretty(&scores)?);
+    if let Some(out) = &a.out {
+        std::fs::write(
+            out,
+            serde_json::to_string_pretty(&json!({"scores": scores, "items": results}))?,
+        )?;
+    }
+    Ok(())
+}
