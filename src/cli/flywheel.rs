@@ -111,7 +111,7 @@ pub struct EvalArgs {
 fn read_records(path: &Path) -> anyhow::Result<Vec<Record>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(dataset::parse_openai_jsonl(&text).with_context(|| path.display().to_string())?)
+    dataset::parse_openai_jsonl(&text).with_context(|| path.display().to_string())
 }
 
 fn write_records(path: &Path, records: &[Record]) -> anyhow::Result<()> {
