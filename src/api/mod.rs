@@ -5,6 +5,7 @@ pub mod adapters;
 pub mod admin;
 pub mod auth;
 pub mod chat_completions;
+pub mod customization;
 pub mod error;
 pub mod health;
 pub mod models;
@@ -38,6 +39,8 @@ pub struct AppState {
     /// Local engines, for the adapter registry endpoints.
     pub engines: Vec<Arc<crate::engine::Engine>>,
     pub adapter_dirs: Vec<std::path::PathBuf>,
+    /// Customization jobs and the entity store (absent in gateways built without a data dir).
+    pub jobs: Option<Arc<crate::flywheel::jobs::JobRunner>>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -52,6 +55,37 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/load_lora_adapter", post(adapters::vllm_load))
         .route("/v1/unload_lora_adapter", post(adapters::vllm_unload))
+        .route(
+            "/v1/namespaces",
+            get(customization::list_namespaces).post(customization::create_namespace),
+        )
+        .route(
+            "/v1/datasets",
+            get(customization::list_datasets).post(customization::create_dataset),
+        )
+        .route(
+            "/v1/datasets/{ns}/{name}",
+            get(customization::get_dataset)
+                .patch(customization::patch_dataset)
+                .delete(customization::delete_dataset),
+        )
+        .route(
+            "/v1/datasets/{ns}/{name}/files/{*path}",
+            axum::routing::put(customization::upload_file),
+        )
+        .route(
+            "/v1/customization/jobs",
+            get(customization::list_jobs).post(customization::create_job),
+        )
+        .route("/v1/customization/jobs/{id}", get(customization::get_job))
+        .route(
+            "/v1/customization/jobs/{id}/status",
+            get(customization::job_status),
+        )
+        .route(
+            "/v1/customization/jobs/{id}/cancel",
+            post(customization::cancel_job),
+        )
         .route("/admin/routes", get(admin::list_routes))
         .route(
             "/admin/routes/{name}",

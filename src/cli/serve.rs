@@ -97,6 +97,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     }
+    let jobs = match crate::flywheel::jobs::JobRunner::start(crate::flywheel::jobs::JobContext {
+        db: config.db_path(),
+        data_dir: config.data_dir.clone(),
+        models: config.models.clone(),
+        engines: engines.clone(),
+    }) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "customization jobs are unavailable");
+            None
+        }
+    };
     let gateway = Arc::new(Gateway::new(config.clone(), backends, log));
     let state = Arc::new(AppState {
         gateway: gateway.clone(),
@@ -108,6 +120,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         engines,
         adapter_dirs,
+        jobs,
     });
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(c), Some(k)) => Some(api::server::tls_acceptor(c, k).map_err(anyhow::Error::msg)?),

@@ -3,4 +3,5 @@
 
 pub mod dataset;
 pub mod eval;
+pub mod jobs;
 pub mod train;

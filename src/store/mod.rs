@@ -1,5 +1,6 @@
 //! The SQLite store: schema and migrations, and the traffic log. Nothing else opens the database.
 
+pub mod entities;
 pub mod traffic;
 
 use std::path::Path;
@@ -28,7 +29,8 @@ pub enum StoreError {
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE traffic (
     id TEXT PRIMARY KEY,
     ts_ms INTEGER NOT NULL,
@@ -74,7 +76,37 @@ CREATE TABLE tool_calls (
     PRIMARY KEY (traffic_id, choice_index, call_index)
 );
 CREATE INDEX tool_calls_name ON tool_calls(name);
-"#];
+"#,
+    r#"
+CREATE TABLE namespaces (
+    id TEXT PRIMARY KEY,
+    description TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE datasets (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT,
+    files_url TEXT NOT NULL,
+    project TEXT,
+    format TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    status_details TEXT NOT NULL,
+    result TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX jobs_kind ON jobs(kind, created_at);
+"#,
+];
 
 /// Opens (creating if needed) the database and brings its schema up to date.
 pub fn open(path: &Path) -> Result<Connection, StoreError> {

@@ -1,0 +1,385 @@
+//! Customization jobs: accepted in NeMo Customizer's shape, persisted, run one at a time on a
+//! worker thread off the serving path, reported through `status_details` as they go, and on
+//! success registered as a servable adapter under their `output_model` name. Jobs that were
+//! queued or running when the process stopped are queued again at start and resume from their
+//! checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use super::dataset;
+use super::train::{self, Hyperparameters, TrainError};
+use crate::engine::chat::ChatFormat;
+use crate::engine::{lora, Engine, LocalModelConfig};
+use crate::store::entities::{self, EntityError};
+
+pub const CUSTOMIZATION: &str = "customization";
+
+/// What the worker needs from the gateway.
+pub struct JobContext {
+    pub db: PathBuf,
+    pub data_dir: PathBuf,
+    pub models: Vec<LocalModelConfig>,
+    pub engines: Vec<Arc<Engine>>,
+}
+
+pub struct JobRunner {
+    queue: Mutex<mpsc::Sender<String>>,
+    cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    ctx: Arc<JobContext>,
+}
+
+/// A validated customization request.
+#[derive(Debug, Clone)]
+pub struct CustomizationSpec {
+    pub base: String,
+    pub dataset: (String, String),
+    pub output_model: String,
+    pub hyperparameters: Hyperparameters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl JobRunner {
+    /// Starts the worker and queues the jobs a previous process left unfinished.
+    pub fn start(ctx: JobContext) -> Result<Arc<Self>, EntityError> {
+        let ctx = Arc::new(ctx);
+        let (tx, rx) = mpsc::channel::<String>();
+        let cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>> = Arc::default();
+        let conn = crate::store::open(&ctx.db).map_err(|e| EntityError::Invalid(e.to_string()))?;
+        for job in entities::unfinished_jobs(&conn)? {
+            tracing::info!(job = %job.id, "queueing a job left unfinished by the previous run");
+            lock(&cancels).insert(job.id.clone(), Arc::new(AtomicBool::new(false)));
+            let _ = tx.send(job.id);
+        }
+        let worker_ctx = ctx.clone();
+        let worker_cancels = cancels.clone();
+        let spawned = std::thread::Builder::new()
+            .name("flywheel-jobs".into())
+            .spawn(move || {
+                while let Ok(id) = rx.recv() {
+                    let cancel = lock(&worker_cancels).get(&id).cloned().unwrap_or_default();
+                    run_customization(&worker_ctx, &id, &cancel);
+                    lock(&worker_cancels).remove(&id);
+                }
+            });
+        if let Err(e) = spawned {
+            return Err(EntityError::Invalid(format!(
+                "cannot start the job worker: {e}"
+            )));
+        }
+        Ok(Arc::new(Self {
+            queue: Mutex::new(tx),
+            cancels,
+            ctx,
+        }))
+    }
+
+    pub fn context(&self) -> &JobContext {
+        &self.ctx
+    }
+
+    /// Validates a NeMo-shaped customization request against the loaded models and the store.
+    pub fn validate(
+        &self,
+        conn: &rusqlite::Connection,
+        body: &Value,
+    ) -> Result<CustomizationSpec, EntityError> {
+        let invalid = |m: String| EntityError::Invalid(m);
+        let config = body
+            .get("config")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid("'config' (the base model) is required".into()))?;
+        // NeMo names configs `model@version+hardware`; the model part names our base.
+        let wanted = config.split(['@', '+']).next().unwrap_or(config);
+        let base = self
+            .ctx
+            .models
+            .iter()
+            .find(|m| m.name == wanted || wanted.rsplit('/').next() == Some(m.name.as_str()))
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.ctx.models.iter().map(|m| m.name.as_str()).collect();
+                invalid(format!(
+                    "config '{config}' names no local base model (loaded: {})",
+                    names.join(", ")
+                ))
+            })?;
+        let ds = body
+            .get("dataset")
+            .ok_or_else(|| invalid("'dataset' ({name, namespace}) is required".into()))?;
+        let ds_name = ds
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid("'dataset.name' is required".into()))?;
+        let ds_ns = ds
+            .get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        entities::get_dataset(conn, ds_ns, ds_name)?;
+        let hp_in = body.get("hyperparameters").cloned().unwrap_or(json!({}));
+        let s = |k: &str| hp_in.get(k).and_then(Value::as_str);
+        if let Some(t) = s("training_type") {
+            if t != "sft" {
+                return Err(invalid(format!(
+                    "hyperparameters.training_type '{t}' is not supported (supported: sft)"
+                )));
+            }
+        }
+        if let Some(t) = s("finetuning_type") {
+            if t != "lora" {
+                return Err(invalid(format!(
+                    "hyperparameters.finetuning_type '{t}' is not supported (supported: lora)"
+                )));
+            }
+        }
+        let mut hp = Hyperparameters::default();
+        let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+        let whole = |v: &Value, k: &str| -> Result<Option<usize>, EntityError> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                    invalid(format!("hyperparameters.{k} must be a positive integer"))
+                }),
+            }
+        };
+        hp.epochs = whole(&hp_in, "epochs")?.unwrap_or(hp.epochs);
+        hp.batch_size = whole(&hp_in, "batch_size")?.unwrap_or(hp.batch_size);
+        hp.micro_batch_size = hp.micro_batch_size.min(hp.batch_size);
+        hp.learning_rate = num(&hp_in, "learning_rate").unwrap_or(hp.learning_rate);
+        if let Some(seed) = whole(&hp_in, "seed")? {
+            hp.seed = seed as u64;
+        }
+        let lora_in = hp_in.get("lora").cloned().unwrap_or(json!({}));
+        hp.adapter_dim = whole(&lora_in, "adapter_dim")?.unwrap_or(hp.adapter_dim);
+        hp.alpha = num(&lora_in, "alpha").or(hp.alpha);
+        hp.adapter_dropout =
+            num(&lora_in, "adapter_dropout").map_or(hp.adapter_dropout, |d| d as f32);
+        if let Some(Value::Array(mods)) = lora_in.get("target_modules") {
+            hp.target_modules = mods
+                .iter()
+                .filter_map(|m| m.as_str().map(str::to_string))
+                .collect();
+        }
+        hp.validate().map_err(|e| invalid(e.to_string()))?;
+        let output = match body.get("output_model").and_then(Value::as_str) {
+            Some(o) => o.split('@').next().unwrap_or(o).to_string(),
+            None => {
+                let name = body.get("name").and_then(Value::as_str).unwrap_or("lora");
+                format!("{ds_ns}/{name}")
+            }
+        };
+        lora::check_name(&output).map_err(|e| invalid(format!("output_model: {e}")))?;
+        Ok(CustomizationSpec {
+            base: base.name.clone(),
+            dataset: (ds_ns.to_string(), ds_name.to_string()),
+            output_model: output,
+            hyperparameters: hp,
+        })
+    }
+
+    /// Records the job and queues it.
+    pub fn submit(
+        &self,
+        conn: &rusqlite::Connection,
+        id: &str,
+        spec: &Value,
+    ) -> Result<(), EntityError> {
+        entities::insert_job(conn, id, CUSTOMIZATION, spec)?;
+        lock(&self.cancels).insert(id.to_string(), Arc::new(AtomicBool::new(false)));
+        lock(&self.queue)
+            .send(id.to_string())
+            .map_err(|_| EntityError::Invalid("the job worker has stopped".into()))
+    }
+
+    /// Asks a queued or running job to stop; finished jobs cannot be cancelled.
+    pub fn cancel(&self, conn: &rusqlite::Connection, id: &str) -> Result<(), EntityError> {
+        let job = entities::get_job(conn, CUSTOMIZATION, id)?;
+        if matches!(job.status.as_str(), "completed" | "failed" | "cancelled") {
+            return Err(EntityError::Conflict(format!(
+                "job '{id}' has already {}; only created, pending or running jobs can be cancelled",
+                job.status
+            )));
+        }
+        if let Some(flag) = lock(&self.cancels).get(id) {
+            flag.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// Where a job's files live.
+pub fn job_dir(data_dir: &Path, id: &str) -> PathBuf {
+    data_dir.join("jobs").join(id)
+}
+
+fn dataset_files(dir: &Path, split: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(split))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl" || x == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn read_split(dir: &Path, split: &str) -> Result<Vec<dataset::Record>, String> {
+    let mut out = Vec::new();
+    for f in dataset_files(dir, split) {
+        let text = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        out.extend(dataset::parse_openai_jsonl(&text).map_err(|e| format!("{split}/{name}: {e}"))?);
+    }
+    Ok(out)
+}
+
+fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
+    let conn = match crate::store::open(&ctx.db) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(job = id, error = %e, "cannot open the database for a job");
+            return;
+        }
+    };
+    let fail = |details: Value| {
+        if let Err(e) = entities::update_job(&conn, id, "failed", &details, None) {
+            tracing::error!(job = id, error = %e, "cannot record a job failure");
+        }
+    };
+    let job = match entities::get_job(&conn, CUSTOMIZATION, id) {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::error!(job = id, error = %e, "queued job vanished");
+            return;
+        }
+    };
+    let spec = &job.spec;
+    let hp: Hyperparameters =
+        match serde_json::from_value(spec["_resolved"]["hyperparameters"].clone()) {
+            Ok(h) => h,
+            Err(e) => return fail(json!({"message": format!("stored hyperparameters: {e}")})),
+        };
+    let base = spec["_resolved"]["base"].as_str().unwrap_or_default();
+    let output = spec["_resolved"]["output_model"]
+        .as_str()
+        .unwrap_or_default();
+    let ns = spec["_resolved"]["dataset"][0].as_str().unwrap_or_default();
+    let ds = spec["_resolved"]["dataset"][1].as_str().unwrap_or_default();
+    let Some(model) = ctx.models.iter().find(|m| m.name == base) else {
+        return fail(json!({"message": format!("base model '{base}' is no longer configured")}));
+    };
+    let _ = entities::update_job(&conn, id, "running", &json!({"percentage_done": 0}), None);
+    let data = ctx.data_dir.join("datasets").join(ns).join(ds);
+    let prepared = (|| -> Result<_, String> {
+        let train_records = read_split(&data, "training")?;
+        if train_records.is_empty() {
+            return Err(format!(
+                "dataset '{ns}/{ds}' has no records under training/ (upload training/*.jsonl)"
+            ));
+        }
+        let val_records = read_split(&data, "validation")?;
+        let chat = ChatFormat::load(&model.path)?;
+        let tr = dataset::training_examples(&chat, &train_records)
+            .map_err(|e| format!("training: {e}"))?;
+        let va = dataset::training_examples(&chat, &val_records)
+            .map_err(|e| format!("validation: {e}"))?;
+        let base = train::model::TrainBase::load(&model.path, hp.max_seq_len)
+            .map_err(|e| e.to_string())?;
+        Ok((tr, va, base))
+    })();
+    let (tr, va, tbase) = match prepared {
+        Ok(p) => p,
+        Err(message) => return fail(json!({"message": message})),
+    };
+    let dir = job_dir(&ctx.data_dir, id);
+    let _ = std::fs::create_dir_all(&dir);
+    let ckpt = dir.join("checkpoint.bin");
+    let steps_per_epoch = tr.len().div_ceil(hp.batch_size);
+    let mut train_losses: Vec<Value> = Vec::new();
+    let started = std::time::Instant::now();
+    let result = train::train(&tbase, &tr, &va, &hp, Some(&ckpt), cancel, &mut |p| {
+        train_losses.push(json!({"step": p.step, "value": p.train_loss}));
+        let details = json!({
+            "percentage_done": 100.0 * p.step as f64 / p.total_steps.max(1) as f64,
+            "epochs_completed": p.step / steps_per_epoch.max(1),
+            "steps_completed": p.step,
+            "steps_per_epoch": steps_per_epoch,
+            "elapsed_time": started.elapsed().as_secs_f64(),
+            "tokens_per_sec": p.tokens_per_sec,
+            "eta_secs": p.eta_secs,
+            "metrics": {"train_loss": train_losses, "val_loss": p.val_loss},
+        });
+        let _ = entities::update_job(&conn, id, "running", &details, None);
+    });
+    match result {
+        Ok(out) => {
+            let (ons, oname) = output.split_once('/').unwrap_or(("default", output));
+            let adir = ctx.data_dir.join("adapters").join(ons).join(oname);
+            let base_name = model.name.clone();
+            let saved = out
+                .lora
+                .save_peft(&out.theta, &adir, &base_name, hp.adapter_dropout)
+                .map_err(|e| e.to_string())
+                .and_then(
+                    |()| match ctx.engines.iter().find(|e| e.name == base_name) {
+                        Some(engine) => engine
+                            .load_adapter(output, &adir)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string()),
+                        None => Ok(()),
+                    },
+                );
+            let val: Vec<Value> = out
+                .epochs
+                .iter()
+                .map(|e| json!({"epoch": e.epoch, "value": e.val_loss}))
+                .collect();
+            let details = json!({
+                "percentage_done": 100.0,
+                "epochs_completed": out.epochs.len(),
+                "steps_completed": out.steps,
+                "steps_per_epoch": steps_per_epoch,
+                "best_epoch": out.best_epoch,
+                "elapsed_time": started.elapsed().as_secs_f64(),
+                "tokens_per_sec": out.tokens_per_sec,
+                "metrics": {"train_loss": train_losses, "val_loss": val},
+            });
+            match saved {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&ckpt);
+                    let _ = entities::update_job(
+                        &conn,
+                        id,
+                        "completed",
+                        &details,
+                        Some(&json!({"adapter_path": adir})),
+                    );
+                    tracing::info!(
+                        job = id,
+                        adapter = output,
+                        "customization job completed; adapter loaded"
+                    );
+                }
+                Err(m) => {
+                    fail(json!({"message": format!("saving or loading the adapter failed: {m}")}))
+                }
+            }
+        }
+        Err(TrainError::Cancelled) => {
+            let _ = entities::update_job(
+                &conn,
+                id,
+                "cancelled",
+                &json!({"message": "cancelled on request"}),
+                None,
+            );
+        }
+        Err(e) => fail(json!({"message": e.to_string()})),
+    }
+}

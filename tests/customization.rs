@@ -1,0 +1,244 @@
+//! The NeMo-shaped customization API over real HTTP on a tiny model: namespaces, datasets with
+//! file upload, a customization job in the tutorial's body shape run to completion, its adapter
+//! served at once by name, and the bad inputs.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use flywheel::engine::testing::write_tiny_llama;
+use serde_json::{json, Value};
+
+fn record(tool: &str, city: &str) -> Value {
+    json!({
+        "messages": [
+            {"role": "user", "content": format!("{} {city}", if tool == "get_weather" { "weather in" } else { "time in" })},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
+                "function": {"name": tool, "arguments": {"city": city}}}]}
+        ],
+        "tools": [
+            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+            {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+        ]
+    })
+}
+
+fn jsonl(rows: &[Value]) -> String {
+    rows.iter().map(|r| format!("{r}\n")).collect()
+}
+
+async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let mut r = reqwest::Client::new().request(method, url);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customization_job_trains_registers_and_serves_its_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_llama(&model, candle_core::quantized::GgmlDType::F32, 31);
+    let config = format!(
+        "[[models]]\nname = \"tiny\"\npath = \"{}\"\ncontext_length = 2048\n",
+        path_str(&model)
+    );
+    let gw = GatewayProcess::start(&config);
+    use reqwest::Method;
+
+    let (st, ns) = call(
+        Method::POST,
+        gw.url("/v1/namespaces"),
+        Some(json!({"id": "team"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{ns}");
+    let (st, _) = call(
+        Method::POST,
+        gw.url("/v1/namespaces"),
+        Some(json!({"id": "team"})),
+    )
+    .await;
+    assert_eq!(st, 409);
+    let (st, list) = call(Method::GET, gw.url("/v1/namespaces"), None).await;
+    assert_eq!((st, list["data"][0]["id"].as_str()), (200, Some("team")));
+
+    let (st, ds) = call(
+        Method::POST,
+        gw.url("/v1/datasets"),
+        Some(json!({"name": "tools", "namespace": "team", "description": "tool calls"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{ds}");
+    assert_eq!(ds["files_url"], "hf://datasets/team/tools");
+    let (st, _) = call(
+        Method::POST,
+        gw.url("/v1/datasets"),
+        Some(json!({"name": "x", "namespace": "nobody"})),
+    )
+    .await;
+    assert_eq!(st, 404);
+
+    // Upload: a malformed row is refused with its row number, a good file is stored.
+    let rows: Vec<Value> = ["paris", "oslo", "rome", "lima"]
+        .iter()
+        .flat_map(|c| [record("get_weather", c), record("get_time", c)])
+        .collect();
+    let client = reqwest::Client::new();
+    let bad = format!("{}{{\"messages\": []}}\n", jsonl(&rows[..2]));
+    let r = client
+        .put(gw.url("/v1/datasets/team/tools/files/training/bad.jsonl"))
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let msg = r.json::<Value>().await.unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("row 3"), "{msg}");
+    let r = client
+        .put(gw.url("/v1/datasets/team/tools/files/../escape.jsonl"))
+        .body(jsonl(&rows))
+        .send()
+        .await
+        .unwrap();
+    assert!(matches!(r.status().as_u16(), 400 | 404), "{}", r.status());
+    for (path, part) in [
+        ("training/data.jsonl", &rows[..6]),
+        ("validation/data.jsonl", &rows[6..]),
+    ] {
+        let r = client
+            .put(gw.url(&format!("/v1/datasets/team/tools/files/{path}")))
+            .body(jsonl(part))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+    }
+    let (_, ds) = call(Method::GET, gw.url("/v1/datasets/team/tools"), None).await;
+    assert_eq!(ds["files"].as_array().unwrap().len(), 2, "{ds}");
+
+    // Bad jobs: unknown base, unknown dataset, out-of-range and unsupported hyperparameters.
+    let job = |cfg: &str, ds: &str, hp: Value| {
+        json!({"name": "tool-lora", "output_model": "team/tool-lora@v1", "config": cfg,
+            "dataset": {"name": ds, "namespace": "team"}, "hyperparameters": hp})
+    };
+    let good_hp = json!({"training_type": "sft", "finetuning_type": "lora", "epochs": 2,
+        "batch_size": 4, "learning_rate": 0.01, "lora": {"adapter_dim": 4, "adapter_dropout": 0.0}});
+    for (body, needle) in [
+        (
+            job(
+                "meta/llama-3.2-1b-instruct@v1.0.0+A100",
+                "tools",
+                good_hp.clone(),
+            ),
+            "names no local base",
+        ),
+        (job("tiny", "missing", good_hp.clone()), "does not exist"),
+        (job("tiny", "tools", json!({"epochs": 0})), "epochs"),
+        (
+            job("tiny", "tools", json!({"finetuning_type": "all_weights"})),
+            "finetuning_type",
+        ),
+        (
+            job("tiny", "tools", json!({"lora": {"adapter_dropout": 1.5}})),
+            "adapter_dropout",
+        ),
+    ] {
+        let (st, v) = call(Method::POST, gw.url("/v1/customization/jobs"), Some(body)).await;
+        assert!(matches!(st, 400 | 404), "{st} {v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains(needle), "{m}");
+    }
+
+    let (st, created) = call(
+        Method::POST,
+        gw.url("/v1/customization/jobs"),
+        Some(job("tiny", "tools", good_hp)),
+    )
+    .await;
+    assert_eq!(st, 200, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("cust-"));
+    assert_eq!(created["output_model"], "team/tool-lora");
+    assert_eq!(created["hyperparameters"]["lora"]["adapter_dim"], 4);
+
+    let t = Instant::now();
+    let status = loop {
+        let (st, s) = call(
+            Method::GET,
+            gw.url(&format!("/v1/customization/jobs/{id}/status")),
+            None,
+        )
+        .await;
+        assert_eq!(st, 200, "{s}");
+        if matches!(
+            s["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        ) {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "job still {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["percentage_done"], 100.0);
+    assert_eq!(status["epochs_completed"], 2);
+    assert_eq!(status["steps_completed"], 4);
+    let losses = status["metrics"]["train_loss"].as_array().unwrap();
+    assert_eq!(losses.len(), 4);
+    assert!(status["metrics"]["val_loss"][1]["value"].as_f64().unwrap() > 0.0);
+
+    // Servable at once, by its output_model name, and listed.
+    let (_, models) = call(Method::GET, gw.url("/v1/models"), None).await;
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "team/tool-lora"),
+        "{models}"
+    );
+    let (st, reply) = call(
+        Method::POST,
+        gw.url("/v1/chat/completions"),
+        Some(json!({"model": "team/tool-lora", "messages": [{"role": "user", "content": "weather in oslo"}],
+            "max_tokens": 8, "temperature": 0})),
+    )
+    .await;
+    assert_eq!(st, 200, "{reply}");
+    assert!(gw
+        .dir
+        .path()
+        .join("data/adapters/team/tool-lora/adapter_model.safetensors")
+        .exists());
+
+    // A finished job cannot be cancelled; unknown jobs are 404; the job lists.
+    let (st, _) = call(
+        Method::POST,
+        gw.url(&format!("/v1/customization/jobs/{id}/cancel")),
+        None,
+    )
+    .await;
+    assert_eq!(st, 409);
+    let (st, _) = call(
+        Method::GET,
+        gw.url("/v1/customization/jobs/cust-nope"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 404);
+    let (_, jobs) = call(Method::GET, gw.url("/v1/customization/jobs"), None).await;
+    assert_eq!(jobs["data"].as_array().unwrap().len(), 1);
+
+    let (st, _) = call(Method::DELETE, gw.url("/v1/datasets/team/tools"), None).await;
+    assert_eq!(st, 200);
+    assert!(!gw.dir.path().join("data/datasets/team/tools").exists());
+}
