@@ -238,6 +238,100 @@ async fn a_customization_job_trains_registers_and_serves_its_adapter() {
     let (_, jobs) = call(Method::GET, gw.url("/v1/customization/jobs"), None).await;
     assert_eq!(jobs["data"].as_array().unwrap().len(), 1);
 
+    // Evaluation in NeMo Evaluator's shape: the tutorial's test rows (expected calls beside the
+    // messages), a custom chat-completion task with a tool-calling metric, the adapter as target.
+    let test_rows: Vec<Value> = ["paris", "oslo"]
+        .iter()
+        .map(|c| {
+            let mut r = record("get_weather", c);
+            let answer = r["messages"].as_array_mut().unwrap().pop().unwrap();
+            r["tool_calls"] = answer["tool_calls"].clone();
+            r
+        })
+        .collect();
+    let r = client
+        .put(gw.url("/v1/datasets/team/tools/files/testing/test.jsonl"))
+        .body(jsonl(&test_rows))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let eval_body = |url: &str, model: &str| {
+        json!({
+            "config": {"type": "custom", "tasks": {"custom-tool-calling": {
+                "type": "chat-completion",
+                "dataset": {"files_url": url, "limit": 50},
+                "params": {"template": {"messages": "{{ item.messages | tojson }}", "tools": "{{ item.tools | tojson }}", "tool_choice": "auto"}},
+                "metrics": {"tool-calling-accuracy": {"type": "tool-calling",
+                    "params": {"tool_calls_ground_truth": "{{ item.tool_calls | tojson }}"}}}
+            }}},
+            "target": {"type": "model", "model": {"api_endpoint": {"url": "http://unused/v1/chat/completions", "model_id": model}}}
+        })
+    };
+    let (st, v) = call(
+        Method::POST,
+        gw.url("/v1/evaluation/jobs"),
+        Some(eval_body(
+            "hf://datasets/team/tools/testing/test.jsonl",
+            "no-such-model",
+        )),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = call(
+        Method::POST,
+        gw.url("/v1/evaluation/jobs"),
+        Some(eval_body(
+            "hf://datasets/team/tools/../../etc",
+            "team/tool-lora",
+        )),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    let (st, ej) = call(
+        Method::POST,
+        gw.url("/v1/evaluation/jobs"),
+        Some(eval_body(
+            "hf://datasets/team/tools/testing/test.jsonl",
+            "team/tool-lora",
+        )),
+    )
+    .await;
+    assert_eq!(st, 200, "{ej}");
+    let eid = ej["id"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    loop {
+        let (_, j) = call(
+            Method::GET,
+            gw.url(&format!("/v1/evaluation/jobs/{eid}")),
+            None,
+        )
+        .await;
+        if j["status"] == "completed" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "{j}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (st, res) = call(
+        Method::GET,
+        gw.url(&format!("/v1/evaluation/jobs/{eid}/results")),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{res}");
+    let scores = &res["tasks"]["custom-tool-calling"]["metrics"]["tool-calling-accuracy"]["scores"];
+    for s in ["function_name_accuracy", "function_name_and_args_accuracy"] {
+        let v = scores[s]["value"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{s}: {res}");
+        assert_eq!(scores[s]["stats"]["count"], 2);
+    }
+    assert!(gw
+        .dir
+        .path()
+        .join(format!("data/jobs/{eid}/items.json"))
+        .exists());
+
     let (st, _) = call(Method::DELETE, gw.url("/v1/datasets/team/tools"), None).await;
     assert_eq!(st, 200);
     assert!(!gw.dir.path().join("data/datasets/team/tools").exists());

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod chat_completions;
 pub mod customization;
 pub mod error;
+pub mod evaluation;
 pub mod health;
 pub mod models;
 pub mod server;
@@ -86,6 +87,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/customization/jobs/{id}/cancel",
             post(customization::cancel_job),
         )
+        .route(
+            "/v1/evaluation/jobs",
+            get(evaluation::list).post(evaluation::create),
+        )
+        .route("/v1/evaluation/jobs/{id}", get(evaluation::get))
+        .route("/v1/evaluation/jobs/{id}/results", get(evaluation::results))
         .route("/admin/routes", get(admin::list_routes))
         .route(
             "/admin/routes/{name}",

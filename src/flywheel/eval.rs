@@ -208,24 +208,32 @@ pub async fn run(
 ) -> (Vec<ItemResult>, Scores) {
     use futures_util::stream::{self, StreamExt};
     let started = Instant::now();
-    let mut results: Vec<ItemResult> = stream::iter(items.iter().enumerate())
-        .map(|(i, item)| async move {
-            let t = Instant::now();
+    // The futures are built first (not inside the stream's map) so the whole run stays `Send`
+    // for any lifetime and can be spawned.
+    let futures: Vec<_> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
             let req = BackendRequest {
                 body: request_body(item, model, max_tokens),
                 stream: false,
                 adapter: adapter.map(str::to_string),
             };
-            let reply = match backend.chat(req).await {
-                Ok(BackendReply::Full(v)) => Ok(v),
-                Ok(BackendReply::Stream { .. }) => {
-                    Err("the backend streamed a non-streaming request".to_string())
-                }
-                Err(e) => Err(e.to_string()),
-            };
-            let ms = t.elapsed().as_secs_f64() * 1000.0;
-            score_item(i, item, reply.as_ref().map_err(Clone::clone), ms)
+            async move {
+                let t = Instant::now();
+                let reply = match backend.chat(req).await {
+                    Ok(BackendReply::Full(v)) => Ok(v),
+                    Ok(BackendReply::Stream { .. }) => {
+                        Err("the backend streamed a non-streaming request".to_string())
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                score_item(i, item, reply.as_ref().map_err(Clone::clone), ms)
+            }
         })
+        .collect();
+    let mut results: Vec<ItemResult> = stream::iter(futures)
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await;

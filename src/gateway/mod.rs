@@ -127,6 +127,22 @@ impl Gateway {
         })
     }
 
+    /// What a model id is served with outside a request (evaluation): the backend of the route's
+    /// champion (or of the adapter or base the id names), the adapter, and the model name to send.
+    pub fn backend_for(&self, model: &str) -> Option<(Arc<dyn Backend>, Option<String>, String)> {
+        let resolution = self
+            .routes
+            .champion_of(model)
+            .or_else(|| self.resolve_adapter(model))?;
+        let target = resolution.targets.first()?;
+        let backend = self.backends.get(&target.backend_key())?.clone();
+        Some((
+            backend,
+            target.adapter.clone(),
+            target.model_name().to_string(),
+        ))
+    }
+
     /// Every model name a request may use: routes, their targets, then loaded adapters.
     pub fn model_ids(&self) -> Vec<(String, Option<String>)> {
         let mut ids = self.routes.model_ids();

@@ -127,9 +127,26 @@ impl RouteTable {
     /// Resolves `model`. `sticky_key` keeps one user/session/workload on one arm; without one the
     /// split is random per request.
     pub fn resolve(&self, model: &str, sticky_key: Option<&str>) -> Option<Resolution> {
+        self.resolve_with(model, sticky_key, true)
+    }
+
+    /// Resolves `model` to its champion, never the canary (evaluation compares named targets).
+    pub fn champion_of(&self, model: &str) -> Option<Resolution> {
+        self.resolve_with(model, None, false)
+    }
+
+    fn resolve_with(
+        &self,
+        model: &str,
+        sticky_key: Option<&str>,
+        canary_allowed: bool,
+    ) -> Option<Resolution> {
         let snap = self.snapshot();
         if let Some(r) = snap.get(model) {
-            let canary = r.canary.as_ref().filter(|c| c.percent > 0.0);
+            let canary = r
+                .canary
+                .as_ref()
+                .filter(|c| canary_allowed && c.percent > 0.0);
             let on_canary = canary.is_some_and(|c| {
                 let bucket = match sticky_key {
                     Some(k) => sticky_bucket(model, k),

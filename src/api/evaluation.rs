@@ -1,0 +1,323 @@
+//! NeMo Evaluator-shaped endpoints (scope `admin`): `POST/GET /v1/evaluation/jobs`,
+//! `GET /v1/evaluation/jobs/{id}` and `GET /v1/evaluation/jobs/{id}/results`. A `custom` config's
+//! `chat-completion` tasks read `hf://datasets/{namespace}/{name}/{path}` from the dataset store
+//! and are scored with `tool-calling` metrics; the target model runs through the same backend the
+//! gateway serves it with (a route's champion, an adapter id, or a base model).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::StatusCode;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::{authorize, authorized_json, AppState};
+use crate::config::Scope;
+use crate::flywheel::{dataset, eval};
+use crate::store::entities::{self, Job};
+
+const EVALUATION: &str = "evaluation";
+
+fn db(state: &AppState) -> Result<(rusqlite::Connection, std::path::PathBuf), ApiError> {
+    let jobs = state.jobs.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "evaluation is not available without the entity store",
+        )
+    })?;
+    let ctx = jobs.context();
+    let conn = crate::store::open(&ctx.db).map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok((conn, ctx.data_dir.clone()))
+}
+
+fn entity(e: entities::EntityError) -> ApiError {
+    match e {
+        entities::EntityError::NotFound(m) => ApiError::not_found(m),
+        other => ApiError::invalid(other.to_string()),
+    }
+}
+
+/// One task to run: its name, the items, and the metric names asking for tool-calling scores.
+struct Task {
+    name: String,
+    items: Vec<eval::EvalItem>,
+    metrics: Vec<String>,
+}
+
+/// Resolves `hf://datasets/{ns}/{name}[/{path}]` against the dataset store.
+fn load_items(
+    data_dir: &std::path::Path,
+    files_url: &str,
+    limit: Option<usize>,
+) -> Result<Vec<eval::EvalItem>, ApiError> {
+    let bad = |m: String| ApiError::invalid_param("config.tasks.dataset.files_url", m);
+    let rest = files_url.strip_prefix("hf://datasets/").ok_or_else(|| {
+        bad(format!(
+            "'{files_url}' is not hf://datasets/<namespace>/<name>/<path>"
+        ))
+    })?;
+    let mut parts = rest.splitn(3, '/');
+    let (ns, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    entities::check_name("namespace", ns).map_err(|e| bad(e.to_string()))?;
+    entities::check_name("dataset", name).map_err(|e| bad(e.to_string()))?;
+    let root = data_dir.join("datasets").join(ns).join(name);
+    let path = parts.next().unwrap_or("testing");
+    if path.split('/').any(|p| p == ".." || p.starts_with('.')) {
+        return Err(bad(format!("'{path}' may not leave the dataset")));
+    }
+    let target = root.join(path);
+    let files: Vec<std::path::PathBuf> = if target.is_dir() {
+        let mut f: Vec<_> = std::fs::read_dir(&target)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl" || x == "json"))
+            .collect();
+        f.sort();
+        f
+    } else if target.is_file() {
+        vec![target]
+    } else {
+        return Err(bad(format!("dataset '{ns}/{name}' has no file '{path}'")));
+    };
+    let mut items = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| ApiError::internal(e.to_string()))?;
+        let shown = f.strip_prefix(&root).unwrap_or(&f).display().to_string();
+        items.extend(dataset::parse_eval_items(&text).map_err(|e| bad(format!("{shown}: {e}")))?);
+    }
+    if let Some(n) = limit {
+        items.truncate(n);
+    }
+    if items.is_empty() {
+        return Err(bad(format!("'{files_url}' holds no items")));
+    }
+    Ok(items)
+}
+
+fn parse_tasks(config: &Value, data_dir: &std::path::Path) -> Result<Vec<Task>, ApiError> {
+    let kind = config
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("custom");
+    if kind != "custom" {
+        return Err(ApiError::invalid_param(
+            "config.type",
+            format!("config type '{kind}' is not supported (supported: custom)"),
+        ));
+    }
+    let tasks = config
+        .get("tasks")
+        .and_then(Value::as_object)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::invalid_param("config.tasks", "name at least one task"))?;
+    let mut out = Vec::new();
+    for (name, t) in tasks {
+        let ty = t
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("chat-completion");
+        if ty != "chat-completion" {
+            return Err(ApiError::invalid_param(
+                "config.tasks.type",
+                format!("task '{name}' has type '{ty}' (supported: chat-completion)"),
+            ));
+        }
+        let url = t
+            .pointer("/dataset/files_url")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                ApiError::invalid_param(
+                    "config.tasks.dataset.files_url",
+                    format!("task '{name}' needs dataset.files_url"),
+                )
+            })?;
+        let limit = t
+            .pointer("/dataset/limit")
+            .and_then(Value::as_u64)
+            .map(|n| n as usize);
+        let mut metrics = Vec::new();
+        for (m, spec) in t
+            .get("metrics")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            let mt = spec.get("type").and_then(Value::as_str).unwrap_or("");
+            if mt != "tool-calling" {
+                return Err(ApiError::invalid_param(
+                    "config.tasks.metrics.type",
+                    format!("metric '{m}' has type '{mt}' (supported: tool-calling)"),
+                ));
+            }
+            metrics.push(m.clone());
+        }
+        if metrics.is_empty() {
+            return Err(ApiError::invalid_param(
+                "config.tasks.metrics",
+                format!("task '{name}' names no metric"),
+            ));
+        }
+        out.push(Task {
+            name: name.clone(),
+            items: load_items(data_dir, url, limit)?,
+            metrics,
+        });
+    }
+    Ok(out)
+}
+
+fn target_model(body: &Value) -> Option<String> {
+    let t = body.get("target")?;
+    match t.get("model") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(m) => m
+            .pointer("/api_endpoint/model_id")
+            .or_else(|| m.get("name"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        None => None,
+    }
+}
+
+fn job_json(job: &Job) -> Value {
+    let mut v = job.spec.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("id".into(), json!(job.id));
+        o.insert("created_at".into(), json!(job.created_at));
+        o.insert("updated_at".into(), json!(job.updated_at));
+        o.insert("status".into(), json!(job.status));
+        o.insert("status_details".into(), job.status_details.clone());
+    }
+    v
+}
+
+pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let run = async {
+        let body = Value::Object(authorized_json(&state, req, Scope::Admin).await?);
+        let (conn, data_dir) = db(&state)?;
+        let config = body
+            .get("config")
+            .ok_or_else(|| ApiError::invalid_param("config", "'config' is required"))?;
+        let tasks = parse_tasks(config, &data_dir)?;
+        let model = target_model(&body).ok_or_else(|| {
+            ApiError::invalid_param(
+                "target.model",
+                "name the model (target.model.api_endpoint.model_id)",
+            )
+        })?;
+        let (backend, adapter, send_as) = state.gateway.backend_for(&model).ok_or_else(|| {
+            ApiError::invalid_param(
+                "target.model",
+                format!("model '{model}' does not resolve to a served target"),
+            )
+        })?;
+        let max_tokens = body
+            .pointer("/config/params/max_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(256) as usize;
+        let id = format!("eval-{}", uuid::Uuid::now_v7().simple());
+        entities::insert_job(&conn, &id, EVALUATION, &body).map_err(entity)?;
+        entities::update_job(&conn, &id, "running", &json!({"message": "running"}), None)
+            .map_err(entity)?;
+        let db_path = state.jobs.as_ref().map(|j| j.context().db.clone());
+        let job_dir = crate::flywheel::jobs::job_dir(&data_dir, &id);
+        let job_id = id.clone();
+        state.gateway.tasks().spawn(async move {
+            let mut results = serde_json::Map::new();
+            let mut audit = Vec::new();
+            for task in &tasks {
+                let (items, scores) = eval::run(backend.as_ref(), &send_as, adapter.as_deref(), &task.items, max_tokens, 4).await;
+                let mut metrics = serde_json::Map::new();
+                for m in &task.metrics {
+                    let score = |v: f64| json!({"value": v, "stats": {"count": scores.items}});
+                    metrics.insert(m.clone(), json!({"scores": {
+                        "function_name_accuracy": score(scores.function_name_accuracy),
+                        "function_name_and_args_accuracy": score(scores.function_name_and_args_accuracy),
+                        "json_parse_failure_rate": score(scores.json_parse_failure_rate),
+                        "latency_p50_ms": score(scores.latency_p50_ms),
+                        "latency_p95_ms": score(scores.latency_p95_ms),
+                    }}));
+                }
+                results.insert(task.name.clone(), json!({"metrics": metrics}));
+                audit.push(json!({"task": task.name, "scores": scores, "items": items}));
+            }
+            let _ = std::fs::create_dir_all(&job_dir);
+            let _ = std::fs::write(job_dir.join("items.json"), Value::Array(audit).to_string());
+            if let Some(db) = db_path {
+                match crate::store::open(&db) {
+                    Ok(conn) => {
+                        let r = json!({"tasks": results});
+                        let _ = entities::update_job(&conn, &job_id, "completed", &json!({"message": "completed"}), Some(&r));
+                    }
+                    Err(e) => tracing::error!(error = %e, job = %job_id, "cannot record evaluation results"),
+                }
+            }
+        });
+        let job = entities::get_job(&conn, EVALUATION, &id).map_err(entity)?;
+        Ok::<_, ApiError>((StatusCode::OK, Json(job_json(&job))))
+    };
+    run.await.into_response()
+}
+
+pub async fn list(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let (parts, _) = req.into_parts();
+    let run = || {
+        authorize(&state, &parts, Scope::Admin)?;
+        let (conn, _) = db(&state)?;
+        let jobs = entities::list_jobs(&conn, EVALUATION).map_err(entity)?;
+        Ok::<_, ApiError>(Json(
+            json!({"object": "list", "data": jobs.iter().map(job_json).collect::<Vec<_>>()}),
+        ))
+    };
+    run().into_response()
+}
+
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let (parts, _) = req.into_parts();
+    let run = || {
+        authorize(&state, &parts, Scope::Admin)?;
+        let (conn, _) = db(&state)?;
+        let job = entities::get_job(&conn, EVALUATION, &id).map_err(entity)?;
+        Ok::<_, ApiError>(Json(job_json(&job)))
+    };
+    run().into_response()
+}
+
+pub async fn results(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let (parts, _) = req.into_parts();
+    let run = || {
+        authorize(&state, &parts, Scope::Admin)?;
+        let (conn, _) = db(&state)?;
+        let job = entities::get_job(&conn, EVALUATION, &id).map_err(entity)?;
+        let Some(mut r) = job.result.clone() else {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                format!(
+                    "evaluation job '{id}' is {}; results come when it completes",
+                    job.status
+                ),
+            )
+            .with_code("not_ready"));
+        };
+        r["id"] = json!(job.id);
+        r["job"] = json!(job.id);
+        r["created_at"] = json!(job.created_at);
+        r["updated_at"] = json!(job.updated_at);
+        Ok(Json(r))
+    };
+    run().into_response()
+}
