@@ -106,6 +106,10 @@ pub struct EvalArgs {
     pub limit: Option<usize>,
     #[arg(long, default_value_t = 4096)]
     pub context_length: usize,
+    /// Another run's `--out` file on the same items: prints the paired difference (bootstrap 95%
+    /// interval, McNemar's exact test) for each metric.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
 }
 
 fn read_records(path: &Path) -> anyhow::Result<Vec<Record>> {
@@ -234,6 +238,18 @@ pub fn train_command(a: TrainArgs) -> anyhow::Result<()> {
         a.checkpoint.as_deref(),
         &AtomicBool::new(false),
         &mut |p| {
+            if bar.is_hidden() && (p.step % 10 == 0 || p.step == p.total_steps) {
+                println!(
+                    "step {}/{}  epoch {}/{}  loss {:.4}  {:.0} tok/s  eta {:.0}s",
+                    p.step,
+                    p.total_steps,
+                    p.epoch + 1,
+                    p.epochs,
+                    p.train_loss,
+                    p.tokens_per_sec,
+                    p.eta_secs
+                );
+            }
             bar.set_length(p.total_steps as u64);
             bar.set_position(p.step as u64);
             bar.set_message(format!(
@@ -305,6 +321,43 @@ pub fn eval_command(a: EvalArgs) -> anyhow::Result<()> {
         4,
     ));
     println!("{}", serde_json::to_string_pretty(&scores)?);
+    if let Some(path) = &a.baseline {
+        let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)
+            .with_context(|| format!("{} is not an eval results file", path.display()))?;
+        let items = base["items"].as_array().cloned().unwrap_or_default();
+        if items.len() != results.len() {
+            bail!(
+                "{} scored {} items, this run {}: compare runs on the same test set",
+                path.display(),
+                items.len(),
+                results.len()
+            );
+        }
+        for (metric, key) in [
+            ("function_name_accuracy", "name_match"),
+            ("function_name_and_args_accuracy", "name_and_args_match"),
+        ] {
+            let a: Vec<bool> = items
+                .iter()
+                .map(|i| i[key].as_bool() == Some(true))
+                .collect();
+            let b: Vec<bool> = results
+                .iter()
+                .map(|r| {
+                    if key == "name_match" {
+                        r.name_match
+                    } else {
+                        r.name_and_args_match
+                    }
+                })
+                .collect();
+            let c = eval::compare_paired(&a, &b, 7);
+            println!(
+                "{metric}: baseline {:.3} -> {:.3}, difference {:+.3} (95% CI {:+.3} .. {:+.3}), McNemar p = {:.2e} ({} improved, {} regressed)",
+                c.a, c.b, c.difference, c.ci_low, c.ci_high, c.mcnemar_p, c.only_b, c.only_a
+            );
+        }
+    }
     if let Some(out) = &a.out {
         std::fs::write(
             out,

@@ -242,12 +242,114 @@ pub async fn run(
     (results, scores)
 }
 
+/// Two targets scored on the same items: the difference in one metric (B − A), its 95% paired
+/// bootstrap interval, and McNemar's exact test on the discordant items.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairedComparison {
+    pub items: usize,
+    pub a: f64,
+    pub b: f64,
+    pub difference: f64,
+    pub ci_low: f64,
+    pub ci_high: f64,
+    /// Items only A got right, and only B.
+    pub only_a: usize,
+    pub only_b: usize,
+    pub mcnemar_p: f64,
+}
+
+/// Compares per-item outcomes `a[i]` and `b[i]` (same items, same order).
+pub fn compare_paired(a: &[bool], b: &[bool], seed: u64) -> PairedComparison {
+    let n = a.len().min(b.len());
+    let mean = |v: &[bool]| v.iter().filter(|x| **x).count() as f64 / v.len().max(1) as f64;
+    let (pa, pb) = (mean(&a[..n]), mean(&b[..n]));
+    let only_a = (0..n).filter(|&i| a[i] && !b[i]).count();
+    let only_b = (0..n).filter(|&i| b[i] && !a[i]).count();
+    // Paired bootstrap: resample items, keep each item's pair together.
+    let mut rng = super::train::model::SplitMix(seed);
+    let mut diffs: Vec<f64> = (0..2000)
+        .map(|_| {
+            if n == 0 {
+                return 0.0;
+            }
+            let mut d = 0i64;
+            for _ in 0..n {
+                let i = (rng.next_u64() % n as u64) as usize;
+                d += i64::from(b[i]) - i64::from(a[i]);
+            }
+            d as f64 / n as f64
+        })
+        .collect();
+    diffs.sort_by(f64::total_cmp);
+    PairedComparison {
+        items: n,
+        a: pa,
+        b: pb,
+        difference: pb - pa,
+        ci_low: percentile(&diffs, 0.025),
+        ci_high: percentile(&diffs, 0.975),
+        only_a,
+        only_b,
+        mcnemar_p: mcnemar_exact(only_a, only_b),
+    }
+}
+
+/// Two-sided exact McNemar p-value: a binomial(n = discordant, 1/2) tail.
+fn mcnemar_exact(only_a: usize, only_b: usize) -> f64 {
+    let n = only_a + only_b;
+    if n == 0 {
+        return 1.0;
+    }
+    let k = only_a.min(only_b);
+    // Σ_{i ≤ k} C(n, i) / 2^n, in logs to stay finite for large n.
+    let ln_choose = |n: usize, i: usize| -> f64 {
+        (1..=i)
+            .map(|j| ((n - i + j) as f64).ln() - (j as f64).ln())
+            .sum()
+    };
+    let tail: f64 = (0..=k)
+        .map(|i| (ln_choose(n, i) - n as f64 * std::f64::consts::LN_2).exp())
+        .sum();
+    (2.0 * tail).min(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn call(name: &str, args: &str) -> Value {
         json!({"type": "function", "function": {"name": name, "arguments": args}})
+    }
+
+    #[test]
+    fn paired_comparison_reports_the_difference_its_interval_and_mcnemar() {
+        // B fixes 12 items A missed and breaks 2: a clear improvement.
+        let mut a = vec![false; 40];
+        let mut b = vec![false; 40];
+        for i in 0..10 {
+            a[i] = true;
+            b[i] = true;
+        }
+        for x in b.iter_mut().skip(10).take(12) {
+            *x = true;
+        }
+        a[30] = true;
+        a[31] = true;
+        let c = compare_paired(&a, &b, 1);
+        assert_eq!((c.only_a, c.only_b), (2, 12));
+        assert!((c.difference - 0.25).abs() < 1e-9);
+        assert!(
+            c.ci_low > 0.0 && c.ci_high < 0.5 && c.ci_low < 0.25 && c.ci_high > 0.25,
+            "{c:?}"
+        );
+        // Exact binomial: 2 * P(X <= 2 | n = 14, p = 1/2) = 2 * 106 / 16384.
+        assert!(
+            (c.mcnemar_p - 2.0 * 106.0 / 16384.0).abs() < 1e-9,
+            "{}",
+            c.mcnemar_p
+        );
+        let same = compare_paired(&a, &a, 1);
+        assert_eq!((same.difference, same.mcnemar_p), (0.0, 1.0));
     }
 
     #[test]
