@@ -42,6 +42,35 @@ pub enum DataCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Build a dataset from the traffic log: answered, unblocked tool-call records of a workload,
+    /// route and time window, deduplicated and split.
+    Curate {
+        #[arg(long, default_value = "config/flywheel.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        workload_id: Option<String>,
+        #[arg(long)]
+        route: Option<String>,
+        /// Only records at or after this time (Unix milliseconds).
+        #[arg(long)]
+        since_ms: Option<i64>,
+        #[arg(long)]
+        until_ms: Option<i64>,
+        /// Keep plain (no tool call) answers too, for generic workloads.
+        #[arg(long)]
+        include_plain: bool,
+        #[arg(long)]
+        out_dir: PathBuf,
+        #[arg(long, default_value_t = 0.1)]
+        validation: f64,
+        #[arg(long, default_value_t = 0.2)]
+        test: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Refuse to write a dataset smaller than this.
+        #[arg(long, default_value_t = 20)]
+        min_records: usize,
+    },
     /// Deduplicate on the user query and write seeded, tool-stratified train/validation/test files.
     Split {
         #[arg(long)]
@@ -157,6 +186,47 @@ pub fn data(command: DataCommand) -> anyhow::Result<()> {
             .with_context(|| input.display().to_string())?;
             write_records(&out, &records)?;
             println!("{} records -> {}", records.len(), out.display());
+        }
+        DataCommand::Curate {
+            config,
+            workload_id,
+            route,
+            since_ms,
+            until_ms,
+            include_plain,
+            out_dir,
+            validation,
+            test,
+            seed,
+            min_records,
+        } => {
+            let config = crate::config::Config::load(&config)?;
+            let conn = crate::store::open(&config.db_path())?;
+            let filter = crate::store::traffic::ExportFilter {
+                workload_id,
+                route,
+                since_ms,
+                until_ms,
+                include_shadow: false,
+            };
+            let exchanges = crate::store::traffic::served_exchanges(&conn, &filter)?;
+            let (s, report) = crate::flywheel::curate::curate(
+                &exchanges,
+                include_plain,
+                validation,
+                test,
+                seed,
+                min_records,
+            )
+            .map_err(anyhow::Error::msg)?;
+            for (name, part) in [
+                ("train", &s.train),
+                ("validation", &s.validation),
+                ("test", &s.test),
+            ] {
+                write_records(&out_dir.join(format!("{name}.jsonl")), part)?;
+            }
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         DataCommand::Split {
             input,

@@ -459,6 +459,49 @@ pub fn count(conn: &Connection) -> Result<i64, StoreError> {
         .unwrap_or(0))
 }
 
+/// One served request, as curation reads it.
+pub struct ServedExchange {
+    pub id: String,
+    pub request: Value,
+    pub response: Value,
+    /// The rails verdict as recorded (JSON), if rails ran.
+    pub rails: Option<Value>,
+}
+
+/// The answered (status 200), non-shadow requests matching `filter`, oldest first.
+pub fn served_exchanges(
+    conn: &Connection,
+    filter: &ExportFilter,
+) -> Result<Vec<ServedExchange>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT id, request, response, rails FROM traffic
+         WHERE status = 200 AND arm != 'shadow' AND response IS NOT NULL
+           AND (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
+           AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
+         ORDER BY ts_ms, id",
+    )?;
+    let parse = |s: Option<String>| s.and_then(|s| serde_json::from_str::<Value>(&s).ok());
+    let rows = stmt
+        .query_map(
+            params![
+                filter.workload_id,
+                filter.route,
+                filter.since_ms,
+                filter.until_ms
+            ],
+            |r| {
+                Ok(ServedExchange {
+                    id: r.get(0)?,
+                    request: parse(r.get(1)?).unwrap_or(Value::Null),
+                    response: parse(r.get(2)?).unwrap_or(Value::Null),
+                    rails: parse(r.get(3)?),
+                })
+            },
+        )?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,201 @@
+//! Curation: the traffic log of a workload, route and time window turned into a tool-calling
+//! dataset. Only answered, non-shadow, non-blocked requests count; tool-call answers are kept
+//! (plain answers too when asked, for generic workloads); string arguments must parse as JSON;
+//! records are deduplicated on the user query and split with seeded, tool-stratified shares.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::dataset::{self, Record, Splits};
+use crate::store::traffic::ServedExchange;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CurationReport {
+    pub scanned: usize,
+    pub kept: usize,
+    /// Why the others were left out, with counts.
+    pub skipped: BTreeMap<String, usize>,
+    pub train: usize,
+    pub validation: usize,
+    pub test: usize,
+}
+
+/// Whether the recorded rails verdict blocked the request.
+fn blocked(rails: &Option<Value>) -> bool {
+    match rails {
+        Some(v) => {
+            v.get("status").and_then(Value::as_str) == Some("blocked")
+                || v.get("blocked").and_then(Value::as_bool) == Some(true)
+        }
+        None => false,
+    }
+}
+
+/// The record an exchange teaches, or why it teaches nothing.
+fn record_of(x: &ServedExchange, include_plain: bool) -> Result<Record, &'static str> {
+    if blocked(&x.rails) {
+        return Err("blocked by rails");
+    }
+    let answer = x
+        .response
+        .pointer("/choices/0/message")
+        .ok_or("no answer message")?;
+    let calls = answer.get("tool_calls").and_then(Value::as_array);
+    let has_calls = calls.is_some_and(|c| !c.is_empty());
+    if !has_calls {
+        let text = answer.get("content").and_then(Value::as_str).unwrap_or("");
+        if !include_plain || text.trim().is_empty() {
+            return Err("no tool call");
+        }
+    }
+    let mut clean = json!({"role": "assistant", "content": answer.get("content").cloned().unwrap_or(Value::Null)});
+    if has_calls {
+        let mut out = Vec::new();
+        for c in calls.into_iter().flatten() {
+            let args = c.pointer("/function/arguments");
+            let parsed = match args {
+                Some(Value::String(s)) => {
+                    serde_json::from_str::<Value>(s).map_err(|_| "arguments are not JSON")?
+                }
+                Some(v) => v.clone(),
+                None => json!({}),
+            };
+            out.push(json!({"id": c.get("id").cloned().unwrap_or(Value::Null), "type": "function",
+                "function": {"name": c.pointer("/function/name").cloned().unwrap_or(Value::Null), "arguments": parsed.to_string()}}));
+        }
+        clean["tool_calls"] = Value::Array(out);
+    }
+    let mut messages = x
+        .request
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .ok_or("request has no messages")?;
+    messages.push(clean);
+    let mut body = json!({"messages": messages, "tools": x.request.get("tools").cloned().unwrap_or(json!([]))});
+    if let Some(c) = x.request.get("tool_choice") {
+        body["tool_choice"] = c.clone();
+    }
+    // The same checks an imported file gets.
+    let line = body.to_string();
+    dataset::parse_openai_jsonl(&line)
+        .ok()
+        .and_then(|mut v| v.pop())
+        .ok_or("not a valid record")
+}
+
+/// Builds the splits from served exchanges. `min_records` is checked after deduplication.
+pub fn curate(
+    exchanges: &[ServedExchange],
+    include_plain: bool,
+    validation: f64,
+    test: f64,
+    seed: u64,
+    min_records: usize,
+) -> Result<(Splits, CurationReport), String> {
+    let mut report = CurationReport {
+        scanned: exchanges.len(),
+        ..CurationReport::default()
+    };
+    let mut records = Vec::new();
+    for x in exchanges {
+        match record_of(x, include_plain) {
+            Ok(r) => records.push(r),
+            Err(why) => *report.skipped.entry(why.to_string()).or_default() += 1,
+        }
+    }
+    let before = records.len();
+    let records = dataset::dedup(records);
+    if before > records.len() {
+        report
+            .skipped
+            .insert("duplicate user query".into(), before - records.len());
+    }
+    report.kept = records.len();
+    if records.len() < min_records {
+        return Err(format!(
+            "only {} usable records (need at least {min_records}) among {} answered requests; skipped: {:?}",
+            records.len(),
+            exchanges.len(),
+            report.skipped
+        ));
+    }
+    let splits = dataset::split(&records, validation, test, seed);
+    report.train = splits.train.len();
+    report.validation = splits.validation.len();
+    report.test = splits.test.len();
+    if splits.train.is_empty() || (test > 0.0 && splits.test.is_empty()) {
+        return Err(format!(
+            "the splits came out empty (train {}, test {}): collect more traffic or lower the shares",
+            splits.train.len(),
+            splits.test.len()
+        ));
+    }
+    Ok((splits, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(i: usize, query: &str, answer: Value, rails: Option<Value>) -> ServedExchange {
+        ServedExchange {
+            id: format!("r{i}"),
+            request: json!({"model": "m", "messages": [{"role": "user", "content": query}],
+                "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}),
+            response: json!({"choices": [{"index": 0, "message": answer}]}),
+            rails,
+        }
+    }
+
+    fn call(args: &str) -> Value {
+        json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function",
+            "function": {"name": "get_weather", "arguments": args}}]})
+    }
+
+    #[test]
+    fn only_clean_unblocked_tool_calls_survive_and_sizes_are_checked() {
+        let mut xs: Vec<ServedExchange> = (0..20)
+            .map(|i| {
+                exchange(
+                    i,
+                    &format!("weather {i}"),
+                    call(&format!("{{\"city\":\"c{i}\"}}")),
+                    None,
+                )
+            })
+            .collect();
+        xs.push(exchange(20, "weather 3", call("{\"city\":\"c3\"}"), None));
+        xs.push(exchange(21, "bad", call("{city: c}"), None));
+        xs.push(exchange(
+            22,
+            "plain",
+            json!({"role": "assistant", "content": "It is sunny."}),
+            None,
+        ));
+        xs.push(exchange(
+            23,
+            "unsafe",
+            call("{}"),
+            Some(json!({"status": "blocked"})),
+        ));
+        let (s, report) = curate(&xs, false, 0.1, 0.2, 1, 10).unwrap();
+        assert_eq!(report.scanned, 24);
+        assert_eq!(report.kept, 20);
+        assert_eq!(report.skipped["duplicate user query"], 1);
+        assert_eq!(report.skipped["arguments are not JSON"], 1);
+        assert_eq!(report.skipped["no tool call"], 1);
+        assert_eq!(report.skipped["blocked by rails"], 1);
+        assert_eq!(s.train.len() + s.validation.len() + s.test.len(), 20);
+        assert_eq!(s.test.len(), 4);
+        let args = &s.train[0].messages[1]["tool_calls"][0]["function"]["arguments"];
+        assert!(args.as_str().unwrap().starts_with("{\"city\""));
+        // Plain answers join for generic workloads; too few records is a clear error.
+        let (_, r2) = curate(&xs, true, 0.1, 0.2, 1, 10).unwrap();
+        assert_eq!(r2.kept, 21);
+        let err = curate(&xs[..5], false, 0.1, 0.2, 1, 10).unwrap_err();
+        assert!(err.contains("only 5 usable records"), "{err}");
+    }
+}
