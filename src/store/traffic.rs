@@ -574,6 +574,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn curation_reads_only_answered_primary_requests_in_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let writer = TrafficLog::start(&path, 16, 4, Duration::from_millis(1)).unwrap();
+        let log = writer.log();
+        let ok =
+            json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}}]});
+        for i in 0..6 {
+            let mut r = record(i, Some(ok.clone()));
+            match i {
+                1 => r.status = 502,
+                2 => r.arm = "shadow".into(),
+                3 => r.route = "other".into(),
+                4 => r.rails = Some(json!({"status": "blocked"})),
+                _ => {}
+            }
+            assert!(log.record(r));
+        }
+        writer.close().await;
+        let conn = crate::store::open(&path).unwrap();
+        let f = ExportFilter {
+            route: Some("r".into()),
+            ..ExportFilter::default()
+        };
+        let xs = served_exchanges(&conn, &f).unwrap();
+        // 0, 4 (blocked: curation drops it by its verdict) and 5 remain.
+        assert_eq!(xs.len(), 3);
+        assert_eq!(xs[1].rails.as_ref().unwrap()["status"], "blocked");
+        let window = ExportFilter {
+            since_ms: Some(1_700_000_000_005),
+            ..f
+        };
+        assert_eq!(served_exchanges(&conn, &window).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
     async fn a_full_queue_drops_and_counts_instead_of_blocking() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
