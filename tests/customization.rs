@@ -321,7 +321,11 @@ async fn a_customization_job_trains_registers_and_serves_its_adapter() {
     .await;
     assert_eq!(st, 200, "{res}");
     let scores = &res["tasks"]["custom-tool-calling"]["metrics"]["tool-calling-accuracy"]["scores"];
-    for s in ["function_name_accuracy", "function_name_and_args_accuracy"] {
+    for s in [
+        "function_name_accuracy",
+        "function_name_and_args_accuracy",
+        "ast_accuracy",
+    ] {
         let v = scores[s]["value"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&v), "{s}: {res}");
         assert_eq!(scores[s]["stats"]["count"], 2);

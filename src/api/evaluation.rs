@@ -238,6 +238,7 @@ pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Respons
                     metrics.insert(m.clone(), json!({"scores": {
                         "function_name_accuracy": score(scores.function_name_accuracy),
                         "function_name_and_args_accuracy": score(scores.function_name_and_args_accuracy),
+                        "ast_accuracy": score(scores.ast_accuracy),
                         "json_parse_failure_rate": score(scores.json_parse_failure_rate),
                         "latency_p50_ms": score(scores.latency_p50_ms),
                         "latency_p95_ms": score(scores.latency_p95_ms),

@@ -406,6 +406,7 @@ pub fn eval_command(a: EvalArgs) -> anyhow::Result<()> {
         for (metric, key) in [
             ("function_name_accuracy", "name_match"),
             ("function_name_and_args_accuracy", "name_and_args_match"),
+            ("ast_accuracy", "ast_match"),
         ] {
             let a: Vec<bool> = items
                 .iter()

@@ -98,6 +98,7 @@ impl Record {
             tools: self.tools.clone(),
             tool_choice: self.tool_choice.clone(),
             expected: self.expected_calls(),
+            ground_truth: self.ground_truth.clone(),
         }
     }
 }
@@ -252,6 +253,7 @@ pub fn parse_eval_items(text: &str) -> Result<Vec<EvalItem>, DataError> {
                 .unwrap_or_default(),
             tool_choice: v.get("tool_choice").cloned(),
             expected,
+            ground_truth: v.get("bfcl_ground_truth").cloned(),
         });
     }
     Ok(out)

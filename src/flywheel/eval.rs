@@ -19,6 +19,8 @@ pub struct EvalItem {
     pub tool_choice: Option<Value>,
     /// Expected (name, arguments) pairs; empty when the right answer is no call.
     pub expected: Vec<(String, Value)>,
+    /// BFCL's acceptable values per call, when the item comes from BFCL (for `ast_accuracy`).
+    pub ground_truth: Option<Value>,
 }
 
 /// A call the model made. `arguments` is `None` when its text did not parse as JSON.
@@ -34,6 +36,8 @@ pub struct ItemResult {
     pub index: usize,
     pub name_match: bool,
     pub name_and_args_match: bool,
+    /// BFCL's AST check against the acceptable values (the expected values when there are none).
+    pub ast_match: bool,
     pub parse_failures: usize,
     pub predicted: Vec<PredictedCall>,
     pub latency_ms: f64,
@@ -45,6 +49,7 @@ pub struct Scores {
     pub items: usize,
     pub function_name_accuracy: f64,
     pub function_name_and_args_accuracy: f64,
+    pub ast_accuracy: f64,
     /// Predicted calls whose arguments were not JSON, over all predicted calls.
     pub json_parse_failure_rate: f64,
     pub errors: usize,
@@ -126,6 +131,13 @@ pub fn score_item(
                 index,
                 name_match: names_match(&item.expected, &predicted),
                 name_and_args_match: names_and_args_match(&item.expected, &predicted),
+                ast_match: {
+                    let gt = item
+                        .ground_truth
+                        .clone()
+                        .unwrap_or_else(|| super::ast::ground_truth_of(&item.expected));
+                    super::ast::ast_match(&item.tools, Some(&gt), &predicted)
+                },
                 parse_failures: predicted.iter().filter(|p| p.arguments.is_none()).count(),
                 predicted,
                 latency_ms,
@@ -136,6 +148,7 @@ pub fn score_item(
             index,
             name_match: false,
             name_and_args_match: false,
+            ast_match: false,
             parse_failures: 0,
             predicted: Vec::new(),
             latency_ms,
@@ -168,6 +181,7 @@ pub fn aggregate(results: &[ItemResult], wall_secs: f64) -> Scores {
         items: n,
         function_name_accuracy: frac(&|r| r.name_match),
         function_name_and_args_accuracy: frac(&|r| r.name_and_args_match),
+        ast_accuracy: frac(&|r| r.ast_match),
         json_parse_failure_rate: if calls == 0 {
             0.0
         } else {
@@ -380,6 +394,7 @@ mod tests {
             tools: vec![],
             tool_choice: None,
             expected: vec![("f".into(), json!({"q": 1}))],
+            ground_truth: None,
         };
         let reply = json!({"choices": [{"message": {"role": "assistant", "tool_calls": [call("f", "{q: 1")]}}]});
         let r = score_item(0, &item, Ok(&reply), 5.0);

@@ -1,6 +1,7 @@
 //! The flywheel path: datasets, LoRA training, evaluation. Runs off the serving path and never
 //! touches HTTP.
 
+pub mod ast;
 pub mod curate;
 pub mod dataset;
 pub mod eval;
