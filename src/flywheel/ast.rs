@@ -215,7 +215,7 @@ mod tests {
         let b = call("f", json!({"x": 2}));
         assert!(ast_match(&[], Some(&gt), &[b.clone(), a.clone()]));
         assert!(!ast_match(&[], Some(&gt), &[a.clone(), a.clone()]));
-        assert!(!ast_match(&[], Some(&gt), &[a.clone()]));
+        assert!(!ast_match(&[], Some(&gt), std::slice::from_ref(&a)));
         assert!(ast_match(&[], None, &[]));
         assert!(!ast_match(&[], Some(&json!([])), &[a]));
         let unparsed = PredictedCall {
@@ -229,7 +229,7 @@ mod tests {
             &[unparsed]
         ));
         let expected = vec![("f".to_string(), json!({"x": 1}))];
-        assert!(ast_match(&[], Some(&ground_truth_of(&expected)), &[b.clone()]) == false);
+        assert!(!ast_match(&[], Some(&ground_truth_of(&expected)), &[b]));
         assert!(ast_match(
             &[],
             Some(&ground_truth_of(&expected)),
