@@ -414,12 +414,10 @@ pub fn eval_command(a: EvalArgs) -> anyhow::Result<()> {
                 .collect();
             let b: Vec<bool> = results
                 .iter()
-                .map(|r| {
-                    if key == "name_match" {
-                        r.name_match
-                    } else {
-                        r.name_and_args_match
-                    }
+                .map(|r| match key {
+                    "name_match" => r.name_match,
+                    "ast_match" => r.ast_match,
+                    _ => r.name_and_args_match,
                 })
                 .collect();
             let c = eval::compare_paired(&a, &b, 7);
