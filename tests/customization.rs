@@ -238,6 +238,58 @@ async fn a_customization_job_trains_registers_and_serves_its_adapter() {
     let (_, jobs) = call(Method::GET, gw.url("/v1/customization/jobs"), None).await;
     assert_eq!(jobs["data"].as_array().unwrap().len(), 1);
 
+    // A running job stops on request and says so.
+    let long_hp =
+        json!({"epochs": 500, "batch_size": 2, "learning_rate": 0.001, "lora": {"adapter_dim": 2}});
+    let (st, long) = call(
+        Method::POST,
+        gw.url("/v1/customization/jobs"),
+        Some(
+            json!({"name": "long", "output_model": "team/long", "config": "tiny",
+            "dataset": {"name": "tools", "namespace": "team"}, "hyperparameters": long_hp}),
+        ),
+    )
+    .await;
+    assert_eq!(st, 200, "{long}");
+    let lid = long["id"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    loop {
+        let (_, s) = call(
+            Method::GET,
+            gw.url(&format!("/v1/customization/jobs/{lid}/status")),
+            None,
+        )
+        .await;
+        if s["steps_completed"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (st, _) = call(
+        Method::POST,
+        gw.url(&format!("/v1/customization/jobs/{lid}/cancel")),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    let t = Instant::now();
+    loop {
+        let (_, s) = call(
+            Method::GET,
+            gw.url(&format!("/v1/customization/jobs/{lid}")),
+            None,
+        )
+        .await;
+        if s["status"] == "cancelled" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (st, _) = call(Method::GET, gw.url("/v1/models/team/long"), None).await;
+    assert_eq!(st, 404, "a cancelled job registers no adapter");
+
     // Evaluation in NeMo Evaluator's shape: the tutorial's test rows (expected calls beside the
     // messages), a custom chat-completion task with a tool-calling metric, the adapter as target.
     let test_rows: Vec<Value> = ["paris", "oslo"]

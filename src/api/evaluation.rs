@@ -227,11 +227,21 @@ pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Respons
         let db_path = state.jobs.as_ref().map(|j| j.context().db.clone());
         let job_dir = crate::flywheel::jobs::job_dir(&data_dir, &id);
         let job_id = id.clone();
-        state.gateway.tasks().spawn(async move {
+        // Not one of the gateway's tracked tasks: shutdown must not wait minutes for an
+        // evaluation (an interrupted one is marked failed at the next start).
+        tokio::spawn(async move {
             let mut results = serde_json::Map::new();
             let mut audit = Vec::new();
             for task in &tasks {
-                let (items, scores) = eval::run(backend.as_ref(), &send_as, adapter.as_deref(), &task.items, max_tokens, 4).await;
+                let (items, scores) = eval::run(
+                    backend.as_ref(),
+                    &send_as,
+                    adapter.as_deref(),
+                    &task.items,
+                    max_tokens,
+                    4,
+                )
+                .await;
                 let mut metrics = serde_json::Map::new();
                 for m in &task.metrics {
                     let score = |v: f64| json!({"value": v, "stats": {"count": scores.items}});
@@ -253,9 +263,17 @@ pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Respons
                 match crate::store::open(&db) {
                     Ok(conn) => {
                         let r = json!({"tasks": results});
-                        let _ = entities::update_job(&conn, &job_id, "completed", &json!({"message": "completed"}), Some(&r));
+                        let _ = entities::update_job(
+                            &conn,
+                            &job_id,
+                            "completed",
+                            &json!({"message": "completed"}),
+                            Some(&r),
+                        );
                     }
-                    Err(e) => tracing::error!(error = %e, job = %job_id, "cannot record evaluation results"),
+                    Err(e) => {
+                        tracing::error!(error = %e, job = %job_id, "cannot record evaluation results")
+                    }
                 }
             }
         });

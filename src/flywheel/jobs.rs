@@ -53,7 +53,13 @@ impl JobRunner {
         let (tx, rx) = mpsc::channel::<String>();
         let cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>> = Arc::default();
         let conn = crate::store::open(&ctx.db).map_err(|e| EntityError::Invalid(e.to_string()))?;
-        for job in entities::unfinished_jobs(&conn)? {
+        // Evaluations are quick to redo and hold no checkpoint: an interrupted one is failed.
+        for job in entities::unfinished_jobs(&conn, "evaluation")? {
+            let why =
+                json!({"message": "interrupted by a restart of the gateway; submit it again"});
+            entities::update_job(&conn, &job.id, "failed", &why, None)?;
+        }
+        for job in entities::unfinished_jobs(&conn, CUSTOMIZATION)? {
             tracing::info!(job = %job.id, "queueing a job left unfinished by the previous run");
             lock(&cancels).insert(job.id.clone(), Arc::new(AtomicBool::new(false)));
             let _ = tx.send(job.id);
@@ -259,6 +265,16 @@ fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
             return;
         }
     };
+    if cancel.load(Ordering::Relaxed) {
+        let _ = entities::update_job(
+            &conn,
+            id,
+            "cancelled",
+            &json!({"message": "cancelled before it started"}),
+            None,
+        );
+        return;
+    }
     let spec = &job.spec;
     let hp: Hyperparameters =
         match serde_json::from_value(spec["_resolved"]["hyperparameters"].clone()) {

@@ -244,13 +244,13 @@ pub fn list_jobs(conn: &Connection, kind: &str) -> Result<Vec<Job>> {
     Ok(rows)
 }
 
-/// Jobs that were accepted or running when the process stopped.
-pub fn unfinished_jobs(conn: &Connection) -> Result<Vec<Job>> {
+/// Jobs of `kind` that were accepted or running when the process stopped.
+pub fn unfinished_jobs(conn: &Connection, kind: &str) -> Result<Vec<Job>> {
     let mut st = conn.prepare(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs WHERE status IN ('created', 'pending', 'running') ORDER BY created_at, id"
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE kind = ?1 AND status IN ('created', 'pending', 'running') ORDER BY created_at, id"
     ))?;
     let rows = st
-        .query_map([], job_row)?
+        .query_map([kind], job_row)?
         .collect::<std::result::Result<_, _>>()?;
     Ok(rows)
 }
