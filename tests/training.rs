@@ -10,7 +10,9 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 use flywheel::backend::local::LocalBackend;
 use flywheel::engine::chat::ChatFormat;
-use flywheel::engine::testing::write_tiny_llama;
+use flywheel::engine::testing::{
+    write_tiny_llama, write_tiny_llama_with_template, TINY_TOOLS_TEMPLATE,
+};
 use flywheel::engine::{Engine, LocalModelConfig};
 use flywheel::flywheel::dataset::{self, Record};
 use flywheel::flywheel::eval;
@@ -29,33 +31,37 @@ fn tools() -> Vec<Value> {
     ]
 }
 
-/// Queries about 8 cities in 6 phrasings, each answered by one call.
+/// One call per query, over 48 cities and 6 phrasings: every city appears once, so the argument
+/// can only be right if the model learns to copy it from the query.
 fn task() -> Vec<Record> {
     let cities = [
-        "paris", "tokyo", "london", "berlin", "oslo", "rome", "lima", "cairo",
+        "paris", "tokyo", "london", "berlin", "oslo", "rome", "lima", "cairo", "delhi", "quito",
+        "dakar", "hanoi", "sofia", "riga", "kyiv", "bern", "baku", "doha", "male", "apia", "suva",
+        "nuuk", "accra", "abuja", "tunis", "rabat", "minsk", "vaduz", "malmo", "turku", "porto",
+        "genoa", "split", "cork", "leeds", "bath", "york", "kobe", "nara", "pune", "agra", "goa",
+        "kiev", "lyon", "nice", "bonn", "graz", "linz",
     ];
     let phrasings = [
         ("get_weather", "weather in {}?"),
-        ("get_weather", "is it sunny in {}"),
-        ("get_weather", "forecast for {}"),
         ("get_time", "time in {}?"),
+        ("get_weather", "is it sunny in {}"),
         ("get_time", "what hour is it in {}"),
+        ("get_weather", "forecast for {}"),
         ("get_time", "clock for {}"),
     ];
     let mut out = Vec::new();
-    for c in cities {
-        for (tool, q) in phrasings {
-            out.push(Record {
-                messages: vec![
-                    json!({"role": "user", "content": q.replace("{}", c)}),
-                    json!({"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
-                        "function": {"name": tool, "arguments": json!({"city": c}).to_string()}}]}),
-                ],
-                tools: tools(),
-                tool_choice: None,
-                ground_truth: None,
-            });
-        }
+    for (i, c) in cities.iter().enumerate() {
+        let (tool, q) = phrasings[i % phrasings.len()];
+        out.push(Record {
+            messages: vec![
+                json!({"role": "user", "content": q.replace("{}", c)}),
+                json!({"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
+                    "function": {"name": tool, "arguments": json!({"city": c}).to_string()}}]}),
+            ],
+            tools: tools(),
+            tool_choice: None,
+            ground_truth: None,
+        });
     }
     out
 }
@@ -72,18 +78,21 @@ fn engine(path: &std::path::Path) -> Arc<Engine> {
 async fn lora_training_teaches_a_random_model_held_out_tool_calls() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
-    write_tiny_llama(&model, GgmlDType::F32, 17);
+    // A template with its own compact tool syntax keeps prompts short enough for a 2-layer model
+    // to find the city in; training and serving both render through it.
+    write_tiny_llama_with_template(&model, GgmlDType::F32, 17, TINY_TOOLS_TEMPLATE);
     let records = task();
     let splits = dataset::split(&records, 0.0, 0.25, 3);
     assert_eq!(splits.test.len(), 12);
+    assert_eq!(splits.train.len(), 36);
     let chat = ChatFormat::load(&model).unwrap();
     let train_ex = dataset::training_examples(&chat, &splits.train).unwrap();
     let base = TrainBase::load(&model, 2048).unwrap();
     let hp = Hyperparameters {
-        epochs: 30,
+        epochs: 60,
         batch_size: 6,
         micro_batch_size: 6,
-        learning_rate: 2e-2,
+        learning_rate: 1e-2,
         adapter_dim: 8,
         warmup_ratio: 0.05,
         weight_decay: 0.0,
@@ -121,16 +130,28 @@ async fn lora_training_teaches_a_random_model_held_out_tool_calls() {
         before.function_name_accuracy < 0.2 && before.function_name_and_args_accuracy == 0.0,
         "the random base already scores {before:?}"
     );
-    // The call syntax and the intent → function mapping are learned from 36 examples. Copying
-    // the city name byte by byte out of a ~700-token prompt is beyond this 2-layer, 64-wide random
-    // base: its name-and-arguments accuracy stays near 0 here.
+    // From 36 examples the model learns the call syntax, the phrasing → function mapping and the
+    // arguments' shape. Each city occurs once, so a right argument value needs a learned copy from
+    // the query, which a rank-8 adapter on this 2-layer, 64-wide random base does not pick up from
+    // so few examples: argument values are left to the real-model run in BENCHMARKS.md.
     assert!(
-        after.function_name_accuracy >= 0.75,
+        after.function_name_accuracy >= 0.9,
         "after training: {after:?}\n{shown:?}"
     );
+    assert!(after.json_parse_failure_rate <= 0.1, "{after:?}\n{shown:?}");
+    let shaped = results
+        .iter()
+        .flat_map(|r| &r.predicted)
+        .filter(|p| {
+            p.arguments
+                .as_ref()
+                .and_then(Value::as_object)
+                .is_some_and(|o| o.len() == 1 && o.get("city").is_some_and(Value::is_string))
+        })
+        .count();
     assert!(
-        after.json_parse_failure_rate <= 0.25,
-        "{after:?}\n{shown:?}"
+        shaped >= 11,
+        "{shaped} of 12 calls have the schema's argument shape: {shown:?}"
     );
     assert_eq!(after.errors, 0);
 }

@@ -54,10 +54,22 @@ fn unreachable_tensor() -> Tensor {
     panic!("cannot allocate a test tensor")
 }
 
+/// ChatML, the tiny model's default template.
+pub const TINY_CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// A ChatML template that renders tools itself, compactly (a system line naming them) and writes
+/// assistant tool calls as `<tool_call>` blocks: a model family with native tool syntax.
+pub const TINY_TOOLS_TEMPLATE: &str = "{%- if tools %}<|im_start|>system\ntools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n{% endif -%}{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}{% for c in m.tool_calls or [] %}<tool_call>\n{\"name\":\"{{ c.function.name }}\",\"arguments\":{{ c.function.arguments }}}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor -%}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
 /// Writes a 2-layer model (hidden 64, 4 heads over 2 kv heads, ffn 128) with a byte-level
 /// tokenizer (256 byte tokens, a few merges, ChatML control tokens). Weights are `dtype`.
-#[allow(clippy::unwrap_used)]
 pub fn write_tiny_llama(path: &Path, dtype: GgmlDType, seed: u64) {
+    write_tiny_llama_with_template(path, dtype, seed, TINY_CHATML);
+}
+
+/// [`write_tiny_llama`] with another chat template.
+#[allow(clippy::unwrap_used)]
+pub fn write_tiny_llama_with_template(path: &Path, dtype: GgmlDType, seed: u64, template: &str) {
     let (hidden, heads, kv_heads, ffn, layers) = (64usize, 4usize, 2usize, 128usize, 2usize);
     let head_dim = hidden / heads;
     let mut tokens: Vec<String> = byte_chars().iter().map(|c| c.to_string()).collect();
@@ -141,7 +153,6 @@ pub fn write_tiny_llama(path: &Path, dtype: GgmlDType, seed: u64) {
 
     let s = |v: &str| Value::String(v.to_string());
     let u = Value::U32;
-    let template = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
     let metadata: Vec<(&str, Value)> = vec![
         ("general.architecture", s("llama")),
         ("llama.block_count", u(layers as u32)),
