@@ -18,7 +18,7 @@ use crate::config::Scope;
 use crate::flywheel::jobs::{JobRunner, CUSTOMIZATION};
 use crate::store::entities::{self, EntityError, Job};
 
-fn entity_error(e: EntityError) -> ApiError {
+pub(super) fn entity_error(e: EntityError) -> ApiError {
     match e {
         EntityError::NotFound(m) => ApiError::not_found(m),
         EntityError::Conflict(m) => {
@@ -29,7 +29,7 @@ fn entity_error(e: EntityError) -> ApiError {
     }
 }
 
-fn runner(state: &AppState) -> Result<&Arc<JobRunner>, ApiError> {
+pub(super) fn runner(state: &AppState) -> Result<&Arc<JobRunner>, ApiError> {
     state.jobs.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -39,12 +39,12 @@ fn runner(state: &AppState) -> Result<&Arc<JobRunner>, ApiError> {
     })
 }
 
-fn db(state: &AppState) -> Result<rusqlite::Connection, ApiError> {
+pub(super) fn db(state: &AppState) -> Result<rusqlite::Connection, ApiError> {
     let r = runner(state)?;
     crate::store::open(&r.context().db).map_err(|e| ApiError::internal(e.to_string()))
 }
 
-fn list_body(data: Vec<Value>) -> Json<Value> {
+pub(super) fn list_body(data: Vec<Value>) -> Json<Value> {
     let n = data.len();
     Json(
         json!({"object": "list", "data": data, "pagination": {"page": 1, "page_size": n, "current_page_size": n, "total_pages": 1, "total_results": n}}),
@@ -226,8 +226,19 @@ pub async fn upload_file(
     run.await.into_response()
 }
 
-/// A job as NeMo Customizer shows it.
-fn job_json(job: &Job) -> Value {
+/// A job of `kind` after the caller's scope is checked.
+pub(super) fn authorized_job(
+    state: &AppState,
+    parts: &http::request::Parts,
+    kind: &str,
+    id: &str,
+) -> Result<Job, ApiError> {
+    authorize(state, parts, Scope::Admin)?;
+    entities::get_job(&db(state)?, kind, id).map_err(entity_error)
+}
+
+/// A job as NeMo's services show it: the accepted request plus id, times, status and details.
+pub(super) fn job_json(job: &Job) -> Value {
     let mut v = job.spec.clone();
     if let Some(o) = v.as_object_mut() {
         let resolved = o.remove("_resolved");
@@ -280,12 +291,9 @@ pub async fn get_job(
     req: Request,
 ) -> Response {
     let (parts, _) = req.into_parts();
-    let run = || {
-        authorize(&state, &parts, Scope::Admin)?;
-        let job = entities::get_job(&db(&state)?, CUSTOMIZATION, &id).map_err(entity_error)?;
-        Ok::<_, ApiError>(Json(job_json(&job)))
-    };
-    run().into_response()
+    authorized_job(&state, &parts, CUSTOMIZATION, &id)
+        .map(|job| Json(job_json(&job)))
+        .into_response()
 }
 
 pub async fn job_status(
@@ -295,8 +303,7 @@ pub async fn job_status(
 ) -> Response {
     let (parts, _) = req.into_parts();
     let run = || {
-        authorize(&state, &parts, Scope::Admin)?;
-        let job = entities::get_job(&db(&state)?, CUSTOMIZATION, &id).map_err(entity_error)?;
+        let job = authorized_job(&state, &parts, CUSTOMIZATION, &id)?;
         let mut s = json!({"id": job.id, "created_at": job.created_at, "updated_at": job.updated_at, "status": job.status});
         if let (Some(o), Some(d)) = (s.as_object_mut(), job.status_details.as_object()) {
             for (k, v) in d {

@@ -12,32 +12,21 @@ use axum::Json;
 use http::StatusCode;
 use serde_json::{json, Value};
 
+use super::customization::{self, authorized_job, entity_error as entity, job_json, list_body};
 use super::error::ApiError;
 use super::{authorize, authorized_json, AppState};
 use crate::config::Scope;
 use crate::flywheel::{dataset, eval};
-use crate::store::entities::{self, Job};
+use crate::store::entities;
 
 const EVALUATION: &str = "evaluation";
 
+/// A connection and the data directory.
 fn db(state: &AppState) -> Result<(rusqlite::Connection, std::path::PathBuf), ApiError> {
-    let jobs = state.jobs.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "evaluation is not available without the entity store",
-        )
-    })?;
-    let ctx = jobs.context();
-    let conn = crate::store::open(&ctx.db).map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok((conn, ctx.data_dir.clone()))
-}
-
-fn entity(e: entities::EntityError) -> ApiError {
-    match e {
-        entities::EntityError::NotFound(m) => ApiError::not_found(m),
-        other => ApiError::invalid(other.to_string()),
-    }
+    Ok((
+        customization::db(state)?,
+        customization::runner(state)?.context().data_dir.clone(),
+    ))
 }
 
 /// One task to run: its name, the items, and the metric names asking for tool-calling scores.
@@ -184,18 +173,6 @@ fn target_model(body: &Value) -> Option<String> {
     }
 }
 
-fn job_json(job: &Job) -> Value {
-    let mut v = job.spec.clone();
-    if let Some(o) = v.as_object_mut() {
-        o.insert("id".into(), json!(job.id));
-        o.insert("created_at".into(), json!(job.created_at));
-        o.insert("updated_at".into(), json!(job.updated_at));
-        o.insert("status".into(), json!(job.status));
-        o.insert("status_details".into(), job.status_details.clone());
-    }
-    v
-}
-
 pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let run = async {
         let body = Value::Object(authorized_json(&state, req, Scope::Admin).await?);
@@ -289,9 +266,7 @@ pub async fn list(State(state): State<Arc<AppState>>, req: Request) -> Response 
         authorize(&state, &parts, Scope::Admin)?;
         let (conn, _) = db(&state)?;
         let jobs = entities::list_jobs(&conn, EVALUATION).map_err(entity)?;
-        Ok::<_, ApiError>(Json(
-            json!({"object": "list", "data": jobs.iter().map(job_json).collect::<Vec<_>>()}),
-        ))
+        Ok::<_, ApiError>(list_body(jobs.iter().map(job_json).collect()))
     };
     run().into_response()
 }
@@ -302,13 +277,9 @@ pub async fn get(
     req: Request,
 ) -> Response {
     let (parts, _) = req.into_parts();
-    let run = || {
-        authorize(&state, &parts, Scope::Admin)?;
-        let (conn, _) = db(&state)?;
-        let job = entities::get_job(&conn, EVALUATION, &id).map_err(entity)?;
-        Ok::<_, ApiError>(Json(job_json(&job)))
-    };
-    run().into_response()
+    authorized_job(&state, &parts, EVALUATION, &id)
+        .map(|job| Json(job_json(&job)))
+        .into_response()
 }
 
 pub async fn results(
@@ -318,9 +289,7 @@ pub async fn results(
 ) -> Response {
     let (parts, _) = req.into_parts();
     let run = || {
-        authorize(&state, &parts, Scope::Admin)?;
-        let (conn, _) = db(&state)?;
-        let job = entities::get_job(&conn, EVALUATION, &id).map_err(entity)?;
+        let job = authorized_job(&state, &parts, EVALUATION, &id)?;
         let Some(mut r) = job.result.clone() else {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
