@@ -124,6 +124,21 @@ async fn a_customization_job_trains_registers_and_serves_its_adapter() {
     }
     let (_, ds) = call(Method::GET, gw.url("/v1/datasets/team/tools"), None).await;
     assert_eq!(ds["files"].as_array().unwrap().len(), 2, "{ds}");
+    let back = client
+        .get(gw.url("/v1/datasets/team/tools/files/training/data.jsonl"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(back, jsonl(&rows[..6]));
+    let r = client
+        .get(gw.url("/v1/datasets/team/tools/files/training/none.jsonl"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
 
     // Bad jobs: unknown base, unknown dataset, out-of-range and unsupported hyperparameters.
     let job = |cfg: &str, ds: &str, hp: Value| {

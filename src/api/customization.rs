@@ -226,6 +226,35 @@ pub async fn upload_file(
     run.await.into_response()
 }
 
+/// Downloads one dataset file (JSONL), as stored.
+pub async fn download_file(
+    State(state): State<Arc<AppState>>,
+    Path((ns, name, path)): Path<(String, String, String)>,
+    req: Request,
+) -> Response {
+    let (parts, _) = req.into_parts();
+    let run = || {
+        authorize(&state, &parts, Scope::Admin)?;
+        entities::get_dataset(&db(&state)?, &ns, &name).map_err(entity_error)?;
+        let (split, file) = path.split_once('/').unwrap_or(("", path.as_str()));
+        if !matches!(split, "training" | "validation" | "testing")
+            || file.is_empty()
+            || file.contains('/')
+            || file.starts_with('.')
+        {
+            return Err(ApiError::not_found(format!(
+                "dataset '{ns}/{name}' has no file '{path}'"
+            )));
+        }
+        let full = dataset_dir(&state, &ns, &name)?.join(split).join(file);
+        let bytes = std::fs::read(&full).map_err(|_| {
+            ApiError::not_found(format!("dataset '{ns}/{name}' has no file '{path}'"))
+        })?;
+        Ok(([(http::header::CONTENT_TYPE, "application/jsonl")], bytes))
+    };
+    run().into_response()
+}
+
 /// A job of `kind` after the caller's scope is checked.
 pub(super) fn authorized_job(
     state: &AppState,

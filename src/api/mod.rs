@@ -72,7 +72,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route(
             "/v1/datasets/{ns}/{name}/files/{*path}",
-            axum::routing::put(customization::upload_file),
+            axum::routing::put(customization::upload_file).get(customization::download_file),
         )
         .route(
             "/v1/customization/jobs",
