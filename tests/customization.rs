@@ -407,3 +407,100 @@ async fn a_customization_job_trains_registers_and_serves_its_adapter() {
     assert_eq!(st, 200);
     assert!(!gw.dir.path().join("data/datasets/team/tools").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_when_the_gateway_stops_resumes_after_the_restart() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_llama(&model, candle_core::quantized::GgmlDType::F32, 37);
+    let config = format!(
+        "[[models]]\nname = \"tiny\"\npath = \"{}\"\ncontext_length = 2048\n",
+        path_str(&model)
+    );
+    let gw = GatewayProcess::start(&config);
+    call(
+        Method::POST,
+        gw.url("/v1/namespaces"),
+        Some(json!({"id": "team"})),
+    )
+    .await;
+    call(
+        Method::POST,
+        gw.url("/v1/datasets"),
+        Some(json!({"name": "d", "namespace": "team"})),
+    )
+    .await;
+    let rows: Vec<Value> = ["paris", "oslo"]
+        .iter()
+        .map(|c| record("get_time", c))
+        .collect();
+    let r = reqwest::Client::new()
+        .put(gw.url("/v1/datasets/team/d/files/training/a.jsonl"))
+        .body(jsonl(&rows))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let (st, job) = call(
+        Method::POST,
+        gw.url("/v1/customization/jobs"),
+        Some(json!({"output_model": "team/resumed", "config": "tiny",
+            "dataset": {"name": "d", "namespace": "team"},
+            "hyperparameters": {"epochs": 60, "batch_size": 2, "learning_rate": 0.001, "lora": {"adapter_dim": 2}}})),
+    )
+    .await;
+    assert_eq!(st, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    // Stop once a few epochs (each checkpointed) are done.
+    let t = Instant::now();
+    let before = loop {
+        let (_, s) = call(
+            Method::GET,
+            gw.url(&format!("/v1/customization/jobs/{id}/status")),
+            None,
+        )
+        .await;
+        let done = s["steps_completed"].as_u64().unwrap_or(0);
+        if done >= 3 {
+            break done;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let gw = gw.restart();
+    assert!(
+        gw.log_text().contains("queueing a job left unfinished"),
+        "{}",
+        gw.log_text()
+    );
+    let t = Instant::now();
+    let status = loop {
+        let (_, s) = call(
+            Method::GET,
+            gw.url(&format!("/v1/customization/jobs/{id}/status")),
+            None,
+        )
+        .await;
+        if s["status"] == "completed" || s["status"] == "failed" {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "{s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["steps_completed"], 60);
+    // Only the steps after the last checkpoint ran again: the new process reported fewer.
+    let after_restart = status["metrics"]["train_loss"].as_array().unwrap();
+    assert!(
+        after_restart.first().unwrap()["step"].as_u64().unwrap() > 1,
+        "{before} {status}"
+    );
+    let (st, _) = call(
+        Method::POST,
+        gw.url("/v1/chat/completions"),
+        Some(json!({"model": "team/resumed", "messages": [{"role": "user", "content": "time in oslo"}], "max_tokens": 4})),
+    )
+    .await;
+    assert_eq!(st, 200);
+}

@@ -340,6 +340,20 @@ impl GatewayProcess {
             dir.path().join("data").display()
         );
         std::fs::write(&config_path, full).unwrap();
+        Self::spawn(dir, config_path, env)
+    }
+
+    /// Stops the gateway (SIGTERM) and starts it again on the same config and data directory.
+    pub fn restart(mut self) -> Self {
+        self.stop();
+        let dir = tempfile::tempdir().unwrap();
+        // Keep the original directory: swap it out of `self` before `self` drops.
+        let old = std::mem::replace(&mut self.dir, dir);
+        let config_path = self.config_path.clone();
+        Self::spawn(old, config_path, &[])
+    }
+
+    fn spawn(dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(bin());
         cmd.arg("serve").arg("--config").arg(&config_path);
         cmd.env("RUST_LOG", "info,flywheel=debug");
