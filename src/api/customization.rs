@@ -304,14 +304,23 @@ pub async fn create_job(State(state): State<Arc<AppState>>, req: Request) -> Res
     run.await.into_response()
 }
 
-pub async fn list_jobs(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let (parts, _) = req.into_parts();
+/// Every job of `kind`, newest first, after the caller's scope is checked.
+pub(super) fn authorized_job_list(
+    state: &AppState,
+    parts: &http::request::Parts,
+    kind: &str,
+) -> Response {
     let run = || {
-        authorize(&state, &parts, Scope::Admin)?;
-        let jobs = entities::list_jobs(&db(&state)?, CUSTOMIZATION).map_err(entity_error)?;
+        authorize(state, parts, Scope::Admin)?;
+        let jobs = entities::list_jobs(&db(state)?, kind).map_err(entity_error)?;
         Ok::<_, ApiError>(list_body(jobs.iter().map(job_json).collect()))
     };
     run().into_response()
+}
+
+pub async fn list_jobs(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let (parts, _) = req.into_parts();
+    authorized_job_list(&state, &parts, CUSTOMIZATION)
 }
 
 pub async fn get_job(

@@ -12,9 +12,9 @@ use axum::Json;
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::customization::{self, authorized_job, entity_error as entity, job_json, list_body};
+use super::customization::{self, authorized_job, entity_error as entity, job_json};
 use super::error::ApiError;
-use super::{authorize, authorized_json, AppState};
+use super::{authorized_json, AppState};
 use crate::config::Scope;
 use crate::flywheel::{dataset, eval};
 use crate::store::entities;
@@ -262,13 +262,7 @@ pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Respons
 
 pub async fn list(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let (parts, _) = req.into_parts();
-    let run = || {
-        authorize(&state, &parts, Scope::Admin)?;
-        let (conn, _) = db(&state)?;
-        let jobs = entities::list_jobs(&conn, EVALUATION).map_err(entity)?;
-        Ok::<_, ApiError>(list_body(jobs.iter().map(job_json).collect()))
-    };
-    run().into_response()
+    customization::authorized_job_list(&state, &parts, EVALUATION)
 }
 
 pub async fn get(

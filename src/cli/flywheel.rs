@@ -123,7 +123,8 @@ pub struct EvalArgs {
     /// A PEFT adapter directory to evaluate on top of the base.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Test records (OpenAI-format JSONL).
+    /// Test items (JSONL): records ending with the expected answer, or NeMo's test rows with
+    /// `tool_calls` beside the messages.
     #[arg(long)]
     pub data: PathBuf,
     /// Per-item results and scores as JSON.
@@ -159,6 +160,18 @@ fn write_records(path: &Path, records: &[Record]) -> anyhow::Result<()> {
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// `train.jsonl`, `validation.jsonl` and `test.jsonl` in `dir`.
+fn write_splits(dir: &Path, s: &dataset::Splits) -> anyhow::Result<()> {
+    for (name, part) in [
+        ("train", &s.train),
+        ("validation", &s.validation),
+        ("test", &s.test),
+    ] {
+        write_records(&dir.join(format!("{name}.jsonl")), part)?;
+    }
     Ok(())
 }
 
@@ -219,13 +232,7 @@ pub fn data(command: DataCommand) -> anyhow::Result<()> {
                 min_records,
             )
             .map_err(anyhow::Error::msg)?;
-            for (name, part) in [
-                ("train", &s.train),
-                ("validation", &s.validation),
-                ("test", &s.test),
-            ] {
-                write_records(&out_dir.join(format!("{name}.jsonl")), part)?;
-            }
+            write_splits(&out_dir, &s)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         DataCommand::Split {
@@ -246,13 +253,7 @@ pub fn data(command: DataCommand) -> anyhow::Result<()> {
                     records.len()
                 );
             }
-            for (name, part) in [
-                ("train", &s.train),
-                ("validation", &s.validation),
-                ("test", &s.test),
-            ] {
-                write_records(&out_dir.join(format!("{name}.jsonl")), part)?;
-            }
+            write_splits(&out_dir, &s)?;
             println!(
                 "{} records after dedup: train {}, validation {}, test {} -> {}",
                 records.len(),
@@ -359,11 +360,15 @@ pub fn train_command(a: TrainArgs) -> anyhow::Result<()> {
 }
 
 pub fn eval_command(a: EvalArgs) -> anyhow::Result<()> {
-    let mut records = read_records(&a.data)?;
+    // The same test formats the evaluation jobs accept: records ending with the answer, or rows
+    // with the expected `tool_calls` beside the messages.
+    let text = std::fs::read_to_string(&a.data)
+        .with_context(|| format!("reading {}", a.data.display()))?;
+    let mut items =
+        dataset::parse_eval_items(&text).with_context(|| a.data.display().to_string())?;
     if let Some(n) = a.limit {
-        records.truncate(n);
+        items.truncate(n);
     }
-    let items: Vec<eval::EvalItem> = records.iter().map(Record::eval_item).collect();
     let cfg: LocalModelConfig = serde_json::from_value(json!({
         "name": "eval-base",
         "path": a.model,

@@ -185,10 +185,8 @@ pub fn parse_openai_jsonl(text: &str) -> Result<Vec<Record>, DataError> {
     parse_lines(text, check_record)
 }
 
-fn parse_lines(
-    text: &str,
-    f: impl Fn(Value) -> Result<Record, String>,
-) -> Result<Vec<Record>, DataError> {
+/// Parses JSONL with `f` per non-blank line; an error names its 1-based line.
+fn parse_lines<T>(text: &str, f: impl Fn(Value) -> Result<T, String>) -> Result<Vec<T>, DataError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -207,56 +205,44 @@ fn parse_lines(
 /// Parses evaluation items: either records whose last message is the expected answer, or the
 /// NeMo tutorial's test rows (`messages`, `tools` and the expected `tool_calls` beside them).
 pub fn parse_eval_items(text: &str) -> Result<Vec<EvalItem>, DataError> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let err = |message: String| DataError {
-            row: i + 1,
-            message,
+    parse_lines(text, eval_item_of)
+}
+
+fn eval_item_of(v: Value) -> Result<EvalItem, String> {
+    let Some(calls) = v.get("tool_calls") else {
+        return Ok(check_record(v)?.eval_item());
+    };
+    let messages = match v.get("messages") {
+        Some(Value::Array(m)) if !m.is_empty() => m.clone(),
+        _ => return Err("'messages' must be a non-empty array".into()),
+    };
+    let mut expected = Vec::new();
+    for (j, c) in calls.as_array().into_iter().flatten().enumerate() {
+        let f = c.get("function").unwrap_or(c);
+        let name = f
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| format!("tool_calls[{j}] has no function name"))?;
+        let args = match f.get("arguments") {
+            Some(Value::String(s)) => serde_json::from_str(s)
+                .map_err(|e| format!("tool_calls[{j}].function.arguments is not JSON: {e}"))?,
+            Some(a) => a.clone(),
+            None => json!({}),
         };
-        let v: Value = serde_json::from_str(line).map_err(|e| err(format!("not JSON: {e}")))?;
-        let Some(calls) = v.get("tool_calls") else {
-            out.push(check_record(v).map_err(err)?.eval_item());
-            continue;
-        };
-        let messages = match v.get("messages") {
-            Some(Value::Array(m)) if !m.is_empty() => m.clone(),
-            _ => return Err(err("'messages' must be a non-empty array".into())),
-        };
-        let mut expected = Vec::new();
-        for (j, c) in calls.as_array().into_iter().flatten().enumerate() {
-            let f = c.get("function").unwrap_or(c);
-            let name = f
-                .get("name")
-                .and_then(Value::as_str)
-                .filter(|n| !n.is_empty())
-                .ok_or_else(|| err(format!("tool_calls[{j}] has no function name")))?;
-            let args = match f.get("arguments") {
-                Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| {
-                    err(format!(
-                        "tool_calls[{j}].function.arguments is not JSON: {e}"
-                    ))
-                })?,
-                Some(a) => a.clone(),
-                None => json!({}),
-            };
-            expected.push((name.to_string(), args));
-        }
-        out.push(EvalItem {
-            messages,
-            tools: v
-                .get("tools")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default(),
-            tool_choice: v.get("tool_choice").cloned(),
-            expected,
-            ground_truth: v.get("bfcl_ground_truth").cloned(),
-        });
+        expected.push((name.to_string(), args));
     }
-    Ok(out)
+    Ok(EvalItem {
+        messages,
+        tools: v
+            .get("tools")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+        tool_choice: v.get("tool_choice").cloned(),
+        expected,
+        ground_truth: v.get("bfcl_ground_truth").cloned(),
+    })
 }
 
 /// A Python type name from xLAM's tool descriptions as a JSON Schema type.

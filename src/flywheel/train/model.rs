@@ -433,8 +433,9 @@ impl TrainBase {
     ) -> Result<StepResult> {
         let (xl, saved) = self.forward_layers(batch, lora, theta, dropout, rng)?;
         let (loss_sum, mut dx) = self.head_loss(&xl, batch, weight, true)?;
+        let rope = self.rope_rows(batch.rows, batch.t);
         for li in (0..self.cfg.n_layers).rev() {
-            dx = self.layer_backward(li, dx, &saved[li], batch, lora, theta, grad)?;
+            dx = self.layer_backward(li, dx, &saved[li], batch, &rope, lora, theta, grad)?;
         }
         Ok(StepResult {
             loss_sum,
@@ -463,6 +464,15 @@ impl TrainBase {
         Ok(h.matmul(&self.head.t()?)?)
     }
 
+    /// cos and sin for every row of a (rows, t) batch: row i of a sequence sits at position i.
+    fn rope_rows(&self, rows: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.cfg.head_dim / 2;
+        (
+            self.cos[..t * half].repeat(rows),
+            self.sin[..t * half].repeat(rows),
+        )
+    }
+
     fn forward_layers(
         &self,
         batch: &Batch,
@@ -482,16 +492,10 @@ impl TrainBase {
         }
         let (h, kvh, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let group = h / kvh;
-        let half = hd / 2;
         let ids = Tensor::from_slice(&batch.tokens, n, &Device::Cpu)?;
         let mut x = to_vec(&self.embed.index_select(&ids, 0)?)?;
         // Each row's position is its index within its sequence.
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for _ in 0..bsz {
-            cos.extend_from_slice(&self.cos[..t * half]);
-            sin.extend_from_slice(&self.sin[..t * half]);
-        }
+        let (cos, sin) = self.rope_rows(bsz, t);
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = cfg.rms_eps as f32;
         let mut saved = Vec::with_capacity(cfg.n_layers);
@@ -602,6 +606,7 @@ impl TrainBase {
         dx3: Vec<f32>,
         s: &LayerSaved,
         batch: &Batch,
+        rope: &(Vec<f32>, Vec<f32>),
         lora: &LoraShape,
         theta: &[f32],
         grad: &mut [f32],
@@ -612,7 +617,6 @@ impl TrainBase {
         let n = bsz * t;
         let (h, kvh, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let group = h / kvh;
-        let half = hd / 2;
         let scale = 1.0 / (hd as f32).sqrt();
         let dev = Device::Cpu;
         // MLP: x3 = x2 + down(silu(gate) ⊙ up).
@@ -644,14 +648,8 @@ impl TrainBase {
         let mut dq = to_vec(&dq.transpose(1, 2)?.contiguous()?)?;
         let mut dk = to_vec(&dk.transpose(1, 2)?.contiguous()?)?;
         let dv = dv.transpose(1, 2)?.contiguous()?.reshape((n, kvh * hd))?;
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for _ in 0..bsz {
-            cos.extend_from_slice(&self.cos[..t * half]);
-            sin.extend_from_slice(&self.sin[..t * half]);
-        }
-        grad::rope_halves(&mut dq, h, hd, &cos, &sin, true);
-        grad::rope_halves(&mut dk, kvh, hd, &cos, &sin, true);
+        grad::rope_halves(&mut dq, h, hd, &rope.0, &rope.1, true);
+        grad::rope_halves(&mut dk, kvh, hd, &rope.0, &rope.1, true);
         let dqkv = Tensor::cat(
             &[
                 Tensor::from_vec(dq, (n, h * hd), &dev)?,
