@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod flywheel;
+pub use flywheel::{
+    DriftConfig, FlywheelConfig, PromotionPolicy, RolloutPlan, RouteFlywheelConfig, METRICS,
+};
+
 /// A configuration problem, phrased so the operator knows what to change.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -50,6 +55,8 @@ pub struct Config {
     pub models: Vec<crate::engine::LocalModelConfig>,
     #[serde(default)]
     pub adapters: AdaptersConfig,
+    #[serde(default)]
+    pub flywheel: FlywheelConfig,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -337,6 +344,20 @@ pub struct RouteConfig {
     pub name: String,
     #[serde(flatten)]
     pub rollout: RolloutConfig,
+    /// Whether and how this route's traffic trains a local adapter that may take the route over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flywheel: Option<RouteFlywheelConfig>,
+}
+
+impl RouteConfig {
+    /// Whose answers are the ground truth for this route's flywheel: the configured teacher, or the
+    /// route's champion when that is an upstream.
+    pub fn teacher(&self) -> Option<TargetConfig> {
+        let fw = self.flywheel.as_ref()?;
+        fw.teacher.clone().or_else(|| {
+            (self.rollout.champion.upstream.is_some()).then(|| self.rollout.champion.clone())
+        })
+    }
 }
 
 fn yes() -> bool {
@@ -487,8 +508,37 @@ impl Config {
                 return invalid(format!("route '{}' is defined twice", route.name));
             }
             self.validate_rollout(&route.name, &route.rollout)?;
+            if let Some(fw) = &route.flywheel {
+                self.validate_route_flywheel(route, fw)?;
+            }
+        }
+        if self.flywheel.check_interval_secs < 0.05 {
+            return invalid("flywheel.check_interval_secs must be at least 0.05".into());
         }
         Ok(())
+    }
+
+    fn validate_route_flywheel(
+        &self,
+        route: &RouteConfig,
+        fw: &RouteFlywheelConfig,
+    ) -> Result<(), ConfigError> {
+        let name = &route.name;
+        fw.validate(name)?;
+        if !self.models.iter().any(|m| m.name == fw.student) {
+            let known: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+            return Err(ConfigError::Invalid(format!(
+                "route '{name}': flywheel.student '{}' is not a local model (defined: {})",
+                fw.student,
+                known.join(", ")
+            )));
+        }
+        match route.teacher() {
+            Some(t) => self.validate_target(name, "flywheel.teacher", &t),
+            None => Err(ConfigError::Invalid(format!(
+                "route '{name}': the champion is local, so flywheel.teacher must name whose answers are the ground truth"
+            ))),
+        }
     }
 
     /// Checks a rollout against the configured upstreams; also used for rollouts changed at runtime.
@@ -497,55 +547,7 @@ impl Config {
         route: &str,
         rollout: &RolloutConfig,
     ) -> Result<(), ConfigError> {
-        let check = |t: &TargetConfig, role: &str| -> Result<(), ConfigError> {
-            let fail =
-                |m: String| Err(ConfigError::Invalid(format!("route '{route}': {role} {m}")));
-            match (&t.upstream, &t.local) {
-                (Some(_), Some(_)) => {
-                    return fail("names both an upstream and a local model; pick one".into())
-                }
-                (None, None) => return fail("needs `upstream` and `model`, or `local`".into()),
-                (None, Some(name)) => {
-                    if t.model.is_some() {
-                        return fail(
-                            "is local: drop `model` (the local model's name is its model)".into(),
-                        );
-                    }
-                    if let Some(a) = &t.adapter {
-                        crate::engine::lora::check_name(a).map_err(|e| {
-                            ConfigError::Invalid(format!("route '{route}': {role}: {e}"))
-                        })?;
-                    }
-                    if !self.models.iter().any(|m| &m.name == name) {
-                        let known: Vec<&str> =
-                            self.models.iter().map(|m| m.name.as_str()).collect();
-                        return fail(format!(
-                            "names local model '{name}', which is not defined (defined: {})",
-                            known.join(", ")
-                        ));
-                    }
-                }
-                (Some(up), None) => {
-                    if t.adapter.is_some() {
-                        return fail(
-                            "puts an adapter on an upstream; adapters run on local models".into(),
-                        );
-                    }
-                    if !self.upstreams.iter().any(|u| &u.name == up) {
-                        let known: Vec<&str> =
-                            self.upstreams.iter().map(|u| u.name.as_str()).collect();
-                        return fail(format!(
-                            "names upstream '{up}', which is not defined (defined: {})",
-                            known.join(", ")
-                        ));
-                    }
-                    if t.model.as_deref().is_none_or(str::is_empty) {
-                        return fail("needs a `model` for its upstream".into());
-                    }
-                }
-            }
-            Ok(())
-        };
+        let check = |t: &TargetConfig, role: &str| self.validate_target(route, role, t);
         check(&rollout.champion, "champion")?;
         if let Some(c) = &rollout.canary {
             check(&c.target, "canary")?;
@@ -567,6 +569,59 @@ impl Config {
         }
         for f in &rollout.fallbacks {
             check(f, "fallback")?;
+        }
+        Ok(())
+    }
+
+    /// Checks that a target names a defined upstream or local model, with what it needs.
+    pub fn validate_target(
+        &self,
+        route: &str,
+        role: &str,
+        t: &TargetConfig,
+    ) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError::Invalid(format!("route '{route}': {role} {m}")));
+        match (&t.upstream, &t.local) {
+            (Some(_), Some(_)) => {
+                return fail("names both an upstream and a local model; pick one".into())
+            }
+            (None, None) => return fail("needs `upstream` and `model`, or `local`".into()),
+            (None, Some(name)) => {
+                if t.model.is_some() {
+                    return fail(
+                        "is local: drop `model` (the local model's name is its model)".into(),
+                    );
+                }
+                if let Some(a) = &t.adapter {
+                    crate::engine::lora::check_name(a).map_err(|e| {
+                        ConfigError::Invalid(format!("route '{route}': {role}: {e}"))
+                    })?;
+                }
+                if !self.models.iter().any(|m| &m.name == name) {
+                    let known: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+                    return fail(format!(
+                        "names local model '{name}', which is not defined (defined: {})",
+                        known.join(", ")
+                    ));
+                }
+            }
+            (Some(up), None) => {
+                if t.adapter.is_some() {
+                    return fail(
+                        "puts an adapter on an upstream; adapters run on local models".into(),
+                    );
+                }
+                if !self.upstreams.iter().any(|u| &u.name == up) {
+                    let known: Vec<&str> = self.upstreams.iter().map(|u| u.name.as_str()).collect();
+                    return fail(format!(
+                        "names upstream '{up}', which is not defined (defined: {})",
+                        known.join(", ")
+                    ));
+                }
+                if t.model.as_deref().is_none_or(str::is_empty) {
+                    return fail("needs a `model` for its upstream".into());
+                }
+            }
         }
         Ok(())
     }

@@ -6,4 +6,5 @@ pub mod curate;
 pub mod dataset;
 pub mod eval;
 pub mod jobs;
+pub mod promote;
 pub mod train;

@@ -224,6 +224,7 @@ mod tests {
                 shadow: None,
                 fallbacks: vec![t("backup")],
             },
+            flywheel: None,
         }])
     }
 

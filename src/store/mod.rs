@@ -1,6 +1,7 @@
 //! The SQLite store: schema and migrations, and the traffic log. Nothing else opens the database.
 
 pub mod entities;
+pub mod flywheel;
 pub mod traffic;
 
 use std::path::Path;
@@ -105,6 +106,39 @@ CREATE TABLE jobs (
     updated_at TEXT NOT NULL
 );
 CREATE INDEX jobs_kind ON jobs(kind, created_at);
+"#,
+    r#"
+CREATE TABLE flywheel_runs (
+    id TEXT PRIMARY KEY,
+    route TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    status TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    details TEXT NOT NULL,
+    decision TEXT,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    finished_ms INTEGER
+);
+CREATE INDEX flywheel_runs_route ON flywheel_runs(route, created_ms);
+CREATE TABLE flywheel_routes (
+    route TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE rollout_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    route TEXT NOT NULL,
+    run_id TEXT,
+    at_ms INTEGER NOT NULL,
+    from_stage TEXT NOT NULL,
+    to_stage TEXT NOT NULL,
+    action TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    numbers TEXT NOT NULL
+);
+CREATE INDEX rollout_events_route ON rollout_events(route, at_ms);
+CREATE INDEX traffic_route_arm_ts ON traffic(route, arm, ts_ms);
 "#,
 ];
 

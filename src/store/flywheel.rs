@@ -1,0 +1,510 @@
+//! The flywheel's records: runs (one per attempt to train and judge a candidate), each route's
+//! rollout state, the log of rollout transitions with the numbers behind them, and the live
+//! figures the rollout guards and drift checks read from the traffic log.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::StoreError;
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// One flywheel run as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub id: String,
+    pub route: String,
+    /// What started it: `{"kind": "schedule"|"drift"|"manual", ...}`.
+    pub trigger: Value,
+    /// `running`, `completed`, `skipped` or `failed`.
+    pub status: String,
+    /// `queued`, `curating`, `training`, `evaluating`, `deciding` or `done`.
+    pub stage: String,
+    pub details: Value,
+    pub decision: Option<Value>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub finished_ms: Option<i64>,
+}
+
+fn parse(s: String) -> Value {
+    serde_json::from_str(&s).unwrap_or(Value::Null)
+}
+
+fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
+    Ok(Run {
+        id: r.get(0)?,
+        route: r.get(1)?,
+        trigger: parse(r.get(2)?),
+        status: r.get(3)?,
+        stage: r.get(4)?,
+        details: parse(r.get(5)?),
+        decision: r.get::<_, Option<String>>(6)?.map(parse),
+        created_ms: r.get(7)?,
+        updated_ms: r.get(8)?,
+        finished_ms: r.get(9)?,
+    })
+}
+
+const RUN_COLUMNS: &str =
+    "id, route, trigger, status, stage, details, decision, created_ms, updated_ms, finished_ms";
+
+pub fn insert_run(conn: &Connection, id: &str, route: &str, trigger: &Value) -> Result<()> {
+    let now = now_ms();
+    conn.execute(
+        "INSERT INTO flywheel_runs (id, route, trigger, status, stage, details, created_ms, updated_ms)
+         VALUES (?1, ?2, ?3, 'running', 'queued', '{}', ?4, ?4)",
+        params![id, route, trigger.to_string(), now],
+    )?;
+    Ok(())
+}
+
+/// Moves a running run to `stage`, merging `details` into what it has.
+pub fn update_run(conn: &Connection, id: &str, stage: &str, details: &Value) -> Result<()> {
+    let mut merged = get_run(conn, id)?.map_or(Value::Null, |r| r.details);
+    merge(&mut merged, details);
+    conn.execute(
+        "UPDATE flywheel_runs SET stage = ?2, details = ?3, updated_ms = ?4 WHERE id = ?1",
+        params![id, stage, merged.to_string(), now_ms()],
+    )?;
+    Ok(())
+}
+
+/// Ends a run with its status and decision.
+pub fn finish_run(
+    conn: &Connection,
+    id: &str,
+    status: &str,
+    details: &Value,
+    decision: &Value,
+) -> Result<()> {
+    let mut merged = get_run(conn, id)?.map_or(Value::Null, |r| r.details);
+    merge(&mut merged, details);
+    let now = now_ms();
+    conn.execute(
+        "UPDATE flywheel_runs SET status = ?2, stage = 'done', details = ?3, decision = ?4,
+         updated_ms = ?5, finished_ms = ?5 WHERE id = ?1",
+        params![id, status, merged.to_string(), decision.to_string(), now],
+    )?;
+    Ok(())
+}
+
+fn merge(into: &mut Value, from: &Value) {
+    match (into, from) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                a.insert(k.clone(), v.clone());
+            }
+        }
+        (slot, v) => *slot = v.clone(),
+    }
+}
+
+pub fn get_run(conn: &Connection, id: &str) -> Result<Option<Run>> {
+    Ok(conn
+        .query_row(
+            &format!("SELECT {RUN_COLUMNS} FROM flywheel_runs WHERE id = ?1"),
+            [id],
+            run_row,
+        )
+        .optional()?)
+}
+
+/// Runs, newest first, of one route or all.
+pub fn list_runs(conn: &Connection, route: Option<&str>, limit: usize) -> Result<Vec<Run>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {RUN_COLUMNS} FROM flywheel_runs WHERE (?1 IS NULL OR route = ?1)
+         ORDER BY created_ms DESC, id DESC LIMIT ?2"
+    ))?;
+    let rows = stmt
+        .query_map(params![route, limit as i64], run_row)?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+pub fn running_runs(conn: &Connection) -> Result<Vec<Run>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {RUN_COLUMNS} FROM flywheel_runs WHERE status = 'running' ORDER BY created_ms"
+    ))?;
+    let rows = stmt
+        .query_map([], run_row)?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+/// The route's most recent finished run, of any outcome.
+pub fn last_finished_run(conn: &Connection, route: &str) -> Result<Option<Run>> {
+    Ok(conn
+        .query_row(
+            &format!(
+                "SELECT {RUN_COLUMNS} FROM flywheel_runs WHERE route = ?1 AND finished_ms IS NOT NULL
+                 ORDER BY finished_ms DESC LIMIT 1"
+            ),
+            [route],
+            run_row,
+        )
+        .optional()?)
+}
+
+/// Where a route's rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Only the champion serves (a teacher may listen in as a shadow).
+    Idle,
+    /// The candidate answers a sample of the champion's traffic, off the response path.
+    Shadow,
+    /// The candidate serves a sticky share of the traffic.
+    Canary,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Idle => "idle",
+            Stage::Shadow => "shadow",
+            Stage::Canary => "canary",
+        }
+    }
+}
+
+/// A route's flywheel state, persisted so a restart keeps serving what was promoted and picks a
+/// rollout up where it was.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteState {
+    pub route: String,
+    pub stage: Stage,
+    /// Automatic transitions are held; guards still roll back.
+    #[serde(default)]
+    pub paused: bool,
+    /// The champion the config named when this state began; a config naming another one resets it.
+    pub config_champion: crate::config::TargetConfig,
+    /// The rollout installed on the route now, as the flywheel set it.
+    pub installed: crate::config::RolloutConfig,
+    /// The rollout to return to when the candidate is rolled back.
+    #[serde(default)]
+    pub before: Option<crate::config::RolloutConfig>,
+    #[serde(default)]
+    pub candidate: Option<crate::config::TargetConfig>,
+    /// The run whose candidate is rolling out, or whose candidate is champion.
+    #[serde(default)]
+    pub run_id: Option<String>,
+    pub stage_started_ms: i64,
+    /// Tool signatures (name and parameter schema) the champion was trained on.
+    #[serde(default)]
+    pub known_tools: BTreeSet<String>,
+    /// The same for the candidate rolling out, which become known if it is promoted.
+    #[serde(default)]
+    pub candidate_tools: BTreeSet<String>,
+}
+
+pub fn get_state(conn: &Connection, route: &str) -> Result<Option<RouteState>> {
+    let text: Option<String> = conn
+        .query_row(
+            "SELECT state FROM flywheel_routes WHERE route = ?1",
+            [route],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match text {
+        Some(t) => Ok(Some(serde_json::from_str(&t)?)),
+        None => Ok(None),
+    }
+}
+
+pub fn put_state(conn: &Connection, state: &RouteState) -> Result<()> {
+    conn.execute(
+        "INSERT INTO flywheel_routes (route, state, updated_ms) VALUES (?1, ?2, ?3)
+         ON CONFLICT(route) DO UPDATE SET state = excluded.state, updated_ms = excluded.updated_ms",
+        params![state.route, serde_json::to_string(state)?, now_ms()],
+    )?;
+    Ok(())
+}
+
+/// One recorded rollout transition.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutEvent {
+    pub route: String,
+    pub run_id: Option<String>,
+    pub at_ms: i64,
+    pub from: String,
+    pub to: String,
+    /// `shadow`, `canary`, `promote`, `rollback`, `pause`, `resume`, `reset` or `reject`.
+    pub action: String,
+    pub reason: String,
+    pub numbers: Value,
+}
+
+pub fn insert_event(conn: &Connection, e: &RolloutEvent) -> Result<()> {
+    conn.execute(
+        "INSERT INTO rollout_events (route, run_id, at_ms, from_stage, to_stage, action, reason, numbers)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![e.route, e.run_id, e.at_ms, e.from, e.to, e.action, e.reason, e.numbers.to_string()],
+    )?;
+    Ok(())
+}
+
+/// A route's transitions (or a run's), oldest first.
+pub fn list_events(
+    conn: &Connection,
+    route: Option<&str>,
+    run_id: Option<&str>,
+) -> Result<Vec<RolloutEvent>> {
+    let mut stmt = conn.prepare(
+        "SELECT route, run_id, at_ms, from_stage, to_stage, action, reason, numbers FROM rollout_events
+         WHERE (?1 IS NULL OR route = ?1) AND (?2 IS NULL OR run_id = ?2) ORDER BY id",
+    )?;
+    let rows = stmt
+        .query_map(params![route, run_id], |r| {
+            Ok(RolloutEvent {
+                route: r.get(0)?,
+                run_id: r.get(1)?,
+                at_ms: r.get(2)?,
+                from: r.get(3)?,
+                to: r.get(4)?,
+                action: r.get(5)?,
+                reason: r.get(6)?,
+                numbers: parse(r.get(7)?),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+/// Live figures over a set of requests.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LiveStats {
+    pub requests: u64,
+    /// Requests that failed, or that the target failed and a fallback answered.
+    pub errors: u64,
+    /// Requests the rails blocked.
+    pub blocked: u64,
+    pub tool_calls: u64,
+    pub invalid_arguments: u64,
+    /// Answer pairs in which at least one side called a tool, and how many agreed.
+    pub compared: u64,
+    pub names_agree: u64,
+    pub arguments_agree: u64,
+}
+
+impl LiveStats {
+    pub fn error_rate(&self) -> f64 {
+        ratio(self.errors, self.requests)
+    }
+    pub fn block_rate(&self) -> f64 {
+        ratio(self.blocked, self.requests)
+    }
+    pub fn parse_failure_rate(&self) -> f64 {
+        ratio(self.invalid_arguments, self.tool_calls)
+    }
+    /// Agreement on names, or on names and arguments.
+    pub fn agreement(&self, on_arguments: bool) -> f64 {
+        let agree = if on_arguments {
+            self.arguments_agree
+        } else {
+            self.names_agree
+        };
+        if self.compared == 0 {
+            1.0
+        } else {
+            agree as f64 / self.compared as f64
+        }
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+/// Which requests to measure.
+pub enum Slice<'a> {
+    /// Shadow answers from one model (`target_model`) on a route: their own errors and parse
+    /// failures, and their agreement with the primary answer.
+    ShadowsFrom { model: &'a str },
+    /// Primary requests served on one arm (`champion`, `canary`), with the agreement measured by the
+    /// shadow copies made of them.
+    Arm { arm: &'a str },
+}
+
+/// Figures for `slice` on `route` since `since_ms`.
+pub fn live_stats(
+    conn: &Connection,
+    route: &str,
+    slice: Slice<'_>,
+    since_ms: i64,
+) -> Result<LiveStats> {
+    let mut s = LiveStats::default();
+    let (rows_sql, agree_sql, key) = match slice {
+        Slice::ShadowsFrom { model } => (
+            "SELECT id FROM traffic WHERE route = ?1 AND arm = 'shadow' AND ts_ms >= ?2 AND target_model = ?3",
+            "SELECT COUNT(tool_name_agreement), COALESCE(SUM(tool_name_agreement), 0), COALESCE(SUM(tool_args_agreement), 0)
+             FROM traffic WHERE route = ?1 AND arm = 'shadow' AND ts_ms >= ?2 AND target_model = ?3",
+            model,
+        ),
+        Slice::Arm { arm } => (
+            "SELECT id FROM traffic WHERE route = ?1 AND arm = ?3 AND ts_ms >= ?2",
+            "SELECT COUNT(s.tool_name_agreement), COALESCE(SUM(s.tool_name_agreement), 0), COALESCE(SUM(s.tool_args_agreement), 0)
+             FROM traffic p JOIN traffic s ON s.shadow_of = p.id
+             WHERE p.route = ?1 AND p.arm = ?3 AND p.ts_ms >= ?2 AND s.arm = 'shadow'",
+            arm,
+        ),
+    };
+    let totals = format!(
+        "SELECT COUNT(*),
+                COALESCE(SUM(CASE WHEN (status != 200 AND status != 499) OR attempts > 1 THEN 1 ELSE 0 END), 0),
+                COALESCE(SUM(CASE WHEN json_extract(rails, '$.status') = 'blocked' THEN 1 ELSE 0 END), 0)
+         FROM traffic WHERE id IN ({rows_sql})"
+    );
+    let (requests, errors, blocked): (i64, i64, i64) = conn
+        .query_row(&totals, params![route, since_ms, key], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    let calls = format!(
+        "SELECT COUNT(*), COALESCE(SUM(1 - arguments_valid_json), 0) FROM tool_calls
+         WHERE choice_index = 0 AND traffic_id IN ({rows_sql})"
+    );
+    let (tool_calls, invalid): (i64, i64) = conn
+        .query_row(&calls, params![route, since_ms, key], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let (compared, names, args): (i64, i64, i64) = conn
+        .query_row(agree_sql, params![route, since_ms, key], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    s.requests = requests as u64;
+    s.errors = errors as u64;
+    s.blocked = blocked as u64;
+    s.tool_calls = tool_calls as u64;
+    s.invalid_arguments = invalid as u64;
+    s.compared = compared as u64;
+    s.names_agree = names as u64;
+    s.arguments_agree = args as u64;
+    Ok(s)
+}
+
+/// A tool's signature: its name and a digest of its parameter schema, so a changed schema under an
+/// old name counts as a new tool.
+pub fn tool_signature(tool: &Value) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let f = tool.get("function").unwrap_or(tool);
+    let name = f.get("name")?.as_str()?;
+    let params = f.get("parameters").cloned().unwrap_or(Value::Null);
+    let digest = Sha256::digest(canonical(&params).as_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("{name}#{hex}"))
+}
+
+/// JSON with object keys sorted, so equal schemas hash equally whatever their key order.
+fn canonical(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let sorted: BTreeMap<&String, String> =
+                m.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let parts: Vec<String> = sorted
+                .iter()
+                .map(|(k, v)| format!("{}:{v}", Value::String((*k).clone())))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(canonical).collect::<Vec<_>>().join(",")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// For each tool signature in the route's answered primary requests since `since_ms`, how many
+/// requests offered it.
+pub fn tool_usage(
+    conn: &Connection,
+    route: &str,
+    workload_id: Option<&str>,
+    since_ms: i64,
+) -> Result<BTreeMap<String, u64>> {
+    let mut stmt = conn.prepare(
+        "SELECT json_extract(request, '$.tools') FROM traffic
+         WHERE route = ?1 AND arm != 'shadow' AND status = 200 AND ts_ms >= ?2
+           AND (?3 IS NULL OR workload_id = ?3) AND json_extract(request, '$.tools') IS NOT NULL",
+    )?;
+    let mut out: BTreeMap<String, u64> = BTreeMap::new();
+    let rows = stmt.query_map(params![route, since_ms, workload_id], |r| {
+        r.get::<_, Option<String>>(0)
+    })?;
+    for row in rows {
+        let Some(text) = row? else { continue };
+        let Ok(Value::Array(tools)) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        let sigs: BTreeSet<String> = tools.iter().filter_map(tool_signature).collect();
+        for s in sigs {
+            *out.entry(s).or_default() += 1;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tool_signatures_ignore_key_order_and_see_schema_changes() {
+        let a = json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}});
+        let b = json!({"type": "function", "function": {"parameters": {"properties": {"x": {"type": "string"}}, "type": "object"}, "name": "f"}});
+        let c = json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}});
+        assert_eq!(tool_signature(&a), tool_signature(&b));
+        assert_ne!(tool_signature(&a), tool_signature(&c));
+        assert!(tool_signature(&a).unwrap().starts_with("f#"));
+        assert_eq!(tool_signature(&json!({"type": "function"})), None);
+    }
+
+    #[test]
+    fn runs_and_events_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open(&dir.path().join("f.db")).unwrap();
+        insert_run(&conn, "r1", "agent", &json!({"kind": "manual"})).unwrap();
+        update_run(&conn, "r1", "curating", &json!({"a": 1})).unwrap();
+        update_run(&conn, "r1", "training", &json!({"b": 2})).unwrap();
+        assert_eq!(running_runs(&conn).unwrap().len(), 1);
+        finish_run(&conn, "r1", "skipped", &json!({}), &json!({"reason": "x"})).unwrap();
+        let r = get_run(&conn, "r1").unwrap().unwrap();
+        assert_eq!((r.status.as_str(), r.stage.as_str()), ("skipped", "done"));
+        assert_eq!(r.details, json!({"a": 1, "b": 2}));
+        assert!(running_runs(&conn).unwrap().is_empty());
+        assert_eq!(last_finished_run(&conn, "agent").unwrap().unwrap().id, "r1");
+        assert!(last_finished_run(&conn, "other").unwrap().is_none());
+        insert_event(
+            &conn,
+            &RolloutEvent {
+                route: "agent".into(),
+                run_id: Some("r1".into()),
+                at_ms: 5,
+                from: "idle".into(),
+                to: "shadow".into(),
+                action: "shadow".into(),
+                reason: "won".into(),
+                numbers: json!({"gain": 0.5}),
+            },
+        )
+        .unwrap();
+        let ev = list_events(&conn, Some("agent"), None).unwrap();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].numbers["gain"], 0.5);
+        assert!(list_events(&conn, None, Some("r2")).unwrap().is_empty());
+    }
+}
