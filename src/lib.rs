@@ -2,6 +2,7 @@
 //! See ARCHITECTURE.md in the shared folder for the map of these modules.
 
 pub mod api;
+pub mod background;
 pub mod backend;
 pub mod cli;
 pub mod config;

@@ -288,16 +288,7 @@ pub async fn create_job(State(state): State<Arc<AppState>>, req: Request) -> Res
         let body = Value::Object(authorized_json(&state, req, Scope::Admin).await?);
         let runner = runner(&state)?;
         let conn = db(&state)?;
-        let spec = runner.validate(&conn, &body).map_err(entity_error)?;
-        let id = format!("cust-{}", uuid::Uuid::now_v7().simple());
-        let mut stored = body.clone();
-        stored["_resolved"] = json!({
-            "base": spec.base,
-            "dataset": [spec.dataset.0, spec.dataset.1],
-            "output_model": spec.output_model,
-            "hyperparameters": spec.hyperparameters,
-        });
-        runner.submit(&conn, &id, &stored).map_err(entity_error)?;
+        let id = runner.create(&conn, &body).map_err(entity_error)?;
         let job = entities::get_job(&conn, CUSTOMIZATION, &id).map_err(entity_error)?;
         Ok::<_, ApiError>((StatusCode::OK, Json(job_json(&job))))
     };

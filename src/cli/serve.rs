@@ -102,6 +102,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         data_dir: config.data_dir.clone(),
         models: config.models.clone(),
         engines: engines.clone(),
+        max_yield: Duration::from_millis(config.flywheel.max_yield_ms),
     }) {
         Ok(r) => Some(r),
         Err(e) => {

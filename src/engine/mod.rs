@@ -14,6 +14,7 @@ pub mod tokenizer;
 pub mod tools;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -128,7 +129,16 @@ pub struct Engine {
     /// Tokenizer, chat template and tool prompting.
     pub chat: ChatFormat,
     queue: std_mpsc::Sender<GenerationRequest>,
+    load: Arc<EngineLoad>,
     _thread: JoinHandle<()>,
+}
+
+/// Sequences submitted but not yet admitted, and sequences in the batch: what background work
+/// (training) watches to stay out of serving's way.
+#[derive(Default)]
+struct EngineLoad {
+    pending: std::sync::atomic::AtomicUsize,
+    active: std::sync::atomic::AtomicUsize,
 }
 
 impl Engine {
@@ -176,9 +186,11 @@ impl Engine {
         let sched_tok = tokenizer.clone();
         let max_batch = cfg.max_batch.max(1);
         let thread_name = format!("engine-{name}");
+        let load = Arc::new(EngineLoad::default());
+        let sched_load = load.clone();
         let thread = std::thread::Builder::new()
             .name(thread_name)
-            .spawn(move || Scheduler::new(model, sched_tok, max_batch).run(rx))
+            .spawn(move || Scheduler::new(model, sched_tok, max_batch, sched_load).run(rx))
             .map_err(|source| EngineError::Open {
                 name: name.clone(),
                 path: cfg.path.display().to_string(),
@@ -193,6 +205,7 @@ impl Engine {
             adapters: AdapterRegistry::new(cfg.max_adapters),
             chat,
             queue: tx,
+            load,
             _thread: thread,
         }))
     }
@@ -214,9 +227,16 @@ impl Engine {
     }
 
     pub fn submit(&self, request: GenerationRequest) -> Result<(), EngineError> {
-        self.queue
-            .send(request)
-            .map_err(|_| EngineError::Stopped(self.name.clone()))
+        self.load.pending.fetch_add(1, Ordering::Relaxed);
+        self.queue.send(request).map_err(|_| {
+            self.load.pending.fetch_sub(1, Ordering::Relaxed);
+            EngineError::Stopped(self.name.clone())
+        })
+    }
+
+    /// Sequences waiting for or holding a place in the decode batch.
+    pub fn in_flight(&self) -> usize {
+        self.load.pending.load(Ordering::Relaxed) + self.load.active.load(Ordering::Relaxed)
     }
 }
 
@@ -235,6 +255,7 @@ struct Scheduler {
     tokenizer: Arc<TokenizerInfo>,
     max_batch: usize,
     active: Vec<Sequence>,
+    load: Arc<EngineLoad>,
 }
 
 enum Step {
@@ -243,26 +264,40 @@ enum Step {
 }
 
 impl Scheduler {
-    fn new(model: LlamaModel, tokenizer: Arc<TokenizerInfo>, max_batch: usize) -> Self {
+    fn new(
+        model: LlamaModel,
+        tokenizer: Arc<TokenizerInfo>,
+        max_batch: usize,
+        load: Arc<EngineLoad>,
+    ) -> Self {
         Self {
             model,
             tokenizer,
             max_batch,
             active: Vec::new(),
+            load,
         }
+    }
+
+    /// Admits a request taken off the queue, keeping the load figures true meanwhile.
+    fn take(&mut self, request: GenerationRequest) {
+        self.load.active.store(self.active.len() + 1, Ordering::Relaxed);
+        self.load.pending.fetch_sub(1, Ordering::Relaxed);
+        self.admit(request);
     }
 
     fn run(mut self, rx: std_mpsc::Receiver<GenerationRequest>) {
         loop {
             if self.active.is_empty() {
+                self.load.active.store(0, Ordering::Relaxed);
                 match rx.recv() {
-                    Ok(r) => self.admit(r),
+                    Ok(r) => self.take(r),
                     Err(_) => return,
                 }
             }
             while self.active.len() < self.max_batch {
                 match rx.try_recv() {
-                    Ok(r) => self.admit(r),
+                    Ok(r) => self.take(r),
                     Err(_) => break,
                 }
             }
@@ -270,6 +305,7 @@ impl Scheduler {
             if !self.active.is_empty() {
                 self.decode_step();
             }
+            self.load.active.store(self.active.len(), Ordering::Relaxed);
         }
     }
 

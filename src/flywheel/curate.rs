@@ -143,6 +143,7 @@ mod tests {
     fn exchange(i: usize, query: &str, answer: Value, rails: Option<Value>) -> ServedExchange {
         ServedExchange {
             id: format!("r{i}"),
+            ts_ms: i as i64,
             request: json!({"model": "m", "messages": [{"role": "user", "content": query}],
                 "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}),
             response: json!({"choices": [{"index": 0, "message": answer}]}),

@@ -25,6 +25,8 @@ pub struct JobContext {
     pub data_dir: PathBuf,
     pub models: Vec<LocalModelConfig>,
     pub engines: Vec<Arc<Engine>>,
+    /// Longest a training step waits for busy engines before going ahead anyway.
+    pub max_yield: std::time::Duration,
 }
 
 pub struct JobRunner {
@@ -69,6 +71,7 @@ impl JobRunner {
         let spawned = std::thread::Builder::new()
             .name("flywheel-jobs".into())
             .spawn(move || {
+                crate::background::lower_thread_priority();
                 while let Ok(id) = rx.recv() {
                     let cancel = lock(&worker_cancels).get(&id).cloned().unwrap_or_default();
                     run_customization(&worker_ctx, &id, &cancel);
@@ -189,8 +192,23 @@ impl JobRunner {
         })
     }
 
+    /// Validates a NeMo-shaped request, records it as a job and queues it. Returns the job's id.
+    pub fn create(&self, conn: &rusqlite::Connection, body: &Value) -> Result<String, EntityError> {
+        let spec = self.validate(conn, body)?;
+        let id = format!("cust-{}", uuid::Uuid::now_v7().simple());
+        let mut stored = body.clone();
+        stored["_resolved"] = json!({
+            "base": spec.base,
+            "dataset": [spec.dataset.0, spec.dataset.1],
+            "output_model": spec.output_model,
+            "hyperparameters": spec.hyperparameters,
+        });
+        self.submit(conn, &id, &stored)?;
+        Ok(id)
+    }
+
     /// Records the job and queues it.
-    pub fn submit(
+    fn submit(
         &self,
         conn: &rusqlite::Connection,
         id: &str,
@@ -319,7 +337,11 @@ fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
     let steps_per_epoch = tr.len().div_ceil(hp.batch_size);
     let mut train_losses: Vec<Value> = Vec::new();
     let started = std::time::Instant::now();
-    let result = train::train(&tbase, &tr, &va, &hp, Some(&ckpt), cancel, &mut |p| {
+    let busy = || ctx.engines.iter().any(|e| e.in_flight() > 0);
+    let pace = || {
+        crate::background::yield_while(&busy, ctx.max_yield);
+    };
+    let mut on_progress = |p: &train::Progress| {
         train_losses.push(json!({"step": p.step, "value": p.train_loss}));
         let details = json!({
             "percentage_done": 100.0 * p.step as f64 / p.total_steps.max(1) as f64,
@@ -332,7 +354,17 @@ fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
             "metrics": {"train_loss": train_losses, "val_loss": p.val_loss},
         });
         let _ = entities::update_job(&conn, id, "running", &details, None);
-    });
+    };
+    let result = train::train_paced(
+        &tbase,
+        &tr,
+        &va,
+        &hp,
+        Some(&ckpt),
+        cancel,
+        &mut on_progress,
+        &pace,
+    );
     match result {
         Ok(out) => {
             let (ons, oname) = output.split_once('/').unwrap_or(("default", output));

@@ -2,6 +2,7 @@
 //! touches HTTP.
 
 pub mod ast;
+pub mod controller;
 pub mod curate;
 pub mod dataset;
 pub mod eval;

@@ -369,7 +369,9 @@ impl Gateway {
         self.observe(&rec);
         if rec.status == 200 {
             if let (Some(shadow), Some(response)) = (&resolution.shadow, &rec.response) {
-                if rand::random::<f64>() < shadow.sample_rate {
+                // A canary's mirror is the champion: requests the champion answered itself (its own
+                // arm, or a canary's fallback) have nothing to compare.
+                if !served_by(&rec, &shadow.target) && rand::random::<f64>() < shadow.sample_rate {
                     self.start_shadow(&rec, &shadow.target, response.clone());
                 }
             }
@@ -473,6 +475,14 @@ impl Gateway {
             gateway.log.record(rec);
         });
     }
+}
+
+/// Whether `target` answered the request `rec` records.
+fn served_by(rec: &TrafficRecord, target: &TargetConfig) -> bool {
+    rec.target_kind.as_deref() == Some(target.kind())
+        && rec.target.as_deref() == Some(target.backend())
+        && rec.target_model.as_deref() == Some(target.model_name())
+        && rec.adapter == target.adapter
 }
 
 /// Holds a request's record while its backend call is awaited; dropped un-disarmed (the client hung

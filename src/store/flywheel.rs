@@ -427,31 +427,26 @@ fn canonical(v: &Value) -> String {
     }
 }
 
-/// For each tool signature in the route's answered primary requests since `since_ms`, how many
-/// requests offered it.
-pub fn tool_usage(
+/// The tool signatures each answered primary request of the route offered since `since_ms`.
+pub fn tool_sets(
     conn: &Connection,
     route: &str,
     workload_id: Option<&str>,
     since_ms: i64,
-) -> Result<BTreeMap<String, u64>> {
+) -> Result<Vec<BTreeSet<String>>> {
     let mut stmt = conn.prepare(
         "SELECT json_extract(request, '$.tools') FROM traffic
          WHERE route = ?1 AND arm != 'shadow' AND status = 200 AND ts_ms >= ?2
            AND (?3 IS NULL OR workload_id = ?3) AND json_extract(request, '$.tools') IS NOT NULL",
     )?;
-    let mut out: BTreeMap<String, u64> = BTreeMap::new();
+    let mut out = Vec::new();
     let rows = stmt.query_map(params![route, since_ms, workload_id], |r| {
         r.get::<_, Option<String>>(0)
     })?;
     for row in rows {
         let Some(text) = row? else { continue };
-        let Ok(Value::Array(tools)) = serde_json::from_str::<Value>(&text) else {
-            continue;
-        };
-        let sigs: BTreeSet<String> = tools.iter().filter_map(tool_signature).collect();
-        for s in sigs {
-            *out.entry(s).or_default() += 1;
+        if let Ok(Value::Array(tools)) = serde_json::from_str::<Value>(&text) {
+            out.push(tools.iter().filter_map(tool_signature).collect());
         }
     }
     Ok(out)

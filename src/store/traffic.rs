@@ -157,22 +157,14 @@ impl TrafficWriter {
     }
 }
 
-/// The writer yields the CPU to serving threads: on a small machine its batch bursts would
-/// otherwise show up in the serving path's tail latency.
-fn lower_thread_priority() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
-        tracing::debug!(error = %e, "could not lower the traffic writer's priority");
-    }
-}
-
 fn write_loop(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Message>,
     batch_size: usize,
     flush_interval: Duration,
 ) {
-    lower_thread_priority();
+    // Its batch bursts would otherwise show up in the serving path's tail latency on a small machine.
+    crate::background::lower_thread_priority();
     let mut batch: Vec<Box<TrafficRecord>> = Vec::with_capacity(batch_size);
     let mut closing = false;
     while !closing {
@@ -462,6 +454,7 @@ pub fn count(conn: &Connection) -> Result<i64, StoreError> {
 /// One served request, as curation reads it.
 pub struct ServedExchange {
     pub id: String,
+    pub ts_ms: i64,
     pub request: Value,
     pub response: Value,
     /// The rails verdict as recorded (JSON), if rails ran.
@@ -474,30 +467,74 @@ pub fn served_exchanges(
     filter: &ExportFilter,
 ) -> Result<Vec<ServedExchange>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT id, request, response, rails FROM traffic
+        "SELECT id, ts_ms, request, response, rails FROM traffic
          WHERE status = 200 AND arm != 'shadow' AND response IS NOT NULL
            AND (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
            AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
          ORDER BY ts_ms, id",
     )?;
+    read_exchanges(
+        &mut stmt,
+        params![
+            filter.workload_id,
+            filter.route,
+            filter.since_ms,
+            filter.until_ms
+        ],
+    )
+}
+
+/// Which model answered: a target's kind, backend and model name as the log records them.
+pub struct AnsweredBy<'a> {
+    pub kind: &'a str,
+    pub backend: &'a str,
+    pub model: &'a str,
+}
+
+/// The answered requests of `filter` that `by` answered, as the client's answer or as a shadow copy:
+/// a teacher's answers are ground truth wherever they were logged.
+pub fn exchanges_answered_by(
+    conn: &Connection,
+    filter: &ExportFilter,
+    by: &AnsweredBy<'_>,
+) -> Result<Vec<ServedExchange>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT id, ts_ms, request, response, rails FROM traffic
+         WHERE status = 200 AND response IS NOT NULL
+           AND target_kind = ?5 AND target = ?6 AND target_model = ?7
+           AND (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
+           AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
+         ORDER BY ts_ms, id",
+    )?;
+    read_exchanges(
+        &mut stmt,
+        params![
+            filter.workload_id,
+            filter.route,
+            filter.since_ms,
+            filter.until_ms,
+            by.kind,
+            by.backend,
+            by.model
+        ],
+    )
+}
+
+fn read_exchanges(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+) -> Result<Vec<ServedExchange>, StoreError> {
     let parse = |s: Option<String>| s.and_then(|s| serde_json::from_str::<Value>(&s).ok());
     let rows = stmt
-        .query_map(
-            params![
-                filter.workload_id,
-                filter.route,
-                filter.since_ms,
-                filter.until_ms
-            ],
-            |r| {
-                Ok(ServedExchange {
-                    id: r.get(0)?,
-                    request: parse(r.get(1)?).unwrap_or(Value::Null),
-                    response: parse(r.get(2)?).unwrap_or(Value::Null),
-                    rails: parse(r.get(3)?),
-                })
-            },
-        )?
+        .query_map(params, |r| {
+            Ok(ServedExchange {
+                id: r.get(0)?,
+                ts_ms: r.get(1)?,
+                request: parse(r.get(2)?).unwrap_or(Value::Null),
+                response: parse(r.get(3)?).unwrap_or(Value::Null),
+                rails: parse(r.get(4)?),
+            })
+        })?
         .collect::<Result<_, _>>()?;
     Ok(rows)
 }

@@ -364,6 +364,22 @@ pub fn train(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<TrainOutcome, TrainError> {
+    train_paced(base, train, val, hp, checkpoint, cancel, progress, &|| {})
+}
+
+/// [`train`] that calls `pace` before every forward/backward pass, where a job sharing the machine
+/// with serving waits for the engines to go quiet.
+#[allow(clippy::too_many_arguments)]
+pub fn train_paced(
+    base: &TrainBase,
+    train: &[TrainExample],
+    val: &[TrainExample],
+    hp: &Hyperparameters,
+    checkpoint: Option<&Path>,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+    pace: &dyn Fn(),
+) -> Result<TrainOutcome, TrainError> {
     hp.validate()?;
     if train.is_empty() {
         return Err(TrainError::Data("the training split is empty".into()));
@@ -463,6 +479,7 @@ pub fn train(
             );
             let mut loss_sum = 0.0;
             for chunk in step_examples.chunks(micro) {
+                pace();
                 let batch = make_batch(chunk);
                 let r = base.loss_and_grad(
                     &batch,
