@@ -2,8 +2,8 @@
 //! See ARCHITECTURE.md in the shared folder for the map of these modules.
 
 pub mod api;
-pub mod background;
 pub mod backend;
+pub mod background;
 pub mod cli;
 pub mod config;
 pub mod engine;

@@ -8,6 +8,7 @@ pub mod chat_completions;
 pub mod customization;
 pub mod error;
 pub mod evaluation;
+pub mod flywheel;
 pub mod health;
 pub mod models;
 pub mod server;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub adapter_dirs: Vec<std::path::PathBuf>,
     /// Customization jobs and the entity store (absent in gateways built without a data dir).
     pub jobs: Option<Arc<crate::flywheel::jobs::JobRunner>>,
+    /// Flywheel runs and rollouts (absent without jobs).
+    pub flywheel: Option<Arc<crate::flywheel::controller::FlywheelController>>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -93,6 +96,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/evaluation/jobs/{id}", get(evaluation::get))
         .route("/v1/evaluation/jobs/{id}/results", get(evaluation::results))
+        .route(
+            "/v1/flywheel/runs",
+            get(flywheel::list_runs).post(flywheel::create_run),
+        )
+        .route("/v1/flywheel/runs/{id}", get(flywheel::get_run))
+        .route("/v1/flywheel/routes", get(flywheel::list_routes))
+        .route("/v1/flywheel/routes/{route}", get(flywheel::get_route))
+        .route(
+            "/v1/flywheel/routes/{route}/{action}",
+            post(flywheel::route_action),
+        )
         .route("/admin/routes", get(admin::list_routes))
         .route(
             "/admin/routes/{name}",

@@ -1,6 +1,7 @@
 //! The command line: `serve`, `logs export`, `keys`, `check`, `data`, `train`, `eval`.
 
 mod flywheel;
+mod remote;
 mod serve;
 
 use std::io::Write;
@@ -60,6 +61,15 @@ pub enum Command {
     Train(flywheel::TrainArgs),
     /// Score a base model (or base + adapter) on a test set.
     Eval(flywheel::EvalArgs),
+    /// Start a flywheel run for a route on a running gateway.
+    Run(remote::RunArgs),
+    /// Flywheel runs on a running gateway: the list, or one in full.
+    Runs(remote::RunsArgs),
+    /// A route's rollout on a running gateway: status, promote, rollback, pause, resume.
+    Rollout {
+        #[command(subcommand)]
+        command: remote::RolloutCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,6 +149,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Data { command } => flywheel::data(command),
         Command::Train(a) => flywheel::train_command(a),
         Command::Eval(a) => flywheel::eval_command(a),
+        Command::Run(a) => remote::run_command(a),
+        Command::Runs(a) => remote::runs_command(a),
+        Command::Rollout { command } => remote::rollout_command(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

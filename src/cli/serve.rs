@@ -111,6 +111,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     let gateway = Arc::new(Gateway::new(config.clone(), backends, log));
+    let flywheel = match (&jobs, config.log.enabled) {
+        (Some(j), true) => Some(
+            crate::flywheel::controller::FlywheelController::start(
+                config.clone(),
+                gateway.clone(),
+                j.clone(),
+                engines.clone(),
+            )
+            .await
+            .context("cannot start the flywheel")?,
+        ),
+        _ => {
+            if config.routes.iter().any(|r| r.flywheel.is_some()) {
+                tracing::warn!("routes have a flywheel section, but the flywheel needs the traffic log and the job runner; it is off");
+            }
+            None
+        }
+    };
     let state = Arc::new(AppState {
         gateway: gateway.clone(),
         auth: Authenticator::new(&config.auth),
@@ -122,6 +140,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         engines,
         adapter_dirs,
         jobs,
+        flywheel: flywheel.clone(),
     });
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(c), Some(k)) => Some(api::server::tls_acceptor(c, k).map_err(anyhow::Error::msg)?),
@@ -152,6 +171,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     api::server::serve(listener, api::router(state.clone()), tls, shutdown, grace).await;
 
+    if let Some(f) = &flywheel {
+        f.shutdown().await;
+    }
     // Streams and shadows run as tracked tasks; they write their own log records when they end.
     gateway.tasks().close();
     if tokio::time::timeout(grace, gateway.tasks().wait())

@@ -281,7 +281,9 @@ impl Scheduler {
 
     /// Admits a request taken off the queue, keeping the load figures true meanwhile.
     fn take(&mut self, request: GenerationRequest) {
-        self.load.active.store(self.active.len() + 1, Ordering::Relaxed);
+        self.load
+            .active
+            .store(self.active.len() + 1, Ordering::Relaxed);
         self.load.pending.fetch_sub(1, Ordering::Relaxed);
         self.admit(request);
     }

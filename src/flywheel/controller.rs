@@ -163,6 +163,14 @@ impl FlywheelController {
         Ok(())
     }
 
+    /// The routes with a `[routes.flywheel]` section.
+    pub fn route_names(&self) -> Vec<String> {
+        self.flywheel_routes()
+            .iter()
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
     fn flywheel_routes(&self) -> Vec<&RouteConfig> {
         self.config
             .routes
@@ -447,17 +455,15 @@ impl FlywheelController {
         let against_teacher = champion == teacher;
         let mut champ_eval = None;
         if !against_teacher {
-            let backend = self
+            let (backend, adapter, model) = self
                 .gateway
                 .backend_for(&route.name)
-                .ok_or_else(|| RunEnd::Failed("the champion has no backend".into()))?
-                .0;
-            let model = champion.model.as_deref().unwrap_or(&fw.student).to_string();
+                .ok_or_else(|| RunEnd::Failed("the champion has no backend".into()))?;
             champ_eval = Some(
                 eval::run(
                     backend.as_ref(),
                     &model,
-                    champion.adapter.as_deref(),
+                    adapter.as_deref(),
                     &items,
                     EVAL_MAX_TOKENS,
                     EVAL_CONCURRENCY,
@@ -713,7 +719,9 @@ impl FlywheelController {
                     .map_err(|e| e.to_string())
             });
             match valid {
-                Ok(()) => tracing::info!(route = %route.name, stage = state.stage.as_str(), champion = %state.installed.champion, "flywheel rollout restored"),
+                Ok(()) => {
+                    tracing::info!(route = %route.name, stage = state.stage.as_str(), champion = %state.installed.champion, "flywheel rollout restored")
+                }
                 Err(e) => fresh(format!(
                     "the saved rollout cannot be served any more ({e}); back to the config's"
                 ))?,
@@ -778,7 +786,9 @@ impl FlywheelController {
             };
             if let Some(trigger) = trigger {
                 match self.trigger(&name, trigger, None) {
-                    Ok(run) => tracing::info!(route = %name, run = %run, "drift started a flywheel run"),
+                    Ok(run) => {
+                        tracing::info!(route = %name, run = %run, "drift started a flywheel run")
+                    }
                     Err(e) => tracing::debug!(route = %name, reason = %e, "drift run not started"),
                 }
             }
@@ -1100,7 +1110,11 @@ impl FlywheelController {
         Ok(v)
     }
 
-    pub fn runs(&self, route: Option<&str>, limit: usize) -> Result<Vec<fstore::Run>, FlywheelError> {
+    pub fn runs(
+        &self,
+        route: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<fstore::Run>, FlywheelError> {
         Ok(fstore::list_runs(&self.conn()?, route, limit)?)
     }
 }
@@ -1166,7 +1180,11 @@ fn curate_run(
         .map_err(|e| failed(&e))?
         .iter()
         .filter(|r| r.status == "completed")
-        .filter_map(|r| r.details.pointer("/window/until_ms").and_then(Value::as_i64))
+        .filter_map(|r| {
+            r.details
+                .pointer("/window/until_ms")
+                .and_then(Value::as_i64)
+        })
         .max();
     if let Some(last) = last_until {
         let new = exchanges.iter().filter(|x| x.ts_ms >= last).count();
@@ -1213,7 +1231,11 @@ fn curate_run(
         std::fs::write(&tmp, text).map_err(|e| failed(&e))?;
         std::fs::rename(&tmp, dir.join("data.jsonl")).map_err(|e| failed(&e))?;
     }
-    match entities::create_namespace(conn, NAMESPACE, Some("datasets and adapters made by flywheel runs")) {
+    match entities::create_namespace(
+        conn,
+        NAMESPACE,
+        Some("datasets and adapters made by flywheel runs"),
+    ) {
         Ok(_) | Err(EntityError::Conflict(_)) => {}
         Err(e) => return Err(failed(&e)),
     }

@@ -315,8 +315,7 @@ pub fn numbers(stats: &LiveStats, plan: &RolloutPlan) -> Value {
 /// failing candidate rolls back.
 pub fn judge_shadow(s: &LiveStats, plan: &RolloutPlan) -> Verdict {
     let on_args = plan.agreement_on == "arguments";
-    if s.requests as usize >= plan.guard_min_requests
-        && s.error_rate() > plan.canary_max_error_rate
+    if s.requests as usize >= plan.guard_min_requests && s.error_rate() > plan.canary_max_error_rate
     {
         return Verdict::RollBack(format!(
             "the candidate failed {} of {} shadow requests ({:.3} > {:.3})",

@@ -368,20 +368,20 @@ pub fn live_stats(
                 COALESCE(SUM(CASE WHEN json_extract(rails, '$.status') = 'blocked' THEN 1 ELSE 0 END), 0)
          FROM traffic WHERE id IN ({rows_sql})"
     );
-    let (requests, errors, blocked): (i64, i64, i64) = conn
-        .query_row(&totals, params![route, since_ms, key], |r| {
+    let (requests, errors, blocked): (i64, i64, i64) =
+        conn.query_row(&totals, params![route, since_ms, key], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })?;
     let calls = format!(
         "SELECT COUNT(*), COALESCE(SUM(1 - arguments_valid_json), 0) FROM tool_calls
          WHERE choice_index = 0 AND traffic_id IN ({rows_sql})"
     );
-    let (tool_calls, invalid): (i64, i64) = conn
-        .query_row(&calls, params![route, since_ms, key], |r| {
+    let (tool_calls, invalid): (i64, i64) =
+        conn.query_row(&calls, params![route, since_ms, key], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?;
-    let (compared, names, args): (i64, i64, i64) = conn
-        .query_row(agree_sql, params![route, since_ms, key], |r| {
+    let (compared, names, args): (i64, i64, i64) =
+        conn.query_row(agree_sql, params![route, since_ms, key], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })?;
     s.requests = requests as u64;
