@@ -1,0 +1,472 @@
+//! The whole flywheel with no human in the loop, over real HTTP on a tiny model: an upstream
+//! "teacher" (a stand-in for the big model, answering correctly) serves a route whose tools the
+//! local student has never seen; the drift trigger starts a run; the candidate adapter is trained
+//! on the teacher's logged answers, matches it on held-out traffic, passes shadow and canary and
+//! becomes champion; the route is then answered locally. A deliberately weak candidate is refused
+//! against that champion; on a second gateway a canary whose live agreement collapses is rolled back.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use candle_core::quantized::GgmlDType;
+use common::*;
+use flywheel::engine::testing::{write_tiny_llama_with_template, TINY_TOOLS_TEMPLATE};
+use serde_json::{json, Value};
+
+const CITIES: [&str; 48] = [
+    "paris", "tokyo", "london", "berlin", "oslo", "rome", "lima", "cairo", "delhi", "quito",
+    "dakar", "hanoi", "sofia", "riga", "kyiv", "bern", "baku", "doha", "male", "apia", "suva",
+    "nuuk", "accra", "abuja", "tunis", "rabat", "minsk", "vaduz", "malmo", "turku", "porto",
+    "genoa", "split", "cork", "leeds", "bath", "york", "kobe", "nara", "pune", "agra", "goa",
+    "kiev", "lyon", "nice", "bonn", "graz", "linz",
+];
+const PHRASINGS: [(&str, &str); 6] = [
+    ("get_weather", "weather in {}?"),
+    ("get_time", "time in {}?"),
+    ("get_weather", "is it sunny in {}"),
+    ("get_time", "what hour is it in {}"),
+    ("get_weather", "forecast for {}"),
+    ("get_time", "clock for {}"),
+];
+
+/// The agent's i-th request and the call a correct model makes.
+fn task(i: usize) -> (String, &'static str, &'static str) {
+    let city = CITIES[i % CITIES.len()];
+    let (tool, q) = PHRASINGS[(i + i / CITIES.len()) % PHRASINGS.len()];
+    (q.replace("{}", city), tool, city)
+}
+
+fn tools() -> Value {
+    let tool = |name: &str, what: &str| {
+        json!({"type": "function", "function": {"name": name, "description": what,
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}})
+    };
+    json!([
+        tool("get_weather", "Weather in a city"),
+        tool("get_time", "Local time in a city")
+    ])
+}
+
+/// The big model: reads the query and calls the right tool. `confused` makes it swap the tools,
+/// which is how the canary scenario makes live agreement collapse.
+struct Teacher {
+    calls: AtomicUsize,
+    confused: AtomicBool,
+}
+
+async fn teacher_chat(State(t): State<Arc<Teacher>>, Json(body): Json<Value>) -> Json<Value> {
+    t.calls.fetch_add(1, Ordering::Relaxed);
+    let query = body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let (mut tool, city) = PHRASINGS
+        .iter()
+        .find_map(|(tool, q)| {
+            let (pre, post) = q.split_once("{}").unwrap();
+            query
+                .strip_prefix(pre)
+                .and_then(|r| r.strip_suffix(post))
+                .map(|c| (*tool, c.to_string()))
+        })
+        .unwrap_or(("get_weather", "unknown".into()));
+    if t.confused.load(Ordering::Relaxed) {
+        tool = if tool == "get_weather" {
+            "get_time"
+        } else {
+            "get_weather"
+        };
+    }
+    Json(json!({
+        "id": "chatcmpl-teacher", "object": "chat.completion", "created": 1_700_000_000,
+        "model": body["model"],
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": null,
+            "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": tool, "arguments": json!({"city": city}).to_string()}}]}}],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 12, "total_tokens": 42}
+    }))
+}
+
+async fn start_teacher() -> (SocketAddr, Arc<Teacher>) {
+    let t = Arc::new(Teacher {
+        calls: AtomicUsize::new(0),
+        confused: AtomicBool::new(false),
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(teacher_chat))
+        .with_state(t.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, t)
+}
+
+fn config(model: &std::path::Path, teacher: SocketAddr) -> String {
+    format!(
+        r#"
+[flywheel]
+schedule = ""
+check_interval_secs = 0.2
+
+[[models]]
+name = "tiny"
+path = "{model}"
+weights = "f32"
+context_length = 2048
+max_batch = 8
+
+[[upstreams]]
+name = "big"
+base_url = "http://{teacher}/v1"
+
+[[routes]]
+name = "agent"
+champion = {{ upstream = "big", model = "teacher-70b" }}
+
+[routes.flywheel]
+student = "tiny"
+min_records = 40
+min_new_records = 10
+validation_share = 0.0
+test_share = 0.25
+seed = 3
+hyperparameters = {{ epochs = 60, batch_size = 6, learning_rate = 0.01, lora = {{ adapter_dim = 8 }} }}
+
+[routes.flywheel.policy]
+metric = "function_name_accuracy"
+min_test_items = 10
+# A 2-layer random model learns names from 36 examples but not every argument's JSON: the tiny
+# scenario tolerates what the real-model demo does not need to.
+teacher_margin = 0.3
+max_tool_regression = 0.35
+max_parse_failure_increase = 0.2
+
+[routes.flywheel.rollout]
+agreement_on = "names"
+shadow_sample_rate = 1.0
+shadow_min_samples = 12
+shadow_min_agreement = 0.75
+canary_percent = 50.0
+canary_min_requests = 12
+canary_mirror_rate = 1.0
+canary_min_agreement = 0.75
+canary_max_parse_failure_rate = 0.25
+guard_min_requests = 8
+teacher_sample_rate = 1.0
+
+[routes.flywheel.drift]
+new_tool_min_records = 48
+cooldown_secs = 3600
+"#,
+        model = path_str(model)
+    )
+}
+
+async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let mut r = reqwest::Client::new().request(method, url);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Sends the agent's i-th request; returns whether the answer called the right tool.
+async fn agent_request(gw: &GatewayProcess, i: usize) -> bool {
+    let (query, tool, _) = task(i);
+    let (status, v) = call(
+        reqwest::Method::POST,
+        gw.url("/v1/chat/completions"),
+        Some(
+            json!({"model": "agent", "messages": [{"role": "user", "content": query}],
+            "tools": tools(), "temperature": 0, "max_tokens": 160}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    v.pointer("/choices/0/message/tool_calls/0/function/name")
+        .and_then(Value::as_str)
+        == Some(tool)
+}
+
+async fn route_status(gw: &GatewayProcess) -> Value {
+    let (st, v) = call(
+        reqwest::Method::GET,
+        gw.url("/v1/flywheel/routes/agent"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
+/// Keeps the agent's traffic flowing until the route's stage is `stage`.
+async fn traffic_until(gw: &GatewayProcess, next: &mut usize, stage: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = route_status(gw).await;
+        if s["stage"] == stage {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "route never reached {stage}: {s:#}\n{}",
+            gw.log_text()
+        );
+        agent_request(gw, *next).await;
+        *next += 1;
+    }
+}
+
+/// Waits for the newest run to finish and returns it.
+async fn finished_run(gw: &GatewayProcess, count: usize, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (_, runs) = call(reqwest::Method::GET, gw.url("/v1/flywheel/runs"), None).await;
+        let data = runs["data"].as_array().cloned().unwrap_or_default();
+        if data.len() >= count && data[0]["status"] != "running" {
+            return data[0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no finished run: {runs:#}\n{}",
+            gw.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn tiny_model(dir: &std::path::Path) -> std::path::PathBuf {
+    let model = dir.join("tiny.gguf");
+    write_tiny_llama_with_template(&model, GgmlDType::F32, 17, TINY_TOOLS_TEMPLATE);
+    model
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_trains_a_student_that_takes_over_and_a_weaker_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (addr, teacher) = start_teacher().await;
+    let gw = GatewayProcess::start(&config(&model, addr));
+
+    // The teacher serves; the student has never seen these tools. Nothing runs before the traffic.
+    let s = route_status(&gw).await;
+    assert_eq!(s["stage"], "idle");
+    assert_eq!(s["champion"]["upstream"], "big");
+    let mut next = 0;
+    for _ in 0..CITIES.len() {
+        assert!(
+            agent_request(&gw, next).await,
+            "the teacher answers correctly"
+        );
+        next += 1;
+    }
+
+    // Drift (48 requests with tools the champion was never trained on) starts a run by itself.
+    let run = finished_run(&gw, 1, Duration::from_secs(240)).await;
+    assert_eq!(run["trigger"]["kind"], "drift", "{run:#}");
+    assert_eq!(run["trigger"]["signal"], "new_tools");
+    assert_eq!(run["status"], "completed", "{run:#}");
+    assert_eq!(run["details"]["curation"]["kept"], 48, "{run:#}");
+    assert_eq!(run["details"]["evaluation"]["items"], 12);
+    let cand = &run["details"]["evaluation"]["candidate"]["scores"];
+    assert!(
+        cand["function_name_accuracy"].as_f64().unwrap() >= 0.75,
+        "{run:#}"
+    );
+    assert_eq!(run["decision"]["promote"], true, "{run:#}");
+    assert_eq!(run["decision"]["against"], "teacher");
+    let adapter = run["details"]["curation"]["dataset"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Shadow, then canary, then champion, driven by live traffic alone.
+    traffic_until(&gw, &mut next, "canary", Duration::from_secs(120)).await;
+    let teacher_calls_before = teacher.calls.load(Ordering::Relaxed);
+    traffic_until(&gw, &mut next, "idle", Duration::from_secs(120)).await;
+    let s = route_status(&gw).await;
+    assert_eq!(s["champion"]["local"], "tiny", "{s:#}");
+    assert_eq!(s["champion"]["adapter"], adapter.as_str());
+    let actions: Vec<&str> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["shadow", "canary", "promote"], "{s:#}");
+    for e in s["events"].as_array().unwrap() {
+        assert!(!e["reason"].as_str().unwrap().is_empty());
+        assert!(e["numbers"].is_object(), "{e}");
+    }
+    assert!(
+        s["events"][1]["numbers"]["stats"]["compared"]
+            .as_u64()
+            .unwrap()
+            >= 12
+    );
+    assert!(teacher.calls.load(Ordering::Relaxed) > teacher_calls_before);
+
+    // Now the local adapter answers the route, with the teacher listening in for labels.
+    let mut right = 0;
+    let n = 24;
+    for _ in 0..n {
+        right += usize::from(agent_request(&gw, next).await);
+        next += 1;
+    }
+    assert!(
+        right as f64 / n as f64 >= 0.75,
+        "{right}/{n} right after the takeover"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let db = gw.db();
+    let local_rows: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM traffic WHERE route = 'agent' AND arm = 'champion' AND target_kind = 'local' AND adapter = ?1",
+            [&adapter],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(local_rows >= n as i64, "{local_rows}");
+
+    // A weak candidate (barely trained) is measured against the local champion and refused.
+    let (st, v) = call(
+        reqwest::Method::POST,
+        gw.url("/v1/flywheel/runs"),
+        Some(json!({"route": "agent", "hyperparameters": {"epochs": 1, "learning_rate": 1e-6}})),
+    )
+    .await;
+    assert_eq!(st, 202, "{v}");
+    let (st, dup) = call(
+        reqwest::Method::POST,
+        gw.url("/v1/flywheel/runs"),
+        Some(json!({"route": "agent"})),
+    )
+    .await;
+    assert_eq!(st, 409, "one run at a time per route: {dup}");
+    let run2 = finished_run(&gw, 2, Duration::from_secs(240)).await;
+    assert_eq!(run2["id"], v["id"]);
+    assert_eq!(run2["status"], "completed", "{run2:#}");
+    assert_eq!(run2["decision"]["promote"], false, "{run2:#}");
+    assert_eq!(run2["decision"]["against"], "champion");
+    assert!(
+        run2["decision"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("improvement"),
+        "{run2:#}"
+    );
+    let champ = run2["details"]["evaluation"]["champion"]["scores"]["function_name_accuracy"]
+        .as_f64()
+        .unwrap();
+    let weak = run2["details"]["evaluation"]["candidate"]["scores"]["function_name_accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!(weak < champ, "weak {weak} vs champion {champ}");
+    let s = route_status(&gw).await;
+    assert_eq!(s["stage"], "idle");
+    assert_eq!(s["champion"]["adapter"], adapter.as_str(), "{s:#}");
+    assert_eq!(
+        s["events"].as_array().unwrap().last().unwrap()["action"],
+        "reject"
+    );
+
+    // Bad input: unknown route, unknown action, nothing to promote.
+    let (st, _) = call(
+        reqwest::Method::POST,
+        gw.url("/v1/flywheel/runs"),
+        Some(json!({"route": "nope"})),
+    )
+    .await;
+    assert_eq!(st, 404);
+    let (st, _) = call(
+        reqwest::Method::POST,
+        gw.url("/v1/flywheel/routes/agent/explode"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 400);
+    let (st, v) = call(
+        reqwest::Method::POST,
+        gw.url("/v1/flywheel/routes/agent/promote"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 409, "{v}");
+
+    // A restart keeps the promoted champion serving.
+    let gw = gw.restart();
+    let s = route_status(&gw).await;
+    assert_eq!(s["champion"]["adapter"], adapter.as_str(), "{s:#}");
+    assert!(agent_request(&gw, 0).await || agent_request(&gw, 1).await);
+    let last: String = gw
+        .db()
+        .query_row(
+            "SELECT target_kind FROM traffic WHERE arm = 'champion' ORDER BY ts_ms DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(last, "local");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_stops_agreeing_is_rolled_back_and_the_champion_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (addr, teacher) = start_teacher().await;
+    let gw = GatewayProcess::start(&config(&model, addr));
+    let mut next = 0;
+    for _ in 0..CITIES.len() {
+        agent_request(&gw, next).await;
+        next += 1;
+    }
+    let run = finished_run(&gw, 1, Duration::from_secs(240)).await;
+    assert_eq!(run["decision"]["promote"], true, "{run:#}");
+    traffic_until(&gw, &mut next, "canary", Duration::from_secs(120)).await;
+
+    // The champion's answers change under the canary: live agreement collapses and the guard trips.
+    teacher.confused.store(true, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut served = 0;
+    loop {
+        let s = route_status(&gw).await;
+        if s["stage"] == "idle" {
+            assert_eq!(s["champion"]["upstream"], "big", "{s:#}");
+            let last = s["events"].as_array().unwrap().last().unwrap().clone();
+            assert_eq!(last["action"], "rollback", "{s:#}");
+            assert!(
+                last["reason"].as_str().unwrap().contains("agreement"),
+                "{last}"
+            );
+            assert!(last["numbers"]["agreement"].as_f64().unwrap() < 0.75);
+            assert!(s["rollout"]["canary"].is_null());
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rollback: {s:#}");
+        // Every request is answered throughout (the helper asserts a 200).
+        agent_request(&gw, next).await;
+        served += 1;
+        next += 1;
+    }
+    assert!(served > 0);
+    // After the rollback only the teacher answers the route.
+    let before = teacher.calls.load(Ordering::Relaxed);
+    for _ in 0..6 {
+        agent_request(&gw, next).await;
+        next += 1;
+    }
+    assert_eq!(teacher.calls.load(Ordering::Relaxed) - before, 6);
+}
