@@ -124,6 +124,7 @@ impl Gateway {
             arm: Arm::Direct,
             targets: vec![TargetConfig::local_adapter(base, model)],
             shadow: None,
+            has_canary: false,
         })
     }
 
@@ -369,9 +370,10 @@ impl Gateway {
         self.observe(&rec);
         if rec.status == 200 {
             if let (Some(shadow), Some(response)) = (&resolution.shadow, &rec.response) {
-                // A canary's mirror is the champion: requests the champion answered itself (its own
-                // arm, or a canary's fallback) have nothing to compare.
-                if !served_by(&rec, &shadow.target) && rand::random::<f64>() < shadow.sample_rate {
+                // During a canary the mirror is the champion: requests the champion answered itself
+                // (its own arm, or a canary's fallback) have nothing to compare.
+                let own = resolution.has_canary && served_by(&rec, &shadow.target);
+                if !own && rand::random::<f64>() < shadow.sample_rate {
                     self.start_shadow(&rec, &shadow.target, response.clone());
                 }
             }

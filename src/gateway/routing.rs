@@ -37,6 +37,9 @@ pub struct Resolution {
     /// Tried in order: the serving target first, then its fallbacks.
     pub targets: Vec<TargetConfig>,
     pub shadow: Option<ShadowTargetConfig>,
+    /// The route has a canary: its shadow then measures the canary against the champion, and
+    /// requests the champion answered itself are not mirrored to it.
+    pub has_canary: bool,
 }
 
 /// The live route table.
@@ -177,6 +180,7 @@ impl RouteTable {
                 arm,
                 targets,
                 shadow: r.shadow.clone().filter(|s| s.sample_rate > 0.0),
+                has_canary: canary.is_some(),
             });
         }
         for name in self.names() {
@@ -187,6 +191,7 @@ impl RouteTable {
                     arm: Arm::Direct,
                     targets: vec![t.clone()],
                     shadow: None,
+                    has_canary: false,
                 });
             }
         }
