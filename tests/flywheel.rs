@@ -470,3 +470,33 @@ async fn a_canary_that_stops_agreeing_is_rolled_back_and_the_champion_keeps_serv
     }
     assert_eq!(teacher.calls.load(Ordering::Relaxed) - before, 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_interrupted_by_a_restart_resumes_and_decides() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (addr, _teacher) = start_teacher().await;
+    let gw = GatewayProcess::start(&config(&model, addr));
+    for i in 0..CITIES.len() {
+        agent_request(&gw, i).await;
+    }
+    // Stop the gateway while the run trains.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let id = loop {
+        let (_, runs) = call(reqwest::Method::GET, gw.url("/v1/flywheel/runs"), None).await;
+        let run = &runs["data"][0];
+        if run["stage"] == "training" && run["details"]["job_id"].is_string() {
+            break run["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no training run: {runs:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let gw = gw.restart();
+    let run = finished_run(&gw, 1, Duration::from_secs(240)).await;
+    assert_eq!(run["id"], id.as_str(), "the same run finished: {run:#}");
+    assert_eq!(run["status"], "completed", "{run:#}");
+    assert!(run["decision"]["promote"].is_boolean());
+    assert!(gw.log_text().contains("resuming a flywheel run"));
+    let (_, runs) = call(reqwest::Method::GET, gw.url("/v1/flywheel/runs"), None).await;
+    assert_eq!(runs["data"].as_array().unwrap().len(), 1, "{runs:#}");
+}
