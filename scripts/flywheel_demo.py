@@ -165,6 +165,10 @@ name = "big"
 base_url = "http://127.0.0.1:{teacher_port}/v1"
 
 [[routes]]
+name = "smollm2"
+champion = {{ local = "smollm2" }}
+
+[[routes]]
 name = "agent"
 champion = {{ upstream = "big", model = "big-model" }}
 
@@ -266,6 +270,9 @@ def main():
         i = 0
         while route(base)["stage"] != "idle" and time.time() - started < 3600:
             ask(base, "agent", live[i % len(live)][0])
+            # An agent's pace, not a load test: mirrored requests to the student stay within the
+            # gateway's shadow concurrency instead of being shed.
+            time.sleep(0.25)
             i += 1
             if i % 10 == 0:
                 r = route(base)

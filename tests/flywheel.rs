@@ -500,3 +500,27 @@ async fn a_run_interrupted_by_a_restart_resumes_and_decides() {
     let (_, runs) = call(reqwest::Method::GET, gw.url("/v1/flywheel/runs"), None).await;
     assert_eq!(runs["data"].as_array().unwrap().len(), 1, "{runs:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_starts_runs_and_too_little_data_is_a_recorded_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (addr, _teacher) = start_teacher().await;
+    let config = config(&model, addr).replace("schedule = \"\"", "schedule = \"*/1 * * * * *\"");
+    let gw = GatewayProcess::start(&config);
+    for i in 0..5 {
+        agent_request(&gw, i).await;
+    }
+    let run = finished_run(&gw, 1, Duration::from_secs(30)).await;
+    assert_eq!(run["trigger"]["kind"], "schedule", "{run:#}");
+    assert_eq!(run["status"], "skipped", "{run:#}");
+    let reason = run["decision"]["reason"].as_str().unwrap();
+    assert!(reason.contains("usable records"), "{reason}");
+    // Skipped runs change nothing: the teacher still serves.
+    let s = route_status(&gw).await;
+    assert_eq!(
+        (s["stage"].as_str(), s["champion"]["upstream"].as_str()),
+        (Some("idle"), Some("big"))
+    );
+    assert!(s["events"].as_array().unwrap().is_empty());
+}

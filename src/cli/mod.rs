@@ -224,6 +224,12 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     }
     for r in &config.routes {
         println!("route    {} -> champion {}", r.name, r.rollout.champion);
+        if let (Some(fw), Some(teacher)) = (&r.flywheel, r.teacher()) {
+            println!(
+                "         flywheel: student {} learns from teacher {} (schedule '{}')",
+                fw.student, teacher, config.flywheel.schedule
+            );
+        }
     }
     Ok(())
 }
