@@ -222,7 +222,7 @@ pub fn data(command: DataCommand) -> anyhow::Result<()> {
                 until_ms,
                 include_shadow: false,
             };
-            let exchanges = crate::store::traffic::served_exchanges(&conn, &filter)?;
+            let exchanges = crate::store::traffic::served_exchanges(&conn, &filter, None)?;
             let (s, report) = crate::flywheel::curate::curate(
                 &exchanges,
                 include_plain,

@@ -1175,7 +1175,7 @@ fn curate_run(
         backend: teacher.backend(),
         model: teacher.model_name(),
     };
-    let exchanges = traffic::exchanges_answered_by(conn, &filter, &by).map_err(|e| failed(&e))?;
+    let exchanges = traffic::served_exchanges(conn, &filter, Some(&by)).map_err(|e| failed(&e))?;
     let last_until = fstore::list_runs(conn, Some(route), 50)
         .map_err(|e| failed(&e))?
         .iter()

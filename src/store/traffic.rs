@@ -461,29 +461,6 @@ pub struct ServedExchange {
     pub rails: Option<Value>,
 }
 
-/// The answered (status 200), non-shadow requests matching `filter`, oldest first.
-pub fn served_exchanges(
-    conn: &Connection,
-    filter: &ExportFilter,
-) -> Result<Vec<ServedExchange>, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT id, ts_ms, request, response, rails FROM traffic
-         WHERE status = 200 AND arm != 'shadow' AND response IS NOT NULL
-           AND (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
-           AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
-         ORDER BY ts_ms, id",
-    )?;
-    read_exchanges(
-        &mut stmt,
-        params![
-            filter.workload_id,
-            filter.route,
-            filter.since_ms,
-            filter.until_ms
-        ],
-    )
-}
-
 /// Which model answered: a target's kind, backend and model name as the log records them.
 pub struct AnsweredBy<'a> {
     pub kind: &'a str,
@@ -491,40 +468,33 @@ pub struct AnsweredBy<'a> {
     pub model: &'a str,
 }
 
-/// The answered requests of `filter` that `by` answered, as the client's answer or as a shadow copy:
-/// a teacher's answers are ground truth wherever they were logged.
-pub fn exchanges_answered_by(
+/// The answered (status 200) requests matching `filter`, oldest first. Without `by`, the answers
+/// clients were served (no shadow copies); with `by`, the answers that target gave, as the client's
+/// answer or as a shadow copy: a teacher's answers are ground truth wherever they were logged.
+pub fn served_exchanges(
     conn: &Connection,
     filter: &ExportFilter,
-    by: &AnsweredBy<'_>,
+    by: Option<&AnsweredBy<'_>>,
 ) -> Result<Vec<ServedExchange>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT id, ts_ms, request, response, rails FROM traffic
          WHERE status = 200 AND response IS NOT NULL
-           AND target_kind = ?5 AND target = ?6 AND target_model = ?7
            AND (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
            AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
+           AND CASE WHEN ?5 IS NULL THEN arm != 'shadow'
+                    ELSE target_kind = ?5 AND target = ?6 AND target_model = ?7 END
          ORDER BY ts_ms, id",
     )?;
-    read_exchanges(
-        &mut stmt,
-        params![
-            filter.workload_id,
-            filter.route,
-            filter.since_ms,
-            filter.until_ms,
-            by.kind,
-            by.backend,
-            by.model
-        ],
-    )
-}
-
-fn read_exchanges(
-    stmt: &mut rusqlite::Statement<'_>,
-    params: impl rusqlite::Params,
-) -> Result<Vec<ServedExchange>, StoreError> {
     let parse = |s: Option<String>| s.and_then(|s| serde_json::from_str::<Value>(&s).ok());
+    let params = params![
+        filter.workload_id,
+        filter.route,
+        filter.since_ms,
+        filter.until_ms,
+        by.map(|b| b.kind),
+        by.map(|b| b.backend),
+        by.map(|b| b.model)
+    ];
     let rows = stmt
         .query_map(params, |r| {
             Ok(ServedExchange {
@@ -635,7 +605,7 @@ mod tests {
             route: Some("r".into()),
             ..ExportFilter::default()
         };
-        let xs = served_exchanges(&conn, &f).unwrap();
+        let xs = served_exchanges(&conn, &f, None).unwrap();
         // 0, 4 (blocked: curation drops it by its verdict) and 5 remain.
         assert_eq!(xs.len(), 3);
         assert_eq!(xs[1].rails.as_ref().unwrap()["status"], "blocked");
@@ -643,7 +613,27 @@ mod tests {
             since_ms: Some(1_700_000_000_005),
             ..f
         };
-        assert_eq!(served_exchanges(&conn, &window).unwrap().len(), 1);
+        assert_eq!(served_exchanges(&conn, &window, None).unwrap().len(), 1);
+        // Answers by one target include its shadow copies (row 2) and nothing another target said.
+        let teacher = AnsweredBy {
+            kind: "upstream",
+            backend: "u",
+            model: "m",
+        };
+        let f = ExportFilter {
+            route: Some("r".into()),
+            ..ExportFilter::default()
+        };
+        let by = served_exchanges(&conn, &f, Some(&teacher)).unwrap();
+        assert_eq!(by.len(), 4);
+        assert!(by.iter().any(|x| x.ts_ms == 1_700_000_000_002));
+        let other = AnsweredBy {
+            model: "other",
+            ..teacher
+        };
+        assert!(served_exchanges(&conn, &f, Some(&other))
+            .unwrap()
+            .is_empty());
     }
 
     #[tokio::test]
