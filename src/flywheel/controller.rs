@@ -923,13 +923,21 @@ impl FlywheelController {
             return Ok(None);
         }
         let now = now_ms();
+        let mut since = now - fw.drift.window_secs as i64 * 1000;
         if let Some(last) = fstore::last_finished_run(conn, &route.name)? {
             let cool_until = last.finished_ms.unwrap_or(0) + fw.drift.cooldown_secs as i64 * 1000;
             if now < cool_until {
                 return Ok(None);
             }
+            // Traffic the last run already had (whatever it decided) does not signal drift again;
+            // otherwise a rejected candidate would be retrained on the same data every cooldown.
+            let had = last
+                .details
+                .pointer("/window/until_ms")
+                .and_then(Value::as_i64)
+                .unwrap_or(last.created_ms);
+            since = since.max(had);
         }
-        let since = now - fw.drift.window_secs as i64 * 1000;
         let sets = fstore::tool_sets(conn, &route.name, fw.workload_id.as_deref(), since)?;
         let mut unknown = BTreeSet::new();
         let mut requests = 0usize;
@@ -944,7 +952,7 @@ impl FlywheelController {
             return Ok(Some(json!({
                 "kind": "drift",
                 "signal": "new_tools",
-                "reason": format!("{requests} requests in the last {} s use tools the champion was never trained on", fw.drift.window_secs),
+                "reason": format!("{requests} recent requests use tools the champion was never trained on"),
                 "tools": unknown,
                 "requests": requests,
             })));

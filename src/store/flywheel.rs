@@ -427,7 +427,11 @@ fn canonical(v: &Value) -> String {
     }
 }
 
-/// The tool signatures each answered primary request of the route offered since `since_ms`.
+/// Requests a drift check reads at most (the newest): bounds the check's cost on a busy route.
+const TOOL_SCAN_LIMIT: i64 = 5_000;
+
+/// The tool signatures each answered primary request of the route offered since `since_ms`, for
+/// the newest requests up to a bound.
 pub fn tool_sets(
     conn: &Connection,
     route: &str,
@@ -437,12 +441,14 @@ pub fn tool_sets(
     let mut stmt = conn.prepare(
         "SELECT json_extract(request, '$.tools') FROM traffic
          WHERE route = ?1 AND arm != 'shadow' AND status = 200 AND ts_ms >= ?2
-           AND (?3 IS NULL OR workload_id = ?3) AND json_extract(request, '$.tools') IS NOT NULL",
+           AND (?3 IS NULL OR workload_id = ?3) AND json_extract(request, '$.tools') IS NOT NULL
+         ORDER BY ts_ms DESC LIMIT ?4",
     )?;
     let mut out = Vec::new();
-    let rows = stmt.query_map(params![route, since_ms, workload_id], |r| {
-        r.get::<_, Option<String>>(0)
-    })?;
+    let rows = stmt.query_map(
+        params![route, since_ms, workload_id, TOOL_SCAN_LIMIT],
+        |r| r.get::<_, Option<String>>(0),
+    )?;
     for row in rows {
         let Some(text) = row? else { continue };
         if let Ok(Value::Array(tools)) = serde_json::from_str::<Value>(&text) {
