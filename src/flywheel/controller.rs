@@ -864,7 +864,10 @@ impl FlywheelController {
                 Ok(None)
             }
             (Stage::Idle, _) if fw.drift.enabled && !state.paused => {
-                self.drift(conn, route, fw, state)
+                if lock(&self.running).contains(&route.name) {
+                    return Ok(None);
+                }
+                drift_signal(conn, route, fw, state, now_ms())
             }
             _ => Ok(None),
         }
@@ -908,92 +911,6 @@ impl FlywheelController {
         state.candidate = None;
         state.candidate_tools.clear();
         self.apply(conn, state, Stage::Idle, before, "rollback", why, numbers)
-    }
-
-    /// Drift on an idle route: tools the champion never trained on, falling agreement with the
-    /// teacher, or rising parse failures. Waits out the cooldown after the last run.
-    fn drift(
-        &self,
-        conn: &rusqlite::Connection,
-        route: &RouteConfig,
-        fw: &RouteFlywheelConfig,
-        state: &RouteState,
-    ) -> Result<Option<Value>, FlywheelError> {
-        if lock(&self.running).contains(&route.name) {
-            return Ok(None);
-        }
-        let now = now_ms();
-        let mut since = now - fw.drift.window_secs as i64 * 1000;
-        if let Some(last) = fstore::last_finished_run(conn, &route.name)? {
-            let cool_until = last.finished_ms.unwrap_or(0) + fw.drift.cooldown_secs as i64 * 1000;
-            if now < cool_until {
-                return Ok(None);
-            }
-            // Traffic the last run already had (whatever it decided) does not signal drift again;
-            // otherwise a rejected candidate would be retrained on the same data every cooldown.
-            let had = last
-                .details
-                .pointer("/window/until_ms")
-                .and_then(Value::as_i64)
-                .unwrap_or(last.created_ms);
-            since = since.max(had);
-        }
-        let sets = fstore::tool_sets(conn, &route.name, fw.workload_id.as_deref(), since)?;
-        let mut unknown = BTreeSet::new();
-        let mut requests = 0usize;
-        for set in &sets {
-            let new: Vec<&String> = set.difference(&state.known_tools).collect();
-            if !new.is_empty() {
-                requests += 1;
-                unknown.extend(new.into_iter().cloned());
-            }
-        }
-        if requests >= fw.drift.new_tool_min_records {
-            return Ok(Some(json!({
-                "kind": "drift",
-                "signal": "new_tools",
-                "reason": format!("{requests} recent requests use tools the champion was never trained on"),
-                "tools": unknown,
-                "requests": requests,
-            })));
-        }
-        let champion_is_teacher = route.teacher().as_ref() == Some(&state.installed.champion);
-        if champion_is_teacher {
-            return Ok(None);
-        }
-        if let Some(teacher) = route.teacher() {
-            let s = fstore::live_stats(
-                conn,
-                &route.name,
-                Slice::ShadowsFrom {
-                    model: teacher.model_name(),
-                },
-                since,
-            )?;
-            let on_args = fw.rollout.agreement_on == "arguments";
-            if s.compared as usize >= fw.drift.min_samples
-                && s.agreement(on_args) < fw.drift.min_agreement
-            {
-                return Ok(Some(json!({
-                    "kind": "drift",
-                    "signal": "agreement",
-                    "reason": format!("live agreement with the teacher {:.3} < {:.3} over {} answers", s.agreement(on_args), fw.drift.min_agreement, s.compared),
-                    "stats": s,
-                })));
-            }
-        }
-        let s = fstore::live_stats(conn, &route.name, Slice::Arm { arm: "champion" }, since)?;
-        if s.tool_calls as usize >= fw.drift.min_samples
-            && s.parse_failure_rate() > fw.drift.max_parse_failure_rate
-        {
-            return Ok(Some(json!({
-                "kind": "drift",
-                "signal": "parse_failures",
-                "reason": format!("the champion's JSON-parse failure rate {:.3} > {:.3} over {} tool calls", s.parse_failure_rate(), fw.drift.max_parse_failure_rate, s.tool_calls),
-                "stats": s,
-            })));
-        }
-        Ok(None)
     }
 
     /// Manual control: `promote` moves a candidate one stage on (shadow → canary → champion),
@@ -1125,6 +1042,88 @@ impl FlywheelController {
     ) -> Result<Vec<fstore::Run>, FlywheelError> {
         Ok(fstore::list_runs(&self.conn()?, route, limit)?)
     }
+}
+
+/// Drift on an idle route: tools the champion never trained on, falling agreement with the
+/// teacher, or rising parse failures. Waits out the cooldown after the last run.
+fn drift_signal(
+    conn: &rusqlite::Connection,
+    route: &RouteConfig,
+    fw: &RouteFlywheelConfig,
+    state: &RouteState,
+    now: i64,
+) -> Result<Option<Value>, FlywheelError> {
+    let mut since = now - fw.drift.window_secs as i64 * 1000;
+    if let Some(last) = fstore::last_finished_run(conn, &route.name)? {
+        let cool_until = last.finished_ms.unwrap_or(0) + fw.drift.cooldown_secs as i64 * 1000;
+        if now < cool_until {
+            return Ok(None);
+        }
+        // Traffic the last run already had (whatever it decided) does not signal drift again;
+        // otherwise a rejected candidate would be retrained on the same data every cooldown.
+        let had = last
+            .details
+            .pointer("/window/until_ms")
+            .and_then(Value::as_i64)
+            .unwrap_or(last.created_ms);
+        since = since.max(had);
+    }
+    let sets = fstore::tool_sets(conn, &route.name, fw.workload_id.as_deref(), since)?;
+    let mut unknown = BTreeSet::new();
+    let mut requests = 0usize;
+    for set in &sets {
+        let new: Vec<&String> = set.difference(&state.known_tools).collect();
+        if !new.is_empty() {
+            requests += 1;
+            unknown.extend(new.into_iter().cloned());
+        }
+    }
+    if requests >= fw.drift.new_tool_min_records {
+        return Ok(Some(json!({
+            "kind": "drift",
+            "signal": "new_tools",
+            "reason": format!("{requests} recent requests use tools the champion was never trained on"),
+            "tools": unknown,
+            "requests": requests,
+        })));
+    }
+    let champion_is_teacher = route.teacher().as_ref() == Some(&state.installed.champion);
+    if champion_is_teacher {
+        return Ok(None);
+    }
+    if let Some(teacher) = route.teacher() {
+        let s = fstore::live_stats(
+            conn,
+            &route.name,
+            Slice::ShadowsFrom {
+                model: teacher.model_name(),
+            },
+            since,
+        )?;
+        let on_args = fw.rollout.agreement_on == "arguments";
+        if s.compared as usize >= fw.drift.min_samples
+            && s.agreement(on_args) < fw.drift.min_agreement
+        {
+            return Ok(Some(json!({
+                "kind": "drift",
+                "signal": "agreement",
+                "reason": format!("live agreement with the teacher {:.3} < {:.3} over {} answers", s.agreement(on_args), fw.drift.min_agreement, s.compared),
+                "stats": s,
+            })));
+        }
+    }
+    let s = fstore::live_stats(conn, &route.name, Slice::Arm { arm: "champion" }, since)?;
+    if s.tool_calls as usize >= fw.drift.min_samples
+        && s.parse_failure_rate() > fw.drift.max_parse_failure_rate
+    {
+        return Ok(Some(json!({
+            "kind": "drift",
+            "signal": "parse_failures",
+            "reason": format!("the champion's JSON-parse failure rate {:.3} > {:.3} over {} tool calls", s.parse_failure_rate(), fw.drift.max_parse_failure_rate, s.tool_calls),
+            "stats": s,
+        })));
+    }
+    Ok(None)
 }
 
 fn targets(r: &RolloutConfig) -> Vec<&TargetConfig> {
@@ -1262,4 +1261,199 @@ fn curate_run(
     v["teacher"] = json!(teacher.to_string());
     v["tools"] = json!(tools);
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::traffic::{TrafficLog, TrafficRecord};
+
+    fn tool(name: &str) -> Value {
+        json!({"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})
+    }
+
+    fn answer(name: &str, args: &str) -> Value {
+        json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+            "tool_calls": [{"id": "c", "type": "function", "function": {"name": name, "arguments": args}}]}}]})
+    }
+
+    fn rec(ts_ms: i64, arm: &str, target: &TargetConfig, response: Value) -> TrafficRecord {
+        TrafficRecord {
+            id: uuid::Uuid::now_v7(),
+            ts_ms,
+            workload_id: None,
+            client_id: None,
+            session_id: None,
+            route: "agent".into(),
+            target_kind: Some(target.kind().into()),
+            target: Some(target.backend().into()),
+            target_model: Some(target.model_name().into()),
+            adapter: target.adapter.clone(),
+            arm: arm.into(),
+            shadow_of: None,
+            attempts: 1,
+            stream: false,
+            status: 200,
+            error: None,
+            latency_ms: 1.0,
+            ttft_ms: None,
+            upstream_ms: None,
+            rails: None,
+            tool_name_agreement: None,
+            tool_args_agreement: None,
+            request: json!({"model": "agent", "messages": [{"role": "user", "content": format!("q{ts_ms}")}],
+                "tools": [tool("get_weather")]}),
+            response: Some(response),
+        }
+    }
+
+    fn route(champion: &TargetConfig, teacher: &TargetConfig) -> RouteConfig {
+        RouteConfig {
+            name: "agent".into(),
+            rollout: RolloutConfig {
+                champion: champion.clone(),
+                canary: None,
+                shadow: None,
+                fallbacks: vec![],
+            },
+            flywheel: Some(
+                serde_json::from_value(json!({
+                    "student": "tiny", "teacher": teacher,
+                    "drift": {"min_samples": 10, "new_tool_min_records": 5, "cooldown_secs": 60,
+                              "min_agreement": 0.8, "max_parse_failure_rate": 0.1}
+                }))
+                .unwrap(),
+            ),
+        }
+    }
+
+    fn state(r: &RouteConfig, known: &[&str]) -> RouteState {
+        RouteState {
+            route: r.name.clone(),
+            stage: Stage::Idle,
+            paused: false,
+            config_champion: r.rollout.champion.clone(),
+            installed: r.rollout.clone(),
+            before: None,
+            candidate: None,
+            run_id: None,
+            stage_started_ms: 0,
+            known_tools: known.iter().map(|s| s.to_string()).collect(),
+            candidate_tools: BTreeSet::new(),
+        }
+    }
+
+    async fn db(records: Vec<TrafficRecord>) -> (tempfile::TempDir, rusqlite::Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        let writer = TrafficLog::start(&path, 1024, 64, Duration::from_millis(1)).unwrap();
+        for r in records {
+            assert!(writer.log().record(r));
+        }
+        writer.close().await;
+        let conn = crate::store::open(&path).unwrap();
+        (dir, conn)
+    }
+
+    #[tokio::test]
+    async fn new_tools_signal_drift_once_and_not_again_after_a_run() {
+        let teacher = TargetConfig::upstream("big", "teacher");
+        let now = now_ms();
+        let rows = (0..6)
+            .map(|i| {
+                rec(
+                    now - 10_000 + i,
+                    "champion",
+                    &teacher,
+                    answer("get_weather", "{}"),
+                )
+            })
+            .collect();
+        let (_d, conn) = db(rows).await;
+        let r = route(&teacher, &teacher);
+        let fw = r.flywheel.clone().unwrap();
+        let signal = drift_signal(&conn, &r, &fw, &state(&r, &[]), now)
+            .unwrap()
+            .unwrap();
+        assert_eq!(signal["signal"], "new_tools");
+        assert_eq!(signal["requests"], 6);
+        let sig = fstore::tool_signature(&tool("get_weather")).unwrap();
+        assert!(drift_signal(&conn, &r, &fw, &state(&r, &[&sig]), now)
+            .unwrap()
+            .is_none());
+        // A run that had this traffic: quiet during its cooldown, and quiet after it too.
+        fstore::insert_run(&conn, "run-1", "agent", &json!({"kind": "drift"})).unwrap();
+        fstore::update_run(
+            &conn,
+            "run-1",
+            "curating",
+            &json!({"window": {"since_ms": 0, "until_ms": now - 1}}),
+        )
+        .unwrap();
+        fstore::finish_run(
+            &conn,
+            "run-1",
+            "completed",
+            &json!({}),
+            &json!({"promote": false}),
+        )
+        .unwrap();
+        assert!(drift_signal(&conn, &r, &fw, &state(&r, &[]), now)
+            .unwrap()
+            .is_none());
+        assert!(drift_signal(&conn, &r, &fw, &state(&r, &[]), now + 120_000)
+            .unwrap()
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_local_champion_drifts_on_teacher_disagreement_and_on_parse_failures() {
+        let teacher = TargetConfig::upstream("big", "teacher");
+        let champion = TargetConfig::local_adapter("tiny", "fw/agent-1");
+        let now = now_ms();
+        let sig = fstore::tool_signature(&tool("get_weather")).unwrap();
+        let r = route(&champion, &teacher);
+        let fw = r.flywheel.clone().unwrap();
+        // The teacher's shadow copies disagree with the champion on 4 of 10 answers.
+        let disagreeing = (0..10)
+            .map(|i| {
+                let mut s = rec(
+                    now - 5_000 + i,
+                    "shadow",
+                    &teacher,
+                    answer("get_weather", "{}"),
+                );
+                s.tool_name_agreement = Some(i >= 4);
+                s.tool_args_agreement = Some(i >= 4);
+                s
+            })
+            .collect();
+        let (_d, conn) = db(disagreeing).await;
+        let signal = drift_signal(&conn, &r, &fw, &state(&r, &[&sig]), now)
+            .unwrap()
+            .unwrap();
+        assert_eq!(signal["signal"], "agreement", "{signal}");
+        // The champion's own answers: 2 of 10 calls with arguments that are not JSON.
+        let broken = (0..10)
+            .map(|i| {
+                let args = if i < 2 {
+                    "{city: x"
+                } else {
+                    "{\"city\": \"x\"}"
+                };
+                rec(
+                    now - 5_000 + i,
+                    "champion",
+                    &champion,
+                    answer("get_weather", args),
+                )
+            })
+            .collect();
+        let (_d2, conn) = db(broken).await;
+        let signal = drift_signal(&conn, &r, &fw, &state(&r, &[&sig]), now)
+            .unwrap()
+            .unwrap();
+        assert_eq!(signal["signal"], "parse_failures", "{signal}");
+        assert!(signal["reason"].as_str().unwrap().contains("0.200"));
+    }
 }
