@@ -420,6 +420,23 @@ async fn drift_trains_a_student_that_takes_over_and_a_weaker_one_is_refused() {
         )
         .unwrap();
     assert_eq!(last, "local");
+
+    // An operator names another champion in the config: the config wins and the record says why.
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    std::fs::write(
+        &gw.config_path,
+        text.replace("model = \"teacher-70b\" }", "model = \"teacher-v2\" }"),
+    )
+    .unwrap();
+    let gw = gw.restart();
+    let s = route_status(&gw).await;
+    assert_eq!(s["champion"]["model"], "teacher-v2", "{s:#}");
+    let last = s["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["action"], "reset", "{last}");
+    assert!(
+        last["reason"].as_str().unwrap().contains("teacher-v2"),
+        "{last}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,4 +540,40 @@ async fn the_schedule_starts_runs_and_too_little_data_is_a_recorded_skip() {
         (Some("idle"), Some("big"))
     );
     assert!(s["events"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_training_failure_fails_the_run_and_the_champion_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (addr, teacher) = start_teacher().await;
+    let config =
+        config(&model, addr).replace("new_tool_min_records = 48", "new_tool_min_records = 1000");
+    let gw = GatewayProcess::start(&config);
+    for i in 0..CITIES.len() {
+        agent_request(&gw, i).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (st, v) = call(
+        reqwest::Method::POST,
+        gw.url("/v1/flywheel/runs"),
+        Some(json!({"route": "agent", "hyperparameters": {"epochs": 0}})),
+    )
+    .await;
+    assert_eq!(st, 202, "{v}");
+    let run = finished_run(&gw, 1, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let reason = run["decision"]["reason"].as_str().unwrap();
+    assert!(reason.contains("epochs"), "{reason}");
+    assert_eq!(
+        run["details"]["curation"]["kept"], 48,
+        "curation ran first: {run:#}"
+    );
+    let s = route_status(&gw).await;
+    assert_eq!(s["stage"], "idle");
+    assert_eq!(s["champion"]["upstream"], "big");
+    assert!(s["events"].as_array().unwrap().is_empty());
+    let before = teacher.calls.load(Ordering::Relaxed);
+    assert!(agent_request(&gw, 0).await);
+    assert_eq!(teacher.calls.load(Ordering::Relaxed), before + 1);
 }
