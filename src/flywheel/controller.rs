@@ -301,122 +301,26 @@ impl FlywheelController {
         .map_err(|e| RunEnd::Failed(format!("internal error: {e}")))?
     }
 
-    fn stage(&self, id: &str, stage: &str, details: Value) -> Result<(), RunEnd> {
+    fn stage(&self, id: &str, stage: &str, details: &Value) -> Result<(), RunEnd> {
         let conn = self.conn().map_err(|e| RunEnd::Failed(e.to_string()))?;
-        fstore::update_run(&conn, id, stage, &details).map_err(|e| RunEnd::Failed(e.to_string()))
+        fstore::update_run(&conn, id, stage, details).map_err(|e| RunEnd::Failed(e.to_string()))
     }
 
     async fn execute(self: Arc<Self>, run: fstore::Run) -> Result<(), RunEnd> {
-        let (route, fw) = self
-            .route(&run.route)
-            .map_err(|e| RunEnd::Failed(e.to_string()))?;
-        let route = route.clone();
-        let fw = fw.clone();
-        let teacher = route
-            .teacher()
-            .ok_or_else(|| RunEnd::Failed("the route has no teacher".into()))?;
-        let id = run.id.clone();
+        let plan = self.plan(&run)?;
         let mut details = run.details.clone();
-        // The curated window is fixed on the first attempt, so a resumed run sees the same data.
-        let window = match (
-            details.pointer("/window/since_ms").and_then(Value::as_i64),
-            details.pointer("/window/until_ms").and_then(Value::as_i64),
-        ) {
-            (Some(a), Some(b)) => (a, b),
-            _ => {
-                let until = now_ms();
-                let since = until - (fw.window_days * 86_400_000.0) as i64;
-                details["window"] = json!({"since_ms": since, "until_ms": until});
-                (since, until)
+        details["window"] = json!({"since_ms": plan.window.0, "until_ms": plan.window.1});
+        // A run resuming after a restart picks up its training job; otherwise it curates first.
+        let job_id = match details.get("job_id").and_then(Value::as_str) {
+            Some(j) => j.to_string(),
+            None => {
+                let j = self.curate_and_submit(&plan, &run, &mut details).await?;
+                details["job_id"] = json!(j);
+                self.stage(&plan.id, "training", &details)?;
+                j
             }
         };
-        let dataset_name = format!("{}-{}", slug(&route.name), &id[id.len() - 8..]);
-        let output_model = format!("{NAMESPACE}/{dataset_name}");
-        let data_root = self
-            .data_dir
-            .join("datasets")
-            .join(NAMESPACE)
-            .join(&dataset_name);
-
-        // Curate (again, if the run is resuming from before training began).
-        let mut job_id = details
-            .get("job_id")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        if job_id.is_none() {
-            self.stage(&id, "curating", details.clone())?;
-            let curated = {
-                let (route_name, fw2, teacher2, root, ds) = (
-                    route.name.clone(),
-                    fw.clone(),
-                    teacher.clone(),
-                    data_root.clone(),
-                    dataset_name.clone(),
-                );
-                self.blocking(move |conn| {
-                    curate_run(conn, &route_name, &fw2, &teacher2, window, &root, &ds)
-                })
-                .await?
-            };
-            details["curation"] = curated;
-            self.stage(&id, "training", details.clone())?;
-            let mut hp = fw.hyperparameters.clone();
-            if let (Some(Value::Object(o)), Value::Object(h)) =
-                (run.trigger.get("hyperparameters"), &mut hp)
-            {
-                for (k, v) in o {
-                    h.insert(k.clone(), v.clone());
-                }
-            }
-            if let Value::Object(h) = &mut hp {
-                h.entry("seed").or_insert(json!(fw.seed));
-            }
-            let body = json!({
-                "name": dataset_name,
-                "config": fw.student,
-                "dataset": {"name": dataset_name, "namespace": NAMESPACE},
-                "output_model": output_model,
-                "hyperparameters": hp,
-            });
-            let jobs = self.jobs.clone();
-            let created = self
-                .blocking(move |conn| {
-                    jobs.create(conn, &body)
-                        .map_err(|e| RunEnd::Failed(format!("the training job was refused: {e}")))
-                })
-                .await?;
-            details["job_id"] = json!(created);
-            self.stage(&id, "training", details.clone())?;
-            job_id = Some(created);
-        }
-        let job_id = job_id.unwrap_or_default();
-
-        // Train: wait for the customization job (it resumes from its checkpoint after a restart).
-        let job = loop {
-            let jid = job_id.clone();
-            let job = self
-                .blocking(move |conn| {
-                    entities::get_job(conn, CUSTOMIZATION, &jid)
-                        .map_err(|e| RunEnd::Failed(format!("training job {jid}: {e}")))
-                })
-                .await?;
-            match job.status.as_str() {
-                "completed" => break job,
-                "failed" | "cancelled" => {
-                    let why = job
-                        .status_details
-                        .get("message")
-                        .and_then(Value::as_str)
-                        .unwrap_or("no message")
-                        .to_string();
-                    return Err(RunEnd::Failed(format!(
-                        "training job {job_id} {}: {why}",
-                        job.status
-                    )));
-                }
-                _ => tokio::time::sleep(Duration::from_millis(500)).await,
-            }
-        };
+        let job = self.wait_for_job(&job_id).await?;
         details["training"] = json!({
             "job_id": job.id,
             "best_epoch": job.status_details.get("best_epoch"),
@@ -425,52 +329,171 @@ impl FlywheelController {
             "elapsed_time": job.status_details.get("elapsed_time"),
             "val_loss": job.status_details.pointer("/metrics/val_loss"),
         });
-        self.stage(&id, "evaluating", details.clone())?;
+        self.stage(&plan.id, "evaluating", &details)?;
+        let (decision, champion) = self.evaluate(&plan, &mut details).await?;
+        self.stage(&plan.id, "deciding", &details)?;
+        let me = self.clone();
+        self.blocking(move |conn| me.decide(conn, &plan, &decision, &champion, &details))
+            .await
+    }
 
-        // Evaluate the candidate and the champion it would replace on the same held-out items.
-        let test = read_records(&data_root.join("testing"))?;
+    /// What a run works on: fixed on its first attempt, so a resumed run sees the same data and
+    /// writes the same dataset and adapter.
+    fn plan(&self, run: &fstore::Run) -> Result<RunPlan, RunEnd> {
+        let (route, fw) = self
+            .route(&run.route)
+            .map_err(|e| RunEnd::Failed(e.to_string()))?;
+        let teacher = route
+            .teacher()
+            .ok_or_else(|| RunEnd::Failed("the route has no teacher".into()))?;
+        let window = match (
+            run.details
+                .pointer("/window/since_ms")
+                .and_then(Value::as_i64),
+            run.details
+                .pointer("/window/until_ms")
+                .and_then(Value::as_i64),
+        ) {
+            (Some(a), Some(b)) => (a, b),
+            _ => {
+                let until = now_ms();
+                (until - (fw.window_days * 86_400_000.0) as i64, until)
+            }
+        };
+        let dataset = format!("{}-{}", slug(&route.name), &run.id[run.id.len() - 8..]);
+        Ok(RunPlan {
+            id: run.id.clone(),
+            route: route.name.clone(),
+            fw: fw.clone(),
+            teacher,
+            window,
+            output_model: format!("{NAMESPACE}/{dataset}"),
+            data_root: self
+                .data_dir
+                .join("datasets")
+                .join(NAMESPACE)
+                .join(&dataset),
+            dataset,
+        })
+    }
+
+    /// Curates the dataset and submits the training job; returns the job's id.
+    async fn curate_and_submit(
+        &self,
+        plan: &RunPlan,
+        run: &fstore::Run,
+        details: &mut Value,
+    ) -> Result<String, RunEnd> {
+        self.stage(&plan.id, "curating", details)?;
+        let p = plan.clone();
+        details["curation"] = self
+            .blocking(move |conn| {
+                curate_run(
+                    conn,
+                    &p.route,
+                    &p.fw,
+                    &p.teacher,
+                    p.window,
+                    &p.data_root,
+                    &p.dataset,
+                )
+            })
+            .await?;
+        // Recorded before the job is asked for, so a refused job leaves the curation on record.
+        self.stage(&plan.id, "training", details)?;
+        let mut hp = plan.fw.hyperparameters.clone();
+        if let Value::Object(h) = &mut hp {
+            if let Some(Value::Object(o)) = run.trigger.get("hyperparameters") {
+                h.extend(o.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            h.entry("seed").or_insert(json!(plan.fw.seed));
+        }
+        let body = json!({
+            "name": plan.dataset,
+            "config": plan.fw.student,
+            "dataset": {"name": plan.dataset, "namespace": NAMESPACE},
+            "output_model": plan.output_model,
+            "hyperparameters": hp,
+        });
+        let jobs = self.jobs.clone();
+        self.blocking(move |conn| {
+            jobs.create(conn, &body)
+                .map_err(|e| RunEnd::Failed(format!("the training job was refused: {e}")))
+        })
+        .await
+    }
+
+    /// Waits for the customization job (which resumes from its checkpoint after a restart).
+    async fn wait_for_job(&self, job_id: &str) -> Result<entities::Job, RunEnd> {
+        loop {
+            let jid = job_id.to_string();
+            let job = self
+                .blocking(move |conn| {
+                    entities::get_job(conn, CUSTOMIZATION, &jid)
+                        .map_err(|e| RunEnd::Failed(format!("training job {jid}: {e}")))
+                })
+                .await?;
+            match job.status.as_str() {
+                "completed" => return Ok(job),
+                "failed" | "cancelled" => {
+                    let why = job
+                        .status_details
+                        .get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no message");
+                    return Err(RunEnd::Failed(format!(
+                        "training job {job_id} {}: {why}",
+                        job.status
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    /// Scores the candidate and the champion it would replace on the same held-out items, writes
+    /// the per-item audit, and applies the policy. Returns the decision and the champion judged.
+    async fn evaluate(
+        &self,
+        plan: &RunPlan,
+        details: &mut Value,
+    ) -> Result<(promote::Decision, TargetConfig), RunEnd> {
+        let test = read_records(&plan.data_root.join("testing"))?;
         let items: Vec<eval::EvalItem> = test.iter().map(Record::eval_item).collect();
         let champion = self
             .gateway
             .routes()
-            .get(&route.name)
+            .get(&plan.route)
             .map(|r| r.champion.clone())
             .ok_or_else(|| RunEnd::Failed("the route disappeared".into()))?;
-        let candidate = TargetConfig::local_adapter(&fw.student, &output_model);
+        let candidate = plan.candidate();
         self.ensure_adapter(&candidate)
             .map_err(|e| RunEnd::Failed(format!("the candidate adapter cannot be loaded: {e}")))?;
-        let (cand_backend, _, _) = self
-            .gateway
-            .backend_for(&output_model)
-            .ok_or_else(|| RunEnd::Failed(format!("adapter '{output_model}' is not loaded")))?;
-        let (cand_results, cand_scores) = eval::run(
-            cand_backend.as_ref(),
-            &fw.student,
-            Some(&output_model),
-            &items,
-            EVAL_MAX_TOKENS,
-            EVAL_CONCURRENCY,
-        )
-        .await;
-        let against_teacher = champion == teacher;
-        let mut champ_eval = None;
-        if !against_teacher {
-            let (backend, adapter, model) = self
+        let items = &items;
+        let score = |model: String| async move {
+            let (backend, adapter, name) = self
                 .gateway
-                .backend_for(&route.name)
-                .ok_or_else(|| RunEnd::Failed("the champion has no backend".into()))?;
-            champ_eval = Some(
+                .backend_for(&model)
+                .ok_or_else(|| RunEnd::Failed(format!("'{model}' has no backend")))?;
+            let at = adapter.as_deref();
+            Ok::<_, RunEnd>(
                 eval::run(
                     backend.as_ref(),
-                    &model,
-                    adapter.as_deref(),
-                    &items,
+                    &name,
+                    at,
+                    items,
                     EVAL_MAX_TOKENS,
                     EVAL_CONCURRENCY,
                 )
                 .await,
-            );
-        }
+            )
+        };
+        let (cand_results, cand_scores) = score(plan.output_model.clone()).await?;
+        // The teacher's logged answers are the ground truth: it is not asked again.
+        let champ_eval = match champion == plan.teacher {
+            true => None,
+            false => Some(score(plan.route.clone()).await?),
+        };
         let audit = json!({
             "items": test.iter().zip(&cand_results).enumerate().map(|(i, (r, c))| json!({
                 "index": i,
@@ -480,20 +503,23 @@ impl FlywheelController {
                 "champion": champ_eval.as_ref().and_then(|(rs, _)| rs.get(i)),
             })).collect::<Vec<_>>(),
         });
-        let run_dir = self.data_dir.join("flywheel").join("runs").join(&id);
-        let _ = std::fs::create_dir_all(&run_dir);
-        let _ = std::fs::write(run_dir.join("items.json"), audit.to_string());
+        let run_dir = self.data_dir.join("flywheel").join("runs").join(&plan.id);
+        let written = std::fs::create_dir_all(&run_dir)
+            .and_then(|()| std::fs::write(run_dir.join("items.json"), audit.to_string()));
+        if let Err(e) = written {
+            tracing::warn!(run = %plan.id, error = %e, "cannot write the evaluation audit");
+        }
         let incumbent = match &champ_eval {
             Some((results, scores)) => Incumbent::Local { results, scores },
             None => Incumbent::Teacher,
         };
         let decision = promote::judge(
-            &fw.policy,
-            &items,
+            &plan.fw.policy,
+            items,
             &cand_results,
             &cand_scores,
             &incumbent,
-            fw.seed,
+            plan.fw.seed,
         );
         details["evaluation"] = json!({
             "items": items.len(),
@@ -504,85 +530,75 @@ impl FlywheelController {
             },
             "audit": run_dir.join("items.json"),
         });
-        self.stage(&id, "deciding", details.clone())?;
+        Ok((decision, champion))
+    }
 
-        // Decide, unless the route changed under the run.
-        let me = self.clone();
-        let route_name = route.name.clone();
-        let candidate_tools: BTreeSet<String> = details
-            .pointer("/curation/tools")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|t| t.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let decision_json = serde_json::to_value(&decision).unwrap_or(Value::Null);
-        let run_id = id.clone();
-        let final_details = details.clone();
-        self.blocking(move |conn| {
-            let _t = lock(&me.transitions);
-            let mut state = me
-                .state(conn, &route_name)
-                .map_err(|e| RunEnd::Failed(e.to_string()))?;
-            let mut decision_json = decision_json;
-            let void = if state.stage != Stage::Idle {
-                Some(format!(
-                    "another candidate is in {} on this route",
-                    state.stage.as_str()
-                ))
-            } else if state.installed.champion != champion {
-                Some(format!(
-                    "the route's champion changed during the run (evaluated {champion}, now {})",
-                    state.installed.champion
-                ))
-            } else {
-                None
-            };
-            let promote = decision.promote && void.is_none();
-            if let Some(v) = &void {
-                decision_json["promote"] = json!(false);
-                decision_json["reason"] = json!(format!(
-                    "{}; not rolled out: {v}",
-                    decision.reason
-                ));
-            }
-            if promote {
-                let rollout = promote::shadow_rollout(&state.installed, &candidate, &fw.rollout);
-                state.before = Some(state.installed.clone());
-                state.candidate = Some(candidate.clone());
-                state.candidate_tools = candidate_tools;
-                state.run_id = Some(run_id.clone());
-                me.apply(
-                    conn,
-                    &mut state,
-                    Stage::Shadow,
-                    rollout,
-                    "shadow",
-                    &decision.reason,
-                    json!({"comparison": decision.comparison, "checks": decision.checks}),
-                )
-                .map_err(|e| RunEnd::Failed(format!("starting the shadow stage failed: {e}")))?;
-            } else {
-                let event = RolloutEvent {
-                    route: route_name.clone(),
-                    run_id: Some(run_id.clone()),
-                    at_ms: now_ms(),
-                    from: state.stage.as_str().into(),
-                    to: state.stage.as_str().into(),
-                    action: "reject".into(),
-                    reason: decision_json["reason"].as_str().unwrap_or("").to_string(),
-                    numbers: json!({"comparison": decision.comparison, "checks": decision.checks}),
-                };
-                fstore::insert_event(conn, &event).map_err(|e| RunEnd::Failed(e.to_string()))?;
-            }
-            fstore::finish_run(conn, &run_id, "completed", &final_details, &decision_json)
-                .map_err(|e| RunEnd::Failed(e.to_string()))?;
-            tracing::info!(route = %route_name, run = %run_id, promote, reason = %decision_json["reason"], "flywheel run decided");
-            Ok(())
-        })
-        .await
+    /// Applies a decision, unless the route changed under the run: a winner starts its shadow
+    /// stage, a loser is recorded as rejected. Ends the run.
+    fn decide(
+        &self,
+        conn: &rusqlite::Connection,
+        plan: &RunPlan,
+        decision: &promote::Decision,
+        champion: &TargetConfig,
+        details: &Value,
+    ) -> Result<(), RunEnd> {
+        let failed = |e: &dyn std::fmt::Display| RunEnd::Failed(e.to_string());
+        let _t = lock(&self.transitions);
+        let mut state = self.state(conn, &plan.route).map_err(|e| failed(&e))?;
+        let void = if state.stage != Stage::Idle {
+            Some(format!(
+                "another candidate is in {} on this route",
+                state.stage.as_str()
+            ))
+        } else if state.installed.champion != *champion {
+            Some(format!(
+                "the route's champion changed during the run (evaluated {champion}, now {})",
+                state.installed.champion
+            ))
+        } else {
+            None
+        };
+        let mut record = serde_json::to_value(decision).unwrap_or(Value::Null);
+        if let Some(v) = &void {
+            record["promote"] = json!(false);
+            record["reason"] = json!(format!("{}; not rolled out: {v}", decision.reason));
+        }
+        let numbers = json!({"comparison": decision.comparison, "checks": decision.checks});
+        let promote = decision.promote && void.is_none();
+        if promote {
+            let candidate = plan.candidate();
+            let rollout = promote::shadow_rollout(&state.installed, &candidate, &plan.fw.rollout);
+            state.before = Some(state.installed.clone());
+            state.candidate = Some(candidate);
+            state.candidate_tools = details
+                .pointer("/curation/tools")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect();
+            state.run_id = Some(plan.id.clone());
+            self.apply(
+                conn,
+                &mut state,
+                Stage::Shadow,
+                rollout,
+                "shadow",
+                &decision.reason,
+                numbers,
+            )
+            .map_err(|e| RunEnd::Failed(format!("starting the shadow stage failed: {e}")))?;
+        } else {
+            let reason = record["reason"].as_str().unwrap_or("");
+            let mut event = event(&state, state.stage, "reject", reason, numbers);
+            event.run_id = Some(plan.id.clone());
+            fstore::insert_event(conn, &event).map_err(|e| failed(&e))?;
+        }
+        fstore::finish_run(conn, &plan.id, "completed", details, &record)
+            .map_err(|e| failed(&e))?;
+        tracing::info!(route = %plan.route, run = %plan.id, promote, reason = %record["reason"], "flywheel run decided");
+        Ok(())
     }
 
     /// The route's state, created from the config the first time.
@@ -591,19 +607,7 @@ impl FlywheelController {
             return Ok(s);
         }
         let (r, _) = self.route(route)?;
-        let s = RouteState {
-            route: route.to_string(),
-            stage: Stage::Idle,
-            paused: false,
-            config_champion: r.rollout.champion.clone(),
-            installed: r.rollout.clone(),
-            before: None,
-            candidate: None,
-            run_id: None,
-            stage_started_ms: now_ms(),
-            known_tools: BTreeSet::new(),
-            candidate_tools: BTreeSet::new(),
-        };
+        let s = initial_state(r);
         fstore::put_state(conn, &s)?;
         Ok(s)
     }
@@ -626,16 +630,7 @@ impl FlywheelController {
         self.gateway
             .set_rollout(&state.route, rollout.clone())
             .map_err(|e| FlywheelError::Invalid(e.to_string()))?;
-        let event = RolloutEvent {
-            route: state.route.clone(),
-            run_id: state.run_id.clone(),
-            at_ms: now_ms(),
-            from: state.stage.as_str().into(),
-            to: to.as_str().into(),
-            action: action.into(),
-            reason: reason.into(),
-            numbers,
-        };
+        let event = event(state, to, action, reason, numbers);
         fstore::insert_event(conn, &event)?;
         tracing::info!(route = %state.route, from = event.from, to = event.to, action, reason, "rollout transition");
         state.stage = to;
@@ -672,32 +667,10 @@ impl FlywheelController {
         for route in self.flywheel_routes() {
             let state = self.state(&conn, &route.name)?;
             let fresh = |why: String| -> Result<(), FlywheelError> {
-                let event = RolloutEvent {
-                    route: route.name.clone(),
-                    run_id: state.run_id.clone(),
-                    at_ms: now_ms(),
-                    from: state.stage.as_str().into(),
-                    to: "idle".into(),
-                    action: "reset".into(),
-                    reason: why.clone(),
-                    numbers: json!({"was": state.installed}),
-                };
-                fstore::insert_event(&conn, &event)?;
+                let numbers = json!({"was": state.installed});
+                fstore::insert_event(&conn, &event(&state, Stage::Idle, "reset", &why, numbers))?;
                 tracing::warn!(route = %route.name, reason = %why, "flywheel state reset");
-                let s = RouteState {
-                    route: route.name.clone(),
-                    stage: Stage::Idle,
-                    paused: false,
-                    config_champion: route.rollout.champion.clone(),
-                    installed: route.rollout.clone(),
-                    before: None,
-                    candidate: None,
-                    run_id: None,
-                    stage_started_ms: now_ms(),
-                    known_tools: BTreeSet::new(),
-                    candidate_tools: BTreeSet::new(),
-                };
-                fstore::put_state(&conn, &s)?;
+                fstore::put_state(&conn, &initial_state(route))?;
                 Ok(())
             };
             if state.config_champion != route.rollout.champion {
@@ -758,17 +731,12 @@ impl FlywheelController {
                 let live = self.gateway.routes().get(&name);
                 if let Some(live) = live.filter(|l| **l != state.installed) {
                     // Someone replaced the rollout through the admin API: the flywheel stands down.
-                    let event = RolloutEvent {
-                        route: name.clone(),
-                        run_id: state.run_id.clone(),
-                        at_ms: now_ms(),
-                        from: state.stage.as_str().into(),
-                        to: "idle".into(),
-                        action: "reset".into(),
-                        reason: "the route's rollout was replaced through the admin API; the flywheel adopts it and stops any rollout in progress".into(),
-                        numbers: json!({"was": state.installed, "now": *live}),
-                    };
-                    fstore::insert_event(&conn, &event)?;
+                    let why = "the route's rollout was replaced through the admin API; the flywheel adopts it and stops any rollout in progress";
+                    let numbers = json!({"was": state.installed, "now": *live});
+                    fstore::insert_event(
+                        &conn,
+                        &event(&state, Stage::Idle, "reset", why, numbers),
+                    )?;
                     state.stage = Stage::Idle;
                     state.installed = (*live).clone();
                     state.before = None;
@@ -959,17 +927,7 @@ impl FlywheelController {
             }
             ("pause" | "resume", _, _) => {
                 state.paused = action == "pause";
-                let event = RolloutEvent {
-                    route: route.to_string(),
-                    run_id: state.run_id.clone(),
-                    at_ms: now_ms(),
-                    from: state.stage.as_str().into(),
-                    to: state.stage.as_str().into(),
-                    action: action.into(),
-                    reason: why,
-                    numbers,
-                };
-                fstore::insert_event(&conn, &event)?;
+                fstore::insert_event(&conn, &event(&state, state.stage, action, &why, numbers))?;
                 fstore::put_state(&conn, &state)?;
             }
             _ => {
@@ -1041,6 +999,64 @@ impl FlywheelController {
         limit: usize,
     ) -> Result<Vec<fstore::Run>, FlywheelError> {
         Ok(fstore::list_runs(&self.conn()?, route, limit)?)
+    }
+}
+
+/// What one run works on.
+#[derive(Clone)]
+struct RunPlan {
+    id: String,
+    route: String,
+    fw: RouteFlywheelConfig,
+    teacher: TargetConfig,
+    /// The traffic window curated, fixed on the first attempt.
+    window: (i64, i64),
+    dataset: String,
+    output_model: String,
+    data_root: PathBuf,
+}
+
+impl RunPlan {
+    /// The adapter this run trains, on its student.
+    fn candidate(&self) -> TargetConfig {
+        TargetConfig::local_adapter(&self.fw.student, &self.output_model)
+    }
+}
+
+/// A route's state as its config defines it: idle, the config's rollout installed.
+fn initial_state(route: &RouteConfig) -> RouteState {
+    RouteState {
+        route: route.name.clone(),
+        stage: Stage::Idle,
+        paused: false,
+        config_champion: route.rollout.champion.clone(),
+        installed: route.rollout.clone(),
+        before: None,
+        candidate: None,
+        run_id: None,
+        stage_started_ms: now_ms(),
+        known_tools: BTreeSet::new(),
+        candidate_tools: BTreeSet::new(),
+    }
+}
+
+/// A transition of `state`'s route from its current stage to `to`, stamped now.
+fn event(
+    state: &RouteState,
+    to: Stage,
+    action: &str,
+    reason: &str,
+    numbers: Value,
+) -> RolloutEvent {
+    RolloutEvent {
+        route: state.route.clone(),
+        run_id: state.run_id.clone(),
+        at_ms: now_ms(),
+        from: state.stage.as_str().into(),
+        to: to.as_str().into(),
+        action: action.into(),
+        reason: reason.into(),
+        numbers,
     }
 }
 
@@ -1329,17 +1345,8 @@ mod tests {
 
     fn state(r: &RouteConfig, known: &[&str]) -> RouteState {
         RouteState {
-            route: r.name.clone(),
-            stage: Stage::Idle,
-            paused: false,
-            config_champion: r.rollout.champion.clone(),
-            installed: r.rollout.clone(),
-            before: None,
-            candidate: None,
-            run_id: None,
-            stage_started_ms: 0,
             known_tools: known.iter().map(|s| s.to_string()).collect(),
-            candidate_tools: BTreeSet::new(),
+            ..initial_state(r)
         }
     }
 
