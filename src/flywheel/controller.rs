@@ -775,63 +775,24 @@ impl FlywheelController {
             return Ok(None);
         };
         let plan = &fw.rollout;
-        match (state.stage, state.candidate.clone()) {
-            (Stage::Shadow, Some(candidate)) => {
-                let stats = fstore::live_stats(
-                    conn,
-                    &route.name,
-                    Slice::ShadowsFrom {
-                        model: candidate.model_name(),
-                    },
-                    state.stage_started_ms,
-                )?;
-                match promote::judge_shadow(&stats, plan) {
-                    Verdict::Advance(why) if !state.paused => {
-                        let before = state.before.clone().unwrap_or(state.installed.clone());
-                        let rollout = promote::canary_rollout(&before, &candidate, plan);
-                        self.apply(
-                            conn,
-                            state,
-                            Stage::Canary,
-                            rollout,
-                            "canary",
-                            &why,
-                            promote::numbers(&stats, plan),
-                        )?;
-                    }
-                    Verdict::RollBack(why) => {
-                        self.roll_back(conn, state, &why, promote::numbers(&stats, plan))?
-                    }
-                    _ => {}
+        if let (Some(stats), Some(candidate)) = (stage_stats(conn, state)?, state.candidate.clone())
+        {
+            let verdict = match state.stage {
+                Stage::Shadow => promote::judge_shadow(&stats, plan),
+                _ => promote::judge_canary(&stats, plan),
+            };
+            let numbers = promote::numbers(&stats, plan);
+            match verdict {
+                Verdict::Advance(why) if !state.paused => {
+                    self.advance(conn, route, state, &candidate, &why, numbers)?
                 }
-                Ok(None)
+                Verdict::RollBack(why) => self.roll_back(conn, state, &why, numbers)?,
+                _ => {}
             }
-            (Stage::Canary, Some(candidate)) => {
-                let stats = fstore::live_stats(
-                    conn,
-                    &route.name,
-                    Slice::Arm { arm: "canary" },
-                    state.stage_started_ms,
-                )?;
-                match promote::judge_canary(&stats, plan) {
-                    Verdict::Advance(why) if !state.paused => {
-                        self.to_champion(
-                            conn,
-                            route,
-                            state,
-                            &candidate,
-                            &why,
-                            promote::numbers(&stats, plan),
-                        )?;
-                    }
-                    Verdict::RollBack(why) => {
-                        self.roll_back(conn, state, &why, promote::numbers(&stats, plan))?
-                    }
-                    _ => {}
-                }
-                Ok(None)
-            }
-            (Stage::Idle, _) if fw.drift.enabled && !state.paused => {
+            return Ok(None);
+        }
+        match state.stage {
+            Stage::Idle if fw.drift.enabled && !state.paused => {
                 if lock(&self.running).contains(&route.name) {
                     return Ok(None);
                 }
@@ -839,6 +800,29 @@ impl FlywheelController {
             }
             _ => Ok(None),
         }
+    }
+
+    /// Moves a candidate one stage on: shadow → canary, canary → champion.
+    fn advance(
+        &self,
+        conn: &rusqlite::Connection,
+        route: &RouteConfig,
+        state: &mut RouteState,
+        candidate: &TargetConfig,
+        why: &str,
+        numbers: Value,
+    ) -> Result<(), FlywheelError> {
+        if state.stage == Stage::Canary {
+            return self.to_champion(conn, route, state, candidate, why, numbers);
+        }
+        let plan = route
+            .flywheel
+            .as_ref()
+            .map(|f| f.rollout.clone())
+            .unwrap_or_default();
+        let before = state.before.clone().unwrap_or(state.installed.clone());
+        let rollout = promote::canary_rollout(&before, candidate, &plan);
+        self.apply(conn, state, Stage::Canary, rollout, "canary", why, numbers)
     }
 
     fn to_champion(
@@ -885,7 +869,7 @@ impl FlywheelController {
     /// `rollback` returns to the rollout before the candidate (or before the last promotion),
     /// `pause` holds automatic transitions (guards still roll back), `resume` lifts the hold.
     pub fn act(&self, route: &str, action: &str, reason: &str) -> Result<Value, FlywheelError> {
-        let (rc, fw) = self.route(route)?;
+        let (rc, _) = self.route(route)?;
         let conn = self.conn()?;
         let _t = lock(&self.transitions);
         let mut state = self.state(&conn, route)?;
@@ -896,21 +880,8 @@ impl FlywheelController {
         };
         let numbers = json!({"manual": true});
         match (action, state.stage, state.candidate.clone()) {
-            ("promote", Stage::Shadow, Some(c)) => {
-                let before = state.before.clone().unwrap_or(state.installed.clone());
-                let rollout = promote::canary_rollout(&before, &c, &fw.rollout);
-                self.apply(
-                    &conn,
-                    &mut state,
-                    Stage::Canary,
-                    rollout,
-                    "canary",
-                    &why,
-                    numbers,
-                )?;
-            }
-            ("promote", Stage::Canary, Some(c)) => {
-                self.to_champion(&conn, rc, &mut state, &c, &why, numbers)?;
+            ("promote", Stage::Shadow | Stage::Canary, Some(c)) => {
+                self.advance(&conn, rc, &mut state, &c, &why, numbers)?;
             }
             ("promote", _, _) => {
                 return Err(FlywheelError::Conflict(format!(
@@ -949,23 +920,7 @@ impl FlywheelController {
 
     fn status(&self, conn: &rusqlite::Connection, route: &str) -> Result<Value, FlywheelError> {
         let state = self.state(conn, route)?;
-        let live = match (&state.stage, &state.candidate) {
-            (Stage::Shadow, Some(c)) => Some(fstore::live_stats(
-                conn,
-                route,
-                Slice::ShadowsFrom {
-                    model: c.model_name(),
-                },
-                state.stage_started_ms,
-            )?),
-            (Stage::Canary, Some(_)) => Some(fstore::live_stats(
-                conn,
-                route,
-                Slice::Arm { arm: "canary" },
-                state.stage_started_ms,
-            )?),
-            _ => None,
-        };
+        let live = stage_stats(conn, &state)?;
         let events = fstore::list_events(conn, Some(route), None)?;
         Ok(json!({
             "route": route,
@@ -1000,6 +955,23 @@ impl FlywheelController {
     ) -> Result<Vec<fstore::Run>, FlywheelError> {
         Ok(fstore::list_runs(&self.conn()?, route, limit)?)
     }
+}
+
+/// The live figures of a rollout in progress: the candidate's shadow answers in shadow, the
+/// canary arm's requests in canary.
+fn stage_stats(
+    conn: &rusqlite::Connection,
+    state: &RouteState,
+) -> Result<Option<fstore::LiveStats>, FlywheelError> {
+    let slice = match (state.stage, &state.candidate) {
+        (Stage::Shadow, Some(c)) => Slice::ShadowsFrom {
+            model: c.model_name(),
+        },
+        (Stage::Canary, Some(_)) => Slice::Arm { arm: "canary" },
+        _ => return Ok(None),
+    };
+    let stats = fstore::live_stats(conn, &state.route, slice, state.stage_started_ms)?;
+    Ok(Some(stats))
 }
 
 /// What one run works on.
