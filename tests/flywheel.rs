@@ -452,7 +452,53 @@ async fn a_canary_that_stops_agreeing_is_rolled_back_and_the_champion_keeps_serv
     }
     let run = finished_run(&gw, 1, Duration::from_secs(240)).await;
     assert_eq!(run["decision"]["promote"], true, "{run:#}");
-    traffic_until(&gw, &mut next, "canary", Duration::from_secs(120)).await;
+    assert_eq!(route_status(&gw).await["stage"], "shadow");
+
+    // An operator pauses the rollout: enough agreeing shadow answers no longer move it on.
+    let action = |what: &'static str| {
+        call(
+            reqwest::Method::POST,
+            gw.url(&format!("/v1/flywheel/routes/agent/{what}")),
+            Some(json!({"reason": "watching it"})),
+        )
+    };
+    let (st, v) = action("pause").await;
+    assert_eq!((st, &v["paused"]), (200, &json!(true)), "{v}");
+    for _ in 0..20 {
+        agent_request(&gw, next).await;
+        next += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let s = route_status(&gw).await;
+    assert_eq!(s["stage"], "shadow", "paused: {s:#}");
+    assert!(s["live"]["compared"].as_u64().unwrap() >= 12, "{s:#}");
+    // ... and moves it on by hand, then lets the guards run it again; the CLI sees the same.
+    let (st, v) = action("promote").await;
+    assert_eq!((st, v["stage"].as_str()), (200, Some("canary")), "{v}");
+    let manual = v["events"].as_array().unwrap().last().unwrap().clone();
+    assert!(
+        manual["reason"]
+            .as_str()
+            .unwrap()
+            .contains("operator: watching it"),
+        "{manual}"
+    );
+    let (st, _) = action("resume").await;
+    assert_eq!(st, 200);
+    let out = std::process::Command::new(bin())
+        .args(["rollout", "status", "agent", "--url", &gw.url("")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (cli["stage"].as_str(), cli["paused"].as_bool()),
+        (Some("canary"), Some(false))
+    );
 
     // The champion's answers change under the canary: live agreement collapses and the guard trips.
     teacher.confused.store(true, Ordering::Relaxed);
