@@ -221,6 +221,22 @@ async fn a_customization_job_trains_registers_and_serves_its_adapter() {
             .any(|m| m["id"] == "team/tool-lora"),
         "{models}"
     );
+    // The bare base is a model name too, though no route names it.
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "tiny"),
+        "{models}"
+    );
+    let (st, reply) = call(
+        Method::POST,
+        gw.url("/v1/chat/completions"),
+        Some(json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})),
+    )
+    .await;
+    assert_eq!(st, 200, "{reply}");
     let (st, reply) = call(
         Method::POST,
         gw.url("/v1/chat/completions"),

@@ -112,17 +112,22 @@ impl Gateway {
         &self.tasks
     }
 
-    /// A loaded adapter id (`namespace/name`) resolves to its local base with the adapter.
-    fn resolve_adapter(&self, model: &str) -> Option<Resolution> {
-        let (key, _) = self
-            .backends
-            .iter()
-            .find(|(k, b)| k.starts_with("local:") && b.serves_adapter(model))?;
-        let base = key.trim_start_matches("local:");
+    /// A local model's name resolves to that base, and a loaded adapter id (`namespace/name`) to
+    /// its base with the adapter, when no route claims the name.
+    fn resolve_local(&self, model: &str) -> Option<Resolution> {
+        let target = if self.backends.contains_key(&format!("local:{model}")) {
+            TargetConfig::local(model)
+        } else {
+            let (key, _) = self
+                .backends
+                .iter()
+                .find(|(k, b)| k.starts_with("local:") && b.serves_adapter(model))?;
+            TargetConfig::local_adapter(key.trim_start_matches("local:"), model)
+        };
         Some(Resolution {
             route: model.to_string(),
             arm: Arm::Direct,
-            targets: vec![TargetConfig::local_adapter(base, model)],
+            targets: vec![target],
             shadow: None,
             has_canary: false,
         })
@@ -134,7 +139,7 @@ impl Gateway {
         let resolution = self
             .routes
             .champion_of(model)
-            .or_else(|| self.resolve_adapter(model))?;
+            .or_else(|| self.resolve_local(model))?;
         let target = resolution.targets.first()?;
         let backend = self.backends.get(&target.backend_key())?.clone();
         Some((
@@ -144,7 +149,8 @@ impl Gateway {
         ))
     }
 
-    /// Every model name a request may use: routes, their targets, then loaded adapters.
+    /// Every model name a request may use: routes, their targets, then local models and their
+    /// loaded adapters.
     pub fn model_ids(&self) -> Vec<(String, Option<String>)> {
         let mut ids = self.routes.model_ids();
         let mut keys: Vec<&String> = self
@@ -154,6 +160,10 @@ impl Gateway {
             .collect();
         keys.sort();
         for k in keys {
+            let base = k.trim_start_matches("local:");
+            if !ids.iter().any(|(m, _)| m == base) {
+                ids.push((base.to_string(), None));
+            }
             if let Some(b) = self.backends.get(k) {
                 for a in b.adapter_ids() {
                     if !ids.iter().any(|(m, _)| *m == a) {
@@ -225,7 +235,7 @@ impl Gateway {
         let resolved = self
             .routes
             .resolve(&info.model, sticky.as_deref())
-            .or_else(|| self.resolve_adapter(&info.model));
+            .or_else(|| self.resolve_local(&info.model));
         let Some(resolution) = resolved else {
             let known: Vec<String> = self.model_ids().into_iter().map(|(m, _)| m).collect();
             let e = ApiError::model_not_found(&info.model, &known);
