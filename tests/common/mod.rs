@@ -371,14 +371,16 @@ impl GatewayProcess {
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(i) = line.find("listening on http") {
-                    let rest = &line[i..];
-                    if let Some(a) = rest.split("://").nth(1) {
-                        let a = a.split_whitespace().next().unwrap_or("");
-                        let _ = tx.send(a.to_string());
-                    }
-                }
+                // The line goes into the log before the address is announced, so a test that
+                // reads the log right after start sees the listening line.
+                let addr = line.find("listening on http").and_then(|i| {
+                    let a = line[i..].split("://").nth(1)?;
+                    Some(a.split_whitespace().next().unwrap_or("").to_string())
+                });
                 sink.lock().unwrap().push(line);
+                if let Some(a) = addr {
+                    let _ = tx.send(a);
+                }
             }
         });
         let addr: String = match rx.recv_timeout(Duration::from_secs(20)) {
