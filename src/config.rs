@@ -14,6 +14,8 @@ mod flywheel;
 pub use flywheel::{
     DriftConfig, FlywheelConfig, PromotionPolicy, RolloutPlan, RouteFlywheelConfig, METRICS,
 };
+mod rails;
+pub use rails::{BlockResponse, DeclaredGuardrailConfig, RailsConfig};
 
 /// A configuration problem, phrased so the operator knows what to change.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,9 @@ pub struct Config {
     pub adapters: AdaptersConfig,
     #[serde(default)]
     pub flywheel: FlywheelConfig,
+    /// Content-safety input rails: refusals, safety-model limits, declared guardrail configs.
+    #[serde(default)]
+    pub rails: RailsConfig,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -347,6 +352,10 @@ pub struct RouteConfig {
     /// Whether and how this route's traffic trains a local adapter that may take the route over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flywheel: Option<RouteFlywheelConfig>,
+    /// The guardrail config (`namespace/name`, or a name in `default`) every request to this route
+    /// is checked against; a request's own `guardrails.config_id` is checked in addition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guardrails: Option<String>,
 }
 
 impl RouteConfig {
@@ -514,6 +523,34 @@ impl Config {
         }
         if self.flywheel.check_interval_secs < 0.05 {
             return invalid("flywheel.check_interval_secs must be at least 0.05".into());
+        }
+        self.validate_rails()
+    }
+
+    /// Declared guardrail configs compile; a route's config is declared here or (checked at start)
+    /// stored through the API.
+    fn validate_rails(&self) -> Result<(), ConfigError> {
+        let r = &self.rails;
+        if r.timeout_ms == 0 || r.max_input_chars == 0 {
+            return Err(ConfigError::Invalid(
+                "rails.timeout_ms and rails.max_input_chars must be above zero".into(),
+            ));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for declared in &r.configs {
+            let id = declared.id();
+            crate::store::entities::check_name("guardrail config namespace", &declared.namespace)
+                .and_then(|()| {
+                    crate::store::entities::check_name("guardrail config", &declared.name)
+                })
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "guardrail config '{id}' is declared twice"
+                )));
+            }
+            crate::rails::config::compile(&id, &declared.load_data()?)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         Ok(())
     }

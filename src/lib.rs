@@ -10,6 +10,7 @@ pub mod engine;
 pub mod flywheel;
 pub mod gateway;
 pub mod ops;
+pub mod rails;
 pub mod store;
 
 /// mimalloc keeps freed pages for reuse: training and batched inference allocate and free

@@ -1298,6 +1298,7 @@ mod tests {
     fn route(champion: &TargetConfig, teacher: &TargetConfig) -> RouteConfig {
         RouteConfig {
             name: "agent".into(),
+            guardrails: None,
             rollout: RolloutConfig {
                 champion: champion.clone(),
                 canary: None,

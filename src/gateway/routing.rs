@@ -220,6 +220,7 @@ mod tests {
     fn table(percent: f64) -> RouteTable {
         RouteTable::new(&[RouteConfig {
             name: "agent".into(),
+            guardrails: None,
             rollout: RolloutConfig {
                 champion: t("big"),
                 canary: Some(CanaryConfig {
