@@ -9,6 +9,7 @@ pub mod customization;
 pub mod error;
 pub mod evaluation;
 pub mod flywheel;
+pub mod guardrails;
 pub mod health;
 pub mod models;
 pub mod server;
@@ -50,6 +51,21 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions::create))
+        .route(
+            "/v1/guardrail/chat/completions",
+            post(chat_completions::create),
+        )
+        .route(
+            "/v1/guardrail/configs",
+            get(guardrails::list).post(guardrails::create),
+        )
+        .route(
+            "/v1/guardrail/configs/{ns}/{name}",
+            get(guardrails::get)
+                .patch(guardrails::patch)
+                .delete(guardrails::delete),
+        )
+        .route("/v1/guardrail/checks", post(guardrails::check))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*id}", get(models::retrieve))
         .route("/v1/adapters", get(adapters::list).post(adapters::create))

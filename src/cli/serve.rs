@@ -111,6 +111,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     let gateway = Arc::new(Gateway::new(config.clone(), backends, log));
+    let stored_guardrails = if config.log.enabled || jobs.is_some() {
+        let conn = crate::store::open(&config.db_path())?;
+        crate::store::guardrails::list(&conn)?
+    } else {
+        Vec::new()
+    };
+    gateway
+        .install_guardrails(&stored_guardrails)
+        .map_err(anyhow::Error::msg)?;
     let flywheel = match (&jobs, config.log.enabled) {
         (Some(j), true) => Some(
             crate::flywheel::controller::FlywheelController::start(

@@ -21,7 +21,8 @@ use uuid::Uuid;
 
 use crate::api::error::ApiError;
 use crate::backend::{Backend, BackendError, BackendReply, BackendRequest, ChunkStream};
-use crate::config::{Config, ConfigError, RolloutConfig, TargetConfig};
+use crate::config::{BlockResponse, Config, ConfigError, RolloutConfig, TargetConfig};
+use crate::rails::{CheckOutcome, CheckStatus, Rails, RailsError, SafetyModels};
 use crate::store::traffic::{TrafficLog, TrafficRecord};
 use assemble::ChunkAssembler;
 use routing::{Arm, Resolution, RouteTable};
@@ -58,6 +59,7 @@ pub struct Gateway {
     log: TrafficLog,
     tasks: TaskTracker,
     shadow_permits: Arc<Semaphore>,
+    rails: Rails,
 }
 
 fn now_ms() -> i64 {
@@ -92,6 +94,7 @@ impl Gateway {
         Self {
             routes: RouteTable::new(&config.routes),
             shadow_permits: Arc::new(Semaphore::new(config.shadow.max_concurrency)),
+            rails: Rails::new(&config.rails),
             config,
             backends,
             log,
@@ -105,6 +108,147 @@ impl Gateway {
 
     pub fn log(&self) -> &TrafficLog {
         &self.log
+    }
+
+    pub fn rails(&self) -> &Rails {
+        &self.rails
+    }
+
+    /// Installs the guardrail configs declared in the config file and those stored through the API,
+    /// then checks that every route's config exists. A declared config whose safety model is not
+    /// served here stops the start; a stored one is installed anyway (its checks fail closed).
+    pub fn install_guardrails(
+        &self,
+        stored: &[crate::store::guardrails::StoredGuardrailConfig],
+    ) -> Result<(), String> {
+        use crate::rails::config::compile;
+        for declared in &self.config.rails.configs {
+            let data = declared.load_data().map_err(|e| e.to_string())?;
+            let compiled = compile(&declared.id(), &data).map_err(|e| e.to_string())?;
+            self.rails.check_models(&compiled, self)?;
+            self.rails.install(compiled);
+        }
+        for c in stored {
+            match compile(&c.id(), &c.data) {
+                Ok(compiled) => {
+                    if let Err(e) = self.rails.check_models(&compiled, self) {
+                        tracing::warn!(error = %e, "installing the guardrail config anyway: its checks will fail closed until the model is served");
+                    }
+                    self.rails.install(compiled);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "a stored guardrail config no longer compiles; requests naming it are refused")
+                }
+            }
+        }
+        for route in &self.config.routes {
+            if let Some(id) = &route.guardrails {
+                let id = crate::rails::config::canonical_id(id);
+                if self.rails.get(&id).is_none() {
+                    return Err(format!(
+                        "route '{}': guardrails '{id}' is neither declared under [[rails.configs]] nor stored through the API",
+                        route.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a route's config file names `id` as its guardrail config.
+    pub fn route_using_guardrails(&self, id: &str) -> Option<&str> {
+        self.config
+            .routes
+            .iter()
+            .find(|r| {
+                r.guardrails
+                    .as_deref()
+                    .is_some_and(|g| crate::rails::config::canonical_id(g) == id)
+            })
+            .map(|r| r.name.as_str())
+    }
+
+    /// The guardrail configs the config file declares.
+    pub fn declared_configs(&self) -> &[crate::config::DeclaredGuardrailConfig] {
+        &self.config.rails.configs
+    }
+
+    /// Whether the config file declares the guardrail config `id`.
+    pub fn declared_guardrails(&self, id: &str) -> Option<&crate::config::DeclaredGuardrailConfig> {
+        self.config.rails.configs.iter().find(|c| c.id() == id)
+    }
+
+    /// The guardrail configs a request is checked against: its route's (always) and the one the
+    /// request names in `guardrails.config_id` (in addition, never instead).
+    pub fn guardrail_ids(
+        &self,
+        route: Option<&str>,
+        requested: Option<&Value>,
+    ) -> Result<Vec<String>, ApiError> {
+        let mut ids = Vec::new();
+        if let Some(id) = route
+            .and_then(|r| self.config.routes.iter().find(|c| c.name == r))
+            .and_then(|c| c.guardrails.as_deref())
+        {
+            ids.push(crate::rails::config::canonical_id(id));
+        }
+        match requested {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(g)) => match g.get("config_id") {
+                Some(Value::String(id)) if !id.trim().is_empty() => {
+                    let id = crate::rails::config::canonical_id(id);
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+                None if g.contains_key("config") => {
+                    return Err(ApiError::invalid_param(
+                        "guardrails.config",
+                        "Inline guardrail configs are not supported; create the config with POST /v1/guardrail/configs and pass its config_id.",
+                    ))
+                }
+                None => {}
+                Some(_) => {
+                    return Err(ApiError::invalid_param(
+                        "guardrails.config_id",
+                        "guardrails.config_id must be a non-empty string ('namespace/name', or a name in namespace 'default').",
+                    ))
+                }
+            },
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    "guardrails",
+                    "guardrails must be an object such as {\"config_id\": \"default/my-config\"}.",
+                ))
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Runs the rails of `ids` over `messages`, with the reasons a check cannot run as API errors.
+    pub async fn check_rails(
+        &self,
+        ids: &[String],
+        messages: &[Value],
+    ) -> Result<CheckOutcome, ApiError> {
+        self.rails
+            .check(ids, messages, self)
+            .await
+            .map_err(|e| match &e {
+                RailsError::UnknownConfig(_) => {
+                    ApiError::invalid_param("guardrails.config_id", e.to_string())
+                        .with_code("guardrail_config_not_found")
+                }
+                RailsError::UnsupportedContent { message, part, .. } => ApiError::invalid_param(
+                    &format!("messages[{message}].content[{part}]"),
+                    e.to_string(),
+                )
+                .with_code("unsupported_content"),
+                RailsError::InputTooLarge { .. } => {
+                    ApiError::invalid_param("messages", e.to_string())
+                        .with_code("rails_input_too_large")
+                }
+            })
     }
 
     /// Background work (stream pumps, shadows) that shutdown must wait for.
@@ -244,6 +388,53 @@ impl Gateway {
         rec.route = resolution.route.clone();
         rec.arm = resolution.arm.as_str().to_string();
 
+        let ids = match self.guardrail_ids(Some(&resolution.route), body.get("guardrails")) {
+            Ok(ids) => ids,
+            Err(e) => return Err(self.fail(rec, body, started, e)),
+        };
+        if !ids.is_empty() {
+            let messages = match body.get("messages") {
+                Some(Value::Array(m)) => m.clone(),
+                _ => Vec::new(),
+            };
+            // A client that hangs up during a slow safety check is still recorded.
+            let guard = AbandonGuard {
+                log: &self.log,
+                parts: Some((rec, body)),
+                started,
+            };
+            let checked = self.check_rails(&ids, &messages).await;
+            let Some((rec_back, body_back)) = guard.disarm() else {
+                return Err(ApiError::internal("request state was lost"));
+            };
+            (rec, body) = (rec_back, body_back);
+            let outcome = match checked {
+                Ok(o) => o,
+                Err(e) => return Err(self.fail(rec, body, started, e)),
+            };
+            rec.rails = Some(outcome.record());
+            match outcome.status {
+                CheckStatus::Passed => {
+                    if let Some(masked) = outcome.masked_messages {
+                        body.insert("messages".into(), Value::Array(masked));
+                    }
+                }
+                CheckStatus::Blocked => {
+                    let arm = resolution.arm;
+                    return self.refuse(rec, body, started, &info, arm, &outcome.categories());
+                }
+                CheckStatus::Error => {
+                    let e = ApiError::new(
+                        http::StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "The content-safety check could not be completed, so the request was not served (the rails fail closed). Try again later.",
+                    )
+                    .with_code("rails_unavailable");
+                    return Err(self.fail(rec, body, started, e));
+                }
+            }
+        }
+
         let mut upstream_wait = Duration::ZERO;
         let mut last_error: Option<BackendError> = None;
         for (i, target) in resolution.targets.iter().enumerate() {
@@ -265,6 +456,7 @@ impl Gateway {
                 return Err(self.fail(rec, body, started, e));
             }
             let mut forwarded = body.clone();
+            forwarded.remove("guardrails");
             forwarded.insert(
                 "model".into(),
                 Value::String(target.model_name().to_string()),
@@ -356,6 +548,84 @@ impl Gateway {
         Err(self.fail(rec, body, started, e))
     }
 
+    /// Answers a request the rails blocked, without any model call: an error with code
+    /// `content_filter`, or a refusal message with `finish_reason: "content_filter"`, as configured.
+    fn refuse(
+        &self,
+        mut rec: TrafficRecord,
+        body: Map<String, Value>,
+        started: Instant,
+        info: &validate::ChatRequestInfo,
+        arm: Arm,
+        categories: &[String],
+    ) -> Result<ChatResponse, ApiError> {
+        let settings = self.rails.settings();
+        let text = settings.refusal_message.clone();
+        if settings.block_response == BlockResponse::Error {
+            let message = if categories.is_empty() {
+                text
+            } else {
+                format!("{text} (categories: {})", categories.join(", "))
+            };
+            let e = ApiError::invalid(message).with_code("content_filter");
+            return Err(self.fail(rec, body, started, e));
+        }
+        let id = format!("chatcmpl-{}", rec.id.simple());
+        let created = rec.ts_ms / 1000;
+        let choices: Vec<Value> = (0..info.n.max(1))
+            .map(|i| serde_json::json!({"index": i, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": "content_filter"}))
+            .collect();
+        let usage =
+            serde_json::json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0});
+        let completion = serde_json::json!({
+            "id": id, "object": "chat.completion", "created": created, "model": info.model,
+            "choices": choices, "usage": usage,
+        });
+        rec.latency_ms = ms(started.elapsed());
+        rec.ttft_ms = Some(rec.latency_ms);
+        rec.request = Value::Object(body);
+        rec.response = Some(completion.clone());
+        let rec_id = rec.id;
+        self.observe(&rec);
+        self.log.record(rec);
+        if !info.stream {
+            return Ok(ChatResponse::Full {
+                id: rec_id,
+                arm,
+                body: completion,
+            });
+        }
+        let n = info.n.max(1);
+        let chunk = |choices: Vec<Value>| serde_json::json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": info.model, "choices": choices});
+        let mut frames = Vec::new();
+        frames.push(sse_frame(&chunk(
+            (0..n)
+                .map(|i| serde_json::json!({"index": i, "delta": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": null}))
+                .collect(),
+        )));
+        frames.push(sse_frame(&chunk(
+            (0..n)
+                .map(|i| serde_json::json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": "content_filter"}))
+                .collect(),
+        )));
+        if info.include_usage {
+            let mut u = chunk(Vec::new());
+            u["usage"] = usage;
+            frames.push(sse_frame(&u));
+        }
+        frames.push(Bytes::from_static(SSE_DONE));
+        let (tx, rx) = mpsc::channel(frames.len());
+        for f in frames {
+            // The channel holds every frame; sending cannot wait.
+            let _ = tx.try_send(f);
+        }
+        Ok(ChatResponse::Stream {
+            id: rec_id,
+            arm,
+            frames: rx,
+        })
+    }
+
     /// Records a request that ends in an error and hands the error back.
     fn fail(
         &self,
@@ -432,6 +702,7 @@ impl Gateway {
         );
         body.insert("stream".into(), Value::Bool(false));
         body.remove("stream_options");
+        body.remove("guardrails");
         let mut rec = primary.clone();
         rec.id = Uuid::now_v7();
         rec.ts_ms = now_ms();
@@ -486,6 +757,12 @@ impl Gateway {
             metrics::counter!("flywheel_shadow_requests_total", "route" => rec.route.clone(), "outcome" => outcome).increment(1);
             gateway.log.record(rec);
         });
+    }
+}
+
+impl SafetyModels for Gateway {
+    fn safety_backend(&self, model: &str) -> Option<(Arc<dyn Backend>, Option<String>, String)> {
+        self.backend_for(model)
     }
 }
 

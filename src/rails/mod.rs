@@ -264,31 +264,37 @@ impl UserText {
     }
 }
 
+type CacheKey = [u8; 32];
+
+/// Cached verdicts with when each was stored, and the order they were stored in (for eviction).
+#[derive(Default)]
+struct CacheEntries {
+    map: HashMap<CacheKey, (SafetyVerdict, Instant)>,
+    order: VecDeque<CacheKey>,
+}
+
 /// Verdicts of safety models by a hash of the exact request made, bounded, with a time to live.
 struct VerdictCache {
     capacity: usize,
     ttl: Duration,
-    inner: Mutex<(
-        HashMap<[u8; 32], (SafetyVerdict, Instant)>,
-        VecDeque<[u8; 32]>,
-    )>,
+    inner: Mutex<CacheEntries>,
 }
 
 impl VerdictCache {
-    fn get(&self, key: &[u8; 32]) -> Option<SafetyVerdict> {
+    fn get(&self, key: &CacheKey) -> Option<SafetyVerdict> {
         let guard = self.inner.lock().ok()?;
-        let (v, at) = guard.0.get(key)?;
+        let (v, at) = guard.map.get(key)?;
         (at.elapsed() < self.ttl).then(|| v.clone())
     }
 
-    fn put(&self, key: [u8; 32], verdict: SafetyVerdict) {
+    fn put(&self, key: CacheKey, verdict: SafetyVerdict) {
         if self.capacity == 0 {
             return;
         }
         let Ok(mut guard) = self.inner.lock() else {
             return;
         };
-        let (map, order) = &mut *guard;
+        let CacheEntries { map, order } = &mut *guard;
         if map.insert(key, (verdict, Instant::now())).is_none() {
             order.push_back(key);
         }
@@ -316,7 +322,7 @@ impl Rails {
             cache: VerdictCache {
                 capacity: settings.cache_entries,
                 ttl: Duration::from_secs(settings.cache_ttl_secs),
-                inner: Mutex::new((HashMap::new(), VecDeque::new())),
+                inner: Mutex::new(CacheEntries::default()),
             },
             settings: settings.clone(),
             configs: RwLock::new(HashMap::new()),
@@ -574,7 +580,7 @@ impl Rails {
                 .map(|m| json!({"role": m["role"], "content": m["content"]}))
                 .collect(),
         };
-        let key: [u8; 32] = Sha256::new()
+        let key: CacheKey = Sha256::new()
             .chain_update(rail.model.as_bytes())
             .chain_update([0])
             .chain_update(format!("{:?}", rail.parser).as_bytes())

@@ -2,6 +2,7 @@
 
 pub mod entities;
 pub mod flywheel;
+pub mod guardrails;
 pub mod traffic;
 
 use std::path::Path;
@@ -139,6 +140,18 @@ CREATE TABLE rollout_events (
 );
 CREATE INDEX rollout_events_route ON rollout_events(route, at_ms);
 CREATE INDEX traffic_route_arm_ts ON traffic(route, arm, ts_ms);
+"#,
+    // 4: guardrail configs created through the API (those declared in the config file are not stored).
+    r#"
+CREATE TABLE guardrail_configs (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT,
+    data TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
 "#,
 ];
 
