@@ -9,7 +9,11 @@
 //!
 //! Prints requests/s and p50/p90/p99 latency per target, direct vs through the gateway.
 //!
-//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN] [--also-without-log]`
+//! With `--rails`, three more gateways run with content-safety input rails on the route: rules only
+//! (sensitive-data detection and a deny pattern), a NemoGuard-style model rail whose safety model
+//! is the same mock (verdict cache off, so every request asks it), and the same with the cache on.
+//!
+//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN] [--also-without-log] [--rails]`
 //! (`benches/overhead.sh` installs LiteLLM and runs the comparison.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -27,6 +31,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 const COMPLETION: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"The weather in Paris is sunny.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":24,"completion_tokens":8,"total_tokens":32}}"#;
+
+/// What the mock answers the safety model (asked under the model name `safety-model`).
+const SAFE_VERDICT: &str = r#"{"id":"chatcmpl-guard","object":"chat.completion","created":1700000000,"model":"safety-model","choices":[{"index":0,"message":{"role":"assistant","content":"{\"User Safety\": \"safe\"}"},"finish_reason":"stop"}],"usage":{"prompt_tokens":30,"completion_tokens":6,"total_tokens":36}}"#;
 
 const REQUEST: &str = r#"{"model":"bench","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"What is the weather in Paris today?"}],"temperature":0}"#;
 
@@ -70,11 +77,18 @@ async fn mock_upstream() -> SocketAddr {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                     // Read the body like a real server would.
-                    let _ = req.into_body().collect().await;
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let safety = body.windows(22).any(|w| w == br#""model":"safety-model""#);
+                    let answer = if safety { SAFE_VERDICT } else { COMPLETION };
                     Ok::<_, std::convert::Infallible>(
                         Response::builder()
                             .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from_static(COMPLETION.as_bytes())))
+                            .body(Full::new(Bytes::from_static(answer.as_bytes())))
                             .unwrap(),
                     )
                 });
@@ -246,8 +260,46 @@ impl Drop for Proc {
     }
 }
 
-fn start_gateway(dir: &std::path::Path, upstream: SocketAddr, log: bool) -> (Proc, SocketAddr) {
-    let config = dir.join(format!("flywheel-log-{log}.toml"));
+/// Rails configs for `--rails`: the route line to add and the `[rails]` section.
+fn rails_config(kind: &str) -> (String, String) {
+    let rules = r#"
+[[rails.configs]]
+name = "rules"
+[rails.configs.data]
+rails.input.flows = ["detect sensitive data on input", "regex check input"]
+rails.config.regex_detection.input.patterns = ["(?i)drop\\s+table", "(?i)rm\\s+-rf"]
+"#;
+    let model = r#"
+[[routes]]
+name = "guard"
+champion = { upstream = "mock", model = "safety-model" }
+[[rails.configs]]
+name = "model"
+[rails.configs.data]
+models = [{ type = "content_safety", engine = "nim", model = "guard" }]
+rails.input.flows = ["content safety check input $model=content_safety"]
+prompts = [{ task = "content_safety_check_input $model=content_safety", messages = [{ type = "system", content = "Rate the user message as safe or unsafe. Answer with JSON: {\"User Safety\": ...}" }, { type = "user", content = "{{ user_input }}" }], output_parser = "nemoguard_parse_prompt_safety", max_tokens = 50 }]
+"#;
+    match kind {
+        "rules" => ("guardrails = \"rules\"".into(), rules.into()),
+        "model" => (
+            "guardrails = \"model\"".into(),
+            format!("[rails]\ncache_entries = 0\n{model}"),
+        ),
+        "model-cached" => ("guardrails = \"model\"".into(), model.into()),
+        _ => (String::new(), String::new()),
+    }
+}
+
+fn start_gateway(
+    dir: &std::path::Path,
+    name: &str,
+    upstream: SocketAddr,
+    log: bool,
+    rails: &str,
+) -> (Proc, SocketAddr) {
+    let config = dir.join(format!("flywheel-{name}.toml"));
+    let (route_line, rails_section) = rails_config(rails);
     std::fs::write(
         &config,
         format!(
@@ -261,8 +313,10 @@ base_url = "http://{upstream}/v1"
 [[routes]]
 name = "bench"
 champion = {{ upstream = "mock", model = "bench-model" }}
+{route_line}
+{rails_section}
 "#,
-            dir.join("data").display()
+            dir.join(name).display()
         ),
     )
     .unwrap();
@@ -374,7 +428,7 @@ fn main() {
         .build()
         .unwrap();
     let upstream = upstream_rt.block_on(mock_upstream());
-    let (gateway_proc, gateway) = start_gateway(dir.path(), upstream, true);
+    let (gateway_proc, gateway) = start_gateway(dir.path(), "data", upstream, true, "");
     let mut extra_procs = Vec::new();
     let mut targets = vec![
         Target {
@@ -389,13 +443,28 @@ fn main() {
         },
     ];
     if args.iter().any(|a| a == "--also-without-log") {
-        let (p, addr) = start_gateway(dir.path(), upstream, false);
+        let (p, addr) = start_gateway(dir.path(), "log-off", upstream, false, "");
         extra_procs.push(p);
         targets.push(Target {
             name: "flywheel (log off)",
             addr,
             auth: None,
         });
+    }
+    if args.iter().any(|a| a == "--rails") {
+        for (kind, name) in [
+            ("rules", "flywheel + rules rail"),
+            ("model", "flywheel + model rail"),
+            ("model-cached", "flywheel + model (cache)"),
+        ] {
+            let (p, addr) = start_gateway(dir.path(), kind, upstream, true, kind);
+            extra_procs.push(p);
+            targets.push(Target {
+                name,
+                addr,
+                auth: None,
+            });
+        }
     }
     if let Some(bin) = &litellm {
         for (workers, name) in [(1, "litellm (1 worker)"), (2, "litellm (2 workers)")] {

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use regex::Regex;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use super::parse::OutputParser;
 use super::rules::Entity;
@@ -51,7 +52,7 @@ pub struct Rail {
 
 #[derive(Debug)]
 pub enum RailKind {
-    Model(ModelRail),
+    Model(Box<ModelRail>),
     /// Blocks when any pattern matches user text.
     DenyPatterns(Vec<Regex>),
     /// Finds sensitive data in user text, then blocks or masks it.
@@ -69,6 +70,9 @@ pub enum RuleAction {
 
 #[derive(Debug)]
 pub struct ModelRail {
+    /// A digest of everything that shapes the safety model's answer apart from the conversation
+    /// (model, prompt, parser, token limit): half of a verdict's cache key.
+    pub digest: [u8; 32],
     /// The model name the gateway serves the safety model under (a route, an upstream's model, a
     /// local model or adapter).
     pub model: String,
@@ -78,10 +82,13 @@ pub struct ModelRail {
     pub max_tokens: u64,
 }
 
+/// A prompt's messages as compiled templates (named by their index), with their roles.
 #[derive(Debug)]
 pub struct Prompt {
-    /// (role, Jinja template) pairs.
-    pub messages: Vec<(String, String)>,
+    pub env: minijinja::Environment<'static>,
+    pub roles: Vec<String>,
+    /// Whether a template reads `history` (then the whole conversation shapes the answer).
+    pub uses_history: bool,
 }
 
 /// Why a config body was refused.
@@ -306,7 +313,7 @@ fn model_rail(
         .ok_or(format!("the '{ty}' model entry names no 'model'"))?;
     let mut parser = default_parser;
     let mut max_tokens = 64;
-    let prompt = match prompt {
+    let compiled_prompt = match prompt {
         None => None,
         Some(p) => {
             if let Some(name) = p.get("output_parser").and_then(Value::as_str) {
@@ -330,12 +337,23 @@ fn model_rail(
             Some(compile_prompt(p)?)
         }
     };
-    Ok(RailKind::Model(ModelRail {
+    let mut h = Sha256::new();
+    for part in [
+        model,
+        &format!("{parser:?}"),
+        &max_tokens.to_string(),
+        &prompt.map(|p| p.to_string()).unwrap_or_default(),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    Ok(RailKind::Model(Box::new(ModelRail {
+        digest: h.finalize().into(),
         model: model.to_string(),
-        prompt,
+        prompt: compiled_prompt,
         parser,
         max_tokens,
-    }))
+    })))
 }
 
 fn compile_prompt(p: &Value) -> Result<Prompt, String> {
@@ -368,12 +386,20 @@ fn compile_prompt(p: &Value) -> Result<Prompt, String> {
     if messages.is_empty() {
         return Err("the prompt has neither 'messages' nor 'content'".into());
     }
-    let env = minijinja::Environment::new();
-    for (_, t) in &messages {
-        env.template_from_str(t)
+    let mut env = minijinja::Environment::new();
+    let mut roles = Vec::with_capacity(messages.len());
+    let mut uses_history = false;
+    for (i, (role, t)) in messages.into_iter().enumerate() {
+        uses_history |= t.contains("history");
+        env.add_template_owned(i.to_string(), t)
             .map_err(|e| format!("the prompt template does not parse: {e}"))?;
+        roles.push(role);
     }
-    Ok(Prompt { messages })
+    Ok(Prompt {
+        env,
+        roles,
+        uses_history,
+    })
 }
 
 #[cfg(test)]
@@ -416,7 +442,7 @@ mod tests {
         assert_eq!(m.model, "nvidia/llama-3.1-nemoguard-8b-content-safety");
         assert_eq!(m.parser, OutputParser::NemoGuardJson);
         assert_eq!(m.max_tokens, 50);
-        assert_eq!(m.prompt.as_ref().unwrap().messages.len(), 2);
+        assert_eq!(m.prompt.as_ref().unwrap().roles, ["system", "user"]);
         assert!(!c.fail_open);
     }
 

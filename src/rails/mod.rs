@@ -567,8 +567,23 @@ impl Rails {
         models: &dyn SafetyModels,
         report: &mut RailReport,
     ) -> Result<SafetyVerdict, String> {
+        let history = history_lines(conversation);
+        // The key covers exactly what the safety model would be shown: the rail (model, prompt,
+        // parser) and the text its prompt reads.
+        let mut key = Sha256::new().chain_update(rail.digest);
+        match &rail.prompt {
+            Some(p) if !p.uses_history => key.update(user_input.as_bytes()),
+            _ => key.update(history.as_bytes()),
+        }
+        let key: CacheKey = key.finalize().into();
+        if let Some(v) = self.cache.get(&key) {
+            metrics::counter!("flywheel_rails_cache_total", "outcome" => "hit").increment(1);
+            report.cached = true;
+            return Ok(v);
+        }
+        metrics::counter!("flywheel_rails_cache_total", "outcome" => "miss").increment(1);
         let messages = match &rail.prompt {
-            Some(p) => render_prompt(p, user_input, conversation)?,
+            Some(p) => render_prompt(p, user_input, &history)?,
             None => conversation
                 .iter()
                 .filter(|m| {
@@ -580,20 +595,6 @@ impl Rails {
                 .map(|m| json!({"role": m["role"], "content": m["content"]}))
                 .collect(),
         };
-        let key: CacheKey = Sha256::new()
-            .chain_update(rail.model.as_bytes())
-            .chain_update([0])
-            .chain_update(format!("{:?}", rail.parser).as_bytes())
-            .chain_update([0])
-            .chain_update(Value::Array(messages.clone()).to_string().as_bytes())
-            .finalize()
-            .into();
-        if let Some(v) = self.cache.get(&key) {
-            metrics::counter!("flywheel_rails_cache_total", "outcome" => "hit").increment(1);
-            report.cached = true;
-            return Ok(v);
-        }
-        metrics::counter!("flywheel_rails_cache_total", "outcome" => "miss").increment(1);
         let (backend, adapter, model_name) = models
             .safety_backend(&rail.model)
             .ok_or_else(|| format!("the safety model '{}' is not served here", rail.model))?;
@@ -640,34 +641,42 @@ impl Rails {
     }
 }
 
-/// The prompt's messages, rendered for this conversation. Templates see `user_input` (the last
-/// user message), `user_query` (the same), `history` (the conversation as `role: text` lines) and
-/// `bot_response` (empty: input rails run before any answer).
-fn render_prompt(
-    prompt: &config::Prompt,
-    user_input: &str,
-    conversation: &[Value],
-) -> Result<Vec<Value>, String> {
-    let history: Vec<String> = conversation
+/// The conversation as `role: text` lines (text content only).
+fn history_lines(conversation: &[Value]) -> String {
+    conversation
         .iter()
         .filter_map(|m| {
             let role = m.get("role")?.as_str()?;
             let text = m.get("content")?.as_str()?;
             Some(format!("{role}: {text}"))
         })
-        .collect();
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The prompt's messages, rendered for this conversation. Templates see `user_input` (the last
+/// user message), `user_query` (the same), `history` (the conversation as `role: text` lines) and
+/// `bot_response` (empty: input rails run before any answer).
+fn render_prompt(
+    prompt: &config::Prompt,
+    user_input: &str,
+    history: &str,
+) -> Result<Vec<Value>, String> {
     let ctx = minijinja::context! {
         user_input => user_input,
         user_query => user_input,
-        history => history.join("\n"),
+        history => history,
         bot_response => "",
     };
-    let env = minijinja::Environment::new();
     prompt
-        .messages
+        .roles
         .iter()
-        .map(|(role, template)| {
-            env.render_str(template, &ctx)
+        .enumerate()
+        .map(|(i, role)| {
+            prompt
+                .env
+                .get_template(&i.to_string())
+                .and_then(|t| t.render(&ctx))
                 .map(|content| json!({"role": role, "content": content}))
                 .map_err(|e| format!("cannot render the safety prompt: {e}"))
         })
