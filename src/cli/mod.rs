@@ -230,6 +230,18 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
                 fw.student, teacher, config.flywheel.schedule
             );
         }
+        if let Some(g) = &r.guardrails {
+            println!(
+                "         guardrails: {}",
+                crate::rails::config::canonical_id(g)
+            );
+        }
+    }
+    for c in &config.rails.configs {
+        let data = c.load_data()?;
+        let compiled = crate::rails::config::compile(&c.id(), &data)?;
+        let flows: Vec<&str> = compiled.rails.iter().map(|r| r.flow.as_str()).collect();
+        println!("rails    {} -> {}", c.id(), flows.join("; "));
     }
     Ok(())
 }
