@@ -362,3 +362,46 @@ async fn a_template_that_renders_tools_is_used_instead_of_the_hermes_prompt() {
     assert!((8..=16).contains(&n), "{n} prompt tokens: {v}");
     assert!(gw.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_engine_serves_as_a_safety_model() {
+    let path = tokio::task::spawn_blocking(default_model).await.unwrap();
+    let rails = r#"
+[[rails.configs]]
+name = "local-guard"
+[rails.configs.data]
+models = [{ type = "guard", engine = "local", model = "smollm2" }]
+rails.input.flows = ["llama guard check input $model=guard"]
+prompts = [{ task = "llama_guard_check_input", messages = [{ type = "system", content = "You classify messages. Reply with one word: safe or unsafe." }, { type = "user", content = "Message: {{ user_input }}" }], output_parser = "is_content_safe", max_tokens = 4 }]
+"#;
+    let mut gw = GatewayProcess::start(&local_config(&path, rails));
+    let client = reqwest::Client::new();
+    let check = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}], "guardrails": {"config_id": "local-guard"}});
+    let v: Value = client
+        .post(gw.url("/v1/guardrail/checks"))
+        .json(&check)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rail = &v["rails_status"]["llama guard check input $model=guard"];
+    // The embedded model answered (whatever it judged): a verdict or an unparseable answer, never
+    // a failure to reach the model.
+    assert_ne!(v["status"], "error", "{v}");
+    assert!(
+        matches!(rail["status"].as_str(), Some("success" | "blocked")),
+        "{v}"
+    );
+    assert!(rail["latency_ms"].as_f64().unwrap() > 0.0, "{v}");
+    let (status, answer) = ask(
+        &gw,
+        json!({"model": "smol", "messages": [{"role": "user", "content": "What is the capital of France?"}], "guardrails": {"config_id": "local-guard"}, "max_tokens": 8}),
+    )
+    .await;
+    let expected = if v["status"] == "success" { 200 } else { 400 };
+    assert_eq!(status, expected, "{answer}");
+    eprintln!("local safety verdict: {v}");
+    assert!(gw.stop().success());
+}

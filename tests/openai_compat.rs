@@ -59,6 +59,7 @@ async fn the_official_python_client_works_unchanged_against_the_gateway() {
     for m in ["echo", "tools", "parallel"] {
         config.push_str(&route_toml(m, "mock", m, ""));
     }
+    config.push_str("[[rails.configs]]\nname = \"pii\"\ndata = { rails = { input = { flows = [\"detect sensitive data on input\"] } } }\n");
     let mut gw = GatewayProcess::start(&config);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_compat.py");
     let base = gw.url("/v1");
@@ -78,7 +79,7 @@ async fn the_official_python_client_works_unchanged_against_the_gateway() {
         "python compat script failed:\n{stdout}\n{stderr}"
     );
     assert!(
-        stdout.lines().filter(|l| l.starts_with("ok: ")).count() >= 14,
+        stdout.lines().filter(|l| l.starts_with("ok: ")).count() >= 16,
         "{stdout}"
     );
     assert!(gw.stop().success());
@@ -90,7 +91,7 @@ async fn the_official_python_client_works_unchanged_against_the_gateway() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    // Four served requests and two refused ones, all recorded.
-    assert_eq!(n, 6);
+    // Five served requests and three refused ones, all recorded.
+    assert_eq!(n, 8);
     assert_eq!(workload, 1);
 }

@@ -116,6 +116,24 @@ def main(base_url):
     except openai.BadRequestError as e:
         check(e.body is not None and e.body.get("param") == "temperature", "bad temperature -> BadRequestError")
 
+    # Content-safety rails: a request names a guardrail config through extra_body; a blocked one
+    # raises BadRequestError with code content_filter, a clean one is served.
+    try:
+        client.chat.completions.create(
+            model="echo",
+            messages=[{"role": "user", "content": "my card is 4111 1111 1111 1111"}],
+            extra_body={"guardrails": {"config_id": "pii"}},
+        )
+        check(False, "blocked request raises")
+    except openai.BadRequestError as e:
+        check(e.code == "content_filter" and "CREDIT_CARD" in str(e), "blocked -> BadRequestError content_filter")
+    r = client.chat.completions.create(
+        model="echo",
+        messages=[{"role": "user", "content": "nothing sensitive"}],
+        extra_body={"guardrails": {"config_id": "pii"}},
+    )
+    check(r.choices[0].message.content == "echo: nothing sensitive", "clean request passes the rails")
+
     # The model list.
     ids = [m.id for m in client.models.list()]
     check("echo" in ids and "parallel" in ids, "models.list")
