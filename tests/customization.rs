@@ -419,6 +419,46 @@ async fn a_customization_job_trains_registers_and_serves_its_adapter() {
         .join(format!("data/jobs/{eid}/items.json"))
         .exists());
 
+    // An evaluation the gateway was running when it stopped runs again after the restart (here
+    // simulated by marking the finished job running again while the gateway is down).
+    let mut gw = gw;
+    assert!(gw.stop().success());
+    gw.db()
+        .execute(
+            "UPDATE jobs SET status = 'running', result = NULL WHERE id = ?1",
+            [&eid],
+        )
+        .unwrap();
+    let gw = gw.restart();
+    let t = Instant::now();
+    loop {
+        let (_, j) = call(
+            Method::GET,
+            gw.url(&format!("/v1/evaluation/jobs/{eid}")),
+            None,
+        )
+        .await;
+        if j["status"] == "completed" {
+            break;
+        }
+        assert_eq!(j["status"], "running", "{j}");
+        assert!(t.elapsed() < Duration::from_secs(120), "{j}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (st, again) = call(
+        Method::GET,
+        gw.url(&format!("/v1/evaluation/jobs/{eid}/results")),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{again}");
+    let again_scores =
+        &again["tasks"]["custom-tool-calling"]["metrics"]["tool-calling-accuracy"]["scores"];
+    for s in ["function_name_accuracy", "function_name_and_args_accuracy"] {
+        // Greedy decoding: the rerun scores the same items the same way.
+        assert_eq!(again_scores[s], scores[s], "{s}: {again}");
+    }
+
     let (st, _) = call(Method::DELETE, gw.url("/v1/datasets/team/tools"), None).await;
     assert_eq!(st, 200);
     assert!(!gw.dir.path().join("data/datasets/team/tools").exists());

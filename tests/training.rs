@@ -21,47 +21,49 @@ use flywheel::flywheel::train::{self, Hyperparameters, TrainError};
 use serde_json::{json, Value};
 
 fn tools() -> Vec<Value> {
-    let tool = |name: &str, what: &str| {
+    let tool = |name: &str, what: &str, arg: &str| {
         json!({"type": "function", "function": {"name": name, "description": what,
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}})
+            "parameters": {"type": "object", "properties": {arg: {"type": "integer"}}, "required": [arg]}}})
     };
     vec![
-        tool("get_weather", "Weather in a city"),
-        tool("get_time", "Local time in a city"),
+        tool("set_volume", "Set the speaker volume", "level"),
+        tool("set_timer", "Start a countdown", "minutes"),
     ]
 }
 
-/// One call per query, over 48 cities and 6 phrasings: every city appears once, so the argument
-/// can only be right if the model learns to copy it from the query.
+/// Every pairing of the ten digits with 12 phrasings (6 per tool): 120 queries, each calling one
+/// tool with the query's number. Held out are whole queries, pairings of a phrasing and a number
+/// the model never saw together, so a right answer needs the phrasing → tool mapping and the number
+/// copied from the query into the arguments, not a memorised query.
 fn task() -> Vec<Record> {
-    let cities = [
-        "paris", "tokyo", "london", "berlin", "oslo", "rome", "lima", "cairo", "delhi", "quito",
-        "dakar", "hanoi", "sofia", "riga", "kyiv", "bern", "baku", "doha", "male", "apia", "suva",
-        "nuuk", "accra", "abuja", "tunis", "rabat", "minsk", "vaduz", "malmo", "turku", "porto",
-        "genoa", "split", "cork", "leeds", "bath", "york", "kobe", "nara", "pune", "agra", "goa",
-        "kiev", "lyon", "nice", "bonn", "graz", "linz",
-    ];
     let phrasings = [
-        ("get_weather", "weather in {}?"),
-        ("get_time", "time in {}?"),
-        ("get_weather", "is it sunny in {}"),
-        ("get_time", "what hour is it in {}"),
-        ("get_weather", "forecast for {}"),
-        ("get_time", "clock for {}"),
+        ("set_volume", "level", "volume {}"),
+        ("set_timer", "minutes", "timer {} minutes"),
+        ("set_volume", "level", "set the volume to {}"),
+        ("set_timer", "minutes", "wake me in {} min"),
+        ("set_volume", "level", "turn the sound to {}"),
+        ("set_timer", "minutes", "remind me in {} minutes"),
+        ("set_volume", "level", "make it loud, level {}"),
+        ("set_timer", "minutes", "countdown of {}"),
+        ("set_volume", "level", "speaker at {} please"),
+        ("set_timer", "minutes", "a {} minute timer"),
+        ("set_volume", "level", "{} on the volume dial"),
+        ("set_timer", "minutes", "ring after {} minutes"),
     ];
     let mut out = Vec::new();
-    for (i, c) in cities.iter().enumerate() {
-        let (tool, q) = phrasings[i % phrasings.len()];
-        out.push(Record {
-            messages: vec![
-                json!({"role": "user", "content": q.replace("{}", c)}),
-                json!({"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
-                    "function": {"name": tool, "arguments": json!({"city": c}).to_string()}}]}),
-            ],
-            tools: tools(),
-            tool_choice: None,
-            ground_truth: None,
-        });
+    for n in 0..10u32 {
+        for (tool, arg, q) in phrasings {
+            out.push(Record {
+                messages: vec![
+                    json!({"role": "user", "content": q.replace("{}", &n.to_string())}),
+                    json!({"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
+                        "function": {"name": tool, "arguments": json!({arg: n}).to_string()}}]}),
+                ],
+                tools: tools(),
+                tool_choice: None,
+                ground_truth: None,
+            });
+        }
     }
     out
 }
@@ -79,12 +81,12 @@ async fn lora_training_teaches_a_random_model_held_out_tool_calls() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
     // A template with its own compact tool syntax keeps prompts short enough for a 2-layer model
-    // to find the city in; training and serving both render through it.
+    // to find the number in; training and serving both render through it.
     write_tiny_llama_with_template(&model, GgmlDType::F32, 17, TINY_TOOLS_TEMPLATE);
     let records = task();
     let splits = dataset::split(&records, 0.0, 0.25, 3);
-    assert_eq!(splits.test.len(), 12);
-    assert_eq!(splits.train.len(), 36);
+    assert_eq!(splits.test.len(), 30);
+    assert_eq!(splits.train.len(), 90);
     let chat = ChatFormat::load(&model).unwrap();
     let train_ex = dataset::training_examples(&chat, &splits.train).unwrap();
     let base = TrainBase::load(&model, 2048).unwrap();
@@ -126,33 +128,16 @@ async fn lora_training_teaches_a_random_model_held_out_tool_calls() {
     let (_, before) = eval::run(&backend, "tiny", None, &items, 96, 4).await;
     let (results, after) = eval::run(&backend, "tiny", Some("test/task"), &items, 96, 4).await;
     let shown = results.iter().map(|r| &r.predicted).collect::<Vec<_>>();
+    eprintln!("held-out tool calls before {before:?}\nafter {after:?}");
     assert!(
         before.function_name_accuracy < 0.2 && before.function_name_and_args_accuracy == 0.0,
         "the random base already scores {before:?}"
     );
-    // From 36 examples the model learns the call syntax, the phrasing → function mapping and the
-    // arguments' shape. Each city occurs once, so a right argument value needs a learned copy from
-    // the query, which a rank-8 adapter on this 2-layer, 64-wide random base does not pick up from
-    // so few examples: argument values are left to the real-model run in BENCHMARKS.md.
     assert!(
-        after.function_name_accuracy >= 0.9,
+        after.function_name_accuracy >= 0.9 && after.function_name_and_args_accuracy > 0.9,
         "after training: {after:?}\n{shown:?}"
     );
     assert!(after.json_parse_failure_rate <= 0.1, "{after:?}\n{shown:?}");
-    let shaped = results
-        .iter()
-        .flat_map(|r| &r.predicted)
-        .filter(|p| {
-            p.arguments
-                .as_ref()
-                .and_then(Value::as_object)
-                .is_some_and(|o| o.len() == 1 && o.get("city").is_some_and(Value::is_string))
-        })
-        .count();
-    assert!(
-        shaped >= 11,
-        "{shaped} of 12 calls have the schema's argument shape: {shown:?}"
-    );
     assert_eq!(after.errors, 0);
 }
 

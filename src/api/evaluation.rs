@@ -173,87 +173,145 @@ fn target_model(body: &Value) -> Option<String> {
     }
 }
 
+/// A checked evaluation request, ready to run.
+struct Prepared {
+    tasks: Vec<Task>,
+    backend: Arc<dyn crate::backend::Backend>,
+    adapter: Option<String>,
+    send_as: String,
+    max_tokens: usize,
+}
+
+/// Checks an evaluation request against the dataset store and the gateway's targets.
+fn prepare(
+    gateway: &crate::gateway::Gateway,
+    data_dir: &std::path::Path,
+    body: &Value,
+) -> Result<Prepared, ApiError> {
+    let config = body
+        .get("config")
+        .ok_or_else(|| ApiError::invalid_param("config", "'config' is required"))?;
+    let tasks = parse_tasks(config, data_dir)?;
+    let model = target_model(body).ok_or_else(|| {
+        ApiError::invalid_param(
+            "target.model",
+            "name the model (target.model.api_endpoint.model_id)",
+        )
+    })?;
+    let (backend, adapter, send_as) = gateway.backend_for(&model).ok_or_else(|| {
+        ApiError::invalid_param(
+            "target.model",
+            format!("model '{model}' does not resolve to a served target"),
+        )
+    })?;
+    let max_tokens = body
+        .pointer("/config/params/max_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(256) as usize;
+    Ok(Prepared {
+        tasks,
+        backend,
+        adapter,
+        send_as,
+        max_tokens,
+    })
+}
+
+/// Runs a prepared evaluation off the request path and records its results. Not one of the
+/// gateway's tracked tasks: shutdown must not wait minutes for an evaluation; an interrupted one
+/// runs again from the start at the next start of the gateway.
+fn launch(job: Prepared, db: std::path::PathBuf, data_dir: &std::path::Path, id: String) {
+    let job_dir = crate::flywheel::jobs::job_dir(data_dir, &id);
+    tokio::spawn(async move {
+        let mut results = serde_json::Map::new();
+        let mut audit = Vec::new();
+        for task in &job.tasks {
+            let (items, scores) = eval::run(
+                job.backend.as_ref(),
+                &job.send_as,
+                job.adapter.as_deref(),
+                &task.items,
+                job.max_tokens,
+                4,
+            )
+            .await;
+            let mut metrics = serde_json::Map::new();
+            for m in &task.metrics {
+                let score = |v: f64| json!({"value": v, "stats": {"count": scores.items}});
+                metrics.insert(m.clone(), json!({"scores": {
+                    "function_name_accuracy": score(scores.function_name_accuracy),
+                    "function_name_and_args_accuracy": score(scores.function_name_and_args_accuracy),
+                    "ast_accuracy": score(scores.ast_accuracy),
+                    "json_parse_failure_rate": score(scores.json_parse_failure_rate),
+                    "latency_p50_ms": score(scores.latency_p50_ms),
+                    "latency_p95_ms": score(scores.latency_p95_ms),
+                }}));
+            }
+            results.insert(task.name.clone(), json!({"metrics": metrics}));
+            audit.push(json!({"task": task.name, "scores": scores, "items": items}));
+        }
+        let _ = std::fs::create_dir_all(&job_dir);
+        let _ = std::fs::write(job_dir.join("items.json"), Value::Array(audit).to_string());
+        match crate::store::open(&db) {
+            Ok(conn) => {
+                let r = json!({"tasks": results});
+                let _ = entities::update_job(
+                    &conn,
+                    &id,
+                    "completed",
+                    &json!({"message": "completed"}),
+                    Some(&r),
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, job = %id, "cannot record evaluation results")
+            }
+        }
+    });
+}
+
+/// Runs again the evaluation jobs a previous process left unfinished (their items are redone from
+/// the first); one that no longer checks out (its dataset or model is gone) is failed with why.
+pub fn resume_unfinished(
+    gateway: &crate::gateway::Gateway,
+    runner: &crate::flywheel::jobs::JobRunner,
+) -> Result<(), entities::EntityError> {
+    let ctx = runner.context();
+    let conn =
+        crate::store::open(&ctx.db).map_err(|e| entities::EntityError::Invalid(e.to_string()))?;
+    for job in entities::unfinished_jobs(&conn, EVALUATION)? {
+        match prepare(gateway, &ctx.data_dir, &job.spec) {
+            Ok(p) => {
+                tracing::info!(job = %job.id, "running again an evaluation interrupted by a restart");
+                entities::update_job(
+                    &conn,
+                    &job.id,
+                    "running",
+                    &json!({"message": "running again after a restart of the gateway"}),
+                    None,
+                )?;
+                launch(p, ctx.db.clone(), &ctx.data_dir, job.id.clone());
+            }
+            Err(e) => {
+                let why = json!({"message": format!("interrupted by a restart, and cannot run again: {}", e.body()["error"]["message"].as_str().unwrap_or(""))});
+                entities::update_job(&conn, &job.id, "failed", &why, None)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let run = async {
         let body = Value::Object(authorized_json(&state, req, Scope::Admin).await?);
         let (conn, data_dir) = db(&state)?;
-        let config = body
-            .get("config")
-            .ok_or_else(|| ApiError::invalid_param("config", "'config' is required"))?;
-        let tasks = parse_tasks(config, &data_dir)?;
-        let model = target_model(&body).ok_or_else(|| {
-            ApiError::invalid_param(
-                "target.model",
-                "name the model (target.model.api_endpoint.model_id)",
-            )
-        })?;
-        let (backend, adapter, send_as) = state.gateway.backend_for(&model).ok_or_else(|| {
-            ApiError::invalid_param(
-                "target.model",
-                format!("model '{model}' does not resolve to a served target"),
-            )
-        })?;
-        let max_tokens = body
-            .pointer("/config/params/max_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(256) as usize;
+        let prepared = prepare(&state.gateway, &data_dir, &body)?;
         let id = format!("eval-{}", uuid::Uuid::now_v7().simple());
         entities::insert_job(&conn, &id, EVALUATION, &body).map_err(entity)?;
         entities::update_job(&conn, &id, "running", &json!({"message": "running"}), None)
             .map_err(entity)?;
-        let db_path = state.jobs.as_ref().map(|j| j.context().db.clone());
-        let job_dir = crate::flywheel::jobs::job_dir(&data_dir, &id);
-        let job_id = id.clone();
-        // Not one of the gateway's tracked tasks: shutdown must not wait minutes for an
-        // evaluation (an interrupted one is marked failed at the next start).
-        tokio::spawn(async move {
-            let mut results = serde_json::Map::new();
-            let mut audit = Vec::new();
-            for task in &tasks {
-                let (items, scores) = eval::run(
-                    backend.as_ref(),
-                    &send_as,
-                    adapter.as_deref(),
-                    &task.items,
-                    max_tokens,
-                    4,
-                )
-                .await;
-                let mut metrics = serde_json::Map::new();
-                for m in &task.metrics {
-                    let score = |v: f64| json!({"value": v, "stats": {"count": scores.items}});
-                    metrics.insert(m.clone(), json!({"scores": {
-                        "function_name_accuracy": score(scores.function_name_accuracy),
-                        "function_name_and_args_accuracy": score(scores.function_name_and_args_accuracy),
-                        "ast_accuracy": score(scores.ast_accuracy),
-                        "json_parse_failure_rate": score(scores.json_parse_failure_rate),
-                        "latency_p50_ms": score(scores.latency_p50_ms),
-                        "latency_p95_ms": score(scores.latency_p95_ms),
-                    }}));
-                }
-                results.insert(task.name.clone(), json!({"metrics": metrics}));
-                audit.push(json!({"task": task.name, "scores": scores, "items": items}));
-            }
-            let _ = std::fs::create_dir_all(&job_dir);
-            let _ = std::fs::write(job_dir.join("items.json"), Value::Array(audit).to_string());
-            if let Some(db) = db_path {
-                match crate::store::open(&db) {
-                    Ok(conn) => {
-                        let r = json!({"tasks": results});
-                        let _ = entities::update_job(
-                            &conn,
-                            &job_id,
-                            "completed",
-                            &json!({"message": "completed"}),
-                            Some(&r),
-                        );
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, job = %job_id, "cannot record evaluation results")
-                    }
-                }
-            }
-        });
+        let db_path = customization::runner(&state)?.context().db.clone();
+        launch(prepared, db_path, &data_dir, id.clone());
         let job = entities::get_job(&conn, EVALUATION, &id).map_err(entity)?;
         Ok::<_, ApiError>((StatusCode::OK, Json(job_json(&job))))
     };

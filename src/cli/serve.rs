@@ -120,6 +120,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     gateway
         .install_guardrails(&stored_guardrails)
         .map_err(anyhow::Error::msg)?;
+    if let Some(j) = &jobs {
+        if let Err(e) = crate::api::evaluation::resume_unfinished(&gateway, j) {
+            tracing::warn!(error = %e, "cannot resume interrupted evaluation jobs");
+        }
+    }
     let flywheel = match (&jobs, config.log.enabled) {
         (Some(j), true) => Some(
             crate::flywheel::controller::FlywheelController::start(

@@ -55,12 +55,9 @@ impl JobRunner {
         let (tx, rx) = mpsc::channel::<String>();
         let cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>> = Arc::default();
         let conn = crate::store::open(&ctx.db).map_err(|e| EntityError::Invalid(e.to_string()))?;
-        // Evaluations are quick to redo and hold no checkpoint: an interrupted one is failed.
-        for job in entities::unfinished_jobs(&conn, "evaluation")? {
-            let why =
-                json!({"message": "interrupted by a restart of the gateway; submit it again"});
-            entities::update_job(&conn, &job.id, "failed", &why, None)?;
-        }
+        // Interrupted evaluations are run again by the API layer once the gateway can serve their
+        // targets (`api::evaluation::resume_unfinished`).
+        reload_trained_adapters(&ctx, &conn)?;
         for job in entities::unfinished_jobs(&conn, CUSTOMIZATION)? {
             tracing::info!(job = %job.id, "queueing a job left unfinished by the previous run");
             lock(&cancels).insert(job.id.clone(), Arc::new(AtomicBool::new(false)));
@@ -261,6 +258,43 @@ fn read_split(dir: &Path, split: &str) -> Result<Vec<dataset::Record>, String> {
         out.extend(dataset::parse_openai_jsonl(&text).map_err(|e| format!("{split}/{name}: {e}"))?);
     }
     Ok(out)
+}
+
+/// Serves again, after a restart, the adapters that completed customization jobs registered
+/// (oldest first, so that with a cap on resident adapters the newest stay loaded).
+fn reload_trained_adapters(
+    ctx: &JobContext,
+    conn: &rusqlite::Connection,
+) -> Result<(), EntityError> {
+    for job in entities::list_jobs(conn, CUSTOMIZATION)?
+        .iter()
+        .rev()
+        .filter(|j| j.status == "completed")
+    {
+        let resolved = &job.spec["_resolved"];
+        let (Some(base), Some(output)) =
+            (resolved["base"].as_str(), resolved["output_model"].as_str())
+        else {
+            continue;
+        };
+        let Some(engine) = ctx.engines.iter().find(|e| e.name == base) else {
+            continue;
+        };
+        let (ns, name) = output.split_once('/').unwrap_or(("default", output));
+        let dir = ctx.data_dir.join("adapters").join(ns).join(name);
+        if !dir.join("adapter_config.json").exists() {
+            continue;
+        }
+        match engine.load_adapter(output, &dir) {
+            Ok(_) => {
+                tracing::info!(adapter = output, job = %job.id, "trained adapter served again")
+            }
+            Err(e) => {
+                tracing::warn!(adapter = output, job = %job.id, error = %e, "cannot serve a trained adapter again")
+            }
+        }
+    }
+    Ok(())
 }
 
 fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
