@@ -1,7 +1,7 @@
 //! Engine throughput on the default model: prefill and single-stream decode tokens/s, and aggregate
 //! decode tokens/s with 1, 4, 8 and 16 sequences in each batched step.
 //!
-//! `cargo bench --bench engine -- [--weights q8_0|native|f32] [--decode N]`
+//! `cargo bench --bench engine -- [--weights q8_0|native|f32] [--decode N] [--streams N]`
 //! (`benches/engine.sh` runs it beside llama.cpp on the same GGUF.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -25,6 +25,8 @@ fn main() {
         serde_json::from_value(serde_json::json!(w)).unwrap()
     });
     let decode: usize = arg("--decode").map_or(128, |s| s.parse().unwrap());
+    // `--streams N` runs only the N-stream decode (for profiling).
+    let only_streams: Option<usize> = arg("--streams").map(|s| s.parse().unwrap());
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(path.exists(), "run `bash scripts/fetch-model.sh` first");
@@ -39,6 +41,11 @@ fn main() {
 
     // Prefill: a 256-token prompt.
     let prompt: Vec<u32> = (0..256).map(|i| 100 + (i * 37 % 4000) as u32).collect();
+    if let Some(n) = only_streams {
+        let (agg, ms) = decode_run(&model, &prompt, n, &vec![None; n], decode);
+        println!("| {n} | none | {agg:.1} | {:.1} | {ms:.2} |", agg / n as f64);
+        return;
+    }
     let mut best = f64::MAX;
     for _ in 0..3 {
         let mut c = model.new_cache();
