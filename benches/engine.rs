@@ -43,7 +43,10 @@ fn main() {
     let prompt: Vec<u32> = (0..256).map(|i| 100 + (i * 37 % 4000) as u32).collect();
     if let Some(n) = only_streams {
         let (agg, ms) = decode_run(&model, &prompt, n, &vec![None; n], decode);
-        println!("| {n} | none | {agg:.1} | {:.1} | {ms:.2} |", agg / n as f64);
+        println!(
+            "| {n} | none | {agg:.1} | {:.1} | {ms:.2} |",
+            agg / n as f64
+        );
         return;
     }
     let mut best = f64::MAX;

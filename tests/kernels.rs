@@ -1,0 +1,730 @@
+//! The CUDA kernels in `kernels/`, verified without a GPU:
+//! - compiled by nvcc (from NVIDIA's PyPI wheels) for sm_80 and sm_90, with ptxas's resource report
+//!   checked for spills (`scripts/check-kernels.sh`);
+//! - run on the CPU from the same sources through `kernels/emu/cuda_emu.h` (built here with g++),
+//!   and compared with the Rust CPU implementations in `flywheel::ops` on fresh random inputs at
+//!   several shapes, in f16 and bf16, with every output poisoned (NaN) before each run.
+#![allow(unsafe_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use flywheel::ops;
+use flywheel::ops::attention::{attention, SeqAttention};
+use flywheel::ops::lora::{bgmv_add, LowRank, Slot};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn kernels_compile_for_sm80_and_sm90_without_spills() {
+    let out = Command::new("bash")
+        .arg(root().join("scripts/check-kernels.sh"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{table}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kernels = [
+        "lora_shrink_bgmv",
+        "lora_shrink_sgmv",
+        "lora_expand_add",
+        "rms_norm",
+        "rope",
+        "silu_mul",
+        "paged_decode_attention",
+        "q8_0_matvec",
+        "q4_1_matvec",
+    ];
+    for arch in ["sm_80", "sm_90"] {
+        for k in kernels {
+            for dtype in ["f16", "bf16"] {
+                let row = table
+                    .lines()
+                    .find(|l| l.starts_with(&format!("| {k}_{dtype} | {arch} |")))
+                    .unwrap_or_else(|| {
+                        panic!("no ptxas report for {k}_{dtype} on {arch}:\n{table}")
+                    });
+                let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                // | kernel | arch | registers | spill stores | spill loads | stack | smem |
+                let regs: u32 = cells[3].parse().unwrap();
+                assert!(regs > 0 && regs <= 255, "{row}");
+                assert_eq!((cells[4], cells[5]), ("0", "0"), "spills: {row}");
+            }
+        }
+    }
+}
+
+// ---- the emulated kernels ----
+
+/// Builds `kernels/emu/harness.cpp` with g++ once per test run and opens it.
+fn library() -> &'static Library {
+    static LIB: OnceLock<Library> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kernels_emu.so");
+        let status = Command::new("g++")
+            .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread"])
+            .args(["-Wall", "-Wextra", "-Werror"])
+            .arg("-o")
+            .arg(&out)
+            .arg(root().join("kernels/emu/harness.cpp"))
+            .status()
+            .expect("g++ is needed to build the kernel emulation");
+        assert!(status.success(), "building the emulated kernels failed");
+        Library::open(&out)
+    })
+}
+
+extern "C" {
+    fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
+    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+}
+
+struct Library(*mut c_void);
+// SAFETY: the handle is only used to look up symbols, which dlsym allows from any thread.
+unsafe impl Send for Library {}
+unsafe impl Sync for Library {}
+
+impl Library {
+    fn open(path: &Path) -> Self {
+        let c = CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; RTLD_NOW (2) resolves everything at load.
+        let h = unsafe { dlopen(c.as_ptr(), 2) };
+        assert!(!h.is_null(), "dlopen {}", path.display());
+        Self(h)
+    }
+
+    fn symbol(&self, name: &str) -> *mut c_void {
+        let c = CString::new(name).unwrap();
+        // SAFETY: a live handle and a NUL-terminated name.
+        let p = unsafe { dlsym(self.0, c.as_ptr()) };
+        assert!(!p.is_null(), "no symbol {name}");
+        p
+    }
+}
+
+/// Resolves `emu_<name>` as a function of type `F`.
+macro_rules! entry {
+    ($name:expr, $ty:ty) => {{
+        let p = library().symbol(&format!("emu_{}", $name));
+        // SAFETY: the harness defines `emu_<name>` with exactly this C signature (see harness.cpp).
+        unsafe { std::mem::transmute::<*mut c_void, $ty>(p) }
+    }};
+}
+
+/// A storage type of the kernels: f16 or bf16, as raw bits.
+#[derive(Clone, Copy, Debug)]
+enum Dtype {
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    fn suffix(self) -> &'static str {
+        match self {
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+    fn encode(self, v: f32) -> u16 {
+        match self {
+            Dtype::F16 => half::f16::from_f32(v).to_bits(),
+            Dtype::Bf16 => half::bf16::from_f32(v).to_bits(),
+        }
+    }
+    fn decode(self, b: u16) -> f32 {
+        match self {
+            Dtype::F16 => half::f16::from_bits(b).to_f32(),
+            Dtype::Bf16 => half::bf16::from_bits(b).to_f32(),
+        }
+    }
+    /// A NaN, to poison outputs before a run.
+    fn nan(self) -> u16 {
+        match self {
+            Dtype::F16 => 0x7e00,
+            Dtype::Bf16 => 0x7fc0,
+        }
+    }
+    /// Relative tolerance of one rounding to this type (plus f32 reordering).
+    fn tol(self) -> f32 {
+        match self {
+            Dtype::F16 => 2e-3,
+            Dtype::Bf16 => 1.6e-2,
+        }
+    }
+}
+
+/// Random values in [-scale, scale), from a seed that changes every run (printed on failure).
+struct Rng(u64);
+
+impl Rng {
+    fn fresh(tag: u64) -> Self {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        let seed = t ^ tag.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        eprintln!("kernel test seed {seed:#x}");
+        Self(seed | 1)
+    }
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next() * scale).collect()
+    }
+}
+
+/// Values stored in `dt`: the bits, and the f32 the bits stand for (what the reference computes on).
+fn stored(dt: Dtype, v: &[f32]) -> (Vec<u16>, Vec<f32>) {
+    let bits: Vec<u16> = v.iter().map(|x| dt.encode(*x)).collect();
+    let back = bits.iter().map(|b| dt.decode(*b)).collect();
+    (bits, back)
+}
+
+fn assert_close(what: &str, dt: Dtype, got: &[f32], want: &[f32], scale: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let tol = dt.tol();
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.is_finite() && (g - w).abs() <= tol * (w.abs() + scale),
+            "{what} ({}) [{i}]: kernel {g} vs reference {w}",
+            dt.suffix()
+        );
+    }
+}
+
+fn t2(v: &[f32], rows: usize, cols: usize) -> Tensor {
+    Tensor::from_vec(v.to_vec(), (rows, cols), &Device::Cpu).unwrap()
+}
+
+type ShrinkBgmv = unsafe extern "C" fn(
+    u32,
+    u32,
+    u32,
+    *const u16,
+    *const u16,
+    *const i32,
+    *mut f32,
+    i32,
+    i32,
+    i32,
+    i32,
+);
+type ShrinkSgmv = unsafe extern "C" fn(
+    u32,
+    u32,
+    u32,
+    *const u16,
+    *const u16,
+    *const i32,
+    *const i32,
+    *mut f32,
+    i32,
+    i32,
+    i32,
+    i32,
+);
+type ExpandAdd = unsafe extern "C" fn(
+    u32,
+    u32,
+    u32,
+    *const f32,
+    *const u16,
+    *const i32,
+    *const f32,
+    *mut u16,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+);
+
+#[test]
+fn lora_kernels_match_the_cpu_bgmv() {
+    for dt in [Dtype::F16, Dtype::Bf16] {
+        for (rank, input, n) in [(8usize, 64usize, 96usize), (16, 576, 192), (64, 128, 40)] {
+            lora_case(dt, rank, input, n);
+        }
+    }
+}
+
+fn lora_case(dt: Dtype, rank: usize, input: usize, n: usize) {
+    let mut rng = Rng::fresh(rank as u64);
+    let slots = 3usize;
+    // Ragged segments of rows sharing an adapter, one without (-1).
+    let segments: [(usize, i32); 5] = [(3, 0), (1, -1), (5, 2), (2, 1), (1, 0)];
+    let rows: usize = segments.iter().map(|s| s.0).sum();
+    let slot: Vec<i32> = segments
+        .iter()
+        .flat_map(|&(len, a)| std::iter::repeat_n(a, len))
+        .collect();
+    let mut seg_start = vec![0i32];
+    for (len, _) in segments {
+        seg_start.push(seg_start.last().unwrap() + len as i32);
+    }
+    let seg_slot: Vec<i32> = segments.iter().map(|s| s.1).collect();
+    let (x, xf) = stored(dt, &rng.vec(rows * input, 1.0));
+    let (a, af) = stored(dt, &rng.vec(slots * rank * input, 0.2));
+    let (b, bf) = stored(dt, &rng.vec(slots * n * rank, 0.2));
+    let scale: Vec<f32> = (0..slots).map(|s| 0.5 + s as f32).collect();
+    // The delta lands in a slice of a wider output (a fused projection): columns [7, 7 + n).
+    let (stride, offset) = (n + 13, 7usize);
+    let (y0, y0f) = stored(dt, &rng.vec(rows * stride, 1.0));
+
+    let warps = 4u32;
+    let r_tiles = rank.div_ceil(warps as usize) as u32;
+    let bgmv: ShrinkBgmv = entry!(format!("lora_shrink_bgmv_{}", dt.suffix()), ShrinkBgmv);
+    let sgmv: ShrinkSgmv = entry!(format!("lora_shrink_sgmv_{}", dt.suffix()), ShrinkSgmv);
+    let expand: ExpandAdd = entry!(format!("lora_expand_add_{}", dt.suffix()), ExpandAdd);
+    let mut v = vec![f32::NAN; rows * rank];
+    let mut v_seg = vec![f32::NAN; rows * rank];
+    let mut y = y0.clone();
+    // SAFETY: every buffer has the size the kernel indexes for these shapes.
+    unsafe {
+        bgmv(
+            rows as u32,
+            r_tiles,
+            warps * 32,
+            x.as_ptr(),
+            a.as_ptr(),
+            slot.as_ptr(),
+            v.as_mut_ptr(),
+            rows as i32,
+            input as i32,
+            rank as i32,
+            slots as i32,
+        );
+        sgmv(
+            segments.len() as u32,
+            r_tiles,
+            warps * 32,
+            x.as_ptr(),
+            a.as_ptr(),
+            seg_start.as_ptr(),
+            seg_slot.as_ptr(),
+            v_seg.as_mut_ptr(),
+            segments.len() as i32,
+            input as i32,
+            rank as i32,
+            slots as i32,
+        );
+        expand(
+            rows as u32,
+            n.div_ceil(64) as u32,
+            64,
+            v.as_ptr(),
+            b.as_ptr(),
+            slot.as_ptr(),
+            scale.as_ptr(),
+            y.as_mut_ptr(),
+            rows as i32,
+            rank as i32,
+            n as i32,
+            stride as i32,
+            offset as i32,
+            slots as i32,
+        );
+    }
+    // SGMV walks segments; it must agree with BGMV's per-row result bit for bit.
+    assert_eq!(v, v_seg, "sgmv vs bgmv");
+
+    // The reference: the CPU BGMV op on the same (rounded) values.
+    let modules: Vec<LowRank> = (0..slots)
+        .map(|s| {
+            let mut a_t = vec![0f32; input * rank];
+            let mut b_t = vec![0f32; rank * n];
+            for j in 0..rank {
+                for i in 0..input {
+                    a_t[i * rank + j] = af[(s * rank + j) * input + i];
+                }
+                for o in 0..n {
+                    b_t[j * n + o] = bf[(s * n + o) * rank + j];
+                }
+            }
+            LowRank {
+                rank,
+                input,
+                output: n,
+                a_t,
+                b_t,
+            }
+        })
+        .collect();
+    let row_slots: Vec<Vec<Slot<'_>>> = slot
+        .iter()
+        .map(|&s| match s {
+            s if s >= 0 => vec![Slot {
+                module: &modules[s as usize],
+                scale: scale[s as usize],
+                offset,
+            }],
+            _ => vec![],
+        })
+        .collect();
+    let mut want = y0f.clone();
+    bgmv_add(&mut want, stride, &xf, input, &row_slots);
+    let got: Vec<f32> = y.iter().map(|b| dt.decode(*b)).collect();
+    assert_close(
+        &format!("lora r={rank} in={input} n={n}"),
+        dt,
+        &got,
+        &want,
+        1.0,
+    );
+    // Rows without an adapter are untouched, bit for bit.
+    for t in (0..rows).filter(|&t| slot[t] < 0) {
+        assert_eq!(
+            y[t * stride..(t + 1) * stride],
+            y0[t * stride..(t + 1) * stride]
+        );
+    }
+}
+
+type RmsNorm = unsafe extern "C" fn(
+    u32,
+    u32,
+    u32,
+    *const u16,
+    *const u16,
+    *const u16,
+    *mut u16,
+    *mut u16,
+    i32,
+    i32,
+    f32,
+);
+
+#[test]
+fn rms_norm_matches_the_cpu_op_with_and_without_the_residual() {
+    for dt in [Dtype::F16, Dtype::Bf16] {
+        for (rows, dim) in [(3usize, 576usize), (5, 2048), (1, 64)] {
+            let mut rng = Rng::fresh(dim as u64);
+            let (x, xf) = stored(dt, &rng.vec(rows * dim, 2.0));
+            let (r, rf) = stored(dt, &rng.vec(rows * dim, 2.0));
+            let (w, wf) = stored(dt, &rng.vec(dim, 1.0));
+            let f: RmsNorm = entry!(format!("rms_norm_{}", dt.suffix()), RmsNorm);
+            for with_residual in [false, true] {
+                let mut out = vec![dt.nan(); rows * dim];
+                let mut res_out = vec![dt.nan(); rows * dim];
+                // SAFETY: buffers sized rows × dim (dim for w); null residual pointers are allowed.
+                unsafe {
+                    f(
+                        rows as u32,
+                        1,
+                        256,
+                        x.as_ptr(),
+                        if with_residual {
+                            r.as_ptr()
+                        } else {
+                            std::ptr::null()
+                        },
+                        w.as_ptr(),
+                        out.as_mut_ptr(),
+                        if with_residual {
+                            res_out.as_mut_ptr()
+                        } else {
+                            std::ptr::null_mut()
+                        },
+                        rows as i32,
+                        dim as i32,
+                        1e-5,
+                    );
+                }
+                let h: Vec<f32> = if with_residual {
+                    xf.iter().zip(&rf).map(|(a, b)| a + b).collect()
+                } else {
+                    xf.clone()
+                };
+                let want = ops::rms_norm(
+                    &t2(&h, rows, dim),
+                    &Tensor::new(wf.as_slice(), &Device::Cpu).unwrap(),
+                    1e-5,
+                )
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+                let got: Vec<f32> = out.iter().map(|b| dt.decode(*b)).collect();
+                assert_close("rms_norm", dt, &got, &want, 0.1);
+                if with_residual {
+                    let got: Vec<f32> = res_out.iter().map(|b| dt.decode(*b)).collect();
+                    assert_close("rms_norm residual", dt, &got, &h, 0.1);
+                }
+            }
+        }
+    }
+}
+
+type Rope = unsafe extern "C" fn(u32, u32, u32, *mut u16, *const i32, i32, i32, i32, f32, i32);
+
+#[test]
+fn rope_matches_the_cpu_op_in_both_layouts() {
+    for dt in [Dtype::F16, Dtype::Bf16] {
+        for (n, heads, hd, theta) in [(4usize, 9usize, 64usize, 10000f32), (3, 4, 128, 500000.0)] {
+            let mut rng = Rng::fresh(hd as u64);
+            let (x0, xf) = stored(dt, &rng.vec(n * heads * hd, 1.0));
+            let pos: Vec<i32> = (0..n).map(|i| (i * 37 + 5) as i32).collect();
+            let half = hd / 2;
+            let (mut cos, mut sin) = (Vec::new(), Vec::new());
+            for &p in &pos {
+                for i in 0..half {
+                    let a = p as f32 * theta.powf(-2.0 * i as f32 / hd as f32);
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+            let f: Rope = entry!(format!("rope_{}", dt.suffix()), Rope);
+            for (neox, style) in [
+                (1, ops::RopeStyle::Halves),
+                (0, ops::RopeStyle::Interleaved),
+            ] {
+                let mut x = x0.clone();
+                // SAFETY: x holds n × heads × hd values, pos n.
+                unsafe {
+                    f(
+                        n as u32,
+                        heads as u32,
+                        half.next_multiple_of(32) as u32,
+                        x.as_mut_ptr(),
+                        pos.as_ptr(),
+                        n as i32,
+                        heads as i32,
+                        hd as i32,
+                        theta,
+                        neox,
+                    );
+                }
+                let xt = Tensor::from_vec(xf.clone(), (n, heads, hd), &Device::Cpu).unwrap();
+                let want = ops::rope(&xt, &t2(&cos, n, half), &t2(&sin, n, half), style)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let got: Vec<f32> = x.iter().map(|b| dt.decode(*b)).collect();
+                assert_close(&format!("rope neox={neox}"), dt, &got, &want, 0.05);
+            }
+        }
+    }
+}
+
+type SiluMul = unsafe extern "C" fn(u32, u32, u32, *const u16, *mut u16, i32, i32);
+
+#[test]
+fn silu_mul_matches_the_cpu_op() {
+    for dt in [Dtype::F16, Dtype::Bf16] {
+        let (rows, ffn) = (5usize, 1536usize);
+        let mut rng = Rng::fresh(ffn as u64);
+        let (gu, guf) = stored(dt, &rng.vec(rows * 2 * ffn, 4.0));
+        let mut out = vec![dt.nan(); rows * ffn];
+        let f: SiluMul = entry!(format!("silu_mul_{}", dt.suffix()), SiluMul);
+        // SAFETY: gu is rows × 2ffn, out rows × ffn.
+        unsafe {
+            f(
+                (rows * ffn).div_ceil(256) as u32,
+                1,
+                256,
+                gu.as_ptr(),
+                out.as_mut_ptr(),
+                rows as i32,
+                ffn as i32,
+            );
+        }
+        let g = t2(&guf, rows, 2 * ffn);
+        let want = ops::silu_mul(
+            &g.narrow(1, 0, ffn).unwrap(),
+            &g.narrow(1, ffn, ffn).unwrap(),
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        let got: Vec<f32> = out.iter().map(|b| dt.decode(*b)).collect();
+        assert_close("silu_mul", dt, &got, &want, 0.05);
+    }
+}
+
+type PagedAttention = unsafe extern "C" fn(
+    u32,
+    u32,
+    u32,
+    *const u16,
+    *const u16,
+    *const u16,
+    *const i32,
+    *const i32,
+    *mut u16,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    f32,
+);
+
+#[test]
+fn paged_decode_attention_matches_the_cpu_attention() {
+    for dt in [Dtype::F16, Dtype::Bf16] {
+        // (heads, kv_heads, head_dim): GQA 3:1 (SmolLM2), 4:1 (Llama-3.2-1B), 1:1.
+        for (heads, kv_heads, hd) in [(9usize, 3usize, 64usize), (8, 2, 128), (2, 2, 32)] {
+            attention_case(dt, heads, kv_heads, hd);
+        }
+    }
+}
+
+fn attention_case(dt: Dtype, heads: usize, kv_heads: usize, hd: usize) {
+    let mut rng = Rng::fresh((heads * hd) as u64);
+    // Ragged lengths: one position, less than a block, several tiles of 128.
+    let lens = [1usize, 13, 300, 129];
+    let block_size = 16usize;
+    let max_blocks = lens.iter().map(|l| l.div_ceil(block_size)).max().unwrap();
+    let total_blocks: usize = lens.iter().map(|l| l.div_ceil(block_size)).sum::<usize>() + 3;
+    let width = kv_heads * hd;
+    // Each sequence's contiguous cache (the CPU layout), then scattered into shuffled pages.
+    let seq_k: Vec<Vec<f32>> = lens
+        .iter()
+        .map(|&l| stored(dt, &rng.vec(l * width, 1.0)).1)
+        .collect();
+    let seq_v: Vec<Vec<f32>> = lens
+        .iter()
+        .map(|&l| stored(dt, &rng.vec(l * width, 1.0)).1)
+        .collect();
+    let mut order: Vec<usize> = (0..total_blocks).collect();
+    for i in (1..order.len()).rev() {
+        let j = ((rng.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
+        order.swap(i, j);
+    }
+    let mut k_cache = vec![dt.nan(); total_blocks * block_size * width];
+    let mut v_cache = vec![dt.nan(); total_blocks * block_size * width];
+    let mut table = vec![-1i32; lens.len() * max_blocks];
+    let mut next = 0;
+    for (s, &len) in lens.iter().enumerate() {
+        for b in 0..len.div_ceil(block_size) {
+            let page = order[next];
+            next += 1;
+            table[s * max_blocks + b] = page as i32;
+            for o in 0..block_size.min(len - b * block_size) {
+                let p = b * block_size + o;
+                for w in 0..width {
+                    k_cache[(page * block_size + o) * width + w] =
+                        dt.encode(seq_k[s][p * width + w]);
+                    v_cache[(page * block_size + o) * width + w] =
+                        dt.encode(seq_v[s][p * width + w]);
+                }
+            }
+        }
+    }
+    let (q, qf) = stored(dt, &rng.vec(lens.len() * heads * hd, 1.0));
+    let seq_lens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    let mut out = vec![dt.nan(); lens.len() * heads * hd];
+    let f: PagedAttention = entry!(
+        format!("paged_decode_attention_{}", dt.suffix()),
+        PagedAttention
+    );
+    let scale = 1.0 / (hd as f32).sqrt();
+    // SAFETY: every buffer is sized for these shapes; the table names only written pages.
+    unsafe {
+        f(
+            lens.len() as u32,
+            heads as u32,
+            128,
+            q.as_ptr(),
+            k_cache.as_ptr(),
+            v_cache.as_ptr(),
+            table.as_ptr(),
+            seq_lens.as_ptr(),
+            out.as_mut_ptr(),
+            lens.len() as i32,
+            heads as i32,
+            kv_heads as i32,
+            hd as i32,
+            block_size as i32,
+            max_blocks as i32,
+            scale,
+        );
+    }
+    let seqs: Vec<SeqAttention<'_>> = (0..lens.len())
+        .map(|s| SeqAttention {
+            k: &seq_k[s],
+            v: &seq_v[s],
+            row: s,
+            tokens: 1,
+        })
+        .collect();
+    let mut want = vec![0f32; lens.len() * heads * hd];
+    attention(&qf, &mut want, &seqs, heads, kv_heads, hd);
+    let got: Vec<f32> = out.iter().map(|b| dt.decode(*b)).collect();
+    assert_close(
+        &format!("paged attention h={heads} kvh={kv_heads} d={hd}"),
+        dt,
+        &got,
+        &want,
+        0.05,
+    );
+}
+
+type QMatvec = unsafe extern "C" fn(u32, u32, u32, *const u8, *const u16, *mut u16, i32, i32);
+
+#[test]
+fn quantized_matvec_matches_candle_dequantized_weights() {
+    for dt in [Dtype::F16, Dtype::Bf16] {
+        for (format, ggml) in [("q8_0", GgmlDType::Q8_0), ("q4_1", GgmlDType::Q4_1)] {
+            for (rows, cols) in [(70usize, 576usize), (33, 1536)] {
+                let mut rng = Rng::fresh(cols as u64);
+                let w = t2(&rng.vec(rows * cols, 1.0), rows, cols);
+                let q = QTensor::quantize(&w, ggml).unwrap();
+                let bytes = q.data().unwrap().to_vec();
+                let wd = q.dequantize(&Device::Cpu).unwrap();
+                let (x, xf) = stored(dt, &rng.vec(cols, 1.0));
+                let mut y = vec![dt.nan(); rows];
+                let f: QMatvec = entry!(format!("{format}_matvec_{}", dt.suffix()), QMatvec);
+                // SAFETY: the GGML blocks of a rows × cols matrix, x of cols, y of rows.
+                unsafe {
+                    f(
+                        rows.div_ceil(8) as u32,
+                        1,
+                        256,
+                        bytes.as_ptr(),
+                        x.as_ptr(),
+                        y.as_mut_ptr(),
+                        rows as i32,
+                        cols as i32,
+                    );
+                }
+                let want = t2(&xf, 1, cols)
+                    .matmul(&wd.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let got: Vec<f32> = y.iter().map(|b| dt.decode(*b)).collect();
+                assert_close(
+                    &format!("{format} matvec {rows}x{cols}"),
+                    dt,
+                    &got,
+                    &want,
+                    1.0,
+                );
+            }
+        }
+    }
+}
