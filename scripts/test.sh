@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests (real binary, real HTTP,
-# real SQLite, the official Python `openai` client in a virtualenv the tests create under target/).
+# real SQLite, the official Python `openai` client in a virtualenv the tests create under target/),
+# the CUDA kernels compiled for sm_80/sm_90 (toolchain from NVIDIA's PyPI wheels) and run through
+# the CPU emulation, then the `cuda` feature built and its GPU tests (skipped without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }
 command -v python3 >/dev/null || { echo "python3 is required for the OpenAI client compatibility test"; exit 1; }
+command -v g++ >/dev/null || { echo "g++ (C++20) is required for the CUDA kernel emulation tests"; exit 1; }
 
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
 cargo test --release
+cargo clippy --release --features cuda --lib --tests -- -D warnings
+cargo test --release --features cuda --test kernels_gpu

@@ -504,6 +504,17 @@ impl Config {
             if !model_names.insert(m.name.as_str()) {
                 return invalid(format!("local model '{}' is defined twice", m.name));
             }
+            let device_ok = m.device == "cpu"
+                || m.device == "cuda"
+                || m.device
+                    .strip_prefix("cuda:")
+                    .is_some_and(|n| n.parse::<usize>().is_ok());
+            if !device_ok {
+                return invalid(format!(
+                    "local model '{}': device '{}' must be \"cpu\" or \"cuda:N\"",
+                    m.name, m.device
+                ));
+            }
             if m.max_batch == 0 || m.context_length < 16 {
                 return invalid(format!(
                     "local model '{}': max_batch must be at least 1 and context_length at least 16",

@@ -49,6 +49,14 @@ pub struct LocalModelConfig {
     /// LoRA adapters kept loaded at once; loading another evicts the least recently used.
     #[serde(default = "default_max_adapters")]
     pub max_adapters: usize,
+    /// `cpu`, or `cuda:N` for the CUDA kernels (a build with `--features cuda` and a driver;
+    /// otherwise the model runs on the CPU, said once in the log).
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
 }
 
 fn default_context() -> usize {

@@ -3,12 +3,37 @@
 //! kernel can replace any of them behind the same signature.
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod grad;
 pub mod lora;
 pub mod memory;
 pub mod qgemm;
 
 use candle_core::{Result, Tensor, D};
+
+/// Where a local model's ops run, decided once at start-up from its `device` setting (`cpu` or
+/// `cuda:N`). Today the forward pass runs on the CPU in every case: with the `cuda` feature and a
+/// driver the kernels are loaded and checked on the device (`ops::cuda`), and the log says the
+/// forward stays on the CPU; without either, one log line says why the model runs on the CPU.
+pub fn select_device(model: &str, device: &str) -> &'static str {
+    let Some(ordinal) = device.strip_prefix("cuda") else {
+        return "cpu";
+    };
+    let ordinal: usize = ordinal.trim_start_matches(':').parse().unwrap_or(0);
+    #[cfg(feature = "cuda")]
+    match cuda::CudaKernels::open(ordinal) {
+        Ok(_) => tracing::warn!(model, ordinal, "CUDA device found and the kernels load on it, but the engine's forward pass runs on the CPU in this version"),
+        Err(e) => tracing::warn!(model, ordinal, error = %e, "CUDA is not usable here; the model runs on the CPU"),
+    }
+    #[cfg(not(feature = "cuda"))]
+    tracing::warn!(
+        model,
+        ordinal,
+        "this binary was built without the `cuda` feature; the model runs on the CPU"
+    );
+    "cpu"
+}
 
 /// Root-mean-square norm over the last dimension, scaled by `weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {

@@ -1,0 +1,185 @@
+//! The CUDA kernels on a real GPU (feature `cuda`), against the Rust CPU ops. On a machine without
+//! a CUDA driver every GPU test says so and passes, after checking that the driver's absence is an
+//! error value and not a panic. Run with `cargo test --release --features cuda --test kernels_gpu`.
+#![cfg(feature = "cuda")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use flywheel::ops::cuda::{CudaError, CudaKernels, Dtype, LoraShape};
+use flywheel::ops::lora::{bgmv_add, LowRank, Slot};
+
+/// The kernels on device 0, or `None` (with the reason printed) where there is no GPU.
+fn gpu() -> Option<CudaKernels> {
+    match CudaKernels::open(0) {
+        Ok(k) => Some(k),
+        Err(CudaError::NoDriver) | Err(CudaError::NoDevice(..)) => {
+            eprintln!("no CUDA device here: GPU kernel tests skipped");
+            None
+        }
+        Err(e) => panic!("CUDA is present but the kernels do not load: {e}"),
+    }
+}
+
+#[test]
+fn without_a_driver_the_engine_falls_back_to_the_cpu() {
+    // Never a panic, whatever the machine has.
+    assert_eq!(flywheel::ops::select_device("m", "cuda:0"), "cpu");
+    if let Err(e) = CudaKernels::open(0) {
+        assert!(
+            matches!(e, CudaError::NoDriver | CudaError::NoDevice(..)),
+            "{e}"
+        );
+    }
+}
+
+fn lcg(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+#[test]
+fn lora_shrink_and_expand_match_the_cpu_bgmv_on_the_gpu() {
+    let Some(k) = gpu() else { return };
+    let stream = k.stream().clone();
+    for rank in [8usize, 16, 64] {
+        let shape = LoraShape {
+            rows: 9,
+            input: 576,
+            rank,
+            output: 192,
+            y_stride: 576 + 2 * 192,
+            y_offset: 576,
+            slots: 3,
+        };
+        let slot: Vec<i32> = vec![0, 0, -1, 2, 2, 2, 1, -1, 0];
+        let enc = |v: &[f32]| -> Vec<u16> {
+            v.iter()
+                .map(|x| half::f16::from_f32(*x).to_bits())
+                .collect()
+        };
+        let dec = |v: &[u16]| -> Vec<f32> {
+            v.iter()
+                .map(|b| half::f16::from_bits(*b).to_f32())
+                .collect()
+        };
+        let x = enc(&lcg(shape.rows * shape.input, 1, 1.0));
+        let a = enc(&lcg(shape.slots * rank * shape.input, 2, 0.2));
+        let b = enc(&lcg(shape.slots * shape.output * rank, 3, 0.2));
+        let y0 = enc(&lcg(shape.rows * shape.y_stride, 4, 1.0));
+        let scale = vec![0.5f32, 1.5, 2.5];
+        let dx = stream.clone_htod(&x).unwrap();
+        let da = stream.clone_htod(&a).unwrap();
+        let db = stream.clone_htod(&b).unwrap();
+        let ds = stream.clone_htod(&slot).unwrap();
+        let dscale = stream.clone_htod(&scale).unwrap();
+        let mut dv = stream.alloc_zeros::<f32>(shape.rows * rank).unwrap();
+        let mut dy = stream.clone_htod(&y0).unwrap();
+        k.lora_shrink_bgmv(Dtype::F16, shape, &dx, &da, &ds, &slot, &mut dv)
+            .unwrap();
+        k.lora_expand_add(Dtype::F16, shape, &dv, &db, &ds, &slot, &dscale, &mut dy)
+            .unwrap();
+        let got = dec(&stream.clone_dtoh(&dy).unwrap());
+
+        let (xf, af, bf) = (dec(&x), dec(&a), dec(&b));
+        let modules: Vec<LowRank> = (0..shape.slots)
+            .map(|s| {
+                let mut a_t = vec![0f32; shape.input * rank];
+                let mut b_t = vec![0f32; rank * shape.output];
+                for j in 0..rank {
+                    for i in 0..shape.input {
+                        a_t[i * rank + j] = af[(s * rank + j) * shape.input + i];
+                    }
+                    for o in 0..shape.output {
+                        b_t[j * shape.output + o] = bf[(s * shape.output + o) * rank + j];
+                    }
+                }
+                LowRank {
+                    rank,
+                    input: shape.input,
+                    output: shape.output,
+                    a_t,
+                    b_t,
+                }
+            })
+            .collect();
+        let rows: Vec<Vec<Slot<'_>>> = slot
+            .iter()
+            .map(|&s| {
+                if s < 0 {
+                    vec![]
+                } else {
+                    vec![Slot {
+                        module: &modules[s as usize],
+                        scale: scale[s as usize],
+                        offset: shape.y_offset,
+                    }]
+                }
+            })
+            .collect();
+        let mut want = dec(&y0);
+        bgmv_add(&mut want, shape.y_stride, &xf, shape.input, &rows);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 2e-3 * (w.abs() + 1.0),
+                "rank {rank} [{i}]: {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_refused_before_launch() {
+    let Some(k) = gpu() else { return };
+    let stream = k.stream().clone();
+    let shape = LoraShape {
+        rows: 2,
+        input: 64,
+        rank: 128,
+        output: 64,
+        y_stride: 64,
+        y_offset: 0,
+        slots: 1,
+    };
+    let x = stream.alloc_zeros::<u16>(128).unwrap();
+    let a = stream.alloc_zeros::<u16>(128 * 64).unwrap();
+    let s = stream.clone_htod(&[0i32, 5]).unwrap();
+    let mut v = stream.alloc_zeros::<f32>(256).unwrap();
+    let e = k
+        .lora_shrink_bgmv(Dtype::F16, shape, &x, &a, &s, &[0, 5], &mut v)
+        .unwrap_err();
+    assert!(e.to_string().contains("rank 128"), "{e}");
+    let shape = LoraShape { rank: 16, ..shape };
+    let e = k
+        .lora_shrink_bgmv(Dtype::F16, shape, &x, &a, &s, &[0, 5], &mut v)
+        .unwrap_err();
+    assert!(e.to_string().contains("slot 5"), "{e}");
+}
+
+#[test]
+fn unsupported_lora_shapes_are_named_without_a_gpu() {
+    let ok = LoraShape {
+        rows: 4,
+        input: 64,
+        rank: 16,
+        output: 32,
+        y_stride: 96,
+        y_offset: 64,
+        slots: 2,
+    };
+    ok.validate().unwrap();
+    for (shape, expected) in [
+        (LoraShape { rank: 0, ..ok }, "rank 0"),
+        (LoraShape { rank: 65, ..ok }, "rank 65"),
+        (LoraShape { y_offset: 65, ..ok }, "exceed the row width"),
+        (LoraShape { rows: 0, ..ok }, "empty"),
+    ] {
+        let e = shape.validate().unwrap_err().to_string();
+        assert!(e.contains(expected), "{e}");
+    }
+}
