@@ -183,3 +183,71 @@ fn unsupported_lora_shapes_are_named_without_a_gpu() {
         assert!(e.contains(expected), "{e}");
     }
 }
+
+#[test]
+fn silu_mul_and_quantized_matvec_match_the_cpu_on_the_gpu() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let Some(k) = gpu() else { return };
+    let stream = k.stream().clone();
+    let enc = |v: &[f32]| -> Vec<u16> {
+        v.iter()
+            .map(|x| half::bf16::from_f32(*x).to_bits())
+            .collect()
+    };
+    let dec = |v: &[u16]| -> Vec<f32> {
+        v.iter()
+            .map(|b| half::bf16::from_bits(*b).to_f32())
+            .collect()
+    };
+    // SwiGLU.
+    let (rows, ffn) = (4usize, 1536usize);
+    let gu = enc(&lcg(rows * 2 * ffn, 7, 4.0));
+    let dgu = stream.clone_htod(&gu).unwrap();
+    let mut dout = stream.alloc_zeros::<u16>(rows * ffn).unwrap();
+    k.silu_mul(Dtype::Bf16, rows, ffn, &dgu, &mut dout).unwrap();
+    let got = dec(&stream.clone_dtoh(&dout).unwrap());
+    let g = Tensor::from_vec(dec(&gu), (rows, 2 * ffn), &Device::Cpu).unwrap();
+    let want: Vec<f32> = flywheel::ops::silu_mul(
+        &g.narrow(1, 0, ffn).unwrap(),
+        &g.narrow(1, ffn, ffn).unwrap(),
+    )
+    .unwrap()
+    .flatten_all()
+    .unwrap()
+    .to_vec1()
+    .unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g - w).abs() <= 1.6e-2 * (w.abs() + 0.05),
+            "silu_mul {g} vs {w}"
+        );
+    }
+    // Dequantizing matvec, both formats.
+    for (q4_1, dtype) in [(false, GgmlDType::Q8_0), (true, GgmlDType::Q4_1)] {
+        let (r, c) = (70usize, 576usize);
+        let w = Tensor::from_vec(lcg(r * c, 8, 1.0), (r, c), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let x = enc(&lcg(c, 9, 1.0));
+        let dw = stream.clone_htod(q.data().unwrap().as_ref()).unwrap();
+        let dx = stream.clone_htod(&x).unwrap();
+        let mut dy = stream.alloc_zeros::<u16>(r).unwrap();
+        k.quantized_matvec(Dtype::Bf16, q4_1, r, c, &dw, &dx, &mut dy)
+            .unwrap();
+        let got = dec(&stream.clone_dtoh(&dy).unwrap());
+        let want: Vec<f32> = Tensor::from_vec(dec(&x), (1, c), &Device::Cpu)
+            .unwrap()
+            .matmul(&q.dequantize(&Device::Cpu).unwrap().t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1.6e-2 * (w.abs() + 1.0),
+                "matvec q4_1={q4_1}: {g} vs {w}"
+            );
+        }
+    }
+}

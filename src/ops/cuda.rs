@@ -241,6 +241,142 @@ impl CudaKernels {
         Ok(())
     }
 
+    /// The shrink over segments of consecutive rows sharing a slot (prefill): `seg_start` holds
+    /// S + 1 row offsets and `seg_slot` S slots, given on the host as well for the checks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_shrink_sgmv(
+        &self,
+        dtype: Dtype,
+        shape: LoraShape,
+        x: &CudaSlice<u16>,
+        a: &CudaSlice<u16>,
+        seg_start: &CudaSlice<i32>,
+        seg_slot: &CudaSlice<i32>,
+        host: (&[i32], &[i32]),
+        v: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        shape.validate()?;
+        let (starts, slots_host) = host;
+        let segments = slots_host.len();
+        if starts.len() != segments + 1
+            || starts.first() != Some(&0)
+            || starts.windows(2).any(|w| w[1] < w[0])
+            || starts.last().copied() != Some(shape.rows as i32)
+        {
+            return Err(invalid(format!(
+                "segment starts must rise from 0 to {} in {} steps",
+                shape.rows,
+                segments + 1
+            )));
+        }
+        check_slots(slots_host, shape.slots)?;
+        check_len("x", x, shape.rows * shape.input)?;
+        check_len("A", a, shape.slots * shape.rank * shape.input)?;
+        check_len("seg_start", seg_start, segments + 1)?;
+        check_len("seg_slot", seg_slot, segments)?;
+        check_len("v", v, shape.rows * shape.rank)?;
+        let f = self.function("lora_shrink_sgmv", dtype)?;
+        let ints = [
+            segments as i32,
+            shape.input as i32,
+            shape.rank as i32,
+            shape.slots as i32,
+        ];
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x).arg(a).arg(seg_start).arg(seg_slot).arg(v);
+        for i in &ints {
+            b.arg(i);
+        }
+        // SAFETY: argument types and order match the kernel's signature; sizes were checked.
+        unsafe { b.launch(grid(segments, shape.rank.div_ceil(4), 128)) }?;
+        Ok(())
+    }
+
+    /// RoPE in place on x (n, heads, head_dim) at positions `pos` (n).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        dtype: Dtype,
+        n: usize,
+        heads: usize,
+        head_dim: usize,
+        theta: f32,
+        neox: bool,
+        x: &mut CudaSlice<u16>,
+        pos: &CudaSlice<i32>,
+    ) -> Result<()> {
+        if head_dim == 0 || head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM {
+            return Err(invalid(format!(
+                "head size {head_dim} is not supported (even, at most {MAX_HEAD_DIM})"
+            )));
+        }
+        check_len("x", x, n * heads * head_dim)?;
+        check_len("pos", pos, n)?;
+        let f = self.function("rope", dtype)?;
+        let ints = [n as i32, heads as i32, head_dim as i32];
+        let neox = i32::from(neox);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x).arg(pos);
+        for i in &ints {
+            b.arg(i);
+        }
+        b.arg(&theta).arg(&neox);
+        // SAFETY: as above.
+        unsafe { b.launch(grid(n, heads, (head_dim / 2).next_multiple_of(32) as u32)) }?;
+        Ok(())
+    }
+
+    /// SwiGLU: out (rows, ffn) from the fused gate/up projection gu (rows, 2 ffn).
+    pub fn silu_mul(
+        &self,
+        dtype: Dtype,
+        rows: usize,
+        ffn: usize,
+        gu: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+    ) -> Result<()> {
+        check_len("gu", gu, rows * 2 * ffn)?;
+        check_len("out", out, rows * ffn)?;
+        let f = self.function("silu_mul", dtype)?;
+        let (r, n) = (rows as i32, ffn as i32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(gu).arg(out).arg(&r).arg(&n);
+        // SAFETY: as above.
+        unsafe { b.launch(grid((rows * ffn).div_ceil(256), 1, 256)) }?;
+        Ok(())
+    }
+
+    /// y (rows) = W · x for GGML blocks of Q8_0 (`q4_1` false) or Q4_1 (`q4_1` true).
+    #[allow(clippy::too_many_arguments)]
+    pub fn quantized_matvec(
+        &self,
+        dtype: Dtype,
+        q4_1: bool,
+        rows: usize,
+        cols: usize,
+        w: &CudaSlice<u8>,
+        x: &CudaSlice<u16>,
+        y: &mut CudaSlice<u16>,
+    ) -> Result<()> {
+        if cols == 0 || cols % 32 != 0 {
+            return Err(invalid(format!(
+                "{cols} columns are not whole blocks of 32"
+            )));
+        }
+        let block_bytes = if q4_1 { 20 } else { 34 };
+        check_len("W", w, rows * cols / 32 * block_bytes)?;
+        check_len("x", x, cols)?;
+        check_len("y", y, rows)?;
+        let name = if q4_1 { "q4_1_matvec" } else { "q8_0_matvec" };
+        let f = self.function(name, dtype)?;
+        let (r, c) = (rows as i32, cols as i32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(w).arg(x).arg(y).arg(&r).arg(&c);
+        // SAFETY: as above.
+        unsafe { b.launch(grid(rows.div_ceil(8), 1, 256)) }?;
+        Ok(())
+    }
+
     /// y[:, off..off+n] += scale[slot] · v · B[slot]ᵀ for rows with an adapter.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_expand_add(

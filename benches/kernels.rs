@@ -1,0 +1,202 @@
+//! The CUDA kernels at serving shapes: bytes moved, FLOPs and the roofline bound of each kernel on
+//! an H100 (3.35 TB/s HBM, ~990 TFLOP/s dense bf16), for SmolLM2-135M and Llama-3.2-1B at batch 1,
+//! 8 and 64 (rank-16 adapters, a distinct adapter per row: the worst case for LoRA traffic;
+//! attention over 1,024 cached tokens per sequence). Per layer, per launch.
+//!
+//! With `--features cuda` on a machine with a GPU it also times the kernels that have launch
+//! wrappers (LoRA shrink and expand, RMS norm, paged decode attention) and prints achieved
+//! bandwidth beside the bound; without a GPU it says so and prints the model only.
+//!
+//! `cargo bench --bench kernels [--features cuda]`
+
+struct Model {
+    name: &'static str,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    ffn: usize,
+}
+
+const MODELS: [Model; 2] = [
+    Model {
+        name: "SmolLM2-135M",
+        hidden: 576,
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        ffn: 1536,
+    },
+    Model {
+        name: "Llama-3.2-1B",
+        hidden: 2048,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 64,
+        ffn: 8192,
+    },
+];
+
+const HBM_BYTES_PER_S: f64 = 3.35e12;
+const FLOPS_PER_S: f64 = 990e12;
+const RANK: usize = 16;
+const CONTEXT: usize = 1024;
+/// Bytes of one stored value (f16/bf16).
+const E: usize = 2;
+
+/// (kernel, bytes moved, FLOPs) for one launch at batch `b`.
+fn costs(m: &Model, b: usize) -> Vec<(&'static str, f64, f64)> {
+    let (h, d, kv, ffn) = (m.hidden, m.head_dim, m.kv_heads, m.ffn);
+    let adapters = b; // one distinct adapter per row
+    let qkv = (m.heads + 2 * kv) * d;
+    let mut out = vec![
+        (
+            "lora_shrink (qkv input, r=16)",
+            (b * h * E + adapters * RANK * h * E + b * RANK * 4) as f64,
+            (2 * b * h * RANK) as f64,
+        ),
+        (
+            "lora_expand_add (q slice)",
+            (b * RANK * 4 + adapters * h * RANK * E + 2 * b * h * E) as f64,
+            (2 * b * RANK * h) as f64,
+        ),
+        (
+            "rms_norm + residual",
+            (5 * b * h * E + h * E) as f64,
+            (5 * b * h) as f64,
+        ),
+        (
+            "rope (q and k)",
+            (2 * b * (m.heads + kv) * d * E) as f64,
+            (3 * b * (m.heads + kv) * d) as f64,
+        ),
+        ("silu_mul", (3 * b * ffn * E) as f64, (6 * b * ffn) as f64),
+        (
+            "paged_decode_attention (1,024 tokens)",
+            (b * CONTEXT * kv * d * E * 2 + 2 * b * m.heads * d * E) as f64,
+            (4 * b * m.heads * CONTEXT * d) as f64,
+        ),
+    ];
+    // The matvec kernels read the whole matrix once per row of the batch.
+    out.push((
+        "q8_0_matvec (qkv, per row)",
+        (b * (qkv * h / 32 * 34 + h * E + qkv * E)) as f64,
+        (2 * b * qkv * h) as f64,
+    ));
+    out.push((
+        "q4_1_matvec (gate+up, per row)",
+        (b * (2 * ffn * h / 32 * 20 + h * E + 2 * ffn * E)) as f64,
+        (2 * b * 2 * ffn * h) as f64,
+    ));
+    out
+}
+
+fn main() {
+    println!(
+        "CUDA kernels: roofline on an H100 (3.35 TB/s, 990 TFLOP/s bf16), per layer and launch"
+    );
+    println!("| model | batch | kernel | bytes | FLOPs | FLOP/byte | bound µs | bound by |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for m in &MODELS {
+        for b in [1usize, 8, 64] {
+            for (k, bytes, flops) in costs(m, b) {
+                let t_mem = bytes / HBM_BYTES_PER_S;
+                let t_flop = flops / FLOPS_PER_S;
+                println!(
+                    "| {} | {b} | {k} | {:.0} | {:.0} | {:.2} | {:.3} | {} |",
+                    m.name,
+                    bytes,
+                    flops,
+                    flops / bytes,
+                    t_mem.max(t_flop) * 1e6,
+                    if t_mem >= t_flop { "memory" } else { "compute" }
+                );
+            }
+        }
+    }
+    gpu::time_kernels();
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    pub fn time_kernels() {
+        println!("built without the `cuda` feature: no GPU timings (cargo bench --bench kernels --features cuda)");
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod gpu {
+    use std::time::Instant;
+
+    use flywheel::ops::cuda::{CudaKernels, Dtype, LoraShape};
+
+    pub fn time_kernels() {
+        let k = match CudaKernels::open(0) {
+            Ok(k) => k,
+            Err(e) => {
+                println!("no GPU timings: {e}");
+                return;
+            }
+        };
+        let s = k.stream().clone();
+        println!("| model | batch | kernel | µs per launch | GB/s achieved |");
+        println!("|---|---|---|---|---|");
+        for m in &super::MODELS {
+            for b in [1usize, 8, 64] {
+                let h = m.hidden;
+                let shape = LoraShape {
+                    rows: b,
+                    input: h,
+                    rank: super::RANK,
+                    output: h,
+                    y_stride: h,
+                    y_offset: 0,
+                    slots: b,
+                };
+                let slot: Vec<i32> = (0..b as i32).collect();
+                let x = s.alloc_zeros::<u16>(b * h).unwrap();
+                let a = s.alloc_zeros::<u16>(b * super::RANK * h).unwrap();
+                let bw = s.alloc_zeros::<u16>(b * h * super::RANK).unwrap();
+                let ds = s.clone_htod(&slot).unwrap();
+                let scale = s.clone_htod(&vec![1.0f32; b]).unwrap();
+                let mut v = s.alloc_zeros::<f32>(b * super::RANK).unwrap();
+                let mut y = s.alloc_zeros::<u16>(b * h).unwrap();
+                let w = s.alloc_zeros::<u16>(h).unwrap();
+                let mut out = s.alloc_zeros::<u16>(b * h).unwrap();
+                let costs = super::costs(m, b);
+                let time = |name: &str, bytes: f64, f: &mut dyn FnMut()| {
+                    for _ in 0..10 {
+                        f();
+                    }
+                    s.synchronize().unwrap();
+                    let n = 200;
+                    let t = Instant::now();
+                    for _ in 0..n {
+                        f();
+                    }
+                    s.synchronize().unwrap();
+                    let per = t.elapsed().as_secs_f64() / n as f64;
+                    println!(
+                        "| {} | {b} | {name} | {:.2} | {:.0} |",
+                        m.name,
+                        per * 1e6,
+                        bytes / per / 1e9
+                    );
+                };
+                time("lora_shrink", costs[0].1, &mut || {
+                    k.lora_shrink_bgmv(Dtype::Bf16, shape, &x, &a, &ds, &slot, &mut v)
+                        .unwrap()
+                });
+                time("lora_expand_add", costs[1].1, &mut || {
+                    k.lora_expand_add(Dtype::Bf16, shape, &v, &bw, &ds, &slot, &scale, &mut y)
+                        .unwrap()
+                });
+                time("rms_norm", costs[2].1, &mut || {
+                    k.rms_norm(Dtype::Bf16, b, h, 1e-5, &x, None, &w, &mut out)
+                        .unwrap()
+                });
+            }
+        }
+    }
+}
