@@ -694,7 +694,10 @@ fn observe(outcome: &CheckOutcome) {
     }
     if outcome.status == CheckStatus::Blocked {
         for c in outcome.categories() {
-            metrics::counter!("flywheel_rails_blocks_total", "category" => c).increment(1);
+            // Categories come from a model's answer: bounded, so a rambling model cannot blow up
+            // the metric's label set.
+            let label: String = c.chars().take(48).collect();
+            metrics::counter!("flywheel_rails_blocks_total", "category" => label).increment(1);
         }
     }
 }
