@@ -405,3 +405,42 @@ prompts = [{ task = "llama_guard_check_input", messages = [{ type = "system", co
     eprintln!("local safety verdict: {v}");
     assert!(gw.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prompt_prefix_is_reused_and_changes_no_answer() {
+    let path = tokio::task::spawn_blocking(default_model).await.unwrap();
+    let system = "You are the assistant of a weather service. Answer in one short sentence, \
+                  politely, without greetings, and never mention that you are a language model.";
+    let ask_about = |question: &str| {
+        json!({"model": "smol", "temperature": 0, "max_tokens": 24, "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": question}
+        ]})
+    };
+    let cached_tokens = |v: &Value| {
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+
+    let mut gw = GatewayProcess::start(&local_config(&path, ""));
+    let (status, first) = ask(&gw, ask_about("Will it rain in Paris tomorrow?")).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(cached_tokens(&first), 0);
+    let (_, second) = ask(&gw, ask_about("Is it windy in Oslo?")).await;
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    let reused = cached_tokens(&second);
+    // The system prompt (and the template around it) came from the cache; the new question did not.
+    assert!(reused >= 30 && reused < prompt, "{reused} of {prompt}");
+    assert!(gw.stop().success());
+
+    // The same question without prefix caching: the very same answer.
+    let mut plain = GatewayProcess::start(&local_config(&path, "prefix_cache_mb = 0"));
+    let (_, fresh) = ask(&plain, ask_about("Is it windy in Oslo?")).await;
+    assert_eq!(cached_tokens(&fresh), 0);
+    assert_eq!(
+        fresh["choices"][0]["message"]["content"],
+        second["choices"][0]["message"]["content"]
+    );
+    assert!(plain.stop().success());
+}

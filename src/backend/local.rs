@@ -166,6 +166,7 @@ impl LocalBackend {
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
+                        cached_tokens,
                     } => {
                         take(parser.finish(), &mut text, &mut calls);
                         let mut message =
@@ -189,7 +190,7 @@ impl LocalBackend {
                             "created": created,
                             "model": model,
                             "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
-                            "usage": usage(prompt_tokens, completion_tokens),
+                            "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
                         })));
                     }
                     GenEvent::Error(message) => {
@@ -239,6 +240,7 @@ impl LocalBackend {
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
+                        cached_tokens,
                     }) => {
                         let tail = st
                             .parser
@@ -254,7 +256,8 @@ impl LocalBackend {
                         out.push(Ok(chunk(json!({}), Some(finish))));
                         let mut usage_chunk = chunk(json!({}), None);
                         usage_chunk["choices"] = json!([]);
-                        usage_chunk["usage"] = usage(prompt_tokens, completion_tokens);
+                        usage_chunk["usage"] =
+                            usage(prompt_tokens, completion_tokens, cached_tokens);
                         out.push(Ok(usage_chunk));
                         st.ended = true;
                         out
@@ -335,8 +338,13 @@ fn tool_call_json(c: &ParsedCall, index: Option<usize>) -> Value {
     v
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
 }
 
 impl Backend for LocalBackend {

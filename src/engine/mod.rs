@@ -6,6 +6,7 @@
 pub mod chat;
 pub mod lora;
 pub mod model;
+mod prefix;
 pub mod sampling;
 pub mod template;
 #[doc(hidden)]
@@ -53,6 +54,14 @@ pub struct LocalModelConfig {
     /// otherwise the model runs on the CPU, said once in the log).
     #[serde(default = "default_device")]
     pub device: String,
+    /// Megabytes of recent prompts' KV cache kept for reuse by prompts that start the same way
+    /// (0 turns prefix caching off).
+    #[serde(default = "default_prefix_cache_mb")]
+    pub prefix_cache_mb: usize,
+}
+
+fn default_prefix_cache_mb() -> usize {
+    256
 }
 
 fn default_device() -> String {
@@ -109,6 +118,8 @@ pub enum GenEvent {
         finish_reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        cached_tokens: usize,
     },
     Error(String),
 }
@@ -193,12 +204,15 @@ impl Engine {
         let gguf_layout = model.gguf_layout();
         let sched_tok = tokenizer.clone();
         let max_batch = cfg.max_batch.max(1);
+        let prefix_budget = cfg.prefix_cache_mb.saturating_mul(1 << 20);
         let thread_name = format!("engine-{name}");
         let load = Arc::new(EngineLoad::default());
         let sched_load = load.clone();
         let thread = std::thread::Builder::new()
             .name(thread_name)
-            .spawn(move || Scheduler::new(model, sched_tok, max_batch, sched_load).run(rx))
+            .spawn(move || {
+                Scheduler::new(model, sched_tok, max_batch, sched_load, prefix_budget).run(rx)
+            })
             .map_err(|source| EngineError::Open {
                 name: name.clone(),
                 path: cfg.path.display().to_string(),
@@ -251,6 +265,8 @@ impl Engine {
 struct Sequence {
     request: GenerationRequest,
     cache: KvCache,
+    /// Prompt tokens reused from the prefix cache.
+    cached: usize,
     sampler: Sampler,
     generated: Vec<u32>,
     /// Bytes of decoded text already sent.
@@ -264,6 +280,7 @@ struct Scheduler {
     max_batch: usize,
     active: Vec<Sequence>,
     load: Arc<EngineLoad>,
+    prefixes: prefix::PrefixCache,
 }
 
 enum Step {
@@ -277,6 +294,7 @@ impl Scheduler {
         tokenizer: Arc<TokenizerInfo>,
         max_batch: usize,
         load: Arc<EngineLoad>,
+        prefix_budget: usize,
     ) -> Self {
         Self {
             model,
@@ -284,6 +302,7 @@ impl Scheduler {
             max_batch,
             active: Vec::new(),
             load,
+            prefixes: prefix::PrefixCache::new(prefix_budget),
         }
     }
 
@@ -330,8 +349,17 @@ impl Scheduler {
                 .send(GenEvent::Error("the prompt is empty".into()));
             return;
         }
+        let adapter = request.adapter.clone();
+        let (cache, cached) = match self.prefixes.lookup(&request.prompt, &adapter) {
+            Some(c) => {
+                let n = c.len();
+                (c, n)
+            }
+            None => (self.model.new_cache(), 0),
+        };
         let mut seq = Sequence {
-            cache: self.model.new_cache(),
+            cache,
+            cached,
             sampler: Sampler::new(request.sampling.clone()),
             request,
             generated: Vec::new(),
@@ -339,13 +367,14 @@ impl Scheduler {
             last: 0,
         };
         let prompt = seq.request.prompt.clone();
-        let adapter = seq.request.adapter.clone();
-        match self
-            .model
-            .forward_with(&[&prompt], &mut [&mut seq.cache], &[adapter.as_deref()])
-        {
+        match self.model.forward_with(
+            &[&prompt[cached..]],
+            &mut [&mut seq.cache],
+            &[adapter.as_deref()],
+        ) {
             Ok(logits) => match logits.to_vec2::<f32>() {
                 Ok(rows) => {
+                    self.prefixes.insert(&prompt, &adapter, &seq.cache);
                     let tok = seq.sampler.sample(&rows[0]);
                     if let Step::Continue = self.accept(&mut seq, tok) {
                         self.active.push(seq);
@@ -407,6 +436,7 @@ impl Scheduler {
                 finish_reason: reason,
                 prompt_tokens: seq.request.prompt.len(),
                 completion_tokens: seq.generated.len(),
+                cached_tokens: seq.cached,
             });
             Step::Finished
         };

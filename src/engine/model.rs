@@ -139,6 +139,50 @@ impl KvCache {
         self.len
     }
 
+    /// A copy of the first `n` positions (all of them if the cache holds fewer).
+    pub fn prefix(&self, n: usize) -> Self {
+        let n = n.min(self.len);
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    let width = l.k.len().checked_div(self.len).unwrap_or(0);
+                    LayerCache {
+                        k: l.k[..n * width].to_vec(),
+                        v: l.v[..n * width].to_vec(),
+                    }
+                })
+                .collect(),
+            len: n,
+        }
+    }
+
+    /// A cache of `len` positions of `width` values per layer, position p holding the value p.
+    #[cfg(test)]
+    pub(crate) fn filled(n_layers: usize, len: usize, width: usize) -> Self {
+        let data: Vec<f32> = (0..len)
+            .flat_map(|p| std::iter::repeat_n(p as f32, width))
+            .collect();
+        Self {
+            layers: (0..n_layers)
+                .map(|_| LayerCache {
+                    k: data.clone(),
+                    v: data.clone(),
+                })
+                .collect(),
+            len,
+        }
+    }
+
+    /// Bytes of keys and values held.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| (l.k.len() + l.v.len()) * std::mem::size_of::<f32>())
+            .sum()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
