@@ -1,5 +1,6 @@
-//! The gateway driven by the official Python `openai` package (installed into a virtualenv under
-//! `target/` on first run, pinned by tests/python/requirements.txt).
+//! The gateway driven by official Python clients: the `openai` package, and `huggingface_hub` for
+//! NeMo Data Store's upload path (installed into a virtualenv under `target/` on first run, pinned
+//! by tests/python/requirements.txt).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -15,6 +16,9 @@ fn python_with_openai() -> PathBuf {
     if let Ok(p) = std::env::var("FLYWHEEL_TEST_PYTHON") {
         return PathBuf::from(p);
     }
+    // The tests of this file share one virtualenv: one creates it while the others wait.
+    static SETUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = SETUP.lock().unwrap_or_else(|p| p.into_inner());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let venv = root.join("target").join("pyenv");
     let python = venv.join("bin").join("python");
@@ -94,4 +98,51 @@ async fn the_official_python_client_works_unchanged_against_the_gateway() {
     // Five served requests and three refused ones, all recorded.
     assert_eq!(n, 8);
     assert_eq!(workload, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_huggingface_hub_client_uploads_datasets_as_nemo_data_store_takes_them() {
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
+    let mut gw = GatewayProcess::start("");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/hf_upload.py");
+    let base = gw.url("");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg(&script)
+            .arg(&base)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "huggingface_hub script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok: ")).count(),
+        3,
+        "{stdout}"
+    );
+    let ds: serde_json::Value = reqwest::get(gw.url("/v1/datasets/team/hf-tools"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The good file is stored; the refused one left nothing behind.
+    assert_eq!(ds["files"].as_array().unwrap().len(), 1, "{ds}");
+    assert_eq!(ds["files"][0]["path"], "training/train.jsonl");
+    let stored = std::fs::read_to_string(
+        gw.dir
+            .path()
+            .join("data/datasets/team/hf-tools/training/train.jsonl"),
+    )
+    .unwrap();
+    assert_eq!(stored.lines().count(), 5);
+    assert!(gw.stop().success());
 }

@@ -189,41 +189,52 @@ pub async fn upload_file(
     let run = async {
         let (parts, body) = req.into_parts();
         authorize(&state, &parts, Scope::Admin)?;
-        entities::get_dataset(&db(&state)?, &ns, &name).map_err(entity_error)?;
-        let (split, file) = path.split_once('/').unwrap_or(("", path.as_str()));
-        let file_ok = !file.is_empty()
-            && !file.contains('/')
-            && !file.starts_with('.')
-            && (file.ends_with(".jsonl") || file.ends_with(".json"));
-        if !matches!(split, "training" | "validation" | "testing") || !file_ok {
-            return Err(ApiError::invalid_param(
-                "path",
-                format!("'{path}' must be training/, validation/ or testing/ followed by a .jsonl file name"),
-            ));
-        }
         let bytes: Bytes = axum::body::to_bytes(body, state.body_limit.max(256 << 20))
             .await
             .map_err(|_| ApiError::too_large(state.body_limit.max(256 << 20)))?;
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| ApiError::invalid("the file is not UTF-8 text"))?;
-        // Test files may also hold the expected calls beside the messages (NeMo's test rows).
-        let records = if split == "testing" {
-            crate::flywheel::dataset::parse_eval_items(text).map(|v| v.len())
-        } else {
-            crate::flywheel::dataset::parse_openai_jsonl(text).map(|v| v.len())
-        }
-        .map_err(|e| ApiError::invalid(format!("{path}: {e}")))?;
-        let dir = dataset_dir(&state, &ns, &name)?.join(split);
-        std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
-        let tmp = dir.join(format!(".{file}.partial"));
-        std::fs::write(&tmp, &bytes).map_err(|e| ApiError::internal(e.to_string()))?;
-        std::fs::rename(&tmp, dir.join(file)).map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok::<_, ApiError>((
-            StatusCode::CREATED,
-            Json(json!({"path": path, "records": records, "size": bytes.len()})),
-        ))
+        let stored = store_dataset_file(&state, &ns, &name, &path, &bytes)?;
+        Ok::<_, ApiError>((StatusCode::CREATED, Json(stored)))
     };
     run.await.into_response()
+}
+
+/// Checks and stores one dataset file: `path` is `<split>/<file>.jsonl` with split training,
+/// validation or testing; every row is checked before anything is written, and the file appears
+/// whole or not at all.
+pub(super) fn store_dataset_file(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+    path: &str,
+    bytes: &[u8],
+) -> Result<Value, ApiError> {
+    entities::get_dataset(&db(state)?, ns, name).map_err(entity_error)?;
+    let (split, file) = path.split_once('/').unwrap_or(("", path));
+    let file_ok = !file.is_empty()
+        && !file.contains('/')
+        && !file.starts_with('.')
+        && (file.ends_with(".jsonl") || file.ends_with(".json"));
+    if !matches!(split, "training" | "validation" | "testing") || !file_ok {
+        return Err(ApiError::invalid_param(
+            "path",
+            format!("'{path}' must be training/, validation/ or testing/ followed by a .jsonl file name"),
+        ));
+    }
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| ApiError::invalid("the file is not UTF-8 text"))?;
+    // Test files may also hold the expected calls beside the messages (NeMo's test rows).
+    let records = if split == "testing" {
+        crate::flywheel::dataset::parse_eval_items(text).map(|v| v.len())
+    } else {
+        crate::flywheel::dataset::parse_openai_jsonl(text).map(|v| v.len())
+    }
+    .map_err(|e| ApiError::invalid(format!("{path}: {e}")))?;
+    let dir = dataset_dir(state, ns, name)?.join(split);
+    std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
+    let tmp = dir.join(format!(".{file}.partial"));
+    std::fs::write(&tmp, bytes).map_err(|e| ApiError::internal(e.to_string()))?;
+    std::fs::rename(&tmp, dir.join(file)).map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(json!({"path": path, "records": records, "size": bytes.len()}))
 }
 
 /// Downloads one dataset file (JSONL), as stored.

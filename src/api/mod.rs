@@ -11,6 +11,7 @@ pub mod evaluation;
 pub mod flywheel;
 pub mod guardrails;
 pub mod health;
+pub mod hf;
 pub mod models;
 pub mod server;
 
@@ -66,6 +67,15 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(guardrails::delete),
         )
         .route("/v1/guardrail/checks", post(guardrails::check))
+        .route("/v1/hf/api/repos/create", post(hf::create_repo))
+        .route(
+            "/v1/hf/api/datasets/{ns}/{name}/preupload/{revision}",
+            post(hf::preupload),
+        )
+        .route(
+            "/v1/hf/api/datasets/{ns}/{name}/commit/{revision}",
+            post(hf::commit),
+        )
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*id}", get(models::retrieve))
         .route("/v1/adapters", get(adapters::list).post(adapters::create))
