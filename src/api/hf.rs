@@ -150,10 +150,12 @@ pub async fn commit(
                     };
                     files.push((path.to_string(), data));
                 }
-                Some(other) => return Err(ApiError::invalid(format!(
+                Some(other) => {
+                    return Err(ApiError::invalid(format!(
                     "commit line {}: '{other}' operations are not supported (upload files inline)",
                     i + 1
-                ))),
+                )))
+                }
                 None => {
                     return Err(ApiError::invalid(format!(
                         "commit line {}: no 'key'",
