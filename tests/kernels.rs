@@ -346,23 +346,13 @@ fn lora_case(dt: Dtype, rank: usize, input: usize, n: usize) {
     // The reference: the CPU BGMV op on the same (rounded) values.
     let modules: Vec<LowRank> = (0..slots)
         .map(|s| {
-            let mut a_t = vec![0f32; input * rank];
-            let mut b_t = vec![0f32; rank * n];
-            for j in 0..rank {
-                for i in 0..input {
-                    a_t[i * rank + j] = af[(s * rank + j) * input + i];
-                }
-                for o in 0..n {
-                    b_t[j * n + o] = bf[(s * n + o) * rank + j];
-                }
-            }
-            LowRank {
+            LowRank::from_kernel_layout(
+                &af[s * rank * input..(s + 1) * rank * input],
+                &bf[s * n * rank..(s + 1) * n * rank],
                 rank,
                 input,
-                output: n,
-                a_t,
-                b_t,
-            }
+                n,
+            )
         })
         .collect();
     let row_slots: Vec<Vec<Slot<'_>>> = slot

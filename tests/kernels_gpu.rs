@@ -87,25 +87,16 @@ fn lora_shrink_and_expand_match_the_cpu_bgmv_on_the_gpu() {
         let got = dec(&stream.clone_dtoh(&dy).unwrap());
 
         let (xf, af, bf) = (dec(&x), dec(&a), dec(&b));
+        let (input, output) = (shape.input, shape.output);
         let modules: Vec<LowRank> = (0..shape.slots)
             .map(|s| {
-                let mut a_t = vec![0f32; shape.input * rank];
-                let mut b_t = vec![0f32; rank * shape.output];
-                for j in 0..rank {
-                    for i in 0..shape.input {
-                        a_t[i * rank + j] = af[(s * rank + j) * shape.input + i];
-                    }
-                    for o in 0..shape.output {
-                        b_t[j * shape.output + o] = bf[(s * shape.output + o) * rank + j];
-                    }
-                }
-                LowRank {
+                LowRank::from_kernel_layout(
+                    &af[s * rank * input..(s + 1) * rank * input],
+                    &bf[s * output * rank..(s + 1) * output * rank],
                     rank,
-                    input: shape.input,
-                    output: shape.output,
-                    a_t,
-                    b_t,
-                }
+                    input,
+                    output,
+                )
             })
             .collect();
         let rows: Vec<Vec<Slot<'_>>> = slot

@@ -53,6 +53,29 @@ fn python_with_openai() -> PathBuf {
     python
 }
 
+/// Runs `tests/python/<script> <base_url>`, asserts it succeeded, and returns its stdout.
+async fn run_script(python: PathBuf, script: &str, base_url: String) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg(&path)
+            .arg(&base_url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_python_client_works_unchanged_against_the_gateway() {
     let python = tokio::task::spawn_blocking(python_with_openai)
@@ -65,23 +88,7 @@ async fn the_official_python_client_works_unchanged_against_the_gateway() {
     }
     config.push_str("[[rails.configs]]\nname = \"pii\"\ndata = { rails = { input = { flows = [\"detect sensitive data on input\"] } } }\n");
     let mut gw = GatewayProcess::start(&config);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_compat.py");
-    let base = gw.url("/v1");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(&python)
-            .arg(&script)
-            .arg(&base)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "python compat script failed:\n{stdout}\n{stderr}"
-    );
+    let stdout = run_script(python, "openai_compat.py", gw.url("/v1")).await;
     assert!(
         stdout.lines().filter(|l| l.starts_with("ok: ")).count() >= 16,
         "{stdout}"
@@ -106,23 +113,7 @@ async fn the_huggingface_hub_client_uploads_datasets_as_nemo_data_store_takes_th
         .await
         .unwrap();
     let mut gw = GatewayProcess::start("");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/hf_upload.py");
-    let base = gw.url("");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(&python)
-            .arg(&script)
-            .arg(&base)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "huggingface_hub script failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_script(python, "hf_upload.py", gw.url("")).await;
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok: ")).count(),
         3,

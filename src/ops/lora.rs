@@ -11,6 +11,36 @@ pub struct LowRank {
     pub b_t: Vec<f32>,
 }
 
+impl LowRank {
+    /// One module from the CUDA kernels' layout: `a` (rank, input) and `b` (output, rank), both
+    /// row-major (the adapter's `lora_A` and `lora_B` as stored), transposed for streaming.
+    pub fn from_kernel_layout(
+        a: &[f32],
+        b: &[f32],
+        rank: usize,
+        input: usize,
+        output: usize,
+    ) -> Self {
+        let mut a_t = vec![0f32; input * rank];
+        let mut b_t = vec![0f32; rank * output];
+        for j in 0..rank {
+            for i in 0..input {
+                a_t[i * rank + j] = a[j * input + i];
+            }
+            for o in 0..output {
+                b_t[j * output + o] = b[o * rank + j];
+            }
+        }
+        Self {
+            rank,
+            input,
+            output,
+            a_t,
+            b_t,
+        }
+    }
+}
+
 /// A module applied to a slice of the output columns.
 pub struct Slot<'a> {
     pub module: &'a LowRank,

@@ -454,21 +454,15 @@ impl Rails {
                 });
             }
         }
-        if masked {
-            outcome.masked_messages = Some(text.write_into(messages));
-        }
+        let masked_messages = masked.then(|| text.write_into(messages));
 
         // Model rails in parallel, on what the rules left.
-        let conversation = outcome
-            .masked_messages
-            .as_deref()
-            .unwrap_or(messages)
-            .to_vec();
+        let conversation = masked_messages.as_deref().unwrap_or(messages);
         let user_input = text.last_user_input();
         let calls = configs.iter().flat_map(|c| {
             c.rails.iter().filter_map(|rail| match &rail.kind {
                 RailKind::Model(m) => {
-                    Some(self.run_model_rail(c, &rail.flow, m, &user_input, &conversation, models))
+                    Some(self.run_model_rail(c, &rail.flow, m, &user_input, conversation, models))
                 }
                 _ => None,
             })
@@ -476,6 +470,7 @@ impl Rails {
         outcome
             .rails
             .extend(futures_util::future::join_all(calls).await);
+        outcome.masked_messages = masked_messages;
 
         outcome.status = if outcome
             .rails
