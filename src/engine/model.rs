@@ -14,6 +14,7 @@ use crate::ops::attention::{attention, SeqAttention};
 use crate::ops::lora::{bgmv_add, Slot};
 use crate::ops::qgemm::Q8Matrix;
 use crate::ops::{self, RopeStyle};
+use half::f16;
 
 /// The shape of a model.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,12 +113,13 @@ pub struct LlamaModel {
     device: Device,
 }
 
-/// One layer's cached keys and values for one sequence: (kv_heads, capacity, head_dim), filled to `len`.
+/// One layer's cached keys and values for one sequence, in f16 (as llama.cpp keeps them): decode
+/// attention streams the whole cache every step, so its bytes are what a long batch waits on.
 #[derive(Default)]
 struct LayerCache {
     /// Token-major: (positions, kv_heads, head_dim).
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Vec<f16>,
+    v: Vec<f16>,
 }
 
 /// A sequence's KV cache.
@@ -161,8 +163,8 @@ impl KvCache {
     /// A cache of `len` positions of `width` values per layer, position p holding the value p.
     #[cfg(test)]
     pub(crate) fn filled(n_layers: usize, len: usize, width: usize) -> Self {
-        let data: Vec<f32> = (0..len)
-            .flat_map(|p| std::iter::repeat_n(p as f32, width))
+        let data: Vec<f16> = (0..len)
+            .flat_map(|p| std::iter::repeat_n(f16::from_f32(p as f32), width))
             .collect();
         Self {
             layers: (0..n_layers)
@@ -179,7 +181,7 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| (l.k.len() + l.v.len()) * std::mem::size_of::<f32>())
+            .map(|l| (l.k.len() + l.v.len()) * std::mem::size_of::<f16>())
             .sum()
     }
 
@@ -293,7 +295,12 @@ impl LlamaModel {
         let cfg = src.config(embed.shape().dims2()?.0);
         let rope_style = src.rope_style;
         let (heads, kv_heads, hidden) = (cfg.heads, cfg.kv_heads, cfg.hidden);
-        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
+        if heads == 0
+            || kv_heads == 0
+            || hidden % heads != 0
+            || heads % kv_heads != 0
+            || heads / kv_heads > crate::ops::attention::MAX_GROUP
+        {
             return Err(ModelError::Unsupported(format!(
                 "{heads} heads / {kv_heads} kv heads over hidden size {hidden}"
             )));
@@ -429,14 +436,15 @@ impl LlamaModel {
             for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
                 let t = seq.len();
                 let c = &mut cache.layers[li];
-                c.k.extend_from_slice(&kf[row * kv_width..(row + t) * kv_width]);
-                c.v.extend_from_slice(&vf[row * kv_width..(row + t) * kv_width]);
+                let span = row * kv_width..(row + t) * kv_width;
+                c.k.extend(kf[span.clone()].iter().map(|&x| f16::from_f32(x)));
+                c.v.extend(vf[span].iter().map(|&x| f16::from_f32(x)));
                 row += t;
             }
             let qf = q.flatten_all()?.to_vec1::<f32>()?;
             let mut attn_out = vec![0f32; n * h * hd];
             let mut row = 0;
-            let seqs: Vec<SeqAttention<'_>> = tokens
+            let seqs: Vec<SeqAttention<'_, f16>> = tokens
                 .iter()
                 .zip(caches.iter())
                 .map(|(seq, cache)| {

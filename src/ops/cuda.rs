@@ -305,7 +305,7 @@ impl CudaKernels {
         x: &mut CudaSlice<u16>,
         pos: &CudaSlice<i32>,
     ) -> Result<()> {
-        if head_dim == 0 || head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || head_dim > MAX_HEAD_DIM {
             return Err(invalid(format!(
                 "head size {head_dim} is not supported (even, at most {MAX_HEAD_DIM})"
             )));
@@ -358,7 +358,7 @@ impl CudaKernels {
         x: &CudaSlice<u16>,
         y: &mut CudaSlice<u16>,
     ) -> Result<()> {
-        if cols == 0 || cols % 32 != 0 {
+        if cols == 0 || !cols.is_multiple_of(32) {
             return Err(invalid(format!(
                 "{cols} columns are not whole blocks of 32"
             )));
@@ -495,7 +495,7 @@ impl CudaKernels {
                 "head size {head_dim} is not supported (1..={MAX_HEAD_DIM})"
             )));
         }
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(invalid(format!(
                 "{heads} query heads cannot share {kv_heads} kv heads evenly"
             )));
@@ -504,7 +504,10 @@ impl CudaKernels {
         check_len("block_table", block_table, seqs * max_blocks)?;
         check_len("seq_lens", seq_lens, seqs)?;
         check_len("out", out, seqs * heads * head_dim)?;
-        if k_cache.len() != v_cache.len() || k_cache.len() % (block_size * kv_heads * head_dim) != 0
+        if k_cache.len() != v_cache.len()
+            || !k_cache
+                .len()
+                .is_multiple_of(block_size * kv_heads * head_dim)
         {
             return Err(invalid("the key and value caches do not hold whole pages"));
         }

@@ -181,7 +181,7 @@ fn luhn(d: &[u32]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// An IBAN: country code, check digits, 11 to 30 alphanumerics, and ISO 7064 mod 97 = 1.

@@ -785,8 +785,9 @@ mod tests {
                         .zip(&want[0])
                         .map(|(a, b)| (a - b).abs())
                         .fold(0f32, f32::max);
+                    // The engine keeps its KV cache in f16; the training forward stays f32.
                     assert!(
-                        diff < 1e-3,
+                        diff < 5e-3,
                         "row {r} (lora {}): max diff {diff}",
                         with.is_some()
                     );
