@@ -27,6 +27,8 @@ fn main() {
     let decode: usize = arg("--decode").map_or(128, |s| s.parse().unwrap());
     // `--streams N` runs only the N-stream decode (for profiling).
     let only_streams: Option<usize> = arg("--streams").map(|s| s.parse().unwrap());
+    // `--adapters-only` runs only the adapter load and mixed-adapter decode (for profiling).
+    let adapters_only = args.iter().any(|a| a == "--adapters-only");
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(path.exists(), "run `bash scripts/fetch-model.sh` first");
@@ -49,27 +51,9 @@ fn main() {
         );
         return;
     }
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let mut c = model.new_cache();
-        let t = Instant::now();
-        model.forward(&[&prompt], &mut [&mut c]).unwrap();
-        best = best.min(t.elapsed().as_secs_f64());
+    if !adapters_only {
+        plain_runs(&model, &prompt, decode);
     }
-    println!("prefill 256 tokens: {:.1} tok/s", 256.0 / best);
-
-    println!(
-        "| streams | adapters in the batch | aggregate decode tok/s | per-stream tok/s | ms/step |"
-    );
-    println!("|---|---|---|---|---|");
-    for streams in [1usize, 4, 8, 16] {
-        let (agg, ms) = decode_run(&model, &prompt, streams, &vec![None; streams], decode);
-        println!(
-            "| {streams} | none | {agg:.1} | {:.1} | {ms:.2} |",
-            agg / streams as f64
-        );
-    }
-
     // Rank-16 adapters on all seven projections: load time, then 8 streams with none, one shared
     // adapter, and 8 distinct adapters in the same batch.
     let dir = tempfile::tempdir().unwrap();
@@ -79,10 +63,14 @@ fn main() {
         let d = dir.path().join(format!("a{i}"));
         write_adapter(&d, &model.cfg, 16, i as u64);
         let t = Instant::now();
-        adapters.push(
-            LoraAdapter::load(&format!("bench/a{i}"), "smollm2", &d, &model.cfg, true).unwrap(),
-        );
+        // As the engine loads them: quantized when the base is Q8_0.
+        let mut a =
+            LoraAdapter::load(&format!("bench/a{i}"), "smollm2", &d, &model.cfg, true).unwrap();
+        if weights == WeightFormat::Q8_0 {
+            a.quantize_q8();
+        }
         load_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        adapters.push(a);
     }
     load_ms.sort_by(f64::total_cmp);
     println!(
@@ -103,6 +91,30 @@ fn main() {
 }
 
 /// Decodes `steps` tokens for `streams` sequences in lockstep; returns (aggregate tok/s, ms/step).
+/// Prefill, then decode at 1, 4, 8 and 16 streams without adapters.
+fn plain_runs(model: &LlamaModel, prompt: &[u32], decode: usize) {
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let mut c = model.new_cache();
+        let t = Instant::now();
+        model.forward(&[prompt], &mut [&mut c]).unwrap();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    println!("prefill 256 tokens: {:.1} tok/s", 256.0 / best);
+
+    println!(
+        "| streams | adapters in the batch | aggregate decode tok/s | per-stream tok/s | ms/step |"
+    );
+    println!("|---|---|---|---|---|");
+    for streams in [1usize, 4, 8, 16] {
+        let (agg, ms) = decode_run(model, prompt, streams, &vec![None; streams], decode);
+        println!(
+            "| {streams} | none | {agg:.1} | {:.1} | {ms:.2} |",
+            agg / streams as f64
+        );
+    }
+}
+
 fn decode_run(
     model: &LlamaModel,
     prompt: &[u32],

@@ -42,8 +42,8 @@ pub enum LoraError {
     NotLoaded(String),
 }
 
-/// One targeted projection: `delta = scale · (x Aᵀ) Bᵀ`.
-pub type ModuleLora = crate::ops::lora::LowRank;
+/// One targeted projection: `delta = scale · (x Aᵀ) Bᵀ`, in f32 or quantized like its base.
+pub type ModuleLora = crate::ops::lora::Module;
 
 /// Per layer, per fused base matrix: the parts of its output each targeted module covers.
 #[derive(Default)]
@@ -249,13 +249,13 @@ impl LoraAdapter {
                     .and_then(|t| t.to_vec1::<f32>())
                     .map_err(|e| invalid(e.to_string()))
             };
-            let m = Some(ModuleLora {
+            let m = Some(ModuleLora::F32(crate::ops::lora::LowRank {
                 rank,
                 input: in_dim,
                 output: out_dim,
                 a_t: flat_t(&a)?,
                 b_t: flat_t(&b)?,
-            });
+            }));
             let l = &mut layers[layer];
             match module {
                 "q_proj" => l.qkv[0] = m,
@@ -285,6 +285,42 @@ impl LoraAdapter {
             layers,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
         })
+    }
+}
+
+impl LoraAdapter {
+    /// Quantizes every module whose widths allow it to Q8_0 blocks, as the engine does for a
+    /// Q8_0 base: the adapter then streams about a quarter of the bytes per decode step.
+    pub fn quantize_q8(&mut self) {
+        for l in &mut self.layers {
+            let slots = l
+                .qkv
+                .iter_mut()
+                .chain(std::iter::once(&mut l.o))
+                .chain(l.gate_up.iter_mut())
+                .chain(std::iter::once(&mut l.down));
+            for m in slots {
+                if let Some(q) = m.as_ref().and_then(ModuleLora::to_q8) {
+                    *m = Some(q);
+                }
+            }
+        }
+    }
+
+    /// Bytes of adapter weights held.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                l.qkv
+                    .iter()
+                    .chain(std::iter::once(&l.o))
+                    .chain(l.gate_up.iter())
+                    .chain(std::iter::once(&l.down))
+            })
+            .flatten()
+            .map(ModuleLora::bytes)
+            .sum()
     }
 }
 

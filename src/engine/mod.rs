@@ -144,6 +144,8 @@ pub struct Engine {
     pub shape: LlamaConfig,
     /// Whether the base's q/k rows are in GGUF's layout (adapters are permuted to match).
     gguf_layout: bool,
+    /// Whether adapters are quantized on load (they follow a Q8_0 base).
+    quantize_adapters: bool,
     pub adapters: AdapterRegistry,
     /// Tokenizer, chat template and tool prompting.
     pub chat: ChatFormat,
@@ -224,6 +226,7 @@ impl Engine {
             context_length,
             shape,
             gguf_layout,
+            quantize_adapters: cfg.weights == WeightFormat::Q8_0,
             adapters: AdapterRegistry::new(cfg.max_adapters),
             chat,
             queue: tx,
@@ -239,7 +242,10 @@ impl Engine {
         dir: &Path,
     ) -> Result<(Arc<LoraAdapter>, Vec<String>), LoraError> {
         lora::check_name(id)?;
-        let adapter = LoraAdapter::load(id, &self.name, dir, &self.shape, self.gguf_layout)?;
+        let mut adapter = LoraAdapter::load(id, &self.name, dir, &self.shape, self.gguf_layout)?;
+        if self.quantize_adapters {
+            adapter.quantize_q8();
+        }
         let evicted = self.adapters.insert(adapter);
         let loaded = self
             .adapters

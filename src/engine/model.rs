@@ -11,8 +11,8 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::lora::{LoraAdapter, ModuleLora};
 use crate::ops::attention::{attention, SeqAttention};
-use crate::ops::lora::{bgmv_add, Slot};
-use crate::ops::qgemm::Q8Matrix;
+use crate::ops::lora::{lora_add, ModuleSlot};
+use crate::ops::qgemm::{Q8Matrix, QuantRows};
 use crate::ops::{self, RopeStyle};
 use half::f16;
 
@@ -410,17 +410,14 @@ impl LlamaModel {
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = x.clone();
             let xn = ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let mut qkv = layer.qkv.forward(&xn)?; // (n, (h + 2 kvh) * hd)
-            if let Some(rows) = &lora_rows {
-                qkv = add_deltas(
-                    qkv,
-                    &xn,
-                    rows,
-                    li,
-                    Projection::Qkv,
-                    &[h * hd, kvh * hd, kvh * hd],
-                )?;
-            }
+            let lora = |p: Projection| lora_rows.as_deref().map(|rows| (rows, li, p));
+            // (n, (h + 2 kvh) * hd)
+            let qkv = project(
+                &layer.qkv,
+                &xn,
+                lora(Projection::Qkv),
+                &[h * hd, kvh * hd, kvh * hd],
+            )?;
             let q = qkv.narrow(1, 0, h * hd)?.reshape((n, h, hd))?;
             let k = qkv.narrow(1, h * hd, kvh * hd)?.reshape((n, kvh, hd))?;
             let v = qkv
@@ -460,22 +457,18 @@ impl LlamaModel {
                 .collect();
             attention(&qf, &mut attn_out, &seqs, h, kvh, hd);
             let attn = Tensor::from_vec(attn_out, (n, h * hd), &self.device)?;
-            let mut o = layer.o.forward(&attn)?;
-            if let Some(rows) = &lora_rows {
-                o = add_deltas(o, &attn, rows, li, Projection::O, &[cfg.hidden])?;
-            }
+            let o = project(&layer.o, &attn, lora(Projection::O), &[cfg.hidden])?;
             x = (residual + o)?;
             let residual = x.clone();
             let xn = ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            let mut gu = layer.gate_up.forward(&xn)?;
-            if let Some(rows) = &lora_rows {
-                gu = add_deltas(gu, &xn, rows, li, Projection::GateUp, &[cfg.ffn, cfg.ffn])?;
-            }
+            let gu = project(
+                &layer.gate_up,
+                &xn,
+                lora(Projection::GateUp),
+                &[cfg.ffn, cfg.ffn],
+            )?;
             let act = ops::silu_mul(&gu.narrow(1, 0, cfg.ffn)?, &gu.narrow(1, cfg.ffn, cfg.ffn)?)?;
-            let mut down = layer.down.forward(&act)?;
-            if let Some(rows) = &lora_rows {
-                down = add_deltas(down, &act, rows, li, Projection::Down, &[cfg.hidden])?;
-            }
+            let down = project(&layer.down, &act, lora(Projection::Down), &[cfg.hidden])?;
             x = (residual + down)?;
         }
         for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
@@ -533,44 +526,59 @@ fn modules(a: &LoraAdapter, layer: usize, p: Projection) -> Vec<Option<&ModuleLo
 
 /// Adds each row's adapter delta to a (possibly fused) projection output `y`; module i of the
 /// projection covers the next `widths[i]` output columns.
-fn add_deltas(
-    y: Tensor,
+/// `x · Wᵀ` for a (possibly fused) projection, plus each row's adapter delta when `lora` names
+/// the rows' adapters, the layer and the projection; module i of the projection covers the next
+/// `widths[i]` output columns. On Q8 weights the activations are quantized once for the base
+/// product and the adapters' shrink, and the deltas go into the product before it becomes a
+/// tensor.
+fn project(
+    proj: &Proj,
     x: &Tensor,
-    rows: &[Option<&LoraAdapter>],
-    layer: usize,
-    projection: Projection,
+    lora: Option<(&[Option<&LoraAdapter>], usize, Projection)>,
     widths: &[usize],
 ) -> Result<Tensor, ModelError> {
-    let slots: Vec<Vec<Slot<'_>>> = rows
-        .iter()
-        .map(|a| match a {
-            None => Vec::new(),
-            Some(a) => {
-                let mut offset = 0;
-                let mut v = Vec::new();
-                for (m, w) in modules(a, layer, projection).into_iter().zip(widths) {
-                    if let Some(m) = m {
-                        v.push(Slot {
-                            module: m,
-                            scale: a.scale as f32,
-                            offset,
-                        });
+    let slots: Vec<Vec<ModuleSlot<'_>>> = match lora {
+        None => Vec::new(),
+        Some((rows, layer, projection)) => rows
+            .iter()
+            .map(|a| match a {
+                None => Vec::new(),
+                Some(a) => {
+                    let mut offset = 0;
+                    let mut v = Vec::new();
+                    for (m, w) in modules(a, layer, projection).into_iter().zip(widths) {
+                        if let Some(m) = m {
+                            v.push(ModuleSlot {
+                                module: m,
+                                scale: a.scale as f32,
+                                offset,
+                            });
+                        }
+                        offset += w;
                     }
-                    offset += w;
+                    v
                 }
-                v
-            }
-        })
-        .collect();
+            })
+            .collect(),
+    };
     if slots.iter().all(Vec::is_empty) {
-        return Ok(y);
+        return Ok(proj.forward(x)?);
     }
-    let (n, out) = y.dims2()?;
-    let input = x.dim(1)?;
-    let mut yv = y.flatten_all()?.to_vec1::<f32>()?;
-    let xv = x.flatten_all()?.to_vec1::<f32>()?;
-    bgmv_add(&mut yv, out, &xv, input, &slots);
-    Ok(Tensor::from_vec(yv, (n, out), y.device())?)
+    let (n, input) = x.dims2()?;
+    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let (mut y, out, xq) = match proj {
+        Proj::Q8(m) => {
+            let xq = QuantRows::parallel(&xv, n, input)?;
+            (m.product(&xq)?, m.rows, Some(xq))
+        }
+        Proj::Candle(_) => {
+            let y = proj.forward(x)?;
+            let out = y.dim(1)?;
+            (y.flatten_all()?.to_vec1::<f32>()?, out, None)
+        }
+    };
+    lora_add(&mut y, out, &xv, xq.as_ref(), input, &slots);
+    Ok(Tensor::from_vec(y, (n, out), x.device())?)
 }
 
 /// Reads one tensor by GGUF name, `None` when the file lacks it.

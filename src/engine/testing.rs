@@ -428,6 +428,47 @@ mod lora_tests {
         gguf_file::write(&mut std::fs::File::create(dst).unwrap(), &md, &ts).unwrap();
     }
 
+    /// On a Q8_0 base the engine quantizes adapters too: the logits move by the adapter as much
+    /// as with the f32 adapter, within int8 error of it.
+    #[test]
+    fn a_quantized_adapter_on_a_q8_base_tracks_the_f32_adapter() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.gguf");
+        write_tiny_llama(&base, GgmlDType::F32, 11);
+        let adir = dir.path().join("adapter");
+        write_tiny_adapter(&adir, 4, 8.0, &ALL, 1);
+        let mut f = std::fs::File::open(&base).unwrap();
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        let m =
+            LlamaModel::from_gguf(&content, &mut f, WeightFormat::Q8_0, 256, &Device::Cpu).unwrap();
+        let exact = LoraAdapter::load("t/a", "tiny", &adir, &m.cfg, true).unwrap();
+        let mut quant = LoraAdapter::load("t/a", "tiny", &adir, &m.cfg, true).unwrap();
+        quant.quantize_q8();
+        assert!(
+            quant.bytes() * 3 < exact.bytes(),
+            "{} vs {}",
+            quant.bytes(),
+            exact.bytes()
+        );
+        let toks = [3u32, 50, 100, 7, 9, 200];
+        let run = |a: Option<&LoraAdapter>| {
+            let mut c = m.new_cache();
+            m.forward_with(&[&toks], &mut [&mut c], &[a])
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+                .remove(0)
+        };
+        let (bare, want, got) = (run(None), run(Some(&exact)), run(Some(&quant)));
+        let effect = max_diff(&bare, &want);
+        assert!(effect > 1e-2, "the adapter changes the logits ({effect})");
+        let err = max_diff(&got, &want);
+        assert!(
+            err < 0.05 * effect,
+            "quantized {err} off, against an effect of {effect}"
+        );
+    }
+
     #[test]
     fn the_lora_delta_equals_explicitly_merged_weights() {
         let dir = tempfile::tempdir().unwrap();

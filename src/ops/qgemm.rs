@@ -35,7 +35,7 @@ pub struct Q8Matrix {
 }
 
 /// Quantizes one 32-value block: returns its scale and writes the int8 values.
-fn quantize_block(src: &[f32], dst: &mut [i8]) -> f32 {
+pub(crate) fn quantize_block(src: &[f32], dst: &mut [i8]) -> f32 {
     let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
         dst.iter_mut().for_each(|q| *q = 0);
@@ -110,7 +110,13 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// The fastest kernel this CPU runs, detected once.
     fn best() -> Self {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(Self::detect)
+    }
+
+    fn detect() -> Self {
         #[cfg(all(
             target_arch = "x86_64",
             target_feature = "avx2",
@@ -154,9 +160,10 @@ impl Kernel {
 
 const MAX_TILE: usize = 8;
 
-/// The quantized activations of one call.
-struct QuantRows {
+/// Activations quantized for the kernels: `m` rows of `cols` values.
+pub struct QuantRows {
     m: usize,
+    cols: usize,
     quants: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<i32>,
@@ -166,13 +173,21 @@ impl Q8Matrix {
     /// Quantizes an f32 (rows, cols) tensor; `cols` must be a multiple of 32.
     pub fn from_tensor(w: &Tensor) -> Result<Self> {
         let (rows, cols) = w.dims2()?;
-        if cols % BLOCK != 0 || cols == 0 {
-            candle_core::bail!("Q8 matrix needs columns in multiples of {BLOCK}, got {cols}");
-        }
         let data = w
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        Self::from_f32(&data, rows, cols)
+    }
+
+    /// Quantizes a row-major (rows, cols) matrix; `cols` must be a multiple of 32.
+    pub fn from_f32(data: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        if !cols.is_multiple_of(BLOCK) || cols == 0 {
+            candle_core::bail!("Q8 matrix needs columns in multiples of {BLOCK}, got {cols}");
+        }
+        if data.len() != rows * cols {
+            candle_core::bail!("Q8 matrix: {} values for {rows} x {cols}", data.len());
+        }
         let nb = cols / BLOCK;
         let mut scales = vec![0f32; rows * nb];
         let mut quants = vec![0i8; rows * cols];
@@ -192,38 +207,123 @@ impl Q8Matrix {
         })
     }
 
-    fn quantize_input(&self, x: &Tensor) -> Result<QuantRows> {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.quants.len() + self.scales.len() * std::mem::size_of::<f32>()
+    }
+
+    /// `x` (m, cols) → (m, rows).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_on(x, Kernel::best())
+    }
+
+    fn forward_on(&self, x: &Tensor, kernel: Kernel) -> Result<Tensor> {
         let (m, cols) = x.dims2()?;
-        if cols != self.cols {
-            candle_core::bail!(
-                "Q8 matmul: input has {cols} columns, matrix has {}",
-                self.cols
-            );
-        }
         let xv = x
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        let xq = QuantRows::parallel(&xv, m, cols)?;
+        let y = self.product_on(&xq, kernel)?;
+        Tensor::from_vec(y, (m, self.rows), &Device::Cpu)
+    }
+
+    /// Quantized activations (m, cols) → (m, rows), row-major, on the worker pool. Callers that
+    /// also need the activations elsewhere (LoRA) quantize them once for both.
+    pub(crate) fn product(&self, xq: &QuantRows) -> Result<Vec<f32>> {
+        self.product_on(xq, Kernel::best())
+    }
+
+    fn product_on(&self, xq: &QuantRows, kernel: Kernel) -> Result<Vec<f32>> {
+        if xq.cols != self.cols {
+            candle_core::bail!(
+                "Q8 matmul: input has {} columns, matrix has {}",
+                xq.cols,
+                self.cols
+            );
+        }
+        let m = xq.m;
+        let (cols, nb) = (self.cols, self.cols / BLOCK);
+        let tile = kernel.tile();
+        // Output rows are shared out on candle's own worker pool (a second pool would fight it
+        // for the same cores); each weight row's m outputs are written by exactly one worker.
+        let n = self.rows;
+        let mut y = vec![0f32; m * n];
+        let out = SharedOut(y.as_mut_ptr());
+        let out = &out;
+        candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+            let mut tile_out = [0f32; MAX_TILE];
+            for row in range {
+                let w = &self.quants[row * cols..(row + 1) * cols];
+                let ws = &self.scales[row * nb..(row + 1) * nb];
+                let mut i = 0;
+                while i < m {
+                    let r = if m - i >= tile { tile } else { 1 };
+                    dot_rows(kernel, w, ws, xq, i, r, &mut tile_out[..r]);
+                    for (k, v) in tile_out[..r].iter().enumerate() {
+                        // SAFETY: `i + k < m` and `row < n`, so the element lies inside `y`,
+                        // which outlives this call; execute_chunked hands each weight row (one
+                        // output column) to one worker only, so no element is written twice.
+                        unsafe { *out.0.add((i + k) * n + row) = *v };
+                    }
+                    i += r;
+                }
+            }
+        });
+        Ok(y)
+    }
+
+    /// Every weight row against activation row `i` alone: `out[row]`, what `product` puts at
+    /// (i, row). For small matrices (adapter factors) on the calling thread.
+    pub(crate) fn dots(&self, xq: &QuantRows, i: usize, out: &mut [f32]) {
+        let (cols, nb) = (self.cols, self.cols / BLOCK);
+        let kernel = Kernel::best();
+        for (row, o) in out.iter_mut().enumerate().take(self.rows) {
+            dot_rows(
+                kernel,
+                &self.quants[row * cols..(row + 1) * cols],
+                &self.scales[row * nb..(row + 1) * nb],
+                xq,
+                i,
+                1,
+                std::slice::from_mut(o),
+            );
+        }
+    }
+
+    /// Input width.
+    pub fn input(&self) -> usize {
+        self.cols
+    }
+}
+
+/// The output buffer, shared with the worker pool for disjoint writes.
+struct SharedOut(*mut f32);
+// SAFETY: workers write disjoint rows (see `forward`), so sharing the pointer races on nothing.
+unsafe impl Sync for SharedOut {}
+
+impl QuantRows {
+    /// Quantizes `m` rows of `cols` values (a multiple of 32), on the worker pool for batches.
+    pub fn parallel(x: &[f32], m: usize, cols: usize) -> Result<Self> {
+        if !cols.is_multiple_of(BLOCK) || x.len() != m * cols {
+            candle_core::bail!(
+                "Q8 activations: {} values for {m} rows of {cols} (a multiple of {BLOCK})",
+                x.len()
+            );
+        }
+        if m < 4 {
+            return Ok(Self::new(x, m, cols));
+        }
         let nb = cols / BLOCK;
         let mut rows = QuantRows {
             m,
+            cols,
             quants: vec![0i8; m * cols],
             scales: vec![0f32; m * nb],
             sums: vec![0i32; m * nb],
         };
-        if m < 4 {
-            for (((src, q), s), sum) in xv
-                .chunks(cols)
-                .zip(rows.quants.chunks_mut(cols))
-                .zip(rows.scales.chunks_mut(nb))
-                .zip(rows.sums.chunks_mut(nb))
-            {
-                quantize_row(src, q, s, sum);
-            }
-            return Ok(rows);
-        }
-        // Batches: the rows on the worker pool, one writer per row.
-        let work: Vec<_> = xv
+        // One writer per row.
+        let work: Vec<_> = x
             .chunks(cols)
             .zip(rows.quants.chunks_mut(cols))
             .zip(rows.scales.chunks_mut(nb))
@@ -242,50 +342,36 @@ impl Q8Matrix {
         Ok(rows)
     }
 
-    /// `x` (m, cols) → (m, rows).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_on(x, Kernel::best())
+    pub fn rows(&self) -> usize {
+        self.m
     }
 
-    fn forward_on(&self, x: &Tensor, kernel: Kernel) -> Result<Tensor> {
-        let xq = self.quantize_input(x)?;
-        let m = xq.m;
-        let (cols, nb) = (self.cols, self.cols / BLOCK);
-        let tile = kernel.tile();
-        // Output rows are shared out on candle's own worker pool (a second pool would fight it
-        // for the same cores); each weight row's m outputs (row-major by output, transposed
-        // below) are written by exactly one worker.
-        let n = self.rows;
-        let mut y = vec![0f32; m * n];
-        let out = SharedOut(y.as_mut_ptr());
-        let out = &out;
-        candle_core::utils::barrier_pool().execute_chunked(n, |range| {
-            let mut tile_out = [0f32; MAX_TILE];
-            for row in range {
-                let w = &self.quants[row * cols..(row + 1) * cols];
-                let ws = &self.scales[row * nb..(row + 1) * nb];
-                let mut i = 0;
-                while i < m {
-                    let r = if m - i >= tile { tile } else { 1 };
-                    dot_rows(kernel, w, ws, &xq, i, r, &mut tile_out[..r]);
-                    for (k, v) in tile_out[..r].iter().enumerate() {
-                        // SAFETY: `i + k < m` and `row < n`, so the element lies inside `y`,
-                        // which outlives this call; execute_chunked hands each weight row (one
-                        // output column) to one worker only, so no element is written twice.
-                        unsafe { *out.0.add((i + k) * n + row) = *v };
-                    }
-                    i += r;
-                }
-            }
-        });
-        Tensor::from_vec(y, (m, self.rows), &Device::Cpu)
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Quantizes `m` rows of `cols` values (a multiple of 32) on the calling thread.
+    pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
+        let nb = cols / BLOCK;
+        let mut rows = QuantRows {
+            m,
+            cols,
+            quants: vec![0i8; m * cols],
+            scales: vec![0f32; m * nb],
+            sums: vec![0i32; m * nb],
+        };
+        for (((src, q), s), sum) in x
+            .chunks(cols)
+            .take(m)
+            .zip(rows.quants.chunks_mut(cols))
+            .zip(rows.scales.chunks_mut(nb))
+            .zip(rows.sums.chunks_mut(nb))
+        {
+            quantize_row(src, q, s, sum);
+        }
+        rows
     }
 }
-
-/// The output buffer, shared with the worker pool for disjoint writes.
-struct SharedOut(*mut f32);
-// SAFETY: workers write disjoint rows (see `forward`), so sharing the pointer races on nothing.
-unsafe impl Sync for SharedOut {}
 
 /// One weight row (`w`, `ws`) against activation rows `i..i + r`, into `out[..r]`.
 fn dot_rows(
