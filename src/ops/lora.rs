@@ -6,7 +6,7 @@
 //! eight distinct adapters in a batch stream about a quarter of the bytes they would in f32.
 #![allow(unsafe_code)]
 
-use super::qgemm::{quantize_block, Q8Matrix, QuantRows, BLOCK};
+use super::qgemm::{quantize_block, QuantRows, BLOCK};
 
 /// One low-rank module, stored for row-major streaming: Aᵀ (in × r) and Bᵀ (r × out).
 pub struct LowRank {
@@ -97,14 +97,14 @@ fn apply_row(yr: &mut [f32], xr: &[f32], slots: &[Slot<'_>], v: &mut Vec<f32>) {
     }
 }
 
-/// A low-rank module quantized like a Q8_0 base: A (rank × input) as a Q8 matrix for the int8
-/// kernels, and Bᵀ (rank × output) in blocks of 32 output columns with one scale each, stored
+/// A low-rank module quantized like a Q8_0 base: A (rank × input) in the int8 kernels' layout
+/// (its few rows tiled against each input row), and Bᵀ (rank × output) in blocks of 32 output columns with one scale each, stored
 /// block-major (`[output / 32][rank][32]`) so expanding one output block reads one contiguous run.
 pub struct Q8LowRank {
     pub rank: usize,
     pub input: usize,
     pub output: usize,
-    a: Q8Matrix,
+    a: QuantRows,
     b_q: Vec<i8>,
     b_d: Vec<f32>,
 }
@@ -123,7 +123,7 @@ impl Q8LowRank {
                 a[j * input + k] = m.a_t[k * r + j];
             }
         }
-        let a = Q8Matrix::from_f32(&a, r, input).ok()?;
+        let a = QuantRows::new(&a, r, input);
         let blocks = output / BLOCK;
         let mut b_q = vec![0i8; blocks * r * BLOCK];
         let mut b_d = vec![0f32; blocks * r];
@@ -151,6 +151,53 @@ impl Q8LowRank {
         let d = &self.b_d[blk * r..(blk + 1) * r];
         for ((wj, qj), &dj) in w.iter_mut().zip(q.as_chunks::<BLOCK>().0).zip(d) {
             widen32(qj, dj, wj);
+        }
+    }
+
+    /// One row's output block `blk`: `acc += Σ_j v[j] · (d_j · q_j)`, the same operations as
+    /// `widen_block` followed by the shared rows' sum, without storing the widened block.
+    fn expand_one(&self, blk: usize, v: &[f32], acc: &mut [f32; BLOCK]) {
+        let r = self.rank;
+        let q = &self.b_q[blk * r * BLOCK..(blk + 1) * r * BLOCK];
+        let d = &self.b_d[blk * r..(blk + 1) * r];
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        {
+            use std::arch::x86_64::*;
+            // SAFETY: the cfg guarantees AVX2 and FMA; q holds r blocks of 32 bytes and each load
+            // reads 8 bytes at offset j*32 + k*8 < r*32; acc holds 32 floats, touched 8 at a time.
+            unsafe {
+                let mut a = [_mm256_setzero_ps(); BLOCK / 8];
+                for (k, ak) in a.iter_mut().enumerate() {
+                    *ak = _mm256_loadu_ps(acc.as_ptr().add(k * 8));
+                }
+                for ((qj, &dj), &c) in q.as_chunks::<BLOCK>().0.iter().zip(d).zip(v) {
+                    let (dv, cv) = (_mm256_set1_ps(dj), _mm256_set1_ps(c));
+                    for (k, ak) in a.iter_mut().enumerate() {
+                        let b = _mm_loadl_epi64(qj.as_ptr().add(k * 8).cast());
+                        let w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), dv);
+                        *ak = _mm256_fmadd_ps(cv, w, *ak);
+                    }
+                }
+                for (k, ak) in a.iter().enumerate() {
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(k * 8), *ak);
+                }
+            }
+        }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        )))]
+        for ((qj, &dj), &c) in q.as_chunks::<BLOCK>().0.iter().zip(d).zip(v) {
+            let mut w = [0f32; BLOCK];
+            widen32(qj, dj, &mut w);
+            for (a, wf) in acc.iter_mut().zip(&w) {
+                *a = c.mul_add(*wf, *a);
+            }
         }
     }
 
@@ -314,7 +361,7 @@ pub fn lora_add(
                                 (&own, 0)
                             }
                         };
-                        m.a.dots(q, i, &mut v);
+                        q.dots_with(i, &m.a, &mut v);
                     }
                 }
                 let scale = groups[gi].slot.scale;
@@ -341,6 +388,13 @@ pub fn lora_add(
             w.resize(r, [0f32; BLOCK]);
             for blk in blocks.clone() {
                 let width = BLOCK.min(output - blk * BLOCK);
+                // A module with a single row this step (distinct adapters) widens each weight
+                // vector straight into the sum; shared ones widen the block once for all rows.
+                // Both do the same float operations in the same order.
+                let single = match module {
+                    Module::Q8(m) if g.rows.len() == 1 => Some(m),
+                    _ => None,
+                };
                 match module {
                     Module::F32(m) => {
                         for (j, wj) in w.iter_mut().enumerate() {
@@ -348,14 +402,14 @@ pub fn lora_add(
                             wj[..width].copy_from_slice(src);
                         }
                     }
-                    Module::Q8(m) => m.widen_block(blk, &mut w),
+                    Module::Q8(m) if single.is_none() => m.widen_block(blk, &mut w),
+                    Module::Q8(_) => {}
                 }
                 for (&t, vt) in g.rows.iter().zip(v.chunks_exact(r)) {
                     let mut acc = [0f32; BLOCK];
-                    for (wj, &c) in w.iter().zip(vt) {
-                        for (a, wf) in acc.iter_mut().zip(wj) {
-                            *a = c.mul_add(*wf, *a);
-                        }
+                    match single {
+                        Some(m) => m.expand_one(blk, vt, &mut acc),
+                        None => expand_widened(&w, vt, &mut acc),
                     }
                     let start = t * out_total + g.slot.offset + blk * BLOCK;
                     // SAFETY: t < n and offset + blk*32 + width <= offset + output <= out_total
@@ -371,6 +425,46 @@ pub fn lora_add(
             }
         }
     });
+}
+
+/// `acc += Σ_j v[j] · w[j]` over a widened block (one fused multiply-add per element and j).
+#[inline]
+fn expand_widened(w: &[[f32; BLOCK]], v: &[f32], acc: &mut [f32; BLOCK]) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: the cfg guarantees AVX2 and FMA; every load and store covers 8 of the 32 floats
+        // of one block row or of acc, at offsets 0, 8, 16 and 24.
+        unsafe {
+            let mut a = [_mm256_setzero_ps(); BLOCK / 8];
+            for (k, ak) in a.iter_mut().enumerate() {
+                *ak = _mm256_loadu_ps(acc.as_ptr().add(k * 8));
+            }
+            for (wj, &c) in w.iter().zip(v) {
+                let cv = _mm256_set1_ps(c);
+                for (k, ak) in a.iter_mut().enumerate() {
+                    *ak = _mm256_fmadd_ps(cv, _mm256_loadu_ps(wj.as_ptr().add(k * 8)), *ak);
+                }
+            }
+            for (k, ak) in a.iter().enumerate() {
+                _mm256_storeu_ps(acc.as_mut_ptr().add(k * 8), *ak);
+            }
+        }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    for (wj, &c) in w.iter().zip(v) {
+        for (a, wf) in acc.iter_mut().zip(wj) {
+            *a = c.mul_add(*wf, *a);
+        }
+    }
 }
 
 /// `v = x · Aᵀ` for one row, f32.

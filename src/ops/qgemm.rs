@@ -273,24 +273,6 @@ impl Q8Matrix {
         Ok(y)
     }
 
-    /// Every weight row against activation row `i` alone: `out[row]`, what `product` puts at
-    /// (i, row). For small matrices (adapter factors) on the calling thread.
-    pub(crate) fn dots(&self, xq: &QuantRows, i: usize, out: &mut [f32]) {
-        let (cols, nb) = (self.cols, self.cols / BLOCK);
-        let kernel = Kernel::best();
-        for (row, o) in out.iter_mut().enumerate().take(self.rows) {
-            dot_rows(
-                kernel,
-                &self.quants[row * cols..(row + 1) * cols],
-                &self.scales[row * nb..(row + 1) * nb],
-                xq,
-                i,
-                1,
-                std::slice::from_mut(o),
-            );
-        }
-    }
-
     /// Input width.
     pub fn input(&self) -> usize {
         self.cols
@@ -348,6 +330,33 @@ impl QuantRows {
 
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Row `t` of these rows against every row of `other` (as wide): `out[i]` is what a
+    /// `Q8Matrix` of `other`'s rows gives for input row t, bit for bit (the block products are
+    /// exact integers either way round). For small matrices (adapter factors) on the calling
+    /// thread, `other`'s rows tiled against one row.
+    pub fn dots_with(&self, t: usize, other: &QuantRows, out: &mut [f32]) {
+        let (cols, nb) = (self.cols, self.cols / BLOCK);
+        if other.cols != cols || t >= self.m {
+            return;
+        }
+        let kernel = Kernel::best();
+        let tile = kernel.tile();
+        let w = &self.quants[t * cols..(t + 1) * cols];
+        let ws = &self.scales[t * nb..(t + 1) * nb];
+        let n = other.m.min(out.len());
+        let mut i = 0;
+        while i < n {
+            let r = if n - i >= tile { tile } else { 1 };
+            dot_rows(kernel, w, ws, other, i, r, &mut out[i..i + r]);
+            i += r;
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.quants.len() + (self.scales.len() + self.sums.len()) * 4
     }
 
     /// Quantizes `m` rows of `cols` values (a multiple of 32) on the calling thread.
