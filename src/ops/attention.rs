@@ -99,6 +99,8 @@ pub fn attention<T: KvElem>(
     }
     candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
         let mut scores = Vec::new();
+        // One cached row widened to f32, once for all the heads that read it.
+        let mut row_f32 = vec![0f32; head_dim];
         for &(s, j, g) in &tasks[range] {
             let seq = &seqs[s];
             let width = kv_heads * head_dim;
@@ -113,9 +115,9 @@ pub fn attention<T: KvElem>(
             let at = |p: usize| p * width + g * head_dim;
             for p in 0..visible {
                 prefetch(seq.k, at(p + PREFETCH), head_dim);
-                let k = &seq.k[at(p)..at(p) + head_dim];
+                widen(&seq.k[at(p)..at(p) + head_dim], &mut row_f32);
                 for (h, qh) in qs.chunks_exact(head_dim).enumerate() {
-                    scores[h * visible + p] = dot(qh, k) * scale;
+                    scores[h * visible + p] = dot(qh, &row_f32) * scale;
                 }
             }
             let Ok(mut o) = cells[row * kv_heads + g].lock() else {
@@ -133,9 +135,9 @@ pub fn attention<T: KvElem>(
             // Each cached value row is read once for all the heads that share it.
             for p in 0..visible {
                 prefetch(seq.v, at(p + PREFETCH), head_dim);
-                let v = &seq.v[at(p)..at(p) + head_dim];
+                widen(&seq.v[at(p)..at(p) + head_dim], &mut row_f32);
                 for (h, oh) in o.chunks_exact_mut(head_dim).enumerate() {
-                    axpy(oh, scores[h * visible + p], v);
+                    axpy(oh, scores[h * visible + p], &row_f32);
                 }
             }
             for (oh, sum) in o.chunks_exact_mut(head_dim).zip(sums) {
@@ -176,39 +178,43 @@ fn prefetch<T>(xs: &[T], at: usize, len: usize) {
     let _ = (xs, at, len);
 }
 
+/// `dst = src` as f32.
+#[inline]
+fn widen<T: KvElem>(src: &[T], dst: &mut [f32]) {
+    let (sc, sr) = src.as_chunks::<8>();
+    let (dc, dr) = dst.as_chunks_mut::<8>();
+    for (d, s) in dc.iter_mut().zip(sc) {
+        *d = T::widen8(s);
+    }
+    for (d, s) in dr.iter_mut().zip(sr) {
+        *d = s.widen();
+    }
+}
+
 /// A dot product in eight independent lanes, so the compiler keeps it in one SIMD register (a
 /// single running sum must be added in order and stays scalar).
 #[inline]
-fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ac, ar) = a.as_chunks::<8>();
     let (bc, br) = b.as_chunks::<8>();
     let mut acc = [0f32; 8];
     for (x, y) in ac.iter().zip(bc) {
-        let y = T::widen8(y);
         for l in 0..8 {
             acc[l] = x[l].mul_add(y[l], acc[l]);
         }
     }
     let mut sum = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (x, y) in ar.iter().zip(br) {
-        sum += x * y.widen();
+        sum += x * y;
     }
     sum
 }
 
 /// `o += w · v`.
 #[inline]
-fn axpy<T: KvElem>(o: &mut [f32], w: f32, v: &[T]) {
-    let (oc, or) = o.as_chunks_mut::<8>();
-    let (vc, vr) = v.as_chunks::<8>();
-    for (x, y) in oc.iter_mut().zip(vc) {
-        let y = T::widen8(y);
-        for l in 0..8 {
-            x[l] = w.mul_add(y[l], x[l]);
-        }
-    }
-    for (x, y) in or.iter_mut().zip(vr) {
-        *x = w.mul_add(y.widen(), *x);
+fn axpy(o: &mut [f32], w: f32, v: &[f32]) {
+    for (x, y) in o.iter_mut().zip(v) {
+        *x = w.mul_add(*y, *x);
     }
 }
 
