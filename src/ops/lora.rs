@@ -507,17 +507,7 @@ mod tests {
         assert_eq!(y, vec![0., 9.5, 14., 0., 0., 0.]);
     }
 
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 33) as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::ops::test_values as lcg;
 
     fn module(rank: usize, input: usize, output: usize, seed: u64) -> LowRank {
         LowRank {
@@ -552,27 +542,29 @@ mod tests {
         let which = [Some(0), Some(1), Some(0), None, Some(2), Some(0), None];
         let x = lcg(n * input, 42);
         let base: Vec<f32> = lcg(n * out_total, 7);
+        // (module, first column) per row; module 3 is the small one.
+        let plan: Vec<Vec<(usize, usize)>> = which
+            .iter()
+            .enumerate()
+            .map(|(t, w)| {
+                let mut v: Vec<(usize, usize)> = w.map(|i| (i, 0)).into_iter().collect();
+                if t == 2 {
+                    v.push((3, out_a));
+                }
+                v
+            })
+            .collect();
         let reference = {
-            let rows: Vec<Vec<Slot<'_>>> = which
+            let rows: Vec<Vec<Slot<'_>>> = plan
                 .iter()
-                .enumerate()
-                .map(|(t, w)| {
-                    let mut v: Vec<Slot<'_>> = w
-                        .map(|i| Slot {
-                            module: &f32s[i],
+                .map(|p| {
+                    p.iter()
+                        .map(|&(i, offset)| Slot {
+                            module: if i == 3 { &small } else { &f32s[i] },
                             scale: 1.5,
-                            offset: 0,
+                            offset,
                         })
-                        .into_iter()
-                        .collect();
-                    if t == 2 {
-                        v.push(Slot {
-                            module: &small,
-                            scale: 1.5,
-                            offset: out_a,
-                        });
-                    }
-                    v
+                        .collect()
                 })
                 .collect();
             let mut y = base.clone();
@@ -580,26 +572,16 @@ mod tests {
             y
         };
         let slots = |mods: &[Module], sm: &Module| -> Vec<f32> {
-            let rows: Vec<Vec<ModuleSlot<'_>>> = which
+            let rows: Vec<Vec<ModuleSlot<'_>>> = plan
                 .iter()
-                .enumerate()
-                .map(|(t, w)| {
-                    let mut v: Vec<ModuleSlot<'_>> = w
-                        .map(|i| ModuleSlot {
-                            module: &mods[i],
+                .map(|p| {
+                    p.iter()
+                        .map(|&(i, offset)| ModuleSlot {
+                            module: if i == 3 { sm } else { &mods[i] },
                             scale: 1.5,
-                            offset: 0,
+                            offset,
                         })
-                        .into_iter()
-                        .collect();
-                    if t == 2 {
-                        v.push(ModuleSlot {
-                            module: sm,
-                            scale: 1.5,
-                            offset: out_a,
-                        });
-                    }
-                    v
+                        .collect()
                 })
                 .collect();
             let mut y = base.clone();

@@ -297,13 +297,7 @@ impl QuantRows {
             return Ok(Self::new(x, m, cols));
         }
         let nb = cols / BLOCK;
-        let mut rows = QuantRows {
-            m,
-            cols,
-            quants: vec![0i8; m * cols],
-            scales: vec![0f32; m * nb],
-            sums: vec![0i32; m * nb],
-        };
+        let mut rows = Self::zeroed(m, cols);
         // One writer per row.
         let work: Vec<_> = x
             .chunks(cols)
@@ -359,16 +353,21 @@ impl QuantRows {
         self.quants.len() + (self.scales.len() + self.sums.len()) * 4
     }
 
-    /// Quantizes `m` rows of `cols` values (a multiple of 32) on the calling thread.
-    pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
+    fn zeroed(m: usize, cols: usize) -> Self {
         let nb = cols / BLOCK;
-        let mut rows = QuantRows {
+        QuantRows {
             m,
             cols,
             quants: vec![0i8; m * cols],
             scales: vec![0f32; m * nb],
             sums: vec![0i32; m * nb],
-        };
+        }
+    }
+
+    /// Quantizes `m` rows of `cols` values (a multiple of 32) on the calling thread.
+    pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
+        let nb = cols / BLOCK;
+        let mut rows = Self::zeroed(m, cols);
         for (((src, q), s), sum) in x
             .chunks(cols)
             .take(m)
@@ -615,17 +614,7 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 33) as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::ops::test_values as lcg;
 
     #[test]
     fn matches_an_f32_matmul_within_quantization_error_for_any_batch() {
