@@ -577,7 +577,7 @@ fn project(
             (y.flatten_all()?.to_vec1::<f32>()?, out, None)
         }
     };
-    lora_add(&mut y, out, &xv, xq.as_ref(), input, &slots);
+    lora_add(&mut y, out, &xv, xq.as_ref(), input, &slots)?;
     Ok(Tensor::from_vec(y, (n, out), x.device())?)
 }
 

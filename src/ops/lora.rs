@@ -291,14 +291,19 @@ pub fn lora_add(
     xq: Option<&QuantRows>,
     input: usize,
     rows: &[Vec<ModuleSlot<'_>>],
-) {
+) -> candle_core::Result<()> {
     struct Group<'a> {
         slot: &'a ModuleSlot<'a>,
         rows: Vec<usize>,
     }
     let n = y.len() / out_total.max(1);
-    if x.len() < n * input || rows.len() > n {
-        return;
+    if y.len() != n * out_total || x.len() != n * input || rows.len() > n {
+        candle_core::bail!(
+            "LoRA: {} outputs of width {out_total}, {} inputs of width {input}, {} row lists",
+            y.len(),
+            x.len(),
+            rows.len()
+        );
     }
     let xq = xq.filter(|q| q.rows() == n && q.cols() == input);
     let mut groups: Vec<Group<'_>> = Vec::new();
@@ -309,7 +314,13 @@ pub fn lora_add(
                 Module::Q8(m) => m.input == input,
             };
             if !fits || s.offset + s.module.output() > out_total {
-                continue;
+                candle_core::bail!(
+                    "LoRA: a rank-{} module for {} columns at column {} does not fit a {input} -> \
+                     {out_total} projection",
+                    s.module.rank(),
+                    s.module.output(),
+                    s.offset
+                );
             }
             let same = |g: &Group<'_>| {
                 std::ptr::eq(g.slot.module, s.module)
@@ -326,7 +337,7 @@ pub fn lora_add(
         }
     }
     if groups.is_empty() {
-        return;
+        return Ok(());
     }
     let pool = candle_core::utils::barrier_pool();
     // Shrink: one task per (group, row), so even a single shared module spreads over the pool.
@@ -425,6 +436,7 @@ pub fn lora_add(
             }
         }
     });
+    Ok(())
 }
 
 /// `acc += Σ_j v[j] · w[j]` over a widened block (one fused multiply-add per element and j).
@@ -585,10 +597,10 @@ mod tests {
                 })
                 .collect();
             let mut y = base.clone();
-            lora_add(&mut y, out_total, &x, None, input, &rows);
+            lora_add(&mut y, out_total, &x, None, input, &rows).unwrap();
             let mut y2 = base.clone();
             let xq = QuantRows::new(&x, n, input);
-            lora_add(&mut y2, out_total, &x, Some(&xq), input, &rows);
+            lora_add(&mut y2, out_total, &x, Some(&xq), input, &rows).unwrap();
             assert_eq!(y, y2, "quantizing per row or once gives the same bits");
             y
         };
@@ -639,7 +651,7 @@ mod tests {
             })
             .collect();
         let mut together = vec![0f32; n * output];
-        lora_add(&mut together, output, &x, None, input, &all_rows);
+        lora_add(&mut together, output, &x, None, input, &all_rows).unwrap();
         for t in 0..n {
             let mut alone = vec![0f32; output];
             lora_add(
@@ -649,9 +661,25 @@ mod tests {
                 None,
                 input,
                 &all_rows[..1],
-            );
+            )
+            .unwrap();
             assert_eq!(alone, together[t * output..(t + 1) * output], "row {t}");
         }
+    }
+
+    #[test]
+    fn a_module_that_does_not_fit_the_projection_is_an_error_not_a_skip() {
+        let m = Module::F32(module(4, 64, 96, 1));
+        let rows = vec![vec![ModuleSlot {
+            module: &m,
+            scale: 1.0,
+            offset: 32,
+        }]];
+        let mut y = vec![0f32; 96];
+        let err = lora_add(&mut y, 96, &lcg(64, 1), None, 64, &rows).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        let err = lora_add(&mut y, 96, &lcg(60, 1), None, 64, &rows[..0]).unwrap_err();
+        assert!(err.to_string().contains("inputs of width 64"), "{err}");
     }
 
     #[test]
