@@ -242,6 +242,12 @@ impl Module {
             Module::Q8(m) => m.rank,
         }
     }
+    pub fn input(&self) -> usize {
+        match self {
+            Module::F32(m) => m.input,
+            Module::Q8(m) => m.input,
+        }
+    }
     pub fn output(&self) -> usize {
         match self {
             Module::F32(m) => m.output,
@@ -281,9 +287,9 @@ const BLOCKS_PER_TASK: usize = 4;
 /// `rows[t]`: the modules row t runs with (empty: base only); `x`: n × input, `y`: n × out_total;
 /// `xq`: x already quantized for the base product, if it was (quantized modules reuse it).
 ///
-/// Two passes on the worker pool. Shrink: one task per distinct (module, columns), over all the
-/// rows that use it, `v = scale · x · Aᵀ`. Expand: one task per (module, 128 output columns),
-/// `y += v · Bᵀ`, each block of B read (and, quantized, widened) once for all its rows.
+/// Rows are grouped by (module, columns). Two passes on the worker pool. Shrink: one task per
+/// (group, row), `v = scale · x · Aᵀ`. Expand: one task per (group, 128 output columns),
+/// `y += v · Bᵀ`, each block of B read (and, quantized, widened) once for all the group's rows.
 pub fn lora_add(
     y: &mut [f32],
     out_total: usize,
@@ -309,11 +315,7 @@ pub fn lora_add(
     let mut groups: Vec<Group<'_>> = Vec::new();
     for (t, slots) in rows.iter().enumerate() {
         for s in slots {
-            let fits = match s.module {
-                Module::F32(m) => m.input == input,
-                Module::Q8(m) => m.input == input,
-            };
-            if !fits || s.offset + s.module.output() > out_total {
+            if s.module.input() != input || s.offset + s.module.output() > out_total {
                 candle_core::bail!(
                     "LoRA: a rank-{} module for {} columns at column {} does not fit a {input} -> \
                      {out_total} projection",
