@@ -154,53 +154,6 @@ impl Q8LowRank {
         }
     }
 
-    /// One row's output block `blk`: `acc += Σ_j v[j] · (d_j · q_j)`, the same operations as
-    /// `widen_block` followed by the shared rows' sum, without storing the widened block.
-    fn expand_one(&self, blk: usize, v: &[f32], acc: &mut [f32; BLOCK]) {
-        let r = self.rank;
-        let q = &self.b_q[blk * r * BLOCK..(blk + 1) * r * BLOCK];
-        let d = &self.b_d[blk * r..(blk + 1) * r];
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        {
-            use std::arch::x86_64::*;
-            // SAFETY: the cfg guarantees AVX2 and FMA; q holds r blocks of 32 bytes and each load
-            // reads 8 bytes at offset j*32 + k*8 < r*32; acc holds 32 floats, touched 8 at a time.
-            unsafe {
-                let mut a = [_mm256_setzero_ps(); BLOCK / 8];
-                for (k, ak) in a.iter_mut().enumerate() {
-                    *ak = _mm256_loadu_ps(acc.as_ptr().add(k * 8));
-                }
-                for ((qj, &dj), &c) in q.as_chunks::<BLOCK>().0.iter().zip(d).zip(v) {
-                    let (dv, cv) = (_mm256_set1_ps(dj), _mm256_set1_ps(c));
-                    for (k, ak) in a.iter_mut().enumerate() {
-                        let b = _mm_loadl_epi64(qj.as_ptr().add(k * 8).cast());
-                        let w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), dv);
-                        *ak = _mm256_fmadd_ps(cv, w, *ak);
-                    }
-                }
-                for (k, ak) in a.iter().enumerate() {
-                    _mm256_storeu_ps(acc.as_mut_ptr().add(k * 8), *ak);
-                }
-            }
-        }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        )))]
-        for ((qj, &dj), &c) in q.as_chunks::<BLOCK>().0.iter().zip(d).zip(v) {
-            let mut w = [0f32; BLOCK];
-            widen32(qj, dj, &mut w);
-            for (a, wf) in acc.iter_mut().zip(&w) {
-                *a = c.mul_add(*wf, *a);
-            }
-        }
-    }
-
     pub fn bytes(&self) -> usize {
         self.a.bytes() + self.b_q.len() + self.b_d.len() * std::mem::size_of::<f32>()
     }
@@ -401,13 +354,6 @@ pub fn lora_add(
             w.resize(r, [0f32; BLOCK]);
             for blk in blocks.clone() {
                 let width = BLOCK.min(output - blk * BLOCK);
-                // A module with a single row this step (distinct adapters) widens each weight
-                // vector straight into the sum; shared ones widen the block once for all rows.
-                // Both do the same float operations in the same order.
-                let single = match module {
-                    Module::Q8(m) if g.rows.len() == 1 => Some(m),
-                    _ => None,
-                };
                 match module {
                     Module::F32(m) => {
                         for (j, wj) in w.iter_mut().enumerate() {
@@ -415,15 +361,11 @@ pub fn lora_add(
                             wj[..width].copy_from_slice(src);
                         }
                     }
-                    Module::Q8(m) if single.is_none() => m.widen_block(blk, &mut w),
-                    Module::Q8(_) => {}
+                    Module::Q8(m) => m.widen_block(blk, &mut w),
                 }
                 for (&t, vt) in g.rows.iter().zip(v.chunks_exact(r)) {
                     let mut acc = [0f32; BLOCK];
-                    match single {
-                        Some(m) => m.expand_one(blk, vt, &mut acc),
-                        None => expand_widened(&w, vt, &mut acc),
-                    }
+                    expand_widened(&w, vt, &mut acc);
                     let start = t * out_total + g.slot.offset + blk * BLOCK;
                     // SAFETY: t < n and offset + blk*32 + width <= offset + output <= out_total
                     // (checked when grouping), so the span lies inside `y`, which outlives the
