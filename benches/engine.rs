@@ -2,7 +2,8 @@
 //! decode tokens/s with 1, 4, 8 and 16 sequences in each batched step.
 //!
 //! `cargo bench --bench engine -- [--weights q8_0|native|f32] [--decode N] [--streams N]`
-//! (`benches/engine.sh` runs it beside llama.cpp on the same GGUF.)
+//! (`benches/engine.sh` runs it beside llama.cpp on the same GGUF.) Runs that are compared with each
+//! other (stream counts; adapter mixes) take their decode steps in alternating rounds.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Instant;
@@ -44,11 +45,9 @@ fn main() {
     // Prefill: a 256-token prompt.
     let prompt: Vec<u32> = (0..256).map(|i| 100 + (i * 37 % 4000) as u32).collect();
     if let Some(n) = only_streams {
-        let (agg, ms) = decode_run(&model, &prompt, n, &vec![None; n], decode);
-        println!(
-            "| {n} | none | {agg:.1} | {:.1} | {ms:.2} |",
-            agg / n as f64
-        );
+        let set = vec![None; n];
+        let ms = Run::new(&model, &prompt, &set).steps(decode);
+        print_row(n, "none", ms);
         return;
     }
     if !adapters_only {
@@ -80,18 +79,14 @@ fn main() {
     let none: Vec<Option<&LoraAdapter>> = vec![None; 8];
     let one: Vec<Option<&LoraAdapter>> = vec![Some(&adapters[0]); 8];
     let eight: Vec<Option<&LoraAdapter>> = adapters.iter().map(Some).collect();
-    for (label, set) in [
-        ("none", &none),
-        ("1 shared (rank 16)", &one),
-        ("8 distinct (rank 16)", &eight),
-    ] {
-        let (agg, ms) = decode_run(&model, &prompt, 8, set, decode);
-        println!("| 8 | {label} | {agg:.1} | {:.1} | {ms:.2} |", agg / 8.0);
+    let labels = ["none", "1 shared (rank 16)", "8 distinct (rank 16)"];
+    let runs = [&none, &one, &eight].map(|s| Run::new(&model, &prompt, s));
+    for (label, ms) in labels.iter().zip(alternate(runs.into(), decode)) {
+        print_row(8, label, ms);
     }
 }
 
-/// Decodes `steps` tokens for `streams` sequences in lockstep; returns (aggregate tok/s, ms/step).
-/// Prefill, then decode at 1, 4, 8 and 16 streams without adapters.
+/// Prefill, then decode at 1, 4, 8 and 16 streams without adapters, the four run in alternation.
 fn plain_runs(model: &LlamaModel, prompt: &[u32], decode: usize) {
     let mut best = f64::MAX;
     for _ in 0..3 {
@@ -106,52 +101,91 @@ fn plain_runs(model: &LlamaModel, prompt: &[u32], decode: usize) {
         "| streams | adapters in the batch | aggregate decode tok/s | per-stream tok/s | ms/step |"
     );
     println!("|---|---|---|---|---|");
-    for streams in [1usize, 4, 8, 16] {
-        let (agg, ms) = decode_run(model, prompt, streams, &vec![None; streams], decode);
-        println!(
-            "| {streams} | none | {agg:.1} | {:.1} | {ms:.2} |",
-            agg / streams as f64
-        );
+    let counts = [1usize, 4, 8, 16];
+    let sets: Vec<Vec<Option<&LoraAdapter>>> = counts.iter().map(|&n| vec![None; n]).collect();
+    let runs: Vec<Run<'_>> = sets.iter().map(|s| Run::new(model, prompt, s)).collect();
+    for (n, ms) in counts.iter().zip(alternate(runs, decode)) {
+        print_row(*n, "none", ms);
     }
 }
 
-fn decode_run(
-    model: &LlamaModel,
-    prompt: &[u32],
-    streams: usize,
-    adapters: &[Option<&LoraAdapter>],
-    steps: usize,
-) -> (f64, f64) {
-    let prompts: Vec<Vec<u32>> = (0..streams)
-        .map(|s| prompt[..32].iter().map(|t| t + s as u32).collect())
-        .collect();
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
-    let mut last: Vec<u32> = Vec::new();
-    for ((p, c), a) in prompts.iter().zip(caches.iter_mut()).zip(adapters) {
-        let l = model
-            .forward_with(&[p], &mut [c], &[*a])
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        last.push(argmax(&l[0]));
+fn print_row(streams: usize, label: &str, ms: f64) {
+    let agg = streams as f64 * 1000.0 / ms;
+    println!(
+        "| {streams} | {label} | {agg:.1} | {:.1} | {ms:.2} |",
+        agg / streams as f64
+    );
+}
+
+/// Rounds of decode steps taken by each run in turn, so that drift in the machine's speed (a
+/// shared VM's neighbours) falls on all of them alike; every run's contexts grow the same way.
+/// Returns each run's median ms/step over the rounds.
+fn alternate(mut runs: Vec<Run<'_>>, steps: usize) -> Vec<f64> {
+    const ROUNDS: usize = 8;
+    let per_round = steps.div_ceil(ROUNDS).max(1);
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
+    for _ in 0..ROUNDS {
+        for (run, t) in runs.iter_mut().zip(times.iter_mut()) {
+            t.push(run.steps(per_round));
+        }
     }
-    let t = Instant::now();
-    for _ in 0..steps {
-        let toks: Vec<[u32; 1]> = last.iter().map(|t| [*t]).collect();
-        let refs: Vec<&[u32]> = toks.iter().map(|t| &t[..]).collect();
-        let mut crefs: Vec<&mut KvCache> = caches.iter_mut().collect();
-        let rows = model
-            .forward_with(&refs, &mut crefs, adapters)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        last = rows.iter().map(|r| argmax(r)).collect();
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            (t[ROUNDS / 2 - 1] + t[ROUNDS / 2]) / 2.0
+        })
+        .collect()
+}
+
+/// Sequences decoded in lockstep, each on its adapter (or none), after a 32-token prompt each.
+struct Run<'a> {
+    model: &'a LlamaModel,
+    adapters: &'a [Option<&'a LoraAdapter>],
+    caches: Vec<KvCache>,
+    last: Vec<u32>,
+}
+
+impl<'a> Run<'a> {
+    fn new(model: &'a LlamaModel, prompt: &[u32], adapters: &'a [Option<&'a LoraAdapter>]) -> Self {
+        let mut caches = Vec::new();
+        let mut last = Vec::new();
+        for (s, a) in adapters.iter().enumerate() {
+            let p: Vec<u32> = prompt[..32].iter().map(|t| t + s as u32).collect();
+            let mut c = model.new_cache();
+            let l = model
+                .forward_with(&[&p], &mut [&mut c], &[*a])
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            last.push(argmax(&l[0]));
+            caches.push(c);
+        }
+        Run {
+            model,
+            adapters,
+            caches,
+            last,
+        }
     }
-    let secs = t.elapsed().as_secs_f64();
-    (
-        (steps * streams) as f64 / secs,
-        secs * 1000.0 / steps as f64,
-    )
+
+    /// Decodes `n` steps; returns ms per step.
+    fn steps(&mut self, n: usize) -> f64 {
+        let t = Instant::now();
+        for _ in 0..n {
+            let toks: Vec<[u32; 1]> = self.last.iter().map(|t| [*t]).collect();
+            let refs: Vec<&[u32]> = toks.iter().map(|t| &t[..]).collect();
+            let mut crefs: Vec<&mut KvCache> = self.caches.iter_mut().collect();
+            let rows = self
+                .model
+                .forward_with(&refs, &mut crefs, self.adapters)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            self.last = rows.iter().map(|r| argmax(r)).collect();
+        }
+        t.elapsed().as_secs_f64() * 1000.0 / n as f64
+    }
 }
 
 /// A random rank-`r` PEFT adapter on all seven projections for a model of shape `cfg`.
