@@ -7,27 +7,7 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-/// GPT-2's reversible byte → printable character mapping, as byte-level BPE vocabularies use it.
-pub fn byte_chars() -> Vec<char> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut chars: Vec<u32> = printable.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            printable.push(b);
-            chars.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut out = vec![' '; 256];
-    for (b, c) in printable.iter().zip(chars) {
-        out[*b as usize] = char::from_u32(c).unwrap_or('?');
-    }
-    out
-}
+use super::tokenizer::byte_chars;
 
 /// A deterministic pseudo-random tensor with values in (-scale, scale).
 fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {

@@ -112,6 +112,28 @@ pub fn from_gguf(content: &gguf_file::Content) -> Result<TokenizerInfo, ModelErr
     })
 }
 
+/// GPT-2's reversible byte → printable character mapping, as byte-level BPE vocabularies use it.
+pub fn byte_chars() -> Vec<char> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut out = vec![' '; 256];
+    for (b, c) in printable.iter().zip(chars) {
+        out[*b as usize] = char::from_u32(c).unwrap_or('?');
+    }
+    out
+}
+
 /// The tokenizer and chat template of a Hugging Face model directory (`tokenizer.json`,
 /// `tokenizer_config.json`). Returns the tokenizer and the template source, if any.
 pub fn from_hf_dir(dir: &std::path::Path) -> Result<(TokenizerInfo, Option<String>), ModelError> {

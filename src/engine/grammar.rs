@@ -1,0 +1,1252 @@
+//! Constrained decoding of tool calls. While a local model writes a `<tool_call>` block, only the
+//! tokens that keep the block a well-formed call survive sampling: `{"name": <one of the request's
+//! tools>, "arguments": <JSON valid against that tool's parameter schema>}`, then
+//! `</tool_call>`. Outside a block the model writes freely (it may answer in text, or open a call);
+//! with `tool_choice` `required` or a named function the answer must open with a call.
+//!
+//! The grammar is a pushdown automaton over bytes (`CallState`), compiled from the tools' JSON
+//! schemas (`ToolGrammar`). A token is allowed when all of its bytes pass the automaton from the
+//! current state: the vocabulary is kept as a byte trie (`Vocab`), walked depth-first with the
+//! automaton so a whole subtree is dropped at its first bad byte; inside a free string, where almost
+//! every token fits, tokens without quote, backslash or control bytes are allowed wholesale.
+//!
+//! Schema support: `type` (one or a list), `properties` (objects are closed to the declared
+//! properties, so a model cannot invent parameters), `required`, `items`, `minItems`/`maxItems`,
+//! `enum`, `const`, `anyOf`/`oneOf` (chosen by the value's first byte). Keywords outside that set
+//! (`pattern`, `format`, string and number bounds, `$ref`, `allOf`) are not enforced: such a value
+//! is still valid JSON of the right type (or any JSON where the type is not known).
+
+use serde_json::Value;
+
+const OPEN: &[u8] = b"<tool_call>";
+const CLOSE: &[u8] = b"</tool_call>";
+/// Whitespace bytes allowed in a row between JSON tokens: enough for pretty-printed JSON, not
+/// enough to let a model spin on blank space.
+const MAX_WS: u8 = 16;
+/// Nesting of containers allowed (the call's own object included).
+const MAX_DEPTH: usize = 24;
+/// Bytes in one number: a model cannot write digits forever.
+const MAX_NUMBER: u8 = 24;
+/// Digits of an integer (what fits an i64) and of an exponent (what fits an f64).
+const MAX_INT_DIGITS: u8 = 18;
+const MAX_EXP_DIGITS: u8 = 2;
+/// Alternatives in one literal set (an enum, the tool names, an object's keys).
+const MAX_LITERALS: usize = 64;
+
+type SchemaId = u32;
+type LitId = u32;
+
+enum Schema {
+    Any,
+    /// Closed to its declared keys (`keys`, serialized with quotes), each with its value schema.
+    Object {
+        keys: LitId,
+        values: Vec<SchemaId>,
+        required: u64,
+    },
+    /// Any keys, any values.
+    OpenObject,
+    Array {
+        items: SchemaId,
+        min: u32,
+        max: u32,
+    },
+    String,
+    Number {
+        integer: bool,
+    },
+    /// One of these serialized values, byte for byte.
+    Literals(LitId),
+    /// The first alternative that can start with the value's first byte.
+    Union(Vec<SchemaId>),
+}
+
+/// The tool calls a request may make, compiled once per request.
+pub struct ToolGrammar {
+    schemas: Vec<Schema>,
+    lits: Vec<Vec<Vec<u8>>>,
+    /// The tool names (serialized), and each one's arguments schema.
+    names: LitId,
+    args: Vec<SchemaId>,
+    /// The answer must open with a call (`tool_choice` required or named).
+    forced: bool,
+    any: SchemaId,
+    any_word: LitId,
+    name_key: LitId,
+    args_key: LitId,
+    open: LitId,
+    close: LitId,
+}
+
+impl ToolGrammar {
+    /// The grammar for `tools` (OpenAI function tools) under `tool_choice`; `None` when no call
+    /// can be made (no tools, `none`) or the tools cannot be told apart by a literal set (more
+    /// than 64 tools).
+    pub fn new(tools: &[Value], tool_choice: Option<&Value>) -> Option<Self> {
+        let named = tool_choice
+            .and_then(|c| c.pointer("/function/name"))
+            .and_then(Value::as_str);
+        let forced = named.is_some() || tool_choice.and_then(Value::as_str) == Some("required");
+        if tool_choice.and_then(Value::as_str) == Some("none") {
+            return None;
+        }
+        let mut g = ToolGrammar {
+            schemas: Vec::new(),
+            lits: Vec::new(),
+            names: 0,
+            args: Vec::new(),
+            forced,
+            any: 0,
+            any_word: 0,
+            name_key: 0,
+            args_key: 0,
+            open: 0,
+            close: 0,
+        };
+        g.any = g.push(Schema::Any);
+        g.any_word = g.lit(vec![b"true".to_vec(), b"false".to_vec(), b"null".to_vec()]);
+        g.name_key = g.lit(vec![b"\"name\"".to_vec()]);
+        g.args_key = g.lit(vec![b"\"arguments\"".to_vec()]);
+        g.open = g.lit(vec![OPEN.to_vec()]);
+        g.close = g.lit(vec![CLOSE.to_vec()]);
+        let mut names = Vec::new();
+        for t in tools {
+            let f = t.get("function").unwrap_or(t);
+            let Some(name) = f.get("name").and_then(Value::as_str) else {
+                continue;
+            };
+            if named.is_some_and(|n| n != name) {
+                continue;
+            }
+            let params = f.get("parameters").cloned().unwrap_or(Value::Null);
+            let schema = match params {
+                Value::Object(_) => g.compile(&params, 0),
+                _ => g.push(Schema::OpenObject),
+            };
+            names.push(serialized(&Value::String(name.to_string())));
+            g.args.push(schema);
+        }
+        if names.is_empty() || names.len() > MAX_LITERALS {
+            return None;
+        }
+        g.names = g.lit(names);
+        Some(g)
+    }
+
+    fn push(&mut self, s: Schema) -> SchemaId {
+        self.schemas.push(s);
+        (self.schemas.len() - 1) as SchemaId
+    }
+
+    fn lit(&mut self, l: Vec<Vec<u8>>) -> LitId {
+        self.lits.push(l);
+        (self.lits.len() - 1) as LitId
+    }
+
+    fn compile(&mut self, v: &Value, depth: usize) -> SchemaId {
+        if depth > MAX_DEPTH || !v.is_object() {
+            return self.any;
+        }
+        if let Some(values) = v.get("enum").and_then(Value::as_array) {
+            if !values.is_empty() && values.len() <= MAX_LITERALS {
+                let l = self.lit(values.iter().map(serialized).collect());
+                return self.push(Schema::Literals(l));
+            }
+        }
+        if let Some(c) = v.get("const") {
+            let l = self.lit(vec![serialized(c)]);
+            return self.push(Schema::Literals(l));
+        }
+        for key in ["anyOf", "oneOf"] {
+            if let Some(alts) = v.get(key).and_then(Value::as_array) {
+                let ids = alts.iter().map(|a| self.compile(a, depth + 1)).collect();
+                return self.push(Schema::Union(ids));
+            }
+        }
+        match v.get("type") {
+            Some(Value::String(t)) => self.compile_typed(v, t, depth),
+            Some(Value::Array(ts)) => {
+                let ids = ts
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(|t| self.compile_typed(v, t, depth))
+                    .collect();
+                self.push(Schema::Union(ids))
+            }
+            _ if v.get("properties").is_some() => self.compile_typed(v, "object", depth),
+            _ if v.get("items").is_some() => self.compile_typed(v, "array", depth),
+            _ => self.any,
+        }
+    }
+
+    fn compile_typed(&mut self, v: &Value, t: &str, depth: usize) -> SchemaId {
+        match t {
+            "object" => {
+                let props = v.get("properties").and_then(Value::as_object);
+                let closed = v.get("additionalProperties") == Some(&Value::Bool(false));
+                match props {
+                    Some(p) if !p.is_empty() && p.len() <= MAX_LITERALS => {
+                        let names: Vec<&String> = p.keys().collect();
+                        let required = v
+                            .get("required")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                            .filter_map(Value::as_str)
+                            .filter_map(|r| names.iter().position(|n| *n == r))
+                            .fold(0u64, |m, i| m | 1 << i);
+                        let keys = self.lit(
+                            names
+                                .iter()
+                                .map(|n| serialized(&Value::String((*n).clone())))
+                                .collect(),
+                        );
+                        let values = p.values().map(|s| self.compile(s, depth + 1)).collect();
+                        self.push(Schema::Object {
+                            keys,
+                            values,
+                            required,
+                        })
+                    }
+                    // `{}` only.
+                    None if closed => {
+                        let keys = self.lit(Vec::new());
+                        self.push(Schema::Object {
+                            keys,
+                            values: Vec::new(),
+                            required: 0,
+                        })
+                    }
+                    _ => self.push(Schema::OpenObject),
+                }
+            }
+            "array" => {
+                let items = match v.get("items") {
+                    Some(i) => self.compile(i, depth + 1),
+                    None => self.any,
+                };
+                let bound = |k: &str| v.get(k).and_then(Value::as_u64).map(|n| n as u32);
+                let (min, max) = (
+                    bound("minItems").unwrap_or(0),
+                    bound("maxItems").unwrap_or(u32::MAX),
+                );
+                if min > max {
+                    return self.any;
+                }
+                self.push(Schema::Array { items, min, max })
+            }
+            "string" => self.push(Schema::String),
+            "number" => self.push(Schema::Number { integer: false }),
+            "integer" => self.push(Schema::Number { integer: true }),
+            "boolean" => {
+                let l = self.lit(vec![b"true".to_vec(), b"false".to_vec()]);
+                self.push(Schema::Literals(l))
+            }
+            "null" => {
+                let l = self.lit(vec![b"null".to_vec()]);
+                self.push(Schema::Literals(l))
+            }
+            _ => self.any,
+        }
+    }
+
+    /// Whether a value of schema `id` can begin with byte `b`.
+    fn starts(&self, id: SchemaId, b: u8) -> bool {
+        match &self.schemas[id as usize] {
+            Schema::Any => matches!(
+                b,
+                b'{' | b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n'
+            ),
+            Schema::Object { .. } | Schema::OpenObject => b == b'{',
+            Schema::Array { .. } => b == b'[',
+            Schema::String => b == b'"',
+            Schema::Number { .. } => b == b'-' || b.is_ascii_digit(),
+            Schema::Literals(l) => self.lits[*l as usize].iter().any(|c| c.first() == Some(&b)),
+            Schema::Union(alts) => alts.iter().any(|a| self.starts(*a, b)),
+        }
+    }
+}
+
+fn serialized(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ObjStage {
+    /// After `{`: a key, or `}`.
+    Open,
+    /// A key is being read (child frame).
+    Key,
+    /// After a key: `:`.
+    Colon,
+    /// A value is being read (child frame).
+    Value,
+    /// After a value: `,` or `}`.
+    After,
+    /// After `,`: a key.
+    Comma,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ArrStage {
+    Open,
+    Value,
+    After,
+    Comma,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum NumStage {
+    Start,
+    Minus,
+    Zero,
+    Int,
+    Dot,
+    Frac,
+    Exp,
+    ExpSign,
+    ExpDigits,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Frame {
+    /// A value of this schema is expected next.
+    Value(SchemaId),
+    Obj {
+        schema: SchemaId,
+        seen: u64,
+        key: u8,
+        stage: ObjStage,
+    },
+    AnyObj {
+        stage: ObjStage,
+    },
+    Arr {
+        items: SchemaId,
+        count: u32,
+        min: u32,
+        max: u32,
+        stage: ArrStage,
+    },
+    /// Inside a string, after its opening quote. `esc`: 0 plain; 1 after a backslash; 10 + n: n
+    /// hex digits of a `\u` escape to go.
+    Str {
+        esc: u8,
+    },
+    Num {
+        stage: NumStage,
+        integer: bool,
+        len: u8,
+        /// Digits in the integer part or the exponent, whichever is being written.
+        digits: u8,
+    },
+    /// Matching one of a literal set: `alive` marks the candidates still matching `pos` bytes.
+    Lit {
+        lit: LitId,
+        alive: u64,
+        pos: u16,
+    },
+    /// The call object: `{"name": <name>, "arguments": <args>}`, stage by stage.
+    Call {
+        stage: u8,
+        chosen: u8,
+    },
+    /// The block around it: (forced) `<tool_call>`, the call, `</tool_call>`.
+    Block {
+        stage: u8,
+    },
+}
+
+/// What a frame did with a byte.
+enum Act {
+    /// Consumed whitespace (counted against `MAX_WS`).
+    Space,
+    Reject,
+    /// The frame is replaced by another; `true`: the new frame takes the byte, `false`: the byte
+    /// was consumed.
+    Replace(Frame, bool),
+    /// A child frame opens; `true`: it takes the byte, `false`: the byte was consumed.
+    Push(Frame, bool),
+    /// The frame is complete (reporting the literal it matched, if any); `true`: the byte was its
+    /// last, `false`: the byte goes to the parent.
+    Done(u8, bool),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Free text; `tail` bytes of `<tool_call>` are at its end.
+    Free { tail: u8 },
+    /// Inside a call block: constrained.
+    Call,
+}
+
+/// One sequence's place in the grammar.
+#[derive(Clone, Debug)]
+pub struct CallState {
+    mode: Mode,
+    frames: Vec<Frame>,
+    ws: u8,
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\n' | b'\t' | b'\r')
+}
+
+fn lit_frame(g: &ToolGrammar, lit: LitId) -> Frame {
+    let n = g.lits[lit as usize].len().min(MAX_LITERALS);
+    Frame::Lit {
+        lit,
+        alive: if n == 64 { u64::MAX } else { (1u64 << n) - 1 },
+        pos: 0,
+    }
+}
+
+/// The frame a value of schema `id` starting with byte `b` becomes.
+fn value_start(g: &ToolGrammar, id: SchemaId, b: u8) -> Act {
+    let schema = &g.schemas[id as usize];
+    match (schema, b) {
+        (Schema::Union(alts), _) => match alts.iter().find(|a| g.starts(**a, b)) {
+            Some(a) => Act::Replace(Frame::Value(*a), true),
+            None => Act::Reject,
+        },
+        (Schema::Any | Schema::OpenObject, b'{') => Act::Replace(
+            Frame::AnyObj {
+                stage: ObjStage::Open,
+            },
+            false,
+        ),
+        (Schema::Object { .. }, b'{') => Act::Replace(
+            Frame::Obj {
+                schema: id,
+                seen: 0,
+                key: 0,
+                stage: ObjStage::Open,
+            },
+            false,
+        ),
+        (Schema::Any, b'[') => Act::Replace(
+            Frame::Arr {
+                items: g.any,
+                count: 0,
+                min: 0,
+                max: u32::MAX,
+                stage: ArrStage::Open,
+            },
+            false,
+        ),
+        (&Schema::Array { items, min, max }, b'[') => Act::Replace(
+            Frame::Arr {
+                items,
+                count: 0,
+                min,
+                max,
+                stage: ArrStage::Open,
+            },
+            false,
+        ),
+        (Schema::Any | Schema::String, b'"') => Act::Replace(Frame::Str { esc: 0 }, false),
+        (Schema::Any, b'-' | b'0'..=b'9') => Act::Replace(
+            Frame::Num {
+                stage: NumStage::Start,
+                integer: false,
+                len: 0,
+                digits: 0,
+            },
+            true,
+        ),
+        (&Schema::Number { integer }, b'-' | b'0'..=b'9') => Act::Replace(
+            Frame::Num {
+                stage: NumStage::Start,
+                integer,
+                len: 0,
+                digits: 0,
+            },
+            true,
+        ),
+        (Schema::Any, b't' | b'f' | b'n') => Act::Replace(lit_frame(g, g.any_word), true),
+        (&Schema::Literals(l), _) => Act::Replace(lit_frame(g, l), true),
+        _ => Act::Reject,
+    }
+}
+
+impl CallState {
+    pub fn new(g: &ToolGrammar) -> Self {
+        if g.forced {
+            CallState {
+                mode: Mode::Call,
+                frames: vec![Frame::Block { stage: 0 }],
+                ws: 0,
+            }
+        } else {
+            Self::free()
+        }
+    }
+
+    fn free() -> Self {
+        CallState {
+            mode: Mode::Free { tail: 0 },
+            frames: Vec::new(),
+            ws: 0,
+        }
+    }
+
+    /// Inside a call block, where tokens are constrained (and the turn cannot end).
+    pub fn constrained(&self) -> bool {
+        self.mode == Mode::Call
+    }
+
+    /// Takes the bytes of a sampled token. Bytes the grammar refuses (possible only for text
+    /// written before the constraint began, such as the rest of the token that opened a block)
+    /// end the constraint for this block; the parser then reports what the model wrote.
+    pub fn advance(&mut self, g: &ToolGrammar, bytes: &[u8]) {
+        for &b in bytes {
+            if !self.feed(g, b) {
+                *self = Self::free();
+            }
+        }
+    }
+
+    /// Passes one byte through the automaton; `false` if the grammar refuses it (the state is
+    /// then unspecified: callers feed clones).
+    fn feed(&mut self, g: &ToolGrammar, b: u8) -> bool {
+        if let Mode::Free { tail } = self.mode {
+            let tail = if OPEN[tail as usize] == b {
+                tail + 1
+            } else {
+                u8::from(b == OPEN[0])
+            };
+            if tail as usize == OPEN.len() {
+                self.mode = Mode::Call;
+                self.frames = vec![Frame::Block { stage: 1 }];
+                self.ws = 0;
+            } else {
+                self.mode = Mode::Free { tail };
+            }
+            return true;
+        }
+        loop {
+            let Some(top) = self.frames.last().copied() else {
+                return false;
+            };
+            match self.step(g, top, b) {
+                Act::Space => {
+                    self.ws += 1;
+                    return self.ws <= MAX_WS;
+                }
+                Act::Reject => return false,
+                Act::Replace(f, takes) => {
+                    self.set_top(f);
+                    if !takes {
+                        self.ws = 0;
+                        return true;
+                    }
+                }
+                Act::Push(f, takes) => {
+                    if self.frames.len() >= MAX_DEPTH {
+                        return false;
+                    }
+                    self.frames.push(f);
+                    if !takes {
+                        self.ws = 0;
+                        return true;
+                    }
+                }
+                Act::Done(which, last) => {
+                    self.frames.pop();
+                    self.child_done(which);
+                    if self.frames.is_empty() {
+                        // The block closed: free text again.
+                        self.mode = Mode::Free { tail: 0 };
+                        self.ws = 0;
+                        return last || self.feed(g, b);
+                    }
+                    if last {
+                        self.ws = 0;
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_top(&mut self, f: Frame) {
+        if let Some(t) = self.frames.last_mut() {
+            *t = f;
+        }
+    }
+
+    /// The top frame's child finished (having matched literal `which`, for literal children).
+    fn child_done(&mut self, which: u8) {
+        let Some(top) = self.frames.last_mut() else {
+            return;
+        };
+        match top {
+            Frame::Obj {
+                seen, key, stage, ..
+            } => {
+                if *stage == ObjStage::Key {
+                    *seen |= 1 << which;
+                    *key = which;
+                    *stage = ObjStage::Colon;
+                } else {
+                    *stage = ObjStage::After;
+                }
+            }
+            Frame::AnyObj { stage } => {
+                *stage = if *stage == ObjStage::Key {
+                    ObjStage::Colon
+                } else {
+                    ObjStage::After
+                }
+            }
+            Frame::Arr { count, stage, .. } => {
+                *count += 1;
+                *stage = ArrStage::After;
+            }
+            Frame::Call { stage, chosen } => {
+                if *stage == 3 {
+                    *chosen = which;
+                }
+                *stage += 1;
+            }
+            Frame::Block { stage } => {
+                *stage += 1;
+                if *stage == 3 {
+                    self.frames.pop();
+                }
+            }
+            Frame::Value(_) | Frame::Str { .. } | Frame::Num { .. } | Frame::Lit { .. } => {}
+        }
+    }
+
+    fn step(&mut self, g: &ToolGrammar, top: Frame, b: u8) -> Act {
+        let ws = is_ws(b);
+        match top {
+            Frame::Value(id) => {
+                if ws {
+                    Act::Space
+                } else {
+                    value_start(g, id, b)
+                }
+            }
+            Frame::Obj {
+                schema,
+                seen,
+                key,
+                stage,
+            } => {
+                let Schema::Object {
+                    keys,
+                    values,
+                    required,
+                } = &g.schemas[schema as usize]
+                else {
+                    return Act::Reject;
+                };
+                let n = values.len().min(MAX_LITERALS);
+                let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+                let unseen = all & !seen;
+                let with = |stage| Frame::Obj {
+                    schema,
+                    seen,
+                    key,
+                    stage,
+                };
+                match (stage, b) {
+                    (ObjStage::Open | ObjStage::After, b'}') if seen & required == *required => {
+                        Act::Done(0, true)
+                    }
+                    (ObjStage::Open | ObjStage::Comma, b'"') if unseen != 0 => {
+                        self.set_top(with(ObjStage::Key));
+                        Act::Push(
+                            Frame::Lit {
+                                lit: *keys,
+                                alive: unseen,
+                                pos: 0,
+                            },
+                            true,
+                        )
+                    }
+                    (ObjStage::Colon, b':') => {
+                        self.set_top(with(ObjStage::Value));
+                        let v = values.get(key as usize).copied().unwrap_or(g.any);
+                        Act::Push(Frame::Value(v), false)
+                    }
+                    (ObjStage::After, b',') if unseen != 0 => {
+                        Act::Replace(with(ObjStage::Comma), false)
+                    }
+                    (ObjStage::Key | ObjStage::Value, _) => Act::Reject,
+                    _ if ws => Act::Space,
+                    _ => Act::Reject,
+                }
+            }
+            Frame::AnyObj { stage } => {
+                let with = |stage| Frame::AnyObj { stage };
+                match (stage, b) {
+                    (ObjStage::Open | ObjStage::After, b'}') => Act::Done(0, true),
+                    (ObjStage::Open | ObjStage::Comma, b'"') => {
+                        self.set_top(with(ObjStage::Key));
+                        Act::Push(Frame::Str { esc: 0 }, false)
+                    }
+                    (ObjStage::Colon, b':') => {
+                        self.set_top(with(ObjStage::Value));
+                        Act::Push(Frame::Value(g.any), false)
+                    }
+                    (ObjStage::After, b',') => Act::Replace(with(ObjStage::Comma), false),
+                    (ObjStage::Key | ObjStage::Value, _) => Act::Reject,
+                    _ if ws => Act::Space,
+                    _ => Act::Reject,
+                }
+            }
+            Frame::Arr {
+                items,
+                count,
+                min,
+                max,
+                stage,
+            } => {
+                let with = |stage| Frame::Arr {
+                    items,
+                    count,
+                    min,
+                    max,
+                    stage,
+                };
+                match (stage, b) {
+                    (ArrStage::Value, _) => Act::Reject,
+                    (ArrStage::Open | ArrStage::After, b']') if count >= min => Act::Done(0, true),
+                    (ArrStage::After, b',') if count < max => {
+                        Act::Replace(with(ArrStage::Comma), false)
+                    }
+                    _ if ws => Act::Space,
+                    (ArrStage::Open | ArrStage::Comma, _) if count < max => {
+                        self.set_top(with(ArrStage::Value));
+                        Act::Push(Frame::Value(items), true)
+                    }
+                    _ => Act::Reject,
+                }
+            }
+            Frame::Str { esc } => {
+                let next = match (esc, b) {
+                    (0, b'"') => return Act::Done(0, true),
+                    (0, b'\\') => 1,
+                    (0, 0..=0x1f) => return Act::Reject,
+                    (0, _) => 0,
+                    (1, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => 0,
+                    (1, b'u') => 14,
+                    (11..=14, _) if b.is_ascii_hexdigit() => {
+                        if esc == 11 {
+                            0
+                        } else {
+                            esc - 1
+                        }
+                    }
+                    _ => return Act::Reject,
+                };
+                Act::Replace(Frame::Str { esc: next }, false)
+            }
+            Frame::Num {
+                stage,
+                integer,
+                len,
+                digits,
+            } => {
+                use NumStage::*;
+                let digit = b.is_ascii_digit();
+                let full = match stage {
+                    Int => digits >= MAX_INT_DIGITS,
+                    ExpDigits => digits >= MAX_EXP_DIGITS,
+                    _ => false,
+                };
+                let next = match (stage, b) {
+                    _ if len >= MAX_NUMBER || (full && digit) => None,
+                    (Start, b'-') => Some(Minus),
+                    (Start | Minus, b'0') => Some(Zero),
+                    (Start | Minus, b'1'..=b'9') => Some(Int),
+                    (Int, _) if digit => Some(Int),
+                    (Zero | Int, b'.') if !integer => Some(Dot),
+                    (Zero | Int | Frac, b'e' | b'E') if !integer => Some(Exp),
+                    (Dot | Frac, _) if digit => Some(Frac),
+                    (Exp, b'+' | b'-') => Some(ExpSign),
+                    (Exp | ExpSign | ExpDigits, _) if digit => Some(ExpDigits),
+                    _ => None,
+                };
+                match next {
+                    Some(next) => Act::Replace(
+                        Frame::Num {
+                            stage: next,
+                            integer,
+                            len: len + 1,
+                            digits: if next == stage {
+                                digits + 1
+                            } else {
+                                u8::from(digit)
+                            },
+                        },
+                        false,
+                    ),
+                    None if matches!(stage, Zero | Int | Frac | ExpDigits) => Act::Done(0, false),
+                    None => Act::Reject,
+                }
+            }
+            Frame::Lit { lit, alive, pos } => {
+                let cands = &g.lits[lit as usize];
+                let p = pos as usize;
+                let (mut next, mut complete, mut longer) = (0u64, 0u64, false);
+                for (i, c) in cands.iter().enumerate().take(MAX_LITERALS) {
+                    if alive & (1 << i) == 0 {
+                        continue;
+                    }
+                    if c.len() == p {
+                        complete |= 1 << i;
+                    } else if c[p] == b {
+                        next |= 1 << i;
+                        longer |= c.len() > p + 1;
+                    }
+                }
+                if next != 0 && !longer {
+                    // No survivor can take another byte: complete now.
+                    Act::Done(next.trailing_zeros() as u8, true)
+                } else if next != 0 {
+                    Act::Replace(
+                        Frame::Lit {
+                            lit,
+                            alive: next,
+                            pos: pos + 1,
+                        },
+                        false,
+                    )
+                } else if complete != 0 {
+                    Act::Done(complete.trailing_zeros() as u8, false)
+                } else {
+                    Act::Reject
+                }
+            }
+            Frame::Call { stage, chosen } => {
+                if ws {
+                    return Act::Space;
+                }
+                let with = |stage| Frame::Call { stage, chosen };
+                match (stage, b) {
+                    (0, b'{') => Act::Replace(with(1), false),
+                    (1, _) => Act::Push(lit_frame(g, g.name_key), true),
+                    (2, b':') | (6, b':') => Act::Replace(with(stage + 1), false),
+                    (3, _) => Act::Push(lit_frame(g, g.names), true),
+                    (4, b',') => Act::Replace(with(5), false),
+                    (5, _) => Act::Push(lit_frame(g, g.args_key), true),
+                    (7, _) => {
+                        let args = g.args.get(chosen as usize).copied().unwrap_or(g.any);
+                        Act::Push(Frame::Value(args), true)
+                    }
+                    (8, b'}') => Act::Done(0, true),
+                    _ => Act::Reject,
+                }
+            }
+            Frame::Block { stage } => {
+                if ws {
+                    return Act::Space;
+                }
+                match stage {
+                    0 => Act::Push(lit_frame(g, g.open), true),
+                    1 => Act::Push(
+                        Frame::Call {
+                            stage: 0,
+                            chosen: 0,
+                        },
+                        true,
+                    ),
+                    2 => Act::Push(lit_frame(g, g.close), true),
+                    _ => Act::Reject,
+                }
+            }
+        }
+    }
+}
+
+/// A tokenizer's vocabulary as bytes, for masking: a trie over the tokens' bytes, and the split
+/// of tokens into those that can sit inside a JSON string as they are and the rest.
+pub struct Vocab {
+    bytes: Vec<Box<[u8]>>,
+    nodes: Vec<Node>,
+    plain: Vec<u32>,
+    other: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Node {
+    children: Vec<(u8, u32)>,
+    tokens: Vec<u32>,
+}
+
+impl Vocab {
+    /// From each token id's bytes; `None` (special tokens) are never allowed inside a call.
+    pub fn new(tokens: Vec<Option<Vec<u8>>>) -> Self {
+        let mut nodes = vec![Node::default()];
+        let (mut plain, mut other) = (Vec::new(), Vec::new());
+        let mut bytes = Vec::with_capacity(tokens.len());
+        for (id, t) in tokens.into_iter().enumerate() {
+            let id = id as u32;
+            let t = t.unwrap_or_default();
+            if !t.is_empty() {
+                let mut at = 0usize;
+                for &b in &t {
+                    at = match nodes[at].children.iter().find(|c| c.0 == b) {
+                        Some(&(_, n)) => n as usize,
+                        None => {
+                            nodes.push(Node::default());
+                            let n = nodes.len() - 1;
+                            nodes[at].children.push((b, n as u32));
+                            n
+                        }
+                    };
+                }
+                nodes[at].tokens.push(id);
+                if t.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
+                    plain.push(id);
+                } else {
+                    other.push(id);
+                }
+            }
+            bytes.push(t.into_boxed_slice());
+        }
+        Vocab {
+            bytes,
+            nodes,
+            plain,
+            other,
+        }
+    }
+
+    /// The bytes of a tokenizer's tokens: byte-level BPE vocabularies (GPT-2's byte-to-character
+    /// mapping) and SentencePiece ones (`▁` for a space, `<0xNN>` byte tokens). Added and special
+    /// tokens have none.
+    pub fn from_tokenizer(tok: &tokenizers::Tokenizer) -> Self {
+        let size = tok.get_vocab_size(true);
+        let added = tok.get_added_tokens_decoder();
+        let vocab = tok.get_vocab(false);
+        let byte_level = vocab.keys().any(|t| t.contains('\u{120}'));
+        let mut of_char = std::collections::HashMap::new();
+        for (b, c) in super::tokenizer::byte_chars().into_iter().enumerate() {
+            of_char.insert(c, b as u8);
+        }
+        let tokens = (0..size as u32)
+            .map(|id| {
+                if added.contains_key(&id) {
+                    return None;
+                }
+                let t = tok.id_to_token(id)?;
+                if byte_level {
+                    t.chars().map(|c| of_char.get(&c).copied()).collect()
+                } else if let Some(hex) = t.strip_prefix("<0x").and_then(|r| r.strip_suffix('>')) {
+                    u8::from_str_radix(hex, 16).ok().map(|b| vec![b])
+                } else {
+                    Some(t.replace('\u{2581}', " ").into_bytes())
+                }
+            })
+            .collect();
+        Self::new(tokens)
+    }
+
+    /// A token's bytes (empty for special tokens and ids outside the vocabulary).
+    pub fn bytes(&self, id: u32) -> &[u8] {
+        self.bytes.get(id as usize).map_or(&[], |b| b)
+    }
+}
+
+impl CallState {
+    /// Inside a call block, sets the logits of every token the grammar refuses here to -inf
+    /// (end-of-turn included: a call cannot stop half-written). Outside, leaves them alone.
+    pub fn mask(&self, g: &ToolGrammar, vocab: &Vocab, logits: &mut [f32]) {
+        if !self.constrained() {
+            return;
+        }
+        let mut allow = vec![false; logits.len()];
+        let mut set = |t: u32| {
+            if let Some(a) = allow.get_mut(t as usize) {
+                *a = true;
+            }
+        };
+        if matches!(self.frames.last(), Some(Frame::Str { esc: 0 })) {
+            // Inside a string: every plain token continues it.
+            vocab.plain.iter().for_each(|&t| set(t));
+            for &t in &vocab.other {
+                let mut s = self.clone();
+                if vocab.bytes(t).iter().all(|&b| s.feed(g, b)) {
+                    set(t);
+                }
+            }
+        } else {
+            self.walk(g, vocab, 0, &mut set);
+        }
+        // The grammar always leaves a way on, so some token fits unless the vocabulary lacks
+        // the bytes it needs; then the model is left free rather than made to pick from nothing.
+        if !allow.iter().any(|&a| a) {
+            return;
+        }
+        for (l, a) in logits.iter_mut().zip(&allow) {
+            if !a {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+
+    /// Marks every token under trie node `node` whose bytes (from that depth) this state takes.
+    fn walk(&self, g: &ToolGrammar, vocab: &Vocab, node: usize, set: &mut impl FnMut(u32)) {
+        for &(b, child) in &vocab.nodes[node].children {
+            let mut s = self.clone();
+            if s.feed(g, b) {
+                let child = child as usize;
+                vocab.nodes[child].tokens.iter().for_each(|&t| set(t));
+                s.walk(g, vocab, child, set);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tools() -> Vec<Value> {
+        vec![
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "unit": {"type": "string", "enum": ["c", "f"]},
+                    "days": {"type": "integer"},
+                    "hourly": {"type": "boolean"},
+                    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+                    "coords": {"type": "object", "properties": {
+                        "lat": {"type": "number"}, "lon": {"type": "number"}}, "required": ["lat", "lon"]},
+                    "note": {"type": ["string", "null"]}
+                },
+                "required": ["city"]}}}),
+            json!({"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}),
+        ]
+    }
+
+    /// The state after `text`, if the grammar takes all of it.
+    fn takes(g: &ToolGrammar, text: &str) -> Option<CallState> {
+        let mut s = CallState::new(g);
+        text.bytes().all(|b| s.feed(g, b)).then_some(s)
+    }
+
+    fn call(name: &str, args: &str) -> String {
+        format!("<tool_call>\n{{\"name\": \"{name}\", \"arguments\": {args}}}\n</tool_call>")
+    }
+
+    #[test]
+    fn whole_calls_valid_against_their_schemas_are_taken_and_close_the_block() {
+        let g = ToolGrammar::new(&tools(), Some(&json!("required"))).unwrap();
+        for args in [
+            r#"{"city": "Oslo"}"#,
+            r#"{"city": "Oslo", "unit": "c", "days": 3, "hourly": false, "note": null}"#,
+            r#"{ "coords": {"lat": -59.5, "lon": 1.07e+1}, "city": "a\"b\u00e9\n", "tags": ["x", "y"] }"#,
+            r#"{"city": "Zürich", "note": "schön", "days": 0}"#,
+        ] {
+            let s = takes(&g, &call("get_weather", args)).unwrap_or_else(|| panic!("{args}"));
+            assert!(!s.constrained(), "{args}: the block should be closed");
+        }
+        // No declared properties: any object.
+        let s = takes(
+            &g,
+            &call("get_time", r#"{"tz": ["UTC", {"dst": true}], "n": -1.5}"#),
+        );
+        assert!(s.is_some_and(|s| !s.constrained()));
+    }
+
+    #[test]
+    fn calls_that_break_the_schema_are_refused() {
+        let g = ToolGrammar::new(&tools(), Some(&json!("required"))).unwrap();
+        let bad = [
+            call("get_wether", r#"{"city": "Oslo"}"#),
+            call("get_weather", r#"{"unit": "c"}"#),
+            call("get_weather", r#"{"city": "Oslo", "country": "NO"}"#),
+            call("get_weather", r#"{"city": "Oslo", "days": "3"}"#),
+            call("get_weather", r#"{"city": "Oslo", "days": 3.5}"#),
+            call("get_weather", r#"{"city": "Oslo", "unit": "k"}"#),
+            call(
+                "get_weather",
+                r#"{"city": "Oslo", "tags": ["a", "b", "c", "d"]}"#,
+            ),
+            call("get_weather", r#"{"city": "Oslo",}"#),
+            call("get_weather", "{\"city\": \"line\nbreak\"}"),
+            call("get_weather", r#"{"city": "Oslo", "city": "Bergen"}"#),
+            call("get_weather", r#"{"city": "Oslo", "coords": {"lat": 1}}"#),
+            call("get_weather", r#"{"city": 01}"#),
+            "<tool_call>{\"arguments\": {}, \"name\": \"get_time\"}</tool_call>".into(),
+            "Sure! <tool_call>".into(),
+            format!(
+                "<tool_call>{{\"name\": \"get_time\", \"arguments\": {{}}}}{}</tool_call>",
+                " ".repeat(40)
+            ),
+        ];
+        for text in bad {
+            assert!(takes(&g, &text).is_none(), "taken: {text}");
+        }
+    }
+
+    #[test]
+    fn auto_leaves_text_free_and_constrains_each_block_it_opens() {
+        let g = ToolGrammar::new(&tools(), None).unwrap();
+        let s = takes(&g, "Let me check {not json} <tool").unwrap();
+        assert!(!s.constrained());
+        let s = takes(&g, "Let me check.\n<tool_call>").unwrap();
+        assert!(s.constrained());
+        let two = format!(
+            "ok {}\n{}",
+            call("get_time", "{}"),
+            call("get_weather", r#"{"city": "x"}"#)
+        );
+        assert!(takes(&g, &two).is_some_and(|s| !s.constrained()));
+        assert!(takes(&g, &format!("ok {}", call("get_weather", "{}"))).is_none());
+        // A named choice allows that function only.
+        let named = json!({"type": "function", "function": {"name": "get_time"}});
+        let g = ToolGrammar::new(&tools(), Some(&named)).unwrap();
+        assert!(takes(&g, &call("get_time", "{}")).is_some());
+        assert!(takes(&g, &call("get_weather", r#"{"city": "x"}"#)).is_none());
+        assert!(ToolGrammar::new(&tools(), Some(&json!("none"))).is_none());
+    }
+
+    /// A small vocabulary: every printable ASCII byte, newline, and some multi-byte pieces.
+    fn test_vocab() -> Vocab {
+        let mut tokens: Vec<Option<Vec<u8>>> = (0x20u8..0x7f).map(|b| Some(vec![b])).collect();
+        tokens.push(Some(b"\n".to_vec()));
+        for piece in [
+            "<tool_call>",
+            "</tool_call>",
+            "{\"",
+            "\":",
+            "\", \"",
+            "name",
+            "arguments",
+            "get_",
+            "weather",
+            "time",
+            "city",
+            "true",
+            "false",
+            "null",
+            "12",
+            "\"}",
+            "}}",
+            "\\u00",
+            "Oslo",
+            "\n\n",
+            "  ",
+        ] {
+            tokens.push(Some(piece.as_bytes().to_vec()));
+        }
+        tokens.push(None); // a special token: never inside a call
+        Vocab::new(tokens)
+    }
+
+    fn lcg(state: &mut u64) -> f32 {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*state >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Checks a generated call against `tools()` by hand.
+    fn valid_call(body: &str) -> Result<(), String> {
+        let v: Value = serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))?;
+        let args = v["arguments"]
+            .as_object()
+            .ok_or("arguments is not an object")?;
+        match v["name"].as_str() {
+            Some("get_time") => Ok(()),
+            Some("get_weather") => {
+                let allowed = ["city", "unit", "days", "hourly", "tags", "coords", "note"];
+                if let Some(k) = args.keys().find(|k| !allowed.contains(&k.as_str())) {
+                    return Err(format!("undeclared key {k}"));
+                }
+                let ok = args.get("city").is_some_and(Value::is_string)
+                    && args.get("unit").is_none_or(|u| u == "c" || u == "f")
+                    && args.get("days").is_none_or(|d| d.is_i64() || d.is_u64())
+                    && args.get("hourly").is_none_or(Value::is_boolean)
+                    && args.get("tags").is_none_or(|t| {
+                        t.as_array()
+                            .is_some_and(|a| a.len() <= 3 && a.iter().all(Value::is_string))
+                    })
+                    && args.get("coords").is_none_or(|c| {
+                        c.as_object().is_some_and(|o| {
+                            o.len() == 2 && o["lat"].is_number() && o["lon"].is_number()
+                        })
+                    })
+                    && args
+                        .get("note")
+                        .is_none_or(|n| n.is_string() || n.is_null());
+                ok.then_some(())
+                    .ok_or_else(|| format!("schema violated: {args:?}"))
+            }
+            other => Err(format!("unknown name {other:?}")),
+        }
+    }
+
+    #[test]
+    fn random_models_under_the_mask_always_write_schema_valid_calls() {
+        let g = ToolGrammar::new(&tools(), Some(&json!("required"))).unwrap();
+        let vocab = test_vocab();
+        let n = vocab.bytes.len();
+        let mut rng = 7u64;
+        for trial in 0..200 {
+            let mut s = CallState::new(&g);
+            let mut text = Vec::new();
+            let mut steps = 0;
+            while s.constrained() {
+                steps += 1;
+                assert!(steps < 20_000, "trial {trial}: no end after {steps} tokens");
+                let mut logits: Vec<f32> = (0..n).map(|_| lcg(&mut rng)).collect();
+                s.mask(&g, &vocab, &mut logits);
+                let t = crate::engine::sampling::argmax(&logits);
+                assert!(
+                    logits[t as usize].is_finite(),
+                    "trial {trial}: nothing allowed"
+                );
+                text.extend_from_slice(vocab.bytes(t));
+                s.advance(&g, vocab.bytes(t));
+            }
+            let text = String::from_utf8(text).unwrap();
+            let body = text
+                .trim()
+                .strip_prefix("<tool_call>")
+                .and_then(|t| t.strip_suffix("</tool_call>"))
+                .unwrap_or_else(|| panic!("trial {trial}: not a block: {text}"));
+            if let Err(e) = valid_call(body) {
+                panic!("trial {trial}: {e}: {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_mask_matches_feeding_each_token_alone() {
+        // Whatever the state, a token is allowed exactly when all its bytes pass.
+        let g = ToolGrammar::new(&tools(), Some(&json!("required"))).unwrap();
+        let vocab = test_vocab();
+        for prefix in [
+            "",
+            "<tool_call>{\"name\": \"get_",
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Os",
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"days\": 1",
+            "<tool_call>{\"name\": \"get_time\", \"arguments\": {}}",
+        ] {
+            let s = takes(&g, prefix).unwrap();
+            let mut logits = vec![0f32; vocab.bytes.len()];
+            s.mask(&g, &vocab, &mut logits);
+            for (t, l) in logits.iter().enumerate() {
+                let bytes = vocab.bytes(t as u32);
+                let mut c = s.clone();
+                let fits = !bytes.is_empty() && bytes.iter().all(|&b| c.feed(&g, b));
+                assert_eq!(
+                    l.is_finite(),
+                    fits,
+                    "after {prefix:?}: token {:?}",
+                    String::from_utf8_lossy(bytes)
+                );
+            }
+        }
+    }
+}
