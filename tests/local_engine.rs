@@ -444,3 +444,149 @@ async fn a_shared_prompt_prefix_is_reused_and_changes_no_answer() {
     );
     assert!(plain.stop().success());
 }
+
+/// The function calls of a completion: (name, arguments parsed as JSON).
+fn calls_of(v: &Value) -> Vec<(String, Value)> {
+    v["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .map(|calls| {
+            calls
+                .iter()
+                .map(|c| {
+                    let args = c["function"]["arguments"].as_str().unwrap();
+                    let parsed = serde_json::from_str(args)
+                        .unwrap_or_else(|e| panic!("arguments are not JSON ({e}): {args}"));
+                    (c["function"]["name"].as_str().unwrap().to_string(), parsed)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_model_writes_schema_valid_calls_when_calls_are_constrained() {
+    // Weights with no idea of JSON: every well-formed call below is the grammar's doing. The
+    // schema has no free strings, so each call ends within a bounded number of tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    // A template that names the tools itself keeps the prompt short for the byte-level vocabulary.
+    flywheel::engine::testing::write_tiny_llama_with_template(
+        &path,
+        candle_core::quantized::GgmlDType::F32,
+        9,
+        flywheel::engine::testing::TINY_TOOLS_TEMPLATE,
+    );
+    let gw = GatewayProcess::start(&local_config(&path, ""));
+    let tools = json!([
+        {"type": "function", "function": {"name": "set_alarm", "parameters": {"type": "object",
+            "properties": {"hour": {"type": "integer"}, "am": {"type": "boolean"},
+                           "days": {"type": "array", "items": {"enum": ["mon", "tue", "wed"]}, "maxItems": 2}},
+            "required": ["hour", "am"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "snooze", "parameters": {"type": "object",
+            "properties": {"minutes": {"enum": [5, 10]}}, "required": ["minutes"]}}}
+    ]);
+    let mut names = std::collections::HashSet::new();
+    for seed in 0..6 {
+        let choice = if seed == 5 {
+            json!({"type": "function", "function": {"name": "snooze"}})
+        } else {
+            json!("required")
+        };
+        let body = json!({"model": "smol", "messages": [{"role": "user", "content": "wake me"}],
+            "tools": tools, "tool_choice": choice, "temperature": 1.0, "seed": seed, "max_tokens": 300});
+        let (s, v) = ask(&gw, body).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+        let calls = calls_of(&v);
+        assert!(!calls.is_empty(), "{v}");
+        for (name, args) in calls {
+            let o = args.as_object().unwrap();
+            match name.as_str() {
+                "set_alarm" => {
+                    assert!(o["hour"].is_i64() || o["hour"].is_u64(), "{args}");
+                    assert!(o["am"].is_boolean(), "{args}");
+                    assert!(o
+                        .keys()
+                        .all(|k| ["hour", "am", "days"].contains(&k.as_str())));
+                    if let Some(d) = o.get("days") {
+                        let d = d.as_array().unwrap();
+                        assert!(
+                            d.len() <= 2
+                                && d.iter()
+                                    .all(|x| ["mon", "tue", "wed"].contains(&x.as_str().unwrap())),
+                            "{args}"
+                        );
+                    }
+                }
+                "snooze" => assert!(o["minutes"] == 5 || o["minutes"] == 10, "{args}"),
+                other => panic!("unknown function {other}"),
+            }
+            if seed == 5 {
+                assert_eq!(name, "snooze", "the named choice is honoured");
+            }
+            names.insert(name);
+        }
+    }
+    assert!(names.contains("snooze"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_tool_calls_follow_the_schema_streamed_or_not() {
+    let path = tokio::task::spawn_blocking(default_model).await.unwrap();
+    let gw = GatewayProcess::start(&local_config(&path, ""));
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": "City name"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"]}}}]);
+    let check = |args: &Value| {
+        let o = args.as_object().unwrap();
+        assert!(o["city"].is_string(), "{args}");
+        assert!(
+            o["unit"] == "celsius" || o["unit"] == "fahrenheit",
+            "{args}"
+        );
+        assert!(o.len() == 2, "{args}");
+    };
+    for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2)] {
+        let body = json!({"model": "smol", "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+            "tools": tools, "tool_choice": "required", "temperature": temperature, "seed": seed, "max_tokens": 120});
+        let (s, v) = ask(&gw, body).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+        let calls = calls_of(&v);
+        assert_eq!(calls[0].0, "get_weather");
+        calls.iter().for_each(|(_, a)| check(a));
+    }
+    // Streamed: the argument fragments join into the same kind of valid call.
+    let body = json!({"model": "smol", "messages": [{"role": "user", "content": "Weather in Oslo, please."}],
+        "tools": tools, "tool_choice": "required", "temperature": 0, "max_tokens": 120, "stream": true});
+    let text = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut args = String::new();
+    let mut finish = None;
+    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(line).unwrap();
+        if let Some(c) = chunk["choices"].get(0) {
+            if let Some(a) = c["delta"]["tool_calls"][0]["function"]["arguments"].as_str() {
+                args.push_str(a);
+            }
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+    }
+    assert_eq!(finish.as_deref(), Some("tool_calls"), "{text}");
+    check(&serde_json::from_str(&args).unwrap());
+}

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::{Backend, BackendError, BackendReply, BackendRequest, ChunkStream};
+use crate::engine::grammar::ToolGrammar;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::tools::{Parsed, ParsedCall, ToolCallParser};
 use crate::engine::{Engine, GenEvent, GenerationRequest};
@@ -97,12 +98,18 @@ impl LocalBackend {
             top_k: body.get("top_k").and_then(Value::as_u64).unwrap_or(0) as usize,
             seed: body.get("seed").and_then(Value::as_i64).map(|s| s as u64),
         };
+        let grammar = if use_tools && self.engine.constrain_tool_calls {
+            ToolGrammar::new(&tools, body.get("tool_choice")).map(Arc::new)
+        } else {
+            None
+        };
         Ok(Prepared {
             prompt: ids,
             max_tokens,
             stop,
             sampling,
             tools: use_tools,
+            grammar,
         })
     }
 
@@ -131,6 +138,7 @@ impl LocalBackend {
                 sampling: prepared.sampling,
                 events: tx,
                 adapter,
+                tools: prepared.grammar,
             })
             .map_err(|e| BackendError::Internal {
                 backend: self.engine.name.clone(),
@@ -293,6 +301,7 @@ struct Prepared {
     stop: Vec<String>,
     sampling: SamplingParams,
     tools: bool,
+    grammar: Option<Arc<ToolGrammar>>,
 }
 
 struct StreamState {

@@ -26,6 +26,7 @@ use candle_core::Device;
 use tokio::sync::mpsc;
 
 use chat::ChatFormat;
+use grammar::{CallState, ToolGrammar, Vocab};
 use lora::{AdapterRegistry, LoraAdapter, LoraError};
 use model::{KvCache, LlamaConfig, LlamaModel, ModelError, WeightFormat};
 use sampling::{Sampler, SamplingParams};
@@ -59,6 +60,14 @@ pub struct LocalModelConfig {
     /// (0 turns prefix caching off).
     #[serde(default = "default_prefix_cache_mb")]
     pub prefix_cache_mb: usize,
+    /// Constrain tool calls as the model writes them: the function name is one of the request's
+    /// tools and the arguments are JSON valid against that tool's parameter schema.
+    #[serde(default = "default_true")]
+    pub constrain_tool_calls: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_prefix_cache_mb() -> usize {
@@ -136,6 +145,8 @@ pub struct GenerationRequest {
     /// The adapter this sequence runs with; held for its whole life, so an unload or reload never
     /// changes a generation that has started.
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// The tool calls it may make, when they are to be constrained as they are written.
+    pub tools: Option<Arc<ToolGrammar>>,
 }
 
 pub struct Engine {
@@ -150,6 +161,8 @@ pub struct Engine {
     pub adapters: AdapterRegistry,
     /// Tokenizer, chat template and tool prompting.
     pub chat: ChatFormat,
+    /// Whether requests with tools get their calls constrained (`constrain_tool_calls`).
+    pub constrain_tool_calls: bool,
     queue: std_mpsc::Sender<GenerationRequest>,
     load: Arc<EngineLoad>,
     _thread: JoinHandle<()>,
@@ -206,6 +219,7 @@ impl Engine {
         let shape = model.cfg.clone();
         let gguf_layout = model.gguf_layout();
         let sched_tok = tokenizer.clone();
+        let vocab = Arc::new(Vocab::from_tokenizer(&tokenizer.tokenizer));
         let max_batch = cfg.max_batch.max(1);
         let prefix_budget = cfg.prefix_cache_mb.saturating_mul(1 << 20);
         let thread_name = format!("engine-{name}");
@@ -214,7 +228,15 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name(thread_name)
             .spawn(move || {
-                Scheduler::new(model, sched_tok, max_batch, sched_load, prefix_budget).run(rx)
+                Scheduler::new(
+                    model,
+                    sched_tok,
+                    vocab,
+                    max_batch,
+                    sched_load,
+                    prefix_budget,
+                )
+                .run(rx)
             })
             .map_err(|source| EngineError::Open {
                 name: name.clone(),
@@ -230,6 +252,7 @@ impl Engine {
             quantize_adapters: cfg.weights == WeightFormat::Q8_0,
             adapters: AdapterRegistry::new(cfg.max_adapters),
             chat,
+            constrain_tool_calls: cfg.constrain_tool_calls,
             queue: tx,
             load,
             _thread: thread,
@@ -279,11 +302,14 @@ struct Sequence {
     /// Bytes of decoded text already sent.
     sent: usize,
     last: u32,
+    /// Where its output stands in its tool-call grammar, when calls are constrained.
+    call: Option<CallState>,
 }
 
 struct Scheduler {
     model: LlamaModel,
     tokenizer: Arc<TokenizerInfo>,
+    vocab: Arc<Vocab>,
     max_batch: usize,
     active: Vec<Sequence>,
     load: Arc<EngineLoad>,
@@ -299,6 +325,7 @@ impl Scheduler {
     fn new(
         model: LlamaModel,
         tokenizer: Arc<TokenizerInfo>,
+        vocab: Arc<Vocab>,
         max_batch: usize,
         load: Arc<EngineLoad>,
         prefix_budget: usize,
@@ -306,6 +333,7 @@ impl Scheduler {
         Self {
             model,
             tokenizer,
+            vocab,
             max_batch,
             active: Vec::new(),
             load,
@@ -368,6 +396,7 @@ impl Scheduler {
             cache,
             cached,
             sampler: Sampler::new(request.sampling.clone()),
+            call: request.tools.as_deref().map(CallState::new),
             request,
             generated: Vec::new(),
             sent: 0,
@@ -380,9 +409,9 @@ impl Scheduler {
             &[adapter.as_deref()],
         ) {
             Ok(logits) => match logits.to_vec2::<f32>() {
-                Ok(rows) => {
+                Ok(mut rows) => {
                     self.prefixes.insert(&prompt, &adapter, &seq.cache);
-                    let tok = seq.sampler.sample(&rows[0]);
+                    let tok = self.sample(&mut seq, &mut rows[0]);
                     if let Step::Continue = self.accept(&mut seq, tok) {
                         self.active.push(seq);
                     }
@@ -427,13 +456,25 @@ impl Scheduler {
         };
         let mut seqs = std::mem::take(&mut self.active);
         let mut keep = Vec::with_capacity(seqs.len());
-        for (mut seq, row) in seqs.drain(..).zip(rows) {
-            let tok = seq.sampler.sample(&row);
+        for (mut seq, mut row) in seqs.drain(..).zip(rows) {
+            let tok = self.sample(&mut seq, &mut row);
             if let Step::Continue = self.accept(&mut seq, tok) {
                 keep.push(seq);
             }
         }
         self.active = keep;
+    }
+
+    /// Samples a sequence's next token from its logits, within its tool-call grammar.
+    fn sample(&self, seq: &mut Sequence, logits: &mut [f32]) -> u32 {
+        if let (Some(state), Some(g)) = (&seq.call, &seq.request.tools) {
+            state.mask(g, &self.vocab, logits);
+        }
+        let tok = seq.sampler.sample(logits);
+        if let (Some(state), Some(g)) = (&mut seq.call, &seq.request.tools) {
+            state.advance(g, self.vocab.bytes(tok));
+        }
+        tok
     }
 
     /// Takes a sampled token: emits text, checks end conditions.
