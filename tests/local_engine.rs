@@ -493,12 +493,13 @@ async fn a_random_model_writes_schema_valid_calls_when_calls_are_constrained() {
             json!("required")
         };
         let body = json!({"model": "smol", "messages": [{"role": "user", "content": "wake me"}],
-            "tools": tools, "tool_choice": choice, "temperature": 1.0, "seed": seed, "max_tokens": 300});
+            "tools": tools, "tool_choice": choice, "parallel_tool_calls": false, "temperature": 1.0,
+            "seed": seed, "max_tokens": 300});
         let (s, v) = ask(&gw, body).await;
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
         let calls = calls_of(&v);
-        assert!(!calls.is_empty(), "{v}");
+        assert_eq!(calls.len(), 1, "one call, as asked: {v}");
         for (name, args) in calls {
             let o = args.as_object().unwrap();
             match name.as_str() {
@@ -528,6 +529,17 @@ async fn a_random_model_writes_schema_valid_calls_when_calls_are_constrained() {
         }
     }
     assert!(names.contains("snooze"));
+    // Cut off by max_tokens mid-call: the finish reason says so, and the half-written call is
+    // still reported (its arguments are not JSON), never dropped.
+    let body = json!({"model": "smol", "messages": [{"role": "user", "content": "wake me"}],
+        "tools": tools, "tool_choice": "required", "temperature": 0, "max_tokens": 50});
+    let (s, v) = ask(&gw, body).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert!(call["name"].is_string(), "{v}");
+    let args = call["arguments"].as_str().unwrap();
+    assert!(serde_json::from_str::<Value>(args).is_err(), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -551,17 +563,20 @@ async fn smollm2_tool_calls_follow_the_schema_streamed_or_not() {
     };
     for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2)] {
         let body = json!({"model": "smol", "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
-            "tools": tools, "tool_choice": "required", "temperature": temperature, "seed": seed, "max_tokens": 120});
+            "tools": tools, "tool_choice": "required", "parallel_tool_calls": false,
+            "temperature": temperature, "seed": seed, "max_tokens": 120});
         let (s, v) = ask(&gw, body).await;
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
         let calls = calls_of(&v);
+        assert_eq!(calls.len(), 1, "{v}");
         assert_eq!(calls[0].0, "get_weather");
-        calls.iter().for_each(|(_, a)| check(a));
+        check(&calls[0].1);
     }
     // Streamed: the argument fragments join into the same kind of valid call.
     let body = json!({"model": "smol", "messages": [{"role": "user", "content": "Weather in Oslo, please."}],
-        "tools": tools, "tool_choice": "required", "temperature": 0, "max_tokens": 120, "stream": true});
+        "tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "temperature": 0, "max_tokens": 120, "stream": true});
     let text = reqwest::Client::new()
         .post(gw.url("/v1/chat/completions"))
         .json(&body)

@@ -12,7 +12,7 @@ use super::{Backend, BackendError, BackendReply, BackendRequest, ChunkStream};
 use crate::engine::grammar::ToolGrammar;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::tools::{Parsed, ParsedCall, ToolCallParser};
-use crate::engine::{Engine, GenEvent, GenerationRequest};
+use crate::engine::{Engine, FinishReason, GenEvent, GenerationRequest};
 
 pub struct LocalBackend {
     engine: Arc<Engine>,
@@ -99,7 +99,8 @@ impl LocalBackend {
             seed: body.get("seed").and_then(Value::as_i64).map(|s| s as u64),
         };
         let grammar = if use_tools && self.engine.constrain_tool_calls {
-            ToolGrammar::new(&tools, body.get("tool_choice")).map(Arc::new)
+            let parallel = body.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false);
+            ToolGrammar::new(&tools, body.get("tool_choice"), parallel).map(Arc::new)
         } else {
             None
         };
@@ -190,7 +191,10 @@ impl LocalBackend {
                             message["tool_calls"] = Value::Array(
                                 calls.iter().map(|c| tool_call_json(c, None)).collect(),
                             );
-                            finish = "tool_calls";
+                            // A call cut off by max_tokens still says `length`, as OpenAI does.
+                            if finish_reason != FinishReason::Length {
+                                finish = "tool_calls";
+                            }
                         }
                         return Ok(BackendReply::Full(json!({
                             "id": id,
@@ -256,7 +260,7 @@ impl LocalBackend {
                             .map(ToolCallParser::finish)
                             .unwrap_or_default();
                         let mut out = st.chunks(tail, &chunk);
-                        let finish = if st.calls > 0 {
+                        let finish = if st.calls > 0 && finish_reason != FinishReason::Length {
                             "tool_calls"
                         } else {
                             finish_reason.as_str()

@@ -1,8 +1,10 @@
 //! Constrained decoding of tool calls. While a local model writes a `<tool_call>` block, only the
 //! tokens that keep the block a well-formed call survive sampling: `{"name": <one of the request's
 //! tools>, "arguments": <JSON valid against that tool's parameter schema>}`, then
-//! `</tool_call>`. Outside a block the model writes freely (it may answer in text, or open a call);
-//! with `tool_choice` `required` or a named function the answer must open with a call.
+//! `</tool_call>`. Before its first block the model writes freely (it may answer in text, or open a
+//! call); with `tool_choice` `required` or a named function the answer must open with a call. After
+//! a call only another call (unless `parallel_tool_calls` is false or the choice names a function)
+//! or the end of the turn may follow.
 //!
 //! The grammar is a pushdown automaton over bytes (`CallState`), compiled from the tools' JSON
 //! schemas (`ToolGrammar`). A token is allowed when all of its bytes pass the automaton from the
@@ -70,6 +72,8 @@ pub struct ToolGrammar {
     args: Vec<SchemaId>,
     /// The answer must open with a call (`tool_choice` required or named).
     forced: bool,
+    /// More than one call may be made (`parallel_tool_calls`, not a named choice).
+    parallel: bool,
     any: SchemaId,
     any_word: LitId,
     name_key: LitId,
@@ -79,10 +83,10 @@ pub struct ToolGrammar {
 }
 
 impl ToolGrammar {
-    /// The grammar for `tools` (OpenAI function tools) under `tool_choice`; `None` when no call
-    /// can be made (no tools, `none`) or the tools cannot be told apart by a literal set (more
-    /// than 64 tools).
-    pub fn new(tools: &[Value], tool_choice: Option<&Value>) -> Option<Self> {
+    /// The grammar for `tools` (OpenAI function tools) under `tool_choice`, with several calls
+    /// in one answer when `parallel` (OpenAI's `parallel_tool_calls`; a named choice makes one
+    /// call); `None` when no call can be made (no tools, `none`) or there are more than 64 tools.
+    pub fn new(tools: &[Value], tool_choice: Option<&Value>, parallel: bool) -> Option<Self> {
         let named = tool_choice
             .and_then(|c| c.pointer("/function/name"))
             .and_then(Value::as_str);
@@ -96,6 +100,7 @@ impl ToolGrammar {
             names: 0,
             args: Vec::new(),
             forced,
+            parallel: parallel && named.is_none(),
             any: 0,
             any_word: 0,
             name_key: 0,
@@ -329,9 +334,11 @@ enum Frame {
         stage: ArrStage,
     },
     /// Inside a string, after its opening quote. `esc`: 0 plain; 1 after a backslash; 10 + n: n
-    /// hex digits of a `\u` escape to go.
+    /// hex digits of a `\u` escape to go; 20: after a `\u` escape's leading `d`. `close`: bytes of `</tool_call>` at its end, which it may
+    /// not contain whole (the block would end there for whoever parses it).
     Str {
         esc: u8,
+        close: u8,
     },
     Num {
         stage: NumStage,
@@ -378,6 +385,10 @@ enum Mode {
     Free { tail: u8 },
     /// Inside a call block: constrained.
     Call,
+    /// After a call: another call, or the end of the turn (no more text).
+    Between,
+    /// After the one call allowed: the end of the turn.
+    Ended,
 }
 
 /// One sequence's place in the grammar.
@@ -444,7 +455,9 @@ fn value_start(g: &ToolGrammar, id: SchemaId, b: u8) -> Act {
             },
             false,
         ),
-        (Schema::Any | Schema::String, b'"') => Act::Replace(Frame::Str { esc: 0 }, false),
+        (Schema::Any | Schema::String, b'"') => {
+            Act::Replace(Frame::Str { esc: 0, close: 0 }, false)
+        }
         (Schema::Any, b'-' | b'0'..=b'9') => Act::Replace(
             Frame::Num {
                 stage: NumStage::Start,
@@ -490,9 +503,19 @@ impl CallState {
         }
     }
 
-    /// Inside a call block, where tokens are constrained (and the turn cannot end).
+    /// Constrained: inside a call block (where the turn cannot end), or after one (where only
+    /// another call, if several are allowed, or the end of the turn may follow).
     pub fn constrained(&self) -> bool {
-        self.mode == Mode::Call
+        !matches!(self.mode, Mode::Free { .. })
+    }
+
+    /// Between calls, before anything of the next: where the turn may end.
+    fn may_end(&self) -> bool {
+        match self.mode {
+            Mode::Between => matches!(self.frames[..], [Frame::Block { stage: 0 }]),
+            Mode::Ended => true,
+            _ => false,
+        }
     }
 
     /// Takes the bytes of a sampled token. Bytes the grammar refuses (possible only for text
@@ -555,10 +578,18 @@ impl CallState {
                     self.frames.pop();
                     self.child_done(which);
                     if self.frames.is_empty() {
-                        // The block closed: free text again.
-                        self.mode = Mode::Free { tail: 0 };
+                        // The block closed: more calls, or the end of the turn.
                         self.ws = 0;
-                        return last || self.feed(g, b);
+                        if g.parallel {
+                            self.mode = Mode::Between;
+                            self.frames.push(Frame::Block { stage: 0 });
+                        } else {
+                            self.mode = Mode::Ended;
+                            return last;
+                        }
+                        if last {
+                            return true;
+                        }
                     }
                     if last {
                         self.ws = 0;
@@ -686,7 +717,7 @@ impl CallState {
                     (ObjStage::Open | ObjStage::After, b'}') => Act::Done(0, true),
                     (ObjStage::Open | ObjStage::Comma, b'"') => {
                         self.set_top(with(ObjStage::Key));
-                        Act::Push(Frame::Str { esc: 0 }, false)
+                        Act::Push(Frame::Str { esc: 0, close: 0 }, false)
                     }
                     (ObjStage::Colon, b':') => {
                         self.set_top(with(ObjStage::Value));
@@ -726,7 +757,14 @@ impl CallState {
                     _ => Act::Reject,
                 }
             }
-            Frame::Str { esc } => {
+            Frame::Str { esc, close } => {
+                let close = match (esc, CLOSE.get(close as usize)) {
+                    (0, Some(&c)) if c == b => close + 1,
+                    _ => u8::from(esc == 0 && b == CLOSE[0]),
+                };
+                if close as usize == CLOSE.len() {
+                    return Act::Reject;
+                }
                 let next = match (esc, b) {
                     (0, b'"') => return Act::Done(0, true),
                     (0, b'\\') => 1,
@@ -734,6 +772,10 @@ impl CallState {
                     (0, _) => 0,
                     (1, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => 0,
                     (1, b'u') => 14,
+                    // No surrogates (D800-DFFF): a lone one is not text, and a pair is better
+                    // written as the character itself.
+                    (14, b'd' | b'D') => 20,
+                    (20, b'0'..=b'7') => 12,
                     (11..=14, _) if b.is_ascii_hexdigit() => {
                         if esc == 11 {
                             0
@@ -743,7 +785,7 @@ impl CallState {
                     }
                     _ => return Act::Reject,
                 };
-                Act::Replace(Frame::Str { esc: next }, false)
+                Act::Replace(Frame::Str { esc: next, close }, false)
             }
             Frame::Num {
                 stage,
@@ -761,7 +803,9 @@ impl CallState {
                 let next = match (stage, b) {
                     _ if len >= MAX_NUMBER || (full && digit) => None,
                     (Start, b'-') => Some(Minus),
-                    (Start | Minus, b'0') => Some(Zero),
+                    // `-0` is an integer to JSON Schema, but many parsers read it as a float.
+                    (Start, b'0') => Some(Zero),
+                    (Minus, b'0') if !integer => Some(Zero),
                     (Start | Minus, b'1'..=b'9') => Some(Int),
                     (Int, _) if digit => Some(Int),
                     (Zero | Int, b'.') if !integer => Some(Dot),
@@ -864,9 +908,12 @@ impl CallState {
 }
 
 /// A tokenizer's vocabulary as bytes, for masking: a trie over the tokens' bytes, and the split
-/// of tokens into those that can sit inside a JSON string as they are and the rest.
+/// of tokens into those that can sit inside any JSON string as they are (no quote, backslash,
+/// control byte or `<`) and the rest.
 pub struct Vocab {
     bytes: Vec<Box<[u8]>>,
+    /// End-of-turn tokens: allowed between calls.
+    eos: Vec<u32>,
     nodes: Vec<Node>,
     plain: Vec<u32>,
     other: Vec<u32>,
@@ -879,8 +926,9 @@ struct Node {
 }
 
 impl Vocab {
-    /// From each token id's bytes; `None` (special tokens) are never allowed inside a call.
-    pub fn new(tokens: Vec<Option<Vec<u8>>>) -> Self {
+    /// From each token id's bytes (`None`: special tokens, never part of a call) and the
+    /// end-of-turn tokens.
+    pub fn new(tokens: Vec<Option<Vec<u8>>>, eos: Vec<u32>) -> Self {
         let mut nodes = vec![Node::default()];
         let (mut plain, mut other) = (Vec::new(), Vec::new());
         let mut bytes = Vec::with_capacity(tokens.len());
@@ -901,7 +949,9 @@ impl Vocab {
                     };
                 }
                 nodes[at].tokens.push(id);
-                if t.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
+                if t.iter()
+                    .all(|&b| b >= 0x20 && !matches!(b, b'"' | b'\\' | b'<'))
+                {
                     plain.push(id);
                 } else {
                     other.push(id);
@@ -911,6 +961,7 @@ impl Vocab {
         }
         Vocab {
             bytes,
+            eos,
             nodes,
             plain,
             other,
@@ -920,7 +971,7 @@ impl Vocab {
     /// The bytes of a tokenizer's tokens: byte-level BPE vocabularies (GPT-2's byte-to-character
     /// mapping) and SentencePiece ones (`▁` for a space, `<0xNN>` byte tokens). Added and special
     /// tokens have none.
-    pub fn from_tokenizer(tok: &tokenizers::Tokenizer) -> Self {
+    pub fn from_tokenizer(tok: &tokenizers::Tokenizer, eos: &[u32]) -> Self {
         let size = tok.get_vocab_size(true);
         let added = tok.get_added_tokens_decoder();
         let vocab = tok.get_vocab(false);
@@ -944,7 +995,7 @@ impl Vocab {
                 }
             })
             .collect();
-        Self::new(tokens)
+        Self::new(tokens, eos.to_vec())
     }
 
     /// A token's bytes (empty for special tokens and ids outside the vocabulary).
@@ -966,7 +1017,7 @@ impl CallState {
                 *a = true;
             }
         };
-        if matches!(self.frames.last(), Some(Frame::Str { esc: 0 })) {
+        if matches!(self.frames.last(), Some(Frame::Str { esc: 0, close: 0 })) {
             // Inside a string: every plain token continues it.
             vocab.plain.iter().for_each(|&t| set(t));
             for &t in &vocab.other {
@@ -977,6 +1028,9 @@ impl CallState {
             }
         } else {
             self.walk(g, vocab, 0, &mut set);
+        }
+        if self.may_end() {
+            vocab.eos.iter().for_each(|&t| set(t));
         }
         // The grammar always leaves a way on, so some token fits unless the vocabulary lacks
         // the bytes it needs; then the model is left free rather than made to pick from nothing.
@@ -1039,7 +1093,7 @@ mod tests {
 
     #[test]
     fn whole_calls_valid_against_their_schemas_are_taken_and_close_the_block() {
-        let g = ToolGrammar::new(&tools(), Some(&json!("required"))).unwrap();
+        let g = ToolGrammar::new(&tools(), Some(&json!("required")), true).unwrap();
         for args in [
             r#"{"city": "Oslo"}"#,
             r#"{"city": "Oslo", "unit": "c", "days": 3, "hourly": false, "note": null}"#,
@@ -1047,19 +1101,19 @@ mod tests {
             r#"{"city": "Zürich", "note": "schön", "days": 0}"#,
         ] {
             let s = takes(&g, &call("get_weather", args)).unwrap_or_else(|| panic!("{args}"));
-            assert!(!s.constrained(), "{args}: the block should be closed");
+            assert!(s.may_end(), "{args}: the block should be closed");
         }
         // No declared properties: any object.
         let s = takes(
             &g,
             &call("get_time", r#"{"tz": ["UTC", {"dst": true}], "n": -1.5}"#),
         );
-        assert!(s.is_some_and(|s| !s.constrained()));
+        assert!(s.is_some_and(|s| s.may_end()));
     }
 
     #[test]
     fn calls_that_break_the_schema_are_refused() {
-        let g = ToolGrammar::new(&tools(), Some(&json!("required"))).unwrap();
+        let g = ToolGrammar::new(&tools(), Some(&json!("required")), true).unwrap();
         let bad = [
             call("get_wether", r#"{"city": "Oslo"}"#),
             call("get_weather", r#"{"unit": "c"}"#),
@@ -1076,6 +1130,7 @@ mod tests {
             call("get_weather", r#"{"city": "Oslo", "city": "Bergen"}"#),
             call("get_weather", r#"{"city": "Oslo", "coords": {"lat": 1}}"#),
             call("get_weather", r#"{"city": 01}"#),
+            call("get_weather", r#"{"city": "\ud83d\ude00"}"#),
             "<tool_call>{\"arguments\": {}, \"name\": \"get_time\"}</tool_call>".into(),
             "Sure! <tool_call>".into(),
             format!(
@@ -1090,7 +1145,17 @@ mod tests {
 
     #[test]
     fn auto_leaves_text_free_and_constrains_each_block_it_opens() {
-        let g = ToolGrammar::new(&tools(), None).unwrap();
+        let g = ToolGrammar::new(&tools(), None, true).unwrap();
+        let s = takes(&g, "Let me check {not json} <tool").unwrap();
+        assert!(!s.constrained());
+        // A string may not close the block early for whoever parses it.
+        let inner = call("get_weather", r#"{"city": "a </tool_call> b"}"#);
+        assert!(takes(&g, &inner).is_none());
+        let s = takes(
+            &g,
+            &call("get_weather", r#"{"city": "</tool_cal> <\/tool_call>"}"#),
+        );
+        assert!(s.is_some_and(|s| s.may_end()));
         let s = takes(&g, "Let me check {not json} <tool").unwrap();
         assert!(!s.constrained());
         let s = takes(&g, "Let me check.\n<tool_call>").unwrap();
@@ -1100,14 +1165,26 @@ mod tests {
             call("get_time", "{}"),
             call("get_weather", r#"{"city": "x"}"#)
         );
-        assert!(takes(&g, &two).is_some_and(|s| !s.constrained()));
+        assert!(takes(&g, &two).is_some_and(|s| s.may_end()));
+        // After a call, no more text.
+        assert!(takes(&g, &format!("{} Done!", call("get_time", "{}"))).is_none());
         assert!(takes(&g, &format!("ok {}", call("get_weather", "{}"))).is_none());
         // A named choice allows that function only.
         let named = json!({"type": "function", "function": {"name": "get_time"}});
-        let g = ToolGrammar::new(&tools(), Some(&named)).unwrap();
+        let g = ToolGrammar::new(&tools(), Some(&named), true).unwrap();
         assert!(takes(&g, &call("get_time", "{}")).is_some());
         assert!(takes(&g, &call("get_weather", r#"{"city": "x"}"#)).is_none());
-        assert!(ToolGrammar::new(&tools(), Some(&json!("none"))).is_none());
+        assert!(ToolGrammar::new(&tools(), Some(&json!("none")), true).is_none());
+        // One call only: after it, nothing but the end of the turn.
+        let one = ToolGrammar::new(&tools(), Some(&json!("required")), false).unwrap();
+        let s = takes(&one, &call("get_time", "{}")).unwrap();
+        assert!(s.may_end() && s.constrained());
+        assert!(takes(&one, &format!("{}\n", call("get_time", "{}"))).is_none());
+        assert!(takes(
+            &one,
+            &format!("{}{}", call("get_time", "{}"), call("get_time", "{}"))
+        )
+        .is_none());
     }
 
     /// A small vocabulary: every printable ASCII byte, newline, and some multi-byte pieces.
@@ -1139,8 +1216,9 @@ mod tests {
         ] {
             tokens.push(Some(piece.as_bytes().to_vec()));
         }
-        tokens.push(None); // a special token: never inside a call
-        Vocab::new(tokens)
+        tokens.push(None); // end of turn
+        let eos = tokens.len() as u32 - 1;
+        Vocab::new(tokens, vec![eos])
     }
 
     fn lcg(state: &mut u64) -> f32 {
@@ -1188,7 +1266,7 @@ mod tests {
 
     #[test]
     fn random_models_under_the_mask_always_write_schema_valid_calls() {
-        let g = ToolGrammar::new(&tools(), Some(&json!("required"))).unwrap();
+        let g = ToolGrammar::new(&tools(), Some(&json!("required")), true).unwrap();
         let vocab = test_vocab();
         let n = vocab.bytes.len();
         let mut rng = 7u64;
@@ -1196,7 +1274,7 @@ mod tests {
             let mut s = CallState::new(&g);
             let mut text = Vec::new();
             let mut steps = 0;
-            while s.constrained() {
+            loop {
                 steps += 1;
                 assert!(steps < 20_000, "trial {trial}: no end after {steps} tokens");
                 let mut logits: Vec<f32> = (0..n).map(|_| lcg(&mut rng)).collect();
@@ -1206,17 +1284,26 @@ mod tests {
                     logits[t as usize].is_finite(),
                     "trial {trial}: nothing allowed"
                 );
+                if vocab.eos.contains(&t) {
+                    break;
+                }
                 text.extend_from_slice(vocab.bytes(t));
                 s.advance(&g, vocab.bytes(t));
             }
             let text = String::from_utf8(text).unwrap();
-            let body = text
-                .trim()
-                .strip_prefix("<tool_call>")
-                .and_then(|t| t.strip_suffix("</tool_call>"))
-                .unwrap_or_else(|| panic!("trial {trial}: not a block: {text}"));
-            if let Err(e) = valid_call(body) {
-                panic!("trial {trial}: {e}: {text}");
+            let blocks: Vec<&str> = text
+                .split("</tool_call>")
+                .filter(|b| !b.trim().is_empty())
+                .collect();
+            assert!(!blocks.is_empty(), "trial {trial}: no call");
+            for block in blocks {
+                let body = block
+                    .trim()
+                    .strip_prefix("<tool_call>")
+                    .unwrap_or_else(|| panic!("trial {trial}: not a block: {text}"));
+                if let Err(e) = valid_call(body) {
+                    panic!("trial {trial}: {e}: {text}");
+                }
             }
         }
     }
@@ -1224,7 +1311,7 @@ mod tests {
     #[test]
     fn the_mask_matches_feeding_each_token_alone() {
         // Whatever the state, a token is allowed exactly when all its bytes pass.
-        let g = ToolGrammar::new(&tools(), Some(&json!("required"))).unwrap();
+        let g = ToolGrammar::new(&tools(), Some(&json!("required")), true).unwrap();
         let vocab = test_vocab();
         for prefix in [
             "",

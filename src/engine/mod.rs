@@ -219,7 +219,7 @@ impl Engine {
         let shape = model.cfg.clone();
         let gguf_layout = model.gguf_layout();
         let sched_tok = tokenizer.clone();
-        let vocab = Arc::new(Vocab::from_tokenizer(&tokenizer.tokenizer));
+        let vocab = Arc::new(Vocab::from_tokenizer(&tokenizer.tokenizer, &tokenizer.eos));
         let max_batch = cfg.max_batch.max(1);
         let prefix_budget = cfg.prefix_cache_mb.saturating_mul(1 << 20);
         let thread_name = format!("engine-{name}");
