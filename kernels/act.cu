@@ -25,3 +25,27 @@ __device__ void silu_mul_impl(const T* __restrict__ gu, T* __restrict__ out, int
 
 FW_SILU_MUL(f16, __half)
 FW_SILU_MUL(bf16, __nv_bfloat16)
+
+// Row gather: out[t] = x[idx[t]] for rows of `dim` (the last token of each sequence, before the
+// final norm and the head). grid (n), block (threads over the row).
+namespace fw {
+
+template <typename T>
+__device__ void gather_rows_impl(const T* __restrict__ x, const int* __restrict__ idx,
+                                 T* __restrict__ out, int n, int dim) {
+    const int t = blockIdx.x;
+    if (t >= n) return;
+    const T* src = x + (size_t)idx[t] * dim;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) out[(size_t)t * dim + c] = src[c];
+}
+
+}  // namespace fw
+
+#define FW_GATHER_ROWS(SUFFIX, T)                                                               \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        gather_rows_##SUFFIX(const T* x, const int* idx, T* out, int n, int dim) {              \
+        fw::gather_rows_impl<T>(x, idx, out, n, dim);                                           \
+    }
+
+FW_GATHER_ROWS(f16, __half)
+FW_GATHER_ROWS(bf16, __nv_bfloat16)

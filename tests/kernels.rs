@@ -15,6 +15,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use flywheel::ops;
 use flywheel::ops::attention::{attention, SeqAttention};
+use flywheel::ops::device::{Arg, Device as KernelDevice, DeviceError, Dtype as DevDtype};
 use flywheel::ops::lora::{bgmv_add, LowRank, Slot};
 
 fn root() -> &'static Path {
@@ -43,6 +44,12 @@ fn kernels_compile_for_sm80_and_sm90_without_spills() {
         "paged_decode_attention",
         "q8_0_matvec",
         "q4_1_matvec",
+        "q8_0_logits",
+        "q4_1_logits",
+        "q8_0_get_rows",
+        "q4_1_get_rows",
+        "qkv_rope_cache",
+        "gather_rows",
     ];
     for arch in ["sm_80", "sm_90"] {
         for k in kernels {
@@ -671,35 +678,52 @@ fn attention_case(dt: Dtype, heads: usize, kv_heads: usize, hd: usize) {
     );
 }
 
-type QMatvec = unsafe extern "C" fn(u32, u32, u32, *const u8, *const u16, *mut u16, i32, i32);
+type QMatvec = unsafe extern "C" fn(u32, u32, u32, *const u8, *const u16, *mut u16, i32, i32, i32);
+type QLogits = unsafe extern "C" fn(u32, u32, u32, *const u8, *const u16, *mut f32, i32, i32, i32);
+type QGetRows = unsafe extern "C" fn(u32, u32, u32, *const u8, *const i32, *mut u16, i32, i32);
 
 #[test]
-fn quantized_matvec_matches_candle_dequantized_weights() {
+fn quantized_matvec_logits_and_row_gather_match_candle_dequantized_weights() {
     for dt in [Dtype::F16, Dtype::Bf16] {
         for (format, ggml) in [("q8_0", GgmlDType::Q8_0), ("q4_1", GgmlDType::Q4_1)] {
-            for (rows, cols) in [(70usize, 576usize), (33, 1536)] {
+            for (rows, cols, n) in [(70usize, 576usize, 1usize), (33, 1536, 3)] {
                 let mut rng = Rng::fresh(cols as u64);
                 let w = t2(&rng.vec(rows * cols, 1.0), rows, cols);
                 let q = QTensor::quantize(&w, ggml).unwrap();
                 let bytes = q.data().unwrap().to_vec();
                 let wd = q.dequantize(&Device::Cpu).unwrap();
-                let (x, xf) = stored(dt, &rng.vec(cols, 1.0));
-                let mut y = vec![dt.nan(); rows];
+                let (x, xf) = stored(dt, &rng.vec(n * cols, 1.0));
+                let mut y = vec![dt.nan(); n * rows];
+                let mut logits = vec![f32::NAN; n * rows];
                 let f: QMatvec = entry!(format!("{format}_matvec_{}", dt.suffix()), QMatvec);
-                // SAFETY: the GGML blocks of a rows × cols matrix, x of cols, y of rows.
+                let g: QLogits = entry!(format!("{format}_logits_{}", dt.suffix()), QLogits);
+                let grid = (rows.div_ceil(8) as u32, n as u32);
+                // SAFETY: the GGML blocks of a rows × cols matrix, x of n × cols, y of n × rows.
                 unsafe {
                     f(
-                        rows.div_ceil(8) as u32,
-                        1,
+                        grid.0,
+                        grid.1,
                         256,
                         bytes.as_ptr(),
                         x.as_ptr(),
                         y.as_mut_ptr(),
                         rows as i32,
                         cols as i32,
+                        n as i32,
+                    );
+                    g(
+                        grid.0,
+                        grid.1,
+                        256,
+                        bytes.as_ptr(),
+                        x.as_ptr(),
+                        logits.as_mut_ptr(),
+                        rows as i32,
+                        cols as i32,
+                        n as i32,
                     );
                 }
-                let want = t2(&xf, 1, cols)
+                let want = t2(&xf, n, cols)
                     .matmul(&wd.t().unwrap())
                     .unwrap()
                     .flatten_all()
@@ -707,14 +731,249 @@ fn quantized_matvec_matches_candle_dequantized_weights() {
                     .to_vec1::<f32>()
                     .unwrap();
                 let got: Vec<f32> = y.iter().map(|b| dt.decode(*b)).collect();
+                let what = format!("{format} matvec {rows}x{cols} over {n} rows");
+                assert_close(&what, dt, &got, &want, 1.0);
+                // The f32 head: only the inputs were rounded, so it is as close as f32 allows.
                 assert_close(
-                    &format!("{format} matvec {rows}x{cols}"),
-                    dt,
-                    &got,
+                    &format!("{what} (f32 out)"),
+                    Dtype::F16,
+                    &logits,
                     &want,
-                    1.0,
+                    0.1,
                 );
+
+                let ids: Vec<i32> = (0..5).map(|i| ((i * 17 + n) % rows) as i32).collect();
+                let mut out = vec![dt.nan(); ids.len() * cols];
+                let r: QGetRows = entry!(format!("{format}_get_rows_{}", dt.suffix()), QGetRows);
+                // SAFETY: ids index rows of W; out holds ids.len() rows of cols.
+                unsafe {
+                    r(
+                        ids.len() as u32,
+                        1,
+                        256,
+                        bytes.as_ptr(),
+                        ids.as_ptr(),
+                        out.as_mut_ptr(),
+                        ids.len() as i32,
+                        cols as i32,
+                    );
+                }
+                let dense = wd.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let want: Vec<f32> = ids
+                    .iter()
+                    .flat_map(|&i| dense[i as usize * cols..(i as usize + 1) * cols].to_vec())
+                    .collect();
+                let got: Vec<f32> = out.iter().map(|b| dt.decode(*b)).collect();
+                assert_close(&format!("{format} get_rows {cols}"), dt, &got, &want, 1.0);
             }
         }
+    }
+}
+
+// ---- the forward pass on the emulated device ----
+
+/// The kernels' sources run on the CPU behind `ops::device::Device`, as the CUDA device runs
+/// them on a GPU: memory is host memory, launches go through `emu_call_<kernel>` with the
+/// arguments packed as cuLaunchKernel takes them. New memory is filled with 0xff bytes (NaN in
+/// f16, bf16 and f32; -1 as an index), so a kernel or a forward pass that reads memory nothing
+/// wrote shows in its output.
+struct Emu;
+
+struct EmuBuf {
+    words: std::cell::UnsafeCell<Vec<u64>>,
+    bytes: usize,
+}
+
+// SAFETY: launches run one at a time (the harness serialises them, and a kernel's threads finish
+// before `launch` returns), so no two launches touch a buffer at once.
+unsafe impl Send for EmuBuf {}
+unsafe impl Sync for EmuBuf {}
+
+impl EmuBuf {
+    fn ptr(&self) -> *mut u8 {
+        // SAFETY: the Vec is never resized after allocation; only its contents change.
+        unsafe { (*self.words.get()).as_mut_ptr().cast::<u8>() }
+    }
+}
+
+type EmuCall = unsafe extern "C" fn(u32, u32, u32, *mut *mut c_void);
+
+impl KernelDevice for Emu {
+    type Buf = EmuBuf;
+
+    fn describe(&self) -> String {
+        "emulated".into()
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<EmuBuf, DeviceError> {
+        Ok(EmuBuf {
+            words: std::cell::UnsafeCell::new(vec![u64::MAX; bytes.div_ceil(8)]),
+            bytes,
+        })
+    }
+
+    fn upload(&self, bytes: &[u8]) -> Result<EmuBuf, DeviceError> {
+        let mut b = self.alloc(bytes.len())?;
+        self.write(&mut b, 0, bytes)?;
+        Ok(b)
+    }
+
+    fn write(&self, dst: &mut EmuBuf, offset: usize, bytes: &[u8]) -> Result<(), DeviceError> {
+        assert!(offset + bytes.len() <= dst.bytes, "write past the buffer");
+        // SAFETY: in bounds (checked above); the source is a separate host slice.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.ptr().add(offset), bytes.len())
+        };
+        Ok(())
+    }
+
+    fn read(&self, src: &EmuBuf, bytes: usize) -> Result<Vec<u8>, DeviceError> {
+        assert!(bytes <= src.bytes, "read past the buffer");
+        let mut out = vec![0u8; bytes];
+        // SAFETY: in bounds (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(src.ptr(), out.as_mut_ptr(), bytes) };
+        Ok(out)
+    }
+
+    fn launch(
+        &self,
+        kernel: &str,
+        grid: (u32, u32),
+        block: u32,
+        args: &[Arg<'_, EmuBuf>],
+    ) -> Result<(), DeviceError> {
+        let f: EmuCall = entry!(format!("call_{kernel}"), EmuCall);
+        // One 8-byte cell per argument, read by the harness as the kernel parameter's type.
+        let mut cells: Vec<u64> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Buf(b) => b.ptr() as u64,
+                Arg::Null => 0,
+                Arg::I32(v) => u64::from(*v as u32),
+                Arg::F32(v) => u64::from(v.to_bits()),
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = cells
+            .iter_mut()
+            .map(|c| (c as *mut u64).cast::<c_void>())
+            .collect();
+        // SAFETY: `ops::device::Kernels` checked every buffer against the launch's shapes.
+        unsafe { f(grid.0, grid.1, block, params.as_mut_ptr()) };
+        Ok(())
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0 as u32
+}
+
+/// The device's logits against the CPU model's: finite, close relative to their spread, and the
+/// same greedy token (or one tied with it within the tolerance).
+fn assert_logits_close(what: &str, dt: Dtype, got: &[Vec<f32>], want: &[Vec<f32>]) {
+    assert_eq!(got.len(), want.len(), "{what}: sequences");
+    let tol = match dt {
+        Dtype::F16 => 0.02,
+        Dtype::Bf16 => 0.08,
+    };
+    for (s, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.len(), w.len(), "{what}: vocabulary");
+        let spread = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
+        let worst = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| {
+                if a.is_finite() {
+                    (a - b).abs()
+                } else {
+                    f32::INFINITY
+                }
+            })
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= tol * spread,
+            "{what} ({}), sequence {s}: logits differ by {worst} (largest logit {spread})",
+            dt.suffix()
+        );
+        let (top_g, top_w) = (argmax(g), argmax(w));
+        assert!(
+            top_g == top_w || (w[top_w as usize] - w[top_g as usize]).abs() <= tol * spread,
+            "{what} ({}), sequence {s}: greedy token {top_g} vs {top_w}",
+            dt.suffix()
+        );
+    }
+}
+
+#[test]
+fn the_device_forward_pass_matches_the_cpu_model_with_mixed_adapters() {
+    use candle_core::quantized::gguf_file;
+    use flywheel::engine::gpu::{GpuModel, GpuOptions};
+    use flywheel::engine::lora::LoraAdapter;
+    use flywheel::engine::model::{LlamaModel, ModelSource, WeightFormat};
+    use flywheel::engine::testing::{write_tiny_adapter, write_tiny_llama};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path, GgmlDType::Q8_0, 11);
+    let adapter_dir = dir.path().join("adapter");
+    let all = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    write_tiny_adapter(&adapter_dir, 8, 16.0, &all, 5);
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let cpu =
+        LlamaModel::from_gguf(&content, &mut file, WeightFormat::F32, 128, &Device::Cpu).unwrap();
+    let adapter =
+        LoraAdapter::load("t/a", "tiny", &adapter_dir, &cpu.cfg, cpu.gguf_layout()).unwrap();
+    // A prompt that crosses a cache page (16 positions) and a short one.
+    let long: Vec<u32> = (0..19).map(|i| 40 + (i * 7) % 90).collect();
+    let short: Vec<u32> = vec![72, 101, 108, 108, 111];
+    for (dt, dev_dt) in [(Dtype::F16, DevDtype::F16), (Dtype::Bf16, DevDtype::Bf16)] {
+        let opts = GpuOptions {
+            dtype: dev_dt,
+            pages: 6,
+            lora_slots: 2,
+            lora_rank: 16,
+        };
+        let src = ModelSource::gguf(&content, &mut file, 128, &Device::Cpu).unwrap();
+        let mut gpu = GpuModel::load(Emu, src, opts).unwrap();
+        let slot = gpu.adapter_slot(&adapter, &[]).unwrap();
+        let mut cpu_caches = [cpu.new_cache(), cpu.new_cache()];
+        let mut seqs = [gpu.new_seq(), gpu.new_seq()];
+        let adapters = [Some(&adapter), None];
+        let mut tokens: Vec<Vec<u32>> = vec![long.clone(), short.clone()];
+        for step in 0..3 {
+            let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+            let want: Vec<Vec<f32>> = {
+                let [a, b] = &mut cpu_caches;
+                cpu.forward_with(&refs, &mut [a, b], &adapters)
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap()
+            };
+            let got = {
+                let [a, b] = &mut seqs;
+                gpu.forward(&refs, &mut [a, b], &[slot, -1]).unwrap()
+            };
+            assert_logits_close(&format!("step {step}"), dt, &got, &want);
+            tokens = want.iter().map(|l| vec![argmax(l)]).collect();
+        }
+        assert_eq!(seqs[0].len(), long.len() + 2);
+        // Both sequences' pages go back to the pool when they are dropped.
+        assert_eq!(gpu.free_pages(), 6 - 2 - 1);
+        drop(seqs);
+        assert_eq!(gpu.free_pages(), 6);
     }
 }

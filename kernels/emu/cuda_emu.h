@@ -1,5 +1,6 @@
 // A small CUDA emulation for the CPU, so the kernels in kernels/*.cu run unchanged under g++
-// (C++20) in the tests: one OS thread per CUDA thread, blocks one after another, thread-local
+// (C++20) in the tests: one OS thread per CUDA thread (from a pool kept across blocks and launches),
+// blocks one after another, thread-local
 // threadIdx/blockIdx/blockDim/gridDim, __syncthreads as a block barrier, warp shuffles through a
 // per-warp exchange, atomics, and f16/bf16 storage types with round-to-nearest-even conversion.
 //
@@ -11,9 +12,12 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -117,9 +121,63 @@ inline unsigned warp_size_of(unsigned t) {
     return n - first < 32 ? n - first : 32;
 }
 
+// The OS threads that play a block's CUDA threads: thread i runs CUDA thread i of every block,
+// so threads are started once per process instead of once per block. `run` hands one block to
+// the first n threads and returns when all of them have finished it.
+class Pool {
+  public:
+    static Pool& get() {
+        static Pool* pool = new Pool();  // never destroyed: workers outlive static teardown
+        return *pool;
+    }
+
+    // Callers take turns (see launch_lock).
+    void run(unsigned n, const std::function<void(unsigned)>& job) {
+        const uint64_t before = state_.load(std::memory_order_acquire);
+        while (workers_ < n) {
+            const unsigned i = workers_++;
+            std::thread([this, i, before] { work(i, before); }).detach();
+        }
+        job_.store(&job, std::memory_order_relaxed);
+        remaining_.store(n, std::memory_order_relaxed);
+        // One word holds the generation and the block size, so a worker never pairs one block's
+        // size with another's generation.
+        state_.store(((before >> 32) + 1) << 32 | n, std::memory_order_release);
+        state_.notify_all();
+        for (unsigned r; (r = remaining_.load(std::memory_order_acquire)) != 0;)
+            remaining_.wait(r, std::memory_order_acquire);
+    }
+
+  private:
+    void work(unsigned i, uint64_t seen) {
+        for (;;) {
+            state_.wait(seen, std::memory_order_acquire);
+            seen = state_.load(std::memory_order_acquire);
+            // A worker the block needs holds its generation open until it finishes, so the job
+            // it reads is that block's.
+            if (i >= (unsigned)(seen & 0xffffffffu)) continue;
+            (*job_.load(std::memory_order_relaxed))(i);
+            if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) remaining_.notify_one();
+        }
+    }
+
+    std::atomic<uint64_t> state_{0};
+    std::atomic<unsigned> remaining_{0};
+    std::atomic<const std::function<void(unsigned)>*> job_{nullptr};
+    unsigned workers_ = 0;
+};
+
+// Held for a whole launch: launches from different host threads take turns, as the pool runs one
+// block at a time and a kernel's `__shared__` statics belong to its running block.
+inline std::mutex& launch_lock() {
+    static std::mutex* m = new std::mutex();
+    return *m;
+}
+
 // Runs `kernel(args...)` over the grid: blocks in sequence, each block's threads at once.
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block_size, A... args) {
+    std::lock_guard<std::mutex> guard(launch_lock());
     const unsigned n = block_size.x * block_size.y * block_size.z;
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
@@ -131,24 +189,20 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block_size, A... args) {
                     const unsigned size = n - w * 32 < 32 ? n - w * 32 : 32;
                     b.warps[w].sync = std::make_unique<std::barrier<>>((std::ptrdiff_t)size);
                 }
-                std::vector<std::thread> threads;
-                threads.reserve(n);
-                for (unsigned t = 0; t < n; ++t) {
-                    threads.emplace_back([&, t] {
-                        block = &b;
-                        block_dim = block_size;
-                        grid_dim = grid;
-                        block_idx = dim3(bx, by, bz);
-                        thread_idx = dim3(t % block_size.x, t / block_size.x % block_size.y,
-                                          t / (block_size.x * block_size.y));
-                        kernel(args...);
-                        // A thread that returns early leaves the block's and its warp's barriers,
-                        // so the others do not wait for it.
-                        b.warps[t / 32].sync->arrive_and_drop();
-                        b.sync->arrive_and_drop();
-                    });
-                }
-                for (auto& th : threads) th.join();
+                const std::function<void(unsigned)> job = [&](unsigned t) {
+                    block = &b;
+                    block_dim = block_size;
+                    grid_dim = grid;
+                    block_idx = dim3(bx, by, bz);
+                    thread_idx = dim3(t % block_size.x, t / block_size.x % block_size.y,
+                                      t / (block_size.x * block_size.y));
+                    kernel(args...);
+                    // A thread that returns early leaves the block's and its warp's barriers,
+                    // so the others do not wait for it.
+                    b.warps[t / 32].sync->arrive_and_drop();
+                    b.sync->arrive_and_drop();
+                };
+                Pool::get().run(n, job);
             }
 }
 

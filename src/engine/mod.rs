@@ -4,6 +4,7 @@
 //! ones leave at once. The engine does no I/O beyond loading weights.
 
 pub mod chat;
+pub mod gpu;
 pub mod grammar;
 pub mod lora;
 pub mod model;

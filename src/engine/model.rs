@@ -70,6 +70,8 @@ pub enum ModelError {
     Missing(String),
     #[error("unsupported model: {0}")]
     Unsupported(String),
+    #[error("{0}")]
+    Device(#[from] crate::ops::device::DeviceError),
 }
 
 /// A projection matrix in one of the in-memory formats.
@@ -817,7 +819,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 }
 
 /// RoPE's inverse frequencies (one per rotated pair), after the model's scaling.
-fn scaled_frequencies(
+pub(crate) fn scaled_frequencies(
     theta: f32,
     head_dim: usize,
     scaling: &RopeScaling,

@@ -5,6 +5,7 @@
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod grad;
 pub mod lora;
 pub mod memory;
@@ -22,7 +23,7 @@ pub fn select_device(model: &str, device: &str) -> &'static str {
     };
     let ordinal: usize = ordinal.trim_start_matches(':').parse().unwrap_or(0);
     #[cfg(feature = "cuda")]
-    match cuda::CudaKernels::open(ordinal) {
+    match cuda::CudaDevice::open(ordinal) {
         Ok(_) => tracing::warn!(model, ordinal, "CUDA device found and the kernels load on it, but the engine's forward pass runs on the CPU in this version"),
         Err(e) => tracing::warn!(model, ordinal, error = %e, "CUDA is not usable here; the model runs on the CPU"),
     }

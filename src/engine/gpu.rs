@@ -1,0 +1,747 @@
+//! The model's forward pass on an accelerator, composed from the kernels of `kernels/*.cu` through
+//! `ops::device::Kernels`: weights stay in their GGML blocks (Q8_0 or Q4_1; other formats are
+//! re-quantized to Q8_0 at load), activations are f16 or bf16 with f32 accumulation, keys and
+//! values live in a paged cache, and each row's LoRA delta is applied by the gather kernels from
+//! adapter slots (never merged into the shared base).
+//!
+//! One pass takes any mix of sequences, prefills and decode steps alike, as `LlamaModel::forward_with`
+//! does on the CPU: rows are the batch's tokens in order, and every row attends to its own
+//! sequence's cache up to its own position (a prefill row is a query over a shorter length).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device as CandleDevice, Tensor};
+
+use super::lora::{LoraAdapter, ModuleLora};
+use super::model::{scaled_frequencies, LlamaConfig, ModelError, ModelSource};
+use crate::ops::device::{
+    Buffer, Device, DeviceError, Dtype, Heads, Indices, Kernels, LoraShape, Pages, QFormat,
+    QMatrix, MAX_RANK,
+};
+use crate::ops::RopeStyle;
+
+/// Positions per KV cache page.
+pub const BLOCK_SIZE: usize = 16;
+
+/// How much the device holds.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuOptions {
+    pub dtype: Dtype,
+    /// KV cache pages (of `BLOCK_SIZE` positions) shared by all sequences.
+    pub pages: usize,
+    /// Adapters resident on the device at once.
+    pub lora_slots: usize,
+    /// The rank every slot is padded to; adapters of a higher rank are refused.
+    pub lora_rank: usize,
+}
+
+impl GpuOptions {
+    /// Enough pages for `max_batch` sequences of the whole context, and one slot per batch row
+    /// (at most 16).
+    pub fn for_serving(cfg: &LlamaConfig, max_batch: usize) -> Self {
+        Self {
+            dtype: Dtype::F16,
+            pages: max_batch.max(1) * cfg.context_length.div_ceil(BLOCK_SIZE),
+            lora_slots: max_batch.clamp(1, 16),
+            lora_rank: MAX_RANK,
+        }
+    }
+}
+
+struct Layer<D: Device> {
+    attn_norm: Buffer<D, u16>,
+    /// q, k and v rows stacked.
+    qkv: QMatrix<D>,
+    o: QMatrix<D>,
+    ffn_norm: Buffer<D, u16>,
+    /// gate and up rows stacked.
+    gate_up: QMatrix<D>,
+    down: QMatrix<D>,
+    k_cache: Buffer<D, u16>,
+    v_cache: Buffer<D, u16>,
+}
+
+/// The seven projections an adapter may target, in the order slots store them.
+#[derive(Clone, Copy)]
+enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+const TARGETS: [Target; 7] = [
+    Target::Q,
+    Target::K,
+    Target::V,
+    Target::O,
+    Target::Gate,
+    Target::Up,
+    Target::Down,
+];
+
+impl Target {
+    /// (input, output, first column in the fused projection's output).
+    fn geometry(self, c: &LlamaConfig) -> (usize, usize, usize) {
+        let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        match self {
+            Target::Q => (c.hidden, q, 0),
+            Target::K => (c.hidden, kv, q),
+            Target::V => (c.hidden, kv, q + kv),
+            Target::O => (q, c.hidden, 0),
+            Target::Gate => (c.hidden, c.ffn, 0),
+            Target::Up => (c.hidden, c.ffn, c.ffn),
+            Target::Down => (c.ffn, c.hidden, 0),
+        }
+    }
+
+    fn module(self, a: &LoraAdapter, layer: usize) -> Option<&ModuleLora> {
+        let l = a.layers.get(layer)?;
+        match self {
+            Target::Q => l.qkv[0].as_ref(),
+            Target::K => l.qkv[1].as_ref(),
+            Target::V => l.qkv[2].as_ref(),
+            Target::O => l.o.as_ref(),
+            Target::Gate => l.gate_up[0].as_ref(),
+            Target::Up => l.gate_up[1].as_ref(),
+            Target::Down => l.down.as_ref(),
+        }
+    }
+}
+
+/// Adapter weights by slot: per layer and target, A (slots, rank, input) and B (slots, output,
+/// rank), zero-padded to the slots' rank.
+struct LoraSlots<D: Device> {
+    a: Vec<[Buffer<D, u16>; 7]>,
+    b: Vec<[Buffer<D, u16>; 7]>,
+    scale: Buffer<D, f32>,
+    scale_host: Vec<f32>,
+    /// (adapter id, generation) per slot, and when each was last used.
+    resident: Vec<Option<(String, u64)>>,
+    used: Vec<u64>,
+    clock: u64,
+}
+
+/// A sequence's pages in the shared cache; dropping it gives them back.
+pub struct GpuSeq {
+    pages: Vec<i32>,
+    len: usize,
+    pool: Arc<Mutex<Vec<i32>>>,
+}
+
+impl GpuSeq {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for GpuSeq {
+    fn drop(&mut self) {
+        lock(&self.pool).append(&mut self.pages);
+    }
+}
+
+fn lock(pool: &Mutex<Vec<i32>>) -> MutexGuard<'_, Vec<i32>> {
+    pool.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Activation buffers, grown to the largest batch seen.
+struct Workspace<D: Device> {
+    rows: usize,
+    res: Buffer<D, u16>,
+    res2: Buffer<D, u16>,
+    delta: Buffer<D, u16>,
+    h: Buffer<D, u16>,
+    qkv: Buffer<D, u16>,
+    q: Buffer<D, u16>,
+    attn: Buffer<D, u16>,
+    gu: Buffer<D, u16>,
+    act: Buffer<D, u16>,
+    v: Buffer<D, f32>,
+}
+
+impl<D: Device> Workspace<D> {
+    fn new(dev: &D, c: &LlamaConfig, rank: usize, rows: usize) -> Result<Self, DeviceError> {
+        let q = c.heads * c.head_dim;
+        let qkv = q + 2 * c.kv_heads * c.head_dim;
+        Ok(Self {
+            rows,
+            res: Buffer::zeros(dev, rows * c.hidden)?,
+            res2: Buffer::zeros(dev, rows * c.hidden)?,
+            delta: Buffer::zeros(dev, rows * c.hidden)?,
+            h: Buffer::zeros(dev, rows * c.hidden)?,
+            qkv: Buffer::zeros(dev, rows * qkv)?,
+            q: Buffer::zeros(dev, rows * q)?,
+            attn: Buffer::zeros(dev, rows * q)?,
+            gu: Buffer::zeros(dev, rows * 2 * c.ffn)?,
+            act: Buffer::zeros(dev, rows * c.ffn)?,
+            v: Buffer::zeros(dev, rows * rank)?,
+        })
+    }
+}
+
+/// A Llama-family model resident on a device.
+pub struct GpuModel<D: Device> {
+    dev: D,
+    pub cfg: LlamaConfig,
+    opts: GpuOptions,
+    neox: bool,
+    embed: QMatrix<D>,
+    /// `None`: the embedding doubles as the head.
+    head: Option<QMatrix<D>>,
+    layers: Vec<Layer<D>>,
+    norm: Buffer<D, u16>,
+    inv_freq: Buffer<D, f32>,
+    pool: Arc<Mutex<Vec<i32>>>,
+    lora: Option<LoraSlots<D>>,
+    ws: Option<Workspace<D>>,
+}
+
+fn unsupported(m: impl Into<String>) -> ModelError {
+    ModelError::Unsupported(m.into())
+}
+
+/// Rows of 2-D tensors stacked into one matrix on the device, in the file's Q8_0/Q4_1 blocks
+/// when every part has them, otherwise re-quantized to Q8_0.
+fn qmatrix<D: Device>(dev: &D, parts: &[QTensor]) -> Result<QMatrix<D>, ModelError> {
+    let first = parts
+        .first()
+        .ok_or_else(|| unsupported("an empty projection"))?;
+    let (_, cols) = first.shape().dims2()?;
+    if cols % 32 != 0 {
+        return Err(unsupported(format!(
+            "a projection of {cols} columns (the device kernels need whole blocks of 32)"
+        )));
+    }
+    let format = match first.dtype() {
+        GgmlDType::Q8_0 => Some(QFormat::Q8_0),
+        GgmlDType::Q4_1 => Some(QFormat::Q4_1),
+        _ => None,
+    };
+    let mut rows = 0;
+    for p in parts {
+        let (r, c) = p.shape().dims2()?;
+        if c != cols {
+            return Err(unsupported("stacked projections of different widths"));
+        }
+        rows += r;
+    }
+    let same = parts.iter().all(|p| p.dtype() == first.dtype());
+    let (format, bytes) = match format {
+        Some(f) if same => {
+            let mut bytes = Vec::new();
+            for p in parts {
+                bytes.extend_from_slice(&p.data()?);
+            }
+            (f, bytes)
+        }
+        _ => {
+            let dense: Vec<Tensor> = parts
+                .iter()
+                .map(|p| p.dequantize(&CandleDevice::Cpu))
+                .collect::<Result<_, _>>()?;
+            let q = QTensor::quantize(&Tensor::cat(&dense, 0)?, GgmlDType::Q8_0)?;
+            (QFormat::Q8_0, q.data()?.to_vec())
+        }
+    };
+    Ok(QMatrix::upload(dev, format, rows, cols, &bytes)?)
+}
+
+fn vector<D: Device>(dev: &D, dtype: Dtype, t: &QTensor) -> Result<Buffer<D, u16>, ModelError> {
+    let v: Vec<f32> = t.dequantize(&CandleDevice::Cpu)?.flatten_all()?.to_vec1()?;
+    let bits: Vec<u16> = v.iter().map(|x| dtype.encode(*x)).collect();
+    Ok(Buffer::from_host(dev, &bits)?)
+}
+
+impl<D: Device> GpuModel<D> {
+    /// Loads a model's weights (named as in GGUF) onto `dev`.
+    pub fn load(dev: D, mut src: ModelSource<'_>, opts: GpuOptions) -> Result<Self, ModelError> {
+        if opts.lora_rank == 0 || opts.lora_rank > MAX_RANK {
+            return Err(unsupported(format!(
+                "LoRA slots of rank {} (1..={MAX_RANK})",
+                opts.lora_rank
+            )));
+        }
+        let embed_q = src.require("token_embd.weight")?;
+        let cfg = src.config(embed_q.shape().dims2()?.0);
+        Heads {
+            heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
+            head_dim: cfg.head_dim,
+        }
+        .validate(true)
+        .map_err(|e| unsupported(format!("on the device: {e}")))?;
+        let embed = qmatrix(&dev, std::slice::from_ref(&embed_q))?;
+        let cache = opts.pages * BLOCK_SIZE * cfg.kv_heads * cfg.head_dim;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let mut t = |s: &str| src.require(&format!("blk.{i}.{s}.weight"));
+            let (q, k, v) = (t("attn_q")?, t("attn_k")?, t("attn_v")?);
+            let (gate, up) = (t("ffn_gate")?, t("ffn_up")?);
+            layers.push(Layer {
+                attn_norm: vector(&dev, opts.dtype, &t("attn_norm")?)?,
+                qkv: qmatrix(&dev, &[q, k, v])?,
+                o: qmatrix(&dev, &[t("attn_output")?])?,
+                ffn_norm: vector(&dev, opts.dtype, &t("ffn_norm")?)?,
+                gate_up: qmatrix(&dev, &[gate, up])?,
+                down: qmatrix(&dev, &[t("ffn_down")?])?,
+                k_cache: Buffer::zeros(&dev, cache)?,
+                v_cache: Buffer::zeros(&dev, cache)?,
+            });
+        }
+        let norm = vector(&dev, opts.dtype, &src.require("output_norm.weight")?)?;
+        let head = match src.tensor("output.weight")? {
+            Some(t) => Some(qmatrix(&dev, &[t])?),
+            None => None,
+        };
+        let inv = scaled_frequencies(cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling)?;
+        let inv_freq = Buffer::from_host(&dev, &inv)?;
+        let pool = (0..opts.pages as i32).rev().collect();
+        Ok(Self {
+            neox: src.rope_style == RopeStyle::Halves,
+            dev,
+            cfg,
+            opts,
+            embed,
+            head,
+            layers,
+            norm,
+            inv_freq,
+            pool: Arc::new(Mutex::new(pool)),
+            lora: None,
+            ws: None,
+        })
+    }
+
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    /// An empty sequence.
+    pub fn new_seq(&self) -> GpuSeq {
+        GpuSeq {
+            pages: Vec::new(),
+            len: 0,
+            pool: self.pool.clone(),
+        }
+    }
+
+    /// Cache pages not held by any sequence.
+    pub fn free_pages(&self) -> usize {
+        lock(&self.pool).len()
+    }
+
+    /// The slot holding `adapter` (this generation of it), loading it into the least recently
+    /// used slot that `busy` does not list when it is not resident.
+    pub fn adapter_slot(&mut self, adapter: &LoraAdapter, busy: &[i32]) -> Result<i32, ModelError> {
+        if self.lora.is_none() {
+            self.lora = Some(self.new_slots()?);
+        }
+        let Some(slots) = self.lora.as_mut() else {
+            return Err(unsupported("adapter slots"));
+        };
+        slots.clock += 1;
+        let key = (adapter.id.clone(), adapter.generation);
+        if let Some(i) = slots.resident.iter().position(|r| r.as_ref() == Some(&key)) {
+            slots.used[i] = slots.clock;
+            return Ok(i as i32);
+        }
+        let free = (0..slots.resident.len())
+            .filter(|i| !busy.contains(&(*i as i32)))
+            .min_by_key(|&i| (slots.resident[i].is_some(), slots.used[i]))
+            .ok_or_else(|| {
+                unsupported(format!(
+                    "more than {} distinct adapters in one batch",
+                    slots.resident.len()
+                ))
+            })?;
+        self.write_slot(free, adapter)?;
+        let Some(slots) = self.lora.as_mut() else {
+            return Err(unsupported("adapter slots"));
+        };
+        slots.resident[free] = Some(key);
+        slots.used[free] = slots.clock;
+        Ok(free as i32)
+    }
+
+    fn new_slots(&self) -> Result<LoraSlots<D>, ModelError> {
+        let (s, r) = (self.opts.lora_slots.max(1), self.opts.lora_rank);
+        let mut a = Vec::with_capacity(self.cfg.n_layers);
+        let mut b = Vec::with_capacity(self.cfg.n_layers);
+        for _ in 0..self.cfg.n_layers {
+            let mut la = Vec::with_capacity(7);
+            let mut lb = Vec::with_capacity(7);
+            for t in TARGETS {
+                let (input, output, _) = t.geometry(&self.cfg);
+                la.push(Buffer::zeros(&self.dev, s * r * input)?);
+                lb.push(Buffer::zeros(&self.dev, s * output * r)?);
+            }
+            a.push(seven(la)?);
+            b.push(seven(lb)?);
+        }
+        Ok(LoraSlots {
+            a,
+            b,
+            scale: Buffer::zeros(&self.dev, s)?,
+            scale_host: vec![0.0; s],
+            resident: vec![None; s],
+            used: vec![0; s],
+            clock: 0,
+        })
+    }
+
+    /// Writes an adapter's modules into slot `slot` (zeros where it targets nothing).
+    fn write_slot(&mut self, slot: usize, adapter: &LoraAdapter) -> Result<(), ModelError> {
+        let r = self.opts.lora_rank;
+        let dtype = self.opts.dtype;
+        if adapter.layers.len() != self.cfg.n_layers {
+            return Err(unsupported(format!(
+                "adapter '{}' has {} layers, the model {}",
+                adapter.id,
+                adapter.layers.len(),
+                self.cfg.n_layers
+            )));
+        }
+        let Some(slots) = self.lora.as_mut() else {
+            return Err(unsupported("adapter slots"));
+        };
+        for (l, (la, lb)) in slots.a.iter_mut().zip(slots.b.iter_mut()).enumerate() {
+            for (ti, t) in TARGETS.iter().enumerate() {
+                let (input, output, _) = t.geometry(&self.cfg);
+                let mut a = vec![0u16; r * input];
+                let mut b = vec![0u16; output * r];
+                match t.module(adapter, l) {
+                    None => {}
+                    Some(ModuleLora::F32(m)) => {
+                        if m.rank > r || m.input != input || m.output != output {
+                            return Err(unsupported(format!(
+                                "adapter '{}': a rank-{} {}x{} module where the device holds rank \
+                                 {r} {input}x{output}",
+                                adapter.id, m.rank, m.input, m.output
+                            )));
+                        }
+                        // a_t is (input, rank) and b_t (rank, output): A is (r, input) and
+                        // B (output, r), rows past the module's rank left zero.
+                        for i in 0..input {
+                            for j in 0..m.rank {
+                                a[j * input + i] = dtype.encode(m.a_t[i * m.rank + j]);
+                            }
+                        }
+                        for j in 0..m.rank {
+                            for o in 0..output {
+                                b[o * r + j] = dtype.encode(m.b_t[j * output + o]);
+                            }
+                        }
+                    }
+                    Some(ModuleLora::Q8(_)) => {
+                        return Err(unsupported(format!(
+                            "adapter '{}' is quantized; the device path takes f32 adapters",
+                            adapter.id
+                        )))
+                    }
+                }
+                la[ti].write_at(&self.dev, slot * r * input, &a)?;
+                lb[ti].write_at(&self.dev, slot * output * r, &b)?;
+            }
+        }
+        slots.scale_host[slot] = adapter.scale as f32;
+        slots.scale.write(&self.dev, &slots.scale_host)?;
+        Ok(())
+    }
+
+    /// Runs `tokens[i]` through the model on top of `seqs[i]` with adapter slot `slots[i]` (-1:
+    /// none), appends them to the sequences' caches, and returns each sequence's logits for its
+    /// last token.
+    pub fn forward(
+        &mut self,
+        tokens: &[&[u32]],
+        seqs: &mut [&mut GpuSeq],
+        slots: &[i32],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let c = self.cfg.clone();
+        if tokens.len() != seqs.len() || tokens.len() != slots.len() || tokens.is_empty() {
+            return Err(unsupported(
+                "forward needs one token list, cache and adapter slot per sequence",
+            ));
+        }
+        if tokens.iter().any(|t| t.is_empty()) {
+            return Err(unsupported("forward needs non-empty token lists"));
+        }
+        for (t, s) in tokens.iter().zip(seqs.iter()) {
+            if s.len + t.len() > c.context_length {
+                return Err(unsupported(format!(
+                    "sequence of {} tokens exceeds the context length {}",
+                    s.len + t.len(),
+                    c.context_length
+                )));
+            }
+        }
+        let lora_slots = self.lora.as_ref().map_or(0, |l| l.resident.len());
+        if let Some(s) = slots.iter().find(|&&s| s < -1 || s >= lora_slots as i32) {
+            return Err(unsupported(format!("adapter slot {s} is not loaded")));
+        }
+        // Pages for the new positions, all or nothing.
+        let need: usize = tokens
+            .iter()
+            .zip(seqs.iter())
+            .map(|(t, s)| (s.len + t.len()).div_ceil(BLOCK_SIZE) - s.pages.len())
+            .sum();
+        {
+            let mut pool = lock(&self.pool);
+            if pool.len() < need {
+                return Err(unsupported(format!(
+                    "the device KV cache is full ({} free pages, {need} needed)",
+                    pool.len()
+                )));
+            }
+            for (t, s) in tokens.iter().zip(seqs.iter_mut()) {
+                while s.pages.len() * BLOCK_SIZE < s.len + t.len() {
+                    match pool.pop() {
+                        Some(p) => s.pages.push(p),
+                        None => return Err(unsupported("the device KV cache is full")),
+                    }
+                }
+            }
+        }
+        let n: usize = tokens.iter().map(|t| t.len()).sum();
+        let max_blocks = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(1);
+        let mut ids = Vec::with_capacity(n);
+        let mut pos = Vec::with_capacity(n);
+        let mut cache_row = Vec::with_capacity(n);
+        let mut lens = Vec::with_capacity(n);
+        let mut table = Vec::with_capacity(n * max_blocks);
+        let mut row_slot = Vec::with_capacity(n);
+        let mut seg_start = vec![0i32];
+        let mut last = Vec::with_capacity(tokens.len());
+        for ((t, s), &slot) in tokens.iter().zip(seqs.iter()).zip(slots) {
+            for (i, &tok) in t.iter().enumerate() {
+                let p = s.len + i;
+                ids.push(i32::try_from(tok).unwrap_or(-1));
+                pos.push(p as i32);
+                cache_row
+                    .push(s.pages[p / BLOCK_SIZE] * BLOCK_SIZE as i32 + (p % BLOCK_SIZE) as i32);
+                lens.push(p as i32 + 1);
+                table.extend_from_slice(&s.pages);
+                table.resize(table.len() + max_blocks - s.pages.len(), 0);
+                row_slot.push(slot);
+            }
+            seg_start.push(ids.len() as i32);
+            last.push(ids.len() as i32 - 1);
+        }
+        let result = self.run(
+            n, &ids, &pos, &cache_row, &lens, &table, max_blocks, &row_slot, &seg_start, slots,
+            &last,
+        );
+        match result {
+            Ok(logits) => {
+                for (t, s) in tokens.iter().zip(seqs.iter_mut()) {
+                    s.len += t.len();
+                }
+                Ok(logits)
+            }
+            // Pages taken for positions that were never written go back with the sequence's
+            // length unchanged; it holds the pages for its existing positions only.
+            Err(e) => {
+                let mut pool = lock(&self.pool);
+                for s in seqs.iter_mut() {
+                    let keep = s.len.div_ceil(BLOCK_SIZE);
+                    pool.extend(s.pages.drain(keep..));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        n: usize,
+        ids: &[i32],
+        pos: &[i32],
+        cache_row: &[i32],
+        lens: &[i32],
+        table: &[i32],
+        max_blocks: usize,
+        row_slot: &[i32],
+        seg_start: &[i32],
+        seg_slot: &[i32],
+        last: &[i32],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let c = &self.cfg;
+        let dev = &self.dev;
+        let k = Kernels::new(dev, self.opts.dtype);
+        let r = self.opts.lora_rank;
+        if self.ws.as_ref().is_none_or(|w| w.rows < n) {
+            self.ws = None; // free the old buffers first
+            self.ws = Some(Workspace::new(dev, c, r, n.next_power_of_two())?);
+        }
+        let Some(ws) = self.ws.as_mut() else {
+            return Err(unsupported("workspace"));
+        };
+        let up = |v: &[i32]| Buffer::from_host(dev, v);
+        let (d_ids, d_pos, d_row, d_lens, d_table) =
+            (up(ids)?, up(pos)?, up(cache_row)?, up(lens)?, up(table)?);
+        let (d_slot, d_seg, d_seg_slot, d_last) =
+            (up(row_slot)?, up(seg_start)?, up(seg_slot)?, up(last)?);
+        let heads = Heads {
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+        };
+        let pages = Pages {
+            pages: self.opts.pages,
+            block_size: BLOCK_SIZE,
+        };
+        let eps = c.rms_eps as f32;
+        let adapters = seg_slot.iter().any(|&s| s >= 0);
+        let lora = if adapters { self.lora.as_ref() } else { None };
+        // Adds each row's adapter delta for target `t` of layer `l` to y (row stride `stride`).
+        let apply = |l: usize,
+                     ts: &[Target],
+                     x: &Buffer<D, u16>,
+                     stride: usize,
+                     v: &mut Buffer<D, f32>,
+                     y: &mut Buffer<D, u16>|
+         -> Result<(), DeviceError> {
+            let Some(lora) = lora else { return Ok(()) };
+            for &t in ts {
+                let (input, output, offset) = t.geometry(c);
+                let shape = LoraShape {
+                    rows: n,
+                    input,
+                    rank: r,
+                    output,
+                    y_stride: stride,
+                    y_offset: offset,
+                    slots: lora.resident.len(),
+                };
+                let ti = t as usize;
+                k.lora_shrink_sgmv(
+                    shape,
+                    x,
+                    &lora.a[l][ti],
+                    ix(&d_seg, seg_start),
+                    ix(&d_seg_slot, seg_slot),
+                    v,
+                )?;
+                k.lora_expand_add(
+                    shape,
+                    v,
+                    &lora.b[l][ti],
+                    ix(&d_slot, row_slot),
+                    &lora.scale,
+                    y,
+                )?;
+            }
+            Ok(())
+        };
+        let (hd, qw) = (c.hidden, c.heads * c.head_dim);
+        let qkv_w = qw + 2 * c.kv_heads * c.head_dim;
+        k.get_rows(&self.embed, ix(&d_ids, ids), &mut ws.res)?;
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            if l == 0 {
+                k.rms_norm(n, hd, eps, &ws.res, None, &layer.attn_norm, &mut ws.h)?;
+            } else {
+                k.rms_norm(
+                    n,
+                    hd,
+                    eps,
+                    &ws.delta,
+                    Some((&ws.res, &mut ws.res2)),
+                    &layer.attn_norm,
+                    &mut ws.h,
+                )?;
+                std::mem::swap(&mut ws.res, &mut ws.res2);
+            }
+            k.matvec(&layer.qkv, n, &ws.h, &mut ws.qkv)?;
+            apply(
+                l,
+                &[Target::Q, Target::K, Target::V],
+                &ws.h,
+                qkv_w,
+                &mut ws.v,
+                &mut ws.qkv,
+            )?;
+            k.qkv_rope_cache(
+                n,
+                heads,
+                pages,
+                self.neox,
+                &ws.qkv,
+                &d_pos,
+                &self.inv_freq,
+                ix(&d_row, cache_row),
+                &mut ws.q,
+                &mut layer.k_cache,
+                &mut layer.v_cache,
+            )?;
+            k.paged_decode_attention(
+                heads,
+                pages,
+                max_blocks,
+                &ws.q,
+                &layer.k_cache,
+                &layer.v_cache,
+                ix(&d_table, table),
+                ix(&d_lens, lens),
+                &mut ws.attn,
+            )?;
+            k.matvec(&layer.o, n, &ws.attn, &mut ws.delta)?;
+            apply(l, &[Target::O], &ws.attn, hd, &mut ws.v, &mut ws.delta)?;
+            k.rms_norm(
+                n,
+                hd,
+                eps,
+                &ws.delta,
+                Some((&ws.res, &mut ws.res2)),
+                &layer.ffn_norm,
+                &mut ws.h,
+            )?;
+            std::mem::swap(&mut ws.res, &mut ws.res2);
+            k.matvec(&layer.gate_up, n, &ws.h, &mut ws.gu)?;
+            apply(
+                l,
+                &[Target::Gate, Target::Up],
+                &ws.h,
+                2 * c.ffn,
+                &mut ws.v,
+                &mut ws.gu,
+            )?;
+            k.silu_mul(n, c.ffn, &ws.gu, &mut ws.act)?;
+            k.matvec(&layer.down, n, &ws.act, &mut ws.delta)?;
+            apply(l, &[Target::Down], &ws.act, hd, &mut ws.v, &mut ws.delta)?;
+        }
+        // The last row of each sequence: residual + the last sublayer's output, normed, then the
+        // head in f32.
+        let s = last.len();
+        let mut gd = Buffer::zeros(dev, s * hd)?;
+        let mut gr = Buffer::zeros(dev, s * hd)?;
+        let mut sum = Buffer::zeros(dev, s * hd)?;
+        let mut hf = Buffer::zeros(dev, s * hd)?;
+        k.gather_rows(n, hd, &ws.delta, ix(&d_last, last), &mut gd)?;
+        k.gather_rows(n, hd, &ws.res, ix(&d_last, last), &mut gr)?;
+        k.rms_norm(s, hd, eps, &gd, Some((&gr, &mut sum)), &self.norm, &mut hf)?;
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        let mut logits = Buffer::zeros(dev, s * head.rows)?;
+        k.logits(head, s, &hf, &mut logits)?;
+        let flat = logits.read(dev, s * head.rows)?;
+        Ok(flat.chunks(head.rows).map(<[f32]>::to_vec).collect())
+    }
+}
+
+fn ix<'a, D: Device>(dev: &'a Buffer<D, i32>, host: &'a [i32]) -> Indices<'a, D> {
+    Indices { dev, host }
+}
+
+fn seven<T>(v: Vec<T>) -> Result<[T; 7], ModelError> {
+    v.try_into()
+        .map_err(|_| unsupported("seven adapter targets per layer"))
+}
