@@ -129,17 +129,19 @@ mod gpu {
 mod gpu {
     use std::time::Instant;
 
-    use flywheel::ops::cuda::{CudaKernels, Dtype, LoraShape};
+    use flywheel::ops::cuda::CudaDevice;
+    use flywheel::ops::device::{Buffer, Dtype, Indices, Kernels, LoraShape};
 
     pub fn time_kernels() {
-        let k = match CudaKernels::open(0) {
-            Ok(k) => k,
+        let dev = match CudaDevice::open(0) {
+            Ok(d) => d,
             Err(e) => {
                 println!("no GPU timings: {e}");
                 return;
             }
         };
-        let s = k.stream().clone();
+        let k = Kernels::new(&dev, Dtype::Bf16);
+        let s = dev.stream().clone();
         println!("| model | batch | kernel | µs per launch | GB/s achieved |");
         println!("|---|---|---|---|---|");
         for m in &super::MODELS {
@@ -155,15 +157,20 @@ mod gpu {
                     slots: b,
                 };
                 let slot: Vec<i32> = (0..b as i32).collect();
-                let x = s.alloc_zeros::<u16>(b * h).unwrap();
-                let a = s.alloc_zeros::<u16>(b * super::RANK * h).unwrap();
-                let bw = s.alloc_zeros::<u16>(b * h * super::RANK).unwrap();
-                let ds = s.clone_htod(&slot).unwrap();
-                let scale = s.clone_htod(&vec![1.0f32; b]).unwrap();
-                let mut v = s.alloc_zeros::<f32>(b * super::RANK).unwrap();
-                let mut y = s.alloc_zeros::<u16>(b * h).unwrap();
-                let w = s.alloc_zeros::<u16>(h).unwrap();
-                let mut out = s.alloc_zeros::<u16>(b * h).unwrap();
+                let zeros = |n: usize| Buffer::<_, u16>::zeros(&dev, n).unwrap();
+                let x = zeros(b * h);
+                let a = zeros(b * super::RANK * h);
+                let bw = zeros(b * h * super::RANK);
+                let ds = Buffer::from_host(&dev, &slot).unwrap();
+                let scale = Buffer::from_host(&dev, &vec![1.0f32; b]).unwrap();
+                let mut v = Buffer::<_, f32>::zeros(&dev, b * super::RANK).unwrap();
+                let mut y = zeros(b * h);
+                let w = zeros(h);
+                let mut out = zeros(b * h);
+                let ix = || Indices {
+                    dev: &ds,
+                    host: &slot,
+                };
                 let costs = super::costs(m, b);
                 let time = |name: &str, bytes: f64, f: &mut dyn FnMut()| {
                     for _ in 0..10 {
@@ -185,16 +192,14 @@ mod gpu {
                     );
                 };
                 time("lora_shrink", costs[0].1, &mut || {
-                    k.lora_shrink_bgmv(Dtype::Bf16, shape, &x, &a, &ds, &slot, &mut v)
-                        .unwrap()
+                    k.lora_shrink_bgmv(shape, &x, &a, ix(), &mut v).unwrap()
                 });
                 time("lora_expand_add", costs[1].1, &mut || {
-                    k.lora_expand_add(Dtype::Bf16, shape, &v, &bw, &ds, &slot, &scale, &mut y)
+                    k.lora_expand_add(shape, &v, &bw, ix(), &scale, &mut y)
                         .unwrap()
                 });
                 time("rms_norm", costs[2].1, &mut || {
-                    k.rms_norm(Dtype::Bf16, b, h, 1e-5, &x, None, &w, &mut out)
-                        .unwrap()
+                    k.rms_norm(b, h, 1e-5, &x, None, &w, &mut out).unwrap()
                 });
             }
         }

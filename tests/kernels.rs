@@ -977,3 +977,74 @@ fn the_device_forward_pass_matches_the_cpu_model_with_mixed_adapters() {
         assert_eq!(gpu.free_pages(), 6);
     }
 }
+
+#[test]
+fn the_engine_serves_from_the_device_forward_pass_as_it_does_from_the_cpu() {
+    use flywheel::engine::sampling::SamplingParams;
+    use flywheel::engine::testing::{write_tiny_adapter, write_tiny_llama};
+    use flywheel::engine::{Engine, GenEvent, GenerationRequest, LocalModelConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path, GgmlDType::Q8_0, 11);
+    let adapter_dir = dir.path().join("adapter");
+    write_tiny_adapter(&adapter_dir, 8, 16.0, &["q_proj", "v_proj", "down_proj"], 9);
+    let cfg: LocalModelConfig = serde_json::from_value(serde_json::json!({
+        "name": "tiny",
+        "path": path,
+        "weights": "f32",
+        "context_length": 64,
+        "max_batch": 2,
+        "prefix_cache_mb": 0,
+    }))
+    .unwrap();
+    // Two requests in one batch, one with the adapter and one without, greedy.
+    let run = |engine: &Engine| -> Vec<Vec<GenEvent>> {
+        let adapter = engine.load_adapter("t/a", &adapter_dir).unwrap().0;
+        let mut streams = Vec::new();
+        for (prompt, adapter) in [
+            (vec![72u32, 101, 108, 108, 111], Some(adapter)),
+            (vec![87u32, 111, 114, 108, 100, 33], None),
+        ] {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            engine
+                .submit(GenerationRequest {
+                    prompt,
+                    max_tokens: 4,
+                    stop: Vec::new(),
+                    sampling: SamplingParams {
+                        temperature: 0.0,
+                        ..SamplingParams::default()
+                    },
+                    events: tx,
+                    adapter,
+                    tools: None,
+                })
+                .unwrap();
+            streams.push(rx);
+        }
+        streams
+            .into_iter()
+            .map(|mut rx| {
+                let mut events = Vec::new();
+                while let Some(e) = rx.blocking_recv() {
+                    let end = !matches!(e, GenEvent::Delta(_));
+                    events.push(e);
+                    if end {
+                        break;
+                    }
+                }
+                events
+            })
+            .collect()
+    };
+    let on_cpu = run(&Engine::load(&cfg).unwrap());
+    let on_device = run(&Engine::load_on(&cfg, Emu).unwrap());
+    for events in &on_device {
+        assert!(
+            matches!(events.last(), Some(GenEvent::Done { .. })),
+            "{events:?}"
+        );
+    }
+    assert_eq!(on_device, on_cpu);
+}

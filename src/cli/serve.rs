@@ -81,7 +81,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let mut engines = Vec::new();
     for m in &config.models {
-        crate::ops::select_device(&m.name, &m.device);
         let cfg = m.clone();
         let engine = tokio::task::spawn_blocking(move || Engine::load(&cfg)).await??;
         backends.insert(

@@ -325,6 +325,11 @@ impl<D: Device> GpuModel<D> {
         &self.dev
     }
 
+    /// True when q/k rows are in GGUF's interleaved layout (adapters are permuted to match).
+    pub fn gguf_layout(&self) -> bool {
+        !self.neox
+    }
+
     /// An empty sequence.
     pub fn new_seq(&self) -> GpuSeq {
         GpuSeq {
@@ -734,6 +739,46 @@ impl<D: Device> GpuModel<D> {
         k.logits(head, s, &hf, &mut logits)?;
         let flat = logits.read(dev, s * head.rows)?;
         Ok(flat.chunks(head.rows).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// A model on some device, as the engine's scheduler drives it.
+pub trait DeviceForward: Send {
+    fn cfg(&self) -> &LlamaConfig;
+    fn new_seq(&self) -> GpuSeq;
+    /// `GpuModel::forward` with each sequence's adapter (or none), loaded into a slot as needed.
+    fn forward(
+        &mut self,
+        tokens: &[&[u32]],
+        seqs: &mut [&mut GpuSeq],
+        adapters: &[Option<&LoraAdapter>],
+    ) -> Result<Vec<Vec<f32>>, ModelError>;
+}
+
+impl<D: Device + 'static> DeviceForward for GpuModel<D> {
+    fn cfg(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    fn new_seq(&self) -> GpuSeq {
+        GpuModel::new_seq(self)
+    }
+
+    fn forward(
+        &mut self,
+        tokens: &[&[u32]],
+        seqs: &mut [&mut GpuSeq],
+        adapters: &[Option<&LoraAdapter>],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut slots = Vec::with_capacity(adapters.len());
+        for a in adapters {
+            let slot = match a {
+                Some(a) => self.adapter_slot(a, &slots)?,
+                None => -1,
+            };
+            slots.push(slot);
+        }
+        GpuModel::forward(self, tokens, seqs, &slots)
     }
 }
 

@@ -26,10 +26,11 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use tokio::sync::mpsc;
 
+use crate::ops::device::Device as KernelDevice;
 use chat::ChatFormat;
 use grammar::{CallState, ToolGrammar, Vocab};
 use lora::{AdapterRegistry, LoraAdapter, LoraError};
-use model::{KvCache, LlamaConfig, LlamaModel, ModelError, WeightFormat};
+use model::{KvCache, LlamaConfig, LlamaModel, ModelError, ModelSource, WeightFormat};
 use sampling::{Sampler, SamplingParams};
 use tokenizer::TokenizerInfo;
 
@@ -178,24 +179,82 @@ struct EngineLoad {
 }
 
 impl Engine {
-    /// Loads a GGUF model and starts its scheduler thread.
+    /// Loads a model and starts its scheduler thread. With `device = "cuda:N"`, a build with the
+    /// `cuda` feature and a driver, the forward pass runs on that GPU; otherwise on the CPU (one
+    /// log line says why).
     pub fn load(cfg: &LocalModelConfig) -> Result<Arc<Engine>, EngineError> {
+        if cfg.device.starts_with("cuda") {
+            #[cfg(feature = "cuda")]
+            if let Some(dev) = crate::ops::open_cuda(&cfg.name, &cfg.device) {
+                return Self::load_on(cfg, dev);
+            }
+            #[cfg(not(feature = "cuda"))]
+            tracing::warn!(
+                model = %cfg.name,
+                device = %cfg.device,
+                "this binary was built without the `cuda` feature; the model runs on the CPU"
+            );
+        }
+        let device = Device::Cpu;
+        let (model, chat) = Self::open(cfg, |src| {
+            LlamaModel::from_source(src, cfg.weights, &device)
+        })?;
+        let gguf_layout = model.gguf_layout();
+        Self::start(
+            cfg,
+            Forward::Cpu(Box::new(model)),
+            chat,
+            gguf_layout,
+            "cpu".into(),
+        )
+    }
+
+    /// Loads a model onto an accelerator (`ops::device::Device`) and starts its scheduler: the
+    /// forward pass runs there, from the kernels of `kernels/*.cu`.
+    pub fn load_on<D: KernelDevice + 'static>(
+        cfg: &LocalModelConfig,
+        dev: D,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let where_ = dev.describe();
+        let (model, chat) = Self::open(cfg, |src| {
+            let shape = src.config(0);
+            gpu::GpuModel::load(
+                dev,
+                src,
+                gpu::GpuOptions::for_serving(&shape, cfg.max_batch),
+            )
+        })?;
+        let gguf_layout = model.gguf_layout();
+        Self::start(
+            cfg,
+            Forward::Device(Box::new(model)),
+            chat,
+            gguf_layout,
+            where_,
+        )
+    }
+
+    /// Opens the model's file or directory, builds its weights with `build`, and reads its chat
+    /// format.
+    fn open<M>(
+        cfg: &LocalModelConfig,
+        build: impl FnOnce(ModelSource<'_>) -> Result<M, ModelError>,
+    ) -> Result<(M, ChatFormat), EngineError> {
         let name = cfg.name.clone();
         let model_err = |source: ModelError| EngineError::Model {
             name: name.clone(),
             source,
         };
-        let device = Device::Cpu;
         let template_err = |message: String| EngineError::Template {
             name: name.clone(),
             message,
         };
-        let (model, chat) = if cfg.path.is_dir() {
-            let model =
-                LlamaModel::from_hf_dir(&cfg.path, cfg.weights, cfg.context_length, &device)
-                    .map_err(model_err)?;
+        if cfg.path.is_dir() {
+            let src = ModelSource::hf_dir(&cfg.path, cfg.context_length, &Device::Cpu)
+                .map_err(model_err)?;
+            let model = build(src).map_err(model_err)?;
             let chat = ChatFormat::from_hf_dir(&cfg.path).map_err(template_err)?;
-            (model, chat)
+            Ok((model, chat))
         } else {
             let mut file = std::fs::File::open(&cfg.path).map_err(|source| EngineError::Open {
                 name: name.clone(),
@@ -203,22 +262,27 @@ impl Engine {
                 source,
             })?;
             let content = gguf_file::Content::read(&mut file).map_err(|e| model_err(e.into()))?;
-            let model = LlamaModel::from_gguf(
-                &content,
-                &mut file,
-                cfg.weights,
-                cfg.context_length,
-                &device,
-            )
-            .map_err(model_err)?;
+            let src = ModelSource::gguf(&content, &mut file, cfg.context_length, &Device::Cpu)
+                .map_err(model_err)?;
+            let model = build(src).map_err(model_err)?;
             let chat = ChatFormat::from_gguf(&content).map_err(template_err)?;
-            (model, chat)
-        };
+            Ok((model, chat))
+        }
+    }
+
+    fn start(
+        cfg: &LocalModelConfig,
+        forward: Forward,
+        chat: ChatFormat,
+        gguf_layout: bool,
+        device: String,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let name = cfg.name.clone();
         let tokenizer = chat.tokenizer.clone();
         let (tx, rx) = std_mpsc::channel();
-        let context_length = model.cfg.context_length;
-        let shape = model.cfg.clone();
-        let gguf_layout = model.gguf_layout();
+        let shape = forward.cfg().clone();
+        let context_length = shape.context_length;
+        let on_cpu = matches!(forward, Forward::Cpu(_));
         let sched_tok = tokenizer.clone();
         let vocab = Arc::new(Vocab::from_tokenizer(&tokenizer.tokenizer, &tokenizer.eos));
         let max_batch = cfg.max_batch.max(1);
@@ -230,7 +294,7 @@ impl Engine {
             .name(thread_name)
             .spawn(move || {
                 Scheduler::new(
-                    model,
+                    forward,
                     sched_tok,
                     vocab,
                     max_batch,
@@ -244,13 +308,14 @@ impl Engine {
                 path: cfg.path.display().to_string(),
                 source,
             })?;
-        tracing::info!(model = %name, path = %cfg.path.display(), context_length, "local model loaded");
+        tracing::info!(model = %name, path = %cfg.path.display(), context_length, device = %device, "local model loaded");
         Ok(Arc::new(Engine {
             name,
             context_length,
             shape,
             gguf_layout,
-            quantize_adapters: cfg.weights == WeightFormat::Q8_0,
+            // Adapters follow a Q8_0 base on the CPU; the device path takes them in f32.
+            quantize_adapters: on_cpu && cfg.weights == WeightFormat::Q8_0,
             adapters: AdapterRegistry::new(cfg.max_adapters),
             chat,
             constrain_tool_calls: cfg.constrain_tool_calls,
@@ -293,9 +358,79 @@ impl Engine {
     }
 }
 
+/// Where a model's forward pass runs.
+enum Forward {
+    Cpu(Box<LlamaModel>),
+    Device(Box<dyn gpu::DeviceForward>),
+}
+
+/// A sequence's keys and values, wherever its model runs.
+enum SeqCache {
+    Cpu(KvCache),
+    Device(gpu::GpuSeq),
+}
+
+impl SeqCache {
+    fn len(&self) -> usize {
+        match self {
+            SeqCache::Cpu(c) => c.len(),
+            SeqCache::Device(s) => s.len(),
+        }
+    }
+}
+
+impl Forward {
+    fn cfg(&self) -> &LlamaConfig {
+        match self {
+            Forward::Cpu(m) => &m.cfg,
+            Forward::Device(d) => d.cfg(),
+        }
+    }
+
+    fn new_cache(&self) -> SeqCache {
+        match self {
+            Forward::Cpu(m) => SeqCache::Cpu(m.new_cache()),
+            Forward::Device(d) => SeqCache::Device(d.new_seq()),
+        }
+    }
+
+    /// One batched pass; the logits of each sequence's last token.
+    fn run(
+        &mut self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut SeqCache],
+        adapters: &[Option<&LoraAdapter>],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mismatch = || ModelError::Unsupported("a sequence cache of another device".into());
+        match self {
+            Forward::Cpu(m) => {
+                let mut kv = Vec::with_capacity(caches.len());
+                for c in caches.iter_mut() {
+                    match &mut **c {
+                        SeqCache::Cpu(k) => kv.push(k),
+                        SeqCache::Device(_) => return Err(mismatch()),
+                    }
+                }
+                Ok(m.forward_with(tokens, &mut kv, adapters)?
+                    .to_vec2::<f32>()?)
+            }
+            Forward::Device(d) => {
+                let mut seqs = Vec::with_capacity(caches.len());
+                for c in caches.iter_mut() {
+                    match &mut **c {
+                        SeqCache::Device(s) => seqs.push(s),
+                        SeqCache::Cpu(_) => return Err(mismatch()),
+                    }
+                }
+                d.forward(tokens, &mut seqs, adapters)
+            }
+        }
+    }
+}
+
 struct Sequence {
     request: GenerationRequest,
-    cache: KvCache,
+    cache: SeqCache,
     /// Prompt tokens reused from the prefix cache.
     cached: usize,
     sampler: Sampler,
@@ -308,7 +443,7 @@ struct Sequence {
 }
 
 struct Scheduler {
-    model: LlamaModel,
+    model: Forward,
     tokenizer: Arc<TokenizerInfo>,
     vocab: Arc<Vocab>,
     max_batch: usize,
@@ -324,7 +459,7 @@ enum Step {
 
 impl Scheduler {
     fn new(
-        model: LlamaModel,
+        model: Forward,
         tokenizer: Arc<TokenizerInfo>,
         vocab: Arc<Vocab>,
         max_batch: usize,
@@ -386,10 +521,15 @@ impl Scheduler {
             return;
         }
         let adapter = request.adapter.clone();
-        let (cache, cached) = match self.prefixes.lookup(&request.prompt, &adapter) {
+        // Prefix caching keeps host-side caches: CPU models only.
+        let reused = match self.model {
+            Forward::Cpu(_) => self.prefixes.lookup(&request.prompt, &adapter),
+            Forward::Device(_) => None,
+        };
+        let (cache, cached) = match reused {
             Some(c) => {
                 let n = c.len();
-                (c, n)
+                (SeqCache::Cpu(c), n)
             }
             None => (self.model.new_cache(), 0),
         };
@@ -404,23 +544,25 @@ impl Scheduler {
             last: 0,
         };
         let prompt = seq.request.prompt.clone();
-        match self.model.forward_with(
+        match self.model.run(
             &[&prompt[cached..]],
             &mut [&mut seq.cache],
             &[adapter.as_deref()],
         ) {
-            Ok(logits) => match logits.to_vec2::<f32>() {
-                Ok(mut rows) => {
-                    self.prefixes.insert(&prompt, &adapter, &seq.cache);
-                    let tok = self.sample(&mut seq, &mut rows[0]);
-                    if let Step::Continue = self.accept(&mut seq, tok) {
-                        self.active.push(seq);
-                    }
+            Ok(mut rows) if !rows.is_empty() => {
+                if let SeqCache::Cpu(c) = &seq.cache {
+                    self.prefixes.insert(&prompt, &adapter, c);
                 }
-                Err(e) => {
-                    let _ = seq.request.events.send(GenEvent::Error(e.to_string()));
+                let tok = self.sample(&mut seq, &mut rows[0]);
+                if let Step::Continue = self.accept(&mut seq, tok) {
+                    self.active.push(seq);
                 }
-            },
+            }
+            Ok(_) => {
+                let _ = seq.request.events.send(GenEvent::Error(
+                    "the forward pass returned no logits".into(),
+                ));
+            }
             Err(e) => {
                 let _ = seq.request.events.send(GenEvent::Error(e.to_string()));
             }
@@ -439,11 +581,9 @@ impl Scheduler {
         let adapters: Vec<Option<&LoraAdapter>> =
             adapter_arcs.iter().map(|a| a.as_deref()).collect();
         let result = {
-            let mut caches: Vec<&mut KvCache> =
+            let mut caches: Vec<&mut SeqCache> =
                 self.active.iter_mut().map(|s| &mut s.cache).collect();
-            self.model
-                .forward_with(&token_refs, &mut caches, &adapters)
-                .and_then(|l| Ok(l.to_vec2::<f32>()?))
+            self.model.run(&token_refs, &mut caches, &adapters)
         };
         let rows = match result {
             Ok(r) => r,
@@ -533,7 +673,7 @@ impl Scheduler {
             seq.sent = safe;
         }
         if seq.generated.len() >= seq.request.max_tokens
-            || seq.cache.len() + 1 >= self.model.cfg.context_length
+            || seq.cache.len() + 1 >= self.model.cfg().context_length
         {
             self.flush(seq, Some(text));
             return done(seq, FinishReason::Length);

@@ -259,7 +259,7 @@ impl LlamaModel {
         max_context: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        Self::build(
+        Self::from_source(
             ModelSource::gguf(content, reader, max_context, device)?,
             format,
             device,
@@ -274,7 +274,7 @@ impl LlamaModel {
         max_context: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        Self::build(
+        Self::from_source(
             ModelSource::hf_dir(dir, max_context, device)?,
             format,
             device,
@@ -288,7 +288,7 @@ impl LlamaModel {
     }
 
     /// Assembles the model from tensors named as in GGUF.
-    fn build(
+    pub fn from_source(
         mut src: ModelSource<'_>,
         format: WeightFormat,
         device: &Device,

@@ -1,6 +1,7 @@
 //! Tensor ops the engine composes its model from. Each is written from candle primitives that carry
-//! gradients (unlike candle's fused rms_norm/softmax/rope), so training can reuse them; a CUDA
-//! kernel can replace any of them behind the same signature.
+//! gradients (unlike candle's fused rms_norm/softmax/rope), so training can reuse them. The same
+//! ops on an accelerator are `device::Kernels` (the kernels of `kernels/*.cu`), which the engine's
+//! device forward pass (`engine::gpu`) composes.
 
 pub mod attention;
 #[cfg(feature = "cuda")]
@@ -13,27 +14,40 @@ pub mod qgemm;
 
 use candle_core::{Result, Tensor, D};
 
-/// Where a local model's ops run, decided once at start-up from its `device` setting (`cpu` or
-/// `cuda:N`). Today the forward pass runs on the CPU in every case: with the `cuda` feature and a
-/// driver the kernels are loaded and checked on the device (`ops::cuda`), and the log says the
-/// forward stays on the CPU; without either, one log line says why the model runs on the CPU.
-pub fn select_device(model: &str, device: &str) -> &'static str {
-    let Some(ordinal) = device.strip_prefix("cuda") else {
-        return "cpu";
+/// Opens the CUDA device a model's `device` setting names (`cuda` or `cuda:N`) with every kernel
+/// loaded, or says in one log line why the model runs on the CPU instead.
+#[cfg(feature = "cuda")]
+pub fn open_cuda(model: &str, device: &str) -> Option<cuda::CudaDevice> {
+    let ordinal = device.strip_prefix("cuda")?.trim_start_matches(':');
+    let ordinal: usize = if ordinal.is_empty() {
+        0
+    } else {
+        match ordinal.parse() {
+            Ok(n) => n,
+            Err(_) => {
+                tracing::warn!(
+                    model,
+                    device,
+                    "not a CUDA device name (cuda:N); the model runs on the CPU"
+                );
+                return None;
+            }
+        }
     };
-    let ordinal: usize = ordinal.trim_start_matches(':').parse().unwrap_or(0);
-    #[cfg(feature = "cuda")]
     match cuda::CudaDevice::open(ordinal) {
-        Ok(_) => tracing::warn!(model, ordinal, "CUDA device found and the kernels load on it, but the engine's forward pass runs on the CPU in this version"),
-        Err(e) => tracing::warn!(model, ordinal, error = %e, "CUDA is not usable here; the model runs on the CPU"),
+        Ok(d) => {
+            tracing::info!(
+                model,
+                ordinal,
+                "the forward pass runs on CUDA device {ordinal}"
+            );
+            Some(d)
+        }
+        Err(e) => {
+            tracing::warn!(model, ordinal, error = %e, "CUDA is not usable here; the model runs on the CPU");
+            None
+        }
     }
-    #[cfg(not(feature = "cuda"))]
-    tracing::warn!(
-        model,
-        ordinal,
-        "this binary was built without the `cuda` feature; the model runs on the CPU"
-    );
-    "cpu"
 }
 
 /// Root-mean-square norm over the last dimension, scaled by `weight`.
