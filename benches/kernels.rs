@@ -3,9 +3,11 @@
 //! 8 and 64 (rank-16 adapters, a distinct adapter per row: the worst case for LoRA traffic;
 //! attention over 1,024 cached tokens per sequence). Per layer, per launch.
 //!
-//! With `--features cuda` on a machine with a GPU it also times the kernels that have launch
-//! wrappers (LoRA shrink and expand, RMS norm, paged decode attention) and prints achieved
-//! bandwidth beside the bound; without a GPU it says so and prints the model only.
+//! With `--features cuda` on a machine with a GPU it also times some kernels (LoRA shrink and
+//! expand, RMS norm) and prints achieved bandwidth beside the bound, then times the whole device
+//! forward pass on SmolLM2-135M Q4_1 (`models/`, fetched by scripts/fetch-model.sh): decode steps
+//! at batch 1, 8 and 64 and a 128-token prefill. Without a GPU it says so and prints the model
+//! only.
 //!
 //! `cargo bench --bench kernels [--features cuda]`
 
@@ -16,6 +18,7 @@ struct Model {
     kv_heads: usize,
     head_dim: usize,
     ffn: usize,
+    vocab: usize,
 }
 
 const MODELS: [Model; 2] = [
@@ -26,6 +29,7 @@ const MODELS: [Model; 2] = [
         kv_heads: 3,
         head_dim: 64,
         ffn: 1536,
+        vocab: 49152,
     },
     Model {
         name: "Llama-3.2-1B",
@@ -34,6 +38,7 @@ const MODELS: [Model; 2] = [
         kv_heads: 8,
         head_dim: 64,
         ffn: 8192,
+        vocab: 128256,
     },
 ];
 
@@ -66,8 +71,8 @@ fn costs(m: &Model, b: usize) -> Vec<(&'static str, f64, f64)> {
             (5 * b * h) as f64,
         ),
         (
-            "rope (q and k)",
-            (2 * b * (m.heads + kv) * d * E) as f64,
+            "qkv_rope_cache (rope q and k, k and v into the cache)",
+            (2 * b * qkv * E) as f64,
             (3 * b * (m.heads + kv) * d) as f64,
         ),
         ("silu_mul", (3 * b * ffn * E) as f64, (6 * b * ffn) as f64),
@@ -87,6 +92,11 @@ fn costs(m: &Model, b: usize) -> Vec<(&'static str, f64, f64)> {
         "q4_1_matvec (gate+up, per row)",
         (b * (2 * ffn * h / 32 * 20 + h * E + 2 * ffn * E)) as f64,
         (2 * b * 2 * ffn * h) as f64,
+    ));
+    out.push((
+        "q8_0_logits (tied head, once per step, per row)",
+        (b * (m.vocab * h / 32 * 34 + h * E + m.vocab * 4)) as f64,
+        (2 * b * m.vocab * h) as f64,
     ));
     out
 }
@@ -115,6 +125,7 @@ fn main() {
         }
     }
     gpu::time_kernels();
+    gpu::time_forward();
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -122,6 +133,7 @@ mod gpu {
     pub fn time_kernels() {
         println!("built without the `cuda` feature: no GPU timings (cargo bench --bench kernels --features cuda)");
     }
+    pub fn time_forward() {}
 }
 
 #[cfg(feature = "cuda")]
@@ -202,6 +214,63 @@ mod gpu {
                     k.rms_norm(b, h, 1e-5, &x, None, &w, &mut out).unwrap()
                 });
             }
+        }
+    }
+
+    /// The device forward pass on SmolLM2-135M Q4_1: decode steps at batch 1, 8 and 64 over a
+    /// 64-token prompt each, and a 128-token prefill.
+    pub fn time_forward() {
+        use candle_core::quantized::gguf_file;
+        use flywheel::engine::gpu::{GpuModel, GpuOptions};
+        use flywheel::engine::model::ModelSource;
+
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let dev = match CudaDevice::open(0) {
+            Ok(d) => d,
+            Err(e) => {
+                println!("no GPU forward timings: {e}");
+                return;
+            }
+        };
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            println!(
+                "no GPU forward timings: {} is missing (bash scripts/fetch-model.sh)",
+                path.display()
+            );
+            return;
+        };
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        let src = ModelSource::gguf(&content, &mut file, 1024, &candle_core::Device::Cpu).unwrap();
+        let shape = src.config(0);
+        let mut model = GpuModel::load(dev, src, GpuOptions::for_serving(&shape, 64)).unwrap();
+        println!("| SmolLM2-135M Q4_1 on the GPU | tokens/s |");
+        println!("|---|---|");
+        let prompt: Vec<u32> = (0..128).map(|i| 100 + i).collect();
+        let mut seq = model.new_seq();
+        let t = Instant::now();
+        model.forward(&[&prompt], &mut [&mut seq], &[-1]).unwrap();
+        println!(
+            "| prefill 128 tokens | {:.0} |",
+            128.0 / t.elapsed().as_secs_f64()
+        );
+        drop(seq);
+        for batch in [1usize, 8, 64] {
+            let mut seqs: Vec<_> = (0..batch).map(|_| model.new_seq()).collect();
+            for s in &mut seqs {
+                model.forward(&[&prompt[..64]], &mut [s], &[-1]).unwrap();
+            }
+            let steps = 32;
+            let tok = [42u32];
+            let tokens: Vec<&[u32]> = vec![&tok; batch];
+            let slots = vec![-1; batch];
+            let t = Instant::now();
+            for _ in 0..steps {
+                let mut refs: Vec<_> = seqs.iter_mut().collect();
+                model.forward(&tokens, &mut refs, &slots).unwrap();
+            }
+            let rate = (steps * batch) as f64 / t.elapsed().as_secs_f64();
+            println!("| decode, batch {batch} | {rate:.0} |");
         }
     }
 }

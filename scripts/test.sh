@@ -13,5 +13,5 @@ command -v g++ >/dev/null || { echo "g++ (C++20) is required for the CUDA kernel
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
 cargo test --release
-cargo clippy --release --features cuda --lib --test kernels_gpu -- -D warnings
+cargo clippy --release --features cuda --lib --test kernels_gpu --bench kernels -- -D warnings
 cargo test --release --features cuda --test kernels_gpu

@@ -229,3 +229,68 @@ fn silu_mul_and_quantized_matvec_match_the_cpu_on_the_gpu() {
         }
     }
 }
+
+#[test]
+fn the_forward_pass_on_the_gpu_matches_the_cpu_model() {
+    use candle_core::quantized::{gguf_file, GgmlDType};
+    use candle_core::Device;
+    use flywheel::engine::gpu::{GpuModel, GpuOptions};
+    use flywheel::engine::lora::LoraAdapter;
+    use flywheel::engine::model::{LlamaModel, ModelSource, WeightFormat};
+    use flywheel::engine::testing::{write_tiny_adapter, write_tiny_llama};
+
+    let Some(dev) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path, GgmlDType::Q8_0, 11);
+    let adapter_dir = dir.path().join("adapter");
+    write_tiny_adapter(&adapter_dir, 8, 16.0, &["q_proj", "o_proj", "up_proj"], 5);
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let cpu =
+        LlamaModel::from_gguf(&content, &mut file, WeightFormat::F32, 128, &Device::Cpu).unwrap();
+    let adapter =
+        LoraAdapter::load("t/a", "tiny", &adapter_dir, &cpu.cfg, cpu.gguf_layout()).unwrap();
+    let src = ModelSource::gguf(&content, &mut file, 128, &Device::Cpu).unwrap();
+    let opts = GpuOptions {
+        dtype: Dtype::F16,
+        pages: 8,
+        lora_slots: 2,
+        lora_rank: 16,
+    };
+    let mut gpu = GpuModel::load(dev, src, opts).unwrap();
+    let slot = gpu.adapter_slot(&adapter, &[]).unwrap();
+    let mut caches = [cpu.new_cache(), cpu.new_cache()];
+    let mut seqs = [gpu.new_seq(), gpu.new_seq()];
+    let mut tokens: Vec<Vec<u32>> = vec![(0..21).map(|i| 40 + i * 3).collect(), vec![72, 105]];
+    for step in 0..4 {
+        let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+        let want: Vec<Vec<f32>> = {
+            let [a, b] = &mut caches;
+            cpu.forward_with(&refs, &mut [a, b], &[Some(&adapter), None])
+                .unwrap()
+                .to_vec2()
+                .unwrap()
+        };
+        let got = {
+            let [a, b] = &mut seqs;
+            gpu.forward(&refs, &mut [a, b], &[slot, -1]).unwrap()
+        };
+        for (g, w) in got.iter().zip(&want) {
+            let spread = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (a, b) in g.iter().zip(w) {
+                assert!((a - b).abs() <= 0.02 * spread, "step {step}: {a} vs {b}");
+            }
+        }
+        tokens = want
+            .iter()
+            .map(|l| {
+                let top =
+                    l.iter()
+                        .enumerate()
+                        .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b });
+                vec![top.0 as u32]
+            })
+            .collect();
+    }
+}
