@@ -863,6 +863,13 @@ impl KernelDevice for Emu {
     }
 }
 
+fn idx<'a>(
+    dev: &'a flywheel::ops::device::Buffer<Emu, i32>,
+    host: &'a [i32],
+) -> flywheel::ops::device::Indices<'a, Emu> {
+    flywheel::ops::device::Indices { dev, host }
+}
+
 fn argmax(v: &[f32]) -> u32 {
     v.iter()
         .enumerate()
@@ -1047,4 +1054,259 @@ fn the_engine_serves_from_the_device_forward_pass_as_it_does_from_the_cpu() {
         );
     }
     assert_eq!(on_device, on_cpu);
+}
+
+#[test]
+fn qkv_rope_cache_matches_the_cpu_rope_and_fills_only_the_named_cache_rows() {
+    use flywheel::ops::device::{Buffer, Heads, Indices, Kernels, Pages};
+    use flywheel::ops::RopeStyle;
+    for (dt, dev_dt) in [(Dtype::F16, DevDtype::F16), (Dtype::Bf16, DevDtype::Bf16)] {
+        let k = Kernels::new(&Emu, dev_dt);
+        for (h, kvh, d) in [(4usize, 2usize, 32usize), (9, 3, 64), (4, 4, 128)] {
+            for style in [RopeStyle::Interleaved, RopeStyle::Halves] {
+                let n = 5;
+                let width = (h + 2 * kvh) * d;
+                let pages = Pages {
+                    pages: 4,
+                    block_size: 4,
+                };
+                let mut rng = Rng::fresh((h * d) as u64);
+                let (qkv, qkv_f) = stored(dt, &rng.vec(n * width, 1.0));
+                let pos = [3i32, 0, 17, 9, 900];
+                // A frequency table no theta formula gives (every other frequency halved, as a
+                // scaled RoPE does), so the kernel must read it.
+                let inv: Vec<f32> = (0..d / 2)
+                    .map(|i| {
+                        let f = 10000f32.powf(-2.0 * i as f32 / d as f32);
+                        if i % 2 == 1 {
+                            f * 0.5
+                        } else {
+                            f
+                        }
+                    })
+                    .collect();
+                let rows = [7i32, 0, 15, 3, 9];
+                let d_qkv = Buffer::from_host(&Emu, &qkv).unwrap();
+                let d_pos = Buffer::from_host(&Emu, &pos).unwrap();
+                let d_inv = Buffer::from_host(&Emu, &inv).unwrap();
+                let d_rows = Buffer::from_host(&Emu, &rows).unwrap();
+                let cache_len = pages.pages * pages.block_size * kvh * d;
+                // Emu memory starts as NaN: rows nobody writes stay NaN.
+                let mut q = Buffer::<_, u16>::zeros(&Emu, n * h * d).unwrap();
+                let mut kc = Buffer::<_, u16>::zeros(&Emu, cache_len).unwrap();
+                let mut vc = Buffer::<_, u16>::zeros(&Emu, cache_len).unwrap();
+                k.qkv_rope_cache(
+                    n,
+                    Heads {
+                        heads: h,
+                        kv_heads: kvh,
+                        head_dim: d,
+                    },
+                    pages,
+                    style == RopeStyle::Halves,
+                    &d_qkv,
+                    &d_pos,
+                    &d_inv,
+                    Indices {
+                        dev: &d_rows,
+                        host: &rows,
+                    },
+                    &mut q,
+                    &mut kc,
+                    &mut vc,
+                )
+                .unwrap();
+                let decode =
+                    |b: Vec<u16>| -> Vec<f32> { b.iter().map(|x| dt.decode(*x)).collect() };
+                let (q, kc, vc) = (
+                    decode(q.read(&Emu, n * h * d).unwrap()),
+                    decode(kc.read(&Emu, cache_len).unwrap()),
+                    decode(vc.read(&Emu, cache_len).unwrap()),
+                );
+                let mut cos = Vec::new();
+                let mut sin = Vec::new();
+                for p in pos {
+                    for f in &inv {
+                        cos.push((p as f32 * f).cos());
+                        sin.push((p as f32 * f).sin());
+                    }
+                }
+                let cos = t2(&cos, n, d / 2);
+                let sin = t2(&sin, n, d / 2);
+                let part = |from: usize, heads: usize| -> Tensor {
+                    let v: Vec<f32> = (0..n)
+                        .flat_map(|t| {
+                            qkv_f[t * width + from * d..t * width + (from + heads) * d].to_vec()
+                        })
+                        .collect();
+                    Tensor::from_vec(v, (n, heads, d), &Device::Cpu).unwrap()
+                };
+                let flat = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+                let want_q = flat(ops::rope(&part(0, h), &cos, &sin, style).unwrap());
+                let want_k = flat(ops::rope(&part(h, kvh), &cos, &sin, style).unwrap());
+                let want_v = flat(part(h + kvh, kvh));
+                let what = format!("qkv_rope_cache h={h} kvh={kvh} d={d} {style:?}");
+                assert_close(&what, dt, &q, &want_q, 1.0);
+                let row = kvh * d;
+                for slot in 0..pages.pages * pages.block_size {
+                    let got_k = &kc[slot * row..(slot + 1) * row];
+                    let got_v = &vc[slot * row..(slot + 1) * row];
+                    match rows.iter().position(|&r| r as usize == slot) {
+                        Some(t) => {
+                            assert_close(&what, dt, got_k, &want_k[t * row..(t + 1) * row], 1.0);
+                            assert_eq!(got_v, &want_v[t * row..(t + 1) * row], "{what}: values");
+                        }
+                        None => assert!(
+                            got_k.iter().chain(got_v).all(|x| x.is_nan()),
+                            "{what}: cache row {slot} was written"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_launches_are_refused_before_they_reach_the_device() {
+    use flywheel::ops::device::{Buffer, Heads, Kernels, LoraShape, Pages, QFormat, QMatrix};
+    let k = Kernels::new(&Emu, DevDtype::F16);
+    let err = |r: Result<(), DeviceError>| r.unwrap_err().to_string();
+    // A token id past the embedding's rows.
+    let w = QMatrix::upload(&Emu, QFormat::Q8_0, 4, 32, &vec![0u8; 4 * 34]).unwrap();
+    let ids = [1i32, 4];
+    let d_ids = Buffer::from_host(&Emu, &ids).unwrap();
+    let mut out = Buffer::<_, u16>::zeros(&Emu, 2 * 32).unwrap();
+    assert!(err(k.get_rows(&w, idx(&d_ids, &ids), &mut out)).contains("token id 4"));
+    // Matrix bytes that do not make the stated shape.
+    assert!(QMatrix::upload(&Emu, QFormat::Q4_1, 4, 32, &[0u8; 10]).is_err());
+    // A cache row outside the pages, and a head size the kernels do not take.
+    let heads = Heads {
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 16,
+    };
+    let pages = Pages {
+        pages: 2,
+        block_size: 4,
+    };
+    let zeros16 = |n: usize| Buffer::<_, u16>::zeros(&Emu, n).unwrap();
+    let qkv = zeros16(4 * 16);
+    let pos = Buffer::from_host(&Emu, &[0i32]).unwrap();
+    let inv = Buffer::from_host(&Emu, &[1.0f32; 8]).unwrap();
+    let rows = [8i32];
+    let d_rows = Buffer::from_host(&Emu, &rows).unwrap();
+    let (mut q, mut kc, mut vc) = (zeros16(32), zeros16(8 * 16), zeros16(8 * 16));
+    let mut launch = |heads: Heads| {
+        err(k.qkv_rope_cache(
+            1,
+            heads,
+            pages,
+            false,
+            &qkv,
+            &pos,
+            &inv,
+            idx(&d_rows, &rows),
+            &mut q,
+            &mut kc,
+            &mut vc,
+        ))
+    };
+    assert!(launch(heads).contains("cache row 8"), "{}", launch(heads));
+    let e = launch(Heads {
+        head_dim: 300,
+        ..heads
+    });
+    assert!(e.contains("head size 300"), "{e}");
+    let e = launch(Heads {
+        heads: 3,
+        kv_heads: 2,
+        ..heads
+    });
+    assert!(e.contains("cannot share"), "{e}");
+    // Attention over a page the table does not hold, or an empty sequence.
+    let table = [0i32, 5];
+    let d_table = Buffer::from_host(&Emu, &table).unwrap();
+    for (lens, expected) in [([7i32], "page 5"), ([0], "length 0"), ([9], "length 9")] {
+        let d_lens = Buffer::from_host(&Emu, &lens).unwrap();
+        let mut o = zeros16(32);
+        let e = err(k.paged_decode_attention(
+            heads,
+            pages,
+            2,
+            &q,
+            &kc,
+            &vc,
+            idx(&d_table, &table),
+            idx(&d_lens, &lens),
+            &mut o,
+        ));
+        assert!(e.contains(expected), "{e}");
+    }
+    // An adapter slot out of range, a rank past the kernels' limit, a buffer too short.
+    let shape = LoraShape {
+        rows: 2,
+        input: 32,
+        rank: 8,
+        output: 32,
+        y_stride: 32,
+        y_offset: 0,
+        slots: 2,
+    };
+    let x = zeros16(64);
+    let a = zeros16(2 * 8 * 32);
+    let mut v = Buffer::<_, f32>::zeros(&Emu, 16).unwrap();
+    let slots = [0i32, 2];
+    let d_slots = Buffer::from_host(&Emu, &slots).unwrap();
+    let e = err(k.lora_shrink_bgmv(shape, &x, &a, idx(&d_slots, &slots), &mut v));
+    assert!(e.contains("slot 2"), "{e}");
+    let ok = [0i32, -1];
+    let d_ok = Buffer::from_host(&Emu, &ok).unwrap();
+    let e = err(k.lora_shrink_bgmv(
+        LoraShape { rank: 65, ..shape },
+        &x,
+        &a,
+        idx(&d_ok, &ok),
+        &mut v,
+    ));
+    assert!(e.contains("rank 65"), "{e}");
+    let short = zeros16(10);
+    let e = err(k.lora_shrink_bgmv(shape, &short, &a, idx(&d_ok, &ok), &mut v));
+    assert!(e.contains("x holds 10"), "{e}");
+}
+
+#[test]
+fn a_forward_pass_that_cannot_run_leaves_its_sequences_and_pages_as_they_were() {
+    use candle_core::quantized::gguf_file;
+    use flywheel::engine::gpu::{GpuModel, GpuOptions};
+    use flywheel::engine::model::ModelSource;
+    use flywheel::engine::testing::write_tiny_llama;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path, GgmlDType::Q8_0, 3);
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let src = ModelSource::gguf(&content, &mut file, 128, &Device::Cpu).unwrap();
+    let opts = GpuOptions {
+        dtype: DevDtype::F16,
+        pages: 2,
+        lora_slots: 1,
+        lora_rank: 8,
+    };
+    let mut gpu = GpuModel::load(Emu, src, opts).unwrap();
+    let mut seq = gpu.new_seq();
+    // More positions than the cache holds (2 pages of 16).
+    let long: Vec<u32> = (0..40).map(|i| 40 + i).collect();
+    let e = gpu.forward(&[&long], &mut [&mut seq], &[-1]).unwrap_err();
+    assert!(e.to_string().contains("KV cache is full"), "{e}");
+    // A token the vocabulary does not have: refused before any launch, pages given back.
+    let e = gpu
+        .forward(&[&[40, 1_000_000]], &mut [&mut seq], &[-1])
+        .unwrap_err();
+    assert!(e.to_string().contains("token id"), "{e}");
+    // An adapter slot that holds nothing.
+    let e = gpu.forward(&[&[40]], &mut [&mut seq], &[0]).unwrap_err();
+    assert!(e.to_string().contains("slot 0"), "{e}");
+    assert_eq!((seq.len(), gpu.free_pages()), (0, 2));
 }
