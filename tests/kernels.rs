@@ -1173,7 +1173,7 @@ fn bad_launches_are_refused_before_they_reach_the_device() {
     let k = Kernels::new(&Emu, DevDtype::F16);
     let err = |r: Result<(), DeviceError>| r.unwrap_err().to_string();
     // A token id past the embedding's rows.
-    let w = QMatrix::upload(&Emu, QFormat::Q8_0, 4, 32, &vec![0u8; 4 * 34]).unwrap();
+    let w = QMatrix::upload(&Emu, QFormat::Q8_0, 4, 32, &[0u8; 4 * 34]).unwrap();
     let ids = [1i32, 4];
     let d_ids = Buffer::from_host(&Emu, &ids).unwrap();
     let mut out = Buffer::<_, u16>::zeros(&Emu, 2 * 32).unwrap();
