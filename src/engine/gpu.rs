@@ -16,7 +16,7 @@ use candle_core::{Device as CandleDevice, Tensor};
 use super::lora::{LoraAdapter, ModuleLora};
 use super::model::{scaled_frequencies, LlamaConfig, ModelError, ModelSource};
 use crate::ops::device::{
-    Buffer, Device, DeviceError, Dtype, Heads, Indices, Kernels, LoraShape, Pages, QFormat,
+    Buffer, Device, DeviceError, Dtype, Elem, Heads, Indices, Kernels, LoraShape, Pages, QFormat,
     QMatrix, MAX_RANK,
 };
 use crate::ops::RopeStyle;
@@ -166,6 +166,38 @@ struct Workspace<D: Device> {
     gu: Buffer<D, u16>,
     act: Buffer<D, u16>,
     v: Buffer<D, f32>,
+    /// Each pass's index arrays (token ids, positions, cache rows, attention lengths, block table,
+    /// row slots, segment starts and slots, last rows), and the head's inputs and output: grown
+    /// as needed and rewritten every pass, never allocated per pass.
+    idx: [Option<Buffer<D, i32>>; 9],
+    last: [Option<Buffer<D, u16>>; 4],
+    logits: Option<Buffer<D, f32>>,
+}
+
+/// `buf`, grown (to a power of two) when it holds fewer than `need` elements; contents are
+/// whatever was there.
+fn grown<'b, D: Device, T: Elem>(
+    dev: &D,
+    buf: &'b mut Option<Buffer<D, T>>,
+    need: usize,
+) -> Result<&'b mut Buffer<D, T>, DeviceError> {
+    if buf.as_ref().is_none_or(|b| b.len() < need) {
+        *buf = None; // free the old one first
+        *buf = Some(Buffer::zeros(dev, need.next_power_of_two())?);
+    }
+    buf.as_mut()
+        .ok_or_else(|| DeviceError::Invalid("scratch buffer".into()))
+}
+
+/// `host` written into `buf` (grown as needed).
+fn staged<'b, D: Device>(
+    dev: &D,
+    buf: &'b mut Option<Buffer<D, i32>>,
+    host: &[i32],
+) -> Result<&'b Buffer<D, i32>, DeviceError> {
+    let b = grown(dev, buf, host.len())?;
+    b.write(dev, host)?;
+    Ok(b)
 }
 
 impl<D: Device> Workspace<D> {
@@ -184,6 +216,9 @@ impl<D: Device> Workspace<D> {
             gu: Buffer::zeros(dev, rows * 2 * c.ffn)?,
             act: Buffer::zeros(dev, rows * c.ffn)?,
             v: Buffer::zeros(dev, rows * rank)?,
+            idx: Default::default(),
+            last: Default::default(),
+            logits: None,
         })
     }
 }
@@ -591,11 +626,17 @@ impl<D: Device> GpuModel<D> {
         let Some(ws) = self.ws.as_mut() else {
             return Err(unsupported("workspace"));
         };
-        let up = |v: &[i32]| Buffer::from_host(dev, v);
-        let (d_ids, d_pos, d_row, d_lens, d_table) =
-            (up(ids)?, up(pos)?, up(cache_row)?, up(lens)?, up(table)?);
-        let (d_slot, d_seg, d_seg_slot, d_last) =
-            (up(row_slot)?, up(seg_start)?, up(seg_slot)?, up(last)?);
+        let [b_ids, b_pos, b_row, b_lens, b_table, b_slot, b_seg, b_seg_slot, b_last] =
+            &mut ws.idx;
+        let d_ids = staged(dev, b_ids, ids)?;
+        let d_pos = staged(dev, b_pos, pos)?;
+        let d_row = staged(dev, b_row, cache_row)?;
+        let d_lens = staged(dev, b_lens, lens)?;
+        let d_table = staged(dev, b_table, table)?;
+        let d_slot = staged(dev, b_slot, row_slot)?;
+        let d_seg = staged(dev, b_seg, seg_start)?;
+        let d_seg_slot = staged(dev, b_seg_slot, seg_slot)?;
+        let d_last = staged(dev, b_last, last)?;
         let heads = Heads {
             heads: c.heads,
             kv_heads: c.kv_heads,
@@ -633,15 +674,15 @@ impl<D: Device> GpuModel<D> {
                     shape,
                     x,
                     &lora.a[l][ti],
-                    ix(&d_seg, seg_start),
-                    ix(&d_seg_slot, seg_slot),
+                    ix(d_seg, seg_start),
+                    ix(d_seg_slot, seg_slot),
                     v,
                 )?;
                 k.lora_expand_add(
                     shape,
                     v,
                     &lora.b[l][ti],
-                    ix(&d_slot, row_slot),
+                    ix(d_slot, row_slot),
                     &lora.scale,
                     y,
                 )?;
@@ -650,7 +691,7 @@ impl<D: Device> GpuModel<D> {
         };
         let (hd, qw) = (c.hidden, c.heads * c.head_dim);
         let qkv_w = qw + 2 * c.kv_heads * c.head_dim;
-        k.get_rows(&self.embed, ix(&d_ids, ids), &mut ws.res)?;
+        k.get_rows(&self.embed, ix(d_ids, ids), &mut ws.res)?;
         for (l, layer) in self.layers.iter_mut().enumerate() {
             if l == 0 {
                 k.rms_norm(n, hd, eps, &ws.res, None, &layer.attn_norm, &mut ws.h)?;
@@ -681,9 +722,9 @@ impl<D: Device> GpuModel<D> {
                 pages,
                 self.neox,
                 &ws.qkv,
-                &d_pos,
+                d_pos,
                 &self.inv_freq,
-                ix(&d_row, cache_row),
+                ix(d_row, cache_row),
                 &mut ws.q,
                 &mut layer.k_cache,
                 &mut layer.v_cache,
@@ -695,8 +736,8 @@ impl<D: Device> GpuModel<D> {
                 &ws.q,
                 &layer.k_cache,
                 &layer.v_cache,
-                ix(&d_table, table),
-                ix(&d_lens, lens),
+                ix(d_table, table),
+                ix(d_lens, lens),
                 &mut ws.attn,
             )?;
             k.matvec(&layer.o, n, &ws.attn, &mut ws.delta)?;
@@ -727,16 +768,15 @@ impl<D: Device> GpuModel<D> {
         // The last row of each sequence: residual + the last sublayer's output, normed, then the
         // head in f32.
         let s = last.len();
-        let mut gd = Buffer::zeros(dev, s * hd)?;
-        let mut gr = Buffer::zeros(dev, s * hd)?;
-        let mut sum = Buffer::zeros(dev, s * hd)?;
-        let mut hf = Buffer::zeros(dev, s * hd)?;
-        k.gather_rows(n, hd, &ws.delta, ix(&d_last, last), &mut gd)?;
-        k.gather_rows(n, hd, &ws.res, ix(&d_last, last), &mut gr)?;
-        k.rms_norm(s, hd, eps, &gd, Some((&gr, &mut sum)), &self.norm, &mut hf)?;
+        let [gd, gr, sum, hf] = &mut ws.last;
+        let (gd, gr) = (grown(dev, gd, s * hd)?, grown(dev, gr, s * hd)?);
+        let (sum, hf) = (grown(dev, sum, s * hd)?, grown(dev, hf, s * hd)?);
+        k.gather_rows(n, hd, &ws.delta, ix(d_last, last), gd)?;
+        k.gather_rows(n, hd, &ws.res, ix(d_last, last), gr)?;
+        k.rms_norm(s, hd, eps, gd, Some((gr, sum)), &self.norm, hf)?;
         let head = self.head.as_ref().unwrap_or(&self.embed);
-        let mut logits = Buffer::zeros(dev, s * head.rows)?;
-        k.logits(head, s, &hf, &mut logits)?;
+        let logits = grown(dev, &mut ws.logits, s * head.rows)?;
+        k.logits(head, s, hf, logits)?;
         let flat = logits.read(dev, s * head.rows)?;
         Ok(flat.chunks(head.rows).map(<[f32]>::to_vec).collect())
     }
