@@ -919,7 +919,7 @@ fn assert_logits_close(what: &str, dt: Dtype, got: &[Vec<f32>], want: &[Vec<f32>
 #[test]
 fn the_device_forward_pass_matches_the_cpu_model_with_mixed_adapters() {
     use candle_core::quantized::gguf_file;
-    use flywheel::engine::gpu::{GpuModel, GpuOptions};
+    use flywheel::engine::gpu::{DeviceForward, GpuModel, GpuOptions};
     use flywheel::engine::lora::LoraAdapter;
     use flywheel::engine::model::{LlamaModel, ModelSource, WeightFormat};
     use flywheel::engine::testing::{write_tiny_adapter, write_tiny_llama};
@@ -938,12 +938,15 @@ fn the_device_forward_pass_matches_the_cpu_model_with_mixed_adapters() {
         "down_proj",
     ];
     write_tiny_adapter(&adapter_dir, 8, 16.0, &all, 5);
+    let wide_dir = dir.path().join("wide");
+    write_tiny_adapter(&wide_dir, 16, 8.0, &["q_proj", "v_proj", "down_proj"], 6);
     let mut file = std::fs::File::open(&path).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let cpu =
         LlamaModel::from_gguf(&content, &mut file, WeightFormat::F32, 128, &Device::Cpu).unwrap();
     let adapter =
         LoraAdapter::load("t/a", "tiny", &adapter_dir, &cpu.cfg, cpu.gguf_layout()).unwrap();
+    let wide = LoraAdapter::load("t/w", "tiny", &wide_dir, &cpu.cfg, cpu.gguf_layout()).unwrap();
     // A prompt that crosses a cache page (16 positions) and a short one.
     let long: Vec<u32> = (0..19).map(|i| 40 + (i * 7) % 90).collect();
     let short: Vec<u32> = vec![72, 101, 108, 108, 111];
@@ -956,12 +959,16 @@ fn the_device_forward_pass_matches_the_cpu_model_with_mixed_adapters() {
         };
         let src = ModelSource::gguf(&content, &mut file, 128, &Device::Cpu).unwrap();
         let mut gpu = GpuModel::load(Emu, src, opts).unwrap();
-        let slot = gpu.adapter_slot(&adapter, &[]).unwrap();
         let mut cpu_caches = [cpu.new_cache(), cpu.new_cache()];
         let mut seqs = [gpu.new_seq(), gpu.new_seq()];
-        let adapters = [Some(&adapter), None];
         let mut tokens: Vec<Vec<u32>> = vec![long.clone(), short.clone()];
         for step in 0..3 {
+            // The last step brings a rank-16 adapter into a batch whose slots hold rank 8: the
+            // slots are rebuilt at rank 16 and the rank-8 adapter loads again.
+            let adapters = match step {
+                2 => [Some(&adapter), Some(&wide)],
+                _ => [Some(&adapter), None],
+            };
             let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
             let want: Vec<Vec<f32>> = {
                 let [a, b] = &mut cpu_caches;
@@ -972,7 +979,7 @@ fn the_device_forward_pass_matches_the_cpu_model_with_mixed_adapters() {
             };
             let got = {
                 let [a, b] = &mut seqs;
-                gpu.forward(&refs, &mut [a, b], &[slot, -1]).unwrap()
+                DeviceForward::forward(&mut gpu, &refs, &mut [a, b], &adapters).unwrap()
             };
             assert_logits_close(&format!("step {step}"), dt, &got, &want);
             tokens = want.iter().map(|l| vec![argmax(l)]).collect();
@@ -1305,8 +1312,10 @@ fn a_forward_pass_that_cannot_run_leaves_its_sequences_and_pages_as_they_were() 
         .forward(&[&[40, 1_000_000]], &mut [&mut seq], &[-1])
         .unwrap_err();
     assert!(e.to_string().contains("token id"), "{e}");
-    // An adapter slot that holds nothing.
+    // An adapter slot that holds nothing, and a rank above what the device serves.
     let e = gpu.forward(&[&[40]], &mut [&mut seq], &[0]).unwrap_err();
     assert!(e.to_string().contains("slot 0"), "{e}");
+    let e = gpu.ensure_rank(32).unwrap_err();
+    assert!(e.to_string().contains("rank 32"), "{e}");
     assert_eq!((seq.len(), gpu.free_pages()), (0, 2));
 }

@@ -32,7 +32,8 @@ pub struct GpuOptions {
     pub pages: usize,
     /// Adapters resident on the device at once.
     pub lora_slots: usize,
-    /// The rank every slot is padded to; adapters of a higher rank are refused.
+    /// The highest adapter rank served; adapters of a higher rank are refused. Slots are padded
+    /// to the smallest power of two (at least 8) that holds every adapter loaded so far.
     pub lora_rank: usize,
 }
 
@@ -116,6 +117,7 @@ impl Target {
 /// Adapter weights by slot: per layer and target, A (slots, rank, input) and B (slots, output,
 /// rank), zero-padded to the slots' rank.
 struct LoraSlots<D: Device> {
+    rank: usize,
     a: Vec<[Buffer<D, u16>; 7]>,
     b: Vec<[Buffer<D, u16>; 7]>,
     scale: Buffer<D, f32>,
@@ -379,12 +381,36 @@ impl<D: Device> GpuModel<D> {
         lock(&self.pool).len()
     }
 
-    /// The slot holding `adapter` (this generation of it), loading it into the least recently
-    /// used slot that `busy` does not list when it is not resident.
-    pub fn adapter_slot(&mut self, adapter: &LoraAdapter, busy: &[i32]) -> Result<i32, ModelError> {
-        if self.lora.is_none() {
-            self.lora = Some(self.new_slots()?);
+    /// Makes the adapter slots hold adapters of rank `rank`. Slots padded to a lower rank are
+    /// rebuilt empty (their adapters load again on next use), so slot numbers handed out before
+    /// are void: a batch ensures its highest rank before it takes slots.
+    pub fn ensure_rank(&mut self, rank: usize) -> Result<(), ModelError> {
+        let max = self.opts.lora_rank;
+        if rank > max {
+            return Err(unsupported(format!(
+                "an adapter of rank {rank} (this device serves ranks up to {max})"
+            )));
         }
+        if self.lora.as_ref().is_none_or(|l| l.rank < rank) {
+            let padded = rank.next_power_of_two().clamp(8, max).max(rank);
+            self.lora = None; // free the old slots first
+            self.lora = Some(self.new_slots(padded)?);
+        }
+        Ok(())
+    }
+
+    /// The slot holding `adapter` (this generation of it), loading it into the least recently
+    /// used slot that `busy` does not list when it is not resident. With slots already taken
+    /// (`busy`), the slots must hold the adapter's rank already (see `ensure_rank`).
+    pub fn adapter_slot(&mut self, adapter: &LoraAdapter, busy: &[i32]) -> Result<i32, ModelError> {
+        let held = self.lora.as_ref().map_or(0, |l| l.rank);
+        if adapter.rank > held && !busy.is_empty() {
+            return Err(unsupported(format!(
+                "adapter '{}' of rank {} joins a batch whose slots hold rank {held}",
+                adapter.id, adapter.rank
+            )));
+        }
+        self.ensure_rank(adapter.rank.max(1))?;
         let Some(slots) = self.lora.as_mut() else {
             return Err(unsupported("adapter slots"));
         };
@@ -412,8 +438,8 @@ impl<D: Device> GpuModel<D> {
         Ok(free as i32)
     }
 
-    fn new_slots(&self) -> Result<LoraSlots<D>, ModelError> {
-        let (s, r) = (self.opts.lora_slots.max(1), self.opts.lora_rank);
+    fn new_slots(&self, r: usize) -> Result<LoraSlots<D>, ModelError> {
+        let s = self.opts.lora_slots.max(1);
         let mut a = Vec::with_capacity(self.cfg.n_layers);
         let mut b = Vec::with_capacity(self.cfg.n_layers);
         for _ in 0..self.cfg.n_layers {
@@ -428,6 +454,7 @@ impl<D: Device> GpuModel<D> {
             b.push(seven(lb)?);
         }
         Ok(LoraSlots {
+            rank: r,
             a,
             b,
             scale: Buffer::zeros(&self.dev, s)?,
@@ -440,7 +467,7 @@ impl<D: Device> GpuModel<D> {
 
     /// Writes an adapter's modules into slot `slot` (zeros where it targets nothing).
     fn write_slot(&mut self, slot: usize, adapter: &LoraAdapter) -> Result<(), ModelError> {
-        let r = self.opts.lora_rank;
+        let r = self.lora.as_ref().map_or(0, |l| l.rank);
         let dtype = self.opts.dtype;
         if adapter.layers.len() != self.cfg.n_layers {
             return Err(unsupported(format!(
@@ -618,16 +645,16 @@ impl<D: Device> GpuModel<D> {
         let c = &self.cfg;
         let dev = &self.dev;
         let k = Kernels::new(dev, self.opts.dtype);
-        let r = self.opts.lora_rank;
+        let r = self.lora.as_ref().map_or(1, |l| l.rank);
         if self.ws.as_ref().is_none_or(|w| w.rows < n) {
             self.ws = None; // free the old buffers first
-            self.ws = Some(Workspace::new(dev, c, r, n.next_power_of_two())?);
+            let most = self.opts.lora_rank;
+            self.ws = Some(Workspace::new(dev, c, most, n.next_power_of_two())?);
         }
         let Some(ws) = self.ws.as_mut() else {
             return Err(unsupported("workspace"));
         };
-        let [b_ids, b_pos, b_row, b_lens, b_table, b_slot, b_seg, b_seg_slot, b_last] =
-            &mut ws.idx;
+        let [b_ids, b_pos, b_row, b_lens, b_table, b_slot, b_seg, b_seg_slot, b_last] = &mut ws.idx;
         let d_ids = staged(dev, b_ids, ids)?;
         let d_pos = staged(dev, b_pos, pos)?;
         let d_row = staged(dev, b_row, cache_row)?;
@@ -810,6 +837,10 @@ impl<D: Device + 'static> DeviceForward for GpuModel<D> {
         seqs: &mut [&mut GpuSeq],
         adapters: &[Option<&LoraAdapter>],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let rank = adapters.iter().flatten().map(|a| a.rank).max();
+        if let Some(rank) = rank {
+            self.ensure_rank(rank.max(1))?;
+        }
         let mut slots = Vec::with_capacity(adapters.len());
         for a in adapters {
             let slot = match a {
