@@ -82,20 +82,21 @@ fn costs(m: &Model, b: usize) -> Vec<(&'static str, f64, f64)> {
             (4 * b * m.heads * CONTEXT * d) as f64,
         ),
     ];
-    // The matvec kernels read the whole matrix once per row of the batch.
+    // The matvec kernels read the whole matrix once per 8 rows of the batch (FW_QMV_ROWS).
+    let passes = b.div_ceil(8);
     out.push((
-        "q8_0_matvec (qkv, per row)",
-        (b * (qkv * h / 32 * 34 + h * E + qkv * E)) as f64,
+        "q8_0_matvec (qkv)",
+        (passes * qkv * h / 32 * 34 + b * (h * E + qkv * E)) as f64,
         (2 * b * qkv * h) as f64,
     ));
     out.push((
-        "q4_1_matvec (gate+up, per row)",
-        (b * (2 * ffn * h / 32 * 20 + h * E + 2 * ffn * E)) as f64,
+        "q4_1_matvec (gate+up)",
+        (passes * 2 * ffn * h / 32 * 20 + b * (h * E + 2 * ffn * E)) as f64,
         (2 * b * 2 * ffn * h) as f64,
     ));
     out.push((
-        "q8_0_logits (tied head, once per step, per row)",
-        (b * (m.vocab * h / 32 * 34 + h * E + m.vocab * 4)) as f64,
+        "q8_0_logits (tied head, once per step)",
+        (passes * m.vocab * h / 32 * 34 + b * (h * E + m.vocab * 4)) as f64,
         (2 * b * m.vocab * h) as f64,
     ));
     out

@@ -10,6 +10,13 @@
 
 #define FW_WARP 32
 
+// Loop unrolling for nvcc (so small per-thread arrays stay in registers); nothing under g++.
+#ifdef __CUDACC__
+#define FW_UNROLL _Pragma("unroll")
+#else
+#define FW_UNROLL
+#endif
+
 namespace fw {
 
 __device__ __forceinline__ float to_f32(float v) { return v; }

@@ -5,10 +5,13 @@
 //   Q8_0 block (34 bytes): f16 scale d, 32 int8 q;           w = d * q
 //   Q4_1 block (20 bytes): f16 scale d, f16 min m, 16 bytes;  w_j = d * (q_j & 15) + m for the
 //                          first 16 values, d * (q_j >> 4) + m for the next 16.
-// W is row-major in blocks (rows, cols / 32). matvec: grid (ceil(rows / warps), n), block
-// (warps * 32): one warp per output row of one input row, lanes over the row's blocks.
+// W is row-major in blocks (rows, cols / 32). matvec: grid (ceil(rows / warps), ceil(n /
+// FW_QMV_ROWS)), block (warps * 32): one warp per output row and FW_QMV_ROWS input rows, lanes
+// over the row's blocks, so a batch reads each weight once per FW_QMV_ROWS rows.
 // get_rows: grid (n), block (threads over the row's columns).
 #include "prelude.cuh"
+
+#define FW_QMV_ROWS 8
 
 namespace fw {
 
@@ -54,16 +57,28 @@ template <typename B, typename T, typename O>
 __device__ void qmatvec_impl(const B* __restrict__ w, const T* __restrict__ x, O* __restrict__ y,
                              int rows, int cols, int n) {
     const int row = blockIdx.x * (blockDim.x / FW_WARP) + threadIdx.x / FW_WARP;
-    const int t = blockIdx.y;
+    const int t0 = blockIdx.y * FW_QMV_ROWS;
     const int lane = threadIdx.x % FW_WARP;
-    if (row >= rows || t >= n) return;
+    if (row >= rows || t0 >= n) return;
+    const int tn = min(FW_QMV_ROWS, n - t0);
     const int nb = cols / 32;
     const B* wr = w + (size_t)row * nb;
-    const T* xt = x + (size_t)t * cols;
-    float acc = 0.0f;
-    for (int b = lane; b < nb; b += FW_WARP) acc += block_dot(wr[b], xt + (size_t)b * 32);
-    acc = warp_sum(acc);
-    if (lane == 0) y[(size_t)t * rows + row] = from_f32<O>(acc);
+    const T* xt = x + (size_t)t0 * cols;
+    // Each weight block is read once for up to FW_QMV_ROWS input rows.
+    float acc[FW_QMV_ROWS];
+FW_UNROLL
+    for (int t = 0; t < FW_QMV_ROWS; ++t) acc[t] = 0.0f;
+    for (int b = lane; b < nb; b += FW_WARP) {
+        const B blk = wr[b];
+FW_UNROLL
+        for (int t = 0; t < FW_QMV_ROWS; ++t)
+            if (t < tn) acc[t] += block_dot(blk, xt + (size_t)t * cols + (size_t)b * 32);
+    }
+FW_UNROLL
+    for (int t = 0; t < FW_QMV_ROWS; ++t) {
+        const float sum = warp_sum(acc[t]);
+        if (lane == 0 && t < tn) y[(size_t)(t0 + t) * rows + row] = from_f32<O>(sum);
+    }
 }
 
 template <typename B, typename T>

@@ -686,7 +686,7 @@ type QGetRows = unsafe extern "C" fn(u32, u32, u32, *const u8, *const i32, *mut 
 fn quantized_matvec_logits_and_row_gather_match_candle_dequantized_weights() {
     for dt in [Dtype::F16, Dtype::Bf16] {
         for (format, ggml) in [("q8_0", GgmlDType::Q8_0), ("q4_1", GgmlDType::Q4_1)] {
-            for (rows, cols, n) in [(70usize, 576usize, 1usize), (33, 1536, 3)] {
+            for (rows, cols, n) in [(70usize, 576usize, 1usize), (33, 1536, 11)] {
                 let mut rng = Rng::fresh(cols as u64);
                 let w = t2(&rng.vec(rows * cols, 1.0), rows, cols);
                 let q = QTensor::quantize(&w, ggml).unwrap();
@@ -697,7 +697,7 @@ fn quantized_matvec_logits_and_row_gather_match_candle_dequantized_weights() {
                 let mut logits = vec![f32::NAN; n * rows];
                 let f: QMatvec = entry!(format!("{format}_matvec_{}", dt.suffix()), QMatvec);
                 let g: QLogits = entry!(format!("{format}_logits_{}", dt.suffix()), QLogits);
-                let grid = (rows.div_ceil(8) as u32, n as u32);
+                let grid = (rows.div_ceil(8) as u32, n.div_ceil(8) as u32);
                 // SAFETY: the GGML blocks of a rows × cols matrix, x of n × cols, y of n × rows.
                 unsafe {
                     f(

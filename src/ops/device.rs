@@ -7,6 +7,9 @@
 
 use std::marker::PhantomData;
 
+/// Input rows one matvec block takes at once (`FW_QMV_ROWS` in kernels/qmatvec.cu).
+const QMV_ROWS: usize = 8;
+
 /// The most a LoRA rank may be (the expand kernel stages a row's rank vector in shared memory).
 pub const MAX_RANK: usize = 64;
 /// The largest attention head the attention and RoPE kernels handle.
@@ -743,7 +746,7 @@ impl<'a, D: Device> Kernels<'a, D> {
         y.need("y", n * w.rows)?;
         self.launch(
             &format!("{}_matvec", w.format.prefix()),
-            grid(w.rows.div_ceil(8), n)?,
+            grid(w.rows.div_ceil(8), n.div_ceil(QMV_ROWS))?,
             256,
             &[
                 w.blocks.arg(),
@@ -768,7 +771,7 @@ impl<'a, D: Device> Kernels<'a, D> {
         y.need("logits", n * w.rows)?;
         self.launch(
             &format!("{}_logits", w.format.prefix()),
-            grid(w.rows.div_ceil(8), n)?,
+            grid(w.rows.div_ceil(8), n.div_ceil(QMV_ROWS))?,
             256,
             &[
                 w.blocks.arg(),
