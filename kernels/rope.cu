@@ -7,6 +7,19 @@
 
 namespace fw {
 
+// Rotates pair i of the head at `src` by `angle` into `dst` (which may be `src`).
+template <typename T>
+__device__ __forceinline__ void rotate_pair(const T* src, T* dst, int i, int half_dim,
+                                            float angle, int neox) {
+    float s, c;
+    sincosf(angle, &s, &c);
+    const int i0 = neox ? i : 2 * i;
+    const int i1 = neox ? i + half_dim : 2 * i + 1;
+    const float a = to_f32(src[i0]), b = to_f32(src[i1]);
+    dst[i0] = from_f32<T>(a * c - b * s);
+    dst[i1] = from_f32<T>(a * s + b * c);
+}
+
 template <typename T>
 __device__ void rope_impl(T* __restrict__ x, const int* __restrict__ pos, int n, int heads,
                           int head_dim, float theta, int neox) {
@@ -14,14 +27,8 @@ __device__ void rope_impl(T* __restrict__ x, const int* __restrict__ pos, int n,
     const int half_dim = head_dim / 2;
     if (p >= n || h >= heads || i >= half_dim) return;
     const float freq = powf(theta, -2.0f * (float)i / (float)head_dim);
-    float s, c;
-    sincosf((float)pos[p] * freq, &s, &c);
     T* v = x + ((size_t)p * heads + h) * head_dim;
-    const int i0 = neox ? i : 2 * i;
-    const int i1 = neox ? i + half_dim : 2 * i + 1;
-    const float a = to_f32(v[i0]), b = to_f32(v[i1]);
-    v[i0] = from_f32<T>(a * c - b * s);
-    v[i1] = from_f32<T>(a * s + b * c);
+    rotate_pair(v, v, i, half_dim, (float)pos[p] * freq, neox);
 }
 
 }  // namespace fw
@@ -66,13 +73,7 @@ __device__ void qkv_rope_cache_impl(const T* __restrict__ qkv, const int* __rest
         v_cache[row + i] = vs[i];
         v_cache[row + i + half_dim] = vs[i + half_dim];
     }
-    float s, c;
-    sincosf((float)pos[t] * inv_freq[i], &s, &c);
-    const int i0 = neox ? i : 2 * i;
-    const int i1 = neox ? i + half_dim : 2 * i + 1;
-    const float a = to_f32(src[i0]), b = to_f32(src[i1]);
-    dst[i0] = from_f32<T>(a * c - b * s);
-    dst[i1] = from_f32<T>(a * s + b * c);
+    rotate_pair(src, dst, i, half_dim, (float)pos[t] * inv_freq[i], neox);
 }
 
 }  // namespace fw

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use flywheel::engine::sampling::argmax;
 use flywheel::ops;
 use flywheel::ops::attention::{attention, SeqAttention};
 use flywheel::ops::device::{Arg, Device as KernelDevice, DeviceError, Dtype as DevDtype};
@@ -868,16 +869,6 @@ fn idx<'a>(
     host: &'a [i32],
 ) -> flywheel::ops::device::Indices<'a, Emu> {
     flywheel::ops::device::Indices { dev, host }
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-        )
-        .0 as u32
 }
 
 /// The device's logits against the CPU model's: finite, close relative to their spread, and the

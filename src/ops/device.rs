@@ -742,21 +742,7 @@ impl<'a, D: Device> Kernels<'a, D> {
         x: &Buffer<D, u16>,
         y: &mut Buffer<D, u16>,
     ) -> Result<()> {
-        x.need("x", n * w.cols)?;
-        y.need("y", n * w.rows)?;
-        self.launch(
-            &format!("{}_matvec", w.format.prefix()),
-            grid(w.rows.div_ceil(8), n.div_ceil(QMV_ROWS))?,
-            256,
-            &[
-                w.blocks.arg(),
-                x.arg(),
-                y.arg(),
-                Arg::I32(int(w.rows)?),
-                Arg::I32(int(w.cols)?),
-                Arg::I32(int(n)?),
-            ],
-        )
+        self.product("matvec", w, n, x, y)
     }
 
     /// `matvec` into f32 (the model's head).
@@ -767,10 +753,21 @@ impl<'a, D: Device> Kernels<'a, D> {
         x: &Buffer<D, u16>,
         y: &mut Buffer<D, f32>,
     ) -> Result<()> {
+        self.product("logits", w, n, x, y)
+    }
+
+    fn product<T: Elem>(
+        &self,
+        kind: &str,
+        w: &QMatrix<D>,
+        n: usize,
+        x: &Buffer<D, u16>,
+        y: &mut Buffer<D, T>,
+    ) -> Result<()> {
         x.need("x", n * w.cols)?;
-        y.need("logits", n * w.rows)?;
+        y.need("y", n * w.rows)?;
         self.launch(
-            &format!("{}_logits", w.format.prefix()),
+            &format!("{}_{kind}", w.format.prefix()),
             grid(w.rows.div_ceil(8), n.div_ceil(QMV_ROWS))?,
             256,
             &[
