@@ -919,16 +919,7 @@ fn the_device_forward_pass_matches_the_cpu_model_with_mixed_adapters() {
     let path = dir.path().join("tiny.gguf");
     write_tiny_llama(&path, GgmlDType::Q8_0, 11);
     let adapter_dir = dir.path().join("adapter");
-    let all = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    write_tiny_adapter(&adapter_dir, 8, 16.0, &all, 5);
+    write_tiny_adapter(&adapter_dir, 8, 16.0, &flywheel::engine::lora::MODULES, 5);
     let wide_dir = dir.path().join("wide");
     write_tiny_adapter(&wide_dir, 16, 8.0, &["q_proj", "v_proj", "down_proj"], 6);
     let mut file = std::fs::File::open(&path).unwrap();
