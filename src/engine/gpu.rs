@@ -533,7 +533,7 @@ impl<D: Device> GpuModel<D> {
         seqs: &mut [&mut GpuSeq],
         slots: &[i32],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let c = self.cfg.clone();
+        let context = self.cfg.context_length;
         if tokens.len() != seqs.len() || tokens.len() != slots.len() || tokens.is_empty() {
             return Err(unsupported(
                 "forward needs one token list, cache and adapter slot per sequence",
@@ -543,11 +543,10 @@ impl<D: Device> GpuModel<D> {
             return Err(unsupported("forward needs non-empty token lists"));
         }
         for (t, s) in tokens.iter().zip(seqs.iter()) {
-            if s.len + t.len() > c.context_length {
+            if s.len + t.len() > context {
                 return Err(unsupported(format!(
-                    "sequence of {} tokens exceeds the context length {}",
+                    "sequence of {} tokens exceeds the context length {context}",
                     s.len + t.len(),
-                    c.context_length
                 )));
             }
         }
