@@ -156,12 +156,18 @@ fn lock(pool: &Mutex<Vec<i32>>) -> MutexGuard<'_, Vec<i32>> {
 }
 
 /// Activation buffers, grown to the largest batch seen.
-struct Workspace<D: Device> {
-    rows: usize,
+/// The residual stream between sublayers: the running sum, a second buffer for the next sum, the
+/// last sublayer's output, and the normed input of the next.
+struct Stream<D: Device> {
     res: Buffer<D, u16>,
     res2: Buffer<D, u16>,
     delta: Buffer<D, u16>,
     h: Buffer<D, u16>,
+}
+
+struct Workspace<D: Device> {
+    rows: usize,
+    stream: Stream<D>,
     qkv: Buffer<D, u16>,
     q: Buffer<D, u16>,
     attn: Buffer<D, u16>,
@@ -174,6 +180,31 @@ struct Workspace<D: Device> {
     idx: [Option<Buffer<D, i32>>; 9],
     last: [Option<Buffer<D, u16>>; 4],
     logits: Option<Buffer<D, f32>>,
+}
+
+impl<D: Device> Stream<D> {
+    /// The residual stream takes the last sublayer's output (`res += delta`), and `h` becomes
+    /// its norm with weight `w`.
+    fn add_and_norm(
+        &mut self,
+        k: &Kernels<'_, D>,
+        n: usize,
+        dim: usize,
+        eps: f32,
+        w: &Buffer<D, u16>,
+    ) -> Result<(), DeviceError> {
+        k.rms_norm(
+            n,
+            dim,
+            eps,
+            &self.delta,
+            Some((&self.res, &mut self.res2)),
+            w,
+            &mut self.h,
+        )?;
+        std::mem::swap(&mut self.res, &mut self.res2);
+        Ok(())
+    }
 }
 
 /// `buf`, grown (to a power of two) when it holds fewer than `need` elements; contents are
@@ -208,10 +239,12 @@ impl<D: Device> Workspace<D> {
         let qkv = q + 2 * c.kv_heads * c.head_dim;
         Ok(Self {
             rows,
-            res: Buffer::zeros(dev, rows * c.hidden)?,
-            res2: Buffer::zeros(dev, rows * c.hidden)?,
-            delta: Buffer::zeros(dev, rows * c.hidden)?,
-            h: Buffer::zeros(dev, rows * c.hidden)?,
+            stream: Stream {
+                res: Buffer::zeros(dev, rows * c.hidden)?,
+                res2: Buffer::zeros(dev, rows * c.hidden)?,
+                delta: Buffer::zeros(dev, rows * c.hidden)?,
+                h: Buffer::zeros(dev, rows * c.hidden)?,
+            },
             qkv: Buffer::zeros(dev, rows * qkv)?,
             q: Buffer::zeros(dev, rows * q)?,
             attn: Buffer::zeros(dev, rows * q)?,
@@ -717,27 +750,26 @@ impl<D: Device> GpuModel<D> {
         };
         let (hd, qw) = (c.hidden, c.heads * c.head_dim);
         let qkv_w = qw + 2 * c.kv_heads * c.head_dim;
-        k.get_rows(&self.embed, ix(d_ids, ids), &mut ws.res)?;
+        k.get_rows(&self.embed, ix(d_ids, ids), &mut ws.stream.res)?;
         for (l, layer) in self.layers.iter_mut().enumerate() {
             if l == 0 {
-                k.rms_norm(n, hd, eps, &ws.res, None, &layer.attn_norm, &mut ws.h)?;
-            } else {
                 k.rms_norm(
                     n,
                     hd,
                     eps,
-                    &ws.delta,
-                    Some((&ws.res, &mut ws.res2)),
+                    &ws.stream.res,
+                    None,
                     &layer.attn_norm,
-                    &mut ws.h,
+                    &mut ws.stream.h,
                 )?;
-                std::mem::swap(&mut ws.res, &mut ws.res2);
+            } else {
+                ws.stream.add_and_norm(&k, n, hd, eps, &layer.attn_norm)?;
             }
-            k.matvec(&layer.qkv, n, &ws.h, &mut ws.qkv)?;
+            k.matvec(&layer.qkv, n, &ws.stream.h, &mut ws.qkv)?;
             apply(
                 l,
                 &[Target::Q, Target::K, Target::V],
-                &ws.h,
+                &ws.stream.h,
                 qkv_w,
                 &mut ws.v,
                 &mut ws.qkv,
@@ -766,30 +798,35 @@ impl<D: Device> GpuModel<D> {
                 ix(d_lens, lens),
                 &mut ws.attn,
             )?;
-            k.matvec(&layer.o, n, &ws.attn, &mut ws.delta)?;
-            apply(l, &[Target::O], &ws.attn, hd, &mut ws.v, &mut ws.delta)?;
-            k.rms_norm(
-                n,
+            k.matvec(&layer.o, n, &ws.attn, &mut ws.stream.delta)?;
+            apply(
+                l,
+                &[Target::O],
+                &ws.attn,
                 hd,
-                eps,
-                &ws.delta,
-                Some((&ws.res, &mut ws.res2)),
-                &layer.ffn_norm,
-                &mut ws.h,
+                &mut ws.v,
+                &mut ws.stream.delta,
             )?;
-            std::mem::swap(&mut ws.res, &mut ws.res2);
-            k.matvec(&layer.gate_up, n, &ws.h, &mut ws.gu)?;
+            ws.stream.add_and_norm(&k, n, hd, eps, &layer.ffn_norm)?;
+            k.matvec(&layer.gate_up, n, &ws.stream.h, &mut ws.gu)?;
             apply(
                 l,
                 &[Target::Gate, Target::Up],
-                &ws.h,
+                &ws.stream.h,
                 2 * c.ffn,
                 &mut ws.v,
                 &mut ws.gu,
             )?;
             k.silu_mul(n, c.ffn, &ws.gu, &mut ws.act)?;
-            k.matvec(&layer.down, n, &ws.act, &mut ws.delta)?;
-            apply(l, &[Target::Down], &ws.act, hd, &mut ws.v, &mut ws.delta)?;
+            k.matvec(&layer.down, n, &ws.act, &mut ws.stream.delta)?;
+            apply(
+                l,
+                &[Target::Down],
+                &ws.act,
+                hd,
+                &mut ws.v,
+                &mut ws.stream.delta,
+            )?;
         }
         // The last row of each sequence: residual + the last sublayer's output, normed, then the
         // head in f32.
@@ -797,8 +834,8 @@ impl<D: Device> GpuModel<D> {
         let [gd, gr, sum, hf] = &mut ws.last;
         let (gd, gr) = (grown(dev, gd, s * hd)?, grown(dev, gr, s * hd)?);
         let (sum, hf) = (grown(dev, sum, s * hd)?, grown(dev, hf, s * hd)?);
-        k.gather_rows(n, hd, &ws.delta, ix(d_last, last), gd)?;
-        k.gather_rows(n, hd, &ws.res, ix(d_last, last), gr)?;
+        k.gather_rows(n, hd, &ws.stream.delta, ix(d_last, last), gd)?;
+        k.gather_rows(n, hd, &ws.stream.res, ix(d_last, last), gr)?;
         k.rms_norm(s, hd, eps, gd, Some((gr, sum)), &self.norm, hf)?;
         let head = self.head.as_ref().unwrap_or(&self.embed);
         let logits = grown(dev, &mut ws.logits, s * head.rows)?;
