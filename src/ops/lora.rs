@@ -6,7 +6,9 @@
 //! eight distinct adapters in a batch stream about a quarter of the bytes they would in f32.
 #![allow(unsafe_code)]
 
-use super::qgemm::{quantize_block, QuantRows, BLOCK};
+use std::ops::Range;
+
+use super::qgemm::{Q8Narrow, QuantRows, QuantVec, BLOCK, NARROW_GROUP};
 
 /// One low-rank module, stored for row-major streaming: Aᵀ (in × r) and Bᵀ (r × out).
 pub struct LowRank {
@@ -98,15 +100,14 @@ fn apply_row(yr: &mut [f32], xr: &[f32], slots: &[Slot<'_>], v: &mut Vec<f32>) {
 }
 
 /// A low-rank module quantized like a Q8_0 base: A (rank × input) in the int8 kernels' layout
-/// (its few rows tiled against each input row), and Bᵀ (rank × output) in blocks of 32 output columns with one scale each, stored
-/// block-major (`[output / 32][rank][32]`) so expanding one output block reads one contiguous run.
+/// (its few rows tiled against each input row), and B (output × rank) as a `Q8Narrow` (one scale
+/// per eight outputs), expanded against the row's rank vector quantized to int8, in integers.
 pub struct Q8LowRank {
     pub rank: usize,
     pub input: usize,
     pub output: usize,
     a: QuantRows,
-    b_q: Vec<i8>,
-    b_d: Vec<f32>,
+    b: Q8Narrow,
 }
 
 impl Q8LowRank {
@@ -116,69 +117,30 @@ impl Q8LowRank {
         if r == 0 || input % BLOCK != 0 || output % BLOCK != 0 {
             return None;
         }
-        // A = (a_t)ᵀ: rank rows of `input`.
+        // A = (a_t)ᵀ: rank rows of `input`; B = (b_t)ᵀ: output rows of `rank`.
         let mut a = vec![0f32; r * input];
         for k in 0..input {
             for j in 0..r {
                 a[j * input + k] = m.a_t[k * r + j];
             }
         }
-        let a = QuantRows::new(&a, r, input);
-        let blocks = output / BLOCK;
-        let mut b_q = vec![0i8; blocks * r * BLOCK];
-        let mut b_d = vec![0f32; blocks * r];
-        for blk in 0..blocks {
-            for j in 0..r {
-                let src = &m.b_t[j * output + blk * BLOCK..j * output + (blk + 1) * BLOCK];
-                let at = blk * r + j;
-                b_d[at] = quantize_block(src, &mut b_q[at * BLOCK..(at + 1) * BLOCK]);
+        let mut b = vec![0f32; output * r];
+        for j in 0..r {
+            for o in 0..output {
+                b[o * r + j] = m.b_t[j * output + o];
             }
         }
         Some(Self {
             rank: r,
             input,
             output,
-            a,
-            b_q,
-            b_d,
+            a: QuantRows::new(&a, r, input),
+            b: Q8Narrow::quantize(&b, output, r)?,
         })
     }
 
-    /// Output block `blk` of Bᵀ widened to f32 into `w` (rank × 32), scales applied.
-    fn widen_block(&self, blk: usize, w: &mut [[f32; BLOCK]]) {
-        let r = self.rank;
-        let q = &self.b_q[blk * r * BLOCK..(blk + 1) * r * BLOCK];
-        let d = &self.b_d[blk * r..(blk + 1) * r];
-        for ((wj, qj), &dj) in w.iter_mut().zip(q.as_chunks::<BLOCK>().0).zip(d) {
-            widen32(qj, dj, wj);
-        }
-    }
-
     pub fn bytes(&self) -> usize {
-        self.a.bytes() + self.b_q.len() + self.b_d.len() * std::mem::size_of::<f32>()
-    }
-}
-
-/// `out = d · q`, 32 int8 values to f32 (the compiler leaves this conversion scalar on its own).
-#[inline]
-fn widen32(q: &[i8; BLOCK], d: f32, out: &mut [f32; BLOCK]) {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    {
-        use std::arch::x86_64::*;
-        // SAFETY: the cfg guarantees AVX2; each load reads 8 of q's 32 bytes and each store writes
-        // 8 of out's 32 floats, at offsets 0, 8, 16 and 24.
-        unsafe {
-            let dv = _mm256_set1_ps(d);
-            for k in 0..BLOCK / 8 {
-                let b = _mm_loadl_epi64(q.as_ptr().add(k * 8).cast());
-                let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-                _mm256_storeu_ps(out.as_mut_ptr().add(k * 8), _mm256_mul_ps(f, dv));
-            }
-        }
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-    for (o, &qi) in out.iter_mut().zip(q) {
-        *o = f32::from(qi) * d;
+        self.a.bytes() + self.b.bytes()
     }
 }
 
@@ -234,15 +196,17 @@ struct RowsOut(*mut f32);
 // SAFETY: every (row, column) is written by one task only (see `lora_add`).
 unsafe impl Sync for RowsOut {}
 
-/// Output blocks of 32 columns one expand task covers.
-const BLOCKS_PER_TASK: usize = 4;
+/// Rows of one group a task shrinks and expands: a module many rows share is split over the
+/// pool, and its B is read once per task.
+const ROWS_PER_TASK: usize = 4;
 
 /// `rows[t]`: the modules row t runs with (empty: base only); `x`: n × input, `y`: n × out_total;
 /// `xq`: x already quantized for the base product, if it was (quantized modules reuse it).
 ///
-/// Rows are grouped by (module, columns). Two passes on the worker pool. Shrink: one task per
-/// (group, row), `v = scale · x · Aᵀ`. Expand: one task per (group, 128 output columns),
-/// `y += v · Bᵀ`, each block of B read (and, quantized, widened) once for all the group's rows.
+/// Rows are grouped by (module, columns) (SGMV), and one pass on the worker pool runs a task per
+/// group and up to `ROWS_PER_TASK` of its rows: shrink, `v = scale · x · Aᵀ` (quantized to int8
+/// for a quantized module), then expand, `y += v · Bᵀ`, on the rows' columns of that module,
+/// which no other task writes.
 pub fn lora_add(
     y: &mut [f32],
     out_total: usize,
@@ -291,96 +255,70 @@ pub fn lora_add(
             }
         }
     }
-    if groups.is_empty() {
-        return Ok(());
-    }
-    let pool = candle_core::utils::barrier_pool();
-    // Shrink: one task per (group, row), so even a single shared module spreads over the pool.
-    let width_of = |g: &Group<'_>| g.rows.len() * g.slot.module.rank();
-    let mut vs: Vec<Vec<f32>> = groups.iter().map(|g| vec![0f32; width_of(g)]).collect();
-    {
-        let cells: Vec<std::sync::Mutex<&mut [f32]>> = groups
-            .iter()
-            .zip(vs.iter_mut())
-            .flat_map(|(g, v)| v.chunks_mut(g.slot.module.rank()))
-            .map(std::sync::Mutex::new)
-            .collect();
-        let items: Vec<(usize, usize)> = groups
-            .iter()
-            .enumerate()
-            .flat_map(|(gi, g)| g.rows.iter().map(move |&t| (gi, t)))
-            .collect();
-        pool.execute_chunked(items.len(), |range| {
-            for (&(gi, t), cell) in items[range.clone()].iter().zip(&cells[range]) {
-                let Ok(mut v) = cell.lock() else {
-                    continue;
-                };
-                let xr = &x[t * input..(t + 1) * input];
-                match groups[gi].slot.module {
-                    Module::F32(m) => shrink_f32(m, xr, &mut v),
-                    Module::Q8(m) => {
-                        let own;
-                        let (q, i) = match xq {
-                            Some(q) => (q, t),
-                            None => {
-                                own = QuantRows::new(xr, 1, input);
-                                (&own, 0)
-                            }
-                        };
-                        q.dots_with(i, &m.a, &mut v);
-                    }
-                }
-                let scale = groups[gi].slot.scale;
-                v.iter_mut().for_each(|e| *e *= scale);
-            }
-        });
-    }
-    // Expand.
-    let mut tasks = Vec::new();
-    for (gi, g) in groups.iter().enumerate() {
-        let blocks = g.slot.module.output().div_ceil(BLOCK);
-        for first in (0..blocks).step_by(BLOCKS_PER_TASK) {
-            tasks.push((gi, first..(first + BLOCKS_PER_TASK).min(blocks)));
-        }
-    }
+    let tasks: Vec<(&Group<'_>, &[usize])> = groups
+        .iter()
+        .flat_map(|g| g.rows.chunks(ROWS_PER_TASK).map(move |r| (g, r)))
+        .collect();
     let out = RowsOut(y.as_mut_ptr());
     let out = &out;
-    pool.execute_chunked(tasks.len(), |range| {
+    candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
+        let mut v = Vec::new();
         let mut w: Vec<[f32; BLOCK]> = Vec::new();
-        for (gi, blocks) in &tasks[range] {
-            let (g, v) = (&groups[*gi], &vs[*gi]);
-            let module = g.slot.module;
-            let (r, output) = (module.rank(), module.output());
-            w.resize(r, [0f32; BLOCK]);
-            for blk in blocks.clone() {
-                let width = BLOCK.min(output - blk * BLOCK);
-                match module {
+        for &(g, ts) in &tasks[range] {
+            let (slot, output) = (g.slot, g.slot.module.output());
+            for &t in ts {
+                let start = t * out_total + slot.offset;
+                // SAFETY: t < n and offset + output <= out_total (checked when grouping), so
+                // the span lies inside `y`, which outlives the pool call. Row t's columns of this
+                // slot belong to this group alone (one adapter per row, its modules on disjoint
+                // columns), and the group's row t to this task alone.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(start), output) };
+                let xr = &x[t * input..(t + 1) * input];
+                v.clear();
+                v.resize(slot.module.rank(), 0f32);
+                match slot.module {
                     Module::F32(m) => {
-                        for (j, wj) in w.iter_mut().enumerate() {
-                            let src = &m.b_t[j * output + blk * BLOCK..][..width];
-                            wj[..width].copy_from_slice(src);
-                        }
+                        shrink_f32(m, xr, &mut v);
+                        v.iter_mut().for_each(|e| *e *= slot.scale);
+                        expand_f32(m, 0..output, &v, &mut w, dst);
                     }
-                    Module::Q8(m) => m.widen_block(blk, &mut w),
-                }
-                for (&t, vt) in g.rows.iter().zip(v.chunks_exact(r)) {
-                    let mut acc = [0f32; BLOCK];
-                    expand_widened(&w, vt, &mut acc);
-                    let start = t * out_total + g.slot.offset + blk * BLOCK;
-                    // SAFETY: t < n and offset + blk*32 + width <= offset + output <= out_total
-                    // (checked when grouping), so the span lies inside `y`, which outlives the
-                    // pool call. Row t's columns of this slot belong to this group alone (one
-                    // adapter per row, its modules on disjoint columns), and this block to this
-                    // task alone.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(start), width) };
-                    for (d, a) in dst.iter_mut().zip(&acc) {
-                        *d += *a;
+                    Module::Q8(m) => {
+                        match xq {
+                            Some(q) => q.dots_with(t, &m.a, &mut v),
+                            None => QuantRows::new(xr, 1, input).dots_with(0, &m.a, &mut v),
+                        }
+                        v.iter_mut().for_each(|e| *e *= slot.scale);
+                        let qv = QuantVec::new(&v, m.b.width());
+                        m.b.add_product(0..output / NARROW_GROUP, &qv, dst);
                     }
                 }
             }
         }
     });
     Ok(())
+}
+
+/// `dst += v · Bᵀ[.., cols]` for an f32 module, a block of 32 columns at a time through `w`.
+fn expand_f32(
+    m: &LowRank,
+    cols: Range<usize>,
+    v: &[f32],
+    w: &mut Vec<[f32; BLOCK]>,
+    dst: &mut [f32],
+) {
+    let (r, output) = (m.rank, m.output);
+    w.resize(r, [0f32; BLOCK]);
+    for (c, d) in cols.clone().step_by(BLOCK).zip(dst.chunks_mut(BLOCK)) {
+        let width = d.len();
+        for (j, wj) in w.iter_mut().enumerate() {
+            wj[..width].copy_from_slice(&m.b_t[j * output + c..][..width]);
+        }
+        let mut acc = [0f32; BLOCK];
+        expand_widened(w, v, &mut acc);
+        for (o, a) in d.iter_mut().zip(&acc) {
+            *o += *a;
+        }
+    }
 }
 
 /// `acc += Σ_j v[j] · w[j]` over a widened block (one fused multiply-add per element and j).
