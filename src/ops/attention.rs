@@ -12,6 +12,11 @@ use std::sync::Mutex;
 pub trait KvElem: Copy + Send + Sync + 'static {
     fn widen8(x: &[Self; 8]) -> [f32; 8];
     fn widen(self) -> f32;
+    /// The cache as f16, when it is (the vector path reads f16 caches directly).
+    fn as_f16(xs: &[Self]) -> Option<&[f16]> {
+        let _ = xs;
+        None
+    }
 }
 
 impl KvElem for f32 {
@@ -57,6 +62,9 @@ impl KvElem for f16 {
     fn widen(self) -> f32 {
         self.to_f32()
     }
+    fn as_f16(xs: &[f16]) -> Option<&[f16]> {
+        Some(xs)
+    }
 }
 
 /// One sequence's part of the batch.
@@ -81,7 +89,23 @@ pub fn attention<T: KvElem>(
     kv_heads: usize,
     head_dim: usize,
 ) {
+    attention_on(q, out, seqs, heads, kv_heads, head_dim, vector::usable());
+}
+
+/// `attention`, with the vector path for f16 caches allowed or not (tests compare the two).
+fn attention_on<T: KvElem>(
+    q: &[f32],
+    out: &mut [f32],
+    seqs: &[SeqAttention<'_, T>],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    vectors: bool,
+) {
     let group = heads / kv_heads;
+    // The vector path: f16 caches, heads a multiple of 32 wide, at most 4 query heads per kv
+    // head (every Llama 3 and SmolLM2 size).
+    let vectors = vectors && head_dim.is_multiple_of(32) && (1..=4).contains(&group);
     assert!(
         group <= MAX_GROUP,
         "attention: {heads} heads over {kv_heads} kv heads exceeds {MAX_GROUP} per kv head"
@@ -113,11 +137,24 @@ pub fn attention<T: KvElem>(
             scores.clear();
             scores.resize(group * visible, 0f32);
             let at = |p: usize| p * width + g * head_dim;
-            for p in 0..visible {
-                prefetch(seq.k, at(p + PREFETCH), head_dim);
-                widen(&seq.k[at(p)..at(p) + head_dim], &mut row_f32);
-                for (h, qh) in qs.chunks_exact(head_dim).enumerate() {
-                    scores[h * visible + p] = dot(qh, &row_f32) * scale;
+            let f16s = T::as_f16(seq.k).zip(T::as_f16(seq.v)).filter(|_| vectors);
+            if let Some((k, _)) = f16s {
+                vector::scores(
+                    qs,
+                    &k[at(0)..],
+                    width,
+                    head_dim,
+                    visible,
+                    scale,
+                    &mut scores,
+                );
+            } else {
+                for p in 0..visible {
+                    prefetch(seq.k, at(p + PREFETCH), head_dim);
+                    widen(&seq.k[at(p)..at(p) + head_dim], &mut row_f32);
+                    for (h, qh) in qs.chunks_exact(head_dim).enumerate() {
+                        scores[h * visible + p] = dot(qh, &row_f32) * scale;
+                    }
                 }
             }
             let Ok(mut o) = cells[row * kv_heads + g].lock() else {
@@ -126,14 +163,18 @@ pub fn attention<T: KvElem>(
             let mut sums = [0f32; MAX_GROUP];
             for (sc, sum) in scores.chunks_exact_mut(visible).zip(sums.iter_mut()) {
                 let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                // Two loops, so the compiler vectorizes the exponentials (libm's are scalar calls).
                 for x in sc.iter_mut() {
-                    *x = (*x - max).exp();
-                    *sum += *x;
+                    *x = exp_nonpositive(*x - max);
                 }
+                *sum = sum_lanes(sc);
             }
             o.fill(0.0);
+            if let Some((_, v)) = f16s {
+                vector::values(&scores, &v[at(0)..], width, head_dim, visible, &mut o);
+            }
             // Each cached value row is read once for all the heads that share it.
-            for p in 0..visible {
+            for p in (0..visible).filter(|_| f16s.is_none()) {
                 prefetch(seq.v, at(p + PREFETCH), head_dim);
                 widen(&seq.v[at(p)..at(p) + head_dim], &mut row_f32);
                 for (h, oh) in o.chunks_exact_mut(head_dim).enumerate() {
@@ -146,6 +187,193 @@ pub fn attention<T: KvElem>(
             }
         }
     });
+}
+
+/// The attention inner loops on f16 caches with AVX2/FMA/F16C: each cached row is converted in
+/// registers (no f32 copy), and the value loop keeps every head's output in registers across
+/// all positions, 32 dimensions at a time.
+mod vector {
+    use half::f16;
+
+    /// Whether this CPU runs the vector path.
+    pub(super) fn usable() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// The shapes the kernels take: `group` heads (1 to 4) of `dim` (a multiple of 32) in
+    /// `heads_len` values, and `visible` cached rows of `dim`, `stride` apart, on a CPU that
+    /// runs them.
+    fn fits(
+        dim: usize,
+        group: usize,
+        heads_len: usize,
+        cache: &[f16],
+        stride: usize,
+        visible: usize,
+    ) -> bool {
+        dim > 0
+            && dim.is_multiple_of(32)
+            && (1..=4).contains(&group)
+            && heads_len == group * dim
+            && visible > 0
+            && cache.len() >= (visible - 1) * stride + dim
+            && usable()
+    }
+
+    /// `scores[h · visible + p] = scale · q_h · k_p`: `q` holds the group's heads (a multiple
+    /// of 32 wide, at most 4 of them), `k` the kv head's row for position 0, then one every
+    /// `stride` elements.
+    pub(super) fn scores(
+        q: &[f32],
+        k: &[f16],
+        stride: usize,
+        dim: usize,
+        visible: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let group = q.len() / dim.max(1);
+        assert!(fits(dim, group, q.len(), k, stride, visible) && scores.len() >= group * visible);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the assertion bounds every access (rows p < visible of `dim` elements at
+        // p · stride, `group` heads of q, group · visible scores) and checks the CPU features.
+        unsafe {
+            let (q, k, s) = (q.as_ptr(), k.as_ptr(), scores.as_mut_ptr());
+            match group {
+                1 => x86::scores::<1>(q, k, stride, dim, visible, scale, s),
+                2 => x86::scores::<2>(q, k, stride, dim, visible, scale, s),
+                3 => x86::scores::<3>(q, k, stride, dim, visible, scale, s),
+                _ => x86::scores::<4>(q, k, stride, dim, visible, scale, s),
+            }
+        }
+    }
+
+    /// `o_h = Σ_p w[h · visible + p] · v_p` for the group's heads (`o`: group × dim).
+    pub(super) fn values(
+        w: &[f32],
+        v: &[f16],
+        stride: usize,
+        dim: usize,
+        visible: usize,
+        o: &mut [f32],
+    ) {
+        let group = o.len() / dim.max(1);
+        assert!(fits(dim, group, o.len(), v, stride, visible) && w.len() >= group * visible);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `scores`.
+        unsafe {
+            let (w, v, o) = (w.as_ptr(), v.as_ptr(), o.as_mut_ptr());
+            match group {
+                1 => x86::values::<1>(w, v, stride, dim, visible, o),
+                2 => x86::values::<2>(w, v, stride, dim, visible, o),
+                3 => x86::values::<3>(w, v, stride, dim, visible, o),
+                _ => x86::values::<4>(w, v, stride, dim, visible, o),
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use super::super::PREFETCH;
+        use half::f16;
+        use std::arch::x86_64::*;
+
+        /// Eight f16 at `p` as f32.
+        #[inline]
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            // SAFETY (callers): p has 8 readable f16.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+        }
+
+        /// SAFETY (callers): as `super::scores` asserts, with G heads.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn scores<const G: usize>(
+            q: *const f32,
+            k: *const f16,
+            stride: usize,
+            dim: usize,
+            visible: usize,
+            scale: f32,
+            out: *mut f32,
+        ) {
+            // SAFETY: offsets stay below (visible - 1) · stride + dim in k, G · dim in q and
+            // G · visible in out; prefetches never fault.
+            unsafe {
+                for p in 0..visible {
+                    let row = k.add(p * stride);
+                    if p + PREFETCH < visible {
+                        let ahead = k.add((p + PREFETCH) * stride).cast::<i8>();
+                        for off in (0..dim * 2).step_by(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.add(off));
+                        }
+                    }
+                    let mut acc = [[_mm256_setzero_ps(); 2]; G];
+                    for c in (0..dim).step_by(32) {
+                        let kr: [__m256; 4] = std::array::from_fn(|i| load8(row.add(c + 8 * i)));
+                        for (h, a) in acc.iter_mut().enumerate() {
+                            let qh = q.add(h * dim + c);
+                            for (i, kv) in kr.iter().enumerate() {
+                                let qv = _mm256_loadu_ps(qh.add(8 * i));
+                                a[i % 2] = _mm256_fmadd_ps(*kv, qv, a[i % 2]);
+                            }
+                        }
+                    }
+                    for (h, a) in acc.iter().enumerate() {
+                        let s = _mm256_add_ps(a[0], a[1]);
+                        let s4 =
+                            _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+                        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                        let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2));
+                        *out.add(h * visible + p) = _mm_cvtss_f32(s1) * scale;
+                    }
+                }
+            }
+        }
+
+        /// SAFETY (callers): as `super::values` asserts, with G heads.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn values<const G: usize>(
+            w: *const f32,
+            v: *const f16,
+            stride: usize,
+            dim: usize,
+            visible: usize,
+            o: *mut f32,
+        ) {
+            // SAFETY: as in `scores`; o holds G · dim floats.
+            unsafe {
+                for c in (0..dim).step_by(32) {
+                    let mut acc = [[_mm256_setzero_ps(); 4]; G];
+                    for p in 0..visible {
+                        let row = v.add(p * stride + c);
+                        if p + PREFETCH < visible {
+                            _mm_prefetch::<_MM_HINT_T0>(v.add((p + PREFETCH) * stride + c).cast());
+                        }
+                        let vr: [__m256; 4] = std::array::from_fn(|i| load8(row.add(8 * i)));
+                        for (h, a) in acc.iter_mut().enumerate() {
+                            let wv = _mm256_set1_ps(*w.add(h * visible + p));
+                            for (ai, vv) in a.iter_mut().zip(vr) {
+                                *ai = _mm256_fmadd_ps(wv, vv, *ai);
+                            }
+                        }
+                    }
+                    for (h, a) in acc.iter().enumerate() {
+                        for (i, ai) in a.iter().enumerate() {
+                            _mm256_storeu_ps(o.add(h * dim + c + 8 * i), *ai);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Query heads per kv head the op handles (Llama 3 70B has 8; model loading checks the ratio).
@@ -210,6 +438,40 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
+/// `e^x` for the shifted scores of a softmax (x ≤ 0), in plain arithmetic the compiler turns
+/// into vector code: x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r from its degree-6 Taylor
+/// polynomial (relative error below 1e-6), and 2^n put straight into the exponent bits. Below
+/// -87 (where e^x leaves f32's normal range, and is nothing beside the softmax's largest term,
+/// 1) it returns e^-87.
+#[inline]
+fn exp_nonpositive(x: f32) -> f32 {
+    // ln 2 split in two, so n · LN2_HI is exact for the n that occur.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 0.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p: f32 = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    // n is in -126..=0, so n + 127 is a valid biased exponent.
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// A sum in eight independent lanes (vectorizable, unlike one running sum).
+#[inline]
+fn sum_lanes(xs: &[f32]) -> f32 {
+    let (chunks, rest) = xs.as_chunks::<8>();
+    let mut acc = [0f32; 8];
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
 /// `o += w · v`.
 #[inline]
 fn axpy(o: &mut [f32], w: f32, v: &[f32]) {
@@ -221,6 +483,83 @@ fn axpy(o: &mut [f32], w: f32, v: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_softmax_exponential_is_within_a_millionth_of_libm() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -90.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            if x >= -87.0 {
+                worst = worst.max((got - want).abs() / want);
+            } else {
+                assert!(got <= 1.7e-38, "e^{x} = {got}");
+            }
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(sum_lanes(&[1.0; 19]), 19.0);
+    }
+
+    /// The f16 vector path against the generic one: head widths 64 and 128, one to four query
+    /// heads per kv head, decode rows and a prefill (several causal rows) in one batch.
+    #[test]
+    fn the_vector_path_matches_the_generic_one() {
+        if !vector::usable() {
+            return;
+        }
+        for (dim, kv_heads, group) in [(64, 3, 3), (64, 2, 4), (128, 2, 1), (32, 1, 2)] {
+            let heads = kv_heads * group;
+            let width = kv_heads * dim;
+            let lens = [1usize, 37, 5];
+            let tokens = [1usize, 1, 5];
+            let caches: Vec<(Vec<f16>, Vec<f16>)> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    let k = crate::ops::test_values(n * width, 10 + i as u64);
+                    let v = crate::ops::test_values(n * width, 20 + i as u64);
+                    let half = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect();
+                    (half(k), half(v))
+                })
+                .collect();
+            let mut row = 0;
+            let seqs: Vec<SeqAttention<'_, f16>> = caches
+                .iter()
+                .zip(tokens)
+                .map(|((k, v), t)| {
+                    let s = SeqAttention {
+                        k,
+                        v,
+                        row,
+                        tokens: t,
+                    };
+                    row += t;
+                    s
+                })
+                .collect();
+            let q: Vec<f32> = crate::ops::test_values(row * heads * dim, 3)
+                .into_iter()
+                .map(|x| 4.0 * x)
+                .collect();
+            let run = |vectors: bool| {
+                let mut out = vec![0f32; row * heads * dim];
+                attention_on(&q, &mut out, &seqs, heads, kv_heads, dim, vectors);
+                out
+            };
+            let (fast, plain) = (run(true), run(false));
+            for (i, (a, b)) in fast.iter().zip(&plain).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "dim {dim}, group {group}, element {i}: {a} vs {b}"
+                );
+            }
+            assert!(
+                plain.iter().any(|x| x.abs() > 0.05),
+                "the outputs are not all near zero"
+            );
+        }
+    }
 
     #[test]
     fn one_position_returns_its_value_and_causality_holds() {
