@@ -469,7 +469,9 @@ impl LlamaModel {
                 lora(Projection::GateUp),
                 &[cfg.ffn, cfg.ffn],
             )?;
-            let act = ops::silu_mul(&gu.narrow(1, 0, cfg.ffn)?, &gu.narrow(1, cfg.ffn, cfg.ffn)?)?;
+            let gu = gu.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let act =
+                Tensor::from_vec(ops::silu_mul_rows(&gu, cfg.ffn), (n, cfg.ffn), &self.device)?;
             let down = project(&layer.down, &act, lora(Projection::Down), &[cfg.hidden])?;
             x = (residual + down)?;
         }

@@ -5,6 +5,7 @@
 //! arithmetic is f32 either way.
 #![allow(unsafe_code)]
 
+use super::exp_nonpositive;
 use half::f16;
 use std::sync::Mutex;
 
@@ -169,16 +170,17 @@ fn attention_on<T: KvElem>(
                 }
                 *sum = sum_lanes(sc);
             }
-            o.fill(0.0);
+            // Each cached value row is read once for all the heads that share it.
             if let Some((_, v)) = f16s {
                 vector::values(&scores, &v[at(0)..], width, head_dim, visible, &mut o);
-            }
-            // Each cached value row is read once for all the heads that share it.
-            for p in (0..visible).filter(|_| f16s.is_none()) {
-                prefetch(seq.v, at(p + PREFETCH), head_dim);
-                widen(&seq.v[at(p)..at(p) + head_dim], &mut row_f32);
-                for (h, oh) in o.chunks_exact_mut(head_dim).enumerate() {
-                    axpy(oh, scores[h * visible + p], &row_f32);
+            } else {
+                o.fill(0.0);
+                for p in 0..visible {
+                    prefetch(seq.v, at(p + PREFETCH), head_dim);
+                    widen(&seq.v[at(p)..at(p) + head_dim], &mut row_f32);
+                    for (h, oh) in o.chunks_exact_mut(head_dim).enumerate() {
+                        axpy(oh, scores[h * visible + p], &row_f32);
+                    }
                 }
             }
             for (oh, sum) in o.chunks_exact_mut(head_dim).zip(sums) {
@@ -436,27 +438,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         sum += x * y;
     }
     sum
-}
-
-/// `e^x` for the shifted scores of a softmax (x ≤ 0), in plain arithmetic the compiler turns
-/// into vector code: x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r from its degree-6 Taylor
-/// polynomial (relative error below 1e-6), and 2^n put straight into the exponent bits. Below
-/// -87 (where e^x leaves f32's normal range, and is nothing beside the softmax's largest term,
-/// 1) it returns e^-87.
-#[inline]
-fn exp_nonpositive(x: f32) -> f32 {
-    // ln 2 split in two, so n · LN2_HI is exact for the n that occur.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 0.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p: f32 = 1.0 / 720.0;
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = p.mul_add(r, c);
-    }
-    // n is in -126..=0, so n + 127 is a valid biased exponent.
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// A sum in eight independent lanes (vectorizable, unlike one running sum).

@@ -70,6 +70,69 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()?.mul(up)
 }
 
+/// `silu(gate) · up` for rows that hold `width` gate values then `width` up values (what the fused
+/// gate/up projection writes): n × 2·width in, n × width out. Vectorized (`exp_nonpositive`), and
+/// spread over the worker pool for prefill-sized batches.
+pub fn silu_mul_rows(gu: &[f32], width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gu.len() / 2];
+    if width == 0 {
+        return out;
+    }
+    let rows = |range: std::ops::Range<usize>, out: &mut [f32]| {
+        for (o, row) in out
+            .chunks_exact_mut(width)
+            .zip(gu[range].chunks_exact(2 * width))
+        {
+            let (gate, up) = row.split_at(width);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                let e = exp_nonpositive(-g.abs());
+                let s = 1.0 / (1.0 + e);
+                *o = g * if g >= 0.0 { s } else { e * s } * u;
+            }
+        }
+    };
+    const ROWS_PER_TASK: usize = 16;
+    let n = out.len() / width;
+    if n <= ROWS_PER_TASK {
+        rows(0..gu.len(), &mut out);
+        return out;
+    }
+    let cells: Vec<std::sync::Mutex<&mut [f32]>> = out
+        .chunks_mut(ROWS_PER_TASK * width)
+        .map(std::sync::Mutex::new)
+        .collect();
+    candle_core::utils::barrier_pool().execute_chunked(cells.len(), |range| {
+        for i in range {
+            if let Ok(mut o) = cells[i].lock() {
+                let first = i * ROWS_PER_TASK * 2 * width;
+                rows(first..(first + o.len() * 2).min(gu.len()), &mut o);
+            }
+        }
+    });
+    drop(cells);
+    out
+}
+
+/// `e^x` for x ≤ 0 (a softmax's shifted scores, a sigmoid's `e^-|x|`), in plain arithmetic the
+/// compiler turns into vector code (libm's `expf` is a scalar call): x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r from its degree-6 Taylor
+/// polynomial (relative error below 1e-6), and 2^n put straight into the exponent bits. Below
+/// -87 (where e^x leaves f32's normal range) it returns e^-87.
+#[inline]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    // ln 2 split in two, so n · LN2_HI is exact for the n that occur.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 0.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p: f32 = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    // n is in -126..=0, so n + 127 is a valid biased exponent.
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 /// How a model pairs the dimensions RoPE rotates together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -125,6 +188,35 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn the_fused_silu_mul_matches_candles_ops() {
+        let (width, n) = (48, 40);
+        let gu: Vec<f32> = test_values(n * 2 * width, 9)
+            .iter()
+            .map(|x| 12.0 * x)
+            .collect();
+        let t = Tensor::from_vec(gu.clone(), (n, 2 * width), &Device::Cpu).unwrap();
+        let want: Vec<f32> = silu_mul(
+            &t.narrow(1, 0, width).unwrap(),
+            &t.narrow(1, width, width).unwrap(),
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+        for rows in [1usize, n] {
+            let got = silu_mul_rows(&gu[..rows * 2 * width], width);
+            assert_eq!(got.len(), rows * width);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{rows} rows, element {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn rms_norm_matches_the_formula() {
