@@ -6,8 +6,6 @@
 //! eight distinct adapters in a batch stream about a quarter of the bytes they would in f32.
 #![allow(unsafe_code)]
 
-use std::ops::Range;
-
 use super::qgemm::{Q8Narrow, QuantRows, QuantVec, BLOCK, NARROW_GROUP};
 
 /// One low-rank module, stored for row-major streaming: Aᵀ (in × r) and Bᵀ (r × out).
@@ -280,7 +278,7 @@ pub fn lora_add(
                     Module::F32(m) => {
                         shrink_f32(m, xr, &mut v);
                         v.iter_mut().for_each(|e| *e *= slot.scale);
-                        expand_f32(m, 0..output, &v, &mut w, dst);
+                        expand_f32(m, &v, &mut w, dst);
                     }
                     Module::Q8(m) => {
                         match xq {
@@ -298,17 +296,11 @@ pub fn lora_add(
     Ok(())
 }
 
-/// `dst += v · Bᵀ[.., cols]` for an f32 module, a block of 32 columns at a time through `w`.
-fn expand_f32(
-    m: &LowRank,
-    cols: Range<usize>,
-    v: &[f32],
-    w: &mut Vec<[f32; BLOCK]>,
-    dst: &mut [f32],
-) {
+/// `dst += v · Bᵀ` for an f32 module, a block of 32 columns at a time through `w`.
+fn expand_f32(m: &LowRank, v: &[f32], w: &mut Vec<[f32; BLOCK]>, dst: &mut [f32]) {
     let (r, output) = (m.rank, m.output);
     w.resize(r, [0f32; BLOCK]);
-    for (c, d) in cols.clone().step_by(BLOCK).zip(dst.chunks_mut(BLOCK)) {
+    for (c, d) in (0..output).step_by(BLOCK).zip(dst.chunks_mut(BLOCK)) {
         let width = d.len();
         for (j, wj) in w.iter_mut().enumerate() {
             wj[..width].copy_from_slice(&m.b_t[j * output + c..][..width]);

@@ -445,10 +445,6 @@ impl Q8Narrow {
         })
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// The width vectors for `add_product` are padded to.
     pub fn width(&self) -> usize {
         self.width
