@@ -199,13 +199,21 @@ mod vector {
 
     /// Whether this CPU runs the vector path.
     pub(super) fn usable() -> bool {
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
         {
             std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
                 && std::arch::is_x86_feature_detected!("f16c")
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        )))]
         false
     }
 
@@ -243,7 +251,11 @@ mod vector {
     ) {
         let group = q.len() / dim.max(1);
         assert!(fits(dim, group, q.len(), k, stride, visible) && scores.len() >= group * visible);
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
         // SAFETY: the assertion bounds every access (rows p < visible of `dim` elements at
         // p · stride, `group` heads of q, group · visible scores) and checks the CPU features.
         unsafe {
@@ -268,7 +280,11 @@ mod vector {
     ) {
         let group = o.len() / dim.max(1);
         assert!(fits(dim, group, o.len(), v, stride, visible) && w.len() >= group * visible);
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
         // SAFETY: as in `scores`.
         unsafe {
             let (w, v, o) = (w.as_ptr(), v.as_ptr(), o.as_mut_ptr());
@@ -281,9 +297,14 @@ mod vector {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
     mod x86 {
         use super::super::PREFETCH;
+        use crate::ops::qgemm::x86::hsum;
         use half::f16;
         use std::arch::x86_64::*;
 
@@ -329,12 +350,7 @@ mod vector {
                         }
                     }
                     for (h, a) in acc.iter().enumerate() {
-                        let s = _mm256_add_ps(a[0], a[1]);
-                        let s4 =
-                            _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-                        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                        let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2));
-                        *out.add(h * visible + p) = _mm_cvtss_f32(s1) * scale;
+                        *out.add(h * visible + p) = hsum(_mm256_add_ps(a[0], a[1])) * scale;
                     }
                 }
             }

@@ -618,7 +618,7 @@ fn hsum8(l: [f32; GROUP]) -> f32 {
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-mod x86 {
+pub(super) mod x86 {
     use super::{BLOCK, GROUP, GROUP_BYTES, LANE};
     use std::arch::x86_64::*;
 
@@ -653,7 +653,7 @@ mod x86 {
     /// Sums eight floats in the order `super::hsum8` does.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn hsum(a: __m256) -> f32 {
+    pub(in crate::ops) fn hsum(a: __m256) -> f32 {
         let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
