@@ -10,9 +10,17 @@
 //! int-to-float conversion and one fused multiply-add with its eight scales, where a block at a
 //! time needs both per block. That cuts the per-block work of a batch row roughly in half (AVX2)
 //! or to a third (AVX-512 VNNI, chosen at run time where the CPU has it). Blocks past the last
-//! whole group keep the plain layout. Every path computes each block's integer dot product
-//! exactly and combines the blocks in the same order, so a row's result does not depend on the
-//! batch it ran in, nor on which of the x86 paths ran it.
+//! whole group keep the plain layout; their four-byte partial dots stay in vector lanes too, each
+//! lane scaled by its block's scales, so no block needs a horizontal sum of its own.
+//!
+//! Activations are stored *biased* (each byte read unsigned is the value + 128), the operand
+//! VNNI's unsigned-by-signed product wants as it is. The bias adds 128 · Σw over each lane's
+//! bytes, which depends only on the weights, so VNNI takes it off with one more product per
+//! weight vector, shared by every activation row of the tile.
+//!
+//! Every path computes each lane's integer partial dot exactly and combines them in the same
+//! order, so a row's result does not depend on the batch it ran in, nor on which of the x86
+//! paths ran it.
 #![allow(unsafe_code)]
 
 use candle_core::{Device, Result, Tensor};
@@ -60,15 +68,18 @@ fn interleaved_index(b: usize, e: usize, nb: usize) -> usize {
     g * GROUP_BYTES + (e / LANE) * (GROUP * LANE) + j * LANE + e % LANE
 }
 
-/// Quantizes one row of `cols` values into interleaved int8 `dst`, its block scales and (for the
-/// VNNI path's unsigned-offset trick) each block's sum of quantized values.
-fn quantize_row(src: &[f32], dst: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+/// Byte pattern that biases a quantized activation (q ^ BIAS, read unsigned, is q + 128).
+const BIAS: i8 = i8::MIN;
+
+/// Quantizes one row of `cols` values into interleaved int8 `dst` (each byte xor `bias`: 0 for
+/// weights, `BIAS` for activations) and its block scales.
+fn quantize_row(src: &[f32], dst: &mut [i8], scales: &mut [f32], bias: i8) {
     let nb = src.len() / BLOCK;
     let whole = nb / GROUP * GROUP;
     let mut block = [0i8; BLOCK];
     for b in 0..nb {
         scales[b] = quantize_block(&src[b * BLOCK..(b + 1) * BLOCK], &mut block);
-        sums[b] = block.iter().map(|&q| i32::from(q)).sum();
+        block.iter_mut().for_each(|q| *q ^= bias);
         if b >= whole {
             dst[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&block);
             continue;
@@ -138,35 +149,37 @@ impl Kernel {
         Kernel::Portable
     }
 
-    /// Rows of x that share one pass over a weight row (at most `MAX_TILE`).
-    fn tile(self) -> usize {
-        match self {
-            Kernel::Portable => 1,
+    /// How many rows of x share one pass over a weight row when `left` rows remain: the
+    /// widest tile this kernel has that fits (at most `MAX_TILE`).
+    fn tile(self, left: usize) -> usize {
+        let tiles: &[usize] = match self {
+            Kernel::Portable => &[1],
             #[cfg(all(
                 target_arch = "x86_64",
                 target_feature = "avx2",
                 target_feature = "fma"
             ))]
-            Kernel::Avx2 => 4,
+            Kernel::Avx2 => &[4, 2, 1],
             #[cfg(all(
                 target_arch = "x86_64",
                 target_feature = "avx2",
                 target_feature = "fma"
             ))]
-            Kernel::Vnni => 8,
-        }
+            Kernel::Vnni => &[8, 4, 2, 1],
+        };
+        tiles.iter().copied().find(|&t| t <= left).unwrap_or(1)
     }
 }
 
 const MAX_TILE: usize = 8;
 
-/// Activations quantized for the kernels: `m` rows of `cols` values.
+/// Activations quantized for the kernels: `m` rows of `cols` values, biased (see the module
+/// comment).
 pub struct QuantRows {
     m: usize,
     cols: usize,
     quants: Vec<i8>,
     scales: Vec<f32>,
-    sums: Vec<i32>,
 }
 
 impl Q8Matrix {
@@ -191,13 +204,12 @@ impl Q8Matrix {
         let nb = cols / BLOCK;
         let mut scales = vec![0f32; rows * nb];
         let mut quants = vec![0i8; rows * cols];
-        let mut sums = vec![0i32; nb];
         for ((s, q), src) in scales
             .chunks_mut(nb)
             .zip(quants.chunks_mut(cols))
             .zip(data.chunks(cols))
         {
-            quantize_row(src, q, s, &mut sums);
+            quantize_row(src, q, s, 0);
         }
         Ok(Self {
             rows,
@@ -230,7 +242,7 @@ impl Q8Matrix {
 
     /// Quantized activations (m, cols) → (m, rows), row-major, on the worker pool. Callers that
     /// also need the activations elsewhere (LoRA) quantize them once for both.
-    pub(crate) fn product(&self, xq: &QuantRows) -> Result<Vec<f32>> {
+    pub fn product(&self, xq: &QuantRows) -> Result<Vec<f32>> {
         self.product_on(xq, Kernel::best())
     }
 
@@ -243,34 +255,79 @@ impl Q8Matrix {
             );
         }
         let m = xq.m;
-        let (cols, nb) = (self.cols, self.cols / BLOCK);
-        let tile = kernel.tile();
-        // Output rows are shared out on candle's own worker pool (a second pool would fight it
-        // for the same cores); each weight row's m outputs are written by exactly one worker.
+        // Activation rows in tiles, each as wide as the kernel takes.
+        let mut tiles = Vec::new();
+        let mut i = 0;
+        while i < m {
+            let r = kernel.tile(m - i);
+            tiles.push((i, r));
+            i += r;
+        }
+        // Output columns (weight rows) are shared out on candle's own worker pool (a second
+        // pool would fight it for the same cores), in spans of `SPAN_ROWS` whose weights stay in
+        // the first-level cache while every tile passes over them.
         let n = self.rows;
         let mut y = vec![0f32; m * n];
         let out = SharedOut(y.as_mut_ptr());
         let out = &out;
         candle_core::utils::barrier_pool().execute_chunked(n, |range| {
-            let mut tile_out = [0f32; MAX_TILE];
-            for row in range {
-                let w = &self.quants[row * cols..(row + 1) * cols];
-                let ws = &self.scales[row * nb..(row + 1) * nb];
-                let mut i = 0;
-                while i < m {
-                    let r = if m - i >= tile { tile } else { 1 };
-                    dot_rows(kernel, w, ws, xq, i, r, &mut tile_out[..r]);
-                    for (k, v) in tile_out[..r].iter().enumerate() {
-                        // SAFETY: `i + k < m` and `row < n`, so the element lies inside `y`,
-                        // which outlives this call; execute_chunked hands each weight row (one
-                        // output column) to one worker only, so no element is written twice.
-                        unsafe { *out.0.add((i + k) * n + row) = *v };
-                    }
-                    i += r;
+            let mut start = range.start;
+            while start < range.end {
+                let rows = start..range.end.min(start + SPAN_ROWS);
+                for (t, &(i, r)) in tiles.iter().enumerate() {
+                    // SAFETY: rows i..i + r of the output and its columns `rows` lie inside
+                    // `y` (i + r <= m, rows.end <= n), which outlives the pool call;
+                    // execute_chunked hands each weight row (one output column) to one worker
+                    // only, so no element is written twice.
+                    unsafe {
+                        self.dot_tile(
+                            kernel,
+                            rows.clone(),
+                            xq,
+                            (i, r),
+                            out.0.add(i * n + rows.start),
+                            n,
+                            t == 0,
+                        )
+                    };
                 }
+                start = rows.end;
             }
         });
         Ok(y)
+    }
+
+    /// Weight rows `rows` against activation rows `i..i + r` of `x` (`tile`): weight row j's
+    /// result for activation row i + k goes to `out[k · stride + j - rows.start]`. The first pass
+    /// over the rows (`first`) also asks for the weights a few rows ahead, for the x86 kernels.
+    ///
+    /// SAFETY (callers): `out` is valid for writes at every such index, and no other thread
+    /// touches them during the call.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dot_tile(
+        &self,
+        kernel: Kernel,
+        rows: std::ops::Range<usize>,
+        x: &QuantRows,
+        tile: (usize, usize),
+        out: *mut f32,
+        stride: usize,
+        first: bool,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            dot_span(
+                kernel,
+                &self.quants,
+                &self.scales,
+                self.cols,
+                rows,
+                x,
+                tile,
+                (out, stride),
+                first,
+            )
+        }
     }
 
     /// Input width.
@@ -278,6 +335,13 @@ impl Q8Matrix {
         self.cols
     }
 }
+
+/// Weight rows a worker takes in one span (at 576 columns, 9 KB of weights).
+const SPAN_ROWS: usize = 16;
+
+/// How far ahead of the weight row a kernel is on it asks for the weights (the hardware's own
+/// prefetch keeps up with one activation row but not with a tile of several).
+const PREFETCH_BYTES: usize = 4096;
 
 /// The output buffer, shared with the worker pool for disjoint writes.
 struct SharedOut(*mut f32);
@@ -303,14 +367,13 @@ impl QuantRows {
             .chunks(cols)
             .zip(rows.quants.chunks_mut(cols))
             .zip(rows.scales.chunks_mut(nb))
-            .zip(rows.sums.chunks_mut(nb))
             .map(std::sync::Mutex::new)
             .collect();
         candle_core::utils::barrier_pool().execute_chunked(work.len(), |range| {
             for cell in &work[range] {
                 if let Ok(mut guard) = cell.lock() {
-                    let (((src, q), s), sum) = &mut *guard;
-                    quantize_row(src, q, s, sum);
+                    let ((src, q), s) = &mut *guard;
+                    quantize_row(src, q, s, BIAS);
                 }
             }
         });
@@ -327,30 +390,46 @@ impl QuantRows {
     }
 
     /// Row `t` of these rows against every row of `other` (as wide): `out[i]` is what a
-    /// `Q8Matrix` of `other`'s rows gives for input row t, bit for bit (the block products are
+    /// `Q8Matrix` of `other`'s rows gives for input row t, bit for bit (the lane products are
     /// exact integers either way round). For small matrices (adapter factors) on the calling
-    /// thread, `other`'s rows tiled against one row.
+    /// thread: row t, unbiased, takes the weights' place, tiled against `other`'s rows.
     pub fn dots_with(&self, t: usize, other: &QuantRows, out: &mut [f32]) {
         let (cols, nb) = (self.cols, self.cols / BLOCK);
         if other.cols != cols || t >= self.m {
             return;
         }
         let kernel = Kernel::best();
-        let tile = kernel.tile();
-        let w = &self.quants[t * cols..(t + 1) * cols];
+        let w: Vec<i8> = self.quants[t * cols..(t + 1) * cols]
+            .iter()
+            .map(|&q| q ^ BIAS)
+            .collect();
         let ws = &self.scales[t * nb..(t + 1) * nb];
         let n = other.m.min(out.len());
         let mut i = 0;
         while i < n {
-            let r = if n - i >= tile { tile } else { 1 };
-            dot_rows(kernel, w, ws, other, i, r, &mut out[i..i + r]);
+            let r = kernel.tile(n - i);
+            // SAFETY: one weight row, so the writes are out[i..i + r], inside `out` (i + r <= n),
+            // which this call borrows mutably.
+            unsafe {
+                dot_span(
+                    kernel,
+                    &w,
+                    ws,
+                    cols,
+                    0..1,
+                    other,
+                    (i, r),
+                    (out[i..].as_mut_ptr(), 1),
+                    false,
+                )
+            };
             i += r;
         }
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.quants.len() + (self.scales.len() + self.sums.len()) * 4
+        self.quants.len() + self.scales.len() * 4
     }
 
     fn zeroed(m: usize, cols: usize) -> Self {
@@ -360,7 +439,6 @@ impl QuantRows {
             cols,
             quants: vec![0i8; m * cols],
             scales: vec![0f32; m * nb],
-            sums: vec![0i32; m * nb],
         }
     }
 
@@ -368,14 +446,13 @@ impl QuantRows {
     pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
         let nb = cols / BLOCK;
         let mut rows = Self::zeroed(m, cols);
-        for (((src, q), s), sum) in x
+        for ((src, q), s) in x
             .chunks(cols)
             .take(m)
             .zip(rows.quants.chunks_mut(cols))
             .zip(rows.scales.chunks_mut(nb))
-            .zip(rows.sums.chunks_mut(nb))
         {
-            quantize_row(src, q, s, sum);
+            quantize_row(src, q, s, BIAS);
         }
         rows
     }
@@ -513,38 +590,53 @@ impl Q8Narrow {
     }
 }
 
-/// One weight row (`w`, `ws`) against activation rows `i..i + r`, into `out[..r]`.
-fn dot_rows(
+/// Weight rows `rows` of `w` (row-major, `cols` bytes each, interleaved) and `ws` (their scales)
+/// against activation rows `i..i + r` of `x` (`tile`, r at most what `kernel.tile` allows):
+/// weight row j's result for activation row i + k goes to `out.0[k · out.1 + j - rows.start]`.
+/// `prefetch`: the x86 kernels also ask for the weights `PREFETCH_BYTES` ahead.
+///
+/// SAFETY (callers): `out` is valid for writes at every such index, and no other thread touches
+/// them during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_span(
     kernel: Kernel,
     w: &[i8],
     ws: &[f32],
+    cols: usize,
+    rows: std::ops::Range<usize>,
     x: &QuantRows,
-    i: usize,
-    r: usize,
-    out: &mut [f32],
+    tile: (usize, usize),
+    out: (*mut f32, usize),
+    prefetch: bool,
 ) {
-    let cols = w.len();
-    let nb = ws.len();
+    let nb = cols / BLOCK;
+    let (i, r) = tile;
+    let (out, stride) = out;
     assert!(
         cols == nb * BLOCK
+            && cols == x.cols
+            && rows.end * cols <= w.len()
+            && rows.end * nb <= ws.len()
             && i + r <= x.m
             && x.quants.len() >= x.m * cols
             && x.scales.len() >= x.m * nb
-            && x.sums.len() >= x.m * nb
-            && out.len() >= r
+            && r <= MAX_TILE
     );
     let xq = &x.quants[i * cols..(i + r) * cols];
     let xs = &x.scales[i * nb..(i + r) * nb];
-    let sums = &x.sums[i * nb..(i + r) * nb];
     match kernel {
         Kernel::Portable => {
-            for k in 0..r {
-                out[k] = portable(
-                    w,
-                    ws,
-                    &xq[k * cols..(k + 1) * cols],
-                    &xs[k * nb..(k + 1) * nb],
-                );
+            for (j, row) in rows.enumerate() {
+                for k in 0..r {
+                    let v = portable(
+                        &w[row * cols..(row + 1) * cols],
+                        &ws[row * nb..(row + 1) * nb],
+                        &xq[k * cols..(k + 1) * cols],
+                        &xs[k * nb..(k + 1) * nb],
+                    );
+                    // SAFETY: an index the caller vouches for.
+                    unsafe { *out.add(k * stride + j) = v };
+                }
             }
         }
         #[cfg(all(
@@ -553,54 +645,66 @@ fn dot_rows(
             target_feature = "fma"
         ))]
         Kernel::Avx2 | Kernel::Vnni => {
-            let (w, ws, xq, xs, sums, o) = (
-                w.as_ptr(),
-                ws.as_ptr(),
-                xq.as_ptr(),
-                xs.as_ptr(),
-                sums.as_ptr(),
-                out.as_mut_ptr(),
-            );
-            // SAFETY: the assertion above bounds every read: r rows of `cols` bytes, `nb` scales
-            // and sums, from row i; and r outputs. The kernels read only within those.
-            // Vnni is only chosen where the CPU reports avx512vnni and avx512vl.
+            let span = x86::Span {
+                w: w[rows.start * cols..].as_ptr(),
+                ws: ws[rows.start * nb..].as_ptr(),
+                rows: rows.len(),
+                x: xq.as_ptr(),
+                xs: xs.as_ptr(),
+                nb,
+                out,
+                stride,
+                prefetch,
+            };
+            // SAFETY: the assertion above bounds every read: `rows` whole weight rows and
+            // their scales, r activation rows of `cols` bytes and `nb` scales from row i; the
+            // writes are the caller's. Vnni is only chosen where the CPU reports avx512vnni and
+            // avx512vl.
             unsafe {
                 match (kernel, r) {
-                    (Kernel::Vnni, 8) => x86::vnni::<8>(w, ws, xq, xs, sums, nb, o),
-                    (Kernel::Vnni, _) => x86::vnni::<1>(w, ws, xq, xs, sums, nb, o),
-                    (_, 4) => x86::avx2::<4>(w, ws, xq, xs, sums, nb, o),
-                    _ => x86::avx2::<1>(w, ws, xq, xs, sums, nb, o),
+                    (Kernel::Vnni, 8) => x86::vnni::<8>(&span),
+                    (Kernel::Vnni, 4) => x86::vnni::<4>(&span),
+                    (Kernel::Vnni, 2) => x86::vnni::<2>(&span),
+                    (Kernel::Vnni, _) => x86::vnni::<1>(&span),
+                    (_, 4) => x86::avx2::<4>(&span),
+                    (_, 2) => x86::avx2::<2>(&span),
+                    _ => x86::avx2::<1>(&span),
                 }
             }
         }
     }
 }
 
-/// The reference kernel: the same block products, summed in the same order as the x86 ones.
+/// The reference kernel: the same lane products, summed in the same order as the x86 ones.
+/// `x` is biased (see the module comment).
 fn portable(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
     let nb = ws.len();
     let whole = nb / GROUP * GROUP;
-    let block_dot = |b: usize| -> i32 {
-        (0..BLOCK)
+    // The exact dot of bytes e..e + 4 of block b.
+    let dot4 = |b: usize, e: usize| -> i32 {
+        (e..e + LANE)
             .map(|e| {
                 let at = interleaved_index(b, e, nb);
-                i32::from(w[at]) * i32::from(x[at])
+                i32::from(w[at]) * i32::from(x[at] ^ BIAS)
             })
             .sum()
     };
-    // Lane j of the vector accumulator holds block j of every group.
     let mut lanes = [0f32; GROUP];
+    // In a whole group, lane j holds block j.
     for g in 0..whole / GROUP {
         for (j, lane) in lanes.iter_mut().enumerate() {
             let b = g * GROUP + j;
-            *lane = (block_dot(b) as f32).mul_add(ws[b] * xs[b], *lane);
+            let dot: i32 = (0..BLOCK).step_by(LANE).map(|e| dot4(b, e)).sum();
+            *lane = (dot as f32).mul_add(ws[b] * xs[b], *lane);
         }
     }
-    let mut tail = 0f32;
+    // In a tail block, lane j holds bytes 4j..4j + 4 of the block.
     for b in whole..nb {
-        tail += ws[b] * xs[b] * block_dot(b) as f32;
+        for (j, lane) in lanes.iter_mut().enumerate() {
+            *lane = (dot4(b, j * LANE) as f32).mul_add(ws[b] * xs[b], *lane);
+        }
     }
-    hsum8(lanes) + tail
+    hsum8(lanes)
 }
 
 /// The horizontal sum the vector kernels do: halves, then quarters, then the last pair.
@@ -619,7 +723,7 @@ fn hsum8(l: [f32; GROUP]) -> f32 {
     target_feature = "fma"
 ))]
 pub(super) mod x86 {
-    use super::{BLOCK, GROUP, GROUP_BYTES, LANE};
+    use super::{BLOCK, GROUP, GROUP_BYTES, LANE, PREFETCH_BYTES};
     use std::arch::x86_64::*;
 
     /// AVX2: `|w|` (unsigned) and w itself, to move w's sign onto x.
@@ -659,73 +763,126 @@ pub(super) mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
     }
 
+    /// Biased activations, AVX2: unbias x, then as `dot_avx2`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn hsum_i32(a: __m256i) -> i32 {
-        let s4 = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
-        let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
-        _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)))
+    fn dot_avx2_biased(acc: __m256i, aw: __m256i, w: __m256i, xb: __m256i) -> __m256i {
+        dot_avx2(
+            acc,
+            aw,
+            w,
+            _mm256_xor_si256(xb, _mm256_set1_epi8(super::BIAS)),
+        )
+    }
+
+    /// AVX2 unbiases x itself: nothing to take off.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn bias_none(c: __m256i, _w: __m256i) -> __m256i {
+        c
+    }
+
+    /// Biased activations, VNNI: w needs no preparing.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prep_signed(w: __m256i) -> (__m256i, __m256i) {
+        (w, w)
+    }
+
+    /// VNNI: biased x (unsigned) times signed w, four products into each lane.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    fn dot_vnni_biased(acc: __m256i, _p: __m256i, w: __m256i, xb: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, xb, w)
+    }
+
+    /// VNNI: what the bias adds to each lane, 128 · Σw over the lane's bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    fn bias_vnni(c: __m256i, w: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(c, _mm256_set1_epi8(super::BIAS), w)
+    }
+
+    /// What `super::dot_span` hands a kernel: `rows` interleaved weight rows (`nb` blocks each)
+    /// from `w`, their scales from `ws`, R activation rows from `x` (biased) and their scales
+    /// from `xs`; weight row j's result for activation row k goes to `out[k · stride + j]`.
+    pub(super) struct Span {
+        pub w: *const i8,
+        pub ws: *const f32,
+        pub rows: usize,
+        pub x: *const i8,
+        pub xs: *const f32,
+        pub nb: usize,
+        pub out: *mut f32,
+        pub stride: usize,
+        pub prefetch: bool,
     }
 
     macro_rules! kernel {
-        ($name:ident, $features:literal, $prep:ident, $dot:ident, $offset:literal) => {
-            /// SAFETY (callers): the CPU has the features named below; `w` holds one interleaved
-            /// row of `nb` blocks and `ws` its `nb` scales; `x`, `xs` and `sums` hold `R` such
-            /// rows (row-major); `out` has room for `R` floats.
+        ($name:ident, $features:literal, $prep:ident, $dot:ident, $bias:ident) => {
+            /// SAFETY (callers): the CPU has the features named below, and every pointer of
+            /// `s` is valid for the extent `Span` describes, with R activation rows.
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name<const R: usize>(
-                w: *const i8,
-                ws: *const f32,
-                x: *const i8,
-                xs: *const f32,
-                sums: *const i32,
-                nb: usize,
-                out: *mut f32,
-            ) {
+            pub(super) unsafe fn $name<const R: usize>(s: &Span) {
+                let nb = s.nb;
                 let cols = nb * BLOCK;
                 let whole = nb / GROUP;
+                let zero = _mm256_setzero_si256();
+                let (x, xs) = (s.x, s.xs);
                 // SAFETY: every pointer offset below stays within the extents the caller vouches
-                // for: byte offsets below `cols` per row, block indices below `nb`, rows below R.
+                // for: byte offsets below `cols` per row, block indices below `nb`, activation
+                // rows below R, weight rows below `s.rows`. Prefetches do not fault, and their
+                // addresses are only formed with wrapping arithmetic.
                 unsafe {
                     let load = |p: *const i8| _mm256_loadu_si256(p.cast());
-                    let mut f = [_mm256_setzero_ps(); R];
-                    for g in 0..whole {
-                        let mut acc = [_mm256_setzero_si256(); R];
-                        let base = g * GROUP_BYTES;
-                        for c in 0..BLOCK / LANE {
-                            let o = base + c * GROUP * LANE;
-                            let (p, q) = $prep(load(w.add(o)));
-                            for (r, a) in acc.iter_mut().enumerate() {
-                                *a = $dot(*a, p, q, load(x.add(r * cols + o)));
+                    for j in 0..s.rows {
+                        let w = s.w.add(j * cols);
+                        let ws = s.ws.add(j * nb);
+                        if s.prefetch {
+                            let ahead = w.wrapping_add(PREFETCH_BYTES);
+                            for line in (0..cols).step_by(64) {
+                                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
                             }
                         }
-                        let wsv = _mm256_loadu_ps(ws.add(g * GROUP));
-                        for (r, (a, fr)) in acc.iter().zip(f.iter_mut()).enumerate() {
-                            let mut a = *a;
-                            if $offset != 0 {
-                                let s = _mm256_loadu_si256(sums.add(r * nb + g * GROUP).cast());
-                                a = _mm256_sub_epi32(
-                                    a,
-                                    _mm256_mullo_epi32(s, _mm256_set1_epi32($offset)),
-                                );
+                        let mut f = [_mm256_setzero_ps(); R];
+                        for g in 0..whole {
+                            let mut acc = [zero; R];
+                            let mut bias = zero;
+                            let base = g * GROUP_BYTES;
+                            for c in 0..BLOCK / LANE {
+                                let o = base + c * GROUP * LANE;
+                                let wv = load(w.add(o));
+                                bias = $bias(bias, wv);
+                                let (p, q) = $prep(wv);
+                                for (r, a) in acc.iter_mut().enumerate() {
+                                    *a = $dot(*a, p, q, load(x.add(r * cols + o)));
+                                }
                             }
-                            let sc =
-                                _mm256_mul_ps(wsv, _mm256_loadu_ps(xs.add(r * nb + g * GROUP)));
-                            *fr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sc, *fr);
+                            let wsv = _mm256_loadu_ps(ws.add(g * GROUP));
+                            for (r, (a, fr)) in acc.iter().zip(f.iter_mut()).enumerate() {
+                                let a = _mm256_sub_epi32(*a, bias);
+                                let xsv = _mm256_loadu_ps(xs.add(r * nb + g * GROUP));
+                                let sc = _mm256_mul_ps(wsv, xsv);
+                                *fr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sc, *fr);
+                            }
                         }
-                    }
-                    let mut tail = [0f32; R];
-                    for b in whole * GROUP..nb {
-                        let o = b * BLOCK;
-                        let (p, q) = $prep(load(w.add(o)));
-                        for (r, t) in tail.iter_mut().enumerate() {
-                            let a = $dot(_mm256_setzero_si256(), p, q, load(x.add(r * cols + o)));
-                            let s = hsum_i32(a) - $offset * *sums.add(r * nb + b);
-                            *t += *ws.add(b) * *xs.add(r * nb + b) * s as f32;
+                        // Tail blocks: lane j holds bytes 4j..4j + 4, scaled by its block's.
+                        for b in whole * GROUP..nb {
+                            let o = b * BLOCK;
+                            let wv = load(w.add(o));
+                            let bias = $bias(zero, wv);
+                            let (p, q) = $prep(wv);
+                            let wsb = _mm256_set1_ps(*ws.add(b));
+                            for (r, fr) in f.iter_mut().enumerate() {
+                                let a = $dot(zero, p, q, load(x.add(r * cols + o)));
+                                let a = _mm256_sub_epi32(a, bias);
+                                let sc = _mm256_mul_ps(wsb, _mm256_set1_ps(*xs.add(r * nb + b)));
+                                *fr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sc, *fr);
+                            }
                         }
-                    }
-                    for (r, (fr, t)) in f.iter().zip(tail).enumerate() {
-                        *out.add(r) = hsum(*fr) + t;
+                        for (r, fr) in f.iter().enumerate() {
+                            *s.out.add(r * s.stride + j) = hsum(*fr);
+                        }
                     }
                 }
             }
@@ -782,13 +939,13 @@ pub(super) mod x86 {
         128
     );
 
-    kernel!(avx2, "avx2,fma", prep_avx2, dot_avx2, 0);
+    kernel!(avx2, "avx2,fma", prep_avx2, dot_avx2_biased, bias_none);
     kernel!(
         vnni,
         "avx2,fma,avx512vnni,avx512vl",
-        prep_vnni,
-        dot_vnni,
-        128
+        prep_signed,
+        dot_vnni_biased,
+        bias_vnni
     );
 }
 
@@ -829,7 +986,7 @@ mod tests {
             let w =
                 Tensor::from_vec(lcg(rows * cols, nb as u64), (rows, cols), &Device::Cpu).unwrap();
             let q = Q8Matrix::from_tensor(&w).unwrap();
-            for m in [1usize, 4, 9, 17] {
+            for m in [1usize, 2, 4, 7, 9, 14, 17] {
                 let x = Tensor::from_vec(lcg(m * cols, 99 + m as u64), (m, cols), &Device::Cpu)
                     .unwrap();
                 let want: Vec<f32> = q

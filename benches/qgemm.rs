@@ -1,0 +1,106 @@
+//! The batched int8 product alone (`ops::qgemm::Q8Matrix::product`) at SmolLM2-135M's shapes,
+//! for 1, 4, 8 and 16 activation rows, timed in alternating rounds:
+//! - *streamed*: one decode step's matrices as the engine holds them on a Q8_0 base (30 layers of
+//!   the fused q/k/v, o, gate/up and down projections, then the tied 49152-row output head; 151 MB,
+//!   far more than the caches, so every step reads the weights from memory as decoding does);
+//! - *cached*: the 3072 × 576 gate/up matrix (1.8 MB, half of it in each core's 2 MB L2) forty
+//!   times over, which shows what the kernels compute when memory is not in the way.
+//!
+//! Each line gives the median ms per pass, the weight bytes read per ms, and int8 multiply-adds
+//! per ns. `cargo bench --bench qgemm`
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Instant;
+
+use flywheel::ops::qgemm::{Q8Matrix, QuantRows};
+
+const LAYERS: usize = 30;
+const ROUNDS: usize = 7;
+const BATCHES: [usize; 4] = [1, 4, 8, 16];
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// Runs `mats` (in order, `repeat` times) against 1, 4, 8 and 16 rows, in alternating rounds.
+fn report(name: &str, mats: &[&Q8Matrix], repeat: usize, passes: usize) {
+    let bytes: usize = mats.iter().map(|m| m.bytes()).sum::<usize>() * repeat;
+    let macs: usize = mats.iter().map(|m| m.rows * m.cols).sum::<usize>() * repeat;
+    let inputs: Vec<Vec<QuantRows>> = BATCHES
+        .iter()
+        .map(|&m| {
+            [576usize, 1536]
+                .iter()
+                .map(|&cols| QuantRows::new(&values(m * cols, (m + cols) as u64), m, cols))
+                .collect()
+        })
+        .collect();
+    let pass = |b: usize| {
+        let mut sink = 0f32;
+        for _ in 0..repeat {
+            for mat in mats {
+                let x = &inputs[b][usize::from(mat.input() != 576)];
+                sink += mat.product(x).unwrap()[0];
+            }
+        }
+        sink
+    };
+    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); BATCHES.len()];
+    for b in 0..BATCHES.len() {
+        std::hint::black_box(pass(b));
+    }
+    for _ in 0..ROUNDS {
+        for (b, times) in ms.iter_mut().enumerate() {
+            let t = Instant::now();
+            for _ in 0..passes {
+                std::hint::black_box(pass(b));
+            }
+            times.push(t.elapsed().as_secs_f64() * 1000.0 / passes as f64);
+        }
+    }
+    println!(
+        "{name}: {:.1} MB of weights per pass, {ROUNDS} rounds of {passes} passes",
+        bytes as f64 / 1e6
+    );
+    println!("| rows | ms/pass (median) | min | weight GB/s | int8 MAC/ns |");
+    println!("|---|---|---|---|---|");
+    for (b, times) in ms.iter_mut().enumerate() {
+        times.sort_by(f64::total_cmp);
+        let med = times[ROUNDS / 2];
+        println!(
+            "| {} | {med:.2} | {:.2} | {:.1} | {:.1} |",
+            BATCHES[b],
+            times[0],
+            bytes as f64 / med / 1e6,
+            (macs * BATCHES[b]) as f64 / med / 1e6,
+        );
+    }
+}
+
+fn main() {
+    // (outputs, inputs) of each layer's fused projections.
+    let shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
+    let mut mats: Vec<Q8Matrix> = Vec::new();
+    for layer in 0..LAYERS {
+        for (i, &(rows, cols)) in shapes.iter().enumerate() {
+            let w = values(rows * cols, (layer * 4 + i) as u64);
+            mats.push(Q8Matrix::from_f32(&w, rows, cols).unwrap());
+        }
+    }
+    mats.push(Q8Matrix::from_f32(&values(49152 * 576, 999), 49152, 576).unwrap());
+    report(
+        "streamed (one decode step)",
+        &mats.iter().collect::<Vec<_>>(),
+        1,
+        10,
+    );
+    report("cached (gate/up, 40 times)", &[&mats[2]], 40, 10);
+}
