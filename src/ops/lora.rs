@@ -264,6 +264,12 @@ pub fn lora_add(
         let mut w: Vec<[f32; BLOCK]> = Vec::new();
         for &(g, ts) in &tasks[range] {
             let (slot, output) = (g.slot, g.slot.module.output());
+            // All of A and B at once: B arrives while A's dots run, and the cache sees one
+            // burst rather than short streams it would learn one at a time.
+            if let Module::Q8(m) = slot.module {
+                m.a.prefetch();
+                m.b.prefetch();
+            }
             for &t in ts {
                 let start = t * out_total + slot.offset;
                 // SAFETY: t < n and offset + output <= out_total (checked when grouping), so

@@ -343,6 +343,24 @@ const SPAN_ROWS: usize = 16;
 /// prefetch keeps up with one activation row but not with a tile of several).
 const PREFETCH_BYTES: usize = 4096;
 
+/// Asks the CPU to start reading `data` into its second-level cache, a line at a time. (Into the
+/// first level, a task's adapter matrices would evict each other.)
+fn prefetch_l2<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = data.as_ptr().cast::<i8>();
+        for at in (0..std::mem::size_of_val(data)).step_by(64) {
+            // SAFETY: `at` is inside `data`; a prefetch reads nothing architecturally.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                _mm_prefetch::<_MM_HINT_T1>(p.add(at));
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// The output buffer, shared with the worker pool for disjoint writes.
 struct SharedOut(*mut f32);
 // SAFETY: workers write disjoint rows (see `forward`), so sharing the pointer races on nothing.
@@ -430,6 +448,12 @@ impl QuantRows {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.quants.len() + self.scales.len() * 4
+    }
+
+    /// Asks the CPU to start reading all of these rows into its second-level cache.
+    pub fn prefetch(&self) {
+        prefetch_l2(&self.quants);
+        prefetch_l2(&self.scales);
     }
 
     fn zeroed(m: usize, cols: usize) -> Self {
@@ -529,6 +553,12 @@ impl Q8Narrow {
 
     pub fn bytes(&self) -> usize {
         self.quants.len() + self.scales.len() * std::mem::size_of::<f32>()
+    }
+
+    /// Asks the CPU to start reading the whole matrix into its second-level cache.
+    pub fn prefetch(&self) {
+        prefetch_l2(&self.quants);
+        prefetch_l2(&self.scales);
     }
 
     /// `y[i] += (W · v)[8 · groups.start + i]` for the rows of `groups`; `y` holds those rows.
