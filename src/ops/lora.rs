@@ -262,6 +262,7 @@ pub fn lora_add(
     candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
         let mut v = Vec::new();
         let mut w: Vec<[f32; BLOCK]> = Vec::new();
+        let mut row = Vec::new();
         for &(g, ts) in &tasks[range] {
             let (slot, output) = (g.slot, g.slot.module.output());
             // All of A and B at once: B arrives while A's dots run, and the cache sees one
@@ -288,8 +289,10 @@ pub fn lora_add(
                     }
                     Module::Q8(m) => {
                         match xq {
-                            Some(q) => q.dots_with(t, &m.a, &mut v),
-                            None => QuantRows::new(xr, 1, input).dots_with(0, &m.a, &mut v),
+                            Some(q) => q.dots_with(t, &m.a, &mut v, &mut row),
+                            None => {
+                                QuantRows::new(xr, 1, input).dots_with(0, &m.a, &mut v, &mut row)
+                            }
                         }
                         v.iter_mut().for_each(|e| *e *= slot.scale);
                         let qv = QuantVec::new(&v, m.b.width());

@@ -410,17 +410,21 @@ impl QuantRows {
     /// Row `t` of these rows against every row of `other` (as wide): `out[i]` is what a
     /// `Q8Matrix` of `other`'s rows gives for input row t, bit for bit (the lane products are
     /// exact integers either way round). For small matrices (adapter factors) on the calling
-    /// thread: row t, unbiased, takes the weights' place, tiled against `other`'s rows.
-    pub fn dots_with(&self, t: usize, other: &QuantRows, out: &mut [f32]) {
+    /// thread: row t, unbiased into `scratch`, takes the weights' place, tiled against `other`'s
+    /// rows.
+    pub fn dots_with(&self, t: usize, other: &QuantRows, out: &mut [f32], scratch: &mut Vec<i8>) {
         let (cols, nb) = (self.cols, self.cols / BLOCK);
         if other.cols != cols || t >= self.m {
             return;
         }
         let kernel = Kernel::best();
-        let w: Vec<i8> = self.quants[t * cols..(t + 1) * cols]
-            .iter()
-            .map(|&q| q ^ BIAS)
-            .collect();
+        scratch.clear();
+        scratch.extend(
+            self.quants[t * cols..(t + 1) * cols]
+                .iter()
+                .map(|&q| q ^ BIAS),
+        );
+        let w = &scratch[..];
         let ws = &self.scales[t * nb..(t + 1) * nb];
         let n = other.m.min(out.len());
         let mut i = 0;
@@ -431,7 +435,7 @@ impl QuantRows {
             unsafe {
                 dot_span(
                     kernel,
-                    &w,
+                    w,
                     ws,
                     cols,
                     0..1,
