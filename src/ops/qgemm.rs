@@ -748,9 +748,10 @@ fn hsum8(l: [f32; GROUP]) -> f32 {
     p[0] + p[1]
 }
 
-/// The vector kernels: one weight row against `R` activation rows. Both come from one macro body
-/// so they differ only in the block product; the helpers carry their own target features so they
-/// inline into each kernel (a closure would not inherit the kernel's features).
+/// The vector kernels: a span of weight rows, each against `R` activation rows. Both come from one
+/// macro body so they differ only in the block product and the bias; the helpers carry their own
+/// target features so they inline into each kernel (a closure would not inherit the kernel's
+/// features).
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
