@@ -275,18 +275,21 @@ impl Q8Matrix {
             while start < range.end {
                 let rows = start..range.end.min(start + SPAN_ROWS);
                 for (t, &(i, r)) in tiles.iter().enumerate() {
+                    // The first tile also asks for the weights ahead.
                     // SAFETY: rows i..i + r of the output and its columns `rows` lie inside
                     // `y` (i + r <= m, rows.end <= n), which outlives the pool call;
                     // execute_chunked hands each weight row (one output column) to one worker
                     // only, so no element is written twice.
                     unsafe {
-                        self.dot_tile(
+                        dot_span(
                             kernel,
+                            &self.quants,
+                            &self.scales,
+                            self.cols,
                             rows.clone(),
                             xq,
                             (i, r),
-                            out.0.add(i * n + rows.start),
-                            n,
+                            (out.0.add(i * n + rows.start), n),
                             t == 0,
                         )
                     };
@@ -295,39 +298,6 @@ impl Q8Matrix {
             }
         });
         Ok(y)
-    }
-
-    /// Weight rows `rows` against activation rows `i..i + r` of `x` (`tile`): weight row j's
-    /// result for activation row i + k goes to `out[k · stride + j - rows.start]`. The first pass
-    /// over the rows (`first`) also asks for the weights a few rows ahead, for the x86 kernels.
-    ///
-    /// SAFETY (callers): `out` is valid for writes at every such index, and no other thread
-    /// touches them during the call.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn dot_tile(
-        &self,
-        kernel: Kernel,
-        rows: std::ops::Range<usize>,
-        x: &QuantRows,
-        tile: (usize, usize),
-        out: *mut f32,
-        stride: usize,
-        first: bool,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            dot_span(
-                kernel,
-                &self.quants,
-                &self.scales,
-                self.cols,
-                rows,
-                x,
-                tile,
-                (out, stride),
-                first,
-            )
-        }
     }
 
     /// Input width.
@@ -655,6 +625,8 @@ unsafe fn dot_span(
             && x.quants.len() >= x.m * cols
             && x.scales.len() >= x.m * nb
             && r <= MAX_TILE
+            && kernel.tile(r) == r,
+        "a tile of {r} rows for {kernel:?}"
     );
     let xq = &x.quants[i * cols..(i + r) * cols];
     let xs = &x.scales[i * nb..(i + r) * nb];
