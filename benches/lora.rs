@@ -13,6 +13,9 @@ use std::time::Instant;
 use flywheel::ops::lora::{lora_add, LowRank, Module, ModuleSlot};
 use flywheel::ops::qgemm::QuantRows;
 
+mod common;
+use common::values;
+
 const LAYERS: usize = 30;
 const ROWS: usize = 8;
 const RANK: usize = 16;
@@ -28,18 +31,6 @@ fn projections() -> [(usize, Vec<usize>); 4] {
         (576, vec![1536, 1536]),
         (1536, vec![576]),
     ]
-}
-
-fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
 }
 
 fn main() {

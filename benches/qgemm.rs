@@ -14,21 +14,12 @@ use std::time::Instant;
 
 use flywheel::ops::qgemm::{Q8Matrix, QuantRows};
 
+mod common;
+use common::values;
+
 const LAYERS: usize = 30;
 const ROUNDS: usize = 7;
 const BATCHES: [usize; 4] = [1, 4, 8, 16];
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
 
 /// Runs `mats` (in order, `repeat` times) against 1, 4, 8 and 16 rows, in alternating rounds.
 fn report(name: &str, mats: &[&Q8Matrix], repeat: usize, passes: usize) {
@@ -39,7 +30,7 @@ fn report(name: &str, mats: &[&Q8Matrix], repeat: usize, passes: usize) {
         .map(|&m| {
             [576usize, 1536]
                 .iter()
-                .map(|&cols| QuantRows::new(&values(m * cols, (m + cols) as u64), m, cols))
+                .map(|&cols| QuantRows::new(&values(m * cols, (m + cols) as u64, 1.0), m, cols))
                 .collect()
         })
         .collect();
@@ -91,11 +82,11 @@ fn main() {
     let mut mats: Vec<Q8Matrix> = Vec::new();
     for layer in 0..LAYERS {
         for (i, &(rows, cols)) in shapes.iter().enumerate() {
-            let w = values(rows * cols, (layer * 4 + i) as u64);
+            let w = values(rows * cols, (layer * 4 + i) as u64, 1.0);
             mats.push(Q8Matrix::from_f32(&w, rows, cols).unwrap());
         }
     }
-    mats.push(Q8Matrix::from_f32(&values(49152 * 576, 999), 49152, 576).unwrap());
+    mats.push(Q8Matrix::from_f32(&values(49152 * 576, 999, 1.0), 49152, 576).unwrap());
     report(
         "streamed (one decode step)",
         &mats.iter().collect::<Vec<_>>(),
