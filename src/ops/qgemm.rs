@@ -333,7 +333,8 @@ fn prefetch_l2<T>(data: &[T]) {
 
 /// The output buffer, shared with the worker pool for disjoint writes.
 struct SharedOut(*mut f32);
-// SAFETY: workers write disjoint rows (see `forward`), so sharing the pointer races on nothing.
+// SAFETY: workers write disjoint output columns (see `product_on`), so sharing the pointer races
+// on nothing.
 unsafe impl Sync for SharedOut {}
 
 impl QuantRows {
