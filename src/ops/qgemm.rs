@@ -13,10 +13,13 @@
 //! whole group keep the plain layout; their four-byte partial dots stay in vector lanes too, each
 //! lane scaled by its block's scales, so no block needs a horizontal sum of its own.
 //!
-//! Activations are stored *biased* (each byte read unsigned is the value + 128), the operand
-//! VNNI's unsigned-by-signed product wants as it is. The bias adds 128 · Σw over each lane's
-//! bytes, which depends only on the weights, so VNNI takes it off with one more product per
-//! weight vector, shared by every activation row of the tile.
+//! Activations are quantized for the kernel that will run them (`QuantRows` records which). For
+//! VNNI they are stored *biased* (each byte read unsigned is the value + 128), the operand its
+//! unsigned-by-signed product wants as it is. The bias adds 128 · Σw over each lane's bytes,
+//! which depends only on the weights, so VNNI takes it off with one more product per weight
+//! vector, shared by every activation row of the tile. AVX2 keeps them signed: its product moves
+//! each weight's sign onto the activation byte, which needs the byte signed, and unbiasing it in
+//! the kernel would cost one more instruction per activation vector.
 //!
 //! Every path computes each lane's integer partial dot exactly and combines them in the same
 //! order, so a row's result does not depend on the batch it ran in, nor on which of the x86
@@ -149,6 +152,19 @@ impl Kernel {
         Kernel::Portable
     }
 
+    /// What this kernel's activations are stored xor'ed with (see the module comment).
+    fn bias(self) -> i8 {
+        match self {
+            #[cfg(all(
+                target_arch = "x86_64",
+                target_feature = "avx2",
+                target_feature = "fma"
+            ))]
+            Kernel::Vnni => BIAS,
+            _ => 0,
+        }
+    }
+
     /// How many rows of x share one pass over a weight row when `left` rows remain: the
     /// widest tile this kernel has that fits (at most `MAX_TILE`).
     fn tile(self, left: usize) -> usize {
@@ -173,13 +189,14 @@ impl Kernel {
 
 const MAX_TILE: usize = 8;
 
-/// Activations quantized for the kernels: `m` rows of `cols` values, biased (see the module
-/// comment).
+/// Activations quantized for one kernel: `m` rows of `cols` values, stored as that kernel reads
+/// them (biased or not; see the module comment).
 pub struct QuantRows {
     m: usize,
     cols: usize,
     quants: Vec<i8>,
     scales: Vec<f32>,
+    kernel: Kernel,
 }
 
 impl Q8Matrix {
@@ -235,18 +252,16 @@ impl Q8Matrix {
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let xq = QuantRows::parallel(&xv, m, cols)?;
-        let y = self.product_on(&xq, kernel)?;
+        let xq = QuantRows::parallel_for(&xv, m, cols, kernel)?;
+        let y = self.product(&xq)?;
         Tensor::from_vec(y, (m, self.rows), &Device::Cpu)
     }
 
-    /// Quantized activations (m, cols) → (m, rows), row-major, on the worker pool. Callers that
-    /// also need the activations elsewhere (LoRA) quantize them once for both.
+    /// Quantized activations (m, cols) → (m, rows), row-major, on the worker pool, with the
+    /// kernel they were quantized for. Callers that also need the activations elsewhere (LoRA)
+    /// quantize them once for both.
     pub fn product(&self, xq: &QuantRows) -> Result<Vec<f32>> {
-        self.product_on(xq, Kernel::best())
-    }
-
-    fn product_on(&self, xq: &QuantRows, kernel: Kernel) -> Result<Vec<f32>> {
+        let kernel = xq.kernel;
         if xq.cols != self.cols {
             candle_core::bail!(
                 "Q8 matmul: input has {} columns, matrix has {}",
@@ -282,7 +297,6 @@ impl Q8Matrix {
                     // only, so no element is written twice.
                     unsafe {
                         dot_span(
-                            kernel,
                             &self.quants,
                             &self.scales,
                             self.cols,
@@ -333,13 +347,18 @@ fn prefetch_l2<T>(data: &[T]) {
 
 /// The output buffer, shared with the worker pool for disjoint writes.
 struct SharedOut(*mut f32);
-// SAFETY: workers write disjoint output columns (see `product_on`), so sharing the pointer races
+// SAFETY: workers write disjoint output columns (see `Q8Matrix::product`), so sharing the pointer races
 // on nothing.
 unsafe impl Sync for SharedOut {}
 
 impl QuantRows {
-    /// Quantizes `m` rows of `cols` values (a multiple of 32), on the worker pool for batches.
+    /// Quantizes `m` rows of `cols` values (a multiple of 32) for this CPU's fastest kernel, on
+    /// the worker pool for batches.
     pub fn parallel(x: &[f32], m: usize, cols: usize) -> Result<Self> {
+        Self::parallel_for(x, m, cols, Kernel::best())
+    }
+
+    fn parallel_for(x: &[f32], m: usize, cols: usize, kernel: Kernel) -> Result<Self> {
         if !cols.is_multiple_of(BLOCK) || x.len() != m * cols {
             candle_core::bail!(
                 "Q8 activations: {} values for {m} rows of {cols} (a multiple of {BLOCK})",
@@ -347,10 +366,11 @@ impl QuantRows {
             );
         }
         if m < 4 {
-            return Ok(Self::new(x, m, cols));
+            return Ok(Self::new_for(x, m, cols, kernel));
         }
         let nb = cols / BLOCK;
-        let mut rows = Self::zeroed(m, cols);
+        let mut rows = Self::zeroed(m, cols, kernel);
+        let bias = kernel.bias();
         // One writer per row.
         let work: Vec<_> = x
             .chunks(cols)
@@ -362,7 +382,7 @@ impl QuantRows {
             for cell in &work[range] {
                 if let Ok(mut guard) = cell.lock() {
                     let ((src, q), s) = &mut *guard;
-                    quantize_row(src, q, s, BIAS);
+                    quantize_row(src, q, s, bias);
                 }
             }
         });
@@ -381,21 +401,23 @@ impl QuantRows {
     /// Row `t` of these rows against every row of `other` (as wide): `out[i]` is what a
     /// `Q8Matrix` of `other`'s rows gives for input row t, bit for bit (the lane products are
     /// exact integers either way round). For small matrices (adapter factors) on the calling
-    /// thread: row t, unbiased into `scratch`, takes the weights' place, tiled against `other`'s
-    /// rows.
+    /// thread: row t takes the weights' place (unbiased into `scratch` if it is stored biased),
+    /// tiled against `other`'s rows with `other`'s kernel.
     pub fn dots_with(&self, t: usize, other: &QuantRows, out: &mut [f32], scratch: &mut Vec<i8>) {
         let (cols, nb) = (self.cols, self.cols / BLOCK);
         if other.cols != cols || t >= self.m {
             return;
         }
-        let kernel = Kernel::best();
-        scratch.clear();
-        scratch.extend(
-            self.quants[t * cols..(t + 1) * cols]
-                .iter()
-                .map(|&q| q ^ BIAS),
-        );
-        let w = &scratch[..];
+        let kernel = other.kernel;
+        let row = &self.quants[t * cols..(t + 1) * cols];
+        let bias = self.kernel.bias();
+        let w = if bias == 0 {
+            row
+        } else {
+            scratch.clear();
+            scratch.extend(row.iter().map(|&q| q ^ bias));
+            &scratch[..]
+        };
         let ws = &self.scales[t * nb..(t + 1) * nb];
         let n = other.m.min(out.len());
         let mut i = 0;
@@ -405,7 +427,6 @@ impl QuantRows {
             // which this call borrows mutably.
             unsafe {
                 dot_span(
-                    kernel,
                     w,
                     ws,
                     cols,
@@ -431,27 +452,34 @@ impl QuantRows {
         prefetch_l2(&self.scales);
     }
 
-    fn zeroed(m: usize, cols: usize) -> Self {
+    fn zeroed(m: usize, cols: usize, kernel: Kernel) -> Self {
         let nb = cols / BLOCK;
         QuantRows {
             m,
             cols,
             quants: vec![0i8; m * cols],
             scales: vec![0f32; m * nb],
+            kernel,
         }
     }
 
-    /// Quantizes `m` rows of `cols` values (a multiple of 32) on the calling thread.
+    /// Quantizes `m` rows of `cols` values (a multiple of 32) for this CPU's fastest kernel, on
+    /// the calling thread.
     pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
+        Self::new_for(x, m, cols, Kernel::best())
+    }
+
+    fn new_for(x: &[f32], m: usize, cols: usize, kernel: Kernel) -> Self {
         let nb = cols / BLOCK;
-        let mut rows = Self::zeroed(m, cols);
+        let mut rows = Self::zeroed(m, cols, kernel);
+        let bias = kernel.bias();
         for ((src, q), s) in x
             .chunks(cols)
             .take(m)
             .zip(rows.quants.chunks_mut(cols))
             .zip(rows.scales.chunks_mut(nb))
         {
-            quantize_row(src, q, s, BIAS);
+            quantize_row(src, q, s, bias);
         }
         rows
     }
@@ -596,7 +624,7 @@ impl Q8Narrow {
 }
 
 /// Weight rows `rows` of `w` (row-major, `cols` bytes each, interleaved) and `ws` (their scales)
-/// against activation rows `i..i + r` of `x` (`tile`, r at most what `kernel.tile` allows):
+/// against activation rows `i..i + r` of `x` (`tile`, r a width `x`'s kernel has), with `x`'s kernel:
 /// weight row j's result for activation row i + k goes to `out.0[k · out.1 + j - rows.start]`.
 /// `prefetch`: the x86 kernels also ask for the weights `PREFETCH_BYTES` ahead.
 ///
@@ -604,7 +632,6 @@ impl Q8Narrow {
 /// them during the call.
 #[allow(clippy::too_many_arguments)]
 unsafe fn dot_span(
-    kernel: Kernel,
     w: &[i8],
     ws: &[f32],
     cols: usize,
@@ -617,6 +644,7 @@ unsafe fn dot_span(
     let nb = cols / BLOCK;
     let (i, r) = tile;
     let (out, stride) = out;
+    let kernel = x.kernel;
     assert!(
         cols == nb * BLOCK
             && cols == x.cols
@@ -683,7 +711,7 @@ unsafe fn dot_span(
 }
 
 /// The reference kernel: the same lane products, summed in the same order as the x86 ones.
-/// `x` is biased (see the module comment).
+/// `x` is signed, as `Kernel::Portable` stores it.
 fn portable(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
     let nb = ws.len();
     let whole = nb / GROUP * GROUP;
@@ -692,7 +720,7 @@ fn portable(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
         (e..e + LANE)
             .map(|e| {
                 let at = interleaved_index(b, e, nb);
-                i32::from(w[at]) * i32::from(x[at] ^ BIAS)
+                i32::from(w[at]) * i32::from(x[at])
             })
             .sum()
     };
@@ -771,19 +799,7 @@ pub(super) mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
     }
 
-    /// Biased activations, AVX2: unbias x, then as `dot_avx2`.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn dot_avx2_biased(acc: __m256i, aw: __m256i, w: __m256i, xb: __m256i) -> __m256i {
-        dot_avx2(
-            acc,
-            aw,
-            w,
-            _mm256_xor_si256(xb, _mm256_set1_epi8(super::BIAS)),
-        )
-    }
-
-    /// AVX2 unbiases x itself: nothing to take off.
+    /// Signed activations (AVX2): nothing to take off.
     #[inline]
     #[target_feature(enable = "avx2")]
     fn bias_none(c: __m256i, _w: __m256i) -> __m256i {
@@ -812,7 +828,7 @@ pub(super) mod x86 {
     }
 
     /// What `super::dot_span` hands a kernel: `rows` interleaved weight rows (`nb` blocks each)
-    /// from `w`, their scales from `ws`, R activation rows from `x` (biased) and their scales
+    /// from `w`, their scales from `ws`, R activation rows from `x` (stored as the kernel reads them) and their scales
     /// from `xs`; weight row j's result for activation row k goes to `out[k · stride + j]`.
     pub(super) struct Span {
         pub w: *const i8,
@@ -947,7 +963,7 @@ pub(super) mod x86 {
         128
     );
 
-    kernel!(avx2, "avx2,fma", prep_avx2, dot_avx2_biased, bias_none);
+    kernel!(avx2, "avx2,fma", prep_avx2, dot_avx2, bias_none);
     kernel!(
         vnni,
         "avx2,fma,avx512vnni,avx512vl",
@@ -1067,6 +1083,42 @@ mod tests {
             Q8Narrow::quantize(&lcg(12, 1), 12, 1).is_none(),
             "12 rows are not whole groups"
         );
+    }
+
+    /// The LoRA shrink: a row of one `QuantRows` against all rows of another gives what a
+    /// `Q8Matrix` of the other's rows gives for that row, bit for bit, whichever kernels the two
+    /// were quantized for (a biased row is unbiased first).
+    #[test]
+    fn dots_with_matches_the_matrix_product_for_every_pair_of_kernels() {
+        let mut kernels = vec![Kernel::Portable, Kernel::best()];
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        kernels.push(Kernel::Avx2);
+        let (rank, cols, m) = (16, 18 * BLOCK, 3);
+        let a = lcg(rank * cols, 21);
+        let x = lcg(m * cols, 22);
+        let matrix = Q8Matrix::from_f32(&a, rank, cols).unwrap();
+        let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
+        let want: Vec<Vec<f32>> = matrix
+            .forward_on(&xt, Kernel::Portable)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mut scratch = Vec::new();
+        for &kx in &kernels {
+            let rows = QuantRows::new_for(&x, m, cols, kx);
+            for &ka in &kernels {
+                let factor = QuantRows::new_for(&a, rank, cols, ka);
+                for (t, want) in want.iter().enumerate() {
+                    let mut out = vec![0f32; rank];
+                    rows.dots_with(t, &factor, &mut out, &mut scratch);
+                    assert_eq!(&out, want, "row {t}: {kx:?} against {ka:?}");
+                }
+            }
+        }
     }
 
     #[test]
