@@ -47,6 +47,22 @@ pub struct Q8Matrix {
 
 /// Quantizes one 32-value block: returns its scale and writes the int8 values.
 pub(crate) fn quantize_block(src: &[f32], dst: &mut [i8]) -> f32 {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if let (Ok(src), Ok(dst)) = (
+        <&[f32; BLOCK]>::try_from(src),
+        <&mut [i8; BLOCK]>::try_from(&mut *dst),
+    ) {
+        return x86::quantize_block(src, dst);
+    }
+    quantize_block_portable(src, dst)
+}
+
+/// `quantize_block` without vector instructions (for any length).
+fn quantize_block_portable(src: &[f32], dst: &mut [i8]) -> f32 {
     let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
         dst.iter_mut().for_each(|q| *q = 0);
@@ -82,7 +98,9 @@ fn quantize_row(src: &[f32], dst: &mut [i8], scales: &mut [f32], bias: i8) {
     let mut block = [0i8; BLOCK];
     for b in 0..nb {
         scales[b] = quantize_block(&src[b * BLOCK..(b + 1) * BLOCK], &mut block);
-        block.iter_mut().for_each(|q| *q ^= bias);
+        if bias != 0 {
+            block.iter_mut().for_each(|q| *q ^= bias);
+        }
         if b >= whole {
             dst[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&block);
             continue;
@@ -827,6 +845,50 @@ pub(super) mod x86 {
         _mm256_dpbusd_epi32(c, _mm256_set1_epi8(super::BIAS), w)
     }
 
+    /// `super::quantize_block` for one whole block, eight values to a vector, with the same
+    /// results: the same maximum, scale and products, rounded half away from zero (adding the
+    /// float just below one half, with the sign of the value, then truncating, rounds exactly
+    /// as `f32::round` does) and clamped the same way.
+    pub(in crate::ops) fn quantize_block(src: &[f32; BLOCK], dst: &mut [i8; BLOCK]) -> f32 {
+        // SAFETY: the loads read the 32 floats of `src` and the store writes the 32 bytes of
+        // `dst`, in four and one unaligned 32-byte accesses; the cfg guarantees AVX2.
+        unsafe {
+            let sign = _mm256_set1_ps(-0.0);
+            let p = src.as_ptr();
+            let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+            let a = v.map(|x| _mm256_andnot_ps(sign, x));
+            let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+            if amax == 0.0 {
+                *dst = [0; BLOCK];
+                return 0.0;
+            }
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(1.0 / d);
+            let half = _mm256_set1_ps(0.5f32.next_down());
+            let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+            let q = v.map(|x| {
+                let p = _mm256_mul_ps(x, id);
+                let nudge = _mm256_or_ps(_mm256_and_ps(p, sign), half);
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(
+                    _mm256_add_ps(p, nudge),
+                );
+                _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+            });
+            // Packing works within 128-bit halves: four-value runs come out as 0 2 4 6 1 3 5 7.
+            let packed = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let ordered =
+                _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(dst.as_mut_ptr().cast(), ordered);
+            d
+        }
+    }
+
     /// What `super::dot_span` hands a kernel: `rows` interleaved weight rows (`nb` blocks each)
     /// from `w`, their scales from `ws`, R activation rows from `x` (stored as the kernel reads them) and their scales
     /// from `xs`; weight row j's result for activation row k goes to `out[k · stride + j]`.
@@ -1119,6 +1181,47 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The vector quantizer gives the scalar one's scale and bytes, including for products
+    /// that land exactly on a half (rounded away from zero), at the clamp, and for zero blocks.
+    #[test]
+    fn block_quantization_is_the_same_with_and_without_vectors() {
+        let mut blocks: Vec<Vec<f32>> = (0..200)
+            .map(|i| {
+                lcg(BLOCK, 500 + i)
+                    .iter()
+                    .map(|v| v * (i as f32 + 0.5))
+                    .collect()
+            })
+            .collect();
+        // amax 127: every value is its own product, so halves round away from zero.
+        let mut halves: Vec<f32> = (0..BLOCK).map(|i| i as f32 - 15.5).collect();
+        halves[0] = 127.0;
+        halves[1] = -0.5;
+        halves[2] = 0.5;
+        blocks.push(halves);
+        blocks.push(vec![0.0; BLOCK]);
+        blocks.push(
+            (0..BLOCK)
+                .map(|i| if i == 7 { -3.0 } else { 0.0 })
+                .collect(),
+        );
+        for (i, b) in blocks.iter().enumerate() {
+            let (mut want, mut got) = ([0i8; BLOCK], [0i8; BLOCK]);
+            let ds = quantize_block_portable(b, &mut want);
+            let dv = quantize_block(b, &mut got);
+            assert_eq!((ds.to_bits(), want), (dv.to_bits(), got), "block {i}");
+        }
+        let mut q = [0i8; BLOCK];
+        let mut halves: Vec<f32> = (0..BLOCK).map(|i| i as f32 - 15.5).collect();
+        halves[0] = 127.0;
+        quantize_block(&halves, &mut q);
+        assert_eq!(
+            (q[1], q[16], q[17]),
+            (-15, 1, 2),
+            "-14.5, 0.5 and 1.5 round away from zero"
+        );
     }
 
     #[test]
