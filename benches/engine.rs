@@ -28,7 +28,8 @@ fn main() {
     let decode: usize = arg("--decode").map_or(128, |s| s.parse().unwrap());
     // `--streams N` runs only the N-stream decode (for profiling).
     let only_streams: Option<usize> = arg("--streams").map(|s| s.parse().unwrap());
-    // `--adapters-only` runs only the adapter load and mixed-adapter decode (for profiling).
+    // `--adapters-only` runs only the adapter load and mixed-adapter decode (for profiling), and
+    // with `--mix none|shared|distinct` only that one batch.
     let adapters_only = args.iter().any(|a| a == "--adapters-only");
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -80,6 +81,16 @@ fn main() {
     let one: Vec<Option<&LoraAdapter>> = vec![Some(&adapters[0]); 8];
     let eight: Vec<Option<&LoraAdapter>> = adapters.iter().map(Some).collect();
     let labels = ["none", "1 shared (rank 16)", "8 distinct (rank 16)"];
+    // `--mix none|shared|distinct` runs only that batch (for profiling).
+    if let Some(mix) = arg("--mix") {
+        let (label, set) = match mix.as_str() {
+            "none" => (labels[0], &none),
+            "shared" => (labels[1], &one),
+            _ => (labels[2], &eight),
+        };
+        print_row(8, label, Run::new(&model, &prompt, set).steps(decode));
+        return;
+    }
     let runs = [&none, &one, &eight].map(|s| Run::new(&model, &prompt, s));
     for (label, ms) in labels.iter().zip(alternate(runs.into(), decode)) {
         print_row(8, label, ms);

@@ -526,8 +526,6 @@ pub struct Q8Narrow {
 pub struct QuantVec {
     quants: Vec<i8>,
     scale: f32,
-    /// Σ quants (the VNNI path's unsigned-offset correction).
-    sum: i32,
 }
 
 impl QuantVec {
@@ -535,8 +533,7 @@ impl QuantVec {
     pub fn new(v: &[f32], width: usize) -> Self {
         let mut quants = vec![0i8; width.max(v.len())];
         let scale = quantize_block(v, &mut quants[..v.len()]);
-        let sum = quants.iter().map(|&q| i32::from(q)).sum();
-        Self { quants, scale, sum }
+        Self { quants, scale }
     }
 }
 
@@ -631,10 +628,15 @@ impl Q8Narrow {
             // chosen where the CPU reports avx512vnni and avx512vl.
             Kernel::Avx2 | Kernel::Vnni => unsafe {
                 let (w, d, q, y) = (w.as_ptr(), d.as_ptr(), v.quants.as_ptr(), y.as_mut_ptr());
-                if kernel == Kernel::Vnni {
-                    x86::narrow_vnni(w, d, q, v.sum, v.scale, chunks, n, y);
-                } else {
-                    x86::narrow_avx2(w, d, q, v.sum, v.scale, chunks, n, y);
+                match (kernel == Kernel::Vnni, chunks) {
+                    (true, 2) => x86::narrow_vnni::<2>(w, d, q, v.scale, chunks, n, y),
+                    (true, 4) => x86::narrow_vnni::<4>(w, d, q, v.scale, chunks, n, y),
+                    (true, 8) => x86::narrow_vnni::<8>(w, d, q, v.scale, chunks, n, y),
+                    (true, _) => x86::narrow_vnni::<0>(w, d, q, v.scale, chunks, n, y),
+                    (false, 2) => x86::narrow_avx2::<2>(w, d, q, v.scale, chunks, n, y),
+                    (false, 4) => x86::narrow_avx2::<4>(w, d, q, v.scale, chunks, n, y),
+                    (false, 8) => x86::narrow_avx2::<8>(w, d, q, v.scale, chunks, n, y),
+                    (false, _) => x86::narrow_avx2::<0>(w, d, q, v.scale, chunks, n, y),
                 }
             },
         }
@@ -791,21 +793,7 @@ pub(super) mod x86 {
     #[inline]
     #[target_feature(enable = "avx2")]
     fn dot_avx2(acc: __m256i, aw: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        let pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
-        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
-    /// VNNI: w + 128 as unsigned bytes; the kernel subtracts 128·Σx per block afterwards.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn prep_vnni(w: __m256i) -> (__m256i, __m256i) {
-        (_mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN)), w)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-    fn dot_vnni(acc: __m256i, uw: __m256i, _w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, uw, x)
+        mul_avx2(acc, aw, _mm256_sign_epi8(x, w))
     }
 
     /// Sums eight floats in the order `super::hsum8` does.
@@ -975,18 +963,36 @@ pub(super) mod x86 {
         };
     }
 
+    /// AVX2: unsigned × signed bytes, four products into each int32 lane (the pairs fit i16
+    /// exactly when the unsigned side is at most 127).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn mul_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(u, s);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    fn mul_vnni(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, u, s)
+    }
+
     macro_rules! narrow {
-        ($name:ident, $features:literal, $prep:ident, $dot:ident, $offset:literal) => {
+        ($name:ident, $features:literal, $mul:ident) => {
+            /// `y += W · v` over `n` groups of eight rows. v's four-byte words are broadcast, and
+            /// each v byte's sign moved onto the weights, so the product takes |v| unsigned: with
+            /// `C` > 0 (then `chunks` == C) once for all groups, held in registers; with C == 0
+            /// for each group.
+            ///
             /// SAFETY (callers): the CPU has the features named below; `w` holds `n` groups of
             /// `chunks` 32-byte vectors, `d` `n` scales, `y` `n` × 8 floats, `v` `chunks` × 4
-            /// bytes that sum to `v_sum`.
-            #[allow(clippy::too_many_arguments)]
+            /// bytes.
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(
+            pub(super) unsafe fn $name<const C: usize>(
                 w: *const i8,
                 d: *const f32,
                 v: *const i8,
-                v_sum: i32,
                 v_scale: f32,
                 chunks: usize,
                 n: usize,
@@ -994,17 +1000,27 @@ pub(super) mod x86 {
             ) {
                 // SAFETY: every offset stays within the extents the caller vouches for.
                 unsafe {
+                    let mut held = [(_mm256_setzero_si256(), _mm256_setzero_si256()); C];
+                    for (c, h) in held.iter_mut().enumerate() {
+                        let b = _mm256_set1_epi32(v.add(c * LANE).cast::<i32>().read_unaligned());
+                        *h = (_mm256_sign_epi8(b, b), b);
+                    }
                     for g in 0..n {
+                        let row = w.add(g * chunks * 32);
                         let mut acc = _mm256_setzero_si256();
-                        for c in 0..chunks {
-                            let (p, q) =
-                                $prep(_mm256_loadu_si256(w.add((g * chunks + c) * 32).cast()));
-                            let x =
-                                _mm256_set1_epi32(v.add(c * LANE).cast::<i32>().read_unaligned());
-                            acc = $dot(acc, p, q, x);
-                        }
-                        if $offset != 0 {
-                            acc = _mm256_sub_epi32(acc, _mm256_set1_epi32($offset * v_sum));
+                        if C > 0 {
+                            for (c, &(u, b)) in held.iter().enumerate() {
+                                let wv = _mm256_loadu_si256(row.add(c * 32).cast());
+                                acc = $mul(acc, u, _mm256_sign_epi8(wv, b));
+                            }
+                        } else {
+                            for c in 0..chunks {
+                                let b = _mm256_set1_epi32(
+                                    v.add(c * LANE).cast::<i32>().read_unaligned(),
+                                );
+                                let wv = _mm256_loadu_si256(row.add(c * 32).cast());
+                                acc = $mul(acc, _mm256_sign_epi8(b, b), _mm256_sign_epi8(wv, b));
+                            }
                         }
                         let sc = _mm256_set1_ps(*d.add(g) * v_scale);
                         let yo = y.add(g * 8);
@@ -1016,14 +1032,8 @@ pub(super) mod x86 {
         };
     }
 
-    narrow!(narrow_avx2, "avx2,fma", prep_avx2, dot_avx2, 0);
-    narrow!(
-        narrow_vnni,
-        "avx2,fma,avx512vnni,avx512vl",
-        prep_vnni,
-        dot_vnni,
-        128
-    );
+    narrow!(narrow_avx2, "avx2,fma", mul_avx2);
+    narrow!(narrow_vnni, "avx2,fma,avx512vnni,avx512vl", mul_vnni);
 
     kernel!(avx2, "avx2,fma", prep_avx2, dot_avx2, bias_none);
     kernel!(
@@ -1109,7 +1119,7 @@ mod tests {
         ))]
         kernels.push(Kernel::Avx2);
         let rows = 48;
-        for width in [1usize, 4, 6, 16, 64] {
+        for width in [1usize, 4, 6, 8, 16, 32, 64] {
             let w = lcg(rows * width, width as u64);
             let q = Q8Narrow::quantize(&w, rows, width).unwrap();
             let v = lcg(width, 77 + width as u64);
