@@ -193,7 +193,7 @@ impl Kernel {
                 target_feature = "avx2",
                 target_feature = "fma"
             ))]
-            Kernel::Avx2 => &[4, 2, 1],
+            Kernel::Avx2 => &[8, 4, 2, 1],
             #[cfg(all(
                 target_arch = "x86_64",
                 target_feature = "avx2",
@@ -721,6 +721,7 @@ unsafe fn dot_span(
                     (Kernel::Vnni, 4) => x86::vnni::<4>(&span),
                     (Kernel::Vnni, 2) => x86::vnni::<2>(&span),
                     (Kernel::Vnni, _) => x86::vnni::<1>(&span),
+                    (_, 8) => x86::avx2::<8>(&span),
                     (_, 4) => x86::avx2::<4>(&span),
                     (_, 2) => x86::avx2::<2>(&span),
                     _ => x86::avx2::<1>(&span),
@@ -893,7 +894,7 @@ pub(super) mod x86 {
     }
 
     macro_rules! kernel {
-        ($name:ident, $features:literal, $prep:ident, $dot:ident, $bias:ident) => {
+        ($name:ident, $features:literal, $prep:ident, $dot:ident, $bias:ident, $fence:literal) => {
             /// SAFETY (callers): the CPU has the features named below, and every pointer of
             /// `s` is valid for the extent `Span` describes, with R activation rows.
             #[target_feature(enable = $features)]
@@ -930,6 +931,14 @@ pub(super) mod x86 {
                                 let (p, q) = $prep(wv);
                                 for (r, a) in acc.iter_mut().enumerate() {
                                     *a = $dot(*a, p, q, load(x.add(r * cols + o)));
+                                }
+                                if $fence {
+                                    // An empty block the compiler must assume touches memory:
+                                    // it keeps the next weight vector's load below this one's
+                                    // products. Unrolled without it, the loop loads all eight
+                                    // weight vectors (and their absolute values) first, more
+                                    // than sixteen registers hold at four rows.
+                                    std::arch::asm!("", options(nostack, preserves_flags));
                                 }
                             }
                             let wsv = _mm256_loadu_ps(ws.add(g * GROUP));
@@ -1035,13 +1044,14 @@ pub(super) mod x86 {
     narrow!(narrow_avx2, "avx2,fma", mul_avx2);
     narrow!(narrow_vnni, "avx2,fma,avx512vnni,avx512vl", mul_vnni);
 
-    kernel!(avx2, "avx2,fma", prep_avx2, dot_avx2, bias_none);
+    kernel!(avx2, "avx2,fma", prep_avx2, dot_avx2, bias_none, true);
     kernel!(
         vnni,
         "avx2,fma,avx512vnni,avx512vl",
         prep_signed,
         dot_vnni_biased,
-        bias_vnni
+        bias_vnni,
+        false
     );
 }
 
