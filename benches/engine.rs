@@ -64,11 +64,12 @@ fn main() {
         write_adapter(&d, &model.cfg, 16, i as u64);
         let t = Instant::now();
         // As the engine loads them: quantized when the base is Q8_0.
-        let mut a =
-            LoraAdapter::load(&format!("bench/a{i}"), "smollm2", &d, &model.cfg, true).unwrap();
-        if weights == WeightFormat::Q8_0 {
-            a.quantize_q8();
-        }
+        let id = format!("bench/a{i}");
+        let a = if weights == WeightFormat::Q8_0 {
+            LoraAdapter::load_q8(&id, "smollm2", &d, &model.cfg, true).unwrap()
+        } else {
+            LoraAdapter::load(&id, "smollm2", &d, &model.cfg, true).unwrap()
+        };
         load_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         adapters.push(a);
     }

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::model::LlamaConfig;
+use crate::ops::lora::{LowRank, Q8LowRank};
 
 /// The projections an adapter may target, in the order the fused base matrices stack them.
 pub const MODULES: [&str; 7] = [
@@ -130,14 +131,37 @@ fn permute_rows_for_gguf(b: &Tensor, heads: usize) -> candle_core::Result<Tensor
 }
 
 impl LoraAdapter {
-    /// Loads a PEFT adapter directory for a base of shape `cfg`. `gguf_layout` applies the q/k row
-    /// permutation GGUF bases need.
+    /// Loads a PEFT adapter directory for a base of shape `cfg`, in f32. `gguf_layout` applies
+    /// the q/k row permutation GGUF bases need.
     pub fn load(
         id: &str,
         base: &str,
         dir: &Path,
         cfg: &LlamaConfig,
         gguf_layout: bool,
+    ) -> Result<Self, LoraError> {
+        Self::load_as(id, base, dir, cfg, gguf_layout, false)
+    }
+
+    /// `load`, quantizing every module whose widths allow it as it goes (for a Q8_0 base): the
+    /// same adapter as `load` then `quantize_q8`, in about half the time.
+    pub fn load_q8(
+        id: &str,
+        base: &str,
+        dir: &Path,
+        cfg: &LlamaConfig,
+        gguf_layout: bool,
+    ) -> Result<Self, LoraError> {
+        Self::load_as(id, base, dir, cfg, gguf_layout, true)
+    }
+
+    fn load_as(
+        id: &str,
+        base: &str,
+        dir: &Path,
+        cfg: &LlamaConfig,
+        gguf_layout: bool,
+        quantize: bool,
     ) -> Result<Self, LoraError> {
         let invalid = |message: String| LoraError::Invalid {
             name: id.to_string(),
@@ -242,20 +266,21 @@ impl LoraAdapter {
             if gguf_layout && module == "k_proj" {
                 b = permute_rows_for_gguf(&b, kvh).map_err(|e| invalid(e.to_string()))?;
             }
-            let flat_t = |t: &Tensor| {
-                t.t()
-                    .and_then(|t| t.contiguous())
-                    .and_then(|t| t.flatten_all())
+            let flat = |t: &Tensor| {
+                t.flatten_all()
                     .and_then(|t| t.to_vec1::<f32>())
                     .map_err(|e| invalid(e.to_string()))
             };
-            let m = Some(ModuleLora::F32(crate::ops::lora::LowRank {
-                rank,
-                input: in_dim,
-                output: out_dim,
-                a_t: flat_t(&a)?,
-                b_t: flat_t(&b)?,
-            }));
+            let (av, bv) = (flat(&a)?, flat(&b)?);
+            let q8 = quantize
+                .then(|| Q8LowRank::from_factors(&av, &bv, rank, in_dim, out_dim))
+                .flatten();
+            let m = Some(match q8 {
+                Some(q) => ModuleLora::Q8(q),
+                None => {
+                    ModuleLora::F32(LowRank::from_kernel_layout(&av, &bv, rank, in_dim, out_dim))
+                }
+            });
             let l = &mut layers[layer];
             match module {
                 "q_proj" => l.qkv[0] = m,

@@ -332,10 +332,11 @@ impl Engine {
         dir: &Path,
     ) -> Result<(Arc<LoraAdapter>, Vec<String>), LoraError> {
         lora::check_name(id)?;
-        let mut adapter = LoraAdapter::load(id, &self.name, dir, &self.shape, self.gguf_layout)?;
-        if self.quantize_adapters {
-            adapter.quantize_q8();
-        }
+        let adapter = if self.quantize_adapters {
+            LoraAdapter::load_q8(id, &self.name, dir, &self.shape, self.gguf_layout)?
+        } else {
+            LoraAdapter::load(id, &self.name, dir, &self.shape, self.gguf_layout)?
+        };
         let evicted = self.adapters.insert(adapter);
         let loaded = self
             .adapters

@@ -440,6 +440,10 @@ mod lora_tests {
                 .remove(0)
         };
         let (bare, want, got) = (run(None), run(Some(&exact)), run(Some(&quant)));
+        // Quantized while loading (as the engine does): the same adapter, bit for bit.
+        let direct = LoraAdapter::load_q8("t/a", "tiny", &adir, &m.cfg, true).unwrap();
+        assert_eq!(direct.bytes(), quant.bytes());
+        assert_eq!(run(Some(&direct)), got);
         let effect = max_diff(&bare, &want);
         assert!(effect > 1e-2, "the adapter changes the logits ({effect})");
         let err = max_diff(&got, &want);

@@ -128,12 +128,34 @@ impl Q8LowRank {
                 b[o * r + j] = m.b_t[j * output + o];
             }
         }
+        Self::from_factors(&a, &b, r, input, output)
+    }
+
+    /// From the factors as a PEFT adapter stores them, row-major: `a` (rank × input) and `b`
+    /// (output × rank). The same module as `quantize` of its `LowRank`, without the round trip
+    /// through the transposed f32 layout. `None` as for `quantize`, or when the lengths do not
+    /// match the shape.
+    pub fn from_factors(
+        a: &[f32],
+        b: &[f32],
+        rank: usize,
+        input: usize,
+        output: usize,
+    ) -> Option<Self> {
+        if rank == 0
+            || input % BLOCK != 0
+            || output % BLOCK != 0
+            || a.len() != rank * input
+            || b.len() != output * rank
+        {
+            return None;
+        }
         Some(Self {
-            rank: r,
+            rank,
             input,
             output,
-            a: QuantRows::new(&a, r, input),
-            b: Q8Narrow::quantize(&b, output, r)?,
+            a: QuantRows::new(a, rank, input),
+            b: Q8Narrow::quantize(b, output, rank)?,
         })
     }
 
