@@ -112,9 +112,6 @@ impl Q8LowRank {
     /// `None` when the input or output width is not a multiple of 32 (the module stays f32).
     pub fn quantize(m: &LowRank) -> Option<Self> {
         let (r, input, output) = (m.rank, m.input, m.output);
-        if r == 0 || input % BLOCK != 0 || output % BLOCK != 0 {
-            return None;
-        }
         // A = (a_t)ᵀ: rank rows of `input`; B = (b_t)ᵀ: output rows of `rank`.
         let mut a = vec![0f32; r * input];
         for k in 0..input {
@@ -143,8 +140,8 @@ impl Q8LowRank {
         output: usize,
     ) -> Option<Self> {
         if rank == 0
-            || input % BLOCK != 0
-            || output % BLOCK != 0
+            || !input.is_multiple_of(BLOCK)
+            || !output.is_multiple_of(BLOCK)
             || a.len() != rank * input
             || b.len() != output * rank
         {
