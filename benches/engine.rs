@@ -87,7 +87,8 @@ fn main() {
         let (label, set) = match mix.as_str() {
             "none" => (labels[0], &none),
             "shared" => (labels[1], &one),
-            _ => (labels[2], &eight),
+            "distinct" => (labels[2], &eight),
+            other => panic!("--mix takes none, shared or distinct, not '{other}'"),
         };
         print_row(8, label, Run::new(&model, &prompt, set).steps(decode));
         return;

@@ -365,8 +365,8 @@ fn prefetch_l2<T>(data: &[T]) {
 
 /// The output buffer, shared with the worker pool for disjoint writes.
 struct SharedOut(*mut f32);
-// SAFETY: workers write disjoint output columns (see `Q8Matrix::product`), so sharing the pointer races
-// on nothing.
+// SAFETY: workers write disjoint output columns (see `Q8Matrix::product`), so sharing the
+// pointer races on nothing.
 unsafe impl Sync for SharedOut {}
 
 impl QuantRows {
@@ -644,8 +644,9 @@ impl Q8Narrow {
 }
 
 /// Weight rows `rows` of `w` (row-major, `cols` bytes each, interleaved) and `ws` (their scales)
-/// against activation rows `i..i + r` of `x` (`tile`, r a width `x`'s kernel has), with `x`'s kernel:
-/// weight row j's result for activation row i + k goes to `out.0[k · out.1 + j - rows.start]`.
+/// against activation rows `i..i + r` of `x` (`tile`, r a width `x`'s kernel has), with `x`'s
+/// kernel: weight row j's result for activation row i + k goes to
+/// `out.0[k · out.1 + j - rows.start]`.
 /// `prefetch`: the x86 kernels also ask for the weights `PREFETCH_BYTES` ahead.
 ///
 /// SAFETY (callers): `out` is valid for writes at every such index, and no other thread touches
@@ -835,9 +836,9 @@ pub(super) mod x86 {
     }
 
     /// `super::quantize_block` for one whole block, eight values to a vector, with the same
-    /// results: the same maximum, scale and products, rounded half away from zero (adding the
-    /// float just below one half, with the sign of the value, then truncating, rounds exactly
-    /// as `f32::round` does) and clamped the same way.
+    /// results for finite values: the same maximum, scale and products, rounded half away from
+    /// zero (adding the float just below one half, with the sign of the value, then truncating,
+    /// rounds exactly as `f32::round` does) and clamped the same way.
     pub(in crate::ops) fn quantize_block(src: &[f32; BLOCK], dst: &mut [i8; BLOCK]) -> f32 {
         // SAFETY: the loads read the 32 floats of `src` and the store writes the 32 bytes of
         // `dst`, in four and one unaligned 32-byte accesses; the cfg guarantees AVX2.
@@ -879,8 +880,9 @@ pub(super) mod x86 {
     }
 
     /// What `super::dot_span` hands a kernel: `rows` interleaved weight rows (`nb` blocks each)
-    /// from `w`, their scales from `ws`, R activation rows from `x` (stored as the kernel reads them) and their scales
-    /// from `xs`; weight row j's result for activation row k goes to `out[k · stride + j]`.
+    /// from `w`, their scales from `ws`, R activation rows from `x` (stored as the kernel reads
+    /// them) and their scales from `xs`; weight row j's result for activation row k goes to
+    /// `out[k · stride + j]`.
     pub(super) struct Span {
         pub w: *const i8,
         pub ws: *const f32,
