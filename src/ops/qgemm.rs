@@ -1063,6 +1063,19 @@ mod tests {
 
     use crate::ops::test_values as lcg;
 
+    /// Every kernel this CPU runs, the portable reference first.
+    fn kernels_here() -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::Portable, Kernel::best()];
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        kernels.push(Kernel::Avx2);
+        kernels.dedup();
+        kernels
+    }
+
     #[test]
     fn matches_an_f32_matmul_within_quantization_error_for_any_batch() {
         let (rows, cols) = (70, 96);
@@ -1082,13 +1095,7 @@ mod tests {
     /// batches that exercise full tiles and leftover rows: bit-identical results.
     #[test]
     fn every_kernel_gives_the_same_bits_as_the_portable_one() {
-        let mut kernels = vec![Kernel::Portable, Kernel::best()];
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        kernels.push(Kernel::Avx2);
+        let kernels = kernels_here();
         for nb in [1usize, 3, 8, 18, 48, 50] {
             let (rows, cols) = (13, nb * BLOCK);
             let w =
@@ -1123,13 +1130,7 @@ mod tests {
     /// stay within int8 error of the f32 product.
     #[test]
     fn every_narrow_kernel_gives_the_same_bits_and_the_f32_product() {
-        let mut kernels = vec![Kernel::best()];
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        kernels.push(Kernel::Avx2);
+        let kernels = kernels_here();
         let rows = 48;
         for width in [1usize, 4, 6, 8, 16, 32, 64] {
             let w = lcg(rows * width, width as u64);
@@ -1174,13 +1175,7 @@ mod tests {
     /// were quantized for (a biased row is unbiased first).
     #[test]
     fn dots_with_matches_the_matrix_product_for_every_pair_of_kernels() {
-        let mut kernels = vec![Kernel::Portable, Kernel::best()];
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        kernels.push(Kernel::Avx2);
+        let kernels = kernels_here();
         let (rank, cols, m) = (16, 18 * BLOCK, 3);
         let a = lcg(rank * cols, 21);
         let x = lcg(m * cols, 22);
