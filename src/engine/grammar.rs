@@ -14,9 +14,10 @@
 //!
 //! Schema support: `type` (one or a list), `properties` (objects are closed to the declared
 //! properties, so a model cannot invent parameters), `required`, `items`, `minItems`/`maxItems`,
-//! `enum`, `const`, `anyOf`/`oneOf` (chosen by the value's first byte). Keywords outside that set
-//! (`pattern`, `format`, string and number bounds, `$ref`, `allOf`) are not enforced: such a value
-//! is still valid JSON of the right type (or any JSON where the type is not known).
+//! `minLength`/`maxLength` (in characters), `enum`, `const`, `anyOf`/`oneOf` (chosen by the
+//! value's first byte). Keywords outside that set (`pattern`, `format`, number bounds, `$ref`,
+//! `allOf`) are not enforced: such a value is still valid JSON of the right type (or any JSON where
+//! the type is not known).
 
 use serde_json::Value;
 
@@ -53,9 +54,16 @@ enum Schema {
         min: u32,
         max: u32,
     },
-    String,
+    /// Between `min` and `max` characters (Unicode code points, as JSON Schema counts them).
+    String {
+        min: u32,
+        max: u32,
+    },
+    /// A number; an integer may be bounded to `lo..=hi`.
     Number {
         integer: bool,
+        lo: i64,
+        hi: i64,
     },
     /// One of these serialized values, byte for byte.
     Literals(LitId),
@@ -240,9 +248,56 @@ impl ToolGrammar {
                 }
                 self.push(Schema::Array { items, min, max })
             }
-            "string" => self.push(Schema::String),
-            "number" => self.push(Schema::Number { integer: false }),
-            "integer" => self.push(Schema::Number { integer: true }),
+            "string" => {
+                let bound = |k: &str| {
+                    v.get(k)
+                        .and_then(Value::as_u64)
+                        .map(|n| n.min(u64::from(u32::MAX)) as u32)
+                };
+                let (min, max) = (
+                    bound("minLength").unwrap_or(0),
+                    bound("maxLength").unwrap_or(u32::MAX),
+                );
+                if min > max {
+                    return self.any;
+                }
+                self.push(Schema::String { min, max })
+            }
+            "number" => self.push(Schema::Number {
+                integer: false,
+                lo: i64::MIN,
+                hi: i64::MAX,
+            }),
+            "integer" => {
+                // Bounds as JSON Schema writes them (draft 6 on: exclusive ones are numbers),
+                // rounded inwards to integers.
+                let num = |k: &str| v.get(k).and_then(Value::as_f64);
+                let lo = [
+                    num("minimum"),
+                    num("exclusiveMinimum").map(|x| x.floor() + 1.0),
+                ]
+                .into_iter()
+                .flatten()
+                .map(f64::ceil)
+                .fold(i64::MIN as f64, f64::max);
+                let hi = [
+                    num("maximum"),
+                    num("exclusiveMaximum").map(|x| x.ceil() - 1.0),
+                ]
+                .into_iter()
+                .flatten()
+                .map(f64::floor)
+                .fold(i64::MAX as f64, f64::min);
+                if lo > hi {
+                    return self.any;
+                }
+                // `as` saturates: bounds beyond i64 are no bound.
+                self.push(Schema::Number {
+                    integer: true,
+                    lo: lo as i64,
+                    hi: hi as i64,
+                })
+            }
             "boolean" => {
                 let l = self.lit(vec![b"true".to_vec(), b"false".to_vec()]);
                 self.push(Schema::Literals(l))
@@ -264,7 +319,7 @@ impl ToolGrammar {
             ),
             Schema::Object { .. } | Schema::OpenObject => b == b'{',
             Schema::Array { .. } => b == b'[',
-            Schema::String => b == b'"',
+            Schema::String { .. } => b == b'"',
             Schema::Number { .. } => b == b'-' || b.is_ascii_digit(),
             Schema::Literals(l) => self.lits[*l as usize].iter().any(|c| c.first() == Some(&b)),
             Schema::Union(alts) => alts.iter().any(|a| self.starts(*a, b)),
@@ -334,11 +389,15 @@ enum Frame {
         stage: ArrStage,
     },
     /// Inside a string, after its opening quote. `esc`: 0 plain; 1 after a backslash; 10 + n: n
-    /// hex digits of a `\u` escape to go; 20: after a `\u` escape's leading `d`. `close`: bytes of `</tool_call>` at its end, which it may
-    /// not contain whole (the block would end there for whoever parses it).
+    /// hex digits of a `\u` escape to go; 20: after a `\u` escape's leading `d`. `close`: bytes
+    /// of `</tool_call>` at its end, which it may not contain whole (the block would end there for
+    /// whoever parses it). `len`: characters so far, of `min..=max`.
     Str {
         esc: u8,
         close: u8,
+        len: u32,
+        min: u32,
+        max: u32,
     },
     Num {
         stage: NumStage,
@@ -346,6 +405,11 @@ enum Frame {
         len: u8,
         /// Digits in the integer part or the exponent, whichever is being written.
         digits: u8,
+        /// An integer's sign and the magnitude of its digits so far.
+        neg: bool,
+        mag: i64,
+        /// Where an integer's bounds are (`Schema::Number`), or `None` for no bounds.
+        bounds: Option<SchemaId>,
     },
     /// Matching one of a literal set: `alive` marks the candidates still matching `pos` bytes.
     Lit {
@@ -412,6 +476,46 @@ fn lit_frame(g: &ToolGrammar, lit: LitId) -> Frame {
     }
 }
 
+/// A string's frame after its opening quote.
+fn string(min: u32, max: u32) -> Frame {
+    Frame::Str {
+        esc: 0,
+        close: 0,
+        len: 0,
+        min,
+        max,
+    }
+}
+
+/// A number's frame before its first byte.
+fn number(integer: bool, bounds: Option<SchemaId>) -> Frame {
+    Frame::Num {
+        stage: NumStage::Start,
+        integer,
+        len: 0,
+        digits: 0,
+        neg: false,
+        mag: 0,
+        bounds,
+    }
+}
+
+/// Whether an integer whose digits so far read `mag` (negative if `neg`) can still end inside
+/// `lo..=hi`: as it is, or with up to `more` digits appended.
+fn integer_can_reach(neg: bool, mag: i64, more: u8, lo: i64, hi: i64) -> bool {
+    let (lo, hi) = (i128::from(lo), i128::from(hi));
+    let mut scale = 1i128;
+    for _ in 0..=more {
+        let (a, b) = (i128::from(mag) * scale, i128::from(mag) * scale + scale - 1);
+        let (a, b) = if neg { (-b, -a) } else { (a, b) };
+        if a <= hi && lo <= b {
+            return true;
+        }
+        scale *= 10;
+    }
+    false
+}
+
 /// The frame a value of schema `id` starting with byte `b` becomes.
 fn value_start(g: &ToolGrammar, id: SchemaId, b: u8) -> Act {
     let schema = &g.schemas[id as usize];
@@ -455,27 +559,12 @@ fn value_start(g: &ToolGrammar, id: SchemaId, b: u8) -> Act {
             },
             false,
         ),
-        (Schema::Any | Schema::String, b'"') => {
-            Act::Replace(Frame::Str { esc: 0, close: 0 }, false)
+        (Schema::Any, b'"') => Act::Replace(string(0, u32::MAX), false),
+        (&Schema::String { min, max }, b'"') => Act::Replace(string(min, max), false),
+        (Schema::Any, b'-' | b'0'..=b'9') => Act::Replace(number(false, None), true),
+        (&Schema::Number { integer, .. }, b'-' | b'0'..=b'9') => {
+            Act::Replace(number(integer, integer.then_some(id)), true)
         }
-        (Schema::Any, b'-' | b'0'..=b'9') => Act::Replace(
-            Frame::Num {
-                stage: NumStage::Start,
-                integer: false,
-                len: 0,
-                digits: 0,
-            },
-            true,
-        ),
-        (&Schema::Number { integer }, b'-' | b'0'..=b'9') => Act::Replace(
-            Frame::Num {
-                stage: NumStage::Start,
-                integer,
-                len: 0,
-                digits: 0,
-            },
-            true,
-        ),
         (Schema::Any, b't' | b'f' | b'n') => Act::Replace(lit_frame(g, g.any_word), true),
         (&Schema::Literals(l), _) => Act::Replace(lit_frame(g, l), true),
         _ => Act::Reject,
@@ -717,7 +806,7 @@ impl CallState {
                     (ObjStage::Open | ObjStage::After, b'}') => Act::Done(0, true),
                     (ObjStage::Open | ObjStage::Comma, b'"') => {
                         self.set_top(with(ObjStage::Key));
-                        Act::Push(Frame::Str { esc: 0, close: 0 }, false)
+                        Act::Push(string(0, u32::MAX), false)
                     }
                     (ObjStage::Colon, b':') => {
                         self.set_top(with(ObjStage::Value));
@@ -757,7 +846,13 @@ impl CallState {
                     _ => Act::Reject,
                 }
             }
-            Frame::Str { esc, close } => {
+            Frame::Str {
+                esc,
+                close,
+                len,
+                min,
+                max,
+            } => {
                 let close = match (esc, CLOSE.get(close as usize)) {
                     (0, Some(&c)) if c == b => close + 1,
                     _ => u8::from(esc == 0 && b == CLOSE[0]),
@@ -765,8 +860,20 @@ impl CallState {
                 if close as usize == CLOSE.len() {
                     return Act::Reject;
                 }
+                // A character starts at an unescaped byte that does not continue a UTF-8
+                // sequence; an escape (its backslash) is one character.
+                let len = match (esc, b) {
+                    (0, b'"') if len >= min => return Act::Done(0, true),
+                    (0, b'"') => return Act::Reject,
+                    (0, _) if b & 0xC0 != 0x80 => {
+                        if len >= max {
+                            return Act::Reject;
+                        }
+                        len + 1
+                    }
+                    _ => len,
+                };
                 let next = match (esc, b) {
-                    (0, b'"') => return Act::Done(0, true),
                     (0, b'\\') => 1,
                     (0, 0..=0x1f) => return Act::Reject,
                     (0, _) => 0,
@@ -785,13 +892,25 @@ impl CallState {
                     }
                     _ => return Act::Reject,
                 };
-                Act::Replace(Frame::Str { esc: next, close }, false)
+                Act::Replace(
+                    Frame::Str {
+                        esc: next,
+                        close,
+                        len,
+                        min,
+                        max,
+                    },
+                    false,
+                )
             }
             Frame::Num {
                 stage,
                 integer,
                 len,
                 digits,
+                neg,
+                mag,
+                bounds,
             } => {
                 use NumStage::*;
                 let digit = b.is_ascii_digit();
@@ -815,21 +934,54 @@ impl CallState {
                     (Exp | ExpSign | ExpDigits, _) if digit => Some(ExpDigits),
                     _ => None,
                 };
+                let range = match bounds.map(|id| &g.schemas[id as usize]) {
+                    Some(&Schema::Number { lo, hi, .. }) => Some((lo, hi)),
+                    _ => None,
+                };
                 match next {
-                    Some(next) => Act::Replace(
-                        Frame::Num {
-                            stage: next,
-                            integer,
-                            len: len + 1,
-                            digits: if next == stage {
-                                digits + 1
-                            } else {
-                                u8::from(digit)
+                    Some(next) => {
+                        let digits = if next == stage {
+                            digits + 1
+                        } else {
+                            u8::from(digit)
+                        };
+                        let (neg, mag) = match next {
+                            Minus => (true, 0),
+                            Zero | Int => (neg, mag * 10 + i64::from(b - b'0')),
+                            _ => (neg, mag),
+                        };
+                        if let Some((lo, hi)) = range {
+                            // Only integers are bounded: a sign or digits no integer in range
+                            // starts with are refused, so the number can always be finished.
+                            let reachable = match next {
+                                Minus => lo <= -1 && hi > -(10i64.pow(u32::from(MAX_INT_DIGITS))),
+                                Zero => lo <= 0 && 0 <= hi,
+                                _ => integer_can_reach(neg, mag, MAX_INT_DIGITS - digits, lo, hi),
+                            };
+                            if !reachable {
+                                return Act::Reject;
+                            }
+                        }
+                        Act::Replace(
+                            Frame::Num {
+                                stage: next,
+                                integer,
+                                len: len + 1,
+                                digits,
+                                neg,
+                                mag,
+                                bounds,
                             },
-                        },
-                        false,
-                    ),
-                    None if matches!(stage, Zero | Int | Frac | ExpDigits) => Act::Done(0, false),
+                            false,
+                        )
+                    }
+                    None if matches!(stage, Zero | Int | Frac | ExpDigits) => {
+                        let value = if neg { -mag } else { mag };
+                        match range {
+                            Some((lo, hi)) if !(lo..=hi).contains(&value) => Act::Reject,
+                            _ => Act::Done(0, false),
+                        }
+                    }
                     None => Act::Reject,
                 }
             }
@@ -915,7 +1067,9 @@ pub struct Vocab {
     /// End-of-turn tokens: allowed between calls.
     eos: Vec<u32>,
     nodes: Vec<Node>,
-    plain: Vec<u32>,
+    /// Tokens any string takes whole (no quote, backslash, control byte or `<`), with how many
+    /// characters each adds to it.
+    plain: Vec<(u32, u32)>,
     other: Vec<u32>,
 }
 
@@ -952,7 +1106,8 @@ impl Vocab {
                 if t.iter()
                     .all(|&b| b >= 0x20 && !matches!(b, b'"' | b'\\' | b'<'))
                 {
-                    plain.push(id);
+                    let chars = t.iter().filter(|&&b| b & 0xC0 != 0x80).count() as u32;
+                    plain.push((id, chars));
                 } else {
                     other.push(id);
                 }
@@ -1017,9 +1172,22 @@ impl CallState {
                 *a = true;
             }
         };
-        if matches!(self.frames.last(), Some(Frame::Str { esc: 0, close: 0 })) {
-            // Inside a string: every plain token continues it.
-            vocab.plain.iter().for_each(|&t| set(t));
+        if let Some(&Frame::Str {
+            esc: 0,
+            close: 0,
+            len,
+            max,
+            ..
+        }) = self.frames.last()
+        {
+            // Inside a string: every plain token continues it, if it has room for the token's
+            // characters.
+            let room = max - len;
+            for &(t, chars) in &vocab.plain {
+                if chars <= room {
+                    set(t);
+                }
+            }
             for &t in &vocab.other {
                 let mut s = self.clone();
                 if vocab.bytes(t).iter().all(|&b| s.feed(g, b)) {
@@ -1074,7 +1242,9 @@ mod tests {
                     "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
                     "coords": {"type": "object", "properties": {
                         "lat": {"type": "number"}, "lon": {"type": "number"}}, "required": ["lat", "lon"]},
-                    "note": {"type": ["string", "null"]}
+                    "note": {"type": ["string", "null"]},
+                    "code": {"type": "string", "minLength": 2, "maxLength": 4},
+                    "count": {"type": "integer", "minimum": -5, "exclusiveMaximum": 120}
                 },
                 "required": ["city"]}}}),
             json!({"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}),
@@ -1099,6 +1269,15 @@ mod tests {
             r#"{"city": "Oslo", "unit": "c", "days": 3, "hourly": false, "note": null}"#,
             r#"{ "coords": {"lat": -59.5, "lon": 1.07e+1}, "city": "a\"b\u00e9\n", "tags": ["x", "y"] }"#,
             r#"{"city": "Zürich", "note": "schön", "days": 0}"#,
+            // Lengths in characters: a multi-byte character or an escape is one.
+            r#"{"city": "x", "code": "ab"}"#,
+            r#"{"city": "x", "code": "é\u00e9\"a"}"#,
+            r#"{"city": "x", "code": "日本語"}"#,
+            // Integer bounds.
+            r#"{"city": "x", "count": -5}"#,
+            r#"{"city": "x", "count": 0}"#,
+            r#"{"city": "x", "count": 119}"#,
+            r#"{"city": "x", "count": 12}"#,
         ] {
             let s = takes(&g, &call("get_weather", args)).unwrap_or_else(|| panic!("{args}"));
             assert!(s.may_end(), "{args}: the block should be closed");
@@ -1131,6 +1310,16 @@ mod tests {
             call("get_weather", r#"{"city": "Oslo", "coords": {"lat": 1}}"#),
             call("get_weather", r#"{"city": 01}"#),
             call("get_weather", r#"{"city": "\ud83d\ude00"}"#),
+            call("get_weather", r#"{"city": "x", "code": "a"}"#),
+            call("get_weather", r#"{"city": "x", "code": ""}"#),
+            call("get_weather", r#"{"city": "x", "code": "abcde"}"#),
+            call("get_weather", r#"{"city": "x", "code": "éééé\n"}"#),
+            call("get_weather", r#"{"city": "x", "code": 12}"#),
+            call("get_weather", r#"{"city": "x", "count": -6}"#),
+            call("get_weather", r#"{"city": "x", "count": -10}"#),
+            call("get_weather", r#"{"city": "x", "count": 120}"#),
+            call("get_weather", r#"{"city": "x", "count": 1000}"#),
+            call("get_weather", r#"{"city": "x", "count": 5.0}"#),
             "<tool_call>{\"arguments\": {}, \"name\": \"get_time\"}</tool_call>".into(),
             "Sure! <tool_call>".into(),
             format!(
@@ -1237,7 +1426,9 @@ mod tests {
         match v["name"].as_str() {
             Some("get_time") => Ok(()),
             Some("get_weather") => {
-                let allowed = ["city", "unit", "days", "hourly", "tags", "coords", "note"];
+                let allowed = [
+                    "city", "unit", "days", "hourly", "tags", "coords", "note", "code", "count",
+                ];
                 if let Some(k) = args.keys().find(|k| !allowed.contains(&k.as_str())) {
                     return Err(format!("undeclared key {k}"));
                 }
@@ -1256,7 +1447,14 @@ mod tests {
                     })
                     && args
                         .get("note")
-                        .is_none_or(|n| n.is_string() || n.is_null());
+                        .is_none_or(|n| n.is_string() || n.is_null())
+                    && args.get("code").is_none_or(|c| {
+                        c.as_str()
+                            .is_some_and(|c| (2..=4).contains(&c.chars().count()))
+                    })
+                    && args
+                        .get("count")
+                        .is_none_or(|c| c.as_i64().is_some_and(|c| (-5..120).contains(&c)));
                 ok.then_some(())
                     .ok_or_else(|| format!("schema violated: {args:?}"))
             }
@@ -1318,6 +1516,16 @@ mod tests {
             "<tool_call>{\"name\": \"get_",
             "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Os",
             "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"days\": 1",
+            // A bounded string: too short to close, then with room for one more character,
+            // then full.
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"code\": \"é",
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"code\": \"a\\nü",
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"code\": \"a\\nüc",
+            // A bounded integer: after its sign, after a digit that may go on, and after one
+            // that may not.
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"count\": -",
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"count\": 1",
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"count\": 12",
             "<tool_call>{\"name\": \"get_time\", \"arguments\": {}}",
         ] {
             let s = takes(&g, prefix).unwrap();
