@@ -465,8 +465,9 @@ fn calls_of(v: &Value) -> Vec<(String, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_random_model_writes_schema_valid_calls_when_calls_are_constrained() {
-    // Weights with no idea of JSON: every well-formed call below is the grammar's doing. The
-    // schema has no free strings, so each call ends within a bounded number of tokens.
+    // Weights with no idea of JSON: every well-formed call below is the grammar's doing, bounds
+    // included. The schema's only string is bounded, so each call ends within a bounded number of
+    // tokens.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     // A template that names the tools itself keeps the prompt short for the byte-level vocabulary.
@@ -479,8 +480,9 @@ async fn a_random_model_writes_schema_valid_calls_when_calls_are_constrained() {
     let gw = GatewayProcess::start(&local_config(&path, ""));
     let tools = json!([
         {"type": "function", "function": {"name": "set_alarm", "parameters": {"type": "object",
-            "properties": {"hour": {"type": "integer"}, "am": {"type": "boolean"},
-                           "days": {"type": "array", "items": {"enum": ["mon", "tue", "wed"]}, "maxItems": 2}},
+            "properties": {"hour": {"type": "integer", "minimum": 1, "maximum": 12}, "am": {"type": "boolean"},
+                           "days": {"type": "array", "items": {"enum": ["mon", "tue", "wed"]}, "maxItems": 2},
+                           "label": {"type": "string", "minLength": 1, "maxLength": 3}},
             "required": ["hour", "am"], "additionalProperties": false}}},
         {"type": "function", "function": {"name": "snooze", "parameters": {"type": "object",
             "properties": {"minutes": {"enum": [5, 10]}}, "required": ["minutes"]}}}
@@ -504,11 +506,18 @@ async fn a_random_model_writes_schema_valid_calls_when_calls_are_constrained() {
             let o = args.as_object().unwrap();
             match name.as_str() {
                 "set_alarm" => {
-                    assert!(o["hour"].is_i64() || o["hour"].is_u64(), "{args}");
+                    assert!(
+                        o["hour"].as_i64().is_some_and(|h| (1..=12).contains(&h)),
+                        "{args}"
+                    );
                     assert!(o["am"].is_boolean(), "{args}");
                     assert!(o
                         .keys()
-                        .all(|k| ["hour", "am", "days"].contains(&k.as_str())));
+                        .all(|k| ["hour", "am", "days", "label"].contains(&k.as_str())));
+                    if let Some(l) = o.get("label") {
+                        let n = l.as_str().map(|l| l.chars().count());
+                        assert!(n.is_some_and(|n| (1..=3).contains(&n)), "{args}");
+                    }
                     if let Some(d) = o.get("days") {
                         let d = d.as_array().unwrap();
                         assert!(

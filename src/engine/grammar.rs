@@ -391,10 +391,12 @@ enum Frame {
     /// Inside a string, after its opening quote. `esc`: 0 plain; 1 after a backslash; 10 + n: n
     /// hex digits of a `\u` escape to go; 20: after a `\u` escape's leading `d`. `close`: bytes
     /// of `</tool_call>` at its end, which it may not contain whole (the block would end there for
-    /// whoever parses it). `len`: characters so far, of `min..=max`.
+    /// whoever parses it). `utf8`: the rest of a multi-byte character, 0 or `utf8_next`'s
+    /// state. `len`: characters so far, of `min..=max`.
     Str {
         esc: u8,
         close: u8,
+        utf8: u8,
         len: u32,
         min: u32,
         max: u32,
@@ -481,10 +483,39 @@ fn string(min: u32, max: u32) -> Frame {
     Frame::Str {
         esc: 0,
         close: 0,
+        utf8: 0,
         len: 0,
         min,
         max,
     }
+}
+
+/// UTF-8 inside a string: from state `at` (0: between characters; else 8 × the continuation
+/// bytes still due + which range the next one must fall in), the state after byte `b`, or `None`
+/// if `b` cannot come next in well-formed UTF-8 (overlong forms, surrogates and code points past
+/// U+10FFFF included). ASCII bytes leave the state at 0: the JSON rules for them are the caller's.
+fn utf8_next(at: u8, b: u8) -> Option<u8> {
+    if at == 0 {
+        return match b {
+            0x00..=0x7f => Some(0),
+            0xc2..=0xdf => Some(8),
+            0xe0 => Some(16 + 1),
+            0xed => Some(16 + 2),
+            0xe1..=0xef => Some(16),
+            0xf0 => Some(24 + 3),
+            0xf4 => Some(24 + 4),
+            0xf1..=0xf3 => Some(24),
+            _ => None,
+        };
+    }
+    let range = match at % 8 {
+        1 => 0xa0..=0xbf,
+        2 => 0x80..=0x9f,
+        3 => 0x90..=0xbf,
+        4 => 0x80..=0x8f,
+        _ => 0x80..=0xbf,
+    };
+    range.contains(&b).then_some((at / 8 - 1) * 8)
 }
 
 /// A number's frame before its first byte.
@@ -849,6 +880,7 @@ impl CallState {
             Frame::Str {
                 esc,
                 close,
+                utf8,
                 len,
                 min,
                 max,
@@ -860,6 +892,10 @@ impl CallState {
                 if close as usize == CLOSE.len() {
                     return Act::Reject;
                 }
+                // Only well-formed UTF-8: a model cannot pad a string with stray bytes.
+                let Some(utf8) = utf8_next(utf8, b) else {
+                    return Act::Reject;
+                };
                 // A character starts at an unescaped byte that does not continue a UTF-8
                 // sequence; an escape (its backslash) is one character.
                 let len = match (esc, b) {
@@ -896,6 +932,7 @@ impl CallState {
                     Frame::Str {
                         esc: next,
                         close,
+                        utf8,
                         len,
                         min,
                         max,
@@ -1067,8 +1104,8 @@ pub struct Vocab {
     /// End-of-turn tokens: allowed between calls.
     eos: Vec<u32>,
     nodes: Vec<Node>,
-    /// Tokens any string takes whole (no quote, backslash, control byte or `<`), with how many
-    /// characters each adds to it.
+    /// Tokens any string takes whole between characters (whole UTF-8 characters, and no quote,
+    /// backslash, control byte or `<`), with how many characters each adds to it.
     plain: Vec<(u32, u32)>,
     other: Vec<u32>,
 }
@@ -1105,6 +1142,7 @@ impl Vocab {
                 nodes[at].tokens.push(id);
                 if t.iter()
                     .all(|&b| b >= 0x20 && !matches!(b, b'"' | b'\\' | b'<'))
+                    && std::str::from_utf8(&t).is_ok()
                 {
                     let chars = t.iter().filter(|&&b| b & 0xC0 != 0x80).count() as u32;
                     plain.push((id, chars));
@@ -1175,6 +1213,7 @@ impl CallState {
         if let Some(&Frame::Str {
             esc: 0,
             close: 0,
+            utf8: 0,
             len,
             max,
             ..
@@ -1333,6 +1372,41 @@ mod tests {
     }
 
     #[test]
+    fn strings_take_well_formed_utf8_only() {
+        let g = ToolGrammar::new(&tools(), Some(&json!("required")), true).unwrap();
+        let with = |city: &[u8]| {
+            let mut text =
+                b"<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"".to_vec();
+            text.extend_from_slice(city);
+            text.extend_from_slice(b"\"}}</tool_call>");
+            let mut s = CallState::new(&g);
+            text.iter().all(|&b| s.feed(&g, b)) && s.may_end()
+        };
+        for ok in [
+            "é",
+            "日本",
+            "😀x",
+            "\u{7f}",
+            "\u{10ffff}",
+            "\u{d7ff}\u{e000}",
+        ] {
+            assert!(with(ok.as_bytes()), "refused {ok:?}");
+        }
+        for bad in [
+            &b"\xa9"[..],        // a continuation byte on its own
+            b"\xc3",             // a character cut short by the quote
+            b"\xc3\xc3\xa9",     // a new lead byte where a continuation is due
+            b"\xc0\xaf",         // overlong
+            b"\xe0\x80\xaf",     // overlong
+            b"\xed\xa0\x80",     // a surrogate
+            b"\xf4\x90\x80\x80", // past U+10FFFF
+            b"\xff",
+        ] {
+            assert!(!with(bad), "taken: {bad:x?}");
+        }
+    }
+
+    #[test]
     fn auto_leaves_text_free_and_constrains_each_block_it_opens() {
         let g = ToolGrammar::new(&tools(), None, true).unwrap();
         let s = takes(&g, "Let me check {not json} <tool").unwrap();
@@ -1402,8 +1476,14 @@ mod tests {
             "Oslo",
             "\n\n",
             "  ",
+            "é",
+            "日本",
         ] {
             tokens.push(Some(piece.as_bytes().to_vec()));
+        }
+        // Pieces of characters, as byte-level vocabularies have them.
+        for piece in [&b"\xc3"[..], b"\xa9", b"\xe6\x97", b"\xa5x", b"\xe0"] {
+            tokens.push(Some(piece.to_vec()));
         }
         tokens.push(None); // end of turn
         let eos = tokens.len() as u32 - 1;
@@ -1527,8 +1607,16 @@ mod tests {
             "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"count\": 1",
             "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"count\": 12",
             "<tool_call>{\"name\": \"get_time\", \"arguments\": {}}",
-        ] {
-            let s = takes(&g, prefix).unwrap();
+        ]
+        .map(|p| p.as_bytes().to_vec())
+        .into_iter()
+        // Inside a character: only the rest of it may come.
+        .chain([
+            b"<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"\xe6".to_vec(),
+        ]) {
+            let mut s = CallState::new(&g);
+            assert!(prefix.iter().all(|&b| s.feed(&g, b)));
+            let prefix = String::from_utf8_lossy(&prefix);
             let mut logits = vec![0f32; vocab.bytes.len()];
             s.mask(&g, &vocab, &mut logits);
             for (t, l) in logits.iter().enumerate() {
