@@ -14,11 +14,18 @@
 //!
 //! Schema support: `type` (one or a list), `properties` (objects are closed to the declared
 //! properties, so a model cannot invent parameters), `required`, `items`, `minItems`/`maxItems`,
-//! `minLength`/`maxLength` (in characters), `enum`, `const`, `anyOf`/`oneOf` (chosen by the
-//! value's first byte). Keywords outside that set (`pattern`, `format`, number bounds, `$ref`,
-//! `allOf`) are not enforced: such a value is still valid JSON of the right type (or any JSON where
-//! the type is not known).
+//! `minLength`/`maxLength` (in characters), `pattern` (a DFA over the string's decoded text; see
+//! `Pattern`), `minimum`/`maximum` and their exclusive forms on integers, `enum`, `const`,
+//! `anyOf`/`oneOf` (chosen by the value's first byte). Strings are well-formed UTF-8. Keywords
+//! outside that set (`format`, bounds on non-integer numbers, `$ref`, `allOf`), and patterns the
+//! regex engine does not take (look-around, back-references), are not enforced: such a value is
+//! still valid JSON of the right type (or any JSON where the type is not known). Under a pattern a
+//! string takes no `\u` escapes.
 
+use regex_automata::dfa::{dense, Automaton};
+use regex_automata::util::primitives::StateID;
+use regex_automata::util::start;
+use regex_automata::{Anchored, MatchKind};
 use serde_json::Value;
 
 const OPEN: &[u8] = b"<tool_call>";
@@ -54,10 +61,12 @@ enum Schema {
         min: u32,
         max: u32,
     },
-    /// Between `min` and `max` characters (Unicode code points, as JSON Schema counts them).
+    /// Between `min` and `max` characters (Unicode code points, as JSON Schema counts them),
+    /// matching `pattern` (an index into `ToolGrammar::patterns`) if there is one.
     String {
         min: u32,
         max: u32,
+        pattern: Option<u32>,
     },
     /// A number; an integer may be bounded to `lo..=hi`.
     Number {
@@ -88,6 +97,83 @@ pub struct ToolGrammar {
     args_key: LitId,
     open: LitId,
     close: LitId,
+    /// Compiled `pattern`s: each matches a whole string that contains a match of its pattern.
+    patterns: Vec<Pattern>,
+}
+
+/// A string schema's `pattern` as a DFA over the string's decoded bytes.
+struct Pattern {
+    dfa: dense::DFA<Vec<u32>>,
+    start: StateID,
+}
+
+/// `pattern` with ECMA-262's ASCII meanings of `\d`, `\D`, `\w` and `\W` spelled out (the regex
+/// engine's are Unicode-wide: a model could write digits a JSON Schema validator refuses).
+fn ecma_classes(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str("[0-9]"),
+            Some('D') => out.push_str("[^0-9]"),
+            Some('w') => out.push_str("[0-9A-Za-z_]"),
+            Some('W') => out.push_str("[^0-9A-Za-z_]"),
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+/// Bounds on building one pattern's DFA (bytes): past them the pattern is not enforced.
+const PATTERN_LIMIT: usize = 1 << 20;
+
+impl Pattern {
+    /// `None` when the pattern is not one the regex engine takes (look-around, back-references)
+    /// or its automaton is too large: it is then not enforced.
+    fn new(pattern: &str) -> Option<Self> {
+        // JSON Schema patterns are not anchored: the string must contain a match. The DFA runs
+        // over the whole string, anchored at both ends.
+        let whole = format!(r"^(?s:.*?)(?:{})(?s:.*)$", ecma_classes(pattern));
+        let dfa = dense::Builder::new()
+            .configure(
+                dense::Config::new()
+                    .match_kind(MatchKind::All)
+                    .minimize(true)
+                    .start_kind(regex_automata::dfa::StartKind::Anchored)
+                    .dfa_size_limit(Some(PATTERN_LIMIT))
+                    .determinize_size_limit(Some(PATTERN_LIMIT)),
+            )
+            .build(&whole)
+            .ok()?;
+        let start = dfa
+            .start_state(&start::Config::new().anchored(Anchored::Yes))
+            .ok()?;
+        Some(Self { dfa, start })
+    }
+
+    /// The state after `bytes` from `at`, or `None` once no string going on this way can match.
+    fn step(&self, mut at: StateID, bytes: &[u8]) -> Option<StateID> {
+        for &b in bytes {
+            at = self.dfa.next_state(at, b);
+            if self.dfa.is_dead_state(at) || self.dfa.is_quit_state(at) {
+                return None;
+            }
+        }
+        Some(at)
+    }
+
+    /// Whether a string that ends at `at` matches.
+    fn accepts(&self, at: StateID) -> bool {
+        self.dfa.is_match_state(self.dfa.next_eoi_state(at))
+    }
 }
 
 impl ToolGrammar {
@@ -115,6 +201,7 @@ impl ToolGrammar {
             args_key: 0,
             open: 0,
             close: 0,
+            patterns: Vec::new(),
         };
         g.any = g.push(Schema::Any);
         g.any_word = g.lit(vec![b"true".to_vec(), b"false".to_vec(), b"null".to_vec()]);
@@ -261,7 +348,15 @@ impl ToolGrammar {
                 if min > max {
                     return self.any;
                 }
-                self.push(Schema::String { min, max })
+                let pattern = v
+                    .get("pattern")
+                    .and_then(Value::as_str)
+                    .and_then(Pattern::new)
+                    .map(|p| {
+                        self.patterns.push(p);
+                        (self.patterns.len() - 1) as u32
+                    });
+                self.push(Schema::String { min, max, pattern })
             }
             "number" => self.push(Schema::Number {
                 integer: false,
@@ -392,7 +487,9 @@ enum Frame {
     /// hex digits of a `\u` escape to go; 20: after a `\u` escape's leading `d`. `close`: bytes
     /// of `</tool_call>` at its end, which it may not contain whole (the block would end there for
     /// whoever parses it). `utf8`: the rest of a multi-byte character, 0 or `utf8_next`'s
-    /// state. `len`: characters so far, of `min..=max`.
+    /// state. `len`: characters so far, of `min..=max`. `pattern`: the string's pattern and the
+    /// state its automaton is in, fed the string's decoded bytes; `code`: the code point of a
+    /// `\u` escape being read.
     Str {
         esc: u8,
         close: u8,
@@ -400,6 +497,8 @@ enum Frame {
         len: u32,
         min: u32,
         max: u32,
+        pattern: Option<(u32, StateID)>,
+        code: u32,
     },
     Num {
         stage: NumStage,
@@ -479,7 +578,7 @@ fn lit_frame(g: &ToolGrammar, lit: LitId) -> Frame {
 }
 
 /// A string's frame after its opening quote.
-fn string(min: u32, max: u32) -> Frame {
+fn string(g: &ToolGrammar, min: u32, max: u32, pattern: Option<u32>) -> Frame {
     Frame::Str {
         esc: 0,
         close: 0,
@@ -487,6 +586,8 @@ fn string(min: u32, max: u32) -> Frame {
         len: 0,
         min,
         max,
+        pattern: pattern.and_then(|p| Some((p, g.patterns.get(p as usize)?.start))),
+        code: 0,
     }
 }
 
@@ -590,8 +691,10 @@ fn value_start(g: &ToolGrammar, id: SchemaId, b: u8) -> Act {
             },
             false,
         ),
-        (Schema::Any, b'"') => Act::Replace(string(0, u32::MAX), false),
-        (&Schema::String { min, max }, b'"') => Act::Replace(string(min, max), false),
+        (Schema::Any, b'"') => Act::Replace(string(g, 0, u32::MAX, None), false),
+        (&Schema::String { min, max, pattern }, b'"') => {
+            Act::Replace(string(g, min, max, pattern), false)
+        }
         (Schema::Any, b'-' | b'0'..=b'9') => Act::Replace(number(false, None), true),
         (&Schema::Number { integer, .. }, b'-' | b'0'..=b'9') => {
             Act::Replace(number(integer, integer.then_some(id)), true)
@@ -837,7 +940,7 @@ impl CallState {
                     (ObjStage::Open | ObjStage::After, b'}') => Act::Done(0, true),
                     (ObjStage::Open | ObjStage::Comma, b'"') => {
                         self.set_top(with(ObjStage::Key));
-                        Act::Push(string(0, u32::MAX), false)
+                        Act::Push(string(g, 0, u32::MAX, None), false)
                     }
                     (ObjStage::Colon, b':') => {
                         self.set_top(with(ObjStage::Value));
@@ -884,6 +987,8 @@ impl CallState {
                 len,
                 min,
                 max,
+                pattern,
+                code,
             } => {
                 let close = match (esc, CLOSE.get(close as usize)) {
                     (0, Some(&c)) if c == b => close + 1,
@@ -896,11 +1001,17 @@ impl CallState {
                 let Some(utf8) = utf8_next(utf8, b) else {
                     return Act::Reject;
                 };
+                let compiled = pattern.and_then(|(p, at)| Some((g.patterns.get(p as usize)?, at)));
                 // A character starts at an unescaped byte that does not continue a UTF-8
                 // sequence; an escape (its backslash) is one character.
                 let len = match (esc, b) {
-                    (0, b'"') if len >= min => return Act::Done(0, true),
-                    (0, b'"') => return Act::Reject,
+                    (0, b'"') if len < min => return Act::Reject,
+                    (0, b'"') => {
+                        return match compiled {
+                            Some((p, at)) if !p.accepts(at) => Act::Reject,
+                            _ => Act::Done(0, true),
+                        }
+                    }
                     (0, _) if b & 0xC0 != 0x80 => {
                         if len >= max {
                             return Act::Reject;
@@ -909,24 +1020,59 @@ impl CallState {
                     }
                     _ => len,
                 };
-                let next = match (esc, b) {
-                    (0, b'\\') => 1,
+                let hex = (b as char).to_digit(16).unwrap_or(0);
+                // The next escape state, the code point so far, and the bytes the string's text
+                // gains (an escape's once it is whole).
+                let mut text = [0u8; 4];
+                let (next, code, gained): (u8, u32, &[u8]) = match (esc, b) {
+                    // Under a pattern, an escape opens only if some escape can go on from it:
+                    // `\u` is not written there (deciding which of its code points could would
+                    // take a search), and the two-byte escapes cover what patterns ask for.
+                    (0, b'\\')
+                        if compiled.is_some_and(|(p, at)| {
+                            !b"\"\\/\x08\x0c\n\r\t"
+                                .iter()
+                                .any(|&e| p.step(at, &[e]).is_some())
+                        }) =>
+                    {
+                        return Act::Reject
+                    }
+                    (0, b'\\') => (1, 0, &[]),
                     (0, 0..=0x1f) => return Act::Reject,
-                    (0, _) => 0,
-                    (1, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => 0,
-                    (1, b'u') => 14,
+                    (0, _) => {
+                        text[0] = b;
+                        (0, 0, &text[..1])
+                    }
+                    (1, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                        text[0] = match b {
+                            b'b' => 0x08,
+                            b'f' => 0x0c,
+                            b'n' => b'\n',
+                            b'r' => b'\r',
+                            b't' => b'\t',
+                            other => other,
+                        };
+                        (0, 0, &text[..1])
+                    }
+                    (1, b'u') if compiled.is_some() => return Act::Reject,
+                    (1, b'u') => (14, 0, &[]),
                     // No surrogates (D800-DFFF): a lone one is not text, and a pair is better
                     // written as the character itself.
-                    (14, b'd' | b'D') => 20,
-                    (20, b'0'..=b'7') => 12,
-                    (11..=14, _) if b.is_ascii_hexdigit() => {
-                        if esc == 11 {
-                            0
-                        } else {
-                            esc - 1
-                        }
+                    (14, b'd' | b'D') => (20, 0xd, &[]),
+                    (20, b'0'..=b'7') => (12, code * 16 + hex, &[]),
+                    (11, _) if b.is_ascii_hexdigit() => {
+                        let c = char::from_u32(code * 16 + hex).unwrap_or('\u{fffd}');
+                        (0, 0, c.encode_utf8(&mut text).as_bytes())
                     }
+                    (12..=14, _) if b.is_ascii_hexdigit() => (esc - 1, code * 16 + hex, &[]),
                     _ => return Act::Reject,
+                };
+                let pattern = match (pattern, compiled) {
+                    (Some((i, _)), Some((p, at))) => match p.step(at, gained) {
+                        Some(at) => Some((i, at)),
+                        None => return Act::Reject,
+                    },
+                    _ => pattern,
                 };
                 Act::Replace(
                     Frame::Str {
@@ -936,6 +1082,8 @@ impl CallState {
                         len,
                         min,
                         max,
+                        pattern,
+                        code,
                     },
                     false,
                 )
@@ -1216,14 +1364,18 @@ impl CallState {
             utf8: 0,
             len,
             max,
+            pattern,
             ..
         }) = self.frames.last()
         {
             // Inside a string: every plain token continues it, if it has room for the token's
-            // characters.
+            // characters and, under a pattern, leaves the string able to match.
             let room = max - len;
+            let pattern = pattern.and_then(|(p, at)| Some((g.patterns.get(p as usize)?, at)));
             for &(t, chars) in &vocab.plain {
-                if chars <= room {
+                if chars <= room
+                    && pattern.is_none_or(|(p, at)| p.step(at, vocab.bytes(t)).is_some())
+                {
                     set(t);
                 }
             }
@@ -1283,7 +1435,8 @@ mod tests {
                         "lat": {"type": "number"}, "lon": {"type": "number"}}, "required": ["lat", "lon"]},
                     "note": {"type": ["string", "null"]},
                     "code": {"type": "string", "minLength": 2, "maxLength": 4},
-                    "count": {"type": "integer", "minimum": -5, "exclusiveMaximum": 120}
+                    "count": {"type": "integer", "minimum": -5, "exclusiveMaximum": 120},
+                    "zip": {"type": "string", "pattern": "^[0-9]{5}(-[0-9]{4})?$"}
                 },
                 "required": ["city"]}}}),
             json!({"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}),
@@ -1317,6 +1470,8 @@ mod tests {
             r#"{"city": "x", "count": 0}"#,
             r#"{"city": "x", "count": 119}"#,
             r#"{"city": "x", "count": 12}"#,
+            r#"{"city": "x", "zip": "01234"}"#,
+            r#"{"city": "x", "zip": "01234-5678"}"#,
         ] {
             let s = takes(&g, &call("get_weather", args)).unwrap_or_else(|| panic!("{args}"));
             assert!(s.may_end(), "{args}: the block should be closed");
@@ -1359,6 +1514,10 @@ mod tests {
             call("get_weather", r#"{"city": "x", "count": 120}"#),
             call("get_weather", r#"{"city": "x", "count": 1000}"#),
             call("get_weather", r#"{"city": "x", "count": 5.0}"#),
+            call("get_weather", r#"{"city": "x", "zip": "0123"}"#),
+            call("get_weather", r#"{"city": "x", "zip": "012345"}"#),
+            call("get_weather", r#"{"city": "x", "zip": "01234-"}"#),
+            call("get_weather", r#"{"city": "x", "zip": "x1234"}"#),
             "<tool_call>{\"arguments\": {}, \"name\": \"get_time\"}</tool_call>".into(),
             "Sure! <tool_call>".into(),
             format!(
@@ -1369,6 +1528,60 @@ mod tests {
         for text in bad {
             assert!(takes(&g, &text).is_none(), "taken: {text}");
         }
+    }
+
+    #[test]
+    fn patterns_are_matched_against_the_decoded_string_anywhere_in_it() {
+        let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {
+                "has": {"type": "string", "pattern": "ab"},
+                "line": {"type": "string", "pattern": "^a\n\"b$"},
+                "word": {"type": "string", "pattern": "^é+$", "maxLength": 3},
+                "num": {"type": "string", "pattern": "^\\d[\\d-]\\\\d$"},
+                "ahead": {"type": "string", "pattern": "^(?=a)"}}}}}]);
+        let g = ToolGrammar::new(tool.as_array().unwrap(), Some(&json!("required")), true).unwrap();
+        let ok = |args: &str| takes(&g, &call("f", args)).is_some_and(|s| s.may_end());
+        for args in [
+            r#"{"has": "ab"}"#,
+            r#"{"has": "xx ab yy"}"#,
+            r#"{"line": "a\n\"b"}"#,
+            r#"{"word": "éé"}"#,
+            r#"{"num": "12\\d"}"#,
+            r#"{"num": "1-\\d"}"#,
+            // Look-ahead is beyond the regex engine: not enforced.
+            r#"{"ahead": "zzz"}"#,
+        ] {
+            assert!(ok(args), "refused {args}");
+        }
+        for args in [
+            r#"{"has": "a b"}"#,
+            r#"{"has": "ba"}"#,
+            r#"{"line": "a\n\"bb"}"#,
+            r#"{"line": "a\\n\"b"}"#,
+            r#"{"word": "e"}"#,
+            r#"{"word": ""}"#,
+            r#"{"word": "éééé"}"#,
+            // `\d` is ASCII, as in ECMA-262; `\\d` is a backslash and a `d`.
+            r#"{"num": "١2\\d"}"#,
+            r#"{"num": "123"}"#,
+            // No `\u` escapes under a pattern (the grammar could otherwise start one that no
+            // code point finishes).
+            r#"{"has": "\u0061b"}"#,
+            r#"{"word": "é\u00e9"}"#,
+        ] {
+            assert!(!ok(args), "taken: {args}");
+        }
+        // A byte that no matching string can have next is refused at once, not at the end.
+        assert!(takes(
+            &g,
+            "<tool_call>{\"name\": \"f\", \"arguments\": {\"word\": \"é"
+        )
+        .is_some());
+        assert!(takes(
+            &g,
+            "<tool_call>{\"name\": \"f\", \"arguments\": {\"word\": \"x"
+        )
+        .is_none());
     }
 
     #[test]
@@ -1508,6 +1721,7 @@ mod tests {
             Some("get_weather") => {
                 let allowed = [
                     "city", "unit", "days", "hourly", "tags", "coords", "note", "code", "count",
+                    "zip",
                 ];
                 if let Some(k) = args.keys().find(|k| !allowed.contains(&k.as_str())) {
                     return Err(format!("undeclared key {k}"));
@@ -1534,7 +1748,11 @@ mod tests {
                     })
                     && args
                         .get("count")
-                        .is_none_or(|c| c.as_i64().is_some_and(|c| (-5..120).contains(&c)));
+                        .is_none_or(|c| c.as_i64().is_some_and(|c| (-5..120).contains(&c)))
+                    && args.get("zip").is_none_or(|z| {
+                        let zip = regex::Regex::new("^[0-9]{5}(-[0-9]{4})?$").unwrap();
+                        z.as_str().is_some_and(|z| zip.is_match(z))
+                    });
                 ok.then_some(())
                     .ok_or_else(|| format!("schema violated: {args:?}"))
             }
@@ -1606,6 +1824,10 @@ mod tests {
             "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"count\": -",
             "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"count\": 1",
             "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"count\": 12",
+            // Under a pattern: digits only, then a digit or the end or `-`, then digits.
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"zip\": \"12",
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"zip\": \"12345",
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"zip\": \"12345-6",
             "<tool_call>{\"name\": \"get_time\", \"arguments\": {}}",
         ]
         .map(|p| p.as_bytes().to_vec())
