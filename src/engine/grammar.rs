@@ -101,7 +101,9 @@ pub struct ToolGrammar {
     patterns: Vec<Pattern>,
 }
 
-/// A string schema's `pattern` as a DFA over the string's decoded bytes.
+/// A string schema's `pattern` as a DFA over the string's decoded bytes. A pattern that no string
+/// within the schema's length bounds matches can leave a string with no way on; `mask` then
+/// leaves the model free rather than pick from nothing, and the parser reports what it wrote.
 struct Pattern {
     dfa: dense::DFA<Vec<u32>>,
     start: StateID,
@@ -364,11 +366,15 @@ impl ToolGrammar {
                 hi: i64::MAX,
             }),
             "integer" => {
-                // Bounds as JSON Schema writes them (draft 6 on: exclusive ones are numbers),
-                // rounded inwards to integers.
+                // Bounds as JSON Schema writes them, rounded inwards to integers. Exclusive ones
+                // are numbers from draft 6 on, flags on `minimum`/`maximum` in draft 4.
                 let num = |k: &str| v.get(k).and_then(Value::as_f64);
+                let flag = |k: &str| v.get(k) == Some(&Value::Bool(true));
+                let (min, max) = (num("minimum"), num("maximum"));
                 let lo = [
-                    num("minimum"),
+                    min.filter(|_| !flag("exclusiveMinimum")),
+                    min.filter(|_| flag("exclusiveMinimum"))
+                        .map(|x| x.floor() + 1.0),
                     num("exclusiveMinimum").map(|x| x.floor() + 1.0),
                 ]
                 .into_iter()
@@ -376,7 +382,9 @@ impl ToolGrammar {
                 .map(f64::ceil)
                 .fold(i64::MIN as f64, f64::max);
                 let hi = [
-                    num("maximum"),
+                    max.filter(|_| !flag("exclusiveMaximum")),
+                    max.filter(|_| flag("exclusiveMaximum"))
+                        .map(|x| x.ceil() - 1.0),
                     num("exclusiveMaximum").map(|x| x.ceil() - 1.0),
                 ]
                 .into_iter()
@@ -1537,6 +1545,8 @@ mod tests {
                 "has": {"type": "string", "pattern": "ab"},
                 "line": {"type": "string", "pattern": "^a\n\"b$"},
                 "word": {"type": "string", "pattern": "^é+$", "maxLength": 3},
+                "old": {"type": "integer", "minimum": 2, "exclusiveMinimum": true,
+                    "maximum": 4, "exclusiveMaximum": true},
                 "num": {"type": "string", "pattern": "^\\d[\\d-]\\\\d$"},
                 "ahead": {"type": "string", "pattern": "^(?=a)"}}}}}]);
         let g = ToolGrammar::new(tool.as_array().unwrap(), Some(&json!("required")), true).unwrap();
@@ -1546,6 +1556,8 @@ mod tests {
             r#"{"has": "xx ab yy"}"#,
             r#"{"line": "a\n\"b"}"#,
             r#"{"word": "éé"}"#,
+            // Draft 4's exclusive flags.
+            r#"{"old": 3}"#,
             r#"{"num": "12\\d"}"#,
             r#"{"num": "1-\\d"}"#,
             // Look-ahead is beyond the regex engine: not enforced.
@@ -1561,6 +1573,8 @@ mod tests {
             r#"{"word": "e"}"#,
             r#"{"word": ""}"#,
             r#"{"word": "éééé"}"#,
+            r#"{"old": 2}"#,
+            r#"{"old": 4}"#,
             // `\d` is ASCII, as in ECMA-262; `\\d` is a backslash and a `d`.
             r#"{"num": "١2\\d"}"#,
             r#"{"num": "123"}"#,
