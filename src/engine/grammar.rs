@@ -235,6 +235,11 @@ impl ToolGrammar {
         Some(g)
     }
 
+    /// A string frame's pattern and automaton state, with the compiled pattern.
+    fn pattern_at(&self, at: Option<(u32, StateID)>) -> Option<(&Pattern, StateID)> {
+        at.and_then(|(p, state)| Some((self.patterns.get(p as usize)?, state)))
+    }
+
     fn push(&mut self, s: Schema) -> SchemaId {
         self.schemas.push(s);
         (self.schemas.len() - 1) as SchemaId
@@ -1009,7 +1014,7 @@ impl CallState {
                 let Some(utf8) = utf8_next(utf8, b) else {
                     return Act::Reject;
                 };
-                let compiled = pattern.and_then(|(p, at)| Some((g.patterns.get(p as usize)?, at)));
+                let compiled = g.pattern_at(pattern);
                 // A character starts at an unescaped byte that does not continue a UTF-8
                 // sequence; an escape (its backslash) is one character.
                 let len = match (esc, b) {
@@ -1379,7 +1384,7 @@ impl CallState {
             // Inside a string: every plain token continues it, if it has room for the token's
             // characters and, under a pattern, leaves the string able to match.
             let room = max - len;
-            let pattern = pattern.and_then(|(p, at)| Some((g.patterns.get(p as usize)?, at)));
+            let pattern = g.pattern_at(pattern);
             for &(t, chars) in &vocab.plain {
                 if chars <= room
                     && pattern.is_none_or(|(p, at)| p.step(at, vocab.bytes(t)).is_some())
