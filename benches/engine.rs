@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
-use flywheel::engine::lora::LoraAdapter;
+use flywheel::engine::lora::{AdapterBits, LoraAdapter};
 use flywheel::engine::model::{KvCache, LlamaConfig, LlamaModel, WeightFormat};
 use flywheel::engine::sampling::argmax;
 
@@ -55,10 +55,13 @@ fn main() {
         plain_runs(&model, &prompt, decode);
     }
     // Rank-16 adapters on all seven projections: load time, then 8 streams with none, one shared
-    // adapter, and 8 distinct adapters in the same batch.
+    // adapter, and 8 distinct adapters in the same batch; on a Q8_0 base, the 8 distinct also
+    // with 4-bit factors (`adapter_bits = 4`).
     let dir = tempfile::tempdir().unwrap();
     let mut adapters = Vec::new();
+    let mut four_bit = Vec::new();
     let mut load_ms = Vec::new();
+    let mut load_q4_ms = Vec::new();
     for i in 0..8 {
         let d = dir.path().join(format!("a{i}"));
         write_adapter(&d, &model.cfg, 16, i as u64);
@@ -72,31 +75,102 @@ fn main() {
         };
         load_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         adapters.push(a);
+        if weights == WeightFormat::Q8_0 {
+            let t = Instant::now();
+            let bits = Some(AdapterBits::Four);
+            let a = LoraAdapter::load_as(&id, "smollm2", &d, &model.cfg, true, bits).unwrap();
+            load_q4_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            four_bit.push(a);
+        }
     }
-    load_ms.sort_by(f64::total_cmp);
-    println!(
-        "rank-16 adapter load (all 7 projections, 30 layers): median {:.1} ms, max {:.1} ms",
-        load_ms[4], load_ms[7]
-    );
+    for (label, ms) in [("", &mut load_ms), (", 4-bit", &mut load_q4_ms)] {
+        if ms.len() == 8 {
+            ms.sort_by(f64::total_cmp);
+            println!(
+                "rank-16 adapter load{label} (all 7 projections, 30 layers): median {:.1} ms, \
+                 max {:.1} ms",
+                ms[4], ms[7]
+            );
+        }
+    }
+    if !four_bit.is_empty() {
+        factor_error(
+            &model,
+            &prompt,
+            &dir.path().join("a0"),
+            &adapters[0],
+            &four_bit[0],
+        );
+    }
     let none: Vec<Option<&LoraAdapter>> = vec![None; 8];
     let one: Vec<Option<&LoraAdapter>> = vec![Some(&adapters[0]); 8];
     let eight: Vec<Option<&LoraAdapter>> = adapters.iter().map(Some).collect();
-    let labels = ["none", "1 shared (rank 16)", "8 distinct (rank 16)"];
-    // `--mix none|shared|distinct` runs only that batch (for profiling).
+    let eight_q4: Vec<Option<&LoraAdapter>> = four_bit.iter().map(Some).collect();
+    let mut mixes = vec![
+        ("none", &none),
+        ("1 shared (rank 16)", &one),
+        ("8 distinct (rank 16)", &eight),
+    ];
+    if !four_bit.is_empty() {
+        mixes.push(("8 distinct (rank 16, 4-bit)", &eight_q4));
+    }
+    // `--mix none|shared|distinct|distinct4` runs only that batch (for profiling).
     if let Some(mix) = arg("--mix") {
-        let (label, set) = match mix.as_str() {
-            "none" => (labels[0], &none),
-            "shared" => (labels[1], &one),
-            "distinct" => (labels[2], &eight),
-            other => panic!("--mix takes none, shared or distinct, not '{other}'"),
+        let names = ["none", "shared", "distinct", "distinct4"];
+        let Some(&(label, set)) = names
+            .iter()
+            .position(|n| *n == mix)
+            .and_then(|i| mixes.get(i))
+        else {
+            panic!("--mix takes one of {names:?} (distinct4 on a q8_0 base), not '{mix}'");
         };
         print_row(8, label, Run::new(&model, &prompt, set).steps(decode));
         return;
     }
-    let runs = [&none, &one, &eight].map(|s| Run::new(&model, &prompt, s));
-    for (label, ms) in labels.iter().zip(alternate(runs.into(), decode)) {
+    let runs = mixes.iter().map(|(_, s)| Run::new(&model, &prompt, s));
+    for ((label, _), ms) in mixes.iter().zip(alternate(runs.collect(), decode)) {
         print_row(8, label, ms);
     }
+}
+
+/// How far int8 and 4-bit factors move the logits from the f32 adapter's, against how far the
+/// adapter moves them from the base: RMS over the vocabulary at the last position of 8 prompts,
+/// and how often the top token agrees with the f32 adapter's.
+fn factor_error(
+    model: &LlamaModel,
+    prompt: &[u32],
+    dir: &std::path::Path,
+    q8: &LoraAdapter,
+    q4: &LoraAdapter,
+) {
+    let exact = LoraAdapter::load("bench/f32", "smollm2", dir, &model.cfg, true).unwrap();
+    let logits = |toks: &[u32], a: Option<&LoraAdapter>| -> Vec<f32> {
+        let mut c = model.new_cache();
+        let out = model.forward_with(&[toks], &mut [&mut c], &[a]).unwrap();
+        out.to_vec2::<f32>().unwrap().remove(0)
+    };
+    let rms = |x: &[f32], y: &[f32]| {
+        (x.iter().zip(y).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / x.len() as f32).sqrt()
+    };
+    let (mut err, mut agree) = ([0f32; 2], [0usize; 2]);
+    for k in 0..8 {
+        let toks = &prompt[k * 16..k * 16 + 64];
+        let (bare, want) = (logits(toks, None), logits(toks, Some(&exact)));
+        let effect = rms(&bare, &want);
+        for (i, a) in [q8, q4].into_iter().enumerate() {
+            let got = logits(toks, Some(a));
+            err[i] += rms(&got, &want) / effect / 8.0;
+            agree[i] += usize::from(argmax(&got) == argmax(&want));
+        }
+    }
+    println!(
+        "factor error, rank 16, RMS over the logits relative to the adapter's effect (8 \
+         prompts): int8 {:.1}%, 4-bit {:.1}%; top token as the f32 adapter's: {}/8, {}/8",
+        err[0] * 100.0,
+        err[1] * 100.0,
+        agree[0],
+        agree[1]
+    );
 }
 
 /// Prefill, then decode at 1, 4, 8 and 16 streams without adapters, the four run in alternation.

@@ -38,7 +38,8 @@ fn main() {
     // modules[layer][projection][adapter][module]
     let mut seed = 0;
     let mut bytes_per_adapter = 0;
-    let modules: Vec<Vec<Vec<Vec<Module>>>> = (0..LAYERS)
+    let mut bytes_q4 = 0;
+    let modules: Vec<Vec<Vec<Vec<[Module; 2]>>>> = (0..LAYERS)
         .map(|_| {
             projs
                 .iter()
@@ -49,17 +50,17 @@ fn main() {
                                 .iter()
                                 .map(|&output| {
                                     seed += 2;
-                                    let m = Module::F32(LowRank {
+                                    let f = Module::F32(LowRank {
                                         rank: RANK,
                                         input: *input,
                                         output,
                                         a_t: values(input * RANK, seed, 0.1),
                                         b_t: values(RANK * output, seed + 1, 0.1),
-                                    })
-                                    .to_q8()
-                                    .unwrap();
-                                    bytes_per_adapter += m.bytes();
-                                    m
+                                    });
+                                    let (q8, q4) = (f.to_q8().unwrap(), f.to_q4().unwrap());
+                                    bytes_per_adapter += q8.bytes();
+                                    bytes_q4 += q4.bytes();
+                                    [q8, q4]
                                 })
                                 .collect()
                         })
@@ -68,7 +69,7 @@ fn main() {
                 .collect()
         })
         .collect();
-    let bytes_per_adapter = bytes_per_adapter / ROWS;
+    let bytes_per_adapter = [bytes_per_adapter / ROWS, bytes_q4 / ROWS];
     let inputs: Vec<(Vec<f32>, QuantRows)> = projs
         .iter()
         .map(|(input, _)| {
@@ -81,7 +82,7 @@ fn main() {
         .iter()
         .map(|(_, widths)| vec![0f32; ROWS * widths.iter().sum::<usize>()])
         .collect();
-    let mut step = |distinct: bool| {
+    let mut step = |distinct: bool, bits: usize| {
         for layer in &modules {
             for (p, (input, widths)) in projs.iter().enumerate() {
                 let rows: Vec<Vec<ModuleSlot<'_>>> = (0..ROWS)
@@ -94,7 +95,7 @@ fn main() {
                             .map(|(module, w)| {
                                 offset += w;
                                 ModuleSlot {
-                                    module,
+                                    module: &module[bits],
                                     scale: 2.0,
                                     offset: offset - w,
                                 }
@@ -108,12 +109,19 @@ fn main() {
             }
         }
     };
-    let mut times = [Vec::new(), Vec::new()];
+    // (label, distinct, 0: int8 / 1: 4-bit)
+    let mixes = [
+        ("8 distinct, int8", true, 0),
+        ("8 distinct, 4-bit", true, 1),
+        ("1 shared, int8", false, 0),
+        ("1 shared, 4-bit", false, 1),
+    ];
+    let mut times = vec![Vec::new(); mixes.len()];
     for _ in 0..ROUNDS {
-        for (distinct, t) in [true, false].into_iter().zip(times.iter_mut()) {
+        for (&(_, distinct, bits), t) in mixes.iter().zip(times.iter_mut()) {
             let start = Instant::now();
             for _ in 0..STEPS_PER_ROUND {
-                step(distinct);
+                step(distinct, bits);
             }
             t.push(start.elapsed().as_secs_f64() * 1000.0 / STEPS_PER_ROUND as f64);
         }
@@ -124,13 +132,11 @@ fn main() {
     );
     println!("| adapters | ms/step | adapter MB read per step | GB/s |");
     println!("|---|---|---|---|");
-    for ((label, adapters), t) in [("8 distinct", ROWS), ("1 shared", 1)]
-        .iter()
-        .zip(&mut times)
-    {
+    for (&(label, distinct, bits), t) in mixes.iter().zip(&mut times) {
         t.sort_by(f64::total_cmp);
         let ms = t[ROUNDS / 2];
-        let mb = (adapters * bytes_per_adapter) as f64 / 1e6;
+        let adapters = if distinct { ROWS } else { 1 };
+        let mb = (adapters * bytes_per_adapter[bits]) as f64 / 1e6;
         println!("| {label} | {ms:.3} | {mb:.1} | {:.1} |", mb / ms);
     }
     println!("plain read bandwidth, 2 threads: {bandwidth:.1} GB/s");

@@ -541,7 +541,7 @@ impl<D: Device> GpuModel<D> {
                             }
                         }
                     }
-                    Some(ModuleLora::Q8(_)) => {
+                    Some(ModuleLora::Q8(_) | ModuleLora::Q4(_)) => {
                         return Err(unsupported(format!(
                             "adapter '{}' is quantized; the device path takes f32 adapters",
                             adapter.id

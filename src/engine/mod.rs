@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::ops::device::Device as KernelDevice;
 use chat::ChatFormat;
 use grammar::{CallState, ToolGrammar, Vocab};
-use lora::{AdapterRegistry, LoraAdapter, LoraError};
+use lora::{AdapterBits, AdapterRegistry, LoraAdapter, LoraError};
 use model::{KvCache, LlamaConfig, LlamaModel, ModelError, ModelSource, WeightFormat};
 use sampling::{Sampler, SamplingParams};
 use tokenizer::TokenizerInfo;
@@ -66,6 +66,10 @@ pub struct LocalModelConfig {
     /// tools and the arguments are JSON valid against that tool's parameter schema.
     #[serde(default = "default_true")]
     pub constrain_tool_calls: bool,
+    /// Bits per value of LoRA factors on a CPU Q8_0 base: 8, or 4 (half the bytes a batch of
+    /// distinct adapters streams per step, at coarser factors).
+    #[serde(default)]
+    pub adapter_bits: AdapterBits,
 }
 
 fn default_true() -> bool {
@@ -158,8 +162,8 @@ pub struct Engine {
     pub shape: LlamaConfig,
     /// Whether the base's q/k rows are in GGUF's layout (adapters are permuted to match).
     gguf_layout: bool,
-    /// Whether adapters are quantized on load (they follow a Q8_0 base).
-    quantize_adapters: bool,
+    /// How adapters are quantized on load (they follow a Q8_0 base on the CPU), if they are.
+    quantize_adapters: Option<AdapterBits>,
     pub adapters: AdapterRegistry,
     /// Tokenizer, chat template and tool prompting.
     pub chat: ChatFormat,
@@ -315,7 +319,8 @@ impl Engine {
             shape,
             gguf_layout,
             // Adapters follow a Q8_0 base on the CPU; the device path takes them in f32.
-            quantize_adapters: on_cpu && cfg.weights == WeightFormat::Q8_0,
+            quantize_adapters: (on_cpu && cfg.weights == WeightFormat::Q8_0)
+                .then_some(cfg.adapter_bits),
             adapters: AdapterRegistry::new(cfg.max_adapters),
             chat,
             constrain_tool_calls: cfg.constrain_tool_calls,
@@ -332,11 +337,14 @@ impl Engine {
         dir: &Path,
     ) -> Result<(Arc<LoraAdapter>, Vec<String>), LoraError> {
         lora::check_name(id)?;
-        let adapter = if self.quantize_adapters {
-            LoraAdapter::load_q8(id, &self.name, dir, &self.shape, self.gguf_layout)?
-        } else {
-            LoraAdapter::load(id, &self.name, dir, &self.shape, self.gguf_layout)?
-        };
+        let adapter = LoraAdapter::load_as(
+            id,
+            &self.name,
+            dir,
+            &self.shape,
+            self.gguf_layout,
+            self.quantize_adapters,
+        )?;
         let evicted = self.adapters.insert(adapter);
         let loaded = self
             .adapters

@@ -6,6 +6,7 @@
 //! eight distinct adapters in a batch stream about a quarter of the bytes they would in f32.
 #![allow(unsafe_code)]
 
+use super::q4::{Q4Input, Q4Narrow, Q4Rows};
 use super::qgemm::{Q8Narrow, QuantRows, QuantVec, BLOCK, NARROW_GROUP};
 
 /// One low-rank module, stored for row-major streaming: Aᵀ (in × r) and Bᵀ (r × out).
@@ -44,6 +45,27 @@ impl LowRank {
             a_t,
             b_t,
         }
+    }
+}
+
+impl LowRank {
+    /// The factors as a PEFT adapter stores them, row-major: A (rank × input), B (output ×
+    /// rank).
+    pub fn factors(&self) -> (Vec<f32>, Vec<f32>) {
+        let (r, input, output) = (self.rank, self.input, self.output);
+        let mut a = vec![0f32; r * input];
+        for k in 0..input {
+            for j in 0..r {
+                a[j * input + k] = self.a_t[k * r + j];
+            }
+        }
+        let mut b = vec![0f32; output * r];
+        for j in 0..r {
+            for o in 0..output {
+                b[o * r + j] = self.b_t[j * output + o];
+            }
+        }
+        (a, b)
     }
 }
 
@@ -111,21 +133,8 @@ pub struct Q8LowRank {
 impl Q8LowRank {
     /// `None` when the input or output width is not a multiple of 32 (the module stays f32).
     pub fn quantize(m: &LowRank) -> Option<Self> {
-        let (r, input, output) = (m.rank, m.input, m.output);
-        // A = (a_t)ᵀ: rank rows of `input`; B = (b_t)ᵀ: output rows of `rank`.
-        let mut a = vec![0f32; r * input];
-        for k in 0..input {
-            for j in 0..r {
-                a[j * input + k] = m.a_t[k * r + j];
-            }
-        }
-        let mut b = vec![0f32; output * r];
-        for j in 0..r {
-            for o in 0..output {
-                b[o * r + j] = m.b_t[j * output + o];
-            }
-        }
-        Self::from_factors(&a, &b, r, input, output)
+        let (a, b) = m.factors();
+        Self::from_factors(&a, &b, m.rank, m.input, m.output)
     }
 
     /// From the factors as a PEFT adapter stores them, row-major: `a` (rank × input) and `b`
@@ -161,10 +170,61 @@ impl Q8LowRank {
     }
 }
 
-/// A served module: f32, or quantized when its base is.
+/// A low-rank module in 4 bits (`ops::q4`): A as `Q4Rows`, B as `Q4Narrow`. About 55% of the
+/// bytes of its `Q8LowRank`.
+pub struct Q4LowRank {
+    pub rank: usize,
+    pub input: usize,
+    pub output: usize,
+    a: Q4Rows,
+    b: Q4Narrow,
+}
+
+impl Q4LowRank {
+    /// From the factors as a PEFT adapter stores them (see `Q8LowRank::from_factors`). `None`
+    /// when the input is not a multiple of 64, the output or the rank not of 8 (below rank 8,
+    /// padding and B's per-row scales would leave 4 bits no smaller than int8), or the lengths
+    /// do not match the shape.
+    pub fn from_factors(
+        a: &[f32],
+        b: &[f32],
+        rank: usize,
+        input: usize,
+        output: usize,
+    ) -> Option<Self> {
+        if rank == 0
+            || !rank.is_multiple_of(8)
+            || a.len() != rank * input
+            || b.len() != output * rank
+        {
+            return None;
+        }
+        Some(Self {
+            rank,
+            input,
+            output,
+            a: Q4Rows::quantize(a, rank, input)?,
+            b: Q4Narrow::quantize(b, output, rank)?,
+        })
+    }
+
+    /// The same module as an f32 `LowRank` holds it.
+    pub fn quantize(m: &LowRank) -> Option<Self> {
+        let (a, b) = m.factors();
+        Self::from_factors(&a, &b, m.rank, m.input, m.output)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.a.bytes() + self.b.bytes()
+    }
+}
+
+/// A served module: f32, or quantized when its base is (int8, or 4 bits where the engine is
+/// told to trade the adapters' precision for their bandwidth).
 pub enum Module {
     F32(LowRank),
     Q8(Q8LowRank),
+    Q4(Q4LowRank),
 }
 
 impl Module {
@@ -172,31 +232,43 @@ impl Module {
         match self {
             Module::F32(m) => m.rank,
             Module::Q8(m) => m.rank,
+            Module::Q4(m) => m.rank,
         }
     }
     pub fn input(&self) -> usize {
         match self {
             Module::F32(m) => m.input,
             Module::Q8(m) => m.input,
+            Module::Q4(m) => m.input,
         }
     }
     pub fn output(&self) -> usize {
         match self {
             Module::F32(m) => m.output,
             Module::Q8(m) => m.output,
+            Module::Q4(m) => m.output,
         }
     }
     pub fn bytes(&self) -> usize {
         match self {
             Module::F32(m) => (m.a_t.len() + m.b_t.len()) * std::mem::size_of::<f32>(),
             Module::Q8(m) => m.bytes(),
+            Module::Q4(m) => m.bytes(),
         }
     }
     /// The same module quantized, where its shape allows.
     pub fn to_q8(&self) -> Option<Module> {
         match self {
             Module::F32(m) => Q8LowRank::quantize(m).map(Module::Q8),
-            Module::Q8(_) => None,
+            Module::Q8(_) | Module::Q4(_) => None,
+        }
+    }
+
+    /// The same module in 4 bits, where its shape allows.
+    pub fn to_q4(&self) -> Option<Module> {
+        match self {
+            Module::F32(m) => Q4LowRank::quantize(m).map(Module::Q4),
+            Module::Q8(_) | Module::Q4(_) => None,
         }
     }
 }
@@ -316,6 +388,15 @@ pub fn lora_add(
                         v.iter_mut().for_each(|e| *e *= slot.scale);
                         let qv = QuantVec::new(&v, m.b.width());
                         m.b.add_product(0..output / NARROW_GROUP, &qv, dst);
+                    }
+                    Module::Q4(m) => {
+                        let row = match xq {
+                            Some(q) => Q4Input::new(q, t),
+                            None => Q4Input::new(&QuantRows::new(xr, 1, input), 0),
+                        };
+                        m.a.dots(&row, &mut v);
+                        v.iter_mut().for_each(|e| *e *= slot.scale);
+                        m.b.add_product(&QuantVec::new(&v, m.b.width()), dst);
                     }
                 }
             }

@@ -10,6 +10,7 @@ pub mod device;
 pub mod grad;
 pub mod lora;
 pub mod memory;
+pub mod q4;
 pub mod qgemm;
 
 use candle_core::{Result, Tensor, D};

@@ -30,7 +30,7 @@ use candle_core::{Device, Result, Tensor};
 
 pub const BLOCK: usize = 32;
 /// Blocks interleaved together: one int32 lane each in a 256-bit vector.
-const GROUP: usize = 8;
+pub(super) const GROUP: usize = 8;
 const GROUP_BYTES: usize = GROUP * BLOCK;
 /// Bytes of one block in one lane of one vector.
 const LANE: usize = 4;
@@ -78,7 +78,7 @@ fn quantize_block_portable(src: &[f32], dst: &mut [i8]) -> f32 {
 
 /// Where byte `e` of block `b` lives in an interleaved row.
 #[inline]
-fn interleaved_index(b: usize, e: usize, nb: usize) -> usize {
+pub(super) fn interleaved_index(b: usize, e: usize, nb: usize) -> usize {
     let whole = nb / GROUP * GROUP;
     if b >= whole {
         return b * BLOCK + e;
@@ -416,6 +416,17 @@ impl QuantRows {
         self.cols
     }
 
+    /// Row t's bytes as stored, its block scales, and the pattern its bytes are xor'ed with
+    /// (the kernel's bias; xor again to read them signed).
+    pub(super) fn row(&self, t: usize) -> (&[i8], &[f32], i8) {
+        let nb = self.cols / BLOCK;
+        (
+            &self.quants[t * self.cols..(t + 1) * self.cols],
+            &self.scales[t * nb..(t + 1) * nb],
+            self.kernel.bias(),
+        )
+    }
+
     /// Row `t` of these rows against every row of `other` (as wide): `out[i]` is what a
     /// `Q8Matrix` of `other`'s rows gives for input row t, bit for bit (the lane products are
     /// exact integers either way round). For small matrices (adapter factors) on the calling
@@ -534,6 +545,11 @@ impl QuantVec {
         let mut quants = vec![0i8; width.max(v.len())];
         let scale = quantize_block(v, &mut quants[..v.len()]);
         Self { quants, scale }
+    }
+
+    /// The bytes and their scale.
+    pub fn parts(&self) -> (&[i8], f32) {
+        (&self.quants, self.scale)
     }
 }
 
@@ -765,7 +781,7 @@ fn portable(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
 }
 
 /// The horizontal sum the vector kernels do: halves, then quarters, then the last pair.
-fn hsum8(l: [f32; GROUP]) -> f32 {
+pub(super) fn hsum8(l: [f32; GROUP]) -> f32 {
     let q = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
     let p = [q[0] + q[2], q[1] + q[3]];
     p[0] + p[1]
