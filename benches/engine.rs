@@ -93,15 +93,6 @@ fn main() {
             );
         }
     }
-    if !four_bit.is_empty() {
-        factor_error(
-            &model,
-            &prompt,
-            &dir.path().join("a0"),
-            &adapters[0],
-            &four_bit[0],
-        );
-    }
     let none: Vec<Option<&LoraAdapter>> = vec![None; 8];
     let one: Vec<Option<&LoraAdapter>> = vec![Some(&adapters[0]); 8];
     let eight: Vec<Option<&LoraAdapter>> = adapters.iter().map(Some).collect();
@@ -131,46 +122,6 @@ fn main() {
     for ((label, _), ms) in mixes.iter().zip(alternate(runs.collect(), decode)) {
         print_row(8, label, ms);
     }
-}
-
-/// How far int8 and 4-bit factors move the logits from the f32 adapter's, against how far the
-/// adapter moves them from the base: RMS over the vocabulary at the last position of 8 prompts,
-/// and how often the top token agrees with the f32 adapter's.
-fn factor_error(
-    model: &LlamaModel,
-    prompt: &[u32],
-    dir: &std::path::Path,
-    q8: &LoraAdapter,
-    q4: &LoraAdapter,
-) {
-    let exact = LoraAdapter::load("bench/f32", "smollm2", dir, &model.cfg, true).unwrap();
-    let logits = |toks: &[u32], a: Option<&LoraAdapter>| -> Vec<f32> {
-        let mut c = model.new_cache();
-        let out = model.forward_with(&[toks], &mut [&mut c], &[a]).unwrap();
-        out.to_vec2::<f32>().unwrap().remove(0)
-    };
-    let rms = |x: &[f32], y: &[f32]| {
-        (x.iter().zip(y).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / x.len() as f32).sqrt()
-    };
-    let (mut err, mut agree) = ([0f32; 2], [0usize; 2]);
-    for k in 0..8 {
-        let toks = &prompt[k * 16..k * 16 + 64];
-        let (bare, want) = (logits(toks, None), logits(toks, Some(&exact)));
-        let effect = rms(&bare, &want);
-        for (i, a) in [q8, q4].into_iter().enumerate() {
-            let got = logits(toks, Some(a));
-            err[i] += rms(&got, &want) / effect / 8.0;
-            agree[i] += usize::from(argmax(&got) == argmax(&want));
-        }
-    }
-    println!(
-        "factor error, rank 16, RMS over the logits relative to the adapter's effect (8 \
-         prompts): int8 {:.1}%, 4-bit {:.1}%; top token as the f32 adapter's: {}/8, {}/8",
-        err[0] * 100.0,
-        err[1] * 100.0,
-        agree[0],
-        agree[1]
-    );
 }
 
 /// Prefill, then decode at 1, 4, 8 and 16 streams without adapters, the four run in alternation.

@@ -140,6 +140,87 @@ fn main() {
         println!("| {label} | {ms:.3} | {mb:.1} | {:.1} |", mb / ms);
     }
     println!("plain read bandwidth, 2 threads: {bandwidth:.1} GB/s");
+    factor_error();
+}
+
+/// How far the quantized modules' deltas are from the f32 module's, at these shapes: RMS of the
+/// difference over RMS of the f32 delta, for uniform factors (as A is initialized) and normal
+/// ones (std 0.02), on 8 uniform input rows and on the same rows with two channels 40x larger
+/// (the outliers a real model's activations carry).
+fn factor_error() {
+    println!("| factors | inputs | int8 error of the delta | 4-bit error |");
+    println!("|---|---|---|---|");
+    let normal = |n: usize, seed: u64| -> Vec<f32> {
+        // Sum of 12 uniforms on [-0.5, 0.5): mean 0, variance 1.
+        let u = values(12 * n, seed, 1.0);
+        u.chunks_exact(12)
+            .map(|c| 0.02 * c.iter().sum::<f32>())
+            .collect()
+    };
+    for (label, gaussian) in [("uniform ±0.05", false), ("normal, std 0.02", true)] {
+        for outliers in [false, true] {
+            let (mut err, mut size) = ([0f64; 2], 0f64);
+            for (p, (input, widths)) in projections().iter().enumerate() {
+                let mut x = values(ROWS * input, 40 + p as u64, 1.0);
+                if outliers {
+                    for row in x.chunks_mut(*input) {
+                        row[5] *= 40.0;
+                        row[input / 2] *= 40.0;
+                    }
+                }
+                let xq = QuantRows::new(&x, ROWS, *input);
+                for (k, &output) in widths.iter().enumerate() {
+                    let seed = 1000 + 10 * (p * 4 + k) as u64;
+                    let (a_t, b_t) = if gaussian {
+                        (normal(input * RANK, seed), normal(RANK * output, seed + 1))
+                    } else {
+                        (
+                            values(input * RANK, seed, 0.1),
+                            values(RANK * output, seed + 1, 0.1),
+                        )
+                    };
+                    let f = Module::F32(LowRank {
+                        rank: RANK,
+                        input: *input,
+                        output,
+                        a_t,
+                        b_t,
+                    });
+                    let run = |m: &Module| {
+                        let mut y = vec![0f32; ROWS * output];
+                        let slot = || ModuleSlot {
+                            module: m,
+                            scale: 2.0,
+                            offset: 0,
+                        };
+                        let rows: Vec<Vec<ModuleSlot<'_>>> =
+                            (0..ROWS).map(|_| vec![slot()]).collect();
+                        lora_add(&mut y, output, &x, Some(&xq), *input, &rows).unwrap();
+                        y
+                    };
+                    let want = run(&f);
+                    size += want.iter().map(|v| f64::from(v * v)).sum::<f64>();
+                    for (e, m) in err.iter_mut().zip([f.to_q8().unwrap(), f.to_q4().unwrap()]) {
+                        *e += run(&m)
+                            .iter()
+                            .zip(&want)
+                            .map(|(g, w)| f64::from((g - w) * (g - w)))
+                            .sum::<f64>();
+                    }
+                }
+            }
+            let inputs = if outliers {
+                "two outlier channels"
+            } else {
+                "uniform"
+            };
+            println!(
+                "| {label} | {inputs} | {:.2}% | {:.2}% |",
+                100.0 * (err[0] / size).sqrt(),
+                100.0 * (err[1] / size).sqrt()
+            );
+        }
+    }
 }
 
 /// GB/s two threads (candle's pool) reach summing a 256 MiB buffer, best of 3.

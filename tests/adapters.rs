@@ -260,3 +260,31 @@ async fn bad_adapters_are_refused_clearly_and_the_lru_cap_holds() {
     assert_eq!(complete(gw, "team/a1").await.0, 200);
     assert!(s.gw.stop().success());
 }
+
+/// `adapter_bits = 4`: a rank-8 adapter is held in 4 bits and served; a rank-4 one, which 4 bits
+/// would not make smaller, loads too (held in int8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_bit_adapters_load_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_llama(&model, candle_core::quantized::GgmlDType::Q8_0, 21);
+    let adapters = dir.path().join("adapters");
+    write_tiny_adapter(&adapters.join("r8"), 8, 16.0, &ALL, 3);
+    write_tiny_adapter(&adapters.join("r4"), 4, 16.0, &ALL, 4);
+    let config = format!(
+        "[[models]]\nname = \"tiny\"\npath = \"{}\"\ncontext_length = 128\nadapter_bits = 4\n[adapters]\nallowed_dirs = [\"{}\"]\n[[routes]]\nname = \"base\"\nchampion = {{ local = \"tiny\" }}\n",
+        path_str(&model),
+        path_str(&adapters)
+    );
+    let gw = GatewayProcess::start(&config);
+    let (st, base) = complete(&gw, "base").await;
+    assert_eq!(st, 200, "{base}");
+    for (name, rank) in [("team/r8", 8), ("team/r4", 4)] {
+        let (st, v) = load(&gw, name, &adapters.join(&name[5..])).await;
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(v["rank"].as_u64(), Some(rank));
+        let (st, tuned) = complete(&gw, name).await;
+        assert_eq!(st, 200, "{tuned}");
+        assert_ne!(text(&base), text(&tuned), "{name} changes the output");
+    }
+}

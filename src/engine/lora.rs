@@ -489,6 +489,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn adapter_bits_take_eight_or_four() {
+        let parse = |v| serde_json::from_value::<AdapterBits>(serde_json::json!(v));
+        assert_eq!(parse(8).unwrap(), AdapterBits::Eight);
+        assert_eq!(parse(4).unwrap(), AdapterBits::Four);
+        let err = parse(6).unwrap_err().to_string();
+        assert!(err.contains("adapter_bits takes 8 or 4, not 6"), "{err}");
+    }
+
+    #[test]
     fn names_and_paths_are_checked() {
         assert!(check_name("team/my-adapter.v2").is_ok());
         assert!(check_name("plain_name").is_ok());
