@@ -390,11 +390,15 @@ pub fn lora_add(
                         m.b.add_product(0..output / NARROW_GROUP, &qv, dst);
                     }
                     Module::Q4(m) => {
-                        let row = match xq {
-                            Some(q) => Q4Input::new(q, t),
-                            None => Q4Input::new(&QuantRows::new(xr, 1, input), 0),
+                        let own;
+                        let (q, at) = match xq {
+                            Some(q) => (q, t),
+                            None => {
+                                own = QuantRows::new(xr, 1, input);
+                                (&own, 0)
+                            }
                         };
-                        m.a.dots(&row, &mut v);
+                        m.a.dots(&Q4Input::new(q, at), &mut v);
                         v.iter_mut().for_each(|e| *e *= slot.scale);
                         m.b.add_product(&QuantVec::new(&v, m.b.width()), dst);
                     }
@@ -616,6 +620,79 @@ mod tests {
             );
         }
         assert!(changed > 4 * out_a, "only {changed} elements changed");
+    }
+
+    /// 4-bit modules in a mixed batch: each row's delta tracks the f32 one within 4-bit error,
+    /// bare rows are untouched, and quantizing x per row or once gives the same bits.
+    #[test]
+    fn four_bit_modules_serve_a_mixed_batch() {
+        let (input, output, n) = (128, 64, 5);
+        let f32s: Vec<LowRank> = (0..2).map(|i| module(16, input, output, 20 + i)).collect();
+        let q4: Vec<Module> = f32s
+            .iter()
+            .map(|m| Module::Q4(Q4LowRank::quantize(m).unwrap()))
+            .collect();
+        let which = [Some(0), None, Some(1), Some(0), None];
+        let x = lcg(n * input, 43);
+        let base: Vec<f32> = lcg(n * output, 8);
+        let reference = {
+            let rows: Vec<Vec<Slot<'_>>> = which
+                .iter()
+                .map(|w| {
+                    w.map(|i| Slot {
+                        module: &f32s[i],
+                        scale: 1.5,
+                        offset: 0,
+                    })
+                    .into_iter()
+                    .collect()
+                })
+                .collect();
+            let mut y = base.clone();
+            bgmv_add(&mut y, output, &x, input, &rows);
+            y
+        };
+        let rows: Vec<Vec<ModuleSlot<'_>>> = which
+            .iter()
+            .map(|w| {
+                w.map(|i| ModuleSlot {
+                    module: &q4[i],
+                    scale: 1.5,
+                    offset: 0,
+                })
+                .into_iter()
+                .collect()
+            })
+            .collect();
+        let mut got = base.clone();
+        lora_add(&mut got, output, &x, None, input, &rows).unwrap();
+        let mut again = base.clone();
+        let xq = QuantRows::new(&x, n, input);
+        lora_add(&mut again, output, &x, Some(&xq), input, &rows).unwrap();
+        assert_eq!(got, again);
+        for (t, w) in which.iter().enumerate() {
+            let span = t * output..(t + 1) * output;
+            if w.is_none() {
+                assert_eq!(&got[span.clone()], &base[span]);
+                continue;
+            }
+            let delta = |y: &[f32]| -> Vec<f32> {
+                y[span.clone()]
+                    .iter()
+                    .zip(&base[span.clone()])
+                    .map(|(a, b)| a - b)
+                    .collect()
+            };
+            let (d, want) = (delta(&got), delta(&reference));
+            let norm = |v: &[f32]| v.iter().map(|e| e * e).sum::<f32>().sqrt();
+            let err: Vec<f32> = d.iter().zip(&want).map(|(a, b)| a - b).collect();
+            assert!(
+                norm(&err) < 0.2 * norm(&want),
+                "row {t}: 4-bit off by {} against a delta of {}",
+                norm(&err),
+                norm(&want)
+            );
+        }
     }
 
     /// A row's delta does not depend on which other rows share its module in the batch.

@@ -163,7 +163,7 @@ impl Q4Rows {
     }
 
     /// `out[j] = Σ_k x[k] · A[j, k]` for every row j, against one prepared activation row.
-    pub fn dots(&self, x: &Q4Input, out: &mut [f32]) {
+    pub fn dots(&self, x: &Q4Input<'_>, out: &mut [f32]) {
         if x.quants.len() != self.cols || out.len() < self.rows {
             return;
         }
@@ -187,7 +187,7 @@ impl Q4Rows {
     }
 
     /// The reference for `dots`: the same exact integer dots, combined in the same order.
-    pub fn dots_portable(&self, x: &Q4Input, out: &mut [f32]) {
+    pub fn dots_portable(&self, x: &Q4Input<'_>, out: &mut [f32]) {
         let (cols, nb) = (self.cols, self.cols / BLOCK);
         if x.quants.len() != cols || out.len() < self.rows {
             return;
@@ -235,17 +235,22 @@ impl Q4Rows {
 /// One activation row prepared for `Q4Rows::dots`: its bytes signed, its block scales, and what
 /// the nibbles' + 8 adds to each int32 lane (8 · the lane's four bytes, summed as the kernel
 /// sums lanes: over a whole group's eight vectors, or per tail block).
-pub struct Q4Input {
-    quants: Vec<i8>,
-    scales: Vec<f32>,
+pub struct Q4Input<'a> {
+    /// Borrowed where the row is stored signed already (all but the VNNI layout).
+    quants: std::borrow::Cow<'a, [i8]>,
+    scales: &'a [f32],
     bias: Vec<[i32; GROUP]>,
 }
 
-impl Q4Input {
+impl<'a> Q4Input<'a> {
     /// Row `t` of `x`.
-    pub fn new(x: &QuantRows, t: usize) -> Self {
+    pub fn new(x: &'a QuantRows, t: usize) -> Self {
         let (row, scales, flip) = x.row(t);
-        let quants: Vec<i8> = row.iter().map(|&q| q ^ flip).collect();
+        let quants: std::borrow::Cow<'a, [i8]> = if flip == 0 {
+            row.into()
+        } else {
+            row.iter().map(|&q| q ^ flip).collect::<Vec<i8>>().into()
+        };
         let nb = scales.len();
         let whole = nb / GROUP * GROUP;
         let lanes = |v: &[i8]| -> [i32; GROUP] {
@@ -269,7 +274,7 @@ impl Q4Input {
         }
         Self {
             quants,
-            scales: scales.to_vec(),
+            scales,
             bias,
         }
     }
@@ -424,7 +429,7 @@ mod x86 {
     /// `Q4Rows::dots`. SAFETY (callers): the CPU has AVX2, FMA and F16C; `x` is as wide as `a`
     /// and `out` holds at least `a.rows` values.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn rows_avx2(a: &Q4Rows, x: &Q4Input, out: &mut [f32]) {
+    pub(super) unsafe fn rows_avx2(a: &Q4Rows, x: &Q4Input<'_>, out: &mut [f32]) {
         let (cols, nb) = (a.cols, a.cols / BLOCK);
         let whole = nb / GROUP * GROUP;
         let xq = x.quants.as_ptr();
