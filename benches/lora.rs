@@ -1,9 +1,10 @@
 //! The batched LoRA op alone (`ops::lora::lora_add`), at SmolLM2-135M's projection shapes: one
 //! decode step's worth of calls (30 layers × the four fused projections) for 8 rows running 8
 //! distinct or 1 shared rank-16 adapter on all seven projections, quantized as the engine serves
-//! them on a Q8_0 base. Reports each mix's median ms per step over alternating rounds, the
-//! adapter bytes a step reads, and the rate that makes against this machine's plain read
-//! bandwidth (two threads summing a 256 MiB buffer), measured in the same run.
+//! them on a Q8_0 base, in int8 and in 4 bits (`adapter_bits = 4`). Reports each mix's median ms
+//! per step over alternating rounds, the adapter bytes a step reads, and the rate that makes
+//! against this machine's plain read bandwidth (two threads summing a 256 MiB buffer), measured
+//! in the same run; then each format's error in the modules' deltas against f32.
 //!
 //! `cargo bench --bench lora`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
