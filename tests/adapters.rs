@@ -261,30 +261,49 @@ async fn bad_adapters_are_refused_clearly_and_the_lru_cap_holds() {
     assert!(s.gw.stop().success());
 }
 
-/// `adapter_bits = 4`: a rank-8 adapter is held in 4 bits and served; a rank-4 one, which 4 bits
-/// would not make smaller, loads too (held in int8).
+/// Adapters are held in 4 bits by default: a rank-8 adapter takes under 70% of the bytes it takes
+/// with `adapter_bits = 8`, and both serve; a rank-4 one, which 4 bits would not make smaller, is
+/// held in int8 either way and serves too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_bit_adapters_load_and_serve() {
+async fn adapters_are_held_in_four_bits_unless_told_eight() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
     write_tiny_llama(&model, candle_core::quantized::GgmlDType::Q8_0, 21);
     let adapters = dir.path().join("adapters");
     write_tiny_adapter(&adapters.join("r8"), 8, 16.0, &ALL, 3);
     write_tiny_adapter(&adapters.join("r4"), 4, 16.0, &ALL, 4);
-    let config = format!(
-        "[[models]]\nname = \"tiny\"\npath = \"{}\"\ncontext_length = 128\nadapter_bits = 4\n[adapters]\nallowed_dirs = [\"{}\"]\n[[routes]]\nname = \"base\"\nchampion = {{ local = \"tiny\" }}\n",
-        path_str(&model),
-        path_str(&adapters)
-    );
-    let gw = GatewayProcess::start(&config);
-    let (st, base) = complete(&gw, "base").await;
-    assert_eq!(st, 200, "{base}");
-    for (name, rank) in [("team/r8", 8), ("team/r4", 4)] {
-        let (st, v) = load(&gw, name, &adapters.join(&name[5..])).await;
-        assert_eq!(st, 201, "{v}");
-        assert_eq!(v["rank"].as_u64(), Some(rank));
-        let (st, tuned) = complete(&gw, name).await;
-        assert_eq!(st, 200, "{tuned}");
-        assert_ne!(text(&base), text(&tuned), "{name} changes the output");
+    let mut bytes = Vec::new();
+    for setting in ["", "adapter_bits = 8\n"] {
+        let config = format!(
+            "[[models]]\nname = \"tiny\"\npath = \"{}\"\ncontext_length = 128\n{setting}[adapters]\nallowed_dirs = [\"{}\"]\n[[routes]]\nname = \"base\"\nchampion = {{ local = \"tiny\" }}\n",
+            path_str(&model),
+            path_str(&adapters)
+        );
+        let gw = GatewayProcess::start(&config);
+        let (st, base) = complete(&gw, "base").await;
+        assert_eq!(st, 200, "{base}");
+        let mut held = Vec::new();
+        for (name, rank) in [("team/r8", 8), ("team/r4", 4)] {
+            let (st, v) = load(&gw, name, &adapters.join(&name[5..])).await;
+            assert_eq!(st, 201, "{v}");
+            assert_eq!(v["rank"].as_u64(), Some(rank));
+            held.push(v["bytes"].as_u64().unwrap());
+            let (st, tuned) = complete(&gw, name).await;
+            assert_eq!(st, 200, "{tuned}");
+            assert_ne!(
+                text(&base),
+                text(&tuned),
+                "{name} changes the output ({setting:?})"
+            );
+        }
+        bytes.push(held);
     }
+    let (four, eight) = (&bytes[0], &bytes[1]);
+    assert!(
+        (four[0] as f64) < 0.7 * eight[0] as f64,
+        "rank 8: {} bytes by default, {} at 8 bits",
+        four[0],
+        eight[0]
+    );
+    assert_eq!(four[1], eight[1], "rank 4 is held in int8 either way");
 }

@@ -28,6 +28,7 @@ fn adapter_json(a: &LoraAdapter) -> Value {
         "target_modules": a.target_modules,
         "path": a.path,
         "generation": a.generation,
+        "bytes": a.bytes(),
     })
 }
 

@@ -11,7 +11,6 @@ use serde_json::json;
 
 use crate::backend::local::LocalBackend;
 use crate::engine::chat::ChatFormat;
-use crate::engine::model::WeightFormat;
 use crate::engine::{Engine, LocalModelConfig};
 use crate::flywheel::dataset::{self, Record};
 use crate::flywheel::eval;
@@ -140,6 +139,13 @@ pub struct EvalArgs {
     /// interval, McNemar's exact test) for each metric.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
+    /// How the base's projection weights are held: `q8_0` (as served), `f32` or `native`.
+    #[arg(long, default_value = "q8_0")]
+    pub weights: String,
+    /// Bits per value of the adapter's factors on a `q8_0` base, as `adapter_bits` in the config:
+    /// 4 (the default) or 8.
+    #[arg(long, default_value_t = 4)]
+    pub adapter_bits: u8,
 }
 
 fn read_records(path: &Path) -> anyhow::Result<Vec<Record>> {
@@ -372,9 +378,11 @@ pub fn eval_command(a: EvalArgs) -> anyhow::Result<()> {
     let cfg: LocalModelConfig = serde_json::from_value(json!({
         "name": "eval-base",
         "path": a.model,
-        "weights": WeightFormat::default(),
+        "weights": a.weights,
         "context_length": a.context_length,
-    }))?;
+        "adapter_bits": a.adapter_bits,
+    }))
+    .map_err(|e| anyhow::anyhow!("--weights or --adapter-bits: {e}"))?;
     let engine: Arc<Engine> = Engine::load(&cfg)?;
     let adapter = match &a.adapter {
         Some(dir) => {

@@ -66,8 +66,8 @@ pub struct LocalModelConfig {
     /// tools and the arguments are JSON valid against that tool's parameter schema.
     #[serde(default = "default_true")]
     pub constrain_tool_calls: bool,
-    /// Bits per value of LoRA factors on a CPU Q8_0 base: 8, or 4 (half the bytes a batch of
-    /// distinct adapters streams per step, at coarser factors).
+    /// Bits per value of LoRA factors on a CPU Q8_0 base: 4 (the default: half the bytes a batch
+    /// of distinct adapters streams per step, at coarser factors) or 8.
     #[serde(default)]
     pub adapter_bits: AdapterBits,
 }

@@ -36,33 +36,67 @@ struct Scales {
     rel: Vec<f16>,
 }
 
-/// The step for `values` in 4 bits that leaves the least squared error (see `Scales::new`).
-fn best_step(values: &[f32]) -> f32 {
-    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    if amax == 0.0 || !amax.is_finite() {
-        return 0.0;
+/// Steps `best_step` tries, from absmax / 7 down to 0.7 of it.
+const STEPS: usize = 5;
+
+/// Eight lanes of running maxima of |x|.
+#[inline(always)]
+fn lane_max(top: &mut [f32; 8], x: &[f32; 8]) {
+    for (m, v) in top.iter_mut().zip(x) {
+        *m = m.max(v.abs());
     }
-    // Eight running sums, so the compiler keeps the loop in vectors.
-    let error = |d: f32| -> f32 {
-        let inv = 1.0 / d;
-        let mut lanes = [0f32; 8];
-        let mut chunks = values.chunks_exact(8);
-        for c in &mut chunks {
-            for (l, &v) in lanes.iter_mut().zip(c) {
-                let e = v - (v * inv).round_ties_even().clamp(-8.0, 7.0) * d;
-                *l += e * e;
-            }
-        }
-        for (l, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+}
+
+/// Adds the squared error of rounding `x` on each candidate step to that step's lanes.
+#[inline(always)]
+fn lane_errors(
+    error: &mut [[f32; 8]; STEPS],
+    x: &[f32; 8],
+    steps: &[f32; STEPS],
+    inverse: &[f32; STEPS],
+) {
+    for ((lanes, &d), &inv) in error.iter_mut().zip(steps).zip(inverse) {
+        for (l, &v) in lanes.iter_mut().zip(x) {
             let e = v - (v * inv).round_ties_even().clamp(-8.0, 7.0) * d;
             *l += e * e;
         }
-        lanes.iter().sum()
-    };
-    let mut best = (f32::MAX, amax / 7.0);
-    for i in 0..=4 {
-        let d = amax / 7.0 * (1.0 - 0.075 * i as f32);
-        let e = error(d);
+    }
+}
+
+/// The step for `values` in 4 bits that leaves the least squared error (see `Scales::new`). One
+/// pass scores every candidate step, eight values at a time (a short tail is padded with zeros,
+/// which round to zero under any step), so the loops stay in vectors.
+fn best_step(values: &[f32]) -> f32 {
+    let whole = values.len() / 8 * 8;
+    let mut tail = [0f32; 8];
+    tail[..values.len() - whole].copy_from_slice(&values[whole..]);
+    let body = values[..whole]
+        .chunks_exact(8)
+        .filter_map(|c| <&[f32; 8]>::try_from(c).ok());
+    let mut top = [0f32; 8];
+    for x in body.clone() {
+        lane_max(&mut top, x);
+    }
+    let ragged = whole < values.len();
+    if ragged {
+        lane_max(&mut top, &tail);
+    }
+    let amax = top.iter().fold(0f32, |m, &v| m.max(v));
+    if amax == 0.0 || !amax.is_finite() {
+        return 0.0;
+    }
+    let steps: [f32; STEPS] = std::array::from_fn(|i| amax / 7.0 * (1.0 - 0.075 * i as f32));
+    let inverse = steps.map(|d| 1.0 / d);
+    let mut error = [[0f32; 8]; STEPS];
+    for x in body {
+        lane_errors(&mut error, x, &steps, &inverse);
+    }
+    if ragged {
+        lane_errors(&mut error, &tail, &steps, &inverse);
+    }
+    let mut best = (f32::MAX, steps[0]);
+    for (lanes, &d) in error.iter().zip(&steps) {
+        let e: f32 = lanes.iter().sum();
         if e < best.0 {
             best = (e, d);
         }
@@ -91,12 +125,14 @@ impl Scales {
     /// Nibbles q + 8 (q in -8..=7) of `src` against stored scale i, as the kernels will read it.
     fn quantize(&self, i: usize, src: &[f32], dst: &mut [u8]) {
         let d = self.rel[i].to_f32() * self.unit;
+        if !(d > 0.0 && d.is_finite()) {
+            dst.fill(8);
+            return;
+        }
+        let inv = 1.0 / d;
         for (q, &v) in dst.iter_mut().zip(src) {
-            let level = if d > 0.0 && d.is_finite() {
-                (v / d).round_ties_even().clamp(-8.0, 7.0)
-            } else {
-                0.0
-            };
+            // A NaN level (zero times an infinite inverse of a subnormal step) casts to 0.
+            let level = (v * inv).round_ties_even().clamp(-8.0, 7.0);
             *q = (level as i32 + 8) as u8;
         }
     }
@@ -123,16 +159,25 @@ impl Q4Rows {
         let mut packed = vec![0u8; rows * cols / 2];
         let scales = Scales::new(a, BLOCK);
         let mut nibbles = [0u8; BLOCK];
+        // One row's nibbles at the byte positions where the activation row keeps their inputs.
+        let mut placed = vec![0u8; cols];
         for (j, src) in a.chunks_exact(cols).enumerate() {
-            let row = &mut packed[j * cols / 2..(j + 1) * cols / 2];
             for b in 0..nb {
                 scales.quantize(j * nb + b, &src[b * BLOCK..(b + 1) * BLOCK], &mut nibbles);
-                for (e, &q) in nibbles.iter().enumerate() {
-                    // Where the activation row stores input b · 32 + e, and the nibble for it.
-                    let p = interleaved_index(b, e, nb);
-                    let (unit, i) = (p / UNIT, p % UNIT);
-                    let byte = &mut row[unit * UNIT / 2 + i % (UNIT / 2)];
-                    *byte |= if i < UNIT / 2 { q } else { q << 4 };
+                for (c, four) in nibbles.chunks_exact(LANE).enumerate() {
+                    let at = interleaved_index(b, c * LANE, nb);
+                    placed[at..at + LANE].copy_from_slice(four);
+                }
+            }
+            // Positions i and i + 32 of each 64 share byte i of that unit's 32.
+            let row = &mut packed[j * cols / 2..(j + 1) * cols / 2];
+            for (dst, unit) in row
+                .chunks_exact_mut(UNIT / 2)
+                .zip(placed.chunks_exact(UNIT))
+            {
+                let (low, high) = unit.split_at(UNIT / 2);
+                for ((d, &l), &h) in dst.iter_mut().zip(low).zip(high) {
+                    *d = l | (h << 4);
                 }
             }
         }
