@@ -83,7 +83,11 @@ fn main() {
             four_bit.push(a);
         }
     }
-    for (label, ms) in [("", &mut load_ms), (", 4-bit", &mut load_q4_ms)] {
+    // On a Q8_0 base the first set is held in int8 (`adapter_bits = 8`), the second in 4 bits
+    // (the default); on other bases both sets would be f32, so only the first is loaded.
+    let q8 = weights == WeightFormat::Q8_0;
+    let int8 = if q8 { ", int8" } else { "" };
+    for (label, ms) in [(int8, &mut load_ms), (", 4-bit", &mut load_q4_ms)] {
         if ms.len() == 8 {
             ms.sort_by(f64::total_cmp);
             println!(
@@ -99,8 +103,22 @@ fn main() {
     let eight_q4: Vec<Option<&LoraAdapter>> = four_bit.iter().map(Some).collect();
     let mut mixes = vec![
         ("none", &none),
-        ("1 shared (rank 16)", &one),
-        ("8 distinct (rank 16)", &eight),
+        (
+            if q8 {
+                "1 shared (rank 16, int8)"
+            } else {
+                "1 shared (rank 16)"
+            },
+            &one,
+        ),
+        (
+            if q8 {
+                "8 distinct (rank 16, int8)"
+            } else {
+                "8 distinct (rank 16)"
+            },
+            &eight,
+        ),
     ];
     if !four_bit.is_empty() {
         mixes.push(("8 distinct (rank 16, 4-bit)", &eight_q4));
