@@ -317,8 +317,8 @@ impl LoraAdapter {
             });
         }
         let found = jobs.len();
-        // Quantizing is most of a load (4 bits: a search over steps for every block), and each
-        // module's is its own: spread it over the cores.
+        // Quantizing is the largest part of a load (at 4 bits, a search over steps for every
+        // block), and each module's is its own: spread it over the cores.
         let convert = |j: &Job| -> ModuleLora {
             let (a, b, r, i, o) = (&j.a, &j.b, rank, j.input, j.output);
             let q4 = (quantize == Some(AdapterBits::Four))
@@ -401,7 +401,6 @@ impl LoraAdapter {
     }
 }
 
-/// `...layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}[.default].weight` → (i, module, A|B).
 /// One module's factors, checked against the base, waiting to be converted.
 struct Job {
     layer: usize,
@@ -433,6 +432,7 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
     })
 }
 
+/// `...layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}[.default].weight` → (i, module, A|B).
 fn parse_key(key: &str) -> Option<(usize, &'static str, char)> {
     let rest = &key[key.find("layers.")? + "layers.".len()..];
     let (num, rest) = rest.split_once('.')?;
