@@ -316,6 +316,8 @@ impl LoraAdapter {
                 output: out_dim,
             });
         }
+        // The factors are copied out; the file's tensors need not wait for the conversion.
+        drop(tensors);
         let found = jobs.len();
         // Quantizing is the largest part of a load (at 4 bits, a search over steps for every
         // block), and each module's is its own: spread it over the cores.
