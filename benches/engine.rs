@@ -102,31 +102,17 @@ fn main() {
     let eight: Vec<Option<&LoraAdapter>> = adapters.iter().map(Some).collect();
     let eight_q4: Vec<Option<&LoraAdapter>> = four_bit.iter().map(Some).collect();
     let mut mixes = vec![
-        ("none", &none),
-        (
-            if q8 {
-                "1 shared (rank 16, int8)"
-            } else {
-                "1 shared (rank 16)"
-            },
-            &one,
-        ),
-        (
-            if q8 {
-                "8 distinct (rank 16, int8)"
-            } else {
-                "8 distinct (rank 16)"
-            },
-            &eight,
-        ),
+        ("none".to_string(), &none),
+        (format!("1 shared (rank 16{int8})"), &one),
+        (format!("8 distinct (rank 16{int8})"), &eight),
     ];
     if !four_bit.is_empty() {
-        mixes.push(("8 distinct (rank 16, 4-bit)", &eight_q4));
+        mixes.push(("8 distinct (rank 16, 4-bit)".to_string(), &eight_q4));
     }
     // `--mix none|shared|distinct|distinct4` runs only that batch (for profiling).
     if let Some(mix) = arg("--mix") {
         let names = ["none", "shared", "distinct", "distinct4"];
-        let Some(&(label, set)) = names
+        let Some((label, set)) = names
             .iter()
             .position(|n| *n == mix)
             .and_then(|i| mixes.get(i))
