@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod ops;
 pub mod rails;
 pub mod store;
+pub mod wire;
 
 /// mimalloc keeps freed pages for reuse: training and batched inference allocate and free
 /// many-megabyte activations every step, which glibc returns to the kernel and faults back in

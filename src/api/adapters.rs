@@ -12,11 +12,11 @@ use axum::Json;
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::error::ApiError;
 use super::{authorize, authorized_json, AppState};
 use crate::config::Scope;
 use crate::engine::lora::{self, LoraAdapter, LoraError};
 use crate::engine::Engine;
+use crate::wire::error::ApiError;
 
 fn adapter_json(a: &LoraAdapter) -> Value {
     json!({

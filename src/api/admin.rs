@@ -8,9 +8,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::error::ApiError;
 use super::{authorize, authorized_json, AppState};
 use crate::config::{RolloutConfig, Scope};
+use crate::wire::error::ApiError;
 
 fn route_json(name: &str, r: &RolloutConfig) -> Value {
     let mut v = serde_json::to_value(r).unwrap_or(Value::Null);

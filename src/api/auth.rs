@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-use super::error::ApiError;
 use crate::config::{AuthConfig, Scope};
+use crate::wire::error::ApiError;
 
 /// The peer address of a connection, put on each request by the server loop.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +74,7 @@ impl Authenticator {
         peer: Option<SocketAddr>,
         scope: Scope,
     ) -> Result<Principal, ApiError> {
+        // Anthropic's clients send the key as `x-api-key`; it is taken like a bearer key.
         let presented = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -81,6 +82,7 @@ impl Authenticator {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             })
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
             .map(str::trim)
             .filter(|k| !k.is_empty());
         let principal = match presented {

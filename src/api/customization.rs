@@ -12,11 +12,11 @@ use axum::Json;
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::error::ApiError;
 use super::{authorize, authorized_json, AppState};
 use crate::config::Scope;
 use crate::flywheel::jobs::{JobRunner, CUSTOMIZATION};
 use crate::store::entities::{self, EntityError, Job};
+use crate::wire::error::ApiError;
 
 pub(super) fn entity_error(e: EntityError) -> ApiError {
     match e {

@@ -13,11 +13,11 @@ use http::StatusCode;
 use serde_json::{json, Value};
 
 use super::customization::{self, authorized_job, entity_error as entity, job_json};
-use super::error::ApiError;
 use super::{authorized_json, AppState};
 use crate::config::Scope;
 use crate::flywheel::{dataset, eval};
 use crate::store::entities;
+use crate::wire::error::ApiError;
 
 const EVALUATION: &str = "evaluation";
 

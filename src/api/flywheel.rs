@@ -11,10 +11,10 @@ use http::StatusCode;
 use serde_json::{json, Value};
 
 use super::customization::list_body;
-use super::error::ApiError;
 use super::{authorize, read_json_object, AppState};
 use crate::config::Scope;
 use crate::flywheel::controller::{FlywheelController, FlywheelError};
+use crate::wire::error::ApiError;
 
 fn flywheel_error(e: FlywheelError) -> ApiError {
     match e {

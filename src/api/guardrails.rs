@@ -11,13 +11,13 @@ use http::StatusCode;
 use serde_json::{json, Value};
 
 use super::customization::{db, entity_error};
-use super::error::ApiError;
 use super::{authorize, authorized_json, AppState};
 use crate::config::Scope;
 use crate::rails::config::{compile, identity};
 use crate::rails::CheckStatus;
 use crate::store::entities::{self, check_name};
 use crate::store::guardrails::{self, StoredGuardrailConfig};
+use crate::wire::error::ApiError;
 
 fn conflict(message: String) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, "invalid_request_error", message).with_code("conflict")

@@ -17,10 +17,10 @@ use http::StatusCode;
 use serde_json::{json, Value};
 
 use super::customization::{db, entity_error, store_dataset_file};
-use super::error::ApiError;
 use super::{authorize, authorized_json, AppState};
 use crate::config::Scope;
 use crate::store::entities::{self, EntityError};
+use crate::wire::error::ApiError;
 
 /// `{name, organization, type, private}` → a dataset `organization/name` (namespace created if
 /// needed); 409 when it exists, which `create_repo(exist_ok=True)` accepts.

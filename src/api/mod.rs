@@ -5,14 +5,16 @@ pub mod adapters;
 pub mod admin;
 pub mod auth;
 pub mod chat_completions;
+pub mod completions;
 pub mod customization;
-pub mod error;
 pub mod evaluation;
 pub mod flywheel;
 pub mod guardrails;
 pub mod health;
 pub mod hf;
+pub mod messages;
 pub mod models;
+pub mod responses;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -20,7 +22,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use http::request::Parts;
@@ -28,9 +30,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 
-use crate::gateway::Gateway;
+use crate::gateway::routing::Arm;
+use crate::gateway::{Gateway, RequestContext, StreamItem};
+use crate::wire::error::ApiError;
 use auth::{Authenticator, PeerAddr};
-use error::ApiError;
+use http::HeaderValue;
 
 pub struct AppState {
     pub gateway: Arc<Gateway>,
@@ -47,11 +51,25 @@ pub struct AppState {
     pub jobs: Option<Arc<crate::flywheel::jobs::JobRunner>>,
     /// Flywheel runs and rollouts (absent without jobs).
     pub flywheel: Option<Arc<crate::flywheel::controller::FlywheelController>>,
+    /// The Responses API's stored responses (absent when the database cannot be opened).
+    pub responses: Option<Arc<crate::store::responses::ResponseStore>>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions::create))
+        .route("/v1/completions", post(completions::create))
+        .route("/v1/embeddings", post(completions::embed))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
+        .route("/v1/messages", post(messages::create))
         .route(
             "/v1/guardrail/chat/completions",
             post(chat_completions::create),
@@ -160,6 +178,77 @@ async fn wrong_method(method: http::Method, uri: http::Uri) -> axum::response::R
     )
     .with_code("method_not_allowed")
     .into_response()
+}
+
+/// Authorizes an inference request, takes a slot of the in-flight budget and reads the caller's
+/// labels from the headers.
+pub fn inference_context(
+    state: &AppState,
+    parts: &Parts,
+) -> Result<(auth::Principal, RequestContext), ApiError> {
+    let principal =
+        state
+            .auth
+            .authorize(&parts.headers, peer(parts), crate::config::Scope::Inference)?;
+    let permit = state
+        .inflight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::overloaded())?;
+    let ctx = RequestContext {
+        workload_id: header(parts, "x-workload-id"),
+        client_id: header(parts, "x-client-id"),
+        session_id: header(parts, "x-session-id"),
+        permit: Some(permit),
+    };
+    Ok((principal, ctx))
+}
+
+/// Marks a response with its traffic record's id and the rollout arm that served it.
+pub fn tagged(mut response: Response, id: uuid::Uuid, arm: Arm) -> Response {
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+        h.insert("x-request-id", v);
+    }
+    h.insert("x-flywheel-arm", HeaderValue::from_static(arm.as_str()));
+    response
+}
+
+/// A `text/event-stream` response over already framed events.
+pub fn event_stream<S>(frames: S) -> Response
+where
+    S: futures_util::Stream<Item = bytes::Bytes> + Send + 'static,
+{
+    use futures_util::StreamExt;
+    let mut r = Response::new(Body::from_stream(
+        frames.map(Ok::<_, std::convert::Infallible>),
+    ));
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+/// The `data:`-framed stream the chat and completions doors send: each chunk, an error event if
+/// the stream broke off, then `data: [DONE]`.
+pub fn data_stream(items: tokio::sync::mpsc::Receiver<StreamItem>) -> Response {
+    use crate::wire::sse;
+    let frames = futures_util::stream::unfold(Some(items), |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await {
+            Some(StreamItem::Chunk(c)) => Some((sse::data_frame(&c), Some(rx))),
+            Some(StreamItem::Failed(e)) => Some((sse::data_frame(&e.body()), Some(rx))),
+            None => Some((bytes::Bytes::from_static(sse::DONE), None)),
+        }
+    });
+    event_stream(frames)
 }
 
 pub fn peer(parts: &Parts) -> Option<SocketAddr> {

@@ -7,9 +7,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::error::ApiError;
 use super::{authorize, AppState};
 use crate::config::Scope;
+use crate::wire::error::ApiError;
 
 fn model_object(id: &str, route: Option<&str>) -> Value {
     json!({

@@ -13,6 +13,7 @@ use crate::engine::grammar::ToolGrammar;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::tools::{Parsed, ParsedCall, ToolCallParser};
 use crate::engine::{Engine, FinishReason, GenEvent, GenerationRequest};
+use crate::wire::Api;
 
 pub struct LocalBackend {
     engine: Arc<Engine>,
@@ -31,7 +32,99 @@ impl LocalBackend {
         }
     }
 
-    fn prepare(&self, body: &serde_json::Map<String, Value>) -> Result<Prepared, BackendError> {
+    /// A legacy completion's prompt as token ids: the text itself (no chat template) or the ids
+    /// the client sent. One prompt per request: this engine serves `n = 1`.
+    fn raw_prompt(
+        &self,
+        body: &serde_json::Map<String, Value>,
+    ) -> Result<(Vec<u32>, String), BackendError> {
+        if body.get("suffix").is_some_and(|s| !s.is_null()) {
+            return Err(self.refuse(
+                Some("suffix"),
+                format!(
+                    "'suffix' (fill-in-the-middle) is not supported by the local model '{}'.",
+                    self.engine.name
+                ),
+            ));
+        }
+        if body.get("logprobs").is_some_and(|s| !s.is_null()) {
+            return Err(self.refuse(
+                Some("logprobs"),
+                format!(
+                    "'logprobs' is not supported on completions by the local model '{}'.",
+                    self.engine.name
+                ),
+            ));
+        }
+        if body
+            .get("best_of")
+            .and_then(Value::as_u64)
+            .is_some_and(|n| n > 1)
+        {
+            return Err(self.refuse(
+                Some("best_of"),
+                "the local engine serves best_of = 1 only".into(),
+            ));
+        }
+        let vocab = self.engine.shape.vocab;
+        let ids = |ids: &[Value]| -> Result<Vec<u32>, BackendError> {
+            ids.iter()
+                .map(|t| match t.as_u64() {
+                    Some(t) if (t as usize) < vocab => Ok(t as u32),
+                    _ => Err(self.refuse(
+                        Some("prompt"),
+                        format!("token id {t} is outside the model's vocabulary of {vocab}"),
+                    )),
+                })
+                .collect()
+        };
+        let one = match body.get("prompt") {
+            Some(Value::Array(a)) if a.len() == 1 => &a[0],
+            Some(Value::Array(a)) if a.iter().all(Value::is_number) => return Ok((ids(a)?, String::new())),
+            Some(Value::Array(_)) => {
+                return Err(self.refuse(
+                    Some("prompt"),
+                    format!("the local model '{}' takes one prompt per request; send the prompts as separate requests", self.engine.name),
+                ))
+            }
+            Some(p) => p,
+            None => return Err(self.refuse(Some("prompt"), "a prompt is required".into())),
+        };
+        match one {
+            Value::String(text) => {
+                let ids = self
+                    .engine
+                    .chat
+                    .encode(text)
+                    .map_err(|m| BackendError::Internal {
+                        backend: self.engine.name.clone(),
+                        message: m,
+                    })?;
+                Ok((ids, text.clone()))
+            }
+            Value::Array(a) => Ok((ids(a)?, String::new())),
+            _ => Err(self.refuse(
+                Some("prompt"),
+                "the prompt must be text or token ids".into(),
+            )),
+        }
+    }
+
+    fn prepare(
+        &self,
+        api: Api,
+        body: &serde_json::Map<String, Value>,
+    ) -> Result<Prepared, BackendError> {
+        if api == Api::Embeddings {
+            return Err(self.refuse(
+                Some("model"),
+                format!(
+                    "the local model '{}' is a chat model and cannot embed",
+                    self.engine.name
+                ),
+            ));
+        }
+        let completion = api == Api::Completions;
         let tools: Vec<Value> = body
             .get("tools")
             .and_then(Value::as_array)
@@ -43,20 +136,28 @@ impl LocalBackend {
             .cloned()
             .unwrap_or_default();
         let choice_none = body.get("tool_choice").and_then(Value::as_str) == Some("none");
-        let use_tools = !tools.is_empty() && !choice_none;
-        let prompt = self
-            .engine
-            .chat
-            .prompt(&messages, &tools, body.get("tool_choice"))
-            .map_err(|m| self.refuse(Some("messages"), m))?;
-        let ids = self
-            .engine
-            .chat
-            .encode(&prompt)
-            .map_err(|m| BackendError::Internal {
-                backend: self.engine.name.clone(),
-                message: m,
-            })?;
+        let use_tools = !completion && !tools.is_empty() && !choice_none;
+        let (ids, echo) = if completion {
+            self.raw_prompt(body)?
+        } else {
+            let prompt = self
+                .engine
+                .chat
+                .prompt(&messages, &tools, body.get("tool_choice"))
+                .map_err(|m| self.refuse(Some("messages"), m))?;
+            let ids = self
+                .engine
+                .chat
+                .encode(&prompt)
+                .map_err(|m| BackendError::Internal {
+                    backend: self.engine.name.clone(),
+                    message: m,
+                })?;
+            (ids, String::new())
+        };
+        if ids.is_empty() {
+            return Err(self.refuse(Some("prompt"), "the prompt is empty".into()));
+        }
         let ctx = self.engine.context_length;
         if ids.len() >= ctx {
             return Err(self.refuse(
@@ -81,6 +182,8 @@ impl LocalBackend {
                 ))
             }
             Some(n) => n,
+            // OpenAI's default for legacy completions; chat answers may use the whole context.
+            None if completion => (crate::wire::completions::DEFAULT_COMPLETION_TOKENS as usize).min(room),
             None => room,
         };
         let stop = match body.get("stop") {
@@ -104,7 +207,10 @@ impl LocalBackend {
         } else {
             None
         };
+        let echo =
+            (completion && body.get("echo").and_then(Value::as_bool) == Some(true)).then_some(echo);
         Ok(Prepared {
+            echo,
             prompt: ids,
             max_tokens,
             stop,
@@ -128,7 +234,7 @@ impl LocalBackend {
                 })?),
                 None => None,
             };
-        let prepared = self.prepare(&request.body)?;
+        let prepared = self.prepare(request.api, &request.body)?;
         let with_tools = prepared.tools;
         let (tx, mut rx) = mpsc::unbounded_channel();
         self.engine
@@ -153,6 +259,14 @@ impl LocalBackend {
             .adapter
             .clone()
             .unwrap_or_else(|| self.engine.name.clone());
+        if request.api == Api::Completions {
+            let answer = CompletionAnswer {
+                model,
+                created,
+                echo: prepared.echo,
+            };
+            return answer.reply(rx, request.stream).await;
+        }
         if !request.stream {
             let mut text = String::new();
             let mut calls: Vec<ParsedCall> = Vec::new();
@@ -299,7 +413,110 @@ impl LocalBackend {
     }
 }
 
+fn failed(backend: &str, message: String) -> BackendError {
+    BackendError::Internal {
+        backend: backend.to_string(),
+        message,
+    }
+}
+
+/// A legacy completion's answer: raw text, no tool calls.
+struct CompletionAnswer {
+    model: String,
+    created: u64,
+    echo: Option<String>,
+}
+
+impl CompletionAnswer {
+    fn object(&self, id: &str, text: &str, finish: Option<&str>) -> Value {
+        json!({
+            "id": id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+        })
+    }
+
+    /// One `text_completion`, or a stream of them (then a usage chunk).
+    async fn reply(
+        self,
+        mut rx: mpsc::UnboundedReceiver<GenEvent>,
+        stream: bool,
+    ) -> Result<BackendReply, BackendError> {
+        let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
+        if !stream {
+            let mut text = self.echo.clone().unwrap_or_default();
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    GenEvent::Delta(d) => text.push_str(&d),
+                    GenEvent::Done {
+                        finish_reason,
+                        prompt_tokens,
+                        completion_tokens,
+                        cached_tokens,
+                    } => {
+                        let mut v = self.object(&id, &text, Some(finish_reason.as_str()));
+                        v["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens);
+                        return Ok(BackendReply::Full(v));
+                    }
+                    GenEvent::Error(m) => return Err(failed(&self.model, m)),
+                }
+            }
+            return Err(failed(
+                &self.model,
+                "generation ended without a result".into(),
+            ));
+        }
+        let first = self
+            .echo
+            .as_deref()
+            .filter(|e| !e.is_empty())
+            .map(|e| Ok(self.object(&id, e, None)));
+        let rest = futures_util::stream::unfold(Some((self, rx, id)), |state| async move {
+            let (answer, mut rx, id) = state?;
+            let out = match rx.recv().await {
+                Some(GenEvent::Delta(d)) => vec![Ok(answer.object(&id, &d, None))],
+                Some(GenEvent::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
+                }) => {
+                    let mut last = answer.object(&id, "", None);
+                    last["choices"] = json!([]);
+                    last["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens);
+                    let done = vec![
+                        Ok(answer.object(&id, "", Some(finish_reason.as_str()))),
+                        Ok(last),
+                    ];
+                    return Some((done, None));
+                }
+                Some(GenEvent::Error(m)) => {
+                    return Some((vec![Err(failed(&answer.model, m))], None));
+                }
+                None => {
+                    let m = "generation stopped unexpectedly".to_string();
+                    return Some((vec![Err(failed(&answer.model, m))], None));
+                }
+            };
+            Some((out, Some((answer, rx, id))))
+        });
+        let rest = futures_util::StreamExt::flat_map(rest, futures_util::stream::iter);
+        let chunks: ChunkStream = Box::pin(futures_util::StreamExt::chain(
+            futures_util::stream::iter(first),
+            rest,
+        ));
+        Ok(BackendReply::Stream {
+            chunks,
+            usage_injected: true,
+        })
+    }
+}
+
 struct Prepared {
+    /// A completion's prompt text, to put before the answer (`echo`).
+    echo: Option<String>,
     prompt: Vec<u32>,
     max_tokens: usize,
     stop: Vec<String>,

@@ -1,8 +1,8 @@
-//! Backends answer chat completions: upstream OpenAI-compatible providers today, the local engine
-//! later. A backend neither logs nor applies rails; the gateway pipeline does both around it.
+//! Backends answer chat completions (and legacy completions and embeddings): upstream
+//! OpenAI-compatible providers and the local engine. A backend neither logs nor applies rails;
+//! the gateway pipeline does both around it.
 
 pub mod local;
-pub mod sse;
 pub mod upstream;
 
 use std::pin::Pin;
@@ -11,9 +11,15 @@ use futures_util::future::BoxFuture;
 use futures_util::Stream;
 use serde_json::{Map, Value};
 
+use crate::wire::error::ApiError;
+use crate::wire::Api;
+
 /// One chat completion request, already validated, with `model` set to the backend's own model name.
 #[derive(Debug, Clone)]
 pub struct BackendRequest {
+    /// Which shape `body` has: a chat completion (any chat-shaped door), a legacy completion, or
+    /// an embeddings request.
+    pub api: Api,
     pub body: Map<String, Value>,
     pub stream: bool,
     /// A LoRA adapter to run with (local backends only).
@@ -85,6 +91,57 @@ impl BackendError {
             BackendError::Unsupported { .. } => false,
             BackendError::Internal { .. } => true,
             BackendError::UnknownModel { .. } => true,
+        }
+    }
+}
+
+impl From<&BackendError> for ApiError {
+    fn from(e: &crate::backend::BackendError) -> Self {
+        use http::StatusCode;
+        use BackendError as B;
+        match e {
+            B::Connect { .. } => Self::new(StatusCode::BAD_GATEWAY, "upstream_error", e.to_string()).with_code("upstream_unreachable"),
+            B::Timeout { .. } => Self::new(StatusCode::GATEWAY_TIMEOUT, "upstream_error", e.to_string()).with_code("upstream_timeout"),
+            B::Protocol { .. } => {
+                Self::new(StatusCode::BAD_GATEWAY, "upstream_error", e.to_string()).with_code("upstream_invalid_response")
+            }
+            B::StreamError { backend, body } => {
+                let detail = body.pointer("/error/message").and_then(Value::as_str).unwrap_or("no message");
+                Self::new(StatusCode::BAD_GATEWAY, "upstream_error", format!("upstream '{backend}' reported an error: {detail}"))
+                    .with_code("upstream_error")
+            }
+            B::Internal { .. } => Self::internal(e.to_string()),
+            B::UnknownModel { message, .. } => Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message.clone())
+                .with_param("model")
+                .with_code("model_not_found"),
+            B::Unsupported { message, param, .. } => {
+                let mut err = Self::invalid(message.clone());
+                err.param = param.clone();
+                err
+            }
+            B::Status { backend, status, body, .. } => match *status {
+                429 => Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    format!("upstream '{backend}' is rate limiting this gateway; retry later"),
+                )
+                .with_code("upstream_rate_limited"),
+                401 | 403 => Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    format!("upstream '{backend}' rejected the gateway's credentials (status {status}); check its api_key_env"),
+                )
+                .with_code("upstream_auth_failed"),
+                s if (400..500).contains(&s) => {
+                    // The provider refused the request itself: the client should see the provider's words.
+                    let code = StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_REQUEST);
+                    let mut err = Self::new(code, "invalid_request_error", format!("upstream '{backend}' refused the request (status {s})"));
+                    err.passthrough = body.clone().map(Box::new);
+                    err
+                }
+                s => Self::new(StatusCode::BAD_GATEWAY, "upstream_error", format!("upstream '{backend}' failed with status {s}"))
+                    .with_code("upstream_error"),
+            },
         }
     }
 }

@@ -23,9 +23,10 @@ use rand::Rng;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::sse::{SseEvent, SseParser};
 use super::{Backend, BackendError, BackendReply, BackendRequest, ChunkStream};
 use crate::config::UpstreamConfig;
+use crate::wire::sse::{SseEvent, SseParser};
+use crate::wire::Api;
 
 /// Largest non-streamed response body accepted from a provider.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
@@ -35,16 +36,28 @@ const MAX_ERROR_BYTES: usize = 64 * 1024;
 pub struct Upstream {
     name: String,
     cfg: UpstreamConfig,
-    url: Uri,
+    /// `/chat/completions`, `/completions` and `/embeddings` under the base URL.
+    urls: [Uri; 3],
     headers: HeaderMap,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig) -> Result<Self, String> {
-        let url: Uri = format!("{}/chat/completions", cfg.base_url.trim_end_matches('/'))
+        let url = |api: Api| -> Result<Uri, String> {
+            format!(
+                "{}{}",
+                cfg.base_url.trim_end_matches('/'),
+                api.upstream_path()
+            )
             .parse()
-            .map_err(|e| format!("upstream '{}': bad base_url: {e}", cfg.name))?;
+            .map_err(|e| format!("upstream '{}': bad base_url: {e}", cfg.name))
+        };
+        let urls = [
+            url(Api::Chat)?,
+            url(Api::Completions)?,
+            url(Api::Embeddings)?,
+        ];
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(
@@ -97,7 +110,7 @@ impl Upstream {
         Ok(Self {
             name: cfg.name.clone(),
             cfg: cfg.clone(),
-            url,
+            urls,
             headers,
             client,
         })
@@ -142,7 +155,7 @@ impl Upstream {
         let mut attempt = 0u32;
         loop {
             match self
-                .attempt(payload.clone(), request.stream, deadline)
+                .attempt(request.api, payload.clone(), request.stream, deadline)
                 .await
             {
                 Ok(Attempt::Full(v)) => return Ok(BackendReply::Full(v)),
@@ -195,14 +208,17 @@ impl Upstream {
 
     async fn attempt(
         &self,
+        api: Api,
         payload: Bytes,
         stream: bool,
         deadline: Instant,
     ) -> Result<Attempt, BackendError> {
         let attempt_started = Instant::now();
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(self.url.clone());
+        let mut builder = Request::builder().method(Method::POST).uri(match api {
+            Api::Completions => self.urls[1].clone(),
+            Api::Embeddings => self.urls[2].clone(),
+            _ => self.urls[0].clone(),
+        });
         if let Some(h) = builder.headers_mut() {
             h.clone_from(&self.headers);
             h.insert(
@@ -294,12 +310,20 @@ impl Upstream {
                     })
                 }
             };
+            // Embeddings answer with a `data` list; every other door with `choices`.
+            let key = if api == Api::Embeddings {
+                "data"
+            } else {
+                "choices"
+            };
             match serde_json::from_slice::<Value>(&bytes) {
-                Ok(v) if v.get("choices").is_some_and(Value::is_array) => Ok(Attempt::Full(v)),
+                Ok(v) if v.get(key).is_some_and(Value::is_array) => Ok(Attempt::Full(v)),
                 Ok(_) => Err(BackendError::Protocol {
                     backend: self.name.clone(),
-                    message: "the response is JSON but not a chat.completion (no 'choices' array)"
-                        .into(),
+                    message: format!(
+                        "the response is JSON but not what {} answers (no '{key}' array)",
+                        api.upstream_path()
+                    ),
                 }),
                 Err(e) => Err(BackendError::Protocol {
                     backend: self.name.clone(),

@@ -143,6 +143,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             None
         }
     };
+    let responses = match crate::store::responses::ResponseStore::open(&config.db_path()) {
+        Ok(s) => Some(Arc::new(s)),
+        Err(e) => {
+            tracing::warn!(error = %e, "stored responses are unavailable");
+            None
+        }
+    };
     let state = Arc::new(AppState {
         gateway: gateway.clone(),
         auth: Authenticator::new(&config.auth),
@@ -155,6 +162,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         adapter_dirs,
         jobs,
         flywheel: flywheel.clone(),
+        responses,
     });
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(c), Some(k)) => Some(api::server::tls_acceptor(c, k).map_err(anyhow::Error::msg)?),

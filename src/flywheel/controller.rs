@@ -1289,6 +1289,8 @@ mod tests {
             rails: None,
             tool_name_agreement: None,
             tool_args_agreement: None,
+            api: crate::wire::Api::Chat,
+            wire_request: None,
             request: json!({"model": "agent", "messages": [{"role": "user", "content": format!("q{ts_ms}")}],
                 "tools": [tool("get_weather")]}),
             response: Some(response),

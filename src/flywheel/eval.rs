@@ -229,6 +229,7 @@ pub async fn run(
         .enumerate()
         .map(|(i, item)| {
             let req = BackendRequest {
+                api: crate::wire::Api::Chat,
                 body: request_body(item, model, max_tokens),
                 stream: false,
                 adapter: adapter.map(str::to_string),

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::store::traffic::tool_calls;
+use crate::wire::tool_calls::in_completion as tool_calls;
 
 /// `(names agree, names and arguments agree)`, or `None` when neither answer called a tool.
 pub fn tool_call_agreement(primary: &Value, other: &Value) -> Option<(bool, bool)> {

@@ -1,5 +1,7 @@
 //! Reassembles a stream of `chat.completion.chunk` objects into the one `chat.completion` the
 //! client would have received without streaming: what the traffic log stores and shadows compare.
+//! Legacy completions stream `text_completion` objects whose choices carry `text`; those are
+//! reassembled into one `text_completion`.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +35,8 @@ pub struct ChunkAssembler {
     choices: BTreeMap<u64, ChoiceAcc>,
     usage: Option<Value>,
     chunks: usize,
+    /// The stream is of legacy `text_completion` chunks.
+    text_completion: bool,
 }
 
 impl ChunkAssembler {
@@ -50,6 +54,10 @@ impl ChunkAssembler {
         take(&mut self.model, "model");
         take(&mut self.system_fingerprint, "system_fingerprint");
         take(&mut self.service_tier, "service_tier");
+        if self.chunks == 1 {
+            self.text_completion =
+                chunk.get("object").and_then(Value::as_str) == Some("text_completion");
+        }
         if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
             self.usage = Some(u.clone());
         }
@@ -64,6 +72,9 @@ impl ChunkAssembler {
             }
             if let Some(lp) = c.pointer("/logprobs/content").and_then(Value::as_array) {
                 acc.logprobs.extend(lp.iter().cloned());
+            }
+            if let Some(t) = c.get("text").and_then(Value::as_str) {
+                acc.content.get_or_insert_with(String::new).push_str(t);
             }
             let Some(delta) = c.get("delta") else {
                 continue;
@@ -107,6 +118,9 @@ impl ChunkAssembler {
     }
 
     pub fn finish(&self) -> Value {
+        if self.text_completion {
+            return self.finish_text_completion();
+        }
         let choices: Vec<Value> = self
             .choices
             .iter()
@@ -171,6 +185,27 @@ impl ChunkAssembler {
     }
 }
 
+impl ChunkAssembler {
+    fn finish_text_completion(&self) -> Value {
+        let choices: Vec<Value> = self
+            .choices
+            .iter()
+            .map(|(index, c)| {
+                json!({"index": index, "text": c.content.as_deref().unwrap_or(""),
+                    "logprobs": null, "finish_reason": c.finish_reason})
+            })
+            .collect();
+        json!({
+            "id": self.id.clone().unwrap_or(Value::Null),
+            "object": "text_completion",
+            "created": self.created.clone().unwrap_or(Value::Null),
+            "model": self.model.clone().unwrap_or(Value::Null),
+            "choices": choices,
+            "usage": self.usage.clone().unwrap_or(Value::Null),
+        })
+    }
+}
+
 /// A chunk that carries only usage (`choices: []`), sent last when `include_usage` is on.
 pub fn is_usage_only(chunk: &Value) -> bool {
     chunk
@@ -187,6 +222,12 @@ pub fn carries_output(chunk: &Value) -> bool {
         .and_then(Value::as_array)
         .is_some_and(|cs| {
             cs.iter().any(|c| {
+                if c.get("text")
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| !s.is_empty())
+                {
+                    return true;
+                }
                 let d = c.get("delta");
                 d.and_then(|d| d.get("content"))
                     .and_then(Value::as_str)

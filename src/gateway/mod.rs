@@ -5,13 +5,11 @@
 pub mod agreement;
 pub mod assemble;
 pub mod routing;
-pub mod validate;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -19,11 +17,13 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::api::error::ApiError;
 use crate::backend::{Backend, BackendError, BackendReply, BackendRequest, ChunkStream};
 use crate::config::{BlockResponse, Config, ConfigError, RolloutConfig, TargetConfig};
 use crate::rails::{CheckOutcome, CheckStatus, Rails, RailsError, SafetyModels};
 use crate::store::traffic::{TrafficLog, TrafficRecord};
+use crate::wire::chat::ChatRequestInfo;
+use crate::wire::error::ApiError;
+use crate::wire::Api;
 use assemble::ChunkAssembler;
 use routing::{Arm, Resolution, RouteTable};
 
@@ -37,18 +37,46 @@ pub struct RequestContext {
     pub permit: Option<OwnedSemaphorePermit>,
 }
 
-/// What the HTTP layer sends back.
-pub enum ChatResponse {
+/// One request as the pipeline sees it, whichever door it came through.
+#[derive(Debug)]
+pub struct Exchange {
+    pub api: Api,
+    /// The internal request: a chat-completions body for the chat-shaped doors, the door's own body
+    /// for completions and embeddings.
+    pub body: Map<String, Value>,
+    /// The client's body as it arrived, when the door translated it (logged beside `body`).
+    pub wire: Option<Value>,
+}
+
+impl Exchange {
+    pub fn chat(body: Map<String, Value>) -> Self {
+        Self {
+            api: Api::Chat,
+            body,
+            wire: None,
+        }
+    }
+}
+
+/// One item of a streamed answer: a `chat.completion.chunk` (or `text_completion` chunk), or the
+/// error that ended the stream. The stream is over when the channel closes.
+#[derive(Debug)]
+pub enum StreamItem {
+    Chunk(Value),
+    Failed(ApiError),
+}
+
+/// What the pipeline hands back to the door.
+pub enum Reply {
     Full {
         id: Uuid,
         arm: Arm,
         body: Value,
     },
-    /// SSE frames, ready to write; the stream ends with `data: [DONE]`.
     Stream {
         id: Uuid,
         arm: Arm,
-        frames: mpsc::Receiver<Bytes>,
+        items: mpsc::Receiver<StreamItem>,
     },
 }
 
@@ -72,18 +100,6 @@ fn now_ms() -> i64 {
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
-
-/// Encodes one SSE `data:` frame.
-pub fn sse_frame(v: &Value) -> Bytes {
-    let mut buf = BytesMut::with_capacity(256).writer();
-    buf.get_mut().put_slice(b"data: ");
-    // Serializing a Value cannot fail.
-    let _ = serde_json::to_writer(&mut buf, v);
-    buf.get_mut().put_slice(b"\n\n");
-    buf.into_inner().freeze()
-}
-
-pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
 
 impl Gateway {
     pub fn new(
@@ -327,44 +343,24 @@ impl Gateway {
         Ok(())
     }
 
-    /// Serves one chat completion request.
-    pub async fn chat(
+    /// Serves one exchange: validate, resolve the route and arm, run the rails, call the backend
+    /// (with fallbacks), and log the outcome. Every door comes through here.
+    pub async fn serve(
         self: &Arc<Self>,
-        mut body: Map<String, Value>,
+        exchange: Exchange,
         ctx: RequestContext,
-    ) -> Result<ChatResponse, ApiError> {
+    ) -> Result<Reply, ApiError> {
         let started = Instant::now();
-        let mut rec = TrafficRecord {
-            id: Uuid::now_v7(),
-            ts_ms: now_ms(),
-            workload_id: ctx.workload_id.clone(),
-            client_id: ctx.client_id.clone(),
-            session_id: ctx.session_id.clone(),
-            route: body
-                .get("model")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-            target_kind: None,
-            target: None,
-            target_model: None,
-            adapter: None,
-            arm: "none".into(),
-            shadow_of: None,
-            attempts: 0,
-            stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
-            status: 200,
-            error: None,
-            latency_ms: 0.0,
-            ttft_ms: None,
-            upstream_ms: None,
-            rails: None,
-            tool_name_agreement: None,
-            tool_args_agreement: None,
-            request: Value::Null,
-            response: None,
-        };
-        let info = match validate::validate_chat_request(&body) {
+        let Exchange {
+            api,
+            mut body,
+            wire,
+        } = exchange;
+        let mut rec = TrafficRecord::begin(api, &body, wire, now_ms());
+        rec.workload_id = ctx.workload_id.clone();
+        rec.client_id = ctx.client_id.clone();
+        rec.session_id = ctx.session_id.clone();
+        let info = match validate(api, &body) {
             Ok(i) => i,
             Err(e) => return Err(self.fail(rec, body, started, e)),
         };
@@ -393,10 +389,7 @@ impl Gateway {
             Err(e) => return Err(self.fail(rec, body, started, e)),
         };
         if !ids.is_empty() {
-            let messages = match body.get("messages") {
-                Some(Value::Array(m)) => m.clone(),
-                _ => Vec::new(),
-            };
+            let messages = rails_input(api, &body);
             // A client that hangs up during a slow safety check is still recorded.
             let guard = AbandonGuard {
                 log: &self.log,
@@ -416,7 +409,7 @@ impl Gateway {
             match outcome.status {
                 CheckStatus::Passed => {
                     if let Some(masked) = outcome.masked_messages {
-                        body.insert("messages".into(), Value::Array(masked));
+                        apply_masked(api, &mut body, masked);
                     }
                 }
                 CheckStatus::Blocked => {
@@ -434,7 +427,31 @@ impl Gateway {
                 }
             }
         }
+        self.call_targets(rec, body, started, info, resolution, ctx.permit)
+            .await
+    }
 
+    /// Serves one chat completion request.
+    pub async fn chat(
+        self: &Arc<Self>,
+        body: Map<String, Value>,
+        ctx: RequestContext,
+    ) -> Result<Reply, ApiError> {
+        self.serve(Exchange::chat(body), ctx).await
+    }
+
+    /// Tries the resolution's targets in order (fallbacks on target failures) and hands back the
+    /// first answer, whole or as a stream pumped by a tracked task.
+    async fn call_targets(
+        self: &Arc<Self>,
+        mut rec: TrafficRecord,
+        mut body: Map<String, Value>,
+        started: Instant,
+        info: ChatRequestInfo,
+        resolution: Resolution,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<Reply, ApiError> {
+        let api = rec.api;
         let mut upstream_wait = Duration::ZERO;
         let mut last_error: Option<BackendError> = None;
         for (i, target) in resolution.targets.iter().enumerate() {
@@ -445,6 +462,13 @@ impl Gateway {
                 });
                 continue;
             };
+            if api == Api::Embeddings && target.local.is_some() {
+                if i + 1 < resolution.targets.len() {
+                    continue;
+                }
+                let e = self.not_an_embedding_model(&info.model);
+                return Err(self.fail(rec, body, started, e));
+            }
             if info.n > 1 && !backend.supports_n() {
                 if i + 1 < resolution.targets.len() {
                     continue;
@@ -476,6 +500,7 @@ impl Gateway {
             };
             let reply = backend
                 .chat(BackendRequest {
+                    api,
                     body: forwarded,
                     stream: info.stream,
                     adapter: target.adapter.clone(),
@@ -493,10 +518,10 @@ impl Gateway {
                     rec.ttft_ms = Some(rec.latency_ms);
                     rec.upstream_ms = Some(ms(upstream_wait));
                     rec.request = Value::Object(body);
-                    rec.response = Some(response.clone());
+                    rec.response = Some(loggable_response(api, &response));
                     let (id, arm) = (rec.id, resolution.arm);
                     self.finish(rec, &resolution);
-                    return Ok(ChatResponse::Full {
+                    return Ok(Reply::Full {
                         id,
                         arm,
                         body: response,
@@ -518,14 +543,10 @@ impl Gateway {
                         tx,
                         started,
                         upstream_wait,
-                        permit: ctx.permit,
+                        permit,
                     };
                     self.tasks.spawn(pump.run());
-                    return Ok(ChatResponse::Stream {
-                        id,
-                        arm,
-                        frames: rx,
-                    });
+                    return Ok(Reply::Stream { id, arm, items: rx });
                 }
                 Err(e) => {
                     let next = i + 1 < resolution.targets.len();
@@ -548,6 +569,31 @@ impl Gateway {
         Err(self.fail(rec, body, started, e))
     }
 
+    /// The error for an embeddings request whose model is served by the local chat engine, naming
+    /// the routes that could embed (those whose champion is an upstream model).
+    fn not_an_embedding_model(&self, model: &str) -> ApiError {
+        let upstream_routes: Vec<String> = self
+            .config
+            .routes
+            .iter()
+            .filter(|r| r.rollout.champion.local.is_none())
+            .map(|r| r.name.clone())
+            .collect();
+        let routes = if upstream_routes.is_empty() {
+            "no route of this gateway has an upstream champion; add a route to an upstream embedding model".to_string()
+        } else {
+            format!(
+                "embeddings are served by routes to an upstream embedding model: {}",
+                upstream_routes.join(", ")
+            )
+        };
+        ApiError::invalid_param(
+            "model",
+            format!("The model '{model}' is a chat model on the local engine and cannot embed; {routes}."),
+        )
+        .with_code("model_cannot_embed")
+    }
+
     /// Answers a request the rails blocked, without any model call: an error with code
     /// `content_filter`, or a refusal message with `finish_reason: "content_filter"`, as configured.
     fn refuse(
@@ -555,13 +601,13 @@ impl Gateway {
         mut rec: TrafficRecord,
         body: Map<String, Value>,
         started: Instant,
-        info: &validate::ChatRequestInfo,
+        info: &ChatRequestInfo,
         arm: Arm,
         categories: &[String],
-    ) -> Result<ChatResponse, ApiError> {
+    ) -> Result<Reply, ApiError> {
         let settings = self.rails.settings();
         let text = settings.refusal_message.clone();
-        if settings.block_response == BlockResponse::Error {
+        if settings.block_response == BlockResponse::Error || rec.api == Api::Embeddings {
             let message = if categories.is_empty() {
                 text
             } else {
@@ -570,17 +616,15 @@ impl Gateway {
             let e = ApiError::invalid(message).with_code("content_filter");
             return Err(self.fail(rec, body, started, e));
         }
-        let id = format!("chatcmpl-{}", rec.id.simple());
-        let created = rec.ts_ms / 1000;
-        let choices: Vec<Value> = (0..info.n.max(1))
-            .map(|i| serde_json::json!({"index": i, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": "content_filter"}))
-            .collect();
-        let usage =
-            serde_json::json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0});
-        let completion = serde_json::json!({
-            "id": id, "object": "chat.completion", "created": created, "model": info.model,
-            "choices": choices, "usage": usage,
-        });
+        let refusal = Refusal {
+            api: rec.api,
+            id: rec.id,
+            created: rec.ts_ms / 1000,
+            model: &info.model,
+            text: &text,
+            n: info.n.max(1),
+        };
+        let completion = refusal.whole();
         rec.latency_ms = ms(started.elapsed());
         rec.ttft_ms = Some(rec.latency_ms);
         rec.request = Value::Object(body);
@@ -589,41 +633,40 @@ impl Gateway {
         self.observe(&rec);
         self.log.record(rec);
         if !info.stream {
-            return Ok(ChatResponse::Full {
+            return Ok(Reply::Full {
                 id: rec_id,
                 arm,
                 body: completion,
             });
         }
-        let n = info.n.max(1);
-        let chunk = |choices: Vec<Value>| serde_json::json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": info.model, "choices": choices});
-        let mut frames = Vec::new();
-        frames.push(sse_frame(&chunk(
-            (0..n)
-                .map(|i| serde_json::json!({"index": i, "delta": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": null}))
-                .collect(),
-        )));
-        frames.push(sse_frame(&chunk(
-            (0..n)
-                .map(|i| serde_json::json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": "content_filter"}))
-                .collect(),
-        )));
-        if info.include_usage {
-            let mut u = chunk(Vec::new());
-            u["usage"] = usage;
-            frames.push(sse_frame(&u));
+        let chunks = refusal.chunks(info.include_usage);
+        let (tx, rx) = mpsc::channel(chunks.len().max(1));
+        for c in chunks {
+            // The channel holds every chunk; sending cannot wait.
+            let _ = tx.try_send(StreamItem::Chunk(c));
         }
-        frames.push(Bytes::from_static(SSE_DONE));
-        let (tx, rx) = mpsc::channel(frames.len());
-        for f in frames {
-            // The channel holds every frame; sending cannot wait.
-            let _ = tx.try_send(f);
-        }
-        Ok(ChatResponse::Stream {
+        Ok(Reply::Stream {
             id: rec_id,
             arm,
-            frames: rx,
+            items: rx,
         })
+    }
+
+    /// Records a request its door refused before translating it (a malformed Responses or
+    /// Messages body, an unknown `previous_response_id`) and hands the error back: every request
+    /// that reached the gateway has its row.
+    pub fn reject(
+        &self,
+        api: Api,
+        wire: Map<String, Value>,
+        ctx: &RequestContext,
+        e: ApiError,
+    ) -> ApiError {
+        let mut rec = TrafficRecord::begin(api, &wire, None, now_ms());
+        rec.workload_id = ctx.workload_id.clone();
+        rec.client_id = ctx.client_id.clone();
+        rec.session_id = ctx.session_id.clone();
+        self.fail(rec, wire, Instant::now(), e)
     }
 
     /// Records a request that ends in an error and hands the error back.
@@ -648,7 +691,8 @@ impl Gateway {
     /// Records a served request and starts its shadow, if sampled.
     fn finish(self: &Arc<Self>, rec: TrafficRecord, resolution: &Resolution) {
         self.observe(&rec);
-        if rec.status == 200 {
+        // Shadows compare tool calls, so only chat-shaped exchanges are mirrored.
+        if rec.status == 200 && rec.api.is_chat_shaped() {
             if let (Some(shadow), Some(response)) = (&resolution.shadow, &rec.response) {
                 // During a canary the mirror is the champion: requests the champion answered itself
                 // (its own arm, or a canary's fallback) have nothing to compare.
@@ -723,6 +767,7 @@ impl Gateway {
             let started = Instant::now();
             let reply = backend
                 .chat(BackendRequest {
+                    api: Api::Chat,
                     body,
                     stream: false,
                     adapter,
@@ -813,7 +858,7 @@ struct StreamPump {
     resolution: Resolution,
     chunks: ChunkStream,
     strip_usage: bool,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<StreamItem>,
     started: Instant,
     upstream_wait: Duration,
     permit: Option<OwnedSemaphorePermit>,
@@ -843,7 +888,7 @@ impl StreamPump {
                     if self.strip_usage && assemble::is_usage_only(&chunk) {
                         continue;
                     }
-                    if self.tx.send(sse_frame(&chunk)).await.is_err() {
+                    if self.tx.send(StreamItem::Chunk(chunk)).await.is_err() {
                         client_gone = true;
                         break;
                     }
@@ -851,7 +896,7 @@ impl StreamPump {
                 Some(Err(e)) => {
                     let api = ApiError::from(&e);
                     tracing::warn!(route = %self.rec.route, error = %e, "stream failed after it began");
-                    let _ = self.tx.send(sse_frame(&api.body())).await;
+                    let _ = self.tx.send(StreamItem::Failed(api.clone())).await;
                     failure = Some(api);
                     break;
                 }
@@ -862,9 +907,6 @@ impl StreamPump {
             &mut self.chunks,
             Box::pin(futures_util::stream::empty()),
         ));
-        if !client_gone {
-            let _ = self.tx.send(Bytes::from_static(SSE_DONE)).await;
-        }
         drop(self.tx);
         let mut rec = self.rec;
         rec.latency_ms = ms(self.started.elapsed());
@@ -885,5 +927,114 @@ impl StreamPump {
             );
         }
         self.gateway.finish(rec, &self.resolution);
+    }
+}
+
+/// Checks a request in its door's internal shape.
+fn validate(api: Api, body: &Map<String, Value>) -> Result<ChatRequestInfo, ApiError> {
+    match api {
+        Api::Completions => crate::wire::completions::validate_completion_request(body),
+        Api::Embeddings => crate::wire::completions::validate_embedding_request(body),
+        _ => crate::wire::chat::validate_chat_request(body),
+    }
+}
+
+/// What the rails read: the conversation, or each prompt or embedding input as a user message.
+fn rails_input(api: Api, body: &Map<String, Value>) -> Vec<Value> {
+    match api {
+        Api::Completions | Api::Embeddings => crate::wire::completions::texts(api, body)
+            .into_iter()
+            .map(|t| serde_json::json!({"role": "user", "content": t}))
+            .collect(),
+        _ => match body.get("messages") {
+            Some(Value::Array(m)) => m.clone(),
+            _ => Vec::new(),
+        },
+    }
+}
+
+/// Puts the rails' masked text back where it was read from.
+fn apply_masked(api: Api, body: &mut Map<String, Value>, masked: Vec<Value>) {
+    match api {
+        Api::Completions | Api::Embeddings => {
+            let texts: Vec<String> = masked
+                .iter()
+                .map(|m| {
+                    m.get("content")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .collect();
+            crate::wire::completions::replace_texts(api, body, texts);
+        }
+        _ => {
+            body.insert("messages".into(), Value::Array(masked));
+        }
+    }
+}
+
+/// The response as the log keeps it: whole, except embedding vectors (only their sizes are kept).
+fn loggable_response(api: Api, response: &Value) -> Value {
+    if api == Api::Embeddings {
+        crate::wire::completions::without_vectors(response)
+    } else {
+        response.clone()
+    }
+}
+
+/// The answer given in place of a model's when the rails block a request.
+struct Refusal<'a> {
+    api: Api,
+    id: Uuid,
+    created: i64,
+    model: &'a str,
+    text: &'a str,
+    n: u64,
+}
+
+impl Refusal<'_> {
+    fn whole(&self) -> Value {
+        use serde_json::json;
+        let usage = json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0});
+        if self.api == Api::Completions {
+            let choices: Vec<Value> = (0..self.n)
+                .map(|i| json!({"index": i, "text": self.text, "logprobs": null, "finish_reason": "content_filter"}))
+                .collect();
+            return json!({"id": format!("cmpl-{}", self.id.simple()), "object": "text_completion",
+                "created": self.created, "model": self.model, "choices": choices, "usage": usage});
+        }
+        let choices: Vec<Value> = (0..self.n)
+            .map(|i| json!({"index": i, "message": {"role": "assistant", "content": self.text, "refusal": null}, "logprobs": null, "finish_reason": "content_filter"}))
+            .collect();
+        json!({"id": format!("chatcmpl-{}", self.id.simple()), "object": "chat.completion",
+            "created": self.created, "model": self.model, "choices": choices, "usage": usage})
+    }
+
+    fn chunks(&self, include_usage: bool) -> Vec<Value> {
+        use serde_json::json;
+        let completions = self.api == Api::Completions;
+        let (id, object) = if completions {
+            (format!("cmpl-{}", self.id.simple()), "text_completion")
+        } else {
+            (
+                format!("chatcmpl-{}", self.id.simple()),
+                "chat.completion.chunk",
+            )
+        };
+        let chunk = |choices: Vec<Value>| json!({"id": id, "object": object, "created": self.created, "model": self.model, "choices": choices});
+        let mut out = Vec::new();
+        if completions {
+            out.push(chunk((0..self.n).map(|i| json!({"index": i, "text": self.text, "logprobs": null, "finish_reason": "content_filter"})).collect()));
+        } else {
+            out.push(chunk((0..self.n).map(|i| json!({"index": i, "delta": {"role": "assistant", "content": self.text}, "logprobs": null, "finish_reason": null})).collect()));
+            out.push(chunk((0..self.n).map(|i| json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": "content_filter"})).collect()));
+        }
+        if include_usage {
+            let mut u = chunk(Vec::new());
+            u["usage"] = json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0});
+            out.push(u);
+        }
+        out
     }
 }

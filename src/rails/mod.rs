@@ -603,6 +603,7 @@ impl Rails {
             .timeout
             .unwrap_or(Duration::from_millis(self.settings.timeout_ms));
         let call = backend.chat(BackendRequest {
+            api: crate::wire::Api::Chat,
             body,
             stream: false,
             adapter,

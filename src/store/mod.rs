@@ -1,8 +1,10 @@
-//! The SQLite store: schema and migrations, and the traffic log. Nothing else opens the database.
+//! The SQLite store: schema and migrations, the traffic log, entities, flywheel state and the
+//! Responses API's stored responses. Nothing else opens the database.
 
 pub mod entities;
 pub mod flywheel;
 pub mod guardrails;
+pub mod responses;
 pub mod traffic;
 
 use std::path::Path;
@@ -151,6 +153,23 @@ CREATE TABLE guardrail_configs (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
     PRIMARY KEY (namespace, name)
+);
+"#,
+    // 5: the door each request came through, the client's own body where the door translated it,
+    // and the Responses API's stored responses (written whole in one statement, so never half).
+    r#"
+ALTER TABLE traffic ADD COLUMN api TEXT NOT NULL DEFAULT 'chat';
+ALTER TABLE traffic ADD COLUMN wire_request TEXT;
+CREATE TABLE responses (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    traffic_id TEXT,
+    previous_id TEXT,
+    input_items TEXT NOT NULL,
+    conversation TEXT NOT NULL,
+    response TEXT NOT NULL
 );
 "#,
 ];

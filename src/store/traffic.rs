@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::StoreError;
+use crate::wire::Api;
 
 /// Everything recorded about one request (or one shadow request).
 #[derive(Debug, Clone)]
@@ -44,9 +45,59 @@ pub struct TrafficRecord {
     pub rails: Option<Value>,
     pub tool_name_agreement: Option<bool>,
     pub tool_args_agreement: Option<bool>,
+    /// The door the request came through.
+    pub api: Api,
+    /// The request in the pipeline's internal shape (a chat-completions body for the chat-shaped
+    /// doors), as forwarded apart from `model`.
     pub request: Value,
-    /// The full response; for streams, reassembled into one `chat.completion`.
+    /// The client's own body when its door translated it (Responses, Messages).
+    pub wire_request: Option<Value>,
+    /// The full response in the internal shape; for streams, reassembled into one
+    /// `chat.completion`; embedding vectors are not kept.
     pub response: Option<Value>,
+}
+
+impl TrafficRecord {
+    /// A record for a request that has just arrived, before validation.
+    pub fn begin(
+        api: Api,
+        body: &serde_json::Map<String, Value>,
+        wire_request: Option<Value>,
+        ts_ms: i64,
+    ) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7(),
+            ts_ms,
+            workload_id: None,
+            client_id: None,
+            session_id: None,
+            route: body
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            target_kind: None,
+            target: None,
+            target_model: None,
+            adapter: None,
+            arm: "none".into(),
+            shadow_of: None,
+            attempts: 0,
+            stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            status: 200,
+            error: None,
+            latency_ms: 0.0,
+            ttft_ms: None,
+            upstream_ms: None,
+            rails: None,
+            tool_name_agreement: None,
+            tool_args_agreement: None,
+            api,
+            request: Value::Null,
+            wire_request,
+            response: None,
+        }
+    }
 }
 
 enum Message {
@@ -238,8 +289,8 @@ fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<(), StoreError> {
         "INSERT INTO traffic (id, ts_ms, workload_id, client_id, session_id, route, target_kind, target,
             target_model, adapter, arm, shadow_of, attempts, stream, status, error, latency_ms, ttft_ms,
             upstream_ms, prompt_tokens, completion_tokens, total_tokens, finish_reason, rails,
-            tool_name_agreement, tool_args_agreement, request, response)
-         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28)",
+            tool_name_agreement, tool_args_agreement, request, response, api, wire_request)
+         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28,?29,?30)",
     )?;
     stmt.execute(params![
         r.id.to_string(),
@@ -270,12 +321,14 @@ fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<(), StoreError> {
         r.tool_args_agreement,
         r.request.to_string(),
         r.response.as_ref().map(Value::to_string),
+        r.api.as_str(),
+        r.wire_request.as_ref().map(Value::to_string),
     ])?;
     let mut call_stmt = tx.prepare_cached(
         "INSERT INTO tool_calls (traffic_id, choice_index, call_index, call_id, name, arguments, arguments_valid_json)
          VALUES (?1,?2,?3,?4,?5,?6,?7)",
     )?;
-    for call in tool_calls(r.response.as_ref()) {
+    for call in crate::wire::tool_calls::in_completion(r.response.as_ref()) {
         call_stmt.execute(params![
             r.id.to_string(),
             call.choice_index,
@@ -287,58 +340,6 @@ fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<(), StoreError> {
         ])?;
     }
     Ok(())
-}
-
-/// One tool call found in a `chat.completion`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ToolCall {
-    pub choice_index: i64,
-    pub call_index: i64,
-    pub id: Option<String>,
-    pub name: String,
-    pub arguments: String,
-}
-
-/// The tool calls of every choice of a `chat.completion`, in order.
-pub fn tool_calls(response: Option<&Value>) -> Vec<ToolCall> {
-    let mut out = Vec::new();
-    let Some(choices) = response
-        .and_then(|r| r.get("choices"))
-        .and_then(Value::as_array)
-    else {
-        return out;
-    };
-    for (ci, choice) in choices.iter().enumerate() {
-        let choice_index = choice
-            .get("index")
-            .and_then(Value::as_i64)
-            .unwrap_or(ci as i64);
-        let Some(calls) = choice
-            .pointer("/message/tool_calls")
-            .and_then(Value::as_array)
-        else {
-            continue;
-        };
-        for (i, call) in calls.iter().enumerate() {
-            let name = call
-                .pointer("/function/name")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            let arguments = match call.pointer("/function/arguments") {
-                Some(Value::String(s)) => s.clone(),
-                Some(other) => other.to_string(),
-                None => String::new(),
-            };
-            out.push(ToolCall {
-                choice_index,
-                call_index: i as i64,
-                id: call.get("id").and_then(Value::as_str).map(str::to_string),
-                name: name.to_string(),
-                arguments,
-            });
-        }
-    }
-    out
 }
 
 /// Filters for an export.
@@ -363,7 +364,7 @@ pub fn export_jsonl(
         "SELECT id, ts_ms, workload_id, client_id, session_id, route, target_kind, target, target_model,
                 adapter, arm, shadow_of, attempts, stream, status, error, latency_ms, ttft_ms, upstream_ms,
                 prompt_tokens, completion_tokens, total_tokens, finish_reason, rails,
-                tool_name_agreement, tool_args_agreement, request, response
+                tool_name_agreement, tool_args_agreement, request, response, api, wire_request
          FROM traffic
          WHERE (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
            AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
@@ -435,6 +436,8 @@ pub fn export_jsonl(
             "tool_name_agreement": row.get::<_, Option<bool>>(24)?,
             "tool_args_agreement": row.get::<_, Option<bool>>(25)?,
             "tool_calls": calls,
+            "api": row.get::<_, String>(28)?,
+            "wire_request": json_col(29)?,
         });
         serde_json::to_writer(&mut *out, &line)?;
         out.write_all(b"\n")?;
@@ -468,7 +471,8 @@ pub struct AnsweredBy<'a> {
     pub model: &'a str,
 }
 
-/// The answered (status 200) requests matching `filter`, oldest first. Without `by`, the answers
+/// The answered (status 200) chat-shaped requests (from the chat, Responses and Messages doors,
+/// all logged as chat completions) matching `filter`, oldest first. Without `by`, the answers
 /// clients were served (no shadow copies); with `by`, the answers that target gave, as the client's
 /// answer or as a shadow copy: a teacher's answers are ground truth wherever they were logged.
 pub fn served_exchanges(
@@ -478,7 +482,7 @@ pub fn served_exchanges(
 ) -> Result<Vec<ServedExchange>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT id, ts_ms, request, response, rails FROM traffic
-         WHERE status = 200 AND response IS NOT NULL
+         WHERE status = 200 AND response IS NOT NULL AND api IN ('chat', 'responses', 'messages')
            AND (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
            AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
            AND CASE WHEN ?5 IS NULL THEN arm != 'shadow'
@@ -537,6 +541,8 @@ mod tests {
             rails: None,
             tool_name_agreement: None,
             tool_args_agreement: None,
+            api: Api::Chat,
+            wire_request: None,
             request: json!({"model": "r", "messages": [{"role": "user", "content": "hi"}]}),
             response,
         }

@@ -1,5 +1,6 @@
-//! The one OpenAI error envelope. Every error that leaves the gateway over HTTP is built here:
-//! `{"error":{"message","type","param","code"}}` with the matching status.
+//! The error envelopes. Every error that leaves the gateway over HTTP is an [`ApiError`], sent in
+//! OpenAI's envelope `{"error":{"message","type","param","code"}}` with the matching status, or,
+//! on Anthropic's Messages door, in Anthropic's `{"type":"error","error":{"type","message"}}`.
 
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
@@ -130,6 +131,37 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Anthropic's error type for a status, as its API documents them.
+fn anthropic_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        504 => "timeout_error",
+        _ => "api_error",
+    }
+}
+
+/// The error in Anthropic's envelope. An upstream's own (OpenAI-shaped) error keeps its message.
+pub fn anthropic_body(e: &ApiError) -> Value {
+    let message = e
+        .passthrough
+        .as_ref()
+        .and_then(|p| p.pointer("/error/message"))
+        .and_then(Value::as_str)
+        .unwrap_or(&e.message);
+    json!({"type": "error", "error": {"type": anthropic_type(e.status), "message": message}})
+}
+
+/// The error as a response on Anthropic's Messages door.
+pub fn anthropic_response(e: &ApiError) -> Response {
+    (e.status, axum::Json(anthropic_body(e))).into_response()
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -139,56 +171,6 @@ impl std::fmt::Display for ApiError {
             self.kind,
             self.message
         )
-    }
-}
-
-impl From<&crate::backend::BackendError> for ApiError {
-    fn from(e: &crate::backend::BackendError) -> Self {
-        use crate::backend::BackendError as B;
-        match e {
-            B::Connect { .. } => Self::new(StatusCode::BAD_GATEWAY, "upstream_error", e.to_string()).with_code("upstream_unreachable"),
-            B::Timeout { .. } => Self::new(StatusCode::GATEWAY_TIMEOUT, "upstream_error", e.to_string()).with_code("upstream_timeout"),
-            B::Protocol { .. } => {
-                Self::new(StatusCode::BAD_GATEWAY, "upstream_error", e.to_string()).with_code("upstream_invalid_response")
-            }
-            B::StreamError { backend, body } => {
-                let detail = body.pointer("/error/message").and_then(Value::as_str).unwrap_or("no message");
-                Self::new(StatusCode::BAD_GATEWAY, "upstream_error", format!("upstream '{backend}' reported an error: {detail}"))
-                    .with_code("upstream_error")
-            }
-            B::Internal { .. } => Self::internal(e.to_string()),
-            B::UnknownModel { message, .. } => Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message.clone())
-                .with_param("model")
-                .with_code("model_not_found"),
-            B::Unsupported { message, param, .. } => {
-                let mut err = Self::invalid(message.clone());
-                err.param = param.clone();
-                err
-            }
-            B::Status { backend, status, body, .. } => match *status {
-                429 => Self::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    format!("upstream '{backend}' is rate limiting this gateway; retry later"),
-                )
-                .with_code("upstream_rate_limited"),
-                401 | 403 => Self::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_error",
-                    format!("upstream '{backend}' rejected the gateway's credentials (status {status}); check its api_key_env"),
-                )
-                .with_code("upstream_auth_failed"),
-                s if (400..500).contains(&s) => {
-                    // The provider refused the request itself: the client should see the provider's words.
-                    let code = StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_REQUEST);
-                    let mut err = Self::new(code, "invalid_request_error", format!("upstream '{backend}' refused the request (status {s})"));
-                    err.passthrough = body.clone().map(Box::new);
-                    err
-                }
-                s => Self::new(StatusCode::BAD_GATEWAY, "upstream_error", format!("upstream '{backend}' failed with status {s}"))
-                    .with_code("upstream_error"),
-            },
-        }
     }
 }
 
@@ -204,6 +186,24 @@ mod tests {
             assert!(err.contains_key(k), "missing {k}");
         }
         assert_eq!(err["param"], Value::Null);
+    }
+
+    #[test]
+    fn anthropic_errors_have_anthropic_types_and_keep_an_upstream_message() {
+        let b = anthropic_body(&ApiError::invalid("bad"));
+        assert_eq!(b["type"], "error");
+        assert_eq!(b["error"]["type"], "invalid_request_error");
+        assert_eq!(
+            anthropic_body(&ApiError::unauthorized("x"))["error"]["type"],
+            "authentication_error"
+        );
+        assert_eq!(
+            anthropic_body(&ApiError::overloaded())["error"]["type"],
+            "rate_limit_error"
+        );
+        let mut up = ApiError::invalid("upstream refused");
+        up.passthrough = Some(Box::new(json!({"error": {"message": "their words"}})));
+        assert_eq!(anthropic_body(&up)["error"]["message"], "their words");
     }
 
     #[test]

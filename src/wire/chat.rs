@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::api::error::ApiError;
+use crate::wire::error::ApiError;
 
 /// What the gateway needs to know about a valid request.
 #[derive(Debug, Clone)]
@@ -31,7 +31,7 @@ const JSON_SCHEMA_TYPES: &[&str] = &[
     "object", "array", "string", "number", "integer", "boolean", "null",
 ];
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -42,7 +42,7 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn expected(param: &str, what: &str, got: &Value) -> ApiError {
+pub(crate) fn expected(param: &str, what: &str, got: &Value) -> ApiError {
     ApiError::invalid_param(
         param,
         format!(
@@ -53,7 +53,7 @@ fn expected(param: &str, what: &str, got: &Value) -> ApiError {
     .with_code("invalid_type")
 }
 
-fn optional_number(
+pub(crate) fn optional_number(
     body: &Map<String, Value>,
     key: &str,
     min: f64,
@@ -76,7 +76,7 @@ fn optional_number(
     }
 }
 
-fn optional_int(
+pub(crate) fn optional_int(
     body: &Map<String, Value>,
     key: &str,
     min: i64,
@@ -96,7 +96,10 @@ fn optional_int(
     }
 }
 
-fn optional_bool(body: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+pub(crate) fn optional_bool(
+    body: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<bool>, ApiError> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -104,7 +107,7 @@ fn optional_bool(body: &Map<String, Value>, key: &str) -> Result<Option<bool>, A
     }
 }
 
-fn optional_string<'a>(
+pub(crate) fn optional_string<'a>(
     body: &'a Map<String, Value>,
     key: &str,
 ) -> Result<Option<&'a str>, ApiError> {
@@ -117,22 +120,7 @@ fn optional_string<'a>(
 
 /// Validates a request body and extracts what routing and logging need.
 pub fn validate_chat_request(body: &Map<String, Value>) -> Result<ChatRequestInfo, ApiError> {
-    let model = match body.get("model") {
-        None | Some(Value::Null) => {
-            return Err(
-                ApiError::invalid_param("model", "Missing required parameter: 'model'.")
-                    .with_code("missing_required_parameter"),
-            )
-        }
-        Some(Value::String(s)) if s.is_empty() => {
-            return Err(ApiError::invalid_param(
-                "model",
-                "'model' must not be empty.",
-            ))
-        }
-        Some(Value::String(s)) => s.clone(),
-        Some(v) => return Err(expected("model", "a string", v)),
-    };
+    let model = required_model(body)?;
     validate_messages(body.get("messages"))?;
     let tool_names = validate_tools(body.get("tools"))?;
     validate_tool_choice(body.get("tool_choice"), &tool_names)?;
@@ -147,6 +135,40 @@ pub fn validate_chat_request(body: &Map<String, Value>) -> Result<ChatRequestInf
     let n = optional_int(body, "n", 1, 128)?.unwrap_or(1) as u64;
     validate_stop(body.get("stop"))?;
     validate_response_format(body.get("response_format"))?;
+    let (stream, include_usage) = stream_flags(body)?;
+    let user = optional_string(body, "user")?.map(str::to_string);
+    let labels = labels(body)?;
+    Ok(ChatRequestInfo {
+        model,
+        stream,
+        include_usage,
+        n,
+        user,
+        metadata_workload_id: labels.workload,
+        metadata_client_id: labels.client,
+        metadata_session_id: labels.session,
+    })
+}
+
+/// The `model` parameter: a non-empty string.
+pub(crate) fn required_model(body: &Map<String, Value>) -> Result<String, ApiError> {
+    match body.get("model") {
+        None | Some(Value::Null) => Err(ApiError::invalid_param(
+            "model",
+            "Missing required parameter: 'model'.",
+        )
+        .with_code("missing_required_parameter")),
+        Some(Value::String(s)) if s.is_empty() => Err(ApiError::invalid_param(
+            "model",
+            "'model' must not be empty.",
+        )),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(v) => Err(expected("model", "a string", v)),
+    }
+}
+
+/// `stream` and `stream_options.include_usage`.
+pub(crate) fn stream_flags(body: &Map<String, Value>) -> Result<(bool, bool), ApiError> {
     let stream = optional_bool(body, "stream")?.unwrap_or(false);
     let include_usage = match body.get("stream_options") {
         None | Some(Value::Null) => false,
@@ -165,7 +187,19 @@ pub fn validate_chat_request(body: &Map<String, Value>) -> Result<ChatRequestInf
         }
         Some(v) => return Err(expected("stream_options", "an object", v)),
     };
-    let user = optional_string(body, "user")?.map(str::to_string);
+    Ok((stream, include_usage))
+}
+
+/// The traffic labels a body's `metadata` may carry.
+#[derive(Debug, Default)]
+pub(crate) struct Labels {
+    pub workload: Option<String>,
+    pub client: Option<String>,
+    pub session: Option<String>,
+}
+
+/// The workload, client and session ids in a body's `metadata`.
+pub(crate) fn labels(body: &Map<String, Value>) -> Result<Labels, ApiError> {
     let (mut workload, mut client, mut session) = (None, None, None);
     match body.get("metadata") {
         None | Some(Value::Null) => {}
@@ -184,15 +218,10 @@ pub fn validate_chat_request(body: &Map<String, Value>) -> Result<ChatRequestInf
         }
         Some(v) => return Err(expected("metadata", "an object", v)),
     }
-    Ok(ChatRequestInfo {
-        model,
-        stream,
-        include_usage,
-        n,
-        user,
-        metadata_workload_id: workload,
-        metadata_client_id: client,
-        metadata_session_id: session,
+    Ok(Labels {
+        workload,
+        client,
+        session,
     })
 }
 
@@ -337,7 +366,7 @@ fn validate_content(
     }
 }
 
-fn valid_function_name(name: &str) -> bool {
+pub(crate) fn valid_function_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -417,7 +446,7 @@ fn validate_tools(tools: Option<&Value>) -> Result<Vec<String>, ApiError> {
 }
 
 /// A structural check of a JSON Schema: the parts an OpenAI provider would refuse.
-fn check_schema(schema: &Value, p: &str, depth: usize) -> Result<(), ApiError> {
+pub(crate) fn check_schema(schema: &Value, p: &str, depth: usize) -> Result<(), ApiError> {
     if depth > 64 {
         return Err(ApiError::invalid_param(
             p,
@@ -513,7 +542,7 @@ fn validate_tool_choice(choice: Option<&Value>, tools: &[String]) -> Result<(), 
     }
 }
 
-fn validate_stop(stop: Option<&Value>) -> Result<(), ApiError> {
+pub(crate) fn validate_stop(stop: Option<&Value>) -> Result<(), ApiError> {
     match stop {
         None | Some(Value::Null) | Some(Value::String(_)) => Ok(()),
         Some(Value::Array(a)) if a.len() <= 4 && a.iter().all(Value::is_string) => Ok(()),

@@ -1,6 +1,36 @@
-//! An incremental parser for `text/event-stream` bodies as OpenAI-compatible providers send them.
+//! Server-sent events both ways: the frames each door writes to its clients (`data:` frames for
+//! chat and completions, named `event:` frames for the Responses and Messages APIs), and an
+//! incremental parser for the `text/event-stream` bodies that OpenAI-compatible providers send.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde_json::Value;
+
+/// The frame that ends a chat-completions or completions stream.
+pub const DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// One `data:` frame carrying `v`.
+pub fn data_frame(v: &Value) -> Bytes {
+    frame(None, v)
+}
+
+/// One `event: <name>` frame carrying `v` (the Responses and Messages streams name every event).
+pub fn event_frame(name: &str, v: &Value) -> Bytes {
+    frame(Some(name), v)
+}
+
+fn frame(event: Option<&str>, v: &Value) -> Bytes {
+    let mut buf = BytesMut::with_capacity(256).writer();
+    if let Some(name) = event {
+        buf.get_mut().put_slice(b"event: ");
+        buf.get_mut().put_slice(name.as_bytes());
+        buf.get_mut().put_slice(b"\n");
+    }
+    buf.get_mut().put_slice(b"data: ");
+    // Serializing a Value cannot fail.
+    let _ = serde_json::to_writer(&mut buf, v);
+    buf.get_mut().put_slice(b"\n\n");
+    buf.into_inner().freeze()
+}
 
 /// One parsed server-sent event: the joined `data:` lines.
 #[derive(Debug, PartialEq, Eq)]

@@ -1,0 +1,86 @@
+//! Anthropic's Messages API: `POST /v1/messages`, whole or streamed as Anthropic's events. Every
+//! error on this door, authentication included, is in Anthropic's envelope. Translation lives in
+//! `wire::messages`.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::{event_stream, inference_context, read_json_object, tagged, AppState};
+use crate::gateway::{Exchange, Reply, StreamItem};
+use crate::wire::answer::{feed_chunk, feed_completion};
+use crate::wire::error::{anthropic_response, ApiError};
+use crate::wire::messages::{parse_request, MessageBuilder};
+use crate::wire::{sse, Api};
+
+pub async fn create(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    match serve(state, request).await {
+        Ok(r) => r,
+        Err(e) => anthropic_response(&e),
+    }
+}
+
+async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let (_, ctx) = inference_context(&state, &parts)?;
+    let raw = read_json_object(&parts, body, state.body_limit).await?;
+    let req = match parse_request(&raw) {
+        Ok(r) => r,
+        Err(e) => return Err(state.gateway.reject(Api::Messages, raw, &ctx, e)),
+    };
+    let exchange = Exchange {
+        api: Api::Messages,
+        body: req.chat,
+        wire: Some(Value::Object(raw)),
+    };
+    match state.gateway.serve(exchange, ctx).await? {
+        Reply::Full { id, arm, body } => {
+            let mut builder = MessageBuilder::new(format!("msg_{}", id.simple()), req.model);
+            feed_completion(&body, &mut builder);
+            Ok(tagged(Json(builder.complete()).into_response(), id, arm))
+        }
+        Reply::Stream { id, arm, items } => {
+            let builder = MessageBuilder::new(format!("msg_{}", id.simple()), req.model);
+            Ok(tagged(event_stream(stream(builder, items)), id, arm))
+        }
+    }
+}
+
+/// `message_start` and `ping` first, then the content blocks' events as the chunks arrive, then
+/// `message_delta` and `message_stop` (or an `error` event if the answer broke off).
+fn stream(
+    mut builder: MessageBuilder,
+    items: mpsc::Receiver<StreamItem>,
+) -> impl futures_util::Stream<Item = Bytes> + Send {
+    builder.start();
+    let state = Some((builder, items, Vec::<u64>::new()));
+    let frames = futures_util::stream::unfold(state, |state| async move {
+        let (mut builder, mut items, mut started) = state?;
+        let ended = match items.recv().await {
+            Some(StreamItem::Chunk(chunk)) => {
+                feed_chunk(&chunk, &mut started, &mut builder);
+                false
+            }
+            Some(StreamItem::Failed(e)) => {
+                builder.fail(&e);
+                true
+            }
+            None => {
+                builder.complete();
+                true
+            }
+        };
+        let frames: Vec<Bytes> = builder
+            .take_events()
+            .iter()
+            .map(|(kind, event)| sse::event_frame(kind, event))
+            .collect();
+        Some((frames, (!ended).then_some((builder, items, started))))
+    });
+    futures_util::StreamExt::flat_map(frames, futures_util::stream::iter)
+}

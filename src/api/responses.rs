@@ -1,0 +1,316 @@
+//! The Responses API: `POST /v1/responses` (whole or streamed as typed events),
+//! `GET /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`, `DELETE /v1/responses/{id}`.
+//! Translation lives in `wire::responses`; this file wires it to the pipeline and the store.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use http::request::Parts;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use super::{event_stream, inference_context, read_json_object, tagged, AppState};
+use crate::config::Scope;
+use crate::gateway::{Exchange, Reply, StreamItem};
+use crate::store::responses::{ResponseStore, StoredResponse};
+use crate::wire::answer::{feed_chunk, feed_completion};
+use crate::wire::error::ApiError;
+use crate::wire::responses::{parse_request, ResponseBuilder, ResponsesRequest};
+use crate::wire::{sse, Api};
+
+pub async fn create(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    serve(state, request)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn store_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::internal(format!("the response store failed: {e}"))
+}
+
+fn store_of(state: &AppState) -> Result<Arc<ResponseStore>, ApiError> {
+    state.responses.clone().ok_or_else(|| {
+        ApiError::new(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "Stored responses are unavailable: the gateway could not open its database.",
+        )
+        .with_code("store_unavailable")
+    })
+}
+
+/// The stored response `id` of `owner`, read off the async runtime.
+async fn load(
+    store: Arc<ResponseStore>,
+    id: String,
+    owner: String,
+) -> Result<Option<StoredResponse>, ApiError> {
+    tokio::task::spawn_blocking(move || store.get(&id, &owner))
+        .await
+        .map_err(store_error)?
+        .map_err(store_error)
+}
+
+async fn save(store: Arc<ResponseStore>, record: StoredResponse) -> Result<(), ApiError> {
+    tokio::task::spawn_blocking(move || store.insert(&record))
+        .await
+        .map_err(store_error)?
+        .map_err(store_error)
+}
+
+async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let (principal, ctx) = inference_context(&state, &parts)?;
+    let raw = read_json_object(&parts, body, state.body_limit).await?;
+    let gateway = &state.gateway;
+    let req = match parse_request(&raw) {
+        Ok(r) => r,
+        Err(e) => return Err(gateway.reject(Api::Responses, raw, &ctx, e)),
+    };
+    let history = match &req.previous_response_id {
+        None => Vec::new(),
+        Some(prev) => {
+            let found = match store_of(&state) {
+                Ok(store) => load(store, prev.clone(), principal.name.clone()).await,
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(Some(stored)) => stored.conversation,
+                Ok(None) => {
+                    let e = ApiError::invalid_param(
+                        "previous_response_id",
+                        format!("Previous response with id '{prev}' not found."),
+                    )
+                    .with_code("previous_response_not_found");
+                    return Err(gateway.reject(Api::Responses, raw, &ctx, e));
+                }
+                Err(e) => return Err(gateway.reject(Api::Responses, raw, &ctx, e)),
+            }
+        }
+    };
+    let (chat, conversation) = match req.to_chat(&history) {
+        Ok(c) => c,
+        Err(e) => return Err(gateway.reject(Api::Responses, raw, &ctx, e)),
+    };
+    let exchange = Exchange {
+        api: Api::Responses,
+        body: chat,
+        wire: Some(Value::Object(raw)),
+    };
+    let keep = Keeper {
+        store: if req.store {
+            state.responses.clone()
+        } else {
+            None
+        },
+        owner: principal.name,
+        conversation,
+        request: req,
+    };
+    match gateway.serve(exchange, ctx).await? {
+        Reply::Full { id, arm, body } => {
+            let mut builder = keep.builder(id);
+            feed_completion(&body, &mut builder);
+            let response = builder.complete();
+            keep.keep(&builder, &response, id).await;
+            Ok(tagged(Json(response).into_response(), id, arm))
+        }
+        Reply::Stream { id, arm, items } => {
+            Ok(tagged(event_stream(stream(keep, id, items)), id, arm))
+        }
+    }
+}
+
+/// What it takes to store a response once its answer is complete.
+struct Keeper {
+    store: Option<Arc<ResponseStore>>,
+    owner: String,
+    conversation: Vec<Value>,
+    request: ResponsesRequest,
+}
+
+impl Keeper {
+    fn builder(&self, traffic_id: uuid::Uuid) -> ResponseBuilder {
+        ResponseBuilder::new(
+            format!("resp_{}", traffic_id.simple()),
+            self.request.model.clone(),
+            now_ms() / 1000,
+            self.request.echo.clone(),
+        )
+    }
+
+    /// Stores the finished response (when the request asked for it). A store failure is logged,
+    /// not turned into a failed answer: the client already has its answer.
+    async fn keep(&self, builder: &ResponseBuilder, response: &Value, traffic_id: uuid::Uuid) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let mut conversation = self.conversation.clone();
+        conversation.push(builder.assistant_message());
+        let record = StoredResponse {
+            id: builder.id().to_string(),
+            owner: self.owner.clone(),
+            created_ms: now_ms(),
+            model: self.request.model.clone(),
+            traffic_id: Some(traffic_id.to_string()),
+            previous_id: self.request.previous_response_id.clone(),
+            input_items: self.request.input_items.clone(),
+            conversation,
+            response: response.clone(),
+        };
+        if let Err(e) = save(store, record).await {
+            tracing::error!(response = %builder.id(), error = %e, "could not store a response");
+        }
+    }
+}
+
+/// The typed event stream: `response.created` first, the answer's events as its chunks arrive, and
+/// `response.completed` (after the response is stored) or `response.failed` last.
+fn stream(
+    keep: Keeper,
+    traffic_id: uuid::Uuid,
+    items: mpsc::Receiver<StreamItem>,
+) -> impl futures_util::Stream<Item = Bytes> + Send {
+    let mut builder = keep.builder(traffic_id);
+    builder.start();
+    let state = Some((keep, builder, items, Vec::<u64>::new()));
+    let frames = futures_util::stream::unfold(state, move |state| async move {
+        let (keep, mut builder, mut items, mut started) = state?;
+        let ended = match items.recv().await {
+            Some(StreamItem::Chunk(chunk)) => {
+                feed_chunk(&chunk, &mut started, &mut builder);
+                false
+            }
+            Some(StreamItem::Failed(e)) => {
+                builder.fail(&e);
+                true
+            }
+            None => {
+                let response = builder.complete();
+                // Stored before the client hears it is complete, so a continuation can follow.
+                keep.keep(&builder, &response, traffic_id).await;
+                true
+            }
+        };
+        let frames: Vec<Bytes> = builder
+            .take_events()
+            .iter()
+            .map(|(kind, event)| sse::event_frame(kind, event))
+            .collect();
+        let next = (!ended).then_some((keep, builder, items, started));
+        Some((frames, next))
+    });
+    futures_util::StreamExt::flat_map(frames, futures_util::stream::iter)
+}
+
+/// The stored responses and the name of the key asking for them.
+fn owner(state: &AppState, parts: &Parts) -> Result<(Arc<ResponseStore>, String), ApiError> {
+    let principal = state
+        .auth
+        .authorize(&parts.headers, super::peer(parts), Scope::Inference)?;
+    Ok((store_of(state)?, principal.name))
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("Response with id '{id}' not found."))
+}
+
+pub async fn retrieve(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    parts: Parts,
+) -> Response {
+    let run = async {
+        let (store, owner) = owner(&state, &parts)?;
+        match load(store, id.clone(), owner).await? {
+            Some(r) => Ok(Json(r.response).into_response()),
+            None => Err(not_found(&id)),
+        }
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The request's input items, newest first by default (`order=asc` for oldest first), paged with
+/// `limit` (1–100, 20 by default) and `after`.
+pub async fn input_items(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<Map<String, Value>>,
+    parts: Parts,
+) -> Response {
+    let run = async {
+        let (store, owner) = owner(&state, &parts)?;
+        let Some(r) = load(store, id.clone(), owner).await? else {
+            return Err(not_found(&id));
+        };
+        let mut items = r.input_items;
+        let order = query.get("order").and_then(Value::as_str).unwrap_or("desc");
+        if order != "asc" {
+            items.reverse();
+        }
+        let limit = match query.get("limit").and_then(Value::as_str) {
+            None => 20,
+            Some(s) => match s.parse::<usize>() {
+                Ok(n) if (1..=100).contains(&n) => n,
+                _ => {
+                    return Err(ApiError::invalid_param(
+                        "limit",
+                        "'limit' must be an integer between 1 and 100.",
+                    ))
+                }
+            },
+        };
+        if let Some(after) = query.get("after").and_then(Value::as_str) {
+            match items
+                .iter()
+                .position(|i| i.get("id").and_then(Value::as_str) == Some(after))
+            {
+                Some(k) => {
+                    items.drain(..=k);
+                }
+                None => {
+                    return Err(ApiError::invalid_param(
+                        "after",
+                        format!("No input item with id '{after}' in response '{id}'."),
+                    ))
+                }
+            }
+        }
+        let has_more = items.len() > limit;
+        items.truncate(limit);
+        let first = items.first().and_then(|i| i.get("id")).cloned();
+        let last = items.last().and_then(|i| i.get("id")).cloned();
+        Ok(Json(json!({"object": "list", "data": items, "first_id": first, "last_id": last, "has_more": has_more}))
+            .into_response())
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    parts: Parts,
+) -> Response {
+    let run = async {
+        let (store, owner) = owner(&state, &parts)?;
+        let target = id.clone();
+        let deleted = tokio::task::spawn_blocking(move || store.delete(&target, &owner))
+            .await
+            .map_err(store_error)?
+            .map_err(store_error)?;
+        if !deleted {
+            return Err(not_found(&id));
+        }
+        Ok(Json(json!({"id": id, "object": "response", "deleted": true})).into_response())
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}

@@ -1,0 +1,142 @@
+//! The Responses API's stored responses: what `previous_response_id` continues and
+//! `GET /v1/responses/{id}` returns. Each is one row written by one statement (never half-written),
+//! owned by the API key that created it; another key's id is treated as unknown.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::Value;
+
+use super::StoreError;
+
+/// One stored response.
+#[derive(Debug, Clone)]
+pub struct StoredResponse {
+    pub id: String,
+    /// The name of the API key that created it (`loopback` without a key).
+    pub owner: String,
+    pub created_ms: i64,
+    pub model: String,
+    /// The traffic record of the request that produced it.
+    pub traffic_id: Option<String>,
+    pub previous_id: Option<String>,
+    /// The request's input items, with ids, as `input_items` lists them.
+    pub input_items: Vec<Value>,
+    /// The whole conversation as chat messages, this answer included (instructions excluded: they
+    /// never carry over to a continuation).
+    pub conversation: Vec<Value>,
+    /// The `response` object as it was returned.
+    pub response: Value,
+}
+
+/// The stored responses, on the gateway's database.
+pub struct ResponseStore {
+    conn: Mutex<Connection>,
+}
+
+fn parse_list(s: &str) -> Vec<Value> {
+    serde_json::from_str(s).unwrap_or_default()
+}
+
+impl ResponseStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self {
+            conn: Mutex::new(super::open(path)?),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done statement behind: take it back.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, r: &StoredResponse) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO responses (id, owner, created_ms, model, traffic_id, previous_id, input_items, conversation, response)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                r.id,
+                r.owner,
+                r.created_ms,
+                r.model,
+                r.traffic_id,
+                r.previous_id,
+                Value::Array(r.input_items.clone()).to_string(),
+                Value::Array(r.conversation.clone()).to_string(),
+                r.response.to_string(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The response `id` if `owner` created it.
+    pub fn get(&self, id: &str, owner: &str) -> Result<Option<StoredResponse>, StoreError> {
+        let row = self
+            .conn()
+            .query_row(
+                "SELECT id, owner, created_ms, model, traffic_id, previous_id, input_items, conversation, response
+                 FROM responses WHERE id = ?1 AND owner = ?2",
+                params![id, owner],
+                |r| {
+                    Ok(StoredResponse {
+                        id: r.get(0)?,
+                        owner: r.get(1)?,
+                        created_ms: r.get(2)?,
+                        model: r.get(3)?,
+                        traffic_id: r.get(4)?,
+                        previous_id: r.get(5)?,
+                        input_items: parse_list(&r.get::<_, String>(6)?),
+                        conversation: parse_list(&r.get::<_, String>(7)?),
+                        response: serde_json::from_str(&r.get::<_, String>(8)?)
+                            .unwrap_or(Value::Null),
+                    })
+                },
+            )
+            .optional()?;
+        Ok(row)
+    }
+
+    /// Deletes the response `id` if `owner` created it; false if there was none.
+    pub fn delete(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "DELETE FROM responses WHERE id = ?1 AND owner = ?2",
+            params![id, owner],
+        )?;
+        Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_response_is_visible_only_to_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResponseStore::open(&dir.path().join("f.db")).unwrap();
+        let r = StoredResponse {
+            id: "resp_1".into(),
+            owner: "alice".into(),
+            created_ms: 1,
+            model: "m".into(),
+            traffic_id: None,
+            previous_id: None,
+            input_items: vec![json!({"type": "message"})],
+            conversation: vec![json!({"role": "user", "content": "hi"})],
+            response: json!({"id": "resp_1"}),
+        };
+        store.insert(&r).unwrap();
+        assert!(store.get("resp_1", "bob").unwrap().is_none());
+        let back = store.get("resp_1", "alice").unwrap().unwrap();
+        assert_eq!(back.conversation, r.conversation);
+        assert_eq!(back.input_items, r.input_items);
+        assert!(!store.delete("resp_1", "bob").unwrap());
+        assert!(store.delete("resp_1", "alice").unwrap());
+        assert!(store.get("resp_1", "alice").unwrap().is_none());
+        // The same id twice is refused whole.
+        store.insert(&r).unwrap();
+        assert!(store.insert(&r).is_err());
+    }
+}

@@ -1,0 +1,53 @@
+//! The shapes on the wire, at the bottom of the request path. Each front door (chat completions,
+//! the Responses API, Anthropic's Messages API, legacy completions, embeddings) parses its body here
+//! once into a typed view, translates it into the one internal exchange the gateway pipeline speaks
+//! (a chat-completions request; completions and embeddings keep their own bodies), and translates
+//! the pipeline's answer back, whole or as a stream of events. Each API's error envelope and stream
+//! framing live here too. Nothing here knows about routes, backends or the store.
+
+pub mod answer;
+pub mod chat;
+pub mod completions;
+pub mod error;
+pub mod messages;
+pub mod responses;
+pub mod sse;
+pub mod tool_calls;
+
+/// Which front door an exchange came through. The pipeline treats the three chat-shaped doors alike
+/// (their requests are translated into chat completions); completions and embeddings keep their
+/// own shapes all the way to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    Chat,
+    Responses,
+    Messages,
+    Completions,
+    Embeddings,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Chat => "chat",
+            Api::Responses => "responses",
+            Api::Messages => "messages",
+            Api::Completions => "completions",
+            Api::Embeddings => "embeddings",
+        }
+    }
+
+    /// Whether the internal exchange is a chat completion (request and response).
+    pub fn is_chat_shaped(self) -> bool {
+        matches!(self, Api::Chat | Api::Responses | Api::Messages)
+    }
+
+    /// The path an OpenAI-compatible upstream serves this door's internal exchange at (under `/v1`).
+    pub fn upstream_path(self) -> &'static str {
+        match self {
+            Api::Completions => "/completions",
+            Api::Embeddings => "/embeddings",
+            _ => "/chat/completions",
+        }
+    }
+}
