@@ -4,22 +4,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-
-fn default_model() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let ok = std::process::Command::new("bash")
-        .arg(root.join("scripts/fetch-model.sh"))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "scripts/fetch-model.sh failed");
-    root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
 
 fn local_config(path: &Path, extra: &str) -> String {
     format!(

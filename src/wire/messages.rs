@@ -12,7 +12,9 @@
 //! Not handled: server tools (web search, code execution, bash, text editor, computer use),
 //! `document` and `thinking` blocks, and extended thinking are refused with a 400 naming them;
 //! `cache_control` marks are accepted and ignored (the local engine's prefix cache reuses any
-//! shared prompt prefix on its own).
+//! shared prompt prefix on its own), as are `output_config.effort`, `service_tier` and `speed`.
+//! `output_config.format` (a JSON schema) becomes the chat `response_format`. `temperature`,
+//! `top_p` and `top_k`, which today's SDK no longer sends but older clients do, are honoured.
 
 use serde_json::{json, Map, Value};
 
@@ -182,6 +184,22 @@ pub fn parse_request(body: &Map<String, Value>) -> Result<MessagesRequest, ApiEr
             ))
         }
     }
+    // Structured outputs: `output_config.format` is a JSON schema the answer must follow.
+    match body.get("output_config").and_then(|o| o.get("format")) {
+        None | Some(Value::Null) => {}
+        Some(f) if f.get("type").and_then(Value::as_str) == Some("json_schema") => {
+            let Some(schema) = f.get("schema") else {
+                return Err(invalid("output_config.format.schema", "Field required"));
+            };
+            check_schema(schema, "output_config.format.schema", 0)
+                .map_err(|e| invalid("output_config.format.schema", e.message))?;
+            chat.insert(
+                "response_format".into(),
+                json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}),
+            );
+        }
+        Some(_) => return Err(invalid("output_config.format.type", "must be json_schema")),
+    }
     match body.get("metadata") {
         None | Some(Value::Null) => {}
         Some(Value::Object(m)) => match m.get("user_id") {
@@ -230,12 +248,14 @@ fn parse_tools(tools: Option<&Value>) -> Result<(Vec<Value>, Vec<String>), ApiEr
         }
         let name = match t.get("name").and_then(Value::as_str) {
             Some(n) if valid_function_name(n) => n.to_string(),
-            Some(n) => return Err(invalid(
-                &format!("{p}.name"),
-                format!(
+            Some(n) => {
+                return Err(invalid(
+                    &format!("{p}.name"),
+                    format!(
                     "'{n}' is not a valid tool name (1–64 characters of a-z, A-Z, 0-9, _, - and .)"
                 ),
-            )),
+                ))
+            }
             None => return Err(invalid(&format!("{p}.name"), "Field required")),
         };
         if names.contains(&name) {

@@ -127,10 +127,7 @@ pub fn parse_request(body: &Map<String, Value>) -> Result<ResponsesRequest, ApiE
     };
     let mut echo = Map::new();
     echo.insert("instructions".into(), json!(instructions));
-    echo.insert(
-        "tools".into(),
-        body.get("tools").cloned().unwrap_or_else(|| json!([])),
-    );
+    echo.insert("tools".into(), echoed_tools(&chat_tools));
     echo.insert(
         "tool_choice".into(),
         body.get("tool_choice")
@@ -153,7 +150,9 @@ pub fn parse_request(body: &Map<String, Value>) -> Result<ResponsesRequest, ApiE
     );
     echo.insert("previous_response_id".into(), json!(previous_response_id));
     echo.insert("store".into(), json!(store));
-    echo.insert("user".into(), json!(user));
+    if let Some(u) = &user {
+        echo.insert("user".into(), json!(u));
+    }
     echo.insert(
         "truncation".into(),
         body.get("truncation")
@@ -446,6 +445,22 @@ fn parse_tools(tools: Option<&Value>) -> Result<(Vec<Value>, Vec<String>), ApiEr
         names.push(name);
     }
     Ok((out, names))
+}
+
+/// The function tools as a response object lists them (every field the spec requires present).
+fn echoed_tools(chat_tools: &[Value]) -> Value {
+    Value::Array(
+        chat_tools
+            .iter()
+            .map(|t| {
+                let f = &t["function"];
+                json!({"type": "function", "name": f["name"],
+                    "description": f.get("description").cloned().unwrap_or(Value::Null),
+                    "parameters": f.get("parameters").cloned().unwrap_or(Value::Null),
+                    "strict": f.get("strict").cloned().unwrap_or(Value::Null)})
+            })
+            .collect(),
+    )
 }
 
 fn parse_tool_choice(choice: Option<&Value>, names: &[String]) -> Result<Option<Value>, ApiError> {
@@ -833,14 +848,11 @@ impl ResponseBuilder {
             .items
             .iter()
             .map(|i| {
-                item_json(
-                    i,
-                    if status == "in_progress" {
-                        "in_progress"
-                    } else {
-                        "completed"
-                    },
-                )
+                let item_status = match status {
+                    "in_progress" | "incomplete" => status,
+                    _ => "completed",
+                };
+                item_json(i, item_status)
             })
             .collect();
         let output_text: String = self
@@ -853,7 +865,7 @@ impl ResponseBuilder {
             .collect();
         let usage = self.usage.as_ref().map(|u| {
             let (input, output, cached) = token_counts(u);
-            json!({"input_tokens": input, "input_tokens_details": {"cached_tokens": cached},
+            json!({"input_tokens": input, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                 "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": input + output})
         });
@@ -884,7 +896,9 @@ impl ResponseBuilder {
         for (k, v) in &self.echo {
             r.insert(k.clone(), v.clone());
         }
-        r.insert("usage".into(), usage.unwrap_or(Value::Null));
+        if let Some(u) = usage {
+            r.insert("usage".into(), u);
+        }
         Value::Object(r)
     }
 

@@ -41,6 +41,8 @@ impl MockUpstream {
         let state = Arc::new(MockState::default());
         let app = Router::new()
             .route("/v1/chat/completions", post(mock_chat))
+            .route("/v1/completions", post(mock_completion))
+            .route("/v1/embeddings", post(mock_embeddings))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -215,10 +217,25 @@ async fn mock_chat(
         "slow" => tokio::time::sleep(Duration::from_millis(300)).await,
         _ => {}
     }
-    let calls = tool_calls(&model);
+    // "agent" calls get_weather until it is handed the tool's result, then answers with it.
+    let last = body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .cloned()
+        .unwrap_or(Value::Null);
+    let (calls, reply) = if model == "agent" && last["role"] == "tool" {
+        (
+            vec![],
+            format!("the weather is {}", last["content"].as_str().unwrap_or("")),
+        )
+    } else if model == "agent" {
+        (vec![("get_weather", r#"{"city": "Paris"}"#)], String::new())
+    } else {
+        (tool_calls(&model), format!("echo: {last_user}"))
+    };
     if !stream {
         let message = if calls.is_empty() {
-            json!({"role": "assistant", "content": format!("echo: {last_user}"), "refusal": null})
+            json!({"role": "assistant", "content": reply, "refusal": null})
         } else {
             let tc: Vec<Value> = calls
                 .iter()
@@ -241,7 +258,7 @@ async fn mock_chat(
         None,
     )];
     if calls.is_empty() {
-        for word in format!("echo: {last_user}").split_inclusive(' ') {
+        for word in reply.split_inclusive(' ') {
             events.push(chunk(&model, json!({"content": word}), None));
         }
     } else {
@@ -311,6 +328,77 @@ async fn mock_chat(
         events.push(usage_chunk(&model));
     }
     sse_response(sse(&events, true))
+}
+
+/// Legacy completions: the prompt echoed back, streamed as `text_completion` chunks on request.
+async fn mock_completion(State(state): State<Arc<MockState>>, Json(body): Json<Value>) -> Response {
+    let model = body["model"].as_str().unwrap_or("").to_string();
+    *state
+        .counts
+        .lock()
+        .unwrap()
+        .entry(model.clone())
+        .or_insert(0) += 1;
+    state
+        .requests
+        .lock()
+        .unwrap()
+        .push((HeaderMap::new(), body.clone()));
+    let prompt = body["prompt"].as_str().unwrap_or("").to_string();
+    let object = |text: &str, finish: Option<&str>| {
+        json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]})
+    };
+    let usage = json!({"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7});
+    if body["stream"].as_bool() != Some(true) {
+        let mut v = object(&format!(" after {prompt}"), Some("stop"));
+        v["usage"] = usage;
+        return Json(v).into_response();
+    }
+    let mut events = vec![
+        object(" after", None),
+        object(&format!(" {prompt}"), None),
+        object("", Some("stop")),
+    ];
+    if body["stream_options"]["include_usage"].as_bool() == Some(true) {
+        let mut u = object("", None);
+        u["choices"] = json!([]);
+        u["usage"] = usage;
+        events.push(u);
+    }
+    sse_response(sse(&events, true))
+}
+
+/// Embeddings: each input's vector is its length and three fixed numbers.
+async fn mock_embeddings(State(state): State<Arc<MockState>>, Json(body): Json<Value>) -> Response {
+    let model = body["model"].as_str().unwrap_or("").to_string();
+    *state
+        .counts
+        .lock()
+        .unwrap()
+        .entry(model.clone())
+        .or_insert(0) += 1;
+    state
+        .requests
+        .lock()
+        .unwrap()
+        .push((HeaderMap::new(), body.clone()));
+    let inputs: Vec<String> = match &body["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().unwrap_or("").to_string())
+            .collect(),
+        _ => vec![],
+    };
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"object": "embedding", "index": i, "embedding": [t.len() as f64, 0.5, -0.25, 1.0]}))
+        .collect();
+    Json(json!({"object": "list", "data": data, "model": model,
+        "usage": {"prompt_tokens": inputs.len() * 2, "total_tokens": inputs.len() * 2}}))
+    .into_response()
 }
 
 /// A running `flywheel serve` process.
@@ -485,4 +573,83 @@ pub fn weather_tools() -> Value {
 
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// A Python with the pinned client packages (tests/python/requirements.txt): `FLYWHEEL_TEST_PYTHON` if set, else a virtualenv
+/// created (once) under target/.
+pub fn python_with_openai() -> PathBuf {
+    if let Ok(p) = std::env::var("FLYWHEEL_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    // The tests of this file share one virtualenv: one creates it while the others wait.
+    static SETUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = SETUP.lock().unwrap_or_else(|p| p.into_inner());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("target").join("pyenv");
+    let python = venv.join("bin").join("python");
+    let requirements = root.join("tests/python/requirements.txt");
+    let stamp = venv.join(".requirements");
+    let wanted = std::fs::read_to_string(&requirements).unwrap();
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) && python.exists() {
+        return python;
+    }
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "python3 -m venv failed");
+    let ok = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&requirements)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "pip install -r {} failed", requirements.display());
+    std::fs::write(&stamp, wanted).unwrap();
+    python
+}
+
+/// Runs `tests/python/<script> <args...>`, asserts it succeeded, and returns its stdout.
+pub async fn run_script(python: PathBuf, script: &str, args: &[String]) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let args = args.to_vec();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg(&path)
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The default model, fetched by scripts/fetch-model.sh on first use.
+pub fn default_model() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ok = std::process::Command::new("bash")
+        .arg(root.join("scripts/fetch-model.sh"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "scripts/fetch-model.sh failed");
+    root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }

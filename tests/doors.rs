@@ -1,0 +1,393 @@
+//! Every door an agent knocks on, driven by the real clients (the `openai` package, the
+//! `openai-agents` SDK with its default settings, the `anthropic` package) against the real
+//! binary, on the default model and through a mock upstream; then what each door left in the
+//! traffic log, and bad input on each door in its own envelope.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// The local model as route `smol`, and routes to the mock upstream.
+fn config(mock: &MockUpstream) -> String {
+    let mut c = format!(
+        "[[models]]\nname = \"smollm2\"\npath = \"{}\"\ncontext_length = 2048\n[[routes]]\nname = \"smol\"\nchampion = {{ local = \"smollm2\" }}\n",
+        path_str(&default_model())
+    );
+    c.push_str(&upstream_toml("mock", &mock.base_url(), ""));
+    for m in ["echo", "agent", "embedder"] {
+        c.push_str(&route_toml(m, "mock", m, ""));
+    }
+    c
+}
+
+/// OpenAI's published OpenAPI document, kept beside the project.
+fn openapi_spec() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/openai/openapi.yaml");
+    assert!(
+        p.exists(),
+        "OpenAI's OpenAPI document is expected at {} (the shared folder beside the project)",
+        p.display()
+    );
+    p
+}
+
+fn passed(stdout: &str) -> usize {
+    stdout.lines().filter(|l| l.starts_with("ok: ")).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_speaks_responses_completions_and_embeddings() {
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
+    let mock = MockUpstream::start().await;
+    let mut gw = GatewayProcess::start(&config(&mock));
+    let spec = path_str(&openapi_spec());
+    let stdout = run_script(python, "doors_openai.py", &[gw.url("/v1"), spec]).await;
+    println!("{stdout}");
+    assert!(passed(&stdout) >= 40, "{stdout}");
+
+    // text.format reached the upstream as the chat response_format it stands for.
+    let formats: Vec<Value> = mock
+        .requests_for("echo")
+        .into_iter()
+        .filter_map(|(_, b)| b.get("response_format").cloned())
+        .collect();
+    assert_eq!(formats.len(), 1, "{formats:?}");
+    assert_eq!(formats[0]["type"], "json_schema");
+    assert_eq!(formats[0]["json_schema"]["name"], "city");
+    // The embeddings request went upstream as it was sent.
+    assert_eq!(
+        mock.requests_for("embedder")[0].1["input"],
+        json!(["a", "bcd"])
+    );
+
+    assert!(gw.stop().success());
+    let db = gw.db();
+    let count = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+    // Responses rows keep the client's own body beside the chat exchange they were served as.
+    assert!(count("SELECT COUNT(*) FROM traffic WHERE api = 'responses' AND status = 200") >= 10);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM traffic WHERE api = 'responses' AND status = 200 AND (wire_request IS NULL OR json_extract(request, '$.messages') IS NULL)"),
+        0
+    );
+    // Tool calls made through the Responses door are rows like any other.
+    assert!(count("SELECT COUNT(*) FROM tool_calls t JOIN traffic r ON r.id = t.traffic_id WHERE r.api = 'responses' AND t.name = 'get_weather'") >= 3);
+    // Refused requests are logged too, with their status.
+    assert!(count("SELECT COUNT(*) FROM traffic WHERE api = 'responses' AND status = 400") >= 5);
+    assert!(count("SELECT COUNT(*) FROM traffic WHERE api = 'completions' AND status = 200") >= 5);
+    // Embeddings are logged without their vectors.
+    let logged: String = db
+        .query_row(
+            "SELECT response FROM traffic WHERE api = 'embeddings' AND status = 200",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let logged: Value = serde_json::from_str(&logged).unwrap();
+    assert!(logged["data"][0].get("embedding").is_none(), "{logged}");
+    assert_eq!(logged["data"][1]["embedding_size"]["dimensions"], 4);
+    // Stored responses are whole rows: every one parses and belongs to a traffic row.
+    let orphans = count(
+        "SELECT COUNT(*) FROM responses s LEFT JOIN traffic t ON t.id = s.traffic_id WHERE t.id IS NULL OR json_valid(s.response) = 0 OR json_valid(s.conversation) = 0",
+    );
+    assert_eq!(orphans, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_client_speaks_messages_locally_and_through_an_upstream() {
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
+    let mock = MockUpstream::start().await;
+    let mut gw = GatewayProcess::start(&config(&mock));
+    let stdout = run_script(python, "doors_anthropic.py", &[gw.url("")]).await;
+    println!("{stdout}");
+    assert!(passed(&stdout) >= 15, "{stdout}");
+    // The tool_result turn reached the upstream as a chat tool message answering the call.
+    let second = mock
+        .requests_for("agent")
+        .into_iter()
+        .map(|(_, b)| b)
+        .find(|b| {
+            b["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["role"] == "tool")
+        })
+        .expect("a tool_result turn");
+    let tool = second["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .unwrap();
+    assert_eq!(tool["content"], "sunny");
+    assert!(gw.stop().success());
+    let n: i64 = gw
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM traffic WHERE api = 'messages' AND status = 200 AND wire_request IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(n >= 8, "{n}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_agents_sdk_agent_calls_its_tool_locally_and_through_an_upstream() {
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
+    let mock = MockUpstream::start().await;
+    let mut gw = GatewayProcess::start(&config(&mock));
+    let stdout = run_script(python, "doors_agents.py", &[gw.url("/v1")]).await;
+    println!("{stdout}");
+    assert!(passed(&stdout) >= 5, "{stdout}");
+    assert!(gw.stop().success());
+    // The SDK spoke the Responses API (its default), and every turn was logged.
+    let (responses, other): (i64, i64) = gw
+        .db()
+        .query_row(
+            "SELECT SUM(api = 'responses'), SUM(api != 'responses') FROM traffic",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(responses >= 5, "{responses}");
+    assert_eq!(other, 0);
+}
+
+async fn post(url: String, body: Value, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut r = reqwest::Client::new().post(url).json(&body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_door_refuses_bad_input_in_its_own_envelope_and_never_with_a_5xx() {
+    let mock = MockUpstream::start().await;
+    let key = "sk-doors-test";
+    let digest = flywheel::api::auth::hash_key(key);
+    let mut config = upstream_toml("mock", &mock.base_url(), "");
+    config.push_str(&route_toml("echo", "mock", "echo", ""));
+    config.push_str(&format!(
+        "[auth]\nallow_loopback_without_key = false\n[[auth.keys]]\nname = \"team\"\nsha256 = \"{digest}\"\nscopes = [\"inference\"]\n"
+    ));
+    let gw = GatewayProcess::start(&config);
+    let bearer = format!("Bearer {key}");
+    let auth = [("authorization", bearer.as_str())];
+
+    // Anthropic's door: its envelope, its key header, the field named in the message.
+    let (st, v) = post(
+        gw.url("/v1/messages"),
+        json!({"model": "echo", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (st, v["type"].as_str(), v["error"]["type"].as_str()),
+        (401, Some("error"), Some("authentication_error")),
+        "{v}"
+    );
+    let (st, v) = post(
+        gw.url("/v1/messages"),
+        json!({"model": "echo", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+        &[("x-api-key", key), ("anthropic-version", "2023-06-01")],
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["content"][0]["text"], "echo: hi");
+    let bad_messages = [
+        json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}]}),
+        json!({"model": "echo", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x", "content": "x"}]}]}),
+        json!({"model": "echo", "max_tokens": 5, "messages": "hi"}),
+        json!({"model": "echo", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "mystery"}]}]}),
+        json!({"model": "echo", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": [{"name": "f", "input_schema": "nope"}]}),
+        json!({"model": "echo", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "tool", "name": "ghost"}}),
+    ];
+    for body in bad_messages {
+        let (st, v) = post(gw.url("/v1/messages"), body.clone(), &[("x-api-key", key)]).await;
+        assert_eq!(st, 400, "{body}: {v}");
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+    let (st, v) = post(
+        gw.url("/v1/messages"),
+        json!({"model": "nope", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+        &[("x-api-key", key)],
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["type"].as_str()),
+        (404, Some("not_found_error")),
+        "{v}"
+    );
+
+    // The Responses door: OpenAI's envelope with the param path.
+    let bad_responses = [
+        (json!({"model": "echo"}), "input"),
+        (
+            json!({"model": "echo", "input": [{"type": "item_reference", "id": "x"}]}),
+            "input[0]",
+        ),
+        (
+            json!({"model": "echo", "input": [{"type": "message", "role": "robot", "content": "x"}]}),
+            "input[0].role",
+        ),
+        (
+            json!({"model": "echo", "input": "x", "tools": [{"type": "file_search"}]}),
+            "tools[0].type",
+        ),
+        (
+            json!({"model": "echo", "input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "bogus"}}]}),
+            "tools[0].parameters",
+        ),
+        (
+            json!({"model": "echo", "input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}),
+            "text.format.name",
+        ),
+        (
+            json!({"model": "echo", "input": "x", "max_output_tokens": 0}),
+            "max_output_tokens",
+        ),
+        (
+            json!({"model": "echo", "input": "x", "previous_response_id": "resp_missing"}),
+            "previous_response_id",
+        ),
+    ];
+    for (body, param) in bad_responses {
+        let (st, v) = post(gw.url("/v1/responses"), body.clone(), &auth).await;
+        assert_eq!(st, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    // A stored response belongs to the key that made it: without the key nothing is visible.
+    let (st, v) = post(
+        gw.url("/v1/responses"),
+        json!({"model": "echo", "input": "remember me"}),
+        &auth,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let got = reqwest::Client::new()
+        .get(gw.url(&format!("/v1/responses/{id}")))
+        .header("authorization", &bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    let got = reqwest::Client::new()
+        .get(gw.url(&format!("/v1/responses/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 401);
+
+    // Completions and embeddings: OpenAI's envelope.
+    for (path, body, param) in [
+        ("/v1/completions", json!({"model": "echo"}), "prompt"),
+        (
+            "/v1/completions",
+            json!({"model": "echo", "prompt": [1, "x"]}),
+            "prompt",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "echo", "input": {"x": 1}}),
+            "input",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "echo", "input": "x", "encoding_format": "int4"}),
+            "encoding_format",
+        ),
+    ] {
+        let (st, v) = post(gw.url(path), body.clone(), &auth).await;
+        assert_eq!(st, 400, "{path} {body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    // Malformed JSON on every door is a 400 in that door's envelope.
+    for path in [
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/completions",
+        "/v1/embeddings",
+    ] {
+        let r = reqwest::Client::new()
+            .post(gw.url(path))
+            .header("authorization", &bearer)
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+        let v: Value = r.json().await.unwrap();
+        if path == "/v1/messages" {
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        } else {
+            assert_eq!(v["error"]["code"], "invalid_json", "{v}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_breaks_ends_with_each_doors_failure_event() {
+    let mock = MockUpstream::start().await;
+    let mut config = upstream_toml("mock", &mock.base_url(), "");
+    config.push_str(&route_toml("midstream-fail", "mock", "midstream-fail", ""));
+    let gw = GatewayProcess::start(&config);
+    let body = reqwest::Client::new()
+        .post(gw.url("/v1/responses"))
+        .json(&json!({"model": "midstream-fail", "input": "hi", "stream": true}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.starts_with("event: response.created"), "{body}");
+    assert!(body.trim_end().ends_with('}'), "{body}");
+    let last = body.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(last.starts_with("event: response.failed"), "{body}");
+    let data: Value = serde_json::from_str(last.split("data: ").nth(1).unwrap()).unwrap();
+    assert_eq!(data["response"]["status"], "failed");
+    assert!(
+        data["response"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("mock"),
+        "{data}"
+    );
+
+    let body = reqwest::Client::new()
+        .post(gw.url("/v1/messages"))
+        .json(&json!({"model": "midstream-fail", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.starts_with("event: message_start"), "{body}");
+    let last = body.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(last.starts_with("event: error"), "{body}");
+    let data: Value = serde_json::from_str(last.split("data: ").nth(1).unwrap()).unwrap();
+    assert_eq!(data["type"], "error");
+    assert_eq!(data["error"]["type"], "api_error");
+}
