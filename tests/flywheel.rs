@@ -635,3 +635,91 @@ async fn a_training_failure_fails_the_run_and_the_champion_keeps_serving() {
     assert!(agent_request(&gw, 0).await);
     assert_eq!(teacher.calls.load(Ordering::Relaxed), before + 1);
 }
+
+/// The agent's i-th request through one of the three chat-shaped doors (chat completions, the
+/// Responses API, Anthropic's Messages API); returns whether the answer called the right tool.
+async fn request_through_a_door(gw: &GatewayProcess, i: usize) -> bool {
+    let (query, tool, _) = task(i);
+    let chat_tools = tools();
+    let tools = chat_tools.as_array().unwrap();
+    match i % 3 {
+        0 => agent_request(gw, i).await,
+        1 => {
+            let flat: Vec<Value> = tools
+                .iter()
+                .map(|t| json!({"type": "function", "name": t["function"]["name"],
+                    "description": t["function"]["description"], "parameters": t["function"]["parameters"]}))
+                .collect();
+            let (status, v) = call(
+                reqwest::Method::POST,
+                gw.url("/v1/responses"),
+                Some(json!({"model": "agent", "input": query, "tools": flat, "temperature": 0})),
+            )
+            .await;
+            assert_eq!(status, 200, "{v}");
+            v.pointer("/output/0/name").and_then(Value::as_str) == Some(tool)
+        }
+        _ => {
+            let anthropic: Vec<Value> = tools
+                .iter()
+                .map(|t| json!({"name": t["function"]["name"], "description": t["function"]["description"],
+                    "input_schema": t["function"]["parameters"]}))
+                .collect();
+            let (status, v) = call(
+                reqwest::Method::POST,
+                gw.url("/v1/messages"),
+                Some(json!({"model": "agent", "max_tokens": 160, "tools": anthropic,
+                    "messages": [{"role": "user", "content": query}]})),
+            )
+            .await;
+            assert_eq!(status, 200, "{v}");
+            v.pointer("/content/0/name").and_then(Value::as_str) == Some(tool)
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_curates_and_trains_on_chat_responses_and_messages_traffic_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (addr, _teacher) = start_teacher().await;
+    let config =
+        config(&model, addr).replace("new_tool_min_records = 48", "new_tool_min_records = 1000");
+    let mut gw = GatewayProcess::start(&config);
+    for i in 0..CITIES.len() {
+        assert!(request_through_a_door(&gw, i).await, "request {i}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (st, v) = call(
+        reqwest::Method::POST,
+        gw.url("/v1/flywheel/runs"),
+        Some(json!({"route": "agent", "hyperparameters": {"epochs": 2}})),
+    )
+    .await;
+    assert_eq!(st, 202, "{v}");
+    let run = finished_run(&gw, 1, Duration::from_secs(120)).await;
+    // Every exchange, whichever door it came through, was curated: none skipped for its shape.
+    let curation = &run["details"]["curation"];
+    assert_eq!(curation["scanned"], 48, "{run:#}");
+    assert_eq!(curation["kept"], 48, "{run:#}");
+    assert_eq!(run["status"], "completed", "{run:#}");
+    assert!(run["decision"]["reason"].is_string(), "{run:#}");
+    assert!(gw.stop().success());
+    let doors: Vec<(String, i64)> = {
+        let db = gw.db();
+        let mut stmt = db
+            .prepare("SELECT api, COUNT(*) FROM traffic WHERE arm != 'shadow' GROUP BY api ORDER BY api")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    // The run's own evaluation traffic does not go through a door; the agent's 48 did.
+    let count = |api: &str| doors.iter().find(|(a, _)| a == api).map_or(0, |(_, n)| *n);
+    assert_eq!(
+        (count("chat"), count("responses"), count("messages")),
+        (16, 16, 16),
+        "{doors:?}"
+    );
+}
