@@ -7,7 +7,9 @@
 //! - open loop: a fixed request rate, latency measured from each request's scheduled start (so a
 //!   stalled server cannot hide its queueing).
 //!
-//! Prints requests/s and p50/p90/p99 latency per target, direct vs through the gateway.
+//! Prints requests/s and p50/p90/p99 latency per target, direct vs through the gateway, and through
+//! the gateway's Responses (stored and not) and Messages doors, which translate to and from the
+//! same chat completion.
 //!
 //! With `--rails`, three more gateways run with content-safety input rails on the route: rules only
 //! (sensitive-data detection and a deny pattern), a NemoGuard-style model rail whose safety model
@@ -37,10 +39,32 @@ const SAFE_VERDICT: &str = r#"{"id":"chatcmpl-guard","object":"chat.completion",
 
 const REQUEST: &str = r#"{"model":"bench","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"What is the weather in Paris today?"}],"temperature":0}"#;
 
+/// The same request through the Responses API (not stored, so only translation is measured) and
+/// stored (one more SQLite row per request), and through Anthropic's Messages API.
+const RESPONSES_REQUEST: &str = r#"{"model":"bench","instructions":"You are a helpful assistant.","input":"What is the weather in Paris today?","temperature":0,"store":false}"#;
+const RESPONSES_STORED_REQUEST: &str = r#"{"model":"bench","instructions":"You are a helpful assistant.","input":"What is the weather in Paris today?","temperature":0}"#;
+const MESSAGES_REQUEST: &str = r#"{"model":"bench","max_tokens":64,"system":"You are a helpful assistant.","messages":[{"role":"user","content":"What is the weather in Paris today?"}],"temperature":0}"#;
+
+#[derive(Clone)]
 struct Target {
     name: &'static str,
     addr: SocketAddr,
     auth: Option<&'static str>,
+    /// The door and the body sent to it.
+    path: &'static str,
+    body: &'static str,
+}
+
+impl Target {
+    fn chat(name: &'static str, addr: SocketAddr, auth: Option<&'static str>) -> Self {
+        Self {
+            name,
+            addr,
+            auth,
+            path: "/v1/chat/completions",
+            body: REQUEST,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -118,14 +142,14 @@ async fn one_request(sender: &mut Sender, target: &Target) -> bool {
     if sender.ready().await.is_err() {
         return false;
     }
-    let mut req = Request::post("/v1/chat/completions")
+    let mut req = Request::post(target.path)
         .header("host", target.addr.to_string())
         .header("content-type", "application/json");
     if let Some(key) = target.auth {
         req = req.header("authorization", format!("Bearer {key}"));
     }
     let req = req
-        .body(Full::new(Bytes::from_static(REQUEST.as_bytes())))
+        .body(Full::new(Bytes::from_static(target.body.as_bytes())))
         .unwrap();
     match sender.send_request(req).await {
         Ok(resp) => {
@@ -141,11 +165,7 @@ async fn closed_loop(target: &Target, connections: usize, duration: Duration) ->
     let start = Instant::now();
     let mut handles = Vec::new();
     for _ in 0..connections {
-        let t = Target {
-            name: target.name,
-            addr: target.addr,
-            auth: target.auth,
-        };
+        let t = target.clone();
         handles.push(tokio::spawn(async move {
             let mut sender = connect(t.addr).await;
             let mut s = Stats::default();
@@ -179,11 +199,7 @@ async fn open_loop(target: &Target, rate: f64, duration: Duration, connections: 
     let mut handles = Vec::new();
     for _ in 0..connections {
         let rx = rx.clone();
-        let t = Target {
-            name: target.name,
-            addr: target.addr,
-            auth: target.auth,
-        };
+        let t = target.clone();
         handles.push(tokio::spawn(async move {
             let mut sender = connect(t.addr).await;
             let mut s = Stats::default();
@@ -431,25 +447,28 @@ fn main() {
     let (gateway_proc, gateway) = start_gateway(dir.path(), "data", upstream, true, "");
     let mut extra_procs = Vec::new();
     let mut targets = vec![
+        Target::chat("direct (mock upstream)", upstream, None),
+        Target::chat("flywheel", gateway, None),
         Target {
-            name: "direct (mock upstream)",
-            addr: upstream,
-            auth: None,
+            path: "/v1/responses",
+            body: RESPONSES_REQUEST,
+            ..Target::chat("flywheel /v1/responses", gateway, None)
         },
         Target {
-            name: "flywheel",
-            addr: gateway,
-            auth: None,
+            path: "/v1/responses",
+            body: RESPONSES_STORED_REQUEST,
+            ..Target::chat("flywheel responses+store", gateway, None)
+        },
+        Target {
+            path: "/v1/messages",
+            body: MESSAGES_REQUEST,
+            ..Target::chat("flywheel /v1/messages", gateway, None)
         },
     ];
     if args.iter().any(|a| a == "--also-without-log") {
         let (p, addr) = start_gateway(dir.path(), "log-off", upstream, false, "");
         extra_procs.push(p);
-        targets.push(Target {
-            name: "flywheel (log off)",
-            addr,
-            auth: None,
-        });
+        targets.push(Target::chat("flywheel (log off)", addr, None));
     }
     if args.iter().any(|a| a == "--rails") {
         for (kind, name) in [
@@ -459,22 +478,14 @@ fn main() {
         ] {
             let (p, addr) = start_gateway(dir.path(), kind, upstream, true, kind);
             extra_procs.push(p);
-            targets.push(Target {
-                name,
-                addr,
-                auth: None,
-            });
+            targets.push(Target::chat(name, addr, None));
         }
     }
     if let Some(bin) = &litellm {
         for (workers, name) in [(1, "litellm (1 worker)"), (2, "litellm (2 workers)")] {
             let (p, addr) = start_litellm(bin, dir.path(), upstream, workers);
             extra_procs.push(p);
-            targets.push(Target {
-                name,
-                addr,
-                auth: Some("sk-bench"),
-            });
+            targets.push(Target::chat(name, addr, Some("sk-bench")));
         }
     }
 

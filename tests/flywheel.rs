@@ -668,8 +668,10 @@ async fn request_through_a_door(gw: &GatewayProcess, i: usize) -> bool {
             let (status, v) = call(
                 reqwest::Method::POST,
                 gw.url("/v1/messages"),
-                Some(json!({"model": "agent", "max_tokens": 160, "tools": anthropic,
-                    "messages": [{"role": "user", "content": query}]})),
+                Some(
+                    json!({"model": "agent", "max_tokens": 160, "tools": anthropic,
+                    "messages": [{"role": "user", "content": query}]}),
+                ),
             )
             .await;
             assert_eq!(status, 200, "{v}");
@@ -708,7 +710,9 @@ async fn a_run_curates_and_trains_on_chat_responses_and_messages_traffic_alike()
     let doors: Vec<(String, i64)> = {
         let db = gw.db();
         let mut stmt = db
-            .prepare("SELECT api, COUNT(*) FROM traffic WHERE arm != 'shadow' GROUP BY api ORDER BY api")
+            .prepare(
+                "SELECT api, COUNT(*) FROM traffic WHERE arm != 'shadow' GROUP BY api ORDER BY api",
+            )
             .unwrap();
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap()

@@ -73,9 +73,11 @@ pub fn feed_chunk(chunk: &Value, started: &mut Vec<u64>, sink: &mut impl AnswerS
 
 /// Feeds a whole `chat.completion` to `sink`.
 pub fn feed_completion(completion: &Value, sink: &mut impl AnswerSink) {
-    let message = completion
-        .pointer("/choices/0/message")
+    let choice = completion
+        .get("choices")
+        .and_then(|c| c.get(0))
         .unwrap_or(&Value::Null);
+    let message = choice.get("message").unwrap_or(&Value::Null);
     if let Some(t) = message.get("content").and_then(Value::as_str) {
         if !t.is_empty() {
             sink.text(t);
@@ -88,10 +90,7 @@ pub fn feed_completion(completion: &Value, sink: &mut impl AnswerSink) {
             sink.call_arguments(index, &call.arguments);
         }
     }
-    if let Some(f) = completion
-        .pointer("/choices/0/finish_reason")
-        .and_then(Value::as_str)
-    {
+    if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
         sink.finish_reason(f);
     }
     if let Some(u) = completion.get("usage").filter(|u| u.is_object()) {

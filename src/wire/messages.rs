@@ -546,6 +546,8 @@ pub struct MessageBuilder {
     finish: Option<String>,
     usage: Option<Value>,
     events: Vec<(&'static str, Value)>,
+    /// Events are built only for a stream (`start` was called); a whole answer needs none.
+    streaming: bool,
 }
 
 impl MessageBuilder {
@@ -558,10 +560,16 @@ impl MessageBuilder {
             finish: None,
             usage: None,
             events: Vec::new(),
+            streaming: false,
         }
     }
 
-    fn emit(&mut self, kind: &'static str, mut event: Value) {
+    /// Records an event (built only when streaming).
+    fn emit(&mut self, kind: &'static str, event: impl FnOnce() -> Value) {
+        if !self.streaming {
+            return;
+        }
+        let mut event = event();
         event["type"] = json!(kind);
         self.events.push((kind, event));
     }
@@ -572,11 +580,12 @@ impl MessageBuilder {
 
     /// `message_start` (with an empty message) and a `ping`.
     pub fn start(&mut self) {
+        self.streaming = true;
         let message = json!({"id": self.id, "type": "message", "role": "assistant", "model": self.model,
             "content": [], "stop_reason": null, "stop_sequence": null,
             "usage": {"input_tokens": 0, "output_tokens": 0}});
-        self.emit("message_start", json!({"message": message}));
-        self.emit("ping", json!({}));
+        self.emit("message_start", || json!({"message": message}));
+        self.emit("ping", || json!({}));
     }
 
     fn close_open(&mut self) {
@@ -587,7 +596,7 @@ impl MessageBuilder {
                 }
             };
             if open {
-                self.emit("content_block_stop", json!({"index": k}));
+                self.emit("content_block_stop", || json!({"index": k}));
             }
         }
     }
@@ -622,9 +631,9 @@ impl MessageBuilder {
         let usage = self.usage_json();
         self.emit(
             "message_delta",
-            json!({"delta": {"stop_reason": stop, "stop_sequence": null}, "usage": usage}),
+            || json!({"delta": {"stop_reason": stop, "stop_sequence": null}, "usage": usage}),
         );
-        self.emit("message_stop", json!({}));
+        self.emit("message_stop", || json!({}));
         self.message()
     }
 
@@ -678,7 +687,7 @@ impl AnswerSink for MessageBuilder {
                 let k = self.blocks.len() - 1;
                 self.emit(
                     "content_block_start",
-                    json!({"index": k, "content_block": {"type": "text", "text": ""}}),
+                    || json!({"index": k, "content_block": {"type": "text", "text": ""}}),
                 );
                 k
             }
@@ -689,7 +698,7 @@ impl AnswerSink for MessageBuilder {
         }
         self.emit(
             "content_block_delta",
-            json!({"index": k, "delta": {"type": "text_delta", "text": delta}}),
+            || json!({"index": k, "delta": {"type": "text_delta", "text": delta}}),
         );
     }
 
@@ -711,7 +720,7 @@ impl AnswerSink for MessageBuilder {
         let k = self.blocks.len() - 1;
         self.emit(
             "content_block_start",
-            json!({"index": k, "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}),
+            || json!({"index": k, "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}),
         );
     }
 
@@ -728,7 +737,7 @@ impl AnswerSink for MessageBuilder {
         }
         self.emit(
             "content_block_delta",
-            json!({"index": k, "delta": {"type": "input_json_delta", "partial_json": delta}}),
+            || json!({"index": k, "delta": {"type": "input_json_delta", "partial_json": delta}}),
         );
     }
 

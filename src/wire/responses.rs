@@ -730,6 +730,8 @@ pub struct ResponseBuilder {
     usage: Option<Value>,
     events: Vec<(&'static str, Value)>,
     sequence: u64,
+    /// Events are built only for a stream (`start` was called); a whole answer needs none.
+    streaming: bool,
 }
 
 impl ResponseBuilder {
@@ -745,6 +747,7 @@ impl ResponseBuilder {
             usage: None,
             events: Vec::new(),
             sequence: 0,
+            streaming: false,
         }
     }
 
@@ -752,7 +755,12 @@ impl ResponseBuilder {
         &self.id
     }
 
-    fn emit(&mut self, kind: &'static str, mut event: Value) {
+    /// Records an event (built only when streaming).
+    fn emit(&mut self, kind: &'static str, event: impl FnOnce() -> Value) {
+        if !self.streaming {
+            return;
+        }
+        let mut event = event();
         event["type"] = json!(kind);
         event["sequence_number"] = json!(self.sequence);
         self.sequence += 1;
@@ -766,13 +774,24 @@ impl ResponseBuilder {
 
     /// `response.created` and `response.in_progress`.
     pub fn start(&mut self) {
+        self.streaming = true;
         let r = self.response("in_progress", None);
-        self.emit("response.created", json!({"response": r}));
+        self.emit("response.created", || json!({"response": r}));
         let r = self.response("in_progress", None);
-        self.emit("response.in_progress", json!({"response": r}));
+        self.emit("response.in_progress", || json!({"response": r}));
     }
 
     fn close_open(&mut self) {
+        if !self.streaming {
+            for item in &mut self.items {
+                match item {
+                    OutputItem::Message { open, .. } | OutputItem::Call { open, .. } => {
+                        *open = false
+                    }
+                }
+            }
+            return;
+        }
         for k in 0..self.items.len() {
             let (open, event) = match &self.items[k] {
                 OutputItem::Message { id, text, open } => (*open, (id.clone(), text.clone(), None)),
@@ -792,17 +811,17 @@ impl ResponseBuilder {
                 None => {
                     self.emit(
                         "response.output_text.done",
-                        json!({"item_id": item_id, "output_index": k, "content_index": 0, "text": text, "logprobs": []}),
+                        || json!({"item_id": item_id, "output_index": k, "content_index": 0, "text": text, "logprobs": []}),
                     );
                     self.emit(
                         "response.content_part.done",
-                        json!({"item_id": item_id, "output_index": k, "content_index": 0,
+                        || json!({"item_id": item_id, "output_index": k, "content_index": 0,
                             "part": {"type": "output_text", "text": text, "annotations": [], "logprobs": []}}),
                     );
                 }
                 Some(name) => self.emit(
                     "response.function_call_arguments.done",
-                    json!({"item_id": item_id, "output_index": k, "name": name, "arguments": text}),
+                    || json!({"item_id": item_id, "output_index": k, "name": name, "arguments": text}),
                 ),
             }
             match &mut self.items[k] {
@@ -811,7 +830,7 @@ impl ResponseBuilder {
             let item = item_json(&self.items[k], "completed");
             self.emit(
                 "response.output_item.done",
-                json!({"output_index": k, "item": item}),
+                || json!({"output_index": k, "item": item}),
             );
         }
     }
@@ -831,7 +850,9 @@ impl ResponseBuilder {
         } else {
             "response.incomplete"
         };
-        self.emit(kind, json!({"response": r.clone()}));
+        if self.streaming {
+            self.emit(kind, || json!({"response": r.clone()}));
+        }
         r
     }
 
@@ -839,7 +860,7 @@ impl ResponseBuilder {
     pub fn fail(&mut self, error: &ApiError) -> Value {
         let mut r = self.response("failed", None);
         r["error"] = json!({"code": error.code.clone().unwrap_or_else(|| "server_error".into()), "message": error.message});
-        self.emit("response.failed", json!({"response": r.clone()}));
+        self.emit("response.failed", || json!({"response": r.clone()}));
         r
     }
 
@@ -984,11 +1005,11 @@ impl AnswerSink for ResponseBuilder {
                 let k = self.items.len() - 1;
                 self.emit(
                     "response.output_item.added",
-                    json!({"output_index": k, "item": {"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}}),
+                    || json!({"output_index": k, "item": {"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}}),
                 );
                 self.emit(
                     "response.content_part.added",
-                    json!({"item_id": id, "output_index": k, "content_index": 0,
+                    || json!({"item_id": id, "output_index": k, "content_index": 0,
                         "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
                 );
                 k
@@ -1004,7 +1025,7 @@ impl AnswerSink for ResponseBuilder {
         };
         self.emit(
             "response.output_text.delta",
-            json!({"item_id": item_id, "output_index": k, "content_index": 0, "delta": delta, "logprobs": []}),
+            || json!({"item_id": item_id, "output_index": k, "content_index": 0, "delta": delta, "logprobs": []}),
         );
     }
 
@@ -1029,7 +1050,7 @@ impl AnswerSink for ResponseBuilder {
         let item = item_json(&self.items[k], "in_progress");
         self.emit(
             "response.output_item.added",
-            json!({"output_index": k, "item": item}),
+            || json!({"output_index": k, "item": item}),
         );
     }
 
@@ -1050,7 +1071,7 @@ impl AnswerSink for ResponseBuilder {
         };
         self.emit(
             "response.function_call_arguments.delta",
-            json!({"item_id": item_id, "output_index": k, "delta": delta}),
+            || json!({"item_id": item_id, "output_index": k, "delta": delta}),
         );
     }
 
