@@ -110,6 +110,25 @@ impl LocalBackend {
         }
     }
 
+    /// Refuses content the model cannot read (images, audio, files) rather than dropping it.
+    fn text_only(&self, messages: &[Value]) -> Result<(), BackendError> {
+        for (i, m) in messages.iter().enumerate() {
+            let Some(parts) = m.get("content").and_then(Value::as_array) else {
+                continue;
+            };
+            for (j, part) in parts.iter().enumerate() {
+                let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+                if kind != "text" {
+                    return Err(self.refuse(
+                        Some(&format!("messages[{i}].content[{j}]")),
+                        format!("the local model '{}' is text-only and cannot read '{kind}' content; send text, or use a route to a model that reads it", self.engine.name),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn prepare(
         &self,
         api: Api,
@@ -140,6 +159,7 @@ impl LocalBackend {
         let (ids, echo) = if completion {
             self.raw_prompt(body)?
         } else {
+            self.text_only(&messages)?;
             let prompt = self
                 .engine
                 .chat

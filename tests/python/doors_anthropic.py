@@ -117,6 +117,13 @@ def main(root):
     except anthropic.BadRequestError as e:
         check(e.body["error"]["type"] == "invalid_request_error" and "tool_use_id" in e.body["error"]["message"], "messages: an unknown tool_use_id is an invalid_request_error naming it")
     try:
+        client.messages.create(model="smol", max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}])
+        check(False, "an image on a text-only model is refused")
+    except anthropic.BadRequestError as e:
+        check(e.body["error"]["type"] == "invalid_request_error" and "text-only" in e.body["error"]["message"], "messages: an image on the text-only local model is an invalid_request_error")
+    try:
         client.messages.create(model="no-such-model", max_tokens=8, messages=[{"role": "user", "content": "x"}])
         check(False, "an unknown model is refused")
     except anthropic.NotFoundError as e:

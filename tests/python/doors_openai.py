@@ -199,6 +199,14 @@ def local(client, spec, base_url):
                                    input=[{"type": "function_call_output", "call_id": fc[0].call_id, "output": "sunny, 24 C"}])
     check(done.status in ("completed", "incomplete"), f"responses on the local model: the tool's output answered ({done.output_text[:40]!r})")
 
+    try:
+        client.responses.create(model="smol", input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "what is this?"},
+            {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}]}])
+        check(False, "an image on a text-only model is refused")
+    except openai.BadRequestError as e:
+        check("text-only" in e.body["message"], "responses on the local model: an image is refused, the model is text-only")
+
     c = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=6, temperature=0)
     check(len(c.choices[0].text) > 0 and c.usage.completion_tokens <= 6, f"completions on the local model: {c.choices[0].text!r}")
     streamed = "".join(ch.choices[0].text for ch in client.completions.create(
