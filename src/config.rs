@@ -225,6 +225,11 @@ pub struct UpstreamConfig {
     /// in addition to the public web roots.
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
+    /// The APIs besides chat completions this upstream serves itself (`responses` at
+    /// `/responses`, `messages` at `/messages`): requests through those doors are forwarded in their
+    /// own shape instead of translated to chat completions.
+    #[serde(default)]
+    pub native_apis: Vec<String>,
 }
 
 /// Where a request goes: an upstream provider's model (`{ upstream, model }`) or a local model
@@ -480,6 +485,16 @@ impl Config {
                 return invalid(format!(
                     "upstream '{}': base_url '{}' is not a valid URL",
                     up.name, up.base_url
+                ));
+            }
+            if let Some(bad) = up
+                .native_apis
+                .iter()
+                .find(|a| !["responses", "messages"].contains(&a.as_str()))
+            {
+                return invalid(format!(
+                    "upstream '{}': native_apis lists '{bad}'; it may list responses and messages",
+                    up.name
                 ));
             }
             for (k, v) in &up.headers {

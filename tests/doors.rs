@@ -391,3 +391,191 @@ async fn a_stream_that_breaks_ends_with_each_doors_failure_event() {
     assert_eq!(data["type"], "error");
     assert_eq!(data["error"]["type"], "api_error");
 }
+
+/// `(status, body text)` of a POST.
+async fn post_text(url: String, body: Value) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The `(event name, data)` pairs of a named-event stream.
+fn named_events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|b| {
+            let name = b.lines().find_map(|l| l.strip_prefix("event: ")).unwrap();
+            let data = b.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+            (name.to_string(), serde_json::from_str(data).unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_speaks_responses_and_messages_natively_gets_them_unchanged() {
+    let mock = MockUpstream::start().await;
+    let mut config = upstream_toml(
+        "speaks",
+        &mock.base_url(),
+        "api_key_env = \"NATIVE_TEST_KEY\"\nnative_apis = [\"responses\", \"messages\"]",
+    );
+    config.push_str(&upstream_toml("chat-only", &mock.base_url(), ""));
+    for m in ["native", "native-fail"] {
+        config.push_str(&route_toml(m, "speaks", m, ""));
+    }
+    config.push_str(&route_toml("echo", "chat-only", "echo", ""));
+    let mut gw = GatewayProcess::start_with_env(&config, &[("NATIVE_TEST_KEY", "sk-upstream")]);
+
+    // Responses, whole: the upstream's answer with this gateway's id, stored here.
+    let (st, v) = post(
+        gw.url("/v1/responses"),
+        json!({"model": "native", "input": "hello"}),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["output"][0]["content"][0]["text"], "native: hello");
+    let id = v["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("resp_") && id != "resp_upstream", "{id}");
+    assert_eq!(v["store"], true);
+    let sent = &mock.requests_for("native")[0].1;
+    assert_eq!(
+        sent["store"], false,
+        "the upstream is asked not to keep state: {sent}"
+    );
+    assert_eq!(sent["input"], "hello");
+
+    // A continuation reaches the upstream as the whole conversation, not as an id it never saw.
+    let (st, v) = post(
+        gw.url("/v1/responses"),
+        json!({"model": "native", "previous_response_id": id, "input": "again"}),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["previous_response_id"], id.as_str());
+    let sent = &mock.requests_for("native")[1].1;
+    assert!(sent.get("previous_response_id").is_none(), "{sent}");
+    let input = sent["input"].as_array().unwrap();
+    assert_eq!(input.len(), 3, "{sent}");
+    assert_eq!(
+        (input[0]["role"].as_str(), input[0]["content"].as_str()),
+        (Some("user"), Some("hello"))
+    );
+    assert_eq!(
+        (input[1]["role"].as_str(), input[1]["content"].as_str()),
+        (Some("assistant"), Some("native: hello"))
+    );
+    assert_eq!(input[2]["content"], "again");
+
+    // Streamed: the upstream's events, renamed to this gateway's response, then stored.
+    let (st, body) = post_text(
+        gw.url("/v1/responses"),
+        json!({"model": "native", "input": "streamed", "stream": true}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let events = named_events(&body);
+    assert_eq!(events.first().unwrap().0, "response.created");
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "response.completed");
+    let streamed_id = data["response"]["id"].as_str().unwrap();
+    assert_ne!(streamed_id, "resp_upstream");
+    let text: String = events
+        .iter()
+        .filter(|(k, _)| k == "response.output_text.delta")
+        .map(|(_, d)| d["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "native: streamed");
+    let stored = reqwest::get(gw.url(&format!("/v1/responses/{streamed_id}")))
+        .await
+        .unwrap();
+    assert_eq!(stored.status(), 200);
+    // A native stream that fails ends with this gateway's response.failed.
+    let (_, body) = post_text(
+        gw.url("/v1/responses"),
+        json!({"model": "native-fail", "input": "x", "stream": true}),
+    )
+    .await;
+    let events = named_events(&body);
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "response.failed", "{body}");
+    assert!(
+        data["response"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("upstream gave up"),
+        "{data}"
+    );
+    assert_eq!(data["sequence_number"], events.len() as u64 - 1);
+
+    // Messages, whole and streamed, with Anthropic's headers on the way up.
+    let ask = json!({"model": "native", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]});
+    let (st, v) = post(gw.url("/v1/messages"), ask.clone(), &[]).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (v["id"].as_str(), v["content"][0]["text"].as_str()),
+        (Some("msg_upstream"), Some("native: hi"))
+    );
+    let (headers, _) = mock.requests_for("native").pop().unwrap();
+    assert_eq!(headers["x-api-key"], "sk-upstream");
+    assert_eq!(headers["anthropic-version"], "2023-06-01");
+    let mut streamed = ask.clone();
+    streamed["stream"] = json!(true);
+    let (_, body) = post_text(gw.url("/v1/messages"), streamed).await;
+    let kinds: Vec<String> = named_events(&body).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(kinds.first().map(String::as_str), Some("message_start"));
+    assert_eq!(kinds.last().map(String::as_str), Some("message_stop"));
+
+    // An upstream without native_apis still gets the translation.
+    let (st, v) = post(
+        gw.url("/v1/responses"),
+        json!({"model": "echo", "input": "translated"}),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["output"][0]["content"][0]["text"], "echo: translated");
+    assert_eq!(mock.count("echo"), 1);
+
+    // The log keeps every native answer as the chat completion it stands for.
+    assert!(gw.stop().success());
+    let db = gw.db();
+    let mut stmt = db
+        .prepare("SELECT api, response FROM traffic WHERE target_model = 'native' AND status = 200 ORDER BY ts_ms")
+        .unwrap();
+    let rows: Vec<(String, Value)> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                serde_json::from_str(&r.get::<_, String>(1)?).unwrap(),
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let texts: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|(api, r)| {
+            (
+                api.as_str(),
+                r["choices"][0]["message"]["content"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            ("responses", "native: hello"),
+            ("responses", "native: again"),
+            ("responses", "native: streamed"),
+            ("messages", "native: hi"),
+            ("messages", "native: hi"),
+        ]
+    );
+    assert_eq!(rows[0].1["usage"]["total_tokens"], 8);
+}

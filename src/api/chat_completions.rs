@@ -22,8 +22,8 @@ async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiEr
     let body = read_json_object(&parts, body, state.body_limit).await?;
     Ok(
         match state.gateway.serve(Exchange::chat(body), ctx).await? {
-            Reply::Full { id, arm, body } => tagged(axum::Json(body).into_response(), id, arm),
-            Reply::Stream { id, arm, items } => tagged(data_stream(items), id, arm),
+            Reply::Full { id, arm, body, .. } => tagged(axum::Json(body).into_response(), id, arm),
+            Reply::Stream { id, arm, items, .. } => tagged(data_stream(items), id, arm),
         },
     )
 }

@@ -31,9 +31,10 @@ async fn serve(state: Arc<AppState>, request: Request, api: Api) -> Result<Respo
         api,
         body,
         wire: None,
+        native: None,
     };
     Ok(match state.gateway.serve(exchange, ctx).await? {
-        Reply::Full { id, arm, body } => tagged(axum::Json(body).into_response(), id, arm),
-        Reply::Stream { id, arm, items } => tagged(data_stream(items), id, arm),
+        Reply::Full { id, arm, body, .. } => tagged(axum::Json(body).into_response(), id, arm),
+        Reply::Stream { id, arm, items, .. } => tagged(data_stream(items), id, arm),
     })
 }

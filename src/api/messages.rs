@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::{event_stream, inference_context, read_json_object, tagged, AppState};
 use crate::gateway::{Exchange, Reply, StreamItem};
 use crate::wire::answer::{feed_chunk, feed_completion};
-use crate::wire::error::{anthropic_response, ApiError};
+use crate::wire::error::{anthropic_body, anthropic_response, ApiError};
 use crate::wire::messages::{parse_request, MessageBuilder};
 use crate::wire::{sse, Api};
 
@@ -33,22 +33,64 @@ async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiEr
         Ok(r) => r,
         Err(e) => return Err(state.gateway.reject(Api::Messages, raw, &ctx, e)),
     };
+    let native = state
+        .gateway
+        .forwards_natively(Api::Messages)
+        .then(|| raw.clone());
     let exchange = Exchange {
         api: Api::Messages,
         body: req.chat,
         wire: Some(Value::Object(raw)),
+        native,
     };
+    let message_id = |id: uuid::Uuid| format!("msg_{}", id.simple());
     match state.gateway.serve(exchange, ctx).await? {
-        Reply::Full { id, arm, body } => {
-            let mut builder = MessageBuilder::new(format!("msg_{}", id.simple()), req.model);
+        // An upstream that speaks Messages answered in Messages already.
+        Reply::Full {
+            id,
+            arm,
+            body,
+            native: true,
+        } => Ok(tagged(Json(body).into_response(), id, arm)),
+        Reply::Full { id, arm, body, .. } => {
+            let mut builder = MessageBuilder::new(message_id(id), req.model);
             feed_completion(&body, &mut builder);
             Ok(tagged(Json(builder.complete()).into_response(), id, arm))
         }
-        Reply::Stream { id, arm, items } => {
-            let builder = MessageBuilder::new(format!("msg_{}", id.simple()), req.model);
+        Reply::Stream {
+            id,
+            arm,
+            items,
+            native: true,
+        } => Ok(tagged(event_stream(pass_through(items)), id, arm)),
+        Reply::Stream { id, arm, items, .. } => {
+            let builder = MessageBuilder::new(message_id(id), req.model);
             Ok(tagged(event_stream(stream(builder, items)), id, arm))
         }
     }
+}
+
+/// A native upstream's events, framed again as they came (each names itself in `type`); a
+/// failure becomes an `error` event.
+fn pass_through(
+    items: mpsc::Receiver<StreamItem>,
+) -> impl futures_util::Stream<Item = Bytes> + Send {
+    futures_util::stream::unfold(Some(items), |items| async move {
+        let mut items = items?;
+        match items.recv().await {
+            Some(StreamItem::Chunk(event)) => {
+                let kind = event
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("message");
+                Some((sse::event_frame(kind, &event), Some(items)))
+            }
+            Some(StreamItem::Failed(e)) => {
+                Some((sse::event_frame("error", &anthropic_body(&e)), None))
+            }
+            None => None,
+        }
+    })
 }
 
 /// `message_start` and `ping` first, then the content blocks' events as the chunks arrive, then

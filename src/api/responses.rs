@@ -18,7 +18,8 @@ use crate::gateway::{Exchange, Reply, StreamItem};
 use crate::store::responses::{ResponseStore, StoredResponse};
 use crate::wire::answer::{feed_chunk, feed_completion};
 use crate::wire::error::ApiError;
-use crate::wire::responses::{parse_request, ResponseBuilder, ResponsesRequest};
+use crate::wire::native::completion_from_response;
+use crate::wire::responses::{items_from_chat, parse_request, ResponseBuilder, ResponsesRequest};
 use crate::wire::{sse, Api};
 
 pub async fn create(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -101,10 +102,14 @@ async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiEr
         Ok(c) => c,
         Err(e) => return Err(gateway.reject(Api::Responses, raw, &ctx, e)),
     };
+    let native = gateway
+        .forwards_natively(Api::Responses)
+        .then(|| native_request(&raw, &history));
     let exchange = Exchange {
         api: Api::Responses,
         body: chat,
         wire: Some(Value::Object(raw)),
+        native,
     };
     let keep = Keeper {
         store: if req.store {
@@ -117,17 +122,109 @@ async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiEr
         request: req,
     };
     match gateway.serve(exchange, ctx).await? {
-        Reply::Full { id, arm, body } => {
+        // An upstream that speaks Responses answered in Responses already: it gets this
+        // gateway's id, and is stored here (the upstream was asked not to store it).
+        Reply::Full {
+            id,
+            arm,
+            mut body,
+            native: true,
+        } => {
+            keep.adopt(&mut body, id);
+            keep.keep(&body, id).await;
+            Ok(tagged(Json(body).into_response(), id, arm))
+        }
+        Reply::Full { id, arm, body, .. } => {
             let mut builder = keep.builder(id);
             feed_completion(&body, &mut builder);
             let response = builder.complete();
-            keep.keep(&builder, &response, id).await;
+            keep.keep(&response, id).await;
             Ok(tagged(Json(response).into_response(), id, arm))
         }
-        Reply::Stream { id, arm, items } => {
+        Reply::Stream {
+            id,
+            arm,
+            items,
+            native: true,
+        } => Ok(tagged(event_stream(pass_through(keep, id, items)), id, arm)),
+        Reply::Stream { id, arm, items, .. } => {
             Ok(tagged(event_stream(stream(keep, id, items)), id, arm))
         }
     }
+}
+
+/// The request as a native upstream gets it: the conversation so far spelled out in `input`
+/// (this gateway keeps the state, so any arm can continue it) and `store: false`.
+fn native_request(raw: &Map<String, Value>, history: &[Value]) -> Map<String, Value> {
+    let mut body = raw.clone();
+    body.remove("previous_response_id");
+    body.insert("store".into(), Value::Bool(false));
+    if !history.is_empty() {
+        let mut input = items_from_chat(history);
+        match raw.get("input") {
+            Some(Value::Array(items)) => input.extend(items.iter().cloned()),
+            Some(text) => input.push(json!({"role": "user", "content": text})),
+            None => {}
+        }
+        body.insert("input".into(), Value::Array(input));
+    }
+    body
+}
+
+/// Native events passed through with this gateway's response id; the response is stored when its
+/// last event arrives, and a failure ends the stream with `response.failed`.
+fn pass_through(
+    keep: Keeper,
+    traffic_id: uuid::Uuid,
+    items: mpsc::Receiver<StreamItem>,
+) -> impl futures_util::Stream<Item = Bytes> + Send {
+    let state = Some((keep, items, 0u64));
+    futures_util::stream::unfold(state, move |state| async move {
+        let (keep, mut items, seen) = state?;
+        match items.recv().await {
+            Some(StreamItem::Chunk(mut event)) => {
+                if let Some(r) = event.get_mut("response") {
+                    keep.adopt(r, traffic_id);
+                }
+                let kind = event
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("response.in_progress")
+                    .to_string();
+                if matches!(kind.as_str(), "response.completed" | "response.incomplete") {
+                    if let Some(r) = event.get("response") {
+                        keep.keep(r, traffic_id).await;
+                    }
+                }
+                Some((
+                    sse::event_frame(&kind, &event),
+                    Some((keep, items, seen + 1)),
+                ))
+            }
+            Some(StreamItem::Failed(e)) => {
+                let mut builder = keep.builder(traffic_id);
+                let (kind, event) = builder.failure_event(&e, seen);
+                Some((sse::event_frame(kind, &event), None))
+            }
+            None => None,
+        }
+    })
+}
+
+/// A response's id: its traffic record's, so the two are found from each other.
+fn response_id(traffic_id: uuid::Uuid) -> String {
+    format!("resp_{}", traffic_id.simple())
+}
+
+/// A response's answer as the assistant chat message a continuation replays.
+fn assistant_message(response: &Value) -> Value {
+    let completion = completion_from_response(response);
+    let m = &completion["choices"][0]["message"];
+    let mut out = json!({"role": "assistant", "content": m["content"]});
+    if let Some(calls) = m.get("tool_calls") {
+        out["tool_calls"] = calls.clone();
+    }
+    out
 }
 
 /// What it takes to store a response once its answer is complete.
@@ -141,23 +238,36 @@ struct Keeper {
 impl Keeper {
     fn builder(&self, traffic_id: uuid::Uuid) -> ResponseBuilder {
         ResponseBuilder::new(
-            format!("resp_{}", traffic_id.simple()),
+            response_id(traffic_id),
             self.request.model.clone(),
             now_ms() / 1000,
             self.request.echo.clone(),
         )
     }
 
+    /// Gives a native upstream's response this gateway's id and the client's own settings.
+    fn adopt(&self, response: &mut Value, traffic_id: uuid::Uuid) {
+        if let Some(r) = response.as_object_mut() {
+            r.insert("id".into(), json!(response_id(traffic_id)));
+            r.insert("store".into(), json!(self.request.store));
+            r.insert(
+                "previous_response_id".into(),
+                json!(self.request.previous_response_id),
+            );
+        }
+    }
+
     /// Stores the finished response (when the request asked for it). A store failure is logged,
     /// not turned into a failed answer: the client already has its answer.
-    async fn keep(&self, builder: &ResponseBuilder, response: &Value, traffic_id: uuid::Uuid) {
+    async fn keep(&self, response: &Value, traffic_id: uuid::Uuid) {
         let Some(store) = self.store.clone() else {
             return;
         };
+        let id = response_id(traffic_id);
         let mut conversation = self.conversation.clone();
-        conversation.push(builder.assistant_message());
+        conversation.push(assistant_message(response));
         let record = StoredResponse {
-            id: builder.id().to_string(),
+            id: id.clone(),
             owner: self.owner.clone(),
             created_ms: now_ms(),
             model: self.request.model.clone(),
@@ -168,7 +278,7 @@ impl Keeper {
             response: response.clone(),
         };
         if let Err(e) = save(store, record).await {
-            tracing::error!(response = %builder.id(), error = %e, "could not store a response");
+            tracing::error!(response = %id, error = %e, "could not store a response");
         }
     }
 }
@@ -197,7 +307,7 @@ fn stream(
             None => {
                 let response = builder.complete();
                 // Stored before the client hears it is complete, so a continuation can follow.
-                keep.keep(&builder, &response, traffic_id).await;
+                keep.keep(&response, traffic_id).await;
                 true
             }
         };

@@ -17,8 +17,9 @@ use crate::wire::Api;
 /// One chat completion request, already validated, with `model` set to the backend's own model name.
 #[derive(Debug, Clone)]
 pub struct BackendRequest {
-    /// Which shape `body` has: a chat completion (any chat-shaped door), a legacy completion, or
-    /// an embeddings request.
+    /// Which shape `body` has: a chat completion (every chat-shaped door, translated), a legacy
+    /// completion, an embeddings request, or a Responses or Messages request forwarded natively
+    /// to an upstream that serves that API itself.
     pub api: Api,
     pub body: Map<String, Value>,
     pub stream: bool,
@@ -159,5 +160,10 @@ pub trait Backend: Send + Sync {
     /// The adapters this backend has loaded.
     fn adapter_ids(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// Whether this backend serves `api` (Responses or Messages) itself, so requests through
+    /// that door are forwarded in their own shape.
+    fn speaks_natively(&self, _api: Api) -> bool {
+        false
     }
 }

@@ -36,9 +36,13 @@ const MAX_ERROR_BYTES: usize = 64 * 1024;
 pub struct Upstream {
     name: String,
     cfg: UpstreamConfig,
-    /// `/chat/completions`, `/completions` and `/embeddings` under the base URL.
-    urls: [Uri; 3],
+    /// The URL of each API under the base URL, in `Api::ALL`'s order.
+    urls: [Uri; 5],
     headers: HeaderMap,
+    /// The APIs besides chat completions this upstream serves itself.
+    native: Vec<Api>,
+    /// The key again as Anthropic's `x-api-key`, for natively forwarded Messages requests.
+    anthropic_key: Option<HeaderValue>,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
@@ -54,10 +58,13 @@ impl Upstream {
             .map_err(|e| format!("upstream '{}': bad base_url: {e}", cfg.name))
         };
         let urls = [
-            url(Api::Chat)?,
-            url(Api::Completions)?,
-            url(Api::Embeddings)?,
+            url(Api::ALL[0])?,
+            url(Api::ALL[1])?,
+            url(Api::ALL[2])?,
+            url(Api::ALL[3])?,
+            url(Api::ALL[4])?,
         ];
+        let mut anthropic_key = None;
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(
@@ -84,6 +91,10 @@ impl Upstream {
                         })?;
                     value.set_sensitive(true);
                     headers.insert(AUTHORIZATION, value);
+                    if let Ok(mut k) = HeaderValue::from_str(&key) {
+                        k.set_sensitive(true);
+                        anthropic_key = Some(k);
+                    }
                 }
                 _ => tracing::warn!(
                     upstream = %cfg.name,
@@ -112,6 +123,12 @@ impl Upstream {
             cfg: cfg.clone(),
             urls,
             headers,
+            native: cfg
+                .native_apis
+                .iter()
+                .filter_map(|a| Api::parse(a))
+                .collect(),
+            anthropic_key,
             client,
         })
     }
@@ -126,7 +143,8 @@ impl Upstream {
             });
         }
         let mut usage_injected = false;
-        if request.stream && self.cfg.request_stream_usage {
+        let chunked = matches!(request.api, Api::Chat | Api::Completions);
+        if chunked && request.stream && self.cfg.request_stream_usage {
             let client_asked = body
                 .get("stream_options")
                 .and_then(|o| o.get("include_usage"))
@@ -214,13 +232,17 @@ impl Upstream {
         deadline: Instant,
     ) -> Result<Attempt, BackendError> {
         let attempt_started = Instant::now();
-        let mut builder = Request::builder().method(Method::POST).uri(match api {
-            Api::Completions => self.urls[1].clone(),
-            Api::Embeddings => self.urls[2].clone(),
-            _ => self.urls[0].clone(),
-        });
+        let url = &self.urls[Api::ALL.iter().position(|a| *a == api).unwrap_or(0)];
+        let mut builder = Request::builder().method(Method::POST).uri(url.clone());
         if let Some(h) = builder.headers_mut() {
             h.clone_from(&self.headers);
+            if api == Api::Messages {
+                if let Some(k) = &self.anthropic_key {
+                    h.entry("x-api-key").or_insert_with(|| k.clone());
+                }
+                h.entry("anthropic-version")
+                    .or_insert(HeaderValue::from_static("2023-06-01"));
+            }
             h.insert(
                 ACCEPT,
                 HeaderValue::from_static(if stream {
@@ -284,8 +306,13 @@ impl Upstream {
                     ),
                 });
             }
-            let mut chunks =
-                chunk_stream(self.name.clone(), resp.into_body(), deadline, first_byte);
+            let mut chunks = chunk_stream(
+                self.name.clone(),
+                api,
+                resp.into_body(),
+                deadline,
+                first_byte,
+            );
             match tokio::time::timeout_at(first_byte_deadline, chunks.next()).await {
                 Err(_) => Err(self.timeout("waiting for the first stream event", attempt_started)),
                 Ok(None) => Err(BackendError::Protocol {
@@ -310,12 +337,7 @@ impl Upstream {
                     })
                 }
             };
-            // Embeddings answer with a `data` list; every other door with `choices`.
-            let key = if api == Api::Embeddings {
-                "data"
-            } else {
-                "choices"
-            };
+            let key = api.answer_key();
             match serde_json::from_slice::<Value>(&bytes) {
                 Ok(v) if v.get(key).is_some_and(Value::is_array) => Ok(Attempt::Full(v)),
                 Ok(_) => Err(BackendError::Protocol {
@@ -409,6 +431,10 @@ impl Backend for Upstream {
     fn chat(&self, request: BackendRequest) -> BoxFuture<'_, Result<BackendReply, BackendError>> {
         Box::pin(self.complete(request))
     }
+
+    fn speaks_natively(&self, api: Api) -> bool {
+        self.native.contains(&api)
+    }
 }
 
 fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
@@ -437,6 +463,8 @@ async fn read_body(body: Incoming, limit: usize, deadline: Instant) -> Result<By
 
 struct StreamState {
     backend: String,
+    /// The shape of the events: chat or completion chunks, or a native API's named events.
+    api: Api,
     body: Incoming,
     parser: SseParser,
     deadline: Instant,
@@ -445,12 +473,20 @@ struct StreamState {
     done: bool,
 }
 
-/// Parses an SSE body into chunk objects. The stream ends at `[DONE]`; a body that ends early,
-/// stalls longer than the first-byte timeout, or carries something other than JSON chunks ends it
-/// with an error.
-fn chunk_stream(backend: String, body: Incoming, deadline: Instant, idle: Duration) -> ChunkStream {
+/// Parses an SSE body into chunk objects (or a native API's events). A chunk stream ends at
+/// `[DONE]`, a native one at its last event (`response.completed`, `message_stop`); a body that
+/// ends early, stalls longer than the first-byte timeout, or carries something other than JSON
+/// objects ends it with an error, as does a native failure event.
+fn chunk_stream(
+    backend: String,
+    api: Api,
+    body: Incoming,
+    deadline: Instant,
+    idle: Duration,
+) -> ChunkStream {
     let state = StreamState {
         backend,
+        api,
         body,
         parser: SseParser::default(),
         deadline,
@@ -494,6 +530,26 @@ async fn next_chunk(st: &mut StreamState) -> Option<Result<Value, BackendError>>
                         )));
                     }
                 };
+                if matches!(st.api, Api::Responses | Api::Messages) {
+                    if crate::wire::native::is_failure(&v) {
+                        // The message sits at `/error/message` (Anthropic, Responses' `error`
+                        // event) or `/response/error/message` (`response.failed`).
+                        let message = v
+                            .pointer("/error/message")
+                            .or_else(|| v.pointer("/response/error/message"))
+                            .or_else(|| v.get("message"))
+                            .cloned()
+                            .unwrap_or(Value::Null);
+                        return Some(Err(BackendError::StreamError {
+                            backend: st.backend.clone(),
+                            body: json!({"error": {"message": message}}),
+                        }));
+                    }
+                    if crate::wire::native::is_last(&v) {
+                        st.finished_choices = true;
+                    }
+                    return Some(Ok(v));
+                }
                 if v.get("error").is_some() && v.get("choices").is_none() {
                     return Some(Err(BackendError::StreamError {
                         backend: st.backend.clone(),

@@ -206,6 +206,56 @@ impl ChunkAssembler {
     }
 }
 
+/// Rebuilds a streamed answer for the log: from chat (or completion) chunks, or from a native
+/// Responses or Messages stream's events.
+pub enum Assembler {
+    Chunks(Box<ChunkAssembler>),
+    Native(crate::wire::native::NativeAssembler),
+}
+
+impl Assembler {
+    /// The assembler for a stream whose items have this shape.
+    pub fn for_shape(shape: crate::wire::Api) -> Self {
+        use crate::wire::Api;
+        match shape {
+            Api::Responses | Api::Messages => {
+                Assembler::Native(crate::wire::native::NativeAssembler::new(shape))
+            }
+            _ => Assembler::Chunks(Box::default()),
+        }
+    }
+
+    pub fn push(&mut self, item: &Value) {
+        match self {
+            Assembler::Chunks(a) => a.push(item),
+            Assembler::Native(a) => a.push(item),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Assembler::Chunks(a) => a.is_empty(),
+            Assembler::Native(a) => a.is_empty(),
+        }
+    }
+
+    /// Whether an item carries generated output (for time to first token).
+    pub fn carries_output(&self, item: &Value) -> bool {
+        match self {
+            Assembler::Chunks(_) => carries_output(item),
+            Assembler::Native(_) => crate::wire::native::carries_output(item),
+        }
+    }
+
+    /// The whole answer as the log keeps it (a chat completion, or a `text_completion`).
+    pub fn finish(&self) -> Option<Value> {
+        match self {
+            Assembler::Chunks(a) => Some(a.finish()),
+            Assembler::Native(a) => a.finish(),
+        }
+    }
+}
+
 /// A chunk that carries only usage (`choices: []`), sent last when `include_usage` is on.
 pub fn is_usage_only(chunk: &Value) -> bool {
     chunk

@@ -24,7 +24,7 @@ use crate::store::traffic::{TrafficLog, TrafficRecord};
 use crate::wire::chat::ChatRequestInfo;
 use crate::wire::error::ApiError;
 use crate::wire::Api;
-use assemble::ChunkAssembler;
+use assemble::Assembler;
 use routing::{Arm, Resolution, RouteTable};
 
 /// Who is asking, as told by headers (the body's `metadata` and `user` are read by the pipeline).
@@ -46,6 +46,9 @@ pub struct Exchange {
     pub body: Map<String, Value>,
     /// The client's body as it arrived, when the door translated it (logged beside `body`).
     pub wire: Option<Value>,
+    /// The request in its door's own shape, for an upstream that serves that API itself (its
+    /// `native_apis`); translated `body` goes to every other target.
+    pub native: Option<Map<String, Value>>,
 }
 
 impl Exchange {
@@ -54,6 +57,7 @@ impl Exchange {
             api: Api::Chat,
             body,
             wire: None,
+            native: None,
         }
     }
 }
@@ -68,15 +72,20 @@ pub enum StreamItem {
 
 /// What the pipeline hands back to the door.
 pub enum Reply {
+    /// A whole answer: a chat completion (or the door's own completion or embeddings body), or,
+    /// when `native`, the upstream's answer in the door's own API.
     Full {
         id: Uuid,
         arm: Arm,
         body: Value,
+        native: bool,
     },
+    /// Chunks (or, when `native`, the door's own API's events) as they arrive.
     Stream {
         id: Uuid,
         arm: Arm,
         items: mpsc::Receiver<StreamItem>,
+        native: bool,
     },
 }
 
@@ -116,6 +125,11 @@ impl Gateway {
             log,
             tasks: TaskTracker::new(),
         }
+    }
+
+    /// Whether any upstream serves `api` itself (a door then also prepares its native body).
+    pub fn forwards_natively(&self, api: Api) -> bool {
+        self.backends.values().any(|b| b.speaks_natively(api))
     }
 
     pub fn routes(&self) -> &RouteTable {
@@ -355,6 +369,7 @@ impl Gateway {
             api,
             mut body,
             wire,
+            mut native,
         } = exchange;
         let mut rec = TrafficRecord::begin(api, &body, wire, now_ms());
         rec.workload_id = ctx.workload_id.clone();
@@ -410,6 +425,8 @@ impl Gateway {
                 CheckStatus::Passed => {
                     if let Some(masked) = outcome.masked_messages {
                         apply_masked(api, &mut body, masked);
+                        // The native body still holds what was masked: only the translation goes.
+                        native = None;
                     }
                 }
                 CheckStatus::Blocked => {
@@ -427,8 +444,13 @@ impl Gateway {
                 }
             }
         }
-        self.call_targets(rec, body, started, info, resolution, ctx.permit)
-            .await
+        let call = Call {
+            info,
+            resolution,
+            native,
+            permit: ctx.permit,
+        };
+        self.call_targets(rec, body, started, call).await
     }
 
     /// Serves one chat completion request.
@@ -447,10 +469,14 @@ impl Gateway {
         mut rec: TrafficRecord,
         mut body: Map<String, Value>,
         started: Instant,
-        info: ChatRequestInfo,
-        resolution: Resolution,
-        permit: Option<OwnedSemaphorePermit>,
+        call: Call,
     ) -> Result<Reply, ApiError> {
+        let Call {
+            info,
+            resolution,
+            native,
+            permit,
+        } = call;
         let api = rec.api;
         let mut upstream_wait = Duration::ZERO;
         let mut last_error: Option<BackendError> = None;
@@ -479,7 +505,14 @@ impl Gateway {
                 );
                 return Err(self.fail(rec, body, started, e));
             }
-            let mut forwarded = body.clone();
+            // The shape sent: the door's own to an upstream that serves that API, else the
+            // internal one (chat completions for every chat-shaped door).
+            let (shape, mut forwarded) = match &native {
+                Some(n) if backend.speaks_natively(api) => (api, n.clone()),
+                _ if api.is_chat_shaped() => (Api::Chat, body.clone()),
+                _ => (api, body.clone()),
+            };
+            let is_native = shape != Api::Chat && api.is_chat_shaped();
             forwarded.remove("guardrails");
             forwarded.insert(
                 "model".into(),
@@ -500,7 +533,7 @@ impl Gateway {
             };
             let reply = backend
                 .chat(BackendRequest {
-                    api,
+                    api: shape,
                     body: forwarded,
                     stream: info.stream,
                     adapter: target.adapter.clone(),
@@ -518,13 +551,14 @@ impl Gateway {
                     rec.ttft_ms = Some(rec.latency_ms);
                     rec.upstream_ms = Some(ms(upstream_wait));
                     rec.request = Value::Object(body);
-                    rec.response = Some(loggable_response(api, &response));
+                    rec.response = Some(loggable_response(shape, &response));
                     let (id, arm) = (rec.id, resolution.arm);
                     self.finish(rec, &resolution);
                     return Ok(Reply::Full {
                         id,
                         arm,
                         body: response,
+                        native: is_native,
                     });
                 }
                 Ok(BackendReply::Stream {
@@ -538,6 +572,7 @@ impl Gateway {
                         gateway: self.clone(),
                         rec,
                         resolution,
+                        assembler: Assembler::for_shape(shape),
                         chunks,
                         strip_usage: usage_injected && !info.include_usage,
                         tx,
@@ -546,7 +581,12 @@ impl Gateway {
                         permit,
                     };
                     self.tasks.spawn(pump.run());
-                    return Ok(Reply::Stream { id, arm, items: rx });
+                    return Ok(Reply::Stream {
+                        id,
+                        arm,
+                        items: rx,
+                        native: is_native,
+                    });
                 }
                 Err(e) => {
                     let next = i + 1 < resolution.targets.len();
@@ -637,6 +677,7 @@ impl Gateway {
                 id: rec_id,
                 arm,
                 body: completion,
+                native: false,
             });
         }
         let chunks = refusal.chunks(info.include_usage);
@@ -649,6 +690,7 @@ impl Gateway {
             id: rec_id,
             arm,
             items: rx,
+            native: false,
         })
     }
 
@@ -856,6 +898,8 @@ struct StreamPump {
     gateway: Arc<Gateway>,
     rec: TrafficRecord,
     resolution: Resolution,
+    /// Rebuilds the whole answer for the log, whatever the stream's shape.
+    assembler: Assembler,
     chunks: ChunkStream,
     strip_usage: bool,
     tx: mpsc::Sender<StreamItem>,
@@ -867,7 +911,6 @@ struct StreamPump {
 impl StreamPump {
     async fn run(mut self) {
         let _permit = self.permit.take();
-        let mut assembler = ChunkAssembler::default();
         let mut client_gone = false;
         let mut failure: Option<ApiError> = None;
         loop {
@@ -881,8 +924,8 @@ impl StreamPump {
             match next {
                 None => break,
                 Some(Ok(chunk)) => {
-                    assembler.push(&chunk);
-                    if self.rec.ttft_ms.is_none() && assemble::carries_output(&chunk) {
+                    self.assembler.push(&chunk);
+                    if self.rec.ttft_ms.is_none() && self.assembler.carries_output(&chunk) {
                         self.rec.ttft_ms = Some(ms(self.started.elapsed()));
                     }
                     if self.strip_usage && assemble::is_usage_only(&chunk) {
@@ -911,8 +954,8 @@ impl StreamPump {
         let mut rec = self.rec;
         rec.latency_ms = ms(self.started.elapsed());
         rec.upstream_ms = Some(ms(self.upstream_wait));
-        if !assembler.is_empty() {
-            rec.response = Some(assembler.finish());
+        if !self.assembler.is_empty() {
+            rec.response = self.assembler.finish();
         }
         if let Some(e) = failure {
             rec.status = e.status.as_u16();
@@ -928,6 +971,14 @@ impl StreamPump {
         }
         self.gateway.finish(rec, &self.resolution);
     }
+}
+
+/// What `call_targets` needs beyond the record and the body.
+struct Call {
+    info: ChatRequestInfo,
+    resolution: Resolution,
+    native: Option<Map<String, Value>>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Checks a request in its door's internal shape.
@@ -974,12 +1025,14 @@ fn apply_masked(api: Api, body: &mut Map<String, Value>, masked: Vec<Value>) {
     }
 }
 
-/// The response as the log keeps it: whole, except embedding vectors (only their sizes are kept).
-fn loggable_response(api: Api, response: &Value) -> Value {
-    if api == Api::Embeddings {
-        crate::wire::completions::without_vectors(response)
-    } else {
-        response.clone()
+/// The response as the log keeps it: whole, except embedding vectors (only their sizes are kept);
+/// a native Responses or Messages answer as the chat completion it stands for.
+fn loggable_response(shape: Api, response: &Value) -> Value {
+    match shape {
+        Api::Embeddings => crate::wire::completions::without_vectors(response),
+        Api::Responses => crate::wire::native::completion_from_response(response),
+        Api::Messages => crate::wire::native::completion_from_message(response),
+        Api::Chat | Api::Completions => response.clone(),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod chat;
 pub mod completions;
 pub mod error;
 pub mod messages;
+pub mod native;
 pub mod responses;
 pub mod sse;
 pub mod tool_calls;
@@ -42,12 +43,38 @@ impl Api {
         matches!(self, Api::Chat | Api::Responses | Api::Messages)
     }
 
-    /// The path an OpenAI-compatible upstream serves this door's internal exchange at (under `/v1`).
+    /// The path an upstream serves a body of this shape at (under its base URL, e.g. `/v1`).
     pub fn upstream_path(self) -> &'static str {
         match self {
+            Api::Chat => "/chat/completions",
+            Api::Responses => "/responses",
+            Api::Messages => "/messages",
             Api::Completions => "/completions",
             Api::Embeddings => "/embeddings",
-            _ => "/chat/completions",
         }
+    }
+
+    /// The key holding an answer's output in this API's non-streamed body.
+    pub fn answer_key(self) -> &'static str {
+        match self {
+            Api::Chat | Api::Completions => "choices",
+            Api::Responses => "output",
+            Api::Messages => "content",
+            Api::Embeddings => "data",
+        }
+    }
+
+    /// Every API, in a fixed order (the upstream client keeps one URL per API).
+    pub const ALL: [Api; 5] = [
+        Api::Chat,
+        Api::Responses,
+        Api::Messages,
+        Api::Completions,
+        Api::Embeddings,
+    ];
+
+    /// The API a config names (`responses`, `messages`, ...).
+    pub fn parse(name: &str) -> Option<Api> {
+        Api::ALL.into_iter().find(|a| a.as_str() == name)
     }
 }

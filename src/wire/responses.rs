@@ -697,6 +697,38 @@ impl ResponsesRequest {
     }
 }
 
+/// A chat conversation as Responses input items (no ids: they are new to whoever reads them),
+/// for an upstream that is sent the whole conversation instead of a `previous_response_id`.
+pub fn items_from_chat(messages: &[Value]) -> Vec<Value> {
+    let mut items = Vec::with_capacity(messages.len());
+    for m in messages {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+        match role {
+            "tool" => items.push(json!({"type": "function_call_output",
+                "call_id": m.get("tool_call_id").cloned().unwrap_or(Value::Null),
+                "output": m.get("content").cloned().unwrap_or(json!(""))})),
+            _ => {
+                let text = match m.get("content") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Array(parts)) => parts
+                        .iter()
+                        .filter_map(|p| p.get("text").and_then(Value::as_str))
+                        .collect(),
+                    _ => String::new(),
+                };
+                if !text.is_empty() {
+                    items.push(json!({"type": "message", "role": role, "content": text}));
+                }
+                for call in super::tool_calls::in_message(m) {
+                    items.push(json!({"type": "function_call", "call_id": call.id,
+                        "name": call.name, "arguments": call.arguments}));
+                }
+            }
+        }
+    }
+    items
+}
+
 /// One output item while it is being built.
 #[derive(Debug, Clone)]
 enum OutputItem {
@@ -749,10 +781,6 @@ impl ResponseBuilder {
             sequence: 0,
             streaming: false,
         }
-    }
-
-    pub fn id(&self) -> &str {
-        &self.id
     }
 
     /// Records an event (built only when streaming).
@@ -923,34 +951,14 @@ impl ResponseBuilder {
         Value::Object(r)
     }
 
-    /// The answer as an assistant chat message (what a continuation replays).
-    pub fn assistant_message(&self) -> Value {
-        let text: String = self
-            .items
-            .iter()
-            .filter_map(|i| match i {
-                OutputItem::Message { text, .. } => Some(text.as_str()),
-                OutputItem::Call { .. } => None,
-            })
-            .collect();
-        let calls: Vec<Value> = self
-            .items
-            .iter()
-            .filter_map(|i| match i {
-                OutputItem::Call {
-                    call_id,
-                    name,
-                    arguments,
-                    ..
-                } => Some(json!({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})),
-                OutputItem::Message { .. } => None,
-            })
-            .collect();
-        let mut m = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }});
-        if !calls.is_empty() {
-            m["tool_calls"] = Value::Array(calls);
-        }
-        m
+    /// The `response.failed` event for a stream that broke off after `sequence` events.
+    pub fn failure_event(&mut self, error: &ApiError, sequence: u64) -> (&'static str, Value) {
+        self.streaming = true;
+        self.sequence = sequence;
+        self.fail(error);
+        self.events
+            .pop()
+            .unwrap_or(("response.failed", Value::Null))
     }
 }
 

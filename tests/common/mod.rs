@@ -43,6 +43,8 @@ impl MockUpstream {
             .route("/v1/chat/completions", post(mock_chat))
             .route("/v1/completions", post(mock_completion))
             .route("/v1/embeddings", post(mock_embeddings))
+            .route("/v1/responses", post(mock_responses))
+            .route("/v1/messages", post(mock_messages))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -399,6 +401,119 @@ async fn mock_embeddings(State(state): State<Arc<MockState>>, Json(body): Json<V
     Json(json!({"object": "list", "data": data, "model": model,
         "usage": {"prompt_tokens": inputs.len() * 2, "total_tokens": inputs.len() * 2}}))
     .into_response()
+}
+
+/// The last user text of a Responses `input` or a Messages `messages` list.
+fn last_user_text(list: &Value) -> String {
+    if let Some(s) = list.as_str() {
+        return s.to_string();
+    }
+    let Some(m) = list
+        .as_array()
+        .and_then(|a| a.iter().rev().find(|m| m["role"] == "user"))
+    else {
+        return String::new();
+    };
+    match &m["content"] {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+        _ => String::new(),
+    }
+}
+
+/// The Responses API, as an upstream that speaks it natively answers: `native: <last user text>`,
+/// whole or streamed as typed events; model `native-fail` breaks its stream.
+async fn mock_responses(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let model = body["model"].as_str().unwrap_or("").to_string();
+    *state
+        .counts
+        .lock()
+        .unwrap()
+        .entry(model.clone())
+        .or_insert(0) += 1;
+    state.requests.lock().unwrap().push((headers, body.clone()));
+    let text = format!("native: {}", last_user_text(&body["input"]));
+    let usage = json!({"input_tokens": 5, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 8});
+    let message = json!({"id": "msg_up", "type": "message", "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]});
+    let response = |status: &str, output: Value, usage: Value| {
+        json!({"id": "resp_upstream", "object": "response", "created_at": 1_700_000_000, "status": status,
+            "model": model, "output": output, "usage": usage, "store": false, "error": null,
+            "incomplete_details": null, "instructions": null, "tools": [], "tool_choice": "auto",
+            "parallel_tool_calls": true, "metadata": {}, "temperature": 1.0, "top_p": 1.0})
+    };
+    if body["stream"].as_bool() != Some(true) {
+        return Json(response("completed", json!([message]), usage)).into_response();
+    }
+    let mut events = vec![
+        json!({"type": "response.created", "response": response("in_progress", json!([]), Value::Null)}),
+        json!({"type": "response.output_item.added", "output_index": 0,
+            "item": {"id": "msg_up", "type": "message", "status": "in_progress", "role": "assistant", "content": []}}),
+        json!({"type": "response.output_text.delta", "item_id": "msg_up", "output_index": 0, "content_index": 0, "delta": "native: ", "logprobs": []}),
+    ];
+    if model == "native-fail" {
+        events.push(json!({"type": "response.failed", "response": {"error": {"code": "server_error", "message": "upstream gave up"}}}));
+    } else {
+        let rest = &text["native: ".len()..];
+        events.push(json!({"type": "response.output_text.delta", "item_id": "msg_up", "output_index": 0, "content_index": 0, "delta": rest, "logprobs": []}));
+        events
+            .push(json!({"type": "response.output_item.done", "output_index": 0, "item": message}));
+        events.push(json!({"type": "response.completed", "response": response("completed", json!([message]), usage)}));
+    }
+    let mut s = String::new();
+    for (i, mut e) in events.into_iter().enumerate() {
+        e["sequence_number"] = json!(i);
+        s.push_str(&format!(
+            "event: {}\ndata: {e}\n\n",
+            e["type"].as_str().unwrap()
+        ));
+    }
+    sse_response(s)
+}
+
+/// Anthropic's Messages API, as an upstream that speaks it natively answers.
+async fn mock_messages(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let model = body["model"].as_str().unwrap_or("").to_string();
+    *state
+        .counts
+        .lock()
+        .unwrap()
+        .entry(model.clone())
+        .or_insert(0) += 1;
+    state.requests.lock().unwrap().push((headers, body.clone()));
+    let text = format!("native: {}", last_user_text(&body["messages"]));
+    let message = json!({"id": "msg_upstream", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": {"input_tokens": 5, "output_tokens": 3}});
+    if body["stream"].as_bool() != Some(true) {
+        return Json(message).into_response();
+    }
+    let events = [
+        json!({"type": "message_start", "message": {"id": "msg_upstream", "type": "message", "role": "assistant",
+            "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 5, "output_tokens": 0}}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 3}}),
+        json!({"type": "message_stop"}),
+    ];
+    let mut s = String::new();
+    for e in events {
+        s.push_str(&format!(
+            "event: {}\ndata: {e}\n\n",
+            e["type"].as_str().unwrap()
+        ));
+    }
+    sse_response(s)
 }
 
 /// A running `flywheel serve` process.
