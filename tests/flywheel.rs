@@ -537,8 +537,17 @@ async fn a_canary_that_stops_agreeing_is_rolled_back_and_the_champion_keeps_serv
         next += 1;
     }
     assert!(served > 0);
-    // After the rollback only the teacher answers the route.
-    let before = teacher.calls.load(Ordering::Relaxed);
+    // After the rollback only the teacher answers the route. A champion mirror started by the
+    // last canary request may still be on its way to the teacher: let the count settle first.
+    let mut before = teacher.calls.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = teacher.calls.load(Ordering::Relaxed);
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     for _ in 0..6 {
         agent_request(&gw, next).await;
         next += 1;

@@ -42,8 +42,8 @@ fn record_of(x: &ServedExchange, include_plain: bool) -> Result<Record, &'static
         .response
         .pointer("/choices/0/message")
         .ok_or("no answer message")?;
-    let calls = answer.get("tool_calls").and_then(Value::as_array);
-    let has_calls = calls.is_some_and(|c| !c.is_empty());
+    let calls = crate::wire::tool_calls::in_message(answer);
+    let has_calls = !calls.is_empty();
     if !has_calls {
         let text = answer.get("content").and_then(Value::as_str).unwrap_or("");
         if !include_plain || text.trim().is_empty() {
@@ -53,17 +53,10 @@ fn record_of(x: &ServedExchange, include_plain: bool) -> Result<Record, &'static
     let mut clean = json!({"role": "assistant", "content": answer.get("content").cloned().unwrap_or(Value::Null)});
     if has_calls {
         let mut out = Vec::new();
-        for c in calls.into_iter().flatten() {
-            let args = c.pointer("/function/arguments");
-            let parsed = match args {
-                Some(Value::String(s)) => {
-                    serde_json::from_str::<Value>(s).map_err(|_| "arguments are not JSON")?
-                }
-                Some(v) => v.clone(),
-                None => json!({}),
-            };
-            out.push(json!({"id": c.get("id").cloned().unwrap_or(Value::Null), "type": "function",
-                "function": {"name": c.pointer("/function/name").cloned().unwrap_or(Value::Null), "arguments": parsed.to_string()}}));
+        for c in calls {
+            let parsed = c.parsed_arguments().ok_or("arguments are not JSON")?;
+            out.push(json!({"id": c.id, "type": "function",
+                "function": {"name": c.name, "arguments": parsed.to_string()}}));
         }
         clean["tool_calls"] = Value::Array(out);
     }

@@ -39,22 +39,12 @@ impl Record {
     /// The expected calls of the answer, arguments parsed.
     pub fn expected_calls(&self) -> Vec<(String, Value)> {
         self.answer()
-            .and_then(|a| a.get("tool_calls"))
-            .and_then(Value::as_array)
+            .map(crate::wire::tool_calls::in_message)
+            .unwrap_or_default()
             .into_iter()
-            .flatten()
             .map(|c| {
-                let name = c
-                    .pointer("/function/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string();
-                let args = match c.pointer("/function/arguments") {
-                    Some(Value::String(s)) => serde_json::from_str(s).unwrap_or(Value::Null),
-                    Some(v) => v.clone(),
-                    None => json!({}),
-                };
-                (name, args)
+                let args = c.parsed_arguments().unwrap_or(Value::Null);
+                (c.name, args)
             })
             .collect()
     }

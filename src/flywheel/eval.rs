@@ -61,27 +61,12 @@ pub struct Scores {
 /// The calls in an OpenAI assistant message (or a whole `chat.completion`).
 pub fn predicted_calls(message: &Value) -> Vec<PredictedCall> {
     let message = message.pointer("/choices/0/message").unwrap_or(message);
-    message
-        .get("tool_calls")
-        .and_then(Value::as_array)
+    crate::wire::tool_calls::in_message(message)
         .into_iter()
-        .flatten()
-        .map(|c| {
-            let name = c
-                .pointer("/function/name")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            let (raw, parsed) = match c.pointer("/function/arguments") {
-                Some(Value::String(s)) => (s.clone(), serde_json::from_str::<Value>(s).ok()),
-                Some(v) => (v.to_string(), Some(v.clone())),
-                None => (String::new(), Some(json!({}))),
-            };
-            PredictedCall {
-                name,
-                arguments: parsed,
-                raw_arguments: raw,
-            }
+        .map(|c| PredictedCall {
+            arguments: c.parsed_arguments(),
+            name: c.name,
+            raw_arguments: c.arguments,
         })
         .collect()
 }

@@ -14,11 +14,16 @@ pub struct ToolCall {
     pub name: String,
     /// As sent: a JSON string normally; anything else is kept as its JSON text.
     pub arguments: String,
+    /// Whether the call carried `arguments` at all (a call without them means no arguments).
+    pub has_arguments: bool,
 }
 
 impl ToolCall {
-    /// The arguments parsed, if they are JSON.
+    /// The arguments parsed, if they are JSON; a call without arguments has `{}`.
     pub fn parsed_arguments(&self) -> Option<Value> {
+        if !self.has_arguments {
+            return Some(Value::Object(serde_json::Map::new()));
+        }
         serde_json::from_str(&self.arguments).ok()
     }
 }
@@ -49,6 +54,7 @@ fn message_calls(message: &Value, choice_index: i64) -> Vec<ToolCall> {
                 Some(other) => other.to_string(),
                 None => String::new(),
             },
+            has_arguments: call.pointer("/function/arguments").is_some(),
         })
         .collect()
 }
@@ -94,6 +100,11 @@ mod tests {
         assert_eq!((calls[1].choice_index, calls[1].call_index), (0, 1));
         assert_eq!(calls[1].arguments, "{\"y\":2}");
         assert_eq!(calls[0].parsed_arguments(), Some(json!({"x": 1})));
+        let bare = in_message(
+            &json!({"tool_calls": [{"function": {"name": "f"}}, {"function": {"name": "g", "arguments": ""}}]}),
+        );
+        assert_eq!(bare[0].parsed_arguments(), Some(json!({})));
+        assert_eq!(bare[1].parsed_arguments(), None);
         assert!(in_completion(None).is_empty());
     }
 }
