@@ -35,17 +35,23 @@ fn openapi_spec() -> PathBuf {
     p
 }
 
+/// The pinned Python clients, the mock upstream, and a gateway on `config`.
+async fn clients_and_gateway() -> (PathBuf, MockUpstream, GatewayProcess) {
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
+    let mock = MockUpstream::start().await;
+    let gw = GatewayProcess::start(&config(&mock));
+    (python, mock, gw)
+}
+
 fn passed(stdout: &str) -> usize {
     stdout.lines().filter(|l| l.starts_with("ok: ")).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_client_speaks_responses_completions_and_embeddings() {
-    let python = tokio::task::spawn_blocking(python_with_openai)
-        .await
-        .unwrap();
-    let mock = MockUpstream::start().await;
-    let mut gw = GatewayProcess::start(&config(&mock));
+    let (python, mock, mut gw) = clients_and_gateway().await;
     let spec = path_str(&openapi_spec());
     let stdout = run_script(python, "doors_openai.py", &[gw.url("/v1"), spec]).await;
     println!("{stdout}");
@@ -100,11 +106,7 @@ async fn the_openai_client_speaks_responses_completions_and_embeddings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_anthropic_client_speaks_messages_locally_and_through_an_upstream() {
-    let python = tokio::task::spawn_blocking(python_with_openai)
-        .await
-        .unwrap();
-    let mock = MockUpstream::start().await;
-    let mut gw = GatewayProcess::start(&config(&mock));
+    let (python, mock, mut gw) = clients_and_gateway().await;
     let stdout = run_script(python, "doors_anthropic.py", &[gw.url("")]).await;
     println!("{stdout}");
     assert!(passed(&stdout) >= 15, "{stdout}");
@@ -142,11 +144,7 @@ async fn the_anthropic_client_speaks_messages_locally_and_through_an_upstream() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openai_agents_sdk_agent_calls_its_tool_locally_and_through_an_upstream() {
-    let python = tokio::task::spawn_blocking(python_with_openai)
-        .await
-        .unwrap();
-    let mock = MockUpstream::start().await;
-    let mut gw = GatewayProcess::start(&config(&mock));
+    let (python, _mock, mut gw) = clients_and_gateway().await;
     let stdout = run_script(python, "doors_agents.py", &[gw.url("/v1")]).await;
     println!("{stdout}");
     assert!(passed(&stdout) >= 5, "{stdout}");

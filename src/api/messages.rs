@@ -11,9 +11,11 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::{event_stream, inference_context, read_json_object, tagged, AppState};
+use super::{
+    event_stream, inference_context, read_json_object, tagged, translated_stream, AppState,
+};
 use crate::gateway::{Exchange, Reply, StreamItem};
-use crate::wire::answer::{feed_chunk, feed_completion};
+use crate::wire::answer::feed_completion;
 use crate::wire::error::{anthropic_body, anthropic_response, ApiError};
 use crate::wire::messages::{parse_request, MessageBuilder};
 use crate::wire::{sse, Api};
@@ -65,7 +67,10 @@ async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiEr
         } => Ok(tagged(event_stream(pass_through(items)), id, arm)),
         Reply::Stream { id, arm, items, .. } => {
             let builder = MessageBuilder::new(message_id(id), req.model);
-            Ok(tagged(event_stream(stream(builder, items)), id, arm))
+            // `message_start` and `ping`, the content blocks' events, `message_delta` and
+            // `message_stop` (or an `error` event if the answer broke off).
+            let frames = translated_stream(builder, items, |_| async {});
+            Ok(tagged(event_stream(frames), id, arm))
         }
     }
 }
@@ -91,38 +96,4 @@ fn pass_through(
             None => None,
         }
     })
-}
-
-/// `message_start` and `ping` first, then the content blocks' events as the chunks arrive, then
-/// `message_delta` and `message_stop` (or an `error` event if the answer broke off).
-fn stream(
-    mut builder: MessageBuilder,
-    items: mpsc::Receiver<StreamItem>,
-) -> impl futures_util::Stream<Item = Bytes> + Send {
-    builder.start();
-    let state = Some((builder, items, Vec::<u64>::new()));
-    let frames = futures_util::stream::unfold(state, |state| async move {
-        let (mut builder, mut items, mut started) = state?;
-        let ended = match items.recv().await {
-            Some(StreamItem::Chunk(chunk)) => {
-                feed_chunk(&chunk, &mut started, &mut builder);
-                false
-            }
-            Some(StreamItem::Failed(e)) => {
-                builder.fail(&e);
-                true
-            }
-            None => {
-                builder.complete();
-                true
-            }
-        };
-        let frames: Vec<Bytes> = builder
-            .take_events()
-            .iter()
-            .map(|(kind, event)| sse::event_frame(kind, event))
-            .collect();
-        Some((frames, (!ended).then_some((builder, items, started))))
-    });
-    futures_util::StreamExt::flat_map(frames, futures_util::stream::iter)
 }

@@ -251,6 +251,52 @@ pub fn data_stream(items: tokio::sync::mpsc::Receiver<StreamItem>) -> Response {
     event_stream(frames)
 }
 
+/// A translated answer's event stream: the builder's opening events, then its events for each chunk
+/// as it arrives, then the closing events (after `on_complete` has seen the whole answer) or the
+/// failure event. The Responses and Messages doors both stream through here.
+pub fn translated_stream<B, F, Fut>(
+    mut builder: B,
+    items: tokio::sync::mpsc::Receiver<StreamItem>,
+    on_complete: F,
+) -> impl futures_util::Stream<Item = bytes::Bytes> + Send
+where
+    B: crate::wire::answer::EventBuilder + Send + 'static,
+    F: Fn(Value) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    use crate::wire::answer::feed_chunk;
+    builder.start();
+    let state = Some((builder, items, Vec::<u64>::new(), on_complete));
+    let frames = futures_util::stream::unfold(state, |state| async move {
+        let (mut builder, mut items, mut started, on_complete) = state?;
+        let ended = match items.recv().await {
+            Some(StreamItem::Chunk(chunk)) => {
+                feed_chunk(&chunk, &mut started, &mut builder);
+                false
+            }
+            Some(StreamItem::Failed(e)) => {
+                builder.fail(&e);
+                true
+            }
+            None => {
+                let whole = builder.complete();
+                on_complete(whole).await;
+                true
+            }
+        };
+        let frames: Vec<bytes::Bytes> = builder
+            .take_events()
+            .iter()
+            .map(|(kind, event)| crate::wire::sse::event_frame(kind, event))
+            .collect();
+        Some((
+            frames,
+            (!ended).then_some((builder, items, started, on_complete)),
+        ))
+    });
+    futures_util::StreamExt::flat_map(frames, futures_util::stream::iter)
+}
+
 pub fn peer(parts: &Parts) -> Option<SocketAddr> {
     parts.extensions.get::<PeerAddr>().map(|p| p.0)
 }

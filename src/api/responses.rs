@@ -12,11 +12,13 @@ use http::request::Parts;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::{event_stream, inference_context, read_json_object, tagged, AppState};
+use super::{
+    event_stream, inference_context, read_json_object, tagged, translated_stream, AppState,
+};
 use crate::config::Scope;
 use crate::gateway::{Exchange, Reply, StreamItem};
 use crate::store::responses::{ResponseStore, StoredResponse};
-use crate::wire::answer::{feed_chunk, feed_completion};
+use crate::wire::answer::feed_completion;
 use crate::wire::error::ApiError;
 use crate::wire::native::completion_from_response;
 use crate::wire::responses::{items_from_chat, parse_request, ResponseBuilder, ResponsesRequest};
@@ -49,23 +51,28 @@ fn store_of(state: &AppState) -> Result<Arc<ResponseStore>, ApiError> {
     })
 }
 
-/// The stored response `id` of `owner`, read off the async runtime.
-async fn load(
+/// Runs a store operation off the async runtime.
+async fn blocking<T: Send + 'static>(
     store: Arc<ResponseStore>,
-    id: String,
-    owner: String,
-) -> Result<Option<StoredResponse>, ApiError> {
-    tokio::task::spawn_blocking(move || store.get(&id, &owner))
+    op: impl FnOnce(&ResponseStore) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(move || op(&store))
         .await
         .map_err(store_error)?
         .map_err(store_error)
 }
 
+/// The stored response `id` of `owner`.
+async fn load(
+    store: Arc<ResponseStore>,
+    id: String,
+    owner: String,
+) -> Result<Option<StoredResponse>, ApiError> {
+    blocking(store, move |s| s.get(&id, &owner)).await
+}
+
 async fn save(store: Arc<ResponseStore>, record: StoredResponse) -> Result<(), ApiError> {
-    tokio::task::spawn_blocking(move || store.insert(&record))
-        .await
-        .map_err(store_error)?
-        .map_err(store_error)
+    blocking(store, move |s| s.insert(&record)).await
 }
 
 async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiError> {
@@ -148,7 +155,15 @@ async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiEr
             native: true,
         } => Ok(tagged(event_stream(pass_through(keep, id, items)), id, arm)),
         Reply::Stream { id, arm, items, .. } => {
-            Ok(tagged(event_stream(stream(keep, id, items)), id, arm))
+            // `response.created` first, `response.completed` last, stored before it is sent so
+            // a continuation can follow at once.
+            let builder = keep.builder(id);
+            let keep = Arc::new(keep);
+            let frames = translated_stream(builder, items, move |response| {
+                let keep = keep.clone();
+                async move { keep.keep(&response, id).await }
+            });
+            Ok(tagged(event_stream(frames), id, arm))
         }
     }
 }
@@ -283,45 +298,6 @@ impl Keeper {
     }
 }
 
-/// The typed event stream: `response.created` first, the answer's events as its chunks arrive, and
-/// `response.completed` (after the response is stored) or `response.failed` last.
-fn stream(
-    keep: Keeper,
-    traffic_id: uuid::Uuid,
-    items: mpsc::Receiver<StreamItem>,
-) -> impl futures_util::Stream<Item = Bytes> + Send {
-    let mut builder = keep.builder(traffic_id);
-    builder.start();
-    let state = Some((keep, builder, items, Vec::<u64>::new()));
-    let frames = futures_util::stream::unfold(state, move |state| async move {
-        let (keep, mut builder, mut items, mut started) = state?;
-        let ended = match items.recv().await {
-            Some(StreamItem::Chunk(chunk)) => {
-                feed_chunk(&chunk, &mut started, &mut builder);
-                false
-            }
-            Some(StreamItem::Failed(e)) => {
-                builder.fail(&e);
-                true
-            }
-            None => {
-                let response = builder.complete();
-                // Stored before the client hears it is complete, so a continuation can follow.
-                keep.keep(&response, traffic_id).await;
-                true
-            }
-        };
-        let frames: Vec<Bytes> = builder
-            .take_events()
-            .iter()
-            .map(|(kind, event)| sse::event_frame(kind, event))
-            .collect();
-        let next = (!ended).then_some((keep, builder, items, started));
-        Some((frames, next))
-    });
-    futures_util::StreamExt::flat_map(frames, futures_util::stream::iter)
-}
-
 /// The stored responses and the name of the key asking for them.
 fn owner(state: &AppState, parts: &Parts) -> Result<(Arc<ResponseStore>, String), ApiError> {
     let principal = state
@@ -413,10 +389,7 @@ pub async fn delete(
     let run = async {
         let (store, owner) = owner(&state, &parts)?;
         let target = id.clone();
-        let deleted = tokio::task::spawn_blocking(move || store.delete(&target, &owner))
-            .await
-            .map_err(store_error)?
-            .map_err(store_error)?;
+        let deleted = blocking(store, move |s| s.delete(&target, &owner)).await?;
         if !deleted {
             return Err(not_found(&id));
         }

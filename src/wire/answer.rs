@@ -6,6 +6,7 @@
 
 use serde_json::Value;
 
+use super::error::ApiError;
 use super::tool_calls;
 
 /// Something that turns a chat answer into another API's shape.
@@ -16,6 +17,19 @@ pub trait AnswerSink {
     fn call_arguments(&mut self, index: u64, delta: &str);
     fn finish_reason(&mut self, reason: &str);
     fn usage(&mut self, usage: &Value);
+}
+
+/// A translator that also writes its API's stream events as it is fed: the door drives one the
+/// same way for Responses and Messages (start, chunks, then complete or fail).
+pub trait EventBuilder: AnswerSink {
+    /// The events that open a stream.
+    fn start(&mut self);
+    /// The answer ended normally: the closing events, and the whole translated answer.
+    fn complete(&mut self) -> Value;
+    /// The answer broke off: the API's failure event.
+    fn fail(&mut self, error: &ApiError);
+    /// The events written since the last call, as `(name, data)`.
+    fn take_events(&mut self) -> Vec<(&'static str, Value)>;
 }
 
 /// Feeds one `chat.completion.chunk` to `sink`, remembering which calls have begun in `started`.

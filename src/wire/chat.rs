@@ -136,6 +136,18 @@ pub fn validate_chat_request(body: &Map<String, Value>) -> Result<ChatRequestInf
     validate_stop(body.get("stop"))?;
     validate_response_format(body.get("response_format"))?;
     let (stream, include_usage) = stream_flags(body)?;
+    request_info(body, model, stream, include_usage, n)
+}
+
+/// What the pipeline needs of a valid request: the checked fields and the caller's `user` and
+/// `metadata` labels.
+pub(crate) fn request_info(
+    body: &Map<String, Value>,
+    model: String,
+    stream: bool,
+    include_usage: bool,
+    n: u64,
+) -> Result<ChatRequestInfo, ApiError> {
     let user = optional_string(body, "user")?.map(str::to_string);
     let labels = labels(body)?;
     Ok(ChatRequestInfo {

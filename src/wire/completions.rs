@@ -9,7 +9,7 @@
 use serde_json::{json, Map, Value};
 
 use super::chat::{
-    expected, labels, optional_bool, optional_int, optional_number, optional_string,
+    expected, optional_bool, optional_int, optional_number, optional_string, request_info,
     required_model, stream_flags, validate_stop, ChatRequestInfo,
 };
 use super::error::ApiError;
@@ -35,18 +35,7 @@ pub fn validate_completion_request(body: &Map<String, Value>) -> Result<ChatRequ
     let n = optional_int(body, "n", 1, 128)?.unwrap_or(1) as u64;
     validate_stop(body.get("stop"))?;
     let (stream, include_usage) = stream_flags(body)?;
-    let user = optional_string(body, "user")?.map(str::to_string);
-    let labels = labels(body)?;
-    Ok(ChatRequestInfo {
-        model,
-        stream,
-        include_usage,
-        n,
-        user,
-        metadata_workload_id: labels.workload,
-        metadata_client_id: labels.client,
-        metadata_session_id: labels.session,
-    })
+    request_info(body, model, stream, include_usage, n)
 }
 
 /// Validates a `/v1/embeddings` body.
@@ -71,18 +60,7 @@ pub fn validate_embedding_request(body: &Map<String, Value>) -> Result<ChatReque
             "Embeddings are not streamed; remove 'stream'.",
         ));
     }
-    let user = optional_string(body, "user")?.map(str::to_string);
-    let labels = labels(body)?;
-    Ok(ChatRequestInfo {
-        model,
-        stream: false,
-        include_usage: false,
-        n: 1,
-        user,
-        metadata_workload_id: labels.workload,
-        metadata_client_id: labels.client,
-        metadata_session_id: labels.session,
-    })
+    request_info(body, model, false, false, 1)
 }
 
 /// A prompt or embedding input: a string, a list of strings, a list of token ids, or a list of

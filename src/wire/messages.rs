@@ -18,7 +18,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::answer::{token_counts, AnswerSink};
+use super::answer::{token_counts, AnswerSink, EventBuilder};
 use super::chat::{check_schema, expected, valid_function_name};
 use super::error::ApiError;
 
@@ -663,6 +663,24 @@ impl MessageBuilder {
         json!({"id": self.id, "type": "message", "role": "assistant", "model": self.model,
             "content": content, "stop_reason": self.stop_reason(), "stop_sequence": null,
             "usage": self.usage_json()})
+    }
+}
+
+impl EventBuilder for MessageBuilder {
+    fn start(&mut self) {
+        MessageBuilder::start(self)
+    }
+
+    fn complete(&mut self) -> Value {
+        MessageBuilder::complete(self)
+    }
+
+    fn fail(&mut self, error: &ApiError) {
+        MessageBuilder::fail(self, error);
+    }
+
+    fn take_events(&mut self) -> Vec<(&'static str, Value)> {
+        MessageBuilder::take_events(self)
     }
 }
 

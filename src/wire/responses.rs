@@ -17,7 +17,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::answer::{token_counts, AnswerSink};
+use super::answer::{token_counts, AnswerSink, EventBuilder};
 use super::chat::{
     check_schema, expected, optional_bool, optional_int, optional_number, optional_string,
     required_model, valid_function_name,
@@ -987,6 +987,24 @@ fn item_json(item: &OutputItem, status: &str) -> Value {
             json!({"id": id, "type": "function_call", "status": status, "call_id": call_id,
                 "name": name, "arguments": arguments})
         }
+    }
+}
+
+impl EventBuilder for ResponseBuilder {
+    fn start(&mut self) {
+        ResponseBuilder::start(self)
+    }
+
+    fn complete(&mut self) -> Value {
+        ResponseBuilder::complete(self)
+    }
+
+    fn fail(&mut self, error: &ApiError) {
+        ResponseBuilder::fail(self, error);
+    }
+
+    fn take_events(&mut self) -> Vec<(&'static str, Value)> {
+        ResponseBuilder::take_events(self)
     }
 }
 

@@ -36,6 +36,21 @@ pub struct MockUpstream {
     pub state: Arc<MockState>,
 }
 
+impl MockState {
+    /// Counts and keeps a request; returns its model.
+    fn record(&self, headers: HeaderMap, body: &Value) -> String {
+        let model = body["model"].as_str().unwrap_or("").to_string();
+        *self
+            .counts
+            .lock()
+            .unwrap()
+            .entry(model.clone())
+            .or_insert(0) += 1;
+        self.requests.lock().unwrap().push((headers, body.clone()));
+        model
+    }
+}
+
 impl MockUpstream {
     pub async fn start() -> Self {
         let state = Arc::new(MockState::default());
@@ -428,14 +443,7 @@ async fn mock_responses(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    let model = body["model"].as_str().unwrap_or("").to_string();
-    *state
-        .counts
-        .lock()
-        .unwrap()
-        .entry(model.clone())
-        .or_insert(0) += 1;
-    state.requests.lock().unwrap().push((headers, body.clone()));
+    let model = state.record(headers, &body);
     let text = format!("native: {}", last_user_text(&body["input"]));
     let usage = json!({"input_tokens": 5, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 8});
@@ -482,14 +490,7 @@ async fn mock_messages(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    let model = body["model"].as_str().unwrap_or("").to_string();
-    *state
-        .counts
-        .lock()
-        .unwrap()
-        .entry(model.clone())
-        .or_insert(0) += 1;
-    state.requests.lock().unwrap().push((headers, body.clone()));
+    let model = state.record(headers, &body);
     let text = format!("native: {}", last_user_text(&body["messages"]));
     let message = json!({"id": "msg_upstream", "type": "message", "role": "assistant", "model": model,
         "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": null,
