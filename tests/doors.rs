@@ -24,15 +24,23 @@ fn config(mock: &MockUpstream) -> String {
     c
 }
 
-/// OpenAI's published OpenAPI document, kept beside the project.
-fn openapi_spec() -> PathBuf {
+/// OpenAI's published OpenAPI document, kept beside the project (`../shared/openai/`). CI always
+/// has it; elsewhere, without it, the event-by-event spec check is skipped and says so.
+fn openapi_spec() -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/openai/openapi.yaml");
+    if p.exists() {
+        return path_str(&p);
+    }
     assert!(
-        p.exists(),
-        "OpenAI's OpenAPI document is expected at {} (the shared folder beside the project)",
+        std::env::var_os("CI").is_none(),
+        "OpenAI's OpenAPI document is expected at {} in CI",
         p.display()
     );
-    p
+    println!(
+        "SKIPPED: stream events are not checked against OpenAI's OpenAPI document: none at {}",
+        p.display()
+    );
+    String::new()
 }
 
 /// The pinned Python clients, the mock upstream, and a gateway on `config`.
@@ -52,7 +60,7 @@ fn passed(stdout: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_client_speaks_responses_completions_and_embeddings() {
     let (python, mock, mut gw) = clients_and_gateway().await;
-    let spec = path_str(&openapi_spec());
+    let spec = openapi_spec();
     let stdout = run_script(python, "doors_openai.py", &[gw.url("/v1"), spec]).await;
     println!("{stdout}");
     assert!(passed(&stdout) >= 40, "{stdout}");

@@ -13,7 +13,7 @@ import urllib.request
 import openai
 from openai import OpenAI
 
-from openai_spec import Spec
+import openai_spec
 
 TOOLS = [
     {
@@ -222,11 +222,11 @@ def local(client, spec, base_url):
 
 
 def main(base_url, spec_path):
-    spec = Spec(spec_path)
+    spec = openai_spec.load(spec_path)
     client = OpenAI(api_key="sk-anything", base_url=base_url, max_retries=0)
     upstream(client, spec, base_url)
     local(client, spec, base_url)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "")
