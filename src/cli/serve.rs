@@ -143,7 +143,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             None
         }
     };
-    let responses = match crate::store::responses::ResponseStore::open(&config.db_path()) {
+    let responses = match crate::store::responses::ResponseStore::open(
+        &config.db_path(),
+        !config.log.enabled,
+    ) {
         Ok(s) => Some(Arc::new(s)),
         Err(e) => {
             tracing::warn!(error = %e, "stored responses are unavailable");
