@@ -14,7 +14,8 @@ use serde_json::{Map, Value};
 use crate::wire::error::ApiError;
 use crate::wire::Api;
 
-/// One chat completion request, already validated, with `model` set to the backend's own model name.
+/// One request, already validated, in the shape `api` names, with `model` set to the backend's own
+/// model name.
 #[derive(Debug, Clone)]
 pub struct BackendRequest {
     /// Which shape `body` has: a chat completion (every chat-shaped door, translated), a legacy
@@ -147,7 +148,8 @@ impl From<&BackendError> for ApiError {
     }
 }
 
-/// Something that can answer chat completions.
+/// Something that can answer chat completions (and, depending on the backend, legacy completions,
+/// embeddings, or Responses and Messages requests in their own shape).
 pub trait Backend: Send + Sync {
     fn name(&self) -> &str;
     /// Whether `n` > 1 can be served.

@@ -1,6 +1,8 @@
-//! The request pipeline, independent of HTTP: validate, resolve the route and rollout arm, call the
-//! backend (with fallbacks), tee the outcome into the traffic log, and mirror sampled traffic to a
-//! shadow target off the response path.
+//! The request pipeline, independent of HTTP and of which door a request came through: it takes an
+//! `Exchange` (the door's request translated by `wire`), validates it, resolves the route and
+//! rollout arm, runs the rails, calls the backend (with fallbacks), tees the outcome into the
+//! traffic log, and mirrors sampled chat-shaped traffic to a shadow target off the response path.
+//! Answers go back to the door as `Reply`, whole or as a channel of stream items.
 
 pub mod agreement;
 pub mod assemble;
