@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use flywheel::wire::answer::feed_completion;
+use flywheel::wire::answer::{feed_completion, EventBuilder};
 use flywheel::wire::messages::{parse_request as parse_messages, MessageBuilder};
 use flywheel::wire::responses::{parse_request as parse_responses, ResponseBuilder};
 use serde_json::Value;

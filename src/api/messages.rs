@@ -15,7 +15,7 @@ use super::{
     event_stream, inference_context, read_json_object, tagged, translated_stream, AppState,
 };
 use crate::gateway::{Exchange, Reply, StreamItem};
-use crate::wire::answer::feed_completion;
+use crate::wire::answer::{feed_completion, EventBuilder};
 use crate::wire::error::{anthropic_body, anthropic_response, ApiError};
 use crate::wire::messages::{parse_request, MessageBuilder};
 use crate::wire::{sse, Api};

@@ -18,7 +18,7 @@ use super::{
 use crate::config::Scope;
 use crate::gateway::{Exchange, Reply, StreamItem};
 use crate::store::responses::{ResponseStore, StoredResponse};
-use crate::wire::answer::feed_completion;
+use crate::wire::answer::{feed_completion, EventBuilder};
 use crate::wire::error::ApiError;
 use crate::wire::native::completion_from_response;
 use crate::wire::responses::{items_from_chat, parse_request, ResponseBuilder, ResponsesRequest};
@@ -105,7 +105,7 @@ async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiEr
             }
         }
     };
-    let (chat, conversation) = match req.to_chat(&history) {
+    let (chat, turn) = match req.to_chat(&history) {
         Ok(c) => c,
         Err(e) => return Err(gateway.reject(Api::Responses, raw, &ctx, e)),
     };
@@ -125,7 +125,8 @@ async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiEr
             None
         },
         owner: principal.name,
-        conversation,
+        history,
+        turn,
         request: req,
     };
     match gateway.serve(exchange, ctx).await? {
@@ -246,7 +247,9 @@ fn assistant_message(response: &Value) -> Value {
 struct Keeper {
     store: Option<Arc<ResponseStore>>,
     owner: String,
-    conversation: Vec<Value>,
+    /// The stored conversation this request continues, and this turn's input, as chat messages.
+    history: Vec<Value>,
+    turn: Vec<Value>,
     request: ResponsesRequest,
 }
 
@@ -279,7 +282,8 @@ impl Keeper {
             return;
         };
         let id = response_id(traffic_id);
-        let mut conversation = self.conversation.clone();
+        let mut conversation = Vec::with_capacity(self.history.len() + self.turn.len() + 1);
+        conversation.extend(self.history.iter().chain(&self.turn).cloned());
         conversation.push(assistant_message(response));
         let record = StoredResponse {
             id: id.clone(),

@@ -95,6 +95,8 @@ pub struct Gateway {
     config: Arc<Config>,
     routes: RouteTable,
     backends: HashMap<String, Arc<dyn Backend>>,
+    /// The APIs some upstream serves itself (fixed with the backends at start-up).
+    native_apis: Vec<Api>,
     log: TrafficLog,
     tasks: TaskTracker,
     shadow_permits: Arc<Semaphore>,
@@ -118,12 +120,17 @@ impl Gateway {
         backends: HashMap<String, Arc<dyn Backend>>,
         log: TrafficLog,
     ) -> Self {
+        let native_apis = [Api::Responses, Api::Messages]
+            .into_iter()
+            .filter(|api| backends.values().any(|b| b.speaks_natively(*api)))
+            .collect();
         Self {
             routes: RouteTable::new(&config.routes),
             shadow_permits: Arc::new(Semaphore::new(config.shadow.max_concurrency)),
             rails: Rails::new(&config.rails),
             config,
             backends,
+            native_apis,
             log,
             tasks: TaskTracker::new(),
         }
@@ -131,7 +138,7 @@ impl Gateway {
 
     /// Whether any upstream serves `api` itself (a door then also prepares its native body).
     pub fn forwards_natively(&self, api: Api) -> bool {
-        self.backends.values().any(|b| b.speaks_natively(api))
+        self.native_apis.contains(&api)
     }
 
     pub fn routes(&self) -> &RouteTable {

@@ -70,8 +70,8 @@ impl ResponseStore {
                 r.model,
                 r.traffic_id,
                 r.previous_id,
-                Value::Array(r.input_items.clone()).to_string(),
-                Value::Array(r.conversation.clone()).to_string(),
+                serde_json::to_string(&r.input_items)?,
+                serde_json::to_string(&r.conversation)?,
                 r.response.to_string(),
             ],
         )?;

@@ -574,20 +574,6 @@ impl MessageBuilder {
         self.events.push((kind, event));
     }
 
-    pub fn take_events(&mut self) -> Vec<(&'static str, Value)> {
-        std::mem::take(&mut self.events)
-    }
-
-    /// `message_start` (with an empty message) and a `ping`.
-    pub fn start(&mut self) {
-        self.streaming = true;
-        let message = json!({"id": self.id, "type": "message", "role": "assistant", "model": self.model,
-            "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": 0, "output_tokens": 0}});
-        self.emit("message_start", || json!({"message": message}));
-        self.emit("ping", || json!({}));
-    }
-
     fn close_open(&mut self) {
         for k in 0..self.blocks.len() {
             let open = match &mut self.blocks[k] {
@@ -623,26 +609,6 @@ impl MessageBuilder {
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0})
     }
 
-    /// The answer ended: closes blocks, emits `message_delta` and `message_stop`, and returns the
-    /// whole message.
-    pub fn complete(&mut self) -> Value {
-        self.close_open();
-        let stop = self.stop_reason();
-        let usage = self.usage_json();
-        self.emit(
-            "message_delta",
-            || json!({"delta": {"stop_reason": stop, "stop_sequence": null}, "usage": usage}),
-        );
-        self.emit("message_stop", || json!({}));
-        self.message()
-    }
-
-    /// The `error` event for a stream that broke off.
-    pub fn fail(&mut self, error: &ApiError) {
-        let body = super::error::anthropic_body(error);
-        self.events.push(("error", body));
-    }
-
     pub fn message(&self) -> Value {
         let content: Vec<Value> = self
             .blocks
@@ -667,20 +633,38 @@ impl MessageBuilder {
 }
 
 impl EventBuilder for MessageBuilder {
+    /// `message_start` (with an empty message) and a `ping`.
     fn start(&mut self) {
-        MessageBuilder::start(self)
+        self.streaming = true;
+        let message = json!({"id": self.id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 0, "output_tokens": 0}});
+        self.emit("message_start", || json!({"message": message}));
+        self.emit("ping", || json!({}));
     }
 
+    /// The answer ended: closes blocks, emits `message_delta` and `message_stop`, and returns the
+    /// whole message.
     fn complete(&mut self) -> Value {
-        MessageBuilder::complete(self)
+        self.close_open();
+        let stop = self.stop_reason();
+        let usage = self.usage_json();
+        self.emit(
+            "message_delta",
+            || json!({"delta": {"stop_reason": stop, "stop_sequence": null}, "usage": usage}),
+        );
+        self.emit("message_stop", || json!({}));
+        self.message()
     }
 
+    /// The `error` event for a stream that broke off.
     fn fail(&mut self, error: &ApiError) {
-        MessageBuilder::fail(self, error);
+        let body = super::error::anthropic_body(error);
+        self.events.push(("error", body));
     }
 
     fn take_events(&mut self) -> Vec<(&'static str, Value)> {
-        MessageBuilder::take_events(self)
+        std::mem::take(&mut self.events)
     }
 }
 

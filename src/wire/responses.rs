@@ -646,7 +646,8 @@ fn message_to_chat(item: &Value) -> Value {
 
 impl ResponsesRequest {
     /// The chat-completions body for this request, continuing `history` (the stored conversation
-    /// of `previous_response_id`, instructions not included: they never carry over).
+    /// of `previous_response_id`, instructions not included: they never carry over), and this
+    /// turn's input as chat messages (what a stored response adds to the conversation).
     pub fn to_chat(&self, history: &[Value]) -> Result<(Map<String, Value>, Vec<Value>), ApiError> {
         let turn = input_messages(&self.input_items, history)?;
         let mut messages = Vec::with_capacity(history.len() + turn.len() + 1);
@@ -691,9 +692,7 @@ impl ResponsesRequest {
             // The final event carries usage, so the pipeline must see it.
             body.insert("stream_options".into(), json!({"include_usage": true}));
         }
-        let mut conversation = history.to_vec();
-        conversation.extend(turn);
-        Ok((body, conversation))
+        Ok((body, turn))
     }
 }
 
@@ -795,20 +794,6 @@ impl ResponseBuilder {
         self.events.push((kind, event));
     }
 
-    /// The events emitted since the last call, in order.
-    pub fn take_events(&mut self) -> Vec<(&'static str, Value)> {
-        std::mem::take(&mut self.events)
-    }
-
-    /// `response.created` and `response.in_progress`.
-    pub fn start(&mut self) {
-        self.streaming = true;
-        let r = self.response("in_progress", None);
-        self.emit("response.created", || json!({"response": r}));
-        let r = self.response("in_progress", None);
-        self.emit("response.in_progress", || json!({"response": r}));
-    }
-
     fn close_open(&mut self) {
         if !self.streaming {
             for item in &mut self.items {
@@ -861,35 +846,6 @@ impl ResponseBuilder {
                 || json!({"output_index": k, "item": item}),
             );
         }
-    }
-
-    /// The answer ended normally: closes open items and emits `response.completed` (or
-    /// `response.incomplete` when the token limit or a content filter cut it short).
-    pub fn complete(&mut self) -> Value {
-        self.close_open();
-        let (status, details) = match self.finish.as_deref() {
-            Some("length") => ("incomplete", Some(json!({"reason": "max_output_tokens"}))),
-            Some("content_filter") => ("incomplete", Some(json!({"reason": "content_filter"}))),
-            _ => ("completed", None),
-        };
-        let r = self.response(status, details);
-        let kind = if status == "completed" {
-            "response.completed"
-        } else {
-            "response.incomplete"
-        };
-        if self.streaming {
-            self.emit(kind, || json!({"response": r.clone()}));
-        }
-        r
-    }
-
-    /// The answer broke off: emits `response.failed` with the error.
-    pub fn fail(&mut self, error: &ApiError) -> Value {
-        let mut r = self.response("failed", None);
-        r["error"] = json!({"code": error.code.clone().unwrap_or_else(|| "server_error".into()), "message": error.message});
-        self.emit("response.failed", || json!({"response": r.clone()}));
-        r
     }
 
     fn response(&self, status: &str, incomplete: Option<Value>) -> Value {
@@ -991,20 +947,46 @@ fn item_json(item: &OutputItem, status: &str) -> Value {
 }
 
 impl EventBuilder for ResponseBuilder {
+    /// `response.created` and `response.in_progress`.
     fn start(&mut self) {
-        ResponseBuilder::start(self)
+        self.streaming = true;
+        let r = self.response("in_progress", None);
+        self.emit("response.created", || json!({"response": r}));
+        let r = self.response("in_progress", None);
+        self.emit("response.in_progress", || json!({"response": r}));
     }
 
+    /// The answer ended normally: closes open items and emits `response.completed` (or
+    /// `response.incomplete` when the token limit or a content filter cut it short).
     fn complete(&mut self) -> Value {
-        ResponseBuilder::complete(self)
+        self.close_open();
+        let (status, details) = match self.finish.as_deref() {
+            Some("length") => ("incomplete", Some(json!({"reason": "max_output_tokens"}))),
+            Some("content_filter") => ("incomplete", Some(json!({"reason": "content_filter"}))),
+            _ => ("completed", None),
+        };
+        let r = self.response(status, details);
+        let kind = if status == "completed" {
+            "response.completed"
+        } else {
+            "response.incomplete"
+        };
+        if self.streaming {
+            self.emit(kind, || json!({"response": r.clone()}));
+        }
+        r
     }
 
+    /// The answer broke off: emits `response.failed` with the error.
     fn fail(&mut self, error: &ApiError) {
-        ResponseBuilder::fail(self, error);
+        let mut r = self.response("failed", None);
+        r["error"] = json!({"code": error.code.clone().unwrap_or_else(|| "server_error".into()), "message": error.message});
+        self.emit("response.failed", || json!({"response": r}));
     }
 
+    /// The events emitted since the last call, in order.
     fn take_events(&mut self) -> Vec<(&'static str, Value)> {
-        ResponseBuilder::take_events(self)
+        std::mem::take(&mut self.events)
     }
 }
 
@@ -1130,7 +1112,7 @@ mod tests {
                 {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
             "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}}}}))
         .unwrap();
-        let (body, conversation) = r.to_chat(&[]).unwrap();
+        let (body, turn) = r.to_chat(&[]).unwrap();
         let m = body["messages"].as_array().unwrap();
         assert_eq!(m[0], json!({"role": "system", "content": "be brief"}));
         assert_eq!(
@@ -1146,7 +1128,7 @@ mod tests {
         assert_eq!(body["tools"][0]["function"]["parameters"]["type"], "object");
         assert_eq!(body["response_format"]["json_schema"]["name"], "w");
         // Instructions are not part of what a continuation replays.
-        assert_eq!(conversation.len(), 3);
+        assert_eq!(turn.len(), 3);
         crate::wire::chat::validate_chat_request(&body).unwrap();
     }
 
@@ -1194,9 +1176,12 @@ mod tests {
             json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c9", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}),
         ];
         let r = req(json!({"model": "m", "input": [{"type": "function_call_output", "call_id": "c9", "output": "42"}]})).unwrap();
-        let (body, conversation) = r.to_chat(&history).unwrap();
+        let (body, turn) = r.to_chat(&history).unwrap();
         assert_eq!(body["messages"].as_array().unwrap().len(), 3);
-        assert_eq!(conversation.len(), 3);
+        assert_eq!(
+            turn,
+            vec![json!({"role": "tool", "tool_call_id": "c9", "content": "42"})]
+        );
     }
 
     /// The same answer, whole or chunked, builds the same output.
