@@ -349,18 +349,7 @@ async fn mock_chat(
 
 /// Legacy completions: the prompt echoed back, streamed as `text_completion` chunks on request.
 async fn mock_completion(State(state): State<Arc<MockState>>, Json(body): Json<Value>) -> Response {
-    let model = body["model"].as_str().unwrap_or("").to_string();
-    *state
-        .counts
-        .lock()
-        .unwrap()
-        .entry(model.clone())
-        .or_insert(0) += 1;
-    state
-        .requests
-        .lock()
-        .unwrap()
-        .push((HeaderMap::new(), body.clone()));
+    let model = state.record(HeaderMap::new(), &body);
     let prompt = body["prompt"].as_str().unwrap_or("").to_string();
     let object = |text: &str, finish: Option<&str>| {
         json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": model,
@@ -388,18 +377,7 @@ async fn mock_completion(State(state): State<Arc<MockState>>, Json(body): Json<V
 
 /// Embeddings: each input's vector is its length and three fixed numbers.
 async fn mock_embeddings(State(state): State<Arc<MockState>>, Json(body): Json<Value>) -> Response {
-    let model = body["model"].as_str().unwrap_or("").to_string();
-    *state
-        .counts
-        .lock()
-        .unwrap()
-        .entry(model.clone())
-        .or_insert(0) += 1;
-    state
-        .requests
-        .lock()
-        .unwrap()
-        .push((HeaderMap::new(), body.clone()));
+    let model = state.record(HeaderMap::new(), &body);
     let inputs: Vec<String> = match &body["input"] {
         Value::String(s) => vec![s.clone()],
         Value::Array(a) => a
