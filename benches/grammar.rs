@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use flywheel::engine::grammar::{CallState, ToolGrammar, Vocab};
+use flywheel::engine::grammar::{GrammarState, Grammar, Vocab};
 use serde_json::json;
 
 const ROUNDS: usize = 200;
@@ -49,9 +49,9 @@ fn main() {
         let mut allowed = 0;
         for _ in 0..ROUNDS {
             let t = Instant::now();
-            let g = ToolGrammar::new(&tools, Some(&json!("required")), true).unwrap();
+            let g = Grammar::for_tools(&tools, Some(&json!("required")), true).unwrap();
             compile.push(t.elapsed().as_secs_f64() * 1e6);
-            let mut s = CallState::new(&g);
+            let mut s = GrammarState::new(&g);
             s.advance(
                 &g,
                 b"<tool_call>{\"name\": \"f\", \"arguments\": {\"s\": \"12",

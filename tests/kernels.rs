@@ -1014,7 +1014,9 @@ fn the_engine_serves_from_the_device_forward_pass_as_it_does_from_the_cpu() {
                     },
                     events: tx,
                     adapter,
-                    tools: None,
+                    grammar: None,
+                    logprobs: None,
+                    n: 1,
                 })
                 .unwrap();
             streams.push(rx);
@@ -1024,7 +1026,7 @@ fn the_engine_serves_from_the_device_forward_pass_as_it_does_from_the_cpu() {
             .map(|mut rx| {
                 let mut events = Vec::new();
                 while let Some(e) = rx.blocking_recv() {
-                    let end = !matches!(e, GenEvent::Delta(_));
+                    let end = !matches!(e, GenEvent::Delta { .. });
                     events.push(e);
                     if end {
                         break;

@@ -28,10 +28,10 @@ use tokio::sync::mpsc;
 
 use crate::ops::device::Device as KernelDevice;
 use chat::ChatFormat;
-use grammar::{CallState, ToolGrammar, Vocab};
+use grammar::{Grammar, GrammarState, Vocab};
 use lora::{AdapterBits, AdapterRegistry, LoraAdapter, LoraError};
 use model::{KvCache, LlamaConfig, LlamaModel, ModelError, ModelSource, WeightFormat};
-use sampling::{Sampler, SamplingParams};
+use sampling::{Sampler, SamplingParams, TokenLogprob};
 use tokenizer::TokenizerInfo;
 
 /// How to load one local model.
@@ -126,11 +126,19 @@ impl FinishReason {
     }
 }
 
-/// What a generation reports, in order: text deltas, then exactly one `Done` or `Error`.
+/// What a generation reports: for each choice, text deltas then one `Done`; or, at any point,
+/// one `Error` that ends them all.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
-    Delta(String),
+    Delta {
+        choice: usize,
+        text: String,
+        /// The tokens this text came from, when logprobs were asked for (a token whose text is
+        /// held back, such as part of a character, comes with the delta that releases it).
+        logprobs: Vec<TokenLogprob>,
+    },
     Done {
+        choice: usize,
         finish_reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
@@ -151,8 +159,13 @@ pub struct GenerationRequest {
     /// The adapter this sequence runs with; held for its whole life, so an unload or reload never
     /// changes a generation that has started.
     pub adapter: Option<Arc<LoraAdapter>>,
-    /// The tool calls it may make, when they are to be constrained as they are written.
-    pub tools: Option<Arc<ToolGrammar>>,
+    /// What it may write (tool calls, a structured answer), when that is constrained.
+    pub grammar: Option<Arc<Grammar>>,
+    /// Report each token's log probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
+    /// Independent completions (choices) of the prompt, prefilled once and decoded side by side;
+    /// choice `i` samples with `seed + i`.
+    pub n: usize,
 }
 
 pub struct Engine {
@@ -169,6 +182,10 @@ pub struct Engine {
     pub chat: ChatFormat,
     /// Whether requests with tools get their calls constrained (`constrain_tool_calls`).
     pub constrain_tool_calls: bool,
+    /// Sequences decoded together: the most choices one request may ask for.
+    pub max_batch: usize,
+    /// The vocabulary as bytes (what logprobs report of each token).
+    pub vocab: Arc<Vocab>,
     queue: std_mpsc::Sender<GenerationRequest>,
     load: Arc<EngineLoad>,
     _thread: JoinHandle<()>,
@@ -289,6 +306,7 @@ impl Engine {
         let on_cpu = matches!(forward, Forward::Cpu(_));
         let sched_tok = tokenizer.clone();
         let vocab = Arc::new(Vocab::from_tokenizer(&tokenizer.tokenizer, &tokenizer.eos));
+        let engine_vocab = vocab.clone();
         let max_batch = cfg.max_batch.max(1);
         let prefix_budget = cfg.prefix_cache_mb.saturating_mul(1 << 20);
         let thread_name = format!("engine-{name}");
@@ -324,6 +342,8 @@ impl Engine {
             adapters: AdapterRegistry::new(cfg.max_adapters),
             chat,
             constrain_tool_calls: cfg.constrain_tool_calls,
+            max_batch,
+            vocab: engine_vocab,
             queue: tx,
             load,
             _thread: thread,
@@ -437,8 +457,11 @@ impl Forward {
     }
 }
 
+/// One choice of a request, decoding.
 struct Sequence {
-    request: GenerationRequest,
+    request: Arc<GenerationRequest>,
+    /// Which of the request's choices this is.
+    choice: usize,
     cache: SeqCache,
     /// Prompt tokens reused from the prefix cache.
     cached: usize,
@@ -447,8 +470,20 @@ struct Sequence {
     /// Bytes of decoded text already sent.
     sent: usize,
     last: u32,
-    /// Where its output stands in its tool-call grammar, when calls are constrained.
-    call: Option<CallState>,
+    /// Where its output stands in its grammar, when that is constrained.
+    grammar: Option<GrammarState>,
+    /// Logprobs of tokens whose text has not been sent yet.
+    pending: Vec<TokenLogprob>,
+}
+
+impl Sequence {
+    fn send_delta(&mut self, text: String) {
+        let _ = self.request.events.send(GenEvent::Delta {
+            choice: self.choice,
+            text,
+            logprobs: std::mem::take(&mut self.pending),
+        });
+    }
 }
 
 struct Scheduler {
@@ -457,6 +492,8 @@ struct Scheduler {
     vocab: Arc<Vocab>,
     max_batch: usize,
     active: Vec<Sequence>,
+    /// A request taken off the queue whose choices do not fit in the batch yet.
+    held: Option<GenerationRequest>,
     load: Arc<EngineLoad>,
     prefixes: prefix::PrefixCache,
 }
@@ -464,6 +501,11 @@ struct Scheduler {
 enum Step {
     Continue,
     Finished,
+}
+
+/// Choice `i`'s seed: the request's own for the first, so `n = 1` and the first of `n` agree.
+fn choice_seed(seed: Option<u64>, choice: usize) -> Option<u64> {
+    seed.map(|s| s.wrapping_add(choice as u64))
 }
 
 impl Scheduler {
@@ -481,6 +523,7 @@ impl Scheduler {
             vocab,
             max_batch,
             active: Vec::new(),
+            held: None,
             load,
             prefixes: prefix::PrefixCache::new(prefix_budget),
         }
@@ -490,25 +533,35 @@ impl Scheduler {
     fn take(&mut self, request: GenerationRequest) {
         self.load
             .active
-            .store(self.active.len() + 1, Ordering::Relaxed);
+            .store(self.active.len() + request.n.max(1), Ordering::Relaxed);
         self.load.pending.fetch_sub(1, Ordering::Relaxed);
         self.admit(request);
     }
 
     fn run(mut self, rx: std_mpsc::Receiver<GenerationRequest>) {
         loop {
-            if self.active.is_empty() {
+            if self.active.is_empty() && self.held.is_none() {
                 self.load.active.store(0, Ordering::Relaxed);
                 match rx.recv() {
-                    Ok(r) => self.take(r),
+                    Ok(r) => self.held = Some(r),
                     Err(_) => return,
                 }
             }
-            while self.active.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(r) => self.take(r),
-                    Err(_) => break,
+            // Admit while the batch has room for a request's every choice (an empty batch takes
+            // any request whole).
+            loop {
+                let next = match self.held.take() {
+                    Some(r) => r,
+                    None => match rx.try_recv() {
+                        Ok(r) => r,
+                        Err(_) => break,
+                    },
+                };
+                if !self.active.is_empty() && self.active.len() + next.n.max(1) > self.max_batch {
+                    self.held = Some(next);
+                    break;
                 }
+                self.take(next);
             }
             self.active.retain(|s| !s.request.events.is_closed());
             if !self.active.is_empty() {
@@ -518,7 +571,9 @@ impl Scheduler {
         }
     }
 
-    /// Prefills a new sequence and produces its first token.
+    /// Prefills a new request and produces each choice's first token. The prompt is prefilled
+    /// once; on the CPU its cache is copied for each further choice, on a device each choice
+    /// prefills its own.
     fn admit(&mut self, request: GenerationRequest) {
         if request.events.is_closed() {
             return;
@@ -529,53 +584,79 @@ impl Scheduler {
                 .send(GenEvent::Error("the prompt is empty".into()));
             return;
         }
+        let request = Arc::new(request);
         let adapter = request.adapter.clone();
+        let prompt = &request.prompt;
+        let mut first: Option<(SeqCache, usize, Vec<f32>)> = None;
+        for choice in 0..request.n.max(1) {
+            let (cache, cached, mut logits) = match &first {
+                Some((SeqCache::Cpu(c), cached, logits)) => {
+                    (SeqCache::Cpu(c.prefix(c.len())), *cached, logits.clone())
+                }
+                _ => match self.prefill(prompt, &adapter) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = request.events.send(GenEvent::Error(e));
+                        return;
+                    }
+                },
+            };
+            if first.is_none() && request.n > 1 {
+                if let SeqCache::Cpu(c) = &cache {
+                    first = Some((SeqCache::Cpu(c.prefix(c.len())), cached, logits.clone()));
+                }
+            }
+            let mut sampling = request.sampling.clone();
+            sampling.seed = choice_seed(sampling.seed, choice);
+            let mut seq = Sequence {
+                cache,
+                cached,
+                sampler: Sampler::new(sampling),
+                grammar: request.grammar.as_deref().map(GrammarState::new),
+                request: request.clone(),
+                choice,
+                generated: Vec::new(),
+                sent: 0,
+                last: 0,
+                pending: Vec::new(),
+            };
+            let tok = self.sample(&mut seq, &mut logits);
+            if let Step::Continue = self.accept(&mut seq, tok) {
+                self.active.push(seq);
+            }
+        }
+    }
+
+    /// Runs a prompt (what the prefix cache lacks of it): its cache, the tokens reused, and the
+    /// last token's logits.
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        adapter: &Option<Arc<LoraAdapter>>,
+    ) -> Result<(SeqCache, usize, Vec<f32>), String> {
         // Prefix caching keeps host-side caches: CPU models only.
         let reused = match self.model {
-            Forward::Cpu(_) => self.prefixes.lookup(&request.prompt, &adapter),
+            Forward::Cpu(_) => self.prefixes.lookup(prompt, adapter),
             Forward::Device(_) => None,
         };
-        let (cache, cached) = match reused {
+        let (mut cache, cached) = match reused {
             Some(c) => {
                 let n = c.len();
                 (SeqCache::Cpu(c), n)
             }
             None => (self.model.new_cache(), 0),
         };
-        let mut seq = Sequence {
-            cache,
-            cached,
-            sampler: Sampler::new(request.sampling.clone()),
-            call: request.tools.as_deref().map(CallState::new),
-            request,
-            generated: Vec::new(),
-            sent: 0,
-            last: 0,
-        };
-        let prompt = seq.request.prompt.clone();
-        match self.model.run(
-            &[&prompt[cached..]],
-            &mut [&mut seq.cache],
-            &[adapter.as_deref()],
-        ) {
-            Ok(mut rows) if !rows.is_empty() => {
-                if let SeqCache::Cpu(c) = &seq.cache {
-                    self.prefixes.insert(&prompt, &adapter, c);
-                }
-                let tok = self.sample(&mut seq, &mut rows[0]);
-                if let Step::Continue = self.accept(&mut seq, tok) {
-                    self.active.push(seq);
-                }
-            }
-            Ok(_) => {
-                let _ = seq.request.events.send(GenEvent::Error(
-                    "the forward pass returned no logits".into(),
-                ));
-            }
-            Err(e) => {
-                let _ = seq.request.events.send(GenEvent::Error(e.to_string()));
-            }
+        let mut rows = self
+            .model
+            .run(&[&prompt[cached..]], &mut [&mut cache], &[adapter.as_deref()])
+            .map_err(|e| e.to_string())?;
+        if rows.is_empty() {
+            return Err("the forward pass returned no logits".into());
         }
+        if let SeqCache::Cpu(c) = &cache {
+            self.prefixes.insert(prompt, adapter, c);
+        }
+        Ok((cache, cached, rows.swap_remove(0)))
     }
 
     /// One decode step for every active sequence, in one batched forward pass.
@@ -615,13 +696,20 @@ impl Scheduler {
         self.active = keep;
     }
 
-    /// Samples a sequence's next token from its logits, within its tool-call grammar.
+    /// Samples a sequence's next token from its logits, within its grammar; notes the token's
+    /// logprobs (over what the grammar allows) when they were asked for.
     fn sample(&self, seq: &mut Sequence, logits: &mut [f32]) -> u32 {
-        if let (Some(state), Some(g)) = (&seq.call, &seq.request.tools) {
+        let grammar = seq.request.grammar.as_deref();
+        if let (Some(state), Some(g)) = (&seq.grammar, grammar) {
             state.mask(g, &self.vocab, logits);
         }
         let tok = seq.sampler.sample(logits);
-        if let (Some(state), Some(g)) = (&mut seq.call, &seq.request.tools) {
+        if let Some(top) = seq.request.logprobs {
+            let t = seq.request.sampling.temperature;
+            seq.pending
+                .push(sampling::logprobs(logits, t, tok, top));
+        }
+        if let (Some(state), Some(g)) = (&mut seq.grammar, grammar) {
             state.advance(g, self.vocab.bytes(tok));
         }
         tok
@@ -631,6 +719,7 @@ impl Scheduler {
     fn accept(&self, seq: &mut Sequence, tok: u32) -> Step {
         let done = |seq: &Sequence, reason: FinishReason| {
             let _ = seq.request.events.send(GenEvent::Done {
+                choice: seq.choice,
                 finish_reason: reason,
                 prompt_tokens: seq.request.prompt.len(),
                 completion_tokens: seq.generated.len(),
@@ -639,6 +728,8 @@ impl Scheduler {
             Step::Finished
         };
         if self.tokenizer.eos.contains(&tok) {
+            // The end of the turn is not part of the answer, nor are its logprobs.
+            seq.pending.pop();
             self.flush(seq, None);
             return done(seq, FinishReason::Stop);
         }
@@ -675,11 +766,9 @@ impl Scheduler {
             }
         }
         if safe > seq.sent && text.is_char_boundary(safe) && text.is_char_boundary(seq.sent) {
-            let _ = seq
-                .request
-                .events
-                .send(GenEvent::Delta(text[seq.sent..safe].to_string()));
+            let delta = text[seq.sent..safe].to_string();
             seq.sent = safe;
+            seq.send_delta(delta);
         }
         if seq.generated.len() >= seq.request.max_tokens
             || seq.cache.len() + 1 >= self.model.cfg().context_length
@@ -690,7 +779,7 @@ impl Scheduler {
         Step::Continue
     }
 
-    /// Sends whatever decoded text is still held back.
+    /// Sends whatever decoded text (and logprobs) is still held back.
     fn flush(&self, seq: &mut Sequence, text: Option<String>) {
         let text = match text {
             Some(t) => t,
@@ -704,12 +793,15 @@ impl Scheduler {
     }
 
     fn flush_text(&self, seq: &mut Sequence, text: &str) {
-        if text.len() > seq.sent && text.is_char_boundary(seq.sent) {
-            let _ = seq
-                .request
-                .events
-                .send(GenEvent::Delta(text[seq.sent..].to_string()));
-            seq.sent = text.len();
+        let grown = text.len() > seq.sent && text.is_char_boundary(seq.sent);
+        if grown || !seq.pending.is_empty() {
+            let delta = if grown {
+                text[seq.sent..].to_string()
+            } else {
+                String::new()
+            };
+            seq.sent = seq.sent.max(text.len());
+            seq.send_delta(delta);
         }
     }
 }

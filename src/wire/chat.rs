@@ -133,6 +133,7 @@ pub fn validate_chat_request(body: &Map<String, Value>) -> Result<ChatRequestInf
     optional_int(body, "max_completion_tokens", 1, i64::MAX)?;
     optional_int(body, "seed", i64::MIN, i64::MAX)?;
     let n = optional_int(body, "n", 1, 128)?.unwrap_or(1) as u64;
+    validate_logprobs(body)?;
     validate_stop(body.get("stop"))?;
     validate_response_format(body.get("response_format"))?;
     let (stream, include_usage) = stream_flags(body)?;
@@ -554,6 +555,18 @@ fn validate_tool_choice(choice: Option<&Value>, tools: &[String]) -> Result<(), 
     }
 }
 
+/// `logprobs` is a boolean; `top_logprobs` (0-20) comes only with `logprobs: true`.
+fn validate_logprobs(body: &Map<String, Value>) -> Result<(), ApiError> {
+    let on = optional_bool(body, "logprobs")?;
+    if optional_int(body, "top_logprobs", 0, 20)?.is_some() && on != Some(true) {
+        return Err(ApiError::invalid_param(
+            "top_logprobs",
+            "'top_logprobs' needs 'logprobs': true.",
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn validate_stop(stop: Option<&Value>) -> Result<(), ApiError> {
     match stop {
         None | Some(Value::Null) | Some(Value::String(_)) => Ok(()),
@@ -661,6 +674,9 @@ mod tests {
             (with("temperature", json!("hot")), "temperature"),
             (with("temperature", json!(3)), "temperature"),
             (with("n", json!(0)), "n"),
+            (with("top_logprobs", json!(3)), "top_logprobs"),
+            (with("top_logprobs", json!(21)), "top_logprobs"),
+            (with("logprobs", json!("yes")), "logprobs"),
             (with("max_tokens", json!(1.5)), "max_tokens"),
             (with("stop", json!(["a", "b", "c", "d", "e"])), "stop"),
             (with("stream", json!("yes")), "stream"),

@@ -1,32 +1,43 @@
-//! Constrained decoding of tool calls. While a local model writes a `<tool_call>` block, only the
-//! tokens that keep the block a well-formed call survive sampling: `{"name": <one of the request's
-//! tools>, "arguments": <JSON valid against that tool's parameter schema>}`, then
-//! `</tool_call>`. Before its first block the model writes freely (it may answer in text, or open a
-//! call); with `tool_choice` `required` or a named function the answer must open with a call. After
-//! a call only another call (unless `parallel_tool_calls` is false or the choice names a function)
-//! or the end of the turn may follow.
+//! Constrained decoding: what a local model writes is kept, token by token, inside a grammar
+//! compiled from the request (`Grammar`, in `schema`).
 //!
-//! The grammar is a pushdown automaton over bytes (`CallState`), compiled from the tools' JSON
-//! schemas (`ToolGrammar`). A token is allowed when all of its bytes pass the automaton from the
-//! current state: the vocabulary is kept as a byte trie (`Vocab`), walked depth-first with the
-//! automaton so a whole subtree is dropped at its first bad byte; inside a free string, where almost
-//! every token fits, tokens without quote, backslash or control bytes are allowed wholesale.
+//! Tool calls: while the model writes a `<tool_call>` block, only the tokens that keep the block
+//! a well-formed call survive sampling: `{"name": <one of the request's tools>, "arguments": <JSON
+//! valid against that tool's parameter schema>}`, then `</tool_call>`. Before its first block the
+//! model writes freely (it may answer in text, or open a call); with `tool_choice` `required` or a
+//! named function the answer must open with a call. After a call only another call (unless
+//! `parallel_tool_calls` is false or the choice names a function) or the end of the turn may
+//! follow.
+//!
+//! Structured answers (`response_format` `json_object` or `json_schema`): the answer is one JSON
+//! value of the format's schema, and the turn cannot end before the value is whole. With tools
+//! too, the answer is either calls or that value.
+//!
+//! The grammar is a pushdown automaton over bytes (`GrammarState`). A token is allowed when all of
+//! its bytes pass the automaton from the current state: the vocabulary is kept as a byte trie
+//! (`Vocab`), walked depth-first with the automaton so a whole subtree is dropped at its first bad
+//! byte; inside a free string, where almost every token fits, tokens without quote, backslash or
+//! control bytes are allowed wholesale.
 //!
 //! Schema support: `type` (one or a list), `properties` (objects are closed to the declared
-//! properties, so a model cannot invent parameters), `required`, `items`, `minItems`/`maxItems`,
+//! properties, so a model cannot invent keys), `required`, `additionalProperties` (a schema for the
+//! values of an object without `properties`), `items`, `minItems`/`maxItems`,
 //! `minLength`/`maxLength` (in characters), `pattern` (a DFA over the string's decoded text; see
-//! `Pattern`), `minimum`/`maximum` and their exclusive forms on integers, `enum`, `const`,
-//! `anyOf`/`oneOf` (chosen by the value's first byte). Strings are well-formed UTF-8. Keywords
-//! outside that set (`format`, bounds on non-integer numbers, `$ref`, `allOf`), and patterns the
-//! regex engine does not take (look-around, back-references), are not enforced: such a value is
-//! still valid JSON of the right type (or any JSON where the type is not known). Under a pattern a
-//! string takes no `\u` escapes.
+//! `Pattern`), `format` (date, time, date-time, uuid, email, ipv4, as patterns),
+//! `minimum`/`maximum` and their exclusive forms (numbers with bounds are written without an
+//! exponent), `enum` and `const` of any JSON values, `anyOf`/`oneOf` (chosen by the value's first
+//! byte), a single-schema `allOf`, and local `$ref`s (`$defs`, `definitions`, recursion included).
+//! Strings are well-formed UTF-8; under a pattern a string takes no `\u` escapes. What is outside
+//! that set is refused for an answer's format and left free for tool arguments (see `schema`).
 
-use regex_automata::dfa::{dense, Automaton};
+mod schema;
+mod vocab;
+
 use regex_automata::util::primitives::StateID;
-use regex_automata::util::start;
-use regex_automata::{Anchored, MatchKind};
-use serde_json::Value;
+
+use schema::{Bounds, LitId, Schema, SchemaId};
+pub use schema::{AnswerFormat, Grammar, SchemaError, ToolSpec};
+pub use vocab::Vocab;
 
 const OPEN: &[u8] = b"<tool_call>";
 const CLOSE: &[u8] = b"</tool_call>";
@@ -43,401 +54,6 @@ const MAX_EXP_DIGITS: u8 = 2;
 /// Alternatives in one literal set (an enum, the tool names, an object's keys).
 const MAX_LITERALS: usize = 64;
 
-type SchemaId = u32;
-type LitId = u32;
-
-enum Schema {
-    Any,
-    /// Closed to its declared keys (`keys`, serialized with quotes), each with its value schema.
-    Object {
-        keys: LitId,
-        values: Vec<SchemaId>,
-        required: u64,
-    },
-    /// Any keys, any values.
-    OpenObject,
-    Array {
-        items: SchemaId,
-        min: u32,
-        max: u32,
-    },
-    /// Between `min` and `max` characters (Unicode code points, as JSON Schema counts them),
-    /// matching `pattern` (an index into `ToolGrammar::patterns`) if there is one.
-    String {
-        min: u32,
-        max: u32,
-        pattern: Option<u32>,
-    },
-    /// A number; an integer may be bounded to `lo..=hi`.
-    Number {
-        integer: bool,
-        lo: i64,
-        hi: i64,
-    },
-    /// One of these serialized values, byte for byte.
-    Literals(LitId),
-    /// The first alternative that can start with the value's first byte.
-    Union(Vec<SchemaId>),
-}
-
-/// The tool calls a request may make, compiled once per request.
-pub struct ToolGrammar {
-    schemas: Vec<Schema>,
-    lits: Vec<Vec<Vec<u8>>>,
-    /// The tool names (serialized), and each one's arguments schema.
-    names: LitId,
-    args: Vec<SchemaId>,
-    /// The answer must open with a call (`tool_choice` required or named).
-    forced: bool,
-    /// More than one call may be made (`parallel_tool_calls`, not a named choice).
-    parallel: bool,
-    any: SchemaId,
-    any_word: LitId,
-    name_key: LitId,
-    args_key: LitId,
-    open: LitId,
-    close: LitId,
-    /// Compiled `pattern`s: each matches a whole string that contains a match of its pattern.
-    patterns: Vec<Pattern>,
-}
-
-/// A string schema's `pattern` as a DFA over the string's decoded bytes. A pattern that no string
-/// within the schema's length bounds matches can leave a string with no way on; `mask` then
-/// leaves the model free rather than pick from nothing, and the parser reports what it wrote.
-struct Pattern {
-    dfa: dense::DFA<Vec<u32>>,
-    start: StateID,
-}
-
-/// `pattern` with ECMA-262's ASCII meanings of `\d`, `\D`, `\w` and `\W` spelled out (the regex
-/// engine's are Unicode-wide: a model could write digits a JSON Schema validator refuses).
-fn ecma_classes(pattern: &str) -> String {
-    let mut out = String::with_capacity(pattern.len());
-    let mut chars = pattern.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('d') => out.push_str("[0-9]"),
-            Some('D') => out.push_str("[^0-9]"),
-            Some('w') => out.push_str("[0-9A-Za-z_]"),
-            Some('W') => out.push_str("[^0-9A-Za-z_]"),
-            Some(other) => {
-                out.push('\\');
-                out.push(other);
-            }
-            None => out.push('\\'),
-        }
-    }
-    out
-}
-
-/// Bounds on building one pattern's DFA (bytes): past them the pattern is not enforced.
-const PATTERN_LIMIT: usize = 1 << 20;
-
-impl Pattern {
-    /// `None` when the pattern is not one the regex engine takes (look-around, back-references)
-    /// or its automaton is too large: it is then not enforced.
-    fn new(pattern: &str) -> Option<Self> {
-        // JSON Schema patterns are not anchored: the string must contain a match. The DFA runs
-        // over the whole string, anchored at both ends.
-        let whole = format!(r"^(?s:.*?)(?:{})(?s:.*)$", ecma_classes(pattern));
-        let dfa = dense::Builder::new()
-            .configure(
-                dense::Config::new()
-                    .match_kind(MatchKind::All)
-                    .minimize(true)
-                    .start_kind(regex_automata::dfa::StartKind::Anchored)
-                    .dfa_size_limit(Some(PATTERN_LIMIT))
-                    .determinize_size_limit(Some(PATTERN_LIMIT)),
-            )
-            .build(&whole)
-            .ok()?;
-        let start = dfa
-            .start_state(&start::Config::new().anchored(Anchored::Yes))
-            .ok()?;
-        Some(Self { dfa, start })
-    }
-
-    /// The state after `bytes` from `at`, or `None` once no string going on this way can match.
-    fn step(&self, mut at: StateID, bytes: &[u8]) -> Option<StateID> {
-        for &b in bytes {
-            at = self.dfa.next_state(at, b);
-            if self.dfa.is_dead_state(at) || self.dfa.is_quit_state(at) {
-                return None;
-            }
-        }
-        Some(at)
-    }
-
-    /// Whether a string that ends at `at` matches.
-    fn accepts(&self, at: StateID) -> bool {
-        self.dfa.is_match_state(self.dfa.next_eoi_state(at))
-    }
-}
-
-impl ToolGrammar {
-    /// The grammar for `tools` (OpenAI function tools) under `tool_choice`, with several calls
-    /// in one answer when `parallel` (OpenAI's `parallel_tool_calls`; a named choice makes one
-    /// call); `None` when no call can be made (no tools, `none`) or there are more than 64 tools.
-    pub fn new(tools: &[Value], tool_choice: Option<&Value>, parallel: bool) -> Option<Self> {
-        let named = tool_choice
-            .and_then(|c| c.pointer("/function/name"))
-            .and_then(Value::as_str);
-        let forced = named.is_some() || tool_choice.and_then(Value::as_str) == Some("required");
-        if tool_choice.and_then(Value::as_str) == Some("none") {
-            return None;
-        }
-        let mut g = ToolGrammar {
-            schemas: Vec::new(),
-            lits: Vec::new(),
-            names: 0,
-            args: Vec::new(),
-            forced,
-            parallel: parallel && named.is_none(),
-            any: 0,
-            any_word: 0,
-            name_key: 0,
-            args_key: 0,
-            open: 0,
-            close: 0,
-            patterns: Vec::new(),
-        };
-        g.any = g.push(Schema::Any);
-        g.any_word = g.lit(vec![b"true".to_vec(), b"false".to_vec(), b"null".to_vec()]);
-        g.name_key = g.lit(vec![b"\"name\"".to_vec()]);
-        g.args_key = g.lit(vec![b"\"arguments\"".to_vec()]);
-        g.open = g.lit(vec![OPEN.to_vec()]);
-        g.close = g.lit(vec![CLOSE.to_vec()]);
-        let mut names = Vec::new();
-        for t in tools {
-            let f = t.get("function").unwrap_or(t);
-            let Some(name) = f.get("name").and_then(Value::as_str) else {
-                continue;
-            };
-            if named.is_some_and(|n| n != name) {
-                continue;
-            }
-            let params = f.get("parameters").cloned().unwrap_or(Value::Null);
-            let schema = match params {
-                Value::Object(_) => g.compile(&params, 0),
-                _ => g.push(Schema::OpenObject),
-            };
-            names.push(serialized(&Value::String(name.to_string())));
-            g.args.push(schema);
-        }
-        if names.is_empty() || names.len() > MAX_LITERALS {
-            return None;
-        }
-        g.names = g.lit(names);
-        Some(g)
-    }
-
-    /// A string frame's pattern and automaton state, with the compiled pattern.
-    fn pattern_at(&self, at: Option<(u32, StateID)>) -> Option<(&Pattern, StateID)> {
-        at.and_then(|(p, state)| Some((self.patterns.get(p as usize)?, state)))
-    }
-
-    fn push(&mut self, s: Schema) -> SchemaId {
-        self.schemas.push(s);
-        (self.schemas.len() - 1) as SchemaId
-    }
-
-    fn lit(&mut self, l: Vec<Vec<u8>>) -> LitId {
-        self.lits.push(l);
-        (self.lits.len() - 1) as LitId
-    }
-
-    fn compile(&mut self, v: &Value, depth: usize) -> SchemaId {
-        if depth > MAX_DEPTH || !v.is_object() {
-            return self.any;
-        }
-        if let Some(values) = v.get("enum").and_then(Value::as_array) {
-            if !values.is_empty() && values.len() <= MAX_LITERALS {
-                let l = self.lit(values.iter().map(serialized).collect());
-                return self.push(Schema::Literals(l));
-            }
-        }
-        if let Some(c) = v.get("const") {
-            let l = self.lit(vec![serialized(c)]);
-            return self.push(Schema::Literals(l));
-        }
-        for key in ["anyOf", "oneOf"] {
-            if let Some(alts) = v.get(key).and_then(Value::as_array) {
-                let ids = alts.iter().map(|a| self.compile(a, depth + 1)).collect();
-                return self.push(Schema::Union(ids));
-            }
-        }
-        match v.get("type") {
-            Some(Value::String(t)) => self.compile_typed(v, t, depth),
-            Some(Value::Array(ts)) => {
-                let ids = ts
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .map(|t| self.compile_typed(v, t, depth))
-                    .collect();
-                self.push(Schema::Union(ids))
-            }
-            _ if v.get("properties").is_some() => self.compile_typed(v, "object", depth),
-            _ if v.get("items").is_some() => self.compile_typed(v, "array", depth),
-            _ => self.any,
-        }
-    }
-
-    fn compile_typed(&mut self, v: &Value, t: &str, depth: usize) -> SchemaId {
-        match t {
-            "object" => {
-                let props = v.get("properties").and_then(Value::as_object);
-                let closed = v.get("additionalProperties") == Some(&Value::Bool(false));
-                match props {
-                    Some(p) if !p.is_empty() && p.len() <= MAX_LITERALS => {
-                        let names: Vec<&String> = p.keys().collect();
-                        let required = v
-                            .get("required")
-                            .and_then(Value::as_array)
-                            .into_iter()
-                            .flatten()
-                            .filter_map(Value::as_str)
-                            .filter_map(|r| names.iter().position(|n| *n == r))
-                            .fold(0u64, |m, i| m | 1 << i);
-                        let keys = self.lit(
-                            names
-                                .iter()
-                                .map(|n| serialized(&Value::String((*n).clone())))
-                                .collect(),
-                        );
-                        let values = p.values().map(|s| self.compile(s, depth + 1)).collect();
-                        self.push(Schema::Object {
-                            keys,
-                            values,
-                            required,
-                        })
-                    }
-                    // `{}` only.
-                    None if closed => {
-                        let keys = self.lit(Vec::new());
-                        self.push(Schema::Object {
-                            keys,
-                            values: Vec::new(),
-                            required: 0,
-                        })
-                    }
-                    _ => self.push(Schema::OpenObject),
-                }
-            }
-            "array" => {
-                let items = match v.get("items") {
-                    Some(i) => self.compile(i, depth + 1),
-                    None => self.any,
-                };
-                let bound = |k: &str| v.get(k).and_then(Value::as_u64).map(|n| n as u32);
-                let (min, max) = (
-                    bound("minItems").unwrap_or(0),
-                    bound("maxItems").unwrap_or(u32::MAX),
-                );
-                if min > max {
-                    return self.any;
-                }
-                self.push(Schema::Array { items, min, max })
-            }
-            "string" => {
-                let bound = |k: &str| {
-                    v.get(k)
-                        .and_then(Value::as_u64)
-                        .map(|n| n.min(u64::from(u32::MAX)) as u32)
-                };
-                let (min, max) = (
-                    bound("minLength").unwrap_or(0),
-                    bound("maxLength").unwrap_or(u32::MAX),
-                );
-                if min > max {
-                    return self.any;
-                }
-                let pattern = v
-                    .get("pattern")
-                    .and_then(Value::as_str)
-                    .and_then(Pattern::new)
-                    .map(|p| {
-                        self.patterns.push(p);
-                        (self.patterns.len() - 1) as u32
-                    });
-                self.push(Schema::String { min, max, pattern })
-            }
-            "number" => self.push(Schema::Number {
-                integer: false,
-                lo: i64::MIN,
-                hi: i64::MAX,
-            }),
-            "integer" => {
-                // Bounds as JSON Schema writes them, rounded inwards to integers. Exclusive ones
-                // are numbers from draft 6 on, flags on `minimum`/`maximum` in draft 4.
-                let num = |k: &str| v.get(k).and_then(Value::as_f64);
-                let flag = |k: &str| v.get(k) == Some(&Value::Bool(true));
-                let (min, max) = (num("minimum"), num("maximum"));
-                let lo = [
-                    min.filter(|_| !flag("exclusiveMinimum")),
-                    min.filter(|_| flag("exclusiveMinimum"))
-                        .map(|x| x.floor() + 1.0),
-                    num("exclusiveMinimum").map(|x| x.floor() + 1.0),
-                ]
-                .into_iter()
-                .flatten()
-                .map(f64::ceil)
-                .fold(i64::MIN as f64, f64::max);
-                let hi = [
-                    max.filter(|_| !flag("exclusiveMaximum")),
-                    max.filter(|_| flag("exclusiveMaximum"))
-                        .map(|x| x.ceil() - 1.0),
-                    num("exclusiveMaximum").map(|x| x.ceil() - 1.0),
-                ]
-                .into_iter()
-                .flatten()
-                .map(f64::floor)
-                .fold(i64::MAX as f64, f64::min);
-                if lo > hi {
-                    return self.any;
-                }
-                // `as` saturates: bounds beyond i64 are no bound.
-                self.push(Schema::Number {
-                    integer: true,
-                    lo: lo as i64,
-                    hi: hi as i64,
-                })
-            }
-            "boolean" => {
-                let l = self.lit(vec![b"true".to_vec(), b"false".to_vec()]);
-                self.push(Schema::Literals(l))
-            }
-            "null" => {
-                let l = self.lit(vec![b"null".to_vec()]);
-                self.push(Schema::Literals(l))
-            }
-            _ => self.any,
-        }
-    }
-
-    /// Whether a value of schema `id` can begin with byte `b`.
-    fn starts(&self, id: SchemaId, b: u8) -> bool {
-        match &self.schemas[id as usize] {
-            Schema::Any => matches!(
-                b,
-                b'{' | b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n'
-            ),
-            Schema::Object { .. } | Schema::OpenObject => b == b'{',
-            Schema::Array { .. } => b == b'[',
-            Schema::String { .. } => b == b'"',
-            Schema::Number { .. } => b == b'-' || b.is_ascii_digit(),
-            Schema::Literals(l) => self.lits[*l as usize].iter().any(|c| c.first() == Some(&b)),
-            Schema::Union(alts) => alts.iter().any(|a| self.starts(*a, b)),
-        }
-    }
-}
-
-fn serialized(v: &Value) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum ObjStage {
@@ -486,8 +102,10 @@ enum Frame {
         key: u8,
         stage: ObjStage,
     },
+    /// An object of any keys, each value of schema `values`.
     AnyObj {
         stage: ObjStage,
+        values: SchemaId,
     },
     Arr {
         items: SchemaId,
@@ -522,8 +140,12 @@ enum Frame {
         /// An integer's sign and the magnitude of its digits so far.
         neg: bool,
         mag: i64,
-        /// Where an integer's bounds are (`Schema::Number`), or `None` for no bounds.
+        /// Where the number's bounds are (`Schema::Number` for an integer, `Schema::Decimal`),
+        /// or `None` for no bounds.
         bounds: Option<SchemaId>,
+        /// A bounded decimal's fraction so far, and the place value of its next digit.
+        frac: f64,
+        place: f64,
     },
     /// Matching one of a literal set: `alive` marks the candidates still matching `pos` bytes.
     Lit {
@@ -538,6 +160,11 @@ enum Frame {
     },
     /// The block around it: (forced) `<tool_call>`, the call, `</tool_call>`.
     Block {
+        stage: u8,
+    },
+    /// A structured answer: before it (where a tool call's block may open instead), inside it
+    /// (`1`), and after it (`2`), where only whitespace and the end of the turn may come.
+    Root {
         stage: u8,
     },
 }
@@ -571,7 +198,7 @@ enum Mode {
 
 /// One sequence's place in the grammar.
 #[derive(Clone, Debug)]
-pub struct CallState {
+pub struct GrammarState {
     mode: Mode,
     frames: Vec<Frame>,
     ws: u8,
@@ -581,7 +208,7 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\n' | b'\t' | b'\r')
 }
 
-fn lit_frame(g: &ToolGrammar, lit: LitId) -> Frame {
+fn lit_frame(g: &Grammar, lit: LitId) -> Frame {
     let n = g.lits[lit as usize].len().min(MAX_LITERALS);
     Frame::Lit {
         lit,
@@ -591,7 +218,7 @@ fn lit_frame(g: &ToolGrammar, lit: LitId) -> Frame {
 }
 
 /// A string's frame after its opening quote.
-fn string(g: &ToolGrammar, min: u32, max: u32, pattern: Option<u32>) -> Frame {
+fn string(g: &Grammar, min: u32, max: u32, pattern: Option<u32>) -> Frame {
     Frame::Str {
         esc: 0,
         close: 0,
@@ -642,6 +269,8 @@ fn number(integer: bool, bounds: Option<SchemaId>) -> Frame {
         neg: false,
         mag: 0,
         bounds,
+        frac: 0.0,
+        place: 0.1,
     }
 }
 
@@ -661,24 +290,61 @@ fn integer_can_reach(neg: bool, mag: i64, more: u8, lo: i64, hi: i64) -> bool {
     false
 }
 
+/// Whether a bounded decimal, now at `stage` with integer part `mag` (`digits` of it written, or
+/// of the fraction) and fraction `frac` (the next digit worth `place`), can still end in bounds.
+/// Each stage leaves a range of magnitudes reachable; the sign flips the bounds instead.
+fn decimal_can_reach(
+    d: Bounds,
+    stage: NumStage,
+    neg: bool,
+    mag: i64,
+    digits: u8,
+    frac: f64,
+    place: f64,
+) -> bool {
+    let d = if neg { d.negated() } else { d };
+    let m = mag as f64;
+    match stage {
+        NumStage::Minus => d.meets(0.0, f64::INFINITY, false),
+        NumStage::Zero => d.meets(0.0, 1.0, false),
+        // More digits may follow, each multiplying the integer part by ten.
+        NumStage::Int => (0..=MAX_INT_DIGITS.saturating_sub(digits)).any(|j| {
+            let scale = 10f64.powi(i32::from(j));
+            d.meets(m * scale, (m + 1.0) * scale, false)
+        }),
+        NumStage::Dot => d.meets(m, m + 1.0, false),
+        NumStage::Frac => d.meets(m + frac, m + frac + place * 10.0, false),
+        _ => false,
+    }
+}
+
 /// The frame a value of schema `id` starting with byte `b` becomes.
-fn value_start(g: &ToolGrammar, id: SchemaId, b: u8) -> Act {
+fn value_start(g: &Grammar, id: SchemaId, b: u8) -> Act {
     let schema = &g.schemas[id as usize];
     match (schema, b) {
         (Schema::Union(alts), _) => match alts.iter().find(|a| g.starts(**a, b)) {
             Some(a) => Act::Replace(Frame::Value(*a), true),
             None => Act::Reject,
         },
-        (Schema::Any | Schema::OpenObject, b'{') => Act::Replace(
+        (&Schema::Ref(t), _) => Act::Replace(Frame::Value(t), true),
+        (Schema::Any, b'{') => Act::Replace(
             Frame::AnyObj {
                 stage: ObjStage::Open,
+                values: g.any,
             },
             false,
         ),
-        (Schema::Object { .. }, b'{') => Act::Replace(
+        (&Schema::Map(values), b'{') => Act::Replace(
+            Frame::AnyObj {
+                stage: ObjStage::Open,
+                values,
+            },
+            false,
+        ),
+        (&Schema::Object { blocked, .. }, b'{') => Act::Replace(
             Frame::Obj {
                 schema: id,
-                seen: 0,
+                seen: blocked,
                 key: 0,
                 stage: ObjStage::Open,
             },
@@ -712,44 +378,60 @@ fn value_start(g: &ToolGrammar, id: SchemaId, b: u8) -> Act {
         (&Schema::Number { integer, .. }, b'-' | b'0'..=b'9') => {
             Act::Replace(number(integer, integer.then_some(id)), true)
         }
+        (Schema::Decimal(_), b'-' | b'0'..=b'9') => Act::Replace(number(false, Some(id)), true),
         (Schema::Any, b't' | b'f' | b'n') => Act::Replace(lit_frame(g, g.any_word), true),
         (&Schema::Literals(l), _) => Act::Replace(lit_frame(g, l), true),
         _ => Act::Reject,
     }
 }
 
-impl CallState {
-    pub fn new(g: &ToolGrammar) -> Self {
-        if g.forced {
-            CallState {
-                mode: Mode::Call,
-                frames: vec![Frame::Block { stage: 0 }],
-                ws: 0,
-            }
+impl GrammarState {
+    pub fn new(g: &Grammar) -> Self {
+        let first = if g.forced {
+            Frame::Block { stage: 0 }
+        } else if g.format.is_some() {
+            Frame::Root { stage: 0 }
         } else {
-            Self::free()
+            return Self::free();
+        };
+        GrammarState {
+            mode: Mode::Call,
+            frames: vec![first],
+            ws: 0,
         }
     }
 
     fn free() -> Self {
-        CallState {
+        GrammarState {
             mode: Mode::Free { tail: 0 },
             frames: Vec::new(),
             ws: 0,
         }
     }
 
-    /// Constrained: inside a call block (where the turn cannot end), or after one (where only
-    /// another call, if several are allowed, or the end of the turn may follow).
+    /// Constrained: inside a call block or a structured answer (where the turn cannot end), or
+    /// after one (where only another call, if several are allowed, or the end of the turn may
+    /// follow).
     pub fn constrained(&self) -> bool {
         !matches!(self.mode, Mode::Free { .. })
     }
 
-    /// Between calls, before anything of the next: where the turn may end.
-    fn may_end(&self) -> bool {
+    /// Between calls, before anything of the next, or after a whole structured answer: where the
+    /// turn may end.
+    fn may_end(&self, g: &Grammar) -> bool {
         match self.mode {
             Mode::Between => matches!(self.frames[..], [Frame::Block { stage: 0 }]),
             Mode::Ended => true,
+            Mode::Call => match self.frames[..] {
+                [Frame::Root { stage: 2 }] => true,
+                // A number (or a literal that another one extends) ends at the next byte: the
+                // value may end here if a space would end it.
+                [Frame::Root { stage: 1 }, .., Frame::Num { .. } | Frame::Lit { .. }] => {
+                    let mut s = self.clone();
+                    s.feed(g, b' ') && matches!(s.frames[..], [Frame::Root { stage: 2 }])
+                }
+                _ => false,
+            },
             _ => false,
         }
     }
@@ -757,7 +439,7 @@ impl CallState {
     /// Takes the bytes of a sampled token. Bytes the grammar refuses (possible only for text
     /// written before the constraint began, such as the rest of the token that opened a block)
     /// end the constraint for this block; the parser then reports what the model wrote.
-    pub fn advance(&mut self, g: &ToolGrammar, bytes: &[u8]) {
+    pub fn advance(&mut self, g: &Grammar, bytes: &[u8]) {
         for &b in bytes {
             if !self.feed(g, b) {
                 *self = Self::free();
@@ -767,7 +449,7 @@ impl CallState {
 
     /// Passes one byte through the automaton; `false` if the grammar refuses it (the state is
     /// then unspecified: callers feed clones).
-    fn feed(&mut self, g: &ToolGrammar, b: u8) -> bool {
+    fn feed(&mut self, g: &Grammar, b: u8) -> bool {
         if let Mode::Free { tail } = self.mode {
             let tail = if OPEN[tail as usize] == b {
                 tail + 1
@@ -859,7 +541,7 @@ impl CallState {
                     *stage = ObjStage::After;
                 }
             }
-            Frame::AnyObj { stage } => {
+            Frame::AnyObj { stage, .. } => {
                 *stage = if *stage == ObjStage::Key {
                     ObjStage::Colon
                 } else {
@@ -882,11 +564,12 @@ impl CallState {
                     self.frames.pop();
                 }
             }
+            Frame::Root { stage } => *stage = 2,
             Frame::Value(_) | Frame::Str { .. } | Frame::Num { .. } | Frame::Lit { .. } => {}
         }
     }
 
-    fn step(&mut self, g: &ToolGrammar, top: Frame, b: u8) -> Act {
+    fn step(&mut self, g: &Grammar, top: Frame, b: u8) -> Act {
         let ws = is_ws(b);
         match top {
             Frame::Value(id) => {
@@ -906,6 +589,7 @@ impl CallState {
                     keys,
                     values,
                     required,
+                    ..
                 } = &g.schemas[schema as usize]
                 else {
                     return Act::Reject;
@@ -947,8 +631,8 @@ impl CallState {
                     _ => Act::Reject,
                 }
             }
-            Frame::AnyObj { stage } => {
-                let with = |stage| Frame::AnyObj { stage };
+            Frame::AnyObj { stage, values } => {
+                let with = |stage| Frame::AnyObj { stage, values };
                 match (stage, b) {
                     (ObjStage::Open | ObjStage::After, b'}') => Act::Done(0, true),
                     (ObjStage::Open | ObjStage::Comma, b'"') => {
@@ -957,7 +641,7 @@ impl CallState {
                     }
                     (ObjStage::Colon, b':') => {
                         self.set_top(with(ObjStage::Value));
-                        Act::Push(Frame::Value(g.any), false)
+                        Act::Push(Frame::Value(values), false)
                     }
                     (ObjStage::After, b',') => Act::Replace(with(ObjStage::Comma), false),
                     (ObjStage::Key | ObjStage::Value, _) => Act::Reject,
@@ -1109,6 +793,8 @@ impl CallState {
                 neg,
                 mag,
                 bounds,
+                frac,
+                place,
             } => {
                 use NumStage::*;
                 let digit = b.is_ascii_digit();
@@ -1116,6 +802,11 @@ impl CallState {
                     Int => digits >= MAX_INT_DIGITS,
                     ExpDigits => digits >= MAX_EXP_DIGITS,
                     _ => false,
+                };
+                let schema = bounds.map(|id| &g.schemas[id as usize]);
+                let decimal = match schema {
+                    Some(&Schema::Decimal(d)) => Some(d),
+                    _ => None,
                 };
                 let next = match (stage, b) {
                     _ if len >= MAX_NUMBER || (full && digit) => None,
@@ -1126,13 +817,15 @@ impl CallState {
                     (Start | Minus, b'1'..=b'9') => Some(Int),
                     (Int, _) if digit => Some(Int),
                     (Zero | Int, b'.') if !integer => Some(Dot),
-                    (Zero | Int | Frac, b'e' | b'E') if !integer => Some(Exp),
+                    (Zero | Int | Frac, b'e' | b'E') if !integer && decimal.is_none() => {
+                        Some(Exp)
+                    }
                     (Dot | Frac, _) if digit => Some(Frac),
                     (Exp, b'+' | b'-') => Some(ExpSign),
                     (Exp | ExpSign | ExpDigits, _) if digit => Some(ExpDigits),
                     _ => None,
                 };
-                let range = match bounds.map(|id| &g.schemas[id as usize]) {
+                let range = match schema {
                     Some(&Schema::Number { lo, hi, .. }) => Some((lo, hi)),
                     _ => None,
                 };
@@ -1148,6 +841,15 @@ impl CallState {
                             Zero | Int => (neg, mag * 10 + i64::from(b - b'0')),
                             _ => (neg, mag),
                         };
+                        let (frac, place) = match next {
+                            Frac => (frac + f64::from(b - b'0') * place, place / 10.0),
+                            _ => (frac, place),
+                        };
+                        if let Some(d) = decimal {
+                            if !decimal_can_reach(d, next, neg, mag, digits, frac, place) {
+                                return Act::Reject;
+                            }
+                        }
                         if let Some((lo, hi)) = range {
                             // Only integers are bounded: a sign or digits no integer in range
                             // starts with are refused, so the number can always be finished.
@@ -1169,14 +871,25 @@ impl CallState {
                                 neg,
                                 mag,
                                 bounds,
+                                frac,
+                                place,
                             },
                             false,
                         )
                     }
                     None if matches!(stage, Zero | Int | Frac | ExpDigits) => {
                         let value = if neg { -mag } else { mag };
-                        match range {
-                            Some((lo, hi)) if !(lo..=hi).contains(&value) => Act::Reject,
+                        match (range, decimal) {
+                            (Some((lo, hi)), _) if !(lo..=hi).contains(&value) => Act::Reject,
+                            (_, Some(d)) => {
+                                let d = if neg { d.negated() } else { d };
+                                let v = mag as f64 + frac;
+                                if d.meets(v, v, true) {
+                                    Act::Done(0, false)
+                                } else {
+                                    Act::Reject
+                                }
+                            }
                             _ => Act::Done(0, false),
                         }
                     }
@@ -1253,115 +966,26 @@ impl CallState {
                     _ => Act::Reject,
                 }
             }
+            Frame::Root { stage } => match (stage, g.format) {
+                _ if ws => Act::Space,
+                (0, _) if b == b'<' && g.has_calls() => {
+                    Act::Replace(Frame::Block { stage: 0 }, true)
+                }
+                (0, Some(format)) => {
+                    self.set_top(Frame::Root { stage: 1 });
+                    Act::Push(Frame::Value(format), true)
+                }
+                _ => Act::Reject,
+            },
         }
     }
 }
 
-/// A tokenizer's vocabulary as bytes, for masking: a trie over the tokens' bytes, and the split
-/// of tokens into those that can sit inside any JSON string as they are (no quote, backslash,
-/// control byte or `<`) and the rest.
-pub struct Vocab {
-    bytes: Vec<Box<[u8]>>,
-    /// End-of-turn tokens: allowed between calls.
-    eos: Vec<u32>,
-    nodes: Vec<Node>,
-    /// Tokens any string takes whole between characters (whole UTF-8 characters, and no quote,
-    /// backslash, control byte or `<`), with how many characters each adds to it.
-    plain: Vec<(u32, u32)>,
-    other: Vec<u32>,
-}
-
-#[derive(Default)]
-struct Node {
-    children: Vec<(u8, u32)>,
-    tokens: Vec<u32>,
-}
-
-impl Vocab {
-    /// From each token id's bytes (`None`: special tokens, never part of a call) and the
-    /// end-of-turn tokens.
-    pub fn new(tokens: Vec<Option<Vec<u8>>>, eos: Vec<u32>) -> Self {
-        let mut nodes = vec![Node::default()];
-        let (mut plain, mut other) = (Vec::new(), Vec::new());
-        let mut bytes = Vec::with_capacity(tokens.len());
-        for (id, t) in tokens.into_iter().enumerate() {
-            let id = id as u32;
-            let t = t.unwrap_or_default();
-            if !t.is_empty() {
-                let mut at = 0usize;
-                for &b in &t {
-                    at = match nodes[at].children.iter().find(|c| c.0 == b) {
-                        Some(&(_, n)) => n as usize,
-                        None => {
-                            nodes.push(Node::default());
-                            let n = nodes.len() - 1;
-                            nodes[at].children.push((b, n as u32));
-                            n
-                        }
-                    };
-                }
-                nodes[at].tokens.push(id);
-                if t.iter()
-                    .all(|&b| b >= 0x20 && !matches!(b, b'"' | b'\\' | b'<'))
-                    && std::str::from_utf8(&t).is_ok()
-                {
-                    let chars = t.iter().filter(|&&b| b & 0xC0 != 0x80).count() as u32;
-                    plain.push((id, chars));
-                } else {
-                    other.push(id);
-                }
-            }
-            bytes.push(t.into_boxed_slice());
-        }
-        Vocab {
-            bytes,
-            eos,
-            nodes,
-            plain,
-            other,
-        }
-    }
-
-    /// The bytes of a tokenizer's tokens: byte-level BPE vocabularies (GPT-2's byte-to-character
-    /// mapping) and SentencePiece ones (`▁` for a space, `<0xNN>` byte tokens). Added and special
-    /// tokens have none.
-    pub fn from_tokenizer(tok: &tokenizers::Tokenizer, eos: &[u32]) -> Self {
-        let size = tok.get_vocab_size(true);
-        let added = tok.get_added_tokens_decoder();
-        let vocab = tok.get_vocab(false);
-        let byte_level = vocab.keys().any(|t| t.contains('\u{120}'));
-        let mut of_char = std::collections::HashMap::new();
-        for (b, c) in super::tokenizer::byte_chars().into_iter().enumerate() {
-            of_char.insert(c, b as u8);
-        }
-        let tokens = (0..size as u32)
-            .map(|id| {
-                if added.contains_key(&id) {
-                    return None;
-                }
-                let t = tok.id_to_token(id)?;
-                if byte_level {
-                    t.chars().map(|c| of_char.get(&c).copied()).collect()
-                } else if let Some(hex) = t.strip_prefix("<0x").and_then(|r| r.strip_suffix('>')) {
-                    u8::from_str_radix(hex, 16).ok().map(|b| vec![b])
-                } else {
-                    Some(t.replace('\u{2581}', " ").into_bytes())
-                }
-            })
-            .collect();
-        Self::new(tokens, eos.to_vec())
-    }
-
-    /// A token's bytes (empty for special tokens and ids outside the vocabulary).
-    pub fn bytes(&self, id: u32) -> &[u8] {
-        self.bytes.get(id as usize).map_or(&[], |b| b)
-    }
-}
-
-impl CallState {
-    /// Inside a call block, sets the logits of every token the grammar refuses here to -inf
-    /// (end-of-turn included: a call cannot stop half-written). Outside, leaves them alone.
-    pub fn mask(&self, g: &ToolGrammar, vocab: &Vocab, logits: &mut [f32]) {
+impl GrammarState {
+    /// Where the output is constrained, sets the logits of every token the grammar refuses here
+    /// to -inf (end-of-turn included: a call or a structured answer cannot stop half-written).
+    /// Outside (free text before a call), leaves them alone.
+    pub fn mask(&self, g: &Grammar, vocab: &Vocab, logits: &mut [f32]) {
         if !self.constrained() {
             return;
         }
@@ -1401,7 +1025,7 @@ impl CallState {
         } else {
             self.walk(g, vocab, 0, &mut set);
         }
-        if self.may_end() {
+        if self.may_end(g) {
             vocab.eos.iter().for_each(|&t| set(t));
         }
         // The grammar always leaves a way on, so some token fits unless the vocabulary lacks
@@ -1417,7 +1041,7 @@ impl CallState {
     }
 
     /// Marks every token under trie node `node` whose bytes (from that depth) this state takes.
-    fn walk(&self, g: &ToolGrammar, vocab: &Vocab, node: usize, set: &mut impl FnMut(u32)) {
+    fn walk(&self, g: &Grammar, vocab: &Vocab, node: usize, set: &mut impl FnMut(u32)) {
         for &(b, child) in &vocab.nodes[node].children {
             let mut s = self.clone();
             if s.feed(g, b) {
@@ -1432,6 +1056,7 @@ impl CallState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use serde_json::json;
 
     fn tools() -> Vec<Value> {
@@ -1457,8 +1082,8 @@ mod tests {
     }
 
     /// The state after `text`, if the grammar takes all of it.
-    fn takes(g: &ToolGrammar, text: &str) -> Option<CallState> {
-        let mut s = CallState::new(g);
+    fn takes(g: &Grammar, text: &str) -> Option<GrammarState> {
+        let mut s = GrammarState::new(g);
         text.bytes().all(|b| s.feed(g, b)).then_some(s)
     }
 
@@ -1468,7 +1093,7 @@ mod tests {
 
     #[test]
     fn whole_calls_valid_against_their_schemas_are_taken_and_close_the_block() {
-        let g = ToolGrammar::new(&tools(), Some(&json!("required")), true).unwrap();
+        let g = Grammar::for_tools(&tools(), Some(&json!("required")), true).unwrap();
         for args in [
             r#"{"city": "Oslo"}"#,
             r#"{"city": "Oslo", "unit": "c", "days": 3, "hourly": false, "note": null}"#,
@@ -1487,19 +1112,19 @@ mod tests {
             r#"{"city": "x", "zip": "01234-5678"}"#,
         ] {
             let s = takes(&g, &call("get_weather", args)).unwrap_or_else(|| panic!("{args}"));
-            assert!(s.may_end(), "{args}: the block should be closed");
+            assert!(s.may_end(&g), "{args}: the block should be closed");
         }
         // No declared properties: any object.
         let s = takes(
             &g,
             &call("get_time", r#"{"tz": ["UTC", {"dst": true}], "n": -1.5}"#),
         );
-        assert!(s.is_some_and(|s| s.may_end()));
+        assert!(s.is_some_and(|s| s.may_end(&g)));
     }
 
     #[test]
     fn calls_that_break_the_schema_are_refused() {
-        let g = ToolGrammar::new(&tools(), Some(&json!("required")), true).unwrap();
+        let g = Grammar::for_tools(&tools(), Some(&json!("required")), true).unwrap();
         let bad = [
             call("get_wether", r#"{"city": "Oslo"}"#),
             call("get_weather", r#"{"unit": "c"}"#),
@@ -1554,8 +1179,8 @@ mod tests {
                     "maximum": 4, "exclusiveMaximum": true},
                 "num": {"type": "string", "pattern": "^\\d[\\d-]\\\\d$"},
                 "ahead": {"type": "string", "pattern": "^(?=a)"}}}}}]);
-        let g = ToolGrammar::new(tool.as_array().unwrap(), Some(&json!("required")), true).unwrap();
-        let ok = |args: &str| takes(&g, &call("f", args)).is_some_and(|s| s.may_end());
+        let g = Grammar::for_tools(tool.as_array().unwrap(), Some(&json!("required")), true).unwrap();
+        let ok = |args: &str| takes(&g, &call("f", args)).is_some_and(|s| s.may_end(&g));
         for args in [
             r#"{"has": "ab"}"#,
             r#"{"has": "xx ab yy"}"#,
@@ -1605,14 +1230,14 @@ mod tests {
 
     #[test]
     fn strings_take_well_formed_utf8_only() {
-        let g = ToolGrammar::new(&tools(), Some(&json!("required")), true).unwrap();
+        let g = Grammar::for_tools(&tools(), Some(&json!("required")), true).unwrap();
         let with = |city: &[u8]| {
             let mut text =
                 b"<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"".to_vec();
             text.extend_from_slice(city);
             text.extend_from_slice(b"\"}}</tool_call>");
-            let mut s = CallState::new(&g);
-            text.iter().all(|&b| s.feed(&g, b)) && s.may_end()
+            let mut s = GrammarState::new(&g);
+            text.iter().all(|&b| s.feed(&g, b)) && s.may_end(&g)
         };
         for ok in [
             "é",
@@ -1640,7 +1265,7 @@ mod tests {
 
     #[test]
     fn auto_leaves_text_free_and_constrains_each_block_it_opens() {
-        let g = ToolGrammar::new(&tools(), None, true).unwrap();
+        let g = Grammar::for_tools(&tools(), None, true).unwrap();
         let s = takes(&g, "Let me check {not json} <tool").unwrap();
         assert!(!s.constrained());
         // A string may not close the block early for whoever parses it.
@@ -1650,7 +1275,7 @@ mod tests {
             &g,
             &call("get_weather", r#"{"city": "</tool_cal> <\/tool_call>"}"#),
         );
-        assert!(s.is_some_and(|s| s.may_end()));
+        assert!(s.is_some_and(|s| s.may_end(&g)));
         let s = takes(&g, "Let me check {not json} <tool").unwrap();
         assert!(!s.constrained());
         let s = takes(&g, "Let me check.\n<tool_call>").unwrap();
@@ -1660,20 +1285,20 @@ mod tests {
             call("get_time", "{}"),
             call("get_weather", r#"{"city": "x"}"#)
         );
-        assert!(takes(&g, &two).is_some_and(|s| s.may_end()));
+        assert!(takes(&g, &two).is_some_and(|s| s.may_end(&g)));
         // After a call, no more text.
         assert!(takes(&g, &format!("{} Done!", call("get_time", "{}"))).is_none());
         assert!(takes(&g, &format!("ok {}", call("get_weather", "{}"))).is_none());
         // A named choice allows that function only.
         let named = json!({"type": "function", "function": {"name": "get_time"}});
-        let g = ToolGrammar::new(&tools(), Some(&named), true).unwrap();
+        let g = Grammar::for_tools(&tools(), Some(&named), true).unwrap();
         assert!(takes(&g, &call("get_time", "{}")).is_some());
         assert!(takes(&g, &call("get_weather", r#"{"city": "x"}"#)).is_none());
-        assert!(ToolGrammar::new(&tools(), Some(&json!("none")), true).is_none());
+        assert!(Grammar::for_tools(&tools(), Some(&json!("none")), true).is_none());
         // One call only: after it, nothing but the end of the turn.
-        let one = ToolGrammar::new(&tools(), Some(&json!("required")), false).unwrap();
+        let one = Grammar::for_tools(&tools(), Some(&json!("required")), false).unwrap();
         let s = takes(&one, &call("get_time", "{}")).unwrap();
-        assert!(s.may_end() && s.constrained());
+        assert!(s.may_end(&g) && s.constrained());
         assert!(takes(&one, &format!("{}\n", call("get_time", "{}"))).is_none());
         assert!(takes(
             &one,
@@ -1781,12 +1406,12 @@ mod tests {
 
     #[test]
     fn random_models_under_the_mask_always_write_schema_valid_calls() {
-        let g = ToolGrammar::new(&tools(), Some(&json!("required")), true).unwrap();
+        let g = Grammar::for_tools(&tools(), Some(&json!("required")), true).unwrap();
         let vocab = test_vocab();
         let n = vocab.bytes.len();
         let mut rng = 7u64;
         for trial in 0..200 {
-            let mut s = CallState::new(&g);
+            let mut s = GrammarState::new(&g);
             let mut text = Vec::new();
             let mut steps = 0;
             loop {
@@ -1826,7 +1451,7 @@ mod tests {
     #[test]
     fn the_mask_matches_feeding_each_token_alone() {
         // Whatever the state, a token is allowed exactly when all its bytes pass.
-        let g = ToolGrammar::new(&tools(), Some(&json!("required")), true).unwrap();
+        let g = Grammar::for_tools(&tools(), Some(&json!("required")), true).unwrap();
         let vocab = test_vocab();
         for prefix in [
             "",
@@ -1855,7 +1480,7 @@ mod tests {
         .chain([
             b"<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"\xe6".to_vec(),
         ]) {
-            let mut s = CallState::new(&g);
+            let mut s = GrammarState::new(&g);
             assert!(prefix.iter().all(|&b| s.feed(&g, b)));
             let prefix = String::from_utf8_lossy(&prefix);
             let mut logits = vec![0f32; vocab.bytes.len()];

@@ -1,0 +1,627 @@
+//! The engine's events as OpenAI answers: chat completions (text, tool calls) and legacy
+//! completions (text), whole or as chunk streams, with every choice of `n` and, when asked for,
+//! each token's logprobs. A stream interleaves choices as they decode, each chunk naming its
+//! choice's `index`; usage counts the prompt once and every choice's tokens.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::super::{BackendError, BackendReply, ChunkStream};
+use crate::engine::sampling::TokenLogprob;
+use crate::engine::tools::{Parsed, ParsedCall, ToolCallParser};
+use crate::engine::{Engine, FinishReason, GenEvent};
+
+/// What every answer carries.
+pub(super) struct Answer {
+    pub engine: Arc<Engine>,
+    pub id: String,
+    pub created: u64,
+    /// The model (or adapter) the answer names.
+    pub model: String,
+    pub n: usize,
+    /// Logprobs were asked for.
+    pub logprobs: bool,
+}
+
+impl Answer {
+    /// A token's text and bytes: its bytes as (lossy) UTF-8, or a special token's name.
+    fn token(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self.engine.vocab.bytes(id);
+        if bytes.is_empty() {
+            let name = self
+                .engine
+                .chat
+                .tokenizer
+                .tokenizer
+                .id_to_token(id)
+                .unwrap_or_default();
+            let bytes = name.as_bytes().to_vec();
+            (name, bytes)
+        } else {
+            (String::from_utf8_lossy(bytes).into_owned(), bytes.to_vec())
+        }
+    }
+
+    /// One token's entry in a chat answer's `logprobs.content`.
+    fn chat_logprob(&self, l: &TokenLogprob) -> Value {
+        let entry = |id: u32, logprob: f32| {
+            let (token, bytes) = self.token(id);
+            json!({"token": token, "logprob": logprob, "bytes": bytes})
+        };
+        let mut v = entry(l.token, l.logprob);
+        v["top_logprobs"] = l.top.iter().map(|&(t, lp)| entry(t, lp)).collect();
+        v
+    }
+
+    fn failed(&self, message: impl Into<String>) -> BackendError {
+        BackendError::Internal {
+            backend: self.engine.name.clone(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Token counts over every choice: the prompt once, each choice's completion.
+#[derive(Default)]
+struct Totals {
+    prompt: usize,
+    completion: usize,
+    cached: usize,
+    /// Choices finished.
+    done: usize,
+}
+
+impl Totals {
+    fn add(&mut self, prompt: usize, completion: usize, cached: usize) {
+        self.prompt = prompt;
+        self.cached = cached;
+        self.completion += completion;
+        self.done += 1;
+    }
+
+    fn usage(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        })
+    }
+}
+
+/// An OpenAI tool call (with `index` when it is a stream delta).
+fn tool_call_json(c: &ParsedCall, index: Option<usize>) -> Value {
+    let mut v = json!({
+        "id": format!("call_{}", uuid::Uuid::now_v7().simple()),
+        "type": "function",
+        "function": {"name": c.name, "arguments": c.arguments},
+    });
+    if let Some(i) = index {
+        v["index"] = json!(i);
+    }
+    v
+}
+
+/// A chat answer's `finish_reason`: `tool_calls` when it made calls, unless `max_tokens` cut it
+/// (a cut call still says `length`, as OpenAI does).
+fn chat_finish(reason: FinishReason, calls: usize) -> &'static str {
+    if calls > 0 && reason != FinishReason::Length {
+        "tool_calls"
+    } else {
+        reason.as_str()
+    }
+}
+
+/// One chat choice as it decodes.
+struct ChatChoice {
+    parser: Option<ToolCallParser>,
+    text: String,
+    calls: Vec<ParsedCall>,
+    /// Calls streamed so far (their indexes).
+    streamed_calls: usize,
+    /// Logprob entries: all of them (whole), or those not yet sent (stream).
+    logprobs: Vec<Value>,
+    finish: Option<FinishReason>,
+}
+
+impl ChatChoice {
+    fn new(tools: bool) -> Self {
+        Self {
+            parser: tools.then(ToolCallParser::default),
+            text: String::new(),
+            calls: Vec::new(),
+            streamed_calls: 0,
+            logprobs: Vec::new(),
+            finish: None,
+        }
+    }
+
+    fn parse(&mut self, text: String) -> Vec<Parsed> {
+        match &mut self.parser {
+            Some(p) => p.push(&text),
+            None if text.is_empty() => Vec::new(),
+            None => vec![Parsed::Text(text)],
+        }
+    }
+
+    fn rest(&mut self) -> Vec<Parsed> {
+        self.parser
+            .as_mut()
+            .map(ToolCallParser::finish)
+            .unwrap_or_default()
+    }
+
+    fn keep(&mut self, parsed: Vec<Parsed>) {
+        for p in parsed {
+            match p {
+                Parsed::Text(t) => self.text.push_str(&t),
+                Parsed::Call(c) => self.calls.push(c),
+            }
+        }
+    }
+
+    /// The whole choice, as `choices[index]`.
+    fn whole(&self, index: usize, logprobs: bool) -> Value {
+        let mut message = json!({"role": "assistant", "content": self.text, "refusal": null});
+        if !self.calls.is_empty() {
+            let trimmed = self.text.trim();
+            message["content"] = if trimmed.is_empty() {
+                Value::Null
+            } else {
+                json!(trimmed)
+            };
+            message["tool_calls"] = self.calls.iter().map(|c| tool_call_json(c, None)).collect();
+        }
+        let finish = chat_finish(
+            self.finish.unwrap_or(FinishReason::Stop),
+            self.calls.len(),
+        );
+        let logprobs = if logprobs {
+            json!({"content": self.logprobs, "refusal": null})
+        } else {
+            Value::Null
+        };
+        json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+    }
+}
+
+/// A chat completion from the engine's events.
+pub(super) struct ChatAnswer {
+    pub answer: Answer,
+    /// Tool calls are parsed out of the text.
+    pub tools: bool,
+}
+
+impl ChatAnswer {
+    pub async fn reply(
+        self,
+        rx: mpsc::UnboundedReceiver<GenEvent>,
+        stream: bool,
+    ) -> Result<BackendReply, BackendError> {
+        if stream {
+            return Ok(self.stream(rx));
+        }
+        self.whole(rx).await
+    }
+
+    async fn whole(
+        self,
+        mut rx: mpsc::UnboundedReceiver<GenEvent>,
+    ) -> Result<BackendReply, BackendError> {
+        let a = &self.answer;
+        let mut choices: Vec<ChatChoice> = (0..a.n).map(|_| ChatChoice::new(self.tools)).collect();
+        let mut totals = Totals::default();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                GenEvent::Delta {
+                    choice,
+                    text,
+                    logprobs,
+                } => {
+                    if let Some(c) = choices.get_mut(choice) {
+                        let parsed = c.parse(text);
+                        c.keep(parsed);
+                        c.logprobs
+                            .extend(logprobs.iter().map(|l| a.chat_logprob(l)));
+                    }
+                }
+                GenEvent::Done {
+                    choice,
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
+                } => {
+                    if let Some(c) = choices.get_mut(choice) {
+                        let rest = c.rest();
+                        c.keep(rest);
+                        c.finish = Some(finish_reason);
+                    }
+                    totals.add(prompt_tokens, completion_tokens, cached_tokens);
+                    if totals.done == a.n {
+                        return Ok(BackendReply::Full(json!({
+                            "id": a.id,
+                            "object": "chat.completion",
+                            "created": a.created,
+                            "model": a.model,
+                            "choices": choices
+                                .iter()
+                                .enumerate()
+                                .map(|(i, c)| c.whole(i, a.logprobs))
+                                .collect::<Vec<_>>(),
+                            "usage": totals.usage(),
+                        })));
+                    }
+                }
+                GenEvent::Error(message) => return Err(a.failed(message)),
+            }
+        }
+        Err(a.failed("generation ended without a result"))
+    }
+
+    /// One `chat.completion.chunk` for choice `index`.
+    fn chunk(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
+        let a = &self.answer;
+        json!({
+            "id": a.id,
+            "object": "chat.completion.chunk",
+            "created": a.created,
+            "model": a.model,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        })
+    }
+
+    /// Chunks for parsed output of one choice; its pending logprobs ride on the first of them.
+    fn chunks(&self, index: usize, c: &mut ChatChoice, parsed: Vec<Parsed>) -> Vec<Value> {
+        let mut out = Vec::with_capacity(parsed.len());
+        for p in parsed {
+            let delta = match p {
+                Parsed::Text(t) => json!({"content": t}),
+                Parsed::Call(call) => {
+                    c.streamed_calls += 1;
+                    json!({"tool_calls": [tool_call_json(&call, Some(c.streamed_calls - 1))]})
+                }
+            };
+            let logprobs = self.pending(c);
+            out.push(self.chunk(index, delta, logprobs, None));
+        }
+        out
+    }
+
+    /// A choice's logprobs not yet sent, as a chunk's `logprobs` (null when there are none).
+    fn pending(&self, c: &mut ChatChoice) -> Value {
+        if c.logprobs.is_empty() {
+            return Value::Null;
+        }
+        json!({"content": std::mem::take(&mut c.logprobs), "refusal": null})
+    }
+
+    /// The chunks one event becomes, and whether the stream is over.
+    fn on_event(
+        &self,
+        ev: Option<GenEvent>,
+        choices: &mut [ChatChoice],
+        totals: &mut Totals,
+    ) -> (Vec<Result<Value, BackendError>>, bool) {
+        let a = &self.answer;
+        match ev {
+            Some(GenEvent::Delta {
+                choice,
+                text,
+                logprobs,
+            }) => {
+                let Some(c) = choices.get_mut(choice) else {
+                    return (Vec::new(), false);
+                };
+                c.logprobs
+                    .extend(logprobs.iter().map(|l| a.chat_logprob(l)));
+                let parsed = c.parse(text);
+                (self.chunks(choice, c, parsed).into_iter().map(Ok).collect(), false)
+            }
+            Some(GenEvent::Done {
+                choice,
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+                cached_tokens,
+            }) => {
+                let mut out = Vec::new();
+                if let Some(c) = choices.get_mut(choice) {
+                    let rest = c.rest();
+                    out = self.chunks(choice, c, rest);
+                    let finish = chat_finish(finish_reason, c.streamed_calls);
+                    let logprobs = self.pending(c);
+                    out.push(self.chunk(choice, json!({}), logprobs, Some(finish)));
+                }
+                totals.add(prompt_tokens, completion_tokens, cached_tokens);
+                let over = totals.done == a.n;
+                if over {
+                    let mut usage_chunk = self.chunk(0, json!({}), Value::Null, None);
+                    usage_chunk["choices"] = json!([]);
+                    usage_chunk["usage"] = totals.usage();
+                    out.push(usage_chunk);
+                }
+                (out.into_iter().map(Ok).collect(), over)
+            }
+            Some(GenEvent::Error(message)) => (vec![Err(a.failed(message))], true),
+            None => (vec![Err(a.failed("generation stopped unexpectedly"))], true),
+        }
+    }
+
+    /// Each choice's role chunk, then content and tool-call chunks as they decode, each choice's
+    /// finish chunk, then the usage chunk.
+    fn stream(self, rx: mpsc::UnboundedReceiver<GenEvent>) -> BackendReply {
+        let roles: Vec<Result<Value, BackendError>> = (0..self.answer.n)
+            .map(|i| {
+                Ok(self.chunk(
+                    i,
+                    json!({"role": "assistant", "content": ""}),
+                    Value::Null,
+                    None,
+                ))
+            })
+            .collect();
+        let choices: Vec<ChatChoice> = (0..self.answer.n)
+            .map(|_| ChatChoice::new(self.tools))
+            .collect();
+        let state = (self, rx, choices, Totals::default(), false);
+        let rest = futures_util::stream::unfold(state, |mut st| async move {
+            if st.4 {
+                return None;
+            }
+            let ev = st.1.recv().await;
+            let (out, over) = st.0.on_event(ev, &mut st.2, &mut st.3);
+            st.4 = over;
+            Some((out, st))
+        });
+        let rest = futures_util::StreamExt::flat_map(rest, futures_util::stream::iter);
+        let chunks: ChunkStream = Box::pin(futures_util::StreamExt::chain(
+            futures_util::stream::iter(roles),
+            rest,
+        ));
+        BackendReply::Stream {
+            chunks,
+            usage_injected: true,
+        }
+    }
+}
+
+/// One legacy completion choice's logprobs, in that API's columns.
+#[derive(Default)]
+struct TextLogprobs {
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top_logprobs: Vec<serde_json::Map<String, Value>>,
+    text_offset: Vec<usize>,
+}
+
+impl TextLogprobs {
+    fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top_logprobs,
+            "text_offset": self.text_offset,
+        })
+    }
+}
+
+/// One legacy completion choice as it decodes.
+#[derive(Default)]
+struct TextChoice {
+    text: String,
+    /// Characters of text so far (where the next token's `text_offset` is).
+    offset: usize,
+    logprobs: TextLogprobs,
+    finish: Option<FinishReason>,
+}
+
+/// A legacy completion's answer: raw text, no tool calls.
+pub(super) struct CompletionAnswer {
+    pub answer: Answer,
+    /// The prompt, to put before each choice's answer (`echo`).
+    pub echo: Option<String>,
+}
+
+impl CompletionAnswer {
+    fn object(&self, choices: Value) -> Value {
+        let a = &self.answer;
+        json!({
+            "id": a.id,
+            "object": "text_completion",
+            "created": a.created,
+            "model": a.model,
+            "choices": choices,
+        })
+    }
+
+    fn choice(&self, index: usize, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
+        json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+    }
+
+    fn new_choice(&self) -> TextChoice {
+        let echo = self.echo.clone().unwrap_or_default();
+        TextChoice {
+            offset: echo.chars().count(),
+            text: echo,
+            ..TextChoice::default()
+        }
+    }
+
+    /// Takes a delta's logprobs into a choice's columns.
+    fn note(&self, c: &mut TextChoice, logprobs: &[TokenLogprob]) {
+        let a = &self.answer;
+        for l in logprobs {
+            let (token, _) = a.token(l.token);
+            c.logprobs.text_offset.push(c.offset);
+            c.offset += token.chars().count();
+            c.logprobs.tokens.push(token);
+            c.logprobs.token_logprobs.push(l.logprob);
+            c.logprobs.top_logprobs.push(
+                l.top
+                    .iter()
+                    .map(|&(t, lp)| (a.token(t).0, json!(lp)))
+                    .collect(),
+            );
+        }
+    }
+
+    pub async fn reply(
+        self,
+        rx: mpsc::UnboundedReceiver<GenEvent>,
+        stream: bool,
+    ) -> Result<BackendReply, BackendError> {
+        if stream {
+            return Ok(self.stream(rx));
+        }
+        self.whole(rx).await
+    }
+
+    async fn whole(
+        self,
+        mut rx: mpsc::UnboundedReceiver<GenEvent>,
+    ) -> Result<BackendReply, BackendError> {
+        let a = &self.answer;
+        let mut choices: Vec<TextChoice> = (0..a.n).map(|_| self.new_choice()).collect();
+        let mut totals = Totals::default();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                GenEvent::Delta {
+                    choice,
+                    text,
+                    logprobs,
+                } => {
+                    if let Some(c) = choices.get_mut(choice) {
+                        c.text.push_str(&text);
+                        self.note(c, &logprobs);
+                    }
+                }
+                GenEvent::Done {
+                    choice,
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
+                } => {
+                    if let Some(c) = choices.get_mut(choice) {
+                        c.finish = Some(finish_reason);
+                    }
+                    totals.add(prompt_tokens, completion_tokens, cached_tokens);
+                    if totals.done == a.n {
+                        let list: Vec<Value> = choices
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| {
+                                let lp = if a.logprobs {
+                                    c.logprobs.json()
+                                } else {
+                                    Value::Null
+                                };
+                                let finish = c.finish.unwrap_or(FinishReason::Stop).as_str();
+                                self.choice(i, &c.text, lp, Some(finish))
+                            })
+                            .collect();
+                        let mut v = self.object(Value::Array(list));
+                        v["usage"] = totals.usage();
+                        return Ok(BackendReply::Full(v));
+                    }
+                }
+                GenEvent::Error(m) => return Err(a.failed(m)),
+            }
+        }
+        Err(a.failed("generation ended without a result"))
+    }
+
+    fn on_event(
+        &self,
+        ev: Option<GenEvent>,
+        choices: &mut [TextChoice],
+        totals: &mut Totals,
+    ) -> (Vec<Result<Value, BackendError>>, bool) {
+        let a = &self.answer;
+        let pending = |c: &mut TextChoice| {
+            if c.logprobs.is_empty() {
+                Value::Null
+            } else {
+                std::mem::take(&mut c.logprobs).json()
+            }
+        };
+        match ev {
+            Some(GenEvent::Delta {
+                choice,
+                text,
+                logprobs,
+            }) => {
+                let Some(c) = choices.get_mut(choice) else {
+                    return (Vec::new(), false);
+                };
+                self.note(c, &logprobs);
+                let lp = pending(c);
+                let chunk = self.object(json!([self.choice(choice, &text, lp, None)]));
+                (vec![Ok(chunk)], false)
+            }
+            Some(GenEvent::Done {
+                choice,
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+                cached_tokens,
+            }) => {
+                let lp = choices.get_mut(choice).map_or(Value::Null, pending);
+                let mut out = vec![Ok(self.object(json!([self.choice(
+                    choice,
+                    "",
+                    lp,
+                    Some(finish_reason.as_str())
+                )])))];
+                totals.add(prompt_tokens, completion_tokens, cached_tokens);
+                let over = totals.done == a.n;
+                if over {
+                    let mut last = self.object(json!([]));
+                    last["usage"] = totals.usage();
+                    out.push(Ok(last));
+                }
+                (out, over)
+            }
+            Some(GenEvent::Error(m)) => (vec![Err(a.failed(m))], true),
+            None => (vec![Err(a.failed("generation stopped unexpectedly"))], true),
+        }
+    }
+
+    /// Each choice's echoed prompt (if asked for), text chunks as they decode, each choice's
+    /// finish chunk, then a usage chunk.
+    fn stream(self, rx: mpsc::UnboundedReceiver<GenEvent>) -> BackendReply {
+        let echoes: Vec<Result<Value, BackendError>> = match self.echo.as_deref() {
+            Some(e) if !e.is_empty() => (0..self.answer.n)
+                .map(|i| Ok(self.object(json!([self.choice(i, e, Value::Null, None)]))))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let choices: Vec<TextChoice> = (0..self.answer.n).map(|_| self.new_choice()).collect();
+        let state = (self, rx, choices, Totals::default(), false);
+        let rest = futures_util::stream::unfold(state, |mut st| async move {
+            if st.4 {
+                return None;
+            }
+            let ev = st.1.recv().await;
+            let (out, over) = st.0.on_event(ev, &mut st.2, &mut st.3);
+            st.4 = over;
+            Some((out, st))
+        });
+        let rest = futures_util::StreamExt::flat_map(rest, futures_util::stream::iter);
+        let chunks: ChunkStream = Box::pin(futures_util::StreamExt::chain(
+            futures_util::stream::iter(echoes),
+            rest,
+        ));
+        BackendReply::Stream {
+            chunks,
+            usage_injected: true,
+        }
+    }
+}
