@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use flywheel::engine::grammar::{GrammarState, Grammar, Vocab};
+use flywheel::engine::grammar::{Grammar, GrammarState, Vocab};
 use serde_json::json;
 
 const ROUNDS: usize = 200;

@@ -648,7 +648,11 @@ impl Scheduler {
         };
         let mut rows = self
             .model
-            .run(&[&prompt[cached..]], &mut [&mut cache], &[adapter.as_deref()])
+            .run(
+                &[&prompt[cached..]],
+                &mut [&mut cache],
+                &[adapter.as_deref()],
+            )
             .map_err(|e| e.to_string())?;
         if rows.is_empty() {
             return Err("the forward pass returned no logits".into());
@@ -706,8 +710,7 @@ impl Scheduler {
         let tok = seq.sampler.sample(logits);
         if let Some(top) = seq.request.logprobs {
             let t = seq.request.sampling.temperature;
-            seq.pending
-                .push(sampling::logprobs(logits, t, tok, top));
+            seq.pending.push(sampling::logprobs(logits, t, tok, top));
         }
         if let (Some(state), Some(g)) = (&mut seq.grammar, grammar) {
             state.advance(g, self.vocab.bytes(tok));

@@ -128,7 +128,9 @@ pub fn logprobs(logits: &[f32], temperature: f32, chosen: u32, top: usize) -> To
     }
     TokenLogprob {
         token: chosen,
-        logprob: logits.get(chosen as usize).map_or(f32::NEG_INFINITY, |&l| lp(l)),
+        logprob: logits
+            .get(chosen as usize)
+            .map_or(f32::NEG_INFINITY, |&l| lp(l)),
         top: best.into_iter().map(|(i, l)| (i, lp(l))).collect(),
     }
 }

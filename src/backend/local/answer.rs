@@ -174,10 +174,7 @@ impl ChatChoice {
             };
             message["tool_calls"] = self.calls.iter().map(|c| tool_call_json(c, None)).collect();
         }
-        let finish = chat_finish(
-            self.finish.unwrap_or(FinishReason::Stop),
-            self.calls.len(),
-        );
+        let finish = chat_finish(self.finish.unwrap_or(FinishReason::Stop), self.calls.len());
         let logprobs = if logprobs {
             json!({"content": self.logprobs, "refusal": null})
         } else {
@@ -318,7 +315,10 @@ impl ChatAnswer {
                 c.logprobs
                     .extend(logprobs.iter().map(|l| a.chat_logprob(l)));
                 let parsed = c.parse(text);
-                (self.chunks(choice, c, parsed).into_iter().map(Ok).collect(), false)
+                (
+                    self.chunks(choice, c, parsed).into_iter().map(Ok).collect(),
+                    false,
+                )
             }
             Some(GenEvent::Done {
                 choice,

@@ -250,9 +250,15 @@ impl LocalBackend {
             })?
             .map(Arc::new);
         let logprobs = if completion {
-            body.get("logprobs").and_then(Value::as_u64).map(|k| k as usize)
+            body.get("logprobs")
+                .and_then(Value::as_u64)
+                .map(|k| k as usize)
         } else if body.get("logprobs").and_then(Value::as_bool) == Some(true) {
-            Some(body.get("top_logprobs").and_then(Value::as_u64).unwrap_or(0) as usize)
+            Some(
+                body.get("top_logprobs")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0) as usize,
+            )
         } else {
             None
         };
@@ -282,18 +288,19 @@ impl LocalBackend {
     }
 
     async fn run(&self, request: BackendRequest) -> Result<BackendReply, BackendError> {
-        let adapter = match &request.adapter {
-            Some(id) => Some(self.engine.adapters.get(id).ok_or_else(|| {
-                BackendError::UnknownModel {
-                    backend: self.engine.name.clone(),
-                    message: format!(
+        let adapter =
+            match &request.adapter {
+                Some(id) => Some(self.engine.adapters.get(id).ok_or_else(|| {
+                    BackendError::UnknownModel {
+                        backend: self.engine.name.clone(),
+                        message: format!(
                         "The adapter '{id}' is not loaded on '{}'; load it with POST /v1/adapters.",
                         self.engine.name
                     ),
-                }
-            })?),
-            None => None,
-        };
+                    }
+                })?),
+                None => None,
+            };
         let prepared = self.prepare(request.api, &request.body)?;
         let (tx, rx) = mpsc::unbounded_channel();
         self.engine

@@ -35,8 +35,8 @@ mod vocab;
 
 use regex_automata::util::primitives::StateID;
 
-use schema::{Bounds, LitId, Schema, SchemaId};
 pub use schema::{AnswerFormat, Grammar, SchemaError, ToolSpec};
+use schema::{Bounds, LitId, Schema, SchemaId};
 pub use vocab::Vocab;
 
 const OPEN: &[u8] = b"<tool_call>";
@@ -53,7 +53,6 @@ const MAX_INT_DIGITS: u8 = 18;
 const MAX_EXP_DIGITS: u8 = 2;
 /// Alternatives in one literal set (an enum, the tool names, an object's keys).
 const MAX_LITERALS: usize = 64;
-
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum ObjStage {
@@ -103,10 +102,7 @@ enum Frame {
         stage: ObjStage,
     },
     /// An object of any keys, each value of schema `values`.
-    AnyObj {
-        stage: ObjStage,
-        values: SchemaId,
-    },
+    AnyObj { stage: ObjStage, values: SchemaId },
     Arr {
         items: SchemaId,
         count: u32,
@@ -148,25 +144,14 @@ enum Frame {
         place: f64,
     },
     /// Matching one of a literal set: `alive` marks the candidates still matching `pos` bytes.
-    Lit {
-        lit: LitId,
-        alive: u64,
-        pos: u16,
-    },
+    Lit { lit: LitId, alive: u64, pos: u16 },
     /// The call object: `{"name": <name>, "arguments": <args>}`, stage by stage.
-    Call {
-        stage: u8,
-        chosen: u8,
-    },
+    Call { stage: u8, chosen: u8 },
     /// The block around it: (forced) `<tool_call>`, the call, `</tool_call>`.
-    Block {
-        stage: u8,
-    },
+    Block { stage: u8 },
     /// A structured answer: before it (where a tool call's block may open instead), inside it
     /// (`1`), and after it (`2`), where only whitespace and the end of the turn may come.
-    Root {
-        stage: u8,
-    },
+    Root { stage: u8 },
 }
 
 /// What a frame did with a byte.
@@ -817,9 +802,7 @@ impl GrammarState {
                     (Start | Minus, b'1'..=b'9') => Some(Int),
                     (Int, _) if digit => Some(Int),
                     (Zero | Int, b'.') if !integer => Some(Dot),
-                    (Zero | Int | Frac, b'e' | b'E') if !integer && decimal.is_none() => {
-                        Some(Exp)
-                    }
+                    (Zero | Int | Frac, b'e' | b'E') if !integer && decimal.is_none() => Some(Exp),
                     (Dot | Frac, _) if digit => Some(Frac),
                     (Exp, b'+' | b'-') => Some(ExpSign),
                     (Exp | ExpSign | ExpDigits, _) if digit => Some(ExpDigits),
@@ -1056,8 +1039,8 @@ impl GrammarState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
     use serde_json::json;
+    use serde_json::Value;
 
     fn tools() -> Vec<Value> {
         vec![
@@ -1179,7 +1162,8 @@ mod tests {
                     "maximum": 4, "exclusiveMaximum": true},
                 "num": {"type": "string", "pattern": "^\\d[\\d-]\\\\d$"},
                 "ahead": {"type": "string", "pattern": "^(?=a)"}}}}}]);
-        let g = Grammar::for_tools(tool.as_array().unwrap(), Some(&json!("required")), true).unwrap();
+        let g =
+            Grammar::for_tools(tool.as_array().unwrap(), Some(&json!("required")), true).unwrap();
         let ok = |args: &str| takes(&g, &call("f", args)).is_some_and(|s| s.may_end(&g));
         for args in [
             r#"{"has": "ab"}"#,
@@ -1308,7 +1292,7 @@ mod tests {
     }
 
     /// A small vocabulary: every printable ASCII byte, newline, and some multi-byte pieces.
-    fn test_vocab() -> Vocab {
+    pub(super) fn test_vocab() -> Vocab {
         let mut tokens: Vec<Option<Vec<u8>>> = (0x20u8..0x7f).map(|b| Some(vec![b])).collect();
         tokens.push(Some(b"\n".to_vec()));
         for piece in [
@@ -1347,7 +1331,7 @@ mod tests {
         Vocab::new(tokens, vec![eos])
     }
 
-    fn lcg(state: &mut u64) -> f32 {
+    pub(super) fn lcg(state: &mut u64) -> f32 {
         *state = state
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -1499,3 +1483,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod answer_tests;

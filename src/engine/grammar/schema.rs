@@ -49,7 +49,11 @@ pub(super) enum Schema {
         pattern: Option<u32>,
     },
     /// An integer within `lo..=hi`, or a number without bounds.
-    Number { integer: bool, lo: i64, hi: i64 },
+    Number {
+        integer: bool,
+        lo: i64,
+        hi: i64,
+    },
     /// A number within bounds (written without an exponent).
     Decimal(Bounds),
     /// One of these serialized values, byte for byte.
@@ -248,11 +252,19 @@ impl Pattern {
 fn format_pattern(format: &str) -> Option<&'static str> {
     Some(match format {
         "date" => r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])$",
-        "time" => r"^([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$",
-        "date-time" => r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$",
+        "time" => {
+            r"^([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+        }
+        "date-time" => {
+            r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+        }
         "uuid" => r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
-        "email" => r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}$",
-        "ipv4" => r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$",
+        "email" => {
+            r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}$"
+        }
+        "ipv4" => {
+            r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$"
+        }
         _ => return None,
     })
 }
@@ -404,7 +416,9 @@ impl Grammar {
         if !g.forced {
             g.format = match format {
                 Some(AnswerFormat::JsonObject) => Some(g.push(Schema::Map(g.any))),
-                Some(AnswerFormat::JsonSchema(s)) => Some(Compiler::new(&mut g, s, true).root(s, "")?),
+                Some(AnswerFormat::JsonSchema(s)) => {
+                    Some(Compiler::new(&mut g, s, true).root(s, "")?)
+                }
                 None => None,
             };
         }
@@ -541,9 +555,13 @@ impl<'a> Compiler<'a> {
             return self.reference(r, depth, &join(path, "$ref"));
         }
         if let Some(all) = o.get("allOf") {
-            let alone = o.keys().all(|k| k == "allOf" || ANNOTATIONS.contains(&k.as_str()));
+            let alone = o
+                .keys()
+                .all(|k| k == "allOf" || ANNOTATIONS.contains(&k.as_str()));
             return match all.as_array() {
-                Some(a) if a.len() == 1 && alone => self.compile(&a[0], depth + 1, &join(path, "allOf.0")),
+                Some(a) if a.len() == 1 && alone => {
+                    self.compile(&a[0], depth + 1, &join(path, "allOf.0"))
+                }
                 _ => self.refuse(
                     &join(path, "allOf"),
                     "'allOf' is enforced only as a single schema with nothing beside it",
@@ -552,7 +570,9 @@ impl<'a> Compiler<'a> {
         }
         if let Some(values) = o.get("enum") {
             return match values.as_array() {
-                Some(a) if a.is_empty() => self.refuse(&join(path, "enum"), "an empty 'enum' admits no value"),
+                Some(a) if a.is_empty() => {
+                    self.refuse(&join(path, "enum"), "an empty 'enum' admits no value")
+                }
                 Some(a) if a.len() <= MAX_LITERALS => {
                     let l = self.g.lit(a.iter().map(serialized).collect());
                     Ok(self.g.push(Schema::Literals(l)))
@@ -571,7 +591,10 @@ impl<'a> Compiler<'a> {
         for key in ["anyOf", "oneOf"] {
             if let Some(alts) = o.get(key) {
                 let Some(alts) = alts.as_array().filter(|a| !a.is_empty()) else {
-                    return self.refuse(&join(path, key), format!("'{key}' must be a non-empty array of schemas"));
+                    return self.refuse(
+                        &join(path, key),
+                        format!("'{key}' must be a non-empty array of schemas"),
+                    );
                 };
                 let mut ids = Vec::with_capacity(alts.len());
                 for (i, a) in alts.iter().enumerate() {
@@ -627,13 +650,22 @@ impl<'a> Compiler<'a> {
         // Reserved before the target compiles, so a recursive reference finds it.
         let id = self.g.push(Schema::Ref(self.g.any));
         self.refs.insert(r.to_string(), id);
-        let at = r.trim_start_matches('#').trim_start_matches('/').replace('/', ".");
+        let at = r
+            .trim_start_matches('#')
+            .trim_start_matches('/')
+            .replace('/', ".");
         let t = self.compile(target, depth + 1, &at)?;
         self.g.schemas[id as usize] = Schema::Ref(t);
         Ok(id)
     }
 
-    fn compile_typed(&mut self, v: &Value, t: &str, depth: usize, path: &str) -> Result<SchemaId, SchemaError> {
+    fn compile_typed(
+        &mut self,
+        v: &Value,
+        t: &str,
+        depth: usize,
+        path: &str,
+    ) -> Result<SchemaId, SchemaError> {
         let strict = self.strict;
         let count = |k: &str| -> Result<Option<u32>, SchemaError> {
             match v.get(k) {
@@ -653,21 +685,31 @@ impl<'a> Compiler<'a> {
             "array" => {
                 let items = match v.get("items") {
                     Some(Value::Array(_)) => {
-                        return self.refuse(&join(path, "items"), "tuple 'items' (a list of schemas) is not enforced")
+                        return self.refuse(
+                            &join(path, "items"),
+                            "tuple 'items' (a list of schemas) is not enforced",
+                        )
                     }
                     Some(i) => self.compile(i, depth + 1, &join(path, "items"))?,
                     None => self.g.any,
                 };
-                let (min, max) = (count("minItems")?.unwrap_or(0), count("maxItems")?.unwrap_or(u32::MAX));
+                let (min, max) = (
+                    count("minItems")?.unwrap_or(0),
+                    count("maxItems")?.unwrap_or(u32::MAX),
+                );
                 if min > max {
                     return self.refuse(&join(path, "minItems"), "'minItems' is above 'maxItems'");
                 }
                 Ok(self.g.push(Schema::Array { items, min, max }))
             }
             "string" => {
-                let (min, max) = (count("minLength")?.unwrap_or(0), count("maxLength")?.unwrap_or(u32::MAX));
+                let (min, max) = (
+                    count("minLength")?.unwrap_or(0),
+                    count("maxLength")?.unwrap_or(u32::MAX),
+                );
                 if min > max {
-                    return self.refuse(&join(path, "minLength"), "'minLength' is above 'maxLength'");
+                    return self
+                        .refuse(&join(path, "minLength"), "'minLength' is above 'maxLength'");
                 }
                 let pattern = match (v.get("pattern"), v.get("format")) {
                     (Some(_), Some(_)) if self.strict => {
@@ -707,7 +749,10 @@ impl<'a> Compiler<'a> {
                 let l = self.g.lit(vec![b"null".to_vec()]);
                 Ok(self.g.push(Schema::Literals(l)))
             }
-            other => self.refuse(&join(path, "type"), format!("'{other}' is not a JSON Schema type")),
+            other => self.refuse(
+                &join(path, "type"),
+                format!("'{other}' is not a JSON Schema type"),
+            ),
         }
     }
 
@@ -715,19 +760,28 @@ impl<'a> Compiler<'a> {
         let props = match v.get("properties") {
             None => None,
             Some(Value::Object(p)) => Some(p),
-            Some(_) => return self.refuse(&join(path, "properties"), "'properties' must be an object"),
+            Some(_) => {
+                return self.refuse(&join(path, "properties"), "'properties' must be an object")
+            }
         };
         let required: Vec<&str> = match v.get("required") {
             None => Vec::new(),
-            Some(Value::Array(r)) if r.iter().all(Value::is_string) => r.iter().filter_map(Value::as_str).collect(),
+            Some(Value::Array(r)) if r.iter().all(Value::is_string) => {
+                r.iter().filter_map(Value::as_str).collect()
+            }
             Some(_) if self.strict => {
-                return self.refuse(&join(path, "required"), "'required' must be an array of property names")
+                return self.refuse(
+                    &join(path, "required"),
+                    "'required' must be an array of property names",
+                )
             }
             Some(_) => Vec::new(),
         };
         let additional = v.get("additionalProperties");
         // Declared properties, then required ones not declared (any value).
-        let mut names: Vec<&str> = props.map(|p| p.keys().map(String::as_str).collect()).unwrap_or_default();
+        let mut names: Vec<&str> = props
+            .map(|p| p.keys().map(String::as_str).collect())
+            .unwrap_or_default();
         for r in &required {
             if !names.contains(r) {
                 names.push(r);
@@ -771,7 +825,12 @@ impl<'a> Compiler<'a> {
             .iter()
             .filter_map(|r| names.iter().position(|n| n == r))
             .fold(0u64, |m, i| m | 1 << i);
-        let keys = self.g.lit(names.iter().map(|n| serialized(&Value::String((*n).to_string()))).collect());
+        let keys = self.g.lit(
+            names
+                .iter()
+                .map(|n| serialized(&Value::String((*n).to_string())))
+                .collect(),
+        );
         Ok(self.g.push(Schema::Object {
             keys,
             values,
@@ -805,10 +864,21 @@ impl<'a> Compiler<'a> {
         let unbounded = lo.0 == f64::NEG_INFINITY && hi.0 == f64::INFINITY;
         if integer || unbounded {
             // Bounds rounded inwards to integers.
-            let lo_i = if lo.1 { lo.0.floor() + 1.0 } else { lo.0.ceil() };
-            let hi_i = if hi.1 { hi.0.ceil() - 1.0 } else { hi.0.floor() };
+            let lo_i = if lo.1 {
+                lo.0.floor() + 1.0
+            } else {
+                lo.0.ceil()
+            };
+            let hi_i = if hi.1 {
+                hi.0.ceil() - 1.0
+            } else {
+                hi.0.floor()
+            };
             if lo_i > hi_i {
-                return self.refuse(&join(path, "minimum"), "no integer lies between 'minimum' and 'maximum'");
+                return self.refuse(
+                    &join(path, "minimum"),
+                    "no integer lies between 'minimum' and 'maximum'",
+                );
             }
             // `as` saturates: bounds beyond i64 are no bound.
             return Ok(self.g.push(Schema::Number {
@@ -824,7 +894,10 @@ impl<'a> Compiler<'a> {
             hi_open: hi.1,
         };
         if !bounds.meets(lo.0.max(-1e300), hi.0.min(1e300), true) {
-            return self.refuse(&join(path, "minimum"), "no number lies between 'minimum' and 'maximum'");
+            return self.refuse(
+                &join(path, "minimum"),
+                "no number lies between 'minimum' and 'maximum'",
+            );
         }
         Ok(self.g.push(Schema::Decimal(bounds)))
     }
@@ -889,9 +962,15 @@ impl<'a> Compiler<'a> {
                     continue;
                 }
                 let ok = match &s[i] {
-                    Schema::Any | Schema::Map(_) | Schema::String { .. } | Schema::Number { .. } | Schema::Decimal(_) => true,
+                    Schema::Any
+                    | Schema::Map(_)
+                    | Schema::String { .. }
+                    | Schema::Number { .. }
+                    | Schema::Decimal(_) => true,
                     Schema::Literals(l) => !self.g.lits[*l as usize].is_empty(),
-                    Schema::Object { values, required, .. } => values
+                    Schema::Object {
+                        values, required, ..
+                    } => values
                         .iter()
                         .enumerate()
                         .all(|(k, v)| required & (1 << k) == 0 || live[*v as usize]),
@@ -916,7 +995,9 @@ impl<'a> Compiler<'a> {
         for i in self.first..self.g.schemas.len() {
             match &mut self.g.schemas[i] {
                 Schema::Union(alts) => alts.retain(|a| live[*a as usize]),
-                Schema::Object { values, blocked, .. } => {
+                Schema::Object {
+                    values, blocked, ..
+                } => {
                     *blocked = values
                         .iter()
                         .enumerate()

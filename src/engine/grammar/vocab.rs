@@ -75,7 +75,10 @@ impl Vocab {
         let vocab = tok.get_vocab(false);
         let byte_level = vocab.keys().any(|t| t.contains('\u{120}'));
         let mut of_char = std::collections::HashMap::new();
-        for (b, c) in crate::engine::tokenizer::byte_chars().into_iter().enumerate() {
+        for (b, c) in crate::engine::tokenizer::byte_chars()
+            .into_iter()
+            .enumerate()
+        {
             of_char.insert(c, b as u8);
         }
         let tokens = (0..size as u32)
@@ -101,4 +104,3 @@ impl Vocab {
         self.bytes.get(id as usize).map_or(&[], |b| b)
     }
 }
-
