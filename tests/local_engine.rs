@@ -185,13 +185,46 @@ async fn local_bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
     let (s, v) = ask(&gw, json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000})).await;
     assert_eq!(s, 400);
     assert_eq!(v["error"]["param"], "max_tokens");
+    // More choices than the engine decodes at once (max_batch, 16 by default).
     let (s, v) = ask(
         &gw,
-        json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 2}),
+        json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 17}),
     )
     .await;
     assert_eq!(s, 400);
     assert_eq!(v["error"]["param"], "n");
+    // Structured answers the grammar cannot hold to, named by the schema path.
+    for (schema, param) in [
+        (
+            json!({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": true}}}),
+            "response_format.json_schema.schema.properties.a.uniqueItems",
+        ),
+        (
+            json!({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
+            "response_format.json_schema.schema.$ref",
+        ),
+        (
+            json!({"type": "object", "properties": {"me": {"$ref": "#"}}, "required": ["me"]}),
+            "response_format.json_schema.schema",
+        ),
+    ] {
+        let (s, v) = ask(&gw, json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})).await;
+        assert_eq!(s, 400, "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    let (s, v) = ask(&gw, json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})).await;
+    assert_eq!(s, 400);
+    assert_eq!(v["error"]["param"], "top_logprobs");
+    // A structured answer that max_tokens cuts finishes with `length`, and is logged as such.
+    let (s, v) = ask(
+        &gw,
+        json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+        "response_format": {"type": "json_object"}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
     // Tools are rendered into the prompt (Hermes style): the same request grows by the tool prompt.
     let (s, plain) = ask(
         &gw,
@@ -606,4 +639,20 @@ async fn smollm2_tool_calls_follow_the_schema_streamed_or_not() {
     }
     assert_eq!(finish.as_deref(), Some("tool_calls"), "{text}");
     check(&serde_json::from_str(&args).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_structured_outputs_logprobs_and_n_through_the_python_clients() {
+    let path = tokio::task::spawn_blocking(default_model).await.unwrap();
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
+    let mut gw = GatewayProcess::start(
+        &local_config(&path, "").replace("context_length = 512", "context_length = 2048"),
+    );
+    let stdout = run_script(python, "local_features.py", &[gw.url("/v1"), "smol".into()]).await;
+    println!("{stdout}");
+    let passed = stdout.lines().filter(|l| l.starts_with("ok: ")).count();
+    assert!(passed >= 28, "{stdout}");
+    assert!(gw.stop().success());
 }

@@ -240,11 +240,15 @@ impl LocalBackend {
         });
         let grammar = Grammar::new(spec, format.as_ref())
             .map_err(|e| {
+                let mut param = "response_format.json_schema.schema".to_string();
+                if !e.path.is_empty() {
+                    param = format!("{param}.{}", e.path);
+                }
                 self.refuse(
-                    Some(&format!("response_format.json_schema.schema.{}", e.path)),
+                    Some(&param),
                     format!(
-                        "The local model '{}' cannot enforce this response_format: {}: {}",
-                        self.engine.name, e.path, e.message
+                        "The local model '{}' cannot enforce this response_format: {} (at '{param}').",
+                        self.engine.name, e.message
                     ),
                 )
             })?

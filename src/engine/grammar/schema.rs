@@ -138,9 +138,9 @@ pub struct ToolSpec<'a> {
 }
 
 /// Part of an answer's schema the grammar cannot enforce or no value satisfies: where it is (a
-/// dotted path into the schema, ending with the keyword) and why.
+/// dotted path into the schema, ending with the keyword; empty for the schema as a whole) and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{path}: {message}")]
+#[error("{message} (at '{path}')")]
 pub struct SchemaError {
     pub path: String,
     pub message: String,
@@ -509,7 +509,7 @@ impl<'a> Compiler<'a> {
         if !live[id as usize] {
             if self.strict {
                 return Err(SchemaError {
-                    path: if path.is_empty() { "schema" } else { path }.to_string(),
+                    path: path.to_string(),
                     message: "no JSON value satisfies this schema (a required part is unsatisfiable, or a $ref recursion never ends)".into(),
                 });
             }
