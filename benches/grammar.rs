@@ -1,13 +1,14 @@
-//! The cost of constrained tool calls on the default model's 49k-token vocabulary: compiling a
+//! The cost of constrained decoding on the default model's 49k-token vocabulary: compiling a
 //! request's grammar, and masking the logits for one token inside a string argument, without a
-//! pattern and under a few patterns.
+//! pattern and under a few patterns; then a structured answer to a nested pydantic schema, masked
+//! at every token of a realistic answer.
 //!
 //! `cargo bench --bench grammar`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Instant;
 
-use flywheel::engine::grammar::{Grammar, GrammarState, Vocab};
+use flywheel::engine::grammar::{AnswerFormat, Grammar, GrammarState, Vocab};
 use serde_json::json;
 
 const ROUNDS: usize = 200;
@@ -68,6 +69,69 @@ fn main() {
             median(&mut mask)
         );
     }
+    structured(&info, &vocab, n);
+}
+
+/// A pydantic model with a nested model (through `$ref`), an enum, a list, optional fields and a
+/// bounded number, and an answer to it as the model would write it.
+fn structured(info: &flywheel::engine::tokenizer::TokenizerInfo, vocab: &Vocab, n: usize) {
+    let schema = json!({
+        "$defs": {
+            "Address": {"properties": {
+                "city": {"type": "string"}, "country": {"type": "string"},
+                "zip_code": {"anyOf": [{"type": "string"}, {"type": "null"}]}
+            }, "required": ["city", "country", "zip_code"], "type": "object", "additionalProperties": false},
+            "Kind": {"enum": ["person", "company"], "type": "string"}
+        },
+        "properties": {
+            "name": {"type": "string"},
+            "kind": {"$ref": "#/$defs/Kind"},
+            "address": {"$ref": "#/$defs/Address"},
+            "tags": {"items": {"type": "string"}, "type": "array", "maxItems": 3},
+            "founded": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+            "rating": {"type": "number", "minimum": 0, "maximum": 5}
+        },
+        "required": ["name", "kind", "address", "tags", "founded", "rating"],
+        "type": "object", "additionalProperties": false
+    });
+    let answer = "{\n  \"name\": \"Apple Inc.\",\n  \"kind\": \"company\",\n  \"address\": {\"city\": \"Cupertino\", \"country\": \"USA\", \"zip_code\": null},\n  \"tags\": [\"technology\", \"hardware\"],\n  \"founded\": 1976,\n  \"rating\": 4.5\n}";
+    let ids = info
+        .tokenizer
+        .encode_fast(answer, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let format = AnswerFormat::JsonSchema(schema);
+    let mut compile = Vec::new();
+    let mut per_token = Vec::new();
+    for _ in 0..ROUNDS / 10 {
+        let t = Instant::now();
+        let g = Grammar::new(None, Some(&format)).unwrap().unwrap();
+        compile.push(t.elapsed().as_secs_f64() * 1e6);
+        let mut s = GrammarState::new(&g);
+        for &id in &ids {
+            let mut logits = vec![0f32; n];
+            let t = Instant::now();
+            s.mask(&g, vocab, &mut logits);
+            per_token.push(t.elapsed().as_secs_f64() * 1e6);
+            assert!(
+                logits[id as usize].is_finite(),
+                "the answer's token {id} was masked"
+            );
+            s.advance(&g, vocab.bytes(id));
+        }
+    }
+    let mean = per_token.iter().sum::<f64>() / per_token.len() as f64;
+    per_token.sort_by(f64::total_cmp);
+    let p99 = per_token[per_token.len() * 99 / 100];
+    println!("\nstructured answer to a nested pydantic schema ($ref, enum, list, nullable, bounded number), {} tokens, {} rounds:", ids.len(), ROUNDS / 10);
+    println!("| compile µs (median) | mask µs per token: mean | median | p99 |");
+    println!("|---|---|---|---|");
+    println!(
+        "| {:.0} | {mean:.0} | {:.0} | {p99:.0} |",
+        median(&mut compile),
+        median(&mut per_token)
+    );
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -336,7 +336,9 @@ impl LlamaModel {
         };
         let head = match format {
             WeightFormat::Q8_0 => quantized_matrix(head_q.dequantize(device)?, format)?,
-            _ => Proj::Candle(QMatMul::from_arc(head_q)?),
+            // f32 all the way: a quantized head would quantize the activations it multiplies.
+            WeightFormat::F32 => Proj::Candle(QMatMul::Tensor(head_q.dequantize(device)?)),
+            WeightFormat::Native => Proj::Candle(QMatMul::from_arc(head_q)?),
         };
         let (cos, sin) = rope_tables(&cfg, device)?;
         Ok(Self {
