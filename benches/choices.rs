@@ -40,10 +40,16 @@ fn main() {
     let engine = load(0);
     println!("choices benchmark: SmolLM2-135M Q4_1 GGUF, weights {weights}, {decode} tokens, {rounds} rounds");
 
-    // A prompt that keeps the model writing: a chat turn asking for a long story.
+    // A prompt that keeps the model writing, behind a system prompt of an agent's length (about
+    // 300 tokens): a chat turn asking for a long story.
+    let rules = "Answer in plain English, keep to the facts you are given, say when you do not know, and never invent names, numbers or dates. ".repeat(10);
+    let messages = [
+        serde_json::json!({"role": "system", "content": format!("You are a careful storyteller. {rules}")}),
+        serde_json::json!({"role": "user", "content": "Write a long story about a lighthouse keeper and a storm, with many details."}),
+    ];
     let prompt = engine
         .chat
-        .encode(&engine.chat.prompt(&[serde_json::json!({"role": "user", "content": "Write a long story about a lighthouse keeper and a storm, with many details."})], &[], None).unwrap())
+        .encode(&engine.chat.prompt(&messages, &[], None).unwrap())
         .unwrap();
 
     println!("\n| logprobs | decode tok/s, 1 stream (median of {rounds}) | vs off |");
