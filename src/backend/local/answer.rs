@@ -65,7 +65,7 @@ impl Answer {
 
 /// Token counts over every choice: the prompt once, each choice's completion.
 #[derive(Default)]
-struct Totals {
+pub(super) struct Totals {
     prompt: usize,
     completion: usize,
     cached: usize,
@@ -88,6 +88,165 @@ impl Totals {
             "total_tokens": self.prompt + self.completion,
             "prompt_tokens_details": {"cached_tokens": self.cached},
         })
+    }
+}
+
+/// How one API's answer is assembled from the engine's events, whole or streamed.
+pub(super) trait Assembly: Sized + Send + 'static {
+    type Choice: Send + 'static;
+
+    fn answer(&self) -> &Answer;
+    fn new_choice(&self) -> Self::Choice;
+    /// Whole answers: a choice's delta, and its end.
+    fn take(&self, c: &mut Self::Choice, text: String, logprobs: &[TokenLogprob]);
+    fn finish(&self, c: &mut Self::Choice, reason: FinishReason);
+    /// The whole answer, once every choice has ended.
+    fn whole(&self, choices: &[Self::Choice], totals: &Totals) -> Value;
+    /// Streams: what opens them (role chunks, echoed prompts), the chunks of a choice's delta
+    /// and of its end, and the usage chunk after every choice has ended.
+    fn opening(&self) -> Vec<Value>;
+    fn delta_chunks(
+        &self,
+        index: usize,
+        c: &mut Self::Choice,
+        text: String,
+        logprobs: &[TokenLogprob],
+    ) -> Vec<Value>;
+    fn end_chunks(&self, index: usize, c: &mut Self::Choice, reason: FinishReason) -> Vec<Value>;
+    fn usage_chunk(&self, totals: &Totals) -> Value;
+}
+
+/// The answer to a generation: whole, or as a chunk stream.
+pub(super) async fn reply<A: Assembly>(
+    a: A,
+    rx: mpsc::UnboundedReceiver<GenEvent>,
+    stream: bool,
+) -> Result<BackendReply, BackendError> {
+    if stream {
+        return Ok(streamed(a, rx));
+    }
+    whole(a, rx).await
+}
+
+async fn whole<A: Assembly>(
+    a: A,
+    mut rx: mpsc::UnboundedReceiver<GenEvent>,
+) -> Result<BackendReply, BackendError> {
+    let n = a.answer().n;
+    let mut choices: Vec<A::Choice> = (0..n).map(|_| a.new_choice()).collect();
+    let mut totals = Totals::default();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenEvent::Delta {
+                choice,
+                text,
+                logprobs,
+            } => {
+                if let Some(c) = choices.get_mut(choice) {
+                    a.take(c, text, &logprobs);
+                }
+            }
+            GenEvent::Done {
+                choice,
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+                cached_tokens,
+            } => {
+                if let Some(c) = choices.get_mut(choice) {
+                    a.finish(c, finish_reason);
+                }
+                totals.add(prompt_tokens, completion_tokens, cached_tokens);
+                if totals.done == n {
+                    return Ok(BackendReply::Full(a.whole(&choices, &totals)));
+                }
+            }
+            GenEvent::Error(message) => return Err(a.answer().failed(message)),
+        }
+    }
+    Err(a.answer().failed("generation ended without a result"))
+}
+
+/// A stream being assembled.
+struct Streaming<A: Assembly> {
+    a: A,
+    rx: mpsc::UnboundedReceiver<GenEvent>,
+    choices: Vec<A::Choice>,
+    totals: Totals,
+    over: bool,
+}
+
+impl<A: Assembly> Streaming<A> {
+    /// The chunks one event becomes.
+    fn step(&mut self, ev: Option<GenEvent>) -> Vec<Result<Value, BackendError>> {
+        let a = &self.a;
+        let out = match ev {
+            Some(GenEvent::Delta {
+                choice,
+                text,
+                logprobs,
+            }) => match self.choices.get_mut(choice) {
+                Some(c) => a.delta_chunks(choice, c, text, &logprobs),
+                None => Vec::new(),
+            },
+            Some(GenEvent::Done {
+                choice,
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+                cached_tokens,
+            }) => {
+                let mut out = match self.choices.get_mut(choice) {
+                    Some(c) => a.end_chunks(choice, c, finish_reason),
+                    None => Vec::new(),
+                };
+                self.totals
+                    .add(prompt_tokens, completion_tokens, cached_tokens);
+                if self.totals.done == a.answer().n {
+                    out.push(a.usage_chunk(&self.totals));
+                    self.over = true;
+                }
+                out
+            }
+            Some(GenEvent::Error(message)) => {
+                self.over = true;
+                return vec![Err(a.answer().failed(message))];
+            }
+            None => {
+                self.over = true;
+                return vec![Err(a.answer().failed("generation stopped unexpectedly"))];
+            }
+        };
+        out.into_iter().map(Ok).collect()
+    }
+}
+
+fn streamed<A: Assembly>(a: A, rx: mpsc::UnboundedReceiver<GenEvent>) -> BackendReply {
+    let opening: Vec<Result<Value, BackendError>> = a.opening().into_iter().map(Ok).collect();
+    let choices = (0..a.answer().n).map(|_| a.new_choice()).collect();
+    let state = Streaming {
+        a,
+        rx,
+        choices,
+        totals: Totals::default(),
+        over: false,
+    };
+    let rest = futures_util::stream::unfold(state, |mut st| async move {
+        if st.over {
+            return None;
+        }
+        let ev = st.rx.recv().await;
+        let out = st.step(ev);
+        Some((out, st))
+    });
+    let rest = futures_util::StreamExt::flat_map(rest, futures_util::stream::iter);
+    let chunks: ChunkStream = Box::pin(futures_util::StreamExt::chain(
+        futures_util::stream::iter(opening),
+        rest,
+    ));
+    BackendReply::Stream {
+        chunks,
+        usage_injected: true,
     }
 }
 
@@ -115,7 +274,7 @@ fn chat_finish(reason: FinishReason, calls: usize) -> &'static str {
 }
 
 /// One chat choice as it decodes.
-struct ChatChoice {
+pub(super) struct ChatChoice {
     parser: Option<ToolCallParser>,
     text: String,
     calls: Vec<ParsedCall>,
@@ -192,72 +351,6 @@ pub(super) struct ChatAnswer {
 }
 
 impl ChatAnswer {
-    pub async fn reply(
-        self,
-        rx: mpsc::UnboundedReceiver<GenEvent>,
-        stream: bool,
-    ) -> Result<BackendReply, BackendError> {
-        if stream {
-            return Ok(self.stream(rx));
-        }
-        self.whole(rx).await
-    }
-
-    async fn whole(
-        self,
-        mut rx: mpsc::UnboundedReceiver<GenEvent>,
-    ) -> Result<BackendReply, BackendError> {
-        let a = &self.answer;
-        let mut choices: Vec<ChatChoice> = (0..a.n).map(|_| ChatChoice::new(self.tools)).collect();
-        let mut totals = Totals::default();
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                GenEvent::Delta {
-                    choice,
-                    text,
-                    logprobs,
-                } => {
-                    if let Some(c) = choices.get_mut(choice) {
-                        let parsed = c.parse(text);
-                        c.keep(parsed);
-                        c.logprobs
-                            .extend(logprobs.iter().map(|l| a.chat_logprob(l)));
-                    }
-                }
-                GenEvent::Done {
-                    choice,
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                    cached_tokens,
-                } => {
-                    if let Some(c) = choices.get_mut(choice) {
-                        let rest = c.rest();
-                        c.keep(rest);
-                        c.finish = Some(finish_reason);
-                    }
-                    totals.add(prompt_tokens, completion_tokens, cached_tokens);
-                    if totals.done == a.n {
-                        return Ok(BackendReply::Full(json!({
-                            "id": a.id,
-                            "object": "chat.completion",
-                            "created": a.created,
-                            "model": a.model,
-                            "choices": choices
-                                .iter()
-                                .enumerate()
-                                .map(|(i, c)| c.whole(i, a.logprobs))
-                                .collect::<Vec<_>>(),
-                            "usage": totals.usage(),
-                        })));
-                    }
-                }
-                GenEvent::Error(message) => return Err(a.failed(message)),
-            }
-        }
-        Err(a.failed("generation ended without a result"))
-    }
-
     /// One `chat.completion.chunk` for choice `index`.
     fn chunk(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
         let a = &self.answer;
@@ -281,110 +374,102 @@ impl ChatAnswer {
                     json!({"tool_calls": [tool_call_json(&call, Some(c.streamed_calls - 1))]})
                 }
             };
-            let logprobs = self.pending(c);
+            let logprobs = Self::pending(c);
             out.push(self.chunk(index, delta, logprobs, None));
         }
         out
     }
 
     /// A choice's logprobs not yet sent, as a chunk's `logprobs` (null when there are none).
-    fn pending(&self, c: &mut ChatChoice) -> Value {
+    fn pending(c: &mut ChatChoice) -> Value {
         if c.logprobs.is_empty() {
             return Value::Null;
         }
         json!({"content": std::mem::take(&mut c.logprobs), "refusal": null})
     }
+}
 
-    /// The chunks one event becomes, and whether the stream is over.
-    fn on_event(
-        &self,
-        ev: Option<GenEvent>,
-        choices: &mut [ChatChoice],
-        totals: &mut Totals,
-    ) -> (Vec<Result<Value, BackendError>>, bool) {
-        let a = &self.answer;
-        match ev {
-            Some(GenEvent::Delta {
-                choice,
-                text,
-                logprobs,
-            }) => {
-                let Some(c) = choices.get_mut(choice) else {
-                    return (Vec::new(), false);
-                };
-                c.logprobs
-                    .extend(logprobs.iter().map(|l| a.chat_logprob(l)));
-                let parsed = c.parse(text);
-                (
-                    self.chunks(choice, c, parsed).into_iter().map(Ok).collect(),
-                    false,
-                )
-            }
-            Some(GenEvent::Done {
-                choice,
-                finish_reason,
-                prompt_tokens,
-                completion_tokens,
-                cached_tokens,
-            }) => {
-                let mut out = Vec::new();
-                if let Some(c) = choices.get_mut(choice) {
-                    let rest = c.rest();
-                    out = self.chunks(choice, c, rest);
-                    let finish = chat_finish(finish_reason, c.streamed_calls);
-                    let logprobs = self.pending(c);
-                    out.push(self.chunk(choice, json!({}), logprobs, Some(finish)));
-                }
-                totals.add(prompt_tokens, completion_tokens, cached_tokens);
-                let over = totals.done == a.n;
-                if over {
-                    let mut usage_chunk = self.chunk(0, json!({}), Value::Null, None);
-                    usage_chunk["choices"] = json!([]);
-                    usage_chunk["usage"] = totals.usage();
-                    out.push(usage_chunk);
-                }
-                (out.into_iter().map(Ok).collect(), over)
-            }
-            Some(GenEvent::Error(message)) => (vec![Err(a.failed(message))], true),
-            None => (vec![Err(a.failed("generation stopped unexpectedly"))], true),
-        }
+impl Assembly for ChatAnswer {
+    type Choice = ChatChoice;
+
+    fn answer(&self) -> &Answer {
+        &self.answer
     }
 
-    /// Each choice's role chunk, then content and tool-call chunks as they decode, each choice's
-    /// finish chunk, then the usage chunk.
-    fn stream(self, rx: mpsc::UnboundedReceiver<GenEvent>) -> BackendReply {
-        let roles: Vec<Result<Value, BackendError>> = (0..self.answer.n)
+    fn new_choice(&self) -> ChatChoice {
+        ChatChoice::new(self.tools)
+    }
+
+    fn take(&self, c: &mut ChatChoice, text: String, logprobs: &[TokenLogprob]) {
+        let parsed = c.parse(text);
+        c.keep(parsed);
+        c.logprobs
+            .extend(logprobs.iter().map(|l| self.answer.chat_logprob(l)));
+    }
+
+    fn finish(&self, c: &mut ChatChoice, reason: FinishReason) {
+        let rest = c.rest();
+        c.keep(rest);
+        c.finish = Some(reason);
+    }
+
+    fn whole(&self, choices: &[ChatChoice], totals: &Totals) -> Value {
+        let a = &self.answer;
+        json!({
+            "id": a.id,
+            "object": "chat.completion",
+            "created": a.created,
+            "model": a.model,
+            "choices": choices
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c.whole(i, a.logprobs))
+                .collect::<Vec<_>>(),
+            "usage": totals.usage(),
+        })
+    }
+
+    /// Each choice's role chunk.
+    fn opening(&self) -> Vec<Value> {
+        (0..self.answer.n)
             .map(|i| {
-                Ok(self.chunk(
+                self.chunk(
                     i,
                     json!({"role": "assistant", "content": ""}),
                     Value::Null,
                     None,
-                ))
+                )
             })
-            .collect();
-        let choices: Vec<ChatChoice> = (0..self.answer.n)
-            .map(|_| ChatChoice::new(self.tools))
-            .collect();
-        let state = (self, rx, choices, Totals::default(), false);
-        let rest = futures_util::stream::unfold(state, |mut st| async move {
-            if st.4 {
-                return None;
-            }
-            let ev = st.1.recv().await;
-            let (out, over) = st.0.on_event(ev, &mut st.2, &mut st.3);
-            st.4 = over;
-            Some((out, st))
-        });
-        let rest = futures_util::StreamExt::flat_map(rest, futures_util::stream::iter);
-        let chunks: ChunkStream = Box::pin(futures_util::StreamExt::chain(
-            futures_util::stream::iter(roles),
-            rest,
-        ));
-        BackendReply::Stream {
-            chunks,
-            usage_injected: true,
-        }
+            .collect()
+    }
+
+    fn delta_chunks(
+        &self,
+        index: usize,
+        c: &mut ChatChoice,
+        text: String,
+        logprobs: &[TokenLogprob],
+    ) -> Vec<Value> {
+        c.logprobs
+            .extend(logprobs.iter().map(|l| self.answer.chat_logprob(l)));
+        let parsed = c.parse(text);
+        self.chunks(index, c, parsed)
+    }
+
+    fn end_chunks(&self, index: usize, c: &mut ChatChoice, reason: FinishReason) -> Vec<Value> {
+        let rest = c.rest();
+        let mut out = self.chunks(index, c, rest);
+        let finish = chat_finish(reason, c.streamed_calls);
+        let logprobs = Self::pending(c);
+        out.push(self.chunk(index, json!({}), logprobs, Some(finish)));
+        out
+    }
+
+    fn usage_chunk(&self, totals: &Totals) -> Value {
+        let mut last = self.chunk(0, json!({}), Value::Null, None);
+        last["choices"] = json!([]);
+        last["usage"] = totals.usage();
+        last
     }
 }
 
@@ -414,7 +499,7 @@ impl TextLogprobs {
 
 /// One legacy completion choice as it decodes.
 #[derive(Default)]
-struct TextChoice {
+pub(super) struct TextChoice {
     text: String,
     /// Characters of text so far (where the next token's `text_offset` is).
     offset: usize,
@@ -445,15 +530,6 @@ impl CompletionAnswer {
         json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
     }
 
-    fn new_choice(&self) -> TextChoice {
-        let echo = self.echo.clone().unwrap_or_default();
-        TextChoice {
-            offset: echo.chars().count(),
-            text: echo,
-            ..TextChoice::default()
-        }
-    }
-
     /// Takes a delta's logprobs into a choice's columns.
     fn note(&self, c: &mut TextChoice, logprobs: &[TokenLogprob]) {
         let a = &self.answer;
@@ -472,156 +548,90 @@ impl CompletionAnswer {
         }
     }
 
-    pub async fn reply(
-        self,
-        rx: mpsc::UnboundedReceiver<GenEvent>,
-        stream: bool,
-    ) -> Result<BackendReply, BackendError> {
-        if stream {
-            return Ok(self.stream(rx));
+    /// A choice's logprobs not yet sent (null when there are none).
+    fn pending(c: &mut TextChoice) -> Value {
+        if c.logprobs.is_empty() {
+            Value::Null
+        } else {
+            std::mem::take(&mut c.logprobs).json()
         }
-        self.whole(rx).await
+    }
+}
+
+impl Assembly for CompletionAnswer {
+    type Choice = TextChoice;
+
+    fn answer(&self) -> &Answer {
+        &self.answer
     }
 
-    async fn whole(
-        self,
-        mut rx: mpsc::UnboundedReceiver<GenEvent>,
-    ) -> Result<BackendReply, BackendError> {
-        let a = &self.answer;
-        let mut choices: Vec<TextChoice> = (0..a.n).map(|_| self.new_choice()).collect();
-        let mut totals = Totals::default();
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                GenEvent::Delta {
-                    choice,
-                    text,
-                    logprobs,
-                } => {
-                    if let Some(c) = choices.get_mut(choice) {
-                        c.text.push_str(&text);
-                        self.note(c, &logprobs);
-                    }
-                }
-                GenEvent::Done {
-                    choice,
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                    cached_tokens,
-                } => {
-                    if let Some(c) = choices.get_mut(choice) {
-                        c.finish = Some(finish_reason);
-                    }
-                    totals.add(prompt_tokens, completion_tokens, cached_tokens);
-                    if totals.done == a.n {
-                        let list: Vec<Value> = choices
-                            .iter()
-                            .enumerate()
-                            .map(|(i, c)| {
-                                let lp = if a.logprobs {
-                                    c.logprobs.json()
-                                } else {
-                                    Value::Null
-                                };
-                                let finish = c.finish.unwrap_or(FinishReason::Stop).as_str();
-                                self.choice(i, &c.text, lp, Some(finish))
-                            })
-                            .collect();
-                        let mut v = self.object(Value::Array(list));
-                        v["usage"] = totals.usage();
-                        return Ok(BackendReply::Full(v));
-                    }
-                }
-                GenEvent::Error(m) => return Err(a.failed(m)),
-            }
+    fn new_choice(&self) -> TextChoice {
+        let echo = self.echo.clone().unwrap_or_default();
+        TextChoice {
+            offset: echo.chars().count(),
+            text: echo,
+            ..TextChoice::default()
         }
-        Err(a.failed("generation ended without a result"))
     }
 
-    fn on_event(
-        &self,
-        ev: Option<GenEvent>,
-        choices: &mut [TextChoice],
-        totals: &mut Totals,
-    ) -> (Vec<Result<Value, BackendError>>, bool) {
-        let a = &self.answer;
-        let pending = |c: &mut TextChoice| {
-            if c.logprobs.is_empty() {
-                Value::Null
-            } else {
-                std::mem::take(&mut c.logprobs).json()
-            }
-        };
-        match ev {
-            Some(GenEvent::Delta {
-                choice,
-                text,
-                logprobs,
-            }) => {
-                let Some(c) = choices.get_mut(choice) else {
-                    return (Vec::new(), false);
+    fn take(&self, c: &mut TextChoice, text: String, logprobs: &[TokenLogprob]) {
+        c.text.push_str(&text);
+        self.note(c, logprobs);
+    }
+
+    fn finish(&self, c: &mut TextChoice, reason: FinishReason) {
+        c.finish = Some(reason);
+    }
+
+    fn whole(&self, choices: &[TextChoice], totals: &Totals) -> Value {
+        let list: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let lp = if self.answer.logprobs {
+                    c.logprobs.json()
+                } else {
+                    Value::Null
                 };
-                self.note(c, &logprobs);
-                let lp = pending(c);
-                let chunk = self.object(json!([self.choice(choice, &text, lp, None)]));
-                (vec![Ok(chunk)], false)
-            }
-            Some(GenEvent::Done {
-                choice,
-                finish_reason,
-                prompt_tokens,
-                completion_tokens,
-                cached_tokens,
-            }) => {
-                let lp = choices.get_mut(choice).map_or(Value::Null, pending);
-                let mut out = vec![Ok(self.object(json!([self.choice(
-                    choice,
-                    "",
-                    lp,
-                    Some(finish_reason.as_str())
-                )])))];
-                totals.add(prompt_tokens, completion_tokens, cached_tokens);
-                let over = totals.done == a.n;
-                if over {
-                    let mut last = self.object(json!([]));
-                    last["usage"] = totals.usage();
-                    out.push(Ok(last));
-                }
-                (out, over)
-            }
-            Some(GenEvent::Error(m)) => (vec![Err(a.failed(m))], true),
-            None => (vec![Err(a.failed("generation stopped unexpectedly"))], true),
-        }
+                let finish = c.finish.unwrap_or(FinishReason::Stop).as_str();
+                self.choice(i, &c.text, lp, Some(finish))
+            })
+            .collect();
+        let mut v = self.object(Value::Array(list));
+        v["usage"] = totals.usage();
+        v
     }
 
-    /// Each choice's echoed prompt (if asked for), text chunks as they decode, each choice's
-    /// finish chunk, then a usage chunk.
-    fn stream(self, rx: mpsc::UnboundedReceiver<GenEvent>) -> BackendReply {
-        let echoes: Vec<Result<Value, BackendError>> = match self.echo.as_deref() {
+    /// Each choice's echoed prompt, if asked for.
+    fn opening(&self) -> Vec<Value> {
+        match self.echo.as_deref() {
             Some(e) if !e.is_empty() => (0..self.answer.n)
-                .map(|i| Ok(self.object(json!([self.choice(i, e, Value::Null, None)]))))
+                .map(|i| self.object(json!([self.choice(i, e, Value::Null, None)])))
                 .collect(),
             _ => Vec::new(),
-        };
-        let choices: Vec<TextChoice> = (0..self.answer.n).map(|_| self.new_choice()).collect();
-        let state = (self, rx, choices, Totals::default(), false);
-        let rest = futures_util::stream::unfold(state, |mut st| async move {
-            if st.4 {
-                return None;
-            }
-            let ev = st.1.recv().await;
-            let (out, over) = st.0.on_event(ev, &mut st.2, &mut st.3);
-            st.4 = over;
-            Some((out, st))
-        });
-        let rest = futures_util::StreamExt::flat_map(rest, futures_util::stream::iter);
-        let chunks: ChunkStream = Box::pin(futures_util::StreamExt::chain(
-            futures_util::stream::iter(echoes),
-            rest,
-        ));
-        BackendReply::Stream {
-            chunks,
-            usage_injected: true,
         }
+    }
+
+    fn delta_chunks(
+        &self,
+        index: usize,
+        c: &mut TextChoice,
+        text: String,
+        logprobs: &[TokenLogprob],
+    ) -> Vec<Value> {
+        self.note(c, logprobs);
+        let lp = Self::pending(c);
+        vec![self.object(json!([self.choice(index, &text, lp, None)]))]
+    }
+
+    fn end_chunks(&self, index: usize, c: &mut TextChoice, reason: FinishReason) -> Vec<Value> {
+        let lp = Self::pending(c);
+        vec![self.object(json!([self.choice(index, "", lp, Some(reason.as_str()))]))]
+    }
+
+    fn usage_chunk(&self, totals: &Totals) -> Value {
+        let mut last = self.object(json!([]));
+        last["usage"] = totals.usage();
+        last
     }
 }

@@ -346,13 +346,13 @@ impl LocalBackend {
                 answer,
                 echo: prepared.echo,
             };
-            return answer.reply(rx, request.stream).await;
+            return answer::reply(answer, rx, request.stream).await;
         }
         let answer = ChatAnswer {
             answer,
             tools: prepared.tools,
         };
-        answer.reply(rx, request.stream).await
+        answer::reply(answer, rx, request.stream).await
     }
 }
 
