@@ -227,13 +227,15 @@ impl LocalBackend {
             top_k: body.get("top_k").and_then(Value::as_u64).unwrap_or(0) as usize,
             seed: body.get("seed").and_then(Value::as_i64).map(|s| s as u64),
         };
-        // Tool calls are constrained when the engine is set to; a structured answer always is.
+        // Tool calls are constrained when the engine is set to; a structured answer always is,
+        // and then so are the calls that may stand in its place.
         let format = if completion {
             None
         } else {
             AnswerFormat::from_response_format(body.get("response_format"))
         };
-        let spec = (use_tools && self.engine.constrain_tool_calls).then(|| ToolSpec {
+        let constrain = self.engine.constrain_tool_calls || format.is_some();
+        let spec = (use_tools && constrain).then(|| ToolSpec {
             tools: &tools,
             choice: body.get("tool_choice"),
             parallel: body.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false),

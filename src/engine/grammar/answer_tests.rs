@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::tests::{lcg, test_vocab};
+use super::tests::{random_walk, test_vocab};
 use super::*;
 
 fn format(schema: Value) -> Grammar {
@@ -232,29 +232,9 @@ fn with_tools_the_answer_is_calls_or_the_value() {
 fn random_models_under_the_mask_always_write_valid_answers() {
     let g = format(pydantic_schema());
     let vocab = test_vocab();
-    let n = vocab.bytes.len();
     let mut rng = 11u64;
     for trial in 0..200 {
-        let mut s = GrammarState::new(&g);
-        let mut text = Vec::new();
-        let mut steps = 0;
-        loop {
-            steps += 1;
-            assert!(steps < 20_000, "trial {trial}: no end after {steps} tokens");
-            let mut logits: Vec<f32> = (0..n).map(|_| lcg(&mut rng)).collect();
-            s.mask(&g, &vocab, &mut logits);
-            let t = crate::engine::sampling::argmax(&logits);
-            assert!(
-                logits[t as usize].is_finite(),
-                "trial {trial}: nothing allowed"
-            );
-            if vocab.eos.contains(&t) {
-                break;
-            }
-            text.extend_from_slice(vocab.bytes(t));
-            s.advance(&g, vocab.bytes(t));
-        }
-        let text = String::from_utf8(text).unwrap();
+        let text = random_walk(&g, &vocab, &mut rng);
         let v: Value =
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("trial {trial}: {e}: {text}"));
         let o = v.as_object().unwrap();

@@ -1331,6 +1331,27 @@ mod tests {
         Vocab::new(tokens, vec![eos])
     }
 
+    /// What a model with random logits writes under the mask, up to the end of its turn.
+    pub(super) fn random_walk(g: &Grammar, vocab: &Vocab, rng: &mut u64) -> String {
+        let mut s = GrammarState::new(g);
+        let mut text = Vec::new();
+        for _ in 0..20_000 {
+            let mut logits: Vec<f32> = (0..vocab.bytes.len()).map(|_| lcg(rng)).collect();
+            s.mask(g, vocab, &mut logits);
+            let t = crate::engine::sampling::argmax(&logits);
+            assert!(
+                logits[t as usize].is_finite(),
+                "nothing allowed after {text:?}"
+            );
+            if vocab.eos.contains(&t) {
+                return String::from_utf8(text).unwrap();
+            }
+            text.extend_from_slice(vocab.bytes(t));
+            s.advance(g, vocab.bytes(t));
+        }
+        panic!("no end after 20,000 tokens");
+    }
+
     pub(super) fn lcg(state: &mut u64) -> f32 {
         *state = state
             .wrapping_mul(6364136223846793005)
@@ -1392,29 +1413,9 @@ mod tests {
     fn random_models_under_the_mask_always_write_schema_valid_calls() {
         let g = Grammar::for_tools(&tools(), Some(&json!("required")), true).unwrap();
         let vocab = test_vocab();
-        let n = vocab.bytes.len();
         let mut rng = 7u64;
         for trial in 0..200 {
-            let mut s = GrammarState::new(&g);
-            let mut text = Vec::new();
-            let mut steps = 0;
-            loop {
-                steps += 1;
-                assert!(steps < 20_000, "trial {trial}: no end after {steps} tokens");
-                let mut logits: Vec<f32> = (0..n).map(|_| lcg(&mut rng)).collect();
-                s.mask(&g, &vocab, &mut logits);
-                let t = crate::engine::sampling::argmax(&logits);
-                assert!(
-                    logits[t as usize].is_finite(),
-                    "trial {trial}: nothing allowed"
-                );
-                if vocab.eos.contains(&t) {
-                    break;
-                }
-                text.extend_from_slice(vocab.bytes(t));
-                s.advance(&g, vocab.bytes(t));
-            }
-            let text = String::from_utf8(text).unwrap();
+            let text = random_walk(&g, &vocab, &mut rng);
             let blocks: Vec<&str> = text
                 .split("</tool_call>")
                 .filter(|b| !b.trim().is_empty())
