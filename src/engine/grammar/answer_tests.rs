@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::tests::{random_walk, test_vocab};
+use super::tests::{lcg, random_walk, test_vocab};
 use super::*;
 
 fn format(schema: Value) -> Grammar {
@@ -247,4 +247,145 @@ fn random_models_under_the_mask_always_write_valid_answers() {
         let allowed = ["name", "kind", "address", "tags", "score", "born"];
         assert!(o.keys().all(|k| allowed.contains(&k.as_str())), "{text}");
     }
+}
+
+fn pick(rng: &mut u64, n: usize) -> usize {
+    (lcg(rng) * n as f32) as usize % n
+}
+
+/// A random JSON value built from schema keywords and odd values, for fuzzing the compiler.
+fn random_schema(rng: &mut u64, depth: usize) -> Value {
+    let keys = [
+        "type",
+        "properties",
+        "required",
+        "items",
+        "enum",
+        "const",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "$ref",
+        "$defs",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "minLength",
+        "maxLength",
+        "minItems",
+        "maxItems",
+        "pattern",
+        "format",
+        "additionalProperties",
+        "not",
+        "title",
+    ];
+    let leaves = [
+        json!("string"),
+        json!("number"),
+        json!("integer"),
+        json!("object"),
+        json!("array"),
+        json!("null"),
+        json!("boolean"),
+        json!("nope"),
+        json!(-3),
+        json!(0),
+        json!(2.5),
+        json!(1e300),
+        json!(true),
+        json!(false),
+        json!(null),
+        json!([]),
+        json!({}),
+        json!("#"),
+        json!("#/$defs/a"),
+        json!("#/properties"),
+        json!("date"),
+        json!("[a-z]+"),
+        json!("(?=x)"),
+        json!(["string", "null"]),
+        json!(["a"]),
+    ];
+    if depth > 3 || pick(rng, 4) == 0 {
+        return leaves[pick(rng, leaves.len())].clone();
+    }
+    let mut o = serde_json::Map::new();
+    for _ in 0..1 + pick(rng, 4) {
+        let k = keys[pick(rng, keys.len())];
+        let v = match pick(rng, 3) {
+            0 => leaves[pick(rng, leaves.len())].clone(),
+            1 => Value::Array(
+                (0..pick(rng, 3))
+                    .map(|_| random_schema(rng, depth + 1))
+                    .collect(),
+            ),
+            _ => {
+                let mut m = serde_json::Map::new();
+                for i in 0..pick(rng, 3) {
+                    m.insert(
+                        ["a", "b", "x"][i].to_string(),
+                        random_schema(rng, depth + 1),
+                    );
+                }
+                Value::Object(m)
+            }
+        };
+        o.insert(k.to_string(), v);
+    }
+    Value::Object(o)
+}
+
+#[test]
+fn random_schemas_compile_or_are_refused_and_never_trap_a_model() {
+    let vocab = test_vocab();
+    let mut rng = 5u64;
+    let (mut taken, mut refused) = (0, 0);
+    for _ in 0..3000 {
+        let schema = random_schema(&mut rng, 0);
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "f", "parameters": schema.clone()}}),
+        ];
+        // Tools take any schema (what is not enforced is left free).
+        assert!(
+            Grammar::for_tools(&tools, Some(&json!("required")), true).is_some(),
+            "{schema}"
+        );
+        match Grammar::new(None, Some(&AnswerFormat::JsonSchema(schema.clone()))) {
+            Ok(Some(g)) => {
+                taken += 1;
+                // A model under the mask can always go on, and what it finishes is JSON.
+                let mut s = GrammarState::new(&g);
+                let mut text = Vec::new();
+                for _ in 0..400 {
+                    let mut logits: Vec<f32> =
+                        (0..vocab.bytes.len()).map(|_| lcg(&mut rng)).collect();
+                    s.mask(&g, &vocab, &mut logits);
+                    let t = crate::engine::sampling::argmax(&logits);
+                    assert!(
+                        logits[t as usize].is_finite(),
+                        "{schema}: stuck after {:?}",
+                        String::from_utf8_lossy(&text)
+                    );
+                    if vocab.eos.contains(&t) {
+                        let done = String::from_utf8(text.clone()).unwrap();
+                        assert!(
+                            serde_json::from_str::<Value>(&done).is_ok(),
+                            "{schema}: {done}"
+                        );
+                        break;
+                    }
+                    text.extend_from_slice(vocab.bytes(t));
+                    s.advance(&g, vocab.bytes(t));
+                }
+            }
+            Ok(None) => panic!("a format always makes a grammar"),
+            Err(e) => {
+                refused += 1;
+                assert!(!e.message.is_empty());
+            }
+        }
+    }
+    println!("random schemas: {taken} compiled, {refused} refused");
+    assert!(taken > 100 && refused > 100, "{taken} / {refused}");
 }
