@@ -5,8 +5,10 @@
 
 use serde_json::{json, Value};
 
-const OPEN: &str = "<tool_call>";
-const CLOSE: &str = "</tool_call>";
+/// The tags around a call: the one definition the prompt, the parser and the grammar
+/// (`engine::grammar`) share.
+pub(crate) const OPEN: &str = "<tool_call>";
+pub(crate) const CLOSE: &str = "</tool_call>";
 
 /// Builds the system prompt that teaches the model the tools and the call syntax.
 pub fn tools_system_prompt(tools: &[Value], tool_choice: Option<&Value>) -> String {
@@ -23,7 +25,7 @@ pub fn tools_system_prompt(tools: &[Value], tool_choice: Option<&Value>) -> Stri
         s.push_str(&sig.to_string());
         s.push('\n');
     }
-    s.push_str("</tools>\nFor each function call, answer with a JSON object holding the function's name and arguments inside <tool_call></tool_call> tags, like this:\n<tool_call>\n{\"name\": \"<function-name>\", \"arguments\": {<arguments as JSON>}}\n</tool_call>\n");
+    s.push_str(&format!("</tools>\nFor each function call, answer with a JSON object holding the function's name and arguments inside {OPEN}{CLOSE} tags, like this:\n{OPEN}\n{{\"name\": \"<function-name>\", \"arguments\": {{<arguments as JSON>}}}}\n{CLOSE}\n"));
     match tool_choice {
         Some(Value::String(c)) if c == "required" => {
             s.push_str("You must call at least one function.\n")

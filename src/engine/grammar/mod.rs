@@ -39,8 +39,9 @@ pub use schema::{AnswerFormat, Grammar, SchemaError, ToolSpec};
 use schema::{Bounds, LitId, Schema, SchemaId};
 pub use vocab::Vocab;
 
-const OPEN: &[u8] = b"<tool_call>";
-const CLOSE: &[u8] = b"</tool_call>";
+/// The call block's tags, as the prompt teaches them and the parser reads them.
+const OPEN: &[u8] = super::tools::OPEN.as_bytes();
+const CLOSE: &[u8] = super::tools::CLOSE.as_bytes();
 /// Whitespace bytes allowed in a row between JSON tokens: enough for pretty-printed JSON, not
 /// enough to let a model spin on blank space.
 const MAX_WS: u8 = 16;
@@ -555,115 +556,249 @@ impl GrammarState {
     }
 
     fn step(&mut self, g: &Grammar, top: Frame, b: u8) -> Act {
-        let ws = is_ws(b);
         match top {
-            Frame::Value(id) => {
-                if ws {
-                    Act::Space
-                } else {
-                    value_start(g, id, b)
+            Frame::Value(_) => Self::value_step(g, top, b),
+            Frame::Obj { .. } => self.object_step(g, top, b),
+            Frame::AnyObj { .. } => self.any_object_step(g, top, b),
+            Frame::Arr { .. } => self.array_step(top, b),
+            Frame::Str { .. } => self.string_step(g, top, b),
+            Frame::Num { .. } => Self::number_step(g, top, b),
+            Frame::Lit { .. } => Self::literal_step(g, top, b),
+            Frame::Call { .. } => Self::call_step(g, top, b),
+            Frame::Block { .. } => Self::block_step(g, top, b),
+            Frame::Root { .. } => self.root_step(g, top, b),
+        }
+    }
+
+    /// A value of a schema is expected: its first byte decides what it becomes.
+    fn value_step(g: &Grammar, top: Frame, b: u8) -> Act {
+        let Frame::Value(id) = top else {
+            return Act::Reject;
+        };
+        let ws = is_ws(b);
+        if ws {
+            Act::Space
+        } else {
+            value_start(g, id, b)
+        }
+    }
+
+    /// Inside an object closed to its declared keys.
+    fn object_step(&mut self, g: &Grammar, top: Frame, b: u8) -> Act {
+        let Frame::Obj {
+            schema,
+            seen,
+            key,
+            stage,
+        } = top
+        else {
+            return Act::Reject;
+        };
+        let ws = is_ws(b);
+        let Schema::Object {
+            keys,
+            values,
+            required,
+            ..
+        } = &g.schemas[schema as usize]
+        else {
+            return Act::Reject;
+        };
+        let n = values.len().min(MAX_LITERALS);
+        let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+        let unseen = all & !seen;
+        let with = |stage| Frame::Obj {
+            schema,
+            seen,
+            key,
+            stage,
+        };
+        match (stage, b) {
+            (ObjStage::Open | ObjStage::After, b'}') if seen & required == *required => {
+                Act::Done(0, true)
+            }
+            (ObjStage::Open | ObjStage::Comma, b'"') if unseen != 0 => {
+                self.set_top(with(ObjStage::Key));
+                Act::Push(
+                    Frame::Lit {
+                        lit: *keys,
+                        alive: unseen,
+                        pos: 0,
+                    },
+                    true,
+                )
+            }
+            (ObjStage::Colon, b':') => {
+                self.set_top(with(ObjStage::Value));
+                let v = values.get(key as usize).copied().unwrap_or(g.any);
+                Act::Push(Frame::Value(v), false)
+            }
+            (ObjStage::After, b',') if unseen != 0 => Act::Replace(with(ObjStage::Comma), false),
+            (ObjStage::Key | ObjStage::Value, _) => Act::Reject,
+            _ if ws => Act::Space,
+            _ => Act::Reject,
+        }
+    }
+
+    /// Inside an object of any keys.
+    fn any_object_step(&mut self, g: &Grammar, top: Frame, b: u8) -> Act {
+        let Frame::AnyObj { stage, values } = top else {
+            return Act::Reject;
+        };
+        let ws = is_ws(b);
+        let with = |stage| Frame::AnyObj { stage, values };
+        match (stage, b) {
+            (ObjStage::Open | ObjStage::After, b'}') => Act::Done(0, true),
+            (ObjStage::Open | ObjStage::Comma, b'"') => {
+                self.set_top(with(ObjStage::Key));
+                Act::Push(string(g, 0, u32::MAX, None), false)
+            }
+            (ObjStage::Colon, b':') => {
+                self.set_top(with(ObjStage::Value));
+                Act::Push(Frame::Value(values), false)
+            }
+            (ObjStage::After, b',') => Act::Replace(with(ObjStage::Comma), false),
+            (ObjStage::Key | ObjStage::Value, _) => Act::Reject,
+            _ if ws => Act::Space,
+            _ => Act::Reject,
+        }
+    }
+
+    /// Inside an array.
+    fn array_step(&mut self, top: Frame, b: u8) -> Act {
+        let Frame::Arr {
+            items,
+            count,
+            min,
+            max,
+            stage,
+        } = top
+        else {
+            return Act::Reject;
+        };
+        let ws = is_ws(b);
+        let with = |stage| Frame::Arr {
+            items,
+            count,
+            min,
+            max,
+            stage,
+        };
+        match (stage, b) {
+            (ArrStage::Value, _) => Act::Reject,
+            (ArrStage::Open | ArrStage::After, b']') if count >= min => Act::Done(0, true),
+            (ArrStage::After, b',') if count < max => Act::Replace(with(ArrStage::Comma), false),
+            _ if ws => Act::Space,
+            (ArrStage::Open | ArrStage::Comma, _) if count < max => {
+                self.set_top(with(ArrStage::Value));
+                Act::Push(Frame::Value(items), true)
+            }
+            _ => Act::Reject,
+        }
+    }
+
+    /// Inside a string.
+    fn string_step(&mut self, g: &Grammar, top: Frame, b: u8) -> Act {
+        let Frame::Str {
+            esc,
+            close,
+            utf8,
+            len,
+            min,
+            max,
+            pattern,
+            code,
+        } = top
+        else {
+            return Act::Reject;
+        };
+        let close = match (esc, CLOSE.get(close as usize)) {
+            (0, Some(&c)) if c == b => close + 1,
+            _ => u8::from(esc == 0 && b == CLOSE[0]),
+        };
+        if close as usize == CLOSE.len() {
+            return Act::Reject;
+        }
+        // Only well-formed UTF-8: a model cannot pad a string with stray bytes.
+        let Some(utf8) = utf8_next(utf8, b) else {
+            return Act::Reject;
+        };
+        let compiled = g.pattern_at(pattern);
+        // A character starts at an unescaped byte that does not continue a UTF-8
+        // sequence; an escape (its backslash) is one character.
+        let len = match (esc, b) {
+            (0, b'"') if len < min => return Act::Reject,
+            (0, b'"') => {
+                return match compiled {
+                    Some((p, at)) if !p.accepts(at) => Act::Reject,
+                    _ => Act::Done(0, true),
                 }
             }
-            Frame::Obj {
-                schema,
-                seen,
-                key,
-                stage,
-            } => {
-                let Schema::Object {
-                    keys,
-                    values,
-                    required,
-                    ..
-                } = &g.schemas[schema as usize]
-                else {
+            (0, _) if b & 0xC0 != 0x80 => {
+                if len >= max {
                     return Act::Reject;
-                };
-                let n = values.len().min(MAX_LITERALS);
-                let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
-                let unseen = all & !seen;
-                let with = |stage| Frame::Obj {
-                    schema,
-                    seen,
-                    key,
-                    stage,
-                };
-                match (stage, b) {
-                    (ObjStage::Open | ObjStage::After, b'}') if seen & required == *required => {
-                        Act::Done(0, true)
-                    }
-                    (ObjStage::Open | ObjStage::Comma, b'"') if unseen != 0 => {
-                        self.set_top(with(ObjStage::Key));
-                        Act::Push(
-                            Frame::Lit {
-                                lit: *keys,
-                                alive: unseen,
-                                pos: 0,
-                            },
-                            true,
-                        )
-                    }
-                    (ObjStage::Colon, b':') => {
-                        self.set_top(with(ObjStage::Value));
-                        let v = values.get(key as usize).copied().unwrap_or(g.any);
-                        Act::Push(Frame::Value(v), false)
-                    }
-                    (ObjStage::After, b',') if unseen != 0 => {
-                        Act::Replace(with(ObjStage::Comma), false)
-                    }
-                    (ObjStage::Key | ObjStage::Value, _) => Act::Reject,
-                    _ if ws => Act::Space,
-                    _ => Act::Reject,
                 }
+                len + 1
             }
-            Frame::AnyObj { stage, values } => {
-                let with = |stage| Frame::AnyObj { stage, values };
-                match (stage, b) {
-                    (ObjStage::Open | ObjStage::After, b'}') => Act::Done(0, true),
-                    (ObjStage::Open | ObjStage::Comma, b'"') => {
-                        self.set_top(with(ObjStage::Key));
-                        Act::Push(string(g, 0, u32::MAX, None), false)
-                    }
-                    (ObjStage::Colon, b':') => {
-                        self.set_top(with(ObjStage::Value));
-                        Act::Push(Frame::Value(values), false)
-                    }
-                    (ObjStage::After, b',') => Act::Replace(with(ObjStage::Comma), false),
-                    (ObjStage::Key | ObjStage::Value, _) => Act::Reject,
-                    _ if ws => Act::Space,
-                    _ => Act::Reject,
-                }
+            _ => len,
+        };
+        let hex = (b as char).to_digit(16).unwrap_or(0);
+        // The next escape state, the code point so far, and the bytes the string's text
+        // gains (an escape's once it is whole).
+        let mut text = [0u8; 4];
+        let (next, code, gained): (u8, u32, &[u8]) = match (esc, b) {
+            // Under a pattern, an escape opens only if some escape can go on from it:
+            // `\u` is not written there (deciding which of its code points could would
+            // take a search), and the two-byte escapes cover what patterns ask for.
+            (0, b'\\')
+                if compiled.is_some_and(|(p, at)| {
+                    !b"\"\\/\x08\x0c\n\r\t"
+                        .iter()
+                        .any(|&e| p.step(at, &[e]).is_some())
+                }) =>
+            {
+                return Act::Reject
             }
-            Frame::Arr {
-                items,
-                count,
-                min,
-                max,
-                stage,
-            } => {
-                let with = |stage| Frame::Arr {
-                    items,
-                    count,
-                    min,
-                    max,
-                    stage,
+            (0, b'\\') => (1, 0, &[]),
+            (0, 0..=0x1f) => return Act::Reject,
+            (0, _) => {
+                text[0] = b;
+                (0, 0, &text[..1])
+            }
+            (1, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                text[0] = match b {
+                    b'b' => 0x08,
+                    b'f' => 0x0c,
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    other => other,
                 };
-                match (stage, b) {
-                    (ArrStage::Value, _) => Act::Reject,
-                    (ArrStage::Open | ArrStage::After, b']') if count >= min => Act::Done(0, true),
-                    (ArrStage::After, b',') if count < max => {
-                        Act::Replace(with(ArrStage::Comma), false)
-                    }
-                    _ if ws => Act::Space,
-                    (ArrStage::Open | ArrStage::Comma, _) if count < max => {
-                        self.set_top(with(ArrStage::Value));
-                        Act::Push(Frame::Value(items), true)
-                    }
-                    _ => Act::Reject,
-                }
+                (0, 0, &text[..1])
             }
+            (1, b'u') if compiled.is_some() => return Act::Reject,
+            (1, b'u') => (14, 0, &[]),
+            // No surrogates (D800-DFFF): a lone one is not text, and a pair is better
+            // written as the character itself.
+            (14, b'd' | b'D') => (20, 0xd, &[]),
+            (20, b'0'..=b'7') => (12, code * 16 + hex, &[]),
+            (11, _) if b.is_ascii_hexdigit() => {
+                let c = char::from_u32(code * 16 + hex).unwrap_or('\u{fffd}');
+                (0, 0, c.encode_utf8(&mut text).as_bytes())
+            }
+            (12..=14, _) if b.is_ascii_hexdigit() => (esc - 1, code * 16 + hex, &[]),
+            _ => return Act::Reject,
+        };
+        let pattern = match (pattern, compiled) {
+            (Some((i, _)), Some((p, at))) => match p.step(at, gained) {
+                Some(at) => Some((i, at)),
+                None => return Act::Reject,
+            },
+            _ => pattern,
+        };
+        Act::Replace(
             Frame::Str {
-                esc,
+                esc: next,
                 close,
                 utf8,
                 len,
@@ -671,295 +806,227 @@ impl GrammarState {
                 max,
                 pattern,
                 code,
-            } => {
-                let close = match (esc, CLOSE.get(close as usize)) {
-                    (0, Some(&c)) if c == b => close + 1,
-                    _ => u8::from(esc == 0 && b == CLOSE[0]),
+            },
+            false,
+        )
+    }
+
+    /// Inside a number.
+    fn number_step(g: &Grammar, top: Frame, b: u8) -> Act {
+        let Frame::Num {
+            stage,
+            integer,
+            len,
+            digits,
+            neg,
+            mag,
+            bounds,
+            frac,
+            place,
+        } = top
+        else {
+            return Act::Reject;
+        };
+        use NumStage::*;
+        let digit = b.is_ascii_digit();
+        let full = match stage {
+            Int => digits >= MAX_INT_DIGITS,
+            ExpDigits => digits >= MAX_EXP_DIGITS,
+            _ => false,
+        };
+        let schema = bounds.map(|id| &g.schemas[id as usize]);
+        let decimal = match schema {
+            Some(&Schema::Decimal(d)) => Some(d),
+            _ => None,
+        };
+        let next = match (stage, b) {
+            _ if len >= MAX_NUMBER || (full && digit) => None,
+            (Start, b'-') => Some(Minus),
+            // `-0` is an integer to JSON Schema, but many parsers read it as a float.
+            (Start, b'0') => Some(Zero),
+            (Minus, b'0') if !integer => Some(Zero),
+            (Start | Minus, b'1'..=b'9') => Some(Int),
+            (Int, _) if digit => Some(Int),
+            (Zero | Int, b'.') if !integer => Some(Dot),
+            (Zero | Int | Frac, b'e' | b'E') if !integer && decimal.is_none() => Some(Exp),
+            (Dot | Frac, _) if digit => Some(Frac),
+            (Exp, b'+' | b'-') => Some(ExpSign),
+            (Exp | ExpSign | ExpDigits, _) if digit => Some(ExpDigits),
+            _ => None,
+        };
+        let range = match schema {
+            Some(&Schema::Number { lo, hi, .. }) => Some((lo, hi)),
+            _ => None,
+        };
+        match next {
+            Some(next) => {
+                let digits = if next == stage {
+                    digits + 1
+                } else {
+                    u8::from(digit)
                 };
-                if close as usize == CLOSE.len() {
-                    return Act::Reject;
+                let (neg, mag) = match next {
+                    Minus => (true, 0),
+                    Zero | Int => (neg, mag * 10 + i64::from(b - b'0')),
+                    _ => (neg, mag),
+                };
+                let (frac, place) = match next {
+                    Frac => (frac + f64::from(b - b'0') * place, place / 10.0),
+                    _ => (frac, place),
+                };
+                if let Some(d) = decimal {
+                    if !decimal_can_reach(d, next, neg, mag, digits, frac, place) {
+                        return Act::Reject;
+                    }
                 }
-                // Only well-formed UTF-8: a model cannot pad a string with stray bytes.
-                let Some(utf8) = utf8_next(utf8, b) else {
-                    return Act::Reject;
-                };
-                let compiled = g.pattern_at(pattern);
-                // A character starts at an unescaped byte that does not continue a UTF-8
-                // sequence; an escape (its backslash) is one character.
-                let len = match (esc, b) {
-                    (0, b'"') if len < min => return Act::Reject,
-                    (0, b'"') => {
-                        return match compiled {
-                            Some((p, at)) if !p.accepts(at) => Act::Reject,
-                            _ => Act::Done(0, true),
-                        }
+                if let Some((lo, hi)) = range {
+                    // Only integers are bounded: a sign or digits no integer in range
+                    // starts with are refused, so the number can always be finished.
+                    let reachable = match next {
+                        Minus => lo <= -1 && hi > -(10i64.pow(u32::from(MAX_INT_DIGITS))),
+                        Zero => lo <= 0 && 0 <= hi,
+                        _ => integer_can_reach(neg, mag, MAX_INT_DIGITS - digits, lo, hi),
+                    };
+                    if !reachable {
+                        return Act::Reject;
                     }
-                    (0, _) if b & 0xC0 != 0x80 => {
-                        if len >= max {
-                            return Act::Reject;
-                        }
-                        len + 1
-                    }
-                    _ => len,
-                };
-                let hex = (b as char).to_digit(16).unwrap_or(0);
-                // The next escape state, the code point so far, and the bytes the string's text
-                // gains (an escape's once it is whole).
-                let mut text = [0u8; 4];
-                let (next, code, gained): (u8, u32, &[u8]) = match (esc, b) {
-                    // Under a pattern, an escape opens only if some escape can go on from it:
-                    // `\u` is not written there (deciding which of its code points could would
-                    // take a search), and the two-byte escapes cover what patterns ask for.
-                    (0, b'\\')
-                        if compiled.is_some_and(|(p, at)| {
-                            !b"\"\\/\x08\x0c\n\r\t"
-                                .iter()
-                                .any(|&e| p.step(at, &[e]).is_some())
-                        }) =>
-                    {
-                        return Act::Reject
-                    }
-                    (0, b'\\') => (1, 0, &[]),
-                    (0, 0..=0x1f) => return Act::Reject,
-                    (0, _) => {
-                        text[0] = b;
-                        (0, 0, &text[..1])
-                    }
-                    (1, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
-                        text[0] = match b {
-                            b'b' => 0x08,
-                            b'f' => 0x0c,
-                            b'n' => b'\n',
-                            b'r' => b'\r',
-                            b't' => b'\t',
-                            other => other,
-                        };
-                        (0, 0, &text[..1])
-                    }
-                    (1, b'u') if compiled.is_some() => return Act::Reject,
-                    (1, b'u') => (14, 0, &[]),
-                    // No surrogates (D800-DFFF): a lone one is not text, and a pair is better
-                    // written as the character itself.
-                    (14, b'd' | b'D') => (20, 0xd, &[]),
-                    (20, b'0'..=b'7') => (12, code * 16 + hex, &[]),
-                    (11, _) if b.is_ascii_hexdigit() => {
-                        let c = char::from_u32(code * 16 + hex).unwrap_or('\u{fffd}');
-                        (0, 0, c.encode_utf8(&mut text).as_bytes())
-                    }
-                    (12..=14, _) if b.is_ascii_hexdigit() => (esc - 1, code * 16 + hex, &[]),
-                    _ => return Act::Reject,
-                };
-                let pattern = match (pattern, compiled) {
-                    (Some((i, _)), Some((p, at))) => match p.step(at, gained) {
-                        Some(at) => Some((i, at)),
-                        None => return Act::Reject,
-                    },
-                    _ => pattern,
-                };
+                }
                 Act::Replace(
-                    Frame::Str {
-                        esc: next,
-                        close,
-                        utf8,
-                        len,
-                        min,
-                        max,
-                        pattern,
-                        code,
+                    Frame::Num {
+                        stage: next,
+                        integer,
+                        len: len + 1,
+                        digits,
+                        neg,
+                        mag,
+                        bounds,
+                        frac,
+                        place,
                     },
                     false,
                 )
             }
-            Frame::Num {
-                stage,
-                integer,
-                len,
-                digits,
-                neg,
-                mag,
-                bounds,
-                frac,
-                place,
-            } => {
-                use NumStage::*;
-                let digit = b.is_ascii_digit();
-                let full = match stage {
-                    Int => digits >= MAX_INT_DIGITS,
-                    ExpDigits => digits >= MAX_EXP_DIGITS,
-                    _ => false,
-                };
-                let schema = bounds.map(|id| &g.schemas[id as usize]);
-                let decimal = match schema {
-                    Some(&Schema::Decimal(d)) => Some(d),
-                    _ => None,
-                };
-                let next = match (stage, b) {
-                    _ if len >= MAX_NUMBER || (full && digit) => None,
-                    (Start, b'-') => Some(Minus),
-                    // `-0` is an integer to JSON Schema, but many parsers read it as a float.
-                    (Start, b'0') => Some(Zero),
-                    (Minus, b'0') if !integer => Some(Zero),
-                    (Start | Minus, b'1'..=b'9') => Some(Int),
-                    (Int, _) if digit => Some(Int),
-                    (Zero | Int, b'.') if !integer => Some(Dot),
-                    (Zero | Int | Frac, b'e' | b'E') if !integer && decimal.is_none() => Some(Exp),
-                    (Dot | Frac, _) if digit => Some(Frac),
-                    (Exp, b'+' | b'-') => Some(ExpSign),
-                    (Exp | ExpSign | ExpDigits, _) if digit => Some(ExpDigits),
-                    _ => None,
-                };
-                let range = match schema {
-                    Some(&Schema::Number { lo, hi, .. }) => Some((lo, hi)),
-                    _ => None,
-                };
-                match next {
-                    Some(next) => {
-                        let digits = if next == stage {
-                            digits + 1
+            None if matches!(stage, Zero | Int | Frac | ExpDigits) => {
+                let value = if neg { -mag } else { mag };
+                match (range, decimal) {
+                    (Some((lo, hi)), _) if !(lo..=hi).contains(&value) => Act::Reject,
+                    (_, Some(d)) => {
+                        let d = if neg { d.negated() } else { d };
+                        let v = mag as f64 + frac;
+                        if d.meets(v, v, true) {
+                            Act::Done(0, false)
                         } else {
-                            u8::from(digit)
-                        };
-                        let (neg, mag) = match next {
-                            Minus => (true, 0),
-                            Zero | Int => (neg, mag * 10 + i64::from(b - b'0')),
-                            _ => (neg, mag),
-                        };
-                        let (frac, place) = match next {
-                            Frac => (frac + f64::from(b - b'0') * place, place / 10.0),
-                            _ => (frac, place),
-                        };
-                        if let Some(d) = decimal {
-                            if !decimal_can_reach(d, next, neg, mag, digits, frac, place) {
-                                return Act::Reject;
-                            }
-                        }
-                        if let Some((lo, hi)) = range {
-                            // Only integers are bounded: a sign or digits no integer in range
-                            // starts with are refused, so the number can always be finished.
-                            let reachable = match next {
-                                Minus => lo <= -1 && hi > -(10i64.pow(u32::from(MAX_INT_DIGITS))),
-                                Zero => lo <= 0 && 0 <= hi,
-                                _ => integer_can_reach(neg, mag, MAX_INT_DIGITS - digits, lo, hi),
-                            };
-                            if !reachable {
-                                return Act::Reject;
-                            }
-                        }
-                        Act::Replace(
-                            Frame::Num {
-                                stage: next,
-                                integer,
-                                len: len + 1,
-                                digits,
-                                neg,
-                                mag,
-                                bounds,
-                                frac,
-                                place,
-                            },
-                            false,
-                        )
-                    }
-                    None if matches!(stage, Zero | Int | Frac | ExpDigits) => {
-                        let value = if neg { -mag } else { mag };
-                        match (range, decimal) {
-                            (Some((lo, hi)), _) if !(lo..=hi).contains(&value) => Act::Reject,
-                            (_, Some(d)) => {
-                                let d = if neg { d.negated() } else { d };
-                                let v = mag as f64 + frac;
-                                if d.meets(v, v, true) {
-                                    Act::Done(0, false)
-                                } else {
-                                    Act::Reject
-                                }
-                            }
-                            _ => Act::Done(0, false),
+                            Act::Reject
                         }
                     }
-                    None => Act::Reject,
+                    _ => Act::Done(0, false),
                 }
             }
-            Frame::Lit { lit, alive, pos } => {
-                let cands = &g.lits[lit as usize];
-                let p = pos as usize;
-                let (mut next, mut complete, mut longer) = (0u64, 0u64, false);
-                for (i, c) in cands.iter().enumerate().take(MAX_LITERALS) {
-                    if alive & (1 << i) == 0 {
-                        continue;
-                    }
-                    if c.len() == p {
-                        complete |= 1 << i;
-                    } else if c[p] == b {
-                        next |= 1 << i;
-                        longer |= c.len() > p + 1;
-                    }
-                }
-                if next != 0 && !longer {
-                    // No survivor can take another byte: complete now.
-                    Act::Done(next.trailing_zeros() as u8, true)
-                } else if next != 0 {
-                    Act::Replace(
-                        Frame::Lit {
-                            lit,
-                            alive: next,
-                            pos: pos + 1,
-                        },
-                        false,
-                    )
-                } else if complete != 0 {
-                    Act::Done(complete.trailing_zeros() as u8, false)
-                } else {
-                    Act::Reject
-                }
+            None => Act::Reject,
+        }
+    }
+
+    /// Matching one of a literal set.
+    fn literal_step(g: &Grammar, top: Frame, b: u8) -> Act {
+        let Frame::Lit { lit, alive, pos } = top else {
+            return Act::Reject;
+        };
+        let cands = &g.lits[lit as usize];
+        let p = pos as usize;
+        let (mut next, mut complete, mut longer) = (0u64, 0u64, false);
+        for (i, c) in cands.iter().enumerate().take(MAX_LITERALS) {
+            if alive & (1 << i) == 0 {
+                continue;
             }
-            Frame::Call { stage, chosen } => {
-                if ws {
-                    return Act::Space;
-                }
-                let with = |stage| Frame::Call { stage, chosen };
-                match (stage, b) {
-                    (0, b'{') => Act::Replace(with(1), false),
-                    (1, _) => Act::Push(lit_frame(g, g.name_key), true),
-                    (2, b':') | (6, b':') => Act::Replace(with(stage + 1), false),
-                    (3, _) => Act::Push(lit_frame(g, g.names), true),
-                    (4, b',') => Act::Replace(with(5), false),
-                    (5, _) => Act::Push(lit_frame(g, g.args_key), true),
-                    (7, _) => {
-                        let args = g.args.get(chosen as usize).copied().unwrap_or(g.any);
-                        Act::Push(Frame::Value(args), true)
-                    }
-                    (8, b'}') => Act::Done(0, true),
-                    _ => Act::Reject,
-                }
+            if c.len() == p {
+                complete |= 1 << i;
+            } else if c[p] == b {
+                next |= 1 << i;
+                longer |= c.len() > p + 1;
             }
-            Frame::Block { stage } => {
-                if ws {
-                    return Act::Space;
-                }
-                match stage {
-                    0 => Act::Push(lit_frame(g, g.open), true),
-                    1 => Act::Push(
-                        Frame::Call {
-                            stage: 0,
-                            chosen: 0,
-                        },
-                        true,
-                    ),
-                    2 => Act::Push(lit_frame(g, g.close), true),
-                    _ => Act::Reject,
-                }
+        }
+        if next != 0 && !longer {
+            // No survivor can take another byte: complete now.
+            Act::Done(next.trailing_zeros() as u8, true)
+        } else if next != 0 {
+            Act::Replace(
+                Frame::Lit {
+                    lit,
+                    alive: next,
+                    pos: pos + 1,
+                },
+                false,
+            )
+        } else if complete != 0 {
+            Act::Done(complete.trailing_zeros() as u8, false)
+        } else {
+            Act::Reject
+        }
+    }
+
+    /// Inside the call object: `{"name": <name>, "arguments": <args>}`.
+    fn call_step(g: &Grammar, top: Frame, b: u8) -> Act {
+        let Frame::Call { stage, chosen } = top else {
+            return Act::Reject;
+        };
+        let ws = is_ws(b);
+        if ws {
+            return Act::Space;
+        }
+        let with = |stage| Frame::Call { stage, chosen };
+        match (stage, b) {
+            (0, b'{') => Act::Replace(with(1), false),
+            (1, _) => Act::Push(lit_frame(g, g.name_key), true),
+            (2, b':') | (6, b':') => Act::Replace(with(stage + 1), false),
+            (3, _) => Act::Push(lit_frame(g, g.names), true),
+            (4, b',') => Act::Replace(with(5), false),
+            (5, _) => Act::Push(lit_frame(g, g.args_key), true),
+            (7, _) => {
+                let args = g.args.get(chosen as usize).copied().unwrap_or(g.any);
+                Act::Push(Frame::Value(args), true)
             }
-            Frame::Root { stage } => match (stage, g.format) {
-                _ if ws => Act::Space,
-                (0, _) if b == b'<' && g.has_calls() => {
-                    Act::Replace(Frame::Block { stage: 0 }, true)
-                }
-                (0, Some(format)) => {
-                    self.set_top(Frame::Root { stage: 1 });
-                    Act::Push(Frame::Value(format), true)
-                }
-                _ => Act::Reject,
-            },
+            (8, b'}') => Act::Done(0, true),
+            _ => Act::Reject,
+        }
+    }
+
+    /// The block around a call.
+    fn block_step(g: &Grammar, top: Frame, b: u8) -> Act {
+        let Frame::Block { stage } = top else {
+            return Act::Reject;
+        };
+        let ws = is_ws(b);
+        if ws {
+            return Act::Space;
+        }
+        match stage {
+            0 => Act::Push(lit_frame(g, g.open), true),
+            1 => Act::Push(
+                Frame::Call {
+                    stage: 0,
+                    chosen: 0,
+                },
+                true,
+            ),
+            2 => Act::Push(lit_frame(g, g.close), true),
+            _ => Act::Reject,
+        }
+    }
+
+    /// Around a structured answer.
+    fn root_step(&mut self, g: &Grammar, top: Frame, b: u8) -> Act {
+        let Frame::Root { stage } = top else {
+            return Act::Reject;
+        };
+        let ws = is_ws(b);
+        match (stage, g.format) {
+            _ if ws => Act::Space,
+            (0, _) if b == b'<' && g.has_calls() => Act::Replace(Frame::Block { stage: 0 }, true),
+            (0, Some(format)) => {
+                self.set_top(Frame::Root { stage: 1 });
+                Act::Push(Frame::Value(format), true)
+            }
+            _ => Act::Reject,
         }
     }
 }
