@@ -1,5 +1,5 @@
 //! Flywheel: an OpenAI-compatible inference gateway with the data flywheel inside it.
-//! See ARCHITECTURE.md in the shared folder for the map of these modules.
+//! `ARCHITECTURE.md` at the repository's root maps these modules and the contracts between them.
 
 pub mod api;
 pub mod backend;
