@@ -155,119 +155,14 @@ impl LocalBackend {
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let messages = body
-            .get("messages")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
         let choice_none = body.get("tool_choice").and_then(Value::as_str) == Some("none");
         let use_tools = !completion && !tools.is_empty() && !choice_none;
         let (ids, echo) = if completion {
             self.raw_prompt(body)?
         } else {
-            self.text_only(&messages)?;
-            let prompt = self
-                .engine
-                .chat
-                .prompt(&messages, &tools, body.get("tool_choice"))
-                .map_err(|m| self.refuse(Some("messages"), m))?;
-            let ids = self
-                .engine
-                .chat
-                .encode(&prompt)
-                .map_err(|m| BackendError::Internal {
-                    backend: self.engine.name.clone(),
-                    message: m,
-                })?;
-            (ids, String::new())
+            (self.chat_prompt(body, &tools)?, String::new())
         };
-        if ids.is_empty() {
-            return Err(self.refuse(Some("prompt"), "the prompt is empty".into()));
-        }
-        let ctx = self.engine.context_length;
-        if ids.len() >= ctx {
-            return Err(self.refuse(
-                Some("messages"),
-                format!("the prompt is {} tokens; the model '{}' serves at most {ctx} (prompt + completion)", ids.len(), self.engine.name),
-            ));
-        }
-        let room = ctx - ids.len();
-        let asked = body
-            .get("max_completion_tokens")
-            .or_else(|| body.get("max_tokens"))
-            .and_then(Value::as_u64)
-            .map(|n| n as usize);
-        let max_tokens = match asked {
-            Some(n) if n > room => {
-                return Err(self.refuse(
-                    Some("max_tokens"),
-                    format!(
-                        "max_tokens {n} does not fit: the prompt takes {} of the model's {ctx} tokens, leaving {room}",
-                        ids.len()
-                    ),
-                ))
-            }
-            Some(n) => n,
-            // OpenAI's default for legacy completions; chat answers may use the whole context.
-            None if completion => (crate::wire::completions::DEFAULT_COMPLETION_TOKENS as usize).min(room),
-            None => room,
-        };
-        let stop = match body.get("stop") {
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect(),
-            _ => Vec::new(),
-        };
-        let num = |k: &str| body.get(k).and_then(Value::as_f64);
-        let sampling = SamplingParams {
-            temperature: num("temperature").unwrap_or(1.0) as f32,
-            top_p: num("top_p").unwrap_or(1.0) as f32,
-            top_k: body.get("top_k").and_then(Value::as_u64).unwrap_or(0) as usize,
-            seed: body.get("seed").and_then(Value::as_i64).map(|s| s as u64),
-        };
-        // Tool calls are constrained when the engine is set to; a structured answer always is,
-        // and then so are the calls that may stand in its place.
-        let format = if completion {
-            None
-        } else {
-            AnswerFormat::from_response_format(body.get("response_format"))
-        };
-        let constrain = self.engine.constrain_tool_calls || format.is_some();
-        let spec = (use_tools && constrain).then(|| ToolSpec {
-            tools: &tools,
-            choice: body.get("tool_choice"),
-            parallel: body.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false),
-        });
-        let grammar = Grammar::new(spec, format.as_ref())
-            .map_err(|e| {
-                let mut param = "response_format.json_schema.schema".to_string();
-                if !e.path.is_empty() {
-                    param = format!("{param}.{}", e.path);
-                }
-                self.refuse(
-                    Some(&param),
-                    format!(
-                        "The local model '{}' cannot enforce this response_format: {} (at '{param}').",
-                        self.engine.name, e.message
-                    ),
-                )
-            })?
-            .map(Arc::new);
-        let logprobs = if completion {
-            body.get("logprobs")
-                .and_then(Value::as_u64)
-                .map(|k| k as usize)
-        } else if body.get("logprobs").and_then(Value::as_bool) == Some(true) {
-            Some(
-                body.get("top_logprobs")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0) as usize,
-            )
-        } else {
-            None
-        };
+        let max_tokens = self.max_tokens(body, ids.len(), completion)?;
         let n = body.get("n").and_then(Value::as_u64).unwrap_or(1) as usize;
         if n > self.engine.max_batch {
             return Err(self.refuse(
@@ -284,13 +179,115 @@ impl LocalBackend {
             echo,
             prompt: ids,
             max_tokens,
-            stop,
-            sampling,
+            stop: stop_strings(body),
+            sampling: sampling(body),
             tools: use_tools,
-            grammar,
-            logprobs,
+            grammar: self.grammar(body, use_tools.then_some(&tools[..]), completion)?,
+            logprobs: logprobs(body, completion),
             n: n.max(1),
         })
+    }
+
+    /// A chat request's prompt: its messages (text only) rendered with the model's template, tools
+    /// included, as token ids.
+    fn chat_prompt(
+        &self,
+        body: &serde_json::Map<String, Value>,
+        tools: &[Value],
+    ) -> Result<Vec<u32>, BackendError> {
+        let messages = body
+            .get("messages")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
+        self.text_only(messages)?;
+        let prompt = self
+            .engine
+            .chat
+            .prompt(messages, tools, body.get("tool_choice"))
+            .map_err(|m| self.refuse(Some("messages"), m))?;
+        self.engine
+            .chat
+            .encode(&prompt)
+            .map_err(|m| BackendError::Internal {
+                backend: self.engine.name.clone(),
+                message: m,
+            })
+    }
+
+    /// The longest answer allowed: what the request asks for, if the context has room for it
+    /// after a prompt of `prompt` tokens.
+    fn max_tokens(
+        &self,
+        body: &serde_json::Map<String, Value>,
+        prompt: usize,
+        completion: bool,
+    ) -> Result<usize, BackendError> {
+        if prompt == 0 {
+            return Err(self.refuse(Some("prompt"), "the prompt is empty".into()));
+        }
+        let ctx = self.engine.context_length;
+        if prompt >= ctx {
+            return Err(self.refuse(
+                Some("messages"),
+                format!("the prompt is {prompt} tokens; the model '{}' serves at most {ctx} (prompt + completion)", self.engine.name),
+            ));
+        }
+        let room = ctx - prompt;
+        let asked = body
+            .get("max_completion_tokens")
+            .or_else(|| body.get("max_tokens"))
+            .and_then(Value::as_u64)
+            .map(|n| n as usize);
+        match asked {
+            Some(n) if n > room => Err(self.refuse(
+                Some("max_tokens"),
+                format!(
+                    "max_tokens {n} does not fit: the prompt takes {prompt} of the model's {ctx} tokens, leaving {room}"
+                ),
+            )),
+            Some(n) => Ok(n),
+            // OpenAI's default for legacy completions; chat answers may use the whole context.
+            None if completion => {
+                Ok((crate::wire::completions::DEFAULT_COMPLETION_TOKENS as usize).min(room))
+            }
+            None => Ok(room),
+        }
+    }
+
+    /// What the answer may be, as a grammar: tool calls (constrained when the engine is set to)
+    /// and a structured answer (always enforced; then the calls that may stand in its place are
+    /// constrained too). A format the grammar cannot enforce is refused, naming the keyword.
+    fn grammar(
+        &self,
+        body: &serde_json::Map<String, Value>,
+        tools: Option<&[Value]>,
+        completion: bool,
+    ) -> Result<Option<Arc<Grammar>>, BackendError> {
+        let format = if completion {
+            None
+        } else {
+            AnswerFormat::from_response_format(body.get("response_format"))
+        };
+        let constrain = self.engine.constrain_tool_calls || format.is_some();
+        let spec = tools.filter(|_| constrain).map(|tools| ToolSpec {
+            tools,
+            choice: body.get("tool_choice"),
+            parallel: body.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false),
+        });
+        let grammar = Grammar::new(spec, format.as_ref()).map_err(|e| {
+            let mut param = "response_format.json_schema.schema".to_string();
+            if !e.path.is_empty() {
+                param = format!("{param}.{}", e.path);
+            }
+            self.refuse(
+                Some(&param),
+                format!(
+                    "The local model '{}' cannot enforce this response_format: {} (at '{param}').",
+                    self.engine.name, e.message
+                ),
+            )
+        })?;
+        Ok(grammar.map(Arc::new))
     }
 
     async fn run(&self, request: BackendRequest) -> Result<BackendReply, BackendError> {
@@ -356,6 +353,45 @@ impl LocalBackend {
         };
         answer::reply(answer, rx, request.stream).await
     }
+}
+
+/// The request's stop strings.
+fn stop_strings(body: &serde_json::Map<String, Value>) -> Vec<String> {
+    match body.get("stop") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The request's sampling settings (OpenAI's defaults where it gives none).
+fn sampling(body: &serde_json::Map<String, Value>) -> SamplingParams {
+    let num = |k: &str| body.get(k).and_then(Value::as_f64);
+    SamplingParams {
+        temperature: num("temperature").unwrap_or(1.0) as f32,
+        top_p: num("top_p").unwrap_or(1.0) as f32,
+        top_k: body.get("top_k").and_then(Value::as_u64).unwrap_or(0) as usize,
+        seed: body.get("seed").and_then(Value::as_i64).map(|s| s as u64),
+    }
+}
+
+/// Alternatives per token to report: a legacy completion's integer `logprobs`, or a chat
+/// request's `top_logprobs` when `logprobs` is true; `None` when none were asked for.
+fn logprobs(body: &serde_json::Map<String, Value>, completion: bool) -> Option<usize> {
+    if completion {
+        return body
+            .get("logprobs")
+            .and_then(Value::as_u64)
+            .map(|k| k as usize);
+    }
+    (body.get("logprobs").and_then(Value::as_bool) == Some(true)).then(|| {
+        body.get("top_logprobs")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize
+    })
 }
 
 struct Prepared {
