@@ -1,8 +1,8 @@
 //! The TOML configuration: its shape, its defaults and its validation.
 //!
-//! Everything the gateway reads from the outside world at start-up comes through here, including the
-//! environment variables that hold upstream API keys (named by the config, read once). Other modules
-//! receive validated values and never parse configuration themselves.
+//! The configuration file comes in through here; other modules receive validated values and never
+//! parse configuration themselves. Upstream API keys are not read here: the config names the
+//! environment variable that holds each one, and the upstream client reads it once at start-up.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

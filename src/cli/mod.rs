@@ -1,4 +1,5 @@
-//! The command line: `serve`, `logs export`, `keys`, `check`, `data`, `train`, `eval`.
+//! The command line: `serve`, `logs export`, `keys`, `check`, `data`, `train`, `eval`, and the
+//! flywheel controls of a running gateway (`run`, `runs`, `rollout`).
 
 mod flywheel;
 mod remote;

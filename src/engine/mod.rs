@@ -1,7 +1,10 @@
-//! The embedded inference engine: a Llama-family model loaded from GGUF, its tokenizer and chat
-//! template, and a scheduler thread that runs continuous batching: every decode step advances all
-//! active sequences in one forward pass; new requests join between steps, finished or abandoned
-//! ones leave at once. The engine does no I/O beyond loading weights.
+//! The embedded inference engine: a Llama-family model loaded from a GGUF file or a Hugging Face
+//! directory (on the CPU, or on an accelerator through `gpu`), its tokenizer and chat template, LoRA
+//! adapters, and a scheduler thread that runs continuous batching: every decode step advances all
+//! active sequences in one forward pass; new requests join between steps (a request's `n` choices
+//! share one prefill), finished or abandoned ones leave at once. Each token is sampled within the
+//! request's grammar (constrained tool calls, structured answers) and may report its logprobs.
+//! The engine does no I/O beyond loading weights.
 
 pub mod chat;
 pub mod gpu;

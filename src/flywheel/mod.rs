@@ -1,5 +1,7 @@
-//! The flywheel path: datasets, LoRA training, evaluation. Runs off the serving path and never
-//! touches HTTP.
+//! The flywheel path: curation of the traffic log into datasets, customization jobs (LoRA
+//! training), evaluation, the promotion policy and rollout state machine, and the controller that
+//! schedules runs (cron, drift, on request) and carries each through. Runs off the serving path and
+//! never touches HTTP.
 
 pub mod ast;
 pub mod controller;
