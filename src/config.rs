@@ -285,8 +285,11 @@ impl TargetConfig {
     }
 
     /// The key of this target's backend in the gateway's backend table.
-    pub fn backend_key(&self) -> String {
-        format!("{}:{}", self.kind(), self.backend())
+    pub fn backend_key(&self) -> BackendKey {
+        match &self.local {
+            Some(l) => BackendKey::Local(l.clone()),
+            None => BackendKey::Upstream(self.backend().to_string()),
+        }
     }
 
     /// The model name the backend is asked for (and that resolves to this target directly).
@@ -305,6 +308,13 @@ impl TargetConfig {
             ..Self::local(name)
         }
     }
+}
+
+/// A backend in the gateway's table: a local model or an upstream, by its configured name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BackendKey {
+    Local(String),
+    Upstream(String),
 }
 
 impl std::fmt::Display for TargetConfig {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod flywheel;
 pub mod gateway;
+pub mod names;
 pub mod ops;
 pub mod rails;
 pub mod store;

@@ -17,7 +17,7 @@ use crate::api::{self, AppState};
 use crate::backend::local::LocalBackend;
 use crate::backend::upstream::Upstream;
 use crate::backend::Backend;
-use crate::config::Config;
+use crate::config::{BackendKey, Config};
 use crate::engine::Engine;
 use crate::gateway::Gateway;
 use crate::store::traffic::TrafficLog;
@@ -74,17 +74,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .as_ref()
         .map_or_else(TrafficLog::disabled, |w| w.log());
 
-    let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+    let mut backends: HashMap<BackendKey, Arc<dyn Backend>> = HashMap::new();
     for u in &config.upstreams {
         let up = Upstream::new(u).map_err(anyhow::Error::msg)?;
-        backends.insert(format!("upstream:{}", u.name), Arc::new(up));
+        backends.insert(BackendKey::Upstream(u.name.clone()), Arc::new(up));
     }
     let mut engines = Vec::new();
     for m in &config.models {
         let cfg = m.clone();
         let engine = tokio::task::spawn_blocking(move || Engine::load(&cfg)).await??;
         backends.insert(
-            format!("local:{}", m.name),
+            BackendKey::Local(m.name.clone()),
             Arc::new(LocalBackend::new(engine.clone())),
         );
         engines.push(engine);

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::model::LlamaConfig;
+use crate::names::Name;
 use crate::ops::lora::{LowRank, Q4LowRank, Q8LowRank};
 
 /// The projections an adapter may target, in the order the fused base matrices stack them.
@@ -72,14 +73,7 @@ pub struct LoraAdapter {
 
 /// A valid adapter id: `namespace/name` (or a bare `name`, as vLLM clients send).
 pub fn check_name(name: &str) -> Result<(), LoraError> {
-    let ok_part = |p: &str| {
-        !p.is_empty()
-            && p != "."
-            && p != ".."
-            && p.len() <= 128
-            && p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    };
+    let ok_part = |p: &str| Name::parse(p).is_some();
     let ok = match name.split_once('/') {
         Some((ns, n)) => ok_part(ns) && ok_part(n),
         None => ok_part(name),

@@ -8,7 +8,13 @@
 
 use serde_json::Value;
 
-use super::eval::PredictedCall;
+/// A call the model made. `arguments` is `None` when its text did not parse as JSON.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PredictedCall {
+    pub name: String,
+    pub arguments: Option<Value>,
+    pub raw_arguments: String,
+}
 
 /// Strings compare after lower-casing and dropping spaces and `,./-_*^`.
 fn normalise(s: &str) -> String {

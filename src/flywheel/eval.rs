@@ -23,13 +23,7 @@ pub struct EvalItem {
     pub ground_truth: Option<Value>,
 }
 
-/// A call the model made. `arguments` is `None` when its text did not parse as JSON.
-#[derive(Debug, Clone, Serialize)]
-pub struct PredictedCall {
-    pub name: String,
-    pub arguments: Option<Value>,
-    pub raw_arguments: String,
-}
+pub use super::ast::PredictedCall;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ItemResult {

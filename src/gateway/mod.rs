@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::backend::{Backend, BackendError, BackendReply, BackendRequest, ChunkStream};
-use crate::config::{BlockResponse, Config, ConfigError, RolloutConfig, TargetConfig};
+use crate::config::{BackendKey, BlockResponse, Config, ConfigError, RolloutConfig, TargetConfig};
 use crate::rails::{CheckOutcome, CheckStatus, Rails, RailsError, SafetyModels};
 use crate::store::traffic::{TrafficLog, TrafficRecord};
 use crate::wire::chat::ChatRequestInfo;
@@ -94,7 +94,7 @@ pub enum Reply {
 pub struct Gateway {
     config: Arc<Config>,
     routes: RouteTable,
-    backends: HashMap<String, Arc<dyn Backend>>,
+    backends: HashMap<BackendKey, Arc<dyn Backend>>,
     /// The APIs some upstream serves itself (fixed with the backends at start-up).
     native_apis: Vec<Api>,
     log: TrafficLog,
@@ -117,7 +117,7 @@ fn ms(d: Duration) -> f64 {
 impl Gateway {
     pub fn new(
         config: Arc<Config>,
-        backends: HashMap<String, Arc<dyn Backend>>,
+        backends: HashMap<BackendKey, Arc<dyn Backend>>,
         log: TrafficLog,
     ) -> Self {
         let native_apis = [Api::Responses, Api::Messages]
@@ -298,14 +298,17 @@ impl Gateway {
     /// A local model's name resolves to that base, and a loaded adapter id (`namespace/name`) to
     /// its base with the adapter, when no route claims the name.
     fn resolve_local(&self, model: &str) -> Option<Resolution> {
-        let target = if self.backends.contains_key(&format!("local:{model}")) {
+        let target = if self
+            .backends
+            .contains_key(&BackendKey::Local(model.to_string()))
+        {
             TargetConfig::local(model)
         } else {
-            let (key, _) = self
-                .backends
-                .iter()
-                .find(|(k, b)| k.starts_with("local:") && b.serves_adapter(model))?;
-            TargetConfig::local_adapter(key.trim_start_matches("local:"), model)
+            let base = self.backends.iter().find_map(|(k, b)| match k {
+                BackendKey::Local(base) if b.serves_adapter(model) => Some(base),
+                _ => None,
+            })?;
+            TargetConfig::local_adapter(base, model)
         };
         Some(Resolution {
             route: model.to_string(),
@@ -336,14 +339,16 @@ impl Gateway {
     /// loaded adapters.
     pub fn model_ids(&self) -> Vec<(String, Option<String>)> {
         let mut ids = self.routes.model_ids();
-        let mut keys: Vec<&String> = self
+        let mut keys: Vec<&BackendKey> = self
             .backends
             .keys()
-            .filter(|k| k.starts_with("local:"))
+            .filter(|k| matches!(k, BackendKey::Local(_)))
             .collect();
         keys.sort();
         for k in keys {
-            let base = k.trim_start_matches("local:");
+            let BackendKey::Local(base) = k else {
+                continue;
+            };
             if !ids.iter().any(|(m, _)| m == base) {
                 ids.push((base.to_string(), None));
             }

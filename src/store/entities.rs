@@ -2,6 +2,7 @@
 //! (metadata here, files under `<data_dir>/datasets/<namespace>/<name>/`), and jobs (customization
 //! and evaluation) with their status and details.
 
+use crate::names::Name;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 
@@ -25,21 +26,14 @@ pub fn now() -> String {
         .unwrap_or_default()
 }
 
-/// Names of namespaces and datasets: letters, digits, `-`, `_`, `.`; no path tricks.
+/// Names of namespaces and datasets follow the one name rule (`crate::names`).
 pub fn check_name(kind: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(EntityError::Invalid(format!(
-            "{kind} '{name}' must be 1-128 letters, digits, '-', '_' or '.'"
-        )))
+    match Name::parse(name) {
+        Some(_) => Ok(()),
+        None => Err(EntityError::Invalid(format!(
+            "{kind} '{name}' must be {}",
+            crate::names::RULE
+        ))),
     }
 }
 
