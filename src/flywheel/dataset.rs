@@ -451,6 +451,30 @@ pub struct Splits {
     pub test: Vec<Record>,
 }
 
+impl Splits {
+    /// Writes the splits under `root` as a stored dataset's files (`training/`, `validation/`,
+    /// `testing/`, each one `data.jsonl`), each file whole or not at all: written aside, then
+    /// renamed into place.
+    pub fn write(&self, root: &std::path::Path) -> std::io::Result<()> {
+        for (split, records) in [
+            ("training", &self.train),
+            ("validation", &self.validation),
+            ("testing", &self.test),
+        ] {
+            let dir = root.join(split);
+            std::fs::create_dir_all(&dir)?;
+            let text: String = records
+                .iter()
+                .map(|r| format!("{}\n", r.to_json()))
+                .collect();
+            let tmp = dir.join("data.jsonl.partial");
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, dir.join("data.jsonl"))?;
+        }
+        Ok(())
+    }
+}
+
 /// Deterministic splits, stratified by tool name: records are shuffled with `seed` within each
 /// tool and the tools themselves are put in a seeded order; walking that sequence, every k-th
 /// record goes to test (and then to validation) by a running count, so each split gets its share

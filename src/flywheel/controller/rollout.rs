@@ -1,0 +1,308 @@
+//! A route's rollout: the ticker that checks live figures against the guards, the steps from shadow
+//! to canary to champion, manual actions, and rollback.
+
+use super::*;
+
+impl FlywheelController {
+    /// The route's state, created from the config the first time.
+    pub(super) fn state(
+        &self,
+        conn: &rusqlite::Connection,
+        route: &str,
+    ) -> Result<RouteState, FlywheelError> {
+        if let Some(s) = fstore::get_state(conn, route)? {
+            return Ok(s);
+        }
+        let (r, _) = self.route(route)?;
+        let s = initial_state(r);
+        fstore::put_state(conn, &s)?;
+        Ok(s)
+    }
+
+    /// Installs `rollout` on the route, records the transition, and persists the new state.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn apply(
+        &self,
+        conn: &rusqlite::Connection,
+        state: &mut RouteState,
+        to: Stage,
+        rollout: RolloutConfig,
+        action: &str,
+        reason: &str,
+        numbers: Value,
+    ) -> Result<(), FlywheelError> {
+        for t in targets(&rollout) {
+            self.ensure_adapter(t).map_err(FlywheelError::Invalid)?;
+        }
+        self.gateway
+            .set_rollout(&state.route, rollout.clone())
+            .map_err(|e| FlywheelError::Invalid(e.to_string()))?;
+        let event = event(state, to, action, reason, numbers);
+        fstore::insert_event(conn, &event)?;
+        tracing::info!(route = %state.route, from = event.from, to = event.to, action, reason, "rollout transition");
+        state.stage = to;
+        state.installed = rollout;
+        state.stage_started_ms = event.at_ms;
+        fstore::put_state(conn, state)?;
+        Ok(())
+    }
+
+    /// Loads a local target's adapter from the adapter store if its engine does not hold it.
+    pub(super) fn ensure_adapter(&self, t: &TargetConfig) -> Result<(), String> {
+        let (Some(base), Some(adapter)) = (&t.local, &t.adapter) else {
+            return Ok(());
+        };
+        let Some(engine) = self.engines.iter().find(|e| &e.name == base) else {
+            return Err(format!("local model '{base}' is not loaded"));
+        };
+        if engine.adapters.contains(adapter) {
+            return Ok(());
+        }
+        let (ns, name) = adapter.split_once('/').unwrap_or(("default", adapter));
+        let dir = self.data_dir.join("adapters").join(ns).join(name);
+        engine
+            .load_adapter(adapter, &dir)
+            .map(|_| tracing::info!(adapter, "adapter reloaded for its rollout"))
+            .map_err(|e| format!("adapter '{adapter}': {e}"))
+    }
+
+    /// One check of every flywheel route: an operator's replacement of the rollout is respected,
+    /// a rollout in progress moves on or rolls back on its live figures, and an idle route is
+    /// checked for drift.
+    pub fn tick(self: &Arc<Self>) -> Result<(), FlywheelError> {
+        let conn = self.conn()?;
+        for route in self.flywheel_routes() {
+            let name = route.name.clone();
+            let trigger = {
+                let _t = lock(&self.transitions);
+                let mut state = self.state(&conn, &name)?;
+                let live = self.gateway.routes().get(&name);
+                if let Some(live) = live.filter(|l| **l != state.installed) {
+                    // Someone replaced the rollout through the admin API: the flywheel stands down.
+                    let why = "the route's rollout was replaced through the admin API; the flywheel adopts it and stops any rollout in progress";
+                    let numbers = json!({"was": state.installed, "now": *live});
+                    fstore::insert_event(
+                        &conn,
+                        &event(&state, Stage::Idle, "reset", why, numbers),
+                    )?;
+                    state.stage = Stage::Idle;
+                    state.installed = (*live).clone();
+                    state.before = None;
+                    state.candidate = None;
+                    state.stage_started_ms = now_ms();
+                    fstore::put_state(&conn, &state)?;
+                    continue;
+                }
+                for t in targets(&state.installed) {
+                    if let Err(e) = self.ensure_adapter(t) {
+                        tracing::warn!(route = %name, error = %e, "an adapter of the route's rollout cannot be loaded");
+                    }
+                }
+                self.step(&conn, route, &mut state)?
+            };
+            if let Some(trigger) = trigger {
+                match self.trigger(&name, trigger, None) {
+                    Ok(run) => {
+                        tracing::info!(route = %name, run = %run, "drift started a flywheel run")
+                    }
+                    Err(e) => tracing::debug!(route = %name, reason = %e, "drift run not started"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Advances or rolls back a rollout in progress; for an idle route, returns a drift trigger.
+    pub(super) fn step(
+        &self,
+        conn: &rusqlite::Connection,
+        route: &RouteConfig,
+        state: &mut RouteState,
+    ) -> Result<Option<Value>, FlywheelError> {
+        let Some(fw) = route.flywheel.as_ref() else {
+            return Ok(None);
+        };
+        let plan = &fw.rollout;
+        if let (Some(stats), Some(candidate)) = (stage_stats(conn, state)?, state.candidate.clone())
+        {
+            let verdict = match state.stage {
+                Stage::Shadow => promote::judge_shadow(&stats, plan),
+                _ => promote::judge_canary(&stats, plan),
+            };
+            let numbers = promote::numbers(&stats, plan);
+            match verdict {
+                Verdict::Advance(why) if !state.paused => {
+                    self.advance(conn, route, state, &candidate, &why, numbers)?
+                }
+                Verdict::RollBack(why) => self.roll_back(conn, state, &why, numbers)?,
+                _ => {}
+            }
+            return Ok(None);
+        }
+        match state.stage {
+            Stage::Idle if fw.drift.enabled && !state.paused => {
+                if lock(&self.running).contains(&route.name) {
+                    return Ok(None);
+                }
+                drift_signal(conn, route, fw, state, now_ms())
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Moves a candidate one stage on: shadow → canary, canary → champion.
+    pub(super) fn advance(
+        &self,
+        conn: &rusqlite::Connection,
+        route: &RouteConfig,
+        state: &mut RouteState,
+        candidate: &TargetConfig,
+        why: &str,
+        numbers: Value,
+    ) -> Result<(), FlywheelError> {
+        if state.stage == Stage::Canary {
+            return self.to_champion(conn, route, state, candidate, why, numbers);
+        }
+        let plan = route
+            .flywheel
+            .as_ref()
+            .map(|f| f.rollout.clone())
+            .unwrap_or_default();
+        let before = state.before.clone().unwrap_or(state.installed.clone());
+        let rollout = promote::canary_rollout(&before, candidate, &plan);
+        self.apply(conn, state, Stage::Canary, rollout, "canary", why, numbers)
+    }
+
+    pub(super) fn to_champion(
+        &self,
+        conn: &rusqlite::Connection,
+        route: &RouteConfig,
+        state: &mut RouteState,
+        candidate: &TargetConfig,
+        why: &str,
+        numbers: Value,
+    ) -> Result<(), FlywheelError> {
+        let plan = route
+            .flywheel
+            .as_ref()
+            .map(|f| f.rollout.clone())
+            .unwrap_or_default();
+        let before = state.before.clone().unwrap_or(state.installed.clone());
+        let teacher = route.teacher();
+        let rollout = promote::champion_rollout(&before, candidate, teacher.as_ref(), &plan);
+        state.known_tools = std::mem::take(&mut state.candidate_tools);
+        state.candidate = None;
+        self.apply(conn, state, Stage::Idle, rollout, "promote", why, numbers)?;
+        state.before = Some(before);
+        fstore::put_state(conn, state)?;
+        Ok(())
+    }
+
+    pub(super) fn roll_back(
+        &self,
+        conn: &rusqlite::Connection,
+        state: &mut RouteState,
+        why: &str,
+        numbers: Value,
+    ) -> Result<(), FlywheelError> {
+        let before = state.before.take().ok_or_else(|| {
+            FlywheelError::Conflict("there is no earlier rollout to return to".into())
+        })?;
+        state.candidate = None;
+        state.candidate_tools.clear();
+        self.apply(conn, state, Stage::Idle, before, "rollback", why, numbers)
+    }
+
+    /// Manual control: `promote` moves a candidate one stage on (shadow → canary → champion),
+    /// `rollback` returns to the rollout before the candidate (or before the last promotion),
+    /// `pause` holds automatic transitions (guards still roll back), `resume` lifts the hold.
+    pub fn act(&self, route: &str, action: &str, reason: &str) -> Result<Value, FlywheelError> {
+        let (rc, _) = self.route(route)?;
+        let conn = self.conn()?;
+        let _t = lock(&self.transitions);
+        let mut state = self.state(&conn, route)?;
+        let why = if reason.is_empty() {
+            format!("{action} requested by an operator")
+        } else {
+            format!("{action} requested by an operator: {reason}")
+        };
+        let numbers = json!({"manual": true});
+        match (action, state.stage, state.candidate.clone()) {
+            ("promote", Stage::Shadow | Stage::Canary, Some(c)) => {
+                self.advance(&conn, rc, &mut state, &c, &why, numbers)?;
+            }
+            ("promote", _, _) => {
+                return Err(FlywheelError::Conflict(format!(
+                    "Route '{route}' has no candidate rolling out; nothing to promote."
+                )))
+            }
+            ("rollback", _, _) => {
+                if state.before.is_none() {
+                    return Err(FlywheelError::Conflict(format!(
+                        "Route '{route}' has no earlier rollout to return to."
+                    )));
+                }
+                self.roll_back(&conn, &mut state, &why, numbers)?;
+            }
+            ("pause" | "resume", _, _) => {
+                state.paused = action == "pause";
+                fstore::insert_event(&conn, &event(&state, state.stage, action, &why, numbers))?;
+                fstore::put_state(&conn, &state)?;
+            }
+            _ => {
+                return Err(FlywheelError::Invalid(format!(
+                    "Unknown action '{action}' (promote, rollback, pause, resume)."
+                )))
+            }
+        }
+        self.status(&conn, route)
+    }
+}
+
+/// A route's state as its config defines it: idle, the config's rollout installed.
+pub(super) fn initial_state(route: &RouteConfig) -> RouteState {
+    RouteState {
+        route: route.name.clone(),
+        stage: Stage::Idle,
+        paused: false,
+        config_champion: route.rollout.champion.clone(),
+        installed: route.rollout.clone(),
+        before: None,
+        candidate: None,
+        run_id: None,
+        stage_started_ms: now_ms(),
+        known_tools: BTreeSet::new(),
+        candidate_tools: BTreeSet::new(),
+    }
+}
+
+/// A transition of `state`'s route from its current stage to `to`, stamped now.
+pub(super) fn event(
+    state: &RouteState,
+    to: Stage,
+    action: &str,
+    reason: &str,
+    numbers: Value,
+) -> RolloutEvent {
+    RolloutEvent {
+        route: state.route.clone(),
+        run_id: state.run_id.clone(),
+        at_ms: now_ms(),
+        from: state.stage.as_str().into(),
+        to: to.as_str().into(),
+        action: action.into(),
+        reason: reason.into(),
+        numbers,
+    }
+}
+
+pub(super) fn targets(r: &RolloutConfig) -> Vec<&TargetConfig> {
+    let mut v = vec![&r.champion];
+    if let Some(c) = &r.canary {
+        v.push(&c.target);
+    }
+    if let Some(s) = &r.shadow {
+        v.push(&s.target);
+    }
+    v
+}
