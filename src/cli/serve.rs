@@ -121,7 +121,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .install_guardrails(&stored_guardrails)
         .map_err(anyhow::Error::msg)?;
     if let Some(j) = &jobs {
-        if let Err(e) = crate::api::evaluation::resume_unfinished(&gateway, j) {
+        if let Err(e) = crate::flywheel::evaluation::resume_unfinished(&gateway, j) {
             tracing::warn!(error = %e, "cannot resume interrupted evaluation jobs");
         }
     }

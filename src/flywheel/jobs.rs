@@ -56,7 +56,7 @@ impl JobRunner {
         let cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>> = Arc::default();
         let conn = crate::store::open(&ctx.db).map_err(|e| EntityError::Invalid(e.to_string()))?;
         // Interrupted evaluations are run again by the API layer once the gateway can serve their
-        // targets (`api::evaluation::resume_unfinished`).
+        // targets (`flywheel::evaluation::resume_unfinished`).
         reload_trained_adapters(&ctx, &conn)?;
         for job in entities::unfinished_jobs(&conn, CUSTOMIZATION)? {
             tracing::info!(job = %job.id, "queueing a job left unfinished by the previous run");

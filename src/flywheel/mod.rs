@@ -8,6 +8,7 @@ pub mod controller;
 pub mod curate;
 pub mod dataset;
 pub mod eval;
+pub mod evaluation;
 pub mod jobs;
 pub mod promote;
 pub mod train;
