@@ -483,8 +483,8 @@ impl<D: Device> GpuModel<D> {
                 la.push(Buffer::zeros(&self.dev, s * r * input)?);
                 lb.push(Buffer::zeros(&self.dev, s * output * r)?);
             }
-            a.push(seven(la)?);
-            b.push(seven(lb)?);
+            a.push(one_per_module(la)?);
+            b.push(one_per_module(lb)?);
         }
         Ok(LoraSlots {
             rank: r,
@@ -733,15 +733,15 @@ impl<D: Device> GpuModel<D> {
                     shape,
                     x,
                     &lora.a[l][ti],
-                    ix(d_seg, seg_start),
-                    ix(d_seg_slot, seg_slot),
+                    indices(d_seg, seg_start),
+                    indices(d_seg_slot, seg_slot),
                     v,
                 )?;
                 k.lora_expand_add(
                     shape,
                     v,
                     &lora.b[l][ti],
-                    ix(d_slot, row_slot),
+                    indices(d_slot, row_slot),
                     &lora.scale,
                     y,
                 )?;
@@ -750,7 +750,7 @@ impl<D: Device> GpuModel<D> {
         };
         let (hd, qw) = (c.hidden, c.heads * c.head_dim);
         let qkv_w = qw + 2 * c.kv_heads * c.head_dim;
-        k.get_rows(&self.embed, ix(d_ids, ids), &mut ws.stream.res)?;
+        k.get_rows(&self.embed, indices(d_ids, ids), &mut ws.stream.res)?;
         for (l, layer) in self.layers.iter_mut().enumerate() {
             if l == 0 {
                 k.rms_norm(
@@ -782,7 +782,7 @@ impl<D: Device> GpuModel<D> {
                 &ws.qkv,
                 d_pos,
                 &self.inv_freq,
-                ix(d_row, cache_row),
+                indices(d_row, cache_row),
                 &mut ws.q,
                 &mut layer.k_cache,
                 &mut layer.v_cache,
@@ -794,8 +794,8 @@ impl<D: Device> GpuModel<D> {
                 &ws.q,
                 &layer.k_cache,
                 &layer.v_cache,
-                ix(d_table, table),
-                ix(d_lens, lens),
+                indices(d_table, table),
+                indices(d_lens, lens),
                 &mut ws.attn,
             )?;
             k.matvec(&layer.o, n, &ws.attn, &mut ws.stream.delta)?;
@@ -834,8 +834,8 @@ impl<D: Device> GpuModel<D> {
         let [gd, gr, sum, hf] = &mut ws.last;
         let (gd, gr) = (grown(dev, gd, s * hd)?, grown(dev, gr, s * hd)?);
         let (sum, hf) = (grown(dev, sum, s * hd)?, grown(dev, hf, s * hd)?);
-        k.gather_rows(n, hd, &ws.stream.delta, ix(d_last, last), gd)?;
-        k.gather_rows(n, hd, &ws.stream.res, ix(d_last, last), gr)?;
+        k.gather_rows(n, hd, &ws.stream.delta, indices(d_last, last), gd)?;
+        k.gather_rows(n, hd, &ws.stream.res, indices(d_last, last), gr)?;
         k.rms_norm(s, hd, eps, gd, Some((gr, sum)), &self.norm, hf)?;
         let head = self.head.as_ref().unwrap_or(&self.embed);
         let logits = grown(dev, &mut ws.logits, s * head.rows)?;
@@ -889,11 +889,11 @@ impl<D: Device + 'static> DeviceForward for GpuModel<D> {
     }
 }
 
-fn ix<'a, D: Device>(dev: &'a Buffer<D, i32>, host: &'a [i32]) -> Indices<'a, D> {
+fn indices<'a, D: Device>(dev: &'a Buffer<D, i32>, host: &'a [i32]) -> Indices<'a, D> {
     Indices { dev, host }
 }
 
-fn seven<T>(v: Vec<T>) -> Result<[T; 7], ModelError> {
+fn one_per_module<T>(v: Vec<T>) -> Result<[T; 7], ModelError> {
     v.try_into()
         .map_err(|_| unsupported("seven adapter targets per layer"))
 }

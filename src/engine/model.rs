@@ -243,7 +243,10 @@ fn quantized_matrix(w: Tensor, format: WeightFormat) -> Result<Proj, ModelError>
     }
 }
 
-fn md<'a>(content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, ModelError> {
+fn metadata<'a>(
+    content: &'a gguf_file::Content,
+    key: &str,
+) -> Result<&'a gguf_file::Value, ModelError> {
     content
         .metadata
         .get(key)
@@ -607,22 +610,24 @@ impl<'a> ModelSource<'a> {
         max_context: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let arch = md(content, "general.architecture")?.to_string()?.clone();
+        let arch = metadata(content, "general.architecture")?
+            .to_string()?
+            .clone();
         if !matches!(arch.as_str(), "llama" | "mistral" | "granite") {
             return Err(ModelError::Unsupported(format!(
                 "architecture '{arch}' (supported: llama)"
             )));
         }
         let key = |k: &str| format!("{arch}.{k}");
-        let n_layers = md(content, &key("block_count"))?.to_u32()? as usize;
-        let hidden = md(content, &key("embedding_length"))?.to_u32()? as usize;
-        let ffn = md(content, &key("feed_forward_length"))?.to_u32()? as usize;
-        let heads = md(content, &key("attention.head_count"))?.to_u32()? as usize;
+        let n_layers = metadata(content, &key("block_count"))?.to_u32()? as usize;
+        let hidden = metadata(content, &key("embedding_length"))?.to_u32()? as usize;
+        let ffn = metadata(content, &key("feed_forward_length"))?.to_u32()? as usize;
+        let heads = metadata(content, &key("attention.head_count"))?.to_u32()? as usize;
         let kv_heads = match content.metadata.get(&key("attention.head_count_kv")) {
             Some(v) => v.to_u32()? as usize,
             None => heads,
         };
-        let rms_eps = md(content, &key("attention.layer_norm_rms_epsilon"))?.to_f32()? as f64;
+        let rms_eps = metadata(content, &key("attention.layer_norm_rms_epsilon"))?.to_f32()? as f64;
         let rope_theta = match content.metadata.get(&key("rope.freq_base")) {
             Some(v) => v.to_f32()?,
             None => 10_000.0,
@@ -635,7 +640,7 @@ impl<'a> ModelSource<'a> {
             Some(v) => match v.to_string()?.as_str() {
                 "none" => RopeScaling::None,
                 "linear" => {
-                    RopeScaling::Linear(md(content, &key("rope.scaling.factor"))?.to_f32()?)
+                    RopeScaling::Linear(metadata(content, &key("rope.scaling.factor"))?.to_f32()?)
                 }
                 other => {
                     return Err(ModelError::Unsupported(format!(

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use model::{Batch, LoraShape, SplitMix, TrainBase, MODULES};
+use model::{Batch, LoraFactors, SplitMix, TrainBase, MODULES};
 
 /// One training sequence: prompt then answer; the answer's tokens carry the loss.
 #[derive(Debug, Clone)]
@@ -199,7 +199,7 @@ pub struct EpochStats {
 }
 
 pub struct TrainOutcome {
-    pub lora: LoraShape,
+    pub lora: LoraFactors,
     /// The factors of the best epoch (lowest validation loss, or training loss without one).
     pub theta: Vec<f32>,
     pub best_epoch: usize,
@@ -326,7 +326,7 @@ fn make_batch(examples: &[&TrainExample]) -> Batch {
 fn mean_loss(
     base: &TrainBase,
     examples: &[TrainExample],
-    lora: &LoraShape,
+    lora: &LoraFactors,
     theta: &[f32],
     micro: usize,
 ) -> Result<f64, TrainError> {
@@ -399,7 +399,7 @@ pub fn train_paced(
             )));
         }
     }
-    let lora = LoraShape::new(&base.cfg, hp.adapter_dim, hp.lora_alpha(), &hp.targets());
+    let lora = LoraFactors::new(&base.cfg, hp.adapter_dim, hp.lora_alpha(), &hp.targets());
     let _memory = crate::ops::memory::RetainFreedMemory::new();
     let steps_per_epoch = train.len().div_ceil(hp.batch_size);
     let total_steps = steps_per_epoch * hp.epochs;

@@ -62,7 +62,7 @@ pub struct FactorSlot {
 
 /// The trainable LoRA factors of every targeted module, in one vector.
 #[derive(Debug, Clone)]
-pub struct LoraShape {
+pub struct LoraFactors {
     pub rank: usize,
     pub alpha: f64,
     /// Indices into `MODULES`.
@@ -72,7 +72,7 @@ pub struct LoraShape {
     pub len: usize,
 }
 
-impl LoraShape {
+impl LoraFactors {
     pub fn new(cfg: &LlamaConfig, rank: usize, alpha: f64, targets: &[usize]) -> Self {
         let mut slots = Vec::with_capacity(cfg.n_layers);
         let mut len = 0;
@@ -120,7 +120,7 @@ impl LoraShape {
     }
 }
 
-impl LoraShape {
+impl LoraFactors {
     /// Writes `theta` as a PEFT adapter directory (`adapter_config.json` and
     /// `adapter_model.safetensors`). Files go to a sibling temporary directory first, which is then
     /// renamed into place, so a reader never sees a half-written adapter.
@@ -347,7 +347,7 @@ impl TrainBase {
         layer: usize,
         g: usize,
         x: &Tensor,
-        lora: &LoraShape,
+        lora: &LoraFactors,
         theta: &[f32],
         dropout: f32,
         rng: &mut SplitMix,
@@ -387,7 +387,7 @@ impl TrainBase {
         layer: usize,
         g: usize,
         dy: &Tensor,
-        lora: &LoraShape,
+        lora: &LoraFactors,
         theta: &[f32],
         saved: &[Option<LoraSaved>; 7],
         grad: &mut [f32],
@@ -424,7 +424,7 @@ impl TrainBase {
     pub fn loss_and_grad(
         &self,
         batch: &Batch,
-        lora: &LoraShape,
+        lora: &LoraFactors,
         theta: &[f32],
         dropout: f32,
         rng: &mut SplitMix,
@@ -444,7 +444,7 @@ impl TrainBase {
     }
 
     /// The summed loss of a batch, without gradients.
-    pub fn loss(&self, batch: &Batch, lora: &LoraShape, theta: &[f32]) -> Result<StepResult> {
+    pub fn loss(&self, batch: &Batch, lora: &LoraFactors, theta: &[f32]) -> Result<StepResult> {
         let mut rng = SplitMix(0);
         let (xl, _) = self.forward_layers(batch, lora, theta, 0.0, &mut rng)?;
         let (loss_sum, _) = self.head_loss(&xl, batch, 1.0, false)?;
@@ -455,7 +455,7 @@ impl TrainBase {
     }
 
     /// Logits of every position: (rows · t, vocab). For tests against the serving engine.
-    pub fn logits(&self, batch: &Batch, lora: &LoraShape, theta: &[f32]) -> Result<Tensor> {
+    pub fn logits(&self, batch: &Batch, lora: &LoraFactors, theta: &[f32]) -> Result<Tensor> {
         let mut rng = SplitMix(0);
         let (xl, _) = self.forward_layers(batch, lora, theta, 0.0, &mut rng)?;
         let n = batch.rows * batch.t;
@@ -476,7 +476,7 @@ impl TrainBase {
     fn forward_layers(
         &self,
         batch: &Batch,
-        lora: &LoraShape,
+        lora: &LoraFactors,
         theta: &[f32],
         dropout: f32,
         rng: &mut SplitMix,
@@ -607,7 +607,7 @@ impl TrainBase {
         s: &LayerSaved,
         batch: &Batch,
         rope: &(Vec<f32>, Vec<f32>),
-        lora: &LoraShape,
+        lora: &LoraFactors,
         theta: &[f32],
         grad: &mut [f32],
     ) -> Result<Vec<f32>> {
@@ -737,7 +737,7 @@ mod tests {
         }
     }
 
-    fn random_theta(lora: &LoraShape, seed: u64) -> Vec<f32> {
+    fn random_theta(lora: &LoraFactors, seed: u64) -> Vec<f32> {
         let mut rng = SplitMix(seed);
         (0..lora.len).map(|_| (rng.unit() - 0.5) * 0.4).collect()
     }
@@ -754,7 +754,7 @@ mod tests {
         let seqs = vec![vec![5u32, 70, 71, 72, 9, 33], vec![100u32, 101, 102, 8]];
         for (path, serving) in [(&gguf, true), (&hf, false)] {
             let base = TrainBase::load(path, 64).unwrap();
-            let lora = LoraShape::new(&base.cfg, 4, 8.0, &[0, 1, 2, 3, 4, 5, 6]);
+            let lora = LoraFactors::new(&base.cfg, 4, 8.0, &[0, 1, 2, 3, 4, 5, 6]);
             let theta = random_theta(&lora, 7);
             let adir = dir.path().join(format!("adapter-{serving}"));
             lora.save_peft(&theta, &adir, "tiny", 0.0).unwrap();
@@ -804,7 +804,7 @@ mod tests {
         let gguf = dir.path().join("tiny.gguf");
         write_tiny_llama(&gguf, GgmlDType::F32, 5);
         let base = TrainBase::load(&gguf, 64).unwrap();
-        let lora = LoraShape::new(&base.cfg, 2, 4.0, &[0, 1, 2, 3, 4, 5, 6]);
+        let lora = LoraFactors::new(&base.cfg, 2, 4.0, &[0, 1, 2, 3, 4, 5, 6]);
         let theta = random_theta(&lora, 11);
         let b = batch(&[
             vec![5u32, 70, 71, 72, 9, 33, 40],
