@@ -702,8 +702,9 @@ fn engine_logprobs(
 /// The engine's logprobs against llama.cpp's, recorded by `benches/oracle.sh` from an F32 copy of
 /// the same GGUF with an f32 KV cache: on `weights = "f32"` both hold the same weights and compute
 /// in f32, so the greedy tokens agree and each of llama.cpp's top-5 logprobs is matched within
-/// 0.02 nats. Measured, the worst gap is 0.005 (the two differ in summation order, rope angle
-/// tables and normalization over 30 layers); a real deviation is far larger: an output head left
+/// 0.02 nats. Measured, the worst gap is 0.005 (the engine keeps its KV cache in f16, and the two
+/// differ in summation order and rope angle tables over 30 layers); a real deviation is far
+/// larger: an output head left
 /// quantized (activations rounded to 8 bits) moved them by up to 0.12. The q8_0 and native paths'
 /// drift from the f32 path is printed (BENCHMARKS.md records it).
 #[test]
