@@ -409,76 +409,19 @@ impl LlamaModel {
         let n = flat.len();
         let ids = Tensor::from_vec(flat, n, &self.device)?;
         let pos = Tensor::from_vec(positions, n, &self.device)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
-        let lora_rows = row_adapters(tokens, adapters);
+        let batch = Batch {
+            tokens,
+            n,
+            cos: self.cos.index_select(&pos, 0)?,
+            sin: self.sin.index_select(&pos, 0)?,
+            lora_rows: row_adapters(tokens, adapters),
+        };
         let mut x = self.embed.embedding(&ids)?; // (n, hidden)
-        let (h, kvh, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         for (li, layer) in self.layers.iter().enumerate() {
-            let residual = x.clone();
             let xn = ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let lora = |p: Projection| lora_rows.as_deref().map(|rows| (rows, li, p));
-            // (n, (h + 2 kvh) * hd)
-            let qkv = project(
-                &layer.qkv,
-                &xn,
-                lora(Projection::Qkv),
-                &[h * hd, kvh * hd, kvh * hd],
-            )?;
-            let q = qkv.narrow(1, 0, h * hd)?.reshape((n, h, hd))?;
-            let k = qkv.narrow(1, h * hd, kvh * hd)?.reshape((n, kvh, hd))?;
-            let v = qkv
-                .narrow(1, (h + kvh) * hd, kvh * hd)?
-                .reshape((n, kvh, hd))?;
-            let q = ops::rope(&q, &cos, &sin, self.rope_style)?;
-            let k = ops::rope(&k, &cos, &sin, self.rope_style)?;
-            // Append this call's keys and values, then attend over each sequence's whole cache.
-            let kv_width = kvh * hd;
-            let kf = k.flatten_all()?.to_vec1::<f32>()?;
-            let vf = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            let mut row = 0;
-            for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
-                let t = seq.len();
-                let c = &mut cache.layers[li];
-                let span = row * kv_width..(row + t) * kv_width;
-                c.k.extend(kf[span.clone()].iter().map(|&x| f16::from_f32(x)));
-                c.v.extend(vf[span].iter().map(|&x| f16::from_f32(x)));
-                row += t;
-            }
-            let qf = q.flatten_all()?.to_vec1::<f32>()?;
-            let mut attn_out = vec![0f32; n * h * hd];
-            let mut row = 0;
-            let seqs: Vec<SeqAttention<'_, f16>> = tokens
-                .iter()
-                .zip(caches.iter())
-                .map(|(seq, cache)| {
-                    let s = SeqAttention {
-                        k: &cache.layers[li].k,
-                        v: &cache.layers[li].v,
-                        row,
-                        tokens: seq.len(),
-                    };
-                    row += seq.len();
-                    s
-                })
-                .collect();
-            attention(&qf, &mut attn_out, &seqs, h, kvh, hd);
-            let attn = Tensor::from_vec(attn_out, (n, h * hd), &self.device)?;
-            let o = project(&layer.o, &attn, lora(Projection::O), &[cfg.hidden])?;
-            x = (residual + o)?;
-            let residual = x.clone();
+            x = (x + self.attention_block(&batch, li, layer, &xn, caches)?)?;
             let xn = ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            let gu = project(
-                &layer.gate_up,
-                &xn,
-                lora(Projection::GateUp),
-                &[cfg.ffn, cfg.ffn],
-            )?;
-            let gu = gu.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let act =
-                Tensor::from_vec(ops::silu_mul_rows(&gu, cfg.ffn), (n, cfg.ffn), &self.device)?;
-            let down = project(&layer.down, &act, lora(Projection::Down), &[cfg.hidden])?;
-            x = (residual + down)?;
+            x = (x + self.mlp_block(&batch, li, layer, &xn)?)?;
         }
         for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
             cache.len += seq.len();
@@ -494,6 +437,138 @@ impl LlamaModel {
         let x = ops::rms_norm(&x, &self.norm, cfg.rms_eps)?;
         Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
     }
+}
+
+impl LlamaModel {
+    /// Self-attention of one layer: the normed input projected to queries, keys and values (with
+    /// each row's adapter), rotary positions applied, this call's keys and values appended to
+    /// each sequence's cache, attention over each whole cache, and the output projection.
+    fn attention_block(
+        &self,
+        batch: &Batch<'_>,
+        li: usize,
+        layer: &Layer,
+        xn: &Tensor,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.cfg;
+        let (n, h, kvh, hd) = (batch.n, cfg.heads, cfg.kv_heads, cfg.head_dim);
+        // (n, (h + 2 kvh) * hd)
+        let qkv = project(
+            &layer.qkv,
+            xn,
+            batch.lora(li, Projection::Qkv),
+            &[h * hd, kvh * hd, kvh * hd],
+        )?;
+        let q = qkv.narrow(1, 0, h * hd)?.reshape((n, h, hd))?;
+        let k = qkv.narrow(1, h * hd, kvh * hd)?.reshape((n, kvh, hd))?;
+        let v = qkv
+            .narrow(1, (h + kvh) * hd, kvh * hd)?
+            .reshape((n, kvh, hd))?;
+        let q = ops::rope(&q, &batch.cos, &batch.sin, self.rope_style)?;
+        let k = ops::rope(&k, &batch.cos, &batch.sin, self.rope_style)?;
+        append_kv(batch.tokens, caches, li, &k, &v)?;
+        let qf = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut attn_out = vec![0f32; n * h * hd];
+        let mut row = 0;
+        let seqs: Vec<SeqAttention<'_, f16>> = batch
+            .tokens
+            .iter()
+            .zip(caches.iter())
+            .map(|(seq, cache)| {
+                let s = SeqAttention {
+                    k: &cache.layers[li].k,
+                    v: &cache.layers[li].v,
+                    row,
+                    tokens: seq.len(),
+                };
+                row += seq.len();
+                s
+            })
+            .collect();
+        attention(&qf, &mut attn_out, &seqs, h, kvh, hd);
+        let attn = Tensor::from_vec(attn_out, (n, h * hd), &self.device)?;
+        project(
+            &layer.o,
+            &attn,
+            batch.lora(li, Projection::O),
+            &[cfg.hidden],
+        )
+    }
+
+    /// The gated MLP of one layer: `down(silu(gate · x) * (up · x))`, with each row's adapter.
+    fn mlp_block(
+        &self,
+        batch: &Batch<'_>,
+        li: usize,
+        layer: &Layer,
+        xn: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.cfg;
+        let gu = project(
+            &layer.gate_up,
+            xn,
+            batch.lora(li, Projection::GateUp),
+            &[cfg.ffn, cfg.ffn],
+        )?;
+        let gu = gu.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let act = Tensor::from_vec(
+            ops::silu_mul_rows(&gu, cfg.ffn),
+            (batch.n, cfg.ffn),
+            &self.device,
+        )?;
+        project(
+            &layer.down,
+            &act,
+            batch.lora(li, Projection::Down),
+            &[cfg.hidden],
+        )
+    }
+}
+
+/// What every layer of one forward call shares: the sequences' tokens, the rows in all, their
+/// rotary angles, and each row's adapter (none when no row has one).
+struct Batch<'a> {
+    tokens: &'a [&'a [u32]],
+    n: usize,
+    cos: Tensor,
+    sin: Tensor,
+    lora_rows: Option<Vec<Option<&'a LoraAdapter>>>,
+}
+
+impl Batch<'_> {
+    /// The adapters' part in one projection of layer `li`.
+    fn lora(
+        &self,
+        li: usize,
+        p: Projection,
+    ) -> Option<(&[Option<&LoraAdapter>], usize, Projection)> {
+        self.lora_rows.as_deref().map(|rows| (rows, li, p))
+    }
+}
+
+/// Appends this call's keys and values of layer `li` (`(rows, kv_heads, head_dim)`, sequence after
+/// sequence) to each sequence's cache, in f16.
+fn append_kv(
+    tokens: &[&[u32]],
+    caches: &mut [&mut KvCache],
+    li: usize,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(), ModelError> {
+    let kf = k.flatten_all()?.to_vec1::<f32>()?;
+    let vf = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let width = kf.len() / tokens.iter().map(|t| t.len()).sum::<usize>().max(1);
+    let mut row = 0;
+    for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
+        let t = seq.len();
+        let c = &mut cache.layers[li];
+        let span = row * width..(row + t) * width;
+        c.k.extend(kf[span.clone()].iter().map(|&x| f16::from_f32(x)));
+        c.v.extend(vf[span].iter().map(|&x| f16::from_f32(x)));
+        row += t;
+    }
+    Ok(())
 }
 
 /// Each row's adapter, for the flattened batch (one entry per token).
