@@ -389,16 +389,12 @@ fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
         });
         let _ = entities::update_job(&conn, id, "running", &details, None);
     };
-    let result = train::train_paced(
-        &tbase,
-        &tr,
-        &va,
-        &hp,
-        Some(&ckpt),
+    let control = train::Control {
+        checkpoint: Some(&ckpt),
         cancel,
-        &mut on_progress,
-        &pace,
-    );
+        pace: &pace,
+    };
+    let result = train::train_paced(&tbase, &tr, &va, &hp, &control, &mut on_progress);
     match result {
         Ok(out) => {
             let (ons, oname) = output.split_once('/').unwrap_or(("default", output));

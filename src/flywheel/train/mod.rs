@@ -233,6 +233,74 @@ struct LoopState {
 }
 
 impl LoopState {
+    /// The state saved at `checkpoint` when it was made by these settings and data
+    /// (`fingerprint`), or a fresh start.
+    fn resume_or_start(
+        checkpoint: Option<&Path>,
+        fingerprint: String,
+        lora: &LoraFactors,
+        seed: u64,
+    ) -> Self {
+        let mut st = match checkpoint.filter(|p| p.exists()) {
+            Some(p) => match LoopState::load(p, lora.len) {
+                Ok(s) if s.fingerprint == fingerprint => {
+                    tracing::info!(path = %p.display(), epoch = s.epoch, step = s.global_step, "resuming training from its checkpoint");
+                    Some(s)
+                }
+                Ok(_) => {
+                    tracing::warn!(path = %p.display(), "checkpoint is for other settings or data; starting over");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable checkpoint; starting over");
+                    None
+                }
+            },
+            None => None,
+        }
+        .unwrap_or_else(|| LoopState {
+            fingerprint,
+            epoch: 0,
+            step_in_epoch: 0,
+            global_step: 0,
+            epochs: Vec::new(),
+            best_epoch: 0,
+            best_loss: f64::INFINITY,
+            theta: lora.init(seed),
+            m: vec![0.0; lora.len],
+            v: vec![0.0; lora.len],
+            best_theta: Vec::new(),
+            epoch_loss: 0.0,
+            epoch_targets: 0,
+        });
+        if st.best_theta.len() != lora.len {
+            st.best_theta = st.theta.clone();
+        }
+        st
+    }
+
+    /// Closes an epoch: its statistics, and the best epoch so far (by validation loss, or the
+    /// training loss without a validation split).
+    fn finish_epoch(&mut self, val_loss: Option<f64>) {
+        let train_loss = self.epoch_loss / self.epoch_targets.max(1) as f64;
+        let score = val_loss.unwrap_or(train_loss);
+        if score < self.best_loss {
+            self.best_loss = score;
+            self.best_epoch = self.epoch;
+            self.best_theta = self.theta.clone();
+        }
+        self.epochs.push(EpochStats {
+            epoch: self.epoch,
+            train_loss,
+            val_loss,
+        });
+        tracing::info!(epoch = self.epoch, train_loss, ?val_loss, "epoch done");
+        self.epoch += 1;
+        self.step_in_epoch = 0;
+        self.epoch_loss = 0.0;
+        self.epoch_targets = 0;
+    }
+
     /// One file: a JSON header line, then theta, m, v and the best theta as little-endian f32.
     /// Written to a temporary file and renamed, so a crash leaves the previous checkpoint whole.
     fn save(&self, path: &Path) -> Result<(), TrainError> {
@@ -364,23 +432,134 @@ pub fn train(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<TrainOutcome, TrainError> {
-    train_paced(base, train, val, hp, checkpoint, cancel, progress, &|| {})
+    let control = Control {
+        checkpoint,
+        cancel,
+        pace: &|| {},
+    };
+    train_paced(base, train, val, hp, &control, progress)
 }
 
-/// [`train`] that calls `pace` before every forward/backward pass, where a job sharing the machine
-/// with serving waits for the engines to go quiet.
-#[allow(clippy::too_many_arguments)]
+/// How a training job is steered from outside.
+pub struct Control<'a> {
+    /// Where the loop state is saved (after every epoch, and at least every 30 seconds) and
+    /// resumed from.
+    pub checkpoint: Option<&'a Path>,
+    /// Stops the job between steps (the state is saved first).
+    pub cancel: &'a AtomicBool,
+    /// Called before every forward/backward pass: a job sharing the machine with serving waits
+    /// there for the engines to go quiet.
+    pub pace: &'a dyn Fn(),
+}
+
+/// [`train`] under a [`Control`] that also paces it.
 pub fn train_paced(
     base: &TrainBase,
     train: &[TrainExample],
     val: &[TrainExample],
     hp: &Hyperparameters,
-    checkpoint: Option<&Path>,
-    cancel: &AtomicBool,
+    control: &Control<'_>,
     progress: &mut dyn FnMut(&Progress),
-    pace: &dyn Fn(),
 ) -> Result<TrainOutcome, TrainError> {
     hp.validate()?;
+    check_examples(base, train, val, hp)?;
+    let lora = LoraFactors::new(&base.cfg, hp.adapter_dim, hp.lora_alpha(), &hp.targets());
+    let _memory = crate::ops::memory::RetainFreedMemory::new();
+    let steps_per_epoch = train.len().div_ceil(hp.batch_size);
+    let total_steps = steps_per_epoch * hp.epochs;
+    let fingerprint = format!(
+        "{}|{}|{}|{}",
+        serde_json::to_string(hp).unwrap_or_default(),
+        train.len(),
+        val.len(),
+        lora.len
+    );
+    let mut st = LoopState::resume_or_start(control.checkpoint, fingerprint, &lora, hp.seed);
+    let micro = hp.micro_batch_size.min(hp.batch_size);
+    let started = Instant::now();
+    let mut tokens_done = 0usize;
+    let mut last_save = Instant::now();
+    let mut grad = vec![0f32; lora.len];
+    while st.epoch < hp.epochs {
+        let order = epoch_order(train.len(), hp.seed, st.epoch);
+        while st.step_in_epoch < steps_per_epoch {
+            if control.cancel.load(Ordering::Relaxed) {
+                if let Some(p) = control.checkpoint {
+                    st.save(p)?;
+                }
+                return Err(TrainError::Cancelled);
+            }
+            let lo = st.step_in_epoch * hp.batch_size;
+            let hi = (lo + hp.batch_size).min(train.len());
+            let step: Vec<&TrainExample> = order[lo..hi].iter().map(|&i| &train[i]).collect();
+            let pass = StepPass {
+                base,
+                lora: &lora,
+                hp,
+                micro,
+                pace: control.pace,
+            };
+            let (loss_sum, targets, tokens) = pass.gradient(step, &st, &mut grad)?;
+            tokens_done += tokens;
+            let step_loss = loss_sum / targets.max(1) as f64;
+            if !step_loss.is_finite() {
+                return Err(TrainError::Diverged(step_loss));
+            }
+            let lr = learning_rate(hp, st.global_step, total_steps);
+            adamw_update(hp, &mut st, &grad, lr);
+            st.global_step += 1;
+            st.step_in_epoch += 1;
+            st.epoch_loss += loss_sum;
+            st.epoch_targets += targets;
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            progress(&Progress {
+                epoch: st.epoch,
+                epochs: hp.epochs,
+                step: st.global_step,
+                total_steps,
+                train_loss: step_loss,
+                val_loss: st.epochs.last().and_then(|e| e.val_loss),
+                tokens_per_sec: tokens_done as f64 / secs,
+                eta_secs: eta(
+                    secs,
+                    tokens_done,
+                    train,
+                    hp.epochs,
+                    st.global_step,
+                    total_steps,
+                ),
+            });
+            if let Some(p) = control.checkpoint {
+                if last_save.elapsed().as_secs() >= 30 {
+                    st.save(p)?;
+                    last_save = Instant::now();
+                }
+            }
+        }
+        st.finish_epoch(mean_loss_of(base, val, &lora, &st.theta, micro)?);
+        if let Some(p) = control.checkpoint {
+            st.save(p)?;
+            last_save = Instant::now();
+        }
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(TrainOutcome {
+        lora,
+        theta: st.best_theta,
+        best_epoch: st.best_epoch,
+        epochs: st.epochs,
+        steps: st.global_step,
+        tokens_per_sec: tokens_done as f64 / secs,
+    })
+}
+
+/// Every example has answer tokens and fits the sequence limit.
+fn check_examples(
+    base: &TrainBase,
+    train: &[TrainExample],
+    val: &[TrainExample],
+    hp: &Hyperparameters,
+) -> Result<(), TrainError> {
     if train.is_empty() {
         return Err(TrainError::Data("the training split is empty".into()));
     }
@@ -399,200 +578,104 @@ pub fn train_paced(
             )));
         }
     }
-    let lora = LoraFactors::new(&base.cfg, hp.adapter_dim, hp.lora_alpha(), &hp.targets());
-    let _memory = crate::ops::memory::RetainFreedMemory::new();
-    let steps_per_epoch = train.len().div_ceil(hp.batch_size);
-    let total_steps = steps_per_epoch * hp.epochs;
-    let fingerprint = format!(
-        "{}|{}|{}|{}",
-        serde_json::to_string(hp).unwrap_or_default(),
-        train.len(),
-        val.len(),
-        lora.len
-    );
-    let fresh = || LoopState {
-        fingerprint: fingerprint.clone(),
-        epoch: 0,
-        step_in_epoch: 0,
-        global_step: 0,
-        epochs: Vec::new(),
-        best_epoch: 0,
-        best_loss: f64::INFINITY,
-        theta: lora.init(hp.seed),
-        m: vec![0.0; lora.len],
-        v: vec![0.0; lora.len],
-        best_theta: Vec::new(),
-        epoch_loss: 0.0,
-        epoch_targets: 0,
-    };
-    let mut st = match checkpoint.filter(|p| p.exists()) {
-        Some(p) => match LoopState::load(p, lora.len) {
-            Ok(s) if s.fingerprint == fingerprint => {
-                tracing::info!(path = %p.display(), epoch = s.epoch, step = s.global_step, "resuming training from its checkpoint");
-                s
-            }
-            Ok(_) => {
-                tracing::warn!(path = %p.display(), "checkpoint is for other settings or data; starting over");
-                fresh()
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "unreadable checkpoint; starting over");
-                fresh()
-            }
-        },
-        None => fresh(),
-    };
-    if st.best_theta.len() != lora.len {
-        st.best_theta = st.theta.clone();
+    Ok(())
+}
+
+/// The validation loss, when there is a validation split.
+fn mean_loss_of(
+    base: &TrainBase,
+    val: &[TrainExample],
+    lora: &LoraFactors,
+    theta: &[f32],
+    micro: usize,
+) -> Result<Option<f64>, TrainError> {
+    if val.is_empty() {
+        return Ok(None);
     }
-    let micro = hp.micro_batch_size.min(hp.batch_size);
+    Ok(Some(mean_loss(base, val, lora, theta, micro)?))
+}
+
+/// What one optimizer step's passes share.
+struct StepPass<'a> {
+    base: &'a TrainBase,
+    lora: &'a LoraFactors,
+    hp: &'a Hyperparameters,
+    micro: usize,
+    pace: &'a dyn Fn(),
+}
+
+impl StepPass<'_> {
+    /// The step's gradient (into `grad`, per answer token), over its examples in micro-batches
+    /// of similar lengths: the summed loss, the answer tokens, and the tokens run.
+    fn gradient(
+        &self,
+        mut step: Vec<&TrainExample>,
+        st: &LoopState,
+        grad: &mut [f32],
+    ) -> Result<(f64, usize, usize), TrainError> {
+        // Similar lengths share a micro-batch: less padding.
+        step.sort_by_key(|e| e.tokens.len());
+        let targets: usize = step
+            .iter()
+            .map(|e| e.tokens.len() - e.prompt_len.max(1))
+            .sum();
+        grad.iter_mut().for_each(|g| *g = 0.0);
+        // Dropout masks depend only on the seed and the step, so a resumed job draws the same.
+        let mut rng = SplitMix(
+            self.hp
+                .seed
+                .wrapping_mul(0x2545_F491)
+                .wrapping_add(st.global_step as u64),
+        );
+        let (mut loss_sum, mut tokens) = (0.0, 0);
+        for chunk in step.chunks(self.micro) {
+            (self.pace)();
+            let r = self.base.loss_and_grad(
+                &make_batch(chunk),
+                self.lora,
+                &st.theta,
+                self.hp.adapter_dropout,
+                &mut rng,
+                1.0 / targets.max(1) as f32,
+                grad,
+            )?;
+            loss_sum += r.loss_sum;
+            tokens += chunk.iter().map(|e| e.tokens.len()).sum::<usize>();
+        }
+        Ok((loss_sum, targets, tokens))
+    }
+}
+
+/// Clips the gradient's global norm, then one AdamW step with decoupled weight decay at `lr`.
+fn adamw_update(hp: &Hyperparameters, st: &mut LoopState, grad: &[f32], lr: f64) {
     let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
-    let started = Instant::now();
-    let mut tokens_done = 0usize;
-    let mut last_save = Instant::now();
-    let mut grad = vec![0f32; lora.len];
-    while st.epoch < hp.epochs {
-        let order = epoch_order(train.len(), hp.seed, st.epoch);
-        while st.step_in_epoch < steps_per_epoch {
-            if cancel.load(Ordering::Relaxed) {
-                if let Some(p) = checkpoint {
-                    st.save(p)?;
-                }
-                return Err(TrainError::Cancelled);
-            }
-            let lo = st.step_in_epoch * hp.batch_size;
-            let hi = (lo + hp.batch_size).min(train.len());
-            let mut step_examples: Vec<&TrainExample> =
-                order[lo..hi].iter().map(|&i| &train[i]).collect();
-            // Similar lengths share a micro-batch: less padding.
-            step_examples.sort_by_key(|e| e.tokens.len());
-            let targets: usize = step_examples
-                .iter()
-                .map(|e| e.tokens.len() - e.prompt_len.max(1))
-                .sum();
-            grad.iter_mut().for_each(|g| *g = 0.0);
-            // Dropout masks depend only on the seed and the step, so a resumed job draws the same.
-            let mut rng = SplitMix(
-                hp.seed
-                    .wrapping_mul(0x2545_F491)
-                    .wrapping_add(st.global_step as u64),
-            );
-            let mut loss_sum = 0.0;
-            for chunk in step_examples.chunks(micro) {
-                pace();
-                let batch = make_batch(chunk);
-                let r = base.loss_and_grad(
-                    &batch,
-                    &lora,
-                    &st.theta,
-                    hp.adapter_dropout,
-                    &mut rng,
-                    1.0 / targets.max(1) as f32,
-                    &mut grad,
-                )?;
-                loss_sum += r.loss_sum;
-                tokens_done += chunk.iter().map(|e| e.tokens.len()).sum::<usize>();
-            }
-            let step_loss = loss_sum / targets.max(1) as f64;
-            if !step_loss.is_finite() {
-                return Err(TrainError::Diverged(step_loss));
-            }
-            // Clip the global norm, then AdamW with decoupled weight decay.
-            let norm = grad
-                .iter()
-                .map(|g| f64::from(*g) * f64::from(*g))
-                .sum::<f64>()
-                .sqrt();
-            let clip = if hp.max_grad_norm > 0.0 && norm > hp.max_grad_norm {
-                hp.max_grad_norm / norm
-            } else {
-                1.0
-            };
-            let lr = learning_rate(hp, st.global_step, total_steps);
-            let t = (st.global_step + 1) as i32;
-            let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-            let params = st
-                .theta
-                .iter_mut()
-                .zip(st.m.iter_mut())
-                .zip(st.v.iter_mut());
-            for (((theta, m1), m2), g) in params.zip(&grad) {
-                let g = f64::from(*g) * clip;
-                let m = b1 * f64::from(*m1) + (1.0 - b1) * g;
-                let v = b2 * f64::from(*m2) + (1.0 - b2) * g * g;
-                *m1 = m as f32;
-                *m2 = v as f32;
-                let p = f64::from(*theta);
-                let update = (m / c1) / ((v / c2).sqrt() + eps) + hp.weight_decay * p;
-                *theta = (p - lr * update) as f32;
-            }
-            st.global_step += 1;
-            st.step_in_epoch += 1;
-            st.epoch_loss += loss_sum;
-            st.epoch_targets += targets;
-            let secs = started.elapsed().as_secs_f64().max(1e-9);
-            let tps = tokens_done as f64 / secs;
-            progress(&Progress {
-                epoch: st.epoch,
-                epochs: hp.epochs,
-                step: st.global_step,
-                total_steps,
-                train_loss: step_loss,
-                val_loss: st.epochs.last().and_then(|e| e.val_loss),
-                tokens_per_sec: tps,
-                eta_secs: eta(
-                    secs,
-                    tokens_done,
-                    train,
-                    hp.epochs,
-                    st.global_step,
-                    total_steps,
-                ),
-            });
-            if let Some(p) = checkpoint {
-                if last_save.elapsed().as_secs() >= 30 {
-                    st.save(p)?;
-                    last_save = Instant::now();
-                }
-            }
-        }
-        // End of epoch: validation loss and best-epoch selection.
-        let train_loss = st.epoch_loss / st.epoch_targets.max(1) as f64;
-        let val_loss = if val.is_empty() {
-            None
-        } else {
-            Some(mean_loss(base, val, &lora, &st.theta, micro)?)
-        };
-        let score = val_loss.unwrap_or(train_loss);
-        if score < st.best_loss {
-            st.best_loss = score;
-            st.best_epoch = st.epoch;
-            st.best_theta = st.theta.clone();
-        }
-        st.epochs.push(EpochStats {
-            epoch: st.epoch,
-            train_loss,
-            val_loss,
-        });
-        tracing::info!(epoch = st.epoch, train_loss, ?val_loss, "epoch done");
-        st.epoch += 1;
-        st.step_in_epoch = 0;
-        st.epoch_loss = 0.0;
-        st.epoch_targets = 0;
-        if let Some(p) = checkpoint {
-            st.save(p)?;
-            last_save = Instant::now();
-        }
+    let norm = grad
+        .iter()
+        .map(|g| f64::from(*g) * f64::from(*g))
+        .sum::<f64>()
+        .sqrt();
+    let clip = if hp.max_grad_norm > 0.0 && norm > hp.max_grad_norm {
+        hp.max_grad_norm / norm
+    } else {
+        1.0
+    };
+    let t = (st.global_step + 1) as i32;
+    let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+    let params = st
+        .theta
+        .iter_mut()
+        .zip(st.m.iter_mut())
+        .zip(st.v.iter_mut());
+    for (((theta, m1), m2), g) in params.zip(grad) {
+        let g = f64::from(*g) * clip;
+        let m = b1 * f64::from(*m1) + (1.0 - b1) * g;
+        let v = b2 * f64::from(*m2) + (1.0 - b2) * g * g;
+        *m1 = m as f32;
+        *m2 = v as f32;
+        let p = f64::from(*theta);
+        let update = (m / c1) / ((v / c2).sqrt() + eps) + hp.weight_decay * p;
+        *theta = (p - lr * update) as f32;
     }
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    Ok(TrainOutcome {
-        lora,
-        theta: st.best_theta,
-        best_epoch: st.best_epoch,
-        epochs: st.epochs,
-        steps: st.global_step,
-        tokens_per_sec: tokens_done as f64 / secs,
-    })
 }
 
 /// Seconds left, from the pace so far in this process.
