@@ -635,10 +635,19 @@ impl<D: Device> GpuModel<D> {
             seg_start.push(ids.len() as i32);
             last.push(ids.len() as i32 - 1);
         }
-        let result = self.run(
-            n, &ids, &pos, &cache_row, &lens, &table, max_blocks, &row_slot, &seg_start, slots,
-            &last,
-        );
+        let result = self.run(&HostBatch {
+            n,
+            ids: &ids,
+            pos: &pos,
+            cache_row: &cache_row,
+            lens: &lens,
+            table: &table,
+            max_blocks,
+            row_slot: &row_slot,
+            seg_start: &seg_start,
+            seg_slot: slots,
+            last: &last,
+        });
         match result {
             Ok(logits) => {
                 for (t, s) in tokens.iter().zip(seqs.iter_mut()) {
@@ -659,21 +668,21 @@ impl<D: Device> GpuModel<D> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        &mut self,
-        n: usize,
-        ids: &[i32],
-        pos: &[i32],
-        cache_row: &[i32],
-        lens: &[i32],
-        table: &[i32],
-        max_blocks: usize,
-        row_slot: &[i32],
-        seg_start: &[i32],
-        seg_slot: &[i32],
-        last: &[i32],
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// One batched pass over the rows `batch` lays out; the logits of each sequence's last row.
+    fn run(&mut self, batch: &HostBatch<'_>) -> Result<Vec<Vec<f32>>, ModelError> {
+        let HostBatch {
+            n,
+            ids,
+            pos,
+            cache_row,
+            lens,
+            table,
+            max_blocks,
+            row_slot,
+            seg_start,
+            seg_slot,
+            last,
+        } = *batch;
         let c = &self.cfg;
         let dev = &self.dev;
         let k = Kernels::new(dev, self.opts.dtype);
@@ -843,6 +852,32 @@ impl<D: Device> GpuModel<D> {
         let flat = logits.read(dev, s * head.rows)?;
         Ok(flat.chunks(head.rows).map(<[f32]>::to_vec).collect())
     }
+}
+
+/// A batch as the host lays it out for one pass: per row its token, position, cache slot, length
+/// attended over, page table and adapter slot; per sequence where its rows start, its adapter
+/// slot, and its last row.
+#[derive(Clone, Copy)]
+struct HostBatch<'a> {
+    /// Rows (tokens) in the batch.
+    n: usize,
+    ids: &'a [i32],
+    pos: &'a [i32],
+    /// Where each row's key and value go in the paged cache.
+    cache_row: &'a [i32],
+    /// Positions each row attends over (its own included).
+    lens: &'a [i32],
+    /// Each row's page table, padded to `max_blocks`.
+    table: &'a [i32],
+    max_blocks: usize,
+    /// Each row's adapter slot (-1: none).
+    row_slot: &'a [i32],
+    /// The first row of each sequence, and one past the last.
+    seg_start: &'a [i32],
+    /// Each sequence's adapter slot.
+    seg_slot: &'a [i32],
+    /// Each sequence's last row.
+    last: &'a [i32],
 }
 
 /// A model on some device, as the engine's scheduler drives it.
