@@ -8,13 +8,13 @@ pub mod chat_completions;
 pub mod completions;
 pub mod customization;
 pub mod evaluation;
-pub mod flywheel;
 pub mod guardrails;
 pub mod health;
 pub mod hf;
 pub mod messages;
 pub mod models;
 pub mod responses;
+pub mod runs;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -142,14 +142,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/evaluation/jobs/{id}/results", get(evaluation::results))
         .route(
             "/v1/flywheel/runs",
-            get(flywheel::list_runs).post(flywheel::create_run),
+            get(runs::list_runs).post(runs::create_run),
         )
-        .route("/v1/flywheel/runs/{id}", get(flywheel::get_run))
-        .route("/v1/flywheel/routes", get(flywheel::list_routes))
-        .route("/v1/flywheel/routes/{route}", get(flywheel::get_route))
+        .route("/v1/flywheel/runs/{id}", get(runs::get_run))
+        .route("/v1/flywheel/routes", get(runs::list_routes))
+        .route("/v1/flywheel/routes/{route}", get(runs::get_route))
         .route(
             "/v1/flywheel/routes/{route}/{action}",
-            post(flywheel::route_action),
+            post(runs::route_action),
         )
         .route("/admin/routes", get(admin::list_routes))
         .route(

@@ -1,7 +1,7 @@
 //! The command line: `serve`, `logs export`, `keys`, `check`, `data`, `train`, `eval`, and the
 //! flywheel controls of a running gateway (`run`, `runs`, `rollout`).
 
-mod flywheel;
+mod customize;
 mod remote;
 mod serve;
 
@@ -56,12 +56,12 @@ pub enum Command {
     /// Tool-calling datasets: import and split.
     Data {
         #[command(subcommand)]
-        command: flywheel::DataCommand,
+        command: customize::DataCommand,
     },
     /// Train a LoRA adapter on a local base model.
-    Train(flywheel::TrainArgs),
+    Train(customize::TrainArgs),
     /// Score a base model (or base + adapter) on a test set.
-    Eval(flywheel::EvalArgs),
+    Eval(customize::EvalArgs),
     /// Start a flywheel run for a route on a running gateway.
     Run(remote::RunArgs),
     /// Flywheel runs on a running gateway: the list, or one in full.
@@ -147,9 +147,9 @@ pub fn run(cli: Cli) -> ExitCode {
         ),
         Command::Keys { command } => keys(command),
         Command::Check { config } => check(&config),
-        Command::Data { command } => flywheel::data(command),
-        Command::Train(a) => flywheel::train_command(a),
-        Command::Eval(a) => flywheel::eval_command(a),
+        Command::Data { command } => customize::data(command),
+        Command::Train(a) => customize::train_command(a),
+        Command::Eval(a) => customize::eval_command(a),
         Command::Run(a) => remote::run_command(a),
         Command::Runs(a) => remote::runs_command(a),
         Command::Rollout { command } => remote::rollout_command(command),

@@ -11,7 +11,7 @@ use super::eval::{self, EvalItem, ItemResult, PairedComparison, Scores};
 use crate::config::{
     CanaryConfig, PromotionPolicy, RolloutConfig, RolloutPlan, ShadowTargetConfig, TargetConfig,
 };
-use crate::store::flywheel::LiveStats;
+use crate::store::runs::LiveStats;
 
 /// Who the candidate is measured against.
 pub enum Incumbent<'a> {

@@ -2,9 +2,9 @@
 //! Responses API's stored responses. Nothing else opens the database.
 
 pub mod entities;
-pub mod flywheel;
 pub mod guardrails;
 pub mod responses;
+pub mod runs;
 pub mod traffic;
 
 use std::path::Path;

@@ -22,7 +22,7 @@ use crate::config::{Config, RolloutConfig, RouteConfig, RouteFlywheelConfig, Tar
 use crate::engine::Engine;
 use crate::gateway::Gateway;
 use crate::store::entities::{self, EntityError};
-use crate::store::flywheel::{self as fstore, now_ms, RolloutEvent, RouteState, Slice, Stage};
+use crate::store::runs::{self as fstore, now_ms, RolloutEvent, RouteState, Slice, Stage};
 use crate::store::traffic::{self, AnsweredBy, ExportFilter};
 use crate::store::StoreError;
 
