@@ -12,7 +12,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use serde_json::{json, Value};
 
 use super::dataset;
-use super::train::{self, Hyperparameters, TrainError};
+use super::train::{self, Hyperparameters, TrainError, TrainExample};
 use crate::engine::chat::ChatFormat;
 use crate::engine::{lora, Engine, LocalModelConfig};
 use crate::store::entities::{self, EntityError};
@@ -297,6 +297,52 @@ fn reload_trained_adapters(
     Ok(())
 }
 
+/// Records a job's state; a failure to record is logged (the job itself goes on or ends as it
+/// would).
+fn record(
+    conn: &rusqlite::Connection,
+    id: &str,
+    status: &str,
+    details: &Value,
+    result: Option<&Value>,
+) {
+    if let Err(e) = entities::update_job(conn, id, status, details, result) {
+        tracing::error!(job = id, status, error = %e, "cannot record a job's state");
+    }
+}
+
+/// A customization job's training and validation examples, rendered with the base model's chat
+/// format, and the base model loaded for training.
+fn training_inputs(
+    model: &LocalModelConfig,
+    hp: &Hyperparameters,
+    data: &std::path::Path,
+    dataset: &str,
+) -> Result<
+    (
+        Vec<TrainExample>,
+        Vec<TrainExample>,
+        train::model::TrainBase,
+    ),
+    String,
+> {
+    let train_records = read_split(data, "training")?;
+    if train_records.is_empty() {
+        return Err(format!(
+            "dataset '{dataset}' has no records under training/ (upload training/*.jsonl)"
+        ));
+    }
+    let val_records = read_split(data, "validation")?;
+    let chat = ChatFormat::load(&model.path)?;
+    let tr =
+        dataset::training_examples(&chat, &train_records).map_err(|e| format!("training: {e}"))?;
+    let va =
+        dataset::training_examples(&chat, &val_records).map_err(|e| format!("validation: {e}"))?;
+    let base =
+        train::model::TrainBase::load(&model.path, hp.max_seq_len).map_err(|e| e.to_string())?;
+    Ok((tr, va, base))
+}
+
 fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
     let conn = match crate::store::open(&ctx.db) {
         Ok(c) => c,
@@ -305,11 +351,7 @@ fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
             return;
         }
     };
-    let fail = |details: Value| {
-        if let Err(e) = entities::update_job(&conn, id, "failed", &details, None) {
-            tracing::error!(job = id, error = %e, "cannot record a job failure");
-        }
-    };
+    let fail = |details: Value| record(&conn, id, "failed", &details, None);
     let job = match entities::get_job(&conn, CUSTOMIZATION, id) {
         Ok(j) => j,
         Err(e) => {
@@ -318,14 +360,8 @@ fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
         }
     };
     if cancel.load(Ordering::Relaxed) {
-        let _ = entities::update_job(
-            &conn,
-            id,
-            "cancelled",
-            &json!({"message": "cancelled before it started"}),
-            None,
-        );
-        return;
+        let why = json!({"message": "cancelled before it started"});
+        return record(&conn, id, "cancelled", &why, None);
     }
     let spec = &job.spec;
     let hp: Hyperparameters =
@@ -342,31 +378,17 @@ fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
     let Some(model) = ctx.models.iter().find(|m| m.name == base) else {
         return fail(json!({"message": format!("base model '{base}' is no longer configured")}));
     };
-    let _ = entities::update_job(&conn, id, "running", &json!({"percentage_done": 0}), None);
+    record(&conn, id, "running", &json!({"percentage_done": 0}), None);
     let data = ctx.data_dir.join("datasets").join(ns).join(ds);
-    let prepared = (|| -> Result<_, String> {
-        let train_records = read_split(&data, "training")?;
-        if train_records.is_empty() {
-            return Err(format!(
-                "dataset '{ns}/{ds}' has no records under training/ (upload training/*.jsonl)"
-            ));
-        }
-        let val_records = read_split(&data, "validation")?;
-        let chat = ChatFormat::load(&model.path)?;
-        let tr = dataset::training_examples(&chat, &train_records)
-            .map_err(|e| format!("training: {e}"))?;
-        let va = dataset::training_examples(&chat, &val_records)
-            .map_err(|e| format!("validation: {e}"))?;
-        let base = train::model::TrainBase::load(&model.path, hp.max_seq_len)
-            .map_err(|e| e.to_string())?;
-        Ok((tr, va, base))
-    })();
-    let (tr, va, tbase) = match prepared {
+    let (tr, va, tbase) = match training_inputs(model, &hp, &data, &format!("{ns}/{ds}")) {
         Ok(p) => p,
         Err(message) => return fail(json!({"message": message})),
     };
     let dir = job_dir(&ctx.data_dir, id);
-    let _ = std::fs::create_dir_all(&dir);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        let why = format!("cannot make the job's directory {}: {e}", dir.display());
+        return fail(json!({"message": why}));
+    }
     let ckpt = dir.join("checkpoint.bin");
     let steps_per_epoch = tr.len().div_ceil(hp.batch_size);
     let mut train_losses: Vec<Value> = Vec::new();
@@ -387,7 +409,7 @@ fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
             "eta_secs": p.eta_secs,
             "metrics": {"train_loss": train_losses, "val_loss": p.val_loss},
         });
-        let _ = entities::update_job(&conn, id, "running", &details, None);
+        record(&conn, id, "running", &details, None);
     };
     let control = train::Control {
         checkpoint: Some(&ckpt),
@@ -430,14 +452,11 @@ fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
             });
             match saved {
                 Ok(()) => {
-                    let _ = std::fs::remove_file(&ckpt);
-                    let _ = entities::update_job(
-                        &conn,
-                        id,
-                        "completed",
-                        &details,
-                        Some(&json!({"adapter_path": adir})),
-                    );
+                    if let Err(e) = std::fs::remove_file(&ckpt) {
+                        tracing::warn!(job = id, error = %e, "cannot remove the finished job's checkpoint");
+                    }
+                    let result = json!({"adapter_path": adir});
+                    record(&conn, id, "completed", &details, Some(&result));
                     tracing::info!(
                         job = id,
                         adapter = output,
@@ -450,13 +469,8 @@ fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
             }
         }
         Err(TrainError::Cancelled) => {
-            let _ = entities::update_job(
-                &conn,
-                id,
-                "cancelled",
-                &json!({"message": "cancelled on request"}),
-                None,
-            );
+            let why = json!({"message": "cancelled on request"});
+            record(&conn, id, "cancelled", &why, None);
         }
         Err(e) => fail(json!({"message": e.to_string()})),
     }
