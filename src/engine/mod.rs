@@ -590,25 +590,34 @@ impl Scheduler {
         let request = Arc::new(request);
         let adapter = request.adapter.clone();
         let prompt = &request.prompt;
-        let mut first: Option<(SeqCache, usize, Vec<f32>)> = None;
-        for choice in 0..request.n.max(1) {
-            let (cache, cached, mut logits) = match &first {
-                Some((SeqCache::Cpu(c), cached, logits)) => {
-                    (SeqCache::Cpu(c.prefix(c.len())), *cached, logits.clone())
+        let n = request.n.max(1);
+        let mut starts = Vec::with_capacity(n);
+        let first = match self.prefill(prompt, &adapter) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = request.events.send(GenEvent::Error(e));
+                return;
+            }
+        };
+        // Each further choice starts from a copy of the prefilled cache on the CPU; a device
+        // cache cannot be copied yet, so there each choice prefills its own.
+        for _ in 1..n {
+            let start = match &first.0 {
+                SeqCache::Cpu(c) => {
+                    Ok((SeqCache::Cpu(c.prefix(c.len())), first.1, first.2.clone()))
                 }
-                _ => match self.prefill(prompt, &adapter) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = request.events.send(GenEvent::Error(e));
-                        return;
-                    }
-                },
+                SeqCache::Device(_) => self.prefill(prompt, &adapter),
             };
-            if first.is_none() && request.n > 1 {
-                if let SeqCache::Cpu(c) = &cache {
-                    first = Some((SeqCache::Cpu(c.prefix(c.len())), cached, logits.clone()));
+            match start {
+                Ok(s) => starts.push(s),
+                Err(e) => {
+                    let _ = request.events.send(GenEvent::Error(e));
+                    return;
                 }
             }
+        }
+        starts.insert(0, first);
+        for (choice, (cache, cached, mut logits)) in starts.into_iter().enumerate() {
             let mut sampling = request.sampling.clone();
             sampling.seed = choice_seed(sampling.seed, choice);
             let mut seq = Sequence {

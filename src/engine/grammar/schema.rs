@@ -906,13 +906,16 @@ impl<'a> Compiler<'a> {
     /// an alternative, so starting a value would never end): refused, or freed when lenient.
     fn break_cycles(&mut self) -> Result<(), SchemaError> {
         let n = self.g.schemas.len();
-        let edges = |s: &Schema| -> Vec<SchemaId> {
-            match s {
+        let mut edges: Vec<Vec<SchemaId>> = self
+            .g
+            .schemas
+            .iter()
+            .map(|s| match s {
                 Schema::Ref(t) => vec![*t],
                 Schema::Union(alts) => alts.clone(),
                 _ => Vec::new(),
-            }
-        };
+            })
+            .collect();
         // 0: unvisited, 1: on the path, 2: done.
         let mut color = vec![0u8; n];
         for start in self.first..n {
@@ -922,29 +925,30 @@ impl<'a> Compiler<'a> {
             let mut stack = vec![(start, 0usize)];
             color[start] = 1;
             while let Some(&mut (node, ref mut next)) = stack.last_mut() {
-                let out = edges(&self.g.schemas[node]);
-                if *next < out.len() {
-                    let to = out[*next] as usize;
-                    *next += 1;
-                    match color[to] {
-                        0 => {
-                            color[to] = 1;
-                            stack.push((to, 0));
-                        }
-                        1 => {
-                            if self.strict {
-                                return Err(SchemaError {
-                                    path: "$ref".into(),
-                                    message: "a '$ref' cycle that never reaches a value (a schema that is only a reference, directly or through anyOf, back to itself)".into(),
-                                });
-                            }
-                            self.g.schemas[to] = Schema::Any;
-                        }
-                        _ => {}
-                    }
-                } else {
+                let Some(&to) = edges[node].get(*next) else {
                     color[node] = 2;
                     stack.pop();
+                    continue;
+                };
+                *next += 1;
+                let to = to as usize;
+                match color[to] {
+                    0 => {
+                        color[to] = 1;
+                        stack.push((to, 0));
+                    }
+                    1 => {
+                        if self.strict {
+                            return Err(SchemaError {
+                                path: "$ref".into(),
+                                message: "a '$ref' cycle that never reaches a value (a schema that is only a reference, directly or through anyOf, back to itself)".into(),
+                            });
+                        }
+                        // Leniently, the node that closes the cycle takes any value.
+                        self.g.schemas[to] = Schema::Any;
+                        edges[to].clear();
+                    }
+                    _ => {}
                 }
             }
         }
