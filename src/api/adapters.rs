@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Path, Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
 use axum::Json;
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::{authorize, authorized_json, AppState};
-use crate::config::Scope;
+use super::extract::{Admin, JsonObject};
+use super::AppState;
 use crate::engine::lora::{self, LoraAdapter, LoraError};
 use crate::engine::Engine;
 use crate::wire::error::ApiError;
@@ -104,51 +104,44 @@ fn string_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<Stri
     }
 }
 
-pub async fn list(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    let (parts, _) = request.into_parts();
-    if let Err(e) = authorize(&state, &parts, Scope::Admin) {
-        return e.into_response();
-    }
+pub async fn list(State(state): State<Arc<AppState>>, _: Admin) -> Json<Value> {
     let data: Vec<Value> = state
         .engines
         .iter()
         .flat_map(|e| e.adapters.list())
         .map(|a| adapter_json(&a))
         .collect();
-    Json(json!({"object": "list", "data": data})).into_response()
+    Json(json!({"object": "list", "data": data}))
 }
 
-pub async fn create(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    let run = async {
-        let body = authorized_json(&state, request, Scope::Admin).await?;
-        let id = string_field(&body, "name")?;
-        let path = string_field(&body, "path")?;
-        let base = body
-            .get("base_model")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let (adapter, evicted, ms) = load(&state, id, path, base).await?;
-        let mut v = adapter_json(&adapter);
-        v["evicted"] = json!(evicted);
-        v["load_ms"] = json!(ms);
-        Ok::<_, ApiError>((StatusCode::CREATED, Json(v)).into_response())
-    };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    JsonObject(body): JsonObject,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = string_field(&body, "name")?;
+    let path = string_field(&body, "path")?;
+    let base = body
+        .get("base_model")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let (adapter, evicted, ms) = load(&state, id, path, base).await?;
+    let mut v = adapter_json(&adapter);
+    v["evicted"] = json!(evicted);
+    v["load_ms"] = json!(ms);
+    Ok((StatusCode::CREATED, Json(v)))
 }
 
 pub async fn delete(
     State(state): State<Arc<AppState>>,
+    _: Admin,
     Path((ns, name)): Path<(String, String)>,
-    request: Request,
-) -> Response {
-    let (parts, _) = request.into_parts();
-    if let Err(e) = authorize(&state, &parts, Scope::Admin) {
-        return e.into_response();
-    }
+) -> Result<Json<Value>, ApiError> {
     let id = format!("{ns}/{name}");
-    unload(&state, &id)
-        .map(|()| Json(json!({"id": id, "object": "adapter", "deleted": true})).into_response())
-        .unwrap_or_else(IntoResponse::into_response)
+    unload(&state, &id)?;
+    Ok(Json(
+        json!({"id": id, "object": "adapter", "deleted": true}),
+    ))
 }
 
 fn unload(state: &AppState, id: &str) -> Result<(), ApiError> {
@@ -164,28 +157,29 @@ fn unload(state: &AppState, id: &str) -> Result<(), ApiError> {
 }
 
 /// vLLM's `POST /v1/load_lora_adapter {"lora_name", "lora_path"}`.
-pub async fn vllm_load(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    let run = async {
-        let body = authorized_json(&state, request, Scope::Admin).await?;
-        let id = string_field(&body, "lora_name")?;
-        let path = string_field(&body, "lora_path")?;
-        let (adapter, _, _) = load(&state, id, path, None).await?;
-        Ok::<_, ApiError>(
-            format!("Success: LoRA adapter '{}' added successfully.", adapter.id).into_response(),
-        )
-    };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+pub async fn vllm_load(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    JsonObject(body): JsonObject,
+) -> Result<String, ApiError> {
+    let id = string_field(&body, "lora_name")?;
+    let path = string_field(&body, "lora_path")?;
+    let (adapter, _, _) = load(&state, id, path, None).await?;
+    Ok(format!(
+        "Success: LoRA adapter '{}' added successfully.",
+        adapter.id
+    ))
 }
 
 /// vLLM's `POST /v1/unload_lora_adapter {"lora_name"}`.
-pub async fn vllm_unload(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    let run = async {
-        let body = authorized_json(&state, request, Scope::Admin).await?;
-        let id = string_field(&body, "lora_name")?;
-        unload(&state, &id)?;
-        Ok::<_, ApiError>(
-            format!("Success: LoRA adapter '{id}' removed successfully.").into_response(),
-        )
-    };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+pub async fn vllm_unload(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    JsonObject(body): JsonObject,
+) -> Result<String, ApiError> {
+    let id = string_field(&body, "lora_name")?;
+    unload(&state, &id)?;
+    Ok(format!(
+        "Success: LoRA adapter '{id}' removed successfully."
+    ))
 }

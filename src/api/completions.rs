@@ -3,37 +3,44 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 
-use super::{data_stream, inference_context, read_json_object, tagged, AppState};
+use super::extract::{Caller, JsonObject};
+use super::{data_stream, tagged, AppState};
 use crate::gateway::{Exchange, Reply};
 use crate::wire::error::ApiError;
 use crate::wire::Api;
 
-pub async fn create(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    serve(state, request, Api::Completions)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    serve(&state, caller, body, Api::Completions).await
 }
 
-pub async fn embed(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    serve(state, request, Api::Embeddings)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+pub async fn embed(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    serve(&state, caller, body, Api::Embeddings).await
 }
 
-async fn serve(state: Arc<AppState>, request: Request, api: Api) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
-    let (_, ctx) = inference_context(&state, &parts)?;
-    let body = read_json_object(&parts, body, state.body_limit).await?;
+async fn serve(
+    state: &AppState,
+    caller: Caller,
+    body: serde_json::Map<String, serde_json::Value>,
+    api: Api,
+) -> Result<Response, ApiError> {
     let exchange = Exchange {
         api,
         body,
         wire: None,
         native: None,
     };
-    Ok(match state.gateway.serve(exchange, ctx).await? {
+    Ok(match state.gateway.serve(exchange, caller.ctx).await? {
         Reply::Full { id, arm, body, .. } => tagged(axum::Json(body).into_response(), id, arm),
         Reply::Stream { id, arm, items, .. } => tagged(data_stream(items), id, arm),
     })

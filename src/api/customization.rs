@@ -3,31 +3,24 @@
 //! `PUT /v1/datasets/{namespace}/{name}/files/{path}` (for example `training/data.jsonl`), and
 //! `POST/GET /v1/customization/jobs[/{id}[/status]]` with `POST .../{id}/cancel`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
 use axum::Json;
 use http::StatusCode;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, authorized_json, AppState};
-use crate::config::Scope;
+use super::extract::{Admin, JsonObject, Query};
+use super::{with_db, AppState};
 use crate::flywheel::jobs::{JobRunner, CUSTOMIZATION};
-use crate::store::entities::{self, EntityError, Job};
+use crate::store::entities::{self, Job};
 use crate::wire::error::ApiError;
 
-pub(super) fn entity_error(e: EntityError) -> ApiError {
-    match e {
-        EntityError::NotFound(m) => ApiError::not_found(m),
-        EntityError::Conflict(m) => {
-            ApiError::new(StatusCode::CONFLICT, "invalid_request_error", m).with_code("conflict")
-        }
-        EntityError::Invalid(m) => ApiError::invalid(m),
-        EntityError::Db(e) => ApiError::internal(format!("database: {e}")),
-    }
-}
+type Reply<T> = Result<T, ApiError>;
 
 pub(super) fn runner(state: &AppState) -> Result<&Arc<JobRunner>, ApiError> {
     state.jobs.as_ref().ok_or_else(|| {
@@ -39,11 +32,6 @@ pub(super) fn runner(state: &AppState) -> Result<&Arc<JobRunner>, ApiError> {
     })
 }
 
-pub(super) fn db(state: &AppState) -> Result<rusqlite::Connection, ApiError> {
-    let r = runner(state)?;
-    crate::store::open(&r.context().db).map_err(|e| ApiError::internal(e.to_string()))
-}
-
 pub(super) fn list_body(data: Vec<Value>) -> Json<Value> {
     let n = data.len();
     Json(
@@ -51,61 +39,67 @@ pub(super) fn list_body(data: Vec<Value>) -> Json<Value> {
     )
 }
 
-pub async fn create_namespace(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let run = async {
-        let body = Value::Object(authorized_json(&state, req, Scope::Admin).await?);
-        let id = body
-            .get("id")
-            .or_else(|| body.get("name"))
-            .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::invalid_param("id", "'id' is required"))?;
-        let ns = entities::create_namespace(
-            &db(&state)?,
-            id,
-            body.get("description").and_then(Value::as_str),
-        )
-        .map_err(entity_error)?;
-        Ok::<_, ApiError>((StatusCode::CREATED, Json(ns)))
-    };
-    run.await.into_response()
+pub async fn create_namespace(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    JsonObject(body): JsonObject,
+) -> Reply<impl IntoResponse> {
+    let id = body
+        .get("id")
+        .or_else(|| body.get("name"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid_param("id", "'id' is required"))?
+        .to_string();
+    let description = body
+        .get("description")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let ns = with_db(&state, move |c| {
+        Ok(entities::create_namespace(c, &id, description.as_deref())?)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(ns)))
 }
 
-pub async fn list_namespaces(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let (parts, _) = req.into_parts();
-    let run = || {
-        authorize(&state, &parts, Scope::Admin)?;
-        let list = entities::list_namespaces(&db(&state)?).map_err(entity_error)?;
-        Ok::<_, ApiError>(list_body(list))
-    };
-    run().into_response()
+pub async fn list_namespaces(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+) -> Reply<impl IntoResponse> {
+    let list = with_db(&state, |c| Ok(entities::list_namespaces(c)?)).await?;
+    Ok(list_body(list))
 }
 
-pub async fn create_dataset(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let run = async {
-        let body = Value::Object(authorized_json(&state, req, Scope::Admin).await?);
-        let ds = entities::create_dataset(&db(&state)?, &body).map_err(entity_error)?;
-        Ok::<_, ApiError>((StatusCode::CREATED, Json(ds)))
-    };
-    run.await.into_response()
+pub async fn create_dataset(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    JsonObject(body): JsonObject,
+) -> Reply<impl IntoResponse> {
+    let body = Value::Object(body);
+    let ds = with_db(&state, move |c| Ok(entities::create_dataset(c, &body)?)).await?;
+    Ok((StatusCode::CREATED, Json(ds)))
 }
 
-pub async fn list_datasets(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let (parts, _) = req.into_parts();
-    let run = || {
-        authorize(&state, &parts, Scope::Admin)?;
-        let ns = parts.uri.query().and_then(|q| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix("namespace=").map(str::to_string))
-        });
-        let list = entities::list_datasets(&db(&state)?, ns.as_deref()).map_err(entity_error)?;
-        Ok::<_, ApiError>(list_body(list))
-    };
-    run().into_response()
+#[derive(Deserialize)]
+pub struct DatasetFilter {
+    namespace: Option<String>,
 }
 
-fn dataset_dir(state: &AppState, ns: &str, name: &str) -> Result<std::path::PathBuf, ApiError> {
-    entities::check_name("namespace", ns).map_err(entity_error)?;
-    entities::check_name("dataset", name).map_err(entity_error)?;
+pub async fn list_datasets(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    Query(filter): Query<DatasetFilter>,
+) -> Reply<impl IntoResponse> {
+    let list = with_db(&state, move |c| {
+        Ok(entities::list_datasets(c, filter.namespace.as_deref())?)
+    })
+    .await?;
+    Ok(list_body(list))
+}
+
+/// Where a dataset's files live.
+pub(super) fn dataset_dir(state: &AppState, ns: &str, name: &str) -> Result<PathBuf, ApiError> {
+    entities::check_name("namespace", ns)?;
+    entities::check_name("dataset", name)?;
     Ok(runner(state)?
         .context()
         .data_dir
@@ -115,9 +109,13 @@ fn dataset_dir(state: &AppState, ns: &str, name: &str) -> Result<std::path::Path
 }
 
 /// The dataset with the files it holds.
-fn dataset_with_files(state: &AppState, ns: &str, name: &str) -> Result<Value, ApiError> {
-    let mut ds = entities::get_dataset(&db(state)?, ns, name).map_err(entity_error)?;
-    let dir = dataset_dir(state, ns, name)?;
+fn dataset_with_files(
+    conn: &rusqlite::Connection,
+    dir: &std::path::Path,
+    ns: &str,
+    name: &str,
+) -> Result<Value, ApiError> {
+    let mut ds = entities::get_dataset(conn, ns, name)?;
     let mut files = Vec::new();
     for split in ["training", "validation", "testing"] {
         for e in std::fs::read_dir(dir.join(split))
@@ -135,80 +133,80 @@ fn dataset_with_files(state: &AppState, ns: &str, name: &str) -> Result<Value, A
 
 pub async fn get_dataset(
     State(state): State<Arc<AppState>>,
+    _: Admin,
     Path((ns, name)): Path<(String, String)>,
-    req: Request,
-) -> Response {
-    let (parts, _) = req.into_parts();
-    let run = || {
-        authorize(&state, &parts, Scope::Admin)?;
-        Ok::<_, ApiError>(Json(dataset_with_files(&state, &ns, &name)?))
-    };
-    run().into_response()
+) -> Reply<impl IntoResponse> {
+    let dir = dataset_dir(&state, &ns, &name)?;
+    let ds = with_db(&state, move |c| dataset_with_files(c, &dir, &ns, &name)).await?;
+    Ok(Json(ds))
 }
 
 pub async fn patch_dataset(
     State(state): State<Arc<AppState>>,
+    _: Admin,
     Path((ns, name)): Path<(String, String)>,
-    req: Request,
-) -> Response {
-    let run = async {
-        let body = Value::Object(authorized_json(&state, req, Scope::Admin).await?);
-        let ds = entities::patch_dataset(&db(&state)?, &ns, &name, &body).map_err(entity_error)?;
-        Ok::<_, ApiError>(Json(ds))
-    };
-    run.await.into_response()
+    JsonObject(body): JsonObject,
+) -> Reply<impl IntoResponse> {
+    let body = Value::Object(body);
+    let ds = with_db(&state, move |c| {
+        Ok(entities::patch_dataset(c, &ns, &name, &body)?)
+    })
+    .await?;
+    Ok(Json(ds))
 }
 
 pub async fn delete_dataset(
     State(state): State<Arc<AppState>>,
+    _: Admin,
     Path((ns, name)): Path<(String, String)>,
-    req: Request,
-) -> Response {
-    let (parts, _) = req.into_parts();
-    let run = || {
-        authorize(&state, &parts, Scope::Admin)?;
-        let dir = dataset_dir(&state, &ns, &name)?;
-        entities::delete_dataset(&db(&state)?, &ns, &name).map_err(entity_error)?;
+) -> Reply<impl IntoResponse> {
+    let dir = dataset_dir(&state, &ns, &name)?;
+    let id = format!("{ns}/{name}");
+    with_db(&state, move |c| {
+        entities::delete_dataset(c, &ns, &name)?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
         }
-        Ok::<_, ApiError>(Json(
-            json!({"message": "Resource deleted successfully.", "id": format!("{ns}/{name}"), "deleted_at": entities::now()}),
-        ))
-    };
-    run().into_response()
+        Ok(())
+    })
+    .await?;
+    Ok(Json(
+        json!({"message": "Resource deleted successfully.", "id": id, "deleted_at": entities::now()}),
+    ))
 }
 
 /// Stores one dataset file. `path` is `<split>/<file>.jsonl` with split training, validation or
 /// testing; the body is the file. Each row is checked before anything is written.
 pub async fn upload_file(
     State(state): State<Arc<AppState>>,
+    _: Admin,
     Path((ns, name, path)): Path<(String, String, String)>,
-    req: Request,
-) -> Response {
-    let run = async {
-        let (parts, body) = req.into_parts();
-        authorize(&state, &parts, Scope::Admin)?;
-        let bytes: Bytes = axum::body::to_bytes(body, state.body_limit.max(256 << 20))
-            .await
-            .map_err(|_| ApiError::too_large(state.body_limit.max(256 << 20)))?;
-        let stored = store_dataset_file(&state, &ns, &name, &path, &bytes)?;
-        Ok::<_, ApiError>((StatusCode::CREATED, Json(stored)))
-    };
-    run.await.into_response()
+    body: axum::body::Body,
+) -> Reply<impl IntoResponse> {
+    let limit = state.body_limit.max(256 << 20);
+    let bytes: Bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::too_large(limit))?;
+    let dir = dataset_dir(&state, &ns, &name)?;
+    let stored = with_db(&state, move |c| {
+        store_dataset_file(c, &dir, &ns, &name, &path, &bytes)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(stored)))
 }
 
-/// Checks and stores one dataset file: `path` is `<split>/<file>.jsonl` with split training,
-/// validation or testing; every row is checked before anything is written, and the file appears
-/// whole or not at all.
+/// Checks and stores one file of the dataset `ns/name` (whose directory is `dir`): `path` is
+/// `<split>/<file>.jsonl` with split training, validation or testing; every row is checked before
+/// anything is written, and the file appears whole or not at all.
 pub(super) fn store_dataset_file(
-    state: &AppState,
+    conn: &rusqlite::Connection,
+    dir: &std::path::Path,
     ns: &str,
     name: &str,
     path: &str,
     bytes: &[u8],
 ) -> Result<Value, ApiError> {
-    entities::get_dataset(&db(state)?, ns, name).map_err(entity_error)?;
+    entities::get_dataset(conn, ns, name)?;
     let (split, file) = path.split_once('/').unwrap_or(("", path));
     let file_ok = !file.is_empty()
         && !file.contains('/')
@@ -229,7 +227,7 @@ pub(super) fn store_dataset_file(
         crate::flywheel::dataset::parse_openai_jsonl(text).map(|v| v.len())
     }
     .map_err(|e| ApiError::invalid(format!("{path}: {e}")))?;
-    let dir = dataset_dir(state, ns, name)?.join(split);
+    let dir = dir.join(split);
     std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
     let tmp = dir.join(format!(".{file}.partial"));
     std::fs::write(&tmp, bytes).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -240,41 +238,30 @@ pub(super) fn store_dataset_file(
 /// Downloads one dataset file (JSONL), as stored.
 pub async fn download_file(
     State(state): State<Arc<AppState>>,
+    _: Admin,
     Path((ns, name, path)): Path<(String, String, String)>,
-    req: Request,
-) -> Response {
-    let (parts, _) = req.into_parts();
-    let run = || {
-        authorize(&state, &parts, Scope::Admin)?;
-        entities::get_dataset(&db(&state)?, &ns, &name).map_err(entity_error)?;
+) -> Reply<impl IntoResponse> {
+    let dir = dataset_dir(&state, &ns, &name)?;
+    let bytes = with_db(&state, move |c| {
+        entities::get_dataset(c, &ns, &name)?;
+        let missing = || ApiError::not_found(format!("dataset '{ns}/{name}' has no file '{path}'"));
         let (split, file) = path.split_once('/').unwrap_or(("", path.as_str()));
         if !matches!(split, "training" | "validation" | "testing")
             || file.is_empty()
             || file.contains('/')
             || file.starts_with('.')
         {
-            return Err(ApiError::not_found(format!(
-                "dataset '{ns}/{name}' has no file '{path}'"
-            )));
+            return Err(missing());
         }
-        let full = dataset_dir(&state, &ns, &name)?.join(split).join(file);
-        let bytes = std::fs::read(&full).map_err(|_| {
-            ApiError::not_found(format!("dataset '{ns}/{name}' has no file '{path}'"))
-        })?;
-        Ok(([(http::header::CONTENT_TYPE, "application/jsonl")], bytes))
-    };
-    run().into_response()
+        std::fs::read(dir.join(split).join(file)).map_err(|_| missing())
+    })
+    .await?;
+    Ok(([(http::header::CONTENT_TYPE, "application/jsonl")], bytes))
 }
 
-/// A job of `kind` after the caller's scope is checked.
-pub(super) fn authorized_job(
-    state: &AppState,
-    parts: &http::request::Parts,
-    kind: &str,
-    id: &str,
-) -> Result<Job, ApiError> {
-    authorize(state, parts, Scope::Admin)?;
-    entities::get_job(&db(state)?, kind, id).map_err(entity_error)
+/// The job `id` of `kind`.
+pub(super) async fn job(state: &AppState, kind: &'static str, id: String) -> Reply<Job> {
+    with_db(state, move |c| Ok(entities::get_job(c, kind, &id)?)).await
 }
 
 /// A job as NeMo's services show it: the accepted request plus id, times, status and details.
@@ -294,79 +281,64 @@ pub(super) fn job_json(job: &Job) -> Value {
     v
 }
 
-pub async fn create_job(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let run = async {
-        let body = Value::Object(authorized_json(&state, req, Scope::Admin).await?);
-        let runner = runner(&state)?;
-        let conn = db(&state)?;
-        let id = runner.create(&conn, &body).map_err(entity_error)?;
-        let job = entities::get_job(&conn, CUSTOMIZATION, &id).map_err(entity_error)?;
-        Ok::<_, ApiError>((StatusCode::OK, Json(job_json(&job))))
-    };
-    run.await.into_response()
+pub async fn create_job(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    JsonObject(body): JsonObject,
+) -> Reply<impl IntoResponse> {
+    let runner = runner(&state)?.clone();
+    let body = Value::Object(body);
+    let job = with_db(&state, move |c| {
+        let id = runner.create(c, &body)?;
+        Ok(entities::get_job(c, CUSTOMIZATION, &id)?)
+    })
+    .await?;
+    Ok(Json(job_json(&job)))
 }
 
-/// Every job of `kind`, newest first, after the caller's scope is checked.
-pub(super) fn authorized_job_list(
-    state: &AppState,
-    parts: &http::request::Parts,
-    kind: &str,
-) -> Response {
-    let run = || {
-        authorize(state, parts, Scope::Admin)?;
-        let jobs = entities::list_jobs(&db(state)?, kind).map_err(entity_error)?;
-        Ok::<_, ApiError>(list_body(jobs.iter().map(job_json).collect()))
-    };
-    run().into_response()
+/// Every job of `kind`, newest first.
+pub(super) async fn job_list(state: &AppState, kind: &'static str) -> Reply<Json<Value>> {
+    let jobs = with_db(state, move |c| Ok(entities::list_jobs(c, kind)?)).await?;
+    Ok(list_body(jobs.iter().map(job_json).collect()))
 }
 
-pub async fn list_jobs(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let (parts, _) = req.into_parts();
-    authorized_job_list(&state, &parts, CUSTOMIZATION)
+pub async fn list_jobs(State(state): State<Arc<AppState>>, _: Admin) -> Reply<Json<Value>> {
+    job_list(&state, CUSTOMIZATION).await
 }
 
 pub async fn get_job(
     State(state): State<Arc<AppState>>,
+    _: Admin,
     Path(id): Path<String>,
-    req: Request,
-) -> Response {
-    let (parts, _) = req.into_parts();
-    authorized_job(&state, &parts, CUSTOMIZATION, &id)
-        .map(|job| Json(job_json(&job)))
-        .into_response()
+) -> Reply<Json<Value>> {
+    Ok(Json(job_json(&job(&state, CUSTOMIZATION, id).await?)))
 }
 
 pub async fn job_status(
     State(state): State<Arc<AppState>>,
+    _: Admin,
     Path(id): Path<String>,
-    req: Request,
-) -> Response {
-    let (parts, _) = req.into_parts();
-    let run = || {
-        let job = authorized_job(&state, &parts, CUSTOMIZATION, &id)?;
-        let mut s = json!({"id": job.id, "created_at": job.created_at, "updated_at": job.updated_at, "status": job.status});
-        if let (Some(o), Some(d)) = (s.as_object_mut(), job.status_details.as_object()) {
-            for (k, v) in d {
-                o.insert(k.clone(), v.clone());
-            }
+) -> Reply<Json<Value>> {
+    let job = job(&state, CUSTOMIZATION, id).await?;
+    let mut s = json!({"id": job.id, "created_at": job.created_at, "updated_at": job.updated_at, "status": job.status});
+    if let (Some(o), Some(d)) = (s.as_object_mut(), job.status_details.as_object()) {
+        for (k, v) in d {
+            o.insert(k.clone(), v.clone());
         }
-        Ok::<_, ApiError>(Json(s))
-    };
-    run().into_response()
+    }
+    Ok(Json(s))
 }
 
 pub async fn cancel_job(
     State(state): State<Arc<AppState>>,
+    _: Admin,
     Path(id): Path<String>,
-    req: Request,
-) -> Response {
-    let (parts, _) = req.into_parts();
-    let run = || {
-        authorize(&state, &parts, Scope::Admin)?;
-        let conn = db(&state)?;
-        runner(&state)?.cancel(&conn, &id).map_err(entity_error)?;
-        let job = entities::get_job(&conn, CUSTOMIZATION, &id).map_err(entity_error)?;
-        Ok::<_, ApiError>(Json(job_json(&job)))
-    };
-    run().into_response()
+) -> Reply<Json<Value>> {
+    let runner = runner(&state)?.clone();
+    let job = with_db(&state, move |c| {
+        runner.cancel(c, &id)?;
+        Ok(entities::get_job(c, CUSTOMIZATION, &id)?)
+    })
+    .await?;
+    Ok(Json(job_json(&job)))
 }

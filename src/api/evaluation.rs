@@ -4,88 +4,77 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Path, State};
 use axum::Json;
-use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::customization::{self, authorized_job, entity_error as entity, job_json};
-use super::{authorized_json, AppState};
-use crate::config::Scope;
-use crate::flywheel::evaluation::{self, JobError, EVALUATION};
+use super::customization::{job, job_json, job_list, runner};
+use super::extract::{Admin, JsonObject};
+use super::{blocking, with_db, AppState};
+use crate::flywheel::evaluation::{self, EVALUATION};
 use crate::store::entities;
 use crate::wire::error::ApiError;
 
-fn invalid(e: JobError) -> ApiError {
-    ApiError::invalid_param(e.param, e.message)
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let context = runner(&state)?.context();
+    let (db_path, data_dir) = (context.db.clone(), context.data_dir.clone());
+    let body = Value::Object(body);
+    let gateway = state.gateway.clone();
+    let (dir, spec) = (data_dir.clone(), body.clone());
+    let prepared = blocking(move || {
+        evaluation::prepare(&gateway, &dir, &spec)
+            .map_err(|e| ApiError::invalid_param(e.param, e.message))
+    })
+    .await?;
+    let id = format!("eval-{}", uuid::Uuid::now_v7().simple());
+    let job_id = id.clone();
+    with_db(&state, move |c| {
+        entities::insert_job(c, &job_id, EVALUATION, &body)?;
+        Ok(entities::update_job(
+            c,
+            &job_id,
+            "running",
+            &json!({"message": "running"}),
+            None,
+        )?)
+    })
+    .await?;
+    evaluation::launch(prepared, db_path, &data_dir, id.clone());
+    Ok(Json(job_json(&job(&state, EVALUATION, id).await?)))
 }
 
-/// A connection and the data directory.
-fn db(state: &AppState) -> Result<(rusqlite::Connection, std::path::PathBuf), ApiError> {
-    Ok((
-        customization::db(state)?,
-        customization::runner(state)?.context().data_dir.clone(),
-    ))
-}
-
-pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let run = async {
-        let body = Value::Object(authorized_json(&state, req, Scope::Admin).await?);
-        let (conn, data_dir) = db(&state)?;
-        let prepared = evaluation::prepare(&state.gateway, &data_dir, &body).map_err(invalid)?;
-        let id = format!("eval-{}", uuid::Uuid::now_v7().simple());
-        entities::insert_job(&conn, &id, EVALUATION, &body).map_err(entity)?;
-        entities::update_job(&conn, &id, "running", &json!({"message": "running"}), None)
-            .map_err(entity)?;
-        let db_path = customization::runner(&state)?.context().db.clone();
-        evaluation::launch(prepared, db_path, &data_dir, id.clone());
-        let job = entities::get_job(&conn, EVALUATION, &id).map_err(entity)?;
-        Ok::<_, ApiError>((StatusCode::OK, Json(job_json(&job))))
-    };
-    run.await.into_response()
-}
-
-pub async fn list(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let (parts, _) = req.into_parts();
-    customization::authorized_job_list(&state, &parts, EVALUATION)
+pub async fn list(State(state): State<Arc<AppState>>, _: Admin) -> Result<Json<Value>, ApiError> {
+    job_list(&state, EVALUATION).await
 }
 
 pub async fn get(
     State(state): State<Arc<AppState>>,
+    _: Admin,
     Path(id): Path<String>,
-    req: Request,
-) -> Response {
-    let (parts, _) = req.into_parts();
-    authorized_job(&state, &parts, EVALUATION, &id)
-        .map(|job| Json(job_json(&job)))
-        .into_response()
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(job_json(&job(&state, EVALUATION, id).await?)))
 }
 
 pub async fn results(
     State(state): State<Arc<AppState>>,
+    _: Admin,
     Path(id): Path<String>,
-    req: Request,
-) -> Response {
-    let (parts, _) = req.into_parts();
-    let run = || {
-        let job = authorized_job(&state, &parts, EVALUATION, &id)?;
-        let Some(mut r) = job.result.clone() else {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "invalid_request_error",
-                format!(
-                    "evaluation job '{id}' is {}; results come when it completes",
-                    job.status
-                ),
-            )
-            .with_code("not_ready"));
-        };
-        r["id"] = json!(job.id);
-        r["job"] = json!(job.id);
-        r["created_at"] = json!(job.created_at);
-        r["updated_at"] = json!(job.updated_at);
-        Ok(Json(r))
+) -> Result<Json<Value>, ApiError> {
+    let job = job(&state, EVALUATION, id.clone()).await?;
+    let Some(mut r) = job.result.clone() else {
+        return Err(ApiError::conflict(format!(
+            "evaluation job '{id}' is {}; results come when it completes",
+            job.status
+        ))
+        .with_code("not_ready"));
     };
-    run().into_response()
+    r["id"] = json!(job.id);
+    r["job"] = json!(job.id);
+    r["created_at"] = json!(job.created_at);
+    r["updated_at"] = json!(job.updated_at);
+    Ok(Json(r))
 }

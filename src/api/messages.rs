@@ -11,9 +11,8 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::{
-    event_stream, inference_context, read_json_object, tagged, translated_stream, AppState,
-};
+use super::extract::caller;
+use super::{event_stream, read_json_object, tagged, translated_stream, AppState};
 use crate::gateway::{Exchange, Reply, StreamItem};
 use crate::wire::answer::{feed_completion, EventBuilder};
 use crate::wire::error::{anthropic_body, anthropic_response, ApiError};
@@ -29,7 +28,7 @@ pub async fn create(State(state): State<Arc<AppState>>, request: Request) -> Res
 
 async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
-    let (_, ctx) = inference_context(&state, &parts)?;
+    let ctx = caller(&state, &parts)?.ctx;
     let raw = read_json_object(&parts, body, state.body_limit).await?;
     let req = match parse_request(&raw) {
         Ok(r) => r,

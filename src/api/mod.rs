@@ -1,5 +1,6 @@
-//! HTTP: every route in one place, the shared state, and the JSON body reader whose rejections are
-//! already OpenAI error envelopes. Handlers live one file per endpoint family.
+//! HTTP: every route in one place, the shared state, the JSON body reader whose rejections are
+//! already OpenAI error envelopes, and the way handlers reach the database (off the async threads).
+//! Handlers live one file per endpoint family and take what they need through `extract`.
 
 pub mod adapters;
 pub mod admin;
@@ -8,6 +9,7 @@ pub mod chat_completions;
 pub mod completions;
 pub mod customization;
 pub mod evaluation;
+pub mod extract;
 pub mod guardrails;
 pub mod health;
 pub mod hf;
@@ -31,7 +33,9 @@ use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 
 use crate::gateway::routing::Arm;
-use crate::gateway::{Gateway, RequestContext, StreamItem};
+use crate::gateway::{Gateway, StreamItem};
+use crate::store::entities::EntityError;
+use crate::store::{Db, StoreError};
 use crate::wire::error::ApiError;
 use auth::{Authenticator, PeerAddr};
 use http::HeaderValue;
@@ -47,7 +51,9 @@ pub struct AppState {
     /// Local engines, for the adapter registry endpoints.
     pub engines: Vec<Arc<crate::engine::Engine>>,
     pub adapter_dirs: Vec<std::path::PathBuf>,
-    /// Customization jobs and the entity store (absent in gateways built without a data dir).
+    /// The entity store (absent in gateways built without a data dir).
+    pub db: Option<Db>,
+    /// Customization jobs (absent in gateways built without a data dir).
     pub jobs: Option<Arc<crate::flywheel::jobs::JobRunner>>,
     /// Flywheel runs and rollouts (absent without jobs).
     pub flywheel: Option<Arc<crate::flywheel::controller::FlywheelController>>,
@@ -180,30 +186,6 @@ async fn wrong_method(method: http::Method, uri: http::Uri) -> axum::response::R
     .into_response()
 }
 
-/// Authorizes an inference request, takes a slot of the in-flight budget and reads the caller's
-/// labels from the headers.
-pub fn inference_context(
-    state: &AppState,
-    parts: &Parts,
-) -> Result<(auth::Principal, RequestContext), ApiError> {
-    let principal =
-        state
-            .auth
-            .authorize(&parts.headers, peer(parts), crate::config::Scope::Inference)?;
-    let permit = state
-        .inflight
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::overloaded())?;
-    let ctx = RequestContext {
-        workload_id: header(parts, "x-workload-id"),
-        client_id: header(parts, "x-client-id"),
-        session_id: header(parts, "x-session-id"),
-        permit: Some(permit),
-    };
-    Ok((principal, ctx))
-}
-
 /// Marks a response with its traffic record's id and the rollout arm that served it.
 pub fn tagged(mut response: Response, id: uuid::Uuid, arm: Arm) -> Response {
     let h = response.headers_mut();
@@ -311,27 +293,49 @@ pub fn header(parts: &Parts, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Checks that the caller of `parts` holds `scope`.
-pub fn authorize(
-    state: &AppState,
-    parts: &Parts,
-    scope: crate::config::Scope,
-) -> Result<(), ApiError> {
-    state
-        .auth
-        .authorize(&parts.headers, peer(parts), scope)
-        .map(|_| ())
+/// The database, for handlers; absent in gateways built without a data directory store.
+pub fn db(state: &AppState) -> Result<&Db, ApiError> {
+    state.db.as_ref().ok_or_else(|| {
+        ApiError::new(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "customization is not available: the gateway has no data directory store",
+        )
+    })
 }
 
-/// Authorizes a request for `scope` and reads its JSON object body.
-pub async fn authorized_json(
+/// Runs `work` on the database, off the async threads.
+pub async fn with_db<T: Send + 'static>(
     state: &AppState,
-    request: axum::extract::Request,
-    scope: crate::config::Scope,
-) -> Result<Map<String, Value>, ApiError> {
-    let (parts, body) = request.into_parts();
-    authorize(state, &parts, scope)?;
-    read_json_object(&parts, body, state.body_limit).await
+    work: impl FnOnce(&rusqlite::Connection) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    db(state)?.call(work).await
+}
+
+/// Runs blocking `work` (files, a controller that reads the database) off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("a background task failed: {e}")))?
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::internal(e.to_string())
+    }
+}
+
+impl From<EntityError> for ApiError {
+    fn from(e: EntityError) -> Self {
+        match e {
+            EntityError::NotFound(m) => ApiError::not_found(m),
+            EntityError::Conflict(m) => ApiError::conflict(m),
+            EntityError::Invalid(m) => ApiError::invalid(m),
+            EntityError::Db(e) => ApiError::internal(format!("database: {e}")),
+        }
+    }
 }
 
 /// Reads a JSON object body within `limit` bytes.

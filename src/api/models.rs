@@ -2,13 +2,12 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Path, State};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::{authorize, AppState};
-use crate::config::Scope;
+use super::extract::Inference;
+use super::AppState;
 use crate::wire::error::ApiError;
 
 fn model_object(id: &str, route: Option<&str>) -> Value {
@@ -21,35 +20,27 @@ fn model_object(id: &str, route: Option<&str>) -> Value {
     })
 }
 
-pub async fn list(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    let (parts, _) = request.into_parts();
-    if let Err(e) = authorize(&state, &parts, Scope::Inference) {
-        return e.into_response();
-    }
+pub async fn list(State(state): State<Arc<AppState>>, _: Inference) -> Json<Value> {
     let data: Vec<Value> = state
         .gateway
         .model_ids()
         .iter()
         .map(|(id, route)| model_object(id, route.as_deref()))
         .collect();
-    Json(json!({"object": "list", "data": data})).into_response()
+    Json(json!({"object": "list", "data": data}))
 }
 
 pub async fn retrieve(
     State(state): State<Arc<AppState>>,
+    _: Inference,
     Path(id): Path<String>,
-    request: Request,
-) -> Response {
-    let (parts, _) = request.into_parts();
-    if let Err(e) = authorize(&state, &parts, Scope::Inference) {
-        return e.into_response();
-    }
+) -> Result<Json<Value>, ApiError> {
     let ids = state.gateway.model_ids();
     match ids.iter().find(|(m, _)| *m == id) {
-        Some((m, route)) => Json(model_object(m, route.as_deref())).into_response(),
+        Some((m, route)) => Ok(Json(model_object(m, route.as_deref()))),
         None => {
             let known: Vec<String> = ids.into_iter().map(|(m, _)| m).collect();
-            ApiError::model_not_found(&id, &known).into_response()
+            Err(ApiError::model_not_found(&id, &known))
         }
     }
 }

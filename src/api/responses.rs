@@ -4,18 +4,16 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use http::request::Parts;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::{
-    event_stream, inference_context, read_json_object, tagged, translated_stream, AppState,
-};
-use crate::config::Scope;
+use super::extract::{Caller, Inference, JsonObject, Query};
+use super::{event_stream, tagged, translated_stream, AppState};
 use crate::gateway::{Exchange, Reply, StreamItem};
 use crate::store::responses::{ResponseStore, StoredResponse};
 use crate::wire::answer::{feed_completion, EventBuilder};
@@ -24,10 +22,12 @@ use crate::wire::native::completion_from_response;
 use crate::wire::responses::{items_from_chat, parse_request, ResponseBuilder, ResponsesRequest};
 use crate::wire::{sse, Api};
 
-pub async fn create(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    serve(state, request)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    JsonObject(raw): JsonObject,
+) -> Result<Response, ApiError> {
+    serve(state, caller, raw).await
 }
 
 fn now_ms() -> i64 {
@@ -75,10 +75,11 @@ async fn save(store: Arc<ResponseStore>, record: StoredResponse) -> Result<(), A
     blocking(store, move |s| s.insert(&record)).await
 }
 
-async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
-    let (principal, ctx) = inference_context(&state, &parts)?;
-    let raw = read_json_object(&parts, body, state.body_limit).await?;
+async fn serve(
+    state: Arc<AppState>,
+    Caller { principal, ctx }: Caller,
+    raw: Map<String, Value>,
+) -> Result<Response, ApiError> {
     let gateway = &state.gateway;
     let req = match parse_request(&raw) {
         Ok(r) => r,
@@ -302,102 +303,85 @@ impl Keeper {
     }
 }
 
-/// The stored responses and the name of the key asking for them.
-fn owner(state: &AppState, parts: &Parts) -> Result<(Arc<ResponseStore>, String), ApiError> {
-    let principal = state
-        .auth
-        .authorize(&parts.headers, super::peer(parts), Scope::Inference)?;
-    Ok((store_of(state)?, principal.name))
-}
-
 fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("Response with id '{id}' not found."))
 }
 
+/// The stored response `id`, if the caller's key created it.
+async fn owned(state: &AppState, caller: Inference, id: &str) -> Result<StoredResponse, ApiError> {
+    load(store_of(state)?, id.to_string(), caller.0.name)
+        .await?
+        .ok_or_else(|| not_found(id))
+}
+
 pub async fn retrieve(
     State(state): State<Arc<AppState>>,
+    caller: Inference,
     Path(id): Path<String>,
-    parts: Parts,
-) -> Response {
-    let run = async {
-        let (store, owner) = owner(&state, &parts)?;
-        match load(store, id.clone(), owner).await? {
-            Some(r) => Ok(Json(r.response).into_response()),
-            None => Err(not_found(&id)),
-        }
-    };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(owned(&state, caller, &id).await?.response))
+}
+
+#[derive(Deserialize)]
+pub struct ItemsPage {
+    order: Option<String>,
+    limit: Option<usize>,
+    after: Option<String>,
 }
 
 /// The request's input items, newest first by default (`order=asc` for oldest first), paged with
 /// `limit` (1–100, 20 by default) and `after`.
 pub async fn input_items(
     State(state): State<Arc<AppState>>,
+    caller: Inference,
     Path(id): Path<String>,
-    axum::extract::Query(query): axum::extract::Query<Map<String, Value>>,
-    parts: Parts,
-) -> Response {
-    let run = async {
-        let (store, owner) = owner(&state, &parts)?;
-        let Some(r) = load(store, id.clone(), owner).await? else {
-            return Err(not_found(&id));
-        };
-        let mut items = r.input_items;
-        let order = query.get("order").and_then(Value::as_str).unwrap_or("desc");
-        if order != "asc" {
-            items.reverse();
+    Query(page): Query<ItemsPage>,
+) -> Result<Json<Value>, ApiError> {
+    let mut items = owned(&state, caller, &id).await?.input_items;
+    let limit = match page.limit {
+        None => 20,
+        Some(n) if (1..=100).contains(&n) => n,
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "limit",
+                "'limit' must be an integer between 1 and 100.",
+            ))
         }
-        let limit = match query.get("limit").and_then(Value::as_str) {
-            None => 20,
-            Some(s) => match s.parse::<usize>() {
-                Ok(n) if (1..=100).contains(&n) => n,
-                _ => {
-                    return Err(ApiError::invalid_param(
-                        "limit",
-                        "'limit' must be an integer between 1 and 100.",
-                    ))
-                }
-            },
-        };
-        if let Some(after) = query.get("after").and_then(Value::as_str) {
-            match items
-                .iter()
-                .position(|i| i.get("id").and_then(Value::as_str) == Some(after))
-            {
-                Some(k) => {
-                    items.drain(..=k);
-                }
-                None => {
-                    return Err(ApiError::invalid_param(
-                        "after",
-                        format!("No input item with id '{after}' in response '{id}'."),
-                    ))
-                }
-            }
-        }
-        let has_more = items.len() > limit;
-        items.truncate(limit);
-        let first = items.first().and_then(|i| i.get("id")).cloned();
-        let last = items.last().and_then(|i| i.get("id")).cloned();
-        Ok(Json(json!({"object": "list", "data": items, "first_id": first, "last_id": last, "has_more": has_more}))
-            .into_response())
     };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+    if page.order.as_deref() != Some("asc") {
+        items.reverse();
+    }
+    if let Some(after) = &page.after {
+        let Some(k) = items
+            .iter()
+            .position(|i| i.get("id").and_then(Value::as_str) == Some(after))
+        else {
+            return Err(ApiError::invalid_param(
+                "after",
+                format!("No input item with id '{after}' in response '{id}'."),
+            ));
+        };
+        items.drain(..=k);
+    }
+    let has_more = items.len() > limit;
+    items.truncate(limit);
+    let first = items.first().and_then(|i| i.get("id")).cloned();
+    let last = items.last().and_then(|i| i.get("id")).cloned();
+    Ok(Json(
+        json!({"object": "list", "data": items, "first_id": first, "last_id": last, "has_more": has_more}),
+    ))
 }
 
 pub async fn delete(
     State(state): State<Arc<AppState>>,
+    caller: Inference,
     Path(id): Path<String>,
-    parts: Parts,
-) -> Response {
-    let run = async {
-        let (store, owner) = owner(&state, &parts)?;
-        let target = id.clone();
-        let deleted = blocking(store, move |s| s.delete(&target, &owner)).await?;
-        if !deleted {
-            return Err(not_found(&id));
-        }
-        Ok(Json(json!({"id": id, "object": "response", "deleted": true})).into_response())
-    };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Json<Value>, ApiError> {
+    let (store, owner, target) = (store_of(&state)?, caller.0.name, id.clone());
+    if !blocking(store, move |s| s.delete(&target, &owner)).await? {
+        return Err(not_found(&id));
+    }
+    Ok(Json(
+        json!({"id": id, "object": "response", "deleted": true}),
+    ))
 }

@@ -19,8 +19,11 @@ use crate::backend::upstream::Upstream;
 use crate::backend::Backend;
 use crate::config::{BackendKey, Config};
 use crate::engine::Engine;
+use crate::flywheel::controller::FlywheelController;
+use crate::flywheel::jobs::{JobContext, JobRunner};
 use crate::gateway::Gateway;
-use crate::store::traffic::TrafficLog;
+use crate::store::traffic::{TrafficLog, TrafficWriter};
+use crate::store::Db;
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -54,95 +57,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("invalid metric buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
-
-    let writer = if config.log.enabled {
-        let path = config.db_path();
-        let w = TrafficLog::start(
-            &path,
-            config.log.queue_capacity,
-            config.log.batch_size,
-            Duration::from_millis(config.log.flush_interval_ms),
-        )
-        .with_context(|| format!("cannot open the traffic log at {}", path.display()))?;
-        tracing::info!(path = %path.display(), "traffic log open");
-        Some(w)
-    } else {
-        tracing::warn!("traffic logging is disabled in the config");
-        None
-    };
+    let writer = open_traffic_log(&config)?;
     let log = writer
         .as_ref()
         .map_or_else(TrafficLog::disabled, |w| w.log());
-
-    let mut backends: HashMap<BackendKey, Arc<dyn Backend>> = HashMap::new();
-    for u in &config.upstreams {
-        let up = Upstream::new(u).map_err(anyhow::Error::msg)?;
-        backends.insert(BackendKey::Upstream(u.name.clone()), Arc::new(up));
-    }
-    let mut engines = Vec::new();
-    for m in &config.models {
-        let cfg = m.clone();
-        let engine = tokio::task::spawn_blocking(move || Engine::load(&cfg)).await??;
-        backends.insert(
-            BackendKey::Local(m.name.clone()),
-            Arc::new(LocalBackend::new(engine.clone())),
-        );
-        engines.push(engine);
-    }
-    let adapter_dirs = config.adapter_dirs();
-    if !config.models.is_empty() {
-        for d in &adapter_dirs {
-            if let Err(e) = std::fs::create_dir_all(d) {
-                tracing::warn!(dir = %d.display(), error = %e, "cannot create the adapter directory");
-            }
-        }
-    }
-    let jobs = match crate::flywheel::jobs::JobRunner::start(crate::flywheel::jobs::JobContext {
-        db: config.db_path(),
-        data_dir: config.data_dir.clone(),
-        models: config.models.clone(),
-        engines: engines.clone(),
-        max_yield: Duration::from_millis(config.flywheel.max_yield_ms),
-    }) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            tracing::warn!(error = %e, "customization jobs are unavailable");
-            None
-        }
-    };
+    let (backends, engines) = start_backends(&config).await?;
+    let jobs = start_jobs(&config, &engines);
     let gateway = Arc::new(Gateway::new(config.clone(), backends, log));
-    let stored_guardrails = if config.log.enabled || jobs.is_some() {
-        let conn = crate::store::open(&config.db_path())?;
-        crate::store::guardrails::list(&conn)?
-    } else {
-        Vec::new()
-    };
-    gateway
-        .install_guardrails(&stored_guardrails)
-        .map_err(anyhow::Error::msg)?;
+    install_stored_guardrails(&config, &gateway, jobs.is_some())?;
     if let Some(j) = &jobs {
         if let Err(e) = crate::flywheel::evaluation::resume_unfinished(&gateway, j) {
             tracing::warn!(error = %e, "cannot resume interrupted evaluation jobs");
         }
     }
-    let flywheel = match (&jobs, config.log.enabled) {
-        (Some(j), true) => Some(
-            crate::flywheel::controller::FlywheelController::start(
-                config.clone(),
-                gateway.clone(),
-                j.clone(),
-                engines.clone(),
-            )
-            .await
-            .context("cannot start the flywheel")?,
-        ),
-        _ => {
-            if config.routes.iter().any(|r| r.flywheel.is_some()) {
-                tracing::warn!("routes have a flywheel section, but the flywheel needs the traffic log and the job runner; it is off");
-            }
-            None
-        }
-    };
+    let flywheel = start_flywheel(&config, &gateway, jobs.as_ref(), &engines).await?;
     let responses = match crate::store::responses::ResponseStore::open(
         &config.db_path(),
         !config.log.enabled,
@@ -161,12 +89,126 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         body_limit: config.server.body_limit_bytes,
         max_inflight: config.server.max_inflight_requests,
         ready: AtomicBool::new(false),
+        adapter_dirs: config.adapter_dirs(),
         engines,
-        adapter_dirs,
+        db: jobs.as_ref().map(|_| Db::new(config.db_path())),
         jobs,
         flywheel: flywheel.clone(),
         responses,
     });
+    listen(&config, state).await?;
+    drain(&config, flywheel, &gateway, writer).await;
+    tracing::info!("flywheel stopped");
+    Ok(())
+}
+
+/// The traffic log's writer, unless the config turns logging off.
+fn open_traffic_log(config: &Config) -> anyhow::Result<Option<TrafficWriter>> {
+    if !config.log.enabled {
+        tracing::warn!("traffic logging is disabled in the config");
+        return Ok(None);
+    }
+    let path = config.db_path();
+    let w = TrafficLog::start(
+        &path,
+        config.log.queue_capacity,
+        config.log.batch_size,
+        Duration::from_millis(config.log.flush_interval_ms),
+    )
+    .with_context(|| format!("cannot open the traffic log at {}", path.display()))?;
+    tracing::info!(path = %path.display(), "traffic log open");
+    Ok(Some(w))
+}
+
+type Backends = HashMap<BackendKey, Arc<dyn Backend>>;
+
+/// Every upstream, and every local model loaded into an engine (off the async threads).
+async fn start_backends(config: &Config) -> anyhow::Result<(Backends, Vec<Arc<Engine>>)> {
+    let mut backends: Backends = HashMap::new();
+    for u in &config.upstreams {
+        let up = Upstream::new(u).map_err(anyhow::Error::msg)?;
+        backends.insert(BackendKey::Upstream(u.name.clone()), Arc::new(up));
+    }
+    let mut engines = Vec::new();
+    for m in &config.models {
+        let cfg = m.clone();
+        let engine = tokio::task::spawn_blocking(move || Engine::load(&cfg)).await??;
+        backends.insert(
+            BackendKey::Local(m.name.clone()),
+            Arc::new(LocalBackend::new(engine.clone())),
+        );
+        engines.push(engine);
+    }
+    if !config.models.is_empty() {
+        for d in &config.adapter_dirs() {
+            if let Err(e) = std::fs::create_dir_all(d) {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot create the adapter directory");
+            }
+        }
+    }
+    Ok((backends, engines))
+}
+
+/// The customization job runner; without it (no usable data directory) the entity, job and
+/// flywheel endpoints answer 503.
+fn start_jobs(config: &Config, engines: &[Arc<Engine>]) -> Option<Arc<JobRunner>> {
+    match JobRunner::start(JobContext {
+        db: config.db_path(),
+        data_dir: config.data_dir.clone(),
+        models: config.models.clone(),
+        engines: engines.to_vec(),
+        max_yield: Duration::from_millis(config.flywheel.max_yield_ms),
+    }) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "customization jobs are unavailable");
+            None
+        }
+    }
+}
+
+/// Guardrail configs created through the API in an earlier life of the gateway.
+fn install_stored_guardrails(
+    config: &Config,
+    gateway: &Gateway,
+    has_store: bool,
+) -> anyhow::Result<()> {
+    let stored = if config.log.enabled || has_store {
+        let conn = crate::store::open(&config.db_path())?;
+        crate::store::guardrails::list(&conn)?
+    } else {
+        Vec::new()
+    };
+    gateway
+        .install_guardrails(&stored)
+        .map_err(anyhow::Error::msg)
+}
+
+/// The flywheel, when there is a traffic log to learn from and a job runner to train with.
+async fn start_flywheel(
+    config: &Arc<Config>,
+    gateway: &Arc<Gateway>,
+    jobs: Option<&Arc<JobRunner>>,
+    engines: &[Arc<Engine>],
+) -> anyhow::Result<Option<Arc<FlywheelController>>> {
+    match (jobs, config.log.enabled) {
+        (Some(j), true) => Ok(Some(
+            FlywheelController::start(config.clone(), gateway.clone(), j.clone(), engines.to_vec())
+                .await
+                .context("cannot start the flywheel")?,
+        )),
+        _ => {
+            if config.routes.iter().any(|r| r.flywheel.is_some()) {
+                tracing::warn!("routes have a flywheel section, but the flywheel needs the traffic log and the job runner; it is off");
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Serves HTTP(S) until a shutdown signal, then until in-flight requests finish or the grace
+/// period ends.
+async fn listen(config: &Config, state: Arc<AppState>) -> anyhow::Result<()> {
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(c), Some(k)) => Some(api::server::tls_acceptor(c, k).map_err(anyhow::Error::msg)?),
         _ => None,
@@ -194,12 +236,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutdown requested");
     };
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
-    api::server::serve(listener, api::router(state.clone()), tls, shutdown, grace).await;
+    api::server::serve(listener, api::router(state), tls, shutdown, grace).await;
+    Ok(())
+}
 
+/// After the listener closed: stop the flywheel, let streams and shadows finish (they write their
+/// own log records), then drain the traffic log.
+async fn drain(
+    config: &Config,
+    flywheel: Option<Arc<FlywheelController>>,
+    gateway: &Gateway,
+    writer: Option<TrafficWriter>,
+) {
     if let Some(f) = &flywheel {
         f.shutdown().await;
     }
-    // Streams and shadows run as tracked tasks; they write their own log records when they end.
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     gateway.tasks().close();
     if tokio::time::timeout(grace, gateway.tasks().wait())
         .await
@@ -212,8 +264,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         w.close().await;
         tracing::info!(queued, "traffic log drained");
     }
-    tracing::info!("flywheel stopped");
-    Ok(())
 }
 
 async fn wait_for_signal() {

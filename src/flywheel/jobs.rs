@@ -61,6 +61,7 @@ impl JobRunner {
         for job in entities::unfinished_jobs(&conn, CUSTOMIZATION)? {
             tracing::info!(job = %job.id, "queueing a job left unfinished by the previous run");
             lock(&cancels).insert(job.id.clone(), Arc::new(AtomicBool::new(false)));
+            // The receiver is still here (the worker takes it below), so the send cannot fail.
             let _ = tx.send(job.id);
         }
         let worker_ctx = ctx.clone();

@@ -7,7 +7,8 @@ pub mod responses;
 pub mod runs;
 pub mod traffic;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 
@@ -30,6 +31,8 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Json(#[from] serde_json::Error),
+    #[error("a database task failed: {0}")]
+    Task(String),
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many have run.
@@ -193,6 +196,69 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Connections kept open between calls by a [`Db`]; more run at once when needed.
+const IDLE_CONNECTIONS: usize = 4;
+
+/// The database as request handlers use it: each call runs on tokio's blocking thread pool, never
+/// on an async worker, on a connection kept open for the next call (opened, and the schema brought
+/// up to date, the first time).
+#[derive(Clone)]
+pub struct Db {
+    path: Arc<PathBuf>,
+    idle: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl Db {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path: Arc::new(path),
+            idle: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` on a connection, off the async threads. A connection that was in use when
+    /// `work` panicked is closed, not reused.
+    pub async fn call<T, E>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let db = self.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let conn = db.connection()?;
+            let out = work(&conn);
+            db.keep(conn);
+            out
+        });
+        match task.await {
+            Ok(out) => out,
+            Err(e) => Err(StoreError::Task(e.to_string()).into()),
+        }
+    }
+
+    fn connection(&self) -> Result<Connection, StoreError> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match idle {
+            Some(c) => Ok(c),
+            None => open(&self.path),
+        }
+    }
+
+    fn keep(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_CONNECTIONS {
+            idle.push(conn);
+        }
+    }
+}
+
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = MIGRATIONS.len() as i64;
@@ -231,6 +297,42 @@ mod tests {
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[tokio::test]
+    async fn a_handle_reuses_its_connections_and_survives_a_failed_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::new(dir.path().join("f.db"));
+        db.call(|c| {
+            c.execute_batch("CREATE TEMP TABLE marker (x INTEGER); INSERT INTO marker VALUES (7);")
+                .map_err(StoreError::from)
+        })
+        .await
+        .unwrap();
+        // A temporary table lives on its connection only: seeing it proves the reuse.
+        let seen: i64 = db
+            .call(|c| {
+                c.query_row("SELECT x FROM marker", [], |r| r.get(0))
+                    .map_err(StoreError::from)
+            })
+            .await
+            .unwrap();
+        assert_eq!(seen, 7);
+        let failed = db
+            .call(|c| {
+                c.execute("INSERT INTO no_such_table VALUES (1)", [])
+                    .map_err(StoreError::from)
+            })
+            .await;
+        assert!(failed.is_err());
+        let version: i64 = db
+            .call(|c| {
+                c.pragma_query_value(None, "user_version", |r| r.get(0))
+                    .map_err(StoreError::from)
+            })
+            .await
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
     }
 
     #[test]

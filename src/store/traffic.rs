@@ -200,10 +200,17 @@ impl TrafficWriter {
     pub async fn close(mut self) {
         if let Some(inner) = &self.log.inner {
             // Waits for room rather than dropping: at shutdown nothing else is queuing.
-            let _ = inner.tx.send(Message::Close).await;
+            if inner.tx.send(Message::Close).await.is_err() {
+                tracing::error!(
+                    "the traffic log writer had already stopped; queued records are lost"
+                );
+            }
         }
         if let Some(thread) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::error!("the traffic log writer thread panicked");
+            }
         }
     }
 }

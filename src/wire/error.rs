@@ -60,6 +60,11 @@ impl ApiError {
             .with_code("insufficient_scope")
     }
 
+    /// 409: the thing exists already, or is in a state that does not allow the change.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "invalid_request_error", message).with_code("conflict")
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message).with_code("not_found")
     }

@@ -136,7 +136,12 @@ impl FlywheelController {
     pub async fn shutdown(&self) {
         self.stop.cancel();
         self.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("flywheel tasks still running 5 s after shutdown; leaving them");
+        }
     }
 
     /// The routes with a `[routes.flywheel]` section.

@@ -30,7 +30,9 @@ impl FlywheelController {
         let stop = self.stop.clone();
         self.tasks.spawn(async move {
             stop.cancelled().await;
-            let _ = scheduler.shutdown().await;
+            if let Err(e) = scheduler.shutdown().await {
+                tracing::warn!(error = %e, "the flywheel schedule did not shut down cleanly");
+            }
         });
         tracing::info!(%schedule, "flywheel schedule set (UTC)");
         Ok(())
