@@ -165,15 +165,21 @@ struct Stream<D: Device> {
     h: Buffer<D, u16>,
 }
 
-struct Workspace<D: Device> {
-    rows: usize,
+/// What a layer reads and writes, per row.
+struct Activations<D: Device> {
     stream: Stream<D>,
     qkv: Buffer<D, u16>,
     q: Buffer<D, u16>,
     attn: Buffer<D, u16>,
     gu: Buffer<D, u16>,
     act: Buffer<D, u16>,
+    /// The adapters' rank-wide intermediate.
     v: Buffer<D, f32>,
+}
+
+struct Workspace<D: Device> {
+    rows: usize,
+    acts: Activations<D>,
     /// Each pass's index arrays (token ids, positions, cache rows, attention lengths, block table,
     /// row slots, segment starts and slots, last rows), and the head's inputs and output: grown
     /// as needed and rewritten every pass, never allocated per pass.
@@ -239,18 +245,20 @@ impl<D: Device> Workspace<D> {
         let qkv = q + 2 * c.kv_heads * c.head_dim;
         Ok(Self {
             rows,
-            stream: Stream {
-                res: Buffer::zeros(dev, rows * c.hidden)?,
-                res2: Buffer::zeros(dev, rows * c.hidden)?,
-                delta: Buffer::zeros(dev, rows * c.hidden)?,
-                h: Buffer::zeros(dev, rows * c.hidden)?,
+            acts: Activations {
+                stream: Stream {
+                    res: Buffer::zeros(dev, rows * c.hidden)?,
+                    res2: Buffer::zeros(dev, rows * c.hidden)?,
+                    delta: Buffer::zeros(dev, rows * c.hidden)?,
+                    h: Buffer::zeros(dev, rows * c.hidden)?,
+                },
+                qkv: Buffer::zeros(dev, rows * qkv)?,
+                q: Buffer::zeros(dev, rows * q)?,
+                attn: Buffer::zeros(dev, rows * q)?,
+                gu: Buffer::zeros(dev, rows * 2 * c.ffn)?,
+                act: Buffer::zeros(dev, rows * c.ffn)?,
+                v: Buffer::zeros(dev, rows * rank)?,
             },
-            qkv: Buffer::zeros(dev, rows * qkv)?,
-            q: Buffer::zeros(dev, rows * q)?,
-            attn: Buffer::zeros(dev, rows * q)?,
-            gu: Buffer::zeros(dev, rows * 2 * c.ffn)?,
-            act: Buffer::zeros(dev, rows * c.ffn)?,
-            v: Buffer::zeros(dev, rows * rank)?,
             idx: Default::default(),
             last: Default::default(),
             logits: None,
@@ -670,187 +678,209 @@ impl<D: Device> GpuModel<D> {
 
     /// One batched pass over the rows `batch` lays out; the logits of each sequence's last row.
     fn run(&mut self, batch: &HostBatch<'_>) -> Result<Vec<Vec<f32>>, ModelError> {
-        let HostBatch {
-            n,
-            ids,
-            pos,
-            cache_row,
-            lens,
-            table,
-            max_blocks,
-            row_slot,
-            seg_start,
-            seg_slot,
-            last,
-        } = *batch;
         let c = &self.cfg;
         let dev = &self.dev;
         let k = Kernels::new(dev, self.opts.dtype);
-        let r = self.lora.as_ref().map_or(1, |l| l.rank);
-        if self.ws.as_ref().is_none_or(|w| w.rows < n) {
+        if self.ws.as_ref().is_none_or(|w| w.rows < batch.n) {
             self.ws = None; // free the old buffers first
             let most = self.opts.lora_rank;
-            self.ws = Some(Workspace::new(dev, c, most, n.next_power_of_two())?);
+            self.ws = Some(Workspace::new(dev, c, most, batch.n.next_power_of_two())?);
         }
         let Some(ws) = self.ws.as_mut() else {
             return Err(unsupported("workspace"));
         };
-        let [b_ids, b_pos, b_row, b_lens, b_table, b_slot, b_seg, b_seg_slot, b_last] = &mut ws.idx;
-        let d_ids = staged(dev, b_ids, ids)?;
-        let d_pos = staged(dev, b_pos, pos)?;
-        let d_row = staged(dev, b_row, cache_row)?;
-        let d_lens = staged(dev, b_lens, lens)?;
-        let d_table = staged(dev, b_table, table)?;
-        let d_slot = staged(dev, b_slot, row_slot)?;
-        let d_seg = staged(dev, b_seg, seg_start)?;
-        let d_seg_slot = staged(dev, b_seg_slot, seg_slot)?;
-        let d_last = staged(dev, b_last, last)?;
-        let heads = Heads {
-            heads: c.heads,
-            kv_heads: c.kv_heads,
-            head_dim: c.head_dim,
+        let rows = DeviceBatch::stage(dev, &mut ws.idx, batch)?;
+        let adapters = batch.seg_slot.iter().any(|&s| s >= 0);
+        let pass = Pass {
+            k: &k,
+            c,
+            rows: &rows,
+            lora: if adapters { self.lora.as_ref() } else { None },
+            rank: self.lora.as_ref().map_or(1, |l| l.rank),
+            heads: Heads {
+                heads: c.heads,
+                kv_heads: c.kv_heads,
+                head_dim: c.head_dim,
+            },
+            pages: Pages {
+                pages: self.opts.pages,
+                block_size: BLOCK_SIZE,
+            },
+            neox: self.neox,
+            inv_freq: &self.inv_freq,
         };
-        let pages = Pages {
-            pages: self.opts.pages,
-            block_size: BLOCK_SIZE,
-        };
-        let eps = c.rms_eps as f32;
-        let adapters = seg_slot.iter().any(|&s| s >= 0);
-        let lora = if adapters { self.lora.as_ref() } else { None };
-        // Adds each row's adapter delta for target `t` of layer `l` to y (row stride `stride`).
-        let apply = |l: usize,
-                     ts: &[Target],
-                     x: &Buffer<D, u16>,
-                     stride: usize,
-                     v: &mut Buffer<D, f32>,
-                     y: &mut Buffer<D, u16>|
-         -> Result<(), DeviceError> {
-            let Some(lora) = lora else { return Ok(()) };
-            for &t in ts {
-                let (input, output, offset) = t.geometry(c);
-                let shape = LoraShape {
-                    rows: n,
-                    input,
-                    rank: r,
-                    output,
-                    y_stride: stride,
-                    y_offset: offset,
-                    slots: lora.resident.len(),
-                };
-                let ti = t as usize;
-                k.lora_shrink_sgmv(
-                    shape,
-                    x,
-                    &lora.a[l][ti],
-                    indices(d_seg, seg_start),
-                    indices(d_seg_slot, seg_slot),
-                    v,
-                )?;
-                k.lora_expand_add(
-                    shape,
-                    v,
-                    &lora.b[l][ti],
-                    indices(d_slot, row_slot),
-                    &lora.scale,
-                    y,
-                )?;
-            }
-            Ok(())
-        };
-        let (hd, qw) = (c.hidden, c.heads * c.head_dim);
-        let qkv_w = qw + 2 * c.kv_heads * c.head_dim;
-        k.get_rows(&self.embed, indices(d_ids, ids), &mut ws.stream.res)?;
+        let acts = &mut ws.acts;
+        k.get_rows(&self.embed, rows.ids, &mut acts.stream.res)?;
         for (l, layer) in self.layers.iter_mut().enumerate() {
-            if l == 0 {
-                k.rms_norm(
-                    n,
-                    hd,
-                    eps,
-                    &ws.stream.res,
-                    None,
-                    &layer.attn_norm,
-                    &mut ws.stream.h,
-                )?;
-            } else {
-                ws.stream.add_and_norm(&k, n, hd, eps, &layer.attn_norm)?;
-            }
-            k.matvec(&layer.qkv, n, &ws.stream.h, &mut ws.qkv)?;
-            apply(
-                l,
-                &[Target::Q, Target::K, Target::V],
-                &ws.stream.h,
-                qkv_w,
-                &mut ws.v,
-                &mut ws.qkv,
-            )?;
-            k.qkv_rope_cache(
-                n,
-                heads,
-                pages,
-                self.neox,
-                &ws.qkv,
-                d_pos,
-                &self.inv_freq,
-                indices(d_row, cache_row),
-                &mut ws.q,
-                &mut layer.k_cache,
-                &mut layer.v_cache,
-            )?;
-            k.paged_decode_attention(
-                heads,
-                pages,
-                max_blocks,
-                &ws.q,
-                &layer.k_cache,
-                &layer.v_cache,
-                indices(d_table, table),
-                indices(d_lens, lens),
-                &mut ws.attn,
-            )?;
-            k.matvec(&layer.o, n, &ws.attn, &mut ws.stream.delta)?;
-            apply(
-                l,
-                &[Target::O],
-                &ws.attn,
-                hd,
-                &mut ws.v,
-                &mut ws.stream.delta,
-            )?;
-            ws.stream.add_and_norm(&k, n, hd, eps, &layer.ffn_norm)?;
-            k.matvec(&layer.gate_up, n, &ws.stream.h, &mut ws.gu)?;
-            apply(
-                l,
-                &[Target::Gate, Target::Up],
-                &ws.stream.h,
-                2 * c.ffn,
-                &mut ws.v,
-                &mut ws.gu,
-            )?;
-            k.silu_mul(n, c.ffn, &ws.gu, &mut ws.act)?;
-            k.matvec(&layer.down, n, &ws.act, &mut ws.stream.delta)?;
-            apply(
-                l,
-                &[Target::Down],
-                &ws.act,
-                hd,
-                &mut ws.v,
-                &mut ws.stream.delta,
-            )?;
+            pass.layer(l, layer, acts)?;
         }
         // The last row of each sequence: residual + the last sublayer's output, normed, then the
         // head in f32.
-        let s = last.len();
+        let (hd, eps, s) = (c.hidden, c.rms_eps as f32, batch.last.len());
         let [gd, gr, sum, hf] = &mut ws.last;
         let (gd, gr) = (grown(dev, gd, s * hd)?, grown(dev, gr, s * hd)?);
         let (sum, hf) = (grown(dev, sum, s * hd)?, grown(dev, hf, s * hd)?);
-        k.gather_rows(n, hd, &ws.stream.delta, indices(d_last, last), gd)?;
-        k.gather_rows(n, hd, &ws.stream.res, indices(d_last, last), gr)?;
+        k.gather_rows(batch.n, hd, &acts.stream.delta, rows.last, gd)?;
+        k.gather_rows(batch.n, hd, &acts.stream.res, rows.last, gr)?;
         k.rms_norm(s, hd, eps, gd, Some((gr, sum)), &self.norm, hf)?;
         let head = self.head.as_ref().unwrap_or(&self.embed);
         let logits = grown(dev, &mut ws.logits, s * head.rows)?;
         k.logits(head, s, hf, logits)?;
         let flat = logits.read(dev, s * head.rows)?;
         Ok(flat.chunks(head.rows).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// A pass's index arrays on the device, each beside the host copy the kernels' checks read.
+struct DeviceBatch<'a, D: Device> {
+    n: usize,
+    max_blocks: usize,
+    ids: Indices<'a, D>,
+    pos: &'a Buffer<D, i32>,
+    cache_row: Indices<'a, D>,
+    lens: Indices<'a, D>,
+    table: Indices<'a, D>,
+    row_slot: Indices<'a, D>,
+    seg_start: Indices<'a, D>,
+    seg_slot: Indices<'a, D>,
+    last: Indices<'a, D>,
+}
+
+impl<'a, D: Device> DeviceBatch<'a, D> {
+    /// Uploads `batch` into the workspace's index buffers (grown as needed).
+    fn stage(
+        dev: &D,
+        idx: &'a mut [Option<Buffer<D, i32>>; 9],
+        batch: &HostBatch<'a>,
+    ) -> Result<Self, DeviceError> {
+        let [ids, pos, row, lens, table, slot, seg, seg_slot, last] = idx;
+        Ok(Self {
+            n: batch.n,
+            max_blocks: batch.max_blocks,
+            ids: indices(staged(dev, ids, batch.ids)?, batch.ids),
+            pos: staged(dev, pos, batch.pos)?,
+            cache_row: indices(staged(dev, row, batch.cache_row)?, batch.cache_row),
+            lens: indices(staged(dev, lens, batch.lens)?, batch.lens),
+            table: indices(staged(dev, table, batch.table)?, batch.table),
+            row_slot: indices(staged(dev, slot, batch.row_slot)?, batch.row_slot),
+            seg_start: indices(staged(dev, seg, batch.seg_start)?, batch.seg_start),
+            seg_slot: indices(staged(dev, seg_slot, batch.seg_slot)?, batch.seg_slot),
+            last: indices(staged(dev, last, batch.last)?, batch.last),
+        })
+    }
+}
+
+/// What every layer of one pass shares: the kernels, the rows, and the adapters in use (none when
+/// no sequence of the batch has one).
+struct Pass<'a, D: Device> {
+    k: &'a Kernels<'a, D>,
+    c: &'a LlamaConfig,
+    rows: &'a DeviceBatch<'a, D>,
+    lora: Option<&'a LoraSlots<D>>,
+    rank: usize,
+    heads: Heads,
+    pages: Pages,
+    neox: bool,
+    inv_freq: &'a Buffer<D, f32>,
+}
+
+impl<D: Device> Pass<'_, D> {
+    /// One decoder layer over every row: attention (fused QKV, RoPE and the cache append, paged
+    /// attention, output projection) and the gated MLP, each with its adapters' deltas.
+    fn layer(
+        &self,
+        l: usize,
+        layer: &mut Layer<D>,
+        a: &mut Activations<D>,
+    ) -> Result<(), DeviceError> {
+        let (k, c, rows) = (self.k, self.c, self.rows);
+        let (n, hd, eps) = (rows.n, c.hidden, c.rms_eps as f32);
+        let qkv_w = c.heads * c.head_dim + 2 * c.kv_heads * c.head_dim;
+        if l == 0 {
+            let s = &mut a.stream;
+            k.rms_norm(n, hd, eps, &s.res, None, &layer.attn_norm, &mut s.h)?;
+        } else {
+            a.stream.add_and_norm(k, n, hd, eps, &layer.attn_norm)?;
+        }
+        k.matvec(&layer.qkv, n, &a.stream.h, &mut a.qkv)?;
+        let qkv = [Target::Q, Target::K, Target::V];
+        self.adapt(l, &qkv, &a.stream.h, qkv_w, &mut a.v, &mut a.qkv)?;
+        k.qkv_rope_cache(
+            n,
+            self.heads,
+            self.pages,
+            self.neox,
+            &a.qkv,
+            rows.pos,
+            self.inv_freq,
+            rows.cache_row,
+            &mut a.q,
+            &mut layer.k_cache,
+            &mut layer.v_cache,
+        )?;
+        k.paged_decode_attention(
+            self.heads,
+            self.pages,
+            rows.max_blocks,
+            &a.q,
+            &layer.k_cache,
+            &layer.v_cache,
+            rows.table,
+            rows.lens,
+            &mut a.attn,
+        )?;
+        k.matvec(&layer.o, n, &a.attn, &mut a.stream.delta)?;
+        self.adapt(l, &[Target::O], &a.attn, hd, &mut a.v, &mut a.stream.delta)?;
+        a.stream.add_and_norm(k, n, hd, eps, &layer.ffn_norm)?;
+        k.matvec(&layer.gate_up, n, &a.stream.h, &mut a.gu)?;
+        let gate_up = [Target::Gate, Target::Up];
+        self.adapt(l, &gate_up, &a.stream.h, 2 * c.ffn, &mut a.v, &mut a.gu)?;
+        k.silu_mul(n, c.ffn, &a.gu, &mut a.act)?;
+        k.matvec(&layer.down, n, &a.act, &mut a.stream.delta)?;
+        self.adapt(
+            l,
+            &[Target::Down],
+            &a.act,
+            hd,
+            &mut a.v,
+            &mut a.stream.delta,
+        )
+    }
+
+    /// Adds each row's adapter delta for the targets `ts` of layer `l` to `y` (row stride
+    /// `stride`), through the rank-wide `v`.
+    fn adapt(
+        &self,
+        l: usize,
+        ts: &[Target],
+        x: &Buffer<D, u16>,
+        stride: usize,
+        v: &mut Buffer<D, f32>,
+        y: &mut Buffer<D, u16>,
+    ) -> Result<(), DeviceError> {
+        let Some(lora) = self.lora else {
+            return Ok(());
+        };
+        let rows = self.rows;
+        for &t in ts {
+            let (input, output, offset) = t.geometry(self.c);
+            let shape = LoraShape {
+                rows: rows.n,
+                input,
+                rank: self.rank,
+                output,
+                y_stride: stride,
+                y_offset: offset,
+                slots: lora.resident.len(),
+            };
+            let ti = t as usize;
+            let (a, b) = (&lora.a[l][ti], &lora.b[l][ti]);
+            self.k
+                .lora_shrink_sgmv(shape, x, a, rows.seg_start, rows.seg_slot, v)?;
+            self.k
+                .lora_expand_add(shape, v, b, rows.row_slot, &lora.scale, y)?;
+        }
+        Ok(())
     }
 }
 

@@ -193,27 +193,66 @@ impl LoraAdapter {
         gguf_layout: bool,
         quantize: Option<AdapterBits>,
     ) -> Result<Self, LoraError> {
-        let invalid = |message: String| LoraError::Invalid {
-            name: id.to_string(),
-            message,
-        };
-        let read = |p: &Path, e: String| LoraError::Read {
-            name: id.to_string(),
-            path: p.display().to_string(),
-            message: e,
-        };
-        let cfg_path = dir.join("adapter_config.json");
+        let config = AdapterConfig::read(id, dir)?;
+        let factors = read_factors(id, base, dir, cfg, config.rank, gguf_layout)?;
+        if factors.is_empty() {
+            return Err(invalid(
+                id,
+                "adapter_model.safetensors holds no lora_A/lora_B weights for a supported module",
+            ));
+        }
+        let layers = convert(&factors, cfg.n_layers, config.rank, quantize);
+        Ok(Self {
+            id: id.to_string(),
+            base: base.to_string(),
+            rank: config.rank,
+            alpha: config.alpha,
+            scale: config.scale,
+            target_modules: config.targets,
+            path: dir.to_path_buf(),
+            layers,
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+}
+
+fn invalid(id: &str, message: impl Into<String>) -> LoraError {
+    LoraError::Invalid {
+        name: id.to_string(),
+        message: message.into(),
+    }
+}
+
+fn unreadable(id: &str, path: &Path, message: impl Into<String>) -> LoraError {
+    LoraError::Read {
+        name: id.to_string(),
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// What `adapter_config.json` says: rank, alpha, the scale they make (rsLoRA's when
+/// `use_rslora`), and the target modules (each one this engine supports).
+struct AdapterConfig {
+    rank: usize,
+    alpha: f64,
+    scale: f64,
+    targets: Vec<String>,
+}
+
+impl AdapterConfig {
+    fn read(id: &str, dir: &Path) -> Result<Self, LoraError> {
+        let path = dir.join("adapter_config.json");
         let text =
-            std::fs::read_to_string(&cfg_path).map_err(|e| read(&cfg_path, e.to_string()))?;
+            std::fs::read_to_string(&path).map_err(|e| unreadable(id, &path, e.to_string()))?;
         let ac: Value = serde_json::from_str(&text)
-            .map_err(|e| read(&cfg_path, format!("not valid JSON: {e}")))?;
-        let rank = ac
-            .get("r")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| invalid("adapter_config.json lacks 'r'".into()))?
-            as usize;
+            .map_err(|e| unreadable(id, &path, format!("not valid JSON: {e}")))?;
+        let rank =
+            ac.get("r")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| invalid(id, "adapter_config.json lacks 'r'"))? as usize;
         if rank == 0 {
-            return Err(invalid("rank 'r' must be at least 1".into()));
+            return Err(invalid(id, "rank 'r' must be at least 1"));
         }
         let alpha = ac
             .get("lora_alpha")
@@ -234,131 +273,142 @@ impl LoraAdapter {
                 .filter_map(|v| v.as_str().map(str::to_string))
                 .collect(),
             Some(Value::String(s)) => vec![s.clone()],
-            _ => return Err(invalid("adapter_config.json lacks 'target_modules'".into())),
+            _ => return Err(invalid(id, "adapter_config.json lacks 'target_modules'")),
         };
-        for t in &targets {
-            if !MODULES.contains(&t.as_str()) {
-                return Err(invalid(format!(
+        if let Some(t) = targets.iter().find(|t| !MODULES.contains(&t.as_str())) {
+            return Err(invalid(
+                id,
+                format!(
                     "target module '{t}' is not supported (supported: {})",
                     MODULES.join(", ")
-                )));
-            }
-        }
-        let weights_path = dir.join("adapter_model.safetensors");
-        let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
-            .map_err(|e| read(&weights_path, e.to_string()))?;
-        let (h, kvh, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
-        let dims = |m: &str| -> (usize, usize) {
-            match m {
-                "q_proj" => (cfg.hidden, h * hd),
-                "k_proj" | "v_proj" => (cfg.hidden, kvh * hd),
-                "o_proj" => (h * hd, cfg.hidden),
-                "gate_proj" | "up_proj" => (cfg.hidden, cfg.ffn),
-                _ => (cfg.ffn, cfg.hidden),
-            }
-        };
-        let mut layers: Vec<LayerLora> = (0..cfg.n_layers).map(|_| LayerLora::default()).collect();
-        let mut jobs = Vec::new();
-        for (key, t) in &tensors {
-            let Some((layer, module, which)) = parse_key(key) else {
-                continue;
-            };
-            if which != 'A' {
-                continue;
-            }
-            if layer >= cfg.n_layers {
-                return Err(invalid(format!(
-                    "has weights for layer {layer} but base '{base}' has {} layers",
-                    cfg.n_layers
-                )));
-            }
-            let b_key = key.replacen("lora_A", "lora_B", 1);
-            let b = tensors
-                .get(&b_key)
-                .ok_or_else(|| invalid(format!("'{key}' has no matching '{b_key}'")))?;
-            let a = t.to_dtype(DType::F32).map_err(|e| invalid(e.to_string()))?;
-            let mut b = b.to_dtype(DType::F32).map_err(|e| invalid(e.to_string()))?;
-            let (in_dim, out_dim) = dims(module);
-            let (ar, ain) = a.dims2().map_err(|e| invalid(format!("{key}: {e}")))?;
-            let (bout, br) = b.dims2().map_err(|e| invalid(format!("{b_key}: {e}")))?;
-            if ar != rank || br != rank {
-                return Err(invalid(format!("{module} in layer {layer} has rank {ar}/{br}, but adapter_config.json says r = {rank}")));
-            }
-            if ain != in_dim || bout != out_dim {
-                return Err(invalid(format!(
-                    "{module} in layer {layer} maps {ain} -> {bout}, but base '{base}' has {in_dim} -> {out_dim} (hidden size {}); this adapter was trained for another base",
-                    cfg.hidden
-                )));
-            }
-            if gguf_layout && module == "q_proj" {
-                b = permute_rows_for_gguf(&b, h).map_err(|e| invalid(e.to_string()))?;
-            }
-            if gguf_layout && module == "k_proj" {
-                b = permute_rows_for_gguf(&b, kvh).map_err(|e| invalid(e.to_string()))?;
-            }
-            let flat = |t: &Tensor| {
-                t.flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| invalid(e.to_string()))
-            };
-            jobs.push(Job {
-                layer,
-                module,
-                a: flat(&a)?,
-                b: flat(&b)?,
-                input: in_dim,
-                output: out_dim,
-            });
-        }
-        // The factors are copied out; the file's tensors need not wait for the conversion.
-        drop(tensors);
-        let found = jobs.len();
-        // Quantizing is the largest part of a load (at 4 bits, a search over steps for every
-        // block), and each module's is its own: spread it over the cores.
-        let convert = |j: &Job| -> ModuleLora {
-            let (a, b, r, i, o) = (&j.a, &j.b, rank, j.input, j.output);
-            let q4 = (quantize == Some(AdapterBits::Four))
-                .then(|| Q4LowRank::from_factors(a, b, r, i, o))
-                .flatten()
-                .map(ModuleLora::Q4);
-            let quantized = q4.or_else(|| {
-                quantize
-                    .and_then(|_| Q8LowRank::from_factors(a, b, r, i, o))
-                    .map(ModuleLora::Q8)
-            });
-            quantized.unwrap_or_else(|| ModuleLora::F32(LowRank::from_kernel_layout(a, b, r, i, o)))
-        };
-        for (j, m) in jobs.iter().zip(par_map(&jobs, convert)) {
-            let l = &mut layers[j.layer];
-            let slot = match j.module {
-                "q_proj" => &mut l.qkv[0],
-                "k_proj" => &mut l.qkv[1],
-                "v_proj" => &mut l.qkv[2],
-                "o_proj" => &mut l.o,
-                "gate_proj" => &mut l.gate_up[0],
-                "up_proj" => &mut l.gate_up[1],
-                _ => &mut l.down,
-            };
-            *slot = Some(m);
-        }
-        if found == 0 {
-            return Err(invalid(
-                "adapter_model.safetensors holds no lora_A/lora_B weights for a supported module"
-                    .into(),
+                ),
             ));
         }
         Ok(Self {
-            id: id.to_string(),
-            base: base.to_string(),
             rank,
             alpha,
             scale,
-            target_modules: targets,
-            path: dir.to_path_buf(),
-            layers,
-            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+            targets,
         })
     }
+}
+
+/// Every module's factors in `adapter_model.safetensors`, in f32 and the kernels' layout, each
+/// checked against the base's shape and `rank` (and permuted for a GGUF base's q/k rows).
+fn read_factors(
+    id: &str,
+    base: &str,
+    dir: &Path,
+    cfg: &LlamaConfig,
+    rank: usize,
+    gguf_layout: bool,
+) -> Result<Vec<ModuleFactors>, LoraError> {
+    let invalid = |message: String| invalid(id, message);
+    let weights_path = dir.join("adapter_model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
+        .map_err(|e| unreadable(id, &weights_path, e.to_string()))?;
+    let (h, kvh, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+    let dims = |m: &str| -> (usize, usize) {
+        match m {
+            "q_proj" => (cfg.hidden, h * hd),
+            "k_proj" | "v_proj" => (cfg.hidden, kvh * hd),
+            "o_proj" => (h * hd, cfg.hidden),
+            "gate_proj" | "up_proj" => (cfg.hidden, cfg.ffn),
+            _ => (cfg.ffn, cfg.hidden),
+        }
+    };
+    let mut jobs = Vec::new();
+    for (key, t) in &tensors {
+        let Some((layer, module, which)) = parse_key(key) else {
+            continue;
+        };
+        if which != 'A' {
+            continue;
+        }
+        if layer >= cfg.n_layers {
+            return Err(invalid(format!(
+                "has weights for layer {layer} but base '{base}' has {} layers",
+                cfg.n_layers
+            )));
+        }
+        let b_key = key.replacen("lora_A", "lora_B", 1);
+        let b = tensors
+            .get(&b_key)
+            .ok_or_else(|| invalid(format!("'{key}' has no matching '{b_key}'")))?;
+        let a = t.to_dtype(DType::F32).map_err(|e| invalid(e.to_string()))?;
+        let mut b = b.to_dtype(DType::F32).map_err(|e| invalid(e.to_string()))?;
+        let (in_dim, out_dim) = dims(module);
+        let (ar, ain) = a.dims2().map_err(|e| invalid(format!("{key}: {e}")))?;
+        let (bout, br) = b.dims2().map_err(|e| invalid(format!("{b_key}: {e}")))?;
+        if ar != rank || br != rank {
+            return Err(invalid(format!("{module} in layer {layer} has rank {ar}/{br}, but adapter_config.json says r = {rank}")));
+        }
+        if ain != in_dim || bout != out_dim {
+            return Err(invalid(format!(
+                "{module} in layer {layer} maps {ain} -> {bout}, but base '{base}' has {in_dim} -> {out_dim} (hidden size {}); this adapter was trained for another base",
+                cfg.hidden
+            )));
+        }
+        if gguf_layout && module == "q_proj" {
+            b = permute_rows_for_gguf(&b, h).map_err(|e| invalid(e.to_string()))?;
+        }
+        if gguf_layout && module == "k_proj" {
+            b = permute_rows_for_gguf(&b, kvh).map_err(|e| invalid(e.to_string()))?;
+        }
+        let flat = |t: &Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| invalid(e.to_string()))
+        };
+        jobs.push(ModuleFactors {
+            layer,
+            module,
+            a: flat(&a)?,
+            b: flat(&b)?,
+            input: in_dim,
+            output: out_dim,
+        });
+    }
+    Ok(jobs)
+}
+
+/// The factors held as `quantize` asks (per module, as its widths allow), placed in their layers.
+/// Quantizing is the largest part of a load (at 4 bits, a search over steps for every block), and
+/// each module's is its own: it is spread over the cores.
+fn convert(
+    jobs: &[ModuleFactors],
+    n_layers: usize,
+    rank: usize,
+    quantize: Option<AdapterBits>,
+) -> Vec<LayerLora> {
+    let convert = |j: &ModuleFactors| -> ModuleLora {
+        let (a, b, r, i, o) = (&j.a, &j.b, rank, j.input, j.output);
+        let q4 = (quantize == Some(AdapterBits::Four))
+            .then(|| Q4LowRank::from_factors(a, b, r, i, o))
+            .flatten()
+            .map(ModuleLora::Q4);
+        let quantized = q4.or_else(|| {
+            quantize
+                .and_then(|_| Q8LowRank::from_factors(a, b, r, i, o))
+                .map(ModuleLora::Q8)
+        });
+        quantized.unwrap_or_else(|| ModuleLora::F32(LowRank::from_kernel_layout(a, b, r, i, o)))
+    };
+    let mut layers: Vec<LayerLora> = (0..n_layers).map(|_| LayerLora::default()).collect();
+    for (j, m) in jobs.iter().zip(par_map(jobs, convert)) {
+        let l = &mut layers[j.layer];
+        let slot = match j.module {
+            "q_proj" => &mut l.qkv[0],
+            "k_proj" => &mut l.qkv[1],
+            "v_proj" => &mut l.qkv[2],
+            "o_proj" => &mut l.o,
+            "gate_proj" => &mut l.gate_up[0],
+            "up_proj" => &mut l.gate_up[1],
+            _ => &mut l.down,
+        };
+        *slot = Some(m);
+    }
+    layers
 }
 
 impl LoraAdapter {
@@ -398,7 +448,7 @@ impl LoraAdapter {
 }
 
 /// One module's factors, checked against the base, waiting to be converted.
-struct Job {
+struct ModuleFactors {
     layer: usize,
     module: &'static str,
     a: Vec<f32>,

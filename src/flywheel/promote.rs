@@ -66,6 +66,84 @@ fn tool_of(item: &EvalItem) -> String {
 /// Tools with fewer held-out items than this are too noisy for a per-tool regression check.
 const MIN_ITEMS_PER_TOOL: usize = 5;
 
+impl Check {
+    fn new(name: &str, passed: bool, value: f64, limit: f64, detail: String) -> Self {
+        Self {
+            name: name.to_string(),
+            passed,
+            value,
+            limit,
+            detail,
+        }
+    }
+}
+
+/// The check against the incumbent, and its name: the teacher's logged answers must be matched
+/// within the margin; a local champion must be beaten by the minimum gain with the interval's
+/// lower bound above zero.
+fn against_incumbent(
+    policy: &PromotionPolicy,
+    incumbent: &Incumbent<'_>,
+    comparison: &PairedComparison,
+) -> (&'static str, Check) {
+    let metric = policy.metric.as_str();
+    match incumbent {
+        Incumbent::Teacher => {
+            let limit = -policy.teacher_margin;
+            let check = Check::new(
+                "matches_teacher",
+                comparison.ci_low >= limit,
+                comparison.ci_low,
+                limit,
+                format!(
+                    "{metric} {:.3} vs the teacher's logged answers; 95% lower bound of the difference {:+.3} must be at least {limit:+.3}",
+                    comparison.b, comparison.ci_low
+                ),
+            );
+            ("teacher", check)
+        }
+        Incumbent::Local { .. } => {
+            let check = Check::new(
+                "improvement",
+                comparison.difference >= policy.min_improvement && comparison.ci_low > 0.0,
+                comparison.difference,
+                policy.min_improvement,
+                format!(
+                    "{metric} {:.3} → {:.3} ({:+.3}, 95% CI [{:+.3}, {:+.3}], McNemar p = {:.3}); the gain must be at least {:+.3} with its lower bound above zero",
+                    comparison.a,
+                    comparison.b,
+                    comparison.difference,
+                    comparison.ci_low,
+                    comparison.ci_high,
+                    comparison.mcnemar_p,
+                    policy.min_improvement
+                ),
+            );
+            ("champion", check)
+        }
+    }
+}
+
+/// Per expected tool: items, the incumbent's accuracy, the candidate's.
+fn per_tool(
+    items: &[EvalItem],
+    inc: &[bool],
+    cand: &[bool],
+) -> BTreeMap<String, (usize, f64, f64)> {
+    let mut per_tool: BTreeMap<String, (usize, f64, f64)> = BTreeMap::new();
+    for ((item, &i), &c) in items.iter().zip(inc).zip(cand) {
+        let e = per_tool.entry(tool_of(item)).or_default();
+        e.0 += 1;
+        e.1 += f64::from(u8::from(i));
+        e.2 += f64::from(u8::from(c));
+    }
+    for v in per_tool.values_mut() {
+        v.1 /= v.0 as f64;
+        v.2 /= v.0 as f64;
+    }
+    per_tool
+}
+
 /// Applies `policy` to a candidate's results on `items` against the incumbent's.
 pub fn judge(
     policy: &PromotionPolicy,
@@ -83,17 +161,8 @@ pub fn judge(
     };
     let comparison = eval::compare_paired(&inc, &cand, seed);
     let mut checks = Vec::new();
-    let mut check = |name: &str, passed: bool, value: f64, limit: f64, detail: String| {
-        checks.push(Check {
-            name: name.to_string(),
-            passed,
-            value,
-            limit,
-            detail,
-        })
-    };
     let n = items.len().min(cand.len()).min(inc.len());
-    check(
+    checks.push(Check::new(
         "held_out_items",
         n >= policy.min_test_items,
         n as f64,
@@ -102,60 +171,17 @@ pub fn judge(
             "{n} held-out items (at least {} needed)",
             policy.min_test_items
         ),
-    );
-    let against = match incumbent {
-        Incumbent::Teacher => {
-            let limit = -policy.teacher_margin;
-            check(
-                "matches_teacher",
-                comparison.ci_low >= limit,
-                comparison.ci_low,
-                limit,
-                format!(
-                    "{metric} {:.3} vs the teacher's logged answers; 95% lower bound of the difference {:+.3} must be at least {limit:+.3}",
-                    comparison.b, comparison.ci_low
-                ),
-            );
-            "teacher"
-        }
-        Incumbent::Local { .. } => {
-            check(
-                "improvement",
-                comparison.difference >= policy.min_improvement && comparison.ci_low > 0.0,
-                comparison.difference,
-                policy.min_improvement,
-                format!(
-                    "{metric} {:.3} → {:.3} ({:+.3}, 95% CI [{:+.3}, {:+.3}], McNemar p = {:.3}); the gain must be at least {:+.3} with its lower bound above zero",
-                    comparison.a,
-                    comparison.b,
-                    comparison.difference,
-                    comparison.ci_low,
-                    comparison.ci_high,
-                    comparison.mcnemar_p,
-                    policy.min_improvement
-                ),
-            );
-            "champion"
-        }
-    };
-    let mut per_tool: BTreeMap<String, (usize, f64, f64)> = BTreeMap::new();
-    for (i, item) in items.iter().enumerate().take(n) {
-        let e = per_tool.entry(tool_of(item)).or_default();
-        e.0 += 1;
-        e.1 += f64::from(u8::from(inc[i]));
-        e.2 += f64::from(u8::from(cand[i]));
-    }
-    for v in per_tool.values_mut() {
-        v.1 /= v.0 as f64;
-        v.2 /= v.0 as f64;
-    }
+    ));
+    let (against, versus) = against_incumbent(policy, incumbent, &comparison);
+    checks.push(versus);
+    let per_tool = per_tool(&items[..n.min(items.len())], &inc, &cand);
     let worst = per_tool
         .iter()
         .filter(|(_, v)| v.0 >= MIN_ITEMS_PER_TOOL)
         .map(|(t, v)| (t.clone(), v.1 - v.2))
         .max_by(|a, b| a.1.total_cmp(&b.1));
     if let Some((tool, drop)) = worst {
-        check(
+        checks.push(Check::new(
             "per_tool_regression",
             drop <= policy.max_tool_regression,
             drop,
@@ -163,14 +189,14 @@ pub fn judge(
             format!(
                 "largest per-tool drop: {tool} {drop:+.3} (tools with at least {MIN_ITEMS_PER_TOOL} items)"
             ),
-        );
+        ));
     }
     let inc_parse = match incumbent {
         Incumbent::Teacher => 0.0,
         Incumbent::Local { scores, .. } => scores.json_parse_failure_rate,
     };
     let limit = inc_parse + policy.max_parse_failure_increase;
-    check(
+    checks.push(Check::new(
         "json_parse_failures",
         candidate_scores.json_parse_failure_rate <= limit + 1e-12,
         candidate_scores.json_parse_failure_rate,
@@ -179,9 +205,9 @@ pub fn judge(
             "candidate parse-failure rate {:.3}, incumbent {inc_parse:.3}",
             candidate_scores.json_parse_failure_rate
         ),
-    );
+    ));
     if let Some(budget) = policy.max_latency_p95_ms {
-        check(
+        checks.push(Check::new(
             "latency_p95",
             candidate_scores.latency_p95_ms <= budget,
             candidate_scores.latency_p95_ms,
@@ -190,7 +216,7 @@ pub fn judge(
                 "candidate p95 latency {:.0} ms (budget {budget:.0} ms)",
                 candidate_scores.latency_p95_ms
             ),
-        );
+        ));
     }
     let failed: Vec<&str> = checks
         .iter()

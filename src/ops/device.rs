@@ -382,6 +382,14 @@ pub struct Indices<'a, D: Device> {
     pub host: &'a [i32],
 }
 
+impl<D: Device> Clone for Indices<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<D: Device> Copy for Indices<'_, D> {}
+
 impl<D: Device> Indices<'_, D> {
     fn check(&self, what: &str, n: usize) -> Result<()> {
         if self.host.len() < n {

@@ -95,10 +95,40 @@ pub fn parse_request(body: &Map<String, Value>) -> Result<MessagesRequest, ApiEr
     }
     let (tools, names) = parse_tools(body.get("tools"))?;
     let choice = parse_tool_choice(body.get("tool_choice"), &names)?;
-    let mut messages = Vec::new();
-    match body.get("system") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) => messages.push(json!({"role": "system", "content": s})),
+    let mut messages: Vec<Value> = parse_system(body.get("system"))?.into_iter().collect();
+    messages.extend(parse_messages(body.get("messages"))?);
+    let mut chat = Map::new();
+    chat.insert("model".into(), json!(model));
+    chat.insert("messages".into(), Value::Array(messages));
+    chat.insert("max_tokens".into(), json!(max_tokens));
+    if !tools.is_empty() {
+        chat.insert("tools".into(), Value::Array(tools));
+    }
+    if let Some((choice, parallel)) = choice {
+        chat.insert("tool_choice".into(), choice);
+        if !parallel {
+            chat.insert("parallel_tool_calls".into(), json!(false));
+        }
+    }
+    sampling(body, &mut chat)?;
+    output_format(body, &mut chat)?;
+    user(body, &mut chat)?;
+    if stream {
+        chat.insert("stream".into(), json!(true));
+        chat.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    Ok(MessagesRequest {
+        model,
+        stream,
+        chat,
+    })
+}
+
+/// The system prompt, a string or text blocks (joined by newlines), as a chat system message.
+fn parse_system(system: Option<&Value>) -> Result<Option<Value>, ApiError> {
+    match system {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(json!({"role": "system", "content": s}))),
         Some(Value::Array(blocks)) => {
             let mut text = String::new();
             for (i, b) in blocks.iter().enumerate() {
@@ -120,29 +150,17 @@ pub fn parse_request(body: &Map<String, Value>) -> Result<MessagesRequest, ApiEr
                     }
                 }
             }
-            messages.push(json!({"role": "system", "content": text}));
+            Ok(Some(json!({"role": "system", "content": text})))
         }
-        Some(v) => {
-            return Err(invalid(
-                "system",
-                format!("expected a string or text blocks, got {v}"),
-            ))
-        }
+        Some(v) => Err(invalid(
+            "system",
+            format!("expected a string or text blocks, got {v}"),
+        )),
     }
-    messages.extend(parse_messages(body.get("messages"))?);
-    let mut chat = Map::new();
-    chat.insert("model".into(), json!(model));
-    chat.insert("messages".into(), Value::Array(messages));
-    chat.insert("max_tokens".into(), json!(max_tokens));
-    if !tools.is_empty() {
-        chat.insert("tools".into(), Value::Array(tools));
-    }
-    if let Some((choice, parallel)) = choice {
-        chat.insert("tool_choice".into(), choice);
-        if !parallel {
-            chat.insert("parallel_tool_calls".into(), json!(false));
-        }
-    }
+}
+
+/// `stop_sequences`, `temperature`, `top_p` and `top_k`, checked, in their chat names.
+fn sampling(body: &Map<String, Value>, chat: &mut Map<String, Value>) -> Result<(), ApiError> {
     match body.get("stop_sequences") {
         None | Some(Value::Null) => {}
         Some(Value::Array(a)) if a.iter().all(Value::is_string) && a.len() <= 4 => {
@@ -184,7 +202,11 @@ pub fn parse_request(body: &Map<String, Value>) -> Result<MessagesRequest, ApiEr
             ))
         }
     }
-    // Structured outputs: `output_config.format` is a JSON schema the answer must follow.
+    Ok(())
+}
+
+/// Structured outputs: `output_config.format` is a JSON schema the answer must follow.
+fn output_format(body: &Map<String, Value>, chat: &mut Map<String, Value>) -> Result<(), ApiError> {
     match body.get("output_config").and_then(|o| o.get("format")) {
         None | Some(Value::Null) => {}
         Some(f) if f.get("type").and_then(Value::as_str) == Some("json_schema") => {
@@ -200,6 +222,11 @@ pub fn parse_request(body: &Map<String, Value>) -> Result<MessagesRequest, ApiEr
         }
         Some(_) => return Err(invalid("output_config.format.type", "must be json_schema")),
     }
+    Ok(())
+}
+
+/// `metadata.user_id` as the chat request's `user`.
+fn user(body: &Map<String, Value>, chat: &mut Map<String, Value>) -> Result<(), ApiError> {
     match body.get("metadata") {
         None | Some(Value::Null) => {}
         Some(Value::Object(m)) => match m.get("user_id") {
@@ -216,15 +243,7 @@ pub fn parse_request(body: &Map<String, Value>) -> Result<MessagesRequest, ApiEr
         },
         Some(v) => return Err(invalid("metadata", format!("expected an object, got {v}"))),
     }
-    if stream {
-        chat.insert("stream".into(), json!(true));
-        chat.insert("stream_options".into(), json!({"include_usage": true}));
-    }
-    Ok(MessagesRequest {
-        model,
-        stream,
-        chat,
-    })
+    Ok(())
 }
 
 fn parse_tools(tools: Option<&Value>) -> Result<(Vec<Value>, Vec<String>), ApiError> {
