@@ -585,7 +585,7 @@ impl Config {
                     "guardrail config '{id}' is declared twice"
                 )));
             }
-            crate::rails::config::compile(&id, &declared.load_data()?)
+            crate::rails::guardrails::compile(&id, &declared.load_data()?)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         Ok(())

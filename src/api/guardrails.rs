@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::extract::{Admin, Inference, JsonObject, Query};
 use super::{with_db, AppState};
-use crate::rails::config::{compile, identity};
+use crate::rails::guardrails::{compile, identity};
 use crate::rails::CheckStatus;
 use crate::store::entities::{self, check_name};
 use crate::store::guardrails::{self, StoredGuardrailConfig};

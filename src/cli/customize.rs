@@ -46,15 +46,8 @@ pub enum DataCommand {
     Curate {
         #[arg(long, default_value = "config/flywheel.toml")]
         config: PathBuf,
-        #[arg(long)]
-        workload_id: Option<String>,
-        #[arg(long)]
-        route: Option<String>,
-        /// Only records at or after this time (Unix milliseconds).
-        #[arg(long)]
-        since_ms: Option<i64>,
-        #[arg(long)]
-        until_ms: Option<i64>,
+        #[command(flatten)]
+        window: super::TrafficWindow,
         /// Keep plain (no tool call) answers too, for generic workloads.
         #[arg(long)]
         include_plain: bool,
@@ -208,10 +201,7 @@ pub fn data(command: DataCommand) -> anyhow::Result<()> {
         }
         DataCommand::Curate {
             config,
-            workload_id,
-            route,
-            since_ms,
-            until_ms,
+            window,
             include_plain,
             out_dir,
             validation,
@@ -221,13 +211,7 @@ pub fn data(command: DataCommand) -> anyhow::Result<()> {
         } => {
             let config = crate::config::Config::load(&config)?;
             let conn = crate::store::open(&config.db_path())?;
-            let filter = crate::store::traffic::ExportFilter {
-                workload_id,
-                route,
-                since_ms,
-                until_ms,
-                include_shadow: false,
-            };
+            let filter = window.filter(false);
             let exchanges = crate::store::traffic::served_exchanges(&conn, &filter, None)?;
             let (s, report) = crate::flywheel::curate::curate(
                 &exchanges,

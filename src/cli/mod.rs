@@ -82,20 +82,39 @@ pub enum LogsCommand {
         /// Output file; standard output if absent.
         #[arg(long)]
         out: Option<PathBuf>,
-        #[arg(long)]
-        workload_id: Option<String>,
-        #[arg(long)]
-        route: Option<String>,
-        /// Only records at or after this time (Unix milliseconds).
-        #[arg(long)]
-        since_ms: Option<i64>,
-        /// Only records before this time (Unix milliseconds).
-        #[arg(long)]
-        until_ms: Option<i64>,
+        #[command(flatten)]
+        window: TrafficWindow,
         /// Include shadow requests.
         #[arg(long)]
         include_shadow: bool,
     },
+}
+
+/// Which logged requests a command reads.
+#[derive(clap::Args, Debug)]
+pub struct TrafficWindow {
+    #[arg(long)]
+    pub workload_id: Option<String>,
+    #[arg(long)]
+    pub route: Option<String>,
+    /// Only records at or after this time (Unix milliseconds).
+    #[arg(long)]
+    pub since_ms: Option<i64>,
+    /// Only records before this time (Unix milliseconds).
+    #[arg(long)]
+    pub until_ms: Option<i64>,
+}
+
+impl TrafficWindow {
+    pub fn filter(self, include_shadow: bool) -> ExportFilter {
+        ExportFilter {
+            workload_id: self.workload_id,
+            route: self.route,
+            since_ms: self.since_ms,
+            until_ms: self.until_ms,
+            include_shadow,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -128,23 +147,10 @@ pub fn run(cli: Cli) -> ExitCode {
                 LogsCommand::Export {
                     config,
                     out,
-                    workload_id,
-                    route,
-                    since_ms,
-                    until_ms,
+                    window,
                     include_shadow,
                 },
-        } => export(
-            &config,
-            out,
-            ExportFilter {
-                workload_id,
-                route,
-                since_ms,
-                until_ms,
-                include_shadow,
-            },
-        ),
+        } => export(&config, out, window.filter(include_shadow)),
         Command::Keys { command } => keys(command),
         Command::Check { config } => check(&config),
         Command::Data { command } => customize::data(command),
@@ -234,13 +240,13 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         if let Some(g) = &r.guardrails {
             println!(
                 "         guardrails: {}",
-                crate::rails::config::canonical_id(g)
+                crate::rails::guardrails::canonical_id(g)
             );
         }
     }
     for c in &config.rails.configs {
         let data = c.load_data()?;
-        let compiled = crate::rails::config::compile(&c.id(), &data)?;
+        let compiled = crate::rails::guardrails::compile(&c.id(), &data)?;
         let flows: Vec<&str> = compiled.rails.iter().map(|r| r.flow.as_str()).collect();
         println!("rails    {} -> {}", c.id(), flows.join("; "));
     }

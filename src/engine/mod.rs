@@ -14,7 +14,7 @@ pub mod model;
 mod prefix;
 pub mod sampling;
 pub mod template;
-#[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tokenizer;
 pub mod tools;

@@ -1,5 +1,6 @@
 //! Tiny random Llama models written as real GGUF files, for tests: the same loading path as a real
-//! model, at a size where a test runs in milliseconds.
+//! model, at a size where a test runs in milliseconds. Compiled for unit tests and, through the
+//! `testing` feature, for the integration tests and benches; never into the shipped binary.
 
 use std::path::Path;
 

@@ -160,7 +160,7 @@ impl Gateway {
         &self,
         stored: &[crate::store::guardrails::StoredGuardrailConfig],
     ) -> Result<(), String> {
-        use crate::rails::config::compile;
+        use crate::rails::guardrails::compile;
         for declared in &self.config.rails.configs {
             let data = declared.load_data().map_err(|e| e.to_string())?;
             let compiled = compile(&declared.id(), &data).map_err(|e| e.to_string())?;
@@ -182,7 +182,7 @@ impl Gateway {
         }
         for route in &self.config.routes {
             if let Some(id) = &route.guardrails {
-                let id = crate::rails::config::canonical_id(id);
+                let id = crate::rails::guardrails::canonical_id(id);
                 if self.rails.get(&id).is_none() {
                     return Err(format!(
                         "route '{}': guardrails '{id}' is neither declared under [[rails.configs]] nor stored through the API",
@@ -202,7 +202,7 @@ impl Gateway {
             .find(|r| {
                 r.guardrails
                     .as_deref()
-                    .is_some_and(|g| crate::rails::config::canonical_id(g) == id)
+                    .is_some_and(|g| crate::rails::guardrails::canonical_id(g) == id)
             })
             .map(|r| r.name.as_str())
     }
@@ -229,13 +229,13 @@ impl Gateway {
             .and_then(|r| self.config.routes.iter().find(|c| c.name == r))
             .and_then(|c| c.guardrails.as_deref())
         {
-            ids.push(crate::rails::config::canonical_id(id));
+            ids.push(crate::rails::guardrails::canonical_id(id));
         }
         match requested {
             None | Some(Value::Null) => {}
             Some(Value::Object(g)) => match g.get("config_id") {
                 Some(Value::String(id)) if !id.trim().is_empty() => {
-                    let id = crate::rails::config::canonical_id(id);
+                    let id = crate::rails::guardrails::canonical_id(id);
                     if !ids.contains(&id) {
                         ids.push(id);
                     }

@@ -8,7 +8,7 @@
 //! errors or times out fails the check closed, unless its config opts in to failing open (logged at
 //! warn and counted). This module decides; the gateway answers, logs and refuses.
 
-pub mod config;
+pub mod guardrails;
 pub mod parse;
 pub mod rules;
 
@@ -21,8 +21,8 @@ use sha2::{Digest, Sha256};
 
 use crate::backend::{Backend, BackendReply, BackendRequest};
 use crate::config::RailsConfig;
-pub use config::GuardrailConfig;
-use config::{ModelRail, RailKind, RuleAction};
+pub use guardrails::GuardrailConfig;
+use guardrails::{ModelRail, RailKind, RuleAction};
 use parse::SafetyVerdict;
 
 /// Finds the backend that serves a safety model's name (the gateway does, with its routing).
@@ -654,7 +654,7 @@ fn history_lines(conversation: &[Value]) -> String {
 /// user message), `user_query` (the same), `history` (the conversation as `role: text` lines) and
 /// `bot_response` (empty: input rails run before any answer).
 fn render_prompt(
-    prompt: &config::Prompt,
+    prompt: &guardrails::Prompt,
     user_input: &str,
     history: &str,
 ) -> Result<Vec<Value>, String> {

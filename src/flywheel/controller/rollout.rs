@@ -2,6 +2,7 @@
 //! to canary to champion, manual actions, and rollback.
 
 use super::*;
+use crate::config::RolloutPlan;
 
 impl FlywheelController {
     /// The route's state, created from the config the first time.
@@ -163,12 +164,7 @@ impl FlywheelController {
         if state.stage == Stage::Canary {
             return self.to_champion(conn, route, state, candidate, why, numbers);
         }
-        let plan = route
-            .flywheel
-            .as_ref()
-            .map(|f| f.rollout.clone())
-            .unwrap_or_default();
-        let before = state.before.clone().unwrap_or(state.installed.clone());
+        let (plan, before) = next_stage(route, state);
         let rollout = promote::canary_rollout(&before, candidate, &plan);
         self.apply(conn, state, Stage::Canary, rollout, "canary", why, numbers)
     }
@@ -182,12 +178,7 @@ impl FlywheelController {
         why: &str,
         numbers: Value,
     ) -> Result<(), FlywheelError> {
-        let plan = route
-            .flywheel
-            .as_ref()
-            .map(|f| f.rollout.clone())
-            .unwrap_or_default();
-        let before = state.before.clone().unwrap_or(state.installed.clone());
+        let (plan, before) = next_stage(route, state);
         let teacher = route.teacher();
         let rollout = promote::champion_rollout(&before, candidate, teacher.as_ref(), &plan);
         state.known_tools = std::mem::take(&mut state.candidate_tools);
@@ -305,4 +296,16 @@ pub(super) fn targets(r: &RolloutConfig) -> Vec<&TargetConfig> {
         v.push(&s.target);
     }
     v
+}
+
+/// The route's rollout plan and the rollout a candidate's next stage is built over (the one
+/// installed before the candidate arrived).
+fn next_stage(route: &RouteConfig, state: &RouteState) -> (RolloutPlan, RolloutConfig) {
+    let plan = route
+        .flywheel
+        .as_ref()
+        .map(|f| f.rollout.clone())
+        .unwrap_or_default();
+    let before = state.before.clone().unwrap_or(state.installed.clone());
+    (plan, before)
 }
