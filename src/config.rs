@@ -12,8 +12,11 @@ use serde::{Deserialize, Serialize};
 
 mod flywheel;
 pub use flywheel::{
-    DriftConfig, FlywheelConfig, PromotionPolicy, RolloutPlan, RouteFlywheelConfig, METRICS,
+    DriftConfig, FeedbackFloor, FeedbackGuard, FlywheelConfig, PromotionPolicy, RolloutPlan,
+    RouteFlywheelConfig, Sources, METRICS,
 };
+mod metrics;
+pub use metrics::{is_negative, FeedbackRule, MetricConfig, MetricKind, MetricLevel, Optimize};
 mod rails;
 pub use rails::{BlockResponse, DeclaredGuardrailConfig, RailsConfig};
 
@@ -62,6 +65,9 @@ pub struct Config {
     /// Content-safety input rails: refusals, safety-model limits, declared guardrail configs.
     #[serde(default)]
     pub rails: RailsConfig,
+    /// Feedback metrics (`POST /v1/feedback`).
+    #[serde(default)]
+    pub metrics: Vec<MetricConfig>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -454,6 +460,11 @@ impl Config {
         Ok(config)
     }
 
+    /// The declared metric `name`.
+    pub fn metric(&self, name: &str) -> Option<&MetricConfig> {
+        self.metrics.iter().find(|m| m.name == name)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.server.body_limit_bytes < 1024 {
@@ -560,6 +571,7 @@ impl Config {
         if self.flywheel.check_interval_secs < 0.05 {
             return invalid("flywheel.check_interval_secs must be at least 0.05".into());
         }
+        metrics::validate(&self.metrics)?;
         self.validate_rails()
     }
 
@@ -598,6 +610,29 @@ impl Config {
     ) -> Result<(), ConfigError> {
         let name = &route.name;
         fw.validate(name)?;
+        let metric_named = |field: &str, m: &str| match self.metric(m) {
+            Some(_) => Ok(()),
+            None => Err(ConfigError::Invalid(format!(
+                "route '{name}': flywheel.{field} names the metric '{m}', which [[metrics]] does not declare"
+            ))),
+        };
+        for g in &fw.rollout.feedback_guards {
+            metric_named("rollout.feedback_guards", &g.metric)?;
+            if g.margin.is_nan() || g.margin < 0.0 || g.min_samples < 2 {
+                return Err(ConfigError::Invalid(format!(
+                    "route '{name}': flywheel.rollout.feedback_guards '{}': margin must be at least 0 and min_samples at least 2",
+                    g.metric
+                )));
+            }
+        }
+        for f in &fw.drift.feedback_floors {
+            metric_named("drift.feedback_floors", &f.metric)?;
+        }
+        for rule in &fw.sources.feedback {
+            FeedbackRule::parse(rule, &self.metrics).map_err(|e| {
+                ConfigError::Invalid(format!("route '{name}': flywheel.sources.feedback {e}"))
+            })?;
+        }
         if !self.models.iter().any(|m| m.name == fw.student) {
             let known: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
             return Err(ConfigError::Invalid(format!(

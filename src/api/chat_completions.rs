@@ -21,8 +21,8 @@ pub async fn create(
             .serve(Exchange::chat(body), caller.ctx)
             .await?
         {
-            Reply::Full { id, arm, body, .. } => tagged(axum::Json(body).into_response(), id, arm),
-            Reply::Stream { id, arm, items, .. } => tagged(data_stream(items), id, arm),
+            Reply::Full { tags, body, .. } => tagged(axum::Json(body).into_response(), &tags),
+            Reply::Stream { tags, items, .. } => tagged(data_stream(items), &tags),
         },
     )
 }

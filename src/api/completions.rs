@@ -41,7 +41,7 @@ async fn serve(
         native: None,
     };
     Ok(match state.gateway.serve(exchange, caller.ctx).await? {
-        Reply::Full { id, arm, body, .. } => tagged(axum::Json(body).into_response(), id, arm),
-        Reply::Stream { id, arm, items, .. } => tagged(data_stream(items), id, arm),
+        Reply::Full { tags, body, .. } => tagged(axum::Json(body).into_response(), &tags),
+        Reply::Stream { tags, items, .. } => tagged(data_stream(items), &tags),
     })
 }

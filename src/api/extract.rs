@@ -69,10 +69,14 @@ pub fn caller(state: &AppState, parts: &Parts) -> Result<Caller, ApiError> {
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::overloaded())?;
+    let episode_id = header(parts, "x-episode-id")
+        .map(|e| crate::wire::chat::episode_id(&e, "x-episode-id"))
+        .transpose()?;
     let ctx = RequestContext {
         workload_id: header(parts, "x-workload-id"),
         client_id: header(parts, "x-client-id"),
         session_id: header(parts, "x-session-id"),
+        episode_id,
         permit: Some(permit),
     };
     Ok(Caller { principal, ctx })

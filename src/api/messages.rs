@@ -48,28 +48,26 @@ async fn serve(state: Arc<AppState>, request: Request) -> Result<Response, ApiEr
     match state.gateway.serve(exchange, ctx).await? {
         // An upstream that speaks Messages answered in Messages already.
         Reply::Full {
-            id,
-            arm,
+            tags,
             body,
             native: true,
-        } => Ok(tagged(Json(body).into_response(), id, arm)),
-        Reply::Full { id, arm, body, .. } => {
-            let mut builder = MessageBuilder::new(message_id(id), req.model);
+        } => Ok(tagged(Json(body).into_response(), &tags)),
+        Reply::Full { tags, body, .. } => {
+            let mut builder = MessageBuilder::new(message_id(tags.id), req.model);
             feed_completion(&body, &mut builder);
-            Ok(tagged(Json(builder.complete()).into_response(), id, arm))
+            Ok(tagged(Json(builder.complete()).into_response(), &tags))
         }
         Reply::Stream {
-            id,
-            arm,
+            tags,
             items,
             native: true,
-        } => Ok(tagged(event_stream(pass_through(items)), id, arm)),
-        Reply::Stream { id, arm, items, .. } => {
-            let builder = MessageBuilder::new(message_id(id), req.model);
+        } => Ok(tagged(event_stream(pass_through(items)), &tags)),
+        Reply::Stream { tags, items, .. } => {
+            let builder = MessageBuilder::new(message_id(tags.id), req.model);
             // `message_start` and `ping`, the content blocks' events, `message_delta` and
             // `message_stop` (or an `error` event if the answer broke off).
             let frames = translated_stream(builder, items, |_| async {});
-            Ok(tagged(event_stream(frames), id, arm))
+            Ok(tagged(event_stream(frames), &tags))
         }
     }
 }

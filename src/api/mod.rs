@@ -10,6 +10,7 @@ pub mod completions;
 pub mod customization;
 pub mod evaluation;
 pub mod extract;
+pub mod feedback;
 pub mod guardrails;
 pub mod health;
 pub mod hf;
@@ -32,8 +33,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 
-use crate::gateway::routing::Arm;
-use crate::gateway::{Gateway, StreamItem};
+use crate::gateway::{Gateway, StreamItem, Tags};
 use crate::store::entities::EntityError;
 use crate::store::{Db, StoreError};
 use crate::wire::error::ApiError;
@@ -91,6 +91,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(guardrails::delete),
         )
         .route("/v1/guardrail/checks", post(guardrails::check))
+        .route("/v1/feedback", get(feedback::list).post(feedback::create))
         .route("/v1/hf/api/repos/create", post(hf::create_repo))
         .route(
             "/v1/hf/api/datasets/{ns}/{name}/preupload/{revision}",
@@ -186,13 +187,17 @@ async fn wrong_method(method: http::Method, uri: http::Uri) -> axum::response::R
     .into_response()
 }
 
-/// Marks a response with its traffic record's id and the rollout arm that served it.
-pub fn tagged(mut response: Response, id: uuid::Uuid, arm: Arm) -> Response {
+/// Marks a response with its traffic record's id (what feedback names), the rollout arm that
+/// served it and its episode.
+pub fn tagged(mut response: Response, tags: &Tags) -> Response {
     let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(&tags.id.to_string()) {
         h.insert("x-request-id", v);
     }
-    h.insert("x-flywheel-arm", HeaderValue::from_static(arm.as_str()));
+    h.insert("x-flywheel-arm", HeaderValue::from_static(tags.arm.as_str()));
+    if let Ok(v) = HeaderValue::from_str(&tags.episode) {
+        h.insert("x-episode-id", v);
+    }
     response
 }
 
@@ -293,13 +298,14 @@ pub fn header(parts: &Parts, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The database, for handlers; absent in gateways built without a data directory store.
+/// The database, for handlers; absent when the gateway could not open its data directory and
+/// logs nothing.
 pub fn db(state: &AppState) -> Result<&Db, ApiError> {
     state.db.as_ref().ok_or_else(|| {
         ApiError::new(
             http::StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
-            "customization is not available: the gateway has no data directory store",
+            "this endpoint is not available: the gateway has no database (see its data directory and [log] settings)",
         )
     })
 }

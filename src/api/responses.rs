@@ -134,29 +134,28 @@ async fn serve(
         // An upstream that speaks Responses answered in Responses already: it gets this
         // gateway's id, and is stored here (the upstream was asked not to store it).
         Reply::Full {
-            id,
-            arm,
+            tags,
             mut body,
             native: true,
         } => {
-            keep.adopt(&mut body, id);
-            keep.keep(&body, id).await;
-            Ok(tagged(Json(body).into_response(), id, arm))
+            keep.adopt(&mut body, tags.id);
+            keep.keep(&body, tags.id).await;
+            Ok(tagged(Json(body).into_response(), &tags))
         }
-        Reply::Full { id, arm, body, .. } => {
-            let mut builder = keep.builder(id);
+        Reply::Full { tags, body, .. } => {
+            let mut builder = keep.builder(tags.id);
             feed_completion(&body, &mut builder);
             let response = builder.complete();
-            keep.keep(&response, id).await;
-            Ok(tagged(Json(response).into_response(), id, arm))
+            keep.keep(&response, tags.id).await;
+            Ok(tagged(Json(response).into_response(), &tags))
         }
         Reply::Stream {
-            id,
-            arm,
+            tags,
             items,
             native: true,
-        } => Ok(tagged(event_stream(pass_through(keep, id, items)), id, arm)),
-        Reply::Stream { id, arm, items, .. } => {
+        } => Ok(tagged(event_stream(pass_through(keep, tags.id, items)), &tags)),
+        Reply::Stream { tags, items, .. } => {
+            let id = tags.id;
             // `response.created` first, `response.completed` last, stored before it is sent so
             // a continuation can follow at once.
             let builder = keep.builder(id);
@@ -165,7 +164,7 @@ async fn serve(
                 let keep = keep.clone();
                 async move { keep.keep(&response, id).await }
             });
-            Ok(tagged(event_stream(frames), id, arm))
+            Ok(tagged(event_stream(frames), &tags))
         }
     }
 }

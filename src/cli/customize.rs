@@ -1,6 +1,7 @@
 //! `flywheel data …`, `flywheel train` and `flywheel eval`: the customize and evaluate steps on
 //! local files, without a running gateway.
 
+use crate::flywheel::sources::{Source, Taught};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -212,12 +213,18 @@ pub fn data(command: DataCommand) -> anyhow::Result<()> {
             let config = crate::config::Config::load(&config)?;
             let conn = crate::store::open(&config.db_path())?;
             let filter = window.filter(false);
-            let exchanges = crate::store::traffic::served_exchanges(&conn, &filter, None)?;
+            let taught: Vec<Taught> = crate::store::traffic::served_exchanges(&conn, &filter, None)?
+                .into_iter()
+                .map(|exchange| Taught {
+                    exchange,
+                    source: Source::Logged,
+                })
+                .collect();
             let (s, report) = crate::flywheel::curate::curate(
-                &exchanges,
+                &taught,
+                Default::default(),
                 include_plain,
-                validation,
-                test,
+                (validation, test),
                 seed,
                 min_records,
             )

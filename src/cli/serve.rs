@@ -91,7 +91,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         adapter_dirs: config.adapter_dirs(),
         engines,
-        db: jobs.as_ref().map(|_| Db::new(config.db_path())),
+        db: (jobs.is_some() || config.log.enabled).then(|| Db::new(config.db_path())),
         jobs,
         flywheel: flywheel.clone(),
         responses,

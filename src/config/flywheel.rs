@@ -72,6 +72,37 @@ pub struct RouteFlywheelConfig {
     pub rollout: RolloutPlan,
     #[serde(default)]
     pub drift: DriftConfig,
+    #[serde(default)]
+    pub sources: Sources,
+}
+
+/// `[routes.flywheel.sources]`: which logged answers teach. Whatever the sources, a record whose
+/// request (or episode) drew negative feedback (the worse value of a boolean metric, or a value
+/// failing one of `feedback`'s rules on its metric) is left out.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sources {
+    /// The teacher's answers, served or logged as shadow copies.
+    #[serde(default = "yes")]
+    pub teacher: bool,
+    /// Users' demonstrations: the answer that should have been given replaces the request's
+    /// logged answer.
+    #[serde(default = "yes")]
+    pub demonstrations: bool,
+    /// Rules on feedback (`"task_success = true"`, `"rating >= 4"`): an answer from any arm, the
+    /// local champion's included, whose latest feedback passes one of them teaches.
+    #[serde(default)]
+    pub feedback: Vec<String>,
+}
+
+impl Default for Sources {
+    fn default() -> Self {
+        Self {
+            teacher: true,
+            demonstrations: true,
+            feedback: Vec::new(),
+        }
+    }
 }
 
 /// When a candidate may start its rollout, judged on held-out items both targets answered.
@@ -144,6 +175,48 @@ pub struct RolloutPlan {
     /// keeps ground-truth labels and the live agreement flowing (0 stops both).
     #[serde(default = "default_teacher_rate")]
     pub teacher_sample_rate: f64,
+    /// A shadow or canary stage whose candidate gets no request for this long (while the stage
+    /// has lasted at least as long) is recorded as starved.
+    #[serde(default = "default_starved_after")]
+    pub starved_after_secs: f64,
+    /// Feedback guards: a canary whose metric is worse than the champion's over the same window
+    /// by more than `margin`, at one-sided 95%, is rolled back.
+    #[serde(default)]
+    pub feedback_guards: Vec<FeedbackGuard>,
+}
+
+/// A canary guard on a feedback metric (`[[routes.flywheel.rollout.feedback_guards]]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackGuard {
+    /// A declared metric (`[[metrics]]`).
+    pub metric: String,
+    /// How much worse than the champion (a rate for a boolean metric, the metric's unit for a
+    /// number) the candidate may be before the guard trips.
+    #[serde(default = "default_feedback_margin")]
+    pub margin: f64,
+    /// Values needed on each arm before the guard may trip.
+    #[serde(default = "default_feedback_samples")]
+    pub min_samples: usize,
+}
+
+/// A drift trigger on a feedback metric (`[[routes.flywheel.drift.feedback_floors]]`): the
+/// champion's mean over the drift window on the wrong side of `floor` starts a run.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackFloor {
+    pub metric: String,
+    /// The worst acceptable mean (a minimum for `optimize = "max"`, a maximum for `"min"`).
+    pub floor: f64,
+    #[serde(default = "default_feedback_samples")]
+    pub min_samples: usize,
+}
+
+fn default_feedback_margin() -> f64 {
+    0.05
+}
+fn default_feedback_samples() -> usize {
+    20
 }
 
 /// What starts a run between scheduled ones.
@@ -170,6 +243,9 @@ pub struct DriftConfig {
     /// Seconds after a run ends before drift may start another.
     #[serde(default = "default_cooldown")]
     pub cooldown_secs: u64,
+    /// Feedback on the champion on the wrong side of a floor is drift.
+    #[serde(default)]
+    pub feedback_floors: Vec<FeedbackFloor>,
 }
 
 impl Default for PromotionPolicy {
@@ -202,6 +278,8 @@ impl Default for RolloutPlan {
             canary_max_block_rate: default_max_block_rate(),
             guard_min_requests: default_guard_min(),
             teacher_sample_rate: default_teacher_rate(),
+            starved_after_secs: default_starved_after(),
+            feedback_guards: Vec::new(),
         }
     }
 }
@@ -216,6 +294,7 @@ impl Default for DriftConfig {
             max_parse_failure_rate: default_drift_parse_failures(),
             new_tool_min_records: default_new_tool_records(),
             cooldown_secs: default_cooldown(),
+            feedback_floors: Vec::new(),
         }
     }
 }
@@ -394,6 +473,9 @@ fn default_guard_min() -> usize {
 }
 fn default_teacher_rate() -> f64 {
     0.1
+}
+fn default_starved_after() -> f64 {
+    600.0
 }
 fn default_drift_window() -> u64 {
     3_600

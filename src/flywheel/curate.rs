@@ -1,7 +1,7 @@
-//! Curation: the traffic log of a workload, route and time window turned into a tool-calling
-//! dataset. Only answered, non-shadow, non-blocked requests count; tool-call answers are kept
-//! (plain answers too when asked, for generic workloads); string arguments must parse as JSON;
-//! records are deduplicated on the user query and split with seeded, tool-stratified shares.
+//! Curation: the answers a run's sources give (`flywheel::sources`) turned into a tool-calling
+//! dataset. Blocked requests teach nothing; tool-call answers are kept (plain answers too when
+//! asked, for generic workloads); string arguments must parse as JSON; records are deduplicated on
+//! the user query (the better source wins) and split with seeded, tool-stratified shares.
 
 use std::collections::BTreeMap;
 
@@ -9,12 +9,15 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::dataset::{self, Record, Splits};
+use super::sources::Taught;
 use crate::store::traffic::ServedExchange;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CurationReport {
     pub scanned: usize,
     pub kept: usize,
+    /// The kept records by source (teacher, demonstration, feedback, logged).
+    pub sources: BTreeMap<String, usize>,
     /// Why the others were left out, with counts.
     pub skipped: BTreeMap<String, usize>,
     pub train: usize,
@@ -79,39 +82,40 @@ fn record_of(x: &ServedExchange, include_plain: bool) -> Result<Record, &'static
         .ok_or("not a valid record")
 }
 
-/// Builds the splits from served exchanges. `min_records` is checked after deduplication.
+/// Builds the splits from what the sources give, best source first. `left_out` counts what the
+/// sources already turned away; `min_records` is checked after deduplication.
 pub fn curate(
-    exchanges: &[ServedExchange],
+    taught: &[Taught],
+    left_out: BTreeMap<String, usize>,
     include_plain: bool,
-    validation: f64,
-    test: f64,
+    shares: (f64, f64),
     seed: u64,
     min_records: usize,
 ) -> Result<(Splits, CurationReport), String> {
+    let (validation, test) = shares;
     let mut report = CurationReport {
-        scanned: exchanges.len(),
+        scanned: taught.len() + left_out.values().sum::<usize>(),
+        skipped: left_out,
         ..CurationReport::default()
     };
+    let mut seen = std::collections::HashSet::new();
     let mut records = Vec::new();
-    for x in exchanges {
-        match record_of(x, include_plain) {
-            Ok(r) => records.push(r),
+    for t in taught {
+        match record_of(&t.exchange, include_plain) {
+            Ok(r) if seen.insert(r.user_query()) => {
+                *report.sources.entry(t.source.as_str().into()).or_default() += 1;
+                records.push(r);
+            }
+            Ok(_) => *report.skipped.entry("duplicate user query".into()).or_default() += 1,
             Err(why) => *report.skipped.entry(why.to_string()).or_default() += 1,
         }
-    }
-    let before = records.len();
-    let records = dataset::dedup(records);
-    if before > records.len() {
-        report
-            .skipped
-            .insert("duplicate user query".into(), before - records.len());
     }
     report.kept = records.len();
     if records.len() < min_records {
         return Err(format!(
-            "only {} usable records (need at least {min_records}) among {} answered requests; skipped: {:?}",
+            "only {} usable records (need at least {min_records}) among {} answers; skipped: {:?}",
             records.len(),
-            exchanges.len(),
+            report.scanned,
             report.skipped
         ));
     }
@@ -132,6 +136,7 @@ pub fn curate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flywheel::sources::Source;
 
     fn exchange(i: usize, query: &str, answer: Value, rails: Option<Value>) -> ServedExchange {
         ServedExchange {
@@ -141,6 +146,9 @@ mod tests {
                 "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}),
             response: json!({"choices": [{"index": 0, "message": answer}]}),
             rails,
+            shadow_of: None,
+            episode_id: None,
+            answered_by: "upstream:u:teacher".into(),
         }
     }
 
@@ -175,9 +183,17 @@ mod tests {
             call("{}"),
             Some(json!({"status": "blocked"})),
         ));
-        let (s, report) = curate(&xs, false, 0.1, 0.2, 1, 10).unwrap();
+        let xs: Vec<Taught> = xs
+            .into_iter()
+            .map(|exchange| Taught {
+                exchange,
+                source: Source::Logged,
+            })
+            .collect();
+        let (s, report) = curate(&xs, BTreeMap::new(), false, (0.1, 0.2), 1, 10).unwrap();
         assert_eq!(report.scanned, 24);
         assert_eq!(report.kept, 20);
+        assert_eq!(report.sources["logged"], 20);
         assert_eq!(report.skipped["duplicate user query"], 1);
         assert_eq!(report.skipped["arguments are not JSON"], 1);
         assert_eq!(report.skipped["no tool call"], 1);
@@ -187,9 +203,9 @@ mod tests {
         let args = &s.train[0].messages[1]["tool_calls"][0]["function"]["arguments"];
         assert!(args.as_str().unwrap().starts_with("{\"city\""));
         // Plain answers join for generic workloads; too few records is a clear error.
-        let (_, r2) = curate(&xs, true, 0.1, 0.2, 1, 10).unwrap();
+        let (_, r2) = curate(&xs, BTreeMap::new(), true, (0.1, 0.2), 1, 10).unwrap();
         assert_eq!(r2.kept, 21);
-        let err = curate(&xs[..5], false, 0.1, 0.2, 1, 10).unwrap_err();
+        let err = curate(&xs[..5], BTreeMap::new(), false, (0.1, 0.2), 1, 10).unwrap_err();
         assert!(err.contains("only 5 usable records"), "{err}");
     }
 }

@@ -11,4 +11,5 @@ pub mod eval;
 pub mod evaluation;
 pub mod jobs;
 pub mod promote;
+pub mod sources;
 pub mod train;

@@ -11,6 +11,7 @@ use super::eval::{self, EvalItem, ItemResult, PairedComparison, Scores};
 use crate::config::{
     CanaryConfig, PromotionPolicy, RolloutConfig, RolloutPlan, ShadowTargetConfig, TargetConfig,
 };
+use crate::config::{FeedbackGuard, Optimize};
 use crate::store::runs::LiveStats;
 
 /// Who the candidate is measured against.
@@ -324,6 +325,76 @@ pub enum Verdict {
     RollBack(String),
 }
 
+/// A feedback metric on the candidate's arm against the champion's, over the same window.
+#[derive(Debug, Clone, Serialize)]
+pub struct FeedbackComparison {
+    pub metric: String,
+    pub candidate_mean: f64,
+    pub candidate_n: usize,
+    pub champion_mean: f64,
+    pub champion_n: usize,
+    /// Candidate minus champion, signed so that positive is better (a metric to minimize flips).
+    pub difference: f64,
+    /// The one-sided 95% upper bound of `difference` (normal approximation, unequal variances).
+    pub upper_95: f64,
+}
+
+fn mean_and_variance(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    if xs.is_empty() {
+        return (0.0, 0.0);
+    }
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var)
+}
+
+/// Compares a metric's values on the two arms.
+pub fn compare_feedback(
+    metric: &str,
+    optimize: Optimize,
+    candidate: &[f64],
+    champion: &[f64],
+) -> FeedbackComparison {
+    let (cm, cv) = mean_and_variance(candidate);
+    let (hm, hv) = mean_and_variance(champion);
+    let sign = if optimize == Optimize::Min { -1.0 } else { 1.0 };
+    let difference = sign * (cm - hm);
+    let se = (cv / candidate.len().max(1) as f64 + hv / champion.len().max(1) as f64).sqrt();
+    FeedbackComparison {
+        metric: metric.to_string(),
+        candidate_mean: cm,
+        candidate_n: candidate.len(),
+        champion_mean: hm,
+        champion_n: champion.len(),
+        difference,
+        upper_95: difference + 1.645 * se,
+    }
+}
+
+/// A feedback guard trips when both arms have enough values and even the optimistic (one-sided
+/// 95%) bound of the difference says the candidate is worse by more than the margin.
+pub fn judge_feedback(c: &FeedbackComparison, guard: &FeedbackGuard) -> Option<String> {
+    let enough = c.candidate_n >= guard.min_samples && c.champion_n >= guard.min_samples;
+    (enough && c.upper_95 < -guard.margin).then(|| {
+        format!(
+            "canary {} {:.3} vs the champion's {:.3} over {} and {} values: worse by {:.3} (95% bound {:+.3}, margin {:.3})",
+            c.metric,
+            c.candidate_mean,
+            c.champion_mean,
+            c.candidate_n,
+            c.champion_n,
+            -c.difference,
+            c.upper_95,
+            guard.margin
+        )
+    })
+}
+
 /// The live figures with the limits they were held to, for the transition record.
 pub fn numbers(stats: &LiveStats, plan: &RolloutPlan) -> Value {
     let on_args = plan.agreement_on == "arguments";
@@ -432,6 +503,34 @@ pub fn judge_canary(s: &LiveStats, plan: &RolloutPlan) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_feedback_guard_trips_only_on_a_clearly_worse_candidate() {
+        let guard = FeedbackGuard {
+            metric: "task_success".into(),
+            margin: 0.05,
+            min_samples: 20,
+        };
+        let rate = |ones: usize, n: usize| -> Vec<f64> {
+            (0..n).map(|i| if i < ones { 1.0 } else { 0.0 }).collect()
+        };
+        // 30% against 80% over 40 each: worse beyond any doubt.
+        let bad = compare_feedback("task_success", Optimize::Max, &rate(12, 40), &rate(32, 40));
+        assert!((bad.difference + 0.5).abs() < 1e-9);
+        assert!(bad.upper_95 < -0.3, "{bad:?}");
+        let why = judge_feedback(&bad, &guard).unwrap();
+        assert!(why.contains("0.300") && why.contains("0.800"), "{why}");
+        // 75% against 80%: within noise, no trip.
+        let close = compare_feedback("task_success", Optimize::Max, &rate(30, 40), &rate(32, 40));
+        assert!(judge_feedback(&close, &guard).is_none(), "{close:?}");
+        // Too few values on an arm: no trip, however bad.
+        let few = compare_feedback("task_success", Optimize::Max, &rate(0, 10), &rate(40, 40));
+        assert!(judge_feedback(&few, &guard).is_none());
+        // A metric to minimize: more is worse.
+        let latency = compare_feedback("seconds", Optimize::Min, &[9.0; 30], &[3.0; 30]);
+        assert_eq!(latency.difference, -6.0);
+        assert!(judge_feedback(&latency, &guard).is_some());
+    }
 
     fn item(tool: &str) -> EvalItem {
         EvalItem {

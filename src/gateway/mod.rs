@@ -35,6 +35,8 @@ pub struct RequestContext {
     pub workload_id: Option<String>,
     pub client_id: Option<String>,
     pub session_id: Option<String>,
+    /// The `x-episode-id` header.
+    pub episode_id: Option<String>,
     /// Held until the response is complete (the server's in-flight budget).
     pub permit: Option<OwnedSemaphorePermit>,
 }
@@ -77,18 +79,35 @@ pub enum Reply {
     /// A whole answer: a chat completion (or the door's own completion or embeddings body), or,
     /// when `native`, the upstream's answer in the door's own API.
     Full {
-        id: Uuid,
-        arm: Arm,
+        tags: Tags,
         body: Value,
         native: bool,
     },
     /// Chunks (or, when `native`, the door's own API's events) as they arrive.
     Stream {
-        id: Uuid,
-        arm: Arm,
+        tags: Tags,
         items: mpsc::Receiver<StreamItem>,
         native: bool,
     },
+}
+
+/// What a response tells its client about how it was served: its traffic record, the rollout arm
+/// and the episode it belongs to (the client's, or one minted for it).
+#[derive(Debug, Clone)]
+pub struct Tags {
+    pub id: Uuid,
+    pub arm: Arm,
+    pub episode: String,
+}
+
+impl Tags {
+    fn of(rec: &TrafficRecord, arm: Arm) -> Self {
+        Self {
+            id: rec.id,
+            arm,
+            episode: rec.episode_id.clone().unwrap_or_default(),
+        }
+    }
 }
 
 pub struct Gateway {
@@ -101,6 +120,11 @@ pub struct Gateway {
     tasks: TaskTracker,
     shadow_permits: Arc<Semaphore>,
     rails: Rails,
+}
+
+/// An episode id for a request whose client sent none.
+fn new_episode_id() -> String {
+    Uuid::now_v7().to_string()
 }
 
 fn now_ms() -> i64 {
@@ -143,6 +167,10 @@ impl Gateway {
 
     pub fn routes(&self) -> &RouteTable {
         &self.routes
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     pub fn log(&self) -> &TrafficLog {
@@ -389,18 +417,25 @@ impl Gateway {
         rec.workload_id = ctx.workload_id.clone();
         rec.client_id = ctx.client_id.clone();
         rec.session_id = ctx.session_id.clone();
+        rec.episode_id = Some(ctx.episode_id.clone().unwrap_or_else(new_episode_id));
         let info = match validate(api, &body) {
             Ok(i) => i,
             Err(e) => return Err(self.fail(rec, body, started, e)),
         };
-        rec.workload_id = rec.workload_id.or(info.metadata_workload_id.clone());
-        rec.client_id = rec.client_id.or(info.metadata_client_id.clone());
-        rec.session_id = rec.session_id.or(info.metadata_session_id.clone());
-        let sticky = rec
-            .session_id
-            .clone()
-            .or(info.user.clone())
-            .or(rec.workload_id.clone());
+        let labels = &info.labels;
+        rec.workload_id = rec.workload_id.or(labels.workload.clone());
+        rec.client_id = rec.client_id.or(labels.client.clone());
+        rec.session_id = rec.session_id.or(labels.session.clone());
+        let episode = ctx.episode_id.clone().or(labels.episode.clone());
+        if let Some(e) = &episode {
+            rec.episode_id = Some(e.clone());
+        }
+        // One agent task, one session or one user stays on one arm; a request with none of them
+        // (its episode minted here) is drawn on its own, so a workload label cannot put a whole
+        // workload on one arm.
+        let sticky = episode
+            .or(rec.session_id.clone())
+            .or(info.user.clone());
         let resolved = self
             .routes
             .resolve(&info.model, sticky.as_deref())
@@ -566,11 +601,10 @@ impl Gateway {
                     rec.upstream_ms = Some(ms(upstream_wait));
                     rec.request = Value::Object(body);
                     rec.response = Some(loggable_response(shape, &response));
-                    let (id, arm) = (rec.id, resolution.arm);
+                    let tags = Tags::of(&rec, resolution.arm);
                     self.finish(rec, &resolution);
                     return Ok(Reply::Full {
-                        id,
-                        arm,
+                        tags,
                         body: response,
                         native: is_native,
                     });
@@ -580,7 +614,7 @@ impl Gateway {
                     usage_injected,
                 }) => {
                     let (tx, rx) = mpsc::channel(64);
-                    let (id, arm) = (rec.id, resolution.arm);
+                    let tags = Tags::of(&rec, resolution.arm);
                     rec.request = Value::Object(body);
                     let pump = StreamPump {
                         gateway: self.clone(),
@@ -596,8 +630,7 @@ impl Gateway {
                     };
                     self.tasks.spawn(pump.run());
                     return Ok(Reply::Stream {
-                        id,
-                        arm,
+                        tags,
                         items: rx,
                         native: is_native,
                     });
@@ -683,13 +716,12 @@ impl Gateway {
         rec.ttft_ms = Some(rec.latency_ms);
         rec.request = Value::Object(body);
         rec.response = Some(completion.clone());
-        let rec_id = rec.id;
+        let tags = Tags::of(&rec, arm);
         self.observe(&rec);
         self.log.record(rec);
         if !info.stream {
             return Ok(Reply::Full {
-                id: rec_id,
-                arm,
+                tags,
                 body: completion,
                 native: false,
             });
@@ -701,8 +733,7 @@ impl Gateway {
             let _ = tx.try_send(StreamItem::Chunk(c));
         }
         Ok(Reply::Stream {
-            id: rec_id,
-            arm,
+            tags,
             items: rx,
             native: false,
         })
@@ -722,6 +753,7 @@ impl Gateway {
         rec.workload_id = ctx.workload_id.clone();
         rec.client_id = ctx.client_id.clone();
         rec.session_id = ctx.session_id.clone();
+        rec.episode_id = ctx.episode_id.clone();
         self.fail(rec, wire, Instant::now(), e)
     }
 

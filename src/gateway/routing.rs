@@ -127,7 +127,7 @@ impl RouteTable {
         out
     }
 
-    /// Resolves `model`. `sticky_key` keeps one user/session/workload on one arm; without one the
+    /// Resolves `model`. `sticky_key` keeps one episode, session or user on one arm; without one the
     /// split is random per request.
     pub fn resolve(&self, model: &str, sticky_key: Option<&str>) -> Option<Resolution> {
         self.resolve_with(model, sticky_key, true)

@@ -2,6 +2,7 @@
 //! Responses API's stored responses. Nothing else opens the database.
 
 pub mod entities;
+pub mod feedback;
 pub mod guardrails;
 pub mod responses;
 pub mod runs;
@@ -174,6 +175,24 @@ CREATE TABLE responses (
     conversation TEXT NOT NULL,
     response TEXT NOT NULL
 );
+"#,
+    r#"
+ALTER TABLE traffic ADD COLUMN episode_id TEXT;
+CREATE INDEX traffic_episode ON traffic (episode_id);
+CREATE TABLE feedback (
+    id TEXT PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    key_name TEXT NOT NULL,
+    request_id TEXT,
+    episode_id TEXT,
+    metric TEXT,
+    value REAL,
+    comment TEXT,
+    demonstration TEXT
+);
+CREATE INDEX feedback_request ON feedback (request_id, ts_ms);
+CREATE INDEX feedback_episode ON feedback (episode_id, ts_ms);
+CREATE INDEX feedback_metric ON feedback (metric, ts_ms);
 "#,
 ];
 

@@ -205,6 +205,10 @@ pub struct RouteState {
     /// The same for the candidate rolling out, which become known if it is promoted.
     #[serde(default)]
     pub candidate_tools: BTreeSet<String>,
+    /// Since when the stage in progress has gone without candidate traffic (see
+    /// `starved_after_secs`), while it lasts.
+    #[serde(default)]
+    pub starved_since_ms: Option<i64>,
 }
 
 pub fn get_state(conn: &Connection, route: &str) -> Result<Option<RouteState>> {
@@ -238,7 +242,8 @@ pub struct RolloutEvent {
     pub at_ms: i64,
     pub from: String,
     pub to: String,
-    /// `shadow`, `canary`, `promote`, `rollback`, `pause`, `resume`, `reset` or `reject`.
+    /// `shadow`, `canary`, `promote`, `rollback`, `pause`, `resume`, `reset`, `reject`, or
+    /// `starved` / `fed` (a stage whose candidate gets no traffic, and gets it again).
     pub action: String,
     pub reason: String,
     pub numbers: Value,
@@ -340,6 +345,16 @@ pub enum Slice<'a> {
 }
 
 /// Figures for `slice` on `route` since `since_ms`.
+/// Requests the route's clients sent since `since_ms` (shadows not counted).
+pub fn route_requests_since(conn: &Connection, route: &str, since_ms: i64) -> Result<u64> {
+    let n: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM traffic WHERE route = ?1 AND ts_ms >= ?2 AND arm != 'shadow'",
+        params![route, since_ms],
+        |r| r.get(0),
+    )?;
+    Ok(n.max(0) as u64)
+}
+
 pub fn live_stats(
     conn: &Connection,
     route: &str,

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
+use super::feedback::Feedback;
 use super::StoreError;
 use crate::wire::Api;
 
@@ -24,6 +25,8 @@ pub struct TrafficRecord {
     pub workload_id: Option<String>,
     pub client_id: Option<String>,
     pub session_id: Option<String>,
+    /// The agent task this request belongs to (the client's id, or one minted for the request).
+    pub episode_id: Option<String>,
     pub route: String,
     /// `upstream` (or `local` once the engine lands).
     pub target_kind: Option<String>,
@@ -71,6 +74,7 @@ impl TrafficRecord {
             workload_id: None,
             client_id: None,
             session_id: None,
+            episode_id: None,
             route: body
                 .get("model")
                 .and_then(Value::as_str)
@@ -101,9 +105,32 @@ impl TrafficRecord {
 }
 
 enum Message {
-    Record(Box<TrafficRecord>),
+    Entry(Entry),
+    /// Answered once everything queued before it is committed.
+    Barrier(oneshot::Sender<()>),
     Close,
 }
+
+/// A row the writer commits.
+enum Entry {
+    Traffic(Box<TrafficRecord>),
+    Feedback(Box<Feedback>),
+}
+
+/// Why feedback could not be queued.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the traffic log is disabled, so feedback cannot be recorded")]
+    Disabled,
+    #[error("the traffic log's queue stayed full; try again")]
+    Full,
+    #[error("the traffic log writer has stopped")]
+    Stopped,
+}
+
+/// Longest a piece of feedback waits for room in a full queue before it is refused (never
+/// dropped).
+const FEEDBACK_WAIT: Duration = Duration::from_secs(5);
 
 /// The serving path's handle on the log. Cheap to clone.
 #[derive(Clone)]
@@ -159,7 +186,10 @@ impl TrafficLog {
         let Some(inner) = &self.inner else {
             return true;
         };
-        match inner.tx.try_send(Message::Record(Box::new(record))) {
+        match inner
+            .tx
+            .try_send(Message::Entry(Entry::Traffic(Box::new(record))))
+        {
             Ok(()) => {
                 metrics::gauge!("flywheel_log_queue_depth").set(self.depth() as f64);
                 true
@@ -175,6 +205,33 @@ impl TrafficLog {
                 false
             }
         }
+    }
+
+    /// Queues feedback behind every record queued before it, waiting for room if the queue is
+    /// full: feedback is refused, never dropped.
+    pub async fn feedback(&self, feedback: Feedback) -> Result<(), QueueError> {
+        let inner = self.inner.as_ref().ok_or(QueueError::Disabled)?;
+        let message = Message::Entry(Entry::Feedback(Box::new(feedback)));
+        match tokio::time::timeout(FEEDBACK_WAIT, inner.tx.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(QueueError::Stopped),
+            Err(_) => Err(QueueError::Full),
+        }
+    }
+
+    /// Waits until every record queued before this call is committed (at once for a disabled
+    /// log).
+    pub async fn caught_up(&self) -> Result<(), QueueError> {
+        let Some(inner) = &self.inner else {
+            return Ok(());
+        };
+        let (tx, rx) = oneshot::channel();
+        match tokio::time::timeout(FEEDBACK_WAIT, inner.tx.send(Message::Barrier(tx))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(QueueError::Stopped),
+            Err(_) => return Err(QueueError::Full),
+        }
+        rx.await.map_err(|_| QueueError::Stopped)
     }
 
     /// Records waiting to be written.
@@ -223,61 +280,83 @@ fn write_loop(
 ) {
     // Its batch bursts would otherwise show up in the serving path's tail latency on a small machine.
     crate::background::lower_thread_priority();
-    let mut batch: Vec<Box<TrafficRecord>> = Vec::with_capacity(batch_size);
+    let mut batch: Vec<Entry> = Vec::with_capacity(batch_size);
+    let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
     let mut closing = false;
     while !closing {
         match rx.blocking_recv() {
             None => closing = true,
-            Some(Message::Close) => closing = true,
-            Some(Message::Record(r)) => {
-                batch.push(r);
+            Some(m @ Message::Entry(_)) => {
+                closing |= take(m, &mut batch, &mut barriers);
                 // Let a batch gather: one transaction per interval instead of one per request.
                 if rx.len() + 1 < batch_size && !flush_interval.is_zero() {
                     std::thread::sleep(flush_interval);
                 }
             }
+            Some(m) => closing |= take(m, &mut batch, &mut barriers),
         }
         // Take what else is already waiting, up to a batch, without blocking.
         while batch.len() < batch_size {
             match rx.try_recv() {
-                Ok(Message::Record(r)) => batch.push(r),
-                Ok(Message::Close) => closing = true,
+                Ok(m) => closing |= take(m, &mut batch, &mut barriers),
                 Err(_) => break,
             }
         }
         if closing {
             rx.close();
             while let Ok(m) = rx.try_recv() {
-                if let Message::Record(r) = m {
-                    batch.push(r);
-                }
+                take(m, &mut batch, &mut barriers);
             }
         }
-        if batch.is_empty() {
-            continue;
+        if !batch.is_empty() {
+            commit(&mut conn, &batch);
+            metrics::gauge!("flywheel_log_queue_depth").set(rx.len() as f64);
+            batch.clear();
         }
-        let n = batch.len();
-        if let Err(e) = write_batch(&mut conn, &batch) {
-            tracing::error!(records = n, error = %e, "writing traffic records failed; retrying one by one");
-            // One bad record must not take its batch-mates with it.
-            for r in &batch {
-                if let Err(e) = write_batch(&mut conn, std::slice::from_ref(r)) {
-                    metrics::counter!("flywheel_log_dropped_total").increment(1);
-                    tracing::error!(id = %r.id, error = %e, "traffic record lost");
-                }
-            }
+        for b in barriers.drain(..) {
+            // The caller may have given up waiting.
+            let _ = b.send(());
         }
-        metrics::counter!("flywheel_log_written_total").increment(n as u64);
-        metrics::gauge!("flywheel_log_queue_depth").set(rx.len() as f64);
-        batch.clear();
     }
     tracing::debug!("traffic writer stopped");
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Box<TrafficRecord>]) -> Result<(), StoreError> {
+/// Sorts a message into the batch or the barriers; true for `Close`.
+fn take(m: Message, batch: &mut Vec<Entry>, barriers: &mut Vec<oneshot::Sender<()>>) -> bool {
+    match m {
+        Message::Entry(e) => batch.push(e),
+        Message::Barrier(b) => barriers.push(b),
+        Message::Close => return true,
+    }
+    false
+}
+
+/// Commits a batch in one transaction; if that fails, row by row, so one bad row does not take
+/// its batch-mates with it.
+fn commit(conn: &mut Connection, batch: &[Entry]) {
+    let n = batch.len();
+    if let Err(e) = write_batch(conn, batch) {
+        tracing::error!(rows = n, error = %e, "writing traffic and feedback rows failed; retrying one by one");
+        for entry in batch {
+            if let Err(e) = write_batch(conn, std::slice::from_ref(entry)) {
+                metrics::counter!("flywheel_log_dropped_total").increment(1);
+                match entry {
+                    Entry::Traffic(r) => tracing::error!(id = %r.id, error = %e, "traffic record lost"),
+                    Entry::Feedback(f) => tracing::error!(id = %f.id, error = %e, "feedback lost"),
+                }
+            }
+        }
+    }
+    metrics::counter!("flywheel_log_written_total").increment(n as u64);
+}
+
+fn write_batch(conn: &mut Connection, batch: &[Entry]) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
-    for r in batch {
-        insert(&tx, r)?;
+    for entry in batch {
+        match entry {
+            Entry::Traffic(r) => insert(&tx, r)?,
+            Entry::Feedback(f) => super::feedback::insert(&tx, f)?,
+        }
     }
     tx.commit()?;
     Ok(())
@@ -296,8 +375,8 @@ fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<(), StoreError> {
         "INSERT INTO traffic (id, ts_ms, workload_id, client_id, session_id, route, target_kind, target,
             target_model, adapter, arm, shadow_of, attempts, stream, status, error, latency_ms, ttft_ms,
             upstream_ms, prompt_tokens, completion_tokens, total_tokens, finish_reason, rails,
-            tool_name_agreement, tool_args_agreement, request, response, api, wire_request)
-         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28,?29,?30)",
+            tool_name_agreement, tool_args_agreement, request, response, api, wire_request, episode_id)
+         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28,?29,?30,?31)",
     )?;
     stmt.execute(params![
         r.id.to_string(),
@@ -330,6 +409,7 @@ fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<(), StoreError> {
         r.response.as_ref().map(Value::to_string),
         r.api.as_str(),
         r.wire_request.as_ref().map(Value::to_string),
+        r.episode_id,
     ])?;
     let mut call_stmt = tx.prepare_cached(
         "INSERT INTO tool_calls (traffic_id, choice_index, call_index, call_id, name, arguments, arguments_valid_json)
@@ -371,7 +451,8 @@ pub fn export_jsonl(
         "SELECT id, ts_ms, workload_id, client_id, session_id, route, target_kind, target, target_model,
                 adapter, arm, shadow_of, attempts, stream, status, error, latency_ms, ttft_ms, upstream_ms,
                 prompt_tokens, completion_tokens, total_tokens, finish_reason, rails,
-                tool_name_agreement, tool_args_agreement, request, response, api, wire_request
+                tool_name_agreement, tool_args_agreement, request, response, api, wire_request,
+                episode_id
          FROM traffic
          WHERE (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
            AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
@@ -445,6 +526,7 @@ pub fn export_jsonl(
             "tool_calls": calls,
             "api": row.get::<_, String>(28)?,
             "wire_request": json_col(29)?,
+            "episode_id": row.get::<_, Option<String>>(30)?,
         });
         serde_json::to_writer(&mut *out, &line)?;
         out.write_all(b"\n")?;
@@ -465,6 +547,11 @@ pub fn count(conn: &Connection) -> Result<i64, StoreError> {
 pub struct ServedExchange {
     pub id: String,
     pub ts_ms: i64,
+    /// The request a shadow copy mirrored (feedback and demonstrations name that one).
+    pub shadow_of: Option<String>,
+    pub episode_id: Option<String>,
+    /// Which target answered, as `kind:backend:model`.
+    pub answered_by: String,
     pub request: Value,
     pub response: Value,
     /// The rails verdict as recorded (JSON), if rails ran.
@@ -488,7 +575,9 @@ pub fn served_exchanges(
     by: Option<&AnsweredBy<'_>>,
 ) -> Result<Vec<ServedExchange>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT id, ts_ms, request, response, rails FROM traffic
+        "SELECT id, ts_ms, request, response, rails, shadow_of, episode_id,
+                COALESCE(target_kind, '') || ':' || COALESCE(target, '') || ':' || COALESCE(target_model, '')
+         FROM traffic
          WHERE status = 200 AND response IS NOT NULL AND api IN ('chat', 'responses', 'messages')
            AND (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
            AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
@@ -514,6 +603,9 @@ pub fn served_exchanges(
                 request: parse(r.get(2)?).unwrap_or(Value::Null),
                 response: parse(r.get(3)?).unwrap_or(Value::Null),
                 rails: parse(r.get(4)?),
+                shadow_of: r.get(5)?,
+                episode_id: r.get(6)?,
+                answered_by: r.get(7)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -531,6 +623,7 @@ mod tests {
             workload_id: Some("w".into()),
             client_id: Some("c".into()),
             session_id: None,
+            episode_id: None,
             route: "r".into(),
             target_kind: Some("upstream".into()),
             target: Some("u".into()),

@@ -14,9 +14,8 @@ pub struct ChatRequestInfo {
     pub include_usage: bool,
     pub n: u64,
     pub user: Option<String>,
-    pub metadata_workload_id: Option<String>,
-    pub metadata_client_id: Option<String>,
-    pub metadata_session_id: Option<String>,
+    /// The labels in the body's `metadata` (headers take precedence over them).
+    pub labels: Labels,
 }
 
 const ROLES: &[&str] = &[
@@ -150,16 +149,13 @@ pub(crate) fn request_info(
     n: u64,
 ) -> Result<ChatRequestInfo, ApiError> {
     let user = optional_string(body, "user")?.map(str::to_string);
-    let labels = labels(body)?;
     Ok(ChatRequestInfo {
         model,
         stream,
         include_usage,
         n,
         user,
-        metadata_workload_id: labels.workload,
-        metadata_client_id: labels.client,
-        metadata_session_id: labels.session,
+        labels: labels(body)?,
     })
 }
 
@@ -204,16 +200,33 @@ pub(crate) fn stream_flags(body: &Map<String, Value>) -> Result<(bool, bool), Ap
 }
 
 /// The traffic labels a body's `metadata` may carry.
-#[derive(Debug, Default)]
-pub(crate) struct Labels {
+#[derive(Debug, Clone, Default)]
+pub struct Labels {
     pub workload: Option<String>,
     pub client: Option<String>,
     pub session: Option<String>,
+    /// The agent task (several requests) this request belongs to.
+    pub episode: Option<String>,
 }
 
-/// The workload, client and session ids in a body's `metadata`.
+/// The longest episode id a client may send.
+pub const MAX_EPISODE_ID: usize = 256;
+
+/// A client's episode id (from `param`): 1 to 256 characters, none of them a control character.
+pub fn episode_id(s: &str, param: &str) -> Result<String, ApiError> {
+    let s = s.trim();
+    if s.is_empty() || s.chars().count() > MAX_EPISODE_ID || s.chars().any(char::is_control) {
+        return Err(ApiError::invalid_param(
+            param,
+            format!("'{param}' must be 1 to {MAX_EPISODE_ID} characters, none of them control characters."),
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// The workload, client, session and episode ids in a body's `metadata`.
 pub(crate) fn labels(body: &Map<String, Value>) -> Result<Labels, ApiError> {
-    let (mut workload, mut client, mut session) = (None, None, None);
+    let (mut workload, mut client, mut session, mut episode) = (None, None, None, None);
     match body.get("metadata") {
         None | Some(Value::Null) => {}
         Some(Value::Object(m)) => {
@@ -225,6 +238,7 @@ pub(crate) fn labels(body: &Map<String, Value>) -> Result<Labels, ApiError> {
                     "workload_id" => workload = Some(s.clone()),
                     "client_id" => client = Some(s.clone()),
                     "session_id" => session = Some(s.clone()),
+                    "episode_id" => episode = Some(episode_id(s, "metadata.episode_id")?),
                     _ => {}
                 }
             }
@@ -235,6 +249,7 @@ pub(crate) fn labels(body: &Map<String, Value>) -> Result<Labels, ApiError> {
         workload,
         client,
         session,
+        episode,
     })
 }
 
@@ -634,7 +649,7 @@ mod tests {
         .unwrap();
         assert!(info.stream && info.include_usage);
         assert_eq!(info.n, 2);
-        assert_eq!(info.metadata_workload_id.as_deref(), Some("w1"));
+        assert_eq!(info.labels.workload.as_deref(), Some("w1"));
     }
 
     #[test]

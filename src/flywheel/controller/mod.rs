@@ -18,10 +18,15 @@ use super::dataset::{self, Record};
 use super::eval;
 use super::jobs::{JobRunner, CUSTOMIZATION};
 use super::promote::{self, Incumbent, Verdict};
-use crate::config::{Config, RolloutConfig, RouteConfig, RouteFlywheelConfig, TargetConfig};
+use super::sources;
+use crate::config::{
+    Config, MetricConfig, MetricLevel, Optimize, RolloutConfig, RouteConfig, RouteFlywheelConfig,
+    TargetConfig,
+};
 use crate::engine::Engine;
 use crate::gateway::Gateway;
 use crate::store::entities::{self, EntityError};
+use crate::store::feedback::{self, FeedbackIndex};
 use crate::store::runs::{self as fstore, now_ms, RolloutEvent, RouteState, Slice, Stage};
 use crate::store::traffic::{self, AnsweredBy, ExportFilter};
 use crate::store::StoreError;
@@ -30,8 +35,8 @@ mod rollout;
 mod run;
 mod schedule;
 
-use rollout::{event, initial_state, targets};
-use run::stage_stats;
+use rollout::{event, initial_state, targets, watch_starvation};
+use run::{stage_stats, stage_stats_since};
 use schedule::drift_signal;
 
 /// The namespace flywheel datasets and adapters are stored under.
@@ -306,6 +311,7 @@ mod tests {
             workload_id: None,
             client_id: None,
             session_id: None,
+            episode_id: None,
             route: "agent".into(),
             target_kind: Some(target.kind().into()),
             target: Some(target.backend().into()),
@@ -372,6 +378,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_canary_without_traffic_is_recorded_as_starved_once_and_as_fed_when_it_comes() {
+        let teacher = TargetConfig::upstream("big", "teacher");
+        let candidate = TargetConfig::local_adapter("tiny", "fw/agent-1");
+        let now = now_ms();
+        let window = 60_000;
+        // The route is busy, but every request went to the champion.
+        let busy = (0..20)
+            .map(|i| rec(now - 30_000 + i, "champion", &teacher, answer("get_weather", "{}")))
+            .collect();
+        let (_d, conn) = db(busy).await;
+        let r = route(&teacher, &teacher);
+        let mut plan = r.flywheel.clone().unwrap().rollout;
+        plan.starved_after_secs = (window / 1000) as f64;
+        let mut s = state(&r, &[]);
+        s.stage = Stage::Canary;
+        s.candidate = Some(candidate.clone());
+        s.stage_started_ms = now - 2 * window;
+        // Not starved while the stage is younger than the window.
+        let mut young = s.clone();
+        young.stage_started_ms = now - window / 2;
+        assert_eq!(watch_starvation(&conn, &mut young, &plan, now).unwrap(), None);
+        assert_eq!(
+            watch_starvation(&conn, &mut s, &plan, now).unwrap(),
+            Some("starved")
+        );
+        assert_eq!(s.starved_since_ms, Some(now));
+        // Said once, not at every check.
+        assert_eq!(watch_starvation(&conn, &mut s, &plan, now + 1_000).unwrap(), None);
+        let events = fstore::list_events(&conn, Some("agent"), None).unwrap();
+        let starved: Vec<_> = events.iter().filter(|e| e.action == "starved").collect();
+        assert_eq!(starved.len(), 1);
+        assert_eq!(starved[0].numbers["candidate_requests"], 0);
+        assert_eq!(starved[0].numbers["route_requests"], 20);
+        // A canary request arrives: fed again.
+        let writer = TrafficLog::start(&_d.path().join("f.db"), 16, 4, Duration::from_millis(1)).unwrap();
+        assert!(writer.log().record(rec(now + 2_000, "canary", &candidate, answer("get_weather", "{}"))));
+        writer.close().await;
+        assert_eq!(
+            watch_starvation(&conn, &mut s, &plan, now + 3_000).unwrap(),
+            Some("fed")
+        );
+        assert_eq!(s.starved_since_ms, None);
+    }
+
+    #[tokio::test]
     async fn new_tools_signal_drift_once_and_not_again_after_a_run() {
         let teacher = TargetConfig::upstream("big", "teacher");
         let now = now_ms();
@@ -388,13 +439,13 @@ mod tests {
         let (_d, conn) = db(rows).await;
         let r = route(&teacher, &teacher);
         let fw = r.flywheel.clone().unwrap();
-        let signal = drift_signal(&conn, &r, &fw, &state(&r, &[]), now)
+        let signal = drift_signal(&conn, &r, &fw, &state(&r, &[]), &[], now)
             .unwrap()
             .unwrap();
         assert_eq!(signal["signal"], "new_tools");
         assert_eq!(signal["requests"], 6);
         let sig = fstore::tool_signature(&tool("get_weather")).unwrap();
-        assert!(drift_signal(&conn, &r, &fw, &state(&r, &[&sig]), now)
+        assert!(drift_signal(&conn, &r, &fw, &state(&r, &[&sig]), &[], now)
             .unwrap()
             .is_none());
         // A run that had this traffic: quiet during its cooldown, and quiet after it too.
@@ -414,10 +465,10 @@ mod tests {
             &json!({"promote": false}),
         )
         .unwrap();
-        assert!(drift_signal(&conn, &r, &fw, &state(&r, &[]), now)
+        assert!(drift_signal(&conn, &r, &fw, &state(&r, &[]), &[], now)
             .unwrap()
             .is_none());
-        assert!(drift_signal(&conn, &r, &fw, &state(&r, &[]), now + 120_000)
+        assert!(drift_signal(&conn, &r, &fw, &state(&r, &[]), &[], now + 120_000)
             .unwrap()
             .is_none());
     }
@@ -445,7 +496,7 @@ mod tests {
             })
             .collect();
         let (_d, conn) = db(disagreeing).await;
-        let signal = drift_signal(&conn, &r, &fw, &state(&r, &[&sig]), now)
+        let signal = drift_signal(&conn, &r, &fw, &state(&r, &[&sig]), &[], now)
             .unwrap()
             .unwrap();
         assert_eq!(signal["signal"], "agreement", "{signal}");
@@ -466,7 +517,7 @@ mod tests {
             })
             .collect();
         let (_d2, conn) = db(broken).await;
-        let signal = drift_signal(&conn, &r, &fw, &state(&r, &[&sig]), now)
+        let signal = drift_signal(&conn, &r, &fw, &state(&r, &[&sig]), &[], now)
             .unwrap()
             .unwrap();
         assert_eq!(signal["signal"], "parse_failures", "{signal}");

@@ -2,7 +2,7 @@
 //! to canary to champion, manual actions, and rollback.
 
 use super::*;
-use crate::config::RolloutPlan;
+use crate::config::{FeedbackGuard, RolloutPlan};
 
 impl FlywheelController {
     /// The route's state, created from the config the first time.
@@ -44,6 +44,8 @@ impl FlywheelController {
         state.stage = to;
         state.installed = rollout;
         state.stage_started_ms = event.at_ms;
+        state.starved_since_ms = None;
+        metrics::gauge!("flywheel_rollout_starved", "route" => state.route.clone()).set(0.0);
         fstore::put_state(conn, state)?;
         Ok(())
     }
@@ -126,11 +128,26 @@ impl FlywheelController {
         let plan = &fw.rollout;
         if let (Some(stats), Some(candidate)) = (stage_stats(conn, state)?, state.candidate.clone())
         {
-            let verdict = match state.stage {
+            watch_starvation(conn, state, plan, now_ms())?;
+            let mut verdict = match state.stage {
                 Stage::Shadow => promote::judge_shadow(&stats, plan),
                 _ => promote::judge_canary(&stats, plan),
             };
-            let numbers = promote::numbers(&stats, plan);
+            let mut numbers = promote::numbers(&stats, plan);
+            if state.stage == Stage::Canary && !plan.feedback_guards.is_empty() {
+                let figures = self.feedback_figures(conn, state, plan)?;
+                if !matches!(verdict, Verdict::RollBack(_)) {
+                    let tripped = figures
+                        .iter()
+                        .find_map(|(c, g)| promote::judge_feedback(c, g));
+                    if let Some(why) = tripped {
+                        verdict = Verdict::RollBack(why);
+                    }
+                }
+                let figures: Vec<&promote::FeedbackComparison> =
+                    figures.iter().map(|(c, _)| c).collect();
+                numbers["feedback"] = json!(figures);
+            }
             match verdict {
                 Verdict::Advance(why) if !state.paused => {
                     self.advance(conn, route, state, &candidate, &why, numbers)?
@@ -145,7 +162,7 @@ impl FlywheelController {
                 if lock(&self.running).contains(&route.name) {
                     return Ok(None);
                 }
-                drift_signal(conn, route, fw, state, now_ms())
+                drift_signal(conn, route, fw, state, &self.config.metrics, now_ms())
             }
             _ => Ok(None),
         }
@@ -250,6 +267,85 @@ impl FlywheelController {
     }
 }
 
+impl FlywheelController {
+    /// Each feedback guard's metric on the canary against the champion since the stage began,
+    /// with its guard.
+    fn feedback_figures<'p>(
+        &self,
+        conn: &rusqlite::Connection,
+        state: &RouteState,
+        plan: &'p RolloutPlan,
+    ) -> Result<Vec<(promote::FeedbackComparison, &'p FeedbackGuard)>, FlywheelError> {
+        let mut out = Vec::new();
+        for guard in &plan.feedback_guards {
+            let Some(m) = self.config.metric(&guard.metric) else {
+                continue;
+            };
+            let episode = m.level == MetricLevel::Episode;
+            let values =
+                feedback::values_by_arm(conn, &state.route, state.stage_started_ms, &m.name, episode)?;
+            let arm = |name: &str| -> Vec<f64> {
+                values
+                    .iter()
+                    .filter(|(a, _)| a == name)
+                    .map(|(_, v)| *v)
+                    .collect()
+            };
+            let c = promote::compare_feedback(&m.name, m.optimize, &arm("canary"), &arm("champion"));
+            out.push((c, guard));
+        }
+        Ok(out)
+    }
+}
+
+/// Records (once) that the stage in progress has gone `starved_after_secs` without a request for
+/// its candidate while it lasted that long, and (once) that traffic came back: a stage that gets
+/// nothing says so instead of waiting silently. Returns the action recorded, if any.
+pub(super) fn watch_starvation(
+    conn: &rusqlite::Connection,
+    state: &mut RouteState,
+    plan: &RolloutPlan,
+    now: i64,
+) -> Result<Option<&'static str>, FlywheelError> {
+    let window_ms = (plan.starved_after_secs * 1000.0) as i64;
+    if now - state.stage_started_ms < window_ms {
+        return Ok(None);
+    }
+    let recent = stage_stats_since(conn, state, now - window_ms)?.map_or(0, |s| s.requests);
+    let gauge = metrics::gauge!("flywheel_rollout_starved", "route" => state.route.clone());
+    let (action, reason) = match (recent, state.starved_since_ms) {
+        (0, None) => {
+            state.starved_since_ms = Some(now);
+            gauge.set(1.0);
+            ("starved", format!(
+                "the {} stage's candidate received no request in the last {:.0} s; the stage waits for traffic (is the route's traffic reaching the candidate's arm?)",
+                state.stage.as_str(), plan.starved_after_secs
+            ))
+        }
+        (n, Some(since)) if n > 0 => {
+            state.starved_since_ms = None;
+            gauge.set(0.0);
+            ("fed", format!(
+                "the candidate receives traffic again after {:.0} s without",
+                (now - since) as f64 / 1000.0
+            ))
+        }
+        _ => return Ok(None),
+    };
+    let route_requests = fstore::route_requests_since(conn, &state.route, now - window_ms)?;
+    let numbers = json!({
+        "window_secs": plan.starved_after_secs,
+        "candidate_requests": recent,
+        "route_requests": route_requests,
+    });
+    tracing::warn!(route = %state.route, stage = state.stage.as_str(), action, %reason, "rollout traffic");
+    let mut event = event(state, state.stage, action, &reason, numbers);
+    event.at_ms = now;
+    fstore::insert_event(conn, &event)?;
+    fstore::put_state(conn, state)?;
+    Ok(Some(action))
+}
+
 /// A route's state as its config defines it: idle, the config's rollout installed.
 pub(super) fn initial_state(route: &RouteConfig) -> RouteState {
     RouteState {
@@ -264,6 +360,7 @@ pub(super) fn initial_state(route: &RouteConfig) -> RouteState {
         stage_started_ms: now_ms(),
         known_tools: BTreeSet::new(),
         candidate_tools: BTreeSet::new(),
+        starved_since_ms: None,
     }
 }
 

@@ -139,18 +139,9 @@ impl FlywheelController {
     ) -> Result<String, RunEnd> {
         self.stage(&plan.id, "curating", details)?;
         let p = plan.clone();
+        let metrics = self.config.metrics.clone();
         details["curation"] = self
-            .blocking(move |conn| {
-                curate_run(
-                    conn,
-                    &p.route,
-                    &p.fw,
-                    &p.teacher,
-                    p.window,
-                    &p.data_root,
-                    &p.dataset,
-                )
-            })
+            .blocking(move |conn| curate_run(conn, &p, &metrics))
             .await?;
         // Recorded before the job is asked for, so a refused job leaves the curation on record.
         self.stage(&plan.id, "training", details)?;
@@ -361,6 +352,15 @@ pub(super) fn stage_stats(
     conn: &rusqlite::Connection,
     state: &RouteState,
 ) -> Result<Option<fstore::LiveStats>, FlywheelError> {
+    stage_stats_since(conn, state, state.stage_started_ms)
+}
+
+/// The same figures since `since_ms`.
+pub(super) fn stage_stats_since(
+    conn: &rusqlite::Connection,
+    state: &RouteState,
+    since_ms: i64,
+) -> Result<Option<fstore::LiveStats>, FlywheelError> {
     let slice = match (state.stage, &state.candidate) {
         (Stage::Shadow, Some(c)) => Slice::ShadowsFrom {
             model: c.model_name(),
@@ -368,7 +368,7 @@ pub(super) fn stage_stats(
         (Stage::Canary, Some(_)) => Slice::Arm { arm: "canary" },
         _ => return Ok(None),
     };
-    let stats = fstore::live_stats(conn, &state.route, slice, state.stage_started_ms)?;
+    let stats = fstore::live_stats(conn, &state.route, slice, since_ms)?;
     Ok(Some(stats))
 }
 
@@ -414,17 +414,16 @@ pub(super) fn read_records(dir: &Path) -> Result<Vec<Record>, RunEnd> {
     dataset::parse_openai_jsonl(&text).map_err(|e| RunEnd::Failed(e.to_string()))
 }
 
-/// Curates the teacher's answers on the route in `window` into a stored dataset
+/// Curates what the route's sources give in the run's window (the teacher's answers,
+/// demonstrations, answers with passing feedback; see `flywheel::sources`) into a stored dataset
 /// (`training/`, `validation/`, `testing/`). Returns the curation report.
 pub(super) fn curate_run(
     conn: &rusqlite::Connection,
-    route: &str,
-    fw: &RouteFlywheelConfig,
-    teacher: &TargetConfig,
-    window: (i64, i64),
-    root: &Path,
-    dataset_name: &str,
+    plan: &RunPlan,
+    metrics: &[MetricConfig],
 ) -> Result<Value, RunEnd> {
+    let (route, fw, teacher, window) = (&plan.route, &plan.fw, &plan.teacher, plan.window);
+    let (root, dataset_name) = (&plan.data_root, &plan.dataset);
     let failed = |e: &dyn std::fmt::Display| RunEnd::Failed(e.to_string());
     let filter = ExportFilter {
         workload_id: fw.workload_id.clone(),
@@ -438,7 +437,27 @@ pub(super) fn curate_run(
         backend: teacher.backend(),
         model: teacher.model_name(),
     };
-    let exchanges = traffic::served_exchanges(conn, &filter, Some(&by)).map_err(|e| failed(&e))?;
+    let from_teacher = if fw.sources.teacher {
+        traffic::served_exchanges(conn, &filter, Some(&by)).map_err(|e| failed(&e))?
+    } else {
+        Vec::new()
+    };
+    let served_filter = ExportFilter {
+        include_shadow: false,
+        ..filter
+    };
+    let served = traffic::served_exchanges(conn, &served_filter, None).map_err(|e| failed(&e))?;
+    let feedback =
+        FeedbackIndex::load(conn, route, window.0, window.1).map_err(|e| failed(&e))?;
+    let teacher_id = format!("{}:{}:{}", by.kind, by.backend, by.model);
+    let assembled = sources::assemble(
+        from_teacher,
+        served,
+        &feedback,
+        &fw.sources,
+        metrics,
+        &teacher_id,
+    );
     let last_until = fstore::list_runs(conn, Some(route), 50)
         .map_err(|e| failed(&e))?
         .iter()
@@ -450,19 +469,23 @@ pub(super) fn curate_run(
         })
         .max();
     if let Some(last) = last_until {
-        let new = exchanges.iter().filter(|x| x.ts_ms >= last).count();
+        let new = assembled
+            .taught
+            .iter()
+            .filter(|t| t.exchange.ts_ms >= last)
+            .count();
         if new < fw.min_new_records {
             return Err(RunEnd::Skipped(format!(
-                "only {new} answers from the teacher ({teacher}) since the last completed run (need {})",
+                "only {new} teaching answers (the teacher's, {teacher}, demonstrations, answers with passing feedback) since the last completed run (need {})",
                 fw.min_new_records
             )));
         }
     }
     let (splits, report) = curate::curate(
-        &exchanges,
+        &assembled.taught,
+        assembled.left_out,
         false,
-        fw.validation_share,
-        fw.test_share,
+        (fw.validation_share, fw.test_share),
         fw.seed,
         fw.min_records,
     )

@@ -95,11 +95,54 @@ impl FlywheelController {
 
 /// Drift on an idle route: tools the champion never trained on, falling agreement with the
 /// teacher, or rising parse failures. Waits out the cooldown after the last run.
+/// A champion whose feedback (the latest value per request or episode since `since`) is on the
+/// wrong side of a floor.
+fn feedback_below_floor(
+    conn: &rusqlite::Connection,
+    route: &RouteConfig,
+    fw: &RouteFlywheelConfig,
+    metrics: &[MetricConfig],
+    since: i64,
+) -> Result<Option<Value>, FlywheelError> {
+    for floor in &fw.drift.feedback_floors {
+        let Some(m) = metrics.iter().find(|m| m.name == floor.metric) else {
+            continue;
+        };
+        let episode = m.level == MetricLevel::Episode;
+        let values: Vec<f64> = feedback::values_by_arm(conn, &route.name, since, &m.name, episode)?
+            .into_iter()
+            .filter(|(arm, _)| arm == "champion")
+            .map(|(_, v)| v)
+            .collect();
+        if values.len() < floor.min_samples {
+            continue;
+        }
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        let below = match m.optimize {
+            Optimize::Max => mean < floor.floor,
+            Optimize::Min => mean > floor.floor,
+        };
+        if below {
+            return Ok(Some(json!({
+                "kind": "drift",
+                "signal": "feedback",
+                "reason": format!("the champion's {} {mean:.3} is past its floor {:.3} over {} values", m.name, floor.floor, values.len()),
+                "metric": m.name,
+                "mean": mean,
+                "floor": floor.floor,
+                "values": values.len(),
+            })));
+        }
+    }
+    Ok(None)
+}
+
 pub(super) fn drift_signal(
     conn: &rusqlite::Connection,
     route: &RouteConfig,
     fw: &RouteFlywheelConfig,
     state: &RouteState,
+    metrics: &[MetricConfig],
     now: i64,
 ) -> Result<Option<Value>, FlywheelError> {
     let mut since = now - fw.drift.window_secs as i64 * 1000;
@@ -135,6 +178,9 @@ pub(super) fn drift_signal(
             "tools": unknown,
             "requests": requests,
         })));
+    }
+    if let Some(signal) = feedback_below_floor(conn, route, fw, metrics, since)? {
+        return Ok(Some(signal));
     }
     let champion_is_teacher = route.teacher().as_ref() == Some(&state.installed.champion);
     if champion_is_teacher {

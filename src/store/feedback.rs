@@ -1,0 +1,217 @@
+//! What users and agents said about answers: metric values, comments and demonstrations, each
+//! about one request or one episode, with when it came and which key sent it. Rows are written by
+//! the traffic log's writer (in its batches, after the traffic rows queued before them) and never
+//! changed; repeated feedback for the same request and metric is kept, and the latest counts.
+
+use rusqlite::{params, Connection, Transaction};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::StoreError;
+
+/// One piece of feedback.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Feedback {
+    pub id: String,
+    pub ts_ms: i64,
+    /// The API key that sent it (`loopback` without a key).
+    pub key_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub episode_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
+    /// Booleans as 1 and 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// The assistant message that should have been given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub demonstration: Option<Value>,
+}
+
+pub(super) fn insert(tx: &Transaction<'_>, f: &Feedback) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO feedback (id, ts_ms, key_name, request_id, episode_id, metric, value, comment, demonstration)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    stmt.execute(params![
+        f.id,
+        f.ts_ms,
+        f.key_name,
+        f.request_id,
+        f.episode_id,
+        f.metric,
+        f.value,
+        f.comment,
+        f.demonstration.as_ref().map(Value::to_string),
+    ])?;
+    Ok(())
+}
+
+const COLUMNS: &str =
+    "id, ts_ms, key_name, request_id, episode_id, metric, value, comment, demonstration";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Feedback> {
+    Ok(Feedback {
+        id: r.get(0)?,
+        ts_ms: r.get(1)?,
+        key_name: r.get(2)?,
+        request_id: r.get(3)?,
+        episode_id: r.get(4)?,
+        metric: r.get(5)?,
+        value: r.get(6)?,
+        comment: r.get(7)?,
+        demonstration: r
+            .get::<_, Option<String>>(8)?
+            .and_then(|s| serde_json::from_str(&s).ok()),
+    })
+}
+
+/// Every piece of feedback about the request `id`, oldest first.
+pub fn for_request(conn: &Connection, id: &str) -> Result<Vec<Feedback>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM feedback WHERE request_id = ?1 ORDER BY ts_ms, id"
+    ))?;
+    let rows = stmt.query_map([id], row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Every piece of feedback about the episode `id` or any of its requests, oldest first.
+pub fn for_episode(conn: &Connection, id: &str) -> Result<Vec<Feedback>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM feedback
+         WHERE episode_id = ?1 OR request_id IN (SELECT id FROM traffic WHERE episode_id = ?1)
+         ORDER BY ts_ms, id"
+    ))?;
+    let rows = stmt.query_map([id], row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// What the traffic log knows of a request: its episode and the request body (for checking a
+/// demonstration's tool calls), if it has been written.
+pub fn request_of(conn: &Connection, id: &str) -> Result<Option<(Option<String>, Value)>, StoreError> {
+    let found = conn
+        .prepare_cached("SELECT episode_id, request FROM traffic WHERE id = ?1")?
+        .query_row([id], |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?,
+                r.get::<_, Option<String>>(1)?,
+            ))
+        });
+    match found {
+        Ok((episode, request)) => Ok(Some((
+            episode,
+            request
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or(Value::Null),
+        ))),
+        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether any request of the episode `id` has been written.
+pub fn episode_exists(conn: &Connection, id: &str) -> Result<bool, StoreError> {
+    let found = conn
+        .prepare_cached("SELECT 1 FROM traffic WHERE episode_id = ?1 LIMIT 1")?
+        .query_row([id], |_| Ok(()));
+    match found {
+        Ok(()) => Ok(true),
+        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The latest value of each metric, and the latest demonstration, said about the route's requests
+/// of a time window (request-level) and about their episodes (episode-level): what curation reads.
+#[derive(Debug, Default)]
+pub struct FeedbackIndex {
+    pub requests: std::collections::HashMap<String, std::collections::BTreeMap<String, f64>>,
+    pub episodes: std::collections::HashMap<String, std::collections::BTreeMap<String, f64>>,
+    pub demonstrations: std::collections::HashMap<String, Value>,
+}
+
+impl FeedbackIndex {
+    pub fn load(
+        conn: &Connection,
+        route: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Self, StoreError> {
+        let mut stmt = conn.prepare(
+            "SELECT request_id, episode_id, metric, value, demonstration FROM feedback
+             WHERE request_id IN (SELECT id FROM traffic WHERE route = ?1 AND ts_ms >= ?2 AND ts_ms < ?3)
+                OR episode_id IN (SELECT episode_id FROM traffic
+                                  WHERE route = ?1 AND ts_ms >= ?2 AND ts_ms < ?3 AND episode_id IS NOT NULL)
+             ORDER BY ts_ms, id",
+        )?;
+        let mut index = Self::default();
+        let mut rows = stmt.query(params![route, since_ms, until_ms])?;
+        while let Some(r) = rows.next()? {
+            let request: Option<String> = r.get(0)?;
+            let episode: Option<String> = r.get(1)?;
+            let metric: Option<String> = r.get(2)?;
+            let value: Option<f64> = r.get(3)?;
+            let demo: Option<String> = r.get(4)?;
+            // Later rows overwrite earlier ones: the latest counts.
+            if let (Some(m), Some(v)) = (metric, value) {
+                let about = match (&request, &episode) {
+                    (Some(q), _) => index.requests.entry(q.clone()).or_default(),
+                    (None, Some(e)) => index.episodes.entry(e.clone()).or_default(),
+                    (None, None) => continue,
+                };
+                about.insert(m, v);
+            }
+            if let (Some(q), Some(d)) = (request, demo.and_then(|d| serde_json::from_str(&d).ok())) {
+                index.demonstrations.insert(q, d);
+            }
+        }
+        Ok(index)
+    }
+
+    /// The latest values about a request: its own, over its episode's.
+    pub fn values(&self, request: &str, episode: Option<&str>) -> std::collections::BTreeMap<String, f64> {
+        let mut out = episode
+            .and_then(|e| self.episodes.get(e))
+            .cloned()
+            .unwrap_or_default();
+        if let Some(own) = self.requests.get(request) {
+            out.extend(own.iter().map(|(k, v)| (k.clone(), *v)));
+        }
+        out
+    }
+}
+
+/// The latest value of `metric` on each request (or, for an episode-level metric, each episode) a
+/// route's clients sent since `since_ms`, by the arm that answered: `(arm, value)` pairs, one per
+/// request or episode.
+pub fn values_by_arm(
+    conn: &Connection,
+    route: &str,
+    since_ms: i64,
+    metric: &str,
+    episode_level: bool,
+) -> Result<Vec<(String, f64)>, StoreError> {
+    // Later feedback replaces earlier feedback on the same request or episode.
+    let sql = if episode_level {
+        "SELECT a.arm, f.episode_id, f.value FROM feedback f
+         JOIN (SELECT episode_id, MIN(arm) AS arm FROM traffic
+               WHERE route = ?1 AND ts_ms >= ?2 AND arm != 'shadow' AND episode_id IS NOT NULL
+               GROUP BY episode_id) a ON a.episode_id = f.episode_id
+         WHERE f.metric = ?3 AND f.value IS NOT NULL ORDER BY f.ts_ms, f.id"
+    } else {
+        "SELECT t.arm, f.request_id, f.value FROM feedback f JOIN traffic t ON t.id = f.request_id
+         WHERE t.route = ?1 AND t.ts_ms >= ?2 AND t.arm != 'shadow' AND f.metric = ?3
+           AND f.value IS NOT NULL ORDER BY f.ts_ms, f.id"
+    };
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut latest: std::collections::HashMap<String, (String, f64)> = Default::default();
+    let mut rows = stmt.query(params![route, since_ms, metric])?;
+    while let Some(r) = rows.next()? {
+        latest.insert(r.get(1)?, (r.get(0)?, r.get(2)?));
+    }
+    Ok(latest.into_values().collect())
+}
