@@ -610,11 +610,13 @@ impl Config {
     ) -> Result<(), ConfigError> {
         let name = &route.name;
         fw.validate(name)?;
-        let metric_named = |field: &str, m: &str| match self.metric(m) {
+        let metric_named = |field: &str, m: &str| {
+            match self.metric(m) {
             Some(_) => Ok(()),
             None => Err(ConfigError::Invalid(format!(
                 "route '{name}': flywheel.{field} names the metric '{m}', which [[metrics]] does not declare"
             ))),
+        }
         };
         for g in &fw.rollout.feedback_guards {
             metric_named("rollout.feedback_guards", &g.metric)?;

@@ -76,7 +76,13 @@ async fn episodes_are_minted_returned_stored_and_keep_a_canary_sticky() {
     // An episode stays on one arm, from the header or from `metadata`.
     let mut arms = std::collections::HashSet::new();
     for _ in 0..6 {
-        let r = chat(&client, &gw, &user_request("agent", "hi"), &[("x-episode-id", "task-7")]).await;
+        let r = chat(
+            &client,
+            &gw,
+            &user_request("agent", "hi"),
+            &[("x-episode-id", "task-7")],
+        )
+        .await;
         assert_eq!(header(&r, "x-episode-id"), "task-7");
         arms.insert(header(&r, "x-flywheel-arm"));
     }
@@ -91,17 +97,32 @@ async fn episodes_are_minted_returned_stored_and_keep_a_canary_sticky() {
     let n = 200;
     let mut canary = 0;
     for _ in 0..n {
-        let r = chat(&client, &gw, &user_request("agent", "hi"), &[("x-workload-id", "w1")]).await;
+        let r = chat(
+            &client,
+            &gw,
+            &user_request("agent", "hi"),
+            &[("x-workload-id", "w1")],
+        )
+        .await;
         if header(&r, "x-flywheel-arm") == "canary" {
             canary += 1;
         }
     }
     let share = f64::from(canary) / f64::from(n);
-    assert!((0.38..=0.62).contains(&share), "canary share {share} on workload-only traffic");
+    assert!(
+        (0.38..=0.62).contains(&share),
+        "canary share {share} on workload-only traffic"
+    );
 
     // A malformed episode id is refused in the envelope, naming the header.
     let long = "x".repeat(300);
-    let r = chat(&client, &gw, &user_request("agent", "hi"), &[("x-episode-id", &long)]).await;
+    let r = chat(
+        &client,
+        &gw,
+        &user_request("agent", "hi"),
+        &[("x-episode-id", &long)],
+    )
+    .await;
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["param"], "x-episode-id");
@@ -109,11 +130,19 @@ async fn episodes_are_minted_returned_stored_and_keep_a_canary_sticky() {
     assert!(gw.stop().success());
     let conn = gw.db();
     let stored: String = conn
-        .query_row("SELECT episode_id FROM traffic WHERE id = ?1", [&minted_request], |r| r.get(0))
+        .query_row(
+            "SELECT episode_id FROM traffic WHERE id = ?1",
+            [&minted_request],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(stored, minted);
     let task7: i64 = conn
-        .query_row("SELECT COUNT(*) FROM traffic WHERE episode_id = 'task-7'", [], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM traffic WHERE episode_id = 'task-7'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(task7, 6);
     let workload_episodes: i64 = conn
@@ -123,7 +152,11 @@ async fn episodes_are_minted_returned_stored_and_keep_a_canary_sticky() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(workload_episodes, i64::from(n), "each unlabelled request is its own episode");
+    assert_eq!(
+        workload_episodes,
+        i64::from(n),
+        "each unlabelled request is its own episode"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,9 +189,19 @@ async fn feedback_is_taken_before_the_log_writes_its_request_checked_and_listed(
     assert_eq!(fb["key_name"], "loopback");
 
     // Repeated feedback for the same metric is kept; a number; a demonstration of the right call.
-    let (status, _) = feedback(&client, &gw, json!({"metric": "thumbs_up", "value": true, "request_id": request_id})).await;
+    let (status, _) = feedback(
+        &client,
+        &gw,
+        json!({"metric": "thumbs_up", "value": true, "request_id": request_id}),
+    )
+    .await;
     assert_eq!(status, 201);
-    let (status, _) = feedback(&client, &gw, json!({"metric": "rating", "value": 4.5, "request_id": request_id})).await;
+    let (status, _) = feedback(
+        &client,
+        &gw,
+        json!({"metric": "rating", "value": 4.5, "request_id": request_id}),
+    )
+    .await;
     assert_eq!(status, 201);
     let (status, demo) = feedback(
         &client,
@@ -171,19 +214,55 @@ async fn feedback_is_taken_before_the_log_writes_its_request_checked_and_listed(
     let args = demo["demonstration"]["tool_calls"][0]["function"]["arguments"]
         .as_str()
         .unwrap();
-    assert_eq!(serde_json::from_str::<Value>(args).unwrap(), json!({"city": "Lyon"}));
-    let (status, _) = feedback(&client, &gw, json!({"metric": "task_success", "value": true, "episode_id": "trip-1"})).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(args).unwrap(),
+        json!({"city": "Lyon"})
+    );
+    let (status, _) = feedback(
+        &client,
+        &gw,
+        json!({"metric": "task_success", "value": true, "episode_id": "trip-1"}),
+    )
+    .await;
     assert_eq!(status, 201);
 
     // Bad input: each refusal names its field.
     let refused = [
-        (json!({"metric": "stars", "value": 1, "request_id": request_id}), 400, "metric"),
-        (json!({"metric": "thumbs_up", "value": 3, "request_id": request_id}), 400, "value"),
-        (json!({"metric": "rating", "value": "high", "request_id": request_id}), 400, "value"),
-        (json!({"metric": "task_success", "value": true, "request_id": request_id}), 400, "episode_id"),
-        (json!({"metric": "thumbs_up", "value": true, "request_id": "not-an-id"}), 400, "request_id"),
-        (json!({"metric": "thumbs_up", "valeu": true, "request_id": request_id}), 400, "valeu"),
-        (json!({"metric": "thumbs_up", "value": true}), 400, "request_id"),
+        (
+            json!({"metric": "stars", "value": 1, "request_id": request_id}),
+            400,
+            "metric",
+        ),
+        (
+            json!({"metric": "thumbs_up", "value": 3, "request_id": request_id}),
+            400,
+            "value",
+        ),
+        (
+            json!({"metric": "rating", "value": "high", "request_id": request_id}),
+            400,
+            "value",
+        ),
+        (
+            json!({"metric": "task_success", "value": true, "request_id": request_id}),
+            400,
+            "episode_id",
+        ),
+        (
+            json!({"metric": "thumbs_up", "value": true, "request_id": "not-an-id"}),
+            400,
+            "request_id",
+        ),
+        (
+            json!({"metric": "thumbs_up", "valeu": true, "request_id": request_id}),
+            400,
+            "valeu",
+        ),
+        (
+            json!({"metric": "thumbs_up", "value": true}),
+            400,
+            "request_id",
+        ),
         (json!({"request_id": request_id}), 400, "metric"),
         (
             json!({"request_id": request_id, "demonstration": {"tool_calls": [
@@ -197,13 +276,21 @@ async fn feedback_is_taken_before_the_log_writes_its_request_checked_and_listed(
             400,
             "demonstration.tool_calls[0].function.arguments",
         ),
-        (json!({"episode_id": "trip-1", "demonstration": {"content": "hi"}}), 400, "demonstration"),
+        (
+            json!({"episode_id": "trip-1", "demonstration": {"content": "hi"}}),
+            400,
+            "demonstration",
+        ),
         (
             json!({"metric": "thumbs_up", "value": true, "request_id": uuid::Uuid::now_v7().to_string()}),
             404,
             "request_id",
         ),
-        (json!({"metric": "task_success", "value": true, "episode_id": "no-such-trip"}), 404, "episode_id"),
+        (
+            json!({"metric": "task_success", "value": true, "episode_id": "no-such-trip"}),
+            404,
+            "episode_id",
+        ),
     ];
     for (body, status, param) in refused {
         let (got, e) = feedback(&client, &gw, body.clone()).await;
@@ -215,7 +302,16 @@ async fn feedback_is_taken_before_the_log_writes_its_request_checked_and_listed(
     let list = |q: String| {
         let client = client.clone();
         let url = gw.url(&format!("/v1/feedback?{q}"));
-        async move { client.get(url).send().await.unwrap().json::<Value>().await.unwrap() }
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
     };
     let of_request = list(format!("request_id={request_id}")).await;
     let kinds: Vec<Value> = of_request["data"]

@@ -37,7 +37,10 @@ impl About {
         let text = |k: &str| match body.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
-            Some(_) => Err(ApiError::invalid_param(k, format!("'{k}' must be a non-empty string."))),
+            Some(_) => Err(ApiError::invalid_param(
+                k,
+                format!("'{k}' must be a non-empty string."),
+            )),
         };
         match (text("request_id")?, text("episode_id")?) {
             (Some(r), None) => {
@@ -87,12 +90,20 @@ fn metric_value(
     let name = match body.get("metric") {
         None | Some(Value::Null) => {
             if body.get("value").is_some_and(|v| !v.is_null()) {
-                return Err(ApiError::invalid_param("metric", "A 'value' needs its 'metric'."));
+                return Err(ApiError::invalid_param(
+                    "metric",
+                    "A 'value' needs its 'metric'.",
+                ));
             }
             return Ok(None);
         }
         Some(Value::String(s)) => s.as_str(),
-        Some(_) => return Err(ApiError::invalid_param("metric", "'metric' must be a string.")),
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "metric",
+                "'metric' must be a string.",
+            ))
+        }
     };
     let Some(metric) = config.metric(name) else {
         let known: Vec<&str> = config.metrics.iter().map(|m| m.name.as_str()).collect();
@@ -112,7 +123,11 @@ fn metric_value(
             metric.level.key(),
             format!(
                 "Metric '{name}' is about one {}; name it with '{}'.",
-                if metric.level == MetricLevel::Request { "request" } else { "episode" },
+                if metric.level == MetricLevel::Request {
+                    "request"
+                } else {
+                    "episode"
+                },
                 metric.level.key()
             ),
         ));
@@ -121,7 +136,12 @@ fn metric_value(
         (MetricKind::Boolean, Some(Value::Bool(b))) => f64::from(u8::from(*b)),
         (MetricKind::Float, Some(Value::Number(n))) => match n.as_f64() {
             Some(f) if f.is_finite() => f,
-            _ => return Err(ApiError::invalid_param("value", "'value' must be a finite number.")),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    "value",
+                    "'value' must be a finite number.",
+                ))
+            }
         },
         (MetricKind::Boolean, _) => {
             return Err(ApiError::invalid_param(
@@ -181,7 +201,10 @@ fn demonstration(value: &Value, request: &Value) -> Result<Value, ApiError> {
     match m.get("tool_calls") {
         None | Some(Value::Null) => {}
         Some(Value::Array(_)) => {
-            for (i, call) in crate::wire::tool_calls::in_message(value).iter().enumerate() {
+            for (i, call) in crate::wire::tool_calls::in_message(value)
+                .iter()
+                .enumerate()
+            {
                 let at = |f: &str| format!("demonstration.tool_calls[{i}].function.{f}");
                 if !tools.contains(&call.name.as_str()) {
                     let offered = if tools.is_empty() {
@@ -191,7 +214,10 @@ fn demonstration(value: &Value, request: &Value) -> Result<Value, ApiError> {
                     };
                     return Err(ApiError::invalid_param(
                         &at("name"),
-                        format!("'{}' is not one of the request's tools ({offered}).", call.name),
+                        format!(
+                            "'{}' is not one of the request's tools ({offered}).",
+                            call.name
+                        ),
                     ));
                 }
                 let Some(Value::Object(args)) = call.parsed_arguments() else {
@@ -234,7 +260,9 @@ async fn locate(state: &AppState, about: &About) -> Result<Value, ApiError> {
         let found = match about {
             About::Request(id) => {
                 let id = id.clone();
-                with_db(state, move |c| Ok(feedback::request_of(c, &id)?)).await?.map(|(_, r)| r)
+                with_db(state, move |c| Ok(feedback::request_of(c, &id)?))
+                    .await?
+                    .map(|(_, r)| r)
             }
             About::Episode(id) => {
                 let id = id.clone();
@@ -251,10 +279,14 @@ async fn locate(state: &AppState, about: &About) -> Result<Value, ApiError> {
         }
     }
     Err(match about {
-        About::Request(id) => ApiError::not_found(format!("No request '{id}' is in the traffic log."))
-            .with_param("request_id"),
-        About::Episode(id) => ApiError::not_found(format!("No request of episode '{id}' is in the traffic log."))
-            .with_param("episode_id"),
+        About::Request(id) => {
+            ApiError::not_found(format!("No request '{id}' is in the traffic log."))
+                .with_param("request_id")
+        }
+        About::Episode(id) => ApiError::not_found(format!(
+            "No request of episode '{id}' is in the traffic log."
+        ))
+        .with_param("episode_id"),
     })
 }
 
@@ -266,10 +298,12 @@ fn queue_error(e: QueueError) -> ApiError {
             format!("{e}: turn [log] enabled on."),
         )
         .with_code("feedback_unavailable"),
-        QueueError::Full | QueueError::Stopped => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string())
-                .with_code("feedback_unavailable")
-        }
+        QueueError::Full | QueueError::Stopped => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            e.to_string(),
+        )
+        .with_code("feedback_unavailable"),
     }
 }
 
@@ -281,14 +315,19 @@ pub async fn create(
     if let Some(k) = body.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(ApiError::invalid_param(
             k,
-            format!("Unrecognized field '{k}' (feedback takes {}).", FIELDS.join(", ")),
+            format!(
+                "Unrecognized field '{k}' (feedback takes {}).",
+                FIELDS.join(", ")
+            ),
         ));
     }
     let about = About::read(&body)?;
     let metric = metric_value(state.gateway.config(), &body, &about)?;
     let comment = match body.get("comment") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= MAX_COMMENT_CHARS => Some(s.clone()),
+        Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= MAX_COMMENT_CHARS => {
+            Some(s.clone())
+        }
         Some(_) => {
             return Err(ApiError::invalid_param(
                 "comment",
@@ -363,16 +402,15 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     // Feedback just accepted may still be queued: the list shows it.
     state.gateway.log().caught_up().await.map_err(queue_error)?;
-    let data = match (filter.request_id, filter.episode_id) {
-        (Some(r), None) => with_db(&state, move |c| Ok(feedback::for_request(c, &r)?)).await?,
-        (None, Some(e)) => with_db(&state, move |c| Ok(feedback::for_episode(c, &e)?)).await?,
-        _ => {
-            return Err(ApiError::invalid_param(
+    let data =
+        match (filter.request_id, filter.episode_id) {
+            (Some(r), None) => with_db(&state, move |c| Ok(feedback::for_request(c, &r)?)).await?,
+            (None, Some(e)) => with_db(&state, move |c| Ok(feedback::for_episode(c, &e)?)).await?,
+            _ => return Err(ApiError::invalid_param(
                 "request_id",
                 "List the feedback of one request (?request_id=) or one episode (?episode_id=).",
-            ))
-        }
-    };
+            )),
+        };
     Ok(Json(json!({"object": "list", "data": data})))
 }
 

@@ -194,7 +194,10 @@ pub fn tagged(mut response: Response, tags: &Tags) -> Response {
     if let Ok(v) = HeaderValue::from_str(&tags.id.to_string()) {
         h.insert("x-request-id", v);
     }
-    h.insert("x-flywheel-arm", HeaderValue::from_static(tags.arm.as_str()));
+    h.insert(
+        "x-flywheel-arm",
+        HeaderValue::from_static(tags.arm.as_str()),
+    );
     if let Ok(v) = HeaderValue::from_str(&tags.episode) {
         h.insert("x-episode-id", v);
     }

@@ -153,7 +153,10 @@ async fn serve(
             tags,
             items,
             native: true,
-        } => Ok(tagged(event_stream(pass_through(keep, tags.id, items)), &tags)),
+        } => Ok(tagged(
+            event_stream(pass_through(keep, tags.id, items)),
+            &tags,
+        )),
         Reply::Stream { tags, items, .. } => {
             let id = tags.id;
             // `response.created` first, `response.completed` last, stored before it is sent so

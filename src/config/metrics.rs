@@ -134,7 +134,9 @@ impl FeedbackRule {
             (MetricKind::Boolean, "true") => 1.0,
             (MetricKind::Boolean, "false") => 0.0,
             (MetricKind::Boolean, _) => {
-                return Err(format!("'{text}': '{name}' is boolean; compare it with true or false"))
+                return Err(format!(
+                    "'{text}': '{name}' is boolean; compare it with true or false"
+                ))
             }
             (MetricKind::Float, v) => v
                 .parse::<f64>()
@@ -200,10 +202,19 @@ mod tests {
         assert!(b.passes(1.0) && !b.passes(0.0));
         assert!(FeedbackRule::parse("rating!=2", &m).unwrap().passes(3.0));
         assert!(FeedbackRule::parse("rating < 2", &m).unwrap().passes(1.0));
-        for bad in ["rating", "stars >= 4", "task_success >= 1", "task_success = yes", "rating > high"] {
+        for bad in [
+            "rating",
+            "stars >= 4",
+            "task_success >= 1",
+            "task_success = yes",
+            "rating > high",
+        ] {
             assert!(FeedbackRule::parse(bad, &m).is_err(), "{bad}");
         }
         assert!(is_negative(&m[0], 0.0) && !is_negative(&m[0], 1.0));
-        assert!(!is_negative(&m[1], 0.0), "a number is judged by rules, not by sign");
+        assert!(
+            !is_negative(&m[1], 0.0),
+            "a number is judged by rules, not by sign"
+        );
     }
 }

@@ -106,7 +106,12 @@ pub fn curate(
                 *report.sources.entry(t.source.as_str().into()).or_default() += 1;
                 records.push(r);
             }
-            Ok(_) => *report.skipped.entry("duplicate user query".into()).or_default() += 1,
+            Ok(_) => {
+                *report
+                    .skipped
+                    .entry("duplicate user query".into())
+                    .or_default() += 1
+            }
             Err(why) => *report.skipped.entry(why.to_string()).or_default() += 1,
         }
     }

@@ -191,15 +191,21 @@ mod tests {
         ];
         let mut fb = FeedbackIndex::default();
         // t2: thumbs down (the latest value counts), t3: a demonstration.
-        fb.requests.insert("t2".into(), [("thumbs_up".to_string(), 0.0)].into());
+        fb.requests
+            .insert("t2".into(), [("thumbs_up".to_string(), 0.0)].into());
         fb.demonstrations.insert(
             "t3".into(),
             json!({"role": "assistant", "content": "the right answer"}),
         );
         // The champion's c1 finished its task; c2 is demonstrated; c3 was rated low.
-        fb.episodes.insert("e2".into(), [("task_success".to_string(), 1.0)].into());
-        fb.demonstrations.insert("c2".into(), json!({"role": "assistant", "content": "fixed"}));
-        fb.requests.insert("c3".into(), [("rating".to_string(), 2.0)].into());
+        fb.episodes
+            .insert("e2".into(), [("task_success".to_string(), 1.0)].into());
+        fb.demonstrations.insert(
+            "c2".into(),
+            json!({"role": "assistant", "content": "fixed"}),
+        );
+        fb.requests
+            .insert("c3".into(), [("rating".to_string(), 2.0)].into());
         let a = assemble(
             teacher,
             served,
@@ -220,15 +226,24 @@ mod tests {
         );
         let demo = &a.taught[0].exchange.response["choices"][0]["message"]["content"];
         assert_eq!(demo, "the right answer");
-        assert_eq!(a.left_out["negative feedback"], 2, "t2 (thumbs down) and c3 (rating 2)");
+        assert_eq!(
+            a.left_out["negative feedback"], 2,
+            "t2 (thumbs down) and c3 (rating 2)"
+        );
         assert_eq!(a.left_out["replaced by a demonstration"], 1, "s2");
 
         // Without rules, the champion's answers never teach; without the teacher, only the rest.
         let none = assemble(
             vec![x("t1", TEACHER, None, None)],
-            vec![x("t1", TEACHER, None, None), x("c1", CHAMPION, None, Some("e2"))],
+            vec![
+                x("t1", TEACHER, None, None),
+                x("c1", CHAMPION, None, Some("e2")),
+            ],
             &fb,
-            &Sources { teacher: false, ..sources(&[]) },
+            &Sources {
+                teacher: false,
+                ..sources(&[])
+            },
             &metrics(),
             TEACHER,
         );

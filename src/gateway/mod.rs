@@ -433,9 +433,7 @@ impl Gateway {
         // One agent task, one session or one user stays on one arm; a request with none of them
         // (its episode minted here) is drawn on its own, so a workload label cannot put a whole
         // workload on one arm.
-        let sticky = episode
-            .or(rec.session_id.clone())
-            .or(info.user.clone());
+        let sticky = episode.or(rec.session_id.clone()).or(info.user.clone());
         let resolved = self
             .routes
             .resolve(&info.model, sticky.as_deref())

@@ -92,7 +92,10 @@ pub fn for_episode(conn: &Connection, id: &str) -> Result<Vec<Feedback>, StoreEr
 
 /// What the traffic log knows of a request: its episode and the request body (for checking a
 /// demonstration's tool calls), if it has been written.
-pub fn request_of(conn: &Connection, id: &str) -> Result<Option<(Option<String>, Value)>, StoreError> {
+pub fn request_of(
+    conn: &Connection,
+    id: &str,
+) -> Result<Option<(Option<String>, Value)>, StoreError> {
     let found = conn
         .prepare_cached("SELECT episode_id, request FROM traffic WHERE id = ?1")?
         .query_row([id], |r| {
@@ -165,7 +168,8 @@ impl FeedbackIndex {
                 };
                 about.insert(m, v);
             }
-            if let (Some(q), Some(d)) = (request, demo.and_then(|d| serde_json::from_str(&d).ok())) {
+            if let (Some(q), Some(d)) = (request, demo.and_then(|d| serde_json::from_str(&d).ok()))
+            {
                 index.demonstrations.insert(q, d);
             }
         }
@@ -173,7 +177,11 @@ impl FeedbackIndex {
     }
 
     /// The latest values about a request: its own, over its episode's.
-    pub fn values(&self, request: &str, episode: Option<&str>) -> std::collections::BTreeMap<String, f64> {
+    pub fn values(
+        &self,
+        request: &str,
+        episode: Option<&str>,
+    ) -> std::collections::BTreeMap<String, f64> {
         let mut out = episode
             .and_then(|e| self.episodes.get(e))
             .cloned()

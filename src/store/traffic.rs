@@ -341,7 +341,9 @@ fn commit(conn: &mut Connection, batch: &[Entry]) {
             if let Err(e) = write_batch(conn, std::slice::from_ref(entry)) {
                 metrics::counter!("flywheel_log_dropped_total").increment(1);
                 match entry {
-                    Entry::Traffic(r) => tracing::error!(id = %r.id, error = %e, "traffic record lost"),
+                    Entry::Traffic(r) => {
+                        tracing::error!(id = %r.id, error = %e, "traffic record lost")
+                    }
                     Entry::Feedback(f) => tracing::error!(id = %f.id, error = %e, "feedback lost"),
                 }
             }

@@ -35,7 +35,7 @@ mod rollout;
 mod run;
 mod schedule;
 
-use rollout::{event, initial_state, targets, watch_starvation};
+use rollout::{event, initial_state, targets};
 use run::{stage_stats, stage_stats_since};
 use schedule::drift_signal;
 
@@ -292,6 +292,7 @@ impl FlywheelController {
 
 #[cfg(test)]
 mod tests {
+    use super::rollout::watch_starvation;
     use super::*;
     use crate::store::traffic::{TrafficLog, TrafficRecord};
 
@@ -385,7 +386,14 @@ mod tests {
         let window = 60_000;
         // The route is busy, but every request went to the champion.
         let busy = (0..20)
-            .map(|i| rec(now - 30_000 + i, "champion", &teacher, answer("get_weather", "{}")))
+            .map(|i| {
+                rec(
+                    now - 30_000 + i,
+                    "champion",
+                    &teacher,
+                    answer("get_weather", "{}"),
+                )
+            })
             .collect();
         let (_d, conn) = db(busy).await;
         let r = route(&teacher, &teacher);
@@ -398,22 +406,34 @@ mod tests {
         // Not starved while the stage is younger than the window.
         let mut young = s.clone();
         young.stage_started_ms = now - window / 2;
-        assert_eq!(watch_starvation(&conn, &mut young, &plan, now).unwrap(), None);
+        assert_eq!(
+            watch_starvation(&conn, &mut young, &plan, now).unwrap(),
+            None
+        );
         assert_eq!(
             watch_starvation(&conn, &mut s, &plan, now).unwrap(),
             Some("starved")
         );
         assert_eq!(s.starved_since_ms, Some(now));
         // Said once, not at every check.
-        assert_eq!(watch_starvation(&conn, &mut s, &plan, now + 1_000).unwrap(), None);
+        assert_eq!(
+            watch_starvation(&conn, &mut s, &plan, now + 1_000).unwrap(),
+            None
+        );
         let events = fstore::list_events(&conn, Some("agent"), None).unwrap();
         let starved: Vec<_> = events.iter().filter(|e| e.action == "starved").collect();
         assert_eq!(starved.len(), 1);
         assert_eq!(starved[0].numbers["candidate_requests"], 0);
         assert_eq!(starved[0].numbers["route_requests"], 20);
         // A canary request arrives: fed again.
-        let writer = TrafficLog::start(&_d.path().join("f.db"), 16, 4, Duration::from_millis(1)).unwrap();
-        assert!(writer.log().record(rec(now + 2_000, "canary", &candidate, answer("get_weather", "{}"))));
+        let writer =
+            TrafficLog::start(&_d.path().join("f.db"), 16, 4, Duration::from_millis(1)).unwrap();
+        assert!(writer.log().record(rec(
+            now + 2_000,
+            "canary",
+            &candidate,
+            answer("get_weather", "{}")
+        )));
         writer.close().await;
         assert_eq!(
             watch_starvation(&conn, &mut s, &plan, now + 3_000).unwrap(),
@@ -468,9 +488,11 @@ mod tests {
         assert!(drift_signal(&conn, &r, &fw, &state(&r, &[]), &[], now)
             .unwrap()
             .is_none());
-        assert!(drift_signal(&conn, &r, &fw, &state(&r, &[]), &[], now + 120_000)
-            .unwrap()
-            .is_none());
+        assert!(
+            drift_signal(&conn, &r, &fw, &state(&r, &[]), &[], now + 120_000)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[tokio::test]

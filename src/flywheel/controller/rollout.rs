@@ -282,8 +282,13 @@ impl FlywheelController {
                 continue;
             };
             let episode = m.level == MetricLevel::Episode;
-            let values =
-                feedback::values_by_arm(conn, &state.route, state.stage_started_ms, &m.name, episode)?;
+            let values = feedback::values_by_arm(
+                conn,
+                &state.route,
+                state.stage_started_ms,
+                &m.name,
+                episode,
+            )?;
             let arm = |name: &str| -> Vec<f64> {
                 values
                     .iter()
@@ -291,7 +296,8 @@ impl FlywheelController {
                     .map(|(_, v)| *v)
                     .collect()
             };
-            let c = promote::compare_feedback(&m.name, m.optimize, &arm("canary"), &arm("champion"));
+            let c =
+                promote::compare_feedback(&m.name, m.optimize, &arm("canary"), &arm("champion"));
             out.push((c, guard));
         }
         Ok(out)
@@ -325,10 +331,13 @@ pub(super) fn watch_starvation(
         (n, Some(since)) if n > 0 => {
             state.starved_since_ms = None;
             gauge.set(0.0);
-            ("fed", format!(
-                "the candidate receives traffic again after {:.0} s without",
-                (now - since) as f64 / 1000.0
-            ))
+            (
+                "fed",
+                format!(
+                    "the candidate receives traffic again after {:.0} s without",
+                    (now - since) as f64 / 1000.0
+                ),
+            )
         }
         _ => return Ok(None),
     };

@@ -447,8 +447,7 @@ pub(super) fn curate_run(
         ..filter
     };
     let served = traffic::served_exchanges(conn, &served_filter, None).map_err(|e| failed(&e))?;
-    let feedback =
-        FeedbackIndex::load(conn, route, window.0, window.1).map_err(|e| failed(&e))?;
+    let feedback = FeedbackIndex::load(conn, route, window.0, window.1).map_err(|e| failed(&e))?;
     let teacher_id = format!("{}:{}:{}", by.kind, by.backend, by.model);
     let assembled = sources::assemble(
         from_teacher,
