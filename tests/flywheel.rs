@@ -556,6 +556,106 @@ async fn a_canary_that_stops_agreeing_is_rolled_back_and_the_champion_keeps_serv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_users_like_less_is_rolled_back_by_its_feedback_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (addr, _teacher) = start_teacher().await;
+    // Only the feedback guard may roll this canary back.
+    let mut config =
+        config(&model, addr).replace("canary_min_agreement = 0.75", "canary_min_agreement = 0.0");
+    config.push_str(
+        r#"
+[[routes.flywheel.rollout.feedback_guards]]
+metric = "thumbs_up"
+margin = 0.1
+min_samples = 5
+
+[[metrics]]
+name = "thumbs_up"
+type = "boolean"
+"#,
+    );
+    let gw = GatewayProcess::start(&config);
+    let mut next = 0;
+    for _ in 0..CITIES.len() {
+        agent_request(&gw, next).await;
+        next += 1;
+    }
+    let run = finished_run(&gw, 1, Duration::from_secs(240)).await;
+    assert_eq!(run["decision"]["promote"], true, "{run:#}");
+    // Held at canary (paused: no automatic promotion; guards still act).
+    let action = |what: &'static str| {
+        call(
+            reqwest::Method::POST,
+            gw.url(&format!("/v1/flywheel/routes/agent/{what}")),
+            Some(json!({"reason": "feedback trial"})),
+        )
+    };
+    assert_eq!(action("pause").await.0, 200);
+    let (st, v) = action("promote").await;
+    assert_eq!((st, v["stage"].as_str()), (200, Some("canary")), "{v}");
+
+    // Users dislike every canary answer and like every champion answer.
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut liked, mut disliked) = (0, 0);
+    let last = loop {
+        let s = route_status(&gw).await;
+        if s["stage"] == "idle" {
+            break s["events"].as_array().unwrap().last().unwrap().clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rollback: {s:#}\n{}",
+            gw.log_text()
+        );
+        let (query, _, _) = task(next);
+        next += 1;
+        let r = client
+            .post(gw.url("/v1/chat/completions"))
+            .json(
+                &json!({"model": "agent", "messages": [{"role": "user", "content": query}],
+                "tools": tools(), "temperature": 0, "max_tokens": 160}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let arm = r.headers()["x-flywheel-arm"].to_str().unwrap().to_string();
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let good = arm == "champion";
+        if good {
+            liked += 1
+        } else {
+            disliked += 1
+        }
+        let (st, fb) = call(
+            reqwest::Method::POST,
+            gw.url("/v1/feedback"),
+            Some(json!({"metric": "thumbs_up", "value": good, "request_id": id})),
+        )
+        .await;
+        assert_eq!(st, 201, "{fb}");
+    };
+    assert_eq!(last["action"], "rollback", "{last:#}");
+    assert!(
+        last["reason"].as_str().unwrap().contains("thumbs_up"),
+        "{last}"
+    );
+    let figures = &last["numbers"]["feedback"][0];
+    assert_eq!(figures["metric"], "thumbs_up", "{last:#}");
+    assert_eq!(figures["candidate_mean"], 0.0, "{last:#}");
+    assert_eq!(figures["champion_mean"], 1.0, "{last:#}");
+    assert!(figures["candidate_n"].as_u64().unwrap() >= 5, "{last:#}");
+    assert!(
+        liked >= 5 && disliked >= 5,
+        "{liked} liked, {disliked} disliked"
+    );
+    let s = route_status(&gw).await;
+    assert!(s["rollout"]["canary"].is_null(), "{s:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_interrupted_by_a_restart_resumes_and_decides() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
