@@ -790,6 +790,91 @@ async fn request_through_a_door(gw: &GatewayProcess, i: usize) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_and_demonstrations_decide_what_a_run_teaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (addr, _teacher) = start_teacher().await;
+    let mut config =
+        config(&model, addr).replace("new_tool_min_records = 48", "new_tool_min_records = 1000");
+    config.push_str(
+        r#"
+[[metrics]]
+name = "thumbs_up"
+type = "boolean"
+
+[[metrics]]
+name = "task_success"
+type = "boolean"
+level = "episode"
+"#,
+    );
+    let gw = GatewayProcess::start(&config);
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..CITIES.len() {
+        let (query, _, _) = task(i);
+        let mut r = client.post(gw.url("/v1/chat/completions")).json(&json!({
+            "model": "agent", "messages": [{"role": "user", "content": query}],
+            "tools": tools(), "temperature": 0, "max_tokens": 160}));
+        // Requests 46 and 47 are one task.
+        if i >= 46 {
+            r = r.header("x-episode-id", "failed-trip");
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        ids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
+    }
+    let feedback = |body: Value| call(reqwest::Method::POST, gw.url("/v1/feedback"), Some(body));
+    // Four answers drew a thumbs-down; four others were corrected by a demonstration (a call the
+    // teacher never makes: a city no request named); one task failed as a whole.
+    for id in &ids[0..4] {
+        let (st, v) =
+            feedback(json!({"metric": "thumbs_up", "value": false, "request_id": id})).await;
+        assert_eq!(st, 201, "{v}");
+    }
+    for id in &ids[4..8] {
+        let (st, v) = feedback(json!({"request_id": id, "demonstration": {"tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "atlantis"}}}]}}))
+        .await;
+        assert_eq!(st, 201, "{v}");
+    }
+    let (st, v) =
+        feedback(json!({"metric": "task_success", "value": false, "episode_id": "failed-trip"}))
+            .await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = call(
+        reqwest::Method::POST,
+        gw.url("/v1/flywheel/runs"),
+        Some(json!({"route": "agent", "hyperparameters": {"epochs": 1}})),
+    )
+    .await;
+    assert_eq!(st, 202, "{v}");
+    let run = finished_run(&gw, 1, Duration::from_secs(120)).await;
+    let curation = &run["details"]["curation"];
+    assert_eq!(curation["scanned"], 48, "{run:#}");
+    assert_eq!(curation["skipped"]["negative feedback"], 6, "{run:#}");
+    assert_eq!(
+        curation["sources"],
+        json!({"teacher": 38, "demonstration": 4}),
+        "{run:#}"
+    );
+    assert_eq!(curation["kept"], 42, "{run:#}");
+    // The demonstrated calls are in the dataset the run trained and tested on.
+    let name = curation["dataset"].as_str().unwrap().to_string();
+    let mut atlantis = 0;
+    for split in ["training", "testing"] {
+        let r = client
+            .get(gw.url(&format!("/v1/datasets/{name}/files/{split}/data.jsonl")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{split}");
+        atlantis += r.text().await.unwrap().matches("atlantis").count();
+    }
+    assert_eq!(atlantis, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_curates_and_trains_on_chat_responses_and_messages_traffic_alike() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
