@@ -379,6 +379,73 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_champion_whose_feedback_falls_below_its_floor_drifts() {
+        let teacher = TargetConfig::upstream("big", "teacher");
+        let champion = TargetConfig::local_adapter("tiny", "fw/agent-1");
+        let now = now_ms();
+        let rows: Vec<TrafficRecord> = (0..10)
+            .map(|i| {
+                rec(
+                    now - 5_000 + i,
+                    "champion",
+                    &champion,
+                    answer("get_weather", "{}"),
+                )
+            })
+            .collect();
+        let ids: Vec<String> = rows.iter().map(|r| r.id.to_string()).collect();
+        let (d, conn) = db(rows).await;
+        // Three answers in ten liked (one of them first disliked: the latest value counts).
+        let writer =
+            TrafficLog::start(&d.path().join("f.db"), 64, 8, Duration::from_millis(1)).unwrap();
+        let thumbs = |n: usize, id: &str, value: f64| crate::store::feedback::Feedback {
+            id: format!("f{n}"),
+            ts_ms: now + n as i64,
+            key_name: "k".into(),
+            request_id: Some(id.to_string()),
+            episode_id: None,
+            metric: Some("thumbs_up".into()),
+            value: Some(value),
+            comment: None,
+            demonstration: None,
+        };
+        writer
+            .log()
+            .feedback(thumbs(0, &ids[0], 0.0))
+            .await
+            .unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            let liked = if i < 3 { 1.0 } else { 0.0 };
+            writer
+                .log()
+                .feedback(thumbs(i + 1, id, liked))
+                .await
+                .unwrap();
+        }
+        writer.close().await;
+        let metrics: Vec<MetricConfig> =
+            serde_json::from_value(json!([{"name": "thumbs_up", "type": "boolean"}])).unwrap();
+        let sig = fstore::tool_signature(&tool("get_weather")).unwrap();
+        let signal = |floor: f64, min_samples: usize| {
+            let mut r = route(&champion, &teacher);
+            r.flywheel.as_mut().unwrap().drift.feedback_floors =
+                vec![crate::config::FeedbackFloor {
+                    metric: "thumbs_up".into(),
+                    floor,
+                    min_samples,
+                }];
+            let fw = r.flywheel.clone().unwrap();
+            drift_signal(&conn, &r, &fw, &state(&r, &[&sig]), &metrics, now + 100).unwrap()
+        };
+        let s = signal(0.5, 10).unwrap();
+        assert_eq!(s["signal"], "feedback", "{s}");
+        assert!((s["mean"].as_f64().unwrap() - 0.3).abs() < 1e-9, "{s}");
+        assert_eq!(s["values"], 10);
+        assert!(signal(0.25, 10).is_none(), "above its floor");
+        assert!(signal(0.5, 11).is_none(), "too few values");
+    }
+
+    #[tokio::test]
     async fn a_canary_without_traffic_is_recorded_as_starved_once_and_as_fed_when_it_comes() {
         let teacher = TargetConfig::upstream("big", "teacher");
         let candidate = TargetConfig::local_adapter("tiny", "fw/agent-1");
