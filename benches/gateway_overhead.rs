@@ -15,7 +15,11 @@
 //! (sensitive-data detection and a deny pattern), a NemoGuard-style model rail whose safety model
 //! is the same mock (verdict cache off, so every request asks it), and the same with the cache on.
 //!
-//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN] [--also-without-log] [--rails]`
+//! With `--feedback`, instead of the targets above: a gateway with a declared metric takes
+//! `POST /v1/feedback` alone (closed loops and 5,000/s), then chat at 1,000/s is measured alone and
+//! again while feedback arrives at 5,000/s beside it.
+//!
+//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN] [--also-without-log] [--rails] [--feedback]`
 //! (`benches/overhead.sh` installs LiteLLM and runs the comparison.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -315,7 +319,10 @@ fn start_gateway(
     rails: &str,
 ) -> (Proc, SocketAddr) {
     let config = dir.join(format!("flywheel-{name}.toml"));
-    let (route_line, rails_section) = rails_config(rails);
+    let (route_line, mut rails_section) = rails_config(rails);
+    if name == "feedback" {
+        rails_section.push_str("\n[[metrics]]\nname = \"thumbs_up\"\ntype = \"boolean\"\n");
+    }
     std::fs::write(
         &config,
         format!(
@@ -413,6 +420,50 @@ fn start_litellm(
     panic!("LiteLLM did not start within 120 s");
 }
 
+/// Sends one chat request and returns its `x-request-id`.
+async fn request_id(addr: SocketAddr) -> String {
+    let mut sender = connect(addr).await;
+    sender.ready().await.unwrap();
+    let req = Request::post("/v1/chat/completions")
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(REQUEST.as_bytes())))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    resp.headers()["x-request-id"].to_str().unwrap().to_string()
+}
+
+/// `--feedback`: feedback alone, then chat alone and beside feedback at 5,000/s.
+async fn feedback_runs(gateway: SocketAddr, duration: Duration) {
+    let id = request_id(gateway).await;
+    // The request's row is written before the load starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let body: &'static str = Box::leak(
+        format!(r#"{{"metric":"thumbs_up","value":true,"request_id":"{id}"}}"#).into_boxed_str(),
+    );
+    let feedback = Target {
+        path: "/v1/feedback",
+        body,
+        ..Target::chat("POST /v1/feedback", gateway, None)
+    };
+    let chat = Target::chat("flywheel (feedback gw)", gateway, None);
+    let _ = closed_loop(&feedback, 4, Duration::from_millis(500)).await;
+    for c in [1usize, 32] {
+        let mut s = closed_loop(&feedback, c, duration).await;
+        row(feedback.name, &format!("closed c={c}"), &mut s);
+    }
+    let mut s = open_loop(&feedback, 5000.0, duration, 64).await;
+    row(feedback.name, "open 5000 rps", &mut s);
+    let mut alone = open_loop(&chat, 1000.0, duration, 64).await;
+    row(chat.name, "open 1000 rps", &mut alone);
+    let (mut beside, mut fb) = tokio::join!(
+        open_loop(&chat, 1000.0, duration, 64),
+        open_loop(&feedback, 5000.0, duration, 64)
+    );
+    row("chat + feedback 5000/s", "open 1000 rps", &mut beside);
+    row("feedback + chat 1000/s", "open 5000 rps", &mut fb);
+}
+
 fn row(name: &str, mode: &str, s: &mut Stats) {
     println!(
         "| {name:<22} | {mode:<16} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>6} |",
@@ -481,6 +532,11 @@ fn main() {
             targets.push(Target::chat(name, addr, None));
         }
     }
+    let feedback_gateway = args.iter().any(|a| a == "--feedback").then(|| {
+        let (p, addr) = start_gateway(dir.path(), "feedback", upstream, true, "");
+        extra_procs.push(p);
+        addr
+    });
     if let Some(bin) = &litellm {
         for (workers, name) in [(1, "litellm (1 worker)"), (2, "litellm (2 workers)")] {
             let (p, addr) = start_litellm(bin, dir.path(), upstream, workers);
@@ -499,6 +555,10 @@ fn main() {
     );
     println!("| target                 | load             | req/s     | p50 ms   | p90 ms   | p99 ms   | errors |");
     println!("|------------------------|------------------|-----------|----------|----------|----------|--------|");
+    if let Some(gw) = feedback_gateway {
+        targets.clear();
+        rt.block_on(feedback_runs(gw, duration));
+    }
     rt.block_on(async {
         for t in &targets {
             // Warm up connections and caches.
@@ -526,5 +586,12 @@ fn main() {
             .query_row("SELECT COUNT(*) FROM traffic", [], |r| r.get(0))
             .unwrap_or(-1);
         println!("flywheel traffic rows logged: {n}");
+    }
+    let db = dir.path().join("feedback").join("flywheel.db");
+    if let Ok(conn) = rusqlite::Connection::open(&db) {
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM feedback", [], |r| r.get(0))
+            .unwrap_or(-1);
+        println!("feedback rows kept: {n}");
     }
 }
