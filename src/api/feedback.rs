@@ -253,6 +253,20 @@ fn demonstration(value: &Value, request: &Value) -> Result<Value, ApiError> {
     Ok(message)
 }
 
+/// Checks that the log holds the request or episode: in memory for recent traffic, else in the
+/// database (see [`locate`]).
+async fn check_known(state: &AppState, about: &About) -> Result<(), ApiError> {
+    let log = state.gateway.log();
+    let recent = match about {
+        About::Request(id) => uuid::Uuid::parse_str(id).is_ok_and(|u| log.knows_request(&u)),
+        About::Episode(id) => log.knows_episode(id),
+    };
+    if recent {
+        return Ok(());
+    }
+    locate(state, about).await.map(|_| ())
+}
+
 /// The request's body as logged, or that the episode exists; waits for the traffic log to catch
 /// up once before calling an id unknown.
 async fn locate(state: &AppState, about: &About) -> Result<Value, ApiError> {
@@ -354,8 +368,15 @@ pub async fn create(
             "Feedback needs a 'metric' with its 'value', a 'comment' or a 'demonstration'.",
         ));
     }
-    let request = locate(&state, &about).await?;
-    let demonstration = demo.map(|d| demonstration(d, &request)).transpose()?;
+    // A demonstration is checked against the request's tools, so it reads the logged request;
+    // anything else only needs the request or episode to exist.
+    let demonstration = match demo {
+        Some(d) => Some(demonstration(d, &locate(&state, &about).await?)?),
+        None => {
+            check_known(&state, &about).await?;
+            None
+        }
+    };
     let (request_id, episode_id) = match about {
         About::Request(r) => (Some(r), None),
         About::Episode(e) => (None, Some(e)),

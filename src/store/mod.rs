@@ -192,7 +192,6 @@ CREATE TABLE feedback (
 );
 CREATE INDEX feedback_request ON feedback (request_id, ts_ms);
 CREATE INDEX feedback_episode ON feedback (episode_id, ts_ms);
-CREATE INDEX feedback_metric ON feedback (metric, ts_ms);
 "#,
 ];
 

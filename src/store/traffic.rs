@@ -2,10 +2,11 @@
 //! records to a bounded queue and never wait; a dedicated thread writes them in batched transactions.
 //! A full queue drops the record (counted in metrics and logged), it never stalls a response.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -104,6 +105,11 @@ impl TrafficRecord {
     }
 }
 
+fn lock(recent: &Mutex<Recent>) -> MutexGuard<'_, Recent> {
+    // A panic while remembering an id leaves nothing half-done that matters: take it back.
+    recent.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 enum Message {
     Entry(Entry),
     /// Answered once everything queued before it is committed.
@@ -142,6 +148,42 @@ struct Inner {
     tx: mpsc::Sender<Message>,
     capacity: usize,
     dropped: AtomicU64,
+    recent: Mutex<Recent>,
+}
+
+/// How many of the latest queued requests the log remembers by id.
+const RECENT_REQUESTS: usize = 200_000;
+
+/// The ids of the latest queued requests and their episodes, so feedback on them is checked in
+/// memory (no database read, and no wait for the writer's batch).
+#[derive(Default)]
+struct Recent {
+    requests: HashSet<uuid::Uuid>,
+    episodes: HashMap<String, usize>,
+    order: VecDeque<(uuid::Uuid, Option<String>)>,
+}
+
+impl Recent {
+    fn remember(&mut self, id: uuid::Uuid, episode: Option<String>) {
+        if let Some(e) = &episode {
+            *self.episodes.entry(e.clone()).or_default() += 1;
+        }
+        self.requests.insert(id);
+        self.order.push_back((id, episode));
+        if self.order.len() > RECENT_REQUESTS {
+            if let Some((old, episode)) = self.order.pop_front() {
+                self.requests.remove(&old);
+                if let Some(e) = episode {
+                    if let Some(n) = self.episodes.get_mut(&e) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.episodes.remove(&e);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Owns the writer thread; `close` drains the queue and waits for the last commit.
@@ -173,6 +215,7 @@ impl TrafficLog {
                 tx,
                 capacity,
                 dropped: AtomicU64::new(0),
+                recent: Mutex::new(Recent::default()),
             })),
         };
         Ok(TrafficWriter {
@@ -186,11 +229,13 @@ impl TrafficLog {
         let Some(inner) = &self.inner else {
             return true;
         };
+        let (id, episode) = (record.id, record.episode_id.clone());
         match inner
             .tx
             .try_send(Message::Entry(Entry::Traffic(Box::new(record))))
         {
             Ok(()) => {
+                lock(&inner.recent).remember(id, episode);
                 metrics::gauge!("flywheel_log_queue_depth").set(self.depth() as f64);
                 true
             }
@@ -205,6 +250,20 @@ impl TrafficLog {
                 false
             }
         }
+    }
+
+    /// Whether a request with this id was queued lately (its row is written or about to be).
+    pub fn knows_request(&self, id: &uuid::Uuid) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|i| lock(&i.recent).requests.contains(id))
+    }
+
+    /// Whether a request of this episode was queued lately.
+    pub fn knows_episode(&self, id: &str) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|i| lock(&i.recent).episodes.contains_key(id))
     }
 
     /// Queues feedback behind every record queued before it, waiting for room if the queue is
