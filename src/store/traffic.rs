@@ -677,6 +677,25 @@ pub fn served_exchanges(
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_log_remembers_the_latest_requests_and_their_episodes_and_forgets_the_oldest() {
+        let mut r = Recent::default();
+        let first = uuid::Uuid::now_v7();
+        r.remember(first, Some("task".into()));
+        let second = uuid::Uuid::now_v7();
+        r.remember(second, Some("task".into()));
+        for _ in 0..RECENT_REQUESTS - 1 {
+            r.remember(uuid::Uuid::now_v7(), None);
+        }
+        // The first is gone; the episode is still known through the second.
+        assert!(!r.requests.contains(&first) && r.requests.contains(&second));
+        assert_eq!(r.episodes.get("task"), Some(&1));
+        r.remember(uuid::Uuid::now_v7(), None);
+        assert!(!r.requests.contains(&second));
+        assert!(!r.episodes.contains_key("task"));
+        assert_eq!(r.order.len(), RECENT_REQUESTS);
+    }
+
     fn record(i: u32, response: Option<Value>) -> TrafficRecord {
         TrafficRecord {
             id: uuid::Uuid::now_v7(),
