@@ -18,10 +18,11 @@ async fn the_official_python_client_works_unchanged_against_the_gateway() {
         config.push_str(&route_toml(m, "mock", m, ""));
     }
     config.push_str("[[rails.configs]]\nname = \"pii\"\ndata = { rails = { input = { flows = [\"detect sensitive data on input\"] } } }\n");
+    config.push_str("[[metrics]]\nname = \"thumbs_up\"\ntype = \"boolean\"\n");
     let mut gw = GatewayProcess::start(&config);
     let stdout = run_script(python, "openai_compat.py", &[gw.url("/v1")]).await;
     assert!(
-        stdout.lines().filter(|l| l.starts_with("ok: ")).count() >= 16,
+        stdout.lines().filter(|l| l.starts_with("ok: ")).count() >= 19,
         "{stdout}"
     );
     assert!(gw.stop().success());
@@ -33,9 +34,18 @@ async fn the_official_python_client_works_unchanged_against_the_gateway() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    // Five served requests and three refused ones, all recorded.
-    assert_eq!(n, 8);
+    // Seven served requests and three refused ones, all recorded.
+    assert_eq!(n, 10);
     assert_eq!(workload, 1);
+    let (episode, feedback): (i64, i64) = gw
+        .db()
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM traffic WHERE episode_id = 'py-task'), (SELECT COUNT(*) FROM feedback)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((episode, feedback), (2, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

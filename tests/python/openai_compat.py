@@ -138,6 +138,29 @@ def main(base_url):
     ids = [m.id for m in client.models.list()]
     check("echo" in ids and "parallel" in ids, "models.list")
 
+    # An agent's task as one episode: by header, then by metadata; the response names it, and its
+    # request id takes feedback.
+    raw = client.chat.completions.with_raw_response.create(
+        model="echo",
+        messages=[{"role": "user", "content": "step one"}],
+        extra_headers={"x-episode-id": "py-task"},
+    )
+    check(raw.headers.get("x-episode-id") == "py-task", "episode id by extra_headers")
+    request_id = raw.headers.get("x-request-id")
+    raw = client.chat.completions.with_raw_response.create(
+        model="echo",
+        messages=[{"role": "user", "content": "step two"}],
+        metadata={"episode_id": "py-task"},
+    )
+    check(raw.headers.get("x-episode-id") == "py-task", "episode id by metadata")
+    import httpx
+
+    fb = httpx.post(
+        base_url + "/feedback",
+        json={"metric": "thumbs_up", "value": True, "request_id": request_id},
+    )
+    check(fb.status_code == 201 and fb.json()["request_id"] == request_id, "feedback on a request")
+
 
 if __name__ == "__main__":
     main(sys.argv[1])
