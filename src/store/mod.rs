@@ -190,8 +190,8 @@ CREATE TABLE feedback (
     comment TEXT,
     demonstration TEXT
 );
-CREATE INDEX feedback_request ON feedback (request_id, ts_ms);
-CREATE INDEX feedback_episode ON feedback (episode_id, ts_ms);
+CREATE INDEX feedback_request ON feedback (request_id, ts_ms) WHERE request_id IS NOT NULL;
+CREATE INDEX feedback_episode ON feedback (episode_id, ts_ms) WHERE episode_id IS NOT NULL;
 "#,
 ];
 

@@ -271,6 +271,12 @@ impl TrafficLog {
     pub async fn feedback(&self, feedback: Feedback) -> Result<(), QueueError> {
         let inner = self.inner.as_ref().ok_or(QueueError::Disabled)?;
         let message = Message::Entry(Entry::Feedback(Box::new(feedback)));
+        // Room in the queue is the usual case: no timer for it.
+        let message = match inner.tx.try_send(message) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(QueueError::Stopped),
+            Err(mpsc::error::TrySendError::Full(m)) => m,
+        };
         match tokio::time::timeout(FEEDBACK_WAIT, inner.tx.send(message)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(QueueError::Stopped),
