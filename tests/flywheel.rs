@@ -44,6 +44,9 @@ fn task(i: usize) -> (String, &'static str, &'static str) {
     (q.replace("{}", city), tool, city)
 }
 
+/// A boolean feedback metric about one request.
+const THUMBS_UP: &str = "\n[[metrics]]\nname = \"thumbs_up\"\ntype = \"boolean\"\n";
+
 fn tools() -> Value {
     let tool = |name: &str, what: &str| {
         json!({"type": "function", "function": {"name": name, "description": what,
@@ -563,16 +566,13 @@ async fn a_canary_that_users_like_less_is_rolled_back_by_its_feedback_guard() {
     // Only the feedback guard may roll this canary back.
     let mut config =
         config(&model, addr).replace("canary_min_agreement = 0.75", "canary_min_agreement = 0.0");
+    config.push_str(THUMBS_UP);
     config.push_str(
         r#"
 [[routes.flywheel.rollout.feedback_guards]]
 metric = "thumbs_up"
 margin = 0.1
 min_samples = 5
-
-[[metrics]]
-name = "thumbs_up"
-type = "boolean"
 "#,
     );
     let gw = GatewayProcess::start(&config);
@@ -796,12 +796,9 @@ async fn feedback_and_demonstrations_decide_what_a_run_teaches() {
     let (addr, _teacher) = start_teacher().await;
     let mut config =
         config(&model, addr).replace("new_tool_min_records = 48", "new_tool_min_records = 1000");
+    config.push_str(THUMBS_UP);
     config.push_str(
         r#"
-[[metrics]]
-name = "thumbs_up"
-type = "boolean"
-
 [[metrics]]
 name = "task_success"
 type = "boolean"

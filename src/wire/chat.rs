@@ -212,13 +212,17 @@ pub struct Labels {
 /// The longest episode id a client may send.
 pub const MAX_EPISODE_ID: usize = 256;
 
-/// A client's episode id (from `param`): 1 to 256 characters, none of them a control character.
+/// A client's episode id (from `param`): 1 to 256 printable ASCII characters (it is sent back in
+/// the `x-episode-id` header).
 pub fn episode_id(s: &str, param: &str) -> Result<String, ApiError> {
     let s = s.trim();
-    if s.is_empty() || s.chars().count() > MAX_EPISODE_ID || s.chars().any(char::is_control) {
+    if s.is_empty()
+        || s.len() > MAX_EPISODE_ID
+        || !s.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+    {
         return Err(ApiError::invalid_param(
             param,
-            format!("'{param}' must be 1 to {MAX_EPISODE_ID} characters, none of them control characters."),
+            format!("'{param}' must be 1 to {MAX_EPISODE_ID} printable ASCII characters."),
         ));
     }
     Ok(s.to_string())
@@ -625,6 +629,16 @@ fn validate_response_format(rf: Option<&Value>) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn episode_ids_are_printable_ascii_that_a_header_can_carry() {
+        assert_eq!(episode_id("  task-7 ", "x").unwrap(), "task-7");
+        assert_eq!(episode_id("agent run 12", "x").unwrap(), "agent run 12");
+        for bad in ["", "   ", "t\u{7}ask", "tâche", &"x".repeat(257)] {
+            let e = episode_id(bad, "metadata.episode_id").unwrap_err();
+            assert_eq!(e.body()["error"]["param"], "metadata.episode_id", "{bad:?}");
+        }
+    }
     use serde_json::json;
 
     fn check(v: Value) -> Result<ChatRequestInfo, ApiError> {

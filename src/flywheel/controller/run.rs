@@ -138,6 +138,10 @@ impl FlywheelController {
         details: &mut Value,
     ) -> Result<String, RunEnd> {
         self.stage(&plan.id, "curating", details)?;
+        // Traffic and feedback accepted before this point may still be queued: curate them too.
+        if let Err(e) = self.gateway.log().caught_up().await {
+            tracing::warn!(run = %plan.id, error = %e, "curating without waiting for the traffic log");
+        }
         let p = plan.clone();
         let metrics = self.config.metrics.clone();
         details["curation"] = self
