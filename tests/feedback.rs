@@ -339,3 +339,25 @@ async fn feedback_is_taken_before_the_log_writes_its_request_checked_and_listed(
         .unwrap();
     assert_eq!(rows, 5, "every accepted piece is kept, nothing refused is");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_without_a_traffic_log_is_refused_as_unavailable() {
+    let mock = MockUpstream::start().await;
+    let mut config = upstream_toml("mock", &mock.base_url(), "");
+    config.push_str(&route_toml("agent", "mock", "echo", ""));
+    config.push_str("[log]\nenabled = false\n");
+    config.push_str(METRICS);
+    let mut gw = GatewayProcess::start(&config);
+    let client = reqwest::Client::new();
+    let r = chat(&client, &gw, &user_request("agent", "hi"), &[]).await;
+    let id = header(&r, "x-request-id");
+    let (status, e) = feedback(
+        &client,
+        &gw,
+        json!({"metric": "thumbs_up", "value": true, "request_id": id}),
+    )
+    .await;
+    assert_eq!(status, 503, "{e}");
+    assert_eq!(e["error"]["code"], "feedback_unavailable", "{e}");
+    assert!(gw.stop().success());
+}

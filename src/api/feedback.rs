@@ -305,20 +305,12 @@ async fn locate(state: &AppState, about: &About) -> Result<Value, ApiError> {
 }
 
 fn queue_error(e: QueueError) -> ApiError {
-    match e {
-        QueueError::Disabled => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            format!("{e}: turn [log] enabled on."),
-        )
-        .with_code("feedback_unavailable"),
-        QueueError::Full | QueueError::Stopped => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            e.to_string(),
-        )
-        .with_code("feedback_unavailable"),
-    }
+    let message = match e {
+        QueueError::Disabled => format!("{e}: set [log] enabled = true."),
+        QueueError::Full | QueueError::Stopped => e.to_string(),
+    };
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+        .with_code("feedback_unavailable")
 }
 
 pub async fn create(
@@ -326,6 +318,9 @@ pub async fn create(
     caller: Inference,
     JsonObject(body): JsonObject,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if !state.gateway.log().enabled() {
+        return Err(queue_error(QueueError::Disabled));
+    }
     if let Some(k) = body.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(ApiError::invalid_param(
             k,

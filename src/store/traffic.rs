@@ -252,6 +252,11 @@ impl TrafficLog {
         }
     }
 
+    /// Whether records are written at all (logging is on).
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
     /// Whether a request with this id was queued lately (its row is written or about to be).
     pub fn knows_request(&self, id: &uuid::Uuid) -> bool {
         self.inner
