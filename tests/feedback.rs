@@ -338,6 +338,25 @@ async fn feedback_is_taken_before_the_log_writes_its_request_checked_and_listed(
         .query_row("SELECT COUNT(*) FROM feedback", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows, 5, "every accepted piece is kept, nothing refused is");
+    // The export carries each request's feedback beside it.
+    let out = gw.dir.path().join("export.jsonl");
+    let status = std::process::Command::new(bin())
+        .args(["logs", "export", "--config"])
+        .arg(&gw.config_path)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    let record: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(record["episode_id"], "trip-1");
+    assert_eq!(
+        record["feedback"].as_array().unwrap().len(),
+        4,
+        "{record:#}"
+    );
+    assert_eq!(record["feedback"][0]["comment"], "wrong city");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

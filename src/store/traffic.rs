@@ -599,6 +599,7 @@ pub fn export_jsonl(
             "api": row.get::<_, String>(28)?,
             "wire_request": json_col(29)?,
             "episode_id": row.get::<_, Option<String>>(30)?,
+            "feedback": super::feedback::for_request(conn, &id)?,
         });
         serde_json::to_writer(&mut *out, &line)?;
         out.write_all(b"\n")?;
