@@ -56,14 +56,7 @@ async fn feedback(client: &reqwest::Client, gw: &GatewayProcess, body: Value) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn episodes_are_minted_returned_stored_and_keep_a_canary_sticky() {
     let mock = MockUpstream::start().await;
-    let mut config = upstream_toml("mock", &mock.base_url(), "");
-    config.push_str(&route_toml(
-        "agent",
-        "mock",
-        "echo",
-        "canary = { target = { upstream = \"mock\", model = \"tools\" }, percent = 50.0 }",
-    ));
-    let mut gw = GatewayProcess::start(&config);
+    let mut gw = canary_gateway(&mock, 50.0);
     let client = reqwest::Client::new();
 
     // Without an episode, one is minted and returned.
@@ -339,17 +332,7 @@ async fn feedback_is_taken_before_the_log_writes_its_request_checked_and_listed(
         .unwrap();
     assert_eq!(rows, 5, "every accepted piece is kept, nothing refused is");
     // The export carries each request's feedback beside it.
-    let out = gw.dir.path().join("export.jsonl");
-    let status = std::process::Command::new(bin())
-        .args(["logs", "export", "--config"])
-        .arg(&gw.config_path)
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let text = std::fs::read_to_string(&out).unwrap();
-    let record: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let record = export_records(&gw).remove(0);
     assert_eq!(record["episode_id"], "trip-1");
     assert_eq!(
         record["feedback"].as_array().unwrap().len(),

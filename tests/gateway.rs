@@ -470,14 +470,7 @@ async fn bad_input_gets_clear_openai_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_split_is_sticky_and_close_to_its_percentage() {
     let mock = MockUpstream::start().await;
-    let mut config = upstream_toml("mock", &mock.base_url(), "");
-    config.push_str(&route_toml(
-        "agent",
-        "mock",
-        "echo",
-        "canary = { target = { upstream = \"mock\", model = \"tools\" }, percent = 30.0 }",
-    ));
-    let mut gw = GatewayProcess::start(&config);
+    let mut gw = canary_gateway(&mock, 30.0);
     let client = reqwest::Client::new();
     let mut canary = 0;
     let users = 300;
@@ -801,20 +794,7 @@ async fn models_health_metrics_and_export() {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
     }
     assert!(gw.stop().success());
-    let out = gw.dir.path().join("export.jsonl");
-    let status = std::process::Command::new(bin())
-        .args(["logs", "export", "--config"])
-        .arg(&gw.config_path)
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let text = std::fs::read_to_string(&out).unwrap();
-    let lines: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = export_records(&gw);
     assert_eq!(lines.len(), 1);
     let rec = &lines[0];
     assert!(rec["timestamp"].as_i64().unwrap() > 1_700_000_000);

@@ -654,6 +654,37 @@ pub fn route_toml(name: &str, upstream: &str, model: &str, extra: &str) -> Strin
     format!("[[routes]]\nname = \"{name}\"\nchampion = {{ upstream = \"{upstream}\", model = \"{model}\" }}\n{extra}\n")
 }
 
+/// A gateway with the route `agent` on the mock's `echo` and a canary on its `tools` taking
+/// `percent` of the traffic.
+pub fn canary_gateway(mock: &MockUpstream, percent: f64) -> GatewayProcess {
+    let mut config = upstream_toml("mock", &mock.base_url(), "");
+    config.push_str(&route_toml(
+        "agent",
+        "mock",
+        "echo",
+        &format!("canary = {{ target = {{ upstream = \"mock\", model = \"tools\" }}, percent = {percent:.1} }}"),
+    ));
+    GatewayProcess::start(&config)
+}
+
+/// `flywheel logs export` of a stopped gateway's log, one JSON value per record.
+pub fn export_records(gw: &GatewayProcess) -> Vec<Value> {
+    let out = gw.dir.path().join("export.jsonl");
+    let status = std::process::Command::new(bin())
+        .args(["logs", "export", "--config"])
+        .arg(&gw.config_path)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 pub fn user_request(model: &str, text: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": text}]})
 }
