@@ -28,7 +28,7 @@ const MAX_COMMENT_CHARS: usize = 65_536;
 
 /// What a piece of feedback is about.
 enum About {
-    Request(String),
+    Request(uuid::Uuid),
     Episode(String),
 }
 
@@ -50,7 +50,7 @@ impl About {
                         format!("'{r}' is not a request id (the x-request-id header of a response)."),
                     )
                 })?;
-                Ok(About::Request(id.to_string()))
+                Ok(About::Request(id))
             }
             (None, Some(e)) => Ok(About::Episode(crate::wire::chat::episode_id(&e, "episode_id")?)),
             (Some(_), Some(_)) => Err(ApiError::invalid_param(
@@ -258,7 +258,7 @@ fn demonstration(value: &Value, request: &Value) -> Result<Value, ApiError> {
 async fn check_known(state: &AppState, about: &About) -> Result<(), ApiError> {
     let log = state.gateway.log();
     let recent = match about {
-        About::Request(id) => uuid::Uuid::parse_str(id).is_ok_and(|u| log.knows_request(&u)),
+        About::Request(id) => log.knows_request(id),
         About::Episode(id) => log.knows_episode(id),
     };
     if recent {
@@ -273,7 +273,7 @@ async fn locate(state: &AppState, about: &About) -> Result<Value, ApiError> {
     for attempt in 0..2 {
         let found = match about {
             About::Request(id) => {
-                let id = id.clone();
+                let id = id.to_string();
                 with_db(state, move |c| Ok(feedback::request_of(c, &id)?))
                     .await?
                     .map(|(_, r)| r)
@@ -373,7 +373,7 @@ pub async fn create(
         }
     };
     let (request_id, episode_id) = match about {
-        About::Request(r) => (Some(r), None),
+        About::Request(r) => (Some(r.to_string()), None),
         About::Episode(e) => (None, Some(e)),
     };
     let kind = match (&metric, &demonstration) {
@@ -384,7 +384,7 @@ pub async fn create(
     let (metric, value) = metric.unzip();
     let stored = Feedback {
         id: uuid::Uuid::now_v7().to_string(),
-        ts_ms: now_ms(),
+        ts_ms: crate::store::runs::now_ms(),
         key_name: caller.0.name,
         request_id,
         episode_id,
@@ -428,10 +428,4 @@ pub async fn list(
             )),
         };
     Ok(Json(json!({"object": "list", "data": data})))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -417,7 +417,7 @@ impl Gateway {
         rec.workload_id = ctx.workload_id.clone();
         rec.client_id = ctx.client_id.clone();
         rec.session_id = ctx.session_id.clone();
-        rec.episode_id = Some(ctx.episode_id.clone().unwrap_or_else(new_episode_id));
+        rec.episode_id = ctx.episode_id.clone();
         let info = match validate(api, &body) {
             Ok(i) => i,
             Err(e) => return Err(self.fail(rec, body, started, e)),
@@ -427,9 +427,7 @@ impl Gateway {
         rec.client_id = rec.client_id.or(labels.client.clone());
         rec.session_id = rec.session_id.or(labels.session.clone());
         let episode = ctx.episode_id.clone().or(labels.episode.clone());
-        if let Some(e) = &episode {
-            rec.episode_id = Some(e.clone());
-        }
+        rec.episode_id = Some(episode.clone().unwrap_or_else(new_episode_id));
         // One agent task, one session or one user stays on one arm; a request with none of them
         // (its episode minted here) is drawn on its own, so a workload label cannot put a whole
         // workload on one arm.

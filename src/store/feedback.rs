@@ -176,6 +176,11 @@ impl FeedbackIndex {
         Ok(index)
     }
 
+    /// Whether nothing was said about the window's requests or episodes.
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty() && self.episodes.is_empty() && self.demonstrations.is_empty()
+    }
+
     /// The latest values about a request: its own, over its episode's.
     pub fn values(
         &self,

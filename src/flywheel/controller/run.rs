@@ -446,12 +446,18 @@ pub(super) fn curate_run(
     } else {
         Vec::new()
     };
-    let served_filter = ExportFilter {
-        include_shadow: false,
-        ..filter
-    };
-    let served = traffic::served_exchanges(conn, &served_filter, None).map_err(|e| failed(&e))?;
     let feedback = FeedbackIndex::load(conn, route, window.0, window.1).map_err(|e| failed(&e))?;
+    // The answers clients were served matter only through feedback on them: without any, the
+    // window is not read a second time.
+    let served = if feedback.is_empty() {
+        Vec::new()
+    } else {
+        let served_filter = ExportFilter {
+            include_shadow: false,
+            ..filter
+        };
+        traffic::served_exchanges(conn, &served_filter, None).map_err(|e| failed(&e))?
+    };
     let teacher_id = format!("{}:{}:{}", by.kind, by.backend, by.model);
     let assembled = sources::assemble(
         from_teacher,
