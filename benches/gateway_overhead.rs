@@ -456,10 +456,20 @@ async fn feedback_runs(gateway: SocketAddr, duration: Duration) {
     for _ in 0..3 {
         let mut alone = open_loop(&chat, 1000.0, duration, 64).await;
         row(chat.name, "open 1000 rps", &mut alone);
-        let (mut beside, mut fb) = tokio::join!(
-            open_loop(&chat, 1000.0, duration, 64),
-            open_loop(&feedback, 5000.0, duration, 64)
-        );
+        // The feedback clients are another program's: their own thread and runtime, so chat's
+        // clients never queue behind theirs in one executor (the OS shares the cores).
+        let other = feedback.clone();
+        let feedback_clients = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(open_loop(&other, 5000.0, duration, 64))
+        });
+        let mut beside = open_loop(&chat, 1000.0, duration, 64).await;
+        let mut fb = tokio::task::spawn_blocking(move || feedback_clients.join().unwrap())
+            .await
+            .unwrap();
         row("chat + feedback 5000/s", "open 1000 rps", &mut beside);
         row("feedback + chat 1000/s", "open 5000 rps", &mut fb);
         // The writer's backlog of feedback rows drains before the next chat-alone run.

@@ -363,3 +363,71 @@ async fn feedback_without_a_traffic_log_is_refused_as_unavailable() {
     assert_eq!(e["error"]["code"], "feedback_unavailable", "{e}");
     assert!(gw.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_names_a_stream_still_running_and_a_request_that_failed() {
+    let mock = MockUpstream::start().await;
+    let mut config = upstream_toml("mock", &mock.base_url(), "");
+    config.push_str(&route_toml("chatty", "mock", "endless", ""));
+    config.push_str(&route_toml("refusing", "mock", "bad-request", ""));
+    config.push_str(METRICS);
+    let mut gw = GatewayProcess::start(&config);
+    let client = reqwest::Client::new();
+
+    // A stream that has not ended (its row is written when it does): its id is known at once.
+    let mut body = user_request("chatty", "talk to me");
+    body["stream"] = json!(true);
+    let mut stream = chat(&client, &gw, &body, &[("x-episode-id", "long-talk")]).await;
+    assert_eq!(stream.status(), 200);
+    let streaming_id = header(&stream, "x-request-id");
+    assert!(stream.chunk().await.unwrap().is_some(), "the stream runs");
+    let (status, fb) = feedback(
+        &client,
+        &gw,
+        json!({"metric": "rating", "value": 2, "request_id": streaming_id}),
+    )
+    .await;
+    assert_eq!(status, 201, "{fb}");
+    let (status, fb) = feedback(
+        &client,
+        &gw,
+        json!({"metric": "task_success", "value": false, "episode_id": "long-talk"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{fb}");
+    // The client leaves mid-stream: the row says so (499).
+    drop(stream);
+
+    // A failed request names its record and episode too, in the error's headers.
+    let r = chat(
+        &client,
+        &gw,
+        &user_request("refusing", "hello"),
+        &[("x-episode-id", "refused-task")],
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(header(&r, "x-episode-id"), "refused-task");
+    let failed_id = header(&r, "x-request-id");
+    let (status, fb) = feedback(
+        &client,
+        &gw,
+        json!({"metric": "thumbs_up", "value": false, "request_id": failed_id, "comment": "it refused"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{fb}");
+
+    assert!(gw.stop().success());
+    let db = gw.db();
+    for (id, status) in [(&streaming_id, 499), (&failed_id, 400)] {
+        let (logged, feedback): (i64, i64) = db
+            .query_row(
+                "SELECT t.status, (SELECT COUNT(*) FROM feedback f WHERE f.request_id = t.id)
+                 FROM traffic t WHERE t.id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((logged, feedback), (status, 1), "{id}");
+    }
+}

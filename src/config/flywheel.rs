@@ -52,7 +52,8 @@ pub struct RouteFlywheelConfig {
     /// Usable records (after deduplication) a run needs.
     #[serde(default = "default_min_records")]
     pub min_records: usize,
-    /// Records newer than the last run a run needs; fewer and the run is skipped.
+    /// What a run needs that the last completed run did not have: teaching records newer than
+    /// it, plus requests and episodes that drew feedback since. Fewer and the run is skipped.
     #[serde(default = "default_min_new_records")]
     pub min_new_records: usize,
     #[serde(default = "default_validation_share")]

@@ -611,6 +611,7 @@ impl Gateway {
                 }) => {
                     let (tx, rx) = mpsc::channel(64);
                     let tags = Tags::of(&rec, resolution.arm);
+                    self.log.expect(rec.id, rec.episode_id.clone());
                     rec.request = Value::Object(body);
                     let pump = StreamPump {
                         gateway: self.clone(),
@@ -768,6 +769,7 @@ impl Gateway {
         metrics::counter!("flywheel_request_errors_total", "route" => rec.route.clone(), "status" => rec.status.to_string())
             .increment(1);
         self.observe(&rec);
+        let e = e.logged_as(rec.id.to_string(), rec.episode_id.clone());
         self.log.record(rec);
         e
     }

@@ -135,6 +135,14 @@ pub struct FeedbackIndex {
     pub requests: std::collections::HashMap<String, std::collections::BTreeMap<String, f64>>,
     pub episodes: std::collections::HashMap<String, std::collections::BTreeMap<String, f64>>,
     pub demonstrations: std::collections::HashMap<String, Value>,
+    /// When anything was last said about each request and each episode (its latest row).
+    said_ms: std::collections::HashMap<(Level, String), i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Level {
+    Request,
+    Episode,
 }
 
 impl FeedbackIndex {
@@ -145,7 +153,7 @@ impl FeedbackIndex {
         until_ms: i64,
     ) -> Result<Self, StoreError> {
         let mut stmt = conn.prepare(
-            "SELECT request_id, episode_id, metric, value, demonstration FROM feedback
+            "SELECT request_id, episode_id, metric, value, demonstration, ts_ms FROM feedback
              WHERE request_id IN (SELECT id FROM traffic WHERE route = ?1 AND ts_ms >= ?2 AND ts_ms < ?3)
                 OR episode_id IN (SELECT episode_id FROM traffic
                                   WHERE route = ?1 AND ts_ms >= ?2 AND ts_ms < ?3 AND episode_id IS NOT NULL)
@@ -159,26 +167,44 @@ impl FeedbackIndex {
             let metric: Option<String> = r.get(2)?;
             let value: Option<f64> = r.get(3)?;
             let demo: Option<String> = r.get(4)?;
+            let (level, key) = match (request, episode) {
+                (Some(q), _) => (Level::Request, q),
+                (None, Some(e)) => (Level::Episode, e),
+                (None, None) => continue,
+            };
             // Later rows overwrite earlier ones: the latest counts.
             if let (Some(m), Some(v)) = (metric, value) {
-                let about = match (&request, &episode) {
-                    (Some(q), _) => index.requests.entry(q.clone()).or_default(),
-                    (None, Some(e)) => index.episodes.entry(e.clone()).or_default(),
-                    (None, None) => continue,
+                let about = match level {
+                    Level::Request => &mut index.requests,
+                    Level::Episode => &mut index.episodes,
                 };
-                about.insert(m, v);
+                about.entry(key.clone()).or_default().insert(m, v);
             }
-            if let (Some(q), Some(d)) = (request, demo.and_then(|d| serde_json::from_str(&d).ok()))
+            if let (Level::Request, Some(d)) =
+                (level, demo.and_then(|d| serde_json::from_str(&d).ok()))
             {
-                index.demonstrations.insert(q, d);
+                index.demonstrations.insert(key.clone(), d);
             }
+            index.said_ms.insert((level, key), r.get(5)?);
         }
         Ok(index)
     }
 
     /// Whether nothing was said about the window's requests or episodes.
     pub fn is_empty(&self) -> bool {
-        self.requests.is_empty() && self.episodes.is_empty() && self.demonstrations.is_empty()
+        self.said_ms.is_empty()
+    }
+
+    /// How many requests and episodes drew feedback at or after `ms`.
+    pub fn judged_since(&self, ms: i64) -> usize {
+        self.said_ms.values().filter(|&&t| t >= ms).count()
+    }
+
+    /// Whether a request drew feedback at or after `ms`.
+    pub fn request_judged_since(&self, request: &str, ms: i64) -> bool {
+        self.said_ms
+            .get(&(Level::Request, request.to_string()))
+            .is_some_and(|&t| t >= ms)
     }
 
     /// The latest values about a request: its own, over its episode's.

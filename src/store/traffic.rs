@@ -165,10 +165,13 @@ struct Recent {
 
 impl Recent {
     fn remember(&mut self, id: uuid::Uuid, episode: Option<String>) {
+        // A stream is remembered when it starts and again when its row is queued.
+        if !self.requests.insert(id) {
+            return;
+        }
         if let Some(e) = &episode {
             *self.episodes.entry(e.clone()).or_default() += 1;
         }
-        self.requests.insert(id);
         self.order.push_back((id, episode));
         if self.order.len() > RECENT_REQUESTS {
             if let Some((old, episode)) = self.order.pop_front() {
@@ -249,6 +252,14 @@ impl TrafficLog {
                 tracing::warn!(dropped_total = n, "traffic record dropped: {why}");
                 false
             }
+        }
+    }
+
+    /// Remembers a request whose row is queued later (a stream, logged when it ends), so feedback
+    /// on it is taken while it is still running.
+    pub fn expect(&self, id: uuid::Uuid, episode: Option<String>) {
+        if let Some(inner) = &self.inner {
+            lock(&inner.recent).remember(id, episode);
         }
     }
 
@@ -695,6 +706,8 @@ mod tests {
         let first = uuid::Uuid::now_v7();
         r.remember(first, Some("task".into()));
         let second = uuid::Uuid::now_v7();
+        r.remember(second, Some("task".into()));
+        // A stream is remembered when it starts and when its row is queued: once.
         r.remember(second, Some("task".into()));
         for _ in 0..RECENT_REQUESTS - 1 {
             r.remember(uuid::Uuid::now_v7(), None);

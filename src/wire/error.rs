@@ -16,6 +16,16 @@ pub struct ApiError {
     pub code: Option<String>,
     /// A body to send verbatim instead of ours (an upstream's own well-formed error envelope).
     pub passthrough: Option<Box<Value>>,
+    /// The traffic record the failed request was logged as, and its episode: sent back as
+    /// `x-request-id` and `x-episode-id`, so feedback can name a failure too.
+    pub logged: Option<Box<Logged>>,
+}
+
+/// Where a failed request was logged.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub request_id: String,
+    pub episode_id: Option<String>,
 }
 
 impl ApiError {
@@ -27,6 +37,34 @@ impl ApiError {
             param: None,
             code: None,
             passthrough: None,
+            logged: None,
+        }
+    }
+
+    /// Names the traffic record (and the episode) the failed request was logged as.
+    pub fn logged_as(mut self, request_id: String, episode_id: Option<String>) -> Self {
+        self.logged = Some(Box::new(Logged {
+            request_id,
+            episode_id,
+        }));
+        self
+    }
+
+    /// Adds the `x-request-id` and `x-episode-id` headers of a logged failure.
+    fn tag(&self, response: &mut Response) {
+        let Some(logged) = self.logged.as_deref() else {
+            return;
+        };
+        let h = response.headers_mut();
+        if let Ok(v) = http::HeaderValue::from_str(&logged.request_id) {
+            h.insert("x-request-id", v);
+        }
+        if let Some(Ok(v)) = logged
+            .episode_id
+            .as_deref()
+            .map(http::HeaderValue::from_str)
+        {
+            h.insert("x-episode-id", v);
         }
     }
 
@@ -132,6 +170,7 @@ impl IntoResponse for ApiError {
                 http::HeaderValue::from_static("Bearer"),
             );
         }
+        self.tag(&mut resp);
         resp
     }
 }
@@ -164,7 +203,9 @@ pub fn anthropic_body(e: &ApiError) -> Value {
 
 /// The error as a response on Anthropic's Messages door.
 pub fn anthropic_response(e: &ApiError) -> Response {
-    (e.status, axum::Json(anthropic_body(e))).into_response()
+    let mut resp = (e.status, axum::Json(anthropic_body(e))).into_response();
+    e.tag(&mut resp);
+    resp
 }
 
 impl std::fmt::Display for ApiError {

@@ -478,14 +478,19 @@ pub(super) fn curate_run(
         })
         .max();
     if let Some(last) = last_until {
+        // New answers, and answers users judged since (a demonstration, a thumbs-down), are
+        // what a new run would learn differently.
         let new = assembled
             .taught
             .iter()
-            .filter(|t| t.exchange.ts_ms >= last)
-            .count();
+            .filter(|t| {
+                t.exchange.ts_ms >= last && !feedback.request_judged_since(&t.exchange.id, last)
+            })
+            .count()
+            + feedback.judged_since(last);
         if new < fw.min_new_records {
             return Err(RunEnd::Skipped(format!(
-                "only {new} teaching answers (the teacher's, {teacher}, demonstrations, answers with passing feedback) since the last completed run (need {})",
+                "only {new} new teaching answers (the teacher's, {teacher}, demonstrations, answers with passing feedback) or newly judged requests and episodes since the last completed run (need {})",
                 fw.min_new_records
             )));
         }
