@@ -16,7 +16,7 @@
 //! is the same mock (verdict cache off, so every request asks it), and the same with the cache on.
 //!
 //! With `--feedback`, instead of the targets above: on a gateway with a declared metric, chat at
-//! 1,000/s alone and while `POST /v1/feedback` arrives at 5,000/s beside it (three alternating
+//! 1,000/s alone and while `POST /v1/feedback` arrives at 5,000/s beside it (five alternating
 //! rounds), then feedback alone in closed loops.
 //!
 //! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN] [--also-without-log] [--rails] [--feedback]`
@@ -453,7 +453,7 @@ async fn feedback_runs(gateway: SocketAddr, duration: Duration) {
     let _ = closed_loop(&feedback, 4, Duration::from_millis(500)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Alone and beside, alternately: the VM's own drift weighs on both alike.
-    for _ in 0..3 {
+    for _ in 0..5 {
         let mut alone = open_loop(&chat, 1000.0, duration, 64).await;
         row(chat.name, "open 1000 rps", &mut alone);
         // The feedback clients are another program's: their own thread and runtime, so chat's
