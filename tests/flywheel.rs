@@ -918,3 +918,108 @@ async fn a_run_curates_and_trains_on_chat_responses_and_messages_traffic_alike()
         "{doors:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_requires_approval_holds_each_candidate_for_a_person() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (addr, teacher) = start_teacher().await;
+    let config = config(&model, addr)
+        .replace("new_tool_min_records = 48", "new_tool_min_records = 1000")
+        .replace("min_new_records = 10", "min_new_records = 0")
+        .replace(
+            "teacher_sample_rate = 1.0",
+            "teacher_sample_rate = 1.0\nrequire_approval = true",
+        );
+    let gw = GatewayProcess::start(&config);
+    let mut next = 0;
+    for _ in 0..CITIES.len() {
+        assert!(agent_request(&gw, next).await);
+        next += 1;
+    }
+    let act = |action: &str, reason: &str| {
+        call(
+            reqwest::Method::POST,
+            gw.url(&format!("/v1/flywheel/routes/agent/{action}")),
+            Some(json!({"reason": reason})),
+        )
+    };
+    let (st, v) = act("approve", "").await;
+    assert_eq!(st, 409, "nothing awaits approval yet: {v}");
+
+    // The first candidate passes its evaluation and waits; the route keeps serving as it was.
+    let (st, v) = call(
+        reqwest::Method::POST,
+        gw.url("/v1/flywheel/runs"),
+        Some(json!({"route": "agent"})),
+    )
+    .await;
+    assert_eq!(st, 202, "{v}");
+    let run = finished_run(&gw, 1, Duration::from_secs(240)).await;
+    assert_eq!(run["decision"]["promote"], true, "{run:#}");
+    let s = route_status(&gw).await;
+    assert_eq!(s["stage"], "awaiting_approval", "{s:#}");
+    assert_eq!(s["champion"]["upstream"], "big");
+    let held = s["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(held["action"], "await_approval", "{held}");
+    assert_eq!(held["run_id"], run["id"]);
+    assert!(held["numbers"]["checks"].is_array(), "{held}");
+    let calls = teacher.calls.load(Ordering::Relaxed);
+    for _ in 0..6 {
+        assert!(agent_request(&gw, next).await);
+        next += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(teacher.calls.load(Ordering::Relaxed), calls + 6);
+    assert_eq!(route_status(&gw).await["stage"], "awaiting_approval");
+    let (st, v) = act("promote", "").await;
+    assert_eq!(st, 409, "{v}");
+
+    // A person turns it down: the route is idle on its champion, and the record says why.
+    let (st, v) = act("reject", "not before the holiday freeze").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["stage"], "idle", "{v:#}");
+    let last = v["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (
+            last["action"].as_str(),
+            last["from"].as_str(),
+            last["to"].as_str()
+        ),
+        (Some("reject"), Some("awaiting_approval"), Some("idle")),
+        "{last}"
+    );
+    assert!(last["reason"].as_str().unwrap().contains("holiday freeze"));
+    let (st, _) = act("reject", "").await;
+    assert_eq!(st, 409);
+
+    // The next candidate is approved: its shadow stage begins.
+    let (st, v) = call(
+        reqwest::Method::POST,
+        gw.url("/v1/flywheel/runs"),
+        Some(json!({"route": "agent"})),
+    )
+    .await;
+    assert_eq!(st, 202, "{v}");
+    let run = finished_run(&gw, 2, Duration::from_secs(240)).await;
+    assert_eq!(run["decision"]["promote"], true, "{run:#}");
+    assert_eq!(route_status(&gw).await["stage"], "awaiting_approval");
+    let (st, v) = act("approve", "reviewed the evaluation table").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["stage"], "shadow", "{v:#}");
+    let actions: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["await_approval", "reject", "await_approval", "approve"],
+        "{v:#}"
+    );
+    assert_eq!(
+        v["candidate"]["adapter"],
+        run["details"]["curation"]["dataset"]
+    );
+}

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod chat_completions;
 pub mod completions;
 pub mod customization;
+pub mod dashboard;
 pub mod evaluation;
 pub mod extract;
 pub mod feedback;
@@ -158,6 +159,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/flywheel/routes/{route}/{action}",
             post(runs::route_action),
         )
+        .route("/v1/dashboard/overview", get(dashboard::overview))
+        .route("/v1/dashboard/traffic", get(dashboard::traffic))
+        .route("/v1/dashboard/traffic/{id}", get(dashboard::exchange))
         .route("/admin/routes", get(admin::list_routes))
         .route(
             "/admin/routes/{name}",

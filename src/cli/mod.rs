@@ -66,7 +66,8 @@ pub enum Command {
     Run(remote::RunArgs),
     /// Flywheel runs on a running gateway: the list, or one in full.
     Runs(remote::RunsArgs),
-    /// A route's rollout on a running gateway: status, promote, rollback, pause, resume.
+    /// A route's rollout on a running gateway: status, promote, rollback, pause, resume, approve,
+    /// reject.
     Rollout {
         #[command(subcommand)]
         command: remote::RolloutCommand,

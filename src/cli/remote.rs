@@ -60,6 +60,10 @@ pub enum RolloutCommand {
     Pause(RolloutAction),
     /// Lift a hold.
     Resume(RolloutAction),
+    /// Let a candidate awaiting approval start its rollout (shadow first).
+    Approve(RolloutAction),
+    /// Turn down a candidate awaiting approval.
+    Reject(RolloutAction),
 }
 
 #[derive(Args, Debug)]
@@ -207,6 +211,8 @@ pub fn rollout_command(c: RolloutCommand) -> anyhow::Result<()> {
         RolloutCommand::Rollback(a) => ("rollback", a),
         RolloutCommand::Pause(a) => ("pause", a),
         RolloutCommand::Resume(a) => ("resume", a),
+        RolloutCommand::Approve(a) => ("approve", a),
+        RolloutCommand::Reject(a) => ("reject", a),
     };
     let v = call(
         &a.remote,

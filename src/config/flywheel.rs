@@ -184,6 +184,10 @@ pub struct RolloutPlan {
     /// by more than `margin`, at one-sided 95%, is rolled back.
     #[serde(default)]
     pub feedback_guards: Vec<FeedbackGuard>,
+    /// A candidate that passed its evaluation waits in `awaiting_approval` until someone with
+    /// admin scope approves it (its shadow stage begins) or rejects it.
+    #[serde(default)]
+    pub require_approval: bool,
 }
 
 /// A canary guard on a feedback metric (`[[routes.flywheel.rollout.feedback_guards]]`).
@@ -281,6 +285,7 @@ impl Default for RolloutPlan {
             teacher_sample_rate: default_teacher_rate(),
             starved_after_secs: default_starved_after(),
             feedback_guards: Vec::new(),
+            require_approval: false,
         }
     }
 }

@@ -5,7 +5,9 @@ pub mod entities;
 pub mod feedback;
 pub mod guardrails;
 pub mod responses;
+pub mod rollup;
 pub mod runs;
+pub mod search;
 pub mod traffic;
 
 use std::path::{Path, PathBuf};
@@ -192,6 +194,27 @@ CREATE TABLE feedback (
 );
 CREATE INDEX feedback_request ON feedback (request_id, ts_ms) WHERE request_id IS NOT NULL;
 CREATE INDEX feedback_episode ON feedback (episode_id, ts_ms) WHERE episode_id IS NOT NULL;
+"#,
+    // 7: per-minute rollups of the traffic, kept by the writer with the rows (see store::rollup).
+    r#"
+CREATE TABLE traffic_minutes (
+    minute_ms INTEGER NOT NULL,
+    route TEXT NOT NULL,
+    arm TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    blocked INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    compared INTEGER NOT NULL,
+    agreed_names INTEGER NOT NULL,
+    agreed_args INTEGER NOT NULL,
+    parse_failures INTEGER NOT NULL,
+    latency TEXT NOT NULL,
+    ttft TEXT NOT NULL,
+    overhead TEXT NOT NULL,
+    PRIMARY KEY (minute_ms, route, arm)
+);
 "#,
 ];
 

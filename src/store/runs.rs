@@ -165,6 +165,9 @@ pub enum Stage {
     Shadow,
     /// The candidate serves a sticky share of the traffic.
     Canary,
+    /// The candidate passed its evaluation and waits for a person to approve it
+    /// (`require_approval`); only the champion serves.
+    AwaitingApproval,
 }
 
 impl Stage {
@@ -173,6 +176,7 @@ impl Stage {
             Stage::Idle => "idle",
             Stage::Shadow => "shadow",
             Stage::Canary => "canary",
+            Stage::AwaitingApproval => "awaiting_approval",
         }
     }
 }

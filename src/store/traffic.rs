@@ -435,12 +435,17 @@ fn commit(conn: &mut Connection, batch: &[Entry]) {
 
 fn write_batch(conn: &mut Connection, batch: &[Entry]) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
+    let mut rollup = super::rollup::Rollup::default();
     for entry in batch {
         match entry {
-            Entry::Traffic(r) => insert(&tx, r)?,
+            Entry::Traffic(r) => {
+                insert(&tx, r)?;
+                rollup.add(r);
+            }
             Entry::Feedback(f) => super::feedback::insert(&tx, f)?,
         }
     }
+    rollup.write(&tx)?;
     tx.commit()?;
     Ok(())
 }
@@ -523,6 +528,13 @@ pub struct ExportFilter {
     pub include_shadow: bool,
 }
 
+/// The columns `record_json` reads, in its order.
+const RECORD_COLUMNS: &str =
+    "id, ts_ms, workload_id, client_id, session_id, route, target_kind, target,
+    target_model, adapter, arm, shadow_of, attempts, stream, status, error, latency_ms, ttft_ms,
+    upstream_ms, prompt_tokens, completion_tokens, total_tokens, finish_reason, rails,
+    tool_name_agreement, tool_args_agreement, request, response, api, wire_request, episode_id";
+
 /// Writes the log as JSONL in the NVIDIA Data Flywheel Blueprint record schema (`timestamp`,
 /// `workload_id`, `client_id`, `request`, `response`) plus Flywheel's own fields. Returns the count.
 pub fn export_jsonl(
@@ -530,18 +542,14 @@ pub fn export_jsonl(
     filter: &ExportFilter,
     out: &mut dyn Write,
 ) -> Result<u64, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT id, ts_ms, workload_id, client_id, session_id, route, target_kind, target, target_model,
-                adapter, arm, shadow_of, attempts, stream, status, error, latency_ms, ttft_ms, upstream_ms,
-                prompt_tokens, completion_tokens, total_tokens, finish_reason, rails,
-                tool_name_agreement, tool_args_agreement, request, response, api, wire_request,
-                episode_id
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {RECORD_COLUMNS}
          FROM traffic
          WHERE (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
            AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
            AND (?5 OR arm != 'shadow')
-         ORDER BY ts_ms, id",
-    )?;
+         ORDER BY ts_ms, id"
+    ))?;
     let mut rows = stmt.query(params![
         filter.workload_id,
         filter.route,
@@ -549,74 +557,99 @@ pub fn export_jsonl(
         filter.until_ms,
         filter.include_shadow
     ])?;
-    let mut calls_stmt = conn.prepare_cached(
-        "SELECT choice_index, call_index, call_id, name, arguments, arguments_valid_json
-         FROM tool_calls WHERE traffic_id = ?1 ORDER BY choice_index, call_index",
-    )?;
     let mut n = 0u64;
     while let Some(row) = rows.next()? {
-        let id: String = row.get(0)?;
-        let ts_ms: i64 = row.get(1)?;
-        let json_col = |i: usize| -> Result<Value, rusqlite::Error> {
-            let s: Option<String> = row.get(i)?;
-            Ok(s.and_then(|s| serde_json::from_str(&s).ok())
-                .unwrap_or(Value::Null))
-        };
-        let calls: Vec<Value> = calls_stmt
-            .query_map([&id], |c| {
-                Ok(json!({
-                    "choice_index": c.get::<_, i64>(0)?,
-                    "index": c.get::<_, i64>(1)?,
-                    "id": c.get::<_, Option<String>>(2)?,
-                    "name": c.get::<_, String>(3)?,
-                    "arguments": c.get::<_, String>(4)?,
-                    "arguments_valid_json": c.get::<_, bool>(5)?,
-                }))
-            })?
-            .collect::<Result<_, _>>()?;
-        let line = json!({
-            "timestamp": ts_ms / 1000,
-            "workload_id": row.get::<_, Option<String>>(2)?,
-            "client_id": row.get::<_, Option<String>>(3)?,
-            "request": json_col(26)?,
-            "response": json_col(27)?,
-            "id": id,
-            "timestamp_ms": ts_ms,
-            "session_id": row.get::<_, Option<String>>(4)?,
-            "route": row.get::<_, String>(5)?,
-            "target_kind": row.get::<_, Option<String>>(6)?,
-            "target": row.get::<_, Option<String>>(7)?,
-            "target_model": row.get::<_, Option<String>>(8)?,
-            "adapter": row.get::<_, Option<String>>(9)?,
-            "arm": row.get::<_, String>(10)?,
-            "shadow_of": row.get::<_, Option<String>>(11)?,
-            "attempts": row.get::<_, i64>(12)?,
-            "stream": row.get::<_, bool>(13)?,
-            "status": row.get::<_, i64>(14)?,
-            "error": json_col(15)?,
-            "latency_ms": row.get::<_, f64>(16)?,
-            "ttft_ms": row.get::<_, Option<f64>>(17)?,
-            "upstream_ms": row.get::<_, Option<f64>>(18)?,
-            "usage": {
-                "prompt_tokens": row.get::<_, Option<i64>>(19)?,
-                "completion_tokens": row.get::<_, Option<i64>>(20)?,
-                "total_tokens": row.get::<_, Option<i64>>(21)?,
-            },
-            "finish_reason": row.get::<_, Option<String>>(22)?,
-            "rails": json_col(23)?,
-            "tool_name_agreement": row.get::<_, Option<bool>>(24)?,
-            "tool_args_agreement": row.get::<_, Option<bool>>(25)?,
-            "tool_calls": calls,
-            "api": row.get::<_, String>(28)?,
-            "wire_request": json_col(29)?,
-            "episode_id": row.get::<_, Option<String>>(30)?,
-            "feedback": super::feedback::for_request(conn, &id)?,
-        });
-        serde_json::to_writer(&mut *out, &line)?;
+        serde_json::to_writer(&mut *out, &record_json(conn, row)?)?;
         out.write_all(b"\n")?;
         n += 1;
     }
     Ok(n)
+}
+
+/// One logged exchange in full, and the shadow answers given beside it (oldest first).
+pub fn exchange(conn: &Connection, id: &str) -> Result<Option<(Value, Vec<Value>)>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {RECORD_COLUMNS} FROM traffic WHERE id = ?1"
+    ))?;
+    let mut rows = stmt.query([id])?;
+    let Some(row) = rows.next()? else {
+        return Ok(None);
+    };
+    let record = record_json(conn, row)?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {RECORD_COLUMNS} FROM traffic WHERE shadow_of = ?1 ORDER BY ts_ms"
+    ))?;
+    let mut rows = stmt.query([id])?;
+    let mut shadows = Vec::new();
+    while let Some(row) = rows.next()? {
+        shadows.push(record_json(conn, row)?);
+    }
+    Ok(Some((record, shadows)))
+}
+
+/// A row of `RECORD_COLUMNS` as its export record, with its tool calls and feedback.
+fn record_json(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<Value, StoreError> {
+    let id: String = row.get(0)?;
+    let ts_ms: i64 = row.get(1)?;
+    let json_col = |i: usize| -> Result<Value, rusqlite::Error> {
+        let s: Option<String> = row.get(i)?;
+        Ok(s.and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(Value::Null))
+    };
+    let calls: Vec<Value> = conn
+        .prepare_cached(
+            "SELECT choice_index, call_index, call_id, name, arguments, arguments_valid_json
+             FROM tool_calls WHERE traffic_id = ?1 ORDER BY choice_index, call_index",
+        )?
+        .query_map([&id], |c| {
+            Ok(json!({
+                "choice_index": c.get::<_, i64>(0)?,
+                "index": c.get::<_, i64>(1)?,
+                "id": c.get::<_, Option<String>>(2)?,
+                "name": c.get::<_, String>(3)?,
+                "arguments": c.get::<_, String>(4)?,
+                "arguments_valid_json": c.get::<_, bool>(5)?,
+            }))
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(json!({
+        "timestamp": ts_ms / 1000,
+        "workload_id": row.get::<_, Option<String>>(2)?,
+        "client_id": row.get::<_, Option<String>>(3)?,
+        "request": json_col(26)?,
+        "response": json_col(27)?,
+        "id": id,
+        "timestamp_ms": ts_ms,
+        "session_id": row.get::<_, Option<String>>(4)?,
+        "route": row.get::<_, String>(5)?,
+        "target_kind": row.get::<_, Option<String>>(6)?,
+        "target": row.get::<_, Option<String>>(7)?,
+        "target_model": row.get::<_, Option<String>>(8)?,
+        "adapter": row.get::<_, Option<String>>(9)?,
+        "arm": row.get::<_, String>(10)?,
+        "shadow_of": row.get::<_, Option<String>>(11)?,
+        "attempts": row.get::<_, i64>(12)?,
+        "stream": row.get::<_, bool>(13)?,
+        "status": row.get::<_, i64>(14)?,
+        "error": json_col(15)?,
+        "latency_ms": row.get::<_, f64>(16)?,
+        "ttft_ms": row.get::<_, Option<f64>>(17)?,
+        "upstream_ms": row.get::<_, Option<f64>>(18)?,
+        "usage": {
+            "prompt_tokens": row.get::<_, Option<i64>>(19)?,
+            "completion_tokens": row.get::<_, Option<i64>>(20)?,
+            "total_tokens": row.get::<_, Option<i64>>(21)?,
+        },
+        "finish_reason": row.get::<_, Option<String>>(22)?,
+        "rails": json_col(23)?,
+        "tool_name_agreement": row.get::<_, Option<bool>>(24)?,
+        "tool_args_agreement": row.get::<_, Option<bool>>(25)?,
+        "tool_calls": calls,
+        "api": row.get::<_, String>(28)?,
+        "wire_request": json_col(29)?,
+        "episode_id": row.get::<_, Option<String>>(30)?,
+        "feedback": super::feedback::for_request(conn, &id)?,
+    }))
 }
 
 /// The number of rows in the traffic table (used by tests and the CLI summary).

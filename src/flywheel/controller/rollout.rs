@@ -221,9 +221,35 @@ impl FlywheelController {
         self.apply(conn, state, Stage::Idle, before, "rollback", why, numbers)
     }
 
+    /// Holds a candidate that passed its evaluation until a person approves or rejects it; the
+    /// route keeps serving as it is.
+    pub(super) fn hold_for_approval(
+        &self,
+        conn: &rusqlite::Connection,
+        state: &mut RouteState,
+        why: &str,
+        numbers: Value,
+    ) -> Result<(), FlywheelError> {
+        let why = format!("{why}; awaiting approval (require_approval)");
+        let event = event(
+            state,
+            Stage::AwaitingApproval,
+            "await_approval",
+            &why,
+            numbers,
+        );
+        fstore::insert_event(conn, &event)?;
+        tracing::info!(route = %state.route, reason = %why, "rollout transition: a candidate awaits approval");
+        state.stage = Stage::AwaitingApproval;
+        state.stage_started_ms = event.at_ms;
+        fstore::put_state(conn, state)?;
+        Ok(())
+    }
+
     /// Manual control: `promote` moves a candidate one stage on (shadow → canary → champion),
     /// `rollback` returns to the rollout before the candidate (or before the last promotion),
-    /// `pause` holds automatic transitions (guards still roll back), `resume` lifts the hold.
+    /// `pause` holds automatic transitions (guards still roll back), `resume` lifts the hold,
+    /// `approve` starts the rollout of a candidate awaiting approval and `reject` turns it down.
     pub fn act(&self, route: &str, action: &str, reason: &str) -> Result<Value, FlywheelError> {
         let (rc, _) = self.route(route)?;
         let conn = self.conn()?;
@@ -241,7 +267,28 @@ impl FlywheelController {
             }
             ("promote", _, _) => {
                 return Err(FlywheelError::Conflict(format!(
-                    "Route '{route}' has no candidate rolling out; nothing to promote."
+                    "Route '{route}' has no candidate rolling out; nothing to promote (a candidate awaiting approval is approved with 'approve')."
+                )))
+            }
+            ("approve", Stage::AwaitingApproval, Some(c)) => {
+                let plan = rc.flywheel.as_ref().map(|f| f.rollout.clone()).unwrap_or_default();
+                let rollout = promote::shadow_rollout(&state.installed, &c, &plan);
+                self.apply(&conn, &mut state, Stage::Shadow, rollout, "approve", &why, numbers)?;
+            }
+            ("reject", Stage::AwaitingApproval, Some(_)) => {
+                state.before = None;
+                state.candidate = None;
+                state.candidate_tools.clear();
+                let e = event(&state, Stage::Idle, "reject", &why, numbers);
+                fstore::insert_event(&conn, &e)?;
+                state.stage = Stage::Idle;
+                state.stage_started_ms = e.at_ms;
+                fstore::put_state(&conn, &state)?;
+            }
+            ("approve" | "reject", _, _) => {
+                return Err(FlywheelError::Conflict(format!(
+                    "Route '{route}' has no candidate awaiting approval (its stage is {}).",
+                    state.stage.as_str()
                 )))
             }
             ("rollback", _, _) => {
@@ -259,7 +306,7 @@ impl FlywheelController {
             }
             _ => {
                 return Err(FlywheelError::Invalid(format!(
-                    "Unknown action '{action}' (promote, rollback, pause, resume)."
+                    "Unknown action '{action}' (promote, rollback, pause, resume, approve, reject)."
                 )))
             }
         }

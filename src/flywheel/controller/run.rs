@@ -316,9 +316,8 @@ impl FlywheelController {
         let promote = decision.promote && void.is_none();
         if promote {
             let candidate = plan.candidate();
-            let rollout = promote::shadow_rollout(&state.installed, &candidate, &plan.fw.rollout);
             state.before = Some(state.installed.clone());
-            state.candidate = Some(candidate);
+            state.candidate = Some(candidate.clone());
             state.candidate_tools = details
                 .pointer("/curation/tools")
                 .and_then(Value::as_array)
@@ -327,16 +326,24 @@ impl FlywheelController {
                 .filter_map(|t| t.as_str().map(str::to_string))
                 .collect();
             state.run_id = Some(plan.id.clone());
-            self.apply(
-                conn,
-                &mut state,
-                Stage::Shadow,
-                rollout,
-                "shadow",
-                &decision.reason,
-                numbers,
-            )
-            .map_err(|e| RunEnd::Failed(format!("starting the shadow stage failed: {e}")))?;
+            if plan.fw.rollout.require_approval {
+                // Nothing changes on the route until a person decides.
+                self.hold_for_approval(conn, &mut state, &decision.reason, numbers)
+                    .map_err(|e| failed(&e))?;
+            } else {
+                let rollout =
+                    promote::shadow_rollout(&state.installed, &candidate, &plan.fw.rollout);
+                self.apply(
+                    conn,
+                    &mut state,
+                    Stage::Shadow,
+                    rollout,
+                    "shadow",
+                    &decision.reason,
+                    numbers,
+                )
+                .map_err(|e| RunEnd::Failed(format!("starting the shadow stage failed: {e}")))?;
+            }
         } else {
             let reason = record["reason"].as_str().unwrap_or("");
             let mut event = event(&state, state.stage, "reject", reason, numbers);

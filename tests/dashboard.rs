@@ -1,0 +1,189 @@
+//! The dashboard's data API over real HTTP: per-minute rollups kept by the traffic writer answer
+//! the overview (totals, series, arms, the targets serving now) and agree with the traffic log;
+//! bad parameters are 400s naming the parameter.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+async fn overview(gw: &GatewayProcess, query: &str) -> (u16, Value) {
+    let r = reqwest::get(gw.url(&format!("/v1/dashboard/overview{query}")))
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+fn route<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == name)
+        .unwrap_or_else(|| panic!("no route {name} in {v:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_counts_what_the_log_holds_per_route_arm_and_minute() {
+    let mock = MockUpstream::start().await;
+    let mut config = upstream_toml("mock", &mock.base_url(), "");
+    config.push_str(&route_toml("alpha", "mock", "echo", ""));
+    config.push_str(&route_toml("beta", "mock", "bad-request", ""));
+    let gw = GatewayProcess::start(&config);
+    let client = reqwest::Client::new();
+    for (name, n) in [("alpha", 5), ("beta", 3)] {
+        for i in 0..n {
+            let r = client
+                .post(gw.url("/v1/chat/completions"))
+                .json(&user_request(name, &format!("hello {i}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().is_success(), name == "alpha");
+        }
+    }
+
+    // The writer is batched: the rollups land with the rows.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        let (st, v) = overview(&gw, "").await;
+        assert_eq!(st, 200, "{v}");
+        if route(&v, "alpha")["totals"]["requests"] == 5
+            && route(&v, "beta")["totals"]["requests"] == 3
+        {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "{v:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(v["window"], "1h");
+    assert_eq!(v["step_ms"], 60_000);
+    let alpha = route(&v, "alpha");
+    let t = &alpha["totals"];
+    assert_eq!(
+        (t["errors"].as_u64(), t["error_rate"].as_f64()),
+        (Some(0), Some(0.0)),
+        "{t}"
+    );
+    assert!(t["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{t}");
+    assert!(t["latency_ms"]["p95"].as_f64() >= t["latency_ms"]["p50"].as_f64());
+    assert!(
+        t["overhead_ms"]["p50"].as_f64().is_some(),
+        "upstream answers have an overhead: {t}"
+    );
+    assert!(t["prompt_tokens"].as_u64().unwrap() > 0, "{t}");
+    assert_eq!(alpha["arms"]["champion"]["requests"], 5);
+    assert_eq!(alpha["rollout"]["champion"]["upstream"], "mock");
+    let in_series: u64 = alpha["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            assert!(p["t_ms"].as_i64().unwrap() >= v["since_ms"].as_i64().unwrap());
+            p["requests"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(in_series, 5);
+    let beta = &route(&v, "beta")["totals"];
+    assert_eq!(
+        (beta["errors"].as_u64(), beta["error_rate"].as_f64()),
+        (Some(3), Some(1.0))
+    );
+
+    // One route, a longer window.
+    let (st, one) = overview(&gw, "?route=beta&window=1d").await;
+    assert_eq!(st, 200, "{one}");
+    assert_eq!(one["routes"].as_array().unwrap().len(), 1);
+    assert_eq!(one["step_ms"], 900_000);
+    assert_eq!(route(&one, "beta")["totals"]["requests"], 3);
+
+    // Bad parameters name themselves.
+    for (query, param) in [("?window=2y", "window"), ("?route=gamma", "route")] {
+        let (st, e) = overview(&gw, query).await;
+        assert_eq!(st, 400, "{query}: {e}");
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
+    let (st, e) = overview(&gw, "?since=yesterday").await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (400, Some("invalid_query")),
+        "{e}"
+    );
+
+    // The traffic search: text, route, status and paging; one exchange in full.
+    let search = |q: &str| {
+        let url = gw.url(&format!("/v1/dashboard/traffic{q}"));
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (st, found) = search("?q=hello%203&route=alpha").await;
+    assert_eq!(st, 200, "{found}");
+    let rows = found["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{found:#}");
+    assert_eq!(rows[0]["prompt"], "hello 3");
+    let (_, errors) = search("?status=error").await;
+    assert_eq!(errors["data"].as_array().unwrap().len(), 3);
+    assert!(errors["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["route"] == "beta" && r["status"] == 400));
+    let (_, page) = search("?route=alpha&limit=2").await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    let next = page["next_until_ms"].as_i64().unwrap();
+    let (_, rest) = search(&format!("?route=alpha&until_ms={next}&limit=10")).await;
+    assert!(rest["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["ts_ms"].as_i64().unwrap() < next));
+    let id = rows[0]["id"].as_str().unwrap();
+    let (st, one) = {
+        let r = reqwest::get(gw.url(&format!("/v1/dashboard/traffic/{id}")))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(st, 200, "{one}");
+    assert_eq!(
+        one["exchange"]["request"]["messages"][0]["content"],
+        "hello 3"
+    );
+    assert!(one["shadows"].as_array().unwrap().is_empty());
+    let r = reqwest::get(gw.url("/v1/dashboard/traffic/nope"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    for (query, param) in [
+        ("?status=teapot", "status"),
+        ("?limit=0", "limit"),
+        ("?arm=sideways", "arm"),
+        ("?route=gamma", "route"),
+        ("?since_ms=20&until_ms=10", "since_ms"),
+    ] {
+        let (st, e) = search(query).await;
+        assert_eq!(st, 400, "{query}: {e}");
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
+
+    // The rollups survive a restart and agree with the rows.
+    let gw = gw.restart();
+    let (_, v) = overview(&gw, "?route=alpha").await;
+    assert_eq!(route(&v, "alpha")["totals"]["requests"], 5);
+    let rows: i64 = gw
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM traffic WHERE route = 'alpha'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 5);
+}
