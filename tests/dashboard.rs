@@ -77,7 +77,11 @@ async fn the_overview_counts_what_the_log_holds_per_route_arm_and_minute() {
         "upstream answers have an overhead: {t}"
     );
     assert!(t["prompt_tokens"].as_u64().unwrap() > 0, "{t}");
-    assert_eq!(alpha["arms"]["champion"]["requests"], 5);
+    assert_eq!(alpha["arms"]["champion"]["totals"]["requests"], 5);
+    assert_eq!(
+        alpha["arms"]["champion"]["series"].as_array().map(Vec::len),
+        alpha["series"].as_array().map(Vec::len)
+    );
     assert_eq!(alpha["rollout"]["champion"]["upstream"], "mock");
     let in_series: u64 = alpha["series"]
         .as_array()
@@ -186,4 +190,186 @@ async fn the_overview_counts_what_the_log_holds_per_route_arm_and_minute() {
         )
         .unwrap();
     assert_eq!(rows, 5);
+}
+
+/// Whether Debian's chromium and chromium-driver are installed (scripts/test.sh installs them).
+fn browser_installed() -> bool {
+    std::path::Path::new("/usr/bin/chromium").exists()
+        && std::path::Path::new("/usr/bin/chromedriver").exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_in_a_real_browser() {
+    if !browser_installed() {
+        println!("SKIPPED: chromium and chromium-driver are not installed (scripts/test.sh installs them with apt-get)");
+        return;
+    }
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    flywheel::engine::testing::write_tiny_llama_with_template(
+        &model,
+        candle_core::quantized::GgmlDType::F32,
+        17,
+        flywheel::engine::testing::TINY_TOOLS_TEMPLATE,
+    );
+    let mock = MockUpstream::start().await;
+    let mut config = format!(
+        r#"
+[flywheel]
+schedule = ""
+check_interval_secs = 0.2
+
+[[models]]
+name = "tiny"
+path = "{model}"
+weights = "f32"
+context_length = 2048
+max_batch = 8
+"#,
+        model = path_str(&model)
+    );
+    config.push_str(&upstream_toml("mock", &mock.base_url(), ""));
+    config.push_str(&route_toml("plain", "mock", "echo", ""));
+    config.push_str(&route_toml("agent", "mock", "agent", ""));
+    config.push_str(
+        r#"
+[routes.flywheel]
+student = "tiny"
+min_records = 30
+min_new_records = 0
+validation_share = 0.1
+test_share = 0.25
+seed = 3
+hyperparameters = { epochs = 40, batch_size = 6, learning_rate = 0.01, lora = { adapter_dim = 8 } }
+
+[routes.flywheel.policy]
+metric = "function_name_accuracy"
+min_test_items = 8
+teacher_margin = 0.3
+max_tool_regression = 0.35
+max_parse_failure_increase = 0.2
+
+[routes.flywheel.rollout]
+agreement_on = "names"
+shadow_sample_rate = 1.0
+shadow_min_samples = 1000
+canary_percent = 50.0
+canary_min_requests = 1000
+canary_mirror_rate = 1.0
+guard_min_requests = 1000
+
+[routes.flywheel.drift]
+new_tool_min_records = 100000
+"#,
+    );
+    let gw = GatewayProcess::start(&config);
+    let client = reqwest::Client::new();
+    let send = |route: &'static str, text: String| {
+        let client = client.clone();
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            let mut body = user_request(route, &text);
+            if route == "agent" {
+                body["tools"] = weather_tools();
+            }
+            let r = client.post(url).json(&body).send().await.unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+            r.headers()["x-request-id"].to_str().unwrap().to_string()
+        }
+    };
+
+    // Traffic on two routes, a prompt carrying a script, a run, and a canary.
+    let mut agent_ids = Vec::new();
+    for i in 0..40 {
+        agent_ids.push(
+            send(
+                "agent",
+                format!("what is the weather like in town number {i}?"),
+            )
+            .await,
+        );
+    }
+    let known = "where did my parcel 4417 go";
+    send("plain", known.to_string()).await;
+    send(
+        "plain",
+        "<script>window.__pwned = 1</script> pwned?".to_string(),
+    )
+    .await;
+    for i in 0..5 {
+        send("plain", format!("small talk {i}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = client
+        .post(gw.url("/v1/flywheel/runs"))
+        .json(&serde_json::json!({"route": "agent"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let run_id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let run = loop {
+        let run: Value = reqwest::get(gw.url(&format!("/v1/flywheel/runs/{run_id}")))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if run["status"] != "running" {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "{run:#}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        run["decision"]["promote"],
+        true,
+        "{run:#}\n{}",
+        gw.log_text()
+    );
+    for _ in 0..4 {
+        send("agent", "shadowed question".to_string()).await;
+    }
+    let r = client
+        .post(gw.url("/v1/flywheel/routes/agent/promote"))
+        .json(&serde_json::json!({"reason": "straight to canary for the dashboard test"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for i in 0..16 {
+        send("agent", format!("canary question {i}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-screenshots");
+    let out = run_script(
+        python,
+        "dashboard_browser.py",
+        &[
+            gw.url(""),
+            run_id,
+            agent_ids[0].clone(),
+            known.to_string(),
+            path_str(&shots),
+        ],
+    )
+    .await;
+    println!("{out}");
+    assert!(out.contains("ok rollback"), "{out}");
+    for page in [
+        "overview", "traffic", "runs", "run", "rollouts", "adapters", "rails", "jobs",
+    ] {
+        assert!(
+            shots.join(format!("{page}.png")).exists(),
+            "no screenshot of {page}"
+        );
+    }
 }

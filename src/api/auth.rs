@@ -9,6 +9,58 @@ use sha2::{Digest, Sha256};
 use crate::config::{AuthConfig, Scope};
 use crate::wire::error::ApiError;
 
+/// The cookie the dashboard's login keeps an API key in (HttpOnly, SameSite=Strict).
+pub const SESSION_COOKIE: &str = "flywheel_key";
+
+/// The header a browser page adds to the changes it sends with the session cookie: another site's
+/// page cannot set it.
+pub const CSRF_HEADER: &str = "x-flywheel-csrf";
+
+/// The key in the session cookie, if the request carries one.
+pub fn session_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, key)| key.trim())
+        .filter(|k| !k.is_empty())
+}
+
+/// Refuses a change (a method other than GET, HEAD, OPTIONS) sent with the session cookie but
+/// without the page's CSRF header, and an admin change a browser sends from another site's page
+/// (which, on loopback without keys, would need no credentials at all).
+pub fn check_csrf(
+    method: &http::Method,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> Result<(), ApiError> {
+    if matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    ) {
+        return Ok(());
+    }
+    let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    if scope == Scope::Admin && matches!(site, Some("cross-site" | "same-site")) {
+        return Err(
+            ApiError::forbidden("A change sent by another site's page is refused.")
+                .with_code("csrf"),
+        );
+    }
+    let bearer =
+        headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key("x-api-key");
+    if !bearer && session_key(headers).is_some() && !headers.contains_key(CSRF_HEADER) {
+        return Err(ApiError::forbidden(format!(
+            "A change sent with the dashboard's session cookie needs the '{CSRF_HEADER}' header."
+        ))
+        .with_code("csrf"));
+    }
+    Ok(())
+}
+
 /// The peer address of a connection, put on each request by the server loop.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
@@ -83,6 +135,7 @@ impl Authenticator {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+            .or_else(|| session_key(headers))
             .map(str::trim)
             .filter(|k| !k.is_empty());
         let principal = match presented {
@@ -199,5 +252,29 @@ mod tests {
     #[test]
     fn hash_round_trips() {
         assert_eq!(unhex(&hash_key("x")).map(|d| hex(&d)), Some(hash_key("x")));
+    }
+
+    #[test]
+    fn the_session_cookie_authenticates_and_changes_need_the_page_header() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::COOKIE,
+            "theme=dark; flywheel_key=sk-app".parse().unwrap(),
+        );
+        assert_eq!(session_key(&h), Some("sk-app"));
+        let far = Some("10.0.0.9:5".parse().unwrap());
+        assert!(auth(false).authorize(&h, far, Scope::Inference).is_ok());
+        let post = http::Method::POST;
+        assert!(check_csrf(&http::Method::GET, &h, Scope::Admin).is_ok());
+        assert_eq!(
+            check_csrf(&post, &h, Scope::Inference).unwrap_err().status,
+            http::StatusCode::FORBIDDEN
+        );
+        h.insert(CSRF_HEADER, "1".parse().unwrap());
+        assert!(check_csrf(&post, &h, Scope::Admin).is_ok());
+        // Another site's page may not change anything through an admin endpoint, key or not.
+        h.insert("sec-fetch-site", "cross-site".parse().unwrap());
+        assert!(check_csrf(&post, &h, Scope::Admin).is_err());
+        assert!(check_csrf(&post, &bearer("sk-app"), Scope::Admin).is_ok());
     }
 }

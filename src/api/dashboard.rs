@@ -86,47 +86,61 @@ pub async fn overview(
     })))
 }
 
-/// One route's totals, series and arms. Shadow answers are counted under their arm but left out
-/// of the totals: they are not what clients were served.
+/// One route's totals, series and arms (each with its own series). Shadow answers are counted
+/// under their arm but left out of the totals: they are not what clients were served.
 fn route_overview<'a>(
     name: &str,
     rollout: Value,
     rows: impl Iterator<Item = &'a (i64, String, String, Minute)>,
     (since, until, step): (i64, i64, i64),
 ) -> Value {
-    let mut total = Minute::default();
-    let mut by_arm: BTreeMap<&str, Minute> = BTreeMap::new();
-    let mut by_step: BTreeMap<i64, Minute> = BTreeMap::new();
+    let mut total = Spans::default();
+    let mut by_arm: BTreeMap<&str, Spans> = BTreeMap::new();
     for (minute, _, arm, m) in rows {
-        by_arm.entry(arm.as_str()).or_default().merge(m);
+        let at = minute - (minute - since).rem_euclid(step);
+        by_arm.entry(arm.as_str()).or_default().add(at, m);
         if arm != "shadow" {
-            total.merge(m);
-            by_step
-                .entry(minute - (minute - since).rem_euclid(step))
-                .or_default()
-                .merge(m);
+            total.add(at, m);
         }
     }
     let seconds = ((until - since) / 1000) as f64;
-    let series: Vec<Value> = by_step
-        .iter()
-        .map(|(t, m)| {
-            let mut v = figures(m, step as f64 / 1000.0);
-            v["t_ms"] = json!(t);
-            v
-        })
-        .collect();
+    let step_secs = step as f64 / 1000.0;
     let arms: BTreeMap<&str, Value> = by_arm
         .iter()
-        .map(|(a, m)| (*a, figures(m, seconds)))
+        .map(|(a, s)| (*a, s.json(seconds, step_secs)))
         .collect();
-    json!({
-        "route": name,
-        "rollout": rollout,
-        "totals": figures(&total, seconds),
-        "arms": arms,
-        "series": series,
-    })
+    let mut v = total.json(seconds, step_secs);
+    v["route"] = json!(name);
+    v["rollout"] = rollout;
+    v["arms"] = json!(arms);
+    v
+}
+
+/// A window's figures in total and per step.
+#[derive(Default)]
+struct Spans {
+    total: Minute,
+    steps: BTreeMap<i64, Minute>,
+}
+
+impl Spans {
+    fn add(&mut self, at: i64, m: &Minute) {
+        self.total.merge(m);
+        self.steps.entry(at).or_default().merge(m);
+    }
+
+    fn json(&self, seconds: f64, step_secs: f64) -> Value {
+        let series: Vec<Value> = self
+            .steps
+            .iter()
+            .map(|(t, m)| {
+                let mut v = figures(m, step_secs);
+                v["t_ms"] = json!(t);
+                v
+            })
+            .collect();
+        json!({"totals": figures(&self.total, seconds), "series": series})
+    }
 }
 
 /// The figures of a span of `seconds`.

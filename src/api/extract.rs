@@ -35,6 +35,7 @@ pub struct Caller {
 }
 
 fn scoped(state: &AppState, parts: &Parts, scope: Scope) -> Result<Principal, ApiError> {
+    super::auth::check_csrf(&parts.method, &parts.headers, scope)?;
     state.auth.authorize(&parts.headers, peer(parts), scope)
 }
 

@@ -20,6 +20,7 @@ pub mod models;
 pub mod responses;
 pub mod runs;
 pub mod server;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -162,6 +163,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/dashboard/overview", get(dashboard::overview))
         .route("/v1/dashboard/traffic", get(dashboard::traffic))
         .route("/v1/dashboard/traffic/{id}", get(dashboard::exchange))
+        .route("/ui", get(ui::root))
+        .route("/ui/", get(ui::page))
+        .route("/ui/assets/{name}", get(ui::asset))
+        .route("/ui/login", post(ui::login))
+        .route("/ui/logout", post(ui::logout))
+        .route("/ui/{*view}", get(ui::page))
         .route("/admin/routes", get(admin::list_routes))
         .route(
             "/admin/routes/{name}",

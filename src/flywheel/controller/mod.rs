@@ -255,7 +255,14 @@ impl FlywheelController {
         let state = self.state(conn, route)?;
         let live = stage_stats(conn, &state)?;
         let events = fstore::list_events(conn, Some(route), None)?;
+        let plan = self
+            .route(route)?
+            .0
+            .flywheel
+            .as_ref()
+            .map(|f| f.rollout.clone());
         Ok(json!({
+            "plan": plan,
             "route": route,
             "stage": state.stage,
             "paused": state.paused,
