@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests (real binary, real HTTP,
-# real SQLite, the official Python `openai` client in a virtualenv the tests create under target/),
+# real SQLite, the official Python `openai` client in a virtualenv the tests create under target/,
+# the dashboard in Debian's headless Chromium, installed here when missing),
 # the CUDA kernels compiled for sm_80/sm_90 (toolchain from NVIDIA's PyPI wheels) and run through
 # the CPU emulation, then the `cuda` feature built and its GPU tests (skipped without a GPU).
 set -euo pipefail
@@ -9,6 +10,19 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }
 command -v python3 >/dev/null || { echo "python3 is required for the OpenAI client compatibility test"; exit 1; }
 command -v g++ >/dev/null || { echo "g++ (C++20) is required for the CUDA kernel emulation tests"; exit 1; }
+
+# The dashboard's browser test drives Debian's headless Chromium through its chromedriver.
+if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  if command -v apt-get >/dev/null; then
+    $SUDO apt-get install -y chromium chromium-driver >/dev/null \
+      || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y chromium chromium-driver >/dev/null; } \
+      || echo "could not install chromium and chromium-driver: the dashboard's browser test will say it skipped"
+  else
+    echo "chromium and chromium-driver are missing (no apt-get): the dashboard's browser test will say it skipped"
+  fi
+fi
 
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
