@@ -34,9 +34,10 @@ async fn the_overview_counts_what_the_log_holds_per_route_arm_and_minute() {
     let mut config = upstream_toml("mock", &mock.base_url(), "");
     config.push_str(&route_toml("alpha", "mock", "echo", ""));
     config.push_str(&route_toml("beta", "mock", "bad-request", ""));
+    config.push_str(&route_toml("gamma", "mock", "tools", ""));
     let gw = GatewayProcess::start(&config);
     let client = reqwest::Client::new();
-    for (name, n) in [("alpha", 5), ("beta", 3)] {
+    for (name, n) in [("alpha", 5), ("beta", 3), ("gamma", 2)] {
         for i in 0..n {
             let r = client
                 .post(gw.url("/v1/chat/completions"))
@@ -44,7 +45,7 @@ async fn the_overview_counts_what_the_log_holds_per_route_arm_and_minute() {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(r.status().is_success(), name == "alpha");
+            assert_eq!(r.status().is_success(), name != "beta");
         }
     }
 
@@ -107,7 +108,7 @@ async fn the_overview_counts_what_the_log_holds_per_route_arm_and_minute() {
     assert_eq!(route(&one, "beta")["totals"]["requests"], 3);
 
     // Bad parameters name themselves.
-    for (query, param) in [("?window=2y", "window"), ("?route=gamma", "route")] {
+    for (query, param) in [("?window=2y", "window"), ("?route=omega", "route")] {
         let (st, e) = overview(&gw, query).await;
         assert_eq!(st, 400, "{query}: {e}");
         assert_eq!(e["error"]["param"], param, "{e}");
@@ -139,6 +140,20 @@ async fn the_overview_counts_what_the_log_holds_per_route_arm_and_minute() {
         .unwrap()
         .iter()
         .all(|r| r["route"] == "beta" && r["status"] == 400));
+    let (_, called) = search("?tool=get_weather").await;
+    let called = called["data"].as_array().unwrap();
+    assert_eq!(called.len(), 2, "{called:?}");
+    assert!(called
+        .iter()
+        .all(|r| r["route"] == "gamma" && r["tools"] == serde_json::json!(["get_weather"])));
+    let (_, none) = search("?tool=get_time&route=gamma").await;
+    assert!(none["data"].as_array().unwrap().is_empty());
+    let (_, unchecked) = search("?verdict=none&route=alpha").await;
+    assert_eq!(
+        unchecked["data"].as_array().unwrap().len(),
+        5,
+        "no rail checks these routes"
+    );
     let (_, page) = search("?route=alpha&limit=2").await;
     assert_eq!(page["data"].as_array().unwrap().len(), 2);
     let next = page["next_until_ms"].as_i64().unwrap();
@@ -169,7 +184,7 @@ async fn the_overview_counts_what_the_log_holds_per_route_arm_and_minute() {
         ("?status=teapot", "status"),
         ("?limit=0", "limit"),
         ("?arm=sideways", "arm"),
-        ("?route=gamma", "route"),
+        ("?route=omega", "route"),
         ("?since_ms=20&until_ms=10", "since_ms"),
     ] {
         let (st, e) = search(query).await;

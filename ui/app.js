@@ -258,6 +258,7 @@ function routeCard(r, v) {
 // ---- traffic -------------------------------------------------------------------------------
 
 const FILTERS = ["route", "workload", "arm", "status", "tool", "verdict", "q"];
+const SPANS = { "1h": 3600e3, "1d": 86400e3, "1w": 7 * 86400e3, "30d": 30 * 86400e3 };
 
 async function trafficPage(parts, params) {
   if (parts[0]) return exchangePage(parts[0]);
@@ -284,12 +285,18 @@ async function trafficPage(parts, params) {
     field("tool", text("tool", "tool name")),
     field("rails verdict", select("verdict", ["blocked", "allowed", "none"])),
     field("text in the request", text("q", "search…")),
+    field("within the last", (() => {
+      const s = el("select", { name: "span" }, Object.keys(SPANS).map((k) => el("option", { value: k }, k)));
+      s.value = params.get("span") || "1d";
+      return s;
+    })()),
     el("button", { class: "primary", type: "submit" }, "Search"));
   const results = el("div");
   app.replaceChildren(el("h1", {}, "Traffic"), form, results);
   const query = new URLSearchParams();
   for (const k of FILTERS) if (params.get(k)) query.set(k, params.get(k));
   if (params.get("until_ms")) query.set("until_ms", params.get("until_ms"));
+  query.set("since_ms", String(Date.now() - (SPANS[params.get("span")] || SPANS["1d"])));
   try {
     const v = await api("/v1/dashboard/traffic?" + query);
     const rows = v.data.map((r) => [
@@ -303,7 +310,7 @@ async function trafficPage(parts, params) {
     ]);
     results.replaceChildren(
       v.data.length ? table(["time", "route", "arm", "status", { label: "latency", num: true }, "tools", "rails", "prompt"], rows) : el("p", { class: "muted" }, "No request matches."),
-      v.next_until_ms ? el("p", {}, link(`/ui/traffic?${new URLSearchParams([...query.entries()].filter(([k]) => k !== "until_ms").concat([["until_ms", v.next_until_ms]]))}`, "Older →")) : null);
+      v.next_until_ms ? el("p", {}, link(`/ui/traffic?${new URLSearchParams([...params.entries()].filter(([k]) => k !== "until_ms").concat([["until_ms", v.next_until_ms]]))}`, "Older →")) : null);
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) throw e;
     results.replaceChildren(errorBox(e));

@@ -196,10 +196,13 @@ pub struct TrafficParams {
 }
 
 const ARMS: &[&str] = &["champion", "canary", "shadow", "direct"];
+/// How far back a search looks when it names no `since_ms`.
+const DEFAULT_SEARCH_SPAN_MS: i64 = 24 * 3_600_000;
 const MAX_PAGE: usize = 500;
 
-/// `GET /v1/dashboard/traffic`: exchanges matching every filter given, newest first; page on with
-/// `until_ms` set to the response's `next_until_ms`.
+/// `GET /v1/dashboard/traffic`: exchanges matching every filter given, newest first, over the last
+/// day unless `since_ms` says otherwise; page on with `until_ms` set to the response's
+/// `next_until_ms`.
 pub async fn traffic(
     State(state): State<Arc<AppState>>,
     _: Admin,
@@ -274,8 +277,12 @@ fn traffic_query(state: &AppState, p: TrafficParams) -> Result<TrafficQuery, Api
             format!("'limit' is 1 to {MAX_PAGE}."),
         ));
     }
+    // Searches are bounded in time, like a log viewer's: the last day unless told otherwise.
+    let since_ms = p.since_ms.unwrap_or_else(|| {
+        p.until_ms.unwrap_or_else(crate::store::runs::now_ms) - DEFAULT_SEARCH_SPAN_MS
+    });
     Ok(TrafficQuery {
-        since_ms: p.since_ms,
+        since_ms: Some(since_ms),
         until_ms: p.until_ms,
         route,
         workload: text("workload", p.workload, 256)?,

@@ -215,6 +215,7 @@ CREATE TABLE traffic_minutes (
     overhead TEXT NOT NULL,
     PRIMARY KEY (minute_ms, route, arm)
 );
+CREATE INDEX traffic_errors_ts ON traffic (ts_ms) WHERE status >= 400;
 "#,
 ];
 

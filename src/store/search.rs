@@ -57,15 +57,11 @@ pub fn search(conn: &Connection, q: &TrafficQuery) -> Result<Vec<Value>, StoreEr
     if let Some(a) = &q.arm {
         push("t.arm = ?", Sql::Text(a.clone()));
     }
-    match q.status {
-        Some(StatusFilter::Ok) => push("t.status < ?", Sql::Integer(400)),
-        Some(StatusFilter::Error) => push("t.status >= ?", Sql::Integer(400)),
-        Some(StatusFilter::Exactly(s)) => push("t.status = ?", Sql::Integer(s.into())),
-        None => {}
-    }
     if let Some(tool) = &q.tool {
+        // `+c.name`: each row's calls are found by the primary key, not by scanning every call
+        // of that name.
         push(
-            "EXISTS (SELECT 1 FROM tool_calls c WHERE c.traffic_id = t.id AND c.name = ?)",
+            "EXISTS (SELECT 1 FROM tool_calls c WHERE c.traffic_id = t.id AND +c.name = ?)",
             Sql::Text(tool.clone()),
         );
     }
@@ -83,18 +79,34 @@ pub fn search(conn: &Connection, q: &TrafficQuery) -> Result<Vec<Value>, StoreEr
             Sql::Text(text.clone()),
         );
     }
+    // Literal bounds, so the partial index on failed requests can serve `error`.
+    match q.status {
+        Some(StatusFilter::Ok) => clauses.push("t.status < 400"),
+        Some(StatusFilter::Error) => clauses.push("t.status >= 400"),
+        Some(StatusFilter::Exactly(s)) => {
+            clauses.push("t.status = ?");
+            args.push(Sql::Integer(s.into()));
+        }
+        None => {}
+    }
     let filter = if clauses.is_empty() {
         String::new()
     } else {
         format!("WHERE {}", clauses.join(" AND "))
     };
     args.push(Sql::Integer(q.limit as i64));
+    // Failures are few: walking their partial index beats walking a route's every request.
+    let index = if q.status == Some(StatusFilter::Error) {
+        "INDEXED BY traffic_errors_ts"
+    } else {
+        ""
+    };
     let sql = format!(
         "SELECT t.id, t.ts_ms, t.route, t.arm, t.status, t.latency_ms, t.target, t.adapter, t.api,
                 t.workload_id, t.episode_id, json_extract(t.rails, '$.status'),
                 (SELECT group_concat(c.name, ',') FROM tool_calls c WHERE c.traffic_id = t.id),
                 t.request
-         FROM traffic t {filter} ORDER BY t.ts_ms DESC LIMIT ?"
+         FROM traffic t {index} {filter} ORDER BY t.ts_ms DESC LIMIT ?"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
