@@ -55,11 +55,11 @@ fn record(i: usize, now: i64, rows: usize) -> TrafficRecord {
     r.latency_ms = 20.0 + (i % 97) as f64;
     r.upstream_ms = Some(r.latency_ms - 0.3);
     r.ttft_ms = Some(r.latency_ms);
-    if i % 50 == 0 {
+    if i.is_multiple_of(50) {
         r.status = 502;
         r.error = Some(json!({"error": {"message": "upstream failed"}}));
     } else {
-        let tool = if i % 2 == 0 {
+        let tool = if i.is_multiple_of(2) {
             "get_weather"
         } else {
             "get_time"
@@ -71,7 +71,7 @@ fn record(i: usize, now: i64, rows: usize) -> TrafficRecord {
             "usage": {"prompt_tokens": 60, "completion_tokens": 12, "total_tokens": 72}
         }));
     }
-    if i % 100 == 0 {
+    if i.is_multiple_of(100) {
         r.rails = Some(json!({"status": "blocked"}));
     }
     if r.arm == "shadow" {
