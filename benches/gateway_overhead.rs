@@ -19,7 +19,10 @@
 //! 1,000/s alone and while `POST /v1/feedback` arrives at 5,000/s beside it (five alternating
 //! rounds), then feedback alone in closed loops.
 //!
-//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN] [--also-without-log] [--rails] [--feedback]`
+//! With `--dashboard`: chat at 1,000/s alone and with the dashboard's Overview page open (its
+//! data calls every 5 s), three alternating rounds.
+//!
+//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN] [--also-without-log] [--rails] [--feedback] [--dashboard]`
 //! (`benches/overhead.sh` installs LiteLLM and runs the comparison.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -433,6 +436,59 @@ async fn request_id(addr: SocketAddr) -> String {
     resp.headers()["x-request-id"].to_str().unwrap().to_string()
 }
 
+/// `--dashboard`: chat at 1,000/s alone and with the dashboard's Overview page open (its data
+/// call every 5 s, as the page makes it), three alternating rounds.
+async fn dashboard_runs(gateway: SocketAddr, duration: Duration) {
+    let chat = Target::chat("flywheel (chat)", gateway, None);
+    let _ = closed_loop(&chat, 4, Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        let mut alone = open_loop(&chat, 1000.0, duration, 64).await;
+        row("chat, no dashboard", "open 1000 rps", &mut alone);
+        // The page's poller is another program: its own thread.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let page = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut polls = 0u32;
+                let mut sender = connect(gateway).await;
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    for path in ["/v1/dashboard/overview?window=1h"] {
+                        sender.ready().await.unwrap();
+                        let req = Request::get(path)
+                            .header("host", gateway.to_string())
+                            .body(Full::new(Bytes::new()))
+                            .unwrap();
+                        let resp = sender.send_request(req).await.unwrap();
+                        let _ = resp.into_body().collect().await;
+                    }
+                    polls += 1;
+                    for _ in 0..50 {
+                        if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                polls
+            })
+        });
+        let mut beside = open_loop(&chat, 1000.0, duration, 64).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let polls = tokio::task::spawn_blocking(move || page.join().unwrap())
+            .await
+            .unwrap();
+        row(
+            &format!("chat, Overview open ({polls})"),
+            "open 1000 rps",
+            &mut beside,
+        );
+    }
+}
+
 /// `--feedback`: feedback alone, then chat alone and beside feedback at 5,000/s.
 async fn feedback_runs(gateway: SocketAddr, duration: Duration) {
     let id = request_id(gateway).await;
@@ -575,6 +631,10 @@ fn main() {
     if let Some(gw) = feedback_gateway {
         targets.clear();
         rt.block_on(feedback_runs(gw, duration));
+    }
+    if args.iter().any(|a| a == "--dashboard") {
+        targets.clear();
+        rt.block_on(dashboard_runs(gateway, duration));
     }
     rt.block_on(async {
         for t in &targets {
