@@ -247,8 +247,22 @@ max_batch = 8
         model = path_str(&model)
     );
     config.push_str(&upstream_toml("mock", &mock.base_url(), ""));
-    config.push_str(&route_toml("plain", "mock", "echo", ""));
+    config.push_str(&route_toml(
+        "plain",
+        "mock",
+        "echo",
+        "guardrails = \"rules\"",
+    ));
     config.push_str(&route_toml("agent", "mock", "agent", ""));
+    config.push_str(
+        r#"
+[[rails.configs]]
+name = "rules"
+[rails.configs.data]
+rails.input.flows = ["detect sensitive data on input", "regex check input"]
+rails.config.regex_detection.input.patterns = ["(?i)drop\\s+table"]
+"#,
+    );
     config.push_str(
         r#"
 [routes.flywheel]
@@ -317,6 +331,18 @@ new_tool_min_records = 100000
     for i in 0..5 {
         send("plain", format!("small talk {i}")).await;
     }
+    // The rails block one request (its category shows on the Rails page).
+    let r = client
+        .post(gw.url("/v1/chat/completions"))
+        .json(&user_request("plain", "please drop table users"))
+        .send()
+        .await
+        .unwrap();
+    let blocked = r.text().await.unwrap();
+    assert!(
+        blocked.contains("rail") || blocked.contains("content_filter") || blocked.contains("block"),
+        "{blocked}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = client
         .post(gw.url("/v1/flywheel/runs"))

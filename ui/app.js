@@ -520,12 +520,33 @@ async function railsPage(_, params) {
     const v = await api(`/v1/dashboard/overview?window=${encodeURIComponent(win)}`);
     charts.forEach((c) => c.destroy());
     charts = [];
-    body.replaceChildren(...v.routes.map((r) => el("section", { class: "card", "data-route": r.route }, el("h2", {}, "Route ", r.route),
-      el("div", { class: "tiles" }, tile("requests", fmt.num(r.totals.requests)), tile("blocked", fmt.num(r.totals.blocked)), tile("block rate", fmt.pct(r.totals.block_rate))),
-      el("div", { class: "charts" }, chart("blocked requests", r.series.map((p) => p.t_ms), [{ label: "blocked", values: r.series.map((p) => p.blocked) }, { label: "requests", values: r.series.map((p) => p.requests) }], [], { range: [v.since_ms, v.until_ms] })))));
+    body.replaceChildren(...v.routes.map((r) => railsCard(r, [v.since_ms, v.until_ms])));
   };
   await draw();
   live(draw, 10);
+}
+
+function railsCard(r, range) {
+  const t = r.totals;
+  const rails = t.rails;
+  const times = r.series.map((p) => p.t_ms);
+  const categories = Object.keys(rails.blocked_by_category);
+  const flows = Object.keys(rails.flow_latency_ms);
+  const byCategory = categories.length
+    ? categories.map((c) => ({ label: c, values: r.series.map((p) => p.rails.blocked_by_category[c] || 0) }))
+    : [{ label: "blocked", values: r.series.map((p) => p.blocked) }];
+  return el("section", { class: "card", "data-route": r.route }, el("h2", {}, "Route ", r.route),
+    el("div", { class: "tiles" },
+      tile("requests", fmt.num(t.requests)), tile("checked by rails", fmt.num(rails.checked)),
+      tile("blocked", fmt.num(t.blocked)), tile("block rate", fmt.pct(t.block_rate)),
+      tile("verdict cache hits", `${fmt.num(rails.cached)} (${fmt.pct(rails.cache_hit_rate)})`)),
+    el("div", { class: "charts" },
+      chart("blocks by category", times, byCategory, [], { range }),
+      flows.length
+        ? chart("rail latency p50 (ms)", times, flows.map((f) => ({ label: f, values: r.series.map((p) => (p.rails.flow_latency_ms[f] || {}).p50) })), [], { range })
+        : chart("requests checked", times, [{ label: "checked", values: r.series.map((p) => p.rails.checked) }, { label: "requests", values: r.series.map((p) => p.requests) }], [], { range })),
+    categories.length ? table(["category", { label: "blocked", num: true }], categories.map((c) => [c, fmt.num(rails.blocked_by_category[c])])) : null,
+    flows.length ? table(["rail", { label: "p50", num: true }, { label: "p95", num: true }], flows.map((f) => [f, fmt.ms(rails.flow_latency_ms[f].p50), fmt.ms(rails.flow_latency_ms[f].p95)])) : null);
 }
 
 // ---- jobs ----------------------------------------------------------------------------------

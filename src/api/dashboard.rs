@@ -3,8 +3,9 @@
 //!
 //! `GET /v1/dashboard/overview?window=1h|6h|1d|1w[&route=NAME]`: per route, the window's totals
 //! (requests, requests per second, error and rails block rates, tokens, latency / time to first
-//! token / gateway overhead p50 and p95), the same per step (1 minute for an hour, 15 for a day,
-//! an hour for a week) and per arm, and the targets each arm serves now.
+//! token / gateway overhead p50 and p95, and the rails: checks, cache hits, blocks by category,
+//! each flow's latency), the same per step (1 minute for an hour, 15 for a day, an hour for a
+//! week) and per arm, and the targets each arm serves now.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -160,6 +161,12 @@ fn figures(m: &Minute, seconds: f64) -> Value {
         }
     };
     let pcts = |h: &rollup::Histogram| json!({"p50": h.quantile(0.5), "p95": h.quantile(0.95)});
+    let rails = &m.rails;
+    let flows: BTreeMap<&str, Value> = rails
+        .flow_latency
+        .iter()
+        .map(|(f, h)| (f.as_str(), pcts(h)))
+        .collect();
     json!({
         "requests": m.requests,
         "requests_per_sec": m.requests as f64 / seconds.max(1.0),
@@ -177,6 +184,13 @@ fn figures(m: &Minute, seconds: f64) -> Value {
         "latency_ms": pcts(&m.latency),
         "ttft_ms": pcts(&m.ttft),
         "overhead_ms": pcts(&m.overhead),
+        "rails": {
+            "checked": rails.checked,
+            "cached": rails.cached,
+            "cache_hit_rate": if rails.checked == 0 { Value::Null } else { json!(rails.cached as f64 / rails.checked as f64) },
+            "blocked_by_category": rails.blocked_by_category,
+            "flow_latency_ms": flows,
+        },
     })
 }
 

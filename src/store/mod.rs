@@ -213,6 +213,7 @@ CREATE TABLE traffic_minutes (
     latency TEXT NOT NULL,
     ttft TEXT NOT NULL,
     overhead TEXT NOT NULL,
+    rails TEXT NOT NULL,
     PRIMARY KEY (minute_ms, route, arm)
 );
 CREATE INDEX traffic_errors_ts ON traffic (ts_ms) WHERE status >= 400;

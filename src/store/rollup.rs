@@ -72,6 +72,63 @@ impl Histogram {
     }
 }
 
+/// What the rails said in a minute: requests checked, verdicts served from the cache, blocks by
+/// category, and each flow's latency.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RailsMinute {
+    pub checked: u64,
+    pub cached: u64,
+    pub blocked_by_category: BTreeMap<String, u64>,
+    pub flow_latency: BTreeMap<String, Histogram>,
+}
+
+impl RailsMinute {
+    fn add(&mut self, rails: &Value) {
+        self.checked += 1;
+        if rails.get("status").and_then(Value::as_str) == Some("blocked") {
+            for c in rails
+                .get("categories")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                *self.blocked_by_category.entry(c.to_string()).or_default() += 1;
+            }
+        }
+        let mut any_cached = false;
+        for r in rails
+            .get("rails")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            any_cached |= r.get("cached").and_then(Value::as_bool) == Some(true);
+            if let (Some(flow), Some(ms)) = (
+                r.get("flow").and_then(Value::as_str),
+                r.get("latency_ms").and_then(Value::as_f64),
+            ) {
+                self.flow_latency
+                    .entry(flow.to_string())
+                    .or_default()
+                    .add(ms);
+            }
+        }
+        self.cached += u64::from(any_cached);
+    }
+
+    pub fn merge(&mut self, o: &RailsMinute) {
+        self.checked += o.checked;
+        self.cached += o.cached;
+        for (c, n) in &o.blocked_by_category {
+            *self.blocked_by_category.entry(c.clone()).or_default() += n;
+        }
+        for (f, h) in &o.flow_latency {
+            self.flow_latency.entry(f.clone()).or_default().merge(h);
+        }
+    }
+}
+
 /// One (minute, route, arm)'s figures.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Minute {
@@ -91,19 +148,18 @@ pub struct Minute {
     pub ttft: Histogram,
     /// The gateway's own time: latency less the upstream's, for requests an upstream answered.
     pub overhead: Histogram,
+    pub rails: RailsMinute,
 }
 
 impl Minute {
     fn add(&mut self, r: &TrafficRecord) {
         self.requests += 1;
         self.errors += u64::from(r.status >= 400);
-        self.blocked += u64::from(
-            r.rails
-                .as_ref()
-                .and_then(|v| v.get("status"))
-                .and_then(Value::as_str)
-                == Some("blocked"),
-        );
+        if let Some(rails) = &r.rails {
+            self.blocked +=
+                u64::from(rails.get("status").and_then(Value::as_str) == Some("blocked"));
+            self.rails.add(rails);
+        }
         let usage = r.response.as_ref().and_then(|v| v.get("usage"));
         let tokens = |k: &str| {
             usage
@@ -141,6 +197,7 @@ impl Minute {
         self.latency.merge(&o.latency);
         self.ttft.merge(&o.ttft);
         self.overhead.merge(&o.overhead);
+        self.rails.merge(&o.rails);
     }
 }
 
@@ -185,8 +242,8 @@ impl Rollup {
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO traffic_minutes (minute_ms, route, arm, requests, errors,
                     blocked, prompt_tokens, completion_tokens, compared, agreed_names, agreed_args,
-                    parse_failures, latency, ttft, overhead)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                    parse_failures, latency, ttft, overhead, rails)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?
             .execute(params![
                 minute,
@@ -204,6 +261,7 @@ impl Rollup {
                 serde_json::to_string(&total.latency)?,
                 serde_json::to_string(&total.ttft)?,
                 serde_json::to_string(&total.overhead)?,
+                serde_json::to_string(&total.rails)?,
             ])?;
         }
         Ok(())
@@ -212,20 +270,19 @@ impl Rollup {
 
 /// The figure columns of `traffic_minutes`, in `figures_at`'s order.
 const FIGURES: &str = "requests, errors, blocked, prompt_tokens, completion_tokens, compared,
-    agreed_names, agreed_args, parse_failures, latency, ttft, overhead";
+    agreed_names, agreed_args, parse_failures, latency, ttft, overhead, rails";
 
 fn figures_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Minute> {
     let count = |i: usize| r.get::<_, i64>(at + i).map(|v| v.max(0) as u64);
-    let hist = |i: usize| -> rusqlite::Result<Histogram> {
-        let text: String = r.get(at + i)?;
+    fn json<T: serde::de::DeserializeOwned>(
+        r: &rusqlite::Row<'_>,
+        i: usize,
+    ) -> rusqlite::Result<T> {
+        let text: String = r.get(i)?;
         serde_json::from_str(&text).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(
-                at + i,
-                rusqlite::types::Type::Text,
-                Box::new(e),
-            )
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
         })
-    };
+    }
     Ok(Minute {
         requests: count(0)?,
         errors: count(1)?,
@@ -236,9 +293,10 @@ fn figures_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Minute> {
         agreed_names: count(6)?,
         agreed_args: count(7)?,
         parse_failures: count(8)?,
-        latency: hist(9)?,
-        ttft: hist(10)?,
-        overhead: hist(11)?,
+        latency: json(r, at + 9)?,
+        ttft: json(r, at + 10)?,
+        overhead: json(r, at + 11)?,
+        rails: json(r, at + 12)?,
     })
 }
 
@@ -309,6 +367,27 @@ mod tests {
         let back: Histogram = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
         assert_eq!(back, a);
         assert!(back.quantile(1.0).unwrap() > 60_000.0);
+    }
+
+    #[test]
+    fn rails_verdicts_are_counted_by_category_cache_and_flow() {
+        let verdict = |status: &str, cats: &[&str], cached: bool| {
+            serde_json::json!({"status": status, "categories": cats, "rails": [
+                {"flow": "content safety check input", "status": status, "latency_ms": 12.0, "cached": cached},
+                {"flow": "detect sensitive data", "status": "success", "latency_ms": 0.2, "cached": false}]})
+        };
+        let mut m = RailsMinute::default();
+        m.add(&verdict("blocked", &["S1", "S7"], false));
+        let mut other = RailsMinute::default();
+        other.add(&verdict("blocked", &["S1"], true));
+        other.add(&verdict("success", &[], true));
+        m.merge(&other);
+        assert_eq!((m.checked, m.cached), (3, 2));
+        assert_eq!(m.blocked_by_category.get("S1"), Some(&2));
+        assert_eq!(m.blocked_by_category.get("S7"), Some(&1));
+        let safety = &m.flow_latency["content safety check input"];
+        assert_eq!(safety.count(), 3);
+        assert!((safety.quantile(0.5).unwrap() / 12.0 - 1.0).abs() < 0.06);
     }
 
     #[test]

@@ -80,6 +80,9 @@ try:
     visit("/ui/rollouts", "rollouts")
     visit("/ui/adapters", "adapters", charts_expected=False)
     visit("/ui/rails", "rails")
+    categories = driver.find_elements(By.CSS_SELECTOR, 'section[data-route="plain"] table tbody tr')
+    assert categories, "the Rails page shows no blocked category or rail latency for the guarded route"
+    print(f"ok rails: {len(categories)} rows of categories and rail latencies")
     visit("/ui/jobs", "jobs", charts_expected=False)
     visit(f"/ui/traffic/{exchange_id}", "exchange", charts_expected=False)
 

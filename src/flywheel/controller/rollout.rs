@@ -231,19 +231,15 @@ impl FlywheelController {
         numbers: Value,
     ) -> Result<(), FlywheelError> {
         let why = format!("{why}; awaiting approval (require_approval)");
-        let event = event(
+        tracing::info!(route = %state.route, reason = %why, "rollout transition: a candidate awaits approval");
+        record_stage(
+            conn,
             state,
             Stage::AwaitingApproval,
             "await_approval",
             &why,
             numbers,
-        );
-        fstore::insert_event(conn, &event)?;
-        tracing::info!(route = %state.route, reason = %why, "rollout transition: a candidate awaits approval");
-        state.stage = Stage::AwaitingApproval;
-        state.stage_started_ms = event.at_ms;
-        fstore::put_state(conn, state)?;
-        Ok(())
+        )
     }
 
     /// Manual control: `promote` moves a candidate one stage on (shadow → canary → champion),
@@ -279,11 +275,7 @@ impl FlywheelController {
                 state.before = None;
                 state.candidate = None;
                 state.candidate_tools.clear();
-                let e = event(&state, Stage::Idle, "reject", &why, numbers);
-                fstore::insert_event(&conn, &e)?;
-                state.stage = Stage::Idle;
-                state.stage_started_ms = e.at_ms;
-                fstore::put_state(&conn, &state)?;
+                record_stage(&conn, &mut state, Stage::Idle, "reject", &why, numbers)?;
             }
             ("approve" | "reject", _, _) => {
                 return Err(FlywheelError::Conflict(format!(
@@ -421,6 +413,24 @@ pub(super) fn initial_state(route: &RouteConfig) -> RouteState {
 }
 
 /// A transition of `state`'s route from its current stage to `to`, stamped now.
+/// Records a transition that leaves the route's installed rollout as it is (a candidate held for
+/// approval, or turned down while held) and persists the new stage.
+fn record_stage(
+    conn: &rusqlite::Connection,
+    state: &mut RouteState,
+    to: Stage,
+    action: &str,
+    why: &str,
+    numbers: Value,
+) -> Result<(), FlywheelError> {
+    let e = event(state, to, action, why, numbers);
+    fstore::insert_event(conn, &e)?;
+    state.stage = to;
+    state.stage_started_ms = e.at_ms;
+    fstore::put_state(conn, state)?;
+    Ok(())
+}
+
 pub(super) fn event(
     state: &RouteState,
     to: Stage,
