@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -235,7 +235,7 @@ impl Rollup {
     }
 
     /// Adds the batch's sums to the stored minutes, in the batch's transaction.
-    pub fn write(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+    pub fn write(&self, tx: &Connection) -> Result<(), StoreError> {
         for ((minute, route, arm), m) in &self.0 {
             let mut total = read_minute(tx, *minute, route, arm)?.unwrap_or_default();
             total.merge(m);

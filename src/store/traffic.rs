@@ -434,7 +434,7 @@ fn commit(conn: &mut Connection, batch: &[Entry]) {
 }
 
 fn write_batch(conn: &mut Connection, batch: &[Entry]) -> Result<(), StoreError> {
-    let tx = conn.transaction()?;
+    let mut tx = conn.transaction()?;
     let mut rollup = super::rollup::Rollup::default();
     for entry in batch {
         match entry {
@@ -445,7 +445,16 @@ fn write_batch(conn: &mut Connection, batch: &[Entry]) -> Result<(), StoreError>
             Entry::Feedback(f) => super::feedback::insert(&tx, f)?,
         }
     }
-    rollup.write(&tx)?;
+    // The rollups are a view of the rows: if they cannot be written, the rows still are.
+    let rolled = tx.savepoint().map_err(StoreError::from).and_then(|sp| {
+        rollup.write(&sp)?;
+        sp.commit()?;
+        Ok(())
+    });
+    if let Err(e) = rolled {
+        metrics::counter!("flywheel_rollup_errors_total").increment(1);
+        tracing::warn!(error = %e, "the traffic rollups of a batch were not written; its rows were");
+    }
     tx.commit()?;
     Ok(())
 }
@@ -784,6 +793,38 @@ mod tests {
             request: json!({"model": "r", "messages": [{"role": "user", "content": "hi"}]}),
             response,
         }
+    }
+
+    #[tokio::test]
+    async fn rows_are_written_even_when_their_rollups_cannot_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let rec = record(1, None);
+        let other = record(70_000, None);
+        let next_minute = super::super::rollup::minute_of(rec.ts_ms) + 60_000;
+        assert_eq!(super::super::rollup::minute_of(other.ts_ms), next_minute);
+        {
+            // A damaged rollup for the first record's minute.
+            let conn = super::super::open(&path).unwrap();
+            conn.execute(
+                "INSERT INTO traffic_minutes (minute_ms, route, arm, requests, errors, blocked,
+                    prompt_tokens, completion_tokens, compared, agreed_names, agreed_args,
+                    parse_failures, latency, ttft, overhead, rails)
+                 VALUES (?1, 'r', 'champion', 0, 0, 0, 0, 0, 0, 0, 0, 0, 'not json', '{}', '{}', '{}')",
+                [super::super::rollup::minute_of(rec.ts_ms)],
+            )
+            .unwrap();
+        }
+        let writer = TrafficLog::start(&path, 16, 8, Duration::ZERO).unwrap();
+        assert!(writer.log().record(rec));
+        writer.log().caught_up().await.unwrap();
+        assert!(writer.log().record(other));
+        writer.close().await;
+        let conn = super::super::open(&path).unwrap();
+        assert_eq!(count(&conn).unwrap(), 2, "both rows are kept");
+        let minutes = super::super::rollup::minutes(&conn, next_minute, i64::MAX, None).unwrap();
+        assert_eq!(minutes.len(), 1, "the next minute is rolled up as usual");
+        assert_eq!(minutes[0].3.requests, 1);
     }
 
     #[tokio::test]
