@@ -414,3 +414,106 @@ new_tool_min_records = 100000
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_is_served_and_its_login_cookie_is_guarded() {
+    let mock = MockUpstream::start().await;
+    let inference_hash = flywheel::api::auth::hash_key("sk-agent");
+    let admin_hash = flywheel::api::auth::hash_key("sk-admin");
+    let mut config = format!(
+        "[auth]\nallow_loopback_without_key = false\n[[auth.keys]]\nname = \"agent\"\nsha256 = \"{inference_hash}\"\nscopes = [\"inference\"]\n[[auth.keys]]\nname = \"ops\"\nsha256 = \"{admin_hash}\"\nscopes = [\"inference\", \"admin\"]\n"
+    );
+    config.push_str(&upstream_toml("mock", &mock.base_url(), ""));
+    config.push_str(&route_toml("agent", "mock", "echo", ""));
+    let gw = GatewayProcess::start(&config);
+    let client = reqwest::Client::new();
+
+    // The page and its assets are served to anyone, hardened; every view is the same page.
+    for path in ["/ui/", "/ui/runs/run-1", "/ui/traffic"] {
+        let r = client.get(gw.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'"));
+        assert!(r.text().await.unwrap().contains("/ui/assets/app.js"));
+    }
+    let r = client
+        .get(gw.url("/ui/assets/app.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    let r = client
+        .get(gw.url("/ui/assets/nope.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // The data needs the admin scope; the login checks it and sets a guarded cookie.
+    let overview = gw.url("/v1/dashboard/overview");
+    assert_eq!(client.get(&overview).send().await.unwrap().status(), 401);
+    let login = |key: &str| {
+        client
+            .post(gw.url("/ui/login"))
+            .json(&serde_json::json!({"key": key}))
+            .send()
+    };
+    assert_eq!(login("sk-wrong").await.unwrap().status(), 401);
+    assert_eq!(login("sk-agent").await.unwrap().status(), 403);
+    assert_eq!(login("sk admin;x").await.unwrap().status(), 400);
+    let r = login("sk-admin").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for part in [
+        "flywheel_key=sk-admin",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/",
+    ] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    let session = "flywheel_key=sk-admin";
+    let r = client
+        .get(&overview)
+        .header("cookie", session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // A change sent with the cookie needs the page's header; another site's page gets nothing.
+    let change = |headers: &[(&str, &str)]| {
+        let mut r = client
+            .post(gw.url("/v1/adapters"))
+            .json(&serde_json::json!({}));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send()
+    };
+    let r = change(&[("cookie", session)]).await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "csrf");
+    let r = change(&[("cookie", session), ("x-flywheel-csrf", "1")])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "past the guard, the empty body is refused");
+    let r = change(&[
+        ("authorization", "Bearer sk-admin"),
+        ("sec-fetch-site", "cross-site"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = client.post(gw.url("/ui/logout")).send().await.unwrap();
+    assert!(r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+}
