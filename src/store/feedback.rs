@@ -195,16 +195,16 @@ impl FeedbackIndex {
         self.said_ms.is_empty()
     }
 
-    /// How many requests and episodes drew feedback at or after `ms`.
-    pub fn judged_since(&self, ms: i64) -> usize {
-        self.said_ms.values().filter(|&&t| t >= ms).count()
+    /// How many requests and episodes drew feedback after `ms`.
+    pub fn judged_after(&self, ms: i64) -> usize {
+        self.said_ms.values().filter(|&&t| t > ms).count()
     }
 
-    /// Whether a request drew feedback at or after `ms`.
-    pub fn request_judged_since(&self, request: &str, ms: i64) -> bool {
+    /// Whether a request drew feedback after `ms`.
+    pub fn request_judged_after(&self, request: &str, ms: i64) -> bool {
         self.said_ms
             .get(&(Level::Request, request.to_string()))
-            .is_some_and(|&t| t >= ms)
+            .is_some_and(|&t| t > ms)
     }
 
     /// The latest values about a request: its own, over its episode's.

@@ -486,15 +486,17 @@ pub(super) fn curate_run(
         .max();
     if let Some(last) = last_until {
         // New answers, and answers users judged since (a demonstration, a thumbs-down), are
-        // what a new run would learn differently.
+        // what a new run would learn differently. The last run's window ends when it started:
+        // requests from that millisecond on were outside it, but feedback given by then (even in
+        // that same millisecond, before the run was asked for) was read by it.
         let new = assembled
             .taught
             .iter()
             .filter(|t| {
-                t.exchange.ts_ms >= last && !feedback.request_judged_since(&t.exchange.id, last)
+                t.exchange.ts_ms >= last && !feedback.request_judged_after(&t.exchange.id, last)
             })
             .count()
-            + feedback.judged_since(last);
+            + feedback.judged_after(last);
         if new < fw.min_new_records {
             return Err(RunEnd::Skipped(format!(
                 "only {new} new teaching answers (the teacher's, {teacher}, demonstrations, answers with passing feedback) or newly judged requests and episodes since the last completed run (need {})",
