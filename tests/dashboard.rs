@@ -418,11 +418,7 @@ new_tool_min_records = 100000
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_is_served_and_its_login_cookie_is_guarded() {
     let mock = MockUpstream::start().await;
-    let inference_hash = flywheel::api::auth::hash_key("sk-agent");
-    let admin_hash = flywheel::api::auth::hash_key("sk-admin");
-    let mut config = format!(
-        "[auth]\nallow_loopback_without_key = false\n[[auth.keys]]\nname = \"agent\"\nsha256 = \"{inference_hash}\"\nscopes = [\"inference\"]\n[[auth.keys]]\nname = \"ops\"\nsha256 = \"{admin_hash}\"\nscopes = [\"inference\", \"admin\"]\n"
-    );
+    let mut config = keyed_auth_toml();
     config.push_str(&upstream_toml("mock", &mock.base_url(), ""));
     config.push_str(&route_toml("agent", "mock", "echo", ""));
     let gw = GatewayProcess::start(&config);

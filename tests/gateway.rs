@@ -581,11 +581,7 @@ async fn shadow_requests_are_logged_beside_the_primary_with_agreement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_scopes_and_runtime_rollout_changes() {
     let mock = MockUpstream::start().await;
-    let inference_hash = flywheel::api::auth::hash_key("sk-agent");
-    let admin_hash = flywheel::api::auth::hash_key("sk-admin");
-    let mut config = format!(
-        "[auth]\nallow_loopback_without_key = false\n[[auth.keys]]\nname = \"agent\"\nsha256 = \"{inference_hash}\"\nscopes = [\"inference\"]\n[[auth.keys]]\nname = \"ops\"\nsha256 = \"{admin_hash}\"\nscopes = [\"inference\", \"admin\"]\n"
-    );
+    let mut config = keyed_auth_toml();
     config.push_str(&upstream_toml("mock", &mock.base_url(), ""));
     config.push_str(&route_toml("agent", "mock", "slow", ""));
     let mut gw = GatewayProcess::start(&config);

@@ -152,7 +152,9 @@ pub struct Minute {
 }
 
 impl Minute {
-    fn add(&mut self, r: &TrafficRecord) {
+    /// Counts a record; `unparsable`: one of its tool calls has arguments that are not JSON (the
+    /// writer works that out as it stores the calls).
+    fn add(&mut self, r: &TrafficRecord, unparsable: bool) {
         self.requests += 1;
         self.errors += u64::from(r.status >= 400);
         if let Some(rails) = &r.rails {
@@ -174,7 +176,7 @@ impl Minute {
             self.agreed_names += u64::from(names);
             self.agreed_args += u64::from(names && r.tool_args_agreement == Some(true));
         }
-        self.parse_failures += u64::from(has_unparsable_call(r.response.as_ref()));
+        self.parse_failures += u64::from(unparsable);
         self.latency.add(r.latency_ms);
         if let Some(t) = r.ttft_ms {
             self.ttft.add(t);
@@ -201,22 +203,6 @@ impl Minute {
     }
 }
 
-/// Whether a chat-shaped response calls a tool with arguments that are not a JSON value.
-fn has_unparsable_call(response: Option<&Value>) -> bool {
-    let Some(choices) = response
-        .and_then(|r| r.get("choices"))
-        .and_then(Value::as_array)
-    else {
-        return false;
-    };
-    choices
-        .iter()
-        .filter_map(|c| c.pointer("/message/tool_calls").and_then(Value::as_array))
-        .flatten()
-        .filter_map(|t| t.pointer("/function/arguments").and_then(Value::as_str))
-        .any(|a| serde_json::from_str::<serde::de::IgnoredAny>(a).is_err())
-}
-
 /// The minute a timestamp falls in.
 pub fn minute_of(ts_ms: i64) -> i64 {
     ts_ms - ts_ms.rem_euclid(60_000)
@@ -227,11 +213,11 @@ pub fn minute_of(ts_ms: i64) -> i64 {
 pub struct Rollup(HashMap<(i64, String, String), Minute>);
 
 impl Rollup {
-    pub fn add(&mut self, r: &TrafficRecord) {
+    pub fn add(&mut self, r: &TrafficRecord, unparsable: bool) {
         self.0
             .entry((minute_of(r.ts_ms), r.route.clone(), r.arm.clone()))
             .or_default()
-            .add(r);
+            .add(r, unparsable);
     }
 
     /// Adds the batch's sums to the stored minutes, in the batch's transaction.

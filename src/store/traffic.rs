@@ -439,8 +439,8 @@ fn write_batch(conn: &mut Connection, batch: &[Entry]) -> Result<(), StoreError>
     for entry in batch {
         match entry {
             Entry::Traffic(r) => {
-                insert(&tx, r)?;
-                rollup.add(r);
+                let unparsable = insert(&tx, r)?;
+                rollup.add(r, unparsable);
             }
             Entry::Feedback(f) => super::feedback::insert(&tx, f)?,
         }
@@ -459,7 +459,8 @@ fn write_batch(conn: &mut Connection, batch: &[Entry]) -> Result<(), StoreError>
     Ok(())
 }
 
-fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<(), StoreError> {
+/// Inserts a record and its tool calls; returns whether any call's arguments are not JSON.
+fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<bool, StoreError> {
     let usage = r.response.as_ref().and_then(|v| v.get("usage"));
     let tokens = |k: &str| usage.and_then(|u| u.get(k)).and_then(Value::as_i64);
     let finish_reason = r
@@ -512,7 +513,10 @@ fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<(), StoreError> {
         "INSERT INTO tool_calls (traffic_id, choice_index, call_index, call_id, name, arguments, arguments_valid_json)
          VALUES (?1,?2,?3,?4,?5,?6,?7)",
     )?;
+    let mut unparsable = false;
     for call in crate::wire::tool_calls::in_completion(r.response.as_ref()) {
+        let valid = serde_json::from_str::<Value>(&call.arguments).is_ok();
+        unparsable |= !valid;
         call_stmt.execute(params![
             r.id.to_string(),
             call.choice_index,
@@ -520,10 +524,10 @@ fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<(), StoreError> {
             call.id,
             call.name,
             call.arguments,
-            serde_json::from_str::<Value>(&call.arguments).is_ok(),
+            valid,
         ])?;
     }
-    Ok(())
+    Ok(unparsable)
 }
 
 /// Filters for an export.
@@ -854,6 +858,10 @@ mod tests {
             )
             .unwrap();
         assert_eq!(invalid, 10);
+        // The minute's rollup counts the same ten answers with an unparsable call.
+        let minutes = super::super::rollup::minutes(&conn, 0, i64::MAX, None).unwrap();
+        let rolled: u64 = minutes.iter().map(|m| m.3.parse_failures).sum();
+        assert_eq!(rolled, 10);
         let mut out = Vec::new();
         let n = export_jsonl(&conn, &ExportFilter::default(), &mut out).unwrap();
         assert_eq!(n, 10);

@@ -650,6 +650,16 @@ pub fn upstream_toml(name: &str, base_url: &str, extra: &str) -> String {
     format!("[[upstreams]]\nname = \"{name}\"\nbase_url = \"{base_url}\"\nbackoff_base_ms = 10\nbackoff_max_ms = 50\n{extra}\n")
 }
 
+/// An `[auth]` section that opens nothing without a key, with two keys: `sk-agent` (inference)
+/// and `sk-admin` (inference and admin).
+pub fn keyed_auth_toml() -> String {
+    let inference_hash = flywheel::api::auth::hash_key("sk-agent");
+    let admin_hash = flywheel::api::auth::hash_key("sk-admin");
+    format!(
+        "[auth]\nallow_loopback_without_key = false\n[[auth.keys]]\nname = \"agent\"\nsha256 = \"{inference_hash}\"\nscopes = [\"inference\"]\n[[auth.keys]]\nname = \"ops\"\nsha256 = \"{admin_hash}\"\nscopes = [\"inference\", \"admin\"]\n"
+    )
+}
+
 pub fn route_toml(name: &str, upstream: &str, model: &str, extra: &str) -> String {
     format!("[[routes]]\nname = \"{name}\"\nchampion = {{ upstream = \"{upstream}\", model = \"{model}\" }}\n{extra}\n")
 }
