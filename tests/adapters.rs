@@ -138,6 +138,8 @@ async fn adapters_load_serve_swap_and_unload() {
         .map(|a| a["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, vec!["team/a1", "team/a2"]);
+    // team/a2 has served the one request the route sent it since it was loaded.
+    assert_eq!(list["data"][1]["requests_served"], 1, "{list}");
     let client = reqwest::Client::new();
     let r = client
         .post(gw.url("/v1/load_lora_adapter"))

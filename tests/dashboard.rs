@@ -133,6 +133,9 @@ async fn the_overview_counts_what_the_log_holds_per_route_arm_and_minute() {
     let rows = found["data"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{found:#}");
     assert_eq!(rows[0]["prompt"], "hello 3");
+    // Text is matched without regard to case.
+    let (_, shouted) = search("?q=HELLO%203&route=alpha").await;
+    assert_eq!(shouted["data"][0]["id"], rows[0]["id"], "{shouted:#}");
     let (_, errors) = search("?status=error").await;
     assert_eq!(errors["data"].as_array().unwrap().len(), 3);
     assert!(errors["data"]
@@ -154,15 +157,29 @@ async fn the_overview_counts_what_the_log_holds_per_route_arm_and_minute() {
         5,
         "no rail checks these routes"
     );
-    let (_, page) = search("?route=alpha&limit=2").await;
-    assert_eq!(page["data"].as_array().unwrap().len(), 2);
-    let next = page["next_until_ms"].as_i64().unwrap();
-    let (_, rest) = search(&format!("?route=alpha&until_ms={next}&limit=10")).await;
-    assert!(rest["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|r| r["ts_ms"].as_i64().unwrap() < next));
+    // Paging two at a time shows each of the route's five requests once, newest first.
+    let mut seen: Vec<(i64, String)> = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..3 {
+        let (st, page) = search(&format!("?route=alpha&limit=2{cursor}")).await;
+        assert_eq!(st, 200, "{page}");
+        seen.extend(page["data"].as_array().unwrap().iter().map(|r| {
+            (
+                r["ts_ms"].as_i64().unwrap(),
+                r["id"].as_str().unwrap().to_string(),
+            )
+        }));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 >= w[1].0), "{seen:?}");
+    let mut ids: Vec<&String> = seen.iter().map(|(_, id)| id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 5, "{seen:?}");
     let id = rows[0]["id"].as_str().unwrap();
     let (st, one) = {
         let r = reqwest::get(gw.url(&format!("/v1/dashboard/traffic/{id}")))
@@ -186,6 +203,8 @@ async fn the_overview_counts_what_the_log_holds_per_route_arm_and_minute() {
         ("?arm=sideways", "arm"),
         ("?route=omega", "route"),
         ("?since_ms=20&until_ms=10", "since_ms"),
+        ("?q=he", "q"),
+        ("?cursor=yesterday", "cursor"),
     ] {
         let (st, e) = search(query).await;
         assert_eq!(st, 400, "{query}: {e}");

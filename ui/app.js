@@ -284,7 +284,7 @@ async function trafficPage(parts, params) {
     field("status", select("status", ["ok", "error"])),
     field("tool", text("tool", "tool name")),
     field("rails verdict", select("verdict", ["blocked", "allowed", "none"])),
-    field("text in the request", text("q", "search…")),
+    field("text", text("q", "3+ characters…")),
     field("within the last", (() => {
       const s = el("select", { name: "span" }, Object.keys(SPANS).map((k) => el("option", { value: k }, k)));
       s.value = params.get("span") || "1d";
@@ -295,7 +295,7 @@ async function trafficPage(parts, params) {
   app.replaceChildren(el("h1", {}, "Traffic"), form, results);
   const query = new URLSearchParams();
   for (const k of FILTERS) if (params.get(k)) query.set(k, params.get(k));
-  if (params.get("until_ms")) query.set("until_ms", params.get("until_ms"));
+  if (params.get("cursor")) query.set("cursor", params.get("cursor"));
   query.set("since_ms", String(Date.now() - (SPANS[params.get("span")] || SPANS["1d"])));
   try {
     const v = await api("/v1/dashboard/traffic?" + query);
@@ -310,7 +310,7 @@ async function trafficPage(parts, params) {
     ]);
     results.replaceChildren(
       v.data.length ? table(["time", "route", "arm", "status", { label: "latency", num: true }, "tools", "rails", "prompt"], rows) : el("p", { class: "muted" }, "No request matches."),
-      v.next_until_ms ? el("p", {}, link(`/ui/traffic?${new URLSearchParams([...params.entries()].filter(([k]) => k !== "until_ms").concat([["until_ms", v.next_until_ms]]))}`, "Older →")) : null);
+      v.next_cursor ? el("p", {}, link(`/ui/traffic?${new URLSearchParams([...params.entries()].filter(([k]) => k !== "cursor").concat([["cursor", v.next_cursor]]))}`, "Older →")) : null);
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) throw e;
     results.replaceChildren(errorBox(e));
@@ -383,7 +383,6 @@ async function runPage(id) {
   const r = await api(`/v1/flywheel/runs/${encodeURIComponent(id)}`);
   const d = r.details || {};
   const c = d.curation || {};
-  const ev = d.evaluation || {};
   const dec = r.decision || {};
   const out = [el("h1", {}, "Run ", r.id), el("p", {}, link("/ui/runs", "← runs"), " · route ", r.route, " · ", pill(r.status), " · trigger ", r.trigger.kind, r.trigger.reason ? ": " + (typeof r.trigger.reason === "string" ? r.trigger.reason : JSON.stringify(r.trigger.reason)) : "")];
   out.push(el("section", { class: "card" }, el("h2", {}, "Curation"),
@@ -406,21 +405,29 @@ async function runPage(id) {
       training.append(errorBox(e));
     }
   }
+  out.push(evaluationSection(r));
+  out.push(el("section", { class: "card" }, el("h2", {}, "Decision"),
+    el("p", {}, dec.promote ? pill("promote", "good") : pill("not promoted", "bad"), " ", dec.reason || ""),
+    table(["check", { label: "value", num: true }, { label: "limit", num: true }, "passed", "detail"], (dec.checks || []).map((k) => [k.name, fmt.num(k.value, 3), fmt.num(k.limit, 3), k.passed ? pill("yes", "good") : pill("no", "bad"), k.detail]))));
+  app.replaceChildren(...out);
+}
+
+// The candidate against the champion (or the teacher): each metric, the deciding metric's paired
+// 95% interval, and the per-tool scores.
+function evaluationSection(r) {
+  const ev = (r.details || {}).evaluation || {};
+  const dec = r.decision || {};
   const cs = (ev.candidate || {}).scores || {};
   const ch = (ev.champion || {}).scores || {};
   const metrics = Object.keys(cs).filter((k) => typeof cs[k] === "number");
   const cmp = dec.comparison || {};
-  out.push(el("section", { class: "card" }, el("h2", {}, "Evaluation"),
+  return el("section", { class: "card evaluation" }, el("h2", {}, "Evaluation"),
     el("p", { class: "muted" }, `${fmt.num(ev.items)} held-out items; candidate ${(ev.candidate || {}).target || ""} against ${dec.against || "–"} ${(ev.champion || {}).target || ""}`),
     table(["metric", { label: "candidate", num: true }, { label: dec.against === "teacher" ? "teacher (ground truth)" : "champion", num: true }],
       metrics.map((k) => [k, fmt.num(cs[k], 3), typeof ch[k] === "number" ? fmt.num(ch[k], 3) : "–"])),
     dec.metric ? el("p", {}, `${dec.metric}: candidate ${fmt.num(cmp.a, 3)} vs ${fmt.num(cmp.b, 3)}, difference ${fmt.num(cmp.difference, 3)} (paired 95% interval ${fmt.num(cmp.ci_low, 3)} to ${fmt.num(cmp.ci_high, 3)}, ${fmt.num(cmp.items)} items)`) : null,
     el("h3", {}, "per tool"), table(["tool", { label: "items", num: true }, { label: "incumbent", num: true }, { label: "candidate", num: true }],
-      Object.entries(dec.per_tool || {}).map(([t, [n, inc, cand]]) => [t, fmt.num(n), fmt.num(inc, 3), fmt.num(cand, 3)]))));
-  out.push(el("section", { class: "card" }, el("h2", {}, "Decision"),
-    el("p", {}, dec.promote ? pill("promote", "good") : pill("not promoted", "bad"), " ", dec.reason || ""),
-    table(["check", { label: "value", num: true }, { label: "limit", num: true }, "passed", "detail"], (dec.checks || []).map((k) => [k.name, fmt.num(k.value, 3), fmt.num(k.limit, 3), k.passed ? pill("yes", "good") : pill("no", "bad"), k.detail]))));
-  app.replaceChildren(...out);
+      Object.entries(dec.per_tool || {}).map(([t, [n, inc, cand]]) => [t, fmt.num(n), fmt.num(inc, 3), fmt.num(cand, 3)])));
 }
 
 // ---- rollouts ------------------------------------------------------------------------------
@@ -430,9 +437,12 @@ async function rolloutsPage() {
   app.replaceChildren(el("h1", {}, "Rollouts"), body);
   const draw = async () => {
     const [routes, ov] = await Promise.all([api("/v1/flywheel/routes"), api("/v1/dashboard/overview?window=1h")]);
+    // A candidate held for approval is shown with the evaluation it passed.
+    const held = await Promise.all(routes.data.map((s) => (s.stage === "awaiting_approval" && s.run_id
+      ? api(`/v1/flywheel/runs/${encodeURIComponent(s.run_id)}`).catch(() => null) : null)));
     charts.forEach((c) => c.destroy());
     charts = [];
-    body.replaceChildren(...(routes.data.length ? routes.data.map((s) => rolloutCard(s, ov)) : [el("p", { class: "muted" }, "No route has a flywheel.")]));
+    body.replaceChildren(...(routes.data.length ? routes.data.map((s, i) => rolloutCard(s, ov, held[i])) : [el("p", { class: "muted" }, "No route has a flywheel.")]));
   };
   await draw();
   live(draw, 5);
@@ -449,7 +459,7 @@ async function act(route, action) {
   }
 }
 
-function rolloutCard(s, ov) {
+function rolloutCard(s, ov, heldRun) {
   const plan = s.plan || {};
   const live = s.live || {};
   const o = ov.routes.find((r) => r.route === s.route);
@@ -479,7 +489,8 @@ function rolloutCard(s, ov) {
       tile("candidate", fmt.target(s.candidate)),
       tile("since", fmt.time(s.stage_started_ms)),
       live.requests !== undefined ? tile("stage requests", fmt.num(live.requests)) : null),
-    s.stage === "awaiting_approval" && s.run_id ? el("p", {}, "Awaiting approval: ", link(`/ui/runs/${encodeURIComponent(s.run_id)}`, "see the run's evaluation table")) : null,
+    s.stage === "awaiting_approval" && s.run_id ? el("p", {}, "Awaiting approval after ", link(`/ui/runs/${encodeURIComponent(s.run_id)}`, `run ${s.run_id}`), ":") : null,
+    heldRun ? evaluationSection(heldRun) : null,
     el("div", { class: "actions" }, buttons),
     s.stage === "shadow" || s.stage === "canary" ? el("div", { class: "charts" },
       chart(`${arm}: agreement with the champion`, mirrored.map((p) => p.t_ms), [{ label: "agreement", values: mirrored.map((p) => p[agreeKey]) }], [{ label: "guard", value: minAgreement }], { range }),
@@ -497,8 +508,8 @@ async function adaptersPage() {
   const path = el("input", { name: "path", placeholder: "adapter directory", size: 40 });
   const msg = el("div");
   app.replaceChildren(el("h1", {}, "Adapters"), msg,
-    v.data.length ? table(["name", "base", { label: "rank", num: true }, { label: "alpha", num: true }, "modules", { label: "generation", num: true }, { label: "bytes", num: true }, ""], v.data.map((a) => [
-      a.id, a.base_model || "", fmt.num(a.rank), fmt.num(a.alpha), (a.target_modules || []).join(", "), fmt.num(a.generation), fmt.num(a.bytes),
+    v.data.length ? table(["name", "base", { label: "rank", num: true }, { label: "alpha", num: true }, "modules", { label: "generation", num: true }, { label: "bytes", num: true }, { label: "requests served", num: true }, { label: "idle", num: true }, ""], v.data.map((a) => [
+      a.id, a.base_model || "", fmt.num(a.rank), fmt.num(a.alpha), (a.target_modules || []).join(", "), fmt.num(a.generation), fmt.num(a.bytes), fmt.num(a.requests_served), fmt.num(a.idle_s, 0) + " s",
       el("button", { class: "danger", "data-action": "unload", onclick: async () => {
         if (!window.confirm(`Unload ${a.id}?`)) return;
         try { await api(`/v1/adapters/${a.id}`, { method: "DELETE" }); render(); } catch (e) { msg.replaceChildren(errorBox(e)); }

@@ -104,12 +104,19 @@ fn string_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<Stri
     }
 }
 
+/// `GET /v1/adapters`: the resident adapters, each with the requests it has served since it was
+/// loaded and how long it has been idle.
 pub async fn list(State(state): State<Arc<AppState>>, _: Admin) -> Json<Value> {
     let data: Vec<Value> = state
         .engines
         .iter()
-        .flat_map(|e| e.adapters.list())
-        .map(|a| adapter_json(&a))
+        .flat_map(|e| e.adapters.usage())
+        .map(|u| {
+            let mut v = adapter_json(&u.adapter);
+            v["requests_served"] = json!(u.served);
+            v["idle_s"] = json!((u.idle.as_secs_f64() * 10.0).round() / 10.0);
+            v
+        })
         .collect();
     Json(json!({"object": "list", "data": data}))
 }

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::extract::{Admin, Query};
 use super::{with_db, AppState};
-use crate::store::rollup::{self, Minute};
+use crate::store::rollup::{self, Grain, Minute};
 use crate::store::search::{self, StatusFilter, TrafficQuery};
 use crate::wire::error::ApiError;
 
@@ -62,11 +62,18 @@ pub async fn overview(
         Some(r) => vec![r],
         None => routes.names(),
     };
-    let until = rollup::minute_of(crate::store::runs::now_ms()) + 60_000;
+    // Steps of an hour or more are read from the hourly rollups, and the window ends with the
+    // current hour; shorter ones from the minutes.
+    let grain = if step % Grain::Hour.ms() == 0 {
+        Grain::Hour
+    } else {
+        Grain::Minute
+    };
+    let until = grain.start_of(crate::store::runs::now_ms()) + grain.ms();
     let since = until - length;
     let only = (names.len() == 1).then(|| names[0].clone());
     let minutes = with_db(&state, move |conn| {
-        Ok(rollup::minutes(conn, since, until, only.as_deref())?)
+        Ok(rollup::rollups(conn, grain, since, until, only.as_deref())?)
     })
     .await?;
     let data: Vec<Value> = names
@@ -206,6 +213,7 @@ pub struct TrafficParams {
     q: Option<String>,
     since_ms: Option<i64>,
     until_ms: Option<i64>,
+    cursor: Option<String>,
     limit: Option<usize>,
 }
 
@@ -214,23 +222,21 @@ const ARMS: &[&str] = &["champion", "canary", "shadow", "direct"];
 const DEFAULT_SEARCH_SPAN_MS: i64 = 24 * 3_600_000;
 const MAX_PAGE: usize = 500;
 
-/// `GET /v1/dashboard/traffic`: exchanges matching every filter given, newest first, over the last
-/// day unless `since_ms` says otherwise; page on with `until_ms` set to the response's
-/// `next_until_ms`.
+/// `GET /v1/dashboard/traffic`: exchanges matching every filter given, newest first, over the day
+/// before `until_ms` (or the page's cursor, or now) unless `since_ms` says otherwise; page on with
+/// `cursor` set to the response's `next_cursor`.
 pub async fn traffic(
     State(state): State<Arc<AppState>>,
     _: Admin,
     Query(p): Query<TrafficParams>,
 ) -> Result<Json<Value>, ApiError> {
     let query = traffic_query(&state, p)?;
-    let limit = query.limit;
-    let data = with_db(&state, move |conn| Ok(search::search(conn, &query)?)).await?;
-    let next = (data.len() == limit)
-        .then(|| data.last().and_then(|r| r["ts_ms"].as_i64()))
-        .flatten();
-    Ok(Json(
-        json!({"object": "list", "data": data, "next_until_ms": next}),
-    ))
+    let page = with_db(&state, move |conn| Ok(search::search(conn, &query)?)).await?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": page.rows,
+        "next_cursor": page.next.map(|c| c.to_string()),
+    })))
 }
 
 fn traffic_query(state: &AppState, p: TrafficParams) -> Result<TrafficQuery, ApiError> {
@@ -284,6 +290,27 @@ fn traffic_query(state: &AppState, p: TrafficParams) -> Result<TrafficQuery, Api
             ));
         }
     }
+    let before = match text("cursor", p.cursor, 64)? {
+        None => None,
+        Some(c) => Some(c.parse::<search::Cursor>().map_err(|()| {
+            ApiError::invalid_param(
+                "cursor",
+                format!("'cursor' is a previous answer's 'next_cursor', not '{c}'."),
+            )
+        })?),
+    };
+    let q = text("q", p.q, 1000)?;
+    if let Some(q) = q.as_deref() {
+        if q.chars().count() < search::MIN_TEXT_CHARS {
+            return Err(ApiError::invalid_param(
+                "q",
+                format!(
+                    "A text search needs at least {} characters, not '{q}'.",
+                    search::MIN_TEXT_CHARS
+                ),
+            ));
+        }
+    }
     let limit = p.limit.unwrap_or(50);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::invalid_param(
@@ -291,9 +318,16 @@ fn traffic_query(state: &AppState, p: TrafficParams) -> Result<TrafficQuery, Api
             format!("'limit' is 1 to {MAX_PAGE}."),
         ));
     }
-    // Searches are bounded in time, like a log viewer's: the last day unless told otherwise.
+    // Searches are bounded in time, like a log viewer's: a day unless told otherwise, the day
+    // before the page being asked for.
     let since_ms = p.since_ms.unwrap_or_else(|| {
-        p.until_ms.unwrap_or_else(crate::store::runs::now_ms) - DEFAULT_SEARCH_SPAN_MS
+        let end = match (p.until_ms, before) {
+            (Some(u), Some(c)) => u.min(c.ts_ms + 1),
+            (Some(u), None) => u,
+            (None, Some(c)) => c.ts_ms + 1,
+            (None, None) => crate::store::runs::now_ms(),
+        };
+        end - DEFAULT_SEARCH_SPAN_MS
     });
     Ok(TrafficQuery {
         since_ms: Some(since_ms),
@@ -304,7 +338,8 @@ fn traffic_query(state: &AppState, p: TrafficParams) -> Result<TrafficQuery, Api
         status,
         tool: text("tool", p.tool, 256)?,
         verdict: text("verdict", p.verdict, 64)?,
-        text: text("q", p.q, 1000)?,
+        text: q,
+        before,
         limit,
     })
 }

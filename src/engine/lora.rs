@@ -499,6 +499,15 @@ fn parse_key(key: &str) -> Option<(usize, &'static str, char)> {
 struct Resident {
     adapter: Arc<LoraAdapter>,
     last_used: Instant,
+    /// Requests run with it since it was loaded.
+    served: u64,
+}
+
+/// A resident adapter and how it has been used since it was loaded.
+pub struct AdapterUse {
+    pub adapter: Arc<LoraAdapter>,
+    pub served: u64,
+    pub idle: std::time::Duration,
 }
 
 /// The resident adapters of one base model, capped, least recently used evicted first.
@@ -544,16 +553,18 @@ impl AdapterRegistry {
             Resident {
                 adapter: Arc::new(adapter),
                 last_used: Instant::now(),
+                served: 0,
             },
         );
         evicted
     }
 
-    /// The adapter for a request (marking it used).
+    /// The adapter for a request (marking it used, and counting the request).
     pub fn get(&self, id: &str) -> Option<Arc<LoraAdapter>> {
         let mut map = self.lock();
         let r = map.get_mut(id)?;
         r.last_used = Instant::now();
+        r.served += 1;
         Some(r.adapter.clone())
     }
 
@@ -571,6 +582,21 @@ impl AdapterRegistry {
     pub fn list(&self) -> Vec<Arc<LoraAdapter>> {
         let mut v: Vec<_> = self.lock().values().map(|r| r.adapter.clone()).collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// The resident adapters by id, with the requests each has served since it was loaded.
+    pub fn usage(&self) -> Vec<AdapterUse> {
+        let mut v: Vec<_> = self
+            .lock()
+            .values()
+            .map(|r| AdapterUse {
+                adapter: r.adapter.clone(),
+                served: r.served,
+                idle: r.last_used.elapsed(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.adapter.id.cmp(&b.adapter.id));
         v
     }
 }

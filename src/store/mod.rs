@@ -218,7 +218,55 @@ CREATE TABLE traffic_minutes (
 );
 CREATE INDEX traffic_errors_ts ON traffic (ts_ms) WHERE status >= 400;
 "#,
+    // 8: the full-text index of what each exchange added (see store::search) and hourly rollups;
+    // `after_migration` fills both from what is already there, and rolls up rows older than 7.
+    r#"
+CREATE TABLE traffic_hours (
+    hour_ms INTEGER NOT NULL,
+    route TEXT NOT NULL,
+    arm TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    blocked INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    compared INTEGER NOT NULL,
+    agreed_names INTEGER NOT NULL,
+    agreed_args INTEGER NOT NULL,
+    parse_failures INTEGER NOT NULL,
+    latency TEXT NOT NULL,
+    ttft TEXT NOT NULL,
+    overhead TEXT NOT NULL,
+    rails TEXT NOT NULL,
+    PRIMARY KEY (hour_ms, route, arm)
+);
+CREATE VIRTUAL TABLE traffic_text USING fts5(
+    body, content = '', contentless_delete = 1, tokenize = 'trigram'
+);
+CREATE TRIGGER traffic_text_forget AFTER DELETE ON traffic BEGIN
+    DELETE FROM traffic_text WHERE rowid = old.rowid;
+END;
+"#,
 ];
+
+/// Work a migration needs beyond its SQL, run in its transaction: filling what it created from
+/// the rows already there.
+fn after_migration(version: usize, tx: &Connection) -> Result<(), StoreError> {
+    if version == 8 {
+        // Hours from the minutes first: the rows rolled up next add to both.
+        rollup::hours_from_minutes(tx)?;
+        let rolled = rollup::roll_up_existing(tx)?;
+        let indexed = search::index_existing(tx)?;
+        if rolled + indexed > 0 {
+            tracing::info!(
+                rolled_up = rolled,
+                indexed,
+                "rolled up and indexed the traffic logged before this version"
+            );
+        }
+    }
+    Ok(())
+}
 
 /// Opens (creating if needed) the database and brings its schema up to date.
 pub fn open(path: &Path) -> Result<Connection, StoreError> {
@@ -315,6 +363,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        after_migration(i + 1, &tx)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
         tracing::info!(version = i + 1, "applied database migration");
@@ -376,6 +425,65 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn traffic_logged_before_the_index_and_rollups_is_indexed_and_rolled_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..7] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 7).unwrap();
+            // A minute rolled up since version 7, after the rows below were logged.
+            conn.execute(
+                "INSERT INTO traffic_minutes VALUES (120000, 'r', 'champion', 4, 0, 0, 0, 0, 0, 0, 0, 0,
+                    '{}', '{}', '{}', '{\"checked\": 0, \"cached\": 0, \"blocked_by_category\": {}, \"flow_latency\": {}}')",
+                [],
+            )
+            .unwrap();
+            let request =
+                serde_json::json!({"messages": [{"role": "user", "content": "an old question"}]});
+            for (i, status) in [200, 200, 502].into_iter().enumerate() {
+                conn.execute(
+                    "INSERT INTO traffic (id, ts_ms, route, arm, stream, status, latency_ms, request, api,
+                        prompt_tokens, completion_tokens)
+                     VALUES (?1, ?2, 'r', 'champion', 0, ?3, 5.0, ?4, 'chat', 7, 3)",
+                    rusqlite::params![format!("t{i}"), 60_000 + i as i64, status, request.to_string()],
+                )
+                .unwrap();
+            }
+        }
+        let conn = open(&path).unwrap();
+        let minutes = rollup::minutes(&conn, 0, i64::MAX, None).unwrap();
+        assert_eq!(minutes.len(), 2);
+        let (minute, _, _, m) = &minutes[0];
+        assert_eq!(*minute, 60_000);
+        assert_eq!(
+            (m.requests, m.errors, m.prompt_tokens, m.completion_tokens),
+            (3, 1, 21, 9)
+        );
+        assert_eq!(m.latency.count(), 3);
+        assert_eq!((minutes[1].0, minutes[1].3.requests), (120_000, 4));
+        // The hour holds both: the stored minute and the rows rolled up now.
+        let hours = rollup::rollups(&conn, rollup::Grain::Hour, 0, i64::MAX, None).unwrap();
+        assert_eq!(hours.len(), 1);
+        assert_eq!(
+            (hours[0].0, hours[0].3.requests, hours[0].3.errors),
+            (0, 7, 1)
+        );
+        let found = search::search(
+            &conn,
+            &search::TrafficQuery {
+                text: Some("OLD QUESTION".into()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(found.rows.len(), 3);
     }
 
     #[test]

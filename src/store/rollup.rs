@@ -151,17 +151,27 @@ pub struct Minute {
     pub rails: RailsMinute,
 }
 
-impl Minute {
-    /// Counts a record; `unparsable`: one of its tool calls has arguments that are not JSON (the
-    /// writer works that out as it stores the calls).
-    fn add(&mut self, r: &TrafficRecord, unparsable: bool) {
-        self.requests += 1;
-        self.errors += u64::from(r.status >= 400);
-        if let Some(rails) = &r.rails {
-            self.blocked +=
-                u64::from(rails.get("status").and_then(Value::as_str) == Some("blocked"));
-            self.rails.add(rails);
-        }
+/// What a minute counts of one logged request: a record as the writer has it, or a stored row.
+pub struct Counted<'a> {
+    pub ts_ms: i64,
+    pub route: &'a str,
+    pub arm: &'a str,
+    pub status: u16,
+    pub rails: Option<&'a Value>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub name_agreement: Option<bool>,
+    pub args_agreement: Option<bool>,
+    /// One of its tool calls has arguments that are not JSON.
+    pub unparsable: bool,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub upstream_ms: Option<f64>,
+}
+
+impl<'a> Counted<'a> {
+    /// `unparsable`: the writer works that out as it stores the calls.
+    pub fn of(r: &'a TrafficRecord, unparsable: bool) -> Self {
         let usage = r.response.as_ref().and_then(|v| v.get("usage"));
         let tokens = |k: &str| {
             usage
@@ -169,14 +179,41 @@ impl Minute {
                 .and_then(Value::as_u64)
                 .unwrap_or(0)
         };
-        self.prompt_tokens += tokens("prompt_tokens");
-        self.completion_tokens += tokens("completion_tokens");
-        if let Some(names) = r.tool_name_agreement {
+        Self {
+            ts_ms: r.ts_ms,
+            route: &r.route,
+            arm: &r.arm,
+            status: r.status,
+            rails: r.rails.as_ref(),
+            prompt_tokens: tokens("prompt_tokens"),
+            completion_tokens: tokens("completion_tokens"),
+            name_agreement: r.tool_name_agreement,
+            args_agreement: r.tool_args_agreement,
+            unparsable,
+            latency_ms: r.latency_ms,
+            ttft_ms: r.ttft_ms,
+            upstream_ms: r.upstream_ms,
+        }
+    }
+}
+
+impl Minute {
+    fn add(&mut self, r: &Counted<'_>) {
+        self.requests += 1;
+        self.errors += u64::from(r.status >= 400);
+        if let Some(rails) = r.rails {
+            self.blocked +=
+                u64::from(rails.get("status").and_then(Value::as_str) == Some("blocked"));
+            self.rails.add(rails);
+        }
+        self.prompt_tokens += r.prompt_tokens;
+        self.completion_tokens += r.completion_tokens;
+        if let Some(names) = r.name_agreement {
             self.compared += 1;
             self.agreed_names += u64::from(names);
-            self.agreed_args += u64::from(names && r.tool_args_agreement == Some(true));
+            self.agreed_args += u64::from(names && r.args_agreement == Some(true));
         }
-        self.parse_failures += u64::from(unparsable);
+        self.parse_failures += u64::from(r.unparsable);
         self.latency.add(r.latency_ms);
         if let Some(t) = r.ttft_ms {
             self.ttft.add(t);
@@ -208,50 +245,172 @@ pub fn minute_of(ts_ms: i64) -> i64 {
     ts_ms - ts_ms.rem_euclid(60_000)
 }
 
+/// The rollups are kept per minute, and per hour for long windows (a week is 168 hours a route
+/// and arm, not 10,080 minutes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grain {
+    Minute,
+    Hour,
+}
+
+impl Grain {
+    pub fn ms(self) -> i64 {
+        match self {
+            Grain::Minute => 60_000,
+            Grain::Hour => 3_600_000,
+        }
+    }
+
+    /// The start of the minute or hour a timestamp falls in.
+    pub fn start_of(self, ts_ms: i64) -> i64 {
+        ts_ms - ts_ms.rem_euclid(self.ms())
+    }
+
+    /// The table and its time column.
+    fn table(self) -> (&'static str, &'static str) {
+        match self {
+            Grain::Minute => ("traffic_minutes", "minute_ms"),
+            Grain::Hour => ("traffic_hours", "hour_ms"),
+        }
+    }
+}
+
 /// A batch's records summed by (minute, route, arm).
 #[derive(Default)]
 pub struct Rollup(HashMap<(i64, String, String), Minute>);
 
 impl Rollup {
-    pub fn add(&mut self, r: &TrafficRecord, unparsable: bool) {
+    pub fn add(&mut self, r: &Counted<'_>) {
         self.0
-            .entry((minute_of(r.ts_ms), r.route.clone(), r.arm.clone()))
+            .entry((minute_of(r.ts_ms), r.route.to_string(), r.arm.to_string()))
             .or_default()
-            .add(r, unparsable);
+            .add(r);
     }
 
-    /// Adds the batch's sums to the stored minutes, in the batch's transaction.
+    /// Adds the batch's sums to the stored minutes and hours, in the batch's transaction.
     pub fn write(&self, tx: &Connection) -> Result<(), StoreError> {
+        let mut hours: HashMap<(i64, &str, &str), Minute> = HashMap::new();
         for ((minute, route, arm), m) in &self.0 {
-            let mut total = read_minute(tx, *minute, route, arm)?.unwrap_or_default();
-            total.merge(m);
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO traffic_minutes (minute_ms, route, arm, requests, errors,
-                    blocked, prompt_tokens, completion_tokens, compared, agreed_names, agreed_args,
-                    parse_failures, latency, ttft, overhead, rails)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-            )?
-            .execute(params![
-                minute,
-                route,
-                arm,
-                total.requests as i64,
-                total.errors as i64,
-                total.blocked as i64,
-                total.prompt_tokens as i64,
-                total.completion_tokens as i64,
-                total.compared as i64,
-                total.agreed_names as i64,
-                total.agreed_args as i64,
-                total.parse_failures as i64,
-                serde_json::to_string(&total.latency)?,
-                serde_json::to_string(&total.ttft)?,
-                serde_json::to_string(&total.overhead)?,
-                serde_json::to_string(&total.rails)?,
-            ])?;
+            add_stored(tx, Grain::Minute, (*minute, route, arm), m)?;
+            hours
+                .entry((Grain::Hour.start_of(*minute), route, arm))
+                .or_default()
+                .merge(m);
+        }
+        for (key, m) in &hours {
+            add_stored(tx, Grain::Hour, *key, m)?;
         }
         Ok(())
     }
+}
+
+/// Adds `m` to the stored figures of one (start, route, arm).
+fn add_stored(
+    tx: &Connection,
+    grain: Grain,
+    (start, route, arm): (i64, &str, &str),
+    m: &Minute,
+) -> Result<(), StoreError> {
+    let (table, column) = grain.table();
+    let mut total = tx
+        .prepare_cached(&format!(
+            "SELECT {FIGURES} FROM {table} WHERE {column} = ?1 AND route = ?2 AND arm = ?3"
+        ))?
+        .query_row(params![start, route, arm], |r| figures_at(r, 0))
+        .optional()?
+        .unwrap_or_default();
+    total.merge(m);
+    tx.prepare_cached(&format!(
+        "INSERT OR REPLACE INTO {table} ({column}, route, arm, {FIGURES})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+    ))?
+    .execute(params![
+        start,
+        route,
+        arm,
+        total.requests as i64,
+        total.errors as i64,
+        total.blocked as i64,
+        total.prompt_tokens as i64,
+        total.completion_tokens as i64,
+        total.compared as i64,
+        total.agreed_names as i64,
+        total.agreed_args as i64,
+        total.parse_failures as i64,
+        serde_json::to_string(&total.latency)?,
+        serde_json::to_string(&total.ttft)?,
+        serde_json::to_string(&total.overhead)?,
+        serde_json::to_string(&total.rails)?,
+    ])?;
+    Ok(())
+}
+
+/// Sums the stored minutes into hours (run once, as the hours table is created); returns how
+/// many minutes.
+pub fn hours_from_minutes(tx: &Connection) -> Result<u64, StoreError> {
+    let minutes = rollups(tx, Grain::Minute, i64::MIN, i64::MAX, None)?;
+    let mut hours: HashMap<(i64, &str, &str), Minute> = HashMap::new();
+    for (minute, route, arm, m) in &minutes {
+        hours
+            .entry((Grain::Hour.start_of(*minute), route, arm))
+            .or_default()
+            .merge(m);
+    }
+    for (key, m) in &hours {
+        add_stored(tx, Grain::Hour, *key, m)?;
+    }
+    Ok(minutes.len() as u64)
+}
+
+/// Rolls up the rows logged before the rollups were kept: every row older than the first stored
+/// minute (all of them when there is none). Run once, as part of a migration; returns how many.
+pub fn roll_up_existing(tx: &Connection) -> Result<u64, StoreError> {
+    let first: Option<i64> =
+        tx.query_row("SELECT min(minute_ms) FROM traffic_minutes", [], |r| {
+            r.get(0)
+        })?;
+    let mut stmt = tx.prepare(
+        "SELECT ts_ms, route, arm, status, rails, prompt_tokens, completion_tokens,
+                tool_name_agreement, tool_args_agreement, latency_ms, ttft_ms, upstream_ms,
+                EXISTS (SELECT 1 FROM tool_calls c WHERE c.traffic_id = t.id
+                        AND c.arguments_valid_json = 0)
+         FROM traffic t WHERE ts_ms < ?1 ORDER BY ts_ms",
+    )?;
+    let mut rows = stmt.query([first.unwrap_or(i64::MAX)])?;
+    let mut rollup = Rollup::default();
+    let mut n = 0;
+    while let Some(r) = rows.next()? {
+        let (route, arm): (String, String) = (r.get(1)?, r.get(2)?);
+        let rails: Option<Value> = r
+            .get::<_, Option<String>>(4)?
+            .and_then(|s| serde_json::from_str(&s).ok());
+        let tokens = |i: usize| {
+            r.get::<_, Option<i64>>(i)
+                .map(|v| v.unwrap_or(0).max(0) as u64)
+        };
+        rollup.add(&Counted {
+            ts_ms: r.get(0)?,
+            route: &route,
+            arm: &arm,
+            status: r.get(3)?,
+            rails: rails.as_ref(),
+            prompt_tokens: tokens(5)?,
+            completion_tokens: tokens(6)?,
+            name_agreement: r.get(7)?,
+            args_agreement: r.get(8)?,
+            unparsable: r.get(12)?,
+            latency_ms: r.get(9)?,
+            ttft_ms: r.get(10)?,
+            upstream_ms: r.get(11)?,
+        });
+        n += 1;
+        // Written a chunk at a time, so a big log does not sit in memory whole.
+        if n % 100_000 == 0 {
+            std::mem::take(&mut rollup).write(tx)?;
+        }
+    }
+    rollup.write(tx)?;
+    Ok(n)
 }
 
 /// The figure columns of `traffic_minutes`, in `figures_at`'s order.
@@ -286,20 +445,6 @@ fn figures_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Minute> {
     })
 }
 
-fn read_minute(
-    conn: &Connection,
-    minute: i64,
-    route: &str,
-    arm: &str,
-) -> Result<Option<Minute>, StoreError> {
-    Ok(conn
-        .prepare_cached(&format!(
-            "SELECT {FIGURES} FROM traffic_minutes WHERE minute_ms = ?1 AND route = ?2 AND arm = ?3"
-        ))?
-        .query_row(params![minute, route, arm], |r| figures_at(r, 0))
-        .optional()?)
-}
-
 /// The stored minutes in `[since_ms, until_ms)`, optionally of one route, oldest first:
 /// `(minute, route, arm, figures)`.
 pub fn minutes(
@@ -308,11 +453,24 @@ pub fn minutes(
     until_ms: i64,
     route: Option<&str>,
 ) -> Result<Vec<(i64, String, String, Minute)>, StoreError> {
+    rollups(conn, Grain::Minute, since_ms, until_ms, route)
+}
+
+/// The stored minutes or hours starting in `[since_ms, until_ms)`, optionally of one route,
+/// oldest first: `(start, route, arm, figures)`.
+pub fn rollups(
+    conn: &Connection,
+    grain: Grain,
+    since_ms: i64,
+    until_ms: i64,
+    route: Option<&str>,
+) -> Result<Vec<(i64, String, String, Minute)>, StoreError> {
+    let (table, column) = grain.table();
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT minute_ms, route, arm, {FIGURES}
-         FROM traffic_minutes
-         WHERE minute_ms >= ?1 AND minute_ms < ?2 AND (?3 IS NULL OR route = ?3)
-         ORDER BY minute_ms"
+        "SELECT {column}, route, arm, {FIGURES}
+         FROM {table}
+         WHERE {column} >= ?1 AND {column} < ?2 AND (?3 IS NULL OR route = ?3)
+         ORDER BY {column}"
     ))?;
     let rows = stmt.query_map(params![since_ms, until_ms, route], |r| {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?, figures_at(r, 3)?))

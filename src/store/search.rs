@@ -1,6 +1,12 @@
 //! Finding exchanges in the traffic log: filters on route, workload, arm, status, tool name, rails
-//! verdict, time and text in the request, newest first, a page at a time. Only the filters given
-//! go into the query, so SQLite can use the (route, ts) and (workload, ts) indexes.
+//! verdict, time and text, newest first, a page at a time. Only the filters given go into the
+//! query, so SQLite can use the (route, ts) and (workload, ts) indexes.
+//!
+//! Text is found through a trigram full-text index (`traffic_text`, FTS5) of what each exchange
+//! added to its conversation: the messages after the request's last assistant turn (or its
+//! prompt or input), and the answer's text and tool calls. A conversation's history is sent again
+//! with every turn; indexing only the new part keeps the index proportional to the traffic, and a
+//! text is found in the exchange that brought it in.
 
 use rusqlite::types::Value as Sql;
 use rusqlite::Connection;
@@ -29,13 +35,61 @@ pub struct TrafficQuery {
     pub tool: Option<String>,
     /// The rails verdict (`blocked`, `allowed`, ...), or `none` for requests no rail checked.
     pub verdict: Option<String>,
-    /// Text the request (the client's own body) contains, case-sensitively.
+    /// Text the exchange brought in (see the module's note), at least [`MIN_TEXT_CHARS`]
+    /// characters, matched case-insensitively.
     pub text: Option<String>,
+    /// Where the previous page stopped: rows strictly older than this one.
+    pub before: Option<Cursor>,
     pub limit: usize,
 }
 
+/// A position in the newest-first order: a row's time and its place in the log, so rows logged
+/// in the same millisecond are neither skipped nor shown twice across pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub ts_ms: i64,
+    pub seq: i64,
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.ts_ms, self.seq)
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (ts, seq) = s.split_once('.').ok_or(())?;
+        Ok(Self {
+            ts_ms: ts.parse().map_err(|_| ())?,
+            seq: seq.parse().map_err(|_| ())?,
+        })
+    }
+}
+
+/// The trigram index cannot look for less.
+pub const MIN_TEXT_CHARS: usize = 3;
+/// A text matching at most this many exchanges is looked up through its list of matches; a more
+/// common one is checked row by row as the newest rows are walked (its matches come quickly).
+const LISTED_MATCHES: usize = 20_000;
+/// How much of an exchange's new text is indexed.
+const INDEXED_CHARS: usize = 32 * 1024;
+
+/// One page of a search and where the next one starts (None on the last page).
+pub struct Page {
+    pub rows: Vec<Value>,
+    pub next: Option<Cursor>,
+}
+
 /// One exchange as a search lists it: what tells it apart at a glance.
-pub fn search(conn: &Connection, q: &TrafficQuery) -> Result<Vec<Value>, StoreError> {
+pub fn search(conn: &Connection, q: &TrafficQuery) -> Result<Page, StoreError> {
+    search_listing(conn, q, LISTED_MATCHES)
+}
+
+/// [`search`], looking text up through its list of matches when there are at most `listed`.
+fn search_listing(conn: &Connection, q: &TrafficQuery, listed: usize) -> Result<Page, StoreError> {
     let mut clauses: Vec<&str> = Vec::new();
     let mut args: Vec<Sql> = Vec::new();
     let mut push = |clause: &'static str, v: Sql| {
@@ -74,10 +128,22 @@ pub fn search(conn: &Connection, q: &TrafficQuery) -> Result<Vec<Value>, StoreEr
         None => {}
     }
     if let Some(text) = &q.text {
-        push(
-            "instr(COALESCE(t.wire_request, t.request), ?) > 0",
-            Sql::Text(text.clone()),
-        );
+        let phrase = format!("\"{}\"", text.replace('"', "\"\""));
+        match matches(conn, &phrase, listed)? {
+            Some(rowids) => push(
+                "t.rowid IN (SELECT value FROM json_each(?))",
+                Sql::Text(serde_json::to_string(&rowids)?),
+            ),
+            None => push(
+                "EXISTS (SELECT 1 FROM traffic_text WHERE traffic_text MATCH ? AND rowid = t.rowid)",
+                Sql::Text(phrase),
+            ),
+        }
+    }
+    if let Some(c) = q.before {
+        clauses.push("(t.ts_ms, t.rowid) < (?, ?)");
+        args.push(Sql::Integer(c.ts_ms));
+        args.push(Sql::Integer(c.seq));
     }
     // Literal bounds, so the partial index on failed requests can serve `error`.
     match q.status {
@@ -106,12 +172,18 @@ pub fn search(conn: &Connection, q: &TrafficQuery) -> Result<Vec<Value>, StoreEr
                 t.workload_id, t.episode_id, json_extract(t.rails, '$.status'),
                 (SELECT group_concat(c.name, ',') FROM tool_calls c WHERE c.traffic_id = t.id),
                 t.request
-         FROM traffic t {index} {filter} ORDER BY t.ts_ms DESC LIMIT ?"
+                , t.rowid
+         FROM traffic t {index} {filter} ORDER BY t.ts_ms DESC, t.rowid DESC LIMIT ?"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
+    let mut next = None;
     let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
         let request: String = r.get(13)?;
         let tools: Option<String> = r.get(12)?;
+        next = Some(Cursor {
+            ts_ms: r.get(1)?,
+            seq: r.get(14)?,
+        });
         Ok(json!({
             "id": r.get::<_, String>(0)?,
             "ts_ms": r.get::<_, i64>(1)?,
@@ -129,7 +201,130 @@ pub fn search(conn: &Connection, q: &TrafficQuery) -> Result<Vec<Value>, StoreEr
             "prompt": last_user_text(&request),
         }))
     })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let rows: Vec<Value> = rows.collect::<Result<_, _>>()?;
+    Ok(Page {
+        next: next.filter(|_| rows.len() == q.limit),
+        rows,
+    })
+}
+
+/// The rows whose indexed text holds `phrase`, when there are at most `listed`.
+fn matches(conn: &Connection, phrase: &str, listed: usize) -> Result<Option<Vec<i64>>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT rowid FROM traffic_text WHERE traffic_text MATCH ? ORDER BY rowid DESC LIMIT ?",
+    )?;
+    let rowids = stmt
+        .query_map(rusqlite::params![phrase, listed as i64 + 1], |r| {
+            r.get::<_, i64>(0)
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((rowids.len() <= listed).then_some(rowids))
+}
+
+/// Adds a stored row's new text to the search index, in the writer's transaction.
+pub fn index(
+    tx: &Connection,
+    rowid: i64,
+    request: &Value,
+    response: Option<&Value>,
+) -> Result<(), StoreError> {
+    let text = new_text(request, response);
+    if !text.is_empty() {
+        tx.prepare_cached("INSERT INTO traffic_text (rowid, body) VALUES (?, ?)")?
+            .execute(rusqlite::params![rowid, text])?;
+    }
+    Ok(())
+}
+
+/// What an exchange added to its conversation, as the index holds it: the request's messages
+/// after its last assistant turn (system prompts left out), its prompt or input for the doors
+/// that have no messages, and the answer's text and tool calls; the first [`INDEXED_CHARS`].
+pub fn new_text(request: &Value, response: Option<&Value>) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    if let Some(messages) = request.get("messages").and_then(Value::as_array) {
+        let start = messages
+            .iter()
+            .rposition(|m| m["role"] == "assistant")
+            .map_or(0, |i| i + 1);
+        for m in &messages[start..] {
+            if m["role"] == "system" || m["role"] == "developer" {
+                continue;
+            }
+            content_text(&m["content"], &mut parts);
+        }
+    }
+    for key in ["prompt", "input"] {
+        match request.get(key) {
+            Some(Value::String(s)) => parts.push(s),
+            Some(Value::Array(items)) => parts.extend(items.iter().filter_map(Value::as_str)),
+            _ => {}
+        }
+    }
+    for choice in response
+        .and_then(|r| r.get("choices"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(text) = choice["text"].as_str() {
+            parts.push(text);
+        }
+        content_text(&choice["message"]["content"], &mut parts);
+        for call in choice["message"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            for field in ["name", "arguments"] {
+                if let Some(s) = call["function"][field].as_str() {
+                    parts.push(s);
+                }
+            }
+        }
+    }
+    let mut text = String::new();
+    for p in parts.into_iter().filter(|p| !p.is_empty()) {
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(p);
+        if text.len() >= INDEXED_CHARS {
+            break;
+        }
+    }
+    if text.len() > INDEXED_CHARS {
+        let mut cut = INDEXED_CHARS;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
+fn content_text<'a>(content: &'a Value, parts: &mut Vec<&'a str>) {
+    match content {
+        Value::String(s) => parts.push(s),
+        Value::Array(items) => parts.extend(items.iter().filter_map(|p| p["text"].as_str())),
+        _ => {}
+    }
+}
+
+/// Indexes the rows stored before the index existed (run once, as it is created); returns how
+/// many.
+pub fn index_existing(tx: &Connection) -> Result<u64, StoreError> {
+    let mut stmt = tx.prepare("SELECT rowid, request, response FROM traffic")?;
+    let mut rows = stmt.query([])?;
+    let mut n = 0;
+    while let Some(r) = rows.next()? {
+        let request: Value = serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or(Value::Null);
+        let response: Option<Value> = r
+            .get::<_, Option<String>>(2)?
+            .and_then(|s| serde_json::from_str(&s).ok());
+        index(tx, r.get(0)?, &request, response.as_ref())?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// The last user message of a logged chat request, cut to 300 characters.
@@ -166,5 +361,96 @@ mod tests {
         assert_eq!(last_user_text("not json"), "");
         let long = json!({"messages": [{"role": "user", "content": "é".repeat(500)}]});
         assert_eq!(last_user_text(&long.to_string()).chars().count(), 300);
+    }
+
+    #[test]
+    fn the_index_holds_what_an_exchange_added_and_its_answer() {
+        let request = json!({"messages": [
+            {"role": "system", "content": "you are terse"},
+            {"role": "user", "content": "old question"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function",
+                "function": {"name": "lookup", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "tool said 42"},
+            {"role": "user", "content": [{"type": "text", "text": "and now?"}]}
+        ]});
+        let response = json!({"choices": [{"index": 0, "message": {"role": "assistant",
+            "content": "thinking", "tool_calls": [{"id": "d", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]}}]});
+        let text = new_text(&request, Some(&response));
+        assert_eq!(
+            text,
+            "tool said 42\nand now?\nthinking\nget_weather\n{\"city\": \"Oslo\"}"
+        );
+        // A first turn has no assistant message: all of it but the system prompt.
+        let first = json!({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi there"}]});
+        assert_eq!(new_text(&first, None), "hi there");
+        // The doors without messages, and a cap that respects characters.
+        assert_eq!(
+            new_text(
+                &json!({"prompt": ["a b", "c"]}),
+                Some(&json!({"choices": [{"text": "d"}]}))
+            ),
+            "a b\nc\nd"
+        );
+        assert_eq!(new_text(&json!({"input": "embed me"}), None), "embed me");
+        let big = new_text(&json!({"input": "é".repeat(INDEXED_CHARS)}), None);
+        assert!(big.len() <= INDEXED_CHARS && big.len() > INDEXED_CHARS - 2);
+    }
+
+    #[test]
+    fn text_is_found_by_substring_whatever_its_case_and_forgotten_with_its_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::open(&dir.path().join("f.db")).unwrap();
+        let insert = |id: &str, ts: i64, text: &str| {
+            let request = json!({"messages": [{"role": "user", "content": text}]});
+            conn.execute(
+                "INSERT INTO traffic (id, ts_ms, route, arm, stream, status, latency_ms, request, api)
+                 VALUES (?1, ?2, 'r', 'champion', 0, 200, 1.0, ?3, 'chat')",
+                rusqlite::params![id, ts, request.to_string()],
+            )
+            .unwrap();
+            index(&conn, conn.last_insert_rowid(), &request, None).unwrap();
+        };
+        insert("a", 10, "Where is my Parcel, order 1234?");
+        insert("b", 20, "what is the weather");
+        insert("c", 20, "PARCEL again, same millisecond as b");
+        let ids = |text: &str| {
+            let q = TrafficQuery {
+                text: Some(text.into()),
+                limit: 10,
+                ..Default::default()
+            };
+            let listed = search(&conn, &q).unwrap();
+            // A text too common to list is checked row by row, with the same answer.
+            let probed = search_listing(&conn, &q, 1).unwrap();
+            let ids = |p: &Page| {
+                p.rows
+                    .iter()
+                    .map(|r| r["id"].as_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(ids(&listed), ids(&probed), "{text}");
+            ids(&listed)
+        };
+        assert_eq!(ids("parcel"), ["c", "a"]);
+        assert_eq!(ids("der 12"), ["a"]);
+        assert_eq!(ids("\"quoted\""), Vec::<String>::new());
+        conn.execute("DELETE FROM traffic WHERE id = 'c'", [])
+            .unwrap();
+        assert_eq!(ids("parcel"), ["a"]);
+        // Two rows in one millisecond page apart without loss.
+        insert("d", 20, "more weather");
+        let mut q = TrafficQuery {
+            text: Some("weather".into()),
+            limit: 1,
+            ..Default::default()
+        };
+        let first = search(&conn, &q).unwrap();
+        q.before = first.next;
+        let second = search(&conn, &q).unwrap();
+        assert_eq!(first.rows[0]["id"], "d");
+        assert_eq!(second.rows[0]["id"], "b");
+        let cursor = first.next.unwrap();
+        assert_eq!(cursor.to_string().parse::<Cursor>(), Ok(cursor));
     }
 }

@@ -440,7 +440,7 @@ fn write_batch(conn: &mut Connection, batch: &[Entry]) -> Result<(), StoreError>
         match entry {
             Entry::Traffic(r) => {
                 let unparsable = insert(&tx, r)?;
-                rollup.add(r, unparsable);
+                rollup.add(&super::rollup::Counted::of(r, unparsable));
             }
             Entry::Feedback(f) => super::feedback::insert(&tx, f)?,
         }
@@ -509,6 +509,7 @@ fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<bool, StoreError> {
         r.wire_request.as_ref().map(Value::to_string),
         r.episode_id,
     ])?;
+    super::search::index(tx, tx.last_insert_rowid(), &r.request, r.response.as_ref())?;
     let mut call_stmt = tx.prepare_cached(
         "INSERT INTO tool_calls (traffic_id, choice_index, call_index, call_id, name, arguments, arguments_valid_json)
          VALUES (?1,?2,?3,?4,?5,?6,?7)",
