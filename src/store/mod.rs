@@ -218,9 +218,16 @@ CREATE TABLE traffic_minutes (
 );
 CREATE INDEX traffic_errors_ts ON traffic (ts_ms) WHERE status >= 400;
 "#,
-    // 8: the full-text index of what each exchange added (see store::search) and hourly rollups;
-    // `after_migration` fills both from what is already there, and rolls up rows older than 7.
+    // 8: traffic row ids that follow time (see traffic::ROWS_PER_MS), the full-text index of
+    // what each exchange added (see store::search) and hourly rollups; `after_migration` fills
+    // both from what is already there, and rolls up rows older than 7.
     r#"
+UPDATE traffic SET rowid = -rowid;
+UPDATE traffic SET rowid = k.new
+FROM (SELECT rowid AS old,
+             ts_ms * 1048576 + row_number() OVER (PARTITION BY ts_ms ORDER BY rowid DESC) - 1 AS new
+      FROM traffic) AS k
+WHERE traffic.rowid = k.old;
 CREATE TABLE traffic_hours (
     hour_ms INTEGER NOT NULL,
     route TEXT NOT NULL,
@@ -457,6 +464,23 @@ mod tests {
             }
         }
         let conn = open(&path).unwrap();
+        // The rows were renumbered to follow time.
+        let ids: Vec<(i64, String)> = conn
+            .prepare("SELECT rowid, id FROM traffic ORDER BY rowid")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let per_ms = traffic::ROWS_PER_MS;
+        assert_eq!(
+            ids,
+            [
+                (60_000 * per_ms, "t0".to_string()),
+                (60_001 * per_ms, "t1".into()),
+                (60_002 * per_ms, "t2".into())
+            ]
+        );
         let minutes = rollup::minutes(&conn, 0, i64::MAX, None).unwrap();
         assert_eq!(minutes.len(), 2);
         let (minute, _, _, m) = &minutes[0];

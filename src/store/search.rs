@@ -9,7 +9,7 @@
 //! text is found in the exchange that brought it in.
 
 use rusqlite::types::Value as Sql;
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use serde_json::{json, Value};
 
 use super::StoreError;
@@ -71,9 +71,6 @@ impl std::str::FromStr for Cursor {
 
 /// The trigram index cannot look for less.
 pub const MIN_TEXT_CHARS: usize = 3;
-/// A text matching at most this many exchanges is looked up through its list of matches; a more
-/// common one is checked row by row as the newest rows are walked (its matches come quickly).
-const LISTED_MATCHES: usize = 20_000;
 /// How much of an exchange's new text is indexed.
 const INDEXED_CHARS: usize = 32 * 1024;
 
@@ -83,19 +80,112 @@ pub struct Page {
     pub next: Option<Cursor>,
 }
 
-/// One exchange as a search lists it: what tells it apart at a glance.
+/// Exchanges matching every filter, newest first, a page at a time.
 pub fn search(conn: &Connection, q: &TrafficQuery) -> Result<Page, StoreError> {
-    search_listing(conn, q, LISTED_MATCHES)
+    search_in_chunks(conn, q, TEXT_CHUNK, TEXT_CHUNKS)
 }
 
-/// [`search`], looking text up through its list of matches when there are at most `listed`.
-fn search_listing(conn: &Connection, q: &TrafficQuery, listed: usize) -> Result<Page, StoreError> {
+/// Text matches are read from the index this many at a time, newest first ...
+const TEXT_CHUNK: usize = 4096;
+/// ... and a page reads at most this many chunks: a text common in the index but rare among the
+/// rows the other filters keep answers with what it found and a cursor to search on from.
+const TEXT_CHUNKS: usize = 12;
+
+fn search_in_chunks(
+    conn: &Connection,
+    q: &TrafficQuery,
+    chunk: usize,
+    chunks: usize,
+) -> Result<Page, StoreError> {
+    let Some(text) = &q.text else {
+        let rows = select(conn, q, None, q.limit)?;
+        let next = rows
+            .last()
+            .map(|(_, c)| *c)
+            .filter(|_| rows.len() == q.limit);
+        return Ok(Page {
+            rows: rows.into_iter().map(|(v, _)| v).collect(),
+            next,
+        });
+    };
+    // Row ids follow time (see `traffic::ROWS_PER_MS`), so the index's matches come newest
+    // first and the time filters bound them.
+    let phrase = format!("\"{}\"", text.replace('"', "\"\""));
+    let per_ms = super::traffic::ROWS_PER_MS;
+    let low = q.since_ms.map_or(i64::MIN, |t| t.saturating_mul(per_ms));
+    let mut high = q.until_ms.map_or(i64::MAX, |t| t.saturating_mul(per_ms));
+    if let Some(c) = q.before {
+        high = high.min(c.seq);
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT rowid FROM traffic_text WHERE traffic_text MATCH ?1 AND rowid >= ?2 AND rowid < ?3
+         ORDER BY rowid DESC LIMIT ?4",
+    )?;
+    let mut rows = Vec::new();
+    let mut read_all = false;
+    for _ in 0..chunks {
+        let ids = stmt
+            .query_map(rusqlite::params![phrase, low, high, chunk as i64], |r| {
+                r.get::<_, i64>(0)
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(&oldest) = ids.last() else {
+            read_all = true;
+            break;
+        };
+        rows.extend(select(conn, q, Some(&ids), q.limit - rows.len())?);
+        if rows.len() == q.limit {
+            let next = rows.last().map(|(_, c)| *c);
+            return Ok(Page {
+                rows: rows.into_iter().map(|(v, _)| v).collect(),
+                next,
+            });
+        }
+        high = oldest;
+        if ids.len() < chunk {
+            read_all = true;
+            break;
+        }
+    }
+    // The page's share of the index was read before every match was: the next page searches on
+    // from the oldest match read, if there is another.
+    if !read_all {
+        read_all = stmt
+            .query_row(rusqlite::params![phrase, low, high, 1], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()?
+            .is_none();
+    }
+    Ok(Page {
+        rows: rows.into_iter().map(|(v, _)| v).collect(),
+        next: (!read_all).then_some(Cursor {
+            ts_ms: high.div_euclid(per_ms),
+            seq: high,
+        }),
+    })
+}
+
+/// The rows matching the filters (all but the text), newest first, at most `limit`, and only
+/// among `ids` when given.
+fn select(
+    conn: &Connection,
+    q: &TrafficQuery,
+    ids: Option<&[i64]>,
+    limit: usize,
+) -> Result<Vec<(Value, Cursor)>, StoreError> {
     let mut clauses: Vec<&str> = Vec::new();
     let mut args: Vec<Sql> = Vec::new();
     let mut push = |clause: &'static str, v: Sql| {
         clauses.push(clause);
         args.push(v);
     };
+    if let Some(ids) = ids {
+        push(
+            "t.rowid IN (SELECT value FROM json_each(?))",
+            Sql::Text(serde_json::to_string(ids)?),
+        );
+    }
     if let Some(t) = q.since_ms {
         push("t.ts_ms >= ?", Sql::Integer(t));
     }
@@ -127,19 +217,6 @@ fn search_listing(conn: &Connection, q: &TrafficQuery, listed: usize) -> Result<
         ),
         None => {}
     }
-    if let Some(text) = &q.text {
-        let phrase = format!("\"{}\"", text.replace('"', "\"\""));
-        match matches(conn, &phrase, listed)? {
-            Some(rowids) => push(
-                "t.rowid IN (SELECT value FROM json_each(?))",
-                Sql::Text(serde_json::to_string(&rowids)?),
-            ),
-            None => push(
-                "EXISTS (SELECT 1 FROM traffic_text WHERE traffic_text MATCH ? AND rowid = t.rowid)",
-                Sql::Text(phrase),
-            ),
-        }
-    }
     if let Some(c) = q.before {
         clauses.push("(t.ts_ms, t.rowid) < (?, ?)");
         args.push(Sql::Integer(c.ts_ms));
@@ -160,9 +237,10 @@ fn search_listing(conn: &Connection, q: &TrafficQuery, listed: usize) -> Result<
     } else {
         format!("WHERE {}", clauses.join(" AND "))
     };
-    args.push(Sql::Integer(q.limit as i64));
-    // Failures are few: walking their partial index beats walking a route's every request.
-    let index = if q.status == Some(StatusFilter::Error) {
+    args.push(Sql::Integer(limit as i64));
+    // Failures are few: walking their partial index beats walking a route's every request
+    // (unless the text's matches already name the rows).
+    let index = if q.status == Some(StatusFilter::Error) && ids.is_none() {
         "INDEXED BY traffic_errors_ts"
     } else {
         ""
@@ -171,54 +249,38 @@ fn search_listing(conn: &Connection, q: &TrafficQuery, listed: usize) -> Result<
         "SELECT t.id, t.ts_ms, t.route, t.arm, t.status, t.latency_ms, t.target, t.adapter, t.api,
                 t.workload_id, t.episode_id, json_extract(t.rails, '$.status'),
                 (SELECT group_concat(c.name, ',') FROM tool_calls c WHERE c.traffic_id = t.id),
-                t.request
-                , t.rowid
+                t.request, t.rowid
          FROM traffic t {index} {filter} ORDER BY t.ts_ms DESC, t.rowid DESC LIMIT ?"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
-    let mut next = None;
     let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
         let request: String = r.get(13)?;
         let tools: Option<String> = r.get(12)?;
-        next = Some(Cursor {
+        let cursor = Cursor {
             ts_ms: r.get(1)?,
             seq: r.get(14)?,
-        });
-        Ok(json!({
-            "id": r.get::<_, String>(0)?,
-            "ts_ms": r.get::<_, i64>(1)?,
-            "route": r.get::<_, String>(2)?,
-            "arm": r.get::<_, String>(3)?,
-            "status": r.get::<_, i64>(4)?,
-            "latency_ms": r.get::<_, f64>(5)?,
-            "target": r.get::<_, Option<String>>(6)?,
-            "adapter": r.get::<_, Option<String>>(7)?,
-            "api": r.get::<_, String>(8)?,
-            "workload_id": r.get::<_, Option<String>>(9)?,
-            "episode_id": r.get::<_, Option<String>>(10)?,
-            "rails": r.get::<_, Option<String>>(11)?,
-            "tools": tools.map(|t| t.split(',').map(str::to_string).collect::<Vec<_>>()).unwrap_or_default(),
-            "prompt": last_user_text(&request),
-        }))
+        };
+        Ok((
+            json!({
+                "id": r.get::<_, String>(0)?,
+                "ts_ms": cursor.ts_ms,
+                "route": r.get::<_, String>(2)?,
+                "arm": r.get::<_, String>(3)?,
+                "status": r.get::<_, i64>(4)?,
+                "latency_ms": r.get::<_, f64>(5)?,
+                "target": r.get::<_, Option<String>>(6)?,
+                "adapter": r.get::<_, Option<String>>(7)?,
+                "api": r.get::<_, String>(8)?,
+                "workload_id": r.get::<_, Option<String>>(9)?,
+                "episode_id": r.get::<_, Option<String>>(10)?,
+                "rails": r.get::<_, Option<String>>(11)?,
+                "tools": tools.map(|t| t.split(',').map(str::to_string).collect::<Vec<_>>()).unwrap_or_default(),
+                "prompt": last_user_text(&request),
+            }),
+            cursor,
+        ))
     })?;
-    let rows: Vec<Value> = rows.collect::<Result<_, _>>()?;
-    Ok(Page {
-        next: next.filter(|_| rows.len() == q.limit),
-        rows,
-    })
-}
-
-/// The rows whose indexed text holds `phrase`, when there are at most `listed`.
-fn matches(conn: &Connection, phrase: &str, listed: usize) -> Result<Option<Vec<i64>>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT rowid FROM traffic_text WHERE traffic_text MATCH ? ORDER BY rowid DESC LIMIT ?",
-    )?;
-    let rowids = stmt
-        .query_map(rusqlite::params![phrase, listed as i64 + 1], |r| {
-            r.get::<_, i64>(0)
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((rowids.len() <= listed).then_some(rowids))
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Adds a stored row's new text to the search index, in the writer's transaction.
@@ -404,8 +466,10 @@ mod tests {
         let insert = |id: &str, ts: i64, text: &str| {
             let request = json!({"messages": [{"role": "user", "content": text}]});
             conn.execute(
-                "INSERT INTO traffic (id, ts_ms, route, arm, stream, status, latency_ms, request, api)
-                 VALUES (?1, ?2, 'r', 'champion', 0, 200, 1.0, ?3, 'chat')",
+                "INSERT INTO traffic (rowid, id, ts_ms, route, arm, stream, status, latency_ms, request, api)
+                 VALUES ((SELECT coalesce(max(rowid) + 1, ?2 * 1048576) FROM traffic
+                          WHERE rowid >= ?2 * 1048576 AND rowid < (?2 + 1) * 1048576),
+                         ?1, ?2, 'r', 'champion', 0, 200, 1.0, ?3, 'chat')",
                 rusqlite::params![id, ts, request.to_string()],
             )
             .unwrap();
@@ -420,18 +484,29 @@ mod tests {
                 limit: 10,
                 ..Default::default()
             };
-            let listed = search(&conn, &q).unwrap();
-            // A text too common to list is checked row by row, with the same answer.
-            let probed = search_listing(&conn, &q, 1).unwrap();
             let ids = |p: &Page| {
                 p.rows
                     .iter()
                     .map(|r| r["id"].as_str().unwrap().to_string())
                     .collect::<Vec<_>>()
             };
-            assert_eq!(ids(&listed), ids(&probed), "{text}");
-            ids(&listed)
+            let whole = ids(&search(&conn, &q).unwrap());
+            // Read from the index one match a page, the pages add up to the same answer.
+            let mut paged = Vec::new();
+            let mut q = q.clone();
+            loop {
+                let page = search_in_chunks(&conn, &q, 1, 1).unwrap();
+                paged.extend(ids(&page));
+                match page.next {
+                    Some(c) => q.before = Some(c),
+                    None => break,
+                }
+            }
+            assert_eq!(whole, paged, "{text}");
+            whole
         };
+        // An unrelated row in between, so a page can hold no match.
+        insert("x", 15, "nothing to see");
         assert_eq!(ids("parcel"), ["c", "a"]);
         assert_eq!(ids("der 12"), ["a"]);
         assert_eq!(ids("\"quoted\""), Vec::<String>::new());

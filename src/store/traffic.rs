@@ -469,12 +469,16 @@ fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<bool, StoreError> {
         .and_then(|v| v.pointer("/choices/0/finish_reason"))
         .and_then(Value::as_str)
         .map(str::to_string);
+    // The row id is the request's millisecond times ROWS_PER_MS, plus one for each row already
+    // logged in that millisecond.
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO traffic (id, ts_ms, workload_id, client_id, session_id, route, target_kind, target,
+        "INSERT INTO traffic (rowid, id, ts_ms, workload_id, client_id, session_id, route, target_kind, target,
             target_model, adapter, arm, shadow_of, attempts, stream, status, error, latency_ms, ttft_ms,
             upstream_ms, prompt_tokens, completion_tokens, total_tokens, finish_reason, rails,
             tool_name_agreement, tool_args_agreement, request, response, api, wire_request, episode_id)
-         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28,?29,?30,?31)",
+         VALUES ((SELECT coalesce(max(rowid) + 1, ?2 * 1048576) FROM traffic
+                  WHERE rowid >= ?2 * 1048576 AND rowid < (?2 + 1) * 1048576),
+                 ?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28,?29,?30,?31)",
     )?;
     stmt.execute(params![
         r.id.to_string(),
@@ -530,6 +534,12 @@ fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<bool, StoreError> {
     }
     Ok(unparsable)
 }
+
+/// Traffic row ids follow time: a row's id is its request's millisecond times this, plus the
+/// number of rows logged before it in that millisecond. The newest rows have the highest ids, so
+/// the text index (keyed by row id) yields its matches newest first and a time range bounds them.
+/// The SQL that assigns ids spells the number out (1048576).
+pub const ROWS_PER_MS: i64 = 1 << 20;
 
 /// Filters for an export.
 #[derive(Debug, Default, Clone)]
