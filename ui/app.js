@@ -310,6 +310,7 @@ async function trafficPage(parts, params) {
     ]);
     results.replaceChildren(
       v.data.length ? table(["time", "route", "arm", "status", { label: "latency", num: true }, "tools", "rails", "prompt"], rows) : el("p", { class: "muted" }, "No request matches."),
+      v.next_cursor && v.data.length < Number(query.get("limit") || 50) ? el("p", { class: "muted" }, `Searched back to ${fmt.time(Number(v.next_cursor.split(".")[0]))}; the search goes on from there.`) : null,
       v.next_cursor ? el("p", {}, link(`/ui/traffic?${new URLSearchParams([...params.entries()].filter(([k]) => k !== "cursor").concat([["cursor", v.next_cursor]]))}`, "Older →")) : null);
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) throw e;

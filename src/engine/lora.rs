@@ -568,6 +568,11 @@ impl AdapterRegistry {
         Some(r.adapter.clone())
     }
 
+    /// The adapter, without counting a request.
+    pub fn peek(&self, id: &str) -> Option<Arc<LoraAdapter>> {
+        self.lock().get(id).map(|r| r.adapter.clone())
+    }
+
     pub fn contains(&self, id: &str) -> bool {
         self.lock().contains_key(id)
     }

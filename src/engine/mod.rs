@@ -371,7 +371,7 @@ impl Engine {
         let evicted = self.adapters.insert(adapter);
         let loaded = self
             .adapters
-            .get(id)
+            .peek(id)
             .ok_or_else(|| LoraError::NotLoaded(id.to_string()))?;
         Ok((loaded, evicted))
     }

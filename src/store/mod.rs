@@ -247,6 +247,7 @@ CREATE TABLE traffic_hours (
     rails TEXT NOT NULL,
     PRIMARY KEY (hour_ms, route, arm)
 );
+CREATE INDEX traffic_errors_route_ts ON traffic (route, ts_ms) WHERE status >= 400;
 CREATE VIRTUAL TABLE traffic_text USING fts5(
     body, content = '', contentless_delete = 1, tokenize = 'trigram'
 );

@@ -82,21 +82,22 @@ pub struct Page {
 
 /// Exchanges matching every filter, newest first, a page at a time.
 pub fn search(conn: &Connection, q: &TrafficQuery) -> Result<Page, StoreError> {
-    search_in_chunks(conn, q, TEXT_CHUNK, TEXT_CHUNKS)
+    search_in_chunks(conn, q, TEXT_CHUNK, TEXT_BUDGET)
 }
 
 /// Text matches are read from the index this many at a time, newest first ...
 const TEXT_CHUNK: usize = 4096;
-/// ... and a page reads at most this many chunks: a text common in the index but rare among the
-/// rows the other filters keep answers with what it found and a cursor to search on from.
-const TEXT_CHUNKS: usize = 12;
+/// ... for about this long a page: a text common in the index but rare among the rows the other
+/// filters keep answers with what it found so far and a cursor to search on from.
+const TEXT_BUDGET: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn search_in_chunks(
     conn: &Connection,
     q: &TrafficQuery,
     chunk: usize,
-    chunks: usize,
+    budget: std::time::Duration,
 ) -> Result<Page, StoreError> {
+    let started = std::time::Instant::now();
     let Some(text) = &q.text else {
         let rows = select(conn, q, None, q.limit)?;
         let next = rows
@@ -123,7 +124,7 @@ fn search_in_chunks(
     )?;
     let mut rows = Vec::new();
     let mut read_all = false;
-    for _ in 0..chunks {
+    loop {
         let ids = stmt
             .query_map(rusqlite::params![phrase, low, high, chunk as i64], |r| {
                 r.get::<_, i64>(0)
@@ -144,6 +145,9 @@ fn search_in_chunks(
         high = oldest;
         if ids.len() < chunk {
             read_all = true;
+            break;
+        }
+        if started.elapsed() >= budget {
             break;
         }
     }
@@ -180,12 +184,6 @@ fn select(
         clauses.push(clause);
         args.push(v);
     };
-    if let Some(ids) = ids {
-        push(
-            "t.rowid IN (SELECT value FROM json_each(?))",
-            Sql::Text(serde_json::to_string(ids)?),
-        );
-    }
     if let Some(t) = q.since_ms {
         push("t.ts_ms >= ?", Sql::Integer(t));
     }
@@ -238,19 +236,26 @@ fn select(
         format!("WHERE {}", clauses.join(" AND "))
     };
     args.push(Sql::Integer(limit as i64));
-    // Failures are few: walking their partial index beats walking a route's every request
-    // (unless the text's matches already name the rows).
-    let index = if q.status == Some(StatusFilter::Error) && ids.is_none() {
-        "INDEXED BY traffic_errors_ts"
-    } else {
-        ""
+    let from = match ids {
+        // The text's matches name the rows: each is looked up by its id (CROSS JOIN keeps
+        // SQLite from walking an index of the other filters instead).
+        Some(ids) => {
+            args.insert(0, Sql::Text(serde_json::to_string(ids)?));
+            "json_each(?) AS m CROSS JOIN traffic t ON t.rowid = m.value"
+        }
+        // Failures are few: walking their partial indexes beats walking a route's every request.
+        None if q.status == Some(StatusFilter::Error) && q.route.is_some() => {
+            "traffic t INDEXED BY traffic_errors_route_ts"
+        }
+        None if q.status == Some(StatusFilter::Error) => "traffic t INDEXED BY traffic_errors_ts",
+        None => "traffic t",
     };
     let sql = format!(
         "SELECT t.id, t.ts_ms, t.route, t.arm, t.status, t.latency_ms, t.target, t.adapter, t.api,
                 t.workload_id, t.episode_id, json_extract(t.rails, '$.status'),
                 (SELECT group_concat(c.name, ',') FROM tool_calls c WHERE c.traffic_id = t.id),
                 t.request, t.rowid
-         FROM traffic t {index} {filter} ORDER BY t.ts_ms DESC, t.rowid DESC LIMIT ?"
+         FROM {from} {filter} ORDER BY t.ts_ms DESC, t.rowid DESC LIMIT ?"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
@@ -495,7 +500,7 @@ mod tests {
             let mut paged = Vec::new();
             let mut q = q.clone();
             loop {
-                let page = search_in_chunks(&conn, &q, 1, 1).unwrap();
+                let page = search_in_chunks(&conn, &q, 1, std::time::Duration::ZERO).unwrap();
                 paged.extend(ids(&page));
                 match page.next {
                     Some(c) => q.before = Some(c),
