@@ -164,7 +164,7 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("flywheel: {e}");
+            eprintln!("flywheel: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -289,19 +289,34 @@ impl Rollup {
 
     /// Adds the batch's sums to the stored minutes and hours, in the batch's transaction.
     pub fn write(&self, tx: &Connection) -> Result<(), StoreError> {
-        let mut hours: HashMap<(i64, &str, &str), Minute> = HashMap::new();
         for ((minute, route, arm), m) in &self.0 {
             add_stored(tx, Grain::Minute, (*minute, route, arm), m)?;
-            hours
-                .entry((Grain::Hour.start_of(*minute), route, arm))
-                .or_default()
-                .merge(m);
         }
-        for (key, m) in &hours {
-            add_stored(tx, Grain::Hour, *key, m)?;
-        }
-        Ok(())
+        add_to_hours(
+            tx,
+            self.0
+                .iter()
+                .map(|((minute, route, arm), m)| (*minute, route.as_str(), arm.as_str(), m)),
+        )
     }
+}
+
+/// Adds minutes' figures to the stored hours they fall in.
+fn add_to_hours<'a>(
+    tx: &Connection,
+    minutes: impl Iterator<Item = (i64, &'a str, &'a str, &'a Minute)>,
+) -> Result<(), StoreError> {
+    let mut hours: HashMap<(i64, &str, &str), Minute> = HashMap::new();
+    for (minute, route, arm, m) in minutes {
+        hours
+            .entry((Grain::Hour.start_of(minute), route, arm))
+            .or_default()
+            .merge(m);
+    }
+    for (key, m) in &hours {
+        add_stored(tx, Grain::Hour, *key, m)?;
+    }
+    Ok(())
 }
 
 /// Adds `m` to the stored figures of one (start, route, arm).
@@ -349,16 +364,12 @@ fn add_stored(
 /// many minutes.
 pub fn hours_from_minutes(tx: &Connection) -> Result<u64, StoreError> {
     let minutes = rollups(tx, Grain::Minute, i64::MIN, i64::MAX, None)?;
-    let mut hours: HashMap<(i64, &str, &str), Minute> = HashMap::new();
-    for (minute, route, arm, m) in &minutes {
-        hours
-            .entry((Grain::Hour.start_of(*minute), route, arm))
-            .or_default()
-            .merge(m);
-    }
-    for (key, m) in &hours {
-        add_stored(tx, Grain::Hour, *key, m)?;
-    }
+    add_to_hours(
+        tx,
+        minutes
+            .iter()
+            .map(|(minute, route, arm, m)| (*minute, route.as_str(), arm.as_str(), m)),
+    )?;
     Ok(minutes.len() as u64)
 }
 
