@@ -268,7 +268,13 @@ async fn local_bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
 fn a_missing_model_file_fails_start_up_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("c.toml");
-    std::fs::write(&config, local_config(&dir.path().join("nope.gguf"), "")).unwrap();
+    // Its own data directory: the start-up must not touch the working directory's.
+    let text = format!(
+        "data_dir = \"{}\"\n{}",
+        path_str(&dir.path().join("data")),
+        local_config(&dir.path().join("nope.gguf"), "")
+    );
+    std::fs::write(&config, text).unwrap();
     let out = std::process::Command::new(bin())
         .args(["serve", "--config"])
         .arg(&config)
