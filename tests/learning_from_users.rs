@@ -355,6 +355,36 @@ async fn feedback_teaches_the_student_what_the_teacher_got_wrong() {
         .unwrap();
     let scanned = curation["scanned"].as_u64().unwrap();
     println!("run 1 scanned {scanned} of {logged} logged requests");
+    if (scanned as i64) < logged {
+        // What the run did not read, against its window: the evidence the flake needs.
+        let window = &first["details"]["window"];
+        let rows: Vec<String> = gw
+            .db()
+            .prepare(
+                "SELECT id, ts_ms, status, arm, target_kind, target, target_model,
+                        response IS NOT NULL, api
+                 FROM traffic WHERE route = 'agent' ORDER BY ts_ms",
+            )
+            .unwrap()
+            .query_map([], |r| {
+                Ok(format!(
+                    "{} ts {} status {} arm {} by {:?}:{:?}:{:?} answered {} api {}",
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, bool>(7)?,
+                    r.get::<_, String>(8)?,
+                ))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        println!("run 1 window {window}; logged rows:\n{}", rows.join("\n"));
+    }
     assert!(
         scanned >= 59,
         "{logged} logged: {first:#}\n{}",
