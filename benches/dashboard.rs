@@ -12,22 +12,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
 use flywheel::store::traffic::{TrafficLog, TrafficRecord};
 use flywheel::wire::Api;
 use serde_json::{json, Map, Value};
-
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const WEEK_MS: i64 = 7 * 24 * 3_600_000;
 
@@ -144,27 +135,9 @@ fn main() {
         ),
     )
     .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn,flywheel::cli=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("gateway");
-    let stderr = child.stderr.take().expect("stderr");
-    let _gateway = Proc(child);
-    let mut addr = String::new();
-    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-        if let Some(i) = line.find("listening on http://") {
-            addr = line[i + "listening on ".len()..]
-                .split_whitespace()
-                .next()
-                .unwrap_or("")
-                .to_string();
-            break;
-        }
-    }
-    assert!(!addr.is_empty(), "the gateway did not start");
+    // A log from an earlier version is brought up to date before the gateway listens.
+    let (_gateway, addr) = common::serve(&config, Duration::from_secs(1800));
+    let addr = format!("http://{addr}");
 
     let some_id = rt.block_on(async {
         let v: Value = reqwest::get(format!("{addr}/v1/dashboard/traffic?limit=1"))

@@ -26,9 +26,11 @@
 //! (`benches/overhead.sh` installs LiteLLM and runs the comparison.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
+mod common;
+use common::Proc;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -266,23 +268,6 @@ fn async_channel() -> (
     (tx, Arc::new(tokio::sync::Mutex::new(rx)))
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Rails configs for `--rails`: the route line to add and the `[rails]` section.
 fn rails_config(kind: &str) -> (String, String) {
     let rules = r#"
@@ -346,33 +331,7 @@ champion = {{ upstream = "mock", model = "bench-model" }}
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn,flywheel::cli=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on http://") {
-                let a = line[i + "listening on http://".len()..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-                let _ = tx.send(a);
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("gateway did not start")
-        .parse()
-        .unwrap();
-    (Proc(child), addr)
+    common::serve(&config, Duration::from_secs(20))
 }
 
 fn start_litellm(

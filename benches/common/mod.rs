@@ -1,6 +1,12 @@
 //! Helpers the benchmarks share (a directory, so Cargo does not take it for a benchmark itself).
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
 /// `n` deterministic values in [-scale/2, scale/2).
+#[allow(dead_code)] // each benchmark uses some of these helpers
 pub fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
@@ -11,4 +17,58 @@ pub fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
         })
         .collect()
+}
+
+/// A child process, stopped with SIGTERM (then killed after 5 s) when dropped.
+#[allow(dead_code)]
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `flywheel serve --config <config>` and returns it with the address it listens on, once
+/// it says so (within `wait`). Its log is read to the end on a thread, so it never blocks on it.
+#[allow(dead_code)]
+pub fn serve(config: &std::path::Path, wait: Duration) -> (Proc, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn,flywheel::cli=info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the gateway starts");
+    let stderr = child.stderr.take().expect("its stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("listening on http://") {
+                let a = line[i + "listening on http://".len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                let _ = tx.send(a);
+            }
+        }
+    });
+    let proc = Proc(child);
+    let addr = rx
+        .recv_timeout(wait)
+        .expect("the gateway listens")
+        .parse()
+        .expect("an address");
+    (proc, addr)
 }
