@@ -49,6 +49,10 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Where the traffic log and the flywheel's state live: SQLite in `data_dir` by default, or a
+    /// PostgreSQL database shared by replicas.
+    #[serde(default)]
+    pub store: StoreConfig,
     #[serde(default)]
     pub shadow: ShadowConfig,
     #[serde(default)]
@@ -160,6 +164,83 @@ pub struct LogConfig {
     /// How long the writer lets records gather before a transaction (fewer, larger commits).
     #[serde(default = "default_flush_interval")]
     pub flush_interval_ms: u64,
+}
+
+/// `[store]`: SQLite (`data_dir/flywheel.db`, the default) or PostgreSQL.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://user@host:port/database`, without a password (give it in `password_env`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// An environment variable holding the whole URL, password included (a Kubernetes Secret,
+    /// say); used when set, in place of `url`.
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// An environment variable holding the password for `url`.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Connections a replica keeps to PostgreSQL at most.
+    #[serde(default = "default_store_pool")]
+    pub pool_size: usize,
+}
+
+fn default_store_pool() -> usize {
+    16
+}
+
+impl StoreConfig {
+    /// The PostgreSQL URL to connect to, password included, or None for SQLite.
+    pub fn postgres_url(&self) -> Result<Option<String>, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let from_env = match &self.url_env {
+            Some(var) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Some(v),
+                _ if self.url.is_none() => {
+                    return invalid(format!(
+                        "store.url_env names the environment variable '{var}', which is not set"
+                    ))
+                }
+                _ => None,
+            },
+            None => None,
+        };
+        if let Some(url) = from_env {
+            return Ok(Some(url));
+        }
+        let Some(url) = &self.url else {
+            return Ok(None);
+        };
+        let Some(var) = &self.password_env else {
+            return Ok(Some(url.clone()));
+        };
+        let Ok(password) = std::env::var(var) else {
+            return invalid(format!(
+                "store.password_env names the environment variable '{var}', which is not set"
+            ));
+        };
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return invalid(format!("store.url '{url}' is not a URL"));
+        };
+        let Some((user, host)) = rest.split_once('@') else {
+            return invalid(format!(
+                "store.url '{url}' names no user (postgres://user@host/database) for the password in '{var}'"
+            ));
+        };
+        Ok(Some(format!("{scheme}://{user}:{}@{host}", percent_encode(&password))))
+    }
+}
+
+/// `s` with everything but unreserved URL characters percent-encoded.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 impl Default for LogConfig {
@@ -475,6 +556,22 @@ impl Config {
         }
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return invalid("server.tls_cert and server.tls_key must be set together".into());
+        }
+        if let Some(url) = &self.store.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return invalid(format!(
+                    "store.url '{url}' must start with postgres:// (SQLite is the default: leave [store] out)"
+                ));
+            }
+            if crate::store::postgres::has_password(url) {
+                return invalid(
+                    "store.url must not carry a password: put it in an environment variable and name it in store.password_env (or give the whole URL in store.url_env)"
+                        .into(),
+                );
+            }
+        }
+        if self.store.pool_size == 0 {
+            return invalid("store.pool_size must be at least 1".into());
         }
         if self.log.queue_capacity == 0 || self.log.batch_size == 0 {
             return invalid("log.queue_capacity and log.batch_size must be at least 1".into());

@@ -110,7 +110,7 @@ pub(super) fn dataset_dir(state: &AppState, ns: &str, name: &str) -> Result<Path
 
 /// The dataset with the files it holds.
 fn dataset_with_files(
-    conn: &rusqlite::Connection,
+    conn: &crate::store::Conn,
     dir: &std::path::Path,
     ns: &str,
     name: &str,
@@ -199,7 +199,7 @@ pub async fn upload_file(
 /// `<split>/<file>.jsonl` with split training, validation or testing; every row is checked before
 /// anything is written, and the file appears whole or not at all.
 pub(super) fn store_dataset_file(
-    conn: &rusqlite::Connection,
+    conn: &crate::store::Conn,
     dir: &std::path::Path,
     ns: &str,
     name: &str,

@@ -327,7 +327,7 @@ pub fn db(state: &AppState) -> Result<&Db, ApiError> {
 /// Runs `work` on the database, off the async threads.
 pub async fn with_db<T: Send + 'static>(
     state: &AppState,
-    work: impl FnOnce(&rusqlite::Connection) -> Result<T, ApiError> + Send + 'static,
+    work: impl FnOnce(&crate::store::Conn) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     db(state)?.call(work).await
 }

@@ -52,29 +52,29 @@ pub fn run(
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    let db = Db::from_config(&config)
+        .await
+        .context("cannot open the store")?;
     let metrics = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .context("invalid metric buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
-    let writer = open_traffic_log(&config)?;
+    let writer = open_traffic_log(&config, &db)?;
     let log = writer
         .as_ref()
         .map_or_else(TrafficLog::disabled, |w| w.log());
     let (backends, engines) = start_backends(&config).await?;
-    let jobs = start_jobs(&config, &engines);
+    let jobs = start_jobs(&config, &engines, &db);
     let gateway = Arc::new(Gateway::new(config.clone(), backends, log));
-    install_stored_guardrails(&config, &gateway, jobs.is_some())?;
+    install_stored_guardrails(&config, &gateway, jobs.is_some(), &db).await?;
     if let Some(j) = &jobs {
         if let Err(e) = crate::flywheel::evaluation::resume_unfinished(&gateway, j) {
             tracing::warn!(error = %e, "cannot resume interrupted evaluation jobs");
         }
     }
-    let flywheel = start_flywheel(&config, &gateway, jobs.as_ref(), &engines).await?;
-    let responses = match crate::store::responses::ResponseStore::open(
-        &config.db_path(),
-        !config.log.enabled,
-    ) {
+    let flywheel = start_flywheel(&config, &gateway, jobs.as_ref(), &engines, &db).await?;
+    let responses = match crate::store::responses::ResponseStore::open(&db, !config.log.enabled) {
         Ok(s) => Some(Arc::new(s)),
         Err(e) => {
             tracing::warn!(error = %e, "stored responses are unavailable");
@@ -91,7 +91,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         adapter_dirs: config.adapter_dirs(),
         engines,
-        db: (jobs.is_some() || config.log.enabled).then(|| Db::new(config.db_path())),
+        db: (jobs.is_some() || config.log.enabled).then(|| db.clone()),
         jobs,
         flywheel: flywheel.clone(),
         responses,
@@ -103,20 +103,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// The traffic log's writer, unless the config turns logging off.
-fn open_traffic_log(config: &Config) -> anyhow::Result<Option<TrafficWriter>> {
+fn open_traffic_log(config: &Config, db: &Db) -> anyhow::Result<Option<TrafficWriter>> {
     if !config.log.enabled {
         tracing::warn!("traffic logging is disabled in the config");
         return Ok(None);
     }
-    let path = config.db_path();
     let w = TrafficLog::start(
-        &path,
+        db,
         config.log.queue_capacity,
         config.log.batch_size,
         Duration::from_millis(config.log.flush_interval_ms),
     )
-    .with_context(|| format!("cannot open the traffic log at {}", path.display()))?;
-    tracing::info!(path = %path.display(), "traffic log open");
+    .with_context(|| format!("cannot open the traffic log at {}", db.describe()))?;
+    tracing::info!(store = %db.describe(), "traffic log open");
     Ok(Some(w))
 }
 
@@ -151,9 +150,9 @@ async fn start_backends(config: &Config) -> anyhow::Result<(Backends, Vec<Arc<En
 
 /// The customization job runner; without it (no usable data directory) the entity, job and
 /// flywheel endpoints answer 503.
-fn start_jobs(config: &Config, engines: &[Arc<Engine>]) -> Option<Arc<JobRunner>> {
+fn start_jobs(config: &Config, engines: &[Arc<Engine>], db: &Db) -> Option<Arc<JobRunner>> {
     match JobRunner::start(JobContext {
-        db: config.db_path(),
+        db: db.clone(),
         data_dir: config.data_dir.clone(),
         models: config.models.clone(),
         engines: engines.to_vec(),
@@ -168,14 +167,14 @@ fn start_jobs(config: &Config, engines: &[Arc<Engine>]) -> Option<Arc<JobRunner>
 }
 
 /// Guardrail configs created through the API in an earlier life of the gateway.
-fn install_stored_guardrails(
+async fn install_stored_guardrails(
     config: &Config,
     gateway: &Gateway,
     has_store: bool,
+    db: &Db,
 ) -> anyhow::Result<()> {
     let stored = if config.log.enabled || has_store {
-        let conn = crate::store::open(&config.db_path())?;
-        crate::store::guardrails::list(&conn)?
+        db.call(|c| crate::store::guardrails::list(c)).await?
     } else {
         Vec::new()
     };
@@ -190,10 +189,17 @@ async fn start_flywheel(
     gateway: &Arc<Gateway>,
     jobs: Option<&Arc<JobRunner>>,
     engines: &[Arc<Engine>],
+    db: &Db,
 ) -> anyhow::Result<Option<Arc<FlywheelController>>> {
     match (jobs, config.log.enabled) {
         (Some(j), true) => Ok(Some(
-            FlywheelController::start(config.clone(), gateway.clone(), j.clone(), engines.to_vec())
+            FlywheelController::start(
+                config.clone(),
+                gateway.clone(),
+                j.clone(),
+                engines.to_vec(),
+                db.clone(),
+            )
                 .await
                 .context("cannot start the flywheel")?,
         )),

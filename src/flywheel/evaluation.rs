@@ -227,7 +227,7 @@ pub fn prepare(
 /// Runs a prepared evaluation off the request path and records its results. Not one of the
 /// gateway's tracked tasks: shutdown must not wait minutes for an evaluation; an interrupted one
 /// runs again from the start at the next start of the gateway.
-pub fn launch(job: EvaluationJob, db: std::path::PathBuf, data_dir: &std::path::Path, id: String) {
+pub fn launch(job: EvaluationJob, db: crate::store::Db, data_dir: &std::path::Path, id: String) {
     let job_dir = super::jobs::job_dir(data_dir, &id);
     tokio::spawn(async move {
         let mut results = serde_json::Map::new();
@@ -263,7 +263,7 @@ pub fn launch(job: EvaluationJob, db: std::path::PathBuf, data_dir: &std::path::
         {
             tracing::warn!(error = %e, job = %id, "cannot write the evaluation's per-item audit");
         }
-        match crate::store::open(&db) {
+        match db.open() {
             Ok(conn) => {
                 let r = json!({"tasks": results});
                 if let Err(e) = entities::update_job(
@@ -291,7 +291,7 @@ pub fn resume_unfinished(
 ) -> Result<(), entities::EntityError> {
     let ctx = runner.context();
     let conn =
-        crate::store::open(&ctx.db).map_err(|e| entities::EntityError::Invalid(e.to_string()))?;
+        ctx.db.open().map_err(|e| entities::EntityError::Invalid(e.to_string()))?;
     for job in entities::unfinished_jobs(&conn, EVALUATION)? {
         match prepare(gateway, &ctx.data_dir, &job.spec) {
             Ok(p) => {

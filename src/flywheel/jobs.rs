@@ -21,7 +21,7 @@ pub const CUSTOMIZATION: &str = "customization";
 
 /// What the worker needs from the gateway.
 pub struct JobContext {
-    pub db: PathBuf,
+    pub db: crate::store::Db,
     pub data_dir: PathBuf,
     pub models: Vec<LocalModelConfig>,
     pub engines: Vec<Arc<Engine>>,
@@ -54,7 +54,7 @@ impl JobRunner {
         let ctx = Arc::new(ctx);
         let (tx, rx) = mpsc::channel::<String>();
         let cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>> = Arc::default();
-        let conn = crate::store::open(&ctx.db).map_err(|e| EntityError::Invalid(e.to_string()))?;
+        let conn = ctx.db.open().map_err(|e| EntityError::Invalid(e.to_string()))?;
         // Interrupted evaluations are run again by the API layer once the gateway can serve their
         // targets (`flywheel::evaluation::resume_unfinished`).
         reload_trained_adapters(&ctx, &conn)?;
@@ -95,7 +95,7 @@ impl JobRunner {
     /// Validates a NeMo-shaped customization request against the loaded models and the store.
     pub fn validate(
         &self,
-        conn: &rusqlite::Connection,
+        conn: &crate::store::Conn,
         body: &Value,
     ) -> Result<CustomizationSpec, EntityError> {
         let invalid = |m: String| EntityError::Invalid(m);
@@ -191,7 +191,7 @@ impl JobRunner {
     }
 
     /// Validates a NeMo-shaped request, records it as a job and queues it. Returns the job's id.
-    pub fn create(&self, conn: &rusqlite::Connection, body: &Value) -> Result<String, EntityError> {
+    pub fn create(&self, conn: &crate::store::Conn, body: &Value) -> Result<String, EntityError> {
         let spec = self.validate(conn, body)?;
         let id = format!("cust-{}", uuid::Uuid::now_v7().simple());
         let mut stored = body.clone();
@@ -208,7 +208,7 @@ impl JobRunner {
     /// Records the job and queues it.
     fn submit(
         &self,
-        conn: &rusqlite::Connection,
+        conn: &crate::store::Conn,
         id: &str,
         spec: &Value,
     ) -> Result<(), EntityError> {
@@ -220,7 +220,7 @@ impl JobRunner {
     }
 
     /// Asks a queued or running job to stop; finished jobs cannot be cancelled.
-    pub fn cancel(&self, conn: &rusqlite::Connection, id: &str) -> Result<(), EntityError> {
+    pub fn cancel(&self, conn: &crate::store::Conn, id: &str) -> Result<(), EntityError> {
         let job = entities::get_job(conn, CUSTOMIZATION, id)?;
         if matches!(job.status.as_str(), "completed" | "failed" | "cancelled") {
             return Err(EntityError::Conflict(format!(
@@ -265,7 +265,7 @@ fn read_split(dir: &Path, split: &str) -> Result<Vec<dataset::Record>, String> {
 /// (oldest first, so that with a cap on resident adapters the newest stay loaded).
 fn reload_trained_adapters(
     ctx: &JobContext,
-    conn: &rusqlite::Connection,
+    conn: &crate::store::Conn,
 ) -> Result<(), EntityError> {
     for job in entities::list_jobs(conn, CUSTOMIZATION)?
         .iter()
@@ -301,7 +301,7 @@ fn reload_trained_adapters(
 /// Records a job's state; a failure to record is logged (the job itself goes on or ends as it
 /// would).
 fn record(
-    conn: &rusqlite::Connection,
+    conn: &crate::store::Conn,
     id: &str,
     status: &str,
     details: &Value,
@@ -345,7 +345,7 @@ fn training_inputs(
 }
 
 fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
-    let conn = match crate::store::open(&ctx.db) {
+    let conn = match ctx.db.open() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(job = id, error = %e, "cannot open the database for a job");

@@ -3,7 +3,8 @@
 //! and evaluation) with their status and details.
 
 use crate::names::Name;
-use rusqlite::{params, Connection, OptionalExtension};
+use super::sql::{args, Conn, Row};
+use super::StoreError;
 use serde_json::{json, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -14,8 +15,8 @@ pub enum EntityError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Db(#[from] StoreError),
 }
 
 type Result<T> = std::result::Result<T, EntityError>;
@@ -37,12 +38,12 @@ pub fn check_name(kind: &str, name: &str) -> Result<()> {
     }
 }
 
-pub fn create_namespace(conn: &Connection, id: &str, description: Option<&str>) -> Result<Value> {
+pub fn create_namespace(conn: &Conn, id: &str, description: Option<&str>) -> Result<Value> {
     check_name("namespace", id)?;
     let ts = now();
     let n = conn.execute(
-        "INSERT OR IGNORE INTO namespaces (id, description, created_at) VALUES (?1, ?2, ?3)",
-        params![id, description, ts],
+        "INSERT INTO namespaces (id, description, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        args![id, description, &ts],
     )?;
     if n == 0 {
         return Err(EntityError::Conflict(format!(
@@ -52,46 +53,42 @@ pub fn create_namespace(conn: &Connection, id: &str, description: Option<&str>) 
     get_namespace(conn, id)
 }
 
-pub fn get_namespace(conn: &Connection, id: &str) -> Result<Value> {
-    conn.query_row(
+pub fn get_namespace(conn: &Conn, id: &str) -> Result<Value> {
+    conn.query_opt(
         "SELECT id, description, created_at FROM namespaces WHERE id = ?1",
-        [id],
+        args![id],
         |r| {
             Ok(
-                json!({"id": r.get::<_, String>(0)?, "description": r.get::<_, Option<String>>(1)?,
-                "created_at": r.get::<_, String>(2)?, "updated_at": r.get::<_, String>(2)?}),
+                json!({"id": r.get::<String>(0)?, "description": r.get::<Option<String>>(1)?,
+                "created_at": r.get::<String>(2)?, "updated_at": r.get::<String>(2)?}),
             )
         },
-    )
-    .optional()?
+    )?
     .ok_or_else(|| EntityError::NotFound(format!("namespace '{id}' does not exist")))
 }
 
-pub fn list_namespaces(conn: &Connection) -> Result<Vec<Value>> {
-    let mut st = conn.prepare("SELECT id FROM namespaces ORDER BY id")?;
-    let ids: Vec<String> = st
-        .query_map([], |r| r.get(0))?
-        .collect::<std::result::Result<_, _>>()?;
+pub fn list_namespaces(conn: &Conn) -> Result<Vec<Value>> {
+    let ids: Vec<String> = conn.query("SELECT id FROM namespaces ORDER BY id", &[], |r| r.get(0))?;
     ids.iter().map(|id| get_namespace(conn, id)).collect()
 }
 
-fn dataset_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
+fn dataset_row(r: &Row<'_>) -> std::result::Result<Value, StoreError> {
     Ok(json!({
-        "namespace": r.get::<_, String>(0)?,
-        "name": r.get::<_, String>(1)?,
-        "description": r.get::<_, Option<String>>(2)?,
-        "files_url": r.get::<_, String>(3)?,
-        "project": r.get::<_, Option<String>>(4)?,
-        "format": r.get::<_, Option<String>>(5)?,
-        "created_at": r.get::<_, String>(6)?,
-        "updated_at": r.get::<_, String>(7)?,
+        "namespace": r.get::<String>(0)?,
+        "name": r.get::<String>(1)?,
+        "description": r.get::<Option<String>>(2)?,
+        "files_url": r.get::<String>(3)?,
+        "project": r.get::<Option<String>>(4)?,
+        "format": r.get::<Option<String>>(5)?,
+        "created_at": r.get::<String>(6)?,
+        "updated_at": r.get::<String>(7)?,
     }))
 }
 
 const DATASET_COLUMNS: &str =
     "namespace, name, description, files_url, project, format, created_at, updated_at";
 
-pub fn create_dataset(conn: &Connection, body: &Value) -> Result<Value> {
+pub fn create_dataset(conn: &Conn, body: &Value) -> Result<Value> {
     let s = |k: &str| body.get(k).and_then(Value::as_str);
     let ns = s("namespace").unwrap_or("default");
     let name = s("name").ok_or_else(|| EntityError::Invalid("'name' is required".into()))?;
@@ -105,8 +102,9 @@ pub fn create_dataset(conn: &Connection, body: &Value) -> Result<Value> {
         .unwrap_or_else(|| format!("hf://datasets/{ns}/{name}"));
     let ts = now();
     let n = conn.execute(
-        "INSERT OR IGNORE INTO datasets (namespace, name, description, files_url, project, format, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-        params![ns, name, s("description"), files_url, s("project"), s("format"), ts],
+        "INSERT INTO datasets (namespace, name, description, files_url, project, format, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7) ON CONFLICT DO NOTHING",
+        args![ns, name, s("description"), &files_url, s("project"), s("format"), &ts],
     )?;
     if n == 0 {
         return Err(EntityError::Conflict(format!(
@@ -116,28 +114,25 @@ pub fn create_dataset(conn: &Connection, body: &Value) -> Result<Value> {
     get_dataset(conn, ns, name)
 }
 
-pub fn get_dataset(conn: &Connection, ns: &str, name: &str) -> Result<Value> {
-    conn.query_row(
+pub fn get_dataset(conn: &Conn, ns: &str, name: &str) -> Result<Value> {
+    conn.query_opt(
         &format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE namespace = ?1 AND name = ?2"),
-        [ns, name],
+        args![ns, name],
         dataset_row,
-    )
-    .optional()?
+    )?
     .ok_or_else(|| EntityError::NotFound(format!("dataset '{ns}/{name}' does not exist")))
 }
 
-pub fn list_datasets(conn: &Connection, ns: Option<&str>) -> Result<Vec<Value>> {
-    let mut st = conn.prepare(&format!(
-        "SELECT {DATASET_COLUMNS} FROM datasets WHERE (?1 IS NULL OR namespace = ?1) ORDER BY namespace, name"
-    ))?;
-    let rows = st
-        .query_map([ns], dataset_row)?
-        .collect::<std::result::Result<_, _>>()?;
-    Ok(rows)
+pub fn list_datasets(conn: &Conn, ns: Option<&str>) -> Result<Vec<Value>> {
+    Ok(conn.query(
+        &format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE (?1 IS NULL OR namespace = ?1) ORDER BY namespace, name"),
+        args![ns],
+        dataset_row,
+    )?)
 }
 
 /// Updates `description`, `files_url`, `project` and `format` where the body gives them.
-pub fn patch_dataset(conn: &Connection, ns: &str, name: &str, body: &Value) -> Result<Value> {
+pub fn patch_dataset(conn: &Conn, ns: &str, name: &str, body: &Value) -> Result<Value> {
     get_dataset(conn, ns, name)?;
     for field in ["description", "files_url", "project", "format"] {
         if let Some(v) = body.get(field) {
@@ -146,17 +141,17 @@ pub fn patch_dataset(conn: &Connection, ns: &str, name: &str, body: &Value) -> R
                 .ok_or_else(|| EntityError::Invalid(format!("'{field}' must be a string")))?;
             conn.execute(
                 &format!("UPDATE datasets SET {field} = ?1, updated_at = ?2 WHERE namespace = ?3 AND name = ?4"),
-                params![v, now(), ns, name],
+                args![v, now(), ns, name],
             )?;
         }
     }
     get_dataset(conn, ns, name)
 }
 
-pub fn delete_dataset(conn: &Connection, ns: &str, name: &str) -> Result<()> {
+pub fn delete_dataset(conn: &Conn, ns: &str, name: &str) -> Result<()> {
     let n = conn.execute(
         "DELETE FROM datasets WHERE namespace = ?1 AND name = ?2",
-        [ns, name],
+        args![ns, name],
     )?;
     if n == 0 {
         return Err(EntityError::NotFound(format!(
@@ -179,17 +174,17 @@ pub struct Job {
     pub updated_at: String,
 }
 
-pub fn insert_job(conn: &Connection, id: &str, kind: &str, spec: &Value) -> Result<()> {
+pub fn insert_job(conn: &Conn, id: &str, kind: &str, spec: &Value) -> Result<()> {
     let ts = now();
     conn.execute(
         "INSERT INTO jobs (id, kind, status, spec, status_details, created_at, updated_at) VALUES (?1, ?2, 'created', ?3, '{}', ?4, ?4)",
-        params![id, kind, spec.to_string(), ts],
+        args![id, kind, spec.to_string(), &ts],
     )?;
     Ok(())
 }
 
 pub fn update_job(
-    conn: &Connection,
+    conn: &Conn,
     id: &str,
     status: &str,
     details: &Value,
@@ -197,12 +192,12 @@ pub fn update_job(
 ) -> Result<()> {
     conn.execute(
         "UPDATE jobs SET status = ?1, status_details = ?2, result = COALESCE(?3, result), updated_at = ?4 WHERE id = ?5",
-        params![status, details.to_string(), result.map(Value::to_string), now(), id],
+        args![status, details.to_string(), result.map(Value::to_string), now(), id],
     )?;
     Ok(())
 }
 
-fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
+fn job_row(r: &Row<'_>) -> std::result::Result<Job, StoreError> {
     let parse = |s: String| serde_json::from_str(&s).unwrap_or(Value::Null);
     Ok(Job {
         id: r.get(0)?,
@@ -210,7 +205,7 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         status: r.get(2)?,
         spec: parse(r.get(3)?),
         status_details: parse(r.get(4)?),
-        result: r.get::<_, Option<String>>(5)?.map(parse),
+        result: r.get::<Option<String>>(5)?.map(parse),
         created_at: r.get(6)?,
         updated_at: r.get(7)?,
     })
@@ -218,33 +213,20 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
 
 const JOB_COLUMNS: &str = "id, kind, status, spec, status_details, result, created_at, updated_at";
 
-pub fn get_job(conn: &Connection, kind: &str, id: &str) -> Result<Job> {
-    conn.query_row(
+pub fn get_job(conn: &Conn, kind: &str, id: &str) -> Result<Job> {
+    conn.query_opt(
         &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND kind = ?2"),
-        [id, kind],
+        args![id, kind],
         job_row,
-    )
-    .optional()?
+    )?
     .ok_or_else(|| EntityError::NotFound(format!("{kind} job '{id}' does not exist")))
 }
 
-pub fn list_jobs(conn: &Connection, kind: &str) -> Result<Vec<Job>> {
-    let mut st = conn.prepare(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs WHERE kind = ?1 ORDER BY created_at DESC, id DESC"
-    ))?;
-    let rows = st
-        .query_map([kind], job_row)?
-        .collect::<std::result::Result<_, _>>()?;
-    Ok(rows)
+pub fn list_jobs(conn: &Conn, kind: &str) -> Result<Vec<Job>> {
+    Ok(conn.query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE kind = ?1 ORDER BY created_at DESC, id DESC"), args![kind], job_row)?)
 }
 
 /// Jobs of `kind` that were accepted or running when the process stopped.
-pub fn unfinished_jobs(conn: &Connection, kind: &str) -> Result<Vec<Job>> {
-    let mut st = conn.prepare(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs WHERE kind = ?1 AND status IN ('created', 'pending', 'running') ORDER BY created_at, id"
-    ))?;
-    let rows = st
-        .query_map([kind], job_row)?
-        .collect::<std::result::Result<_, _>>()?;
-    Ok(rows)
+pub fn unfinished_jobs(conn: &Conn, kind: &str) -> Result<Vec<Job>> {
+    Ok(conn.query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE kind = ?1 AND status IN ('created', 'pending', 'running') ORDER BY created_at, id"), args![kind], job_row)?)
 }

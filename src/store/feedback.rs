@@ -3,7 +3,7 @@
 //! the traffic log's writer (in its batches, after the traffic rows queued before them) and never
 //! changed; repeated feedback for the same request and metric is kept, and the latest counts.
 
-use rusqlite::{params, Connection, Transaction};
+use super::sql::{args, Conn, Row};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -32,12 +32,11 @@ pub struct Feedback {
     pub demonstration: Option<Value>,
 }
 
-pub(super) fn insert(tx: &Transaction<'_>, f: &Feedback) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare_cached(
+pub(super) fn insert(tx: &Conn, f: &Feedback) -> Result<(), StoreError> {
+    tx.execute(
         "INSERT INTO feedback (id, ts_ms, key_name, request_id, episode_id, metric, value, comment, demonstration)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?;
-    stmt.execute(params![
+        args![
         f.id,
         f.ts_ms,
         f.key_name,
@@ -46,15 +45,16 @@ pub(super) fn insert(tx: &Transaction<'_>, f: &Feedback) -> Result<(), StoreErro
         f.metric,
         f.value,
         f.comment,
-        f.demonstration.as_ref().map(Value::to_string),
-    ])?;
+            f.demonstration.as_ref().map(Value::to_string),
+        ],
+    )?;
     Ok(())
 }
 
 const COLUMNS: &str =
     "id, ts_ms, key_name, request_id, episode_id, metric, value, comment, demonstration";
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Feedback> {
+fn row(r: &Row<'_>) -> Result<Feedback, StoreError> {
     Ok(Feedback {
         id: r.get(0)?,
         ts_ms: r.get(1)?,
@@ -65,67 +65,63 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Feedback> {
         value: r.get(6)?,
         comment: r.get(7)?,
         demonstration: r
-            .get::<_, Option<String>>(8)?
+            .get::<Option<String>>(8)?
             .and_then(|s| serde_json::from_str(&s).ok()),
     })
 }
 
 /// Every piece of feedback about the request `id`, oldest first.
-pub fn for_request(conn: &Connection, id: &str) -> Result<Vec<Feedback>, StoreError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM feedback WHERE request_id = ?1 ORDER BY ts_ms, id"
-    ))?;
-    let rows = stmt.query_map([id], row)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+pub fn for_request(conn: &Conn, id: &str) -> Result<Vec<Feedback>, StoreError> {
+    conn.query(
+        &format!("SELECT {COLUMNS} FROM feedback WHERE request_id = ?1 ORDER BY ts_ms, id"),
+        args![id],
+        row,
+    )
 }
 
 /// Every piece of feedback about the episode `id` or any of its requests, oldest first.
-pub fn for_episode(conn: &Connection, id: &str) -> Result<Vec<Feedback>, StoreError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM feedback
-         WHERE episode_id = ?1 OR request_id IN (SELECT id FROM traffic WHERE episode_id = ?1)
-         ORDER BY ts_ms, id"
-    ))?;
-    let rows = stmt.query_map([id], row)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+pub fn for_episode(conn: &Conn, id: &str) -> Result<Vec<Feedback>, StoreError> {
+    conn.query(
+        &format!(
+            "SELECT {COLUMNS} FROM feedback
+             WHERE episode_id = ?1 OR request_id IN (SELECT id FROM traffic WHERE episode_id = ?1)
+             ORDER BY ts_ms, id"
+        ),
+        args![id],
+        row,
+    )
 }
 
 /// What the traffic log knows of a request: its episode and the request body (for checking a
 /// demonstration's tool calls), if it has been written.
 pub fn request_of(
-    conn: &Connection,
+    conn: &Conn,
     id: &str,
 ) -> Result<Option<(Option<String>, Value)>, StoreError> {
-    let found = conn
-        .prepare_cached("SELECT episode_id, request FROM traffic WHERE id = ?1")?
-        .query_row([id], |r| {
+    conn.query_opt(
+        "SELECT episode_id, request FROM traffic WHERE id = ?1",
+        args![id],
+        |r| {
+            let request: Option<String> = r.get(1)?;
             Ok((
-                r.get::<_, Option<String>>(0)?,
-                r.get::<_, Option<String>>(1)?,
+                r.get::<Option<String>>(0)?,
+                request
+                    .and_then(|s| serde_json::from_str(&s).ok())
+                    .unwrap_or(Value::Null),
             ))
-        });
-    match found {
-        Ok((episode, request)) => Ok(Some((
-            episode,
-            request
-                .and_then(|s| serde_json::from_str(&s).ok())
-                .unwrap_or(Value::Null),
-        ))),
-        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+        },
+    )
 }
 
 /// Whether any request of the episode `id` has been written.
-pub fn episode_exists(conn: &Connection, id: &str) -> Result<bool, StoreError> {
-    let found = conn
-        .prepare_cached("SELECT 1 FROM traffic WHERE episode_id = ?1 LIMIT 1")?
-        .query_row([id], |_| Ok(()));
-    match found {
-        Ok(()) => Ok(true),
-        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
+pub fn episode_exists(conn: &Conn, id: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .query_opt(
+            "SELECT 1 FROM traffic WHERE episode_id = ?1 LIMIT 1",
+            args![id],
+            |_| Ok(()),
+        )?
+        .is_some())
 }
 
 /// The latest value of each metric, and the latest demonstration, said about the route's requests
@@ -147,26 +143,31 @@ enum Level {
 
 impl FeedbackIndex {
     pub fn load(
-        conn: &Connection,
+        conn: &Conn,
         route: &str,
         since_ms: i64,
         until_ms: i64,
     ) -> Result<Self, StoreError> {
-        let mut stmt = conn.prepare(
+        let rows = conn.query(
             "SELECT request_id, episode_id, metric, value, demonstration, ts_ms FROM feedback
              WHERE request_id IN (SELECT id FROM traffic WHERE route = ?1 AND ts_ms >= ?2 AND ts_ms < ?3)
                 OR episode_id IN (SELECT episode_id FROM traffic
                                   WHERE route = ?1 AND ts_ms >= ?2 AND ts_ms < ?3 AND episode_id IS NOT NULL)
              ORDER BY ts_ms, id",
+            args![route, since_ms, until_ms],
+            |r| {
+                Ok((
+                    r.get::<Option<String>>(0)?,
+                    r.get::<Option<String>>(1)?,
+                    r.get::<Option<String>>(2)?,
+                    r.get::<Option<f64>>(3)?,
+                    r.get::<Option<String>>(4)?,
+                    r.get::<i64>(5)?,
+                ))
+            },
         )?;
         let mut index = Self::default();
-        let mut rows = stmt.query(params![route, since_ms, until_ms])?;
-        while let Some(r) = rows.next()? {
-            let request: Option<String> = r.get(0)?;
-            let episode: Option<String> = r.get(1)?;
-            let metric: Option<String> = r.get(2)?;
-            let value: Option<f64> = r.get(3)?;
-            let demo: Option<String> = r.get(4)?;
+        for (request, episode, metric, value, demo, said_ms) in rows {
             let (level, key) = match (request, episode) {
                 (Some(q), _) => (Level::Request, q),
                 (None, Some(e)) => (Level::Episode, e),
@@ -185,7 +186,7 @@ impl FeedbackIndex {
             {
                 index.demonstrations.insert(key.clone(), d);
             }
-            index.said_ms.insert((level, key), r.get(5)?);
+            index.said_ms.insert((level, key), said_ms);
         }
         Ok(index)
     }
@@ -228,7 +229,7 @@ impl FeedbackIndex {
 /// route's clients sent since `since_ms`, by the arm that answered: `(arm, value)` pairs, one per
 /// request or episode.
 pub fn values_by_arm(
-    conn: &Connection,
+    conn: &Conn,
     route: &str,
     since_ms: i64,
     metric: &str,
@@ -246,11 +247,10 @@ pub fn values_by_arm(
          WHERE t.route = ?1 AND t.ts_ms >= ?2 AND t.arm != 'shadow' AND f.metric = ?3
            AND f.value IS NOT NULL ORDER BY f.ts_ms, f.id"
     };
-    let mut stmt = conn.prepare_cached(sql)?;
     let mut latest: std::collections::HashMap<String, (String, f64)> = Default::default();
-    let mut rows = stmt.query(params![route, since_ms, metric])?;
-    while let Some(r) = rows.next()? {
+    conn.query(sql, args![route, since_ms, metric], |r| {
         latest.insert(r.get(1)?, (r.get(0)?, r.get(2)?));
-    }
+        Ok(())
+    })?;
     Ok(latest.into_values().collect())
 }

@@ -1,11 +1,12 @@
 //! Guardrail configs created through the API, as NeMo Guardrails' config entities.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use super::sql::{args, Conn, Row};
+use super::StoreError;
 use serde_json::{json, Value};
 
 use super::entities::{now, EntityError};
 
-type Result<T> = std::result::Result<T, EntityError>;
+type Result<T, E = EntityError> = std::result::Result<T, E>;
 
 /// A stored config.
 #[derive(Debug, Clone)]
@@ -43,7 +44,7 @@ impl StoredGuardrailConfig {
     }
 }
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredGuardrailConfig> {
+fn row(r: &Row<'_>) -> Result<StoredGuardrailConfig, StoreError> {
     let data: String = r.get(3)?;
     Ok(StoredGuardrailConfig {
         namespace: r.get(0)?,
@@ -58,7 +59,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredGuardrailConfig> {
 const COLUMNS: &str = "namespace, name, description, data, created_at, updated_at";
 
 pub fn insert(
-    conn: &Connection,
+    conn: &Conn,
     ns: &str,
     name: &str,
     description: Option<&str>,
@@ -66,8 +67,9 @@ pub fn insert(
 ) -> Result<StoredGuardrailConfig> {
     let ts = now();
     let n = conn.execute(
-        "INSERT OR IGNORE INTO guardrail_configs (namespace, name, description, data, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-        params![ns, name, description, data.to_string(), ts],
+        "INSERT INTO guardrail_configs (namespace, name, description, data, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+         ON CONFLICT DO NOTHING",
+        args![ns, name, description, data.to_string(), ts],
     )?;
     if n == 0 {
         return Err(EntityError::Conflict(format!(
@@ -79,7 +81,7 @@ pub fn insert(
 
 /// Replaces the data and/or description of a stored config.
 pub fn update(
-    conn: &Connection,
+    conn: &Conn,
     ns: &str,
     name: &str,
     description: Option<&str>,
@@ -90,34 +92,33 @@ pub fn update(
     let description = description.or(old.description.as_deref());
     conn.execute(
         "UPDATE guardrail_configs SET description = ?1, data = ?2, updated_at = ?3 WHERE namespace = ?4 AND name = ?5",
-        params![description, data.to_string(), now(), ns, name],
+        args![description, data.to_string(), now(), ns, name],
     )?;
     get(conn, ns, name)
 }
 
-pub fn get(conn: &Connection, ns: &str, name: &str) -> Result<StoredGuardrailConfig> {
-    conn.query_row(
+pub fn get(conn: &Conn, ns: &str, name: &str) -> Result<StoredGuardrailConfig> {
+    conn.query_opt(
         &format!("SELECT {COLUMNS} FROM guardrail_configs WHERE namespace = ?1 AND name = ?2"),
-        [ns, name],
+        args![ns, name],
         row,
-    )
-    .optional()?
+    )?
     .ok_or_else(|| EntityError::NotFound(format!("guardrail config '{ns}/{name}' does not exist")))
 }
 
 /// Every stored config, oldest first.
-pub fn list(conn: &Connection) -> Result<Vec<StoredGuardrailConfig>> {
-    let mut st = conn.prepare(&format!(
-        "SELECT {COLUMNS} FROM guardrail_configs ORDER BY created_at, namespace, name"
-    ))?;
-    let rows = st.query_map([], row)?.collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
+pub fn list(conn: &Conn) -> Result<Vec<StoredGuardrailConfig>> {
+    Ok(conn.query(
+        &format!("SELECT {COLUMNS} FROM guardrail_configs ORDER BY created_at, namespace, name"),
+        &[],
+        row,
+    )?)
 }
 
-pub fn delete(conn: &Connection, ns: &str, name: &str) -> Result<()> {
+pub fn delete(conn: &Conn, ns: &str, name: &str) -> Result<()> {
     let n = conn.execute(
         "DELETE FROM guardrail_configs WHERE namespace = ?1 AND name = ?2",
-        [ns, name],
+        args![ns, name],
     )?;
     if n == 0 {
         return Err(EntityError::NotFound(format!(

@@ -7,13 +7,17 @@ pub mod guardrails;
 pub mod responses;
 pub mod rollup;
 pub mod runs;
+pub mod postgres;
 pub mod search;
+pub mod sql;
 pub mod traffic;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
+
+pub use sql::{Conn, Dialect};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -36,6 +40,30 @@ pub enum StoreError {
     Json(#[from] serde_json::Error),
     #[error("a database task failed: {0}")]
     Task(String),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Connect(String),
+    #[error("database column: {0}")]
+    Column(String),
+}
+
+impl StoreError {
+    /// Whether the store could not be reached (a PostgreSQL server gone away or restarting), as
+    /// opposed to a statement that failed: the same work may succeed once it is back.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Connect(_) => true,
+            StoreError::Postgres(e) => {
+                let code = e.code().map(|c| c.code()).unwrap_or_default();
+                e.is_closed()
+                    || code.starts_with("08")
+                    || ["57P01", "57P02", "57P03"].contains(&code)
+                    || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many have run.
@@ -259,7 +287,7 @@ END;
 
 /// Work a migration needs beyond its SQL, run in its transaction: filling what it created from
 /// the rows already there.
-fn after_migration(version: usize, tx: &Connection) -> Result<(), StoreError> {
+fn after_migration(version: usize, tx: &Conn) -> Result<(), StoreError> {
     if version == 8 {
         // Hours from the minutes first: the rows rolled up next add to both.
         rollup::hours_from_minutes(tx)?;
@@ -276,8 +304,8 @@ fn after_migration(version: usize, tx: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Opens (creating if needed) the database and brings its schema up to date.
-pub fn open(path: &Path) -> Result<Connection, StoreError> {
+/// Opens (creating if needed) an SQLite database and brings its schema up to date.
+pub fn open(path: &Path) -> Result<Conn, StoreError> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
@@ -286,44 +314,128 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
             })?;
         }
     }
-    let mut conn = Connection::open(path)?;
+    let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    migrate(&mut conn, path)?;
+    let conn = Conn::sqlite(conn);
+    migrate(&conn, path)?;
     Ok(conn)
 }
 
-/// Connections kept open between calls by a [`Db`]; more run at once when needed.
+/// SQLite connections kept open between calls by a [`Db`]; more run at once when needed.
 const IDLE_CONNECTIONS: usize = 4;
 
-/// The database as request handlers use it: each call runs on tokio's blocking thread pool, never
-/// on an async worker, on a connection kept open for the next call (opened, and the schema brought
-/// up to date, the first time).
+/// The store as the gateway uses it: an SQLite file (the default) or a PostgreSQL database, and
+/// the connections to it. Cheap to clone.
 #[derive(Clone)]
 pub struct Db {
-    path: Arc<PathBuf>,
-    idle: Arc<Mutex<Vec<Connection>>>,
+    engine: Arc<Engine>,
+}
+
+enum Engine {
+    Sqlite {
+        path: PathBuf,
+        idle: Mutex<Vec<Conn>>,
+    },
+    Postgres(postgres::Postgres),
 }
 
 impl Db {
+    /// The SQLite database at `path`, opened (and its schema brought up to date) on first use.
     pub fn new(path: PathBuf) -> Self {
         Self {
-            path: Arc::new(path),
-            idle: Arc::new(Mutex::new(Vec::new())),
+            engine: Arc::new(Engine::Sqlite {
+                path,
+                idle: Mutex::new(Vec::new()),
+            }),
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The PostgreSQL database at `url`: connects once (so a bad URL or an unreachable server is
+    /// an error here, naming it) and brings the schema up to date.
+    pub async fn postgres(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        let pg = postgres::Postgres::connect(url, pool_size).await?;
+        Ok(Self {
+            engine: Arc::new(Engine::Postgres(pg)),
+        })
+    }
+
+    /// The store a config names: `[store] url`, else `flywheel.db` in the data directory.
+    pub async fn from_config(config: &crate::config::Config) -> Result<Self, StoreError> {
+        let url = config
+            .store
+            .postgres_url()
+            .map_err(|e| StoreError::Connect(e.to_string()))?;
+        match url {
+            Some(url) => Self::postgres(&url, config.store.pool_size).await,
+            None => Ok(Self::new(config.db_path())),
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match &*self.engine {
+            Engine::Sqlite { .. } => Dialect::Sqlite,
+            Engine::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// Where the store is, for logs and errors (a PostgreSQL URL without its password).
+    pub fn describe(&self) -> String {
+        match &*self.engine {
+            Engine::Sqlite { path, .. } => path.display().to_string(),
+            Engine::Postgres(pg) => pg.describe(),
+        }
+    }
+
+    /// The SQLite file, if the store is one.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match &*self.engine {
+            Engine::Sqlite { path, .. } => Some(path),
+            Engine::Postgres(_) => None,
+        }
+    }
+
+    /// The PostgreSQL side, if the store is one (for what only it has: notifications, locks).
+    pub fn as_postgres(&self) -> Option<&postgres::Postgres> {
+        match &*self.engine {
+            Engine::Sqlite { .. } => None,
+            Engine::Postgres(pg) => Some(pg),
+        }
+    }
+
+    /// A connection, for a blocking thread (never an async worker: on PostgreSQL this waits for
+    /// the pool).
+    pub fn open(&self) -> Result<Conn, StoreError> {
+        match &*self.engine {
+            Engine::Sqlite { path, idle } => {
+                let kept = idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                match kept {
+                    Some(c) => Ok(c),
+                    None => open(path),
+                }
+            }
+            Engine::Postgres(pg) => pg.get(),
+        }
+    }
+
+    /// Hands a connection back for the next call.
+    fn keep(&self, conn: Conn) {
+        if let Engine::Sqlite { idle, .. } = &*self.engine {
+            let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < IDLE_CONNECTIONS {
+                idle.push(conn);
+            }
+        }
+        // A PostgreSQL connection goes back to its pool when dropped.
     }
 
     /// Runs `work` on a connection, off the async threads. A connection that was in use when
     /// `work` panicked is closed, not reused.
     pub async fn call<T, E>(
         &self,
-        work: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        work: impl FnOnce(&Conn) -> Result<T, E> + Send + 'static,
     ) -> Result<T, E>
     where
         T: Send + 'static,
@@ -331,7 +443,7 @@ impl Db {
     {
         let db = self.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let conn = db.connection()?;
+            let conn = db.open()?;
             let out = work(&conn);
             db.keep(conn);
             out
@@ -341,25 +453,10 @@ impl Db {
             Err(e) => Err(StoreError::Task(e.to_string()).into()),
         }
     }
-
-    fn connection(&self) -> Result<Connection, StoreError> {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        match idle {
-            Some(c) => Ok(c),
-            None => open(&self.path),
-        }
-    }
-
-    fn keep(&self, conn: Connection) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < IDLE_CONNECTIONS {
-            idle.push(conn);
-        }
-    }
 }
 
-fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+fn migrate(conn: &Conn, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = conn.value("PRAGMA user_version", &[])?;
     let known = MIGRATIONS.len() as i64;
     if version > known {
         return Err(StoreError::TooNew {
@@ -368,12 +465,13 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             known,
         });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        after_migration(i + 1, &tx)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-        tx.commit()?;
+    for i in version as usize..MIGRATIONS.len() {
+        conn.transaction(|tx| {
+            tx.batch(MIGRATIONS[i])?;
+            after_migration(i + 1, tx)?;
+            tx.batch(&format!("PRAGMA user_version = {}", i + 1))?;
+            Ok::<_, StoreError>(())
+        })?;
         tracing::info!(version = i + 1, "applied database migration");
     }
     Ok(())

@@ -2,10 +2,10 @@
 //! `GET /v1/responses/{id}` returns. Each is one row written by one statement (never half-written),
 //! owned by the API key that created it; another key's id is treated as unknown.
 
-use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use super::sql::{args, Conn};
+use super::Db;
 use serde_json::Value;
 
 use super::StoreError;
@@ -30,9 +30,16 @@ pub struct StoredResponse {
     pub response: Value,
 }
 
-/// The stored responses, on the gateway's database.
+/// The stored responses, on the gateway's store.
 pub struct ResponseStore {
-    conn: Mutex<Connection>,
+    source: Source,
+}
+
+enum Source {
+    /// SQLite: a connection of its own (see `open`).
+    Own(Mutex<Conn>),
+    /// PostgreSQL: the pool's connections.
+    Pool(Db),
 }
 
 fn parse_list(s: &str) -> Vec<Value> {
@@ -44,48 +51,59 @@ impl ResponseStore {
     /// leaves them to the traffic writer, which commits all the time anyway: a checkpoint run by
     /// the commit of a stored response made that client wait (p99 at 1,000 req/s went from
     /// 4.2–8.8 ms to 1.7 ms without them; BENCHMARKS.md). Keep them on when no traffic writer runs.
-    pub fn open(path: &Path, checkpoints: bool) -> Result<Self, StoreError> {
-        let conn = super::open(path)?;
-        if !checkpoints {
-            conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        }
-        Ok(Self {
-            conn: Mutex::new(conn),
-        })
+    pub fn open(db: &Db, checkpoints: bool) -> Result<Self, StoreError> {
+        let source = match db.sqlite_path() {
+            Some(path) => {
+                let conn = super::open(path)?;
+                if !checkpoints {
+                    conn.batch("PRAGMA wal_autocheckpoint = 0")?;
+                }
+                Source::Own(Mutex::new(conn))
+            }
+            None => Source::Pool(db.clone()),
+        };
+        Ok(Self { source })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave a half-done statement behind: take it back.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    /// Runs `work` on the store's connection (blocking).
+    fn with<T>(&self, work: impl FnOnce(&Conn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match &self.source {
+            // A panic while holding the lock cannot leave a half-done statement behind: take it
+            // back.
+            Source::Own(conn) => work(&conn.lock().unwrap_or_else(|p| p.into_inner())),
+            Source::Pool(db) => work(&db.open()?),
+        }
     }
 
     pub fn insert(&self, r: &StoredResponse) -> Result<(), StoreError> {
-        self.conn().execute(
+        let (items, conversation) = (
+            serde_json::to_string(&r.input_items)?,
+            serde_json::to_string(&r.conversation)?,
+        );
+        self.with(|c| c.execute(
             "INSERT INTO responses (id, owner, created_ms, model, traffic_id, previous_id, input_items, conversation, response)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
+            args![
                 r.id,
                 r.owner,
                 r.created_ms,
                 r.model,
                 r.traffic_id,
                 r.previous_id,
-                serde_json::to_string(&r.input_items)?,
-                serde_json::to_string(&r.conversation)?,
+                items,
+                conversation,
                 r.response.to_string(),
             ],
-        )?;
+        ))?;
         Ok(())
     }
 
     /// The response `id` if `owner` created it.
     pub fn get(&self, id: &str, owner: &str) -> Result<Option<StoredResponse>, StoreError> {
-        let row = self
-            .conn()
-            .query_row(
+        self.with(|c| c.query_opt(
                 "SELECT id, owner, created_ms, model, traffic_id, previous_id, input_items, conversation, response
                  FROM responses WHERE id = ?1 AND owner = ?2",
-                params![id, owner],
+                args![id, owner],
                 |r| {
                     Ok(StoredResponse {
                         id: r.get(0)?,
@@ -94,23 +112,23 @@ impl ResponseStore {
                         model: r.get(3)?,
                         traffic_id: r.get(4)?,
                         previous_id: r.get(5)?,
-                        input_items: parse_list(&r.get::<_, String>(6)?),
-                        conversation: parse_list(&r.get::<_, String>(7)?),
-                        response: serde_json::from_str(&r.get::<_, String>(8)?)
+                        input_items: parse_list(&r.get::<String>(6)?),
+                        conversation: parse_list(&r.get::<String>(7)?),
+                        response: serde_json::from_str(&r.get::<String>(8)?)
                             .unwrap_or(Value::Null),
                     })
                 },
-            )
-            .optional()?;
-        Ok(row)
+            ))
     }
 
     /// Deletes the response `id` if `owner` created it; false if there was none.
     pub fn delete(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
-        let n = self.conn().execute(
-            "DELETE FROM responses WHERE id = ?1 AND owner = ?2",
-            params![id, owner],
-        )?;
+        let n = self.with(|c| {
+            c.execute(
+                "DELETE FROM responses WHERE id = ?1 AND owner = ?2",
+                args![id, owner],
+            )
+        })?;
         Ok(n > 0)
     }
 }
@@ -123,7 +141,7 @@ mod tests {
     #[test]
     fn a_response_is_visible_only_to_its_owner() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ResponseStore::open(&dir.path().join("f.db"), true).unwrap();
+        let store = ResponseStore::open(&Db::new(dir.path().join("f.db")), true).unwrap();
         let r = StoredResponse {
             id: "resp_1".into(),
             owner: "alice".into(),

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use super::sql::{args, Conn, Dialect, Row};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -288,9 +288,12 @@ impl Rollup {
     }
 
     /// Adds the batch's sums to the stored minutes and hours, in the batch's transaction.
-    pub fn write(&self, tx: &Connection) -> Result<(), StoreError> {
-        for ((minute, route, arm), m) in &self.0 {
-            add_stored(tx, Grain::Minute, (*minute, route, arm), m)?;
+    pub fn write(&self, tx: &Conn) -> Result<(), StoreError> {
+        // In one order, so writers on one PostgreSQL database lock rows in the same order.
+        let mut keys: Vec<_> = self.0.keys().collect();
+        keys.sort();
+        for key @ (minute, route, arm) in keys {
+            add_stored(tx, Grain::Minute, (*minute, route, arm), &self.0[key])?;
         }
         add_to_hours(
             tx,
@@ -303,7 +306,7 @@ impl Rollup {
 
 /// Adds minutes' figures to the stored hours they fall in.
 fn add_to_hours<'a>(
-    tx: &Connection,
+    tx: &Conn,
     minutes: impl Iterator<Item = (i64, &'a str, &'a str, &'a Minute)>,
 ) -> Result<(), StoreError> {
     let mut hours: HashMap<(i64, &str, &str), Minute> = HashMap::new();
@@ -313,56 +316,92 @@ fn add_to_hours<'a>(
             .or_default()
             .merge(m);
     }
-    for (key, m) in &hours {
-        add_stored(tx, Grain::Hour, *key, m)?;
+    let mut keys: Vec<_> = hours.keys().copied().collect();
+    keys.sort();
+    for key in keys {
+        add_stored(tx, Grain::Hour, key, &hours[&key])?;
     }
     Ok(())
 }
 
 /// Adds `m` to the stored figures of one (start, route, arm).
 fn add_stored(
-    tx: &Connection,
+    tx: &Conn,
     grain: Grain,
     (start, route, arm): (i64, &str, &str),
     m: &Minute,
 ) -> Result<(), StoreError> {
     let (table, column) = grain.table();
-    let mut total = tx
-        .prepare_cached(&format!(
-            "SELECT {FIGURES} FROM {table} WHERE {column} = ?1 AND route = ?2 AND arm = ?3"
-        ))?
-        .query_row(params![start, route, arm], |r| figures_at(r, 0))
-        .optional()?
-        .unwrap_or_default();
-    total.merge(m);
-    tx.prepare_cached(&format!(
-        "INSERT OR REPLACE INTO {table} ({column}, route, arm, {FIGURES})
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
-    ))?
-    .execute(params![
-        start,
-        route,
-        arm,
-        total.requests as i64,
-        total.errors as i64,
-        total.blocked as i64,
-        total.prompt_tokens as i64,
-        total.completion_tokens as i64,
-        total.compared as i64,
-        total.agreed_names as i64,
-        total.agreed_args as i64,
-        total.parse_failures as i64,
-        serde_json::to_string(&total.latency)?,
-        serde_json::to_string(&total.ttft)?,
-        serde_json::to_string(&total.overhead)?,
-        serde_json::to_string(&total.rails)?,
-    ])?;
-    Ok(())
+    // Several writers (replicas on one PostgreSQL database) add to the same rows: each reads its
+    // row locked; a row first written by two at once is taken by one, and the other reads it.
+    let lock = match tx.dialect() {
+        Dialect::Sqlite => "",
+        Dialect::Postgres => " FOR UPDATE",
+    };
+    let select = format!(
+        "SELECT {FIGURES} FROM {table} WHERE {column} = ?1 AND route = ?2 AND arm = ?3{lock}"
+    );
+    for _ in 0..2 {
+        let stored = tx.query_opt(&select, args![start, route, arm], |r| figures_at(r, 0))?;
+        let existed = stored.is_some();
+        let mut total = stored.unwrap_or_default();
+        total.merge(m);
+        let values = [
+            serde_json::to_string(&total.latency)?,
+            serde_json::to_string(&total.ttft)?,
+            serde_json::to_string(&total.overhead)?,
+            serde_json::to_string(&total.rails)?,
+        ];
+        let figures = args![
+            start,
+            route,
+            arm,
+            total.requests,
+            total.errors,
+            total.blocked,
+            total.prompt_tokens,
+            total.completion_tokens,
+            total.compared,
+            total.agreed_names,
+            total.agreed_args,
+            total.parse_failures,
+            values[0],
+            values[1],
+            values[2],
+            values[3],
+        ];
+        if existed {
+            tx.execute(
+                &format!(
+                    "UPDATE {table} SET requests = ?4, errors = ?5, blocked = ?6, prompt_tokens = ?7,
+                        completion_tokens = ?8, compared = ?9, agreed_names = ?10, agreed_args = ?11,
+                        parse_failures = ?12, latency = ?13, ttft = ?14, overhead = ?15, rails = ?16
+                     WHERE {column} = ?1 AND route = ?2 AND arm = ?3"
+                ),
+                figures,
+            )?;
+            return Ok(());
+        }
+        let added = tx.execute(
+            &format!(
+                "INSERT INTO {table} ({column}, route, arm, {FIGURES})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                 ON CONFLICT DO NOTHING"
+            ),
+            figures,
+        )?;
+        if added == 1 {
+            return Ok(());
+        }
+    }
+    Err(StoreError::Column(format!(
+        "the {table} row of {start}, {route}, {arm} could not be written"
+    )))
 }
 
 /// Sums the stored minutes into hours (run once, as the hours table is created); returns how
 /// many minutes.
-pub fn hours_from_minutes(tx: &Connection) -> Result<u64, StoreError> {
+pub fn hours_from_minutes(tx: &Conn) -> Result<u64, StoreError> {
     let minutes = rollups(tx, Grain::Minute, i64::MIN, i64::MAX, None)?;
     add_to_hours(
         tx,
@@ -375,52 +414,51 @@ pub fn hours_from_minutes(tx: &Connection) -> Result<u64, StoreError> {
 
 /// Rolls up the rows logged before the rollups were kept: every row older than the first stored
 /// minute (all of them when there is none). Run once, as part of a migration; returns how many.
-pub fn roll_up_existing(tx: &Connection) -> Result<u64, StoreError> {
-    let first: Option<i64> =
-        tx.query_row("SELECT min(minute_ms) FROM traffic_minutes", [], |r| {
-            r.get(0)
-        })?;
-    let mut stmt = tx.prepare(
-        "SELECT ts_ms, route, arm, status, rails, prompt_tokens, completion_tokens,
-                tool_name_agreement, tool_args_agreement, latency_ms, ttft_ms, upstream_ms,
-                EXISTS (SELECT 1 FROM tool_calls c WHERE c.traffic_id = t.id
-                        AND c.arguments_valid_json = 0)
-         FROM traffic t WHERE ts_ms < ?1 ORDER BY ts_ms",
-    )?;
-    let mut rows = stmt.query([first.unwrap_or(i64::MAX)])?;
+pub fn roll_up_existing(tx: &Conn) -> Result<u64, StoreError> {
+    let first: Option<i64> = tx.value("SELECT min(minute_ms) FROM traffic_minutes", &[])?;
+    // Read a chunk of rows at a time, so a big log does not sit in memory whole.
     let mut rollup = Rollup::default();
     let mut n = 0;
-    while let Some(r) = rows.next()? {
-        let (route, arm): (String, String) = (r.get(1)?, r.get(2)?);
-        let rails: Option<Value> = r
-            .get::<_, Option<String>>(4)?
-            .and_then(|s| serde_json::from_str(&s).ok());
-        let tokens = |i: usize| {
-            r.get::<_, Option<i64>>(i)
-                .map(|v| v.unwrap_or(0).max(0) as u64)
-        };
-        rollup.add(&Counted {
-            ts_ms: r.get(0)?,
-            route: &route,
-            arm: &arm,
-            status: r.get(3)?,
-            rails: rails.as_ref(),
-            prompt_tokens: tokens(5)?,
-            completion_tokens: tokens(6)?,
-            name_agreement: r.get(7)?,
-            args_agreement: r.get(8)?,
-            unparsable: r.get(12)?,
-            latency_ms: r.get(9)?,
-            ttft_ms: r.get(10)?,
-            upstream_ms: r.get(11)?,
-        });
-        n += 1;
-        // Written a chunk at a time, so a big log does not sit in memory whole.
-        if n % 100_000 == 0 {
-            std::mem::take(&mut rollup).write(tx)?;
-        }
+    let mut after = (i64::MIN, String::new());
+    loop {
+        let rows = tx.query(
+        "SELECT ts_ms, route, arm, status, rails, prompt_tokens, completion_tokens,
+                tool_name_agreement, tool_args_agreement, latency_ms, ttft_ms, upstream_ms,
+                    CASE WHEN EXISTS (SELECT 1 FROM tool_calls c WHERE c.traffic_id = t.id
+                                      AND c.arguments_valid_json = 0) THEN 1 ELSE 0 END,
+                    id
+             FROM traffic t WHERE ts_ms < ?1 AND (ts_ms, id) > (?2, ?3) ORDER BY ts_ms, id LIMIT ?4",
+            args![first.unwrap_or(i64::MAX), after.0, after.1, ROLL_UP_CHUNK],
+            |r| {
+                let (route, arm): (String, String) = (r.get(1)?, r.get(2)?);
+                let rails: Option<Value> = r
+                    .get::<Option<String>>(4)?
+                    .and_then(|s| serde_json::from_str(&s).ok());
+                let tokens = |i: usize| r.get::<Option<i64>>(i).map(|v| v.unwrap_or(0).max(0) as u64);
+                let ts_ms: i64 = r.get(0)?;
+                rollup.add(&Counted {
+                    ts_ms,
+                    route: &route,
+                    arm: &arm,
+                    status: r.get(3)?,
+                    rails: rails.as_ref(),
+                    prompt_tokens: tokens(5)?,
+                    completion_tokens: tokens(6)?,
+                    name_agreement: r.get(7)?,
+                    args_agreement: r.get(8)?,
+                    unparsable: r.get(12)?,
+                    latency_ms: r.get(9)?,
+                    ttft_ms: r.get(10)?,
+                    upstream_ms: r.get(11)?,
+                });
+                Ok((ts_ms, r.get::<String>(13)?))
+            },
+        )?;
+        n += rows.len() as u64;
+        let Some(last) = rows.last() else { break };
+        after = last.clone();
+        std::mem::take(&mut rollup).write(tx)?;
     }
-    rollup.write(tx)?;
     Ok(n)
 }
 
@@ -428,16 +466,14 @@ pub fn roll_up_existing(tx: &Connection) -> Result<u64, StoreError> {
 const FIGURES: &str = "requests, errors, blocked, prompt_tokens, completion_tokens, compared,
     agreed_names, agreed_args, parse_failures, latency, ttft, overhead, rails";
 
-fn figures_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Minute> {
-    let count = |i: usize| r.get::<_, i64>(at + i).map(|v| v.max(0) as u64);
-    fn json<T: serde::de::DeserializeOwned>(
-        r: &rusqlite::Row<'_>,
-        i: usize,
-    ) -> rusqlite::Result<T> {
+/// Rows of the old log rolled up at a time.
+const ROLL_UP_CHUNK: i64 = 100_000;
+
+fn figures_at(r: &Row<'_>, at: usize) -> Result<Minute, StoreError> {
+    let count = |i: usize| r.get::<i64>(at + i).map(|v| v.max(0) as u64);
+    fn json<T: serde::de::DeserializeOwned>(r: &Row<'_>, i: usize) -> Result<T, StoreError> {
         let text: String = r.get(i)?;
-        serde_json::from_str(&text).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
-        })
+        Ok(serde_json::from_str(&text)?)
     }
     Ok(Minute {
         requests: count(0)?,
@@ -459,7 +495,7 @@ fn figures_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Minute> {
 /// The stored minutes in `[since_ms, until_ms)`, optionally of one route, oldest first:
 /// `(minute, route, arm, figures)`.
 pub fn minutes(
-    conn: &Connection,
+    conn: &Conn,
     since_ms: i64,
     until_ms: i64,
     route: Option<&str>,
@@ -470,23 +506,23 @@ pub fn minutes(
 /// The stored minutes or hours starting in `[since_ms, until_ms)`, optionally of one route,
 /// oldest first: `(start, route, arm, figures)`.
 pub fn rollups(
-    conn: &Connection,
+    conn: &Conn,
     grain: Grain,
     since_ms: i64,
     until_ms: i64,
     route: Option<&str>,
 ) -> Result<Vec<(i64, String, String, Minute)>, StoreError> {
     let (table, column) = grain.table();
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {column}, route, arm, {FIGURES}
-         FROM {table}
-         WHERE {column} >= ?1 AND {column} < ?2 AND (?3 IS NULL OR route = ?3)
-         ORDER BY {column}"
-    ))?;
-    let rows = stmt.query_map(params![since_ms, until_ms, route], |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?, figures_at(r, 3)?))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    conn.query(
+        &format!(
+            "SELECT {column}, route, arm, {FIGURES}
+             FROM {table}
+             WHERE {column} >= ?1 AND {column} < ?2 AND (?3 IS NULL OR route = ?3)
+             ORDER BY {column}"
+        ),
+        args![since_ms, until_ms, route],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, figures_at(r, 3)?)),
+    )
 }
 
 #[cfg(test)]

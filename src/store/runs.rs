@@ -4,13 +4,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use super::sql::{args, Conn, Row};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::StoreError;
 
-type Result<T> = std::result::Result<T, StoreError>;
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -40,7 +40,7 @@ fn parse(s: String) -> Value {
     serde_json::from_str(&s).unwrap_or(Value::Null)
 }
 
-fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
+fn run_row(r: &Row<'_>) -> Result<Run, StoreError> {
     Ok(Run {
         id: r.get(0)?,
         route: r.get(1)?,
@@ -48,7 +48,7 @@ fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
         status: r.get(3)?,
         stage: r.get(4)?,
         details: parse(r.get(5)?),
-        decision: r.get::<_, Option<String>>(6)?.map(parse),
+        decision: r.get::<Option<String>>(6)?.map(parse),
         created_ms: r.get(7)?,
         updated_ms: r.get(8)?,
         finished_ms: r.get(9)?,
@@ -58,30 +58,30 @@ fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
 const RUN_COLUMNS: &str =
     "id, route, trigger, status, stage, details, decision, created_ms, updated_ms, finished_ms";
 
-pub fn insert_run(conn: &Connection, id: &str, route: &str, trigger: &Value) -> Result<()> {
+pub fn insert_run(conn: &Conn, id: &str, route: &str, trigger: &Value) -> Result<()> {
     let now = now_ms();
     conn.execute(
         "INSERT INTO flywheel_runs (id, route, trigger, status, stage, details, created_ms, updated_ms)
          VALUES (?1, ?2, ?3, 'running', 'queued', '{}', ?4, ?4)",
-        params![id, route, trigger.to_string(), now],
+        args![id, route, trigger.to_string(), now],
     )?;
     Ok(())
 }
 
 /// Moves a running run to `stage`, merging `details` into what it has.
-pub fn update_run(conn: &Connection, id: &str, stage: &str, details: &Value) -> Result<()> {
+pub fn update_run(conn: &Conn, id: &str, stage: &str, details: &Value) -> Result<()> {
     let mut merged = get_run(conn, id)?.map_or(Value::Null, |r| r.details);
     merge(&mut merged, details);
     conn.execute(
         "UPDATE flywheel_runs SET stage = ?2, details = ?3, updated_ms = ?4 WHERE id = ?1",
-        params![id, stage, merged.to_string(), now_ms()],
+        args![id, stage, merged.to_string(), now_ms()],
     )?;
     Ok(())
 }
 
 /// Ends a run with its status and decision.
 pub fn finish_run(
-    conn: &Connection,
+    conn: &Conn,
     id: &str,
     status: &str,
     details: &Value,
@@ -93,7 +93,7 @@ pub fn finish_run(
     conn.execute(
         "UPDATE flywheel_runs SET status = ?2, stage = 'done', details = ?3, decision = ?4,
          updated_ms = ?5, finished_ms = ?5 WHERE id = ?1",
-        params![id, status, merged.to_string(), decision.to_string(), now],
+        args![id, status, merged.to_string(), decision.to_string(), now],
     )?;
     Ok(())
 }
@@ -109,50 +109,46 @@ fn merge(into: &mut Value, from: &Value) {
     }
 }
 
-pub fn get_run(conn: &Connection, id: &str) -> Result<Option<Run>> {
-    Ok(conn
-        .query_row(
-            &format!("SELECT {RUN_COLUMNS} FROM flywheel_runs WHERE id = ?1"),
-            [id],
-            run_row,
-        )
-        .optional()?)
+pub fn get_run(conn: &Conn, id: &str) -> Result<Option<Run>> {
+    conn.query_opt(
+        &format!("SELECT {RUN_COLUMNS} FROM flywheel_runs WHERE id = ?1"),
+        args![id],
+        run_row,
+    )
 }
 
 /// Runs, newest first, of one route or all.
-pub fn list_runs(conn: &Connection, route: Option<&str>, limit: usize) -> Result<Vec<Run>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {RUN_COLUMNS} FROM flywheel_runs WHERE (?1 IS NULL OR route = ?1)
-         ORDER BY created_ms DESC, id DESC LIMIT ?2"
-    ))?;
-    let rows = stmt
-        .query_map(params![route, limit as i64], run_row)?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
+pub fn list_runs(conn: &Conn, route: Option<&str>, limit: usize) -> Result<Vec<Run>> {
+    conn.query(
+        &format!(
+            "SELECT {RUN_COLUMNS} FROM flywheel_runs WHERE (?1 IS NULL OR route = ?1)
+             ORDER BY created_ms DESC, id DESC LIMIT ?2"
+        ),
+        args![route, limit],
+        run_row,
+    )
 }
 
-pub fn running_runs(conn: &Connection) -> Result<Vec<Run>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {RUN_COLUMNS} FROM flywheel_runs WHERE status = 'running' ORDER BY created_ms"
-    ))?;
-    let rows = stmt
-        .query_map([], run_row)?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
+pub fn running_runs(conn: &Conn) -> Result<Vec<Run>> {
+    conn.query(
+        &format!(
+            "SELECT {RUN_COLUMNS} FROM flywheel_runs WHERE status = 'running' ORDER BY created_ms"
+        ),
+        &[],
+        run_row,
+    )
 }
 
 /// The route's most recent finished run, of any outcome.
-pub fn last_finished_run(conn: &Connection, route: &str) -> Result<Option<Run>> {
-    Ok(conn
-        .query_row(
-            &format!(
-                "SELECT {RUN_COLUMNS} FROM flywheel_runs WHERE route = ?1 AND finished_ms IS NOT NULL
-                 ORDER BY finished_ms DESC LIMIT 1"
-            ),
-            [route],
-            run_row,
-        )
-        .optional()?)
+pub fn last_finished_run(conn: &Conn, route: &str) -> Result<Option<Run>> {
+    conn.query_opt(
+        &format!(
+            "SELECT {RUN_COLUMNS} FROM flywheel_runs WHERE route = ?1 AND finished_ms IS NOT NULL
+             ORDER BY finished_ms DESC LIMIT 1"
+        ),
+        args![route],
+        run_row,
+    )
 }
 
 /// Where a route's rollout stands.
@@ -215,25 +211,23 @@ pub struct RouteState {
     pub starved_since_ms: Option<i64>,
 }
 
-pub fn get_state(conn: &Connection, route: &str) -> Result<Option<RouteState>> {
-    let text: Option<String> = conn
-        .query_row(
-            "SELECT state FROM flywheel_routes WHERE route = ?1",
-            [route],
-            |r| r.get(0),
-        )
-        .optional()?;
+pub fn get_state(conn: &Conn, route: &str) -> Result<Option<RouteState>> {
+    let text: Option<String> = conn.query_opt(
+        "SELECT state FROM flywheel_routes WHERE route = ?1",
+        args![route],
+        |r| r.get(0),
+    )?;
     match text {
         Some(t) => Ok(Some(serde_json::from_str(&t)?)),
         None => Ok(None),
     }
 }
 
-pub fn put_state(conn: &Connection, state: &RouteState) -> Result<()> {
+pub fn put_state(conn: &Conn, state: &RouteState) -> Result<()> {
     conn.execute(
         "INSERT INTO flywheel_routes (route, state, updated_ms) VALUES (?1, ?2, ?3)
          ON CONFLICT(route) DO UPDATE SET state = excluded.state, updated_ms = excluded.updated_ms",
-        params![state.route, serde_json::to_string(state)?, now_ms()],
+        args![state.route, serde_json::to_string(state)?, now_ms()],
     )?;
     Ok(())
 }
@@ -253,27 +247,26 @@ pub struct RolloutEvent {
     pub numbers: Value,
 }
 
-pub fn insert_event(conn: &Connection, e: &RolloutEvent) -> Result<()> {
+pub fn insert_event(conn: &Conn, e: &RolloutEvent) -> Result<()> {
     conn.execute(
         "INSERT INTO rollout_events (route, run_id, at_ms, from_stage, to_stage, action, reason, numbers)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![e.route, e.run_id, e.at_ms, e.from, e.to, e.action, e.reason, e.numbers.to_string()],
+        args![e.route, e.run_id, e.at_ms, e.from, e.to, e.action, e.reason, e.numbers.to_string()],
     )?;
     Ok(())
 }
 
 /// A route's transitions (or a run's), oldest first.
 pub fn list_events(
-    conn: &Connection,
+    conn: &Conn,
     route: Option<&str>,
     run_id: Option<&str>,
 ) -> Result<Vec<RolloutEvent>> {
-    let mut stmt = conn.prepare(
+    conn.query(
         "SELECT route, run_id, at_ms, from_stage, to_stage, action, reason, numbers FROM rollout_events
          WHERE (?1 IS NULL OR route = ?1) AND (?2 IS NULL OR run_id = ?2) ORDER BY id",
-    )?;
-    let rows = stmt
-        .query_map(params![route, run_id], |r| {
+        args![route, run_id],
+        |r| {
             Ok(RolloutEvent {
                 route: r.get(0)?,
                 run_id: r.get(1)?,
@@ -284,9 +277,8 @@ pub fn list_events(
                 reason: r.get(6)?,
                 numbers: parse(r.get(7)?),
             })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
+        },
+    )
 }
 
 /// Live figures over a set of requests.
@@ -350,17 +342,16 @@ pub enum Slice<'a> {
 
 /// Figures for `slice` on `route` since `since_ms`.
 /// Requests the route's clients sent since `since_ms` (shadows not counted).
-pub fn route_requests_since(conn: &Connection, route: &str, since_ms: i64) -> Result<u64> {
-    let n: i64 = conn.query_row(
+pub fn route_requests_since(conn: &Conn, route: &str, since_ms: i64) -> Result<u64> {
+    let n: i64 = conn.value(
         "SELECT COUNT(*) FROM traffic WHERE route = ?1 AND ts_ms >= ?2 AND arm != 'shadow'",
-        params![route, since_ms],
-        |r| r.get(0),
+        args![route, since_ms],
     )?;
     Ok(n.max(0) as u64)
 }
 
 pub fn live_stats(
-    conn: &Connection,
+    conn: &Conn,
     route: &str,
     slice: Slice<'_>,
     since_ms: i64,
@@ -369,40 +360,40 @@ pub fn live_stats(
     let (rows_sql, agree_sql, key) = match slice {
         Slice::ShadowsFrom { model } => (
             "SELECT id FROM traffic WHERE route = ?1 AND arm = 'shadow' AND ts_ms >= ?2 AND target_model = ?3",
-            "SELECT COUNT(tool_name_agreement), COALESCE(SUM(tool_name_agreement), 0), COALESCE(SUM(tool_args_agreement), 0)
+            "SELECT COUNT(tool_name_agreement), CAST(COALESCE(SUM(tool_name_agreement), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(tool_args_agreement), 0) AS BIGINT)
              FROM traffic WHERE route = ?1 AND arm = 'shadow' AND ts_ms >= ?2 AND target_model = ?3",
             model,
         ),
         Slice::Arm { arm } => (
             "SELECT id FROM traffic WHERE route = ?1 AND arm = ?3 AND ts_ms >= ?2",
-            "SELECT COUNT(s.tool_name_agreement), COALESCE(SUM(s.tool_name_agreement), 0), COALESCE(SUM(s.tool_args_agreement), 0)
+            "SELECT COUNT(s.tool_name_agreement), CAST(COALESCE(SUM(s.tool_name_agreement), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(s.tool_args_agreement), 0) AS BIGINT)
              FROM traffic p JOIN traffic s ON s.shadow_of = p.id
              WHERE p.route = ?1 AND p.arm = ?3 AND p.ts_ms >= ?2 AND s.arm = 'shadow'",
             arm,
         ),
     };
+    let status = conn.dialect().json_text("rails", "status");
     let totals = format!(
         "SELECT COUNT(*),
-                COALESCE(SUM(CASE WHEN (status != 200 AND status != 499) OR attempts > 1 THEN 1 ELSE 0 END), 0),
-                COALESCE(SUM(CASE WHEN json_extract(rails, '$.status') = 'blocked' THEN 1 ELSE 0 END), 0)
+                CAST(COALESCE(SUM(CASE WHEN (status != 200 AND status != 499) OR attempts > 1 THEN 1 ELSE 0 END), 0) AS BIGINT),
+                CAST(COALESCE(SUM(CASE WHEN {status} = 'blocked' THEN 1 ELSE 0 END), 0) AS BIGINT)
          FROM traffic WHERE id IN ({rows_sql})"
     );
-    let (requests, errors, blocked): (i64, i64, i64) =
-        conn.query_row(&totals, params![route, since_ms, key], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?;
+    let one = |sql: &str| {
+        conn.query_opt(sql, args![route, since_ms, key], |r| {
+            Ok((r.get::<i64>(0)?, r.get::<i64>(1)?, r.get::<i64>(2)?))
+        })
+        .map(Option::unwrap_or_default)
+    };
+    let (requests, errors, blocked) = one(&totals)?;
     let calls = format!(
-        "SELECT COUNT(*), COALESCE(SUM(1 - arguments_valid_json), 0) FROM tool_calls
+        "SELECT COUNT(*), CAST(COALESCE(SUM(1 - arguments_valid_json), 0) AS BIGINT), 0 FROM tool_calls
          WHERE choice_index = 0 AND traffic_id IN ({rows_sql})"
     );
-    let (tool_calls, invalid): (i64, i64) =
-        conn.query_row(&calls, params![route, since_ms, key], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-    let (compared, names, args): (i64, i64, i64) =
-        conn.query_row(agree_sql, params![route, since_ms, key], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?;
+    let (tool_calls, invalid, _) = one(&calls)?;
+    let (compared, names, args) = one(agree_sql)?;
     s.requests = requests as u64;
     s.errors = errors as u64;
     s.blocked = blocked as u64;
@@ -452,24 +443,24 @@ const TOOL_SCAN_LIMIT: i64 = 5_000;
 /// The tool signatures each answered primary request of the route offered since `since_ms`, for
 /// the newest requests up to a bound.
 pub fn tool_sets(
-    conn: &Connection,
+    conn: &Conn,
     route: &str,
     workload_id: Option<&str>,
     since_ms: i64,
 ) -> Result<Vec<BTreeSet<String>>> {
-    let mut stmt = conn.prepare(
-        "SELECT json_extract(request, '$.tools') FROM traffic
-         WHERE route = ?1 AND arm != 'shadow' AND status = 200 AND ts_ms >= ?2
-           AND (?3 IS NULL OR workload_id = ?3) AND json_extract(request, '$.tools') IS NOT NULL
-         ORDER BY ts_ms DESC LIMIT ?4",
+    let tools = conn.dialect().json_text("request", "tools");
+    let rows = conn.query(
+        &format!(
+            "SELECT {tools} FROM traffic
+             WHERE route = ?1 AND arm != 'shadow' AND status = 200 AND ts_ms >= ?2
+               AND (?3 IS NULL OR workload_id = ?3) AND {tools} IS NOT NULL
+             ORDER BY ts_ms DESC LIMIT ?4"
+        ),
+        args![route, since_ms, workload_id, TOOL_SCAN_LIMIT],
+        |r| r.get::<Option<String>>(0),
     )?;
     let mut out = Vec::new();
-    let rows = stmt.query_map(
-        params![route, since_ms, workload_id, TOOL_SCAN_LIMIT],
-        |r| r.get::<_, Option<String>>(0),
-    )?;
-    for row in rows {
-        let Some(text) = row? else { continue };
+    for text in rows.into_iter().flatten() {
         if let Ok(Value::Array(tools)) = serde_json::from_str::<Value>(&text) {
             out.push(tools.iter().filter_map(tool_signature).collect());
         }

@@ -8,10 +8,9 @@
 //! with every turn; indexing only the new part keeps the index proportional to the traffic, and a
 //! text is found in the exchange that brought it in.
 
-use rusqlite::types::Value as Sql;
-use rusqlite::{Connection, OptionalExtension};
 use serde_json::{json, Value};
 
+use super::sql::{args, Arg, Conn, Dialect};
 use super::StoreError;
 
 /// Which statuses a search keeps.
@@ -81,7 +80,7 @@ pub struct Page {
 }
 
 /// Exchanges matching every filter, newest first, a page at a time.
-pub fn search(conn: &Connection, q: &TrafficQuery) -> Result<Page, StoreError> {
+pub fn search(conn: &Conn, q: &TrafficQuery) -> Result<Page, StoreError> {
     search_in_chunks(conn, q, TEXT_CHUNK, TEXT_BUDGET)
 }
 
@@ -92,7 +91,7 @@ const TEXT_CHUNK: usize = 4096;
 const TEXT_BUDGET: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn search_in_chunks(
-    conn: &Connection,
+    conn: &Conn,
     q: &TrafficQuery,
     chunk: usize,
     budget: std::time::Duration,
@@ -111,25 +110,36 @@ fn search_in_chunks(
     };
     // Row ids follow time (see `traffic::ROWS_PER_MS`), so the index's matches come newest
     // first and the time filters bound them.
-    let phrase = format!("\"{}\"", text.replace('"', "\"\""));
+    let dialect = conn.dialect();
+    let pattern = match dialect {
+        Dialect::Sqlite => format!("\"{}\"", text.replace('"', "\"\"")),
+        Dialect::Postgres => format!(
+            "%{}%",
+            text.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        ),
+    };
     let per_ms = super::traffic::ROWS_PER_MS;
     let low = q.since_ms.map_or(i64::MIN, |t| t.saturating_mul(per_ms));
     let mut high = q.until_ms.map_or(i64::MAX, |t| t.saturating_mul(per_ms));
     if let Some(c) = q.before {
         high = high.min(c.seq);
     }
-    let mut stmt = conn.prepare_cached(
-        "SELECT rowid FROM traffic_text WHERE traffic_text MATCH ?1 AND rowid >= ?2 AND rowid < ?3
-         ORDER BY rowid DESC LIMIT ?4",
-    )?;
+    let matches = match dialect {
+        Dialect::Sqlite => {
+            "SELECT rowid FROM traffic_text WHERE traffic_text MATCH ?1 AND rowid >= ?2 AND rowid < ?3
+             ORDER BY rowid DESC LIMIT ?4"
+        }
+        Dialect::Postgres => {
+            "SELECT seq FROM traffic_text WHERE body ILIKE ?1 AND seq >= ?2 AND seq < ?3
+             ORDER BY seq DESC LIMIT ?4"
+        }
+    };
     let mut rows = Vec::new();
     let mut read_all = false;
     loop {
-        let ids = stmt
-            .query_map(rusqlite::params![phrase, low, high, chunk as i64], |r| {
-                r.get::<_, i64>(0)
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<i64> = conn.query(matches, args![pattern, low, high, chunk], |r| r.get(0))?;
         let Some(&oldest) = ids.last() else {
             read_all = true;
             break;
@@ -154,11 +164,8 @@ fn search_in_chunks(
     // The page's share of the index was read before every match was: the next page searches on
     // from the oldest match read, if there is another.
     if !read_all {
-        read_all = stmt
-            .query_row(rusqlite::params![phrase, low, high, 1], |r| {
-                r.get::<_, i64>(0)
-            })
-            .optional()?
+        read_all = conn
+            .query_opt(matches, args![pattern, low, high, 1], |r| r.get::<i64>(0))?
             .is_none();
     }
     Ok(Page {
@@ -173,60 +180,79 @@ fn search_in_chunks(
 /// The rows matching the filters (all but the text), newest first, at most `limit`, and only
 /// among `ids` when given.
 fn select(
-    conn: &Connection,
+    conn: &Conn,
     q: &TrafficQuery,
     ids: Option<&[i64]>,
     limit: usize,
 ) -> Result<Vec<(Value, Cursor)>, StoreError> {
-    let mut clauses: Vec<&str> = Vec::new();
-    let mut args: Vec<Sql> = Vec::new();
-    let mut push = |clause: &'static str, v: Sql| {
-        clauses.push(clause);
+    let dialect = conn.dialect();
+    let seq = dialect.seq();
+    let mut clauses: Vec<String> = Vec::new();
+    let mut args: Vec<Arg<'_>> = Vec::new();
+    // The text's matches name the rows: each is looked up by its id.
+    if let Some(ids) = ids {
+        args.push(Arg::Text(Some(match dialect {
+            Dialect::Sqlite => serde_json::to_string(ids)?.into(),
+            Dialect::Postgres => format!(
+                "{{{}}}",
+                ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+            )
+            .into(),
+        })));
+    }
+    let mut push = |clause: &str, v: Arg<'static>| {
         args.push(v);
+        clauses.push(clause.replace('?', &format!("?{}", args.len())));
     };
     if let Some(t) = q.since_ms {
-        push("t.ts_ms >= ?", Sql::Integer(t));
+        push("t.ts_ms >= ?", Arg::Int(Some(t)));
     }
     if let Some(t) = q.until_ms {
-        push("t.ts_ms < ?", Sql::Integer(t));
+        push("t.ts_ms < ?", Arg::Int(Some(t)));
     }
     if let Some(r) = &q.route {
-        push("t.route = ?", Sql::Text(r.clone()));
+        push("t.route = ?", Arg::Text(Some(r.clone().into())));
     }
     if let Some(w) = &q.workload {
-        push("t.workload_id = ?", Sql::Text(w.clone()));
+        push("t.workload_id = ?", Arg::Text(Some(w.clone().into())));
     }
     if let Some(a) = &q.arm {
-        push("t.arm = ?", Sql::Text(a.clone()));
+        push("t.arm = ?", Arg::Text(Some(a.clone().into())));
     }
     if let Some(tool) = &q.tool {
-        // `+c.name`: each row's calls are found by the primary key, not by scanning every call
-        // of that name.
+        // SQLite's `+c.name`: each row's calls are found by the primary key, not by scanning
+        // every call of that name.
+        let name = match dialect {
+            Dialect::Sqlite => "+c.name",
+            Dialect::Postgres => "c.name",
+        };
         push(
-            "EXISTS (SELECT 1 FROM tool_calls c WHERE c.traffic_id = t.id AND +c.name = ?)",
-            Sql::Text(tool.clone()),
+            &format!("EXISTS (SELECT 1 FROM tool_calls c WHERE c.traffic_id = t.id AND {name} = ?)"),
+            Arg::Text(Some(tool.clone().into())),
         );
     }
+    let verdict = dialect.json_text("t.rails", "status");
     match q.verdict.as_deref() {
-        Some("none") => push("t.rails IS ?", Sql::Null),
-        Some(v) => push(
-            "json_extract(t.rails, '$.status') = ?",
-            Sql::Text(v.to_string()),
-        ),
+        Some("none") => clauses.push("t.rails IS NULL".into()),
+        Some(v) => push(&format!("{verdict} = ?"), Arg::Text(Some(v.to_string().into()))),
         None => {}
     }
     if let Some(c) = q.before {
-        clauses.push("(t.ts_ms, t.rowid) < (?, ?)");
-        args.push(Sql::Integer(c.ts_ms));
-        args.push(Sql::Integer(c.seq));
+        args.push(Arg::Int(Some(c.ts_ms)));
+        args.push(Arg::Int(Some(c.seq)));
+        clauses.push(format!(
+            "(t.ts_ms, t.{seq}) < (?{}, ?{})",
+            args.len() - 1,
+            args.len()
+        ));
     }
     // Literal bounds, so the partial index on failed requests can serve `error`.
     match q.status {
-        Some(StatusFilter::Ok) => clauses.push("t.status < 400"),
-        Some(StatusFilter::Error) => clauses.push("t.status >= 400"),
+        Some(StatusFilter::Ok) => clauses.push("t.status < 400".into()),
+        Some(StatusFilter::Error) => clauses.push("t.status >= 400".into()),
         Some(StatusFilter::Exactly(s)) => {
-            clauses.push("t.status = ?");
-            args.push(Sql::Integer(s.into()));
+            args.push(Arg::Int(Some(s.into())));
+            clauses.push(format!("t.status = ?{}", args.len()));
         }
         None => {}
     }
@@ -235,30 +261,35 @@ fn select(
     } else {
         format!("WHERE {}", clauses.join(" AND "))
     };
-    args.push(Sql::Integer(limit as i64));
-    let from = match ids {
-        // The text's matches name the rows: each is looked up by its id (CROSS JOIN keeps
-        // SQLite from walking an index of the other filters instead).
-        Some(ids) => {
-            args.insert(0, Sql::Text(serde_json::to_string(ids)?));
-            "json_each(?) AS m CROSS JOIN traffic t ON t.rowid = m.value"
+    args.push(Arg::Int(Some(limit as i64)));
+    let limit_at = args.len();
+    let from = match (dialect, ids) {
+        // CROSS JOIN keeps SQLite from walking an index of the other filters instead.
+        (Dialect::Sqlite, Some(_)) => "json_each(?1) AS m CROSS JOIN traffic t ON t.rowid = m.value",
+        (Dialect::Postgres, Some(_)) => {
+            "unnest(CAST(?1 AS BIGINT[])) AS m(value) JOIN traffic t ON t.seq = m.value"
         }
         // Failures are few: walking their partial indexes beats walking a route's every request.
-        None if q.status == Some(StatusFilter::Error) && q.route.is_some() => {
+        (Dialect::Sqlite, None) if q.status == Some(StatusFilter::Error) && q.route.is_some() => {
             "traffic t INDEXED BY traffic_errors_route_ts"
         }
-        None if q.status == Some(StatusFilter::Error) => "traffic t INDEXED BY traffic_errors_ts",
-        None => "traffic t",
+        (Dialect::Sqlite, None) if q.status == Some(StatusFilter::Error) => {
+            "traffic t INDEXED BY traffic_errors_ts"
+        }
+        _ => "traffic t",
+    };
+    let names = match dialect {
+        Dialect::Sqlite => "group_concat(c.name, ',')",
+        Dialect::Postgres => "string_agg(c.name, ',')",
     };
     let sql = format!(
         "SELECT t.id, t.ts_ms, t.route, t.arm, t.status, t.latency_ms, t.target, t.adapter, t.api,
-                t.workload_id, t.episode_id, json_extract(t.rails, '$.status'),
-                (SELECT group_concat(c.name, ',') FROM tool_calls c WHERE c.traffic_id = t.id),
-                t.request, t.rowid
-         FROM {from} {filter} ORDER BY t.ts_ms DESC, t.rowid DESC LIMIT ?"
+                t.workload_id, t.episode_id, {verdict},
+                (SELECT {names} FROM tool_calls c WHERE c.traffic_id = t.id),
+                t.request, t.{seq}
+         FROM {from} {filter} ORDER BY t.ts_ms DESC, t.{seq} DESC LIMIT ?{limit_at}"
     );
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
+    conn.query(&sql, &args, |r| {
         let request: String = r.get(13)?;
         let tools: Option<String> = r.get(12)?;
         let cursor = Cursor {
@@ -267,38 +298,40 @@ fn select(
         };
         Ok((
             json!({
-                "id": r.get::<_, String>(0)?,
+                "id": r.get::<String>(0)?,
                 "ts_ms": cursor.ts_ms,
-                "route": r.get::<_, String>(2)?,
-                "arm": r.get::<_, String>(3)?,
-                "status": r.get::<_, i64>(4)?,
-                "latency_ms": r.get::<_, f64>(5)?,
-                "target": r.get::<_, Option<String>>(6)?,
-                "adapter": r.get::<_, Option<String>>(7)?,
-                "api": r.get::<_, String>(8)?,
-                "workload_id": r.get::<_, Option<String>>(9)?,
-                "episode_id": r.get::<_, Option<String>>(10)?,
-                "rails": r.get::<_, Option<String>>(11)?,
+                "route": r.get::<String>(2)?,
+                "arm": r.get::<String>(3)?,
+                "status": r.get::<i64>(4)?,
+                "latency_ms": r.get::<f64>(5)?,
+                "target": r.get::<Option<String>>(6)?,
+                "adapter": r.get::<Option<String>>(7)?,
+                "api": r.get::<String>(8)?,
+                "workload_id": r.get::<Option<String>>(9)?,
+                "episode_id": r.get::<Option<String>>(10)?,
+                "rails": r.get::<Option<String>>(11)?,
                 "tools": tools.map(|t| t.split(',').map(str::to_string).collect::<Vec<_>>()).unwrap_or_default(),
                 "prompt": last_user_text(&request),
             }),
             cursor,
         ))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    })
 }
 
 /// Adds a stored row's new text to the search index, in the writer's transaction.
 pub fn index(
-    tx: &Connection,
+    tx: &Conn,
     rowid: i64,
     request: &Value,
     response: Option<&Value>,
 ) -> Result<(), StoreError> {
     let text = new_text(request, response);
     if !text.is_empty() {
-        tx.prepare_cached("INSERT INTO traffic_text (rowid, body) VALUES (?, ?)")?
-            .execute(rusqlite::params![rowid, text])?;
+        let sql = match tx.dialect() {
+            Dialect::Sqlite => "INSERT INTO traffic_text (rowid, body) VALUES (?1, ?2)",
+            Dialect::Postgres => "INSERT INTO traffic_text (seq, body) VALUES (?1, ?2)",
+        };
+        tx.execute(sql, args![rowid, text])?;
     }
     Ok(())
 }
@@ -379,16 +412,18 @@ fn content_text<'a>(content: &'a Value, parts: &mut Vec<&'a str>) {
 
 /// Indexes the rows stored before the index existed (run once, as it is created); returns how
 /// many.
-pub fn index_existing(tx: &Connection) -> Result<u64, StoreError> {
-    let mut stmt = tx.prepare("SELECT rowid, request, response FROM traffic")?;
-    let mut rows = stmt.query([])?;
+pub fn index_existing(tx: &Conn) -> Result<u64, StoreError> {
+    let seq = tx.dialect().seq();
+    let rows = tx.query(
+        &format!("SELECT {seq}, request, response FROM traffic"),
+        &[],
+        |r| Ok((r.get::<i64>(0)?, r.get::<String>(1)?, r.get::<Option<String>>(2)?)),
+    )?;
     let mut n = 0;
-    while let Some(r) = rows.next()? {
-        let request: Value = serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or(Value::Null);
-        let response: Option<Value> = r
-            .get::<_, Option<String>>(2)?
-            .and_then(|s| serde_json::from_str(&s).ok());
-        index(tx, r.get(0)?, &request, response.as_ref())?;
+    for (seq, request, response) in rows {
+        let request: Value = serde_json::from_str(&request).unwrap_or(Value::Null);
+        let response: Option<Value> = response.and_then(|s| serde_json::from_str(&s).ok());
+        index(tx, seq, &request, response.as_ref())?;
         n += 1;
     }
     Ok(n)
@@ -475,7 +510,7 @@ mod tests {
                  VALUES ((SELECT coalesce(max(rowid) + 1, ?2 * 1048576) FROM traffic
                           WHERE rowid >= ?2 * 1048576 AND rowid < (?2 + 1) * 1048576),
                          ?1, ?2, 'r', 'champion', 0, 200, 1.0, ?3, 'chat')",
-                rusqlite::params![id, ts, request.to_string()],
+                rusqlite::args![id, ts, request.to_string()],
             )
             .unwrap();
             index(&conn, conn.last_insert_rowid(), &request, None).unwrap();

@@ -4,13 +4,13 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use super::sql::{args, Arg, Conn, Dialect, Row, ToArg};
+use super::Db;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -201,18 +201,27 @@ impl TrafficLog {
         Self { inner: None }
     }
 
-    /// Starts the writer thread on `path`.
+    /// Starts the writer thread on `db`.
     pub fn start(
-        path: &Path,
+        db: &Db,
         capacity: usize,
         batch_size: usize,
         flush_interval: Duration,
     ) -> Result<TrafficWriter, StoreError> {
-        let conn = super::open(path)?;
+        // An SQLite file is opened now, so a bad path fails the start; a PostgreSQL connection is
+        // taken by the thread (the server was reached when the store was opened).
+        let conn = match db.dialect() {
+            Dialect::Sqlite => Some(db.open()?),
+            Dialect::Postgres => None,
+        };
+        let db = db.clone();
         let (tx, rx) = mpsc::channel(capacity);
         let thread = std::thread::Builder::new()
             .name("traffic-writer".into())
-            .spawn(move || write_loop(conn, rx, batch_size, flush_interval))?;
+            .spawn(move || {
+                let mut writer = Writer { db, conn };
+                write_loop(&mut writer, rx, batch_size, flush_interval)
+            })?;
         let log = TrafficLog {
             inner: Some(Arc::new(Inner {
                 tx,
@@ -353,8 +362,19 @@ impl TrafficWriter {
     }
 }
 
+/// The writer thread's store and its connection (taken again after it breaks).
+struct Writer {
+    db: Db,
+    conn: Option<Conn>,
+}
+
+/// How long the writer waits before trying an unreachable store again ...
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// ... and, when the gateway is stopping, for how long at most.
+const RETRY_AT_CLOSE: Duration = Duration::from_secs(10);
+
 fn write_loop(
-    mut conn: Connection,
+    writer: &mut Writer,
     mut rx: mpsc::Receiver<Message>,
     batch_size: usize,
     flush_interval: Duration,
@@ -390,7 +410,7 @@ fn write_loop(
             }
         }
         if !batch.is_empty() {
-            commit(&mut conn, &batch);
+            writer.commit(&batch, closing);
             metrics::gauge!("flywheel_log_queue_depth").set(rx.len() as f64);
             batch.clear();
         }
@@ -412,127 +432,298 @@ fn take(m: Message, batch: &mut Vec<Entry>, barriers: &mut Vec<oneshot::Sender<(
     false
 }
 
-/// Commits a batch in one transaction; if that fails, row by row, so one bad row does not take
-/// its batch-mates with it.
-fn commit(conn: &mut Connection, batch: &[Entry]) {
-    let n = batch.len();
-    if let Err(e) = write_batch(conn, batch) {
-        tracing::error!(rows = n, error = %e, "writing traffic and feedback rows failed; retrying one by one");
-        for entry in batch {
-            if let Err(e) = write_batch(conn, std::slice::from_ref(entry)) {
-                metrics::counter!("flywheel_log_dropped_total").increment(1);
-                match entry {
-                    Entry::Traffic(r) => {
-                        tracing::error!(id = %r.id, error = %e, "traffic record lost")
+impl Writer {
+    /// Commits a batch in one transaction. While the store cannot be reached (a PostgreSQL server
+    /// gone away) the batch is kept and tried again every second, and the queue behind it fills
+    /// up to its bound (then drops, counted); at shutdown it is tried for a while, then given up,
+    /// counted as lost. Any other failure is tried row by row, so one bad row does not take its
+    /// batch-mates with it.
+    fn commit(&mut self, batch: &[Entry], closing: bool) {
+        let n = batch.len();
+        let started = std::time::Instant::now();
+        let mut warned = false;
+        let failed = loop {
+            match self.write(batch) {
+                Ok(()) => {
+                    if warned {
+                        tracing::info!(rows = n, "the store is back; the held batch is written");
                     }
-                    Entry::Feedback(f) => tracing::error!(id = %f.id, error = %e, "feedback lost"),
+                    metrics::counter!("flywheel_log_written_total").increment(n as u64);
+                    return;
+                }
+                Err(e) if e.is_unavailable() => {
+                    self.conn = None;
+                    if closing && started.elapsed() >= RETRY_AT_CLOSE {
+                        break e;
+                    }
+                    if !warned {
+                        tracing::error!(rows = n, error = %e, "the store is unreachable; holding the batch and trying again every second");
+                        warned = true;
+                    }
+                    metrics::counter!("flywheel_log_retries_total").increment(1);
+                    std::thread::sleep(RETRY_EVERY);
+                }
+                Err(e) => {
+                    tracing::error!(rows = n, error = %e, "writing traffic and feedback rows failed; retrying one by one");
+                    break e;
+                }
+            }
+        };
+        let mut written = 0;
+        for entry in batch {
+            let result = if failed.is_unavailable() {
+                Err(StoreError::Connect("the store stayed unreachable".into()))
+            } else {
+                self.write(std::slice::from_ref(entry))
+            };
+            match result {
+                Ok(()) => written += 1,
+                Err(e) => {
+                    metrics::counter!("flywheel_log_dropped_total").increment(1);
+                    match entry {
+                        Entry::Traffic(r) => {
+                            tracing::error!(id = %r.id, error = %e, "traffic record lost")
+                        }
+                        Entry::Feedback(f) => {
+                            tracing::error!(id = %f.id, error = %e, "feedback lost")
+                        }
+                    }
                 }
             }
         }
+        metrics::counter!("flywheel_log_written_total").increment(written);
     }
-    metrics::counter!("flywheel_log_written_total").increment(n as u64);
+
+    fn write(&mut self, batch: &[Entry]) -> Result<(), StoreError> {
+        let conn = match self.conn.take() {
+            Some(c) if !c.is_broken() => c,
+            _ => self.db.open()?,
+        };
+        let result = write_batch(&conn, batch);
+        self.conn = Some(conn);
+        result
+    }
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Entry]) -> Result<(), StoreError> {
-    let mut tx = conn.transaction()?;
-    let mut rollup = super::rollup::Rollup::default();
-    for entry in batch {
-        match entry {
-            Entry::Traffic(r) => {
-                let unparsable = insert(&tx, r)?;
-                rollup.add(&super::rollup::Counted::of(r, unparsable));
-            }
-            Entry::Feedback(f) => super::feedback::insert(&tx, f)?,
+fn write_batch(conn: &Conn, batch: &[Entry]) -> Result<(), StoreError> {
+    conn.transaction(|tx| {
+        let mut rollup = super::rollup::Rollup::default();
+        let records: Vec<&TrafficRecord> = batch
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Traffic(r) => Some(&**r),
+                Entry::Feedback(_) => None,
+            })
+            .collect();
+        let unparsable = insert(tx, &records)?;
+        for (r, bad) in records.iter().zip(unparsable) {
+            rollup.add(&super::rollup::Counted::of(r, bad));
         }
-    }
-    // The rollups are a view of the rows: if they cannot be written, the rows still are.
-    let rolled = tx.savepoint().map_err(StoreError::from).and_then(|sp| {
-        rollup.write(&sp)?;
-        sp.commit()?;
+        // Feedback after the traffic rows queued with it, which it may be about.
+        for entry in batch {
+            if let Entry::Feedback(f) = entry {
+                super::feedback::insert(tx, f)?;
+            }
+        }
+        // The rollups are a view of the rows: if they cannot be written, the rows still are.
+        let rolled: Result<(), StoreError> = tx.transaction(|sp| rollup.write(sp));
+        if let Err(e) = rolled {
+            if e.is_unavailable() {
+                return Err(e);
+            }
+            metrics::counter!("flywheel_rollup_errors_total").increment(1);
+            tracing::warn!(error = %e, "the traffic rollups of a batch were not written; its rows were");
+        }
         Ok(())
-    });
-    if let Err(e) = rolled {
-        metrics::counter!("flywheel_rollup_errors_total").increment(1);
-        tracing::warn!(error = %e, "the traffic rollups of a batch were not written; its rows were");
-    }
-    tx.commit()?;
-    Ok(())
+    })
 }
 
-/// Inserts a record and its tool calls; returns whether any call's arguments are not JSON.
-fn insert(tx: &Transaction<'_>, r: &TrafficRecord) -> Result<bool, StoreError> {
+/// The traffic table's columns as the writer fills them (after the row id).
+const INSERT_COLUMNS: &str =
+    "id, ts_ms, workload_id, client_id, session_id, route, target_kind, target,
+    target_model, adapter, arm, shadow_of, attempts, stream, status, error, latency_ms, ttft_ms,
+    upstream_ms, prompt_tokens, completion_tokens, total_tokens, finish_reason, rails,
+    tool_name_agreement, tool_args_agreement, request, response, api, wire_request, episode_id";
+const INSERT_ARGS: usize = 31;
+
+/// A record's values for `INSERT_COLUMNS`.
+fn row_args(r: &TrafficRecord) -> Vec<Arg<'_>> {
     let usage = r.response.as_ref().and_then(|v| v.get("usage"));
-    let tokens = |k: &str| usage.and_then(|u| u.get(k)).and_then(Value::as_i64);
+    let tokens = |k: &str| Arg::Int(usage.and_then(|u| u.get(k)).and_then(Value::as_i64));
     let finish_reason = r
         .response
         .as_ref()
         .and_then(|v| v.pointer("/choices/0/finish_reason"))
         .and_then(Value::as_str)
         .map(str::to_string);
-    // The row id is the request's millisecond times ROWS_PER_MS, plus one for each row already
-    // logged in that millisecond.
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO traffic (rowid, id, ts_ms, workload_id, client_id, session_id, route, target_kind, target,
-            target_model, adapter, arm, shadow_of, attempts, stream, status, error, latency_ms, ttft_ms,
-            upstream_ms, prompt_tokens, completion_tokens, total_tokens, finish_reason, rails,
-            tool_name_agreement, tool_args_agreement, request, response, api, wire_request, episode_id)
-         VALUES ((SELECT coalesce(max(rowid) + 1, ?2 * 1048576) FROM traffic
-                  WHERE rowid >= ?2 * 1048576 AND rowid < (?2 + 1) * 1048576),
-                 ?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28,?29,?30,?31)",
-    )?;
-    stmt.execute(params![
-        r.id.to_string(),
-        r.ts_ms,
-        r.workload_id,
-        r.client_id,
-        r.session_id,
-        r.route,
-        r.target_kind,
-        r.target,
-        r.target_model,
-        r.adapter,
-        r.arm,
-        r.shadow_of.map(|u| u.to_string()),
-        r.attempts,
-        r.stream,
-        r.status,
-        r.error.as_ref().map(Value::to_string),
-        r.latency_ms,
-        r.ttft_ms,
-        r.upstream_ms,
+    let json = |v: Option<&Value>| Arg::Text(v.map(|v| v.to_string().into()));
+    vec![
+        Arg::Text(Some(r.id.to_string().into())),
+        Arg::Int(Some(r.ts_ms)),
+        r.workload_id.to_arg(),
+        r.client_id.to_arg(),
+        r.session_id.to_arg(),
+        Arg::Text(Some(r.route.as_str().into())),
+        r.target_kind.to_arg(),
+        r.target.to_arg(),
+        r.target_model.to_arg(),
+        r.adapter.to_arg(),
+        Arg::Text(Some(r.arm.as_str().into())),
+        Arg::Text(r.shadow_of.map(|u| u.to_string().into())),
+        Arg::Int(Some(r.attempts.into())),
+        Arg::Int(Some(r.stream.into())),
+        Arg::Int(Some(r.status.into())),
+        json(r.error.as_ref()),
+        Arg::Real(Some(r.latency_ms)),
+        Arg::Real(r.ttft_ms),
+        Arg::Real(r.upstream_ms),
         tokens("prompt_tokens"),
         tokens("completion_tokens"),
         tokens("total_tokens"),
-        finish_reason,
-        r.rails.as_ref().map(Value::to_string),
-        r.tool_name_agreement,
-        r.tool_args_agreement,
-        r.request.to_string(),
-        r.response.as_ref().map(Value::to_string),
-        r.api.as_str(),
-        r.wire_request.as_ref().map(Value::to_string),
-        r.episode_id,
-    ])?;
-    super::search::index(tx, tx.last_insert_rowid(), &r.request, r.response.as_ref())?;
-    let mut call_stmt = tx.prepare_cached(
-        "INSERT INTO tool_calls (traffic_id, choice_index, call_index, call_id, name, arguments, arguments_valid_json)
-         VALUES (?1,?2,?3,?4,?5,?6,?7)",
-    )?;
-    let mut unparsable = false;
-    for call in crate::wire::tool_calls::in_completion(r.response.as_ref()) {
-        let valid = serde_json::from_str::<Value>(&call.arguments).is_ok();
-        unparsable |= !valid;
-        call_stmt.execute(params![
-            r.id.to_string(),
-            call.choice_index,
-            call.call_index,
-            call.id,
-            call.name,
-            call.arguments,
-            valid,
-        ])?;
+        Arg::Text(finish_reason.map(Into::into)),
+        json(r.rails.as_ref()),
+        Arg::Int(r.tool_name_agreement.map(i64::from)),
+        Arg::Int(r.tool_args_agreement.map(i64::from)),
+        Arg::Text(Some(r.request.to_string().into())),
+        json(r.response.as_ref()),
+        Arg::Text(Some(r.api.as_str().into())),
+        json(r.wire_request.as_ref()),
+        r.episode_id.to_arg(),
+    ]
+}
+
+/// Rows a multi-row statement carries at most (PostgreSQL takes 65,535 parameters).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// Inserts records with their tool calls and text; returns, for each, whether any call's
+/// arguments are not JSON.
+fn insert(tx: &Conn, records: &[&TrafficRecord]) -> Result<Vec<bool>, StoreError> {
+    let mut seqs = Vec::with_capacity(records.len());
+    match tx.dialect() {
+        Dialect::Sqlite => {
+            // The row id is the request's millisecond times ROWS_PER_MS, plus one for each row
+            // already logged in that millisecond.
+            let sql = format!(
+                "INSERT INTO traffic (rowid, {INSERT_COLUMNS})
+                 VALUES ((SELECT coalesce(max(rowid) + 1, ?2 * 1048576) FROM traffic
+                          WHERE rowid >= ?2 * 1048576 AND rowid < (?2 + 1) * 1048576),
+                         {})
+                 RETURNING rowid",
+                placeholders(0, INSERT_ARGS)
+            );
+            for r in records {
+                seqs.push(tx.value::<i64>(&sql, &row_args(r))?);
+            }
+        }
+        Dialect::Postgres => {
+            // Many writers share the table: the place within the millisecond comes from a
+            // sequence, so no two of them compute the same id.
+            for chunk in records.chunks(ROWS_PER_STATEMENT) {
+                let mut values = Vec::with_capacity(chunk.len());
+                let mut all = Vec::with_capacity(chunk.len() * INSERT_ARGS);
+                for (i, r) in chunk.iter().enumerate() {
+                    let at = i * INSERT_ARGS;
+                    values.push(format!(
+                        "(?{} * 1048576 + nextval('traffic_in_ms') % 1048576, {})",
+                        at + 2,
+                        placeholders(at, INSERT_ARGS)
+                    ));
+                    all.extend(row_args(r));
+                }
+                let sql = format!(
+                    "INSERT INTO traffic (seq, {INSERT_COLUMNS}) VALUES {} RETURNING id, seq",
+                    values.join(", ")
+                );
+                let ids: HashMap<String, i64> =
+                    tx.query(&sql, &all, |row| Ok((row.get(0)?, row.get(1)?)))?
+                        .into_iter()
+                        .collect();
+                for r in chunk {
+                    let id = r.id.to_string();
+                    seqs.push(*ids.get(&id).ok_or_else(|| {
+                        StoreError::Column(format!("no row id came back for {id}"))
+                    })?);
+                }
+            }
+        }
     }
+    let mut texts = Vec::new();
+    let mut calls = Vec::new();
+    let mut unparsable = Vec::with_capacity(records.len());
+    for (r, seq) in records.iter().zip(&seqs) {
+        let text = super::search::new_text(&r.request, r.response.as_ref());
+        if !text.is_empty() {
+            texts.push((*seq, text));
+        }
+        let mut bad = false;
+        for call in crate::wire::tool_calls::in_completion(r.response.as_ref()) {
+            let valid = serde_json::from_str::<Value>(&call.arguments).is_ok();
+            bad |= !valid;
+            calls.push((r.id.to_string(), call, valid));
+        }
+        unparsable.push(bad);
+    }
+    let seq = tx.dialect().seq();
+    insert_rows(
+        tx,
+        &format!("traffic_text ({seq}, body)"),
+        2,
+        texts
+            .iter()
+            .map(|(s, t)| vec![Arg::Int(Some(*s)), Arg::Text(Some(t.as_str().into()))]),
+    )?;
+    insert_rows(
+        tx,
+        "tool_calls (traffic_id, choice_index, call_index, call_id, name, arguments, arguments_valid_json)",
+        7,
+        calls.iter().map(|(id, call, valid)| {
+            vec![
+                Arg::Text(Some(id.as_str().into())),
+                Arg::Int(Some(call.choice_index)),
+                Arg::Int(Some(call.call_index)),
+                Arg::Text(call.id.as_deref().map(Into::into)),
+                Arg::Text(Some(call.name.as_str().into())),
+                Arg::Text(Some(call.arguments.as_str().into())),
+                Arg::Int(Some((*valid).into())),
+            ]
+        }),
+    )?;
     Ok(unparsable)
+}
+
+/// `?{from+1}, ..., ?{from+n}`.
+fn placeholders(from: usize, n: usize) -> String {
+    (from + 1..=from + n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Inserts rows of `width` values into `into` ("table (columns)"): one statement per row on
+/// SQLite (each a cached statement), many rows per statement on PostgreSQL (each a round trip).
+fn insert_rows<'a>(
+    tx: &Conn,
+    into: &str,
+    width: usize,
+    rows: impl Iterator<Item = Vec<Arg<'a>>>,
+) -> Result<(), StoreError> {
+    let per_statement = match tx.dialect() {
+        Dialect::Sqlite => 1,
+        Dialect::Postgres => ROWS_PER_STATEMENT,
+    };
+    let mut rows = rows.peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<Vec<Arg<'a>>> = rows.by_ref().take(per_statement).collect();
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| format!("({})", placeholders(i * width, width)))
+            .collect();
+        let all: Vec<Arg<'a>> = chunk.into_iter().flatten().collect();
+        tx.execute(
+            &format!("INSERT INTO {into} VALUES {}", values.join(", ")),
+            &all,
+        )?;
+    }
+    Ok(())
 }
 
 /// Traffic row ids follow time: a row's id is its request's millisecond times this, plus the
@@ -562,126 +753,159 @@ const RECORD_COLUMNS: &str =
 /// Writes the log as JSONL in the NVIDIA Data Flywheel Blueprint record schema (`timestamp`,
 /// `workload_id`, `client_id`, `request`, `response`) plus Flywheel's own fields. Returns the count.
 pub fn export_jsonl(
-    conn: &Connection,
+    conn: &Conn,
     filter: &ExportFilter,
     out: &mut dyn Write,
 ) -> Result<u64, StoreError> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {RECORD_COLUMNS}
-         FROM traffic
-         WHERE (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
-           AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
-           AND (?5 OR arm != 'shadow')
-         ORDER BY ts_ms, id"
-    ))?;
-    let mut rows = stmt.query(params![
-        filter.workload_id,
-        filter.route,
-        filter.since_ms,
-        filter.until_ms,
-        filter.include_shadow
-    ])?;
+    // A page at a time: a big export neither sits in memory whole nor holds one long read.
+    let mut after = (i64::MIN, String::new());
     let mut n = 0u64;
-    while let Some(row) = rows.next()? {
-        serde_json::to_writer(&mut *out, &record_json(conn, row)?)?;
-        out.write_all(b"\n")?;
-        n += 1;
+    loop {
+        let rows = conn.query(
+            &format!(
+                "SELECT {RECORD_COLUMNS}
+                 FROM traffic
+                 WHERE (?1 IS NULL OR workload_id = ?1) AND (?2 IS NULL OR route = ?2)
+                   AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
+                   AND (?5 = 1 OR arm != 'shadow') AND (ts_ms, id) > (?6, ?7)
+                 ORDER BY ts_ms, id LIMIT ?8"
+            ),
+            args![
+                filter.workload_id,
+                filter.route,
+                filter.since_ms,
+                filter.until_ms,
+                filter.include_shadow,
+                after.0,
+                after.1,
+                EXPORT_PAGE
+            ],
+            RecordRow::read,
+        )?;
+        let Some(last) = rows.last() else { break };
+        after = (last.ts_ms, last.id.clone());
+        for row in &rows {
+            serde_json::to_writer(&mut *out, &row.to_json(conn)?)?;
+            out.write_all(b"\n")?;
+            n += 1;
+        }
     }
     Ok(n)
 }
 
 /// One logged exchange in full, and the shadow answers given beside it (oldest first).
-pub fn exchange(conn: &Connection, id: &str) -> Result<Option<(Value, Vec<Value>)>, StoreError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {RECORD_COLUMNS} FROM traffic WHERE id = ?1"
-    ))?;
-    let mut rows = stmt.query([id])?;
-    let Some(row) = rows.next()? else {
+pub fn exchange(conn: &Conn, id: &str) -> Result<Option<(Value, Vec<Value>)>, StoreError> {
+    let Some(row) = conn.query_opt(
+        &format!("SELECT {RECORD_COLUMNS} FROM traffic WHERE id = ?1"),
+        args![id],
+        RecordRow::read,
+    )?
+    else {
         return Ok(None);
     };
-    let record = record_json(conn, row)?;
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {RECORD_COLUMNS} FROM traffic WHERE shadow_of = ?1 ORDER BY ts_ms"
-    ))?;
-    let mut rows = stmt.query([id])?;
-    let mut shadows = Vec::new();
-    while let Some(row) = rows.next()? {
-        shadows.push(record_json(conn, row)?);
-    }
+    let record = row.to_json(conn)?;
+    let shadows = conn
+        .query(
+            &format!("SELECT {RECORD_COLUMNS} FROM traffic WHERE shadow_of = ?1 ORDER BY ts_ms"),
+            args![id],
+            RecordRow::read,
+        )?
+        .iter()
+        .map(|r| r.to_json(conn))
+        .collect::<Result<_, _>>()?;
     Ok(Some((record, shadows)))
 }
 
-/// A row of `RECORD_COLUMNS` as its export record, with its tool calls and feedback.
-fn record_json(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<Value, StoreError> {
-    let id: String = row.get(0)?;
-    let ts_ms: i64 = row.get(1)?;
-    let json_col = |i: usize| -> Result<Value, rusqlite::Error> {
-        let s: Option<String> = row.get(i)?;
-        Ok(s.and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or(Value::Null))
-    };
-    let calls: Vec<Value> = conn
-        .prepare_cached(
+/// Rows an export reads at a time.
+const EXPORT_PAGE: i64 = 1_000;
+
+/// A row of `RECORD_COLUMNS`, read as its export record's fields.
+struct RecordRow {
+    id: String,
+    ts_ms: i64,
+    fields: Value,
+}
+
+impl RecordRow {
+    fn read(row: &Row<'_>) -> Result<Self, StoreError> {
+        let json_col = |i: usize| -> Result<Value, StoreError> {
+            let s: Option<String> = row.get(i)?;
+            Ok(s.and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or(Value::Null))
+        };
+        let id: String = row.get(0)?;
+        let ts_ms: i64 = row.get(1)?;
+        let fields = json!({
+            "timestamp": ts_ms / 1000,
+            "workload_id": row.get::<Option<String>>(2)?,
+            "client_id": row.get::<Option<String>>(3)?,
+            "request": json_col(26)?,
+            "response": json_col(27)?,
+            "id": id,
+            "timestamp_ms": ts_ms,
+            "session_id": row.get::<Option<String>>(4)?,
+            "route": row.get::<String>(5)?,
+            "target_kind": row.get::<Option<String>>(6)?,
+            "target": row.get::<Option<String>>(7)?,
+            "target_model": row.get::<Option<String>>(8)?,
+            "adapter": row.get::<Option<String>>(9)?,
+            "arm": row.get::<String>(10)?,
+            "shadow_of": row.get::<Option<String>>(11)?,
+            "attempts": row.get::<i64>(12)?,
+            "stream": row.get::<bool>(13)?,
+            "status": row.get::<i64>(14)?,
+            "error": json_col(15)?,
+            "latency_ms": row.get::<f64>(16)?,
+            "ttft_ms": row.get::<Option<f64>>(17)?,
+            "upstream_ms": row.get::<Option<f64>>(18)?,
+            "usage": {
+                "prompt_tokens": row.get::<Option<i64>>(19)?,
+                "completion_tokens": row.get::<Option<i64>>(20)?,
+                "total_tokens": row.get::<Option<i64>>(21)?,
+            },
+            "finish_reason": row.get::<Option<String>>(22)?,
+            "rails": json_col(23)?,
+            "tool_name_agreement": row.get::<Option<bool>>(24)?,
+            "tool_args_agreement": row.get::<Option<bool>>(25)?,
+            "api": row.get::<String>(28)?,
+            "wire_request": json_col(29)?,
+            "episode_id": row.get::<Option<String>>(30)?,
+        });
+        Ok(Self { id, ts_ms, fields })
+    }
+
+    /// The export record, with the row's tool calls and feedback.
+    fn to_json(&self, conn: &Conn) -> Result<Value, StoreError> {
+        let calls: Vec<Value> = conn.query(
             "SELECT choice_index, call_index, call_id, name, arguments, arguments_valid_json
              FROM tool_calls WHERE traffic_id = ?1 ORDER BY choice_index, call_index",
-        )?
-        .query_map([&id], |c| {
-            Ok(json!({
-                "choice_index": c.get::<_, i64>(0)?,
-                "index": c.get::<_, i64>(1)?,
-                "id": c.get::<_, Option<String>>(2)?,
-                "name": c.get::<_, String>(3)?,
-                "arguments": c.get::<_, String>(4)?,
-                "arguments_valid_json": c.get::<_, bool>(5)?,
-            }))
-        })?
-        .collect::<Result<_, _>>()?;
-    Ok(json!({
-        "timestamp": ts_ms / 1000,
-        "workload_id": row.get::<_, Option<String>>(2)?,
-        "client_id": row.get::<_, Option<String>>(3)?,
-        "request": json_col(26)?,
-        "response": json_col(27)?,
-        "id": id,
-        "timestamp_ms": ts_ms,
-        "session_id": row.get::<_, Option<String>>(4)?,
-        "route": row.get::<_, String>(5)?,
-        "target_kind": row.get::<_, Option<String>>(6)?,
-        "target": row.get::<_, Option<String>>(7)?,
-        "target_model": row.get::<_, Option<String>>(8)?,
-        "adapter": row.get::<_, Option<String>>(9)?,
-        "arm": row.get::<_, String>(10)?,
-        "shadow_of": row.get::<_, Option<String>>(11)?,
-        "attempts": row.get::<_, i64>(12)?,
-        "stream": row.get::<_, bool>(13)?,
-        "status": row.get::<_, i64>(14)?,
-        "error": json_col(15)?,
-        "latency_ms": row.get::<_, f64>(16)?,
-        "ttft_ms": row.get::<_, Option<f64>>(17)?,
-        "upstream_ms": row.get::<_, Option<f64>>(18)?,
-        "usage": {
-            "prompt_tokens": row.get::<_, Option<i64>>(19)?,
-            "completion_tokens": row.get::<_, Option<i64>>(20)?,
-            "total_tokens": row.get::<_, Option<i64>>(21)?,
-        },
-        "finish_reason": row.get::<_, Option<String>>(22)?,
-        "rails": json_col(23)?,
-        "tool_name_agreement": row.get::<_, Option<bool>>(24)?,
-        "tool_args_agreement": row.get::<_, Option<bool>>(25)?,
-        "tool_calls": calls,
-        "api": row.get::<_, String>(28)?,
-        "wire_request": json_col(29)?,
-        "episode_id": row.get::<_, Option<String>>(30)?,
-        "feedback": super::feedback::for_request(conn, &id)?,
-    }))
+            args![self.id],
+            |c| {
+                Ok(json!({
+                    "choice_index": c.get::<i64>(0)?,
+                    "index": c.get::<i64>(1)?,
+                    "id": c.get::<Option<String>>(2)?,
+                    "name": c.get::<String>(3)?,
+                    "arguments": c.get::<String>(4)?,
+                    "arguments_valid_json": c.get::<bool>(5)?,
+                }))
+            },
+        )?;
+        let mut record = self.fields.clone();
+        if let Some(m) = record.as_object_mut() {
+            m.insert("tool_calls".into(), Value::Array(calls));
+            m.insert(
+                "feedback".into(),
+                serde_json::to_value(super::feedback::for_request(conn, &self.id)?)?,
+            );
+        }
+        Ok(record)
+    }
 }
 
 /// The number of rows in the traffic table (used by tests and the CLI summary).
-pub fn count(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn
-        .query_row("SELECT COUNT(*) FROM traffic", [], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0))
+pub fn count(conn: &Conn) -> Result<i64, StoreError> {
+    conn.value("SELECT COUNT(*) FROM traffic", &[])
 }
 
 /// One served request, as curation reads it.
@@ -711,11 +935,12 @@ pub struct AnsweredBy<'a> {
 /// clients were served (no shadow copies); with `by`, the answers that target gave, as the client's
 /// answer or as a shadow copy: a teacher's answers are ground truth wherever they were logged.
 pub fn served_exchanges(
-    conn: &Connection,
+    conn: &Conn,
     filter: &ExportFilter,
     by: Option<&AnsweredBy<'_>>,
 ) -> Result<Vec<ServedExchange>, StoreError> {
-    let mut stmt = conn.prepare(
+    let parse = |s: Option<String>| s.and_then(|s| serde_json::from_str::<Value>(&s).ok());
+    conn.query(
         "SELECT id, ts_ms, request, response, rails, shadow_of, episode_id,
                 COALESCE(target_kind, '') || ':' || COALESCE(target, '') || ':' || COALESCE(target_model, '')
          FROM traffic
@@ -725,19 +950,16 @@ pub fn served_exchanges(
            AND CASE WHEN ?5 IS NULL THEN arm != 'shadow'
                     ELSE target_kind = ?5 AND target = ?6 AND target_model = ?7 END
          ORDER BY ts_ms, id",
-    )?;
-    let parse = |s: Option<String>| s.and_then(|s| serde_json::from_str::<Value>(&s).ok());
-    let params = params![
-        filter.workload_id,
-        filter.route,
-        filter.since_ms,
-        filter.until_ms,
-        by.map(|b| b.kind),
-        by.map(|b| b.backend),
-        by.map(|b| b.model)
-    ];
-    let rows = stmt
-        .query_map(params, |r| {
+        args![
+            filter.workload_id,
+            filter.route,
+            filter.since_ms,
+            filter.until_ms,
+            by.map(|b| b.kind),
+            by.map(|b| b.backend),
+            by.map(|b| b.model)
+        ],
+        |r| {
             Ok(ServedExchange {
                 id: r.get(0)?,
                 ts_ms: r.get(1)?,
@@ -748,9 +970,8 @@ pub fn served_exchanges(
                 episode_id: r.get(6)?,
                 answered_by: r.get(7)?,
             })
-        })?
-        .collect::<Result<_, _>>()?;
-    Ok(rows)
+        },
+    )
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use crate::config::{
 };
 use crate::engine::Engine;
 use crate::gateway::Gateway;
+use crate::store::Db;
 use crate::store::entities::{self, EntityError};
 use crate::store::feedback::{self, FeedbackIndex};
 use crate::store::runs::{self as fstore, now_ms, RolloutEvent, RouteState, Slice, Stage};
@@ -74,7 +75,7 @@ pub struct FlywheelController {
     gateway: Arc<Gateway>,
     jobs: Arc<JobRunner>,
     engines: Vec<Arc<Engine>>,
-    db: PathBuf,
+    db: Db,
     data_dir: PathBuf,
     /// Routes with a run in progress.
     running: Mutex<HashSet<String>>,
@@ -96,9 +97,10 @@ impl FlywheelController {
         gateway: Arc<Gateway>,
         jobs: Arc<JobRunner>,
         engines: Vec<Arc<Engine>>,
+        db: Db,
     ) -> anyhow::Result<Arc<Self>> {
         let this = Arc::new(Self {
-            db: config.db_path(),
+            db,
             data_dir: config.data_dir.clone(),
             config,
             gateway,
@@ -180,8 +182,8 @@ impl FlywheelController {
         Ok((route, fw))
     }
 
-    fn conn(&self) -> Result<rusqlite::Connection, FlywheelError> {
-        Ok(crate::store::open(&self.db)?)
+    fn conn(&self) -> Result<crate::store::Conn, FlywheelError> {
+        Ok(self.db.open()?)
     }
 
     /// At start: each flywheel route gets back the rollout it had, unless the config now names
@@ -251,7 +253,7 @@ impl FlywheelController {
         self.status(&conn, route)
     }
 
-    fn status(&self, conn: &rusqlite::Connection, route: &str) -> Result<Value, FlywheelError> {
+    fn status(&self, conn: &crate::store::Conn, route: &str) -> Result<Value, FlywheelError> {
         let state = self.state(conn, route)?;
         let live = stage_stats(conn, &state)?;
         let events = fstore::list_events(conn, Some(route), None)?;
@@ -373,7 +375,7 @@ mod tests {
         }
     }
 
-    async fn db(records: Vec<TrafficRecord>) -> (tempfile::TempDir, rusqlite::Connection) {
+    async fn db(records: Vec<TrafficRecord>) -> (tempfile::TempDir, crate::store::Conn) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.db");
         let writer = TrafficLog::start(&path, 1024, 64, Duration::from_millis(1)).unwrap();

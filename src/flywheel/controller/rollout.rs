@@ -8,7 +8,7 @@ impl FlywheelController {
     /// The route's state, created from the config the first time.
     pub(super) fn state(
         &self,
-        conn: &rusqlite::Connection,
+        conn: &crate::store::Conn,
         route: &str,
     ) -> Result<RouteState, FlywheelError> {
         if let Some(s) = fstore::get_state(conn, route)? {
@@ -24,7 +24,7 @@ impl FlywheelController {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn apply(
         &self,
-        conn: &rusqlite::Connection,
+        conn: &crate::store::Conn,
         state: &mut RouteState,
         to: Stage,
         rollout: RolloutConfig,
@@ -118,7 +118,7 @@ impl FlywheelController {
     /// Advances or rolls back a rollout in progress; for an idle route, returns a drift trigger.
     pub(super) fn step(
         &self,
-        conn: &rusqlite::Connection,
+        conn: &crate::store::Conn,
         route: &RouteConfig,
         state: &mut RouteState,
     ) -> Result<Option<Value>, FlywheelError> {
@@ -171,7 +171,7 @@ impl FlywheelController {
     /// Moves a candidate one stage on: shadow → canary, canary → champion.
     pub(super) fn advance(
         &self,
-        conn: &rusqlite::Connection,
+        conn: &crate::store::Conn,
         route: &RouteConfig,
         state: &mut RouteState,
         candidate: &TargetConfig,
@@ -188,7 +188,7 @@ impl FlywheelController {
 
     pub(super) fn to_champion(
         &self,
-        conn: &rusqlite::Connection,
+        conn: &crate::store::Conn,
         route: &RouteConfig,
         state: &mut RouteState,
         candidate: &TargetConfig,
@@ -208,7 +208,7 @@ impl FlywheelController {
 
     pub(super) fn roll_back(
         &self,
-        conn: &rusqlite::Connection,
+        conn: &crate::store::Conn,
         state: &mut RouteState,
         why: &str,
         numbers: Value,
@@ -225,7 +225,7 @@ impl FlywheelController {
     /// route keeps serving as it is.
     pub(super) fn hold_for_approval(
         &self,
-        conn: &rusqlite::Connection,
+        conn: &crate::store::Conn,
         state: &mut RouteState,
         why: &str,
         numbers: Value,
@@ -311,7 +311,7 @@ impl FlywheelController {
     /// with its guard.
     fn feedback_figures<'p>(
         &self,
-        conn: &rusqlite::Connection,
+        conn: &crate::store::Conn,
         state: &RouteState,
         plan: &'p RolloutPlan,
     ) -> Result<Vec<(promote::FeedbackComparison, &'p FeedbackGuard)>, FlywheelError> {
@@ -347,7 +347,7 @@ impl FlywheelController {
 /// its candidate while it lasted that long, and (once) that traffic came back: a stage that gets
 /// nothing says so instead of waiting silently. Returns the action recorded, if any.
 pub(super) fn watch_starvation(
-    conn: &rusqlite::Connection,
+    conn: &crate::store::Conn,
     state: &mut RouteState,
     plan: &RolloutPlan,
     now: i64,
@@ -416,7 +416,7 @@ pub(super) fn initial_state(route: &RouteConfig) -> RouteState {
 /// Records a transition that leaves the route's installed rollout as it is (a candidate held for
 /// approval, or turned down while held) and persists the new stage.
 fn record_stage(
-    conn: &rusqlite::Connection,
+    conn: &crate::store::Conn,
     state: &mut RouteState,
     to: Stage,
     action: &str,

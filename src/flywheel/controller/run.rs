@@ -42,12 +42,12 @@ impl FlywheelController {
     /// Blocking store work off the async threads.
     pub(super) async fn blocking<T, F>(&self, f: F) -> Result<T, RunEnd>
     where
-        F: FnOnce(&rusqlite::Connection) -> Result<T, RunEnd> + Send + 'static,
+        F: FnOnce(&crate::store::Conn) -> Result<T, RunEnd> + Send + 'static,
         T: Send + 'static,
     {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = crate::store::open(&db).map_err(|e| RunEnd::Failed(e.to_string()))?;
+            let conn = db.open().map_err(|e| RunEnd::Failed(e.to_string()))?;
             f(&conn)
         })
         .await
@@ -285,7 +285,7 @@ impl FlywheelController {
     /// stage, a loser is recorded as rejected. Ends the run.
     pub(super) fn decide(
         &self,
-        conn: &rusqlite::Connection,
+        conn: &crate::store::Conn,
         plan: &RunPlan,
         decision: &promote::Decision,
         champion: &TargetConfig,
@@ -360,7 +360,7 @@ impl FlywheelController {
 /// The live figures of a rollout in progress: the candidate's shadow answers in shadow, the
 /// canary arm's requests in canary.
 pub(super) fn stage_stats(
-    conn: &rusqlite::Connection,
+    conn: &crate::store::Conn,
     state: &RouteState,
 ) -> Result<Option<fstore::LiveStats>, FlywheelError> {
     stage_stats_since(conn, state, state.stage_started_ms)
@@ -368,7 +368,7 @@ pub(super) fn stage_stats(
 
 /// The same figures since `since_ms`.
 pub(super) fn stage_stats_since(
-    conn: &rusqlite::Connection,
+    conn: &crate::store::Conn,
     state: &RouteState,
     since_ms: i64,
 ) -> Result<Option<fstore::LiveStats>, FlywheelError> {
@@ -429,7 +429,7 @@ pub(super) fn read_records(dir: &Path) -> Result<Vec<Record>, RunEnd> {
 /// demonstrations, answers with passing feedback; see `flywheel::sources`) into a stored dataset
 /// (`training/`, `validation/`, `testing/`). Returns the curation report.
 pub(super) fn curate_run(
-    conn: &rusqlite::Connection,
+    conn: &crate::store::Conn,
     plan: &RunPlan,
     metrics: &[MetricConfig],
 ) -> Result<Value, RunEnd> {

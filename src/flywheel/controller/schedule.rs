@@ -98,7 +98,7 @@ impl FlywheelController {
 /// A champion whose feedback (the latest value per request or episode since `since`) is on the
 /// wrong side of a floor.
 fn feedback_below_floor(
-    conn: &rusqlite::Connection,
+    conn: &crate::store::Conn,
     route: &RouteConfig,
     fw: &RouteFlywheelConfig,
     metrics: &[MetricConfig],
@@ -138,7 +138,7 @@ fn feedback_below_floor(
 }
 
 pub(super) fn drift_signal(
-    conn: &rusqlite::Connection,
+    conn: &crate::store::Conn,
     route: &RouteConfig,
     fw: &RouteFlywheelConfig,
     state: &RouteState,
