@@ -106,8 +106,13 @@ fn main() {
         if kept {
             return;
         }
-        let writer = TrafficLog::start(&data.join("flywheel.db"), 100_000, 4096, Duration::ZERO)
-            .expect("traffic log");
+        let writer = TrafficLog::start(
+            &flywheel::store::Db::new(data.join("flywheel.db")),
+            100_000,
+            4096,
+            Duration::ZERO,
+        )
+        .expect("traffic log");
         let log = writer.log();
         for i in 0..rows {
             assert!(log.record(record(i, now, rows)), "a record was dropped");

@@ -167,7 +167,7 @@ pub struct LogConfig {
 }
 
 /// `[store]`: SQLite (`data_dir/flywheel.db`, the default) or PostgreSQL.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `postgres://user@host:port/database`, without a password (give it in `password_env`).
@@ -187,6 +187,17 @@ pub struct StoreConfig {
 
 fn default_store_pool() -> usize {
     16
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            url_env: None,
+            password_env: None,
+            pool_size: default_store_pool(),
+        }
+    }
 }
 
 impl StoreConfig {
@@ -227,7 +238,10 @@ impl StoreConfig {
                 "store.url '{url}' names no user (postgres://user@host/database) for the password in '{var}'"
             ));
         };
-        Ok(Some(format!("{scheme}://{user}:{}@{host}", percent_encode(&password))))
+        Ok(Some(format!(
+            "{scheme}://{user}:{}@{host}",
+            percent_encode(&password)
+        )))
     }
 }
 

@@ -174,7 +174,7 @@ async fn install_stored_guardrails(
     db: &Db,
 ) -> anyhow::Result<()> {
     let stored = if config.log.enabled || has_store {
-        db.call(|c| crate::store::guardrails::list(c)).await?
+        db.call(crate::store::guardrails::list).await?
     } else {
         Vec::new()
     };
@@ -200,8 +200,8 @@ async fn start_flywheel(
                 engines.to_vec(),
                 db.clone(),
             )
-                .await
-                .context("cannot start the flywheel")?,
+            .await
+            .context("cannot start the flywheel")?,
         )),
         _ => {
             if config.routes.iter().any(|r| r.flywheel.is_some()) {

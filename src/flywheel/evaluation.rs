@@ -290,8 +290,10 @@ pub fn resume_unfinished(
     runner: &super::jobs::JobRunner,
 ) -> Result<(), entities::EntityError> {
     let ctx = runner.context();
-    let conn =
-        ctx.db.open().map_err(|e| entities::EntityError::Invalid(e.to_string()))?;
+    let conn = ctx
+        .db
+        .open()
+        .map_err(|e| entities::EntityError::Invalid(e.to_string()))?;
     for job in entities::unfinished_jobs(&conn, EVALUATION)? {
         match prepare(gateway, &ctx.data_dir, &job.spec) {
             Ok(p) => {

@@ -54,7 +54,10 @@ impl JobRunner {
         let ctx = Arc::new(ctx);
         let (tx, rx) = mpsc::channel::<String>();
         let cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>> = Arc::default();
-        let conn = ctx.db.open().map_err(|e| EntityError::Invalid(e.to_string()))?;
+        let conn = ctx
+            .db
+            .open()
+            .map_err(|e| EntityError::Invalid(e.to_string()))?;
         // Interrupted evaluations are run again by the API layer once the gateway can serve their
         // targets (`flywheel::evaluation::resume_unfinished`).
         reload_trained_adapters(&ctx, &conn)?;
@@ -206,12 +209,7 @@ impl JobRunner {
     }
 
     /// Records the job and queues it.
-    fn submit(
-        &self,
-        conn: &crate::store::Conn,
-        id: &str,
-        spec: &Value,
-    ) -> Result<(), EntityError> {
+    fn submit(&self, conn: &crate::store::Conn, id: &str, spec: &Value) -> Result<(), EntityError> {
         entities::insert_job(conn, id, CUSTOMIZATION, spec)?;
         lock(&self.cancels).insert(id.to_string(), Arc::new(AtomicBool::new(false)));
         lock(&self.queue)
@@ -263,10 +261,7 @@ fn read_split(dir: &Path, split: &str) -> Result<Vec<dataset::Record>, String> {
 
 /// Serves again, after a restart, the adapters that completed customization jobs registered
 /// (oldest first, so that with a cap on resident adapters the newest stay loaded).
-fn reload_trained_adapters(
-    ctx: &JobContext,
-    conn: &crate::store::Conn,
-) -> Result<(), EntityError> {
+fn reload_trained_adapters(ctx: &JobContext, conn: &crate::store::Conn) -> Result<(), EntityError> {
     for job in entities::list_jobs(conn, CUSTOMIZATION)?
         .iter()
         .rev()

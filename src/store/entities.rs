@@ -2,9 +2,9 @@
 //! (metadata here, files under `<data_dir>/datasets/<namespace>/<name>/`), and jobs (customization
 //! and evaluation) with their status and details.
 
-use crate::names::Name;
 use super::sql::{args, Conn, Row};
 use super::StoreError;
+use crate::names::Name;
 use serde_json::{json, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +68,8 @@ pub fn get_namespace(conn: &Conn, id: &str) -> Result<Value> {
 }
 
 pub fn list_namespaces(conn: &Conn) -> Result<Vec<Value>> {
-    let ids: Vec<String> = conn.query("SELECT id FROM namespaces ORDER BY id", &[], |r| r.get(0))?;
+    let ids: Vec<String> =
+        conn.query("SELECT id FROM namespaces ORDER BY id", &[], |r| r.get(0))?;
     ids.iter().map(|id| get_namespace(conn, id)).collect()
 }
 
@@ -223,7 +224,13 @@ pub fn get_job(conn: &Conn, kind: &str, id: &str) -> Result<Job> {
 }
 
 pub fn list_jobs(conn: &Conn, kind: &str) -> Result<Vec<Job>> {
-    Ok(conn.query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE kind = ?1 ORDER BY created_at DESC, id DESC"), args![kind], job_row)?)
+    Ok(conn.query(
+        &format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE kind = ?1 ORDER BY created_at DESC, id DESC"
+        ),
+        args![kind],
+        job_row,
+    )?)
 }
 
 /// Jobs of `kind` that were accepted or running when the process stopped.

@@ -94,10 +94,7 @@ pub fn for_episode(conn: &Conn, id: &str) -> Result<Vec<Feedback>, StoreError> {
 
 /// What the traffic log knows of a request: its episode and the request body (for checking a
 /// demonstration's tool calls), if it has been written.
-pub fn request_of(
-    conn: &Conn,
-    id: &str,
-) -> Result<Option<(Option<String>, Value)>, StoreError> {
+pub fn request_of(conn: &Conn, id: &str) -> Result<Option<(Option<String>, Value)>, StoreError> {
     conn.query_opt(
         "SELECT episode_id, request FROM traffic WHERE id = ?1",
         args![id],

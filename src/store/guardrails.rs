@@ -134,28 +134,28 @@ mod tests {
 
     #[test]
     fn create_read_update_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = crate::store::open(&dir.path().join("db.sqlite")).unwrap();
-        let data = json!({"rails": {"input": {"flows": ["regex check input"]}}});
-        let c = insert(&conn, "default", "r", Some("rules"), &data).unwrap();
-        assert_eq!(c.id(), "default/r");
-        assert!(matches!(
-            insert(&conn, "default", "r", None, &data),
-            Err(EntityError::Conflict(_))
-        ));
-        let u = update(&conn, "default", "r", None, Some(&json!({}))).unwrap();
-        assert_eq!(u.data, json!({}));
-        assert_eq!(u.description.as_deref(), Some("rules"));
-        assert_eq!(list(&conn).unwrap().len(), 1);
-        assert_eq!(u.to_json("api")["namespace"], "default");
-        delete(&conn, "default", "r").unwrap();
-        assert!(matches!(
-            get(&conn, "default", "r"),
-            Err(EntityError::NotFound(_))
-        ));
-        assert!(matches!(
-            delete(&conn, "default", "r"),
-            Err(EntityError::NotFound(_))
-        ));
+        crate::store::testing::each_engine("create_read_update_delete", |conn| {
+            let data = json!({"rails": {"input": {"flows": ["regex check input"]}}});
+            let c = insert(conn, "default", "r", Some("rules"), &data).unwrap();
+            assert_eq!(c.id(), "default/r");
+            assert!(matches!(
+                insert(conn, "default", "r", None, &data),
+                Err(EntityError::Conflict(_))
+            ));
+            let u = update(conn, "default", "r", None, Some(&json!({}))).unwrap();
+            assert_eq!(u.data, json!({}));
+            assert_eq!(u.description.as_deref(), Some("rules"));
+            assert_eq!(list(conn).unwrap().len(), 1);
+            assert_eq!(u.to_json("api")["namespace"], "default");
+            delete(conn, "default", "r").unwrap();
+            assert!(matches!(
+                get(conn, "default", "r"),
+                Err(EntityError::NotFound(_))
+            ));
+            assert!(matches!(
+                delete(conn, "default", "r"),
+                Err(EntityError::NotFound(_))
+            ));
+        });
     }
 }

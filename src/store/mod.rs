@@ -4,10 +4,10 @@
 pub mod entities;
 pub mod feedback;
 pub mod guardrails;
+pub mod postgres;
 pub mod responses;
 pub mod rollup;
 pub mod runs;
-pub mod postgres;
 pub mod search;
 pub mod sql;
 pub mod traffic;
@@ -339,7 +339,7 @@ enum Engine {
         path: PathBuf,
         idle: Mutex<Vec<Conn>>,
     },
-    Postgres(postgres::Postgres),
+    Postgres(Box<postgres::Postgres>),
 }
 
 impl Db {
@@ -358,7 +358,7 @@ impl Db {
     pub async fn postgres(url: &str, pool_size: usize) -> Result<Self, StoreError> {
         let pg = postgres::Postgres::connect(url, pool_size).await?;
         Ok(Self {
-            engine: Arc::new(Engine::Postgres(pg)),
+            engine: Arc::new(Engine::Postgres(Box::new(pg))),
         })
     }
 
@@ -455,6 +455,91 @@ impl Db {
     }
 }
 
+/// Stores for tests: the store test suite runs each test on SQLite and on PostgreSQL.
+#[cfg(any(test, feature = "testing"))]
+#[allow(clippy::panic)]
+pub mod testing {
+    use super::{Conn, Db};
+
+    /// The environment variable naming a PostgreSQL server for tests (`postgres://...`); the
+    /// test script starts one and sets it.
+    pub const POSTGRES_ENV: &str = "FLYWHEEL_TEST_POSTGRES";
+
+    /// The runtime the test databases' connections live on (one for the process, never dropped
+    /// inside a test's own runtime).
+    fn runtime() -> &'static tokio::runtime::Runtime {
+        static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        RT.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .thread_name("test-postgres")
+                .build()
+                .unwrap_or_else(|e| panic!("test runtime: {e}"))
+        })
+    }
+
+    /// The server's URL, or None after saying (once per test) that the PostgreSQL half is skipped.
+    pub fn postgres_url(test: &str) -> Option<String> {
+        match std::env::var(POSTGRES_ENV) {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                println!("{test}: skipped on PostgreSQL ({POSTGRES_ENV} is not set; scripts/test.sh starts a server and sets it)");
+                None
+            }
+        }
+    }
+
+    /// A new, empty database on the test server, migrated, and its URL. Callable from any
+    /// thread, async or not.
+    pub fn fresh_postgres(test: &str) -> Option<(Db, String)> {
+        let url = postgres_url(test)?;
+        let name = format!("t_{}", uuid::Uuid::now_v7().simple());
+        let made = std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {url}: {e}"));
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+                let (base, _) = url.rsplit_once('/').unwrap_or((url.as_str(), ""));
+                let db_url = format!("{base}/{name}");
+                let db = Db::postgres(&db_url, 4)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                (db, db_url)
+            })
+        });
+        Some(
+            made.join()
+                .unwrap_or_else(|_| panic!("making a test database failed")),
+        )
+    }
+
+    /// Runs `test` on a connection to a new SQLite database, then to a new PostgreSQL database
+    /// (when a server is given). Blocking: call from a plain `#[test]`.
+    pub fn each_engine(name: &str, test: impl Fn(&Conn)) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let sqlite = super::open(&dir.path().join("t.db")).unwrap_or_else(|e| panic!("{e}"));
+        test(&sqlite);
+        if let Some((db, _)) = fresh_postgres(name) {
+            let conn = db.open().unwrap_or_else(|e| panic!("{e}"));
+            test(&conn);
+        }
+    }
+
+    /// The stores a test of the writer or the API runs on: a new SQLite file (kept in `dir`) and
+    /// a new PostgreSQL database when a server is given.
+    pub fn each_db(name: &str, dir: &std::path::Path) -> Vec<Db> {
+        let mut dbs = vec![Db::new(dir.join("t.db"))];
+        dbs.extend(fresh_postgres(name).map(|(db, _)| db));
+        dbs
+    }
+}
+
 fn migrate(conn: &Conn, path: &Path) -> Result<(), StoreError> {
     let version: i64 = conn.value("PRAGMA user_version", &[])?;
     let known = MIGRATIONS.len() as i64;
@@ -465,9 +550,9 @@ fn migrate(conn: &Conn, path: &Path) -> Result<(), StoreError> {
             known,
         });
     }
-    for i in version as usize..MIGRATIONS.len() {
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         conn.transaction(|tx| {
-            tx.batch(MIGRATIONS[i])?;
+            tx.batch(sql)?;
             after_migration(i + 1, tx)?;
             tx.batch(&format!("PRAGMA user_version = {}", i + 1))?;
             Ok::<_, StoreError>(())
@@ -487,13 +572,9 @@ mod tests {
         let path = dir.path().join("sub").join("f.db");
         drop(open(&path).unwrap());
         let conn = open(&path).unwrap();
-        let v: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
+        let v: i64 = conn.value("PRAGMA user_version", &[]).unwrap();
         assert_eq!(v, MIGRATIONS.len() as i64);
-        let mode: String = conn
-            .pragma_query_value(None, "journal_mode", |r| r.get(0))
-            .unwrap();
+        let mode: String = conn.value("PRAGMA journal_mode", &[]).unwrap();
         assert_eq!(mode, "wal");
     }
 
@@ -502,32 +583,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::new(dir.path().join("f.db"));
         db.call(|c| {
-            c.execute_batch("CREATE TEMP TABLE marker (x INTEGER); INSERT INTO marker VALUES (7);")
-                .map_err(StoreError::from)
+            c.batch("CREATE TEMP TABLE marker (x INTEGER); INSERT INTO marker VALUES (7);")
         })
         .await
         .unwrap();
         // A temporary table lives on its connection only: seeing it proves the reuse.
         let seen: i64 = db
-            .call(|c| {
-                c.query_row("SELECT x FROM marker", [], |r| r.get(0))
-                    .map_err(StoreError::from)
-            })
+            .call(|c| c.value("SELECT x FROM marker", &[]))
             .await
             .unwrap();
         assert_eq!(seen, 7);
         let failed = db
-            .call(|c| {
-                c.execute("INSERT INTO no_such_table VALUES (1)", [])
-                    .map_err(StoreError::from)
-            })
+            .call(|c| c.execute("INSERT INTO no_such_table VALUES (1)", &[]))
             .await;
         assert!(failed.is_err());
         let version: i64 = db
-            .call(|c| {
-                c.pragma_query_value(None, "user_version", |r| r.get(0))
-                    .map_err(StoreError::from)
-            })
+            .call(|c| c.value("PRAGMA user_version", &[]))
             .await
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
@@ -565,11 +636,9 @@ mod tests {
         let conn = open(&path).unwrap();
         // The rows were renumbered to follow time.
         let ids: Vec<(i64, String)> = conn
-            .prepare("SELECT rowid, id FROM traffic ORDER BY rowid")
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
+            .query("SELECT rowid, id FROM traffic ORDER BY rowid", &[], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .unwrap();
         let per_ms = traffic::ROWS_PER_MS;
         assert_eq!(

@@ -322,8 +322,7 @@ impl Postgres {
             .map_err(|e| self.unreachable(e))?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
-            let mut messages =
-                futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
                 match m {
                     Ok(m) => {
@@ -375,7 +374,9 @@ async fn migrate(client: &deadpool_postgres::Object) -> Result<(), StoreError> {
         )
         .await?;
     let result = migrate_locked(client).await;
-    let unlocked = client.batch_execute("SELECT pg_advisory_unlock(7201)").await;
+    let unlocked = client
+        .batch_execute("SELECT pg_advisory_unlock(7201)")
+        .await;
     result?;
     unlocked?;
     Ok(())

@@ -37,7 +37,7 @@ pub struct ResponseStore {
 
 enum Source {
     /// SQLite: a connection of its own (see `open`).
-    Own(Mutex<Conn>),
+    Own(Box<Mutex<Conn>>),
     /// PostgreSQL: the pool's connections.
     Pool(Db),
 }
@@ -58,7 +58,7 @@ impl ResponseStore {
                 if !checkpoints {
                     conn.batch("PRAGMA wal_autocheckpoint = 0")?;
                 }
-                Source::Own(Mutex::new(conn))
+                Source::Own(Box::new(Mutex::new(conn)))
             }
             None => Source::Pool(db.clone()),
         };
@@ -141,28 +141,32 @@ mod tests {
     #[test]
     fn a_response_is_visible_only_to_its_owner() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ResponseStore::open(&Db::new(dir.path().join("f.db")), true).unwrap();
-        let r = StoredResponse {
-            id: "resp_1".into(),
-            owner: "alice".into(),
-            created_ms: 1,
-            model: "m".into(),
-            traffic_id: None,
-            previous_id: None,
-            input_items: vec![json!({"type": "message"})],
-            conversation: vec![json!({"role": "user", "content": "hi"})],
-            response: json!({"id": "resp_1"}),
-        };
-        store.insert(&r).unwrap();
-        assert!(store.get("resp_1", "bob").unwrap().is_none());
-        let back = store.get("resp_1", "alice").unwrap().unwrap();
-        assert_eq!(back.conversation, r.conversation);
-        assert_eq!(back.input_items, r.input_items);
-        assert!(!store.delete("resp_1", "bob").unwrap());
-        assert!(store.delete("resp_1", "alice").unwrap());
-        assert!(store.get("resp_1", "alice").unwrap().is_none());
-        // The same id twice is refused whole.
-        store.insert(&r).unwrap();
-        assert!(store.insert(&r).is_err());
+        for db in
+            crate::store::testing::each_db("a_response_is_visible_only_to_its_owner", dir.path())
+        {
+            let store = ResponseStore::open(&db, true).unwrap();
+            let r = StoredResponse {
+                id: "resp_1".into(),
+                owner: "alice".into(),
+                created_ms: 1,
+                model: "m".into(),
+                traffic_id: None,
+                previous_id: None,
+                input_items: vec![json!({"type": "message"})],
+                conversation: vec![json!({"role": "user", "content": "hi"})],
+                response: json!({"id": "resp_1"}),
+            };
+            store.insert(&r).unwrap();
+            assert!(store.get("resp_1", "bob").unwrap().is_none());
+            let back = store.get("resp_1", "alice").unwrap().unwrap();
+            assert_eq!(back.conversation, r.conversation);
+            assert_eq!(back.input_items, r.input_items);
+            assert!(!store.delete("resp_1", "bob").unwrap());
+            assert!(store.delete("resp_1", "alice").unwrap());
+            assert!(store.get("resp_1", "alice").unwrap().is_none());
+            // The same id twice is refused whole.
+            store.insert(&r).unwrap();
+            assert!(store.insert(&r).is_err());
+        }
     }
 }

@@ -350,12 +350,7 @@ pub fn route_requests_since(conn: &Conn, route: &str, since_ms: i64) -> Result<u
     Ok(n.max(0) as u64)
 }
 
-pub fn live_stats(
-    conn: &Conn,
-    route: &str,
-    slice: Slice<'_>,
-    since_ms: i64,
-) -> Result<LiveStats> {
+pub fn live_stats(conn: &Conn, route: &str, slice: Slice<'_>, since_ms: i64) -> Result<LiveStats> {
     let mut s = LiveStats::default();
     let (rows_sql, agree_sql, key) = match slice {
         Slice::ShadowsFrom { model } => (
@@ -486,36 +481,240 @@ mod tests {
 
     #[test]
     fn runs_and_events_round_trip() {
+        crate::store::testing::each_engine("runs_and_events_round_trip", |conn| {
+            insert_run(conn, "r1", "agent", &json!({"kind": "manual"})).unwrap();
+            update_run(conn, "r1", "curating", &json!({"a": 1})).unwrap();
+            update_run(conn, "r1", "training", &json!({"b": 2})).unwrap();
+            assert_eq!(running_runs(conn).unwrap().len(), 1);
+            finish_run(conn, "r1", "skipped", &json!({}), &json!({"reason": "x"})).unwrap();
+            let r = get_run(conn, "r1").unwrap().unwrap();
+            assert_eq!((r.status.as_str(), r.stage.as_str()), ("skipped", "done"));
+            assert_eq!(r.details, json!({"a": 1, "b": 2}));
+            assert!(running_runs(conn).unwrap().is_empty());
+            assert_eq!(last_finished_run(conn, "agent").unwrap().unwrap().id, "r1");
+            assert!(last_finished_run(conn, "other").unwrap().is_none());
+            insert_event(
+                conn,
+                &RolloutEvent {
+                    route: "agent".into(),
+                    run_id: Some("r1".into()),
+                    at_ms: 5,
+                    from: "idle".into(),
+                    to: "shadow".into(),
+                    action: "shadow".into(),
+                    reason: "won".into(),
+                    numbers: json!({"gain": 0.5}),
+                },
+            )
+            .unwrap();
+            let ev = list_events(conn, Some("agent"), None).unwrap();
+            assert_eq!(ev.len(), 1);
+            assert_eq!(ev[0].numbers["gain"], 0.5);
+            assert!(list_events(conn, None, Some("r2")).unwrap().is_empty());
+        });
+    }
+}
+
+/// The flywheel's readings of the log (live figures, tools, feedback, search filters), the same
+/// on both engines.
+#[cfg(test)]
+mod on_both_engines {
+    use super::*;
+    use crate::store::feedback::{self, Feedback, FeedbackIndex};
+    use crate::store::search::{self, StatusFilter, TrafficQuery};
+    use crate::store::traffic::{TrafficLog, TrafficRecord};
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn rec(i: i64, arm: &str, status: u16, call: Option<&str>) -> TrafficRecord {
+        let body = json!({"model": "agent"});
+        let mut r = TrafficRecord::begin(
+            crate::wire::Api::Chat,
+            body.as_object().unwrap(),
+            None,
+            1_000 + i,
+        );
+        r.route = "agent".into();
+        r.arm = arm.into();
+        r.status = status;
+        r.target_model = Some(if arm == "shadow" { "cand" } else { "champ" }.into());
+        r.episode_id = Some(format!("ep{}", i % 2));
+        r.request = json!({"messages": [{"role": "user", "content": format!("question {i}")}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]});
+        r.response = Some(match call {
+            Some(args) => {
+                json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+                "tool_calls": [{"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": args}}]}}]})
+            }
+            None => {
+                json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}}]})
+            }
+        });
+        r
+    }
+
+    #[tokio::test]
+    async fn live_figures_tools_feedback_and_filters_read_alike() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = crate::store::open(&dir.path().join("f.db")).unwrap();
-        insert_run(&conn, "r1", "agent", &json!({"kind": "manual"})).unwrap();
-        update_run(&conn, "r1", "curating", &json!({"a": 1})).unwrap();
-        update_run(&conn, "r1", "training", &json!({"b": 2})).unwrap();
-        assert_eq!(running_runs(&conn).unwrap().len(), 1);
-        finish_run(&conn, "r1", "skipped", &json!({}), &json!({"reason": "x"})).unwrap();
-        let r = get_run(&conn, "r1").unwrap().unwrap();
-        assert_eq!((r.status.as_str(), r.stage.as_str()), ("skipped", "done"));
-        assert_eq!(r.details, json!({"a": 1, "b": 2}));
-        assert!(running_runs(&conn).unwrap().is_empty());
-        assert_eq!(last_finished_run(&conn, "agent").unwrap().unwrap().id, "r1");
-        assert!(last_finished_run(&conn, "other").unwrap().is_none());
-        insert_event(
-            &conn,
-            &RolloutEvent {
-                route: "agent".into(),
-                run_id: Some("r1".into()),
-                at_ms: 5,
-                from: "idle".into(),
-                to: "shadow".into(),
-                action: "shadow".into(),
-                reason: "won".into(),
-                numbers: json!({"gain": 0.5}),
-            },
-        )
-        .unwrap();
-        let ev = list_events(&conn, Some("agent"), None).unwrap();
-        assert_eq!(ev.len(), 1);
-        assert_eq!(ev[0].numbers["gain"], 0.5);
-        assert!(list_events(&conn, None, Some("r2")).unwrap().is_empty());
+        for db in crate::store::testing::each_db(
+            "live_figures_tools_feedback_and_filters_read_alike",
+            dir.path(),
+        ) {
+            let writer = TrafficLog::start(&db, 64, 16, Duration::ZERO).unwrap();
+            let log = writer.log();
+            let mut primaries = Vec::new();
+            for i in 0..6 {
+                let mut r = rec(
+                    i,
+                    "champion",
+                    if i == 5 { 502 } else { 200 },
+                    Some("{\"city\": \"Oslo\"}"),
+                );
+                if i == 4 {
+                    r.rails = Some(json!({"status": "blocked"}));
+                }
+                primaries.push(r.id.to_string());
+                let mut shadow = rec(i, "shadow", 200, Some(if i < 2 { "{oops" } else { "{}" }));
+                shadow.shadow_of = Some(r.id);
+                shadow.tool_name_agreement = Some(true);
+                shadow.tool_args_agreement = Some(i >= 3);
+                assert!(log.record(r));
+                assert!(log.record(shadow));
+            }
+            for (n, (id, v)) in [
+                (&primaries[0], 1.0),
+                (&primaries[1], 0.0),
+                (&primaries[0], 0.0),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let f = Feedback {
+                    id: format!("f{n}"),
+                    ts_ms: 5_000 + n as i64,
+                    key_name: "k".into(),
+                    request_id: Some(id.clone()),
+                    episode_id: None,
+                    metric: Some("thumbs_up".into()),
+                    value: Some(v),
+                    comment: None,
+                    demonstration: (n == 1)
+                        .then(|| json!({"role": "assistant", "content": "better"})),
+                };
+                log.feedback(f).await.unwrap();
+            }
+            writer.close().await;
+            let dialect = db.dialect();
+            db.call(move |conn| {
+                assert_eq!(route_requests_since(conn, "agent", 0)?, 6, "{dialect:?}");
+                let shadows = live_stats(conn, "agent", Slice::ShadowsFrom { model: "cand" }, 0)?;
+                assert_eq!(
+                    (
+                        shadows.requests,
+                        shadows.tool_calls,
+                        shadows.invalid_arguments
+                    ),
+                    (6, 6, 2)
+                );
+                assert_eq!(
+                    (
+                        shadows.compared,
+                        shadows.names_agree,
+                        shadows.arguments_agree
+                    ),
+                    (6, 6, 3)
+                );
+                let champion = live_stats(conn, "agent", Slice::Arm { arm: "champion" }, 0)?;
+                assert_eq!(
+                    (champion.requests, champion.errors, champion.blocked),
+                    (6, 1, 1)
+                );
+                assert_eq!((champion.compared, champion.arguments_agree), (6, 3));
+                let tools = tool_sets(conn, "agent", None, 0)?;
+                assert_eq!(tools.len(), 5, "answered primaries only");
+                assert!(tools[0].iter().all(|t| t.starts_with("get_weather#")));
+                let index = FeedbackIndex::load(conn, "agent", 0, 10_000)?;
+                assert_eq!(
+                    index.requests[&primaries[0]]["thumbs_up"], 0.0,
+                    "the latest counts"
+                );
+                assert!(index.demonstrations.contains_key(&primaries[1]));
+                let mut by_arm = feedback::values_by_arm(conn, "agent", 0, "thumbs_up", false)?;
+                by_arm.sort_by(|a, b| a.1.total_cmp(&b.1));
+                assert_eq!(
+                    by_arm,
+                    [("champion".to_string(), 0.0), ("champion".to_string(), 0.0)]
+                );
+                assert_eq!(feedback::for_episode(conn, "ep0")?.len(), 2);
+                assert!(feedback::episode_exists(conn, "ep1")?);
+                let find = |q: TrafficQuery| -> Result<usize> {
+                    Ok(search::search(conn, &TrafficQuery { limit: 50, ..q })?
+                        .rows
+                        .len())
+                };
+                assert_eq!(
+                    find(TrafficQuery {
+                        status: Some(StatusFilter::Error),
+                        ..Default::default()
+                    })?,
+                    1
+                );
+                assert_eq!(
+                    find(TrafficQuery {
+                        arm: Some("shadow".into()),
+                        ..Default::default()
+                    })?,
+                    6
+                );
+                assert_eq!(
+                    find(TrafficQuery {
+                        verdict: Some("blocked".into()),
+                        ..Default::default()
+                    })?,
+                    1
+                );
+                assert_eq!(
+                    find(TrafficQuery {
+                        verdict: Some("none".into()),
+                        ..Default::default()
+                    })?,
+                    11
+                );
+                assert_eq!(
+                    find(TrafficQuery {
+                        tool: Some("get_weather".into()),
+                        ..Default::default()
+                    })?,
+                    12
+                );
+                assert_eq!(
+                    find(TrafficQuery {
+                        text: Some("QUESTION 3".into()),
+                        ..Default::default()
+                    })?,
+                    2
+                );
+                let page = search::search(
+                    conn,
+                    &TrafficQuery {
+                        limit: 5,
+                        ..Default::default()
+                    },
+                )?;
+                assert_eq!(page.rows[0]["tools"], json!(["get_weather"]));
+                let rest = search::search(
+                    conn,
+                    &TrafficQuery {
+                        limit: 50,
+                        before: page.next,
+                        ..Default::default()
+                    },
+                )?;
+                assert_eq!(page.rows.len() + rest.rows.len(), 12);
+                Ok::<_, StoreError>(())
+            })
+            .await
+            .unwrap();
+        }
     }
 }

@@ -227,14 +227,19 @@ fn select(
             Dialect::Postgres => "c.name",
         };
         push(
-            &format!("EXISTS (SELECT 1 FROM tool_calls c WHERE c.traffic_id = t.id AND {name} = ?)"),
+            &format!(
+                "EXISTS (SELECT 1 FROM tool_calls c WHERE c.traffic_id = t.id AND {name} = ?)"
+            ),
             Arg::Text(Some(tool.clone().into())),
         );
     }
     let verdict = dialect.json_text("t.rails", "status");
     match q.verdict.as_deref() {
         Some("none") => clauses.push("t.rails IS NULL".into()),
-        Some(v) => push(&format!("{verdict} = ?"), Arg::Text(Some(v.to_string().into()))),
+        Some(v) => push(
+            &format!("{verdict} = ?"),
+            Arg::Text(Some(v.to_string().into())),
+        ),
         None => {}
     }
     if let Some(c) = q.before {
@@ -265,7 +270,9 @@ fn select(
     let limit_at = args.len();
     let from = match (dialect, ids) {
         // CROSS JOIN keeps SQLite from walking an index of the other filters instead.
-        (Dialect::Sqlite, Some(_)) => "json_each(?1) AS m CROSS JOIN traffic t ON t.rowid = m.value",
+        (Dialect::Sqlite, Some(_)) => {
+            "json_each(?1) AS m CROSS JOIN traffic t ON t.rowid = m.value"
+        }
         (Dialect::Postgres, Some(_)) => {
             "unnest(CAST(?1 AS BIGINT[])) AS m(value) JOIN traffic t ON t.seq = m.value"
         }
@@ -417,7 +424,13 @@ pub fn index_existing(tx: &Conn) -> Result<u64, StoreError> {
     let rows = tx.query(
         &format!("SELECT {seq}, request, response FROM traffic"),
         &[],
-        |r| Ok((r.get::<i64>(0)?, r.get::<String>(1)?, r.get::<Option<String>>(2)?)),
+        |r| {
+            Ok((
+                r.get::<i64>(0)?,
+                r.get::<String>(1)?,
+                r.get::<Option<String>>(2)?,
+            ))
+        },
     )?;
     let mut n = 0;
     for (seq, request, response) in rows {
@@ -501,19 +514,33 @@ mod tests {
 
     #[test]
     fn text_is_found_by_substring_whatever_its_case_and_forgotten_with_its_row() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = super::super::open(&dir.path().join("f.db")).unwrap();
+        crate::store::testing::each_engine(
+            "text_is_found_by_substring_whatever_its_case_and_forgotten_with_its_row",
+            text_search_on,
+        );
+    }
+
+    fn text_search_on(conn: &Conn) {
+        let seq = match conn.dialect() {
+            Dialect::Sqlite => {
+                "(SELECT coalesce(max(rowid) + 1, ?2 * 1048576) FROM traffic
+                  WHERE rowid >= ?2 * 1048576 AND rowid < (?2 + 1) * 1048576)"
+            }
+            Dialect::Postgres => "?2 * 1048576 + nextval('traffic_in_ms') % 1048576",
+        };
         let insert = |id: &str, ts: i64, text: &str| {
             let request = json!({"messages": [{"role": "user", "content": text}]});
-            conn.execute(
-                "INSERT INTO traffic (rowid, id, ts_ms, route, arm, stream, status, latency_ms, request, api)
-                 VALUES ((SELECT coalesce(max(rowid) + 1, ?2 * 1048576) FROM traffic
-                          WHERE rowid >= ?2 * 1048576 AND rowid < (?2 + 1) * 1048576),
-                         ?1, ?2, 'r', 'champion', 0, 200, 1.0, ?3, 'chat')",
-                rusqlite::args![id, ts, request.to_string()],
-            )
-            .unwrap();
-            index(&conn, conn.last_insert_rowid(), &request, None).unwrap();
+            let at: i64 = conn
+                .value(
+                    &format!(
+                        "INSERT INTO traffic ({col}, id, ts_ms, route, arm, stream, status, latency_ms, request, api)
+                         VALUES ({seq}, ?1, ?2, 'r', 'champion', 0, 200, 1.0, ?3, 'chat') RETURNING {col}",
+                        col = conn.dialect().seq()
+                    ),
+                    args![id, ts, request.to_string()],
+                )
+                .unwrap();
+            index(conn, at, &request, None).unwrap();
         };
         insert("a", 10, "Where is my Parcel, order 1234?");
         insert("b", 20, "what is the weather");
@@ -530,12 +557,12 @@ mod tests {
                     .map(|r| r["id"].as_str().unwrap().to_string())
                     .collect::<Vec<_>>()
             };
-            let whole = ids(&search(&conn, &q).unwrap());
+            let whole = ids(&search(conn, &q).unwrap());
             // Read from the index one match a page, the pages add up to the same answer.
             let mut paged = Vec::new();
             let mut q = q.clone();
             loop {
-                let page = search_in_chunks(&conn, &q, 1, std::time::Duration::ZERO).unwrap();
+                let page = search_in_chunks(conn, &q, 1, std::time::Duration::ZERO).unwrap();
                 paged.extend(ids(&page));
                 match page.next {
                     Some(c) => q.before = Some(c),
@@ -550,7 +577,7 @@ mod tests {
         assert_eq!(ids("parcel"), ["c", "a"]);
         assert_eq!(ids("der 12"), ["a"]);
         assert_eq!(ids("\"quoted\""), Vec::<String>::new());
-        conn.execute("DELETE FROM traffic WHERE id = 'c'", [])
+        conn.execute("DELETE FROM traffic WHERE id = 'c'", &[])
             .unwrap();
         assert_eq!(ids("parcel"), ["a"]);
         // Two rows in one millisecond page apart without loss.
@@ -560,9 +587,9 @@ mod tests {
             limit: 1,
             ..Default::default()
         };
-        let first = search(&conn, &q).unwrap();
+        let first = search(conn, &q).unwrap();
         q.before = first.next;
-        let second = search(&conn, &q).unwrap();
+        let second = search(conn, &q).unwrap();
         assert_eq!(first.rows[0]["id"], "d");
         assert_eq!(second.rows[0]["id"], "b");
         let cursor = first.next.unwrap();

@@ -339,6 +339,12 @@ pub struct Conn {
     depth: Cell<u32>,
 }
 
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Conn({:?})", self.dialect())
+    }
+}
+
 impl Conn {
     pub fn sqlite(conn: rusqlite::Connection) -> Self {
         Self {
@@ -381,9 +387,10 @@ impl Conn {
     /// Runs one statement; returns the rows it changed.
     pub fn execute(&self, sql: &str, args: &[Arg<'_>]) -> Result<u64, StoreError> {
         match &self.engine {
-            Engine::Sqlite(c) => Ok(c
-                .prepare_cached(sql)?
-                .execute(rusqlite::params_from_iter(args.iter()))? as u64),
+            Engine::Sqlite(c) => {
+                Ok(c.prepare_cached(sql)?
+                    .execute(rusqlite::params_from_iter(args.iter()))? as u64)
+            }
             Engine::Postgres { client, rt } => {
                 let sql = to_postgres(sql);
                 let typed = pg_args(args);

@@ -634,10 +634,10 @@ fn insert(tx: &Conn, records: &[&TrafficRecord]) -> Result<Vec<bool>, StoreError
                     "INSERT INTO traffic (seq, {INSERT_COLUMNS}) VALUES {} RETURNING id, seq",
                     values.join(", ")
                 );
-                let ids: HashMap<String, i64> =
-                    tx.query(&sql, &all, |row| Ok((row.get(0)?, row.get(1)?)))?
-                        .into_iter()
-                        .collect();
+                let ids: HashMap<String, i64> = tx
+                    .query(&sql, &all, |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .into_iter()
+                    .collect();
                 for r in chunk {
                     let id = r.id.to_string();
                     seqs.push(*ids.get(&id).ok_or_else(|| {
@@ -1031,156 +1031,330 @@ mod tests {
         }
     }
 
+    use crate::store::testing::each_db;
+    use crate::store::Db;
+
+    /// Runs `f` on a connection of `db`, off the test's async thread.
+    async fn on<T: Send + 'static>(
+        db: &Db,
+        f: impl FnOnce(&Conn) -> Result<T, StoreError> + Send + 'static,
+    ) -> T {
+        db.call(f).await.unwrap()
+    }
+
     #[tokio::test]
     async fn rows_are_written_even_when_their_rollups_cannot_be() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let rec = record(1, None);
-        let other = record(70_000, None);
-        let next_minute = super::super::rollup::minute_of(rec.ts_ms) + 60_000;
-        assert_eq!(super::super::rollup::minute_of(other.ts_ms), next_minute);
-        {
+        for db in each_db(
+            "rows_are_written_even_when_their_rollups_cannot_be",
+            dir.path(),
+        ) {
+            let rec = record(1, None);
+            let other = record(70_000, None);
+            let minute = super::super::rollup::minute_of(rec.ts_ms);
+            let next_minute = minute + 60_000;
+            assert_eq!(super::super::rollup::minute_of(other.ts_ms), next_minute);
             // A damaged rollup for the first record's minute.
-            let conn = super::super::open(&path).unwrap();
-            conn.execute(
-                "INSERT INTO traffic_minutes (minute_ms, route, arm, requests, errors, blocked,
-                    prompt_tokens, completion_tokens, compared, agreed_names, agreed_args,
-                    parse_failures, latency, ttft, overhead, rails)
-                 VALUES (?1, 'r', 'champion', 0, 0, 0, 0, 0, 0, 0, 0, 0, 'not json', '{}', '{}', '{}')",
-                [super::super::rollup::minute_of(rec.ts_ms)],
-            )
-            .unwrap();
+            on(&db, move |conn| {
+                conn.execute(
+                    "INSERT INTO traffic_minutes (minute_ms, route, arm, requests, errors, blocked,
+                        prompt_tokens, completion_tokens, compared, agreed_names, agreed_args,
+                        parse_failures, latency, ttft, overhead, rails)
+                     VALUES (?1, 'r', 'champion', 0, 0, 0, 0, 0, 0, 0, 0, 0, 'not json', '{}', '{}', '{}')",
+                    args![minute],
+                )
+            })
+            .await;
+            let writer = TrafficLog::start(&db, 16, 8, Duration::ZERO).unwrap();
+            assert!(writer.log().record(rec));
+            writer.log().caught_up().await.unwrap();
+            assert!(writer.log().record(other));
+            writer.close().await;
+            let (n, minutes) = on(&db, move |conn| {
+                Ok((
+                    count(conn)?,
+                    super::super::rollup::minutes(conn, next_minute, i64::MAX, None)?,
+                ))
+            })
+            .await;
+            assert_eq!(n, 2, "both rows are kept ({:?})", db.dialect());
+            assert_eq!(minutes.len(), 1, "the next minute is rolled up as usual");
+            assert_eq!(minutes[0].3.requests, 1);
         }
-        let writer = TrafficLog::start(&path, 16, 8, Duration::ZERO).unwrap();
-        assert!(writer.log().record(rec));
-        writer.log().caught_up().await.unwrap();
-        assert!(writer.log().record(other));
-        writer.close().await;
-        let conn = super::super::open(&path).unwrap();
-        assert_eq!(count(&conn).unwrap(), 2, "both rows are kept");
-        let minutes = super::super::rollup::minutes(&conn, next_minute, i64::MAX, None).unwrap();
-        assert_eq!(minutes.len(), 1, "the next minute is rolled up as usual");
-        assert_eq!(minutes[0].3.requests, 1);
     }
 
     #[tokio::test]
     async fn records_and_their_tool_calls_are_written_and_exported() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let writer = TrafficLog::start(&path, 16, 4, Duration::from_millis(1)).unwrap();
-        let log = writer.log();
-        let response = json!({
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
-                {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\":1}"}},
-                {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{oops"}}
-            ]}, "finish_reason": "tool_calls"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
-        });
-        for i in 0..10 {
-            assert!(log.record(record(i, Some(response.clone()))));
+        for db in each_db(
+            "records_and_their_tool_calls_are_written_and_exported",
+            dir.path(),
+        ) {
+            let writer = TrafficLog::start(&db, 16, 4, Duration::from_millis(1)).unwrap();
+            let log = writer.log();
+            let response = json!({
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\":1}"}},
+                    {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{oops"}}
+                ]}, "finish_reason": "tool_calls"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+            });
+            for i in 0..10 {
+                assert!(log.record(record(i, Some(response.clone()))));
+            }
+            writer.close().await;
+            let (n, invalid, rolled, exported, out) = on(&db, |conn| {
+                let invalid: i64 = conn.value(
+                    "SELECT COUNT(*) FROM tool_calls WHERE arguments_valid_json = 0",
+                    &[],
+                )?;
+                let minutes = super::super::rollup::minutes(conn, 0, i64::MAX, None)?;
+                let rolled: u64 = minutes.iter().map(|m| m.3.parse_failures).sum();
+                let mut out = Vec::new();
+                let exported = export_jsonl(conn, &ExportFilter::default(), &mut out)?;
+                Ok((count(conn)?, invalid, rolled, exported, out))
+            })
+            .await;
+            assert_eq!((n, invalid), (10, 10), "{:?}", db.dialect());
+            // The minute's rollup counts the same ten answers with an unparsable call.
+            assert_eq!(rolled, 10);
+            assert_eq!(exported, 10);
+            let lines: Vec<Value> = out
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice(l).unwrap())
+                .collect();
+            assert_eq!(lines.len(), 10);
+            let first = &lines[0];
+            assert_eq!(first["timestamp"], 1_700_000_000);
+            assert_eq!(first["workload_id"], "w");
+            assert_eq!(first["tool_calls"][1]["name"], "g");
+            assert_eq!(first["tool_calls"][1]["arguments_valid_json"], false);
+            assert_eq!(first["usage"]["total_tokens"], 7);
+            assert_eq!(first["stream"], false);
+            assert_eq!(lines[9]["timestamp_ms"], 1_700_000_000_009i64);
         }
-        writer.close().await;
-        let conn = crate::store::open(&path).unwrap();
-        assert_eq!(count(&conn).unwrap(), 10);
-        let invalid: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM tool_calls WHERE arguments_valid_json = 0",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(invalid, 10);
-        // The minute's rollup counts the same ten answers with an unparsable call.
-        let minutes = super::super::rollup::minutes(&conn, 0, i64::MAX, None).unwrap();
-        let rolled: u64 = minutes.iter().map(|m| m.3.parse_failures).sum();
-        assert_eq!(rolled, 10);
-        let mut out = Vec::new();
-        let n = export_jsonl(&conn, &ExportFilter::default(), &mut out).unwrap();
-        assert_eq!(n, 10);
-        let first: Value =
-            serde_json::from_slice(out.split(|b| *b == b'\n').next().unwrap()).unwrap();
-        assert_eq!(first["timestamp"], 1_700_000_000);
-        assert_eq!(first["workload_id"], "w");
-        assert_eq!(first["tool_calls"][1]["name"], "g");
-        assert_eq!(first["usage"]["total_tokens"], 7);
+    }
+
+    #[tokio::test]
+    async fn an_export_longer_than_a_page_comes_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in each_db(
+            "an_export_longer_than_a_page_comes_whole_and_in_order",
+            dir.path(),
+        ) {
+            let writer = TrafficLog::start(&db, 4096, 512, Duration::ZERO).unwrap();
+            let rows = EXPORT_PAGE as u32 * 2 + 7;
+            for i in 0..rows {
+                // Two rows a millisecond: the page boundary falls inside one.
+                assert!(writer.log().record(record(i / 2, None)));
+            }
+            writer.close().await;
+            let out = on(&db, |conn| {
+                let mut out = Vec::new();
+                export_jsonl(conn, &ExportFilter::default(), &mut out)?;
+                Ok(out)
+            })
+            .await;
+            let ids: Vec<Value> = out
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice::<Value>(l).unwrap())
+                .collect();
+            assert_eq!(ids.len(), rows as usize, "{:?}", db.dialect());
+            let unique: HashSet<&str> = ids.iter().map(|v| v["id"].as_str().unwrap()).collect();
+            assert_eq!(unique.len(), rows as usize);
+            assert!(ids
+                .windows(2)
+                .all(|w| w[0]["timestamp_ms"].as_i64() <= w[1]["timestamp_ms"].as_i64()));
+        }
     }
 
     #[tokio::test]
     async fn curation_reads_only_answered_primary_requests_in_the_window() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let writer = TrafficLog::start(&path, 16, 4, Duration::from_millis(1)).unwrap();
-        let log = writer.log();
-        let ok =
-            json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}}]});
-        for i in 0..6 {
-            let mut r = record(i, Some(ok.clone()));
-            match i {
-                1 => r.status = 502,
-                2 => r.arm = "shadow".into(),
-                3 => r.route = "other".into(),
-                4 => r.rails = Some(json!({"status": "blocked"})),
-                _ => {}
+        for db in each_db(
+            "curation_reads_only_answered_primary_requests_in_the_window",
+            dir.path(),
+        ) {
+            let writer = TrafficLog::start(&db, 16, 4, Duration::from_millis(1)).unwrap();
+            let log = writer.log();
+            let ok = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}}]});
+            for i in 0..6 {
+                let mut r = record(i, Some(ok.clone()));
+                match i {
+                    1 => r.status = 502,
+                    2 => r.arm = "shadow".into(),
+                    3 => r.route = "other".into(),
+                    4 => r.rails = Some(json!({"status": "blocked"})),
+                    _ => {}
+                }
+                assert!(log.record(r));
             }
-            assert!(log.record(r));
+            writer.close().await;
+            on(&db, |conn| {
+                let f = ExportFilter {
+                    route: Some("r".into()),
+                    ..ExportFilter::default()
+                };
+                let xs = served_exchanges(conn, &f, None)?;
+                // 0, 4 (blocked: curation drops it by its verdict) and 5 remain.
+                assert_eq!(xs.len(), 3);
+                assert_eq!(xs[1].rails.as_ref().unwrap()["status"], "blocked");
+                let window = ExportFilter {
+                    since_ms: Some(1_700_000_000_005),
+                    ..f.clone()
+                };
+                assert_eq!(served_exchanges(conn, &window, None)?.len(), 1);
+                // Answers by one target include its shadow copies (row 2) and nothing another
+                // target said.
+                let teacher = AnsweredBy {
+                    kind: "upstream",
+                    backend: "u",
+                    model: "m",
+                };
+                let by = served_exchanges(conn, &f, Some(&teacher))?;
+                assert_eq!(by.len(), 4);
+                assert!(by.iter().any(|x| x.ts_ms == 1_700_000_000_002));
+                assert_eq!(by[0].answered_by, "upstream:u:m");
+                let other = AnsweredBy {
+                    model: "other",
+                    ..teacher
+                };
+                assert!(served_exchanges(conn, &f, Some(&other))?.is_empty());
+                Ok(())
+            })
+            .await;
         }
-        writer.close().await;
-        let conn = crate::store::open(&path).unwrap();
-        let f = ExportFilter {
-            route: Some("r".into()),
-            ..ExportFilter::default()
-        };
-        let xs = served_exchanges(&conn, &f, None).unwrap();
-        // 0, 4 (blocked: curation drops it by its verdict) and 5 remain.
-        assert_eq!(xs.len(), 3);
-        assert_eq!(xs[1].rails.as_ref().unwrap()["status"], "blocked");
-        let window = ExportFilter {
-            since_ms: Some(1_700_000_000_005),
-            ..f
-        };
-        assert_eq!(served_exchanges(&conn, &window, None).unwrap().len(), 1);
-        // Answers by one target include its shadow copies (row 2) and nothing another target said.
-        let teacher = AnsweredBy {
-            kind: "upstream",
-            backend: "u",
-            model: "m",
-        };
-        let f = ExportFilter {
-            route: Some("r".into()),
-            ..ExportFilter::default()
-        };
-        let by = served_exchanges(&conn, &f, Some(&teacher)).unwrap();
-        assert_eq!(by.len(), 4);
-        assert!(by.iter().any(|x| x.ts_ms == 1_700_000_000_002));
-        let other = AnsweredBy {
-            model: "other",
-            ..teacher
-        };
-        assert!(served_exchanges(&conn, &f, Some(&other))
-            .unwrap()
-            .is_empty());
     }
 
     #[tokio::test]
     async fn a_full_queue_drops_and_counts_instead_of_blocking() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        // Hold the database's write lock so the writer cannot drain the queue.
-        let blocker = crate::store::open(&path).unwrap();
-        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let writer = TrafficLog::start(&path, 2, 1, Duration::ZERO).unwrap();
-        let log = writer.log();
-        let mut accepted = 0;
-        for i in 0..50 {
-            if log.record(record(i, None)) {
-                accepted += 1;
+        for db in each_db(
+            "a_full_queue_drops_and_counts_instead_of_blocking",
+            dir.path(),
+        ) {
+            // Hold the traffic table's write lock so the writer cannot drain the queue.
+            let blocker = {
+                let db = db.clone();
+                tokio::task::spawn_blocking(move || {
+                    let c = db.open()?;
+                    c.batch(match c.dialect() {
+                        Dialect::Sqlite => "BEGIN IMMEDIATE",
+                        Dialect::Postgres => "BEGIN; LOCK TABLE traffic IN ACCESS EXCLUSIVE MODE",
+                    })?;
+                    Ok::<_, StoreError>(c)
+                })
+                .await
+                .unwrap()
+                .unwrap()
+            };
+            let writer = TrafficLog::start(&db, 2, 1, Duration::ZERO).unwrap();
+            let log = writer.log();
+            let mut accepted = 0;
+            for i in 0..50 {
+                if log.record(record(i, None)) {
+                    accepted += 1;
+                }
+            }
+            assert!(accepted < 50);
+            assert_eq!(log.dropped(), 50 - accepted);
+            tokio::task::spawn_blocking(move || blocker.batch("COMMIT"))
+                .await
+                .unwrap()
+                .unwrap();
+            writer.close().await;
+            let n = on(&db, count).await;
+            assert_eq!(n, accepted as i64, "{:?}", db.dialect());
+        }
+    }
+
+    /// A TCP relay to the test PostgreSQL server that can be cut and restored, as a server that
+    /// goes away and comes back.
+    struct Relay {
+        addr: std::net::SocketAddr,
+        to: String,
+        stop: Option<tokio::sync::watch::Sender<bool>>,
+    }
+
+    impl Relay {
+        async fn start(to: String, at: Option<std::net::SocketAddr>) -> Self {
+            let listener = tokio::net::TcpListener::bind(at.unwrap_or(([127, 0, 0, 1], 0).into()))
+                .await
+                .unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (stop, watch) = tokio::sync::watch::channel(false);
+            let target = to.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut cut = watch.clone();
+                    tokio::select! {
+                        _ = cut.changed() => return,
+                        accepted = listener.accept() => {
+                            let Ok((mut inbound, _)) = accepted else { return };
+                            let target = target.clone();
+                            let mut cut = watch.clone();
+                            tokio::spawn(async move {
+                                let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                                tokio::select! {
+                                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                                    _ = cut.changed() => {}
+                                }
+                            });
+                        }
+                    }
+                }
+            });
+            Self {
+                addr,
+                to,
+                stop: Some(stop),
             }
         }
-        assert!(accepted < 50);
-        assert_eq!(log.dropped(), 50 - accepted);
-        blocker.execute_batch("COMMIT").unwrap();
+
+        fn cut(&mut self) {
+            if let Some(s) = self.stop.take() {
+                let _ = s.send(true);
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_wait_for_a_postgres_server_that_went_away_and_are_written_when_it_returns() {
+        let name = "records_wait_for_a_postgres_server_that_went_away";
+        let Some((_, url)) = crate::store::testing::fresh_postgres(name) else {
+            return;
+        };
+        // postgres://user@host:port/db → the same through the relay.
+        let (head, rest) = url.split_once('@').unwrap();
+        let (server, database) = rest.split_once('/').unwrap();
+        let mut relay = Relay::start(server.to_string(), None).await;
+        let via = format!("{head}@{}/{database}", relay.addr);
+        let db = Db::postgres(&via, 2).await.unwrap();
+        let writer = TrafficLog::start(&db, 64, 8, Duration::ZERO).unwrap();
+        let log = writer.log();
+        for i in 0..5 {
+            assert!(log.record(record(i, None)));
+        }
+        log.caught_up().await.unwrap();
+        relay.cut();
+        // While the server is away, records queue up to the bound, then drop (counted).
+        for i in 5..100 {
+            log.record(record(i, None));
+        }
+        let dropped = log.dropped();
+        assert!(dropped > 0 && dropped < 95, "dropped {dropped}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let relay = Relay::start(relay.to.clone(), Some(relay.addr)).await;
+        tokio::time::timeout(Duration::from_secs(30), log.caught_up())
+            .await
+            .expect("the held records were written once the server was back")
+            .unwrap();
         writer.close().await;
-        let conn = crate::store::open(&path).unwrap();
-        assert_eq!(count(&conn).unwrap(), accepted as i64);
+        let direct = Db::postgres(&url, 2).await.unwrap();
+        let n = on(&direct, count).await;
+        assert_eq!(n as u64, 100 - dropped, "every queued record was written");
+        drop(relay);
     }
 }

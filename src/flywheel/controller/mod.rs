@@ -25,11 +25,11 @@ use crate::config::{
 };
 use crate::engine::Engine;
 use crate::gateway::Gateway;
-use crate::store::Db;
 use crate::store::entities::{self, EntityError};
 use crate::store::feedback::{self, FeedbackIndex};
 use crate::store::runs::{self as fstore, now_ms, RolloutEvent, RouteState, Slice, Stage};
 use crate::store::traffic::{self, AnsweredBy, ExportFilter};
+use crate::store::Db;
 use crate::store::StoreError;
 
 mod rollout;
@@ -378,7 +378,13 @@ mod tests {
     async fn db(records: Vec<TrafficRecord>) -> (tempfile::TempDir, crate::store::Conn) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.db");
-        let writer = TrafficLog::start(&path, 1024, 64, Duration::from_millis(1)).unwrap();
+        let writer = TrafficLog::start(
+            &crate::store::Db::new(path.clone()),
+            1024,
+            64,
+            Duration::from_millis(1),
+        )
+        .unwrap();
         for r in records {
             assert!(writer.log().record(r));
         }
@@ -405,8 +411,13 @@ mod tests {
         let ids: Vec<String> = rows.iter().map(|r| r.id.to_string()).collect();
         let (d, conn) = db(rows).await;
         // Three answers in ten liked (one of them first disliked: the latest value counts).
-        let writer =
-            TrafficLog::start(&d.path().join("f.db"), 64, 8, Duration::from_millis(1)).unwrap();
+        let writer = TrafficLog::start(
+            &crate::store::Db::new(d.path().join("f.db")),
+            64,
+            8,
+            Duration::from_millis(1),
+        )
+        .unwrap();
         let thumbs = |n: usize, id: &str, value: f64| crate::store::feedback::Feedback {
             id: format!("f{n}"),
             ts_ms: now + n as i64,
@@ -502,8 +513,13 @@ mod tests {
         assert_eq!(starved[0].numbers["candidate_requests"], 0);
         assert_eq!(starved[0].numbers["route_requests"], 20);
         // A canary request arrives: fed again.
-        let writer =
-            TrafficLog::start(&_d.path().join("f.db"), 16, 4, Duration::from_millis(1)).unwrap();
+        let writer = TrafficLog::start(
+            &crate::store::Db::new(_d.path().join("f.db")),
+            16,
+            4,
+            Duration::from_millis(1),
+        )
+        .unwrap();
         assert!(writer.log().record(rec(
             now + 2_000,
             "canary",
