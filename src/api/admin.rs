@@ -54,5 +54,14 @@ pub async fn put_route(
         .gateway
         .set_rollout(&name, rollout.clone())
         .map_err(|e| ApiError::invalid(e.to_string()))?;
+    // Replicas on one store serve the change too.
+    if let Some(flywheel) = &state.flywheel {
+        if let Err(e) = flywheel.share_rollout(&name, &rollout).await {
+            tracing::error!(route = %name, error = %e, "the rollout changed here but could not be shared with the other replicas");
+            return Err(ApiError::internal(format!(
+                "The rollout changed on this replica but could not be shared with the others: {e}."
+            )));
+        }
+    }
     Ok(Json(route_json(&name, &rollout)))
 }

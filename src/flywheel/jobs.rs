@@ -74,8 +74,21 @@ impl JobRunner {
             .spawn(move || {
                 crate::background::lower_thread_priority();
                 while let Ok(id) = rx.recv() {
-                    let cancel = lock(&worker_cancels).get(&id).cloned().unwrap_or_default();
-                    run_customization(&worker_ctx, &id, &cancel);
+                    // Replicas on one store queue the same unfinished jobs: the one that claims a
+                    // job runs it, and holds the claim until it is done.
+                    match worker_ctx.db.try_claim_blocking(&format!("job:{id}")) {
+                        Ok(Some(_claim)) => {
+                            let cancel =
+                                lock(&worker_cancels).get(&id).cloned().unwrap_or_default();
+                            run_customization(&worker_ctx, &id, &cancel);
+                        }
+                        Ok(None) => {
+                            tracing::info!(job = %id, "another replica runs this job")
+                        }
+                        Err(e) => {
+                            tracing::warn!(job = %id, error = %e, "cannot claim the job; the flywheel's leader will try again")
+                        }
+                    }
                     lock(&worker_cancels).remove(&id);
                 }
             });
@@ -89,6 +102,23 @@ impl JobRunner {
             cancels,
             ctx,
         }))
+    }
+
+    /// Queues the unfinished jobs this replica does not know of (those of a replica that
+    /// stopped): the worker runs each one no live replica holds.
+    pub fn adopt_unfinished(&self, conn: &crate::store::Conn) -> Result<usize, EntityError> {
+        let mut adopted = 0;
+        for job in entities::unfinished_jobs(conn, CUSTOMIZATION)? {
+            let mut cancels = lock(&self.cancels);
+            if cancels.contains_key(&job.id) {
+                continue;
+            }
+            cancels.insert(job.id.clone(), Arc::new(AtomicBool::new(false)));
+            if lock(&self.queue).send(job.id.clone()).is_ok() {
+                adopted += 1;
+            }
+        }
+        Ok(adopted)
     }
 
     pub fn context(&self) -> &JobContext {
@@ -355,6 +385,10 @@ fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
             return;
         }
     };
+    if !["created", "pending", "running"].contains(&job.status.as_str()) {
+        // Queued twice (adopted while it was being submitted) and already done.
+        return;
+    }
     if cancel.load(Ordering::Relaxed) {
         let why = json!({"message": "cancelled before it started"});
         return record(&conn, id, "cancelled", &why, None);

@@ -49,6 +49,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether a unique index refused the row (in either engine).
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+            }
+            StoreError::Postgres(e) => e.code().is_some_and(|c| c.code() == "23505"),
+            _ => false,
+        }
+    }
+
     /// Whether the store could not be reached (a PostgreSQL server gone away or restarting), as
     /// opposed to a statement that failed: the same work may succeed once it is back.
     pub fn is_unavailable(&self) -> bool {
@@ -283,6 +295,17 @@ CREATE TRIGGER traffic_text_forget AFTER DELETE ON traffic BEGIN
     DELETE FROM traffic_text WHERE rowid = old.rowid;
 END;
 "#,
+    // 9: the rollout each route serves, as replicas on one store share it (see
+    // flywheel::controller::replicas), and at most one running flywheel run per route.
+    r#"
+CREATE TABLE route_rollouts (
+    route TEXT PRIMARY KEY,
+    rollout TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX flywheel_runs_one_running ON flywheel_runs (route) WHERE status = 'running';
+"#,
 ];
 
 /// Work a migration needs beyond its SQL, run in its transaction: filling what it created from
@@ -302,6 +325,19 @@ fn after_migration(version: usize, tx: &Conn) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// A claim taken with [`Db::try_claim`]; given back when dropped.
+pub struct Claim(Option<postgres::PgClaim>);
+
+impl Claim {
+    /// Whether the claim is still held (its connection alive).
+    pub async fn held(&self) -> bool {
+        match &self.0 {
+            None => true,
+            Some(c) => c.held().await,
+        }
+    }
 }
 
 /// Opens (creating if needed) an SQLite database and brings its schema up to date.
@@ -402,6 +438,24 @@ impl Db {
         match &*self.engine {
             Engine::Sqlite { .. } => None,
             Engine::Postgres(pg) => Some(pg),
+        }
+    }
+
+    /// Takes the named claim (a PostgreSQL advisory lock held on a connection of its own) if no
+    /// one holds it; None if another replica does. On SQLite (one process) it is always granted.
+    /// Dropping the claim gives it back; so does the death of the process holding it.
+    pub async fn try_claim(&self, name: &str) -> Result<Option<Claim>, StoreError> {
+        match &*self.engine {
+            Engine::Sqlite { .. } => Ok(Some(Claim(None))),
+            Engine::Postgres(pg) => Ok(pg.try_claim(name).await?.map(|c| Claim(Some(c)))),
+        }
+    }
+
+    /// `try_claim` from blocking code.
+    pub fn try_claim_blocking(&self, name: &str) -> Result<Option<Claim>, StoreError> {
+        match &*self.engine {
+            Engine::Sqlite { .. } => Ok(Some(Claim(None))),
+            Engine::Postgres(pg) => Ok(pg.try_claim_blocking(name)?.map(|c| Claim(Some(c)))),
         }
     }
 

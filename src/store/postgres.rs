@@ -237,6 +237,15 @@ EXCEPTION WHEN OTHERS THEN
 END
 $$;
 "#,
+    r#"
+CREATE TABLE route_rollouts (
+    route TEXT PRIMARY KEY,
+    rollout TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    updated_ms BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX flywheel_runs_one_running ON flywheel_runs (route) WHERE status = 'running';
+"#,
 ];
 
 /// The store's PostgreSQL server: a pool, and the runtime its connections live on.
@@ -296,10 +305,8 @@ impl Postgres {
 
     /// A pooled connection, for a blocking thread.
     pub fn get(&self) -> Result<Conn, StoreError> {
-        let client = self
-            .rt
-            .block_on(self.pool.get())
-            .map_err(|e| self.unreachable(e))?;
+        let client =
+            super::sql::wait(&self.rt, self.pool.get()).map_err(|e| self.unreachable(e))?;
         Ok(Conn::postgres(client, self.rt.clone()))
     }
 
@@ -321,7 +328,7 @@ impl Postgres {
             .await
             .map_err(|e| self.unreachable(e))?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
                 match m {
@@ -338,6 +345,40 @@ impl Postgres {
             }
         });
         Ok((client, rx))
+    }
+}
+
+/// A session advisory lock held on a connection of its own: the server gives it back when the
+/// connection ends (this dropped, or the process gone).
+pub struct PgClaim {
+    client: tokio_postgres::Client,
+}
+
+impl PgClaim {
+    pub async fn held(&self) -> bool {
+        !self.client.is_closed() && self.client.simple_query("SELECT 1").await.is_ok()
+    }
+}
+
+/// The advisory lock key of a claim's name.
+fn claim_key(name: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(name.as_bytes());
+    i64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+impl Postgres {
+    pub async fn try_claim(&self, name: &str) -> Result<Option<PgClaim>, StoreError> {
+        let (client, _) = self.dedicated().await?;
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&claim_key(name)])
+            .await?
+            .get(0);
+        Ok(got.then_some(PgClaim { client }))
+    }
+
+    pub fn try_claim_blocking(&self, name: &str) -> Result<Option<PgClaim>, StoreError> {
+        super::sql::wait(&self.rt, self.try_claim(name))
     }
 }
 
@@ -398,14 +439,17 @@ async fn migrate_locked(client: &deadpool_postgres::Object) -> Result<(), StoreE
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let v = i as i64 + 1;
-        client
+        let applied = client
             .batch_execute(&format!(
                 "BEGIN; {sql}; DELETE FROM flywheel_schema; INSERT INTO flywheel_schema VALUES ({v}); COMMIT;"
             ))
-            .await
-            .map_err(|e| {
-                StoreError::Connect(format!("PostgreSQL migration {v} failed: {e}"))
-            })?;
+            .await;
+        if let Err(e) = applied {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(StoreError::Connect(format!(
+                "PostgreSQL migration {v} failed: {e}"
+            )));
+        }
         tracing::info!(version = v, "applied PostgreSQL migration");
     }
     Ok(())

@@ -394,7 +394,7 @@ impl Conn {
             Engine::Postgres { client, rt } => {
                 let sql = to_postgres(sql);
                 let typed = pg_args(args);
-                Ok(rt.block_on(client.execute_typed(&sql, &typed))?)
+                Ok(wait(rt, client.execute_typed(&sql, &typed))?)
             }
         }
     }
@@ -419,7 +419,7 @@ impl Conn {
             Engine::Postgres { client, rt } => {
                 let sql = to_postgres(sql);
                 let typed = pg_args(args);
-                let rows = rt.block_on(client.query_typed(&sql, &typed))?;
+                let rows = wait(rt, client.query_typed(&sql, &typed))?;
                 rows.iter().map(|r| f(&Row::Postgres(r))).collect()
             }
         }
@@ -444,7 +444,7 @@ impl Conn {
             Engine::Postgres { client, rt } => {
                 let sql = to_postgres(sql);
                 let typed = pg_args(args);
-                let rows = rt.block_on(client.query_typed(&sql, &typed))?;
+                let rows = wait(rt, client.query_typed(&sql, &typed))?;
                 rows.first().map(|r| f(&Row::Postgres(r))).transpose()
             }
         }
@@ -460,7 +460,7 @@ impl Conn {
     pub fn batch(&self, sql: &str) -> Result<(), StoreError> {
         match &self.engine {
             Engine::Sqlite(c) => Ok(c.execute_batch(sql)?),
-            Engine::Postgres { client, rt } => Ok(rt.block_on(client.batch_execute(sql))?),
+            Engine::Postgres { client, rt } => Ok(wait(rt, client.batch_execute(sql))?),
         }
     }
 
@@ -504,6 +504,17 @@ impl Conn {
                 Err(e)
             }
         }
+    }
+}
+
+/// Waits for `work` on the store's runtime from blocking code: a thread of its own, the blocking
+/// pool, or (moved off the worker for the wait) an async worker of a multi-thread runtime.
+pub(super) fn wait<F: std::future::Future>(rt: &tokio::runtime::Handle, work: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| rt.block_on(work))
+        }
+        _ => rt.block_on(work),
     }
 }
 

@@ -32,6 +32,7 @@ use crate::store::traffic::{self, AnsweredBy, ExportFilter};
 use crate::store::Db;
 use crate::store::StoreError;
 
+mod replicas;
 mod rollout;
 mod run;
 mod schedule;
@@ -79,6 +80,8 @@ pub struct FlywheelController {
     data_dir: PathBuf,
     /// Routes with a run in progress.
     running: Mutex<HashSet<String>>,
+    /// This replica leads the flywheel (see `replicas`; unused on SQLite, where it always does).
+    leading: std::sync::atomic::AtomicBool,
     /// Serializes rollout transitions (the ticker and manual actions).
     transitions: Mutex<()>,
     tasks: TaskTracker,
@@ -107,14 +110,21 @@ impl FlywheelController {
             jobs,
             engines,
             running: Mutex::default(),
+            leading: std::sync::atomic::AtomicBool::new(false),
             transitions: Mutex::default(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
         });
-        let restoring = this.clone();
-        let runs = tokio::task::spawn_blocking(move || restoring.restore()).await??;
-        for run in runs {
-            this.spawn_run(run);
+        if this.replicated() {
+            // The leader restores and resumes when it takes the lead; every replica follows
+            // the stored rollouts.
+            this.start_replication();
+        } else {
+            let restoring = this.clone();
+            let runs = tokio::task::spawn_blocking(move || restoring.restore()).await??;
+            for run in runs {
+                this.spawn_run(run);
+            }
         }
         let ticker = this.clone();
         let every = Duration::from_secs_f64(this.config.flywheel.check_interval_secs);

@@ -47,6 +47,7 @@ impl FlywheelController {
         state.starved_since_ms = None;
         metrics::gauge!("flywheel_rollout_starved", "route" => state.route.clone()).set(0.0);
         fstore::put_state(conn, state)?;
+        self.publish(conn, &state.route, &state.installed, "flywheel")?;
         Ok(())
     }
 
@@ -73,7 +74,17 @@ impl FlywheelController {
     /// a rollout in progress moves on or rolls back on its live figures, and an idle route is
     /// checked for drift.
     pub fn tick(self: &Arc<Self>) -> Result<(), FlywheelError> {
+        if !self.leads() {
+            return Ok(());
+        }
         let conn = self.conn()?;
+        if self.replicated() {
+            for run in self.orphaned_runs(&conn)? {
+                tracing::info!(run = %run.id, route = %run.route, stage = %run.stage, "taking up a flywheel run no replica is executing");
+                self.spawn_run(run);
+            }
+            self.adopt_jobs(&conn);
+        }
         for route in self.flywheel_routes() {
             let name = route.name.clone();
             let trigger = {

@@ -11,6 +11,20 @@ impl FlywheelController {
         self.tasks.spawn(async move {
             let route = run.route.clone();
             let id = run.id.clone();
+            // One replica executes a run: the one holding its claim, for as long as it runs.
+            let _claim = match me.db.try_claim(&format!("run:{id}")).await {
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    tracing::info!(run = %id, "another replica executes this run");
+                    lock(&me.running).remove(&route);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(run = %id, error = %e, "cannot claim the run; trying again at the next check");
+                    lock(&me.running).remove(&route);
+                    return;
+                }
+            };
             let outcome = tokio::select! {
                 r = me.clone().execute(run) => Some(r),
                 _ = me.stop.cancelled() => None,

@@ -14,6 +14,9 @@ impl FlywheelController {
         let job = Job::new_async(schedule.as_str(), move |_, _| {
             let me = me.clone();
             Box::pin(async move {
+                if !me.leads() {
+                    return;
+                }
                 for route in me.flywheel_routes() {
                     let trigger = json!({"kind": "schedule"});
                     match me.trigger(&route.name, trigger, None) {
@@ -73,6 +76,14 @@ impl FlywheelController {
             .and_then(|c| Ok(fstore::insert_run(&c, &id, route, &trigger)?));
         if let Err(e) = inserted {
             lock(&self.running).remove(route);
+            // Another replica's run of the route is recorded as running.
+            if let FlywheelError::Store(s) = &e {
+                if s.is_unique_violation() {
+                    return Err(FlywheelError::Conflict(format!(
+                        "A flywheel run for route '{route}' is already in progress."
+                    )));
+                }
+            }
             return Err(e);
         }
         tracing::info!(route, run = %id, trigger = %trigger, "flywheel run started");
@@ -88,7 +99,13 @@ impl FlywheelController {
             updated_ms: now_ms(),
             finished_ms: None,
         };
-        self.spawn_run(run);
+        if self.leads() {
+            self.spawn_run(run);
+        } else {
+            // The leader takes it up at its next check.
+            lock(&self.running).remove(route);
+            tracing::info!(run = %run.id, "the run is queued for the flywheel's leader");
+        }
         Ok(id)
     }
 }

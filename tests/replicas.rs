@@ -1,0 +1,207 @@
+//! Several gateways on one PostgreSQL store: a rollout changed through one replica is served by
+//! the others, one replica leads the flywheel at a time and another takes over when it dies,
+//! and no request a surviving replica answered is missing from the shared log.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use flywheel::store::testing::fresh_postgres;
+use serde_json::{json, Value};
+
+/// `flywheel_leader` from a replica's metrics (None while it does not answer).
+async fn leads(client: &reqwest::Client, gw: &GatewayProcess) -> Option<bool> {
+    let text = client
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let line = text.lines().find(|l| l.starts_with("flywheel_leader "))?;
+    Some(line.trim_end().ends_with(" 1"))
+}
+
+/// Polls `check` until it holds, for at most `limit`; returns how long it took.
+async fn within<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check().await {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {limit:?}");
+}
+
+async fn champion(client: &reqwest::Client, gw: &GatewayProcess) -> Value {
+    let r: Value = client
+        .get(gw.url("/admin/routes/agent"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["champion"].clone()
+}
+
+/// Sends `n` requests to `gw` tagged `workload`; returns how many were answered (200).
+async fn load(client: reqwest::Client, url: String, workload: String, n: usize) -> usize {
+    let mut answered = 0;
+    for i in 0..n {
+        let sent = client
+            .post(&url)
+            .header("x-workload-id", &workload)
+            .json(&user_request("agent", &format!("question {i}")))
+            .send()
+            .await;
+        if sent.is_ok_and(|r| r.status() == 200) {
+            answered += 1;
+        }
+    }
+    answered
+}
+
+async fn logged(db: &flywheel::store::Db, workload: &str) -> i64 {
+    let workload = workload.to_string();
+    db.call(move |c| {
+        c.value::<i64>(
+            "SELECT COUNT(*) FROM traffic WHERE workload_id = ?1",
+            flywheel::store::sql::args![workload],
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_rollouts_lead_one_at_a_time_and_lose_no_answered_request() {
+    let Some((db, url)) = fresh_postgres("replicas_share_rollouts") else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let client = reqwest::Client::new();
+    let mut config = upstream_toml("mock", &mock.base_url(), "");
+    config.push_str(&route_toml("agent", "mock", "echo", ""));
+    config.push_str(&format!(
+        "[store]\nurl = \"{url}\"\n[flywheel]\ncheck_interval_secs = 0.2\n"
+    ));
+    let mut a = GatewayProcess::start(&config);
+    let mut b = GatewayProcess::start(&config);
+
+    // Exactly one leads.
+    within(Duration::from_secs(10), "one replica leads", || async {
+        let (x, y) = (leads(&client, &a).await, leads(&client, &b).await);
+        matches!(
+            (x, y),
+            (Some(true), Some(false)) | (Some(false), Some(true))
+        )
+    })
+    .await;
+    let a_leads = leads(&client, &a).await == Some(true);
+
+    // A rollout changed through one replica is served by the other.
+    let put = client
+        .put(a.url("/admin/routes/agent"))
+        .json(&json!({"champion": {"upstream": "mock", "model": "tools"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200, "{}", put.text().await.unwrap());
+    let took = within(
+        Duration::from_secs(10),
+        "the change reaches the other replica",
+        || async { champion(&client, &b).await["model"] == "tools" },
+    )
+    .await;
+    println!("the rollout reached the other replica in {took:?}");
+    let before = mock.count("tools");
+    let r = client
+        .post(b.url("/v1/chat/completions"))
+        .json(&user_request("agent", "hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        mock.count("tools"),
+        before + 1,
+        "the other replica serves the new champion"
+    );
+
+    // A third replica whose config names another champion follows the store, and says so.
+    let mut c = GatewayProcess::start(&config);
+    within(
+        Duration::from_secs(10),
+        "the third replica follows the store",
+        || async { champion(&client, &c).await["model"] == "tools" },
+    )
+    .await;
+    assert!(
+        c.log_text()
+            .contains("another champion than the shared store"),
+        "{}",
+        c.log_text()
+    );
+    c.stop();
+
+    // Under load on both, the leader is killed: the other keeps serving, logs all it answered,
+    // and takes the lead.
+    let (leader, survivor) = if a_leads {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    let on_survivor = tokio::spawn(load(
+        client.clone(),
+        survivor.url("/v1/chat/completions"),
+        "survivor".into(),
+        3000,
+    ));
+    let on_leader = tokio::spawn(load(
+        client.clone(),
+        leader.url("/v1/chat/completions"),
+        "leader".into(),
+        3000,
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    leader.child.kill().unwrap();
+    leader.child.wait().unwrap();
+    let answered_by_leader = on_leader.await.unwrap();
+    let answered = on_survivor.await.unwrap();
+    assert_eq!(answered, 3000, "the survivor kept serving");
+    assert!(
+        answered_by_leader < 3000,
+        "the leader was killed while under load"
+    );
+    let took = within(
+        Duration::from_secs(20),
+        "the survivor takes the lead",
+        || async { leads(&client, survivor).await == Some(true) },
+    )
+    .await;
+    println!("the survivor took the lead {took:?} after the leader was killed (it had answered {answered_by_leader})");
+
+    // SIGTERM after more load: the survivor drains its queue before it exits.
+    let more = load(
+        client.clone(),
+        survivor.url("/v1/chat/completions"),
+        "survivor".into(),
+        100,
+    )
+    .await;
+    assert_eq!(more, 100);
+    assert!(survivor.stop().success());
+    assert_eq!(
+        logged(&db, "survivor").await,
+        (answered + more) as i64,
+        "every request the survivor answered is in the shared log"
+    );
+}
