@@ -1023,3 +1023,79 @@ async fn a_route_that_requires_approval_holds_each_candidate_for_a_person() {
         run["details"]["curation"]["dataset"]
     );
 }
+
+/// `flywheel_leader` from a replica's metrics.
+async fn leads(gw: &GatewayProcess) -> bool {
+    let Ok(r) = reqwest::get(gw.url("/metrics")).await else {
+        return false;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .any(|l| l.starts_with("flywheel_leader ") && l.trim_end().ends_with(" 1"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_leading_replica_dies_mid_run_another_finishes_the_run() {
+    let Some((_db, url)) = flywheel::store::testing::fresh_postgres("leader_dies_mid_run") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (addr, _teacher) = start_teacher().await;
+    // Two replicas on one store and one shared data directory (checkpoints, datasets, adapters).
+    let config = format!("{}\n[store]\nurl = \"{url}\"\n", config(&model, addr));
+    let data = dir.path().join("shared");
+    let mut a = GatewayProcess::start_sharing(&config, &data);
+    let mut b = GatewayProcess::start_sharing(&config, &data);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(leads(&a).await || leads(&b).await) {
+        assert!(Instant::now() < deadline, "no replica leads");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a_leads = leads(&a).await;
+    for i in 0..CITIES.len() {
+        agent_request(if i % 2 == 0 { &a } else { &b }, i).await;
+    }
+    let (leader, survivor) = if a_leads {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    // Kill the leader while the run trains.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let id = loop {
+        let (_, runs) = call(
+            reqwest::Method::GET,
+            survivor.url("/v1/flywheel/runs"),
+            None,
+        )
+        .await;
+        let run = &runs["data"][0];
+        if run["stage"] == "training" && run["details"]["job_id"].is_string() {
+            break run["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no training run: {runs:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    leader.child.kill().unwrap();
+    leader.child.wait().unwrap();
+    let run = finished_run(survivor, 1, Duration::from_secs(240)).await;
+    assert_eq!(run["id"], id.as_str(), "the same run finished: {run:#}");
+    assert_eq!(
+        run["status"],
+        "completed",
+        "{run:#}\n{}",
+        survivor.log_text()
+    );
+    assert!(run["decision"]["promote"].is_boolean());
+    let log = survivor.log_text();
+    assert!(log.contains("this replica leads the flywheel"), "{log}");
+    assert!(log.contains("resuming a flywheel run"), "{log}");
+    let (_, runs) = call(
+        reqwest::Method::GET,
+        survivor.url("/v1/flywheel/runs"),
+        None,
+    )
+    .await;
+    assert_eq!(runs["data"].as_array().unwrap().len(), 1, "{runs:#}");
+}

@@ -525,6 +525,18 @@ impl GatewayProcess {
         Self::spawn(dir, config_path, env)
     }
 
+    /// Starts a gateway on `config` with its data in `data` (several replicas can share one).
+    pub fn start_sharing(config: &str, data: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("flywheel.toml");
+        let full = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{config}",
+            data.display()
+        );
+        std::fs::write(&config_path, full).unwrap();
+        Self::spawn(dir, config_path, &[])
+    }
+
     /// Stops the gateway (SIGTERM) and starts it again on the same config and data directory.
     pub fn restart(mut self) -> Self {
         self.stop();
