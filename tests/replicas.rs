@@ -2,6 +2,8 @@
 //! the others, one replica leads the flywheel at a time and another takes over when it dies,
 //! and no request a surviving replica answered is missing from the shared log.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -204,4 +206,69 @@ async fn replicas_share_rollouts_lead_one_at_a_time_and_lose_no_answered_request
         (answered + more) as i64,
         "every request the survivor answered is in the shared log"
     );
+}
+
+/// `flywheel serve` on `store`; returns its exit status and what it printed.
+fn serve_with_store(store: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("flywheel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[store]\n{store}\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["serve", "--config"]).arg(&config);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_bad_or_unreachable_store_stops_the_start_with_the_cause() {
+    // Nothing listens on port 1.
+    let (ok, out) = serve_with_store("url = \"postgres://flywheel@127.0.0.1:1/flywheel\"", &[]);
+    assert!(!ok);
+    assert!(
+        out.contains("cannot reach PostgreSQL at postgres://flywheel@127.0.0.1:1/flywheel"),
+        "{out}"
+    );
+    // A password in the file is refused, and not echoed.
+    let (ok, out) = serve_with_store("url = \"postgres://flywheel:hunter2@db/flywheel\"", &[]);
+    assert!(!ok);
+    assert!(out.contains("must not carry a password"), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+    let (ok, out) = serve_with_store("url = \"mysql://flywheel@db/flywheel\"", &[]);
+    assert!(!ok);
+    assert!(out.contains("must start with postgres://"), "{out}");
+    // The password's variable is named but not set.
+    let (ok, out) = serve_with_store(
+        "url = \"postgres://flywheel@127.0.0.1:1/flywheel\"\npassword_env = \"FLYWHEEL_TEST_UNSET_PASSWORD\"",
+        &[],
+    );
+    assert!(!ok);
+    assert!(out.contains("FLYWHEEL_TEST_UNSET_PASSWORD"), "{out}");
+    // A malformed URL from the environment is named without its password.
+    let (ok, out) = serve_with_store(
+        "url_env = \"FLYWHEEL_TEST_URL\"",
+        &[(
+            "FLYWHEEL_TEST_URL",
+            "postgres://flywheel:hunter2@db:notaport/flywheel",
+        )],
+    );
+    assert!(!ok);
+    assert!(out.contains("not a valid PostgreSQL URL"), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
 }

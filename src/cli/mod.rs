@@ -224,6 +224,10 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     println!("config {} is valid", path.display());
     println!("listen   {}", config.listen);
     println!("data_dir {}", config.data_dir.display());
+    match config.store.postgres_url()? {
+        Some(url) => println!("store    {}", crate::store::postgres::redact(&url)),
+        None => println!("store    {} (SQLite)", config.db_path().display()),
+    }
     for u in &config.upstreams {
         println!("upstream {} -> {}", u.name, u.base_url);
     }
