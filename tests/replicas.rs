@@ -206,6 +206,15 @@ async fn replicas_share_rollouts_lead_one_at_a_time_and_lose_no_answered_request
         (answered + more) as i64,
         "every request the survivor answered is in the shared log"
     );
+    // The command-line export reads the same shared log.
+    let exported = export_records(survivor);
+    assert_eq!(
+        exported
+            .iter()
+            .filter(|r| r["workload_id"] == "survivor")
+            .count(),
+        answered + more
+    );
 }
 
 /// `flywheel serve` on `store`; returns its exit status and what it printed.

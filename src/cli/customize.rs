@@ -211,16 +211,16 @@ pub fn data(command: DataCommand) -> anyhow::Result<()> {
             min_records,
         } => {
             let config = crate::config::Config::load(&config)?;
-            let conn = crate::store::open(&config.db_path())?;
+            let store = crate::store::ToolConn::open(&config)?;
+            let conn = &store.conn;
             let filter = window.filter(false);
-            let taught: Vec<Taught> =
-                crate::store::traffic::served_exchanges(&conn, &filter, None)?
-                    .into_iter()
-                    .map(|exchange| Taught {
-                        exchange,
-                        source: Source::Logged,
-                    })
-                    .collect();
+            let taught: Vec<Taught> = crate::store::traffic::served_exchanges(conn, &filter, None)?
+                .into_iter()
+                .map(|exchange| Taught {
+                    exchange,
+                    source: Source::Logged,
+                })
+                .collect();
             let (s, report) = crate::flywheel::curate::curate(
                 &taught,
                 Default::default(),

@@ -176,12 +176,13 @@ fn export(
     filter: ExportFilter,
 ) -> anyhow::Result<()> {
     let config = Config::load(config)?;
-    let conn = crate::store::open(&config.db_path())?;
+    let store = crate::store::ToolConn::open(&config)?;
+    let conn = &store.conn;
     let n = match out {
         Some(path) => {
             let tmp = path.with_extension("jsonl.partial");
             let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            let n = export_jsonl(&conn, &filter, &mut w)?;
+            let n = export_jsonl(conn, &filter, &mut w)?;
             w.flush()?;
             drop(w);
             std::fs::rename(&tmp, &path)?;
@@ -190,7 +191,7 @@ fn export(
         None => {
             let stdout = std::io::stdout();
             let mut w = std::io::BufWriter::new(stdout.lock());
-            let n = export_jsonl(&conn, &filter, &mut w)?;
+            let n = export_jsonl(conn, &filter, &mut w)?;
             w.flush()?;
             n
         }

@@ -327,6 +327,38 @@ fn after_migration(version: usize, tx: &Conn) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A connection for a command-line tool (which runs no async runtime of its own) to the store a
+/// config names; on PostgreSQL it brings a small runtime for the connection.
+pub struct ToolConn {
+    pub conn: Conn,
+    // Dropped after the connection.
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl ToolConn {
+    pub fn open(config: &crate::config::Config) -> Result<Self, StoreError> {
+        let url = config
+            .store
+            .postgres_url()
+            .map_err(|e| StoreError::Connect(e.to_string()))?;
+        let Some(url) = url else {
+            return Ok(Self {
+                conn: open(&config.db_path())?,
+                _runtime: None,
+            });
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let db = runtime.block_on(Db::postgres(&url, 2))?;
+        Ok(Self {
+            conn: db.open()?,
+            _runtime: Some(runtime),
+        })
+    }
+}
+
 /// A claim taken with [`Db::try_claim`]; given back when dropped.
 pub struct Claim(Option<postgres::PgClaim>);
 
