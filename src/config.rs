@@ -159,8 +159,9 @@ pub struct LogConfig {
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
     /// Most records written in one transaction.
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
+    /// 512 on SQLite, 4096 on PostgreSQL when not set (its transactions cost more each).
+    #[serde(default)]
+    pub batch_size: Option<usize>,
     /// How long the writer lets records gather before a transaction (fewer, larger commits).
     #[serde(default = "default_flush_interval")]
     pub flush_interval_ms: u64,
@@ -257,12 +258,22 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+impl LogConfig {
+    /// Most records in one of the writer's transactions on a store of `dialect`.
+    pub fn batch_size(&self, dialect: crate::store::Dialect) -> usize {
+        self.batch_size.unwrap_or(match dialect {
+            crate::store::Dialect::Sqlite => 512,
+            crate::store::Dialect::Postgres => 4096,
+        })
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             enabled: true,
             queue_capacity: default_queue_capacity(),
-            batch_size: default_batch_size(),
+            batch_size: None,
             flush_interval_ms: default_flush_interval(),
         }
     }
@@ -506,9 +517,6 @@ fn default_shutdown_grace() -> u64 {
 fn default_queue_capacity() -> usize {
     65_536
 }
-fn default_batch_size() -> usize {
-    512
-}
 fn default_flush_interval() -> u64 {
     2
 }
@@ -587,7 +595,7 @@ impl Config {
         if self.store.pool_size == 0 {
             return invalid("store.pool_size must be at least 1".into());
         }
-        if self.log.queue_capacity == 0 || self.log.batch_size == 0 {
+        if self.log.queue_capacity == 0 || self.log.batch_size == Some(0) {
             return invalid("log.queue_capacity and log.batch_size must be at least 1".into());
         }
         for key in &self.auth.keys {

@@ -111,7 +111,7 @@ fn open_traffic_log(config: &Config, db: &Db) -> anyhow::Result<Option<TrafficWr
     let w = TrafficLog::start(
         db,
         config.log.queue_capacity,
-        config.log.batch_size,
+        config.log.batch_size(db.dialect()),
         Duration::from_millis(config.log.flush_interval_ms),
     )
     .with_context(|| format!("cannot open the traffic log at {}", db.describe()))?;

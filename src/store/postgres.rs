@@ -231,7 +231,8 @@ CREATE TABLE traffic_text (
 DO $$
 BEGIN
     CREATE EXTENSION IF NOT EXISTS pg_trgm;
-    CREATE INDEX traffic_text_trigrams ON traffic_text USING gin (body gin_trgm_ops);
+    CREATE INDEX traffic_text_trigrams ON traffic_text USING gin (body gin_trgm_ops)
+        WITH (fastupdate = on, gin_pending_list_limit = 65536);
 EXCEPTION WHEN OTHERS THEN
     RAISE NOTICE 'pg_trgm is not available: text searches scan the index table';
 END

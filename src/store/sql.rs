@@ -456,6 +456,47 @@ impl Conn {
             .ok_or_else(|| StoreError::Column(format!("no row from: {sql}")))
     }
 
+    /// Loads rows into `into` ("table (columns)"): PostgreSQL's binary COPY, or one cached
+    /// INSERT a row on SQLite. Every row has the same kinds of values in the same order.
+    pub fn copy_rows<'a>(
+        &self,
+        into: &str,
+        rows: impl IntoIterator<Item = Vec<Arg<'a>>>,
+    ) -> Result<u64, StoreError> {
+        let mut rows = rows.into_iter().peekable();
+        let Some(first) = rows.peek() else {
+            return Ok(0);
+        };
+        let width = first.len();
+        match &self.engine {
+            Engine::Sqlite(_) => {
+                let placeholders: Vec<String> = (1..=width).map(|i| format!("?{i}")).collect();
+                let sql = format!("INSERT INTO {into} VALUES ({})", placeholders.join(", "));
+                let mut n = 0;
+                for row in rows {
+                    n += self.execute(&sql, &row)?;
+                }
+                Ok(n)
+            }
+            Engine::Postgres { client, rt } => {
+                let types: Vec<Type> = first.iter().map(Arg::pg_type).collect();
+                wait(rt, async {
+                    let sink = client
+                        .copy_in(&format!("COPY {into} FROM STDIN (FORMAT binary)"))
+                        .await?;
+                    let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
+                    futures_util::pin_mut!(writer);
+                    for row in rows {
+                        let values: Vec<&(dyn ToSql + Sync)> =
+                            row.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                        writer.as_mut().write(&values).await?;
+                    }
+                    Ok(writer.finish().await?)
+                })
+            }
+        }
+    }
+
     /// Runs statements without parameters, separated by semicolons.
     pub fn batch(&self, sql: &str) -> Result<(), StoreError> {
         match &self.engine {

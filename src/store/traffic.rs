@@ -507,6 +507,12 @@ impl Writer {
 
 fn write_batch(conn: &Conn, batch: &[Entry]) -> Result<(), StoreError> {
     conn.transaction(|tx| {
+        if tx.dialect() == Dialect::Postgres {
+            // The commit returns once the server has the rows, before its disk does (as SQLite's
+            // synchronous=NORMAL): a server crash may lose the last fraction of a second of
+            // rows, never corrupt them; the gateway's own crash loses nothing committed.
+            tx.batch("SET LOCAL synchronous_commit = off")?;
+        }
         let mut rollup = super::rollup::Rollup::default();
         let records: Vec<&TrafficRecord> = batch
             .iter()
@@ -592,9 +598,6 @@ fn row_args(r: &TrafficRecord) -> Vec<Arg<'_>> {
     ]
 }
 
-/// Rows a multi-row statement carries at most (PostgreSQL takes 65,535 parameters).
-const ROWS_PER_STATEMENT: usize = 500;
-
 /// Inserts records with their tool calls and text; returns, for each, whether any call's
 /// arguments are not JSON.
 fn insert(tx: &Conn, records: &[&TrafficRecord]) -> Result<Vec<bool>, StoreError> {
@@ -617,34 +620,26 @@ fn insert(tx: &Conn, records: &[&TrafficRecord]) -> Result<Vec<bool>, StoreError
         }
         Dialect::Postgres => {
             // Many writers share the table: the place within the millisecond comes from a
-            // sequence, so no two of them compute the same id.
-            for chunk in records.chunks(ROWS_PER_STATEMENT) {
-                let mut values = Vec::with_capacity(chunk.len());
-                let mut all = Vec::with_capacity(chunk.len() * INSERT_ARGS);
-                for (i, r) in chunk.iter().enumerate() {
-                    let at = i * INSERT_ARGS;
-                    values.push(format!(
-                        "(?{} * 1048576 + nextval('traffic_in_ms') % 1048576, {})",
-                        at + 2,
-                        placeholders(at, INSERT_ARGS)
-                    ));
-                    all.extend(row_args(r));
-                }
-                let sql = format!(
-                    "INSERT INTO traffic (seq, {INSERT_COLUMNS}) VALUES {} RETURNING id, seq",
-                    values.join(", ")
-                );
-                let ids: HashMap<String, i64> = tx
-                    .query(&sql, &all, |row| Ok((row.get(0)?, row.get(1)?)))?
-                    .into_iter()
-                    .collect();
-                for r in chunk {
-                    let id = r.id.to_string();
-                    seqs.push(*ids.get(&id).ok_or_else(|| {
-                        StoreError::Column(format!("no row id came back for {id}"))
-                    })?);
-                }
-            }
+            // sequence (a block of values taken at once), so no two of them make the same id.
+            let places: Vec<i64> = tx.query(
+                "SELECT nextval('traffic_in_ms') FROM generate_series(1, ?1)",
+                args![records.len()],
+                |r| r.get(0),
+            )?;
+            seqs.extend(
+                records
+                    .iter()
+                    .zip(&places)
+                    .map(|(r, p)| r.ts_ms * ROWS_PER_MS + p.rem_euclid(ROWS_PER_MS)),
+            );
+            tx.copy_rows(
+                &format!("traffic (seq, {INSERT_COLUMNS})"),
+                records.iter().zip(&seqs).map(|(r, seq)| {
+                    let mut row = vec![Arg::Int(Some(*seq))];
+                    row.extend(row_args(r));
+                    row
+                }),
+            )?;
         }
     }
     let mut texts = Vec::new();
@@ -664,18 +659,14 @@ fn insert(tx: &Conn, records: &[&TrafficRecord]) -> Result<Vec<bool>, StoreError
         unparsable.push(bad);
     }
     let seq = tx.dialect().seq();
-    insert_rows(
-        tx,
+    tx.copy_rows(
         &format!("traffic_text ({seq}, body)"),
-        2,
         texts
             .iter()
             .map(|(s, t)| vec![Arg::Int(Some(*s)), Arg::Text(Some(t.as_str().into()))]),
     )?;
-    insert_rows(
-        tx,
+    tx.copy_rows(
         "tool_calls (traffic_id, choice_index, call_index, call_id, name, arguments, arguments_valid_json)",
-        7,
         calls.iter().map(|(id, call, valid)| {
             vec![
                 Arg::Text(Some(id.as_str().into())),
@@ -697,33 +688,6 @@ fn placeholders(from: usize, n: usize) -> String {
         .map(|i| format!("?{i}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Inserts rows of `width` values into `into` ("table (columns)"): one statement per row on
-/// SQLite (each a cached statement), many rows per statement on PostgreSQL (each a round trip).
-fn insert_rows<'a>(
-    tx: &Conn,
-    into: &str,
-    width: usize,
-    rows: impl Iterator<Item = Vec<Arg<'a>>>,
-) -> Result<(), StoreError> {
-    let per_statement = match tx.dialect() {
-        Dialect::Sqlite => 1,
-        Dialect::Postgres => ROWS_PER_STATEMENT,
-    };
-    let mut rows = rows.peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Vec<Arg<'a>>> = rows.by_ref().take(per_statement).collect();
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| format!("({})", placeholders(i * width, width)))
-            .collect();
-        let all: Vec<Arg<'a>> = chunk.into_iter().flatten().collect();
-        tx.execute(
-            &format!("INSERT INTO {into} VALUES {}", values.join(", ")),
-            &all,
-        )?;
-    }
-    Ok(())
 }
 
 /// Traffic row ids follow time: a row's id is its request's millisecond times this, plus the
