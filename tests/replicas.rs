@@ -93,7 +93,7 @@ async fn replicas_share_rollouts_lead_one_at_a_time_and_lose_no_answered_request
     let mut config = upstream_toml("mock", &mock.base_url(), "");
     config.push_str(&route_toml("agent", "mock", "echo", ""));
     config.push_str(&format!(
-        "[store]\nurl = \"{url}\"\n[flywheel]\ncheck_interval_secs = 0.2\n"
+        "[store]\nurl = \"{url}\"\n[flywheel]\ncheck_interval_secs = 0.2\n[[metrics]]\nname = \"thumbs_up\"\ntype = \"boolean\"\n"
     ));
     let mut a = GatewayProcess::start(&config);
     let mut b = GatewayProcess::start(&config);
@@ -137,6 +137,24 @@ async fn replicas_share_rollouts_lead_one_at_a_time_and_lose_no_answered_request
         before + 1,
         "the other replica serves the new champion"
     );
+
+    // Feedback on an answer one replica gave, sent at once to the other, is taken.
+    for i in 0..20 {
+        let r = client
+            .post(a.url("/v1/chat/completions"))
+            .json(&user_request("agent", &format!("rate me {i}")))
+            .send()
+            .await
+            .unwrap();
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let fb = client
+            .post(b.url("/v1/feedback"))
+            .json(&json!({"request_id": id, "metric": "thumbs_up", "value": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(fb.status(), 201, "{}", fb.text().await.unwrap());
+    }
 
     // A third replica whose config names another champion follows the store, and says so.
     let mut c = GatewayProcess::start(&config);

@@ -267,10 +267,26 @@ async fn check_known(state: &AppState, about: &About) -> Result<(), ApiError> {
     locate(state, about).await.map(|_| ())
 }
 
+/// How long feedback about an unknown id waits for another replica's writer, on a store replicas
+/// share (the request may have been answered by another replica a moment ago), and how often it
+/// looks.
+const OTHER_REPLICAS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const OTHER_REPLICAS_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The request's body as logged, or that the episode exists; waits for the traffic log to catch
-/// up once before calling an id unknown.
+/// up once (and, on a store replicas share, for the others' writers a while) before calling an
+/// id unknown.
 async fn locate(state: &AppState, about: &About) -> Result<Value, ApiError> {
-    for attempt in 0..2 {
+    let shared = state
+        .db
+        .as_ref()
+        .is_some_and(|d| d.dialect() == crate::store::Dialect::Postgres);
+    let attempts = if shared {
+        2 + (OTHER_REPLICAS_WAIT.as_millis() / OTHER_REPLICAS_POLL.as_millis()) as usize
+    } else {
+        2
+    };
+    for attempt in 0..attempts {
         let found = match about {
             About::Request(id) => {
                 let id = id.to_string();
@@ -290,6 +306,8 @@ async fn locate(state: &AppState, about: &About) -> Result<Value, ApiError> {
         }
         if attempt == 0 {
             state.gateway.log().caught_up().await.map_err(queue_error)?;
+        } else if attempt + 1 < attempts {
+            tokio::time::sleep(OTHER_REPLICAS_POLL).await;
         }
     }
     Err(match about {

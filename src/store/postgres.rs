@@ -15,187 +15,32 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller waits for a free connection.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Migrations in PostgreSQL's dialect, one per SQLite migration (`super::MIGRATIONS`), applied in
-/// order; `flywheel_schema.version` records how many have run. Integers are BIGINT (SQLite's are
-/// 64-bit), booleans 0 and 1 as in SQLite, JSON text.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE traffic (
-    id TEXT PRIMARY KEY,
-    ts_ms BIGINT NOT NULL,
-    workload_id TEXT,
-    client_id TEXT,
-    session_id TEXT,
-    route TEXT NOT NULL,
-    target_kind TEXT,
-    target TEXT,
-    target_model TEXT,
-    adapter TEXT,
-    arm TEXT NOT NULL,
-    shadow_of TEXT,
-    attempts BIGINT NOT NULL DEFAULT 1,
-    stream BIGINT NOT NULL,
-    status BIGINT NOT NULL,
-    error TEXT,
-    latency_ms DOUBLE PRECISION NOT NULL,
-    ttft_ms DOUBLE PRECISION,
-    upstream_ms DOUBLE PRECISION,
-    prompt_tokens BIGINT,
-    completion_tokens BIGINT,
-    total_tokens BIGINT,
-    finish_reason TEXT,
-    rails TEXT,
-    tool_name_agreement BIGINT,
-    tool_args_agreement BIGINT,
-    request TEXT NOT NULL,
-    response TEXT
-);
-CREATE INDEX traffic_ts ON traffic(ts_ms);
-CREATE INDEX traffic_route_ts ON traffic(route, ts_ms);
-CREATE INDEX traffic_workload_ts ON traffic(workload_id, ts_ms);
-CREATE INDEX traffic_shadow_of ON traffic(shadow_of) WHERE shadow_of IS NOT NULL;
-CREATE TABLE tool_calls (
-    traffic_id TEXT NOT NULL REFERENCES traffic(id) ON DELETE CASCADE,
-    choice_index BIGINT NOT NULL,
-    call_index BIGINT NOT NULL,
-    call_id TEXT,
-    name TEXT NOT NULL,
-    arguments TEXT NOT NULL,
-    arguments_valid_json BIGINT NOT NULL,
-    PRIMARY KEY (traffic_id, choice_index, call_index)
-);
-CREATE INDEX tool_calls_name ON tool_calls(name);
-"#,
-    r#"
-CREATE TABLE namespaces (
-    id TEXT PRIMARY KEY,
-    description TEXT,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE datasets (
-    namespace TEXT NOT NULL,
-    name TEXT NOT NULL,
-    description TEXT,
-    files_url TEXT NOT NULL,
-    project TEXT,
-    format TEXT,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    PRIMARY KEY (namespace, name)
-);
-CREATE TABLE jobs (
-    id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    status TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    status_details TEXT NOT NULL,
-    result TEXT,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
-);
-CREATE INDEX jobs_kind ON jobs(kind, created_at);
-"#,
-    r#"
-CREATE TABLE flywheel_runs (
-    id TEXT PRIMARY KEY,
-    route TEXT NOT NULL,
-    trigger TEXT NOT NULL,
-    status TEXT NOT NULL,
-    stage TEXT NOT NULL,
-    details TEXT NOT NULL,
-    decision TEXT,
-    created_ms BIGINT NOT NULL,
-    updated_ms BIGINT NOT NULL,
-    finished_ms BIGINT
-);
-CREATE INDEX flywheel_runs_route ON flywheel_runs(route, created_ms);
-CREATE TABLE flywheel_routes (
-    route TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    updated_ms BIGINT NOT NULL
-);
-CREATE TABLE rollout_events (
-    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    route TEXT NOT NULL,
-    run_id TEXT,
-    at_ms BIGINT NOT NULL,
-    from_stage TEXT NOT NULL,
-    to_stage TEXT NOT NULL,
-    action TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    numbers TEXT NOT NULL
-);
-CREATE INDEX rollout_events_route ON rollout_events(route, at_ms);
-CREATE INDEX traffic_route_arm_ts ON traffic(route, arm, ts_ms);
-"#,
-    r#"
-CREATE TABLE guardrail_configs (
-    namespace TEXT NOT NULL,
-    name TEXT NOT NULL,
-    description TEXT,
-    data TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    PRIMARY KEY (namespace, name)
-);
-"#,
-    r#"
-ALTER TABLE traffic ADD COLUMN api TEXT NOT NULL DEFAULT 'chat';
-ALTER TABLE traffic ADD COLUMN wire_request TEXT;
-CREATE TABLE responses (
-    id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    created_ms BIGINT NOT NULL,
-    model TEXT NOT NULL,
-    traffic_id TEXT,
-    previous_id TEXT,
-    input_items TEXT NOT NULL,
-    conversation TEXT NOT NULL,
-    response TEXT NOT NULL
-);
-"#,
-    r#"
-ALTER TABLE traffic ADD COLUMN episode_id TEXT;
-CREATE INDEX traffic_episode ON traffic (episode_id);
-CREATE TABLE feedback (
-    id TEXT PRIMARY KEY,
-    ts_ms BIGINT NOT NULL,
-    key_name TEXT NOT NULL,
-    request_id TEXT,
-    episode_id TEXT,
-    metric TEXT,
-    value DOUBLE PRECISION,
-    comment TEXT,
-    demonstration TEXT
-);
-CREATE INDEX feedback_request ON feedback (request_id, ts_ms) WHERE request_id IS NOT NULL;
-CREATE INDEX feedback_episode ON feedback (episode_id, ts_ms) WHERE episode_id IS NOT NULL;
-"#,
-    r#"
-CREATE TABLE traffic_minutes (
-    minute_ms BIGINT NOT NULL,
-    route TEXT NOT NULL,
-    arm TEXT NOT NULL,
-    requests BIGINT NOT NULL,
-    errors BIGINT NOT NULL,
-    blocked BIGINT NOT NULL,
-    prompt_tokens BIGINT NOT NULL,
-    completion_tokens BIGINT NOT NULL,
-    compared BIGINT NOT NULL,
-    agreed_names BIGINT NOT NULL,
-    agreed_args BIGINT NOT NULL,
-    parse_failures BIGINT NOT NULL,
-    latency TEXT NOT NULL,
-    ttft TEXT NOT NULL,
-    overhead TEXT NOT NULL,
-    rails TEXT NOT NULL,
-    PRIMARY KEY (minute_ms, route, arm)
-);
-CREATE INDEX traffic_errors_ts ON traffic (ts_ms) WHERE status >= 400;
-"#,
-    // SQLite's row ids become the `seq` column (time-ordered the same way); the text index is a
-    // table searched with ILIKE, served by a trigram index where the server has pg_trgm.
-    r#"
+/// PostgreSQL's form of SQLite's migration `version` (`super::MIGRATIONS`), so both engines run
+/// the same migrations, numbered alike: the same tables, columns and indexes, with PostgreSQL's
+/// types (64-bit integers as SQLite's are, doubles for reals; booleans stay 0 and 1, JSON stays
+/// text). Migration 8 is PostgreSQL's own: SQLite's row ids become the `seq` column, its FTS5
+/// index a table searched with ILIKE.
+fn migration(version: usize) -> Option<std::borrow::Cow<'static, str>> {
+    if version == 8 {
+        return Some(TEXT_AND_HOURS.into());
+    }
+    let sqlite = super::MIGRATIONS.get(version.checked_sub(1)?)?;
+    let sql = sqlite.replace(
+        " INTEGER PRIMARY KEY AUTOINCREMENT",
+        " BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    );
+    let words = |w: &str, by: &str, s: &str| -> String {
+        regex::Regex::new(&format!(r"\b{w}\b"))
+            .map(|re| re.replace_all(s, by).into_owned())
+            .unwrap_or_else(|_| s.to_string())
+    };
+    let sql = words("INTEGER", "BIGINT", &sql);
+    Some(words("REAL", "DOUBLE PRECISION", &sql).into())
+}
+
+/// Migration 8 on PostgreSQL: the time-ordered `seq` column (SQLite's row ids), hourly rollups,
+/// and the text index as a table, served by a trigram index where the server has pg_trgm.
+const TEXT_AND_HOURS: &str = r#"
 ALTER TABLE traffic ADD COLUMN seq BIGINT;
 UPDATE traffic SET seq = k.new
 FROM (SELECT id, ts_ms * 1048576 + row_number() OVER (PARTITION BY ts_ms ORDER BY id) - 1 AS new
@@ -237,17 +82,7 @@ EXCEPTION WHEN OTHERS THEN
     RAISE NOTICE 'pg_trgm is not available: text searches scan the index table';
 END
 $$;
-"#,
-    r#"
-CREATE TABLE route_rollouts (
-    route TEXT PRIMARY KEY,
-    rollout TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    updated_ms BIGINT NOT NULL
-);
-CREATE UNIQUE INDEX flywheel_runs_one_running ON flywheel_runs (route) WHERE status = 'running';
-"#,
-];
+"#;
 
 /// The store's PostgreSQL server: a pool, and the runtime its connections live on.
 pub struct Postgres {
@@ -430,7 +265,7 @@ async fn migrate_locked(client: &deadpool_postgres::Object) -> Result<(), StoreE
         .await?
         .and_then(|r| r.get(0));
     let version = found.unwrap_or(0);
-    let known = MIGRATIONS.len() as i64;
+    let known = super::MIGRATIONS.len() as i64;
     if version > known {
         return Err(StoreError::TooNew {
             path: "the PostgreSQL store".into(),
@@ -438,8 +273,12 @@ async fn migrate_locked(client: &deadpool_postgres::Object) -> Result<(), StoreE
             known,
         });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let v = i as i64 + 1;
+    for v in version + 1..=known {
+        let Some(sql) = migration(v as usize) else {
+            return Err(StoreError::Connect(format!(
+                "no PostgreSQL form of migration {v}"
+            )));
+        };
         let applied = client
             .batch_execute(&format!(
                 "BEGIN; {sql}; DELETE FROM flywheel_schema; INSERT INTO flywheel_schema VALUES ({v}); COMMIT;"
@@ -475,7 +314,24 @@ mod tests {
     }
 
     #[test]
-    fn there_is_a_postgres_migration_for_each_sqlite_one() {
-        assert_eq!(MIGRATIONS.len(), super::super::MIGRATIONS.len());
+    fn each_sqlite_migration_has_a_postgres_form_in_its_types() {
+        let n = super::super::MIGRATIONS.len();
+        for v in 1..=n {
+            let sql = migration(v).unwrap();
+            assert!(
+                !sql.contains(" INTEGER") && !sql.contains(" REAL"),
+                "{v}: {sql}"
+            );
+        }
+        assert!(migration(1)
+            .unwrap()
+            .contains("attempts BIGINT NOT NULL DEFAULT 1"));
+        assert!(migration(1)
+            .unwrap()
+            .contains("latency_ms DOUBLE PRECISION NOT NULL"));
+        assert!(migration(3)
+            .unwrap()
+            .contains("id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"));
+        assert!(migration(n + 1).is_none() && migration(0).is_none());
     }
 }
