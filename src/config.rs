@@ -342,6 +342,41 @@ pub struct UpstreamConfig {
     /// own shape instead of translated to chat completions.
     #[serde(default)]
     pub native_apis: Vec<String>,
+    /// `[upstreams.lora]`: how the flywheel loads adapters onto this upstream's servers (a vLLM or
+    /// NIM deployment). Only needed when the defaults do not fit.
+    #[serde(default)]
+    pub lora: LoraPushConfig,
+}
+
+/// `[upstreams.lora]`: a target `{ upstream, adapter }` is an adapter from Flywheel's adapter store
+/// served by this upstream under the adapter's name. The flywheel loads it on every server through
+/// vLLM's `POST /v1/load_lora_adapter` (checking `GET /v1/models`) before traffic reaches it, and
+/// unloads it (`POST /v1/unload_lora_adapter`) when no rollout needs it any more.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraPushConfig {
+    /// Each server of the deployment, by its base URL up to and including `/v1` (a load balancer
+    /// in front of them reaches only one per call). Default: the upstream's `base_url`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// The adapter store (`<data_dir>/adapters`) as the servers see it, when they mount the shared
+    /// volume somewhere else. Default: the gateway's own path.
+    #[serde(default)]
+    pub adapter_dir: Option<String>,
+    /// Time allowed for one load call (the server reads the adapter and may warm it up).
+    #[serde(default)]
+    pub load_timeout_ms: Option<u64>,
+}
+
+impl UpstreamConfig {
+    /// The servers adapters are loaded on.
+    pub fn lora_endpoints(&self) -> Vec<String> {
+        if self.lora.endpoints.is_empty() {
+            vec![self.base_url.clone()]
+        } else {
+            self.lora.endpoints.clone()
+        }
+    }
 }
 
 /// Where a request goes: an upstream provider's model (`{ upstream, model }`) or a local model
@@ -355,7 +390,8 @@ pub struct TargetConfig {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<String>,
-    /// A LoRA adapter (`namespace/name`) on the local model.
+    /// A LoRA adapter (`namespace/name`) from the adapter store: on the local model, or loaded on
+    /// the upstream's servers and asked for by its name there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter: Option<String>,
 }
@@ -644,6 +680,21 @@ impl Config {
                     return invalid(format!("upstream '{}': header '{k}' is not valid", up.name));
                 }
             }
+            for e in &up.lora.endpoints {
+                let http = e.starts_with("http://") || e.starts_with("https://");
+                if !http || e.parse::<http::Uri>().is_err() {
+                    return invalid(format!(
+                        "upstream '{}': lora.endpoints entry '{e}' must be an http:// or https:// URL",
+                        up.name
+                    ));
+                }
+            }
+            if up.lora.load_timeout_ms == Some(0) {
+                return invalid(format!(
+                    "upstream '{}': lora.load_timeout_ms must be above zero",
+                    up.name
+                ));
+            }
             if up.total_timeout_ms == 0
                 || up.first_byte_timeout_ms == 0
                 || up.connect_timeout_ms == 0
@@ -762,6 +813,20 @@ impl Config {
                 known.join(", ")
             )));
         }
+        if let Some(up) = &fw.deploy {
+            if !self.upstreams.iter().any(|u| &u.name == up) {
+                let known: Vec<&str> = self.upstreams.iter().map(|u| u.name.as_str()).collect();
+                return Err(ConfigError::Invalid(format!(
+                    "route '{name}': flywheel.deploy names upstream '{up}', which is not defined (defined: {})",
+                    known.join(", ")
+                )));
+            }
+            if fw.teacher.is_none() && route.rollout.champion.upstream.as_ref() == Some(up) {
+                return Err(ConfigError::Invalid(format!(
+                    "route '{name}': the champion is served by '{up}', where the student is deployed, so flywheel.teacher must name whose answers are the ground truth"
+                )));
+            }
+        }
         match route.teacher() {
             Some(t) => self.validate_target(name, "flywheel.teacher", &t),
             None => Err(ConfigError::Invalid(format!(
@@ -835,11 +900,6 @@ impl Config {
                 }
             }
             (Some(up), None) => {
-                if t.adapter.is_some() {
-                    return fail(
-                        "puts an adapter on an upstream; adapters run on local models".into(),
-                    );
-                }
                 if !self.upstreams.iter().any(|u| &u.name == up) {
                     let known: Vec<&str> = self.upstreams.iter().map(|u| u.name.as_str()).collect();
                     return fail(format!(
@@ -847,8 +907,22 @@ impl Config {
                         known.join(", ")
                     ));
                 }
-                if t.model.as_deref().is_none_or(str::is_empty) {
-                    return fail("needs a `model` for its upstream".into());
+                match &t.adapter {
+                    // An adapter pushed to the upstream's servers is served under its own name.
+                    Some(a) => {
+                        crate::engine::lora::check_name(a).map_err(|e| {
+                            ConfigError::Invalid(format!("route '{route}': {role}: {e}"))
+                        })?;
+                        if t.model.is_some() {
+                            return fail(format!(
+                                "puts adapter '{a}' on upstream '{up}', which serves it under the adapter's name: drop `model`"
+                            ));
+                        }
+                    }
+                    None if t.model.as_deref().is_none_or(str::is_empty) => {
+                        return fail("needs a `model` for its upstream".into());
+                    }
+                    None => {}
                 }
             }
         }

@@ -65,8 +65,9 @@ struct Teacher {
     confused: AtomicBool,
 }
 
-async fn teacher_chat(State(t): State<Arc<Teacher>>, Json(body): Json<Value>) -> Json<Value> {
-    t.calls.fetch_add(1, Ordering::Relaxed);
+/// What the big model answers to a chat request: the right tool for the query (swapped when
+/// `confused`).
+fn teacher_answer(body: &Value, confused: bool) -> Value {
     let query = body["messages"]
         .as_array()
         .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
@@ -83,14 +84,14 @@ async fn teacher_chat(State(t): State<Arc<Teacher>>, Json(body): Json<Value>) ->
                 .map(|c| (*tool, c.to_string()))
         })
         .unwrap_or(("get_weather", "unknown".into()));
-    if t.confused.load(Ordering::Relaxed) {
+    if confused {
         tool = if tool == "get_weather" {
             "get_time"
         } else {
             "get_weather"
         };
     }
-    Json(json!({
+    json!({
         "id": "chatcmpl-teacher", "object": "chat.completion", "created": 1_700_000_000,
         "model": body["model"],
         "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
@@ -98,7 +99,12 @@ async fn teacher_chat(State(t): State<Arc<Teacher>>, Json(body): Json<Value>) ->
             "tool_calls": [{"id": "call_1", "type": "function",
                 "function": {"name": tool, "arguments": json!({"city": city}).to_string()}}]}}],
         "usage": {"prompt_tokens": 30, "completion_tokens": 12, "total_tokens": 42}
-    }))
+    })
+}
+
+async fn teacher_chat(State(t): State<Arc<Teacher>>, Json(body): Json<Value>) -> Json<Value> {
+    t.calls.fetch_add(1, Ordering::Relaxed);
+    Json(teacher_answer(&body, t.confused.load(Ordering::Relaxed)))
 }
 
 async fn start_teacher() -> (SocketAddr, Arc<Teacher>) {
@@ -1098,4 +1104,374 @@ async fn when_the_leading_replica_dies_mid_run_another_finishes_the_run() {
     )
     .await;
     assert_eq!(runs["data"].as_array().unwrap().len(), 1, "{runs:#}");
+}
+
+/// A stand-in for one vLLM server started with `--enable-lora` and runtime LoRA updating. It keeps
+/// the adapters it is given until it is "restarted" (as vLLM forgets adapters loaded at run time),
+/// answers `/v1/models`, `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` with vLLM's statuses
+/// and messages, reads the adapter from the path it is given (the gateway's adapter store mounted at
+/// `MOUNT`), and serves chat completions for its base model and loaded adapters only: an adapter
+/// answers as the teacher does (a well-trained student), the base model confuses the tools.
+struct Vllm {
+    /// The gateway's adapter store, where `MOUNT` points on this server.
+    store: std::sync::Mutex<std::path::PathBuf>,
+    loaded: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+    /// Every adapter call: (path, body).
+    calls: std::sync::Mutex<Vec<(String, Value)>>,
+    /// Chat requests by model.
+    served: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// Refuse loads (out of adapter slots).
+    refuse: AtomicBool,
+}
+
+const VLLM_BASE: &str = "SmolLM2-135M-Instruct";
+const MOUNT: &str = "/mnt/flywheel-adapters";
+
+fn vllm_error(status: u16, kind: &str, message: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let code = axum::http::StatusCode::from_u16(status).unwrap();
+    (
+        code,
+        Json(json!({"object": "error", "message": message, "type": kind, "param": null, "code": status})),
+    )
+        .into_response()
+}
+
+async fn vllm_models(State(v): State<Arc<Vllm>>) -> Json<Value> {
+    let mut data = vec![json!({"id": VLLM_BASE, "object": "model", "owned_by": "vllm",
+        "root": "/models/smollm2", "parent": null})];
+    for (name, path) in v.loaded.lock().unwrap().iter() {
+        data.push(json!({"id": name, "object": "model", "owned_by": "vllm", "root": path, "parent": VLLM_BASE}));
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn vllm_load(
+    State(v): State<Arc<Vllm>>,
+    Json(body): Json<Value>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    v.calls
+        .lock()
+        .unwrap()
+        .push(("load_lora_adapter".into(), body.clone()));
+    let (Some(name), Some(path)) = (body["lora_name"].as_str(), body["lora_path"].as_str()) else {
+        return vllm_error(
+            400,
+            "InvalidUserInput",
+            "Both 'lora_name' and 'lora_path' must be provided.".into(),
+        );
+    };
+    if v.loaded.lock().unwrap().contains_key(name) {
+        return vllm_error(
+            400,
+            "InvalidUserInput",
+            format!("The lora adapter '{name}' has already been loaded."),
+        );
+    }
+    if v.refuse.load(Ordering::Relaxed) {
+        return vllm_error(
+            400,
+            "BadRequestError",
+            "No free LoRA slot: max_loras adapters are in use.".into(),
+        );
+    }
+    let local = path
+        .strip_prefix(MOUNT)
+        .map(|rest| v.store.lock().unwrap().join(rest.trim_start_matches('/')));
+    let config = local
+        .as_ref()
+        .and_then(|d| std::fs::read_to_string(d.join("adapter_config.json")).ok())
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    let weights = local
+        .as_ref()
+        .is_some_and(|d| d.join("adapter_model.safetensors").is_file());
+    match config {
+        Some(c) if weights && c["peft_type"] == "LORA" && c["r"].as_u64().is_some() => {}
+        _ => {
+            return vllm_error(
+                404,
+                "NotFoundError",
+                format!("No adapter found for {path}"),
+            )
+        }
+    }
+    v.loaded
+        .lock()
+        .unwrap()
+        .insert(name.to_string(), path.to_string());
+    format!("Success: LoRA adapter '{name}' added successfully.").into_response()
+}
+
+async fn vllm_unload(
+    State(v): State<Arc<Vllm>>,
+    Json(body): Json<Value>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    v.calls
+        .lock()
+        .unwrap()
+        .push(("unload_lora_adapter".into(), body.clone()));
+    let name = body["lora_name"].as_str().unwrap_or("").to_string();
+    if v.loaded.lock().unwrap().remove(&name).is_none() {
+        return vllm_error(
+            404,
+            "NotFoundError",
+            format!("The lora adapter '{name}' cannot be found."),
+        );
+    }
+    format!("Success: LoRA adapter '{name}' removed successfully.").into_response()
+}
+
+async fn vllm_chat(State(v): State<Arc<Vllm>>, Json(body): Json<Value>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let model = body["model"].as_str().unwrap_or("").to_string();
+    let adapter = v.loaded.lock().unwrap().contains_key(&model);
+    if model != VLLM_BASE && !adapter {
+        return vllm_error(
+            404,
+            "NotFoundError",
+            format!("The model `{model}` does not exist."),
+        );
+    }
+    *v.served.lock().unwrap().entry(model).or_insert(0) += 1;
+    Json(teacher_answer(&body, !adapter)).into_response()
+}
+
+impl Vllm {
+    async fn start() -> (SocketAddr, Arc<Vllm>) {
+        let v = Arc::new(Vllm {
+            store: std::sync::Mutex::new(std::path::PathBuf::new()),
+            loaded: Default::default(),
+            calls: Default::default(),
+            served: Default::default(),
+            refuse: AtomicBool::new(false),
+        });
+        let app = Router::new()
+            .route("/v1/models", axum::routing::get(vllm_models))
+            .route("/v1/load_lora_adapter", post(vllm_load))
+            .route("/v1/unload_lora_adapter", post(vllm_unload))
+            .route("/v1/chat/completions", post(vllm_chat))
+            .with_state(v.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (addr, v)
+    }
+
+    fn holds(&self) -> Vec<String> {
+        self.loaded.lock().unwrap().keys().cloned().collect()
+    }
+
+    fn served(&self, model: &str) -> usize {
+        self.served.lock().unwrap().get(model).copied().unwrap_or(0)
+    }
+
+    fn calls(&self, call: &str) -> Vec<Value> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(c, _)| c == call)
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+}
+
+/// The fleet calls a transition recorded, as (endpoint port, call, status).
+fn fleet_calls(event: &Value) -> Vec<(u16, String, Option<u64>)> {
+    event["numbers"]["fleet"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no fleet calls in {event:#}"))
+        .iter()
+        .map(|c| {
+            let port = c["endpoint"]
+                .as_str()
+                .unwrap()
+                .trim_end_matches("/v1")
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            (
+                port,
+                c["call"].as_str().unwrap().to_string(),
+                c["status"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+fn last_event(status: &Value) -> Value {
+    status["events"].as_array().unwrap().last().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_winning_adapter_is_pushed_to_a_vllm_fleet_served_there_and_unloaded_on_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (addr, teacher) = start_teacher().await;
+    let (a_addr, a) = Vllm::start().await;
+    let (b_addr, b) = Vllm::start().await;
+    // The student trains and is evaluated here, then is served by the vLLM fleet: traffic goes
+    // through server A's URL (a load balancer's, in production); adapters go to A and B each.
+    let fleet = format!(
+        r#"
+[[upstreams]]
+name = "vllm"
+base_url = "http://{a_addr}/v1"
+
+[upstreams.lora]
+endpoints = ["http://{a_addr}/v1", "http://{b_addr}/v1"]
+adapter_dir = "{MOUNT}"
+"#
+    );
+    let config = config(&model, addr)
+        .replace("new_tool_min_records = 48", "new_tool_min_records = 1000")
+        .replace("min_new_records = 10", "min_new_records = 0")
+        .replace(
+            "student = \"tiny\"",
+            "student = \"tiny\"\ndeploy = \"vllm\"",
+        )
+        .replace(
+            "teacher_sample_rate = 1.0",
+            "teacher_sample_rate = 1.0\nrequire_approval = true",
+        )
+        .replace("[[routes]]", &format!("{fleet}\n[[routes]]"));
+    let gw = GatewayProcess::start(&config);
+    let store = gw.db_path().parent().unwrap().join("adapters");
+    for v in [&a, &b] {
+        *v.store.lock().unwrap() = store.clone();
+    }
+    let mut next = 0;
+    for _ in 0..CITIES.len() {
+        assert!(agent_request(&gw, next).await);
+        next += 1;
+    }
+    let (st, v) = call(
+        reqwest::Method::POST,
+        gw.url("/v1/flywheel/runs"),
+        Some(json!({"route": "agent"})),
+    )
+    .await;
+    assert_eq!(st, 202, "{v}");
+    let run = finished_run(&gw, 1, Duration::from_secs(240)).await;
+    assert_eq!(run["decision"]["promote"], true, "{run:#}");
+    let adapter = run["details"]["curation"]["dataset"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(adapter.starts_with("flywheel/agent-"), "{adapter}");
+    // Evaluated on the embedded engine; rolled out on the fleet.
+    assert_eq!(
+        run["details"]["evaluation"]["candidate"]["target"],
+        format!("local:tiny+{adapter}"),
+        "{run:#}"
+    );
+    let s = route_status(&gw).await;
+    assert_eq!(s["stage"], "awaiting_approval", "{s:#}");
+    assert_eq!(s["candidate"], json!({"upstream": "vllm", "adapter": adapter}));
+    assert!(a.holds().is_empty() && b.holds().is_empty());
+
+    let act = |action: &str| {
+        call(
+            reqwest::Method::POST,
+            gw.url(&format!("/v1/flywheel/routes/agent/{action}")),
+            Some(json!({"reason": "test"})),
+        )
+    };
+    // Server B has no free slot: the push is undone on A, nothing changes on the route, and the
+    // transition log says what each server answered.
+    b.refuse.store(true, Ordering::Relaxed);
+    let (st, v) = act("approve").await;
+    assert_eq!(st, 502, "{v}");
+    assert_eq!(v["error"]["code"], "adapter_push_failed", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("No free LoRA slot") && msg.contains(&b_addr.to_string()), "{msg}");
+    let s = route_status(&gw).await;
+    assert_eq!(s["stage"], "awaiting_approval", "{s:#}");
+    assert_eq!(s["champion"]["upstream"], "big");
+    let failed = last_event(&s);
+    assert_eq!(failed["action"], "push_failed", "{failed:#}");
+    let calls = fleet_calls(&failed);
+    let (pa, pb) = (a_addr.port(), b_addr.port());
+    for expected in [
+        (pa, "load_lora_adapter".to_string(), Some(200)),
+        (pb, "load_lora_adapter".to_string(), Some(400)),
+        (pa, "unload_lora_adapter".to_string(), Some(200)),
+    ] {
+        assert!(calls.contains(&expected), "{expected:?} not in {calls:?}");
+    }
+    assert!(a.holds().is_empty() && b.holds().is_empty());
+    assert!(agent_request(&gw, next).await);
+    next += 1;
+
+    // With room on B the shadow stage starts on the fleet: loaded on both servers from the
+    // shared volume's path, each checked in its model list.
+    b.refuse.store(false, Ordering::Relaxed);
+    let (st, v) = act("approve").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["stage"], "shadow", "{v:#}");
+    let approved = last_event(&v);
+    let calls = fleet_calls(&approved);
+    for port in [pa, pb] {
+        assert!(calls.contains(&(port, "load_lora_adapter".into(), Some(200))), "{calls:?}");
+        assert!(calls.contains(&(port, "models".into(), Some(200))), "{calls:?}");
+    }
+    assert_eq!(a.holds(), [adapter.clone()]);
+    assert_eq!(b.holds(), [adapter.clone()]);
+    let path = format!("{MOUNT}/{adapter}");
+    assert_eq!(a.calls("load_lora_adapter").last().unwrap()["lora_path"], path.as_str());
+
+    // Live traffic takes it through shadow and canary to champion, answered by the fleet.
+    traffic_until(&gw, &mut next, "canary", Duration::from_secs(60)).await;
+    assert!(a.served(&adapter) > 0, "the shadow copies went to the fleet");
+    traffic_until(&gw, &mut next, "idle", Duration::from_secs(60)).await;
+    let s = route_status(&gw).await;
+    assert_eq!(s["champion"], json!({"upstream": "vllm", "adapter": adapter}), "{s:#}");
+    let served = a.served(&adapter);
+    let calls = teacher.calls.load(Ordering::Relaxed);
+    for _ in 0..4 {
+        assert!(agent_request(&gw, next).await);
+        next += 1;
+    }
+    assert_eq!(a.served(&adapter), served + 4);
+    assert!(a.served(VLLM_BASE) == 0, "the base model is never asked");
+    // The teacher keeps listening in (labels for the next run).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(teacher.calls.load(Ordering::Relaxed) > calls);
+
+    // B restarts and forgets its run-time adapters: the next check loads it there again.
+    b.loaded.lock().unwrap().clear();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.holds().is_empty() {
+        assert!(Instant::now() < deadline, "never reloaded on B\n{}", gw.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = route_status(&gw).await;
+    let reload = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|e| e["action"] == "reload")
+        .cloned()
+        .unwrap_or_else(|| panic!("no reload event: {s:#}"));
+    assert!(reload["reason"].as_str().unwrap().contains(&b_addr.to_string()), "{reload:#}");
+    assert!(fleet_calls(&reload).contains(&(pb, "load_lora_adapter".into(), Some(200))));
+
+    // Rollback: the teacher serves again and the adapter leaves every server.
+    let (st, v) = act("rollback").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["champion"]["upstream"], "big", "{v:#}");
+    let rolled = last_event(&v);
+    assert_eq!(rolled["action"], "rollback");
+    let calls = fleet_calls(&rolled);
+    for port in [pa, pb] {
+        assert!(calls.contains(&(port, "unload_lora_adapter".into(), Some(200))), "{calls:?}");
+    }
+    assert!(a.holds().is_empty() && b.holds().is_empty());
+    let served = a.served(&adapter);
+    assert!(agent_request(&gw, next).await);
+    assert_eq!(a.served(&adapter), served);
 }

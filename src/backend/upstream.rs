@@ -357,6 +357,57 @@ impl Upstream {
         }
     }
 
+    /// One management call to a server of this upstream (`GET /v1/models`, vLLM's adapter
+    /// endpoints), with the upstream's headers and key and no retry: the status and the body.
+    pub async fn manage(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), BackendError> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let uri: Uri = url.parse().map_err(|e| BackendError::Protocol {
+            backend: self.name.clone(),
+            message: format!("bad URL '{url}': {e}"),
+        })?;
+        let payload = match body {
+            Some(b) => Bytes::from(b.to_string()),
+            None => Bytes::new(),
+        };
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(h) = builder.headers_mut() {
+            h.clone_from(&self.headers);
+            h.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        }
+        let req = builder
+            .body(Full::new(payload))
+            .map_err(|e| BackendError::Protocol {
+                backend: self.name.clone(),
+                message: format!("cannot build request: {e}"),
+            })?;
+        let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            Err(_) => return Err(self.timeout("waiting for response headers", started)),
+            Ok(Err(e)) => {
+                return Err(BackendError::Connect {
+                    backend: self.name.clone(),
+                    message: describe_client_error(&e),
+                })
+            }
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status().as_u16();
+        match read_body(resp.into_body(), MAX_ERROR_BYTES * 16, deadline).await {
+            Ok(b) => Ok((status, b)),
+            Err(ReadError::Timeout) => Err(self.timeout("reading the response body", started)),
+            Err(ReadError::Other(m)) => Err(BackendError::Protocol {
+                backend: self.name.clone(),
+                message: m,
+            }),
+        }
+    }
+
     /// A timeout, reported with the time actually waited in this attempt.
     fn timeout(&self, phase: &'static str, attempt_started: Instant) -> BackendError {
         BackendError::Timeout {

@@ -37,8 +37,13 @@ impl Default for FlywheelConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteFlywheelConfig {
-    /// The local model a candidate adapter is trained on.
+    /// The local model a candidate adapter is trained on (and evaluated on before its rollout).
     pub student: String,
+    /// An upstream (a vLLM or NIM deployment of the student's base model) that serves candidates
+    /// instead of the embedded engine: a winning adapter is loaded on each of its servers (see
+    /// `[upstreams.lora]`) and rolled out as `{ upstream, adapter }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<String>,
     /// Whose logged answers are the ground truth. Default: the route's champion when it is an
     /// upstream model (the "teacher"); with a local champion, name the teacher here.
     #[serde(default)]

@@ -550,7 +550,7 @@ impl Conn {
 
 /// Waits for `work` on the store's runtime from blocking code: a thread of its own, the blocking
 /// pool, or (moved off the worker for the wait) an async worker of a multi-thread runtime.
-pub(super) fn wait<F: std::future::Future>(rt: &tokio::runtime::Handle, work: F) -> F::Output {
+pub(crate) fn wait<F: std::future::Future>(rt: &tokio::runtime::Handle, work: F) -> F::Output {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(|| rt.block_on(work))

@@ -32,6 +32,7 @@ use crate::store::traffic::{self, AnsweredBy, ExportFilter};
 use crate::store::Db;
 use crate::store::StoreError;
 
+mod fleet;
 mod replicas;
 mod rollout;
 mod run;
@@ -55,6 +56,9 @@ pub enum FlywheelError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// An upstream's servers refused an adapter the rollout needs.
+    #[error("{0}")]
+    Fleet(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -84,6 +88,10 @@ pub struct FlywheelController {
     leading: std::sync::atomic::AtomicBool,
     /// Serializes rollout transitions (the ticker and manual actions).
     transitions: Mutex<()>,
+    /// The upstream fleets adapters are pushed to.
+    fleets: fleet::Fleets,
+    /// The runtime the fleet calls run on (they are made from blocking code).
+    rt: tokio::runtime::Handle,
     tasks: TaskTracker,
     stop: CancellationToken,
 }
@@ -112,6 +120,8 @@ impl FlywheelController {
             running: Mutex::default(),
             leading: std::sync::atomic::AtomicBool::new(false),
             transitions: Mutex::default(),
+            fleets: fleet::Fleets::default(),
+            rt: tokio::runtime::Handle::current(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
         });
@@ -230,7 +240,8 @@ impl FlywheelController {
             });
             match valid {
                 Ok(()) => {
-                    tracing::info!(route = %route.name, stage = state.stage.as_str(), champion = %state.installed.champion, "flywheel rollout restored")
+                    tracing::info!(route = %route.name, stage = state.stage.as_str(), champion = %state.installed.champion, "flywheel rollout restored");
+                    self.reconcile_fleet(&conn, &state)?;
                 }
                 Err(e) => fresh(format!(
                     "the saved rollout cannot be served any more ({e}); back to the config's"

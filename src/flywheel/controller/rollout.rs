@@ -35,9 +35,31 @@ impl FlywheelController {
         for t in targets(&rollout) {
             self.ensure_adapter(t).map_err(FlywheelError::Invalid)?;
         }
+        self.config
+            .validate_rollout(&state.route, &rollout)
+            .map_err(|e| FlywheelError::Invalid(e.to_string()))?;
+        // Adapters served by an upstream's servers are loaded there before traffic is sent.
+        let pushed = match self.push(&rollout) {
+            Ok(calls) => calls,
+            Err(f) => {
+                let why = format!("the {} stage could not start: {}", to.as_str(), f.message);
+                let numbers = json!({"action": action, "fleet": f.calls});
+                fstore::insert_event(conn, &event(state, state.stage, "push_failed", &why, numbers))?;
+                tracing::warn!(route = %state.route, reason = %why, "rollout transition refused by the fleet");
+                return Err(FlywheelError::Fleet(why));
+            }
+        };
         self.gateway
             .set_rollout(&state.route, rollout.clone())
             .map_err(|e| FlywheelError::Invalid(e.to_string()))?;
+        let fleet: Vec<_> = pushed
+            .into_iter()
+            .chain(self.retire(&state.installed, &rollout))
+            .collect();
+        let mut numbers = numbers;
+        if let (Value::Object(m), false) = (&mut numbers, fleet.is_empty()) {
+            m.insert("fleet".into(), json!(fleet));
+        }
         let event = event(state, to, action, reason, numbers);
         fstore::insert_event(conn, &event)?;
         tracing::info!(route = %state.route, from = event.from, to = event.to, action, reason, "rollout transition");
@@ -112,6 +134,7 @@ impl FlywheelController {
                         tracing::warn!(route = %name, error = %e, "an adapter of the route's rollout cannot be loaded");
                     }
                 }
+                self.reconcile_fleet(&conn, &state)?;
                 self.step(&conn, route, &mut state)?
             };
             if let Some(trigger) = trigger {

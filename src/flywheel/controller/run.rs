@@ -228,7 +228,7 @@ impl FlywheelController {
             .get(&plan.route)
             .map(|r| r.champion.clone())
             .ok_or_else(|| RunEnd::Failed("the route disappeared".into()))?;
-        let candidate = plan.candidate();
+        let candidate = plan.trained();
         self.ensure_adapter(&candidate)
             .map_err(|e| RunEnd::Failed(format!("the candidate adapter cannot be loaded: {e}")))?;
         let items = &items;
@@ -412,9 +412,23 @@ pub(super) struct RunPlan {
 }
 
 impl RunPlan {
-    /// The adapter this run trains, on its student.
-    fn candidate(&self) -> TargetConfig {
+    /// The adapter this run trains, on its student: what the evaluation scores.
+    fn trained(&self) -> TargetConfig {
         TargetConfig::local_adapter(&self.fw.student, &self.output_model)
+    }
+
+    /// What rolls out when the adapter wins: the trained adapter, served by the embedded engine
+    /// or, for a route that deploys to an upstream fleet, by that upstream's servers.
+    fn candidate(&self) -> TargetConfig {
+        match &self.fw.deploy {
+            Some(upstream) => TargetConfig {
+                upstream: Some(upstream.clone()),
+                model: None,
+                local: None,
+                adapter: Some(self.output_model.clone()),
+            },
+            None => self.trained(),
+        }
     }
 }
 
