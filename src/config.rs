@@ -1001,6 +1001,68 @@ mod tests {
     }
 
     #[test]
+    fn fleet_adapters_and_deploy_upstreams_are_checked() {
+        let base = r#"
+            [[models]]
+            name = "tiny"
+            path = "/models/tiny.gguf"
+            [[upstreams]]
+            name = "big"
+            base_url = "http://127.0.0.1:3/v1"
+            [[upstreams]]
+            name = "vllm"
+            base_url = "http://127.0.0.1:1/v1"
+            [upstreams.lora]
+            endpoints = ["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1"]
+            adapter_dir = "/mnt/adapters"
+        "#;
+        let route = |champion: &str, canary: &str, flywheel: &str| {
+            format!("{base}\n[[routes]]\nname = \"m\"\nchampion = {champion}\n{canary}\n[routes.flywheel]\nstudent = \"tiny\"\n{flywheel}\n")
+        };
+        let c = parse(&route(
+            r#"{ upstream = "big", model = "gpt" }"#,
+            r#"canary = { target = { upstream = "vllm", adapter = "flywheel/a" }, percent = 5.0 }"#,
+            r#"deploy = "vllm""#,
+        ))
+        .unwrap();
+        let up = c.upstreams.iter().find(|u| u.name == "vllm").unwrap();
+        assert_eq!(up.lora_endpoints().len(), 2);
+        assert_eq!(c.upstreams[0].lora_endpoints(), ["http://127.0.0.1:3/v1"]);
+        let refused = |text: String, needle: &str| {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        };
+        refused(
+            route(
+                r#"{ upstream = "big", model = "gpt" }"#,
+                r#"canary = { target = { upstream = "vllm", model = "x", adapter = "flywheel/a" }, percent = 5.0 }"#,
+                "",
+            ),
+            "drop `model`",
+        );
+        refused(
+            route(
+                r#"{ upstream = "big", model = "gpt" }"#,
+                "",
+                r#"deploy = "nope""#,
+            ),
+            "flywheel.deploy names upstream 'nope'",
+        );
+        refused(
+            route(
+                r#"{ upstream = "vllm", model = "base" }"#,
+                "",
+                r#"deploy = "vllm""#,
+            ),
+            "flywheel.teacher must name",
+        );
+        refused(
+            format!("{base}\n").replace("http://127.0.0.1:2/v1", "ftp://127.0.0.1:2"),
+            "lora.endpoints entry 'ftp://127.0.0.1:2'",
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = parse("listen_address = '1.2.3.4:1'")
             .unwrap_err()

@@ -1138,8 +1138,10 @@ fn vllm_error(status: u16, kind: &str, message: String) -> axum::response::Respo
 }
 
 async fn vllm_models(State(v): State<Arc<Vllm>>) -> Json<Value> {
-    let mut data = vec![json!({"id": VLLM_BASE, "object": "model", "owned_by": "vllm",
-        "root": "/models/smollm2", "parent": null})];
+    let mut data = vec![
+        json!({"id": VLLM_BASE, "object": "model", "owned_by": "vllm",
+        "root": "/models/smollm2", "parent": null}),
+    ];
     for (name, path) in v.loaded.lock().unwrap().iter() {
         data.push(json!({"id": name, "object": "model", "owned_by": "vllm", "root": path, "parent": VLLM_BASE}));
     }
@@ -1188,13 +1190,7 @@ async fn vllm_load(
         .is_some_and(|d| d.join("adapter_model.safetensors").is_file());
     match config {
         Some(c) if weights && c["peft_type"] == "LORA" && c["r"].as_u64().is_some() => {}
-        _ => {
-            return vllm_error(
-                404,
-                "NotFoundError",
-                format!("No adapter found for {path}"),
-            )
-        }
+        _ => return vllm_error(404, "NotFoundError", format!("No adapter found for {path}")),
     }
     v.loaded
         .lock()
@@ -1223,7 +1219,10 @@ async fn vllm_unload(
     format!("Success: LoRA adapter '{name}' removed successfully.").into_response()
 }
 
-async fn vllm_chat(State(v): State<Arc<Vllm>>, Json(body): Json<Value>) -> axum::response::Response {
+async fn vllm_chat(
+    State(v): State<Arc<Vllm>>,
+    Json(body): Json<Value>,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
     let model = body["model"].as_str().unwrap_or("").to_string();
     let adapter = v.loaded.lock().unwrap().contains_key(&model);
@@ -1371,7 +1370,10 @@ adapter_dir = "{MOUNT}"
     );
     let s = route_status(&gw).await;
     assert_eq!(s["stage"], "awaiting_approval", "{s:#}");
-    assert_eq!(s["candidate"], json!({"upstream": "vllm", "adapter": adapter}));
+    assert_eq!(
+        s["candidate"],
+        json!({"upstream": "vllm", "adapter": adapter})
+    );
     assert!(a.holds().is_empty() && b.holds().is_empty());
 
     let act = |action: &str| {
@@ -1388,7 +1390,10 @@ adapter_dir = "{MOUNT}"
     assert_eq!(st, 502, "{v}");
     assert_eq!(v["error"]["code"], "adapter_push_failed", "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("No free LoRA slot") && msg.contains(&b_addr.to_string()), "{msg}");
+    assert!(
+        msg.contains("No free LoRA slot") && msg.contains(&b_addr.to_string()),
+        "{msg}"
+    );
     let s = route_status(&gw).await;
     assert_eq!(s["stage"], "awaiting_approval", "{s:#}");
     assert_eq!(s["champion"]["upstream"], "big");
@@ -1416,20 +1421,36 @@ adapter_dir = "{MOUNT}"
     let approved = last_event(&v);
     let calls = fleet_calls(&approved);
     for port in [pa, pb] {
-        assert!(calls.contains(&(port, "load_lora_adapter".into(), Some(200))), "{calls:?}");
-        assert!(calls.contains(&(port, "models".into(), Some(200))), "{calls:?}");
+        assert!(
+            calls.contains(&(port, "load_lora_adapter".into(), Some(200))),
+            "{calls:?}"
+        );
+        assert!(
+            calls.contains(&(port, "models".into(), Some(200))),
+            "{calls:?}"
+        );
     }
     assert_eq!(a.holds(), [adapter.clone()]);
     assert_eq!(b.holds(), [adapter.clone()]);
     let path = format!("{MOUNT}/{adapter}");
-    assert_eq!(a.calls("load_lora_adapter").last().unwrap()["lora_path"], path.as_str());
+    assert_eq!(
+        a.calls("load_lora_adapter").last().unwrap()["lora_path"],
+        path.as_str()
+    );
 
     // Live traffic takes it through shadow and canary to champion, answered by the fleet.
     traffic_until(&gw, &mut next, "canary", Duration::from_secs(60)).await;
-    assert!(a.served(&adapter) > 0, "the shadow copies went to the fleet");
+    assert!(
+        a.served(&adapter) > 0,
+        "the shadow copies went to the fleet"
+    );
     traffic_until(&gw, &mut next, "idle", Duration::from_secs(60)).await;
     let s = route_status(&gw).await;
-    assert_eq!(s["champion"], json!({"upstream": "vllm", "adapter": adapter}), "{s:#}");
+    assert_eq!(
+        s["champion"],
+        json!({"upstream": "vllm", "adapter": adapter}),
+        "{s:#}"
+    );
     let served = a.served(&adapter);
     let calls = teacher.calls.load(Ordering::Relaxed);
     for _ in 0..4 {
@@ -1446,7 +1467,11 @@ adapter_dir = "{MOUNT}"
     b.loaded.lock().unwrap().clear();
     let deadline = Instant::now() + Duration::from_secs(20);
     while b.holds().is_empty() {
-        assert!(Instant::now() < deadline, "never reloaded on B\n{}", gw.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "never reloaded on B\n{}",
+            gw.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let s = route_status(&gw).await;
@@ -1457,7 +1482,13 @@ adapter_dir = "{MOUNT}"
         .rfind(|e| e["action"] == "reload")
         .cloned()
         .unwrap_or_else(|| panic!("no reload event: {s:#}"));
-    assert!(reload["reason"].as_str().unwrap().contains(&b_addr.to_string()), "{reload:#}");
+    assert!(
+        reload["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&b_addr.to_string()),
+        "{reload:#}"
+    );
     assert!(fleet_calls(&reload).contains(&(pb, "load_lora_adapter".into(), Some(200))));
 
     // Rollback: the teacher serves again and the adapter leaves every server.
@@ -1468,10 +1499,49 @@ adapter_dir = "{MOUNT}"
     assert_eq!(rolled["action"], "rollback");
     let calls = fleet_calls(&rolled);
     for port in [pa, pb] {
-        assert!(calls.contains(&(port, "unload_lora_adapter".into(), Some(200))), "{calls:?}");
+        assert!(
+            calls.contains(&(port, "unload_lora_adapter".into(), Some(200))),
+            "{calls:?}"
+        );
     }
     assert!(a.holds().is_empty() && b.holds().is_empty());
     let served = a.served(&adapter);
     assert!(agent_request(&gw, next).await);
+    next += 1;
     assert_eq!(a.served(&adapter), served);
+
+    // An operator's rollout through the admin API is pushed the same way, and what it drops is
+    // unloaded; an adapter the store does not have is refused before any server is asked.
+    let put = |rollout: Value| {
+        call(
+            reqwest::Method::PUT,
+            gw.url("/admin/routes/agent"),
+            Some(rollout),
+        )
+    };
+    let teacher_only = json!({"champion": {"upstream": "big", "model": "teacher-70b"}});
+    let mut with_canary = teacher_only.clone();
+    with_canary["canary"] =
+        json!({"target": {"upstream": "vllm", "adapter": adapter}, "percent": 100.0});
+    let (st, v) = put(with_canary).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(a.holds(), [adapter.clone()]);
+    assert_eq!(b.holds(), [adapter.clone()]);
+    let (st, v) = put(teacher_only.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(a.holds().is_empty() && b.holds().is_empty());
+    let loads = a.calls("load_lora_adapter").len();
+    let mut missing = teacher_only;
+    missing["canary"] = json!({"target": {"upstream": "vllm", "adapter": "flywheel/never-trained"}, "percent": 10.0});
+    let (st, v) = put(missing).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not in the adapter store"),
+        "{v}"
+    );
+    assert_eq!(a.calls("load_lora_adapter").len(), loads);
+    assert!(agent_request(&gw, next).await);
 }

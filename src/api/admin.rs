@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::extract::{Admin, JsonObject};
-use super::AppState;
+use super::{blocking, AppState};
 use crate::config::RolloutConfig;
 use crate::wire::error::ApiError;
 
@@ -52,8 +52,31 @@ pub async fn put_route(
         .map_err(|e| ApiError::invalid(format!("Invalid rollout: {e}.")))?;
     state
         .gateway
+        .config()
+        .validate_rollout(&name, &rollout)
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let before = state.gateway.routes().get(&name).map(|r| (*r).clone());
+    // Adapters served by an upstream's servers are loaded there first.
+    if let Some(flywheel) = &state.flywheel {
+        let (c, r) = (flywheel.clone(), rollout.clone());
+        blocking(move || Ok(c.push_rollout(&r)?)).await?;
+    } else if rollout_pushes(&rollout) {
+        return Err(ApiError::invalid(
+            "This rollout serves an adapter from an upstream's servers, which needs the flywheel (the traffic log and a local model) to load it there.",
+        ));
+    }
+    state
+        .gateway
         .set_rollout(&name, rollout.clone())
         .map_err(|e| ApiError::invalid(e.to_string()))?;
+    if let (Some(flywheel), Some(before)) = (&state.flywheel, before) {
+        let (c, r) = (flywheel.clone(), rollout.clone());
+        blocking(move || {
+            c.retire_rollout(&before, &r);
+            Ok(())
+        })
+        .await?;
+    }
     // Replicas on one store serve the change too.
     if let Some(flywheel) = &state.flywheel {
         if let Err(e) = flywheel.share_rollout(&name, &rollout).await {
@@ -64,4 +87,13 @@ pub async fn put_route(
         }
     }
     Ok(Json(route_json(&name, &rollout)))
+}
+
+/// Whether a rollout names an adapter served by an upstream's servers.
+fn rollout_pushes(r: &RolloutConfig) -> bool {
+    std::iter::once(&r.champion)
+        .chain(r.canary.as_ref().map(|c| &c.target))
+        .chain(r.shadow.as_ref().map(|s| &s.target))
+        .chain(&r.fallbacks)
+        .any(|t| t.upstream.is_some() && t.adapter.is_some())
 }

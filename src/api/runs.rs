@@ -25,9 +25,8 @@ impl From<FlywheelError> for ApiError {
             FlywheelError::NotFound(m) => ApiError::not_found(m),
             FlywheelError::Conflict(m) => ApiError::conflict(m),
             FlywheelError::Invalid(m) => ApiError::invalid(m),
-            FlywheelError::Fleet(m) => {
-                ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", m).with_code("adapter_push_failed")
-            }
+            FlywheelError::Fleet(m) => ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", m)
+                .with_code("adapter_push_failed"),
             FlywheelError::Store(e) => ApiError::internal(e.to_string()),
         }
     }

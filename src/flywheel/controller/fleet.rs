@@ -79,7 +79,10 @@ impl Fleet {
     ) -> (FleetCall, Option<bytes::Bytes>) {
         let started = Instant::now();
         let url = Self::url(endpoint, call);
-        let reply = self.client.manage(method, &url, body.as_ref(), timeout).await;
+        let reply = self
+            .client
+            .manage(method, &url, body.as_ref(), timeout)
+            .await;
         let mut record = FleetCall {
             endpoint: endpoint.to_string(),
             call,
@@ -137,7 +140,11 @@ impl Fleet {
     }
 
     /// Makes `adapter` present on one server. Returns the calls and whether this call loaded it.
-    async fn ensure_on(&self, endpoint: &str, adapter: &str) -> (Vec<FleetCall>, Result<bool, String>) {
+    async fn ensure_on(
+        &self,
+        endpoint: &str,
+        adapter: &str,
+    ) -> (Vec<FleetCall>, Result<bool, String>) {
         let mut calls = Vec::new();
         let (c, presence) = self.presence(endpoint, adapter).await;
         let fail = |c: &FleetCall, what: &str| Err(format!("{endpoint}: {what}: {}", c.detail));
@@ -386,6 +393,26 @@ impl FlywheelController {
         })
     }
 
+    /// An operator's rollout (`PUT /admin/routes/...`): its fleet adapters are loaded before it is
+    /// installed.
+    pub fn push_rollout(&self, rollout: &RolloutConfig) -> Result<(), FlywheelError> {
+        for (_, adapter) in fleet_adapters(rollout) {
+            self.in_store(&adapter).map_err(FlywheelError::Invalid)?;
+        }
+        self.push(rollout).map(|_| ()).map_err(|f| {
+            tracing::warn!(error = %f.message, calls = %json!(f.calls), "an operator's rollout was refused by the fleet");
+            FlywheelError::Fleet(f.message)
+        })
+    }
+
+    /// After an operator's rollout replaced `old`: unloads the fleet adapters it no longer needs.
+    pub fn retire_rollout(&self, old: &RolloutConfig, new: &RolloutConfig) {
+        let calls = self.retire(old, new);
+        if !calls.is_empty() {
+            tracing::info!(calls = %json!(calls), "fleet adapters the new rollout does not serve were unloaded");
+        }
+    }
+
     /// Loads the installed rollout's fleet adapters again where a server lost them (a restarted
     /// vLLM forgets the adapters it was given at run time), recording a `reload` transition when
     /// it did. A server that cannot be reached is logged and tried again on the next check.
@@ -446,9 +473,14 @@ mod tests {
     #[test]
     fn a_server_message_is_read_from_each_envelope() {
         let m = |s: &str| server_message(s.as_bytes());
-        assert_eq!(m(r#"{"error": {"message": "no such adapter"}}"#), "no such adapter");
         assert_eq!(
-            m(r#"{"object": "error", "message": "The lora adapter 'x' has already been loaded.", "code": 400}"#),
+            m(r#"{"error": {"message": "no such adapter"}}"#),
+            "no such adapter"
+        );
+        assert_eq!(
+            m(
+                r#"{"object": "error", "message": "The lora adapter 'x' has already been loaded.", "code": 400}"#
+            ),
             "The lora adapter 'x' has already been loaded."
         );
         assert_eq!(m(r#"{"detail": "Not Found"}"#), "Not Found");

@@ -44,7 +44,10 @@ impl FlywheelController {
             Err(f) => {
                 let why = format!("the {} stage could not start: {}", to.as_str(), f.message);
                 let numbers = json!({"action": action, "fleet": f.calls});
-                fstore::insert_event(conn, &event(state, state.stage, "push_failed", &why, numbers))?;
+                fstore::insert_event(
+                    conn,
+                    &event(state, state.stage, "push_failed", &why, numbers),
+                )?;
                 tracing::warn!(route = %state.route, reason = %why, "rollout transition refused by the fleet");
                 return Err(FlywheelError::Fleet(why));
             }
