@@ -1430,8 +1430,8 @@ adapter_dir = "{MOUNT}"
             "{calls:?}"
         );
     }
-    assert_eq!(a.holds(), [adapter.clone()]);
-    assert_eq!(b.holds(), [adapter.clone()]);
+    assert_eq!(a.holds(), vec![adapter.clone()]);
+    assert_eq!(b.holds(), vec![adapter.clone()]);
     let path = format!("{MOUNT}/{adapter}");
     assert_eq!(
         a.calls("load_lora_adapter").last().unwrap()["lora_path"],
@@ -1525,8 +1525,8 @@ adapter_dir = "{MOUNT}"
         json!({"target": {"upstream": "vllm", "adapter": adapter}, "percent": 100.0});
     let (st, v) = put(with_canary).await;
     assert_eq!(st, 200, "{v}");
-    assert_eq!(a.holds(), [adapter.clone()]);
-    assert_eq!(b.holds(), [adapter.clone()]);
+    assert_eq!(a.holds(), vec![adapter.clone()]);
+    assert_eq!(b.holds(), vec![adapter.clone()]);
     let (st, v) = put(teacher_only.clone()).await;
     assert_eq!(st, 200, "{v}");
     assert!(a.holds().is_empty() && b.holds().is_empty());
