@@ -231,6 +231,16 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     }
     for u in &config.upstreams {
         println!("upstream {} -> {}", u.name, u.base_url);
+        let pushed_to = config
+            .routes
+            .iter()
+            .any(|r| r.flywheel.as_ref().and_then(|f| f.deploy.as_ref()) == Some(&u.name));
+        if pushed_to {
+            println!(
+                "         adapters loaded on {}",
+                u.lora_endpoints().join(", ")
+            );
+        }
     }
     for m in &config.models {
         println!("model    {} -> {}", m.name, m.path.display());
@@ -242,6 +252,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
                 "         flywheel: student {} learns from teacher {} (schedule '{}')",
                 fw.student, teacher, config.flywheel.schedule
             );
+            if let Some(up) = &fw.deploy {
+                println!("         winners roll out on upstream {up}");
+            }
         }
         if let Some(g) = &r.guardrails {
             println!(
