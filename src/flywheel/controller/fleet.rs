@@ -447,6 +447,34 @@ impl FlywheelController {
         Ok(())
     }
 
+    /// The same for routes without a flywheel (an operator's fleet target in the config or through
+    /// the admin API): logged, since they have no transition log.
+    pub(super) fn reconcile_other_routes(&self) {
+        let routes = self.gateway.routes();
+        for name in routes.names() {
+            let Some(live) = routes.get(&name) else {
+                continue;
+            };
+            if self
+                .config
+                .routes
+                .iter()
+                .any(|r| r.name == name && r.flywheel.is_some())
+            {
+                continue;
+            }
+            match self.push(&live) {
+                Ok(calls) if calls.iter().any(|c| c.call == "load_lora_adapter") => {
+                    tracing::info!(route = %name, calls = %json!(calls), "fleet adapters of the route's rollout loaded");
+                }
+                Ok(_) => {}
+                Err(f) => {
+                    tracing::warn!(route = %name, error = %f.message, "an adapter of the route's rollout cannot be loaded on its upstream's servers")
+                }
+            }
+        }
+    }
+
     /// The adapter is a complete PEFT directory in the adapter store (what the servers will read).
     fn in_store(&self, adapter: &str) -> Result<(), String> {
         let (ns, name) = adapter.split_once('/').unwrap_or(("default", adapter));

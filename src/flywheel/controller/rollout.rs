@@ -149,6 +149,7 @@ impl FlywheelController {
                 }
             }
         }
+        self.reconcile_other_routes();
         Ok(())
     }
 
