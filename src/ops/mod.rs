@@ -5,7 +5,9 @@
 //! gradient. The same ops on an accelerator are `device::Kernels` (the kernels of
 //! `kernels/*.cu`), which the engine's device forward pass (`engine::gpu`) composes.
 
+pub mod amx;
 pub mod attention;
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;

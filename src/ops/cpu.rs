@@ -1,0 +1,172 @@
+//! What this CPU (and the kernel under it) lets the process run, detected once: AVX2 and FMA (the
+//! build's baseline), AVX-512 with VNNI and BF16, and AMX's tile units. AMX needs more than the
+//! CPU: Linux hands out tile state only to a process that asks for it (`arch_prctl` with
+//! `ARCH_REQ_XCOMP_PERM`), and a refused request (an older kernel, a sandbox) means no AMX here,
+//! whatever the CPU has. Kernels consult `features()`; nothing uses an instruction it does not
+//! list.
+#![allow(unsafe_code)]
+
+use std::sync::OnceLock;
+
+/// The instruction sets the kernels may use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuFeatures {
+    pub avx2: bool,
+    pub fma: bool,
+    pub avx512f: bool,
+    pub avx512bw: bool,
+    pub avx512vl: bool,
+    pub avx512vnni: bool,
+    pub avx512bf16: bool,
+    /// The CPU has AMX tiles with bf16 and int8 products...
+    pub amx_bf16: bool,
+    pub amx_int8: bool,
+    /// ...and the kernel granted this process the tile state (so they may be used).
+    pub amx_granted: bool,
+}
+
+impl CpuFeatures {
+    /// AMX bf16 products may run.
+    pub fn amx_bf16_usable(&self) -> bool {
+        self.amx_bf16 && self.amx_granted
+    }
+
+    /// One line for the log and `flywheel check`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.avx2 && self.fma {
+            parts.push("AVX2+FMA".to_string());
+        }
+        if self.avx512f {
+            let mut ext = Vec::new();
+            if self.avx512vnni {
+                ext.push("VNNI");
+            }
+            if self.avx512bf16 {
+                ext.push("BF16");
+            }
+            parts.push(if ext.is_empty() {
+                "AVX-512".to_string()
+            } else {
+                format!("AVX-512 ({})", ext.join(", "))
+            });
+        }
+        if self.amx_bf16 || self.amx_int8 {
+            let mut ext = Vec::new();
+            if self.amx_bf16 {
+                ext.push("BF16");
+            }
+            if self.amx_int8 {
+                ext.push("INT8");
+            }
+            let state = if self.amx_granted {
+                "tile state granted"
+            } else {
+                "tile state refused by the kernel: not used"
+            };
+            parts.push(format!("AMX ({}; {state})", ext.join(", ")));
+        }
+        if parts.is_empty() {
+            "no SIMD extension beyond the baseline".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// The features of this CPU and process, detected (and AMX requested) on first use.
+pub fn features() -> &'static CpuFeatures {
+    static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
+    FEATURES.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> CpuFeatures {
+    use std::arch::is_x86_feature_detected as has;
+    // CPUID leaf 7, sub-leaf 0, EDX: AMX-BF16 is bit 22, AMX-TILE bit 24, AMX-INT8 bit 25. (The
+    // standard library's detection of these is not stable yet.)
+    let edx = if has!("xsave") {
+        // Leaf 7 is valid when leaf 0 says so.
+        let max = std::arch::x86_64::__cpuid(0).eax;
+        if max >= 7 {
+            std::arch::x86_64::__cpuid_count(7, 0).edx
+        } else {
+            0
+        }
+    } else {
+        0
+    };
+    let tile = edx & (1 << 24) != 0;
+    let amx_bf16 = tile && edx & (1 << 22) != 0;
+    let amx_int8 = tile && edx & (1 << 25) != 0;
+    CpuFeatures {
+        avx2: has!("avx2"),
+        fma: has!("fma"),
+        avx512f: has!("avx512f"),
+        avx512bw: has!("avx512bw"),
+        avx512vl: has!("avx512vl"),
+        avx512vnni: has!("avx512vnni"),
+        avx512bf16: has!("avx512bf16"),
+        amx_bf16,
+        amx_int8,
+        amx_granted: tile && request_tile_state() && !amx_disabled_by_env(),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> CpuFeatures {
+    CpuFeatures::default()
+}
+
+/// `FLYWHEEL_NO_AMX=1` keeps AMX unused (to compare paths on one host).
+fn amx_disabled_by_env() -> bool {
+    std::env::var("FLYWHEEL_NO_AMX").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Asks Linux for the AMX tile data state for this process (every thread, present and future).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only changes the process's permitted xstate; a
+    // kernel that does not know the request answers with an error.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    r == 0
+}
+
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn request_tile_state() -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_description_names_what_was_found() {
+        let f = features();
+        let d = f.describe();
+        println!("this host: {d}");
+        assert_eq!(d.contains("AVX-512"), f.avx512f);
+        assert_eq!(d.contains("AMX"), f.amx_bf16 || f.amx_int8);
+        let refused = CpuFeatures {
+            amx_bf16: true,
+            amx_int8: true,
+            amx_granted: false,
+            ..CpuFeatures::default()
+        };
+        assert!(!refused.amx_bf16_usable());
+        assert!(
+            refused.describe().contains("refused"),
+            "{}",
+            refused.describe()
+        );
+    }
+}
