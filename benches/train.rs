@@ -2,7 +2,7 @@
 //! seven projections, batches of 8 sequences of 256 tokens with the loss on every token (the
 //! setting shared/PERF-FACTS.md measured PyTorch + PEFT in: 182 tok/s on this machine).
 //!
-//! `cargo bench --bench train -- [--steps N]`
+//! `cargo bench --bench train -- [--steps N] [--precision auto|f32|bf16]`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::atomic::AtomicBool;
@@ -18,13 +18,22 @@ fn main() {
         .position(|a| a == "--steps")
         .and_then(|i| args.get(i + 1))
         .map_or(3, |s| s.parse().unwrap());
+    let precision = args
+        .iter()
+        .position(|a| a == "--precision")
+        .and_then(|i| args.get(i + 1))
+        .map_or(train::Precision::Auto, |s| {
+            train::Precision::parse(s).expect("--precision auto|f32|bf16")
+        });
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(path.exists(), "run `bash scripts/fetch-model.sh` first");
     let t = Instant::now();
-    let base = TrainBase::load(&path, 2048).unwrap();
+    let base = TrainBase::load_with(&path, 2048, precision).unwrap();
     println!(
-        "train benchmark: SmolLM2-135M Q4_1 GGUF dequantized to f32, load {:.0} ms",
+        "train benchmark: SmolLM2-135M Q4_1 GGUF dequantized, frozen products in {} ({}), load {:.0} ms",
+        base.precision.as_str(),
+        flywheel::ops::cpu::features().describe(),
         t.elapsed().as_secs_f64() * 1000.0
     );
     let examples: Vec<TrainExample> = (0..8 * steps)
@@ -41,6 +50,7 @@ fn main() {
         micro_batch_size: 8,
         adapter_dim: 16,
         max_seq_len: 2048,
+        precision,
         ..Hyperparameters::default()
     };
     let mut per_step = Vec::new();

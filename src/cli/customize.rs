@@ -104,6 +104,9 @@ pub struct TrainArgs {
     pub learning_rate: Option<f64>,
     #[arg(long)]
     pub adapter_dim: Option<usize>,
+    /// The frozen base's products: auto (bf16 on AMX tiles where the CPU has them), f32, bf16.
+    #[arg(long)]
+    pub precision: Option<String>,
     /// Resume from and save to this checkpoint file.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -275,6 +278,10 @@ pub fn train_command(a: TrainArgs) -> anyhow::Result<()> {
     hp.batch_size = a.batch_size.unwrap_or(hp.batch_size);
     hp.learning_rate = a.learning_rate.unwrap_or(hp.learning_rate);
     hp.adapter_dim = a.adapter_dim.unwrap_or(hp.adapter_dim);
+    if let Some(p) = &a.precision {
+        hp.precision = crate::flywheel::train::Precision::parse(p)
+            .ok_or_else(|| anyhow::anyhow!("--precision '{p}' is not one of auto, f32, bf16"))?;
+    }
     hp.validate()?;
     let chat = ChatFormat::load(&a.model).map_err(anyhow::Error::msg)?;
     let train_ex = dataset::training_examples(&chat, &read_records(&a.train)?)?;
@@ -282,7 +289,7 @@ pub fn train_command(a: TrainArgs) -> anyhow::Result<()> {
         Some(p) => dataset::training_examples(&chat, &read_records(p)?)?,
         None => Vec::new(),
     };
-    let base = TrainBase::load(&a.model, hp.max_seq_len)?;
+    let base = TrainBase::load_with(&a.model, hp.max_seq_len, hp.precision)?;
     let tokens: usize = train_ex.iter().map(|e| e.tokens.len()).sum();
     println!(
         "training rank-{} LoRA on {} examples ({} tokens), {} validation, {} epochs",

@@ -195,6 +195,16 @@ impl JobRunner {
         if let Some(seed) = whole(&hp_in, "seed")? {
             hp.seed = seed as u64;
         }
+        if let Some(p) = hp_in.get("precision").filter(|v| !v.is_null()) {
+            hp.precision = p
+                .as_str()
+                .and_then(train::Precision::parse)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "hyperparameters.precision {p} is not one of \"auto\", \"f32\", \"bf16\""
+                    ))
+                })?;
+        }
         let lora_in = hp_in.get("lora").cloned().unwrap_or(json!({}));
         hp.adapter_dim = whole(&lora_in, "adapter_dim")?.unwrap_or(hp.adapter_dim);
         hp.alpha = num(&lora_in, "alpha").or(hp.alpha);
@@ -364,8 +374,8 @@ fn training_inputs(
         dataset::training_examples(&chat, &train_records).map_err(|e| format!("training: {e}"))?;
     let va =
         dataset::training_examples(&chat, &val_records).map_err(|e| format!("validation: {e}"))?;
-    let base =
-        train::model::TrainBase::load(&model.path, hp.max_seq_len).map_err(|e| e.to_string())?;
+    let base = train::model::TrainBase::load_with(&model.path, hp.max_seq_len, hp.precision)
+        .map_err(|e| e.to_string())?;
     Ok((tr, va, base))
 }
 

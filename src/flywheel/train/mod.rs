@@ -43,6 +43,57 @@ pub struct Hyperparameters {
     pub seed: u64,
     /// Longest example in tokens; longer ones are refused when the dataset is prepared.
     pub max_seq_len: usize,
+    /// The frozen base's products: `f32`, `bf16` (operands rounded to bf16, sums in f32, on AMX
+    /// tiles), or `auto`: bf16 where the CPU has AMX and the kernel grants it, f32 elsewhere.
+    pub precision: Precision,
+}
+
+/// How the frozen base's matrix products run while training. LoRA factors, their gradients, the
+/// optimizer's state and every other op stay f32 in both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "f32" => Some(Self::F32),
+            "bf16" => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+
+    /// What runs on this host: `F32` or `Bf16`. `bf16` asked of a host without AMX tiles runs
+    /// f32, with a log line.
+    pub fn resolve(self) -> Self {
+        let amx = crate::ops::amx::available();
+        match self {
+            Self::Auto if amx => Self::Bf16,
+            Self::Bf16 if !amx => {
+                tracing::warn!(
+                    cpu = %crate::ops::cpu::features().describe(),
+                    "bf16 training needs AMX tiles, which this host does not offer; training in f32"
+                );
+                Self::F32
+            }
+            Self::Auto => Self::F32,
+            p => p,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
 }
 
 impl Default for Hyperparameters {
@@ -61,6 +112,7 @@ impl Default for Hyperparameters {
             max_grad_norm: 1.0,
             seed: 42,
             max_seq_len: 1024,
+            precision: Precision::Auto,
         }
     }
 }

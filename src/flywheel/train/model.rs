@@ -12,7 +12,8 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
 use crate::engine::model::{rope_tables, LlamaConfig, ModelError, ModelSource};
-use crate::ops::grad;
+use super::Precision;
+use crate::ops::{amx, grad};
 use crate::ops::RopeStyle;
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -35,14 +36,69 @@ struct BaseLayer {
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
     /// One (outputs, inputs) matrix per group in `GROUPS`: qkv, o, gate_up, down.
-    groups: [Tensor; 4],
+    groups: [Frozen; 4],
+}
+
+/// A frozen (outputs, inputs) weight and the two products training takes of it: `x · Wᵀ` forward
+/// and `dy · W` backward. In f32 it is one tensor; in bf16 it is held in AMX tile order once per
+/// product (together the bytes of the f32 copy they replace).
+enum Frozen {
+    F32(Tensor),
+    Bf16 {
+        /// Wᵀ, for `x · Wᵀ`.
+        forward: amx::PackedB,
+        /// W, for `dy · W`.
+        backward: amx::PackedB,
+    },
+}
+
+impl Frozen {
+    fn new(w: Tensor, precision: Precision) -> Result<Self> {
+        if precision != Precision::Bf16 {
+            return Ok(Self::F32(w));
+        }
+        let (rows, cols) = w.dims2()?;
+        let v = to_vec(&w)?;
+        Ok(Self::Bf16 {
+            forward: amx::PackedB::transposed(&v, rows, cols),
+            backward: amx::PackedB::plain(&v, rows, cols),
+        })
+    }
+
+    /// `x · Wᵀ` for x (n, inputs): (n, outputs).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::F32(w) => Ok(x.matmul(&w.t()?)?),
+            Self::Bf16 { forward, .. } => tiles(x, forward),
+        }
+    }
+
+    /// `dy · W` for dy (n, outputs): (n, inputs).
+    fn backward(&self, dy: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::F32(w) => Ok(dy.matmul(w)?),
+            Self::Bf16 { backward, .. } => tiles(dy, backward),
+        }
+    }
+}
+
+/// `x · B` on AMX tiles, x a (rows, B's k) tensor.
+fn tiles(x: &Tensor, b: &amx::PackedB) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    let v = x.flatten_all()?.to_vec1::<f32>()?;
+    let y = amx::matmul(&v, rows, b).ok_or_else(|| {
+        ModelError::Unsupported("bf16 products need AMX tiles, which this host does not grant".into())
+    })?;
+    Ok(Tensor::from_vec(y, (rows, b.n), &Device::Cpu)?)
 }
 
 /// The frozen base.
 pub struct TrainBase {
     pub cfg: LlamaConfig,
+    /// What the frozen products run in (`F32` or `Bf16`, resolved for this host).
+    pub precision: Precision,
     embed: Tensor,
-    head: Tensor,
+    head: Frozen,
     norm: Vec<f32>,
     layers: Vec<BaseLayer>,
     /// (context, head_dim / 2)
@@ -268,20 +324,33 @@ pub struct StepResult {
 impl TrainBase {
     /// Loads a GGUF file or a Hugging Face directory, dequantized to f32.
     pub fn load(path: &Path, max_context: usize) -> Result<Self> {
+        Self::load_with(path, max_context, Precision::F32)
+    }
+
+    /// The same, with the frozen products in `precision` (resolved for this host: `auto` is
+    /// bf16 where AMX tiles run).
+    pub fn load_with(path: &Path, max_context: usize, precision: Precision) -> Result<Self> {
         let device = Device::Cpu;
+        let precision = precision.resolve();
+        tracing::info!(
+            precision = precision.as_str(),
+            cpu = %crate::ops::cpu::features().describe(),
+            "training base loaded"
+        );
         if path.is_dir() {
             let src = ModelSource::hf_dir(path, max_context, &device)?;
-            Self::from_source(src)
+            Self::from_source(src, precision)
         } else {
             let mut file = std::fs::File::open(path)
                 .map_err(|e| ModelError::Missing(format!("{}: {e}", path.display())))?;
             let content = gguf_file::Content::read(&mut file)?;
             let src = ModelSource::gguf(&content, &mut file, max_context, &device)?;
-            Self::from_source(src)
+            Self::from_source(src, precision)
         }
     }
 
-    fn from_source(mut src: ModelSource<'_>) -> Result<Self> {
+    fn from_source(mut src: ModelSource<'_>, precision: Precision) -> Result<Self> {
+        let frozen = |w: Tensor| Frozen::new(w, precision);
         let device = Device::Cpu;
         let embed = src.require("token_embd.weight")?.dequantize(&device)?;
         let cfg = src.config(embed.dims2()?.0);
@@ -308,23 +377,24 @@ impl TrainBase {
                 attn_norm: to_vec(&w("attn_norm")?)?,
                 ffn_norm: to_vec(&w("ffn_norm")?)?,
                 groups: [
-                    Tensor::cat(&[q, k, v], 0)?,
-                    o,
-                    Tensor::cat(&[gate, up], 0)?,
-                    down,
+                    frozen(Tensor::cat(&[q, k, v], 0)?)?,
+                    frozen(o)?,
+                    frozen(Tensor::cat(&[gate, up], 0)?)?,
+                    frozen(down)?,
                 ],
             });
         }
         let norm = to_vec(&src.require("output_norm.weight")?.dequantize(&device)?)?;
-        let head = match src.tensor("output.weight")? {
+        let head = frozen(match src.tensor("output.weight")? {
             Some(t) => t.dequantize(&device)?,
             None => embed.clone(),
-        };
+        })?;
         let (cos, sin) = rope_tables(&cfg, &device)?;
         Ok(Self {
             cos: to_vec(&cos)?,
             sin: to_vec(&sin)?,
             cfg,
+            precision,
             embed,
             head,
             norm,
@@ -353,8 +423,7 @@ impl TrainBase {
         rng: &mut SplitMix,
         saved: &mut [Option<LoraSaved>; 7],
     ) -> Result<Tensor> {
-        let w = &self.layers[layer].groups[g];
-        let y = x.matmul(&w.t()?)?;
+        let y = self.layers[layer].groups[g].forward(x)?;
         let (first, count) = GROUPS[g];
         let n = x.dim(0)?;
         let widths = self.group_widths(g);
@@ -392,8 +461,7 @@ impl TrainBase {
         saved: &[Option<LoraSaved>; 7],
         grad: &mut [f32],
     ) -> Result<Tensor> {
-        let w = &self.layers[layer].groups[g];
-        let mut dx = dy.matmul(w)?;
+        let mut dx = self.layers[layer].groups[g].backward(dy)?;
         let (first, count) = GROUPS[g];
         let widths = self.group_widths(g);
         let mut offset = 0;
@@ -461,7 +529,7 @@ impl TrainBase {
         let n = batch.rows * batch.t;
         let (h, _) = grad::rms_norm_fwd(&xl, &self.norm, self.cfg.rms_eps as f32);
         let h = Tensor::from_vec(h, (n, self.cfg.hidden), &Device::Cpu)?;
-        Ok(h.matmul(&self.head.t()?)?)
+        self.head.forward(&h)
     }
 
     /// cos and sin for every row of a (rows, t) batch: row i of a sequence sits at position i.
@@ -581,12 +649,12 @@ impl TrainBase {
             let (hn, rstd) = grad::rms_norm_fwd(&rows, &self.norm, eps);
             let m = chunk.len();
             let hn = Tensor::from_vec(hn, (m, d), &Device::Cpu)?;
-            let mut logits = to_vec(&hn.matmul(&self.head.t()?)?)?;
+            let mut logits = to_vec(&self.head.forward(&hn)?)?;
             let targets: Vec<u32> = chunk.iter().map(|(_, t)| *t).collect();
             loss += grad::cross_entropy(&mut logits, vocab, &targets, weight);
             if want_grad {
                 let dl = Tensor::from_vec(logits, (m, vocab), &Device::Cpu)?;
-                let dh = to_vec(&dl.matmul(&self.head)?)?;
+                let dh = to_vec(&self.head.backward(&dl)?)?;
                 let drows = grad::rms_norm_bwd(&dh, &rows, &self.norm, &rstd);
                 for (i, (pos, _)) in chunk.iter().enumerate() {
                     dx[pos * d..(pos + 1) * d]
