@@ -107,14 +107,16 @@ pub fn matmul(x: &[f32], m: usize, b: &PackedB) -> Option<Vec<f32>> {
     }
     let mp = round_up(m.max(1), BLOCK);
     let a = pack_x(x, m, b.k, mp, b.kp);
-    let mut y = vec![0f32; mp * b.np];
+    // Every value of the padded product is stored by a tile: no need to clear it first.
+    let mut y: Vec<f32> = Vec::with_capacity(mp * b.np);
     let blocks = mp / BLOCK;
     let threads = std::thread::available_parallelism()
         .map_or(1, usize::from)
         .min(blocks);
     let per = blocks.div_ceil(threads.max(1));
     std::thread::scope(|s| {
-        let chunks = y.chunks_mut(per * BLOCK * b.np).enumerate();
+        let spare = &mut y.spare_capacity_mut()[..mp * b.np];
+        let chunks = spare.chunks_mut(per * BLOCK * b.np).enumerate();
         for (t, out) in chunks {
             let a = &a;
             let rows = out.len() / b.np;
@@ -133,6 +135,8 @@ pub fn matmul(x: &[f32], m: usize, b: &PackedB) -> Option<Vec<f32>> {
             }
         }
     });
+    // SAFETY: the tiles stored all mp × np values (each 32×32 block of every thread's rows).
+    unsafe { y.set_len(mp * b.np) };
     if mp == m && b.np == b.n {
         return Some(y);
     }
@@ -141,6 +145,20 @@ pub fn matmul(x: &[f32], m: usize, b: &PackedB) -> Option<Vec<f32>> {
         out.extend_from_slice(&row[..b.n]);
     }
     Some(out)
+}
+
+/// Rounds to the nearest bf16, ties to even (as `bf16::from_f32`), in a form the compiler
+/// vectorizes; a NaN stays a (quiet) NaN.
+#[inline(always)]
+fn to_bf16(v: f32) -> bf16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    bf16::from_bits(if nan {
+        ((b >> 16) as u16) | 0x40
+    } else {
+        rounded
+    })
 }
 
 /// x (m × k, f32) in bf16 tiles: per 16-row block, per 32-column block, one contiguous tile.
@@ -152,7 +170,7 @@ fn pack_x(x: &[f32], m: usize, k: usize, mp: usize, kp: usize) -> Vec<bf16> {
             for (kk, part) in row.chunks(TILE_K).enumerate() {
                 let at = (i * kb + kk) * TILE_LEN + r * TILE_K;
                 for (d, v) in out[at..at + part.len()].iter_mut().zip(part) {
-                    *d = bf16::from_f32(*v);
+                    *d = to_bf16(*v);
                 }
             }
         }
@@ -176,7 +194,12 @@ mod x86 {
     /// # Safety
     /// The CPU must have AMX-BF16 and the process the tile state; `a` must hold `rows` packed
     /// rows of width b.kp and `y` rows × b.np values.
-    pub(super) unsafe fn tiles(a: &[bf16], b: &PackedB, y: &mut [f32], rows: usize) {
+    pub(super) unsafe fn tiles(
+        a: &[bf16],
+        b: &PackedB,
+        y: &mut [std::mem::MaybeUninit<f32>],
+        rows: usize,
+    ) {
         let kb = b.kp / TILE_K;
         assert!(a.len() >= rows * b.kp && y.len() >= rows * b.np && b.tiles.len() >= b.np * b.kp);
         let mut cfg = Config([0; 64]);
@@ -221,7 +244,7 @@ mod x86 {
                             options(nostack, readonly)
                         );
                     }
-                    let c0 = y.as_mut_ptr().add(i * b.np + j * TILE_ROWS);
+                    let c0 = y.as_mut_ptr().cast::<f32>().add(i * b.np + j * TILE_ROWS);
                     let c1 = c0.add(TILE_ROWS);
                     let c2 = c0.add(TILE_ROWS * b.np);
                     let c3 = c2.add(TILE_ROWS);
@@ -314,6 +337,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn rounding_to_bf16_matches_the_half_crate() {
+        let mut values = random(10_000, 77);
+        values.extend([
+            0.0,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-42,
+            f32::INFINITY,
+        ]);
+        values.extend([f32::from_bits(0x3f80_8000), f32::from_bits(0x3f81_8000)]); // ties
+        for v in values {
+            assert_eq!(to_bf16(v).to_bits(), bf16::from_f32(v).to_bits(), "{v:e}");
+        }
+        assert!(to_bf16(f32::NAN).is_nan());
+        assert!(to_bf16(f32::from_bits(0x7f80_0001)).is_nan());
     }
 
     #[test]

@@ -11,10 +11,10 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
-use crate::engine::model::{rope_tables, LlamaConfig, ModelError, ModelSource};
 use super::Precision;
-use crate::ops::{amx, grad};
+use crate::engine::model::{rope_tables, LlamaConfig, ModelError, ModelSource};
 use crate::ops::RopeStyle;
+use crate::ops::{amx, grad};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
@@ -73,6 +73,36 @@ impl Frozen {
         }
     }
 
+    /// `x · Wᵀ` for row-major x of `rows` rows, as a row-major vector (no tensor round trip).
+    fn forward_rows(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
+        match self {
+            Self::F32(_) => {
+                let cols = x.len() / rows.max(1);
+                Ok(to_vec(&self.forward(&Tensor::from_vec(
+                    x,
+                    (rows, cols),
+                    &Device::Cpu,
+                )?)?)?)
+            }
+            Self::Bf16 { forward, .. } => amx_rows(&x, rows, forward),
+        }
+    }
+
+    /// `dy · W` likewise.
+    fn backward_rows(&self, dy: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
+        match self {
+            Self::F32(_) => {
+                let cols = dy.len() / rows.max(1);
+                Ok(to_vec(&self.backward(&Tensor::from_vec(
+                    dy,
+                    (rows, cols),
+                    &Device::Cpu,
+                )?)?)?)
+            }
+            Self::Bf16 { backward, .. } => amx_rows(&dy, rows, backward),
+        }
+    }
+
     /// `dy · W` for dy (n, outputs): (n, inputs).
     fn backward(&self, dy: &Tensor) -> Result<Tensor> {
         match self {
@@ -86,10 +116,16 @@ impl Frozen {
 fn tiles(x: &Tensor, b: &amx::PackedB) -> Result<Tensor> {
     let rows = x.dim(0)?;
     let v = x.flatten_all()?.to_vec1::<f32>()?;
-    let y = amx::matmul(&v, rows, b).ok_or_else(|| {
-        ModelError::Unsupported("bf16 products need AMX tiles, which this host does not grant".into())
-    })?;
+    let y = amx_rows(&v, rows, b)?;
     Ok(Tensor::from_vec(y, (rows, b.n), &Device::Cpu)?)
+}
+
+fn amx_rows(x: &[f32], rows: usize, b: &amx::PackedB) -> Result<Vec<f32>> {
+    amx::matmul(x, rows, b).ok_or_else(|| {
+        ModelError::Unsupported(
+            "bf16 products need AMX tiles, which this host does not grant".into(),
+        )
+    })
 }
 
 /// The frozen base.
@@ -648,13 +684,11 @@ impl TrainBase {
             }
             let (hn, rstd) = grad::rms_norm_fwd(&rows, &self.norm, eps);
             let m = chunk.len();
-            let hn = Tensor::from_vec(hn, (m, d), &Device::Cpu)?;
-            let mut logits = to_vec(&self.head.forward(&hn)?)?;
+            let mut logits = self.head.forward_rows(hn, m)?;
             let targets: Vec<u32> = chunk.iter().map(|(_, t)| *t).collect();
             loss += grad::cross_entropy(&mut logits, vocab, &targets, weight);
             if want_grad {
-                let dl = Tensor::from_vec(logits, (m, vocab), &Device::Cpu)?;
-                let dh = to_vec(&self.head.backward(&dl)?)?;
+                let dh = self.head.backward_rows(logits, m)?;
                 let drows = grad::rms_norm_bwd(&dh, &rows, &self.norm, &rstd);
                 for (i, (pos, _)) in chunk.iter().enumerate() {
                     dx[pos * d..(pos + 1) * d]
