@@ -229,6 +229,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         Some(url) => println!("store    {}", crate::store::postgres::redact(&url)),
         None => println!("store    {} (SQLite)", config.db_path().display()),
     }
+    println!("cpu      {}", crate::ops::cpu::features().describe());
     for u in &config.upstreams {
         println!("upstream {} -> {}", u.name, u.base_url);
         let pushed_to = config

@@ -231,6 +231,7 @@ async fn listen(config: &Config, state: Arc<AppState>) -> anyhow::Result<()> {
         tls = tls.is_some(),
         routes = config.routes.len(),
         upstreams = config.upstreams.len(),
+        cpu = %crate::ops::cpu::features().describe(),
         "flywheel listening on {}://{addr}",
         if tls.is_some() { "https" } else { "http" }
     );

@@ -953,4 +953,52 @@ mod tests {
             assert!(g.iter().any(|v| v.abs() > 1e-3));
         }
     }
+
+    #[test]
+    fn bf16_products_give_the_f32_loss_and_gradient_within_bf16_tolerance() {
+        if !crate::ops::amx::available() {
+            println!(
+                "SKIPPED: bf16 training needs AMX tiles, which this host does not offer ({}); the f32 gradients are checked against finite differences above",
+                crate::ops::cpu::features().describe()
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("tiny.gguf");
+        write_tiny_llama(&gguf, GgmlDType::F32, 5);
+        let exact = TrainBase::load_with(&gguf, 64, Precision::F32).unwrap();
+        let tiles = TrainBase::load_with(&gguf, 64, Precision::Bf16).unwrap();
+        assert_eq!(tiles.precision, Precision::Bf16);
+        let lora = LoraFactors::new(&exact.cfg, 2, 4.0, &[0, 1, 2, 3, 4, 5, 6]);
+        let theta = random_theta(&lora, 11);
+        let b = batch(&[
+            vec![5u32, 70, 71, 72, 9, 33, 40],
+            vec![100u32, 101, 102, 8, 7],
+        ]);
+        let run = |base: &TrainBase| {
+            let mut g = vec![0f32; lora.len];
+            let r = base
+                .loss_and_grad(&b, &lora, &theta, 0.0, &mut SplitMix(1), 1.0, &mut g)
+                .unwrap();
+            (r.loss_sum, g)
+        };
+        let (loss32, g32) = run(&exact);
+        let (loss16, g16) = run(&tiles);
+        let norm = |g: &[f32]| g.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        let dot: f64 = g32
+            .iter()
+            .zip(&g16)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        let cosine = dot / (norm(&g32) * norm(&g16));
+        let diff: Vec<f32> = g32.iter().zip(&g16).map(|(a, b)| a - b).collect();
+        let relative = norm(&diff) / norm(&g32);
+        println!("bf16 against f32: loss {loss16} vs {loss32}, gradient cosine {cosine:.5}, relative difference {relative:.4}");
+        assert!(
+            (loss32 - loss16).abs() <= 5e-3 * loss32.abs(),
+            "loss {loss16} vs {loss32}"
+        );
+        assert!(cosine > 0.999, "gradient cosine {cosine}");
+        assert!(relative < 0.05, "gradient relative difference {relative}");
+    }
 }
