@@ -147,6 +147,67 @@ pub fn matmul(x: &[f32], m: usize, b: &PackedB) -> Option<Vec<f32>> {
     Some(out)
 }
 
+/// `batch` independent products `x_i · B_i` (attention's, per sequence and head): x is `batch`
+/// row-major m × k matrices; z is `batch` matrices of `zr` × `zc`, and B_i is z_iᵀ when
+/// `transposed` (so k = zc, n = zr) or z_i (k = zr, n = zc). Pairs are split between threads, each
+/// product runs on one. Returns `batch` m × n matrices, or `None` where AMX cannot run.
+#[allow(clippy::too_many_arguments)]
+pub fn batched(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    z: &[f32],
+    zr: usize,
+    zc: usize,
+    transposed: bool,
+    batch: usize,
+) -> Option<Vec<f32>> {
+    let n = if transposed { zr } else { zc };
+    let kz = if transposed { zc } else { zr };
+    if !available() || kz != k || x.len() != batch * m * k || z.len() != batch * zr * zc {
+        return None;
+    }
+    let mut y = vec![0f32; batch * m * n];
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(batch.max(1));
+    let per = batch.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        for (t, out) in y.chunks_mut(per * m * n).enumerate() {
+            s.spawn(move || {
+                for (i, yi) in out.chunks_mut(m * n).enumerate() {
+                    let pair = t * per + i;
+                    let zi = &z[pair * zr * zc..(pair + 1) * zr * zc];
+                    let b = if transposed {
+                        PackedB::transposed(zi, zr, zc)
+                    } else {
+                        PackedB::plain(zi, zr, zc)
+                    };
+                    one(&x[pair * m * k..(pair + 1) * m * k], m, &b, yi);
+                }
+            });
+        }
+    });
+    Some(y)
+}
+
+/// One product on this thread into `y` (m × b.n).
+fn one(x: &[f32], m: usize, b: &PackedB, y: &mut [f32]) {
+    let mp = round_up(m.max(1), BLOCK);
+    let a = pack_x(x, m, b.k, mp, b.kp);
+    let mut full: Vec<f32> = Vec::with_capacity(mp * b.np);
+    // SAFETY: `batched` is only reached where `available()` holds; the tiles store every value
+    // of the padded product before it is read.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        x86::tiles(&a, b, &mut full.spare_capacity_mut()[..mp * b.np], mp);
+        full.set_len(mp * b.np);
+    }
+    for (dst, src) in y.chunks_mut(b.n).zip(full.chunks(b.np)) {
+        dst.copy_from_slice(&src[..b.n]);
+    }
+}
+
 /// Rounds to the nearest bf16, ties to even (as `bf16::from_f32`), in a form the compiler
 /// vectorizes; a NaN stays a (quiet) NaN.
 #[inline(always)]
@@ -357,6 +418,36 @@ mod tests {
         }
         assert!(to_bf16(f32::NAN).is_nan());
         assert!(to_bf16(f32::from_bits(0x7f80_0001)).is_nan());
+    }
+
+    #[test]
+    fn batched_products_equal_one_product_per_pair() {
+        if !available() {
+            println!("SKIPPED: this host cannot run AMX bf16 tiles");
+            return;
+        }
+        let (batch, m, k, n) = (5, 40, 64, 48);
+        let x = random(batch * m * k, 21);
+        for transposed in [true, false] {
+            let (zr, zc) = if transposed { (n, k) } else { (k, n) };
+            let z = random(batch * zr * zc, 22);
+            let y = batched(&x, m, k, &z, zr, zc, transposed, batch).unwrap();
+            for i in 0..batch {
+                let zi = &z[i * zr * zc..(i + 1) * zr * zc];
+                let b = if transposed {
+                    PackedB::transposed(zi, zr, zc)
+                } else {
+                    PackedB::plain(zi, zr, zc)
+                };
+                let want = matmul(&x[i * m * k..(i + 1) * m * k], m, &b).unwrap();
+                assert_eq!(
+                    y[i * m * n..(i + 1) * m * n],
+                    want[..],
+                    "pair {i}, transposed {transposed}"
+                );
+            }
+        }
+        assert!(batched(&x, m, k + 1, &random(10, 1), 2, 5, true, batch).is_none());
     }
 
     #[test]

@@ -461,27 +461,33 @@ impl TrainBase {
     ) -> Result<Tensor> {
         let y = self.layers[layer].groups[g].forward(x)?;
         let (first, count) = GROUPS[g];
-        let n = x.dim(0)?;
         let widths = self.group_widths(g);
-        let mut parts = Vec::with_capacity(count);
-        let mut any = false;
-        for (j, m) in (first..first + count).enumerate() {
-            match lora.slots[layer][m] {
-                Some(s) => {
-                    let (xd, mask) = dropout_input(x, dropout, rng)?;
-                    let (a, b) = factors(theta, &s, lora.rank)?;
-                    let u = xd.matmul(&a.t()?)?; // (n, rank)
-                    parts.push((u.matmul(&b.t()?)? * f64::from(lora.scale()))?);
-                    saved[m] = Some(LoraSaved { x: xd, u, mask });
-                    any = true;
-                }
-                None => parts.push(Tensor::zeros((n, widths[j]), y.dtype(), y.device())?),
-            }
-        }
-        if !any {
+        if (first..first + count).all(|m| lora.slots[layer][m].is_none()) {
             return Ok(y);
         }
-        Ok((y + Tensor::cat(&parts, 1)?)?)
+        // Each targeted module's `scale · u Bᵀ` is added into its columns of y in place.
+        let (n, total) = y.dims2()?;
+        let mut out = to_vec(&y)?;
+        let scale = lora.scale();
+        let mut offset = 0;
+        for (j, m) in (first..first + count).enumerate() {
+            if let Some(s) = lora.slots[layer][m] {
+                let (xd, mask) = dropout_input(x, dropout, rng)?;
+                let (a, b) = factors(theta, &s, lora.rank)?;
+                let u = xd.matmul(&a.t()?)?; // (n, rank)
+                let delta = to_vec(&u.matmul(&b.t()?)?)?; // (n, width)
+                let w = widths[j];
+                for (row, d) in out.chunks_mut(total).zip(delta.chunks(w)) {
+                    row[offset..offset + w]
+                        .iter_mut()
+                        .zip(d)
+                        .for_each(|(o, v)| *o += scale * v);
+                }
+                saved[m] = Some(LoraSaved { x: xd, u, mask });
+            }
+            offset += widths[j];
+        }
+        Ok(Tensor::from_vec(out, (n, total), &Device::Cpu)?)
     }
 
     /// The input gradient of a group given its output gradient `dy`; LoRA factor gradients are
@@ -622,10 +628,10 @@ impl TrainBase {
             ))?;
             let k = heads_major(Tensor::from_vec(k, (bsz, t, kvh, hd), &Device::Cpu)?)?;
             let v = heads_major(v.reshape((bsz, t, kvh, hd))?)?;
-            let mut s = to_vec(&q.matmul(&k.t()?)?)?;
+            let mut s = to_vec(&self.bmm(&q, &k, true)?)?;
             grad::causal_softmax_fwd(&mut s, t, scale);
             let p = Tensor::from_vec(s, (bsz, kvh, group * t, t), &Device::Cpu)?;
-            let o = p.matmul(&v)?.reshape((bsz, h, t, hd))?;
+            let o = self.bmm(&p, &v, false)?.reshape((bsz, h, t, hd))?;
             let attn = o.transpose(1, 2)?.contiguous()?.reshape((n, h * hd))?;
             let out = self.group_forward(li, 1, &attn, lora, theta, dropout, rng, &mut lsaved)?;
             let mut x2 = x.clone();
@@ -740,13 +746,13 @@ impl TrainBase {
         let dattn = self.group_backward(li, 1, &dy, lora, theta, &s.lora, grad)?;
         let do_ =
             heads_major(dattn.reshape((bsz, t, h, hd))?)?.reshape((bsz, kvh, group * t, hd))?;
-        let mut dp = to_vec(&do_.matmul(&s.v.t()?)?)?;
-        let dv = s.p.t()?.matmul(&do_)?; // (b, kv, t, hd)
+        let mut dp = to_vec(&self.bmm(&do_, &s.v, true)?)?;
+        let dv = self.bmm(&s.p.t()?.contiguous()?, &do_, false)?; // (b, kv, t, hd)
         let p = to_vec(&s.p)?;
         grad::causal_softmax_bwd(&p, &mut dp, t, scale);
         let ds = Tensor::from_vec(dp, (bsz, kvh, group * t, t), &dev)?;
-        let dq = ds.matmul(&s.k)?.reshape((bsz, h, t, hd))?;
-        let dk = ds.t()?.matmul(&s.q)?; // (b, kv, t, hd)
+        let dq = self.bmm(&ds, &s.k, false)?.reshape((bsz, h, t, hd))?;
+        let dk = self.bmm(&ds.t()?.contiguous()?, &s.q, false)?; // (b, kv, t, hd)
         let mut dq = to_vec(&dq.transpose(1, 2)?.contiguous()?)?;
         let mut dk = to_vec(&dk.transpose(1, 2)?.contiguous()?)?;
         let dv = dv.transpose(1, 2)?.contiguous()?.reshape((n, kvh * hd))?;
@@ -764,6 +770,30 @@ impl TrainBase {
         let mut dx = grad::rms_norm_bwd(&dh1, &s.x, &layer.attn_norm, &s.rstd1);
         dx.iter_mut().zip(&dx2).for_each(|(a, b)| *a += b);
         Ok(dx)
+    }
+}
+
+impl TrainBase {
+    /// Attention's batched product over the leading (sequence, head) dimensions of 4-D tensors:
+    /// `a · bᵀ` when `transposed`, else `a · b`; on AMX tiles in bf16 training.
+    fn bmm(&self, a: &Tensor, b: &Tensor, transposed: bool) -> Result<Tensor> {
+        if self.precision != Precision::Bf16 {
+            return Ok(match transposed {
+                true => a.matmul(&b.t()?)?,
+                false => a.matmul(b)?,
+            });
+        }
+        let (d0, d1, m, k) = a.dims4()?;
+        let (_, _, zr, zc) = b.dims4()?;
+        let n = if transposed { zr } else { zc };
+        let x = a.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let z = b.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let y = amx::batched(&x, m, k, &z, zr, zc, transposed, d0 * d1).ok_or_else(|| {
+            ModelError::Unsupported(
+                "bf16 products need AMX tiles, which this host does not grant".into(),
+            )
+        })?;
+        Ok(Tensor::from_vec(y, (d0, d1, m, n), &Device::Cpu)?)
     }
 }
 
