@@ -105,6 +105,9 @@ pub fn matmul(x: &[f32], m: usize, b: &PackedB) -> Option<Vec<f32>> {
     if !available() || x.len() != m * b.k {
         return None;
     }
+    if m == 0 || b.n == 0 {
+        return Some(Vec::new());
+    }
     let mp = round_up(m.max(1), BLOCK);
     let a = pack_x(x, m, b.k, mp, b.kp);
     // Every value of the padded product is stored by a tile: no need to clear it first.
@@ -166,6 +169,9 @@ pub fn batched(
     let kz = if transposed { zc } else { zr };
     if !available() || kz != k || x.len() != batch * m * k || z.len() != batch * zr * zc {
         return None;
+    }
+    if batch * m * n == 0 {
+        return Some(Vec::new());
     }
     let mut y = vec![0f32; batch * m * n];
     let threads = std::thread::available_parallelism()
@@ -448,6 +454,13 @@ mod tests {
             }
         }
         assert!(batched(&x, m, k + 1, &random(10, 1), 2, 5, true, batch).is_none());
+        assert_eq!(batched(&[], 0, k, &[], 0, k, true, 3), Some(Vec::new()));
+        let b = PackedB::transposed(&[], 0, k);
+        assert_eq!(matmul(&x[..2 * k], 2, &b), Some(Vec::new()));
+        assert_eq!(
+            matmul(&[], 0, &PackedB::transposed(&x[..k], 1, k)),
+            Some(Vec::new())
+        );
     }
 
     #[test]
