@@ -458,6 +458,22 @@ impl TargetConfig {
     }
 }
 
+impl RolloutConfig {
+    /// The adapters from the store this rollout has an upstream serve (`{ upstream, adapter }`
+    /// targets in any role), as (upstream, adapter).
+    pub fn fleet_adapters(&self) -> std::collections::BTreeSet<(String, String)> {
+        std::iter::once(&self.champion)
+            .chain(self.canary.as_ref().map(|c| &c.target))
+            .chain(self.shadow.as_ref().map(|s| &s.target))
+            .chain(&self.fallbacks)
+            .filter_map(|t| match (&t.upstream, &t.adapter) {
+                (Some(u), Some(a)) => Some((u.clone(), a.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// A backend in the gateway's table: a local model or an upstream, by its configured name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BackendKey {

@@ -60,7 +60,7 @@ pub async fn put_route(
     if let Some(flywheel) = &state.flywheel {
         let (c, r) = (flywheel.clone(), rollout.clone());
         blocking(move || Ok(c.push_rollout(&r)?)).await?;
-    } else if rollout_pushes(&rollout) {
+    } else if !rollout.fleet_adapters().is_empty() {
         return Err(ApiError::invalid(
             "This rollout serves an adapter from an upstream's servers, which needs the flywheel (the traffic log and a local model) to load it there.",
         ));
@@ -87,13 +87,4 @@ pub async fn put_route(
         }
     }
     Ok(Json(route_json(&name, &rollout)))
-}
-
-/// Whether a rollout names an adapter served by an upstream's servers.
-fn rollout_pushes(r: &RolloutConfig) -> bool {
-    std::iter::once(&r.champion)
-        .chain(r.canary.as_ref().map(|c| &c.target))
-        .chain(r.shadow.as_ref().map(|s| &s.target))
-        .chain(&r.fallbacks)
-        .any(|t| t.upstream.is_some() && t.adapter.is_some())
 }

@@ -252,25 +252,11 @@ impl Upstream {
                 }),
             );
         }
-        let req = builder
-            .body(Full::new(payload))
-            .map_err(|e| BackendError::Protocol {
-                backend: self.name.clone(),
-                message: format!("cannot build request: {e}"),
-            })?;
         let first_byte = Duration::from_millis(self.cfg.first_byte_timeout_ms);
         let first_byte_deadline = deadline.min(Instant::now() + first_byte);
-        let resp =
-            match tokio::time::timeout_at(first_byte_deadline, self.client.request(req)).await {
-                Err(_) => return Err(self.timeout("waiting for response headers", attempt_started)),
-                Ok(Err(e)) => {
-                    return Err(BackendError::Connect {
-                        backend: self.name.clone(),
-                        message: describe_client_error(&e),
-                    })
-                }
-                Ok(Ok(r)) => r,
-            };
+        let resp = self
+            .send(builder, payload, first_byte_deadline, attempt_started)
+            .await?;
         let status = resp.status();
         if !status.is_success() {
             let retry_after_ms = resp
@@ -381,22 +367,7 @@ impl Upstream {
             h.clone_from(&self.headers);
             h.insert(ACCEPT, HeaderValue::from_static("application/json"));
         }
-        let req = builder
-            .body(Full::new(payload))
-            .map_err(|e| BackendError::Protocol {
-                backend: self.name.clone(),
-                message: format!("cannot build request: {e}"),
-            })?;
-        let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
-            Err(_) => return Err(self.timeout("waiting for response headers", started)),
-            Ok(Err(e)) => {
-                return Err(BackendError::Connect {
-                    backend: self.name.clone(),
-                    message: describe_client_error(&e),
-                })
-            }
-            Ok(Ok(r)) => r,
-        };
+        let resp = self.send(builder, payload, deadline, started).await?;
         let status = resp.status().as_u16();
         match read_body(resp.into_body(), MAX_ERROR_BYTES * 16, deadline).await {
             Ok(b) => Ok((status, b)),
@@ -405,6 +376,30 @@ impl Upstream {
                 backend: self.name.clone(),
                 message: m,
             }),
+        }
+    }
+
+    /// Sends a request and waits until `until` for its response headers.
+    async fn send(
+        &self,
+        builder: http::request::Builder,
+        payload: Bytes,
+        until: Instant,
+        started: Instant,
+    ) -> Result<hyper::Response<Incoming>, BackendError> {
+        let req = builder
+            .body(Full::new(payload))
+            .map_err(|e| BackendError::Protocol {
+                backend: self.name.clone(),
+                message: format!("cannot build request: {e}"),
+            })?;
+        match tokio::time::timeout_at(until, self.client.request(req)).await {
+            Err(_) => Err(self.timeout("waiting for response headers", started)),
+            Ok(Err(e)) => Err(BackendError::Connect {
+                backend: self.name.clone(),
+                message: describe_client_error(&e),
+            }),
+            Ok(Ok(r)) => Ok(r),
         }
     }
 

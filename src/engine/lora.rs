@@ -71,6 +71,12 @@ pub struct LoraAdapter {
     pub generation: u64,
 }
 
+/// Where adapter `namespace/name` (a bare name is in `default`) lives under an adapter store root.
+pub fn store_path(root: &Path, id: &str) -> PathBuf {
+    let (ns, name) = id.split_once('/').unwrap_or(("default", id));
+    root.join(ns).join(name)
+}
+
 /// A valid adapter id: `namespace/name` (or a bare `name`, as vLLM clients send).
 pub fn check_name(name: &str) -> Result<(), LoraError> {
     let ok_part = |p: &str| Name::parse(p).is_some();

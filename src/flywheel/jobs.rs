@@ -316,8 +316,7 @@ fn reload_trained_adapters(ctx: &JobContext, conn: &crate::store::Conn) -> Resul
         let Some(engine) = ctx.engines.iter().find(|e| e.name == base) else {
             continue;
         };
-        let (ns, name) = output.split_once('/').unwrap_or(("default", output));
-        let dir = ctx.data_dir.join("adapters").join(ns).join(name);
+        let dir = lora::store_path(&ctx.data_dir.join("adapters"), output);
         if !dir.join("adapter_config.json").exists() {
             continue;
         }
@@ -459,8 +458,7 @@ fn run_customization(ctx: &JobContext, id: &str, cancel: &AtomicBool) {
     let result = train::train_paced(&tbase, &tr, &va, &hp, &control, &mut on_progress);
     match result {
         Ok(out) => {
-            let (ons, oname) = output.split_once('/').unwrap_or(("default", output));
-            let adir = ctx.data_dir.join("adapters").join(ons).join(oname);
+            let adir = lora::store_path(&ctx.data_dir.join("adapters"), output);
             let base_name = model.name.clone();
             let saved = out
                 .lora

@@ -14,6 +14,8 @@
 //! `cpu::features()` says the CPU has them and Linux granted the tile state.
 #![allow(unsafe_code)]
 
+use std::mem::MaybeUninit;
+
 use half::bf16;
 
 use super::cpu;
@@ -108,46 +110,27 @@ pub fn matmul(x: &[f32], m: usize, b: &PackedB) -> Option<Vec<f32>> {
     if m == 0 || b.n == 0 {
         return Some(Vec::new());
     }
-    let mp = round_up(m.max(1), BLOCK);
-    let a = pack_x(x, m, b.k, mp, b.kp);
-    // Every value of the padded product is stored by a tile: no need to clear it first.
-    let mut y: Vec<f32> = Vec::with_capacity(mp * b.np);
-    let blocks = mp / BLOCK;
+    // Each thread takes whole 32-row blocks; every value of y is written by one of them.
+    let blocks = m.div_ceil(BLOCK);
     let threads = std::thread::available_parallelism()
         .map_or(1, usize::from)
         .min(blocks);
-    let per = blocks.div_ceil(threads.max(1));
+    let rows_per = blocks.div_ceil(threads) * BLOCK;
+    let mut y: Vec<f32> = Vec::with_capacity(m * b.n);
     std::thread::scope(|s| {
-        let spare = &mut y.spare_capacity_mut()[..mp * b.np];
-        let chunks = spare.chunks_mut(per * BLOCK * b.np).enumerate();
-        for (t, out) in chunks {
-            let a = &a;
-            let rows = out.len() / b.np;
-            let mut work = move || {
-                // SAFETY: `available()` checked the CPU's AMX-BF16 and the kernel's grant; the
-                // slices hold whole padded blocks (`rows` × np of y, the same rows of packed x).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    x86::tiles(&a[t * per * BLOCK * b.kp..], b, out, rows)
-                }
-            };
+        let out = y.spare_capacity_mut()[..m * b.n].chunks_mut(rows_per * b.n);
+        for (xc, yc) in x.chunks(rows_per * b.k).zip(out) {
+            let rows = xc.len() / b.k;
             if threads > 1 {
-                s.spawn(work);
+                s.spawn(move || one(xc, rows, b, yc));
             } else {
-                work();
+                one(xc, rows, b, yc);
             }
         }
     });
-    // SAFETY: the tiles stored all mp × np values (each 32×32 block of every thread's rows).
-    unsafe { y.set_len(mp * b.np) };
-    if mp == m && b.np == b.n {
-        return Some(y);
-    }
-    let mut out = Vec::with_capacity(m * b.n);
-    for row in y.chunks(b.np).take(m) {
-        out.extend_from_slice(&row[..b.n]);
-    }
-    Some(out)
+    // SAFETY: `one` wrote all m × n values (each thread its rows).
+    unsafe { y.set_len(m * b.n) };
+    Some(y)
 }
 
 /// `batch` independent products `x_i · B_i` (attention's, per sequence and head): x is `batch`
@@ -173,13 +156,14 @@ pub fn batched(
     if batch * m * n == 0 {
         return Some(Vec::new());
     }
-    let mut y = vec![0f32; batch * m * n];
+    let mut y: Vec<f32> = Vec::with_capacity(batch * m * n);
     let threads = std::thread::available_parallelism()
         .map_or(1, usize::from)
-        .min(batch.max(1));
-    let per = batch.div_ceil(threads.max(1)).max(1);
+        .min(batch);
+    let per = batch.div_ceil(threads);
     std::thread::scope(|s| {
-        for (t, out) in y.chunks_mut(per * m * n).enumerate() {
+        let spare = &mut y.spare_capacity_mut()[..batch * m * n];
+        for (t, out) in spare.chunks_mut(per * m * n).enumerate() {
             s.spawn(move || {
                 for (i, yi) in out.chunks_mut(m * n).enumerate() {
                     let pair = t * per + i;
@@ -194,23 +178,32 @@ pub fn batched(
             });
         }
     });
+    // SAFETY: `one` wrote every pair's m × n values.
+    unsafe { y.set_len(batch * m * n) };
     Some(y)
 }
 
-/// One product on this thread into `y` (m × b.n).
-fn one(x: &[f32], m: usize, b: &PackedB, y: &mut [f32]) {
+/// One product on this thread, writing all of `y` (m × b.n). Padded shapes go through a padded
+/// buffer; whole ones are stored straight into y.
+fn one(x: &[f32], m: usize, b: &PackedB, y: &mut [MaybeUninit<f32>]) {
     let mp = round_up(m.max(1), BLOCK);
     let a = pack_x(x, m, b.k, mp, b.kp);
-    let mut full: Vec<f32> = Vec::with_capacity(mp * b.np);
-    // SAFETY: `batched` is only reached where `available()` holds; the tiles store every value
-    // of the padded product before it is read.
+    // SAFETY: only reached where `available()` holds; `a` holds mp packed rows and the tiles
+    // store all mp × np values of their destination.
     #[cfg(target_arch = "x86_64")]
     unsafe {
+        if mp == m && b.np == b.n {
+            x86::tiles(&a, b, y, mp);
+            return;
+        }
+        let mut full: Vec<f32> = Vec::with_capacity(mp * b.np);
         x86::tiles(&a, b, &mut full.spare_capacity_mut()[..mp * b.np], mp);
         full.set_len(mp * b.np);
-    }
-    for (dst, src) in y.chunks_mut(b.n).zip(full.chunks(b.np)) {
-        dst.copy_from_slice(&src[..b.n]);
+        for (dst, src) in y.chunks_mut(b.n).zip(full.chunks(b.np)) {
+            for (d, v) in dst.iter_mut().zip(src) {
+                d.write(*v);
+            }
+        }
     }
 }
 
@@ -264,7 +257,7 @@ mod x86 {
     pub(super) unsafe fn tiles(
         a: &[bf16],
         b: &PackedB,
-        y: &mut [std::mem::MaybeUninit<f32>],
+        y: &mut [super::MaybeUninit<f32>],
         rows: usize,
     ) {
         let kb = b.kp / TILE_K;

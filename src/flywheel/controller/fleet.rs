@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use super::{fstore, lock, FlywheelController, FlywheelError, RouteState};
 use crate::backend::upstream::Upstream;
 use crate::config::RolloutConfig;
+use crate::engine::lora::store_path;
 
 /// Time allowed for a load call unless `[upstreams.lora] load_timeout_ms` says otherwise.
 const DEFAULT_LOAD_TIMEOUT_MS: u64 = 60_000;
@@ -251,8 +252,9 @@ impl Fleet {
     }
 
     fn lora_path(&self, adapter: &str) -> String {
-        let (ns, name) = adapter.split_once('/').unwrap_or(("default", adapter));
-        format!("{}/{ns}/{name}", self.adapter_dir.trim_end_matches('/'))
+        store_path(std::path::Path::new(&self.adapter_dir), adapter)
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -273,18 +275,6 @@ fn server_message(body: &[u8]) -> String {
         Err(_) => String::from_utf8_lossy(body).trim().to_string(),
     };
     text.chars().take(DETAIL_CHARS).collect()
-}
-
-/// The fleet adapters a rollout names, as (upstream, adapter).
-pub(super) fn fleet_adapters(r: &RolloutConfig) -> BTreeSet<(String, String)> {
-    super::targets(r)
-        .into_iter()
-        .chain(r.fallbacks.iter())
-        .filter_map(|t| match (&t.upstream, &t.adapter) {
-            (Some(u), Some(a)) => Some((u.clone(), a.clone())),
-            _ => None,
-        })
-        .collect()
 }
 
 /// The fleets built so far, by upstream.
@@ -326,7 +316,7 @@ impl FlywheelController {
     /// Makes every fleet adapter `rollout` names present on each server of its upstream. On
     /// failure nothing this call loaded stays loaded.
     pub(super) fn push(&self, rollout: &RolloutConfig) -> Result<Vec<FleetCall>, FleetFailure> {
-        let wanted = fleet_adapters(rollout);
+        let wanted = rollout.fleet_adapters();
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
@@ -371,8 +361,9 @@ impl FlywheelController {
     /// upstream. Failures are logged and recorded, never fatal: the rollout no longer sends
     /// traffic to them.
     pub(super) fn retire(&self, old: &RolloutConfig, new: &RolloutConfig) -> Vec<FleetCall> {
-        let keep = fleet_adapters(new);
-        let gone: Vec<(String, String)> = fleet_adapters(old)
+        let keep = new.fleet_adapters();
+        let gone: Vec<(String, String)> = old
+            .fleet_adapters()
             .into_iter()
             .filter(|a| !keep.contains(a))
             .collect();
@@ -396,7 +387,7 @@ impl FlywheelController {
     /// An operator's rollout (`PUT /admin/routes/...`): its fleet adapters are loaded before it is
     /// installed.
     pub fn push_rollout(&self, rollout: &RolloutConfig) -> Result<(), FlywheelError> {
-        for (_, adapter) in fleet_adapters(rollout) {
+        for (_, adapter) in rollout.fleet_adapters() {
             self.in_store(&adapter).map_err(FlywheelError::Invalid)?;
         }
         self.push(rollout).map(|_| ()).map_err(|f| {
@@ -477,8 +468,7 @@ impl FlywheelController {
 
     /// The adapter is a complete PEFT directory in the adapter store (what the servers will read).
     fn in_store(&self, adapter: &str) -> Result<(), String> {
-        let (ns, name) = adapter.split_once('/').unwrap_or(("default", adapter));
-        let dir = self.data_dir.join("adapters").join(ns).join(name);
+        let dir = store_path(&self.data_dir.join("adapters"), adapter);
         let complete = ["adapter_config.json", "adapter_model.safetensors"]
             .iter()
             .all(|f| dir.join(f).is_file());
@@ -537,7 +527,7 @@ mod tests {
             }),
             fallbacks: vec![],
         };
-        let got: Vec<(String, String)> = fleet_adapters(&r).into_iter().collect();
+        let got: Vec<(String, String)> = r.fleet_adapters().into_iter().collect();
         assert_eq!(got, vec![("vllm".to_string(), "flywheel/a".to_string())]);
     }
 }

@@ -87,8 +87,7 @@ impl FlywheelController {
         if engine.adapters.contains(adapter) {
             return Ok(());
         }
-        let (ns, name) = adapter.split_once('/').unwrap_or(("default", adapter));
-        let dir = self.data_dir.join("adapters").join(ns).join(name);
+        let dir = crate::engine::lora::store_path(&self.data_dir.join("adapters"), adapter);
         engine
             .load_adapter(adapter, &dir)
             .map(|_| tracing::info!(adapter, "adapter reloaded for its rollout"))
