@@ -10,8 +10,11 @@
 //! int-to-float conversion and one fused multiply-add with its eight scales, where a block at a
 //! time needs both per block. That cuts the per-block work of a batch row roughly in half (AVX2)
 //! or to a third (AVX-512 VNNI, chosen at run time where the CPU has it). Blocks past the last
-//! whole group keep the plain layout; their four-byte partial dots stay in vector lanes too, each
-//! lane scaled by its block's scales, so no block needs a horizontal sum of its own.
+//! whole group keep the plain layout; each one's partial dots are summed across its vector (the
+//! integer sums are exact) into the lane it would have had in a group. So every path does the
+//! same arithmetic: block b's exact dot, times its two scales, is added to lane b mod 8, and the
+//! eight lanes are summed at the end. That is also what the tile path (`qgemm_amx`) computes,
+//! one whole block per tile product.
 //!
 //! Activations are quantized for the kernel that will run them (`QuantRows` records which). For
 //! VNNI they are stored *biased* (each byte read unsigned is the value + 128), the operand its
@@ -748,34 +751,22 @@ unsafe fn dot_span(
     }
 }
 
-/// The reference kernel: the same lane products, summed in the same order as the x86 ones.
-/// `x` is signed, as `Kernel::Portable` stores it.
+/// The reference kernel, and the definition every other one matches bit for bit: block b's exact
+/// integer dot, times `ws[b] · xs[b]`, is added (one fused multiply-add) to lane `b % GROUP`, in
+/// block order; then the eight lanes are summed as `hsum8` does. `x` is signed, as
+/// `Kernel::Portable` stores it.
 fn portable(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
     let nb = ws.len();
-    let whole = nb / GROUP * GROUP;
-    // The exact dot of bytes e..e + 4 of block b.
-    let dot4 = |b: usize, e: usize| -> i32 {
-        (e..e + LANE)
+    let mut lanes = [0f32; GROUP];
+    for b in 0..nb {
+        let dot: i32 = (0..BLOCK)
             .map(|e| {
                 let at = interleaved_index(b, e, nb);
                 i32::from(w[at]) * i32::from(x[at])
             })
-            .sum()
-    };
-    let mut lanes = [0f32; GROUP];
-    // In a whole group, lane j holds block j.
-    for g in 0..whole / GROUP {
-        for (j, lane) in lanes.iter_mut().enumerate() {
-            let b = g * GROUP + j;
-            let dot: i32 = (0..BLOCK).step_by(LANE).map(|e| dot4(b, e)).sum();
-            *lane = (dot as f32).mul_add(ws[b] * xs[b], *lane);
-        }
-    }
-    // In a tail block, lane j holds bytes 4j..4j + 4 of the block.
-    for b in whole..nb {
-        for (j, lane) in lanes.iter_mut().enumerate() {
-            *lane = (dot4(b, j * LANE) as f32).mul_add(ws[b] * xs[b], *lane);
-        }
+            .sum();
+        let lane = &mut lanes[b % GROUP];
+        *lane = (dot as f32).mul_add(ws[b] * xs[b], *lane);
     }
     hsum8(lanes)
 }
@@ -895,6 +886,30 @@ pub(super) mod x86 {
         }
     }
 
+    /// Lane t of the result is the sum of the eight lanes of `v[t]` (exact integer sums).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn sum_each(v: &[__m256i; GROUP]) -> __m256i {
+        // Pairs, then fours, within each 128-bit half; then the halves of each block meet.
+        let q0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        let q1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(q0, q1),
+            _mm256_permute2x128_si256::<0x31>(q0, q1),
+        )
+    }
+
+    /// All ones in lanes below `n`, zero above.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn tail_mask(n: usize) -> __m256i {
+        let n = n as i32;
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
     /// What `super::dot_span` hands a kernel: `rows` interleaved weight rows (`nb` blocks each)
     /// from `w`, their scales from `ws`, R activation rows from `x` (stored as the kernel reads
     /// them) and their scales from `xs`; weight row j's result for activation row k goes to
@@ -967,18 +982,39 @@ pub(super) mod x86 {
                                 *fr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sc, *fr);
                             }
                         }
-                        // Tail blocks: lane j holds bytes 4j..4j + 4, scaled by its block's.
-                        for b in whole * GROUP..nb {
-                            let o = b * BLOCK;
-                            let wv = load(w.add(o));
-                            let bias = $bias(zero, wv);
-                            let (p, q) = $prep(wv);
-                            let wsb = _mm256_set1_ps(*ws.add(b));
+                        // Tail blocks (fewer than a group, stored plain): block t's
+                        // four-byte partial dots are summed across its vector into lane t, then
+                        // scaled by its scales into that lane alone, as in a whole group.
+                        let tail = nb - whole * GROUP;
+                        if tail > 0 {
+                            let t0 = whole * GROUP;
+                            let mut prepared = [(zero, zero); GROUP];
+                            let mut bias = [zero; GROUP];
+                            for (t, (p, b)) in prepared
+                                .iter_mut()
+                                .zip(bias.iter_mut())
+                                .take(tail)
+                                .enumerate()
+                            {
+                                let wv = load(w.add((t0 + t) * BLOCK));
+                                *b = $bias(zero, wv);
+                                *p = $prep(wv);
+                            }
+                            let bias = sum_each(&bias);
+                            let mask = tail_mask(tail);
+                            let wst = _mm256_maskload_ps(ws.add(t0), mask);
                             for (r, fr) in f.iter_mut().enumerate() {
-                                let a = $dot(zero, p, q, load(x.add(r * cols + o)));
-                                let a = _mm256_sub_epi32(a, bias);
-                                let sc = _mm256_mul_ps(wsb, _mm256_set1_ps(*xs.add(r * nb + b)));
-                                *fr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sc, *fr);
+                                let mut dots = [zero; GROUP];
+                                for (t, (d, &(p, q))) in
+                                    dots.iter_mut().zip(&prepared).take(tail).enumerate()
+                                {
+                                    *d = $dot(zero, p, q, load(x.add(r * cols + (t0 + t) * BLOCK)));
+                                }
+                                let a = _mm256_sub_epi32(sum_each(&dots), bias);
+                                let xst = _mm256_maskload_ps(xs.add(r * nb + t0), mask);
+                                let sc = _mm256_mul_ps(wst, xst);
+                                let added = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sc, *fr);
+                                *fr = _mm256_blendv_ps(*fr, added, _mm256_castsi256_ps(mask));
                             }
                         }
                         for (r, fr) in f.iter().enumerate() {
