@@ -16,6 +16,7 @@ pub mod lora;
 pub mod memory;
 pub mod q4;
 pub mod qgemm;
+pub mod qgemm_amx;
 
 use candle_core::{Result, Tensor, D};
 

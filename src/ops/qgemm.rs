@@ -31,6 +31,8 @@
 
 use candle_core::{Device, Result, Tensor};
 
+use super::qgemm_amx;
+
 pub const BLOCK: usize = 32;
 /// Blocks interleaved together: one int32 lane each in a 256-bit vector.
 pub(super) const GROUP: usize = 8;
@@ -281,7 +283,26 @@ impl Q8Matrix {
     /// Quantized activations (m, cols) → (m, rows), row-major, on the worker pool, with the
     /// kernel they were quantized for. Callers that also need the activations elsewhere (LoRA)
     /// quantize them once for both.
+    /// Batches of `qgemm_amx::MIN_ROWS` rows or more run on AMX-INT8 tiles where the CPU has
+    /// them, with the same bits.
     pub fn product(&self, xq: &QuantRows) -> Result<Vec<f32>> {
+        if xq.cols != self.cols {
+            candle_core::bail!(
+                "Q8 matmul: input has {} columns, matrix has {}",
+                xq.cols,
+                self.cols
+            );
+        }
+        if xq.m >= qgemm_amx::MIN_ROWS {
+            if let Some(y) = self.product_on_tiles(xq) {
+                return Ok(y);
+            }
+        }
+        self.product_on_vectors(xq)
+    }
+
+    /// `product` with the vector (or portable) kernel the activations were quantized for.
+    fn product_on_vectors(&self, xq: &QuantRows) -> Result<Vec<f32>> {
         let kernel = xq.kernel;
         if xq.cols != self.cols {
             candle_core::bail!(
@@ -333,6 +354,28 @@ impl Q8Matrix {
             }
         });
         Ok(y)
+    }
+
+    /// `product` on AMX-INT8 tiles (`qgemm_amx`), whatever the batch; `None` where they cannot
+    /// run.
+    fn product_on_tiles(&self, xq: &QuantRows) -> Option<Vec<f32>> {
+        if xq.cols != self.cols {
+            return None;
+        }
+        qgemm_amx::product(
+            &qgemm_amx::Weights {
+                quants: &self.quants,
+                scales: &self.scales,
+                rows: self.rows,
+                cols: self.cols,
+            },
+            &qgemm_amx::Inputs {
+                quants: &xq.quants,
+                scales: &xq.scales,
+                m: xq.m,
+                bias: xq.kernel.bias(),
+            },
+        )
     }
 
     /// Input width.
@@ -1172,6 +1215,38 @@ mod tests {
                         .to_vec1()
                         .unwrap();
                     assert_eq!(got, want, "{k:?}, {nb} blocks, batch {m}");
+                }
+            }
+        }
+    }
+
+    /// The AMX-INT8 tile path, for any batch (padded tiles, partial panels, tails, fewer blocks
+    /// than a group), from activations quantized for every kernel: the portable kernel's bits.
+    #[test]
+    fn the_tile_path_gives_the_same_bits_as_the_portable_one() {
+        if !qgemm_amx::usable() {
+            println!(
+                "SKIPPED: this host cannot run AMX-INT8 tiles ({}); the vector kernels are checked by the other tests",
+                crate::ops::cpu::features().describe()
+            );
+            return;
+        }
+        for nb in [1usize, 3, 8, 18, 48, 50] {
+            for rows in [5usize, 16, 37] {
+                let cols = nb * BLOCK;
+                let q = Q8Matrix::from_f32(&lcg(rows * cols, nb as u64 + rows as u64), rows, cols)
+                    .unwrap();
+                for m in [1usize, 15, 16, 17, 40] {
+                    let x = lcg(m * cols, 7 + m as u64);
+                    let want = q
+                        .product_on_vectors(&QuantRows::new_for(&x, m, cols, Kernel::Portable))
+                        .unwrap();
+                    for k in kernels_here() {
+                        let got = q
+                            .product_on_tiles(&QuantRows::new_for(&x, m, cols, k))
+                            .unwrap();
+                        assert_eq!(got, want, "{k:?}: {rows} x {nb} blocks, batch {m}");
+                    }
                 }
             }
         }
