@@ -45,6 +45,11 @@ fn main() {
 
     // Prefill: a 256-token prompt.
     let prompt: Vec<u32> = (0..256).map(|i| 100 + (i * 37 % 4000) as u32).collect();
+    if args.iter().any(|a| a == "--prefill") {
+        // `--prefill [--rounds N]`: only the prefill (for profiling and A/B runs).
+        prefill(&model, &prompt, arg("--rounds").map_or(3, |s| s.parse().unwrap()));
+        return;
+    }
     if let Some(n) = only_streams {
         let set = vec![None; n];
         let ms = Run::new(&model, &prompt, &set).steps(decode);
@@ -128,16 +133,21 @@ fn main() {
     }
 }
 
-/// Prefill, then decode at 1, 4, 8 and 16 streams without adapters, the four run in alternation.
-fn plain_runs(model: &LlamaModel, prompt: &[u32], decode: usize) {
+/// The prompt's prefill, best of `rounds`.
+fn prefill(model: &LlamaModel, prompt: &[u32], rounds: usize) {
     let mut best = f64::MAX;
-    for _ in 0..3 {
+    for _ in 0..rounds {
         let mut c = model.new_cache();
         let t = Instant::now();
         model.forward(&[prompt], &mut [&mut c]).unwrap();
         best = best.min(t.elapsed().as_secs_f64());
     }
-    println!("prefill 256 tokens: {:.1} tok/s", 256.0 / best);
+    println!("prefill {} tokens: {:.1} tok/s", prompt.len(), prompt.len() as f64 / best);
+}
+
+/// Prefill, then decode at 1, 4, 8 and 16 streams without adapters, the four run in alternation.
+fn plain_runs(model: &LlamaModel, prompt: &[u32], decode: usize) {
+    prefill(model, prompt, 3);
 
     println!(
         "| streams | adapters in the batch | aggregate decode tok/s | per-stream tok/s | ms/step |"

@@ -1,13 +1,14 @@
 //! The batched int8 product alone (`ops::qgemm::Q8Matrix::product`) at SmolLM2-135M's shapes,
-//! for 1, 4, 8 and 16 activation rows, timed in alternating rounds:
+//! for 1, 4, 8 and 16 activation rows (and 16, 64 and 256 for prefill), timed in alternating rounds:
 //! - *streamed*: one decode step's matrices as the engine holds them on a Q8_0 base (30 layers of
 //!   the fused q/k/v, o, gate/up and down projections, then the tied 49152-row output head; 151 MB,
 //!   far more than the caches, so every step reads the weights from memory as decoding does);
 //! - *cached*: the 3072 × 576 gate/up matrix (1.8 MB, half of it in each core's 2 MB L2) forty
-//!   times over, which shows what the kernels compute when memory is not in the way.
+//!   times over, which shows what the kernels compute when memory is not in the way;
+//! - *prefill*: one layer's four matrices against a prompt's rows.
 //!
 //! Each line gives the median ms per pass, the weight bytes read per ms, and int8 multiply-adds
-//! per ns. `cargo bench --bench qgemm`
+//! per ns. `cargo bench --bench qgemm [-- streamed|cached|prefill]`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Instant;
@@ -19,13 +20,22 @@ use common::values;
 
 const LAYERS: usize = 30;
 const ROUNDS: usize = 7;
+/// Decode batches; prefill-sized batches for the layer's matrices (on AMX hosts, 16 rows and more
+/// run on the tiles).
 const BATCHES: [usize; 4] = [1, 4, 8, 16];
+const PREFILL: [usize; 3] = [16, 64, 256];
 
-/// Runs `mats` (in order, `repeat` times) against 1, 4, 8 and 16 rows, in alternating rounds.
-fn report(name: &str, mats: &[&Q8Matrix], repeat: usize, passes: usize) {
+/// Runs `mats` (in order, `repeat` times) against each batch of rows, in alternating rounds.
+fn report(name: &str, mats: &[&Q8Matrix], repeat: usize, passes: usize, batches: &[usize]) {
+    // `cargo bench --bench qgemm -- WORD` runs only the reports whose name has WORD.
+    if let Some(only) = std::env::args().skip(1).find(|a| !a.starts_with('-')) {
+        if !name.contains(&only) {
+            return;
+        }
+    }
     let bytes: usize = mats.iter().map(|m| m.bytes()).sum::<usize>() * repeat;
     let macs: usize = mats.iter().map(|m| m.rows * m.cols).sum::<usize>() * repeat;
-    let inputs: Vec<Vec<QuantRows>> = BATCHES
+    let inputs: Vec<Vec<QuantRows>> = batches
         .iter()
         .map(|&m| {
             [576usize, 1536]
@@ -44,8 +54,8 @@ fn report(name: &str, mats: &[&Q8Matrix], repeat: usize, passes: usize) {
         }
         sink
     };
-    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); BATCHES.len()];
-    for b in 0..BATCHES.len() {
+    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); batches.len()];
+    for b in 0..batches.len() {
         std::hint::black_box(pass(b));
     }
     for _ in 0..ROUNDS {
@@ -68,10 +78,10 @@ fn report(name: &str, mats: &[&Q8Matrix], repeat: usize, passes: usize) {
         let med = times[ROUNDS / 2];
         println!(
             "| {} | {med:.2} | {:.2} | {:.1} | {:.1} |",
-            BATCHES[b],
+            batches[b],
             times[0],
             bytes as f64 / med / 1e6,
-            (macs * BATCHES[b]) as f64 / med / 1e6,
+            (macs * batches[b]) as f64 / med / 1e6,
         );
     }
 }
@@ -92,6 +102,14 @@ fn main() {
         &mats.iter().collect::<Vec<_>>(),
         1,
         10,
+        &BATCHES,
     );
-    report("cached (gate/up, 40 times)", &[&mats[2]], 40, 10);
+    report("cached (gate/up, 40 times)", &[&mats[2]], 40, 10, &BATCHES);
+    report(
+        "prefill (one layer's four matrices, 4 times)",
+        &mats[..4].iter().collect::<Vec<_>>(),
+        4,
+        3,
+        &PREFILL,
+    );
 }

@@ -24,6 +24,7 @@
 use super::cpu;
 use super::qgemm::{interleaved_index, BLOCK, GROUP};
 
+
 /// Activation rows (and weight rows) per tile.
 const TILE: usize = 16;
 /// Bytes of one block's weights for a panel: 16 rows × 32 bytes.
@@ -92,7 +93,7 @@ pub(super) fn product(w: &Weights, x: &Inputs) -> Option<Vec<f32>> {
             x86::configure();
             for p in range {
                 let n0 = p * TILE;
-                panel.pack(w, n0);
+                x86::pack(w, n0, &mut panel);
                 x86::panel(&a, m, &panel, out.0.add(n0), n, (n - n0).min(TILE));
             }
             x86::release();
@@ -163,38 +164,6 @@ impl Panel {
             nb,
         }
     }
-
-    /// Rows n0..n0 + 16 of `w` (those that exist).
-    fn pack(&mut self, w: &Weights, n0: usize) {
-        let (nb, cols) = (self.nb, w.cols);
-        let valid = w.rows.saturating_sub(n0).min(TILE);
-        if valid < TILE {
-            self.bytes.fill(0);
-            self.scales.fill(0.0);
-        }
-        let whole = nb / GROUP * GROUP;
-        for r in 0..valid {
-            let src = &w.quants[(n0 + r) * cols..(n0 + r + 1) * cols];
-            let scales = &w.scales[(n0 + r) * nb..(n0 + r + 1) * nb];
-            for (b, &s) in scales.iter().enumerate() {
-                self.scales[b * TILE + r] = s;
-            }
-            // A whole group's 256 bytes hold word c of block j at word c · 8 + j.
-            for (g, group) in src[..whole * BLOCK].chunks_exact(GROUP * BLOCK).enumerate() {
-                for (i, word) in group.chunks_exact(WORD).enumerate() {
-                    let (c, j) = (i / GROUP, i % GROUP);
-                    let to = (g * GROUP + j) * PANEL_BLOCK + c * TILE * WORD + r * WORD;
-                    self.bytes[to..to + WORD].copy_from_slice(word);
-                }
-            }
-            for (t, block) in src[whole * BLOCK..].chunks_exact(BLOCK).enumerate() {
-                for (c, word) in block.chunks_exact(WORD).enumerate() {
-                    let to = (whole + t) * PANEL_BLOCK + c * TILE * WORD + r * WORD;
-                    self.bytes[to..to + WORD].copy_from_slice(word);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -202,12 +171,18 @@ mod x86 {
     use std::arch::asm;
     use std::arch::x86_64::*;
 
-    use super::{Natural, Panel, BLOCK, GROUP, PANEL_BLOCK, TILE};
+    use super::{Natural, Panel, Weights, BLOCK, GROUP, PANEL_BLOCK, TILE};
+    use super::{WORD, WORDS};
 
-    /// Tile registers: tmm0 the 16×16 int32 dots, tmm1 16 activation rows × 32 bytes, tmm2 the
-    /// panel's 8 rows × 64 bytes of one block.
+    /// Tile registers: two sets of (16×16 int32 dots, 16 activation rows × 32 bytes, the panel's
+    /// 8 rows × 64 bytes of one block), so one block's product runs while the next is loaded.
     #[repr(C, align(64))]
     struct Config([u8; 64]);
+
+    /// Blocks whose products are issued before the first is scaled and added: the tile unit
+    /// works that far ahead of the vector code, each block's dots in its own buffer.
+    const AHEAD: usize = 4;
+    const RING: usize = AHEAD + 1;
 
     /// Loads the tile configuration on this thread.
     ///
@@ -216,10 +191,11 @@ mod x86 {
     pub(super) unsafe fn configure() {
         let mut cfg = Config([0; 64]);
         cfg.0[0] = 1;
-        // (bytes per row, rows) of tmm0, tmm1, tmm2.
-        for (t, (colsb, rows)) in [(64u16, 16u8), (32, 16), (64, 8)].into_iter().enumerate() {
+        // (bytes per row, rows) of tmm0..tmm5.
+        let shapes = [(64u16, 16u8), (32, 16), (64, 8)];
+        for (t, (colsb, rows)) in shapes.iter().chain(&shapes).enumerate() {
             cfg.0[16 + 2 * t..18 + 2 * t].copy_from_slice(&colsb.to_le_bytes());
-            cfg.0[48 + t] = rows;
+            cfg.0[48 + t] = *rows;
         }
         // SAFETY: the caller vouches for AMX; the configuration is valid for palette 1.
         unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
@@ -234,8 +210,112 @@ mod x86 {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
+    /// Rows n0..n0 + 16 of `w` into `p` (rows past the matrix zero). Sixteen words (64 bytes)
+    /// of each row are loaded at a time and transposed in registers, so word i of the 16 rows
+    /// comes out as one 64-byte tile row; the scales go the same way, 16 blocks at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack(w: &Weights, n0: usize, p: &mut Panel) {
+        let (nb, cols) = (p.nb, w.cols);
+        let valid = w.rows.saturating_sub(n0).min(TILE);
+        assert!(
+            w.quants.len() >= (n0 + valid) * cols
+                && w.scales.len() >= (n0 + valid) * nb
+                && cols == nb * BLOCK
+                && p.bytes.len() >= nb * PANEL_BLOCK
+                && p.scales.len() >= nb * TILE,
+            "packing rows {n0}.. of {} x {cols}",
+            w.rows
+        );
+        let words = nb * WORDS;
+        let whole = nb / GROUP * GROUP;
+        // SAFETY: the loads read, of rows n0..n0 + valid, words below `words` (masked at the
+        // end) and scales below `nb`, inside the slices as asserted; each store writes one
+        // 64-byte tile row of a block below nb, or its 16 scales, inside the panel's buffers.
+        unsafe {
+            let quants = w.quants.as_ptr().add(n0 * cols).cast::<i32>();
+            for first in (0..words).step_by(TILE) {
+                let keep = mask(words - first);
+                let mut v = [_mm512_setzero_si512(); TILE];
+                for (r, v) in v.iter_mut().enumerate().take(valid) {
+                    *v = _mm512_maskz_loadu_epi32(keep, quants.add(r * cols / WORD + first));
+                }
+                transpose(&mut v);
+                for (l, v) in v.iter().enumerate().take(words - first) {
+                    // Word i of a row is word c of block b (see `qgemm::interleaved_index`).
+                    let i = first + l;
+                    let (b, c) = if i < whole * WORDS {
+                        let (g, k) = (i / (GROUP * WORDS), i % (GROUP * WORDS));
+                        (g * GROUP + k % GROUP, k / GROUP)
+                    } else {
+                        (i / WORDS, i % WORDS)
+                    };
+                    let to = p.bytes.as_mut_ptr().add(b * PANEL_BLOCK + c * TILE * WORD);
+                    _mm512_storeu_si512(to.cast(), *v);
+                }
+            }
+            let scales = w.scales.as_ptr().add(n0 * nb).cast::<i32>();
+            for first in (0..nb).step_by(TILE) {
+                let keep = mask(nb - first);
+                let mut v = [_mm512_setzero_si512(); TILE];
+                for (r, v) in v.iter_mut().enumerate().take(valid) {
+                    *v = _mm512_maskz_loadu_epi32(keep, scales.add(r * nb + first));
+                }
+                transpose(&mut v);
+                for (l, v) in v.iter().enumerate().take(nb - first) {
+                    let to = p.scales.as_mut_ptr().add((first + l) * TILE);
+                    _mm512_storeu_si512(to.cast(), *v);
+                }
+            }
+        }
+    }
+
+    /// The first `n` (at most 16) of 16 lanes.
+    #[inline]
+    fn mask(n: usize) -> __mmask16 {
+        ((1u32 << n.min(TILE)) - 1) as __mmask16
+    }
+
+    /// Transposes 16 vectors of 16 32-bit values: lane e of vector r becomes lane r of vector e.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn transpose(v: &mut [__m512i; TILE]) {
+        // Within each 128-bit quarter: pairs of rows interleaved by 32 bits, then by 64, so s[4i
+        // + p] holds, in quarter q, element 4q + p of rows 4i..4i + 4.
+        let mut t = [_mm512_setzero_si512(); TILE];
+        for i in 0..TILE / 2 {
+            t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+        }
+        let mut s = [_mm512_setzero_si512(); TILE];
+        for i in 0..TILE / 4 {
+            s[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            s[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            s[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            s[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // Then the quarters: element 4q + p of all rows is quarter q of s[p], s[4 + p], s[8 + p]
+        // and s[12 + p].
+        for p in 0..4 {
+            let v0 = _mm512_shuffle_i32x4::<0x44>(s[p], s[4 + p]);
+            let v1 = _mm512_shuffle_i32x4::<0xEE>(s[p], s[4 + p]);
+            let v2 = _mm512_shuffle_i32x4::<0x44>(s[8 + p], s[12 + p]);
+            let v3 = _mm512_shuffle_i32x4::<0xEE>(s[8 + p], s[12 + p]);
+            v[p] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
+            v[4 + p] = _mm512_shuffle_i32x4::<0xDD>(v0, v2);
+            v[8 + p] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
+            v[12 + p] = _mm512_shuffle_i32x4::<0xDD>(v1, v3);
+        }
+    }
+
     /// All of `a`'s rows against one packed panel: row i's results for the panel's first `valid`
     /// weight rows go to `out[i · stride..][..valid]`, for i below m.
+    ///
+    /// Blocks are taken lane by lane (lane j's blocks j, j + 8, ... in order), so each lane's
+    /// sums for the tile's 16 rows stay in registers; products run `AHEAD` blocks in front of
+    /// the scaling.
     ///
     /// # Safety
     /// `configure` ran on this thread; the CPU has AVX-512F; `a` holds whole tiles of at least m
@@ -261,43 +341,79 @@ mod x86 {
             "a panel of {valid} rows over {nb} blocks for {m} activation rows"
         );
         #[repr(C, align(64))]
-        struct Dots([i32; TILE * TILE]);
-        let mut dots = Dots([0; TILE * TILE]);
-        let keep: __mmask16 = ((1u32 << valid) - 1) as __mmask16;
+        struct Dots([[i32; TILE * TILE]; RING]);
+        let mut dots = Dots([[0; TILE * TILE]; RING]);
+        let keep = mask(valid);
+        // The blocks in the order they are scaled: lane by lane.
+        let order: Vec<usize> = (0..GROUP.min(nb))
+            .flat_map(|j| (j..nb).step_by(GROUP))
+            .collect();
         let mut lanes = [[_mm512_setzero_ps(); TILE]; GROUP];
         // SAFETY: every read below is inside the extents asserted above: activation tile t covers
         // rows t·16..t·16 + 16 of `a` and bytes b·32..b·32 + 32 of each; the panel's block b is
-        // its bytes b·512.. and scales b·16..; the writes are rows below m, `valid` columns each,
-        // which the caller vouches for.
+        // its bytes b·512.. and scales b·16..; the dots buffers are this frame's; the writes are
+        // rows below m, `valid` columns each, which the caller vouches for.
         unsafe {
             for t in 0..m.div_ceil(TILE) {
                 let rows = a.bytes.as_ptr().add(t * TILE * cols);
                 let scales = a.scales.as_ptr().add(t * TILE * nb);
-                for (j, lane) in lanes.iter_mut().enumerate() {
-                    let mut acc = [_mm512_setzero_ps(); TILE];
-                    for b in (j..nb).step_by(GROUP) {
+                let issue = |i: usize, dots: &mut Dots| {
+                    let b = order[i];
+                    let x = rows.add(b * BLOCK);
+                    let w = p.bytes.as_ptr().add(b * PANEL_BLOCK);
+                    let d = dots.0[i % RING].as_mut_ptr();
+                    if i % 2 == 0 {
                         asm!(
                             "tileloadd tmm1, [{x} + {xs}*1]",
                             "tileloadd tmm2, [{w} + {ws}*1]",
                             "tilezero tmm0",
                             "tdpbssd tmm0, tmm1, tmm2",
                             "tilestored [{d} + {ds}*1], tmm0",
-                            x = in(reg) rows.add(b * BLOCK),
+                            x = in(reg) x,
                             xs = in(reg) cols,
-                            w = in(reg) p.bytes.as_ptr().add(b * PANEL_BLOCK),
+                            w = in(reg) w,
                             ws = in(reg) TILE * 4,
-                            d = in(reg) dots.0.as_mut_ptr(),
+                            d = in(reg) d,
                             ds = in(reg) TILE * 4,
                             options(nostack)
                         );
-                        let wsv = _mm512_loadu_ps(p.scales.as_ptr().add(b * TILE));
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let d = _mm512_loadu_si512(dots.0.as_ptr().add(r * TILE).cast());
-                            let sc = _mm512_mul_ps(wsv, _mm512_set1_ps(*scales.add(r * nb + b)));
-                            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, *acc);
-                        }
+                    } else {
+                        asm!(
+                            "tileloadd tmm4, [{x} + {xs}*1]",
+                            "tileloadd tmm5, [{w} + {ws}*1]",
+                            "tilezero tmm3",
+                            "tdpbssd tmm3, tmm4, tmm5",
+                            "tilestored [{d} + {ds}*1], tmm3",
+                            x = in(reg) x,
+                            xs = in(reg) cols,
+                            w = in(reg) w,
+                            ws = in(reg) TILE * 4,
+                            d = in(reg) d,
+                            ds = in(reg) TILE * 4,
+                            options(nostack)
+                        );
                     }
-                    *lane = acc;
+                };
+                for i in 0..AHEAD.min(nb) {
+                    issue(i, &mut dots);
+                }
+                let mut acc = [_mm512_setzero_ps(); TILE];
+                for (k, &b) in order.iter().enumerate() {
+                    if k + AHEAD < nb {
+                        issue(k + AHEAD, &mut dots);
+                    }
+                    let d = dots.0[k % RING].as_ptr();
+                    let wsv = _mm512_loadu_ps(p.scales.as_ptr().add(b * TILE));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let dr = _mm512_loadu_si512(d.add(r * TILE).cast());
+                        let sc = _mm512_mul_ps(wsv, _mm512_set1_ps(*scales.add(r * nb + b)));
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dr), sc, *acc);
+                    }
+                    // The lane's last block: its sums are done.
+                    if b + GROUP >= nb {
+                        lanes[b % GROUP] = acc;
+                        acc = [_mm512_setzero_ps(); TILE];
+                    }
                 }
                 for r in 0..(m - t * TILE).min(TILE) {
                     let l = |j: usize| lanes[j][r];
@@ -308,6 +424,39 @@ mod x86 {
                     let y = _mm512_add_ps(_mm512_add_ps(q0, q2), _mm512_add_ps(q1, q3));
                     _mm512_mask_storeu_ps(out.add((t * TILE + r) * stride), keep, y);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    #[test]
+    fn the_register_transpose_swaps_rows_and_lanes() {
+        if !cpu::features().avx512f {
+            println!("SKIPPED: this host has no AVX-512F");
+            return;
+        }
+        let rows: [[i32; TILE]; TILE] =
+            std::array::from_fn(|r| std::array::from_fn(|e| (r * 100 + e) as i32));
+        // SAFETY: AVX-512F is present (checked above); the loads and stores touch the arrays.
+        let got: [[i32; TILE]; TILE] = unsafe {
+            let mut v: [__m512i; TILE] =
+                std::array::from_fn(|r| _mm512_loadu_si512(rows[r].as_ptr().cast()));
+            x86::transpose(&mut v);
+            let mut out = [[0i32; TILE]; TILE];
+            for (o, v) in out.iter_mut().zip(&v) {
+                _mm512_storeu_si512(o.as_mut_ptr().cast(), *v);
+            }
+            out
+        };
+        for (e, row) in got.iter().enumerate() {
+            for (r, &x) in row.iter().enumerate() {
+                assert_eq!(x, (r * 100 + e) as i32, "lane {r} of vector {e}");
             }
         }
     }
