@@ -47,7 +47,11 @@ fn main() {
     let prompt: Vec<u32> = (0..256).map(|i| 100 + (i * 37 % 4000) as u32).collect();
     if args.iter().any(|a| a == "--prefill") {
         // `--prefill [--rounds N]`: only the prefill (for profiling and A/B runs).
-        prefill(&model, &prompt, arg("--rounds").map_or(3, |s| s.parse().unwrap()));
+        prefill(
+            &model,
+            &prompt,
+            arg("--rounds").map_or(3, |s| s.parse().unwrap()),
+        );
         return;
     }
     if let Some(n) = only_streams {
@@ -142,7 +146,11 @@ fn prefill(model: &LlamaModel, prompt: &[u32], rounds: usize) {
         model.forward(&[prompt], &mut [&mut c]).unwrap();
         best = best.min(t.elapsed().as_secs_f64());
     }
-    println!("prefill {} tokens: {:.1} tok/s", prompt.len(), prompt.len() as f64 / best);
+    println!(
+        "prefill {} tokens: {:.1} tok/s",
+        prompt.len(),
+        prompt.len() as f64 / best
+    );
 }
 
 /// Prefill, then decode at 1, 4, 8 and 16 streams without adapters, the four run in alternation.

@@ -22,8 +22,7 @@
 #![allow(unsafe_code)]
 
 use super::cpu;
-use super::qgemm::{interleaved_index, BLOCK, GROUP};
-
+use super::qgemm::{BLOCK, GROUP};
 
 /// Activation rows (and weight rows) per tile.
 const TILE: usize = 16;
@@ -76,12 +75,14 @@ pub(super) fn product(w: &Weights, x: &Inputs) -> Option<Vec<f32>> {
         return None;
     }
     let m = x.m;
-    let mut y = vec![0f32; m * n];
     if m == 0 || n == 0 || nb == 0 {
-        return Some(y);
+        return Some(vec![0f32; m * n]);
     }
     let a = Natural::new(x, cols);
-    let out = SharedOut(y.as_mut_ptr());
+    // Every value is written below (each panel all m rows of its columns), so y starts
+    // uninitialized.
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let out = SharedOut(y.spare_capacity_mut().as_mut_ptr().cast());
     let out = &out;
     candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(TILE), |range| {
         let mut panel = Panel::new(nb);
@@ -101,6 +102,9 @@ pub(super) fn product(w: &Weights, x: &Inputs) -> Option<Vec<f32>> {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (range, &mut panel, out);
     });
+    // SAFETY: the panels wrote all m × n values (see above); on other targets `usable()` is
+    // false and this is not reached.
+    unsafe { y.set_len(m * n) };
     Some(y)
 }
 
@@ -121,23 +125,46 @@ struct Natural {
 }
 
 impl Natural {
+    /// On the worker pool, a tile of rows at a time.
     fn new(x: &Inputs, cols: usize) -> Self {
         let nb = cols / BLOCK;
         let rows = x.m.div_ceil(TILE) * TILE;
         let mut bytes = vec![0i8; rows * cols];
         let mut scales = vec![0f32; rows * nb];
         scales[..x.m * nb].copy_from_slice(&x.scales[..x.m * nb]);
-        for (src, dst) in x.quants.chunks(cols).zip(bytes.chunks_mut(cols)).take(x.m) {
-            for b in 0..nb {
-                for c in 0..WORDS {
-                    let at = interleaved_index(b, c * WORD, nb);
-                    let to = b * BLOCK + c * WORD;
-                    for (d, s) in dst[to..to + WORD].iter_mut().zip(&src[at..at + WORD]) {
+        let whole = nb / GROUP * GROUP * BLOCK;
+        // One writer per tile of rows.
+        let work: Vec<_> = x
+            .quants
+            .chunks(TILE * cols)
+            .zip(bytes.chunks_mut(TILE * cols))
+            .map(std::sync::Mutex::new)
+            .collect();
+        candle_core::utils::barrier_pool().execute_chunked(work.len(), |range| {
+            for cell in &work[range] {
+                let Ok(mut guard) = cell.lock() else { continue };
+                let (src, dst) = &mut *guard;
+                for (src, dst) in src.chunks(cols).zip(dst.chunks_mut(cols)) {
+                    // In a whole group, word c of block j is word c · 8 + j.
+                    for (s, d) in src[..whole]
+                        .chunks_exact(GROUP * BLOCK)
+                        .zip(dst[..whole].chunks_exact_mut(GROUP * BLOCK))
+                    {
+                        for (i, word) in s.chunks_exact(WORD).enumerate() {
+                            let (c, j) = (i / GROUP, i % GROUP);
+                            let to = j * BLOCK + c * WORD;
+                            for (d, s) in d[to..to + WORD].iter_mut().zip(word) {
+                                *d = s ^ x.bias;
+                            }
+                        }
+                    }
+                    for (d, s) in dst[whole..].iter_mut().zip(&src[whole..]) {
                         *d = s ^ x.bias;
                     }
                 }
             }
-        }
+        });
+        drop(work);
         Natural {
             bytes,
             scales,
