@@ -1,7 +1,8 @@
 //! Engine throughput on the default model: prefill and single-stream decode tokens/s, and aggregate
 //! decode tokens/s with 1, 4, 8 and 16 sequences in each batched step.
 //!
-//! `cargo bench --bench engine -- [--weights q8_0|native|f32] [--decode N] [--streams N]`
+//! `cargo bench --bench engine -- [--weights q8_0|native|f32] [--decode N] [--streams N]
+//! [--prefill [--rounds N]] [--plain-only]`
 //! (`benches/engine.sh` runs it beside llama.cpp on the same GGUF.) Runs that are compared with each
 //! other (stream counts; adapter mixes) take their decode steps in alternating rounds.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -62,6 +63,10 @@ fn main() {
     }
     if !adapters_only {
         plain_runs(&model, &prompt, decode);
+        // `--plain-only`: no adapter runs (for A/B runs of the kernels).
+        if args.iter().any(|a| a == "--plain-only") {
+            return;
+        }
     }
     // Rank-16 adapters on all seven projections: load time, then 8 streams with none, one shared
     // adapter, and 8 distinct adapters in the same batch; on a Q8_0 base, the 8 distinct also

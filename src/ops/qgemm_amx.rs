@@ -32,9 +32,10 @@ const PANEL_BLOCK: usize = TILE * BLOCK;
 const WORD: usize = 4;
 const WORDS: usize = BLOCK / WORD;
 
-/// Activation rows from which `Q8Matrix::product` uses the tiles: below a whole tile the panel
-/// repacking costs more than the vector kernels take.
-pub const MIN_ROWS: usize = 16;
+/// Activation rows from which `Q8Matrix::product` uses the tiles. A tile always computes 16 rows,
+/// so 8 cost what 16 do; measured on the layer's matrices (`benches/qgemm.rs`), that is about what
+/// the vector kernels take for 8 and half of it for 16. Below 8 the vector kernels win.
+pub const MIN_ROWS: usize = 8;
 
 /// Whether the tile path runs here.
 pub fn usable() -> bool {
