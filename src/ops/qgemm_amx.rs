@@ -390,7 +390,7 @@ mod x86 {
                     let x = rows.add(b * BLOCK);
                     let w = p.bytes.as_ptr().add(b * PANEL_BLOCK);
                     let d = dots.0[i % RING].as_mut_ptr();
-                    if i % 2 == 0 {
+                    if i.is_multiple_of(2) {
                         asm!(
                             "tileloadd tmm1, [{x} + {xs}*1]",
                             "tileloadd tmm2, [{w} + {ws}*1]",
@@ -443,12 +443,13 @@ mod x86 {
                         acc = [_mm512_setzero_ps(); TILE];
                     }
                 }
+                // The lanes summed as `qgemm::hsum8` sums them.
+                let [l0, l1, l2, l3, l4, l5, l6, l7] = &lanes;
                 for r in 0..(m - t * TILE).min(TILE) {
-                    let l = |j: usize| lanes[j][r];
-                    let q0 = _mm512_add_ps(l(0), l(4));
-                    let q1 = _mm512_add_ps(l(1), l(5));
-                    let q2 = _mm512_add_ps(l(2), l(6));
-                    let q3 = _mm512_add_ps(l(3), l(7));
+                    let q0 = _mm512_add_ps(l0[r], l4[r]);
+                    let q1 = _mm512_add_ps(l1[r], l5[r]);
+                    let q2 = _mm512_add_ps(l2[r], l6[r]);
+                    let q3 = _mm512_add_ps(l3[r], l7[r]);
                     let y = _mm512_add_ps(_mm512_add_ps(q0, q2), _mm512_add_ps(q1, q3));
                     _mm512_mask_storeu_ps(out.add((t * TILE + r) * stride), keep, y);
                 }
