@@ -393,7 +393,7 @@ const PREFETCH_BYTES: usize = 4096;
 
 /// Asks the CPU to start reading `data` into its second-level cache, a line at a time. (Into the
 /// first level, a task's adapter matrices would evict each other.)
-fn prefetch_l2<T>(data: &[T]) {
+pub(super) fn prefetch_l2<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         let p = data.as_ptr().cast::<i8>();

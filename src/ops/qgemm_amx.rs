@@ -33,9 +33,10 @@ const WORD: usize = 4;
 const WORDS: usize = BLOCK / WORD;
 
 /// Activation rows from which `Q8Matrix::product` uses the tiles. A tile always computes 16 rows,
-/// so 8 cost what 16 do; measured on the layer's matrices (`benches/qgemm.rs`), that is about what
-/// the vector kernels take for 8 and half of it for 16. Below 8 the vector kernels win.
-pub const MIN_ROWS: usize = 8;
+/// so 8 cost what 16 do: with the weights in cache that about ties with the vector kernels at 8
+/// rows, but a decode step streams the weights from memory, and there 8 sequences run faster on the
+/// vector kernels (`benches/amx_int8.sh`).
+pub const MIN_ROWS: usize = 16;
 
 /// Whether the tile path runs here.
 pub fn usable() -> bool {
@@ -95,6 +96,10 @@ pub(super) fn product(w: &Weights, x: &Inputs) -> Option<Vec<f32>> {
             x86::configure();
             for p in range {
                 let n0 = p * TILE;
+                // The next panel's weights start coming from memory while this one computes
+                // (decoding streams every weight once per step).
+                let next = (n0 + TILE).min(n) * cols..(n0 + 2 * TILE).min(n) * cols;
+                super::qgemm::prefetch_l2(&w.quants[next]);
                 x86::pack(w, n0, &mut panel);
                 x86::panel(&a, m, &panel, out.0.add(n0), n, (n - n0).min(TILE));
             }
