@@ -217,6 +217,28 @@ mod x86 {
     const AHEAD: usize = 4;
     const RING: usize = AHEAD + 1;
 
+    /// One block's 16×16 dots into memory at `$d` (64-byte rows): activation rows from `$x`
+    /// (stride `$cols`) into tile `$a`, the panel's block from `$w` into `$b`, the product in
+    /// `$c`. Used inside an `unsafe` block whose caller vouches for the addresses.
+    macro_rules! block_dots {
+        ($c:literal, $a:literal, $b:literal, $x:expr, $cols:expr, $w:expr, $d:expr) => {
+            asm!(
+                concat!("tileloadd ", $a, ", [{x} + {xs}*1]"),
+                concat!("tileloadd ", $b, ", [{w} + {ws}*1]"),
+                concat!("tilezero ", $c),
+                concat!("tdpbssd ", $c, ", ", $a, ", ", $b),
+                concat!("tilestored [{d} + {ds}*1], ", $c),
+                x = in(reg) $x,
+                xs = in(reg) $cols,
+                w = in(reg) $w,
+                ws = in(reg) TILE * 4,
+                d = in(reg) $d,
+                ds = in(reg) TILE * 4,
+                options(nostack)
+            )
+        };
+    }
+
     /// Loads the tile configuration on this thread.
     ///
     /// # Safety
@@ -395,36 +417,11 @@ mod x86 {
                     let x = rows.add(b * BLOCK);
                     let w = p.bytes.as_ptr().add(b * PANEL_BLOCK);
                     let d = dots.0[i % RING].as_mut_ptr();
+                    // Consecutive blocks use the two register sets.
                     if i.is_multiple_of(2) {
-                        asm!(
-                            "tileloadd tmm1, [{x} + {xs}*1]",
-                            "tileloadd tmm2, [{w} + {ws}*1]",
-                            "tilezero tmm0",
-                            "tdpbssd tmm0, tmm1, tmm2",
-                            "tilestored [{d} + {ds}*1], tmm0",
-                            x = in(reg) x,
-                            xs = in(reg) cols,
-                            w = in(reg) w,
-                            ws = in(reg) TILE * 4,
-                            d = in(reg) d,
-                            ds = in(reg) TILE * 4,
-                            options(nostack)
-                        );
+                        block_dots!("tmm0", "tmm1", "tmm2", x, cols, w, d);
                     } else {
-                        asm!(
-                            "tileloadd tmm4, [{x} + {xs}*1]",
-                            "tileloadd tmm5, [{w} + {ws}*1]",
-                            "tilezero tmm3",
-                            "tdpbssd tmm3, tmm4, tmm5",
-                            "tilestored [{d} + {ds}*1], tmm3",
-                            x = in(reg) x,
-                            xs = in(reg) cols,
-                            w = in(reg) w,
-                            ws = in(reg) TILE * 4,
-                            d = in(reg) d,
-                            ds = in(reg) TILE * 4,
-                            options(nostack)
-                        );
+                        block_dots!("tmm3", "tmm4", "tmm5", x, cols, w, d);
                     }
                 };
                 for i in 0..AHEAD.min(nb) {
