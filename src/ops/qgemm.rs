@@ -283,6 +283,7 @@ impl Q8Matrix {
     /// Quantized activations (m, cols) → (m, rows), row-major, on the worker pool, with the
     /// kernel they were quantized for. Callers that also need the activations elsewhere (LoRA)
     /// quantize them once for both.
+    ///
     /// Batches of `qgemm_amx::MIN_ROWS` rows or more run on AMX-INT8 tiles where the CPU has
     /// them, with the same bits.
     pub fn product(&self, xq: &QuantRows) -> Result<Vec<f32>> {
