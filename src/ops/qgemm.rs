@@ -287,13 +287,7 @@ impl Q8Matrix {
     /// Batches of `qgemm_amx::MIN_ROWS` rows or more run on AMX-INT8 tiles where the CPU has
     /// them, with the same bits.
     pub fn product(&self, xq: &QuantRows) -> Result<Vec<f32>> {
-        if xq.cols != self.cols {
-            candle_core::bail!(
-                "Q8 matmul: input has {} columns, matrix has {}",
-                xq.cols,
-                self.cols
-            );
-        }
+        // A width mismatch is not run on tiles; the vector path reports it.
         if xq.m >= qgemm_amx::MIN_ROWS {
             if let Some(y) = self.product_on_tiles(xq) {
                 return Ok(y);
@@ -1250,6 +1244,16 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Activations of another width are an error on every path, tiles included.
+    #[test]
+    fn a_width_mismatch_is_an_error_for_any_batch() {
+        let q = Q8Matrix::from_f32(&lcg(4 * 64, 1), 4, 64).unwrap();
+        for m in [1usize, 16, 40] {
+            let x = QuantRows::new(&lcg(m * 96, 2), m, 96);
+            assert!(q.product(&x).is_err(), "batch {m}");
         }
     }
 

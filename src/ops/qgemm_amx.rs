@@ -128,6 +128,8 @@ struct Natural {
     scales: Vec<f32>,
     cols: usize,
     nb: usize,
+    /// The blocks in the order the panels scale them, lane by lane: lane j's blocks j, j + 8, ...
+    order: Vec<usize>,
 }
 
 impl Natural {
@@ -176,6 +178,9 @@ impl Natural {
             scales,
             cols,
             nb,
+            order: (0..GROUP.min(nb))
+                .flat_map(|j| (j..nb).step_by(GROUP))
+                .collect(),
         }
     }
 }
@@ -399,10 +404,7 @@ mod x86 {
         struct Dots([[i32; TILE * TILE]; RING]);
         let mut dots = Dots([[0; TILE * TILE]; RING]);
         let keep = mask(valid);
-        // The blocks in the order they are scaled: lane by lane.
-        let order: Vec<usize> = (0..GROUP.min(nb))
-            .flat_map(|j| (j..nb).step_by(GROUP))
-            .collect();
+        let order = &a.order;
         let mut lanes = [[_mm512_setzero_ps(); TILE]; GROUP];
         // SAFETY: every read below is inside the extents asserted above: activation tile t covers
         // rows t·16..t·16 + 16 of `a` and bytes b·32..b·32 + 32 of each; the panel's block b is
