@@ -102,6 +102,7 @@ impl ChatFormat {
             };
             messages = tools::messages_with_tools(&messages, &prompt);
         }
+        messages.iter_mut().for_each(arguments_as_objects);
         (messages, native.then(|| Value::Array(tools.to_vec())))
     }
 
@@ -150,6 +151,26 @@ impl ChatFormat {
             prompt: self.encode(&prompt)?,
             completion: self.encode(answer_text)?,
         })
+    }
+}
+
+/// Tool call arguments arrive as JSON text (OpenAI's wire shape); templates that write calls
+/// themselves expect the object (`arguments | tojson`), as Hugging Face's documentation and vLLM
+/// hand it to them. Text that is not JSON stays text.
+fn arguments_as_objects(message: &mut Value) {
+    let Some(calls) = message.get_mut("tool_calls").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for call in calls {
+        let Some(args) = call.pointer_mut("/function/arguments") else {
+            continue;
+        };
+        if let Some(parsed) = args
+            .as_str()
+            .and_then(|a| serde_json::from_str::<Value>(a).ok())
+        {
+            *args = parsed;
+        }
     }
 }
 

@@ -350,6 +350,21 @@ impl<D: Device> GpuModel<D> {
         }
         let embed_q = src.require("token_embd.weight")?;
         let cfg = src.config(embed_q.shape().dims2()?.0);
+        if cfg.arch.requires_qkv_bias()
+            || cfg.arch.qk_norm()
+            || src.tensor("blk.0.attn_q.bias")?.is_some()
+        {
+            return Err(unsupported(format!(
+                "the {:?} family on the device: its q/k/v biases or q/k norms run only in the CPU forward pass (set device = \"cpu\" for this model)",
+                cfg.arch
+            )));
+        }
+        if cfg.q_width() != cfg.hidden {
+            return Err(unsupported(format!(
+                "heads {} wide over hidden size {} on the device",
+                cfg.head_dim, cfg.hidden
+            )));
+        }
         Heads {
             heads: cfg.heads,
             kv_heads: cfg.kv_heads,

@@ -6,6 +6,7 @@
 //! request's grammar (constrained tool calls, structured answers) and may report its logprobs.
 //! The engine does no I/O beyond loading weights.
 
+pub mod arch;
 pub mod chat;
 pub mod gpu;
 pub mod grammar;

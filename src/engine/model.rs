@@ -1,6 +1,7 @@
-//! A Llama-family decoder (Llama, SmolLM, Qwen-style GQA) over candle tensors, with a per-sequence
-//! KV cache and a forward pass over any mix of sequences: one prefill of many tokens and many
-//! one-token decode steps go through the same batched matmuls.
+//! The decoder every supported family shares (Llama, Mistral, Qwen2, Qwen3; `arch.rs` says what
+//! sets each apart) over candle tensors, with a per-sequence KV cache and a forward pass over any
+//! mix of sequences: one prefill of many tokens and many one-token decode steps go through the same
+//! batched matmuls.
 
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::arch::Architecture;
 use super::lora::{LoraAdapter, ModuleLora};
 use crate::ops::attention::{attention, SeqAttention};
 use crate::ops::lora::{lora_add, ModuleSlot};
@@ -19,6 +21,7 @@ use half::f16;
 /// The shape of a model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    pub arch: Architecture,
     pub n_layers: usize,
     pub hidden: usize,
     pub ffn: usize,
@@ -30,6 +33,102 @@ pub struct LlamaConfig {
     pub rope_scaling: RopeScaling,
     pub rms_eps: f64,
     pub context_length: usize,
+}
+
+impl LlamaConfig {
+    /// Width of the queries of all heads together (the o projection's input): hidden size in
+    /// most families, not in Qwen3's.
+    pub fn q_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Width of the keys (and of the values) of all kv heads together.
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Refuses head counts and widths the attention kernels cannot run.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
+        if heads == 0
+            || kv_heads == 0
+            || hd == 0
+            || !hd.is_multiple_of(2)
+            || !heads.is_multiple_of(kv_heads)
+            || heads / kv_heads > crate::ops::attention::MAX_GROUP
+        {
+            return Err(ModelError::Unsupported(format!(
+                "{heads} heads / {kv_heads} kv heads of width {hd} over hidden size {}",
+                self.hidden
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The per-layer tensors only some families have, read with the checks that keep a file of the
+/// wrong shape from loading.
+pub struct LayerExtras {
+    /// q, k and v biases stacked, ((heads + 2 kv_heads) * head_dim,).
+    pub qkv_bias: Option<Tensor>,
+    /// The query and key heads' RMSNorm weights, (head_dim,) each.
+    pub qk_norm: Option<(Tensor, Tensor)>,
+}
+
+impl LayerExtras {
+    pub fn read(
+        src: &mut ModelSource<'_>,
+        cfg: &LlamaConfig,
+        layer: usize,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let name = |s: &str| format!("blk.{layer}.{s}");
+        let qkv_bias = match src.tensor(&name("attn_q.bias"))? {
+            None if cfg.arch.requires_qkv_bias() => {
+                return Err(ModelError::Missing(format!(
+                    "tensor {} ({:?} layers carry q/k/v biases)",
+                    name("attn_q.bias"),
+                    cfg.arch
+                )))
+            }
+            None => None,
+            Some(q) => {
+                let k = src.require(&name("attn_k.bias"))?;
+                let v = src.require(&name("attn_v.bias"))?;
+                let parts = [q, k, v]
+                    .iter()
+                    .map(|t| t.dequantize(device)?.flatten_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let bias = Tensor::cat(&parts, 0)?;
+                let want = cfg.q_width() + 2 * cfg.kv_width();
+                if bias.dim(0)? != want {
+                    return Err(ModelError::Unsupported(format!(
+                        "layer {layer}'s q/k/v biases hold {} values for {want} outputs",
+                        bias.dim(0)?
+                    )));
+                }
+                Some(bias)
+            }
+        };
+        let qk_norm = if cfg.arch.qk_norm() {
+            let q = src.require(&name("attn_q_norm.weight"))?;
+            let k = src.require(&name("attn_k_norm.weight"))?;
+            let (q, k) = (
+                q.dequantize(device)?.flatten_all()?,
+                k.dequantize(device)?.flatten_all()?,
+            );
+            if q.dim(0)? != cfg.head_dim || k.dim(0)? != cfg.head_dim {
+                return Err(ModelError::Unsupported(format!(
+                    "layer {layer}'s q/k norms are not {} wide",
+                    cfg.head_dim
+                )));
+            }
+            Some((q, k))
+        } else {
+            None
+        };
+        Ok(Self { qkv_bias, qk_norm })
+    }
 }
 
 /// How RoPE frequencies are stretched for long contexts.
@@ -95,6 +194,11 @@ struct Layer {
     attn_norm: Tensor,
     /// q, k and v rows stacked: (heads + 2 kv_heads) * head_dim outputs.
     qkv: Proj,
+    /// The q, k and v biases in the same order (Qwen2), added after the projection and its
+    /// adapters.
+    qkv_bias: Option<Tensor>,
+    /// RMSNorm weights over each query head and each key head (Qwen3): (head_dim,) each.
+    qk_norm: Option<(Tensor, Tensor)>,
     o: Proj,
     ffn_norm: Tensor,
     /// gate and up rows stacked: 2 * ffn outputs.
@@ -299,21 +403,12 @@ impl LlamaModel {
         let embed = Arc::new(src.require("token_embd.weight")?);
         let cfg = src.config(embed.shape().dims2()?.0);
         let rope_style = src.rope_style;
-        let (heads, kv_heads, hidden) = (cfg.heads, cfg.kv_heads, cfg.hidden);
-        if heads == 0
-            || kv_heads == 0
-            || hidden % heads != 0
-            || heads % kv_heads != 0
-            || heads / kv_heads > crate::ops::attention::MAX_GROUP
-        {
-            return Err(ModelError::Unsupported(format!(
-                "{heads} heads / {kv_heads} kv heads over hidden size {hidden}"
-            )));
-        }
+        cfg.validate()?;
         let n_layers = cfg.n_layers;
-        let mut tensor = |name: &str| src.require(name);
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
+            let extras = LayerExtras::read(&mut src, &cfg, i, device)?;
+            let mut tensor = |name: &str| src.require(name);
             let p = |s: &str| format!("blk.{i}.{s}.weight");
             let q = tensor(&p("attn_q"))?;
             let k = tensor(&p("attn_k"))?;
@@ -325,13 +420,15 @@ impl LlamaModel {
             layers.push(Layer {
                 attn_norm: tensor(&p("attn_norm"))?.dequantize(device)?,
                 qkv: stack_rows(&[q, k, v], format, device)?,
+                qkv_bias: extras.qkv_bias,
+                qk_norm: extras.qk_norm,
                 o: stack_rows(&[o], format, device)?,
                 ffn_norm: tensor(&p("ffn_norm"))?.dequantize(device)?,
                 gate_up: stack_rows(&[gate, up], format, device)?,
                 down: stack_rows(&[down], format, device)?,
             });
         }
-        let norm = tensor("output_norm.weight")?.dequantize(device)?;
+        let norm = src.require("output_norm.weight")?.dequantize(device)?;
         // Tied embeddings: without an output matrix the embedding table doubles as the head.
         let head_q = match src.tensor("output.weight")? {
             Some(t) => Arc::new(t),
@@ -460,11 +557,22 @@ impl LlamaModel {
             batch.lora(li, Projection::Qkv),
             &[h * hd, kvh * hd, kvh * hd],
         )?;
+        let qkv = match &layer.qkv_bias {
+            Some(b) => qkv.broadcast_add(b)?,
+            None => qkv,
+        };
         let q = qkv.narrow(1, 0, h * hd)?.reshape((n, h, hd))?;
         let k = qkv.narrow(1, h * hd, kvh * hd)?.reshape((n, kvh, hd))?;
         let v = qkv
             .narrow(1, (h + kvh) * hd, kvh * hd)?
             .reshape((n, kvh, hd))?;
+        let (q, k) = match &layer.qk_norm {
+            Some((qn, kn)) => (
+                ops::rms_norm(&q, qn, cfg.rms_eps)?,
+                ops::rms_norm(&k, kn, cfg.rms_eps)?,
+            ),
+            None => (q, k),
+        };
         let q = ops::rope(&q, &batch.cos, &batch.sin, self.rope_style)?;
         let k = ops::rope(&k, &batch.cos, &batch.sin, self.rope_style)?;
         append_kv(batch.tokens, caches, li, &k, &v)?;
@@ -685,15 +793,9 @@ impl<'a> ModelSource<'a> {
         max_context: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let arch = metadata(content, "general.architecture")?
-            .to_string()?
-            .clone();
-        if !matches!(arch.as_str(), "llama" | "mistral" | "granite") {
-            return Err(ModelError::Unsupported(format!(
-                "architecture '{arch}' (supported: llama)"
-            )));
-        }
-        let key = |k: &str| format!("{arch}.{k}");
+        let arch =
+            Architecture::from_gguf(metadata(content, "general.architecture")?.to_string()?)?;
+        let key = |k: &str| format!("{}.{k}", arch.gguf_name());
         let n_layers = metadata(content, &key("block_count"))?.to_u32()? as usize;
         let hidden = metadata(content, &key("embedding_length"))?.to_u32()? as usize;
         let ffn = metadata(content, &key("feed_forward_length"))?.to_u32()? as usize;
@@ -701,6 +803,14 @@ impl<'a> ModelSource<'a> {
         let kv_heads = match content.metadata.get(&key("attention.head_count_kv")) {
             Some(v) => v.to_u32()? as usize,
             None => heads,
+        };
+        let head_dim = match content.metadata.get(&key("attention.key_length")) {
+            Some(v) => v.to_u32()? as usize,
+            None => hidden / heads.max(1),
+        };
+        let sliding_window = match content.metadata.get(&key("attention.sliding_window")) {
+            Some(v) => Some(v.to_u32()? as usize),
+            None => None,
         };
         let rms_eps = metadata(content, &key("attention.layer_norm_rms_epsilon"))?.to_f32()? as f64;
         let rope_theta = match content.metadata.get(&key("rope.freq_base")) {
@@ -736,15 +846,17 @@ impl<'a> ModelSource<'a> {
             false => rope_scaling,
         };
         let shape = Shape {
+            arch,
             n_layers,
             hidden,
             ffn,
             heads,
             kv_heads,
+            head_dim,
             rope_theta,
             rope_scaling,
             rms_eps,
-            context_length: file_context.min(max_context).max(1),
+            context_length: windowed_context(file_context.min(max_context), sliding_window),
         };
         let device = device.clone();
         Ok(Self {
@@ -755,7 +867,7 @@ impl<'a> ModelSource<'a> {
                 }
                 Ok(Some(content.tensor(reader, name, &device)?))
             }),
-            rope_style: RopeStyle::Interleaved,
+            rope_style: arch.gguf_rope(),
         })
     }
 
@@ -767,34 +879,49 @@ impl<'a> ModelSource<'a> {
         let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
             ModelError::Unsupported(format!("{} is not JSON: {e}", cfg_path.display()))
         })?;
-        let arch = c["architectures"][0].as_str().unwrap_or("LlamaForCausalLM");
-        if !matches!(arch, "LlamaForCausalLM" | "MistralForCausalLM") {
-            return Err(ModelError::Unsupported(format!(
-                "architecture '{arch}' (supported: LlamaForCausalLM)"
-            )));
-        }
+        let arch =
+            Architecture::from_hf(c["architectures"][0].as_str().unwrap_or("LlamaForCausalLM"))?;
         let num = |k: &str| {
             c[k].as_u64()
                 .map(|v| v as usize)
                 .ok_or_else(|| ModelError::Missing(format!("config.json {k}")))
         };
         let heads = num("num_attention_heads")?;
+        let hidden = num("hidden_size")?;
+        // Qwen2 configs name a window but attend in full unless `use_sliding_window` is set.
+        let sliding_window = match c["use_sliding_window"].as_bool() {
+            Some(false) => None,
+            _ => c["sliding_window"].as_u64().map(|w| w as usize),
+        };
         let shape = Shape {
+            arch,
             n_layers: num("num_hidden_layers")?,
-            hidden: num("hidden_size")?,
+            hidden,
             ffn: num("intermediate_size")?,
             heads,
             kv_heads: c["num_key_value_heads"]
                 .as_u64()
                 .map_or(heads, |v| v as usize),
-            rope_theta: c["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
-            rope_scaling: hf_rope_scaling(&c["rope_scaling"])?,
-            rms_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-5),
-            context_length: c["max_position_embeddings"]
+            head_dim: c["head_dim"]
                 .as_u64()
-                .map_or(2048, |v| v as usize)
-                .min(max_context)
-                .max(1),
+                .map_or(hidden / heads.max(1), |v| v as usize),
+            rope_theta: c["rope_theta"]
+                .as_f64()
+                .or(c["rope_parameters"]["rope_theta"].as_f64())
+                .unwrap_or(10_000.0) as f32,
+            rope_scaling: hf_rope_scaling(match &c["rope_scaling"] {
+                // transformers 5 writes `rope_parameters` (theta included) in its place.
+                serde_json::Value::Null => &c["rope_parameters"],
+                v => v,
+            })?,
+            rms_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-5),
+            context_length: windowed_context(
+                c["max_position_embeddings"]
+                    .as_u64()
+                    .map_or(2048, |v| v as usize)
+                    .min(max_context),
+                sliding_window,
+            ),
         };
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| ModelError::Missing(format!("{}: {e}", dir.display())))?
@@ -849,12 +976,13 @@ impl<'a> ModelSource<'a> {
     pub fn config(&self, vocab: usize) -> LlamaConfig {
         let s = &self.shape;
         LlamaConfig {
+            arch: s.arch,
             n_layers: s.n_layers,
             hidden: s.hidden,
             ffn: s.ffn,
             heads: s.heads,
             kv_heads: s.kv_heads,
-            head_dim: s.hidden / s.heads.max(1),
+            head_dim: s.head_dim,
             vocab,
             rope_theta: s.rope_theta,
             rope_scaling: s.rope_scaling.clone(),
@@ -866,18 +994,37 @@ impl<'a> ModelSource<'a> {
 
 /// The shape read from a model's metadata, before its tensors.
 struct Shape {
+    arch: Architecture,
     n_layers: usize,
     hidden: usize,
     ffn: usize,
     heads: usize,
     kv_heads: usize,
+    head_dim: usize,
     rope_theta: f32,
     rope_scaling: RopeScaling,
     rms_eps: f64,
     context_length: usize,
 }
 
-/// The Hugging Face name of a GGUF-named Llama tensor.
+/// The context a model runs with. Inside its sliding attention window, windowed attention is full
+/// attention; the engine attends in full, so a model with a window runs with a context no longer
+/// than it (and says so), rather than answer wrongly past it.
+fn windowed_context(context: usize, window: Option<usize>) -> usize {
+    match window {
+        Some(w) if w > 0 && w < context => {
+            tracing::info!(
+                window = w,
+                context,
+                "the model attends within a sliding window; its context is capped at the window"
+            );
+            w
+        }
+        _ => context.max(1),
+    }
+}
+
+/// The Hugging Face name of a GGUF-named tensor.
 fn hf_name(gguf: &str) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
@@ -887,7 +1034,11 @@ fn hf_name(gguf: &str) -> Option<String> {
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (i, rest) = rest.split_once('.')?;
-    let part = match rest.strip_suffix(".weight")? {
+    let (rest, kind) = rest.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let part = match rest {
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
@@ -897,9 +1048,11 @@ fn hf_name(gguf: &str) -> Option<String> {
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         _ => return None,
     };
-    Some(format!("model.layers.{i}.{part}.weight"))
+    Some(format!("model.layers.{i}.{part}.{kind}"))
 }
 
 /// RoPE's inverse frequencies (one per rotated pair), after the model's scaling.

@@ -1,6 +1,7 @@
 //! Chat templates: the model's own Jinja template rendered with minijinja (plus Python-compat
 //! string methods), so prompts match what the model was trained on.
 
+use minijinja::value::Kwargs;
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde_json::Value;
 
@@ -17,6 +18,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| format!("the model's chat template does not parse: {e}"))?;
         Ok(Self {
@@ -43,6 +45,65 @@ impl ChatTemplate {
             eos_token => self.eos,
         })
         .map_err(|e| format!("rendering the chat template failed: {e}"))
+    }
+}
+
+/// `tojson` as transformers defines it for chat templates, which is Python's `json.dumps`: `", "`
+/// and `": "` between items (`","` at line ends when indented), keys in their given order, no HTML
+/// escaping, non-ASCII text as is. Templates write tool schemas and call arguments through it, so
+/// a byte of difference is a prompt the model was not trained on.
+fn tojson(value: minijinja::Value, kwargs: Kwargs) -> Result<minijinja::Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let v = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_py_json(&v, indent, sort_keys.unwrap_or(false), 0, &mut out);
+    Ok(minijinja::Value::from_safe_string(out))
+}
+
+fn write_py_json(v: &Value, indent: Option<usize>, sort: bool, level: usize, out: &mut String) {
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.extend(std::iter::repeat_n(' ', n * level));
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        Value::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                write_py_json(x, indent, sort, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        Value::Object(map) if !map.is_empty() => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            if sort {
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            out.push('{');
+            for (i, (k, x)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_py_json(x, indent, sort, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        // Scalars and empty containers print the same in both languages.
+        other => out.push_str(&other.to_string()),
     }
 }
 
@@ -84,6 +145,31 @@ mod tests {
             )
             .unwrap();
         assert_eq!(out, "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn tojson_writes_what_pythons_json_dumps_writes() {
+        let t = ChatTemplate::new(
+            "{{ messages[0] | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ messages[1] | tojson }}",
+            "",
+            "",
+        )
+        .unwrap();
+        let out = t
+            .render(
+                &[
+                    json!({"role": "user", "content": "<b>é & 'x'</b>\n", "z": [1, 2.5], "a": {}}),
+                    json!({"role": "user", "content": "", "e": []}),
+                ],
+                None,
+                false,
+            )
+            .unwrap();
+        // As json.dumps(..., ensure_ascii=False) and json.dumps(..., indent=2) print them.
+        assert_eq!(
+            out,
+            "{\"role\": \"user\", \"content\": \"<b>é & 'x'</b>\\n\", \"z\": [1, 2.5], \"a\": {}}|{\n  \"role\": \"user\",\n  \"content\": \"<b>é & 'x'</b>\\n\",\n  \"z\": [\n    1,\n    2.5\n  ],\n  \"a\": {}\n}|{\"role\": \"user\", \"content\": \"\", \"e\": []}"
+        );
     }
 
     #[test]

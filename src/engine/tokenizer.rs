@@ -7,6 +7,8 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
 use super::model::ModelError;
@@ -71,20 +73,24 @@ pub fn from_gguf(content: &gguf_file::Content) -> Result<TokenizerInfo, ModelErr
         .build()
         .map_err(|e| ModelError::Unsupported(format!("cannot build the BPE tokenizer: {e}")))?;
     let mut tokenizer = Tokenizer::new(bpe);
-    let pre: Vec<PreTokenizerWrapper> = vec![
-        Digits::new(true).into(),
-        ByteLevel::new(false, true, true).into(),
-    ];
-    tokenizer.with_pre_tokenizer(Some(Sequence::new(pre)));
+    let pre_name = get("tokenizer.ggml.pre")
+        .map(|v| v.to_string().cloned())
+        .transpose()?;
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer(pre_name.as_deref())?));
     tokenizer.with_decoder(Some(ByteLevel::default()));
-    // Type 3 is "control" in GGUF's token types; 4 is "user defined". Both must stay atomic.
-    let special: Vec<AddedToken> = tokens
-        .iter()
-        .zip(types.iter())
-        .filter(|(_, t)| **t == 3 || **t == 4)
-        .map(|(s, _)| AddedToken::from(s.clone(), true))
-        .collect();
-    tokenizer.add_special_tokens(&special);
+    // Type 3 is "control" in GGUF's token types: special, dropped when decoding for the client.
+    // Type 4 is "user defined" (Qwen's `<tool_call>`): atomic like a special token, but text the
+    // client sees and the tool-call parser reads.
+    let of_type = |want: i32, special: bool| -> Vec<AddedToken> {
+        tokens
+            .iter()
+            .zip(types.iter())
+            .filter(|(_, t)| **t == want)
+            .map(|(s, _)| AddedToken::from(s.clone(), special).normalized(false))
+            .collect()
+    };
+    tokenizer.add_special_tokens(&of_type(3, true));
+    tokenizer.add_tokens(&of_type(4, false));
     let id = |k: &str| -> Result<Option<u32>, ModelError> {
         Ok(get(k).map(|v| v.to_u32()).transpose()?)
     };
@@ -110,6 +116,42 @@ pub fn from_gguf(content: &gguf_file::Content) -> Result<TokenizerInfo, ModelErr
         eos_text: text(eos_id),
         eos,
     })
+}
+
+/// How the text is split before BPE, by the name llama.cpp's converter writes into
+/// `tokenizer.ggml.pre`: the same splits as each family's own `tokenizer.json`.
+fn pre_tokenizer(name: Option<&str>) -> Result<PreTokenizerWrapper, ModelError> {
+    // Llama 3's split; Qwen2's differs only in taking digits one at a time.
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let split = match name {
+        // GPT-2's own split (inside ByteLevel), digits one at a time: SmolLM's.
+        None | Some("default" | "gpt2" | "smollm") => {
+            let parts: Vec<PreTokenizerWrapper> = vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ];
+            return Ok(Sequence::new(parts).into());
+        }
+        Some("llama-bpe" | "llama3" | "smaug-bpe") => LLAMA3,
+        Some("qwen2" | "deepseek-r1-qwen") => QWEN2,
+        Some("tekken") => TEKKEN,
+        Some(other) => {
+            return Err(ModelError::Unsupported(format!(
+                "GGUF pre-tokenizer '{other}' (supported: default, gpt2, smollm, llama-bpe, qwen2, tekken); load the model from a Hugging Face directory with tokenizer.json instead"
+            )))
+        }
+    };
+    let split = Split::new(
+        SplitPattern::Regex(split.to_string()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| ModelError::Unsupported(format!("pre-tokenizer pattern: {e}")))?;
+    let parts: Vec<PreTokenizerWrapper> =
+        vec![split.into(), ByteLevel::new(false, true, false).into()];
+    Ok(Sequence::new(parts).into())
 }
 
 /// GPT-2's reversible byte → printable character mapping, as byte-level BPE vocabularies use it.

@@ -1,0 +1,259 @@
+//! Every supported model family against an oracle no one here wrote: tiny Llama 3, Qwen2.5, Qwen3
+//! and Mistral models made by `transformers` with random weights, their PEFT adapters, and what
+//! transformers and PEFT computed from them (`scripts/record_families.py` recorded it all under
+//! `tests/data/families`). Each model loads from its Hugging Face directory and from its GGUF
+//! conversion; both must give transformers' logits, its greedy tokens, its tokenizer's ids and its
+//! chat template's text.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::Device;
+use flywheel::engine::chat::ChatFormat;
+use flywheel::engine::lora::LoraAdapter;
+use flywheel::engine::model::{LlamaModel, ModelSource, WeightFormat};
+use serde_json::Value;
+
+const FAMILIES: [&str; 4] = ["llama3", "qwen2", "qwen3", "mistral"];
+/// Largest difference allowed between a logit here and transformers'. Weights and activations
+/// are f32 on both sides; the engine keeps its KV cache in f16 (as llama.cpp does), which moves
+/// these logits (they span about ±4) by up to ~4e-3.
+const TOLERANCE: f32 = 1e-2;
+
+fn dir(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/families")
+        .join(family)
+}
+
+fn oracle(family: &str) -> Value {
+    let text = std::fs::read_to_string(dir(family).join("oracle.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// The family's model from its Hugging Face directory or its GGUF file, with f32 weights.
+fn model(family: &str, gguf: bool) -> LlamaModel {
+    if gguf {
+        let path = dir(family).join("model.gguf");
+        let mut f = std::fs::File::open(&path).unwrap();
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        LlamaModel::from_gguf(&content, &mut f, WeightFormat::F32, 512, &Device::Cpu).unwrap()
+    } else {
+        LlamaModel::from_hf_dir(
+            &dir(family).join("hf"),
+            WeightFormat::F32,
+            512,
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+}
+
+fn chat(family: &str, gguf: bool) -> ChatFormat {
+    let path = match gguf {
+        true => dir(family).join("model.gguf"),
+        false => dir(family).join("hf"),
+    };
+    ChatFormat::load(&path).unwrap()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The last position's logits for `prompt`, then `steps` greedy tokens decoded one at a time
+/// through the KV cache.
+fn run(
+    m: &LlamaModel,
+    adapter: Option<&LoraAdapter>,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    let mut cache = m.new_cache();
+    let logits = m
+        .forward_with(&[prompt], &mut [&mut cache], &[adapter])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut tokens = vec![argmax(&logits)];
+    while tokens.len() < steps {
+        let last = [*tokens.last().unwrap()];
+        let next = m
+            .forward_with(&[&last], &mut [&mut cache], &[adapter])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        tokens.push(argmax(&next));
+    }
+    (logits, tokens)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "vocabulary sizes differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn every_family_gives_transformers_logits_and_greedy_tokens_from_both_formats() {
+    let mut failures = Vec::new();
+    for family in FAMILIES {
+        let o = oracle(family);
+        for gguf in [false, true] {
+            let m = model(family, gguf);
+            for p in o["prompts"].as_array().unwrap() {
+                let want = floats(&p["logits"]);
+                let greedy = ids(&p["greedy"]);
+                let (logits, tokens) = run(&m, None, &ids(&p["ids"]), greedy.len());
+                let d = max_diff(&logits, &want);
+                println!(
+                    "{family} (gguf: {gguf}) {}: max logit difference {d:.2e}",
+                    p["text"]
+                );
+                if d >= TOLERANCE || tokens != greedy {
+                    failures.push(format!("{family} gguf={gguf} {}: logits differ by {d}, greedy {tokens:?} against {greedy:?}", p["text"]));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn a_peft_adapter_gives_peft_logits_and_tokens_on_every_family() {
+    for family in FAMILIES {
+        let o = oracle(family);
+        for gguf in [false, true] {
+            let m = model(family, gguf);
+            let adapter = LoraAdapter::load(
+                "test/tiny",
+                family,
+                &dir(family).join("adapter"),
+                &m.cfg,
+                m.gguf_layout(),
+            )
+            .unwrap();
+            for p in o["prompts"].as_array().unwrap() {
+                let want = floats(&p["lora_logits"]);
+                let greedy = ids(&p["lora_greedy"]);
+                let (logits, tokens) = run(&m, Some(&adapter), &ids(&p["ids"]), greedy.len());
+                let d = max_diff(&logits, &want);
+                println!(
+                    "{family} + LoRA (gguf: {gguf}) {:?}: max logit difference {d:.2e}",
+                    p["text"]
+                );
+                assert!(
+                    d < TOLERANCE,
+                    "{family} gguf={gguf} with LoRA: logits differ by {d}"
+                );
+                assert!(
+                    max_diff(&logits, &floats(&p["logits"])) > 10.0 * TOLERANCE,
+                    "{family}: the adapter changed nothing"
+                );
+                assert_eq!(
+                    tokens, greedy,
+                    "{family} gguf={gguf} with LoRA: greedy continuation"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_family_tokenizes_as_its_hugging_face_tokenizer_from_both_formats() {
+    for family in FAMILIES {
+        let o = oracle(family);
+        for gguf in [false, true] {
+            let c = chat(family, gguf);
+            for p in o["prompts"].as_array().unwrap() {
+                let text = p["text"].as_str().unwrap();
+                assert_eq!(
+                    c.encode(text).unwrap(),
+                    ids(&p["ids"]),
+                    "{family} gguf={gguf}: {text:?}"
+                );
+            }
+            for t in o["templates"].as_array().unwrap() {
+                let text = t["rendered"].as_str().unwrap();
+                assert_eq!(
+                    c.encode(text).unwrap(),
+                    ids(&t["ids"]),
+                    "{family} gguf={gguf}: {text:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_family_renders_its_chat_template_as_transformers_does() {
+    for family in FAMILIES {
+        let o = oracle(family);
+        for gguf in [false, true] {
+            let c = chat(family, gguf);
+            for t in o["templates"].as_array().unwrap() {
+                let tools: Vec<Value> = t["tools"].as_array().cloned().unwrap_or_default();
+                let prompt = c
+                    .prompt(t["messages"].as_array().unwrap(), &tools, None)
+                    .unwrap();
+                assert_eq!(
+                    prompt,
+                    t["rendered"].as_str().unwrap(),
+                    "{family} gguf={gguf}: {}",
+                    t["messages"]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn an_unsupported_architecture_is_refused_with_the_supported_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = dir("qwen2").join("hf");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["Gemma3ForCausalLM"]);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = match ModelSource::hf_dir(tmp.path(), 512, &Device::Cpu) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("an unknown architecture loaded"),
+    };
+    assert!(
+        err.contains("Gemma3ForCausalLM") && err.contains("qwen3") && err.contains("mistral"),
+        "{err}"
+    );
+}
