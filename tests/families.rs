@@ -257,3 +257,57 @@ fn an_unsupported_architecture_is_refused_with_the_supported_list() {
         "{err}"
     );
 }
+
+#[test]
+fn each_family_reads_back_the_tool_calls_its_syntax_writes_through_its_tokenizer() {
+    use flywheel::engine::tools::{Parsed, ToolCallStream, ToolFormat};
+    let answers = [
+        (
+            "llama3",
+            ToolFormat::Llama3Json,
+            "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}",
+        ),
+        (
+            "qwen2",
+            ToolFormat::Hermes,
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>",
+        ),
+        (
+            "qwen3",
+            ToolFormat::Hermes,
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>",
+        ),
+        (
+            "mistral",
+            ToolFormat::Mistral,
+            "[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}]",
+        ),
+    ];
+    for (family, format, answer) in answers {
+        for gguf in [false, true] {
+            let c = chat(family, gguf);
+            assert_eq!(c.tool_format, format, "{family}: the template's syntax");
+            let ids = c.encode(answer).unwrap();
+            // Token by token, as the engine decodes a stream: markers that are special tokens
+            // stay in the answer; the end of the turn does not.
+            let mut all = ids.clone();
+            all.extend(c.tokenizer.eos.first());
+            let mut stream = ToolCallStream::new(format.syntax());
+            let mut sent = 0;
+            let mut out = Vec::new();
+            for n in 1..=all.len() {
+                let text = c.tokenizer.decode_answer(&all[..n]).unwrap();
+                out.extend(stream.push(&text[sent..]));
+                sent = text.len();
+            }
+            out.extend(stream.finish());
+            match &out[..] {
+                [Parsed::Call(call)] => {
+                    assert_eq!(call.name, "get_weather");
+                    assert_eq!(call.arguments, "{\"city\":\"Oslo\"}");
+                }
+                other => panic!("{family} gguf={gguf}: {other:?}"),
+            }
+        }
+    }
+}

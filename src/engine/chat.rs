@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::model::ModelError;
 use super::template::ChatTemplate;
 use super::tokenizer::{self, TokenizerInfo};
-use super::tools;
+use super::tools::{self, ToolFormat};
 
 /// Used when a GGUF file carries no template: ChatML, which SmolLM and Qwen families share.
 const CHATML_FALLBACK: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -22,6 +22,8 @@ pub struct ChatFormat {
     /// Whether the chat template renders `tools` itself (Qwen 2.5, Hermes, ...); otherwise tools
     /// go into a Hermes-style system prompt.
     pub template_tools: bool,
+    /// The syntax the model writes tool calls in.
+    pub tool_format: ToolFormat,
 }
 
 /// A training example: the prompt as serving renders it, and the completion the model should
@@ -32,14 +34,44 @@ pub struct RenderedExample {
 }
 
 impl ChatFormat {
-    fn new(tok: TokenizerInfo, template_src: Option<String>) -> Result<Self, String> {
+    fn new(mut tok: TokenizerInfo, template_src: Option<String>) -> Result<Self, String> {
         let src = template_src.unwrap_or_else(|| CHATML_FALLBACK.to_string());
         let template = ChatTemplate::new(&src, &tok.bos_text, &tok.eos_text)?;
+        let template_tools = src.contains("tools");
+        let tool_format = match template_tools {
+            true => ToolFormat::from_template(&src),
+            false => ToolFormat::Hermes,
+        };
+        tok.keep_in_answers(tool_format.syntax().markers());
         Ok(Self {
             tokenizer: Arc::new(tok),
             template,
-            template_tools: src.contains("tools"),
+            template_tools,
+            tool_format,
         })
+    }
+
+    /// Reads tool calls in `format` whatever the template suggests (the model's `tool_format`
+    /// setting).
+    pub fn with_tool_format(mut self, format: ToolFormat) -> Self {
+        if let Some(tok) = Arc::get_mut(&mut self.tokenizer) {
+            tok.keep_in_answers(format.syntax().markers());
+        }
+        self.tool_format = format;
+        self
+    }
+
+    /// One line in the log on how this model gets tools.
+    pub fn log_tool_format(&self, model: &str) {
+        if self.template_tools {
+            tracing::info!(
+                model,
+                tool_format = self.tool_format.name(),
+                "tools are rendered by the model's chat template"
+            );
+        } else {
+            tracing::info!(model, tool_format = self.tool_format.name(), "the model's chat template cannot render tools; they go into a Hermes-style system prompt");
+        }
     }
 
     /// The format stored in a GGUF file's metadata.
@@ -103,6 +135,9 @@ impl ChatFormat {
             messages = tools::messages_with_tools(&messages, &prompt);
         }
         messages.iter_mut().for_each(arguments_as_objects);
+        if native || self.template_tools {
+            self.tool_format.syntax().prepare_history(&mut messages);
+        }
         (messages, native.then(|| Value::Array(tools.to_vec())))
     }
 

@@ -74,6 +74,10 @@ pub struct LocalModelConfig {
     /// of distinct adapters streams per step, at coarser factors) or 8.
     #[serde(default)]
     pub adapter_bits: AdapterBits,
+    /// The syntax the model writes tool calls in (`hermes`, `llama3_json`, `mistral`); by
+    /// default the one its chat template teaches.
+    #[serde(default)]
+    pub tool_format: Option<tools::ToolFormat>,
 }
 
 fn default_true() -> bool {
@@ -279,7 +283,7 @@ impl Engine {
                 .map_err(model_err)?;
             let model = build(src).map_err(model_err)?;
             let chat = ChatFormat::from_hf_dir(&cfg.path).map_err(template_err)?;
-            Ok((model, chat))
+            Ok((model, Self::tool_format(cfg, chat)))
         } else {
             let mut file = std::fs::File::open(&cfg.path).map_err(|source| EngineError::Open {
                 name: name.clone(),
@@ -291,8 +295,18 @@ impl Engine {
                 .map_err(model_err)?;
             let model = build(src).map_err(model_err)?;
             let chat = ChatFormat::from_gguf(&content).map_err(template_err)?;
-            Ok((model, chat))
+            Ok((model, Self::tool_format(cfg, chat)))
         }
+    }
+
+    /// The model's tool-call syntax: its setting, or its template's; said once in the log.
+    fn tool_format(cfg: &LocalModelConfig, chat: ChatFormat) -> ChatFormat {
+        let chat = match cfg.tool_format {
+            Some(f) => chat.with_tool_format(f),
+            None => chat,
+        };
+        chat.log_tool_format(&cfg.name);
+        chat
     }
 
     fn start(
@@ -751,7 +765,7 @@ impl Scheduler {
         }
         seq.generated.push(tok);
         seq.last = tok;
-        let text = match self.tokenizer.tokenizer.decode(&seq.generated, true) {
+        let text = match self.tokenizer.decode_answer(&seq.generated) {
             Ok(t) => t,
             Err(e) => {
                 let _ = seq.request.events.send(GenEvent::Error(e.to_string()));
@@ -801,8 +815,7 @@ impl Scheduler {
             Some(t) => t,
             None => self
                 .tokenizer
-                .tokenizer
-                .decode(&seq.generated, true)
+                .decode_answer(&seq.generated)
                 .unwrap_or_default(),
         };
         self.flush_text(seq, &text);

@@ -13,9 +13,22 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
 use super::model::ModelError;
 
+/// Tokens that end a model's turn besides its eos token (Llama 3 ends a turn that calls a tool
+/// with `<|eom_id|>`).
+const END_OF_TURN: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|endoftext|>",
+    "<end_of_turn>",
+];
+
 /// A tokenizer plus the ids the engine needs.
 pub struct TokenizerInfo {
     pub tokenizer: Tokenizer,
+    /// Special tokens dropped from answers; `None` drops every special token. Tool-call markers
+    /// that are special tokens (`[TOOL_CALLS]`) stay in the answer so the calls can be read.
+    hidden: Option<std::collections::HashSet<u32>>,
     pub bos: Option<u32>,
     pub eos: Vec<u32>,
     pub bos_text: String,
@@ -102,7 +115,7 @@ pub fn from_gguf(content: &gguf_file::Content) -> Result<TokenizerInfo, ModelErr
     };
     let mut eos: Vec<u32> = eos_id.into_iter().collect();
     // Chat models end turns with their end-of-turn marker even when eos names another token.
-    for marker in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"] {
+    for marker in END_OF_TURN {
         if let Some(i) = tokens.iter().position(|t| t == marker) {
             if !eos.contains(&(i as u32)) {
                 eos.push(i as u32);
@@ -110,12 +123,50 @@ pub fn from_gguf(content: &gguf_file::Content) -> Result<TokenizerInfo, ModelErr
         }
     }
     Ok(TokenizerInfo {
+        hidden: None,
         tokenizer,
         bos,
         bos_text: text(bos),
         eos_text: text(eos_id),
         eos,
     })
+}
+
+impl TokenizerInfo {
+    /// Keeps these special tokens' text in decoded answers.
+    pub fn keep_in_answers(&mut self, markers: &[&str]) {
+        let keep: Vec<u32> = markers
+            .iter()
+            .filter_map(|m| self.tokenizer.token_to_id(m))
+            .collect();
+        if keep.is_empty() {
+            self.hidden = None;
+            return;
+        }
+        let hidden = self
+            .tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(id, t)| t.special && !keep.contains(id))
+            .map(|(id, _)| id)
+            .collect();
+        self.hidden = Some(hidden);
+    }
+
+    /// The text of generated tokens as the client sees it.
+    pub fn decode_answer(&self, ids: &[u32]) -> tokenizers::Result<String> {
+        match &self.hidden {
+            None => self.tokenizer.decode(ids, true),
+            Some(hidden) => {
+                let shown: Vec<u32> = ids
+                    .iter()
+                    .copied()
+                    .filter(|i| !hidden.contains(i))
+                    .collect();
+                self.tokenizer.decode(&shown, false)
+            }
+        }
+    }
 }
 
 /// How the text is split before BPE, by the name llama.cpp's converter writes into
@@ -210,7 +261,7 @@ pub fn from_hf_dir(dir: &std::path::Path) -> Result<(TokenizerInfo, Option<Strin
     let eos_text = token_text("eos_token").unwrap_or_default();
     let bos = tokenizer.token_to_id(&bos_text);
     let mut eos: Vec<u32> = tokenizer.token_to_id(&eos_text).into_iter().collect();
-    for marker in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"] {
+    for marker in END_OF_TURN {
         if let Some(i) = tokenizer.token_to_id(marker) {
             if !eos.contains(&i) {
                 eos.push(i);
@@ -220,6 +271,7 @@ pub fn from_hf_dir(dir: &std::path::Path) -> Result<(TokenizerInfo, Option<Strin
     Ok((
         TokenizerInfo {
             tokenizer,
+            hidden: None,
             bos,
             eos,
             bos_text,

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::super::{BackendError, BackendReply, ChunkStream};
 use crate::engine::sampling::TokenLogprob;
-use crate::engine::tools::{Parsed, ParsedCall, ToolCallParser};
+use crate::engine::tools::{Parsed, ParsedCall, ToolCallStream, ToolSyntax};
 use crate::engine::{Engine, FinishReason, GenEvent};
 
 /// What every answer carries.
@@ -250,10 +250,10 @@ fn streamed<A: Assembly>(a: A, rx: mpsc::UnboundedReceiver<GenEvent>) -> Backend
     }
 }
 
-/// An OpenAI tool call (with `index` when it is a stream delta).
-fn tool_call_json(c: &ParsedCall, index: Option<usize>) -> Value {
+/// An OpenAI tool call (with `index` when it is a stream delta), its id in the model family's form.
+fn tool_call_json(c: &ParsedCall, index: Option<usize>, syntax: &dyn ToolSyntax) -> Value {
     let mut v = json!({
-        "id": format!("call_{}", uuid::Uuid::now_v7().simple()),
+        "id": syntax.call_id(),
         "type": "function",
         "function": {"name": c.name, "arguments": c.arguments},
     });
@@ -275,7 +275,8 @@ fn chat_finish(reason: FinishReason, calls: usize) -> &'static str {
 
 /// One chat choice as it decodes.
 pub(super) struct ChatChoice {
-    parser: Option<ToolCallParser>,
+    syntax: &'static dyn ToolSyntax,
+    parser: Option<ToolCallStream>,
     text: String,
     calls: Vec<ParsedCall>,
     /// Calls streamed so far (their indexes).
@@ -286,9 +287,10 @@ pub(super) struct ChatChoice {
 }
 
 impl ChatChoice {
-    fn new(tools: bool) -> Self {
+    fn new(tools: bool, syntax: &'static dyn ToolSyntax) -> Self {
         Self {
-            parser: tools.then(ToolCallParser::default),
+            syntax,
+            parser: tools.then(|| ToolCallStream::new(syntax)),
             text: String::new(),
             calls: Vec::new(),
             streamed_calls: 0,
@@ -308,7 +310,7 @@ impl ChatChoice {
     fn rest(&mut self) -> Vec<Parsed> {
         self.parser
             .as_mut()
-            .map(ToolCallParser::finish)
+            .map(ToolCallStream::finish)
             .unwrap_or_default()
     }
 
@@ -331,7 +333,11 @@ impl ChatChoice {
             } else {
                 json!(trimmed)
             };
-            message["tool_calls"] = self.calls.iter().map(|c| tool_call_json(c, None)).collect();
+            message["tool_calls"] = self
+                .calls
+                .iter()
+                .map(|c| tool_call_json(c, None, self.syntax))
+                .collect();
         }
         let finish = chat_finish(self.finish.unwrap_or(FinishReason::Stop), self.calls.len());
         let logprobs = if logprobs {
@@ -371,7 +377,7 @@ impl ChatAnswer {
                 Parsed::Text(t) => json!({"content": t}),
                 Parsed::Call(call) => {
                     c.streamed_calls += 1;
-                    json!({"tool_calls": [tool_call_json(&call, Some(c.streamed_calls - 1))]})
+                    json!({"tool_calls": [tool_call_json(&call, Some(c.streamed_calls - 1), c.syntax)]})
                 }
             };
             let logprobs = Self::pending(c);
@@ -397,7 +403,7 @@ impl Assembly for ChatAnswer {
     }
 
     fn new_choice(&self) -> ChatChoice {
-        ChatChoice::new(self.tools)
+        ChatChoice::new(self.tools, self.answer.engine.chat.tool_format.syntax())
     }
 
     fn take(&self, c: &mut ChatChoice, text: String, logprobs: &[TokenLogprob]) {

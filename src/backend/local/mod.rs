@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::{Backend, BackendError, BackendReply, BackendRequest};
 use crate::engine::grammar::{AnswerFormat, Grammar, ToolSpec};
 use crate::engine::sampling::SamplingParams;
+use crate::engine::tools::ToolFormat;
 use crate::engine::{Engine, GenerationRequest};
 use crate::wire::Api;
 use answer::{Answer, ChatAnswer, CompletionAnswer};
@@ -268,7 +269,9 @@ impl LocalBackend {
         } else {
             AnswerFormat::from_response_format(body.get("response_format"))
         };
-        let constrain = self.engine.constrain_tool_calls || format.is_some();
+        // The call grammar writes Hermes blocks; models of other syntaxes call unconstrained.
+        let hermes = self.engine.chat.tool_format == ToolFormat::Hermes;
+        let constrain = hermes && (self.engine.constrain_tool_calls || format.is_some());
         let spec = tools.filter(|_| constrain).map(|tools| ToolSpec {
             tools,
             choice: body.get("tool_choice"),

@@ -1,9 +1,11 @@
-//! Tool calling for local models that have no tool syntax of their own: tools are described in a
-//! Hermes-style system prompt, and the model answers with `<tool_call>{"name": ..., "arguments":
-//! {...}}</tool_call>` blocks, which `ToolCallParser` turns back into OpenAI tool calls, as a stream:
-//! text that may still become a tool call is held back until it is decided.
+//! Hermes-style tool calls, which Qwen2.5/Qwen3, SmolLM and Hermes models write: `<tool_call>{"name":
+//! ..., "arguments": {...}}</tool_call>` blocks, anywhere in the answer, as many as it makes. Models
+//! whose chat template cannot render tools are taught this syntax by a system prompt
+//! (`tools_system_prompt`), with tool history rewritten to match (`messages_with_tools`).
 
 use serde_json::{json, Value};
+
+use super::{Parsed, ParsedCall, ToolSyntax};
 
 /// The tags around a call: the one definition the prompt, the parser and the grammar
 /// (`engine::grammar`) share.
@@ -108,30 +110,16 @@ fn text_of(content: Option<&Value>) -> String {
     }
 }
 
-/// A tool call parsed from model output. `arguments` is the JSON text OpenAI clients expect; when
-/// the model wrote something that is not JSON, it is kept verbatim and `valid` is false.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParsedCall {
-    pub name: String,
-    pub arguments: String,
-    pub valid: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Parsed {
-    Text(String),
-    Call(ParsedCall),
-}
-
-/// Splits streamed model text into plain text and tool calls.
+/// Splits model text, as it streams, into plain text and tool calls: text that may still become a
+/// call is held back until it is decided.
 #[derive(Default)]
-pub struct ToolCallParser {
+struct ToolCallParser {
     buf: String,
     inside: bool,
 }
 
 impl ToolCallParser {
-    pub fn push(&mut self, delta: &str) -> Vec<Parsed> {
+    fn push(&mut self, delta: &str) -> Vec<Parsed> {
         self.buf.push_str(delta);
         let mut out = Vec::new();
         loop {
@@ -166,7 +154,7 @@ impl ToolCallParser {
 
     /// The end of the output: an unterminated call is still parsed (models often stop at the
     /// closing tag's end-of-turn), and held-back text is released.
-    pub fn finish(&mut self) -> Vec<Parsed> {
+    fn finish(&mut self) -> Vec<Parsed> {
         let rest = std::mem::take(&mut self.buf);
         if self.inside {
             self.inside = false;
@@ -183,15 +171,47 @@ impl ToolCallParser {
     }
 }
 
+/// The Hermes syntax.
+pub struct Hermes;
+
+impl ToolSyntax for Hermes {
+    /// The first `<tool_call>` not yet closed, or a tail that may grow into one: whole blocks
+    /// before it are final.
+    fn could_be_tool_call(&self, answer: &str) -> Option<usize> {
+        let mut from = 0;
+        while let Some(open) = answer[from..].find(OPEN).map(|i| from + i) {
+            match answer[open + OPEN.len()..].find(CLOSE) {
+                Some(close) => from = open + OPEN.len() + close + CLOSE.len(),
+                None => return Some(open),
+            }
+        }
+        match longest_prefix_suffix(&answer[from..], OPEN) {
+            0 => None,
+            keep => Some(answer.len() - keep),
+        }
+    }
+
+    fn parse(&self, answer: &str) -> Vec<Parsed> {
+        let mut p = ToolCallParser::default();
+        let mut out = p.push(answer);
+        out.extend(p.finish());
+        // Line breaks between and after blocks are layout, not an answer.
+        if out.iter().any(|p| matches!(p, Parsed::Call(_))) {
+            out.retain(|p| !matches!(p, Parsed::Text(t) if t.trim().is_empty()));
+        }
+        out
+    }
+}
+
 /// Length of the longest suffix of `s` that is a proper prefix of `pat`.
-fn longest_prefix_suffix(s: &str, pat: &str) -> usize {
+pub(super) fn longest_prefix_suffix(s: &str, pat: &str) -> usize {
     (1..pat.len().min(s.len() + 1))
         .rev()
         .find(|&k| s.is_char_boundary(s.len() - k) && s.ends_with(&pat[..k]))
         .unwrap_or(0)
 }
 
-fn parse_call(body: &str) -> Parsed {
+pub(super) fn parse_call(body: &str) -> Parsed {
     let trimmed = body.trim();
     match serde_json::from_str::<Value>(trimmed) {
         Ok(v) => {
