@@ -5,6 +5,8 @@
 //! conversion; both must give transformers' logits, its greedy tokens, its tokenizer's ids and its
 //! chat template's text.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
