@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
@@ -310,6 +312,121 @@ fn each_family_reads_back_the_tool_calls_its_syntax_writes_through_its_tokenizer
                 }
                 other => panic!("{family} gguf={gguf}: {other:?}"),
             }
+        }
+    }
+}
+
+#[test]
+fn training_examples_teach_each_family_the_syntax_it_is_served_with() {
+    use flywheel::engine::tools::Parsed;
+    let tools = vec![
+        serde_json::json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}),
+    ];
+    let messages = vec![serde_json::json!({"role": "user", "content": "Weather in Oslo?"})];
+    let answer = serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{
+        "id": "call_0198f2", "type": "function",
+        "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]});
+    for family in FAMILIES {
+        for gguf in [false, true] {
+            let c = chat(family, gguf);
+            let ex = c
+                .training_example(&messages, &tools, None, &answer)
+                .unwrap();
+            assert_eq!(
+                ex.prompt,
+                c.encode(&c.prompt(&messages, &tools, None).unwrap())
+                    .unwrap(),
+                "{family}: the example's prompt is the served prompt"
+            );
+            assert!(
+                c.tokenizer.eos.contains(ex.completion.last().unwrap()),
+                "{family}: the completion ends the turn"
+            );
+            let text = c.tokenizer.decode_answer(&ex.completion).unwrap();
+            let mut s = c.answer_stream(true);
+            let mut out = s.push(&text);
+            out.extend(s.finish());
+            let calls: Vec<_> = out
+                .iter()
+                .filter_map(|p| match p {
+                    Parsed::Call(c) => Some((c.name.as_str(), c.arguments.as_str())),
+                    Parsed::Text(t) if t.trim().is_empty() => None,
+                    Parsed::Reasoning(_) => None,
+                    Parsed::Text(t) => {
+                        panic!("{family}: text {t:?} in a tool-call completion {text:?}")
+                    }
+                })
+                .collect();
+            assert_eq!(
+                calls,
+                vec![("get_weather", "{\"city\":\"Oslo\"}")],
+                "{family}: {text:?}"
+            );
+        }
+    }
+}
+
+/// Every family served by the gateway over HTTP: a legacy completion of each oracle prompt at
+/// temperature 0 is transformers' greedy continuation, and a chat answer (tools offered) comes
+/// back in OpenAI's shape, the family's syntax and (Qwen3) reasoning split from the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_family_serves_transformers_greedy_tokens_over_http() {
+    let mut config = String::new();
+    for family in FAMILIES {
+        for (suffix, path) in [("hf", dir(family).join("hf")), ("gguf", dir(family).join("model.gguf"))] {
+            config.push_str(&format!(
+                "[[models]]\nname = \"{family}-{suffix}\"\npath = \"{}\"\nweights = \"f32\"\ncontext_length = 512\n",
+                common::path_str(&path)
+            ));
+        }
+    }
+    let gw = common::GatewayProcess::start(&config);
+    let client = reqwest::Client::new();
+    for family in FAMILIES {
+        let c = chat(family, false);
+        let o = oracle(family);
+        for suffix in ["hf", "gguf"] {
+            let model = format!("{family}-{suffix}");
+            for p in o["prompts"].as_array().unwrap() {
+                let greedy = ids(&p["greedy"]);
+                // The engine stops at the end of a turn; compare up to it.
+                let upto: Vec<u32> = greedy
+                    .iter()
+                    .copied()
+                    .take_while(|t| !c.tokenizer.eos.contains(t))
+                    .collect();
+                let want = c.tokenizer.decode_answer(&upto).unwrap();
+                let r = client
+                    .post(gw.url("/v1/completions"))
+                    .json(&serde_json::json!({"model": model, "prompt": p["text"], "max_tokens": greedy.len(), "temperature": 0}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status();
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(status, 200, "{model}: {v}");
+                assert_eq!(v["choices"][0]["text"], want.as_str(), "{model}: {}", p["text"]);
+            }
+            let r = client
+                .post(gw.url("/v1/chat/completions"))
+                .json(&serde_json::json!({"model": model, "max_tokens": 12, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+                    "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(status, 200, "{model}: {v}");
+            let m = &v["choices"][0]["message"];
+            assert!(m["content"].is_string() || m["tool_calls"].is_array(), "{model}: {v}");
+            assert_eq!(
+                m.get("reasoning_content").is_some(),
+                family == "qwen3" && m["reasoning_content"].as_str().is_some_and(|r| !r.is_empty()),
+                "{model}: {v}"
+            );
+            assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 20, "{model}: {v}");
         }
     }
 }

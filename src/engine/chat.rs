@@ -24,6 +24,8 @@ pub struct ChatFormat {
     pub template_tools: bool,
     /// The syntax the model writes tool calls in.
     pub tool_format: ToolFormat,
+    /// The generation prompt opens a `<think>` block (Qwen3): answers begin with reasoning.
+    pub thinking: bool,
 }
 
 /// A training example: the prompt as serving renders it, and the completion the model should
@@ -43,12 +45,24 @@ impl ChatFormat {
             false => ToolFormat::Hermes,
         };
         tok.keep_in_answers(tool_format.syntax().markers());
+        let probe = [serde_json::json!({"role": "user", "content": "hi"})];
+        let thinking = template
+            .render(&probe, None, true)
+            .is_ok_and(|p| p.trim_end().ends_with("<think>"));
         Ok(Self {
             tokenizer: Arc::new(tok),
             template,
             template_tools,
             tool_format,
+            thinking,
         })
+    }
+
+    /// The stream that splits this model's answers into reasoning, text and (when the request
+    /// offers tools) calls.
+    pub fn answer_stream(&self, tools: bool) -> tools::ToolCallStream {
+        let syntax = tools.then(|| self.tool_format.syntax());
+        tools::ToolCallStream::for_answer(syntax, self.thinking)
     }
 
     /// Reads tool calls in `format` whatever the template suggests (the model's `tool_format`

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::super::{BackendError, BackendReply, ChunkStream};
+use crate::engine::chat::ChatFormat;
 use crate::engine::sampling::TokenLogprob;
 use crate::engine::tools::{Parsed, ParsedCall, ToolCallStream, ToolSyntax};
 use crate::engine::{Engine, FinishReason, GenEvent};
@@ -278,6 +279,8 @@ pub(super) struct ChatChoice {
     syntax: &'static dyn ToolSyntax,
     parser: Option<ToolCallStream>,
     text: String,
+    /// A thinking model's reasoning (`reasoning_content`).
+    reasoning: String,
     calls: Vec<ParsedCall>,
     /// Calls streamed so far (their indexes).
     streamed_calls: usize,
@@ -287,11 +290,14 @@ pub(super) struct ChatChoice {
 }
 
 impl ChatChoice {
-    fn new(tools: bool, syntax: &'static dyn ToolSyntax) -> Self {
+    /// A choice of `chat`'s model; tool calls are read when the request offers tools, reasoning
+    /// whenever the model thinks before it answers.
+    fn new(tools: bool, chat: &ChatFormat) -> Self {
         Self {
-            syntax,
-            parser: tools.then(|| ToolCallStream::new(syntax)),
+            syntax: chat.tool_format.syntax(),
+            parser: (tools || chat.thinking).then(|| chat.answer_stream(tools)),
             text: String::new(),
+            reasoning: String::new(),
             calls: Vec::new(),
             streamed_calls: 0,
             logprobs: Vec::new(),
@@ -319,6 +325,7 @@ impl ChatChoice {
             match p {
                 Parsed::Text(t) => self.text.push_str(&t),
                 Parsed::Call(c) => self.calls.push(c),
+                Parsed::Reasoning(r) => self.reasoning.push_str(&r),
             }
         }
     }
@@ -326,6 +333,10 @@ impl ChatChoice {
     /// The whole choice, as `choices[index]`.
     fn whole(&self, index: usize, logprobs: bool) -> Value {
         let mut message = json!({"role": "assistant", "content": self.text, "refusal": null});
+        // As vLLM and DeepSeek name a thinking model's reasoning beside its answer.
+        if !self.reasoning.is_empty() {
+            message["reasoning_content"] = json!(self.reasoning);
+        }
         if !self.calls.is_empty() {
             let trimmed = self.text.trim();
             message["content"] = if trimmed.is_empty() {
@@ -375,6 +386,7 @@ impl ChatAnswer {
         for p in parsed {
             let delta = match p {
                 Parsed::Text(t) => json!({"content": t}),
+                Parsed::Reasoning(r) => json!({"reasoning_content": r}),
                 Parsed::Call(call) => {
                     c.streamed_calls += 1;
                     json!({"tool_calls": [tool_call_json(&call, Some(c.streamed_calls - 1), c.syntax)]})
@@ -403,7 +415,7 @@ impl Assembly for ChatAnswer {
     }
 
     fn new_choice(&self) -> ChatChoice {
-        ChatChoice::new(self.tools, self.answer.engine.chat.tool_format.syntax())
+        ChatChoice::new(self.tools, &self.answer.engine.chat)
     }
 
     fn take(&self, c: &mut ChatChoice, text: String, logprobs: &[TokenLogprob]) {

@@ -34,7 +34,12 @@ pub struct ParsedCall {
 pub enum Parsed {
     Text(String),
     Call(ParsedCall),
+    /// What a thinking model (Qwen3) writes inside `<think>` before its answer.
+    Reasoning(String),
 }
+
+/// Where a thinking model's reasoning ends (its generation prompt opens it).
+const THINK_END: &str = "</think>";
 
 /// One family's tool-call syntax.
 pub trait ToolSyntax: Send + Sync {
@@ -120,46 +125,104 @@ pub(crate) fn call_from_value(v: &Value) -> Option<ParsedCall> {
     })
 }
 
-/// An answer's text and calls as it streams: text is released as soon as the syntax says no call
-/// can begin in it, calls as soon as they are whole.
+/// An answer's reasoning, text and calls as it streams: reasoning and text are released as soon
+/// as no call can begin in them, calls as soon as they are whole.
 pub struct ToolCallStream {
-    syntax: &'static dyn ToolSyntax,
+    /// `None` when the request offers no tools: everything after the reasoning is text.
+    syntax: Option<&'static dyn ToolSyntax>,
     answer: String,
     released: usize,
+    /// Still inside the reasoning.
+    thinking: bool,
+    /// Where the answer proper begins (after the reasoning and the blank lines that follow it);
+    /// `None` until it is known.
+    start: Option<usize>,
 }
 
 impl ToolCallStream {
     pub fn new(syntax: &'static dyn ToolSyntax) -> Self {
+        Self::for_answer(Some(syntax), false)
+    }
+
+    /// A stream for calls in `syntax` (if any) of an answer that opens inside `<think>` when
+    /// `thinking`.
+    pub fn for_answer(syntax: Option<&'static dyn ToolSyntax>, thinking: bool) -> Self {
         Self {
             syntax,
             answer: String::new(),
             released: 0,
+            thinking,
+            start: (!thinking).then_some(0),
         }
     }
 
     pub fn push(&mut self, delta: &str) -> Vec<Parsed> {
         self.answer.push_str(delta);
-        let end = self
-            .syntax
-            .could_be_tool_call(&self.answer)
-            .unwrap_or(self.answer.len());
-        if end <= self.released || !self.answer.is_char_boundary(end) {
-            return Vec::new();
+        let mut out = Vec::new();
+        if self.thinking {
+            let rest = &self.answer[self.released..];
+            let (cut, done) = match rest.find(THINK_END) {
+                Some(i) => (i, true),
+                None => (
+                    rest.len() - hermes::longest_prefix_suffix(rest, THINK_END),
+                    false,
+                ),
+            };
+            if cut > 0 {
+                out.push(Parsed::Reasoning(rest[..cut].to_string()));
+            }
+            self.released += cut;
+            if !done {
+                return out;
+            }
+            self.released += THINK_END.len();
+            self.thinking = false;
         }
-        let out = self.syntax.parse(&self.answer[self.released..end]);
-        self.released = end;
+        let start = match self.start {
+            Some(s) => s,
+            None => {
+                let rest = &self.answer[self.released..];
+                self.released += rest.len() - rest.trim_start().len();
+                if self.released == self.answer.len() {
+                    return out;
+                }
+                self.start = Some(self.released);
+                self.released
+            }
+        };
+        let end = match self.syntax {
+            Some(s) => s
+                .could_be_tool_call(&self.answer[start..])
+                .map_or(self.answer.len(), |i| start + i),
+            None => self.answer.len(),
+        };
+        if end > self.released && self.answer.is_char_boundary(end) {
+            out.extend(self.parse(self.released, end));
+            self.released = end;
+        }
         out
     }
 
     /// The end of the answer: what was held back is parsed as it stands (a call cut off by the
     /// end of the turn is still reported).
     pub fn finish(&mut self) -> Vec<Parsed> {
-        let rest = &self.answer[self.released..];
-        self.released = self.answer.len();
-        if rest.is_empty() {
+        let (from, to) = (self.released, self.answer.len());
+        self.released = to;
+        if from == to {
             return Vec::new();
         }
-        self.syntax.parse(rest)
+        if self.thinking {
+            return vec![Parsed::Reasoning(self.answer[from..].to_string())];
+        }
+        self.parse(from, to)
+    }
+
+    fn parse(&self, from: usize, to: usize) -> Vec<Parsed> {
+        let part = &self.answer[from..to];
+        match self.syntax {
+            Some(s) => s.parse(part),
+            None => vec![Parsed::Text(part.to_string())],
+        }
     }
 }
 
@@ -220,6 +283,25 @@ mod tests {
         assert_eq!(
             ToolFormat::from_template("{{ messages }}"),
             ToolFormat::Hermes
+        );
+    }
+
+    #[test]
+    fn reasoning_is_split_from_the_answer_with_or_without_tools() {
+        let mut s = ToolCallStream::for_answer(Some(&Llama3Json), true);
+        assert_eq!(
+            s.push("Let me think.</th"),
+            vec![Parsed::Reasoning("Let me think.".into())]
+        );
+        assert!(s.push("ink>\n\n").is_empty());
+        assert!(s.push("{\"name\": \"f\", \"parameters\": {}}").is_empty());
+        assert_eq!(s.finish(), vec![call("f", "{}")]);
+        let mut s = ToolCallStream::for_answer(None, true);
+        let mut out = s.push("\n</think>\n\nHi");
+        out.extend(s.finish());
+        assert_eq!(
+            out,
+            vec![Parsed::Reasoning("\n".into()), Parsed::Text("Hi".into())]
         );
     }
 

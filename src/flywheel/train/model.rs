@@ -12,7 +12,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
 use super::Precision;
-use crate::engine::model::{rope_tables, LlamaConfig, ModelError, ModelSource};
+use crate::engine::model::{rope_tables, LayerExtras, LlamaConfig, ModelError, ModelSource};
 use crate::ops::RopeStyle;
 use crate::ops::{amx, grad};
 
@@ -35,6 +35,10 @@ const GROUPS: [(usize, usize); 4] = [(0, 3), (3, 1), (4, 2), (6, 1)];
 struct BaseLayer {
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
+    /// q, k and v biases, stacked as the qkv group's outputs (Qwen2); frozen like the weights.
+    qkv_bias: Option<Tensor>,
+    /// RMSNorm weights over each query head and each key head (Qwen3).
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     /// One (outputs, inputs) matrix per group in `GROUPS`: qkv, o, gate_up, down.
     groups: [Frozen; 4],
 }
@@ -336,6 +340,8 @@ struct LoraSaved {
 struct LayerSaved {
     x: Vec<f32>,
     rstd1: Vec<f32>,
+    /// With per-head q/k norms: q and k before them, and their inverse RMS per head.
+    qk_normed: Option<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)>,
     /// (batch, kv_heads, group · t, head_dim), after RoPE.
     q: Tensor,
     /// (batch, kv_heads, t, head_dim), after RoPE.
@@ -390,9 +396,27 @@ impl TrainBase {
         let device = Device::Cpu;
         let embed = src.require("token_embd.weight")?.dequantize(&device)?;
         let cfg = src.config(embed.dims2()?.0);
+        cfg.validate()?;
         let gguf = src.rope_style == RopeStyle::Interleaved;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
+            let extras = LayerExtras::read(&mut src, &cfg, i, &device)?;
+            let qkv_bias = match extras.qkv_bias {
+                // GGUF's Llama layout permutes q/k bias rows with their weights.
+                Some(b) if gguf => {
+                    let (q, kv) = (cfg.q_width(), cfg.kv_width());
+                    let col = |t: Tensor| t.reshape(((), 1));
+                    let qb = unpermute_rows(&col(b.narrow(0, 0, q)?)?, cfg.heads)?;
+                    let kb = unpermute_rows(&col(b.narrow(0, q, kv)?)?, cfg.kv_heads)?;
+                    let vb = col(b.narrow(0, q + kv, kv)?)?;
+                    Some(Tensor::cat(&[qb, kb, vb], 0)?.flatten_all()?)
+                }
+                b => b,
+            };
+            let qk_norm = match extras.qk_norm {
+                Some((q, k)) => Some((to_vec(&q)?, to_vec(&k)?)),
+                None => None,
+            };
             let mut w = |s: &str| -> Result<Tensor> {
                 Ok(src
                     .require(&format!("blk.{i}.{s}.weight"))?
@@ -412,6 +436,8 @@ impl TrainBase {
             layers.push(BaseLayer {
                 attn_norm: to_vec(&w("attn_norm")?)?,
                 ffn_norm: to_vec(&w("ffn_norm")?)?,
+                qkv_bias,
+                qk_norm,
                 groups: [
                     frozen(Tensor::cat(&[q, k, v], 0)?)?,
                     frozen(o)?,
@@ -614,9 +640,28 @@ impl TrainBase {
             let (h1, rstd1) = grad::rms_norm_fwd(&x, &layer.attn_norm, eps);
             let h1 = Tensor::from_vec(h1, (n, cfg.hidden), &Device::Cpu)?;
             let qkv = self.group_forward(li, 0, &h1, lora, theta, dropout, rng, &mut lsaved)?;
+            let qkv = match &layer.qkv_bias {
+                Some(b) => qkv.broadcast_add(b)?,
+                None => qkv,
+            };
             let mut q = to_vec(&qkv.narrow(1, 0, h * hd)?.contiguous()?)?;
             let mut k = to_vec(&qkv.narrow(1, h * hd, kvh * hd)?.contiguous()?)?;
             let v = qkv.narrow(1, (h + kvh) * hd, kvh * hd)?.contiguous()?;
+            // Qwen3: each head of q and k RMS-normed before RoPE.
+            let qk_normed = match &layer.qk_norm {
+                Some((qn, kn)) => {
+                    let (nq, rq) = grad::rms_norm_fwd(&q, qn, eps);
+                    let (nk, rk) = grad::rms_norm_fwd(&k, kn, eps);
+                    let raw = (
+                        std::mem::replace(&mut q, nq),
+                        rq,
+                        std::mem::replace(&mut k, nk),
+                        rk,
+                    );
+                    Some(raw)
+                }
+                None => None,
+            };
             grad::rope_halves(&mut q, h, hd, &cos, &sin, false);
             grad::rope_halves(&mut k, kvh, hd, &cos, &sin, false);
             // (b, t, heads, hd) → (b, kv, group·t, hd): query head kv·group + g reads kv head kv.
@@ -648,6 +693,7 @@ impl TrainBase {
             saved.push(LayerSaved {
                 x,
                 rstd1,
+                qk_normed,
                 q,
                 k,
                 v,
@@ -758,6 +804,10 @@ impl TrainBase {
         let dv = dv.transpose(1, 2)?.contiguous()?.reshape((n, kvh * hd))?;
         grad::rope_halves(&mut dq, h, hd, &rope.0, &rope.1, true);
         grad::rope_halves(&mut dk, kvh, hd, &rope.0, &rope.1, true);
+        if let (Some((q_raw, rq, k_raw, rk)), Some((qn, kn))) = (&s.qk_normed, &layer.qk_norm) {
+            dq = grad::rms_norm_bwd(&dq, q_raw, qn, rq);
+            dk = grad::rms_norm_bwd(&dk, k_raw, kn, rk);
+        }
         let dqkv = Tensor::cat(
             &[
                 Tensor::from_vec(dq, (n, h * hd), &dev)?,
@@ -884,7 +934,10 @@ mod tests {
         let hf = dir.path().join("hf");
         write_hf_dir_from_gguf(&gguf, &hf);
         let seqs = vec![vec![5u32, 70, 71, 72, 9, 33], vec![100u32, 101, 102, 8]];
-        for (path, serving) in [(&gguf, true), (&hf, false)] {
+        let mut models = vec![(gguf.clone(), true), (hf.clone(), false)];
+        models.extend(family_models());
+        for (path, serving) in &models {
+            let (path, serving) = (path, *serving);
             let base = TrainBase::load(path, 64).unwrap();
             let lora = LoraFactors::new(&base.cfg, 4, 8.0, &[0, 1, 2, 3, 4, 5, 6]);
             let theta = random_theta(&lora, 7);
@@ -928,14 +981,41 @@ mod tests {
         }
     }
 
+    /// The tiny Llama 3, Qwen2.5, Qwen3 and Mistral models of the families oracle, each as its
+    /// GGUF file (true) and its Hugging Face directory (false).
+    fn family_models() -> Vec<(std::path::PathBuf, bool)> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/families");
+        ["llama3", "qwen2", "qwen3", "mistral"]
+            .iter()
+            .flat_map(|f| {
+                [
+                    (root.join(f).join("model.gguf"), true),
+                    (root.join(f).join("hf"), false),
+                ]
+            })
+            .collect()
+    }
+
     /// Every LoRA factor's gradient, on a sample of coordinates in every module, matches central
-    /// finite differences of the loss through the whole model, with and without dropout.
+    /// finite differences of the loss through the whole model, with and without dropout: on a
+    /// Llama-shaped model and on Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms, wide heads).
     #[test]
     fn lora_gradients_match_finite_differences_through_the_whole_model() {
         let dir = tempfile::tempdir().unwrap();
         let gguf = dir.path().join("tiny.gguf");
         write_tiny_llama(&gguf, GgmlDType::F32, 5);
-        let base = TrainBase::load(&gguf, 64).unwrap();
+        let families = family_models();
+        let qwen = families
+            .iter()
+            .filter(|(p, gguf)| *gguf && p.to_string_lossy().contains("qwen"))
+            .map(|(p, _)| p.clone());
+        for path in std::iter::once(gguf.clone()).chain(qwen) {
+            gradients_match_finite_differences(&path);
+        }
+    }
+
+    fn gradients_match_finite_differences(path: &std::path::Path) {
+        let base = TrainBase::load(path, 64).unwrap();
         let lora = LoraFactors::new(&base.cfg, 2, 4.0, &[0, 1, 2, 3, 4, 5, 6]);
         let theta = random_theta(&lora, 11);
         let b = batch(&[
@@ -972,7 +1052,8 @@ mod tests {
                             let an = f64::from(g[i]);
                             assert!(
                                 (fd - an).abs() <= 2e-3 + 3e-2 * fd.abs().max(an.abs()),
-                                "dropout {dropout}, parameter {i}: analytic {an}, finite difference {fd}"
+                                "{}: dropout {dropout}, parameter {i}: analytic {an}, finite difference {fd}",
+                                path.display()
                             );
                             checked += 1;
                         }
