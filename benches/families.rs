@@ -72,14 +72,20 @@ fn decode_rate(m: &LlamaModel, prompt: &[u32], streams: usize, steps: usize) -> 
     let mut last = Vec::with_capacity(streams);
     for c in caches.iter_mut() {
         let logits = m.forward(&[prompt], &mut [c]).unwrap();
-        last.push(argmax(&logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+        last.push(argmax(
+            &logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        ));
     }
     let t0 = Instant::now();
     for _ in 0..steps {
         let toks: Vec<[u32; 1]> = last.iter().map(|t| [*t]).collect();
         let seqs: Vec<&[u32]> = toks.iter().map(|t| t.as_slice()).collect();
         let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-        let logits = m.forward(&seqs, &mut refs).unwrap().to_vec2::<f32>().unwrap();
+        let logits = m
+            .forward(&seqs, &mut refs)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         last = logits.iter().map(|row| argmax(row)).collect();
     }
     (steps * streams) as f64 / t0.elapsed().as_secs_f64()
@@ -125,19 +131,35 @@ fn rewrite_as(src: &Path, dst: &Path, arch: &str) {
         let v: Vec<f32> = (0..n)
             .map(|i| around + 0.01 * (((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0 - 1.0))
             .collect();
-        QTensor::quantize(&Tensor::from_vec(v, n, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
+        QTensor::quantize(
+            &Tensor::from_vec(v, n, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap()
     };
     for i in 0..layers {
         let i64_ = i as u64;
         match arch {
             "qwen2" => {
-                tensors.push((format!("blk.{i}.attn_q.bias"), vector(heads * hd, 0.0, i64_)));
-                tensors.push((format!("blk.{i}.attn_k.bias"), vector(kv_heads * hd, 0.0, i64_ + 1)));
-                tensors.push((format!("blk.{i}.attn_v.bias"), vector(kv_heads * hd, 0.0, i64_ + 2)));
+                tensors.push((
+                    format!("blk.{i}.attn_q.bias"),
+                    vector(heads * hd, 0.0, i64_),
+                ));
+                tensors.push((
+                    format!("blk.{i}.attn_k.bias"),
+                    vector(kv_heads * hd, 0.0, i64_ + 1),
+                ));
+                tensors.push((
+                    format!("blk.{i}.attn_v.bias"),
+                    vector(kv_heads * hd, 0.0, i64_ + 2),
+                ));
             }
             "qwen3" => {
                 tensors.push((format!("blk.{i}.attn_q_norm.weight"), vector(hd, 1.0, i64_)));
-                tensors.push((format!("blk.{i}.attn_k_norm.weight"), vector(hd, 1.0, i64_ + 1)));
+                tensors.push((
+                    format!("blk.{i}.attn_k_norm.weight"),
+                    vector(hd, 1.0, i64_ + 1),
+                ));
             }
             _ => {}
         }

@@ -374,7 +374,10 @@ fn training_examples_teach_each_family_the_syntax_it_is_served_with() {
 async fn every_family_serves_transformers_greedy_tokens_over_http() {
     let mut config = String::new();
     for family in FAMILIES {
-        for (suffix, path) in [("hf", dir(family).join("hf")), ("gguf", dir(family).join("model.gguf"))] {
+        for (suffix, path) in [
+            ("hf", dir(family).join("hf")),
+            ("gguf", dir(family).join("model.gguf")),
+        ] {
             config.push_str(&format!(
                 "[[models]]\nname = \"{family}-{suffix}\"\npath = \"{}\"\nweights = \"f32\"\ncontext_length = 512\n",
                 common::path_str(&path)
@@ -406,7 +409,12 @@ async fn every_family_serves_transformers_greedy_tokens_over_http() {
                 let status = r.status();
                 let v: Value = r.json().await.unwrap();
                 assert_eq!(status, 200, "{model}: {v}");
-                assert_eq!(v["choices"][0]["text"], want.as_str(), "{model}: {}", p["text"]);
+                assert_eq!(
+                    v["choices"][0]["text"],
+                    want.as_str(),
+                    "{model}: {}",
+                    p["text"]
+                );
             }
             let r = client
                 .post(gw.url("/v1/chat/completions"))
@@ -420,13 +428,22 @@ async fn every_family_serves_transformers_greedy_tokens_over_http() {
             let v: Value = r.json().await.unwrap();
             assert_eq!(status, 200, "{model}: {v}");
             let m = &v["choices"][0]["message"];
-            assert!(m["content"].is_string() || m["tool_calls"].is_array(), "{model}: {v}");
-            assert_eq!(
-                m.get("reasoning_content").is_some(),
-                family == "qwen3" && m["reasoning_content"].as_str().is_some_and(|r| !r.is_empty()),
+            assert!(
+                m["content"].is_string() || m["tool_calls"].is_array(),
                 "{model}: {v}"
             );
-            assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 20, "{model}: {v}");
+            assert_eq!(
+                m.get("reasoning_content").is_some(),
+                family == "qwen3"
+                    && m["reasoning_content"]
+                        .as_str()
+                        .is_some_and(|r| !r.is_empty()),
+                "{model}: {v}"
+            );
+            assert!(
+                v["usage"]["prompt_tokens"].as_u64().unwrap() > 20,
+                "{model}: {v}"
+            );
         }
     }
 }

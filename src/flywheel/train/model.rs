@@ -337,11 +337,19 @@ struct LoraSaved {
     mask: Option<Tensor>,
 }
 
+/// Queries and keys before their per-head RMSNorm (Qwen3), and each head's inverse RMS.
+struct QkNormed {
+    q: Vec<f32>,
+    q_rstd: Vec<f32>,
+    k: Vec<f32>,
+    k_rstd: Vec<f32>,
+}
+
 struct LayerSaved {
     x: Vec<f32>,
     rstd1: Vec<f32>,
-    /// With per-head q/k norms: q and k before them, and their inverse RMS per head.
-    qk_normed: Option<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)>,
+    /// With per-head q/k norms: q and k before them.
+    qk_normed: Option<QkNormed>,
     /// (batch, kv_heads, group · t, head_dim), after RoPE.
     q: Tensor,
     /// (batch, kv_heads, t, head_dim), after RoPE.
@@ -652,13 +660,12 @@ impl TrainBase {
                 Some((qn, kn)) => {
                     let (nq, rq) = grad::rms_norm_fwd(&q, qn, eps);
                     let (nk, rk) = grad::rms_norm_fwd(&k, kn, eps);
-                    let raw = (
-                        std::mem::replace(&mut q, nq),
-                        rq,
-                        std::mem::replace(&mut k, nk),
-                        rk,
-                    );
-                    Some(raw)
+                    Some(QkNormed {
+                        q: std::mem::replace(&mut q, nq),
+                        q_rstd: rq,
+                        k: std::mem::replace(&mut k, nk),
+                        k_rstd: rk,
+                    })
                 }
                 None => None,
             };
@@ -804,9 +811,9 @@ impl TrainBase {
         let dv = dv.transpose(1, 2)?.contiguous()?.reshape((n, kvh * hd))?;
         grad::rope_halves(&mut dq, h, hd, &rope.0, &rope.1, true);
         grad::rope_halves(&mut dk, kvh, hd, &rope.0, &rope.1, true);
-        if let (Some((q_raw, rq, k_raw, rk)), Some((qn, kn))) = (&s.qk_normed, &layer.qk_norm) {
-            dq = grad::rms_norm_bwd(&dq, q_raw, qn, rq);
-            dk = grad::rms_norm_bwd(&dk, k_raw, kn, rk);
+        if let (Some(raw), Some((qn, kn))) = (&s.qk_normed, &layer.qk_norm) {
+            dq = grad::rms_norm_bwd(&dq, &raw.q, qn, &raw.q_rstd);
+            dk = grad::rms_norm_bwd(&dk, &raw.k, kn, &raw.k_rstd);
         }
         let dqkv = Tensor::cat(
             &[
