@@ -49,28 +49,47 @@ impl ChatTemplate {
 }
 
 /// `tojson` as transformers defines it for chat templates, which is Python's `json.dumps`: `", "`
-/// and `": "` between items (`","` at line ends when indented), keys in their given order, no HTML
-/// escaping, non-ASCII text as is. Templates write tool schemas and call arguments through it, so
+/// and `": "` between items (`","` at line ends when indented) unless `separators` says otherwise,
+/// keys in their given order unless `sort_keys`, no HTML escaping, non-ASCII text as is. Templates write tool schemas and call arguments through it, so
 /// a byte of difference is a prompt the model was not trained on.
 fn tojson(value: minijinja::Value, kwargs: Kwargs) -> Result<minijinja::Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
     let v = serde_json::to_value(&value)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let seps = match separators.as_deref() {
+        Some([item, key]) => (item.as_str(), key.as_str()),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators is a pair (item separator, key separator)",
+            ))
+        }
+        None if indent.is_some() => (",", ": "),
+        None => (", ", ": "),
+    };
     let mut out = String::new();
-    write_py_json(&v, indent, sort_keys.unwrap_or(false), 0, &mut out);
+    write_py_json(&v, indent, seps, sort_keys.unwrap_or(false), 0, &mut out);
     Ok(minijinja::Value::from_safe_string(out))
 }
 
-fn write_py_json(v: &Value, indent: Option<usize>, sort: bool, level: usize, out: &mut String) {
+fn write_py_json(
+    v: &Value,
+    indent: Option<usize>,
+    (item_sep, key_sep): (&str, &str),
+    sort: bool,
+    level: usize,
+    out: &mut String,
+) {
     let newline = |out: &mut String, level: usize| {
         if let Some(n) = indent {
             out.push('\n');
             out.extend(std::iter::repeat_n(' ', n * level));
         }
     };
-    let item_sep = if indent.is_some() { "," } else { ", " };
+    let seps = (item_sep, key_sep);
     match v {
         Value::Array(items) if !items.is_empty() => {
             out.push('[');
@@ -79,7 +98,7 @@ fn write_py_json(v: &Value, indent: Option<usize>, sort: bool, level: usize, out
                     out.push_str(item_sep);
                 }
                 newline(out, level + 1);
-                write_py_json(x, indent, sort, level + 1, out);
+                write_py_json(x, indent, seps, sort, level + 1, out);
             }
             newline(out, level);
             out.push(']');
@@ -96,8 +115,8 @@ fn write_py_json(v: &Value, indent: Option<usize>, sort: bool, level: usize, out
                 }
                 newline(out, level + 1);
                 out.push_str(&Value::String(k.clone()).to_string());
-                out.push_str(": ");
-                write_py_json(x, indent, sort, level + 1, out);
+                out.push_str(key_sep);
+                write_py_json(x, indent, seps, sort, level + 1, out);
             }
             newline(out, level);
             out.push('}');
@@ -150,7 +169,7 @@ mod tests {
     #[test]
     fn tojson_writes_what_pythons_json_dumps_writes() {
         let t = ChatTemplate::new(
-            "{{ messages[0] | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ messages[1] | tojson }}",
+            "{{ messages[0] | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ messages[1] | tojson(separators=(',', ':'), sort_keys=true) }}",
             "",
             "",
         )
@@ -168,7 +187,7 @@ mod tests {
         // As json.dumps(..., ensure_ascii=False) and json.dumps(..., indent=2) print them.
         assert_eq!(
             out,
-            "{\"role\": \"user\", \"content\": \"<b>é & 'x'</b>\\n\", \"z\": [1, 2.5], \"a\": {}}|{\n  \"role\": \"user\",\n  \"content\": \"<b>é & 'x'</b>\\n\",\n  \"z\": [\n    1,\n    2.5\n  ],\n  \"a\": {}\n}|{\"role\": \"user\", \"content\": \"\", \"e\": []}"
+            "{\"role\": \"user\", \"content\": \"<b>é & 'x'</b>\\n\", \"z\": [1, 2.5], \"a\": {}}|{\n  \"role\": \"user\",\n  \"content\": \"<b>é & 'x'</b>\\n\",\n  \"z\": [\n    1,\n    2.5\n  ],\n  \"a\": {}\n}|{\"content\":\"\",\"e\":[],\"role\":\"user\"}"
         );
     }
 

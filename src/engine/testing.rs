@@ -40,7 +40,7 @@ pub const TINY_CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + m
 
 /// A ChatML template that renders tools itself, compactly (a system line naming them) and writes
 /// assistant tool calls as `<tool_call>` blocks: a model family with native tool syntax.
-pub const TINY_TOOLS_TEMPLATE: &str = "{%- if tools %}<|im_start|>system\ntools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n{% endif -%}{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}{% for c in m.tool_calls or [] %}<tool_call>\n{\"name\":\"{{ c.function.name }}\",\"arguments\":{{ c.function.arguments }}}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor -%}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+pub const TINY_TOOLS_TEMPLATE: &str = "{%- if tools %}<|im_start|>system\ntools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n{% endif -%}{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}{% for c in m.tool_calls or [] %}<tool_call>\n{\"name\":\"{{ c.function.name }}\",\"arguments\":{{ c.function.arguments | tojson(separators=(',', ':')) }}}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor -%}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 /// Writes a 2-layer model (hidden 64, 4 heads over 2 kv heads, ffn 128) with a byte-level
 /// tokenizer (256 byte tokens, a few merges, ChatML control tokens). Weights are `dtype`.
