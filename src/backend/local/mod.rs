@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{Backend, BackendError, BackendReply, BackendRequest};
-use crate::engine::grammar::{AnswerFormat, Grammar, ToolSpec};
+use crate::engine::grammar::{AnswerFormat, CallSyntax, Grammar, ToolSpec};
 use crate::engine::sampling::SamplingParams;
 use crate::engine::tools::ToolFormat;
 use crate::engine::{Engine, GenerationRequest};
@@ -269,14 +269,25 @@ impl LocalBackend {
         } else {
             AnswerFormat::from_response_format(body.get("response_format"))
         };
-        // The call grammar writes Hermes blocks; models of other syntaxes call unconstrained.
-        let hermes = self.engine.chat.tool_format == ToolFormat::Hermes;
-        let constrain = hermes && (self.engine.constrain_tool_calls || format.is_some());
-        let spec = tools.filter(|_| constrain).map(|tools| ToolSpec {
-            tools,
-            choice: body.get("tool_choice"),
-            parallel: body.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false),
-        });
+        // The call grammar writes Hermes blocks and Llama 3's JSON calls (the latter only when
+        // the answer is not also a formatted JSON value, which would open the same way); Mistral
+        // models call unconstrained.
+        let syntax = match self.engine.chat.tool_format {
+            ToolFormat::Hermes => Some(CallSyntax::Hermes),
+            ToolFormat::Llama3Json if format.is_none() => Some(CallSyntax::Json),
+            _ => None,
+        };
+        let constrain = self.engine.constrain_tool_calls || format.is_some();
+        let spec = syntax
+            .filter(|_| constrain)
+            .zip(tools)
+            .map(|(syntax, tools)| ToolSpec {
+                tools,
+                choice: body.get("tool_choice"),
+                parallel: body.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false),
+                syntax,
+            });
+        let thinking = self.engine.chat.thinking;
         let grammar = Grammar::new(spec, format.as_ref()).map_err(|e| {
             let mut param = "response_format.json_schema.schema".to_string();
             if !e.path.is_empty() {
@@ -290,7 +301,9 @@ impl LocalBackend {
                 ),
             )
         })?;
-        Ok(grammar.map(Arc::new))
+        Ok(grammar
+            .map(|g| if thinking { g.after_reasoning() } else { g })
+            .map(Arc::new))
     }
 
     async fn run(&self, request: BackendRequest) -> Result<BackendReply, BackendError> {

@@ -208,6 +208,7 @@ fn with_tools_the_answer_is_calls_or_the_value() {
         tools: &tools,
         choice: None,
         parallel: true,
+        syntax: CallSyntax::Hermes,
     };
     let f = AnswerFormat::JsonSchema(
         json!({"type": "object", "properties": {"t": {"type": "string"}}, "required": ["t"]}),

@@ -35,13 +35,14 @@ mod vocab;
 
 use regex_automata::util::primitives::StateID;
 
-pub use schema::{AnswerFormat, Grammar, SchemaError, ToolSpec};
+pub use schema::{AnswerFormat, CallSyntax, Grammar, SchemaError, ToolSpec};
 use schema::{Bounds, LitId, Schema, SchemaId};
 pub use vocab::Vocab;
 
 /// The call block's tags, as the prompt teaches them and the parser reads them.
 const OPEN: &[u8] = super::tools::OPEN.as_bytes();
 const CLOSE: &[u8] = super::tools::CLOSE.as_bytes();
+const THINK_END: &[u8] = super::tools::THINK_END.as_bytes();
 /// Whitespace bytes allowed in a row between JSON tokens: enough for pretty-printed JSON, not
 /// enough to let a model spin on blank space.
 const MAX_WS: u8 = 16;
@@ -172,6 +173,8 @@ enum Act {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
+    /// A thinking model's reasoning, free; `matched` bytes of `</think>` are at its end.
+    Reasoning { matched: u8 },
     /// Free text; `tail` bytes of `<tool_call>` are at its end.
     Free { tail: u8 },
     /// Inside a call block: constrained.
@@ -373,7 +376,24 @@ fn value_start(g: &Grammar, id: SchemaId, b: u8) -> Act {
 
 impl GrammarState {
     pub fn new(g: &Grammar) -> Self {
-        let first = if g.forced {
+        if g.after_reasoning {
+            return GrammarState {
+                mode: Mode::Reasoning { matched: 0 },
+                frames: Vec::new(),
+                ws: 0,
+            };
+        }
+        Self::answer(g)
+    }
+
+    /// The state at the answer's start.
+    fn answer(g: &Grammar) -> Self {
+        let first = if g.forced && g.json_calls {
+            Frame::Call {
+                stage: 0,
+                chosen: 0,
+            }
+        } else if g.forced {
             Frame::Block { stage: 0 }
         } else if g.format.is_some() {
             Frame::Root { stage: 0 }
@@ -399,7 +419,7 @@ impl GrammarState {
     /// after one (where only another call, if several are allowed, or the end of the turn may
     /// follow).
     pub fn constrained(&self) -> bool {
-        !matches!(self.mode, Mode::Free { .. })
+        !matches!(self.mode, Mode::Free { .. } | Mode::Reasoning { .. })
     }
 
     /// Between calls, before anything of the next, or after a whole structured answer: where the
@@ -436,7 +456,34 @@ impl GrammarState {
     /// Passes one byte through the automaton; `false` if the grammar refuses it (the state is
     /// then unspecified: callers feed clones).
     fn feed(&mut self, g: &Grammar, b: u8) -> bool {
-        if let Mode::Free { tail } = self.mode {
+        if let Mode::Reasoning { matched } = self.mode {
+            let matched = match THINK_END.get(matched as usize) {
+                Some(&want) if want == b => matched + 1,
+                _ => u8::from(b == THINK_END[0]),
+            };
+            match matched as usize == THINK_END.len() {
+                true => *self = Self::answer(g),
+                false => self.mode = Mode::Reasoning { matched },
+            }
+            return true;
+        }
+        if let (Mode::Free { tail }, true) = (self.mode, g.json_calls) {
+            // Llama 3 JSON: `tail` 0 while only whitespace has come; a `{` then opens the call,
+            // anything else makes the answer text.
+            if tail != 0 || is_ws(b) {
+                return true;
+            }
+            if b != b'{' || !g.has_calls() {
+                self.mode = Mode::Free { tail: 1 };
+                return true;
+            }
+            self.mode = Mode::Call;
+            self.frames = vec![Frame::Call {
+                stage: 0,
+                chosen: 0,
+            }];
+            self.ws = 0;
+        } else if let Mode::Free { tail } = self.mode {
             let tail = if OPEN[tail as usize] == b {
                 tail + 1
             } else {
@@ -1170,6 +1217,50 @@ mod tests {
             &call("get_time", r#"{"tz": ["UTC", {"dst": true}], "n": -1.5}"#),
         );
         assert!(s.is_some_and(|s| s.may_end(&g)));
+    }
+
+    #[test]
+    fn llama_json_calls_open_only_at_the_answers_start_and_take_parameters() {
+        let t = tools();
+        let spec = |choice| ToolSpec {
+            tools: &t,
+            choice,
+            parallel: true,
+            syntax: CallSyntax::Json,
+        };
+        let required = json!("required");
+        let g = Grammar::new(Some(spec(Some(&required))), None)
+            .unwrap()
+            .unwrap();
+        let call = r#"{"name": "get_weather", "parameters": {"city": "Oslo", "days": 2}}"#;
+        assert!(takes(&g, call).is_some_and(|s| s.may_end(&g)));
+        for bad in [
+            r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#,
+            r#"{"name": "get_wether""#,
+            r#"{"name": "get_weather", "parameters": {"days": 2}}"#,
+            "Sure, ",
+            "<tool_call>",
+        ] {
+            assert!(takes(&g, bad).is_none(), "{bad}");
+        }
+        // One call, then only the end of the turn.
+        assert!(takes(&g, &format!("{call};")).is_none());
+        // After a thinking model's reasoning, which is free.
+        let thinking = Grammar::new(Some(spec(Some(&required))), None)
+            .unwrap()
+            .unwrap()
+            .after_reasoning();
+        let s = takes(&thinking, "Oslo, so </thin").unwrap();
+        assert!(!s.constrained());
+        let s = takes(&thinking, &format!("Oslo </think>\n\n{call}")).unwrap();
+        assert!(s.may_end(&thinking));
+        assert!(takes(&thinking, "</think>\n\nSure").is_none());
+        // Unforced: the answer is text unless its first character opens a call.
+        let g = Grammar::new(Some(spec(None)), None).unwrap().unwrap();
+        assert!(takes(&g, " \n").is_some_and(|s| !s.constrained()));
+        assert!(takes(&g, " {\"name\": \"get_").is_some_and(|s| s.constrained()));
+        assert!(takes(&g, " {\"name\": \"nope").is_none());
+        assert!(takes(&g, "It is {\"name\": \"nope").is_some_and(|s| !s.constrained()));
     }
 
     #[test]

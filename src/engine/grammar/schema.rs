@@ -135,6 +135,18 @@ pub struct ToolSpec<'a> {
     pub choice: Option<&'a Value>,
     /// `parallel_tool_calls` (a named choice makes one call regardless).
     pub parallel: bool,
+    /// How the model writes a call.
+    pub syntax: CallSyntax,
+}
+
+/// The call syntaxes the grammar writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CallSyntax {
+    /// `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks, anywhere in the answer.
+    #[default]
+    Hermes,
+    /// Llama 3's bare `{"name": ..., "parameters": ...}`: the whole answer, one call, or text.
+    Json,
 }
 
 /// Part of an answer's schema the grammar cannot enforce or no value satisfies: where it is (a
@@ -158,6 +170,8 @@ pub struct Grammar {
     pub(super) forced: bool,
     /// More than one call may be made (`parallel_tool_calls`, not a named choice).
     pub(super) parallel: bool,
+    /// Calls are Llama 3's bare JSON objects, which only the answer's start may open.
+    pub(super) json_calls: bool,
     /// The answer's schema, when it must be JSON (a structured output).
     pub(super) format: Option<SchemaId>,
     pub(super) any: SchemaId,
@@ -168,6 +182,8 @@ pub struct Grammar {
     pub(super) close: LitId,
     /// Compiled `pattern`s: each matches a whole string that contains a match of its pattern.
     pub(super) patterns: Vec<Pattern>,
+    /// The answer opens inside a thinking model's reasoning: the grammar applies after it.
+    pub(super) after_reasoning: bool,
 }
 
 /// A string schema's `pattern` as a DFA over the string's decoded bytes. A pattern that no string
@@ -348,6 +364,7 @@ impl Grammar {
             tools,
             choice: tool_choice,
             parallel,
+            syntax: CallSyntax::Hermes,
         };
         Self::new(Some(spec), None).ok().flatten()
     }
@@ -370,7 +387,9 @@ impl Grammar {
             names: 0,
             args: Vec::new(),
             forced: false,
-            parallel: tools.is_some_and(|t| t.parallel) && named.is_none(),
+            json_calls: tools.is_some_and(|t| t.syntax == CallSyntax::Json),
+            parallel: tools.is_some_and(|t| t.parallel && t.syntax == CallSyntax::Hermes)
+                && named.is_none(),
             format: None,
             any: 0,
             any_word: 0,
@@ -379,11 +398,15 @@ impl Grammar {
             open: 0,
             close: 0,
             patterns: Vec::new(),
+            after_reasoning: false,
         };
         g.any = g.push(Schema::Any);
         g.any_word = g.lit(vec![b"true".to_vec(), b"false".to_vec(), b"null".to_vec()]);
         g.name_key = g.lit(vec![b"\"name\"".to_vec()]);
-        g.args_key = g.lit(vec![b"\"arguments\"".to_vec()]);
+        g.args_key = match g.json_calls {
+            true => g.lit(vec![b"\"parameters\"".to_vec()]),
+            false => g.lit(vec![b"\"arguments\"".to_vec()]),
+        };
         g.open = g.lit(vec![OPEN.to_vec()]);
         g.close = g.lit(vec![CLOSE.to_vec()]);
         let mut names = Vec::new();
@@ -423,6 +446,13 @@ impl Grammar {
             };
         }
         Ok((calls || g.format.is_some()).then_some(g))
+    }
+
+    /// The same grammar for a model that reasons before it answers (Qwen3): the reasoning, up
+    /// to `</think>`, is free; the answer after it is held to the grammar.
+    pub fn after_reasoning(mut self) -> Self {
+        self.after_reasoning = true;
+        self
     }
 
     /// Whether the model may call tools.

@@ -67,8 +67,8 @@ impl Vocab {
     }
 
     /// The bytes of a tokenizer's tokens: byte-level BPE vocabularies (GPT-2's byte-to-character
-    /// mapping) and SentencePiece ones (`▁` for a space, `<0xNN>` byte tokens). Added and special
-    /// tokens have none.
+    /// mapping) and SentencePiece ones (`▁` for a space, `<0xNN>` byte tokens). Added tokens are
+    /// their text; special tokens have none.
     pub fn from_tokenizer(tok: &tokenizers::Tokenizer, eos: &[u32]) -> Self {
         let size = tok.get_vocab_size(true);
         let added = tok.get_added_tokens_decoder();
@@ -83,8 +83,9 @@ impl Vocab {
         }
         let tokens = (0..size as u32)
             .map(|id| {
-                if added.contains_key(&id) {
-                    return None;
+                // Added tokens that are not special are literal text (Qwen's `<tool_call>`).
+                if let Some(t) = added.get(&id) {
+                    return (!t.special).then(|| t.content.clone().into_bytes());
                 }
                 let t = tok.id_to_token(id)?;
                 if byte_level {

@@ -39,7 +39,7 @@ pub enum Parsed {
 }
 
 /// Where a thinking model's reasoning ends (its generation prompt opens it).
-const THINK_END: &str = "</think>";
+pub(crate) const THINK_END: &str = "</think>";
 
 /// One family's tool-call syntax.
 pub trait ToolSyntax: Send + Sync {
