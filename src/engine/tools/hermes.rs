@@ -253,18 +253,7 @@ mod tests {
     use super::*;
 
     fn run(pieces: &[&str]) -> Vec<Parsed> {
-        let mut p = ToolCallParser::default();
-        let mut out: Vec<Parsed> = pieces.iter().flat_map(|d| p.push(d)).collect();
-        out.extend(p.finish());
-        // Merge adjacent text for comparison.
-        let mut merged: Vec<Parsed> = Vec::new();
-        for x in out {
-            match (merged.last_mut(), x) {
-                (Some(Parsed::Text(a)), Parsed::Text(b)) => a.push_str(&b),
-                (_, x) => merged.push(x),
-            }
-        }
-        merged
+        super::super::testing::stream(&Hermes, pieces)
     }
 
     #[test]
