@@ -149,7 +149,8 @@ impl ChatFormat {
             messages = tools::messages_with_tools(&messages, &prompt);
         }
         messages.iter_mut().for_each(arguments_as_objects);
-        if native || self.template_tools {
+        // A template that renders tools renders their history too, in its family's terms.
+        if self.template_tools {
             self.tool_format.syntax().prepare_history(&mut messages);
         }
         (messages, native.then(|| Value::Array(tools.to_vec())))
