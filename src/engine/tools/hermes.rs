@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use super::{Parsed, ParsedCall, ToolSyntax};
+use super::{call_from_value, Parsed, ParsedCall, ToolSyntax};
 
 /// The tags around a call: the one definition the prompt, the parser and the grammar
 /// (`engine::grammar`) share.
@@ -213,39 +213,23 @@ pub(super) fn longest_prefix_suffix(s: &str, pat: &str) -> usize {
 
 pub(super) fn parse_call(body: &str) -> Parsed {
     let trimmed = body.trim();
-    match serde_json::from_str::<Value>(trimmed) {
-        Ok(v) => {
-            let name = v
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            let (arguments, valid) = match v.get("arguments").or_else(|| v.get("parameters")) {
-                Some(Value::String(s)) => (s.clone(), serde_json::from_str::<Value>(s).is_ok()),
-                Some(a) => (a.to_string(), true),
-                None => ("{}".to_string(), true),
-            };
-            Parsed::Call(ParsedCall {
-                name,
-                arguments,
-                valid,
-            })
+    let call = serde_json::from_str::<Value>(trimmed)
+        .ok()
+        .and_then(|v| call_from_value(&v));
+    Parsed::Call(call.unwrap_or_else(|| {
+        // Not a call object: report it with what can be recovered, never drop it.
+        let name = trimmed
+            .split("\"name\"")
+            .nth(1)
+            .and_then(|r| r.split('"').nth(1))
+            .unwrap_or("")
+            .to_string();
+        ParsedCall {
+            name,
+            arguments: trimmed.to_string(),
+            valid: false,
         }
-        Err(_) => {
-            // Not JSON: report the call with what can be recovered, never drop it.
-            let name = trimmed
-                .split("\"name\"")
-                .nth(1)
-                .and_then(|r| r.split('"').nth(1))
-                .unwrap_or("")
-                .to_string();
-            Parsed::Call(ParsedCall {
-                name,
-                arguments: trimmed.to_string(),
-                valid: false,
-            })
-        }
-    }
+    }))
 }
 
 #[cfg(test)]

@@ -46,6 +46,10 @@ impl ToolSyntax for Llama3Json {
         &[PYTHON_TAG]
     }
 
+    fn opens_anywhere(&self) -> bool {
+        false
+    }
+
     /// Llama 3's template takes one call per assistant turn: a turn with parallel calls becomes
     /// consecutive turns of one call each.
     fn prepare_history(&self, messages: &mut Vec<Value>) {

@@ -61,7 +61,7 @@ impl ToolSyntax for Mistral {
 
     fn call_id(&self) -> String {
         let bytes = uuid::Uuid::now_v7().into_bytes();
-        // The v7 layout's last nine bytes are random.
+        // A v7 id's bytes 7 to 15 are random but for the variant's two bits in byte 8.
         bytes[7..]
             .iter()
             .map(|b| ID_CHARS[*b as usize % ID_CHARS.len()] as char)
@@ -70,6 +70,10 @@ impl ToolSyntax for Mistral {
 
     fn markers(&self) -> &'static [&'static str] {
         &[TOOL_CALLS, ARGS]
+    }
+
+    fn opens_anywhere(&self) -> bool {
+        false
     }
 
     fn prepare_history(&self, messages: &mut Vec<Value>) {

@@ -43,10 +43,16 @@ pub(crate) const THINK_END: &str = "</think>";
 
 /// One family's tool-call syntax.
 pub trait ToolSyntax: Send + Sync {
-    /// Where a tool call may begin in `answer` (the whole answer so far): the byte offset of the
-    /// first call not yet finished, or of a tail that could still grow into one; `None` when no
-    /// call can begin. What comes before it is final.
+    /// Where a tool call may begin in `answer` (the answer so far, from its first byte not yet
+    /// released as final): the byte offset of the first call not yet finished, or of a tail that
+    /// could still grow into one; `None` when no call can begin. What comes before it is final.
     fn could_be_tool_call(&self, answer: &str) -> Option<usize>;
+
+    /// Whether a call may open after text. Syntaxes whose calls are the whole answer (Llama 3,
+    /// Mistral) say no: once text is released, the rest of the answer is text too.
+    fn opens_anywhere(&self) -> bool {
+        true
+    }
 
     /// Splits an answer (or the final part of one) into text and tool calls.
     fn parse(&self, answer: &str) -> Vec<Parsed>;
@@ -190,11 +196,12 @@ impl ToolCallStream {
                 self.released
             }
         };
+        // Only the part not yet released is looked at: a long answer is not rescanned per token.
         let end = match self.syntax {
-            Some(s) => s
-                .could_be_tool_call(&self.answer[start..])
-                .map_or(self.answer.len(), |i| start + i),
-            None => self.answer.len(),
+            Some(s) if s.opens_anywhere() || self.released == start => s
+                .could_be_tool_call(&self.answer[self.released..])
+                .map_or(self.answer.len(), |i| self.released + i),
+            _ => self.answer.len(),
         };
         if end > self.released && self.answer.is_char_boundary(end) {
             out.extend(self.parse(self.released, end));
