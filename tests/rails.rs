@@ -437,7 +437,9 @@ async fn safety_model_faults_fail_closed_unless_the_config_fails_open() {
             .await
             .unwrap();
         assert!(metrics.contains("flywheel_rails_checks_total"), "{metrics}");
-        assert!(metrics.contains("flywheel_rails_blocks_total{category=\"unparseable_verdict\"}"));
+        assert!(metrics.contains(
+            "flywheel_rails_blocks_total{stage=\"input\",category=\"unparseable_verdict\"}"
+        ));
         assert_eq!(
             metrics.contains("flywheel_rails_fail_open_total"),
             fail_open
@@ -562,9 +564,19 @@ async fn bad_input_gets_clear_errors() {
             "unknown output_parser",
         ),
         (
-            json!({"name": "x", "data": {"models": [{"type": "cs", "engine": "nim", "model": "not-served"}], "rails": {"input": {"flows": ["content safety check input $model=cs"]}},
+            json!({"name": "x", "data": {"models": [{"type": "cs", "engine": "nim", "model": "m", "parameters": {"base_url": "ftp://guard/v1"}}], "rails": {"input": {"flows": ["content safety check input $model=cs"]}},
                    "prompts": [{"task": "content_safety_check_input $model=cs", "content": "{{ user_input }}"}]}}),
-            "does not serve",
+            "not an http(s) URL",
+        ),
+        (
+            json!({"name": "x", "data": {"models": [{"type": "cs", "engine": "nim", "model": "m"}], "rails": {"output": {"flows": ["content safety check output $model=cs"]}},
+                   "prompts": [{"task": "content_safety_check_input $model=cs", "content": "{{ user_input }}"}]}}),
+            "no prompt with task 'content_safety_check_output $model=cs'",
+        ),
+        (
+            json!({"name": "x", "data": {"models": [{"type": "cs", "engine": "nim", "model": "m"}], "rails": {"output": {"flows": ["content safety check output $model=cs"]}},
+                   "prompts": [{"task": "content_safety_check_output $model=cs", "content": "{{ bot_response }}", "output_parser": "nemoguard_parse_everything"}]}}),
+            "unknown output_parser",
         ),
         (json!({"name": "x"}), "'data'"),
         (json!({"name": "../x", "data": {}}), "guardrail config"),

@@ -1,6 +1,13 @@
 //! NeMo Guardrails-shaped endpoints: guardrail configs (`POST/GET /v1/guardrail/configs`,
 //! `GET/PATCH/DELETE /v1/guardrail/configs/{namespace}/{name}`, scope `admin`) and
-//! `POST /v1/guardrail/checks`, which runs a config's input rails alone (scope `inference`).
+//! `POST /v1/guardrail/checks`, which runs a config's rails alone (scope `inference`): its input
+//! rails on the user's messages and, when the conversation ends with an assistant message, its
+//! output rails on that answer.
+//!
+//! Configs are written only here, with admin scope, or in the config file: a safety model's
+//! `parameters.base_url` is never read from an inference request. A config whose safety model no
+//! route serves yet is accepted and returned with `warnings` naming it; checks against it answer 503
+//! `rails_unavailable` until a route, a local model or the config's own endpoint serves it.
 
 use std::sync::Arc;
 
@@ -14,7 +21,7 @@ use serde_json::{json, Value};
 use super::extract::{Admin, Inference, JsonObject, Query};
 use super::{with_db, AppState};
 use crate::rails::guardrails::{compile, identity};
-use crate::rails::CheckStatus;
+use crate::rails::{CheckOutcome, CheckStatus, Piece, Stage};
 use crate::store::entities::{self, check_name};
 use crate::store::guardrails::{self, StoredGuardrailConfig};
 use crate::wire::error::ApiError;
@@ -31,23 +38,25 @@ fn not_declared(state: &AppState, id: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Compiles `data` for `id` and checks that its safety models are served, so a config that cannot
-/// work is refused at creation rather than at the first request.
-fn compiled(
-    state: &AppState,
-    id: &str,
-    data: &Value,
-) -> Result<crate::rails::GuardrailConfig, ApiError> {
-    let c = compile(id, data).map_err(|e| {
+/// Compiles `data` for `id`: an invalid config (unknown flow, missing prompt, bad parser or
+/// endpoint) is refused at creation, with the field named. Whether its safety models are served is
+/// not a reason to refuse it: that can change without a restart, and `warnings` says so.
+fn compiled(id: &str, data: &Value) -> Result<crate::rails::GuardrailConfig, ApiError> {
+    compile(id, data).map_err(|e| {
         ApiError::invalid_param("data", e.to_string()).with_code("invalid_guardrail_config")
-    })?;
-    let rails = state.gateway.rails();
-    rails
-        .check_models(&c, state.gateway.as_ref())
-        .map_err(|e| {
-            ApiError::invalid_param("data.models", e).with_code("invalid_guardrail_config")
-        })?;
-    Ok(c)
+    })
+}
+
+/// A config in the API's shape with its current `warnings`: safety models nothing serves yet, and
+/// settings read differently from NeMo (or why a stored config no longer compiles).
+fn with_warnings(state: &AppState, mut v: Value) -> Value {
+    let id = v["id"].as_str().unwrap_or_default().to_string();
+    let warnings: Vec<String> = match compile(&id, &v["data"]) {
+        Ok(c) => state.gateway.rails().warnings(&c, state.gateway.as_ref()),
+        Err(e) => vec![format!("{e}; requests naming it are refused")],
+    };
+    v["warnings"] = json!(warnings);
+    v
 }
 
 /// The config file's declared configs, in the API's shape.
@@ -68,6 +77,7 @@ fn declared_json(state: &AppState) -> Vec<Value> {
             }
             .to_json("config")
         })
+        .map(|v| with_warnings(state, v))
         .collect()
 }
 
@@ -92,7 +102,7 @@ pub async fn create(
                 "'data' (an object with models, rails and prompts) is required",
             )
         })?;
-    let c = compiled(&state, &id, &data)?;
+    let c = compiled(&id, &data)?;
     let description = body
         .get("description")
         .and_then(Value::as_str)
@@ -107,9 +117,16 @@ pub async fn create(
         )?)
     })
     .await?;
+    let warnings = state.gateway.rails().warnings(&c, state.gateway.as_ref());
     state.gateway.rails().install(c);
-    tracing::info!(config = %id, "guardrail config created");
-    Ok((StatusCode::CREATED, Json(stored.to_json("api"))))
+    if warnings.is_empty() {
+        tracing::info!(config = %id, "guardrail config created");
+    } else {
+        tracing::warn!(config = %id, warnings = ?warnings, "guardrail config created with warnings");
+    }
+    let mut v = stored.to_json("api");
+    v["warnings"] = json!(warnings);
+    Ok((StatusCode::CREATED, Json(v)))
 }
 
 #[derive(Deserialize)]
@@ -152,7 +169,11 @@ pub async fn list(
     }
     let mut all = declared_json(&state);
     let stored = with_db(&state, |c| Ok(guardrails::list(c)?)).await?;
-    all.extend(stored.iter().map(|c| c.to_json("api")));
+    all.extend(
+        stored
+            .iter()
+            .map(|c| with_warnings(&state, c.to_json("api"))),
+    );
     all.sort_by(|a, b| {
         let key = |v: &Value| v[field].as_str().unwrap_or("").to_string();
         key(a).cmp(&key(b))
@@ -193,7 +214,7 @@ pub async fn get(
         return Ok(Json(v));
     }
     let c = with_db(&state, move |c| Ok(guardrails::get(c, &ns, &name)?)).await?;
-    Ok(Json(c.to_json("api")))
+    Ok(Json(with_warnings(&state, c.to_json("api"))))
 }
 
 pub async fn patch(
@@ -211,10 +232,7 @@ pub async fn patch(
     };
     let (get_ns, get_name) = (ns.clone(), name.clone());
     with_db(&state, move |c| Ok(guardrails::get(c, &get_ns, &get_name)?)).await?;
-    let c = data
-        .as_ref()
-        .map(|d| compiled(&state, &id, d))
-        .transpose()?;
+    let c = data.as_ref().map(|d| compiled(&id, d)).transpose()?;
     let description = body
         .get("description")
         .and_then(Value::as_str)
@@ -233,7 +251,7 @@ pub async fn patch(
         state.gateway.rails().install(c);
     }
     tracing::info!(config = %id, "guardrail config updated");
-    Ok(Json(stored.to_json("api")))
+    Ok(Json(with_warnings(&state, stored.to_json("api"))))
 }
 
 pub async fn delete(
@@ -259,6 +277,9 @@ pub async fn delete(
 /// `POST /v1/guardrail/checks`: `{model, messages, guardrails: {config_id}}` →
 /// `{status: "success"|"blocked"|"error", rails_status, guardrails_data}`. Without a config id the
 /// config of the route named by `model` applies; with neither, no rails run (status `success`).
+/// Input rails read the user messages; when the last message is the assistant's, output rails read
+/// it (text and tool-call arguments) too. A config whose safety model is not served answers 503
+/// `rails_unavailable`.
 pub async fn check(
     State(state): State<Arc<AppState>>,
     _: Inference,
@@ -283,22 +304,120 @@ pub async fn check(
     }
     let model = body.get("model").and_then(Value::as_str);
     let ids = state.gateway.guardrail_ids(model, body.get("guardrails"))?;
-    let outcome = state.gateway.check_rails(&ids, messages).await?;
-    let mut data = json!({
-        "config_ids": outcome.configs,
-        "categories": outcome.categories(),
-        "latency_ms": outcome.record()["latency_ms"],
-        "log": {"activated_rails": outcome.rails.iter().map(|r| json!({"type": "input", "name": r.flow, "config_id": r.config})).collect::<Vec<_>>()},
-    });
-    if let Some(masked) = &outcome.masked_messages {
-        data["messages"] = json!(masked);
+    let input = state.gateway.check_rails(&ids, messages).await?;
+    let output = match answer_of(messages) {
+        Some(mut pieces)
+            if input.status == CheckStatus::Passed
+                && state.gateway.rails().has_output_rails(&ids) =>
+        {
+            let conversation = input.masked_messages.as_deref().unwrap_or(messages);
+            let before = &conversation[..conversation.len() - 1];
+            let outcome = state
+                .gateway
+                .check_output_rails(&ids, before, &mut pieces)
+                .await?;
+            Some((outcome, pieces))
+        }
+        _ => None,
+    };
+    Ok(Json(check_reply(&input, output.as_ref(), messages)))
+}
+
+/// The answer a check request ends with (its last message, when the assistant's): text, then each
+/// tool call's arguments.
+fn answer_of(messages: &[Value]) -> Option<Vec<Piece>> {
+    let last = messages.last()?;
+    if last.get("role").and_then(Value::as_str) != Some("assistant") {
+        return None;
     }
-    if outcome.status == CheckStatus::Error {
+    let mut pieces = Vec::new();
+    if let Some(t) = last.get("content").and_then(Value::as_str) {
+        pieces.push(Piece::text(t));
+    }
+    for c in last
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = c.pointer("/function/name").and_then(Value::as_str);
+        let args = c.pointer("/function/arguments").and_then(Value::as_str);
+        if let (Some(n), Some(a)) = (name, args) {
+            pieces.push(Piece::arguments(n, a));
+        }
+    }
+    (!pieces.is_empty()).then_some(pieces)
+}
+
+/// The check's answer in NeMo's shape, both stages' verdicts summed.
+fn check_reply(
+    input: &CheckOutcome,
+    output: Option<&(CheckOutcome, Vec<Piece>)>,
+    messages: &[Value],
+) -> Value {
+    let record = crate::rails::record(input, output.map(|(o, _)| o));
+    let stages = std::iter::once(input).chain(output.map(|(o, _)| o));
+    let mut rails_status = serde_json::Map::new();
+    let mut activated = Vec::new();
+    for o in stages {
+        o.add_rails_status(&mut rails_status);
+        let kind = if o.stage == Stage::Input {
+            "input"
+        } else {
+            "output"
+        };
+        activated.extend(
+            o.rails
+                .iter()
+                .map(|r| json!({"type": kind, "name": r.flow, "config_id": r.config})),
+        );
+    }
+    let status = record["status"].clone();
+    let mut data = json!({
+        "config_ids": input.configs,
+        "categories": record["categories"],
+        "latency_ms": record["latency_ms"],
+        "log": {"activated_rails": activated},
+    });
+    let mut masked = input.masked_messages.clone();
+    if let Some((o, pieces)) = output.filter(|(o, _)| o.masked) {
+        let mut all = masked.unwrap_or_else(|| messages.to_vec());
+        if let Some(last) = all.last_mut() {
+            write_answer(last, pieces);
+        }
+        masked = Some(all);
+        data["output_masked"] = json!(o.masked);
+    }
+    if let Some(m) = masked {
+        data["messages"] = json!(m);
+    }
+    if status == "error" {
         data["error"] = json!("a safety model did not answer; the check fails closed");
     }
-    Ok(Json(json!({
-        "status": outcome.status.as_str(),
-        "rails_status": outcome.rails_status(),
+    json!({
+        "status": status,
+        "rails_status": Value::Object(rails_status),
         "guardrails_data": data,
-    })))
+    })
+}
+
+/// Writes masked answer pieces back into the assistant message they were read from.
+fn write_answer(message: &mut Value, pieces: &[Piece]) {
+    let mut rest = pieces.iter();
+    if message.get("content").is_some_and(Value::is_string) {
+        if let Some(p) = rest.next() {
+            message["content"] = json!(p.text);
+        }
+    }
+    if let Some(calls) = message.get_mut("tool_calls").and_then(Value::as_array_mut) {
+        for c in calls.iter_mut() {
+            if c.pointer("/function/arguments")
+                .is_some_and(Value::is_string)
+            {
+                if let (Some(p), Some(slot)) = (rest.next(), c.pointer_mut("/function/arguments")) {
+                    *slot = json!(p.text);
+                }
+            }
+        }
+    }
 }

@@ -27,6 +27,10 @@ pub struct RailsConfig {
     /// The refusal's text (the error message, or the assistant message).
     #[serde(default = "default_refusal")]
     pub refusal_message: String,
+    /// What a client receives in place of an answer (or the rest of a streamed one) that output
+    /// rails blocked, always as the assistant's text with `finish_reason: "content_filter"`.
+    #[serde(default = "default_output_refusal")]
+    pub output_refusal_message: String,
     /// How long a safety model may take before the check fails (closed, unless the config opts in
     /// to failing open).
     #[serde(default = "default_timeout_ms")]
@@ -50,6 +54,7 @@ impl Default for RailsConfig {
         Self {
             block_response: BlockResponse::default(),
             refusal_message: default_refusal(),
+            output_refusal_message: default_output_refusal(),
             timeout_ms: default_timeout_ms(),
             cache_entries: default_cache_entries(),
             cache_ttl_secs: default_cache_ttl_secs(),
@@ -103,6 +108,9 @@ impl DeclaredGuardrailConfig {
 
 fn default_refusal() -> String {
     "This request was blocked by the content-safety policy.".into()
+}
+fn default_output_refusal() -> String {
+    "The answer was withheld by the content-safety policy.".into()
 }
 fn default_timeout_ms() -> u64 {
     5_000

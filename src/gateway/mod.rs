@@ -6,6 +6,7 @@
 
 pub mod agreement;
 pub mod assemble;
+mod output_rails;
 pub mod routing;
 
 use std::collections::HashMap;
@@ -21,12 +22,13 @@ use uuid::Uuid;
 
 use crate::backend::{Backend, BackendError, BackendReply, BackendRequest, ChunkStream};
 use crate::config::{BackendKey, BlockResponse, Config, ConfigError, RolloutConfig, TargetConfig};
-use crate::rails::{CheckOutcome, CheckStatus, Rails, RailsError, SafetyModels};
+use crate::rails::{CheckOutcome, CheckStatus, Endpoint, Rails, RailsError, SafetyModels};
 use crate::store::traffic::{TrafficLog, TrafficRecord};
 use crate::wire::chat::ChatRequestInfo;
 use crate::wire::error::ApiError;
 use crate::wire::Api;
 use assemble::Assembler;
+use output_rails::{OutputCheck, StreamGuard};
 use routing::{Arm, Resolution, RouteTable};
 
 /// Who is asking, as told by headers (the body's `metadata` and `user` are read by the pipeline).
@@ -120,6 +122,8 @@ pub struct Gateway {
     tasks: TaskTracker,
     shadow_permits: Arc<Semaphore>,
     rails: Rails,
+    /// Backends for guardrail configs' own safety-model endpoints, made on first use.
+    safety_endpoints: std::sync::Mutex<HashMap<Endpoint, Arc<dyn Backend>>>,
 }
 
 /// An episode id for a request whose client sent none.
@@ -152,6 +156,7 @@ impl Gateway {
             routes: RouteTable::new(&config.routes),
             shadow_permits: Arc::new(Semaphore::new(config.shadow.max_concurrency)),
             rails: Rails::new(&config.rails),
+            safety_endpoints: std::sync::Mutex::new(HashMap::new()),
             config,
             backends,
             native_apis,
@@ -301,21 +306,43 @@ impl Gateway {
         self.rails
             .check(ids, messages, self)
             .await
-            .map_err(|e| match &e {
-                RailsError::UnknownConfig(_) => {
-                    ApiError::invalid_param("guardrails.config_id", e.to_string())
-                        .with_code("guardrail_config_not_found")
-                }
-                RailsError::UnsupportedContent { message, part, .. } => ApiError::invalid_param(
-                    &format!("messages[{message}].content[{part}]"),
-                    e.to_string(),
-                )
-                .with_code("unsupported_content"),
-                RailsError::InputTooLarge { .. } => {
-                    ApiError::invalid_param("messages", e.to_string())
-                        .with_code("rails_input_too_large")
-                }
-            })
+            .map_err(|e| self.rails_api_error(e))
+    }
+
+    /// A reason a check cannot run, in the API's envelope.
+    fn rails_api_error(&self, e: RailsError) -> ApiError {
+        match &e {
+            RailsError::UnknownConfig(_) => {
+                ApiError::invalid_param("guardrails.config_id", e.to_string())
+                    .with_code("guardrail_config_not_found")
+            }
+            RailsError::UnsupportedContent { message, part, .. } => ApiError::invalid_param(
+                &format!("messages[{message}].content[{part}]"),
+                e.to_string(),
+            )
+            .with_code("unsupported_content"),
+            RailsError::InputTooLarge { .. } => ApiError::invalid_param("messages", e.to_string())
+                .with_code("rails_input_too_large"),
+            RailsError::ModelUnavailable { .. } => ApiError::new(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                e.to_string(),
+            )
+            .with_code("rails_unavailable"),
+        }
+    }
+
+    /// Runs the output rails of `ids` over an answer to `conversation`, masking it in place.
+    pub async fn check_output_rails(
+        &self,
+        ids: &[String],
+        conversation: &[Value],
+        answer: &mut [crate::rails::Piece],
+    ) -> Result<CheckOutcome, ApiError> {
+        self.rails
+            .check_output(ids, conversation, answer, self)
+            .await
+            .map_err(|e| self.rails_api_error(e))
     }
 
     /// Background work (stream pumps, shadows) that shutdown must wait for.
@@ -448,6 +475,7 @@ impl Gateway {
             Ok(ids) => ids,
             Err(e) => return Err(self.fail(rec, body, started, e)),
         };
+        let mut output = None;
         if !ids.is_empty() {
             let messages = rails_input(api, &body);
             // A client that hangs up during a slow safety check is still recorded.
@@ -468,10 +496,20 @@ impl Gateway {
             rec.rails = Some(outcome.record());
             match outcome.status {
                 CheckStatus::Passed => {
-                    if let Some(masked) = outcome.masked_messages {
+                    if let Some(masked) = outcome.masked_messages.clone() {
                         apply_masked(api, &mut body, masked);
                         // The native body still holds what was masked: only the translation goes.
                         native = None;
+                    }
+                    if api != Api::Embeddings && self.rails.has_output_rails(&ids) {
+                        // Output rails read a chat (or text) completion: the answer comes back
+                        // through the translation, never in a door's native shape.
+                        native = None;
+                        output = Some(OutputCheck {
+                            conversation: rails_input(api, &body),
+                            ids,
+                            input: outcome,
+                        });
                     }
                 }
                 CheckStatus::Blocked => {
@@ -494,6 +532,7 @@ impl Gateway {
             resolution,
             native,
             permit: ctx.permit,
+            output,
         };
         self.call_targets(rec, body, started, call).await
     }
@@ -521,6 +560,7 @@ impl Gateway {
             resolution,
             native,
             permit,
+            output,
         } = call;
         let api = rec.api;
         let mut upstream_wait = Duration::ZERO;
@@ -591,7 +631,31 @@ impl Gateway {
             body = body_back;
             upstream_wait += t0.elapsed();
             match reply {
-                Ok(BackendReply::Full(response)) => {
+                Ok(BackendReply::Full(mut response)) => {
+                    if let Some(check) = &output {
+                        let guard = AbandonGuard {
+                            log: &self.log,
+                            parts: Some((rec, body)),
+                            started,
+                        };
+                        let checked = self.check_whole_answer(check, &mut response).await;
+                        let Some((rec_back, body_back)) = guard.disarm() else {
+                            return Err(ApiError::internal("request state was lost"));
+                        };
+                        (rec, body) = (rec_back, body_back);
+                        match checked {
+                            Ok(outcome) => {
+                                rec.rails =
+                                    Some(crate::rails::record(&check.input, Some(&outcome)));
+                            }
+                            Err((outcome, e)) => {
+                                rec.rails =
+                                    Some(crate::rails::record(&check.input, Some(&outcome)));
+                                rec.upstream_ms = Some(ms(upstream_wait));
+                                return Err(self.fail(rec, body, started, e));
+                            }
+                        }
+                    }
                     rec.latency_ms = ms(started.elapsed());
                     rec.ttft_ms = Some(rec.latency_ms);
                     rec.upstream_ms = Some(ms(upstream_wait));
@@ -613,6 +677,7 @@ impl Gateway {
                     let tags = Tags::of(&rec, resolution.arm);
                     self.log.expect(rec.id, rec.episode_id.clone());
                     rec.request = Value::Object(body);
+                    let guard = output.map(|check| StreamGuard::new(self.clone(), check, info.n));
                     let pump = StreamPump {
                         gateway: self.clone(),
                         rec,
@@ -624,6 +689,7 @@ impl Gateway {
                         started,
                         upstream_wait,
                         permit,
+                        guard,
                     };
                     self.tasks.spawn(pump.run());
                     return Ok(Reply::Stream {
@@ -895,6 +961,29 @@ impl SafetyModels for Gateway {
     fn safety_backend(&self, model: &str) -> Option<(Arc<dyn Backend>, Option<String>, String)> {
         self.backend_for(model)
     }
+
+    /// A pooled upstream client for the endpoint, made once (its key read from the environment
+    /// then). No retries: the rail's own time limit and fail-closed rule govern.
+    fn endpoint_backend(&self, endpoint: &Endpoint) -> Result<Arc<dyn Backend>, String> {
+        let mut cache = self
+            .safety_endpoints
+            .lock()
+            .map_err(|_| "the safety endpoint cache is unavailable".to_string())?;
+        if let Some(b) = cache.get(endpoint) {
+            return Ok(b.clone());
+        }
+        let cfg: crate::config::UpstreamConfig = serde_json::from_value(serde_json::json!({
+            "name": format!("guardrails endpoint {}", endpoint.base_url),
+            "base_url": endpoint.base_url,
+            "api_key_env": endpoint.api_key_env,
+            "max_retries": 0,
+            "request_stream_usage": false,
+        }))
+        .map_err(|e| format!("cannot configure the endpoint {}: {e}", endpoint.base_url))?;
+        let backend: Arc<dyn Backend> = Arc::new(crate::backend::upstream::Upstream::new(&cfg)?);
+        cache.insert(endpoint.clone(), backend.clone());
+        Ok(backend)
+    }
 }
 
 /// Whether `target` answered the request `rec` records.
@@ -950,9 +1039,45 @@ struct StreamPump {
     started: Instant,
     upstream_wait: Duration,
     permit: Option<OwnedSemaphorePermit>,
+    /// Output rails: chunks pass through it and are released only once checked.
+    guard: Option<StreamGuard>,
+}
+
+/// How handing released chunks to the client went.
+enum Delivery {
+    More,
+    ClientGone,
+    /// Every choice has ended (output rails blocked the last one): stop reading the upstream.
+    Stop,
+    Failed(ApiError),
 }
 
 impl StreamPump {
+    /// Sends released chunks to the client, recording them for the log as sent.
+    async fn deliver(&mut self, released: output_rails::Released) -> Delivery {
+        for chunk in released.chunks {
+            self.assembler.push(&chunk);
+            if self.rec.ttft_ms.is_none() && self.assembler.carries_output(&chunk) {
+                self.rec.ttft_ms = Some(ms(self.started.elapsed()));
+            }
+            if self.strip_usage && assemble::is_usage_only(&chunk) {
+                continue;
+            }
+            if self.tx.send(StreamItem::Chunk(chunk)).await.is_err() {
+                return Delivery::ClientGone;
+            }
+        }
+        if let Some(e) = released.failure {
+            let _ = self.tx.send(StreamItem::Failed(e.clone())).await;
+            return Delivery::Failed(e);
+        }
+        if released.stop {
+            Delivery::Stop
+        } else {
+            Delivery::More
+        }
+    }
+
     async fn run(mut self) {
         let _permit = self.permit.take();
         let mut client_gone = false;
@@ -965,26 +1090,34 @@ impl StreamPump {
                 item = self.chunks.next() => item,
             };
             self.upstream_wait += t0.elapsed();
-            match next {
-                None => break,
-                Some(Ok(chunk)) => {
-                    self.assembler.push(&chunk);
-                    if self.rec.ttft_ms.is_none() && self.assembler.carries_output(&chunk) {
-                        self.rec.ttft_ms = Some(ms(self.started.elapsed()));
-                    }
-                    if self.strip_usage && assemble::is_usage_only(&chunk) {
-                        continue;
-                    }
-                    if self.tx.send(StreamItem::Chunk(chunk)).await.is_err() {
-                        client_gone = true;
-                        break;
-                    }
-                }
+            let next_was_end = next.is_none();
+            let released = match next {
+                None => match self.guard.as_mut() {
+                    Some(g) => g.finish().await,
+                    None => break,
+                },
+                Some(Ok(chunk)) => match self.guard.as_mut() {
+                    Some(g) => g.push(chunk).await,
+                    None => output_rails::Released::pass(chunk),
+                },
                 Some(Err(e)) => {
                     let api = ApiError::from(&e);
                     tracing::warn!(route = %self.rec.route, error = %e, "stream failed after it began");
                     let _ = self.tx.send(StreamItem::Failed(api.clone())).await;
                     failure = Some(api);
+                    break;
+                }
+            };
+            match self.deliver(released).await {
+                Delivery::More if next_was_end => break,
+                Delivery::More => {}
+                Delivery::ClientGone => {
+                    client_gone = true;
+                    break;
+                }
+                Delivery::Stop => break,
+                Delivery::Failed(e) => {
+                    failure = Some(e);
                     break;
                 }
             }
@@ -998,6 +1131,9 @@ impl StreamPump {
         let mut rec = self.rec;
         rec.latency_ms = ms(self.started.elapsed());
         rec.upstream_ms = Some(ms(self.upstream_wait));
+        if let Some(g) = &self.guard {
+            rec.rails = Some(g.record());
+        }
         if !self.assembler.is_empty() {
             rec.response = self.assembler.finish();
         }
@@ -1023,6 +1159,8 @@ struct Call {
     resolution: Resolution,
     native: Option<Map<String, Value>>,
     permit: Option<OwnedSemaphorePermit>,
+    /// The output rails the answer must pass before the client sees it.
+    output: Option<OutputCheck>,
 }
 
 /// Checks a request in its door's internal shape.

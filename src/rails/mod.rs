@@ -1,12 +1,16 @@
-//! Content-safety input rails: guardrail configs (NeMo Guardrails' shape), the safety-model rails
-//! and rule rails they declare, and the check that runs them before any model sees a request.
+//! Content-safety rails: guardrail configs (NeMo Guardrails' shape), the safety-model rails and rule
+//! rails they declare, and the checks that run them: on input, before any model sees a request, and
+//! on output, on the model's answer (whole, or a streamed chunk) before the client sees it.
 //!
-//! A check reads the user-authored text of a conversation. Rules run first (microseconds): deny
-//! patterns and sensitive-data detectors, which block or mask. Model rails then run in parallel on
-//! the masked text, each a call to a safety model through the [`Backend`] trait, with a time limit
-//! and a verdict cache keyed by a hash of exactly what the model was shown. A safety model that
-//! errors or times out fails the check closed, unless its config opts in to failing open (logged at
-//! warn and counted). This module decides; the gateway answers, logs and refuses.
+//! An input check reads the user-authored text of a conversation; an output check reads the answer's
+//! text and its tool calls' arguments. Rules run first (microseconds): deny patterns and
+//! sensitive-data detectors, which block or mask. Model rails then run in parallel on the masked
+//! text, each a call to a safety model through the [`Backend`] trait (a routed model, or the
+//! config's own endpoint), with a time limit and a verdict cache keyed by a hash of exactly what the
+//! model was shown. A safety model that errors or times out fails the check closed, unless its
+//! config opts in to failing open (logged at warn and counted). A config whose safety model nothing
+//! serves yet is installed, but every check against it is refused until something does. This
+//! module decides; the gateway answers, logs and refuses.
 
 pub mod guardrails;
 pub mod parse;
@@ -21,14 +25,18 @@ use sha2::{Digest, Sha256};
 
 use crate::backend::{Backend, BackendReply, BackendRequest};
 use crate::config::RailsConfig;
-pub use guardrails::GuardrailConfig;
+pub use guardrails::{Endpoint, GuardrailConfig, Stage};
 use guardrails::{ModelRail, RailKind, RuleAction};
 use parse::SafetyVerdict;
 
-/// Finds the backend that serves a safety model's name (the gateway does, with its routing).
+/// Finds the backend that serves a safety model (the gateway does, with its routing).
 pub trait SafetyModels: Send + Sync {
-    /// The backend, the adapter to run with, and the model name to send.
+    /// The backend, the adapter to run with, and the model name to send, for a model the gateway
+    /// serves by name.
     fn safety_backend(&self, model: &str) -> Option<(Arc<dyn Backend>, Option<String>, String)>;
+
+    /// A backend that calls a config's own endpoint directly.
+    fn endpoint_backend(&self, endpoint: &Endpoint) -> Result<Arc<dyn Backend>, String>;
 }
 
 /// Why a check could not be run at all (the request is refused before any rail runs).
@@ -44,6 +52,12 @@ pub enum RailsError {
     },
     #[error("the user text is {chars} characters, more than the {limit} the content-safety rails read; shorten the conversation")]
     InputTooLarge { chars: usize, limit: usize },
+    #[error("guardrail config '{config}': flow '{flow}' needs the safety model '{model}', which this gateway does not serve; add a route (or a local model) named '{model}', or give the config's model entry a parameters.base_url, and checks work at once (no restart)")]
+    ModelUnavailable {
+        config: String,
+        flow: String,
+        model: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +75,17 @@ impl CheckStatus {
             CheckStatus::Passed => "success",
             CheckStatus::Blocked => "blocked",
             CheckStatus::Error => "error",
+        }
+    }
+
+    /// The verdict of a set of rail reports: any block blocks, then any closed failure fails.
+    fn of(reports: &[RailReport]) -> Self {
+        if reports.iter().any(|r| r.status == RailStatus::Blocked) {
+            CheckStatus::Blocked
+        } else if reports.iter().any(|r| r.status == RailStatus::Error) {
+            CheckStatus::Error
+        } else {
+            CheckStatus::Passed
         }
     }
 }
@@ -83,6 +108,15 @@ impl RailStatus {
             RailStatus::FailedOpen => "failed_open",
         }
     }
+
+    fn severity(self) -> u8 {
+        match self {
+            RailStatus::Success => 0,
+            RailStatus::FailedOpen => 1,
+            RailStatus::Error => 2,
+            RailStatus::Blocked => 3,
+        }
+    }
 }
 
 /// What one rail decided.
@@ -97,18 +131,37 @@ pub struct RailReport {
     pub detail: Option<String>,
 }
 
-/// The outcome of checking one request against its configs.
+/// The outcome of checking one request (or one answer) against its configs.
 #[derive(Debug, Clone)]
 pub struct CheckOutcome {
+    pub stage: Stage,
     pub status: CheckStatus,
     pub configs: Vec<String>,
     pub rails: Vec<RailReport>,
-    /// The messages with sensitive data masked, when a mask rail changed any.
+    /// The messages with sensitive data masked, when an input mask rail changed any.
     pub masked_messages: Option<Vec<Value>>,
+    /// Whether a mask rail changed the text.
+    pub masked: bool,
     pub latency_ms: f64,
+    /// How many checks this outcome sums up (a streamed answer is checked chunk by chunk).
+    pub checks: u32,
 }
 
 impl CheckOutcome {
+    /// A passing outcome of no checks yet.
+    pub fn new(stage: Stage, ids: &[String]) -> Self {
+        Self {
+            stage,
+            status: CheckStatus::Passed,
+            configs: ids.to_vec(),
+            rails: Vec::new(),
+            masked_messages: None,
+            masked: false,
+            latency_ms: 0.0,
+            checks: 0,
+        }
+    }
+
     /// Categories of the blocking rails, without repeats.
     pub fn categories(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
@@ -126,34 +179,76 @@ impl CheckOutcome {
         out
     }
 
-    /// The verdict as the traffic record keeps it.
-    pub fn record(&self) -> Value {
+    /// Adds a later check of the same answer (the next streamed chunk): each flow keeps its worst
+    /// status, all its categories and its summed latency.
+    pub fn absorb(&mut self, other: CheckOutcome) {
+        for r in other.rails {
+            match self
+                .rails
+                .iter_mut()
+                .find(|x| x.config == r.config && x.flow == r.flow)
+            {
+                Some(x) => {
+                    if r.status.severity() > x.status.severity() {
+                        x.status = r.status;
+                        x.detail = r.detail.clone();
+                    }
+                    for c in r.categories {
+                        if !x.categories.contains(&c) {
+                            x.categories.push(c);
+                        }
+                    }
+                    x.latency_ms += r.latency_ms;
+                    x.cached &= r.cached;
+                }
+                None => self.rails.push(r),
+            }
+        }
+        self.masked |= other.masked;
+        self.latency_ms += other.latency_ms;
+        self.checks += other.checks;
+        self.status = CheckStatus::of(&self.rails);
+    }
+
+    fn rail_json(&self, r: &RailReport) -> Value {
+        let mut v = json!({
+            "config": r.config,
+            "flow": r.flow,
+            "stage": self.stage.as_str(),
+            "status": r.status.as_str(),
+            "categories": r.categories,
+            "latency_ms": round2(r.latency_ms),
+            "cached": r.cached,
+        });
+        if let Some(d) = &r.detail {
+            v["detail"] = json!(d);
+        }
+        v
+    }
+
+    fn summary(&self) -> Value {
         json!({
             "status": self.status.as_str(),
-            "configs": self.configs,
             "categories": self.categories(),
-            "masked": self.masked_messages.is_some(),
+            "masked": self.masked,
             "latency_ms": round2(self.latency_ms),
-            "rails": self.rails.iter().map(|r| {
-                let mut v = json!({
-                    "config": r.config,
-                    "flow": r.flow,
-                    "status": r.status.as_str(),
-                    "categories": r.categories,
-                    "latency_ms": round2(r.latency_ms),
-                    "cached": r.cached,
-                });
-                if let Some(d) = &r.detail {
-                    v["detail"] = json!(d);
-                }
-                v
-            }).collect::<Vec<_>>(),
+            "checks": self.checks,
         })
+    }
+
+    /// The verdict as the traffic record keeps it: the input check's alone.
+    pub fn record(&self) -> Value {
+        record(self, None)
     }
 
     /// NeMo's `rails_status`: each flow's status by name (with our details beside it).
     pub fn rails_status(&self) -> Value {
         let mut map = serde_json::Map::new();
+        self.add_rails_status(&mut map);
+        Value::Object(map)
+    }
+
+    pub fn add_rails_status(&self, map: &mut serde_json::Map<String, Value>) {
         for r in &self.rails {
             let key = if self.configs.len() > 1 {
                 format!("{}: {}", r.config, r.flow)
@@ -177,8 +272,41 @@ impl CheckOutcome {
             }
             map.insert(key, v);
         }
-        Value::Object(map)
     }
+}
+
+/// The verdicts of a request as its traffic row keeps them. The top level sums both stages (a
+/// request is `blocked` if its input or its answer was), so everything that reads the row's status
+/// (curation, canary guards, the dashboard) counts answers withheld by output rails too; `input`
+/// and `output` keep each stage's own verdict.
+pub fn record(input: &CheckOutcome, output: Option<&CheckOutcome>) -> Value {
+    let both: Vec<&CheckOutcome> = std::iter::once(input).chain(output).collect();
+    let status = if both.iter().any(|o| o.status == CheckStatus::Blocked) {
+        CheckStatus::Blocked
+    } else if both.iter().any(|o| o.status == CheckStatus::Error) {
+        CheckStatus::Error
+    } else {
+        CheckStatus::Passed
+    };
+    let mut categories: Vec<String> = Vec::new();
+    for c in both.iter().flat_map(|o| o.categories()) {
+        if !categories.contains(&c) {
+            categories.push(c);
+        }
+    }
+    let mut v = json!({
+        "status": status.as_str(),
+        "configs": input.configs,
+        "categories": categories,
+        "masked": both.iter().any(|o| o.masked),
+        "latency_ms": round2(both.iter().map(|o| o.latency_ms).sum()),
+        "rails": both.iter().flat_map(|o| o.rails.iter().map(|r| o.rail_json(r))).collect::<Vec<_>>(),
+        "input": input.summary(),
+    });
+    if let Some(o) = output {
+        v["output"] = o.summary();
+    }
+    v
 }
 
 fn round2(x: f64) -> f64 {
@@ -264,6 +392,92 @@ impl UserText {
     }
 }
 
+/// What kind of text an output piece is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PieceKind {
+    /// Prose: user text on input, the answer's content (or reasoning) on output.
+    Text,
+    /// A tool call's arguments (JSON as text), with the tool's name.
+    Arguments { name: String },
+}
+
+/// One piece of text a check reads and may mask.
+#[derive(Debug, Clone)]
+pub struct Piece {
+    pub kind: PieceKind,
+    pub text: String,
+    /// How many leading bytes the client already has: streamed context, shown to the rails but
+    /// never masked or blocked on its own (it passed when it was released).
+    pub released: usize,
+}
+
+impl Piece {
+    pub fn text(text: impl Into<String>) -> Self {
+        Self {
+            kind: PieceKind::Text,
+            text: text.into(),
+            released: 0,
+        }
+    }
+
+    pub fn arguments(name: impl Into<String>, arguments: impl Into<String>) -> Self {
+        Self {
+            kind: PieceKind::Arguments { name: name.into() },
+            text: arguments.into(),
+            released: 0,
+        }
+    }
+
+    /// The text not yet released.
+    pub fn unreleased(&self) -> &str {
+        self.text.get(self.released..).unwrap_or("")
+    }
+}
+
+/// An answer as a safety model is shown it: its text, then each tool call on a line of its own.
+fn bot_response(pieces: &[Piece]) -> String {
+    let mut out = String::new();
+    for p in pieces {
+        match &p.kind {
+            PieceKind::Text => out.push_str(&p.text),
+            PieceKind::Arguments { name } => {
+                if !out.is_empty() && !out.ends_with('\n') {
+                    out.push('\n');
+                }
+                out.push_str(&format!("[tool call] {name}({})", p.text));
+            }
+        }
+    }
+    out
+}
+
+/// The text of the last user message of a conversation (its text parts joined by newlines).
+fn last_user_text(conversation: &[Value]) -> String {
+    let Some(m) = conversation
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+    else {
+        return String::new();
+    };
+    match m.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+/// What a safety model's prompt reads.
+struct PromptInputs<'a> {
+    user_input: String,
+    bot_response: String,
+    conversation: &'a [Value],
+}
+
 type CacheKey = [u8; 32];
 
 /// Cached verdicts with when each was stored, and the order they were stored in (for eviction).
@@ -333,23 +547,57 @@ impl Rails {
         &self.settings
     }
 
-    /// Checks that every safety model the config names is served here.
+    /// The first model rail of `config` whose safety model nothing serves: (flow, model).
+    fn unserved<'a>(
+        config: &'a GuardrailConfig,
+        models: &dyn SafetyModels,
+    ) -> Option<(&'a str, &'a str)> {
+        config.rails.iter().find_map(|r| match &r.kind {
+            RailKind::Model(m)
+                if m.endpoint.is_none() && models.safety_backend(&m.model).is_none() =>
+            {
+                Some((r.flow.as_str(), m.model.as_str()))
+            }
+            _ => None,
+        })
+    }
+
+    /// Checks that every safety model the config names is served here (or has its own endpoint).
     pub fn check_models(
         &self,
         config: &GuardrailConfig,
         models: &dyn SafetyModels,
     ) -> Result<(), String> {
+        match Self::unserved(config, models) {
+            Some((flow, model)) => Err(format!(
+                "guardrail config '{}': flow '{flow}' needs the model '{model}', which this gateway does not serve; add a route (or a local model) named after it, or give the model entry parameters.base_url",
+                config.id
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// What a config's owner should know: safety models nothing serves yet (checks are refused
+    /// until something does) and settings read differently from NeMo.
+    pub fn warnings(&self, config: &GuardrailConfig, models: &dyn SafetyModels) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut seen: Vec<&str> = Vec::new();
         for r in &config.rails {
             if let RailKind::Model(m) = &r.kind {
-                if models.safety_backend(&m.model).is_none() {
-                    return Err(format!(
-                        "guardrail config '{}': flow '{}' needs the model '{}', which this gateway does not serve; add a route (or a local model) named after it",
-                        config.id, r.flow, m.model
+                if m.endpoint.is_none()
+                    && !seen.contains(&m.model.as_str())
+                    && models.safety_backend(&m.model).is_none()
+                {
+                    seen.push(&m.model);
+                    out.push(format!(
+                        "the safety model '{}' (flow '{}') is not served by this gateway yet, so checks against this config fail with 503 rails_unavailable; add a route (or a local model) named '{}', or give the model entry parameters.base_url",
+                        m.model, r.flow, m.model
                     ));
                 }
             }
         }
-        Ok(())
+        out.extend(config.notes.iter().cloned());
+        out
     }
 
     /// Installs (or replaces) a compiled config.
@@ -369,14 +617,13 @@ impl Rails {
         self.configs.read().ok()?.get(id).cloned()
     }
 
-    /// Runs the rails of the configs `ids` (canonical `namespace/name`) over `messages`.
-    pub async fn check(
+    /// The configs `ids` names, each with every safety model it needs served (else the check
+    /// cannot run: it fails closed).
+    fn ready(
         &self,
         ids: &[String],
-        messages: &[Value],
         models: &dyn SafetyModels,
-    ) -> Result<CheckOutcome, RailsError> {
-        let started = Instant::now();
+    ) -> Result<Vec<Arc<GuardrailConfig>>, RailsError> {
         let configs = ids
             .iter()
             .map(|id| {
@@ -384,14 +631,63 @@ impl Rails {
                     .ok_or_else(|| RailsError::UnknownConfig(id.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut outcome = CheckOutcome {
-            status: CheckStatus::Passed,
-            configs: ids.to_vec(),
-            rails: Vec::new(),
-            masked_messages: None,
-            latency_ms: 0.0,
+        for c in &configs {
+            if let Some((flow, model)) = Self::unserved(c, models) {
+                return Err(RailsError::ModelUnavailable {
+                    config: c.id.clone(),
+                    flow: flow.to_string(),
+                    model: model.to_string(),
+                });
+            }
+        }
+        Ok(configs)
+    }
+
+    /// Whether any of the configs `ids` has output rails (unknown ids have none).
+    pub fn has_output_rails(&self, ids: &[String]) -> bool {
+        ids.iter()
+            .filter_map(|id| self.get(id))
+            .any(|c| c.has_output_rails())
+    }
+
+    /// How a streamed answer checked by `ids` is chunked: streaming when every config with output
+    /// rails enables it (the smallest chunk and the largest context win), else held whole; and
+    /// whether text is held back at word boundaries for rule rails.
+    pub fn output_streaming(&self, ids: &[String]) -> (guardrails::OutputStreaming, bool) {
+        let configs: Vec<_> = ids
+            .iter()
+            .filter_map(|id| self.get(id))
+            .filter(|c| c.has_output_rails())
+            .collect();
+        let mut s = guardrails::OutputStreaming {
+            enabled: !configs.is_empty() && configs.iter().all(|c| c.streaming.enabled),
+            chunk_size: usize::MAX,
+            context_size: 0,
         };
-        if configs.iter().all(|c| c.rails.is_empty()) {
+        for c in &configs {
+            s.chunk_size = s.chunk_size.min(c.streaming.chunk_size);
+            s.context_size = s.context_size.max(c.streaming.context_size);
+        }
+        if !s.enabled {
+            s.chunk_size = usize::MAX;
+        }
+        (s, configs.iter().any(|c| c.has_output_rules()))
+    }
+
+    /// Runs the input rails of the configs `ids` (canonical `namespace/name`) over `messages`.
+    pub async fn check(
+        &self,
+        ids: &[String],
+        messages: &[Value],
+        models: &dyn SafetyModels,
+    ) -> Result<CheckOutcome, RailsError> {
+        let started = Instant::now();
+        let configs = self.ready(ids, models)?;
+        let mut outcome = CheckOutcome::new(Stage::Input, ids);
+        if configs
+            .iter()
+            .all(|c| c.rails_of(Stage::Input).next().is_none())
+        {
             return Ok(outcome);
         }
         let mut text = UserText::read(messages)?;
@@ -404,97 +700,93 @@ impl Rails {
         }
 
         // Rules first, so that masked data never reaches a safety model.
-        let mut masked = false;
-        for c in &configs {
-            for rail in &c.rails {
-                let t0 = Instant::now();
-                let (status, categories) = match &rail.kind {
-                    RailKind::Model(_) => continue,
-                    RailKind::DenyPatterns(patterns) => {
-                        let hit = text
-                            .pieces
-                            .iter()
-                            .any(|(_, t)| patterns.iter().any(|p| p.is_match(t)));
-                        if hit {
-                            (RailStatus::Blocked, vec!["deny_pattern".to_string()])
-                        } else {
-                            (RailStatus::Success, Vec::new())
-                        }
-                    }
-                    RailKind::SensitiveData { entities, action } => {
-                        let mut found: Vec<String> = Vec::new();
-                        for (_, t) in &mut text.pieces {
-                            let findings = rules::detect(entities, t);
-                            for f in &findings {
-                                let name = f.entity.name().to_string();
-                                if !found.contains(&name) {
-                                    found.push(name);
-                                }
-                            }
-                            if *action == RuleAction::Mask && !findings.is_empty() {
-                                *t = rules::mask(t, &findings);
-                                masked = true;
-                            }
-                        }
-                        match action {
-                            RuleAction::Block if !found.is_empty() => (RailStatus::Blocked, found),
-                            // Masking lets the request through; the entities are still reported.
-                            _ => (RailStatus::Success, found),
-                        }
-                    }
-                };
-                outcome.rails.push(RailReport {
-                    config: c.id.clone(),
-                    flow: rail.flow.clone(),
-                    status,
-                    categories,
-                    latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
-                    cached: false,
-                    detail: None,
-                });
-            }
+        let mut pieces: Vec<Piece> = text.pieces.iter().map(|(_, t)| Piece::text(t)).collect();
+        let (reports, masked) = run_rules(&configs, Stage::Input, &mut pieces);
+        outcome.rails = reports;
+        for ((_, t), p) in text.pieces.iter_mut().zip(pieces) {
+            *t = p.text;
         }
         let masked_messages = masked.then(|| text.write_into(messages));
 
         // Model rails in parallel, on what the rules left.
         let conversation = masked_messages.as_deref().unwrap_or(messages);
-        let user_input = text.last_user_input();
+        let inputs = PromptInputs {
+            user_input: text.last_user_input(),
+            bot_response: String::new(),
+            conversation,
+        };
+        outcome.rails.extend(
+            self.run_model_rails(&configs, Stage::Input, &inputs, models)
+                .await,
+        );
+        outcome.masked_messages = masked_messages;
+        outcome.masked = masked;
+        Ok(self.conclude(outcome, started))
+    }
+
+    /// Runs the output rails of the configs `ids` over an answer (or a streamed chunk of one, its
+    /// released context at the front of each piece). Masking rewrites `answer` in place.
+    pub async fn check_output(
+        &self,
+        ids: &[String],
+        conversation: &[Value],
+        answer: &mut [Piece],
+        models: &dyn SafetyModels,
+    ) -> Result<CheckOutcome, RailsError> {
+        let started = Instant::now();
+        let configs = self.ready(ids, models)?;
+        let mut outcome = CheckOutcome::new(Stage::Output, ids);
+        if configs.iter().all(|c| !c.has_output_rails()) {
+            return Ok(outcome);
+        }
+        let (reports, masked) = run_rules(&configs, Stage::Output, answer);
+        outcome.rails = reports;
+        outcome.masked = masked;
+        let inputs = PromptInputs {
+            user_input: last_user_text(conversation),
+            bot_response: bot_response(answer),
+            conversation,
+        };
+        outcome.rails.extend(
+            self.run_model_rails(&configs, Stage::Output, &inputs, models)
+                .await,
+        );
+        Ok(self.conclude(outcome, started))
+    }
+
+    fn conclude(&self, mut outcome: CheckOutcome, started: Instant) -> CheckOutcome {
+        outcome.status = CheckStatus::of(&outcome.rails);
+        outcome.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        outcome.checks = 1;
+        observe(&outcome);
+        outcome
+    }
+
+    async fn run_model_rails(
+        &self,
+        configs: &[Arc<GuardrailConfig>],
+        stage: Stage,
+        inputs: &PromptInputs<'_>,
+        models: &dyn SafetyModels,
+    ) -> Vec<RailReport> {
         let calls = configs.iter().flat_map(|c| {
-            c.rails.iter().filter_map(|rail| match &rail.kind {
+            c.rails_of(stage).filter_map(move |rail| match &rail.kind {
                 RailKind::Model(m) => {
-                    Some(self.run_model_rail(c, &rail.flow, m, &user_input, conversation, models))
+                    Some(self.run_model_rail(c, stage, &rail.flow, m, inputs, models))
                 }
                 _ => None,
             })
         });
-        outcome
-            .rails
-            .extend(futures_util::future::join_all(calls).await);
-        outcome.masked_messages = masked_messages;
-
-        outcome.status = if outcome
-            .rails
-            .iter()
-            .any(|r| r.status == RailStatus::Blocked)
-        {
-            CheckStatus::Blocked
-        } else if outcome.rails.iter().any(|r| r.status == RailStatus::Error) {
-            CheckStatus::Error
-        } else {
-            CheckStatus::Passed
-        };
-        outcome.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-        observe(&outcome);
-        Ok(outcome)
+        futures_util::future::join_all(calls).await
     }
 
     async fn run_model_rail(
         &self,
         config: &GuardrailConfig,
+        stage: Stage,
         flow: &str,
         rail: &ModelRail,
-        user_input: &str,
-        conversation: &[Value],
+        inputs: &PromptInputs<'_>,
         models: &dyn SafetyModels,
     ) -> RailReport {
         let t0 = Instant::now();
@@ -507,24 +799,29 @@ impl Rails {
             cached: false,
             detail: None,
         };
-        if user_input.trim().is_empty() {
-            report.detail = Some("no user text to check".into());
+        let checked = match stage {
+            Stage::Input => &inputs.user_input,
+            Stage::Output => &inputs.bot_response,
+        };
+        if checked.trim().is_empty() {
+            report.detail = Some(format!("no {} text to check", stage.as_str()));
             return report;
         }
         let verdict = match self
-            .ask_safety_model(config, rail, user_input, conversation, models, &mut report)
+            .ask_safety_model(config, stage, rail, inputs, models, &mut report)
             .await
         {
             Ok(v) => v,
             Err(e) => {
                 report.detail = Some(e.clone());
-                if config.fail_open {
+                let stage_name = stage.as_str();
+                if config.settings(stage).fail_open {
                     report.status = RailStatus::FailedOpen;
                     metrics::counter!("flywheel_rails_fail_open_total", "config" => config.id.clone(), "flow" => flow.to_string()).increment(1);
-                    tracing::warn!(config = %config.id, flow, error = %e, "safety model failed; the config fails open, so the request goes through UNCHECKED");
+                    tracing::warn!(config = %config.id, flow, stage = stage_name, error = %e, "safety model failed; the config fails open, so the traffic goes through UNCHECKED");
                 } else {
                     report.status = RailStatus::Error;
-                    tracing::warn!(config = %config.id, flow, error = %e, "safety model failed; the request is refused (fail closed)");
+                    tracing::warn!(config = %config.id, flow, stage = stage_name, error = %e, "safety model failed; the traffic is refused (fail closed)");
                 }
                 report.latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
                 return report;
@@ -556,20 +853,22 @@ impl Rails {
     async fn ask_safety_model(
         &self,
         config: &GuardrailConfig,
+        stage: Stage,
         rail: &ModelRail,
-        user_input: &str,
-        conversation: &[Value],
+        inputs: &PromptInputs<'_>,
         models: &dyn SafetyModels,
         report: &mut RailReport,
     ) -> Result<SafetyVerdict, String> {
-        let history = history_lines(conversation);
-        // The key covers exactly what the safety model would be shown: the rail (model, prompt,
-        // parser) and the text its prompt reads.
+        let history = history_lines(inputs.conversation);
+        // The key covers exactly what the safety model would be shown: the rail (model, endpoint,
+        // prompt, parser) and the text its prompt reads.
         let mut key = Sha256::new().chain_update(rail.digest);
         match &rail.prompt {
-            Some(p) if !p.uses_history => key.update(user_input.as_bytes()),
+            Some(p) if !p.uses_history => key.update(inputs.user_input.as_bytes()),
             _ => key.update(history.as_bytes()),
         }
+        key.update([0]);
+        key.update(inputs.bot_response.as_bytes());
         let key: CacheKey = key.finalize().into();
         if let Some(v) = self.cache.get(&key) {
             metrics::counter!("flywheel_rails_cache_total", "outcome" => "hit").increment(1);
@@ -578,21 +877,31 @@ impl Rails {
         }
         metrics::counter!("flywheel_rails_cache_total", "outcome" => "miss").increment(1);
         let messages = match &rail.prompt {
-            Some(p) => render_prompt(p, user_input, &history)?,
-            None => conversation
-                .iter()
-                .filter(|m| {
-                    matches!(
-                        m.get("role").and_then(Value::as_str),
-                        Some("user" | "assistant")
-                    ) && m.get("content").is_some_and(Value::is_string)
-                })
-                .map(|m| json!({"role": m["role"], "content": m["content"]}))
-                .collect(),
+            Some(p) => render_prompt(p, inputs, &history)?,
+            None => {
+                let mut turns: Vec<Value> = inputs
+                    .conversation
+                    .iter()
+                    .filter(|m| {
+                        matches!(
+                            m.get("role").and_then(Value::as_str),
+                            Some("user" | "assistant")
+                        ) && m.get("content").is_some_and(Value::is_string)
+                    })
+                    .map(|m| json!({"role": m["role"], "content": m["content"]}))
+                    .collect();
+                if stage == Stage::Output {
+                    turns.push(json!({"role": "assistant", "content": inputs.bot_response}));
+                }
+                turns
+            }
         };
-        let (backend, adapter, model_name) = models
-            .safety_backend(&rail.model)
-            .ok_or_else(|| format!("the safety model '{}' is not served here", rail.model))?;
+        let (backend, adapter, model_name) = match &rail.endpoint {
+            Some(e) => (models.endpoint_backend(e)?, None, rail.model.clone()),
+            None => models
+                .safety_backend(&rail.model)
+                .ok_or_else(|| format!("the safety model '{}' is not served here", rail.model))?,
+        };
         let mut body = serde_json::Map::new();
         body.insert("model".into(), json!(model_name));
         body.insert("messages".into(), Value::Array(messages));
@@ -600,6 +909,7 @@ impl Rails {
         body.insert("temperature".into(), json!(0));
         body.insert("stream".into(), json!(false));
         let timeout = config
+            .settings(stage)
             .timeout
             .unwrap_or(Duration::from_millis(self.settings.timeout_ms));
         let call = backend.chat(BackendRequest {
@@ -637,6 +947,100 @@ impl Rails {
     }
 }
 
+/// Runs the rule rails of `stage` over `pieces` (masking them in place): a report per rail, and
+/// whether anything was masked. Only text the client does not have yet counts: a match that ends
+/// inside a piece's released context was checked when it was released.
+fn run_rules(
+    configs: &[Arc<GuardrailConfig>],
+    stage: Stage,
+    pieces: &mut [Piece],
+) -> (Vec<RailReport>, bool) {
+    let mut reports = Vec::new();
+    let mut masked = false;
+    for c in configs {
+        for rail in c.rails_of(stage) {
+            let t0 = Instant::now();
+            let (status, categories) = match &rail.kind {
+                RailKind::Model(_) => continue,
+                RailKind::DenyPatterns(patterns) => {
+                    let hit = pieces.iter().any(|p| {
+                        patterns
+                            .iter()
+                            .any(|re| re.find_iter(&p.text).any(|m| m.end() > p.released))
+                    });
+                    if hit {
+                        (RailStatus::Blocked, vec!["deny_pattern".to_string()])
+                    } else {
+                        (RailStatus::Success, Vec::new())
+                    }
+                }
+                RailKind::SensitiveData { entities, action } => {
+                    let mut found: Vec<String> = Vec::new();
+                    for p in pieces.iter_mut() {
+                        let changed = sensitive_data(entities, *action, p, &mut found);
+                        masked |= changed;
+                    }
+                    match action {
+                        RuleAction::Block if !found.is_empty() => (RailStatus::Blocked, found),
+                        // Masking lets the text through; the entities are still reported.
+                        _ => (RailStatus::Success, found),
+                    }
+                }
+            };
+            reports.push(RailReport {
+                config: c.id.clone(),
+                flow: rail.flow.clone(),
+                status,
+                categories,
+                latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                cached: false,
+                detail: None,
+            });
+        }
+    }
+    (reports, masked)
+}
+
+/// Finds `entities` in the unreleased part of a piece (adding their names to `found`) and, for a
+/// mask rail, masks them. Whole tool-call arguments are masked inside their JSON values, so they
+/// stay valid JSON. Returns whether the piece changed.
+fn sensitive_data(
+    entities: &[rules::Entity],
+    action: RuleAction,
+    piece: &mut Piece,
+    found: &mut Vec<String>,
+) -> bool {
+    let mut note = |e: rules::Entity| {
+        let name = e.name().to_string();
+        if !found.contains(&name) {
+            found.push(name);
+        }
+    };
+    if matches!(piece.kind, PieceKind::Arguments { .. }) && piece.released == 0 {
+        let Some((masked, hits)) = rules::mask_arguments(entities, &piece.text) else {
+            return false;
+        };
+        hits.into_iter().for_each(&mut note);
+        if action == RuleAction::Mask {
+            piece.text = masked;
+            return true;
+        }
+        return false;
+    }
+    let findings: Vec<rules::Finding> = rules::detect(entities, &piece.text)
+        .into_iter()
+        .filter(|f| f.range.end > piece.released)
+        .collect();
+    findings.iter().for_each(|f| note(f.entity));
+    if action != RuleAction::Mask || findings.is_empty() {
+        return false;
+    }
+    let rest = rules::mask_after(&piece.text, &findings, piece.released);
+    piece.text.truncate(piece.released);
+    piece.text.push_str(&rest);
+    true
+}
+
 /// The conversation as `role: text` lines (text content only).
 fn history_lines(conversation: &[Value]) -> String {
     conversation
@@ -652,17 +1056,17 @@ fn history_lines(conversation: &[Value]) -> String {
 
 /// The prompt's messages, rendered for this conversation. Templates see `user_input` (the last
 /// user message), `user_query` (the same), `history` (the conversation as `role: text` lines) and
-/// `bot_response` (empty: input rails run before any answer).
+/// `bot_response` (the answer on output; empty on input, which runs before any answer).
 fn render_prompt(
     prompt: &guardrails::Prompt,
-    user_input: &str,
+    inputs: &PromptInputs<'_>,
     history: &str,
 ) -> Result<Vec<Value>, String> {
     let ctx = minijinja::context! {
-        user_input => user_input,
-        user_query => user_input,
+        user_input => inputs.user_input,
+        user_query => inputs.user_input,
         history => history,
-        bot_response => "",
+        bot_response => inputs.bot_response,
     };
     prompt
         .roles
@@ -680,9 +1084,10 @@ fn render_prompt(
 }
 
 fn observe(outcome: &CheckOutcome) {
-    metrics::counter!("flywheel_rails_checks_total", "status" => outcome.status.as_str())
+    let stage = outcome.stage.as_str();
+    metrics::counter!("flywheel_rails_checks_total", "stage" => stage, "status" => outcome.status.as_str())
         .increment(1);
-    metrics::histogram!("flywheel_rails_check_duration_seconds")
+    metrics::histogram!("flywheel_rails_check_duration_seconds", "stage" => stage)
         .record(outcome.latency_ms / 1000.0);
     for r in &outcome.rails {
         metrics::histogram!("flywheel_rail_duration_seconds", "flow" => r.flow.clone())
@@ -693,7 +1098,8 @@ fn observe(outcome: &CheckOutcome) {
             // Categories come from a model's answer: bounded, so a rambling model cannot blow up
             // the metric's label set.
             let label: String = c.chars().take(48).collect();
-            metrics::counter!("flywheel_rails_blocks_total", "category" => label).increment(1);
+            metrics::counter!("flywheel_rails_blocks_total", "stage" => stage, "category" => label)
+                .increment(1);
         }
     }
 }

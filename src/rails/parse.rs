@@ -19,22 +19,34 @@ pub enum OutputParser {
     /// NemoGuard content safety: a JSON object whose `"User Safety"` must be exactly `safe`
     /// (case-insensitive); categories from `"Safety Categories"`. Code fences are tolerated.
     NemoGuardJson,
+    /// The same, reading `"Response Safety"`: the verdict on the model's answer (output rails).
+    NemoGuardResponseJson,
     /// Llama Guard: first line `safe`, or `unsafe` with the violated categories (`S1,S2`) on the next.
     LlamaGuard,
     /// Nemotron safety guard's line format: `User Safety: safe|unsafe` and
     /// `Safety Categories: a, b`.
     NemotronLines,
+    /// The same lines, reading `Response Safety` (never falling back to the user's verdict).
+    NemotronResponseLines,
 }
 
 impl OutputParser {
     /// The names a guardrail config may use, with the parser each means.
     pub const NAMES: &'static [(&'static str, OutputParser)] = &[
         ("nemoguard_parse_prompt_safety", OutputParser::NemoGuardJson),
+        (
+            "nemoguard_parse_response_safety",
+            OutputParser::NemoGuardResponseJson,
+        ),
         ("is_content_safe", OutputParser::LlamaGuard),
         ("llama_guard", OutputParser::LlamaGuard),
         (
             "nemotron_content_safety_parse_prompt_safety",
             OutputParser::NemotronLines,
+        ),
+        (
+            "nemotron_content_safety_parse_response_safety",
+            OutputParser::NemotronResponseLines,
         ),
     ];
 
@@ -47,12 +59,18 @@ impl OutputParser {
 
     pub fn parse(self, answer: &str) -> SafetyVerdict {
         match self {
-            OutputParser::NemoGuardJson => parse_nemoguard_json(answer),
+            OutputParser::NemoGuardJson => parse_nemoguard_json(answer, USER),
+            OutputParser::NemoGuardResponseJson => parse_nemoguard_json(answer, RESPONSE),
             OutputParser::LlamaGuard => parse_llama_guard(answer),
-            OutputParser::NemotronLines => parse_nemotron_lines(answer),
+            OutputParser::NemotronLines => parse_nemotron_lines(answer, USER),
+            OutputParser::NemotronResponseLines => parse_nemotron_lines(answer, RESPONSE),
         }
     }
 }
+
+/// The verdict fields of NemoGuard-style answers: on the user's message, and on the model's answer.
+const USER: &str = "User Safety";
+const RESPONSE: &str = "Response Safety";
 
 fn malformed(answer: &str) -> SafetyVerdict {
     let mut s: String = answer.trim().chars().take(200).collect();
@@ -82,11 +100,11 @@ fn json_body(answer: &str) -> &str {
     rest.trim_end().strip_suffix("```").unwrap_or(rest).trim()
 }
 
-fn parse_nemoguard_json(answer: &str) -> SafetyVerdict {
+fn parse_nemoguard_json(answer: &str, field: &str) -> SafetyVerdict {
     let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(json_body(answer)) else {
         return malformed(answer);
     };
-    let Some(rating) = obj.get("User Safety").and_then(Value::as_str) else {
+    let Some(rating) = obj.get(field).and_then(Value::as_str) else {
         return malformed(answer);
     };
     if rating.trim().eq_ignore_ascii_case("safe") {
@@ -117,7 +135,7 @@ fn parse_llama_guard(answer: &str) -> SafetyVerdict {
     }
 }
 
-fn parse_nemotron_lines(answer: &str) -> SafetyVerdict {
+fn parse_nemotron_lines(answer: &str, verdict: &str) -> SafetyVerdict {
     let field = |name: &str| -> Vec<String> {
         answer
             .lines()
@@ -129,8 +147,11 @@ fn parse_nemotron_lines(answer: &str) -> SafetyVerdict {
             })
             .collect()
     };
-    let ratings = field("User Safety");
-    // A verdict stated twice cannot be trusted either way.
+    // A verdict stated twice (either of them) cannot be trusted either way.
+    if field(USER).len() > 1 || field(RESPONSE).len() > 1 {
+        return malformed(answer);
+    }
+    let ratings = field(verdict);
     let [rating] = ratings.as_slice() else {
         return malformed(answer);
     };
@@ -216,6 +237,41 @@ mod tests {
             SafetyVerdict::Malformed(_)
         ));
         assert!(matches!(p.parse("looks fine"), SafetyVerdict::Malformed(_)));
+    }
+
+    #[test]
+    fn response_parsers_read_the_answer_verdict_only() {
+        let p = OutputParser::NemoGuardResponseJson;
+        assert_eq!(
+            p.parse(r#"{"User Safety": "unsafe", "Response Safety": "safe"}"#),
+            SafetyVerdict::Safe
+        );
+        assert_eq!(
+            p.parse(r#"{"User Safety": "safe", "Response Safety": "unsafe", "Safety Categories": "PII/Privacy"}"#),
+            unsafe_(&["PII/Privacy"])
+        );
+        // A verdict on the user alone says nothing about the answer.
+        assert!(matches!(
+            p.parse(r#"{"User Safety": "safe"}"#),
+            SafetyVerdict::Malformed(_)
+        ));
+        let lines = OutputParser::NemotronResponseLines;
+        assert_eq!(
+            lines.parse("User Safety: unsafe\nResponse Safety: safe"),
+            SafetyVerdict::Safe
+        );
+        assert_eq!(
+            lines.parse("User Safety: safe\nResponse Safety: unsafe\nSafety Categories: Violence"),
+            unsafe_(&["Violence"])
+        );
+        assert!(matches!(
+            lines.parse("User Safety: safe"),
+            SafetyVerdict::Malformed(_)
+        ));
+        assert!(matches!(
+            lines.parse("Response Safety: safe\nResponse Safety: unsafe"),
+            SafetyVerdict::Malformed(_)
+        ));
     }
 
     #[test]

@@ -268,6 +268,105 @@ pub fn mask(text: &str, findings: &[Finding]) -> String {
     out
 }
 
+/// `text[from..]` with each finding that reaches past `from` replaced by `<ENTITY_NAME>`: what is
+/// left to release of a streamed text whose first `from` bytes the client already has.
+pub fn mask_after(text: &str, findings: &[Finding], from: usize) -> String {
+    let mut out = String::with_capacity(text.len().saturating_sub(from));
+    let mut at = from;
+    for f in findings.iter().filter(|f| f.range.end > from) {
+        let start = f.range.start.max(at);
+        out.push_str(&text[at..start]);
+        out.push('<');
+        out.push_str(f.entity.name());
+        out.push('>');
+        at = f.range.end;
+    }
+    out.push_str(&text[at.min(text.len())..]);
+    out
+}
+
+/// Longest tail a streamed text holds back so that no detector sees an entity cut in two.
+pub const MAX_HELD_TAIL: usize = 256;
+
+/// Where a streamed text may be cut for release: before its trailing word, and before digit groups
+/// that may continue (`4111 1111 ...`, `(555) 123-...`), holding back at most [`MAX_HELD_TAIL`]
+/// bytes. Entities contain no other whitespace, so none straddles the cut.
+pub fn release_point(text: &str) -> usize {
+    let floor = text.len().saturating_sub(MAX_HELD_TAIL);
+    let mut cut = text.len();
+    let mut chars = text[..cut].char_indices().rev().peekable();
+    while let Some((i, c)) = chars.next() {
+        if i < floor {
+            break;
+        }
+        let continues = !c.is_whitespace()
+            || (c == ' '
+                && chars
+                    .peek()
+                    .is_some_and(|&(_, p)| p.is_ascii_digit() || p == ')'));
+        if !continues {
+            break;
+        }
+        cut = i;
+    }
+    if cut < floor {
+        // Round up to a character boundary at or after the floor.
+        (floor..=text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len())
+    } else {
+        cut
+    }
+}
+
+/// Tool-call arguments (a JSON object as text) with sensitive data masked where it sits: inside
+/// strings, and numbers that are an entity become the placeholder string, so the arguments stay
+/// valid JSON. Arguments that are not JSON are masked as text. `None` when nothing was found.
+pub fn mask_arguments(entities: &[Entity], arguments: &str) -> Option<(String, Vec<Entity>)> {
+    let mut found = Vec::new();
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(arguments) else {
+        let findings = detect(entities, arguments);
+        if findings.is_empty() {
+            return None;
+        }
+        found.extend(findings.iter().map(|f| f.entity));
+        return Some((mask(arguments, &findings), found));
+    };
+    mask_value(entities, &mut v, &mut found);
+    if found.is_empty() {
+        return None;
+    }
+    Some((v.to_string(), found))
+}
+
+fn mask_value(entities: &[Entity], v: &mut serde_json::Value, found: &mut Vec<Entity>) {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => {
+            let findings = detect(entities, s);
+            if !findings.is_empty() {
+                found.extend(findings.iter().map(|f| f.entity));
+                *s = mask(s, &findings);
+            }
+        }
+        Value::Number(n) => {
+            let text = n.to_string();
+            let findings = detect(entities, &text);
+            if !findings.is_empty() {
+                found.extend(findings.iter().map(|f| f.entity));
+                *v = Value::String(mask(&text, &findings));
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|x| mask_value(entities, x, found)),
+        Value::Object(map) => map
+            .values_mut()
+            .for_each(|x| mask_value(entities, x, found)),
+        Value::Bool(_) | Value::Null => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,5 +483,41 @@ mod tests {
         let f = detect(&Entity::ALL, text);
         assert_eq!(mask(text, &f), "mail <EMAIL_ADDRESS>, card <CREDIT_CARD>.");
         assert_eq!(mask("nothing here", &[]), "nothing here");
+    }
+
+    #[test]
+    fn streamed_text_is_cut_only_where_no_entity_can_straddle() {
+        let t = "Your card is 4111 1111";
+        let cut = release_point(t);
+        assert_eq!(&t[..cut], "Your card is ");
+        assert_eq!(release_point("Call (555) 123-45"), "Call ".len());
+        assert_eq!(release_point("done. "), "done. ".len());
+        assert_eq!(release_point("write to bob@exa"), "write to ".len());
+        let long = "x".repeat(1000);
+        assert_eq!(release_point(&long), 1000 - MAX_HELD_TAIL);
+        let wide = "é".repeat(300);
+        assert!(wide.is_char_boundary(release_point(&wide)));
+    }
+
+    #[test]
+    fn masking_after_a_released_prefix_and_inside_arguments() {
+        let text = "card 4111 1111 1111 1111 ok";
+        let findings = detect(&[Entity::CreditCard], text);
+        assert_eq!(mask_after(text, &findings, 0), "card <CREDIT_CARD> ok");
+        // The client has "card 4111": only the rest is masked and released.
+        assert_eq!(mask_after(text, &findings, 9), "<CREDIT_CARD> ok");
+        let (masked, found) = mask_arguments(
+            &Entity::ALL,
+            r#"{"card": "4111 1111 1111 1111", "n": 4111111111111111, "to": ["bob@example.com"]}"#,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&masked).unwrap();
+        assert_eq!(v["card"], "<CREDIT_CARD>");
+        assert_eq!(v["n"], "<CREDIT_CARD>");
+        assert_eq!(v["to"][0], "<EMAIL_ADDRESS>");
+        assert_eq!(found.len(), 3);
+        assert!(mask_arguments(&Entity::ALL, r#"{"city": "Paris"}"#).is_none());
+        let (raw, _) = mask_arguments(&Entity::ALL, "card=4111111111111111").unwrap();
+        assert_eq!(raw, "card=<CREDIT_CARD>");
     }
 }
