@@ -22,6 +22,8 @@ use serde_json::{json, Value};
 struct SafetyState {
     calls: AtomicUsize,
     requests: Mutex<Vec<Value>>,
+    /// The `authorization` header of each request (empty when none was sent).
+    auth: Mutex<Vec<String>>,
 }
 
 struct SafetyStandIn {
@@ -31,10 +33,17 @@ struct SafetyStandIn {
 
 async fn safety_answer(
     State(state): State<Arc<SafetyState>>,
+    headers: axum::http::HeaderMap,
     Json(body): Json<Value>,
 ) -> Json<Value> {
     state.calls.fetch_add(1, Ordering::SeqCst);
     state.requests.lock().unwrap().push(body.clone());
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    state.auth.lock().unwrap().push(auth);
     let model = body["model"].as_str().unwrap_or("").to_string();
     let text = body["messages"]
         .as_array()
@@ -42,6 +51,10 @@ async fn safety_answer(
         .and_then(|m| m["content"].as_str())
         .unwrap_or("")
         .to_lowercase();
+    // An output prompt shows the answer after "Agent:": only that part is judged, in the
+    // "Response Safety" field.
+    let judged_answer = text.split_once("agent:").map(|(_, a)| a.to_string());
+    let text = judged_answer.clone().unwrap_or(text);
     if text.contains("slow") {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
@@ -49,6 +62,13 @@ async fn safety_answer(
     let nemoguard = model.starts_with("nemoguard") || model.contains("content-safety");
     let answer = if text.contains("prose") {
         "I looked at the message and it seems fine to me.".to_string()
+    } else if nemoguard && judged_answer.is_some() {
+        let verdict = if unsafe_ {
+            json!({"User Safety": "safe", "Response Safety": "unsafe", "Safety Categories": "Guns and Illegal Weapons"})
+        } else {
+            json!({"User Safety": "safe", "Response Safety": "safe"})
+        };
+        verdict.to_string()
     } else if nemoguard {
         let verdict = if unsafe_ {
             json!({"User Safety": "unsafe", "Safety Categories": "Criminal Planning/Confessions, Deleting Logs"})
@@ -656,4 +676,620 @@ async fn bad_input_gets_clear_errors() {
         )
         .unwrap();
     assert_eq!(n, 7);
+}
+
+/// The tutorial's check request for `text`.
+fn tutorial_check(text: &str) -> Value {
+    json!({"model": "agent", "messages": [{"role": "user", "content": text}], "guardrails": {"config_id": "toolcalling"}, "temperature": 0.2, "top_p": 1})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tutorial_config_is_accepted_before_its_safety_model_is_served() {
+    let mock = MockUpstream::start().await;
+    let safety = SafetyStandIn::start().await;
+    // Nothing serves the NemoGuard model yet: only the agent's model has a route.
+    let mut agent_only = upstream_toml("llm", &mock.base_url(), "");
+    agent_only.push_str(&route_toml("agent", "llm", "tools", ""));
+    let data = tempfile::tempdir().unwrap();
+    let mut gw = GatewayProcess::start_sharing(&agent_only, data.path());
+    let client = reqwest::Client::new();
+
+    let (status, created) = post_json(
+        &client,
+        &gw.url("/v1/guardrail/configs"),
+        &tutorial_config_body(),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let warning = created["warnings"][0].as_str().unwrap();
+    assert!(warning.contains(NEMOGUARD), "{created}");
+    assert!(warning.contains("503 rails_unavailable"), "{created}");
+    let got: Value = client
+        .get(gw.url("/v1/guardrail/configs/default/toolcalling"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["warnings"], created["warnings"]);
+
+    // The check fails closed and says what is missing and how to serve it.
+    let (status, v) = post_json(
+        &client,
+        &gw.url("/v1/guardrail/checks"),
+        &tutorial_check(SAFE),
+    )
+    .await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "rails_unavailable");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(NEMOGUARD) && message.contains("add a route"),
+        "{v}"
+    );
+    // So does a guarded request, which no model sees, and which is still logged.
+    let mut req = user_request("agent", SAFE);
+    req["guardrails"] = json!({"config_id": "toolcalling"});
+    let (status, v) = post_json(&client, &gw.url("/v1/chat/completions"), &req).await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "rails_unavailable");
+    assert_eq!(mock.count("tools"), 0);
+    assert_eq!(safety.calls(), 0);
+    assert!(gw.stop().success());
+    let logged: i64 = rusqlite::Connection::open(data.path().join("flywheel.db"))
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM traffic WHERE status = 503", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(logged, 1);
+
+    // A second gateway on the same data, with a route for the NemoGuard model's name pointing at
+    // the stand-in: the stored config now works as written, with no warning.
+    let mut served = base_config(&mock, &safety, "");
+    served.push('\n');
+    let mut gw = GatewayProcess::start_sharing(&served, data.path());
+    let got: Value = client
+        .get(gw.url("/v1/guardrail/configs/default/toolcalling"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["warnings"], json!([]), "{got}");
+    let flow = "content safety check input $model=content_safety";
+    let (status, ok) = post_json(
+        &client,
+        &gw.url("/v1/guardrail/checks"),
+        &tutorial_check(SAFE),
+    )
+    .await;
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["status"], "success", "{ok}");
+    let (_, blocked) = post_json(
+        &client,
+        &gw.url("/v1/guardrail/checks"),
+        &tutorial_check(UNSAFE),
+    )
+    .await;
+    assert_eq!(blocked["status"], "blocked", "{blocked}");
+    assert_eq!(blocked["rails_status"][flow]["status"], "blocked");
+    assert_eq!(safety.calls(), 2);
+    assert!(gw.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_safety_model_at_its_own_endpoint_is_called_directly() {
+    let mock = MockUpstream::start().await;
+    let safety = SafetyStandIn::start().await;
+    let mut config = upstream_toml("llm", &mock.base_url(), "");
+    config.push_str(&route_toml("agent", "llm", "tools", ""));
+    let mut gw = GatewayProcess::start_with_env(&config, &[("GUARD_KEY", "sk-guard-123")]);
+    let client = reqwest::Client::new();
+    let configs = gw.url("/v1/guardrail/configs");
+
+    // Created pointing nowhere served: accepted, checks refused.
+    let (status, created) = post_json(&client, &configs, &tutorial_config_body()).await;
+    assert_eq!(status, 201, "{created}");
+    let (status, _) = post_json(
+        &client,
+        &gw.url("/v1/guardrail/checks"),
+        &tutorial_check(SAFE),
+    )
+    .await;
+    assert_eq!(status, 503);
+
+    // Given its endpoint (NIM's shape: engine nim, parameters.base_url), it works at once.
+    let mut data = tutorial_config_body()["data"].clone();
+    data["models"][0]["parameters"] = json!({"base_url": format!("http://{}/v1", safety.addr)});
+    data["models"][0]["api_key_env_var"] = json!("GUARD_KEY");
+    let r = client
+        .patch(gw.url("/v1/guardrail/configs/default/toolcalling"))
+        .json(&json!({"data": data}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let patched: Value = r.json().await.unwrap();
+    assert_eq!(patched["warnings"], json!([]), "{patched}");
+    let (status, ok) = post_json(
+        &client,
+        &gw.url("/v1/guardrail/checks"),
+        &tutorial_check(SAFE),
+    )
+    .await;
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["status"], "success", "{ok}");
+    let (_, blocked) = post_json(
+        &client,
+        &gw.url("/v1/guardrail/checks"),
+        &tutorial_check(UNSAFE),
+    )
+    .await;
+    assert_eq!(blocked["status"], "blocked", "{blocked}");
+    // Sent to the endpoint under the entry's model name, with the key from the environment.
+    let sent = safety.state.requests.lock().unwrap()[0].clone();
+    assert_eq!(sent["model"], NEMOGUARD);
+    assert_eq!(sent["max_tokens"], 50);
+    assert!(safety
+        .state
+        .auth
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|a| a == "Bearer sk-guard-123"));
+    // The verdict cache covers endpoint rails too.
+    let before = safety.calls();
+    let (_, cached) = post_json(
+        &client,
+        &gw.url("/v1/guardrail/checks"),
+        &tutorial_check(SAFE),
+    )
+    .await;
+    assert_eq!(cached["status"], "success");
+    assert_eq!(safety.calls(), before);
+
+    // An endpoint that is down fails closed, on the check and on a guarded request.
+    let mut down = tutorial_config_body();
+    down["name"] = json!("down");
+    down["data"]["models"][0]["parameters"] =
+        json!({"base_url": format!("http://127.0.0.1:{}/v1", dead_port())});
+    let (status, _) = post_json(&client, &configs, &down).await;
+    assert_eq!(status, 201);
+    let mut check = tutorial_check("a fresh question");
+    check["guardrails"] = json!({"config_id": "down"});
+    let (status, v) = post_json(&client, &gw.url("/v1/guardrail/checks"), &check).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "error", "{v}");
+    let mut req = user_request("agent", "a fresh question");
+    req["guardrails"] = json!({"config_id": "down"});
+    let (status, v) = post_json(&client, &gw.url("/v1/chat/completions"), &req).await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "rails_unavailable");
+    assert_eq!(mock.count("tools"), 0);
+
+    // base_url must be http(s), and never a key in the body.
+    for (params, expected) in [
+        (
+            json!({"base_url": "file:///etc/passwd"}),
+            "not an http(s) URL",
+        ),
+        (
+            json!({"base_url": "http://guard/v1", "api_key": "sk-x"}),
+            "api_key_env_var",
+        ),
+    ] {
+        let mut bad = tutorial_config_body();
+        bad["name"] = json!("bad");
+        bad["data"]["models"][0]["parameters"] = params;
+        let (status, v) = post_json(&client, &configs, &bad).await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["param"], "data");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(expected),
+            "{v}"
+        );
+    }
+    assert!(gw.stop().success());
+
+    // Only an admin key writes a config (and so an endpoint); an agent's inference key cannot.
+    let mut keyed = keyed_auth_toml();
+    keyed.push_str(&config);
+    let mut gw = GatewayProcess::start(&keyed);
+    let mut body = tutorial_config_body();
+    body["data"]["models"][0]["parameters"] =
+        json!({"base_url": format!("http://{}/v1", safety.addr)});
+    for (key, expected) in [("sk-agent", 403), ("sk-admin", 201)] {
+        let r = client
+            .post(gw.url("/v1/guardrail/configs"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), expected, "{key}");
+    }
+    assert!(gw.stop().success());
+}
+
+/// A config with output rails only: NemoGuard's output check (prompted with "Agent: ..."), and
+/// sensitive data masked or detected in the answer.
+fn output_config(mask: &str, chunk_size: u64) -> String {
+    format!(
+        r#"
+[[rails.configs]]
+name = "answers"
+[rails.configs.data]
+models = [{{ type = "content_safety", engine = "nim", model = "{NEMOGUARD}" }}]
+rails.output.flows = ["{mask} sensitive data on output", "content safety check output $model=content_safety"]
+rails.output.streaming = {{ enabled = true, chunk_size = {chunk_size}, context_size = 8 }}
+rails.config.sensitive_data_detection.output.entities = ["CREDIT_CARD", "EMAIL_ADDRESS"]
+prompts = [{{ task = "content_safety_check_output $model=content_safety", messages = [{{ type = "user", content = "User: {{{{ user_input }}}}\nAgent: {{{{ bot_response }}}}" }}], output_parser = "nemoguard_parse_response_safety", max_tokens = 50 }}]
+"#
+    )
+}
+
+/// The client-visible text of an SSE chat stream, its finish reasons, and its tool calls' arguments.
+fn stream_parts(body: &str) -> (String, Vec<String>, String) {
+    let mut text = String::new();
+    let mut finishes = Vec::new();
+    let mut args = String::new();
+    for e in sse_events(body) {
+        if e == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&e).unwrap();
+        for c in v["choices"].as_array().unwrap() {
+            if let Some(t) = c["delta"]["content"].as_str() {
+                text.push_str(t);
+            }
+            if let Some(f) = c["finish_reason"].as_str() {
+                finishes.push(f.to_string());
+            }
+            for tc in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+                args.push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
+            }
+        }
+    }
+    (text, finishes, args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_rails_block_unsafe_answers_whole_and_streamed() {
+    let mock = MockUpstream::start().await;
+    let safety = SafetyStandIn::start().await;
+    let mut config = base_config(&mock, &safety, "");
+    config.push_str(&route_toml(
+        "echo",
+        "llm",
+        "echo",
+        "guardrails = \"answers\"",
+    ));
+    config.push_str(&output_config("mask", 3));
+    let mut gw = GatewayProcess::start(&config);
+    let client = reqwest::Client::new();
+    let url = gw.url("/v1/chat/completions");
+    // The echo model repeats the question: an unsafe answer, word by word.
+    let unsafe_q = "here is how to build a bomb in your garage today";
+    let ask = |text: &str, stream: bool| json!({"model": "echo", "messages": [{"role": "user", "content": text}], "stream": stream});
+
+    let (status, v) = post_json(&client, &url, &ask("what is the capital of France", false)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "echo: what is the capital of France"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    let (status, v) = post_json(&client, &url, &ask(unsafe_q, false)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "content_filter", "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "The answer was withheld by the content-safety policy."
+    );
+    assert!(!v.to_string().contains("bomb"), "{v}");
+
+    // Streamed in checked chunks of 3 words: the safe start is released, the chunk that completes
+    // "build a bomb" never is, and the stream ends with the refusal.
+    let body = client
+        .post(&url)
+        .json(&ask(unsafe_q, true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (text, finishes, _) = stream_parts(&body);
+    assert!(!body.contains("bomb"), "{body}");
+    assert!(text.starts_with("echo: here is "), "{text}");
+    assert!(
+        text.ends_with("The answer was withheld by the content-safety policy."),
+        "{text}"
+    );
+    assert_eq!(finishes, ["content_filter"], "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    // A safe streamed answer arrives whole and unchanged.
+    let body = client
+        .post(&url)
+        .json(&ask(
+            "tell me about the weather in Paris and in Lyon this weekend",
+            true,
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (text, finishes, _) = stream_parts(&body);
+    assert_eq!(
+        text,
+        "echo: tell me about the weather in Paris and in Lyon this weekend"
+    );
+    assert_eq!(finishes, ["stop"]);
+
+    // The safety model saw the answer after "Agent:" and the question as the user input.
+    let requests = safety.state.requests.lock().unwrap().clone();
+    assert!(requests.iter().all(|r| r["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .contains("\nAgent: ")));
+
+    // Through Anthropic's Messages door, the same block is a refusal.
+    let r = client
+        .post(gw.url("/v1/messages"))
+        .json(&json!({"model": "echo", "max_tokens": 64, "messages": [{"role": "user", "content": unsafe_q}]}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["stop_reason"], "refusal", "{v}");
+    assert!(!v.to_string().contains("bomb"), "{v}");
+    assert!(gw.stop().success());
+
+    // The rows keep both verdicts; blocked answers are blocked rows, which curation leaves out.
+    let db = gw.db();
+    let rows: Vec<(String, String)> = db
+        .prepare("SELECT rails, response FROM traffic WHERE route = 'echo' ORDER BY ts_ms")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(rows.len(), 5);
+    let statuses: Vec<(Value, Value, Value)> = rows
+        .iter()
+        .map(|(rails, _)| {
+            let v: Value = serde_json::from_str(rails).unwrap();
+            (
+                v["status"].clone(),
+                v["input"]["status"].clone(),
+                v["output"]["status"].clone(),
+            )
+        })
+        .collect();
+    let (ok, blocked) = (json!("success"), json!("blocked"));
+    assert_eq!(
+        statuses,
+        vec![
+            (ok.clone(), ok.clone(), ok.clone()),
+            (blocked.clone(), ok.clone(), blocked.clone()),
+            (blocked.clone(), ok.clone(), blocked.clone()),
+            (ok.clone(), ok.clone(), ok.clone()),
+            (blocked.clone(), ok.clone(), blocked.clone()),
+        ]
+    );
+    let streamed: Value = serde_json::from_str(&rows[2].0).unwrap();
+    assert!(
+        streamed["output"]["checks"].as_u64().unwrap() >= 2,
+        "{streamed}"
+    );
+    for (_, response) in &rows {
+        assert!(
+            !response.contains("bomb"),
+            "the log kept a withheld answer: {response}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_rails_mask_card_numbers_in_answers_and_tool_calls() {
+    let mock = MockUpstream::start().await;
+    let safety = SafetyStandIn::start().await;
+    let mut config = base_config(&mock, &safety, "");
+    config.push_str(&route_toml(
+        "pay",
+        "llm",
+        "card-call",
+        "guardrails = \"answers\"",
+    ));
+    config.push_str(&route_toml(
+        "echo",
+        "llm",
+        "echo",
+        "guardrails = \"answers\"",
+    ));
+    config.push_str(&output_config("mask", 2));
+    config.push_str(
+        r#"
+[[rails.configs]]
+name = "strict"
+[rails.configs.data]
+rails.output.flows = ["detect sensitive data on output"]
+"#,
+    );
+    let mut gw = GatewayProcess::start(&config);
+    let client = reqwest::Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let card = "4111 1111 1111 1111";
+    let ask = |model: &str, text: &str, stream: bool| json!({"model": model, "messages": [{"role": "user", "content": text}], "tools": weather_tools(), "stream": stream});
+
+    // A tool call with a card number in its arguments: masked inside the JSON, still valid JSON.
+    let (status, v) = post_json(&client, &url, &ask("pay", "pay the bill", false)).await;
+    assert_eq!(status, 200, "{v}");
+    let args = v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+        .as_str()
+        .unwrap();
+    let parsed: Value = serde_json::from_str(args).unwrap();
+    assert_eq!(
+        parsed,
+        json!({"card": "<CREDIT_CARD>", "amount": 20, "memo": "for <EMAIL_ADDRESS>"})
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    // Streamed, the arguments (split across deltas upstream) are held, checked whole, and released
+    // masked in one piece.
+    let body = client
+        .post(&url)
+        .json(&ask("pay", "pay the bill", true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (_, finishes, streamed_args) = stream_parts(&body);
+    assert!(!body.contains("4111"), "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&streamed_args).unwrap(),
+        parsed
+    );
+    assert_eq!(finishes, ["tool_calls"]);
+
+    // A card number in text, streamed a word at a time in chunks of 2: no chunk boundary lets a
+    // part of it out.
+    let question = format!("my card is {card} thanks");
+    let body = client
+        .post(&url)
+        .json(&ask("echo", &question, true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (text, finishes, _) = stream_parts(&body);
+    assert!(!body.contains("4111") && !body.contains(" 1111"), "{body}");
+    assert_eq!(text, "echo: my card is <CREDIT_CARD> thanks");
+    assert_eq!(finishes, ["stop"]);
+    let (_, v) = post_json(&client, &url, &ask("echo", &question, false)).await;
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "echo: my card is <CREDIT_CARD> thanks"
+    );
+
+    // Detect instead of mask: the answer is withheld.
+    let mut strict = ask("pay", "pay the bill", false);
+    strict["guardrails"] = json!({"config_id": "strict"});
+    let (_, v) = post_json(&client, &url, &strict).await;
+    assert_eq!(v["choices"][0]["finish_reason"], "content_filter", "{v}");
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none());
+    strict["stream"] = json!(true);
+    let body = client
+        .post(&url)
+        .json(&strict)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (_, finishes, streamed_args) = stream_parts(&body);
+    assert!(!body.contains("4111"), "{body}");
+    assert!(streamed_args.is_empty(), "{body}");
+    assert_eq!(finishes, ["content_filter"]);
+
+    // The check endpoint runs output rails on a conversation that ends with the assistant's turn.
+    let check = json!({"model": "pay", "messages": [
+        {"role": "user", "content": "pay the bill"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "pay", "arguments": format!("{{\"card\": \"{card}\"}}")}}]}
+    ]});
+    let (status, v) = post_json(&client, &gw.url("/v1/guardrail/checks"), &check).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "success", "{v}");
+    assert_eq!(
+        v["guardrails_data"]["messages"][1]["tool_calls"][0]["function"]["arguments"],
+        "{\"card\":\"<CREDIT_CARD>\"}"
+    );
+    let activated = v["guardrails_data"]["log"]["activated_rails"]
+        .as_array()
+        .unwrap();
+    assert!(activated.iter().all(|r| r["type"] == "output"), "{v}");
+    let mut strict_check = check.clone();
+    strict_check["guardrails"] = json!({"config_id": "strict"});
+    let (_, v) = post_json(&client, &gw.url("/v1/guardrail/checks"), &strict_check).await;
+    assert_eq!(v["status"], "blocked", "{v}");
+    assert_eq!(v["guardrails_data"]["categories"], json!(["CREDIT_CARD"]));
+    assert!(gw.stop().success());
+
+    // Nothing the client never saw is in the log either.
+    let responses: Vec<String> = gw
+        .db()
+        .prepare("SELECT response FROM traffic WHERE response IS NOT NULL")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(!responses.is_empty());
+    assert!(
+        responses.iter().all(|r| !r.contains("4111")),
+        "{responses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_rail_whose_safety_model_fails_fails_closed() {
+    let mock = MockUpstream::start().await;
+    let safety = SafetyStandIn::start().await;
+    let mut config = base_config(&mock, &safety, "");
+    config.push_str(&route_toml(
+        "echo",
+        "llm",
+        "echo",
+        "guardrails = \"answers\"",
+    ));
+    config.push_str(
+        r#"
+[[rails.configs]]
+name = "answers"
+[rails.configs.data]
+models = [{ type = "cs", engine = "nim", model = "guard-down" }]
+rails.output.flows = ["content safety check output $model=cs"]
+rails.output.streaming = { enabled = true, chunk_size = 2 }
+prompts = [{ task = "content_safety_check_output $model=cs", content = "Agent: {{ bot_response }}", output_parser = "nemoguard_parse_response_safety" }]
+"#,
+    );
+    let mut gw = GatewayProcess::start(&config);
+    let client = reqwest::Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let ask = |stream: bool| json!({"model": "echo", "messages": [{"role": "user", "content": "a perfectly fine question"}], "stream": stream});
+    let (status, v) = post_json(&client, &url, &ask(false)).await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "rails_unavailable");
+    let body = client
+        .post(&url)
+        .json(&ask(true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Nothing of the answer was released: the stream carries only the role and the error.
+    assert!(!body.contains("perfectly"), "{body}");
+    assert!(body.contains("rails_unavailable"), "{body}");
+    assert!(gw.stop().success());
+    let statuses: Vec<i64> = gw
+        .db()
+        .prepare("SELECT status FROM traffic ORDER BY ts_ms")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(statuses, [503, 503]);
 }

@@ -434,37 +434,32 @@ impl StreamGuard {
             return;
         };
         let mut pieces = Vec::new();
-        let mut fields = Vec::new();
-        let mut kept: Vec<(&'static str, String)> = Vec::new();
+        // Each checked field with the streamed pieces it releases (kept as context, one by one).
+        let mut fields: Vec<(&'static str, Vec<String>)> = Vec::new();
         for (&field, text) in &mut held.fields {
             if text.pending.is_empty() || (!last && text.pending.len() < self.streaming.chunk_size)
             {
                 continue;
             }
-            let mut chunk = text.pending.concat();
-            text.pending.clear();
-            if !last && self.hold_words {
-                let cut = rules::release_point(&chunk);
-                kept.push((field, chunk.split_off(cut)));
+            let taken = std::mem::take(&mut text.pending);
+            let (released, tail) = if !last && self.hold_words {
+                split_pieces(taken, rules::release_point)
+            } else {
+                (taken, String::new())
+            };
+            if !tail.is_empty() {
+                text.pending.push(tail);
             }
-            if chunk.is_empty() {
+            if released.is_empty() {
                 continue;
             }
             let context = text.context.iter().map(String::as_str).collect::<String>();
-            let released = context.len();
             pieces.push(Piece {
                 kind: PieceKind::Text,
-                text: context + &chunk,
-                released,
+                released: context.len(),
+                text: context + &released.concat(),
             });
-            fields.push(field);
-        }
-        for (field, tail) in kept {
-            if !tail.is_empty() {
-                if let Some(t) = held.fields.get_mut(field) {
-                    t.pending.push(tail);
-                }
-            }
+            fields.push((field, released));
         }
         let calls: Vec<(u64, HeldCall)> = if last {
             std::mem::take(&mut held.calls).into_iter().collect()
@@ -511,10 +506,15 @@ impl StreamGuard {
         };
         held.masked |= masked;
         let mut delta = Map::new();
-        for (field, piece) in fields.iter().zip(&pieces) {
+        for ((field, released), piece) in fields.iter().zip(&pieces) {
             let text = piece.unreleased().to_string();
             if let Some(t) = held.fields.get_mut(field) {
-                t.context.push_back(text.clone());
+                if released.concat() == text {
+                    t.context.extend(released.iter().cloned());
+                } else {
+                    // Masked: what the client got stands in for the pieces it replaced.
+                    t.context.push_back(text.clone());
+                }
                 while t.context.len() > context_size {
                     t.context.pop_front();
                 }
@@ -581,4 +581,27 @@ impl StreamGuard {
         out.chunks
             .push(self.delta_chunk(index, delta, finish, Value::Null));
     }
+}
+
+/// Splits streamed pieces where `cut` says the joined text may be cut: the pieces before the cut
+/// (the last one possibly shortened), and the rest joined.
+fn split_pieces(pieces: Vec<String>, cut: impl Fn(&str) -> usize) -> (Vec<String>, String) {
+    let at_byte = cut(&pieces.concat());
+    let mut before = Vec::new();
+    let mut rest = String::new();
+    let mut at = 0;
+    for p in pieces {
+        let end = at + p.len();
+        if end <= at_byte {
+            before.push(p);
+        } else if at >= at_byte {
+            rest.push_str(&p);
+        } else {
+            let (a, b) = p.split_at(at_byte - at);
+            before.push(a.to_string());
+            rest.push_str(b);
+        }
+        at = end;
+    }
+    (before, rest)
 }

@@ -957,46 +957,65 @@ fn run_rules(
 ) -> (Vec<RailReport>, bool) {
     let mut reports = Vec::new();
     let mut masked = false;
-    for c in configs {
-        for rail in c.rails_of(stage) {
-            let t0 = Instant::now();
-            let (status, categories) = match &rail.kind {
-                RailKind::Model(_) => continue,
-                RailKind::DenyPatterns(patterns) => {
-                    let hit = pieces.iter().any(|p| {
-                        patterns
-                            .iter()
-                            .any(|re| re.find_iter(&p.text).any(|m| m.end() > p.released))
-                    });
-                    if hit {
-                        (RailStatus::Blocked, vec!["deny_pattern".to_string()])
-                    } else {
-                        (RailStatus::Success, Vec::new())
-                    }
+    // Rails that block read the text as it came; masks run after them, so one config's mask
+    // cannot hide from another config's detector what the text held.
+    let masks_last = |mask_pass: bool| {
+        move |rail: &&guardrails::Rail| {
+            let is_mask = matches!(
+                rail.kind,
+                RailKind::SensitiveData {
+                    action: RuleAction::Mask,
+                    ..
                 }
-                RailKind::SensitiveData { entities, action } => {
-                    let mut found: Vec<String> = Vec::new();
-                    for p in pieces.iter_mut() {
-                        let changed = sensitive_data(entities, *action, p, &mut found);
-                        masked |= changed;
-                    }
-                    match action {
-                        RuleAction::Block if !found.is_empty() => (RailStatus::Blocked, found),
-                        // Masking lets the text through; the entities are still reported.
-                        _ => (RailStatus::Success, found),
-                    }
-                }
-            };
-            reports.push(RailReport {
-                config: c.id.clone(),
-                flow: rail.flow.clone(),
-                status,
-                categories,
-                latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
-                cached: false,
-                detail: None,
-            });
+            );
+            is_mask == mask_pass
         }
+    };
+    let ordered = [false, true].into_iter().flat_map(|mask_pass| {
+        configs.iter().flat_map(move |c| {
+            c.rails_of(stage)
+                .filter(masks_last(mask_pass))
+                .map(move |r| (c, r))
+        })
+    });
+    for (c, rail) in ordered {
+        let t0 = Instant::now();
+        let (status, categories) = match &rail.kind {
+            RailKind::Model(_) => continue,
+            RailKind::DenyPatterns(patterns) => {
+                let hit = pieces.iter().any(|p| {
+                    patterns
+                        .iter()
+                        .any(|re| re.find_iter(&p.text).any(|m| m.end() > p.released))
+                });
+                if hit {
+                    (RailStatus::Blocked, vec!["deny_pattern".to_string()])
+                } else {
+                    (RailStatus::Success, Vec::new())
+                }
+            }
+            RailKind::SensitiveData { entities, action } => {
+                let mut found: Vec<String> = Vec::new();
+                for p in pieces.iter_mut() {
+                    let changed = sensitive_data(entities, *action, p, &mut found);
+                    masked |= changed;
+                }
+                match action {
+                    RuleAction::Block if !found.is_empty() => (RailStatus::Blocked, found),
+                    // Masking lets the text through; the entities are still reported.
+                    _ => (RailStatus::Success, found),
+                }
+            }
+        };
+        reports.push(RailReport {
+            config: c.id.clone(),
+            flow: rail.flow.clone(),
+            status,
+            categories,
+            latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            cached: false,
+            detail: None,
+        });
     }
     (reports, masked)
 }

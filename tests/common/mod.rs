@@ -172,6 +172,11 @@ fn tool_calls(model: &str) -> Vec<(&'static str, &'static str)> {
             ("get_weather", r#"{"city": "Paris"}"#),
             ("get_time", r#"{"tz": "Europe/Paris"}"#),
         ],
+        // A call that carries a payment card number in its arguments.
+        "card-call" => vec![(
+            "pay",
+            r#"{"card": "4111 1111 1111 1111", "amount": 20, "memo": "for bob@example.com"}"#,
+        )],
         _ => vec![],
     }
 }
