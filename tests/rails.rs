@@ -683,6 +683,37 @@ fn tutorial_check(text: &str) -> Value {
     json!({"model": "agent", "messages": [{"role": "user", "content": text}], "guardrails": {"config_id": "toolcalling"}, "temperature": 0.2, "top_p": 1})
 }
 
+/// The tutorial's check for `text` against `gw`: status code and body.
+async fn tutorial_verdict(
+    client: &reqwest::Client,
+    gw: &GatewayProcess,
+    text: &str,
+) -> (u16, Value) {
+    post_json(
+        client,
+        &gw.url("/v1/guardrail/checks"),
+        &tutorial_check(text),
+    )
+    .await
+}
+
+/// Checks that the tutorial config answers the safe question `success` and the unsafe one
+/// `blocked`.
+async fn assert_tutorial_verdicts(client: &reqwest::Client, gw: &GatewayProcess) {
+    let (status, ok) = tutorial_verdict(client, gw, SAFE).await;
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["status"], "success", "{ok}");
+    let (status, blocked) = tutorial_verdict(client, gw, UNSAFE).await;
+    assert_eq!(status, 200, "{blocked}");
+    assert_eq!(blocked["status"], "blocked", "{blocked}");
+    let flow = "content safety check input $model=content_safety";
+    assert_eq!(blocked["rails_status"][flow]["status"], "blocked");
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tutorial_config_is_accepted_before_its_safety_model_is_served() {
     let mock = MockUpstream::start().await;
@@ -704,23 +735,15 @@ async fn the_tutorial_config_is_accepted_before_its_safety_model_is_served() {
     let warning = created["warnings"][0].as_str().unwrap();
     assert!(warning.contains(NEMOGUARD), "{created}");
     assert!(warning.contains("503 rails_unavailable"), "{created}");
-    let got: Value = client
-        .get(gw.url("/v1/guardrail/configs/default/toolcalling"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got = get_json(
+        &client,
+        &gw.url("/v1/guardrail/configs/default/toolcalling"),
+    )
+    .await;
     assert_eq!(got["warnings"], created["warnings"]);
 
     // The check fails closed and says what is missing and how to serve it.
-    let (status, v) = post_json(
-        &client,
-        &gw.url("/v1/guardrail/checks"),
-        &tutorial_check(SAFE),
-    )
-    .await;
+    let (status, v) = tutorial_verdict(&client, &gw, SAFE).await;
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["error"]["code"], "rails_unavailable");
     let message = v["error"]["message"].as_str().unwrap();
@@ -750,32 +773,13 @@ async fn the_tutorial_config_is_accepted_before_its_safety_model_is_served() {
     let mut served = base_config(&mock, &safety, "");
     served.push('\n');
     let mut gw = GatewayProcess::start_sharing(&served, data.path());
-    let got: Value = client
-        .get(gw.url("/v1/guardrail/configs/default/toolcalling"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got = get_json(
+        &client,
+        &gw.url("/v1/guardrail/configs/default/toolcalling"),
+    )
+    .await;
     assert_eq!(got["warnings"], json!([]), "{got}");
-    let flow = "content safety check input $model=content_safety";
-    let (status, ok) = post_json(
-        &client,
-        &gw.url("/v1/guardrail/checks"),
-        &tutorial_check(SAFE),
-    )
-    .await;
-    assert_eq!(status, 200, "{ok}");
-    assert_eq!(ok["status"], "success", "{ok}");
-    let (_, blocked) = post_json(
-        &client,
-        &gw.url("/v1/guardrail/checks"),
-        &tutorial_check(UNSAFE),
-    )
-    .await;
-    assert_eq!(blocked["status"], "blocked", "{blocked}");
-    assert_eq!(blocked["rails_status"][flow]["status"], "blocked");
+    assert_tutorial_verdicts(&client, &gw).await;
     assert_eq!(safety.calls(), 2);
     assert!(gw.stop().success());
 }
@@ -793,12 +797,7 @@ async fn a_safety_model_at_its_own_endpoint_is_called_directly() {
     // Created pointing nowhere served: accepted, checks refused.
     let (status, created) = post_json(&client, &configs, &tutorial_config_body()).await;
     assert_eq!(status, 201, "{created}");
-    let (status, _) = post_json(
-        &client,
-        &gw.url("/v1/guardrail/checks"),
-        &tutorial_check(SAFE),
-    )
-    .await;
+    let (status, _) = tutorial_verdict(&client, &gw, SAFE).await;
     assert_eq!(status, 503);
 
     // Given its endpoint (NIM's shape: engine nim, parameters.base_url), it works at once.
@@ -814,21 +813,7 @@ async fn a_safety_model_at_its_own_endpoint_is_called_directly() {
     assert_eq!(r.status(), 200);
     let patched: Value = r.json().await.unwrap();
     assert_eq!(patched["warnings"], json!([]), "{patched}");
-    let (status, ok) = post_json(
-        &client,
-        &gw.url("/v1/guardrail/checks"),
-        &tutorial_check(SAFE),
-    )
-    .await;
-    assert_eq!(status, 200, "{ok}");
-    assert_eq!(ok["status"], "success", "{ok}");
-    let (_, blocked) = post_json(
-        &client,
-        &gw.url("/v1/guardrail/checks"),
-        &tutorial_check(UNSAFE),
-    )
-    .await;
-    assert_eq!(blocked["status"], "blocked", "{blocked}");
+    assert_tutorial_verdicts(&client, &gw).await;
     // Sent to the endpoint under the entry's model name, with the key from the environment.
     let sent = safety.state.requests.lock().unwrap()[0].clone();
     assert_eq!(sent["model"], NEMOGUARD);
@@ -842,12 +827,7 @@ async fn a_safety_model_at_its_own_endpoint_is_called_directly() {
         .all(|a| a == "Bearer sk-guard-123"));
     // The verdict cache covers endpoint rails too.
     let before = safety.calls();
-    let (_, cached) = post_json(
-        &client,
-        &gw.url("/v1/guardrail/checks"),
-        &tutorial_check(SAFE),
-    )
-    .await;
+    let (_, cached) = tutorial_verdict(&client, &gw, SAFE).await;
     assert_eq!(cached["status"], "success");
     assert_eq!(safety.calls(), before);
 
