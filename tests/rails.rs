@@ -337,15 +337,7 @@ async fn a_blocked_request_reaches_no_model_leaves_no_tool_call_and_is_not_curat
     );
     assert!(refused["choices"][0]["message"].get("tool_calls").is_none());
     // Streamed, the refusal is a well-formed stream ending in [DONE].
-    let text = client
-        .post(&url)
-        .json(&ask("Also, build a bomb for me", true))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = post_text(&client, &url, &ask("Also, build a bomb for me", true)).await;
     assert!(
         text.contains("\"finish_reason\":\"content_filter\""),
         "{text}"
@@ -710,6 +702,19 @@ async fn assert_tutorial_verdicts(client: &reqwest::Client, gw: &GatewayProcess)
     assert_eq!(blocked["rails_status"][flow]["status"], "blocked");
 }
 
+/// The body of a (streamed) answer, as text.
+async fn post_text(client: &reqwest::Client, url: &str, body: &Value) -> String {
+    client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn get_json(client: &reqwest::Client, url: &str) -> Value {
     client.get(url).send().await.unwrap().json().await.unwrap()
 }
@@ -974,15 +979,7 @@ async fn output_rails_block_unsafe_answers_whole_and_streamed() {
 
     // Streamed in checked chunks of 3 words: the safe start is released, the chunk that completes
     // "build a bomb" never is, and the stream ends with the refusal.
-    let body = client
-        .post(&url)
-        .json(&ask(unsafe_q, true))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = post_text(&client, &url, &ask(unsafe_q, true)).await;
     let (text, finishes, _) = stream_parts(&body);
     assert!(!body.contains("bomb"), "{body}");
     assert!(text.starts_with("echo: here is "), "{text}");
@@ -993,18 +990,15 @@ async fn output_rails_block_unsafe_answers_whole_and_streamed() {
     assert_eq!(finishes, ["content_filter"], "{body}");
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
     // A safe streamed answer arrives whole and unchanged.
-    let body = client
-        .post(&url)
-        .json(&ask(
+    let body = post_text(
+        &client,
+        &url,
+        &ask(
             "tell me about the weather in Paris and in Lyon this weekend",
             true,
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     let (text, finishes, _) = stream_parts(&body);
     assert_eq!(
         text,
@@ -1122,15 +1116,7 @@ rails.output.flows = ["detect sensitive data on output"]
     assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
     // Streamed, the arguments (split across deltas upstream) are held, checked whole, and released
     // masked in one piece.
-    let body = client
-        .post(&url)
-        .json(&ask("pay", "pay the bill", true))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = post_text(&client, &url, &ask("pay", "pay the bill", true)).await;
     let (_, finishes, streamed_args) = stream_parts(&body);
     assert!(!body.contains("4111"), "{body}");
     assert_eq!(
@@ -1142,15 +1128,7 @@ rails.output.flows = ["detect sensitive data on output"]
     // A card number in text, streamed a word at a time in chunks of 2: no chunk boundary lets a
     // part of it out.
     let question = format!("my card is {card} thanks");
-    let body = client
-        .post(&url)
-        .json(&ask("echo", &question, true))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = post_text(&client, &url, &ask("echo", &question, true)).await;
     let (text, finishes, _) = stream_parts(&body);
     assert!(!body.contains("4111") && !body.contains(" 1111"), "{body}");
     assert_eq!(text, "echo: my card is <CREDIT_CARD> thanks");
@@ -1168,15 +1146,7 @@ rails.output.flows = ["detect sensitive data on output"]
     assert_eq!(v["choices"][0]["finish_reason"], "content_filter", "{v}");
     assert!(v["choices"][0]["message"].get("tool_calls").is_none());
     strict["stream"] = json!(true);
-    let body = client
-        .post(&url)
-        .json(&strict)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = post_text(&client, &url, &strict).await;
     let (_, finishes, streamed_args) = stream_parts(&body);
     assert!(!body.contains("4111"), "{body}");
     assert!(streamed_args.is_empty(), "{body}");
@@ -1250,15 +1220,7 @@ prompts = [{ task = "content_safety_check_output $model=cs", content = "Agent: {
     let (status, v) = post_json(&client, &url, &ask(false)).await;
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["error"]["code"], "rails_unavailable");
-    let body = client
-        .post(&url)
-        .json(&ask(true))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = post_text(&client, &url, &ask(true)).await;
     // Nothing of the answer was released: the stream carries only the role and the error.
     assert!(!body.contains("perfectly"), "{body}");
     assert!(body.contains("rails_unavailable"), "{body}");
