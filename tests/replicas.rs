@@ -299,3 +299,87 @@ fn a_bad_or_unreachable_store_stops_the_start_with_the_cause() {
     assert!(out.contains("not a valid PostgreSQL URL"), "{out}");
     assert!(!out.contains("hunter2"), "{out}");
 }
+
+/// What replica `gw` answers a request checked against guardrail config `default/shared`: the
+/// status and the error code.
+async fn guarded(client: &reqwest::Client, gw: &GatewayProcess, text: &str) -> (u16, Value) {
+    let mut body = user_request("agent", text);
+    body["guardrails"] = json!({"config_id": "shared"});
+    let r = client
+        .post(gw.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    (status, v["error"]["code"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guardrail_config_changed_through_one_replica_is_followed_by_the_others() {
+    let Some((_db, url)) = fresh_postgres("replicas_share_guardrails") else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let client = reqwest::Client::new();
+    let mut config = upstream_toml("mock", &mock.base_url(), "");
+    config.push_str(&route_toml("agent", "mock", "echo", ""));
+    config.push_str(&format!("[store]\nurl = \"{url}\"\n"));
+    let mut a = GatewayProcess::start(&config);
+    let mut b = GatewayProcess::start(&config);
+    let deny = |pattern: &str| json!({"rails": {"input": {"flows": ["regex check input"]}, "config": {"regex_detection": {"input": {"patterns": [pattern]}}}}});
+
+    // Created on one replica: the other checks with it.
+    let r = client
+        .post(a.url("/v1/guardrail/configs"))
+        .json(&json!({"name": "shared", "data": deny("(?i)drop\\s+table")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let took = within(
+        Duration::from_secs(10),
+        "the config reaches the other replica",
+        || async {
+            guarded(&client, &b, "please DROP TABLE users").await == (400, json!("content_filter"))
+        },
+    )
+    .await;
+    println!("the guardrail config reached the other replica in {took:?}");
+    assert_eq!(guarded(&client, &b, "rm -rf /").await.0, 200);
+
+    // Changed on the other: followed back.
+    let r = client
+        .patch(b.url("/v1/guardrail/configs/default/shared"))
+        .json(&json!({"data": deny("(?i)rm\\s+-rf")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    within(
+        Duration::from_secs(10),
+        "the change reaches the first replica",
+        || async { guarded(&client, &a, "rm -rf /").await == (400, json!("content_filter")) },
+    )
+    .await;
+    assert_eq!(guarded(&client, &a, "please DROP TABLE users").await.0, 200);
+
+    // Deleted: gone everywhere.
+    let r = client
+        .delete(a.url("/v1/guardrail/configs/default/shared"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    within(
+        Duration::from_secs(10),
+        "the deletion reaches the other replica",
+        || async {
+            guarded(&client, &b, "hello").await == (400, json!("guardrail_config_not_found"))
+        },
+    )
+    .await;
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+}

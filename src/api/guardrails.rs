@@ -59,6 +59,16 @@ fn with_warnings(state: &AppState, mut v: Value) -> Value {
     v
 }
 
+/// Tells replicas sharing this store that the configs changed (they also re-read them every few
+/// seconds); nothing to do on a store of one's own.
+async fn announce(state: &AppState) {
+    if let Some(flywheel) = &state.flywheel {
+        if let Err(e) = flywheel.announce_guardrails().await {
+            tracing::warn!(error = %e, "cannot tell the other replicas of the guardrail change; they see it within seconds");
+        }
+    }
+}
+
 /// The config file's declared configs, in the API's shape.
 fn declared_json(state: &AppState) -> Vec<Value> {
     state
@@ -118,7 +128,8 @@ pub async fn create(
     })
     .await?;
     let warnings = state.gateway.rails().warnings(&c, state.gateway.as_ref());
-    state.gateway.rails().install(c);
+    state.gateway.rails().install_stored(c, &stored.updated_at);
+    announce(&state).await;
     if warnings.is_empty() {
         tracing::info!(config = %id, "guardrail config created");
     } else {
@@ -248,8 +259,9 @@ pub async fn patch(
     })
     .await?;
     if let Some(c) = c {
-        state.gateway.rails().install(c);
+        state.gateway.rails().install_stored(c, &stored.updated_at);
     }
+    announce(&state).await;
     tracing::info!(config = %id, "guardrail config updated");
     Ok(Json(with_warnings(&state, stored.to_json("api"))))
 }
@@ -268,6 +280,7 @@ pub async fn delete(
     }
     with_db(&state, move |c| Ok(guardrails::delete(c, &ns, &name)?)).await?;
     state.gateway.rails().remove(&id);
+    announce(&state).await;
     tracing::info!(config = %id, "guardrail config deleted");
     Ok(Json(
         json!({"message": "Resource deleted successfully.", "id": id, "deleted_at": entities::now()}),

@@ -206,7 +206,7 @@ impl Gateway {
                     if let Err(e) = self.rails.check_models(&compiled, self) {
                         tracing::warn!(error = %e, "installing the guardrail config anyway: its checks will fail closed until the model is served");
                     }
-                    self.rails.install(compiled);
+                    self.rails.install_stored(compiled, &c.updated_at);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "a stored guardrail config no longer compiles; requests naming it are refused")
@@ -225,6 +225,36 @@ impl Gateway {
             }
         }
         Ok(())
+    }
+
+    /// Follows the guardrail configs another replica changed in the shared store: installs new and
+    /// changed ones, removes deleted ones (the config file's own are never touched).
+    pub fn follow_guardrails(&self, stored: &[crate::store::guardrails::StoredGuardrailConfig]) {
+        use crate::rails::guardrails::compile;
+        for c in stored {
+            let id = c.id();
+            if self.declared_guardrails(&id).is_some()
+                || self.rails.stored_version(&id).as_deref() == Some(c.updated_at.as_str())
+            {
+                continue;
+            }
+            match compile(&id, &c.data) {
+                Ok(compiled) => {
+                    self.rails.install_stored(compiled, &c.updated_at);
+                    tracing::info!(config = %id, "guardrail config followed from the shared store");
+                }
+                Err(e) => {
+                    self.rails.remove(&id);
+                    tracing::error!(error = %e, "a stored guardrail config does not compile; requests naming it are refused");
+                }
+            }
+        }
+        for id in self.rails.stored_ids() {
+            if !stored.iter().any(|c| c.id() == id) {
+                self.rails.remove(&id);
+                tracing::info!(config = %id, "guardrail config removed, as in the shared store");
+            }
+        }
     }
 
     /// Whether a route's config file names `id` as its guardrail config.

@@ -527,6 +527,9 @@ impl VerdictCache {
 pub struct Rails {
     settings: RailsConfig,
     configs: RwLock<HashMap<String, Arc<GuardrailConfig>>>,
+    /// The stored version (`updated_at`) of each config installed from the store, so replicas
+    /// sharing one store can follow each other's changes.
+    stored: RwLock<HashMap<String, String>>,
     cache: VerdictCache,
 }
 
@@ -540,6 +543,7 @@ impl Rails {
             },
             settings: settings.clone(),
             configs: RwLock::new(HashMap::new()),
+            stored: RwLock::new(HashMap::new()),
         }
     }
 
@@ -607,9 +611,33 @@ impl Rails {
         }
     }
 
+    /// Installs a config from the store at its stored version.
+    pub fn install_stored(&self, config: GuardrailConfig, version: &str) {
+        if let Ok(mut v) = self.stored.write() {
+            v.insert(config.id.clone(), version.to_string());
+        }
+        self.install(config);
+    }
+
+    /// The stored version of an installed config from the store.
+    pub fn stored_version(&self, id: &str) -> Option<String> {
+        self.stored.read().ok()?.get(id).cloned()
+    }
+
+    /// The ids of the configs installed from the store.
+    pub fn stored_ids(&self) -> Vec<String> {
+        self.stored
+            .read()
+            .map(|v| v.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn remove(&self, id: &str) {
         if let Ok(mut map) = self.configs.write() {
             map.remove(id);
+        }
+        if let Ok(mut v) = self.stored.write() {
+            v.remove(id);
         }
     }
 

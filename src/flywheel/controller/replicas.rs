@@ -4,7 +4,8 @@
 //! the server frees when the leader's connection ends. The rollout each route serves is kept in
 //! `route_rollouts`: whoever changes it (the leader's flywheel, or an operator through any
 //! replica's admin API) writes it there and notifies; every replica listens and follows, and
-//! reads the whole table again every few seconds in case a notification was missed.
+//! reads the whole table again every few seconds in case a notification was missed. Guardrail
+//! configs created, changed or deleted through any replica's API are followed the same way.
 //!
 //! On SQLite (one process) the replica leads and nothing is published.
 
@@ -58,6 +59,24 @@ impl FlywheelController {
             Ok::<_, StoreError>(())
         })?;
         Ok(())
+    }
+
+    /// Tells the other replicas that the guardrail configs changed in the store (they follow at
+    /// once, as they do rollouts; nothing on SQLite).
+    pub async fn announce_guardrails(self: &Arc<Self>) -> Result<(), FlywheelError> {
+        if !self.replicated() {
+            return Ok(());
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            me.conn()?.execute(
+                &format!("SELECT pg_notify('{CHANNEL}', ?1)"),
+                args!["guardrails"],
+            )?;
+            Ok::<_, FlywheelError>(())
+        })
+        .await
+        .map_err(|e| FlywheelError::Invalid(format!("internal error: {e}")))?
     }
 
     /// Shares an operator's change of a route's rollout (made on this replica) with the others.
@@ -143,9 +162,14 @@ impl FlywheelController {
         }
     }
 
-    /// Serves what the store says each route serves, where that differs from what is installed.
+    /// Serves what the store says each route serves, where that differs from what is installed,
+    /// and checks with the guardrail configs the store holds.
     fn reconcile(&self) -> Result<(), FlywheelError> {
         let conn = self.conn()?;
+        match crate::store::guardrails::list(&conn) {
+            Ok(configs) => self.gateway.follow_guardrails(&configs),
+            Err(e) => tracing::warn!(error = %e, "cannot read the stored guardrail configs"),
+        }
         let stored: Vec<(String, String, String)> = conn.query(
             "SELECT route, rollout, origin FROM route_rollouts ORDER BY route",
             &[],
