@@ -434,6 +434,113 @@ prompts = [{ task = "llama_guard_check_input", messages = [{ type = "system", co
     assert!(gw.stop().success());
 }
 
+/// The text and finish reasons of a streamed chat answer.
+fn streamed_text(body: &str) -> (String, Vec<String>) {
+    let mut text = String::new();
+    let mut finishes = Vec::new();
+    for e in sse_events(body) {
+        if e == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&e).unwrap();
+        for c in v["choices"].as_array().unwrap() {
+            text.push_str(c["delta"]["content"].as_str().unwrap_or(""));
+            if let Some(f) = c["finish_reason"].as_str() {
+                finishes.push(f.to_string());
+            }
+        }
+    }
+    (text, finishes)
+}
+
+/// Output rails on the engine's own stream: a rail that passes leaves the streamed answer exactly
+/// as the engine wrote it; a deny pattern on a word the engine will write stops the stream before
+/// that word reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_rails_hold_and_release_the_engines_own_stream() {
+    let path = tokio::task::spawn_blocking(default_model).await.unwrap();
+    let gw = GatewayProcess::start(&local_config(&path, ""));
+    let client = reqwest::Client::new();
+    let ask = |config_id: Option<&str>| {
+        let mut body = json!({"model": "smol", "temperature": 0, "max_tokens": 32, "stream": true,
+            "messages": [{"role": "user", "content": "Describe the city of Paris in two sentences."}]});
+        if let Some(id) = config_id {
+            body["guardrails"] = json!({"config_id": id});
+        }
+        body
+    };
+    let stream = |body: Value| {
+        let client = client.clone();
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let (plain, finishes) = streamed_text(&stream(ask(None)).await);
+    assert_eq!(finishes.len(), 1, "{plain}");
+    // A word first written past the first third of the answer, which the deny pattern will name.
+    let words: Vec<&str> = plain
+        .split(|c: char| !c.is_alphabetic())
+        .filter(|w| w.len() >= 4)
+        .collect();
+    assert!(
+        words.len() >= 2,
+        "the engine's answer is too short to test with: {plain:?}"
+    );
+    let word = words
+        .iter()
+        .find(|w| plain.find(*w).is_some_and(|at| at > plain.len() / 3))
+        .copied()
+        .unwrap_or(words[words.len() - 1]);
+    let create = |name: &str, pattern: &str| {
+        json!({"name": name, "data": {"rails": {
+            "output": {"flows": ["regex check output"], "streaming": {"enabled": true, "chunk_size": 2, "context_size": 4}},
+            "config": {"regex_detection": {"output": {"patterns": [pattern]}}}}}})
+    };
+    for (name, pattern) in [
+        ("passes", "zqxj{3}".to_string()),
+        ("denies", regex::escape(word)),
+    ] {
+        let r = client
+            .post(gw.url("/v1/guardrail/configs"))
+            .json(&create(name, &pattern))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let (passed, finishes_passed) = streamed_text(&stream(ask(Some("passes"))).await);
+    assert_eq!(
+        passed, plain,
+        "a rail that passes changed the engine's stream"
+    );
+    assert_eq!(finishes_passed, finishes);
+    let body = stream(ask(Some("denies"))).await;
+    let (denied, finishes_denied) = streamed_text(&body);
+    let refusal = "The answer was withheld by the content-safety policy.";
+    let released = denied
+        .strip_suffix(refusal)
+        .unwrap_or_else(|| panic!("{body}"));
+    assert!(
+        !released.contains(word),
+        "'{word}' reached the client: {released:?}"
+    );
+    assert!(
+        plain.starts_with(released),
+        "{released:?} is not the start of {plain:?}"
+    );
+    assert_eq!(finishes_denied, ["content_filter"]);
+    eprintln!("engine answer: {plain:?}; denied '{word}', released {released:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_prompt_prefix_is_reused_and_changes_no_answer() {
     let path = tokio::task::spawn_blocking(default_model).await.unwrap();
