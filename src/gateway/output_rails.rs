@@ -213,6 +213,15 @@ struct HeldCall {
     arguments: String,
 }
 
+/// One check's worth of a choice: the pieces to check, each text field with the streamed pieces
+/// it releases, and (at the end of the choice) its tool calls.
+#[derive(Default)]
+struct HeldChunk {
+    pieces: Vec<Piece>,
+    fields: Vec<(&'static str, Vec<String>)>,
+    calls: Vec<(u64, HeldCall)>,
+}
+
 #[derive(Default)]
 struct HeldChoice {
     fields: BTreeMap<&'static str, HeldText>,
@@ -430,12 +439,44 @@ impl StreamGuard {
     /// Checks what choice `index` holds and releases it (or blocks the choice). `last` releases
     /// everything, tool calls included; otherwise a trailing word may stay held for rule rails.
     async fn flush(&mut self, index: u64, last: bool, out: &mut Released) {
-        let Some(held) = self.choices.get_mut(&index) else {
+        let Some(mut chunk) = self.take_chunk(index, last) else {
             return;
         };
-        let mut pieces = Vec::new();
-        // Each checked field with the streamed pieces it releases (kept as context, one by one).
-        let mut fields: Vec<(&'static str, Vec<String>)> = Vec::new();
+        let gateway = self.gateway.clone();
+        let checked = gateway
+            .rails()
+            .check_output(
+                &self.check.ids,
+                &self.check.conversation,
+                &mut chunk.pieces,
+                gateway.as_ref(),
+            )
+            .await;
+        let outcome = match checked {
+            Ok(o) => o,
+            Err(e) => {
+                out.failure = Some(rails_error(&e));
+                return;
+            }
+        };
+        let (status, masked) = (outcome.status, outcome.masked);
+        let failure = failure_of(&outcome);
+        self.outcome.absorb(outcome);
+        if let Some(e) = failure {
+            out.failure = Some(e);
+        } else if status == CheckStatus::Blocked {
+            self.block(index, out);
+        } else {
+            self.release(index, last, chunk, masked, out);
+        }
+    }
+
+    /// Takes what choice `index` has ready to check: each text field's held pieces (all of them
+    /// when `last`, else those of a full chunk, short of a trailing word held for rule rails), with
+    /// its released context in front, and when `last` its tool calls.
+    fn take_chunk(&mut self, index: u64, last: bool) -> Option<HeldChunk> {
+        let held = self.choices.get_mut(&index)?;
+        let mut chunk = HeldChunk::default();
         for (&field, text) in &mut held.fields {
             if text.pending.is_empty() || (!last && text.pending.len() < self.streaming.chunk_size)
             {
@@ -454,59 +495,40 @@ impl StreamGuard {
                 continue;
             }
             let context = text.context.iter().map(String::as_str).collect::<String>();
-            pieces.push(Piece {
+            chunk.pieces.push(Piece {
                 kind: PieceKind::Text,
                 released: context.len(),
                 text: context + &released.concat(),
             });
-            fields.push((field, released));
+            chunk.fields.push((field, released));
         }
-        let calls: Vec<(u64, HeldCall)> = if last {
-            std::mem::take(&mut held.calls).into_iter().collect()
-        } else {
-            Vec::new()
-        };
-        for (_, call) in &calls {
-            pieces.push(Piece::arguments(call.name.clone(), call.arguments.clone()));
+        if last {
+            chunk.calls = std::mem::take(&mut held.calls).into_iter().collect();
         }
-        if pieces.is_empty() {
-            return;
+        for (_, call) in &chunk.calls {
+            chunk
+                .pieces
+                .push(Piece::arguments(call.name.clone(), call.arguments.clone()));
         }
-        let gateway = self.gateway.clone();
-        let checked = gateway
-            .rails()
-            .check_output(
-                &self.check.ids,
-                &self.check.conversation,
-                &mut pieces,
-                gateway.as_ref(),
-            )
-            .await;
-        let outcome = match checked {
-            Ok(o) => o,
-            Err(e) => {
-                out.failure = Some(rails_error(&e));
-                return;
-            }
-        };
-        let (status, masked) = (outcome.status, outcome.masked);
-        let failure = failure_of(&outcome);
-        self.outcome.absorb(outcome);
-        if let Some(e) = failure {
-            out.failure = Some(e);
-            return;
-        }
-        if status == CheckStatus::Blocked {
-            self.block(index, out);
-            return;
-        }
+        (!chunk.pieces.is_empty()).then_some(chunk)
+    }
+
+    /// Sends a checked chunk (as the rails left it) to the client and keeps its text as context.
+    fn release(
+        &mut self,
+        index: u64,
+        last: bool,
+        chunk: HeldChunk,
+        masked: bool,
+        out: &mut Released,
+    ) {
         let context_size = self.streaming.context_size;
         let Some(held) = self.choices.get_mut(&index) else {
             return;
         };
         held.masked |= masked;
         let mut delta = Map::new();
-        for ((field, released), piece) in fields.iter().zip(&pieces) {
+        for ((field, released), piece) in chunk.fields.iter().zip(&chunk.pieces) {
             let text = piece.unreleased().to_string();
             if let Some(t) = held.fields.get_mut(field) {
                 if released.concat() == text {
@@ -521,10 +543,11 @@ impl StreamGuard {
             }
             delta.insert((*field).to_string(), json!(text));
         }
-        if !calls.is_empty() {
-            let list: Vec<Value> = calls
+        if !chunk.calls.is_empty() {
+            let list: Vec<Value> = chunk
+                .calls
                 .iter()
-                .zip(&pieces[fields.len()..])
+                .zip(&chunk.pieces[chunk.fields.len()..])
                 .map(|((i, call), piece)| {
                     json!({"index": i, "id": call.id.clone().unwrap_or(Value::Null), "type": "function",
                            "function": {"name": call.name, "arguments": piece.text}})
