@@ -953,6 +953,22 @@ async fn output_rails_block_unsafe_answers_whole_and_streamed() {
         "guardrails = \"answers\"",
     ));
     config.push_str(&output_config("mask", 3));
+    // Llama Guard on output, with no prompt: it is sent the conversation, the answer last.
+    config.push_str(&route_toml(
+        "echo-lg",
+        "llm",
+        "echo",
+        "guardrails = \"lg-out\"",
+    ));
+    config.push_str(
+        r#"
+[[rails.configs]]
+name = "lg-out"
+[rails.configs.data]
+models = [{ type = "llama_guard", engine = "vllm_openai", model = "llama-guard" }]
+rails.output.flows = ["llama guard check output"]
+"#,
+    );
     let mut gw = GatewayProcess::start(&config);
     let client = reqwest::Client::new();
     let url = gw.url("/v1/chat/completions");
@@ -1023,6 +1039,28 @@ async fn output_rails_block_unsafe_answers_whole_and_streamed() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["stop_reason"], "refusal", "{v}");
     assert!(!v.to_string().contains("bomb"), "{v}");
+
+    // Llama Guard judges the answer as the conversation's last (assistant) turn.
+    let lg =
+        |text: &str| json!({"model": "echo-lg", "messages": [{"role": "user", "content": text}]});
+    let (_, v) = post_json(&client, &url, &lg("what is the capital of France")).await;
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let (_, v) = post_json(&client, &url, &lg(unsafe_q)).await;
+    assert_eq!(v["choices"][0]["finish_reason"], "content_filter", "{v}");
+    let sent = safety
+        .state
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|r| r["model"] == "llama-guard-3")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "user", "content": unsafe_q}, {"role": "assistant", "content": format!("echo: {unsafe_q}")}])
+    );
     assert!(gw.stop().success());
 
     // The rows keep both verdicts; blocked answers are blocked rows, which curation leaves out.
