@@ -434,25 +434,6 @@ prompts = [{ task = "llama_guard_check_input", messages = [{ type = "system", co
     assert!(gw.stop().success());
 }
 
-/// The text and finish reasons of a streamed chat answer.
-fn streamed_text(body: &str) -> (String, Vec<String>) {
-    let mut text = String::new();
-    let mut finishes = Vec::new();
-    for e in sse_events(body) {
-        if e == "[DONE]" {
-            continue;
-        }
-        let v: Value = serde_json::from_str(&e).unwrap();
-        for c in v["choices"].as_array().unwrap() {
-            text.push_str(c["delta"]["content"].as_str().unwrap_or(""));
-            if let Some(f) = c["finish_reason"].as_str() {
-                finishes.push(f.to_string());
-            }
-        }
-    }
-    (text, finishes)
-}
-
 /// Output rails on the engine's own stream: a rail that passes leaves the streamed answer exactly
 /// as the engine wrote it; a deny pattern on a word the engine will write stops the stream before
 /// that word reaches the client.
@@ -484,7 +465,7 @@ async fn output_rails_hold_and_release_the_engines_own_stream() {
                 .unwrap()
         }
     };
-    let (plain, finishes) = streamed_text(&stream(ask(None)).await);
+    let (plain, finishes, _) = stream_parts(&stream(ask(None)).await);
     assert_eq!(finishes.len(), 1, "{plain}");
     // A word first written past the first third of the answer, which the deny pattern will name.
     let words: Vec<&str> = plain
@@ -517,14 +498,14 @@ async fn output_rails_hold_and_release_the_engines_own_stream() {
             .unwrap();
         assert_eq!(r.status(), 201);
     }
-    let (passed, finishes_passed) = streamed_text(&stream(ask(Some("passes"))).await);
+    let (passed, finishes_passed, _) = stream_parts(&stream(ask(Some("passes"))).await);
     assert_eq!(
         passed, plain,
         "a rail that passes changed the engine's stream"
     );
     assert_eq!(finishes_passed, finishes);
     let body = stream(ask(Some("denies"))).await;
-    let (denied, finishes_denied) = streamed_text(&body);
+    let (denied, finishes_denied, _) = stream_parts(&body);
     let refusal = "The answer was withheld by the content-safety policy.";
     let released = denied
         .strip_suffix(refusal)

@@ -916,31 +916,6 @@ prompts = [{{ task = "content_safety_check_output $model=content_safety", messag
     )
 }
 
-/// The client-visible text of an SSE chat stream, its finish reasons, and its tool calls' arguments.
-fn stream_parts(body: &str) -> (String, Vec<String>, String) {
-    let mut text = String::new();
-    let mut finishes = Vec::new();
-    let mut args = String::new();
-    for e in sse_events(body) {
-        if e == "[DONE]" {
-            continue;
-        }
-        let v: Value = serde_json::from_str(&e).unwrap();
-        for c in v["choices"].as_array().unwrap() {
-            if let Some(t) = c["delta"]["content"].as_str() {
-                text.push_str(t);
-            }
-            if let Some(f) = c["finish_reason"].as_str() {
-                finishes.push(f.to_string());
-            }
-            for tc in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
-                args.push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
-            }
-        }
-    }
-    (text, finishes, args)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_rails_block_unsafe_answers_whole_and_streamed() {
     let mock = MockUpstream::start().await;

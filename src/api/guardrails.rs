@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use super::extract::{Admin, Inference, JsonObject, Query};
 use super::{with_db, AppState};
 use crate::rails::guardrails::{compile, identity};
-use crate::rails::{CheckOutcome, CheckStatus, Piece, Stage};
+use crate::rails::{AnswerText, CheckOutcome, CheckStatus, Stage};
 use crate::store::entities::{self, check_name};
 use crate::store::guardrails::{self, StoredGuardrailConfig};
 use crate::wire::error::ApiError;
@@ -319,7 +319,7 @@ pub async fn check(
     let ids = state.gateway.guardrail_ids(model, body.get("guardrails"))?;
     let input = state.gateway.check_rails(&ids, messages).await?;
     let output = match answer_of(messages) {
-        Some(mut pieces)
+        Some(mut answer)
             if input.status == CheckStatus::Passed
                 && state.gateway.rails().has_output_rails(&ids) =>
         {
@@ -327,45 +327,28 @@ pub async fn check(
             let before = &conversation[..conversation.len() - 1];
             let outcome = state
                 .gateway
-                .check_output_rails(&ids, before, &mut pieces)
+                .check_output_rails(&ids, before, &mut answer.pieces)
                 .await?;
-            Some((outcome, pieces))
+            Some((outcome, answer))
         }
         _ => None,
     };
     Ok(Json(check_reply(&input, output.as_ref(), messages)))
 }
 
-/// The answer a check request ends with (its last message, when the assistant's): text, then each
-/// tool call's arguments.
-fn answer_of(messages: &[Value]) -> Option<Vec<Piece>> {
+/// The answer a check request ends with (its last message, when the assistant's).
+fn answer_of(messages: &[Value]) -> Option<AnswerText> {
     let last = messages.last()?;
     if last.get("role").and_then(Value::as_str) != Some("assistant") {
         return None;
     }
-    let mut pieces = Vec::new();
-    if let Some(t) = last.get("content").and_then(Value::as_str) {
-        pieces.push(Piece::text(t));
-    }
-    for c in last
-        .get("tool_calls")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let name = c.pointer("/function/name").and_then(Value::as_str);
-        let args = c.pointer("/function/arguments").and_then(Value::as_str);
-        if let (Some(n), Some(a)) = (name, args) {
-            pieces.push(Piece::arguments(n, a));
-        }
-    }
-    (!pieces.is_empty()).then_some(pieces)
+    Some(AnswerText::read(last, false)).filter(|a| !a.is_empty())
 }
 
 /// The check's answer in NeMo's shape, both stages' verdicts summed.
 fn check_reply(
     input: &CheckOutcome,
-    output: Option<&(CheckOutcome, Vec<Piece>)>,
+    output: Option<&(CheckOutcome, AnswerText)>,
     messages: &[Value],
 ) -> Value {
     let record = crate::rails::record(input, output.map(|(o, _)| o));
@@ -393,10 +376,10 @@ fn check_reply(
         "log": {"activated_rails": activated},
     });
     let mut masked = input.masked_messages.clone();
-    if let Some((o, pieces)) = output.filter(|(o, _)| o.masked) {
+    if let Some((o, answer)) = output.filter(|(o, _)| o.masked) {
         let mut all = masked.unwrap_or_else(|| messages.to_vec());
         if let Some(last) = all.last_mut() {
-            write_answer(last, pieces);
+            answer.write_into(last);
         }
         masked = Some(all);
         data["output_masked"] = json!(o.masked);
@@ -412,25 +395,4 @@ fn check_reply(
         "rails_status": Value::Object(rails_status),
         "guardrails_data": data,
     })
-}
-
-/// Writes masked answer pieces back into the assistant message they were read from.
-fn write_answer(message: &mut Value, pieces: &[Piece]) {
-    let mut rest = pieces.iter();
-    if message.get("content").is_some_and(Value::is_string) {
-        if let Some(p) = rest.next() {
-            message["content"] = json!(p.text);
-        }
-    }
-    if let Some(calls) = message.get_mut("tool_calls").and_then(Value::as_array_mut) {
-        for c in calls.iter_mut() {
-            if c.pointer("/function/arguments")
-                .is_some_and(Value::is_string)
-            {
-                if let (Some(p), Some(slot)) = (rest.next(), c.pointer_mut("/function/arguments")) {
-                    *slot = json!(p.text);
-                }
-            }
-        }
-    }
 }

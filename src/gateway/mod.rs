@@ -336,30 +336,7 @@ impl Gateway {
         self.rails
             .check(ids, messages, self)
             .await
-            .map_err(|e| self.rails_api_error(e))
-    }
-
-    /// A reason a check cannot run, in the API's envelope.
-    fn rails_api_error(&self, e: RailsError) -> ApiError {
-        match &e {
-            RailsError::UnknownConfig(_) => {
-                ApiError::invalid_param("guardrails.config_id", e.to_string())
-                    .with_code("guardrail_config_not_found")
-            }
-            RailsError::UnsupportedContent { message, part, .. } => ApiError::invalid_param(
-                &format!("messages[{message}].content[{part}]"),
-                e.to_string(),
-            )
-            .with_code("unsupported_content"),
-            RailsError::InputTooLarge { .. } => ApiError::invalid_param("messages", e.to_string())
-                .with_code("rails_input_too_large"),
-            RailsError::ModelUnavailable { .. } => ApiError::new(
-                http::StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                e.to_string(),
-            )
-            .with_code("rails_unavailable"),
-        }
+            .map_err(rails_api_error)
     }
 
     /// Runs the output rails of `ids` over an answer to `conversation`, masking it in place.
@@ -372,7 +349,7 @@ impl Gateway {
         self.rails
             .check_output(ids, conversation, answer, self)
             .await
-            .map_err(|e| self.rails_api_error(e))
+            .map_err(rails_api_error)
     }
 
     /// Background work (stream pumps, shadows) that shutdown must wait for.
@@ -535,8 +512,10 @@ impl Gateway {
                         // Output rails read a chat (or text) completion: the answer comes back
                         // through the translation, never in a door's native shape.
                         native = None;
+                        // What the input rails read, as they left it.
+                        let conversation = outcome.masked_messages.clone().unwrap_or(messages);
                         output = Some(OutputCheck {
-                            conversation: rails_input(api, &body),
+                            conversation,
                             ids,
                             input: outcome,
                         });
@@ -1199,6 +1178,30 @@ fn validate(api: Api, body: &Map<String, Value>) -> Result<ChatRequestInfo, ApiE
         Api::Completions => crate::wire::completions::validate_completion_request(body),
         Api::Embeddings => crate::wire::completions::validate_embedding_request(body),
         _ => crate::wire::chat::validate_chat_request(body),
+    }
+}
+
+/// A reason a check cannot run, in the API's envelope.
+fn rails_api_error(e: RailsError) -> ApiError {
+    match &e {
+        RailsError::UnknownConfig(_) => {
+            ApiError::invalid_param("guardrails.config_id", e.to_string())
+                .with_code("guardrail_config_not_found")
+        }
+        RailsError::UnsupportedContent { message, part, .. } => ApiError::invalid_param(
+            &format!("messages[{message}].content[{part}]"),
+            e.to_string(),
+        )
+        .with_code("unsupported_content"),
+        RailsError::InputTooLarge { .. } => {
+            ApiError::invalid_param("messages", e.to_string()).with_code("rails_input_too_large")
+        }
+        RailsError::ModelUnavailable { .. } => ApiError::new(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            e.to_string(),
+        )
+        .with_code("rails_unavailable"),
     }
 }
 

@@ -19,7 +19,8 @@ use serde_json::{json, Map, Value};
 use super::Gateway;
 use crate::rails::guardrails::OutputStreaming;
 use crate::rails::{
-    rules, CheckOutcome, CheckStatus, Piece, PieceKind, RailStatus, RailsError, Stage,
+    answer_fields, rules, AnswerText, CheckOutcome, CheckStatus, Piece, PieceKind, RailStatus,
+    RailsError, Stage,
 };
 use crate::wire::error::ApiError;
 
@@ -43,18 +44,6 @@ pub(super) fn unavailable(detail: Option<&str>) -> ApiError {
         message,
     )
     .with_code("rails_unavailable")
-}
-
-/// The text fields of a chat choice's message (or delta) that reach the client, in answer order.
-const CHAT_FIELDS: [&str; 3] = ["reasoning_content", "content", "refusal"];
-const TEXT_FIELDS: [&str; 1] = ["text"];
-
-fn text_fields(completions: bool) -> &'static [&'static str] {
-    if completions {
-        &TEXT_FIELDS
-    } else {
-        &CHAT_FIELDS
-    }
 }
 
 /// What a check found that ends the request instead of answering it.
@@ -93,14 +82,15 @@ impl Gateway {
             } else {
                 choice.get("message")
             };
-            let Some(holder) = holder else { continue };
-            let (mut pieces, slots) = pieces_of(holder, completions);
-            if pieces.is_empty() {
+            let Some(mut answer) = holder.map(|h| AnswerText::read(h, completions)) else {
+                continue;
+            };
+            if answer.is_empty() {
                 continue;
             }
             let outcome = match self
                 .rails()
-                .check_output(&check.ids, &check.conversation, &mut pieces, self)
+                .check_output(&check.ids, &check.conversation, &mut answer.pieces, self)
                 .await
             {
                 Ok(o) => o,
@@ -113,11 +103,13 @@ impl Gateway {
                 return Err((total, e));
             }
             match status {
-                CheckStatus::Blocked => {
-                    refuse_choice(choice, completions, &refusal);
-                }
+                CheckStatus::Blocked => refuse_choice(choice, completions, &refusal),
                 _ if masked => {
-                    write_back(holder_of(choice, completions), &slots, &pieces);
+                    if completions {
+                        answer.write_into(choice);
+                    } else if let Some(message) = choice.get_mut("message") {
+                        answer.write_into(message);
+                    }
                     // Token log-probabilities would spell out what was masked.
                     if let Some(lp) = choice.get_mut("logprobs") {
                         *lp = Value::Null;
@@ -127,61 +119,6 @@ impl Gateway {
             }
         }
         Ok(total)
-    }
-}
-
-fn holder_of(choice: &mut Value, completions: bool) -> Option<&mut Value> {
-    if completions {
-        Some(choice)
-    } else {
-        choice.get_mut("message")
-    }
-}
-
-/// Where each piece of an answer came from: a text field, or the arguments of tool call `i`.
-enum Slot {
-    Field(&'static str),
-    Call(usize),
-}
-
-/// The pieces of a message (or text completion choice) the output rails read.
-fn pieces_of(holder: &Value, completions: bool) -> (Vec<Piece>, Vec<Slot>) {
-    let mut pieces = Vec::new();
-    let mut slots = Vec::new();
-    for &field in text_fields(completions) {
-        if let Some(t) = holder.get(field).and_then(Value::as_str) {
-            if !t.is_empty() {
-                pieces.push(Piece::text(t));
-                slots.push(Slot::Field(field));
-            }
-        }
-    }
-    if let Some(calls) = holder.get("tool_calls").and_then(Value::as_array) {
-        for (i, c) in calls.iter().enumerate() {
-            let name = c.pointer("/function/name").and_then(Value::as_str);
-            let args = c.pointer("/function/arguments").and_then(Value::as_str);
-            if let (Some(name), Some(args)) = (name, args) {
-                pieces.push(Piece::arguments(name, args));
-                slots.push(Slot::Call(i));
-            }
-        }
-    }
-    (pieces, slots)
-}
-
-fn write_back(holder: Option<&mut Value>, slots: &[Slot], pieces: &[Piece]) {
-    let Some(holder) = holder else { return };
-    for (slot, piece) in slots.iter().zip(pieces) {
-        let target = match slot {
-            Slot::Field(f) => holder.get_mut(*f),
-            Slot::Call(i) => holder
-                .get_mut("tool_calls")
-                .and_then(|c| c.get_mut(*i))
-                .and_then(|c| c.pointer_mut("/function/arguments")),
-        };
-        if let Some(t) = target {
-            *t = Value::String(piece.text.clone());
-        }
     }
 }
 
@@ -390,7 +327,7 @@ impl StreamGuard {
         let mut passthrough = Map::new();
         if let Some(Value::Object(delta)) = source {
             for (k, v) in delta {
-                if let Some(&field) = text_fields(completions).iter().find(|f| **f == k) {
+                if let Some(&field) = answer_fields(completions).iter().find(|f| **f == k) {
                     if let Some(t) = v.as_str().filter(|t| !t.is_empty()) {
                         held.fields
                             .entry(field)

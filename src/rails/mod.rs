@@ -434,6 +434,80 @@ impl Piece {
     }
 }
 
+/// The text fields of a chat message (or delta) that reach a client, in answer order, and of a
+/// legacy text completion choice.
+pub fn answer_fields(completions: bool) -> &'static [&'static str] {
+    if completions {
+        &["text"]
+    } else {
+        &["reasoning_content", "content", "refusal"]
+    }
+}
+
+/// Where a piece of an answer came from: a text field, or the arguments of tool call `i`.
+#[derive(Debug, Clone, Copy)]
+enum AnswerSlot {
+    Field(&'static str),
+    Call(usize),
+}
+
+/// An answer as output rails read it (a chat message, or a text completion choice): its text
+/// fields, then each tool call's arguments, with where each came from to write masked text back.
+pub struct AnswerText {
+    pub pieces: Vec<Piece>,
+    slots: Vec<AnswerSlot>,
+}
+
+impl AnswerText {
+    pub fn read(holder: &Value, completions: bool) -> Self {
+        let mut pieces = Vec::new();
+        let mut slots = Vec::new();
+        for &field in answer_fields(completions) {
+            if let Some(t) = holder.get(field).and_then(Value::as_str) {
+                if !t.is_empty() {
+                    pieces.push(Piece::text(t));
+                    slots.push(AnswerSlot::Field(field));
+                }
+            }
+        }
+        for (i, c) in holder
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let name = c.pointer("/function/name").and_then(Value::as_str);
+            let args = c.pointer("/function/arguments").and_then(Value::as_str);
+            if let (Some(name), Some(args)) = (name, args) {
+                pieces.push(Piece::arguments(name, args));
+                slots.push(AnswerSlot::Call(i));
+            }
+        }
+        Self { pieces, slots }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// Writes the (masked) pieces back where they were read from.
+    pub fn write_into(&self, holder: &mut Value) {
+        for (slot, piece) in self.slots.iter().zip(&self.pieces) {
+            let target = match slot {
+                AnswerSlot::Field(f) => holder.get_mut(*f),
+                AnswerSlot::Call(i) => holder
+                    .get_mut("tool_calls")
+                    .and_then(|c| c.get_mut(*i))
+                    .and_then(|c| c.pointer_mut("/function/arguments")),
+            };
+            if let Some(t) = target {
+                *t = Value::String(piece.text.clone());
+            }
+        }
+    }
+}
+
 /// An answer as a safety model is shown it: its text, then each tool call on a line of its own.
 fn bot_response(pieces: &[Piece]) -> String {
     let mut out = String::new();
@@ -453,22 +527,11 @@ fn bot_response(pieces: &[Piece]) -> String {
 
 /// The text of the last user message of a conversation (its text parts joined by newlines).
 fn last_user_text(conversation: &[Value]) -> String {
-    let Some(m) = conversation
+    let last = conversation
         .iter()
         .rev()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-    else {
-        return String::new();
-    };
-    match m.get("content") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
-    }
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"));
+    crate::wire::chat::content_text(last.and_then(|m| m.get("content")))
 }
 
 /// What a safety model's prompt reads.
@@ -985,26 +1048,21 @@ fn run_rules(
 ) -> (Vec<RailReport>, bool) {
     let mut reports = Vec::new();
     let mut masked = false;
-    // Rails that block read the text as it came; masks run after them, so one config's mask
-    // cannot hide from another config's detector what the text held.
-    let masks_last = |mask_pass: bool| {
-        move |rail: &&guardrails::Rail| {
-            let is_mask = matches!(
-                rail.kind,
-                RailKind::SensitiveData {
-                    action: RuleAction::Mask,
-                    ..
-                }
-            );
-            is_mask == mask_pass
-        }
-    };
-    let ordered = [false, true].into_iter().flat_map(|mask_pass| {
-        configs.iter().flat_map(move |c| {
-            c.rails_of(stage)
-                .filter(masks_last(mask_pass))
-                .map(move |r| (c, r))
-        })
+    // Rails that block read the text as it came; masks run after them (a stable sort keeps each
+    // group in config order), so one config's mask cannot hide from another config's detector what
+    // the text held.
+    let mut ordered: Vec<(&Arc<GuardrailConfig>, &guardrails::Rail)> = configs
+        .iter()
+        .flat_map(|c| c.rails_of(stage).map(move |r| (c, r)))
+        .collect();
+    ordered.sort_by_key(|(_, r)| {
+        matches!(
+            r.kind,
+            RailKind::SensitiveData {
+                action: RuleAction::Mask,
+                ..
+            }
+        )
     });
     for (c, rail) in ordered {
         let t0 = Instant::now();

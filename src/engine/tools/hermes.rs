@@ -54,7 +54,7 @@ pub fn messages_with_tools(messages: &[Value], tools_prompt: &str) -> Vec<Value>
     let mut merged = false;
     for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-        let content = text_of(m.get("content"));
+        let content = crate::wire::chat::content_text(m.get("content"));
         match role {
             "system" | "developer" if i == 0 => {
                 out.push(
@@ -96,18 +96,6 @@ pub fn messages_with_tools(messages: &[Value], tools_prompt: &str) -> Vec<Value>
         out.insert(0, json!({"role": "system", "content": tools_prompt}));
     }
     out
-}
-
-fn text_of(content: Option<&Value>) -> String {
-    match content {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
-    }
 }
 
 /// Splits model text, as it streams, into plain text and tool calls: text that may still become a
