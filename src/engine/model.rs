@@ -15,7 +15,7 @@ use super::lora::{LoraAdapter, ModuleLora};
 use crate::ops::attention::{attention, SeqAttention};
 use crate::ops::lora::{lora_add, ModuleSlot};
 use crate::ops::qgemm::{Q8Matrix, QuantRows};
-use crate::ops::{self, RopeStyle};
+use crate::ops::{self, rows, RopeStyle};
 use half::f16;
 
 /// The shape of a model.
@@ -181,26 +181,17 @@ enum Proj {
     Q8(Q8Matrix),
 }
 
-impl Proj {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Proj::Candle(m) => m.forward(x),
-            Proj::Q8(m) => m.forward(x),
-        }
-    }
-}
-
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     /// q, k and v rows stacked: (heads + 2 kv_heads) * head_dim outputs.
     qkv: Proj,
     /// The q, k and v biases in the same order (Qwen2), added after the projection and its
     /// adapters.
-    qkv_bias: Option<Tensor>,
+    qkv_bias: Option<Vec<f32>>,
     /// RMSNorm weights over each query head and each key head (Qwen3): (head_dim,) each.
-    qk_norm: Option<(Tensor, Tensor)>,
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     o: Proj,
-    ffn_norm: Tensor,
+    ffn_norm: Vec<f32>,
     /// gate and up rows stacked: 2 * ffn outputs.
     gate_up: Proj,
     down: Proj,
@@ -210,12 +201,12 @@ pub struct LlamaModel {
     pub cfg: LlamaConfig,
     embed: Arc<QTensor>,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Vec<f32>,
     head: Proj,
     rope_style: RopeStyle,
     /// (context_length, head_dim / 2)
-    cos: Tensor,
-    sin: Tensor,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
     device: Device,
 }
 
@@ -418,17 +409,20 @@ impl LlamaModel {
             let up = tensor(&p("ffn_up"))?;
             let down = tensor(&p("ffn_down"))?;
             layers.push(Layer {
-                attn_norm: tensor(&p("attn_norm"))?.dequantize(device)?,
+                attn_norm: values(&tensor(&p("attn_norm"))?.dequantize(device)?)?,
                 qkv: stack_rows(&[q, k, v], format, device)?,
-                qkv_bias: extras.qkv_bias,
-                qk_norm: extras.qk_norm,
+                qkv_bias: extras.qkv_bias.as_ref().map(values).transpose()?,
+                qk_norm: match &extras.qk_norm {
+                    Some((q, k)) => Some((values(q)?, values(k)?)),
+                    None => None,
+                },
                 o: stack_rows(&[o], format, device)?,
-                ffn_norm: tensor(&p("ffn_norm"))?.dequantize(device)?,
+                ffn_norm: values(&tensor(&p("ffn_norm"))?.dequantize(device)?)?,
                 gate_up: stack_rows(&[gate, up], format, device)?,
                 down: stack_rows(&[down], format, device)?,
             });
         }
-        let norm = src.require("output_norm.weight")?.dequantize(device)?;
+        let norm = values(&src.require("output_norm.weight")?.dequantize(device)?)?;
         // Tied embeddings: without an output matrix the embedding table doubles as the head.
         let head_q = match src.tensor("output.weight")? {
             Some(t) => Arc::new(t),
@@ -440,7 +434,7 @@ impl LlamaModel {
             WeightFormat::F32 => Proj::Candle(QMatMul::Tensor(head_q.dequantize(device)?)),
             WeightFormat::Native => Proj::Candle(QMatMul::from_arc(head_q)?),
         };
-        let (cos, sin) = rope_tables(&cfg, device)?;
+        let (cos, sin) = rope_values(&cfg)?;
         Ok(Self {
             cfg,
             embed,
@@ -505,34 +499,47 @@ impl LlamaModel {
             .collect();
         let n = flat.len();
         let ids = Tensor::from_vec(flat, n, &self.device)?;
-        let pos = Tensor::from_vec(positions, n, &self.device)?;
         let batch = Batch {
             tokens,
             n,
-            cos: self.cos.index_select(&pos, 0)?,
-            sin: self.sin.index_select(&pos, 0)?,
+            positions,
             lora_rows: row_adapters(tokens, adapters),
         };
-        let mut x = self.embed.embedding(&ids)?; // (n, hidden)
+        // The residual stream and its normed copy, (n, hidden) each, as plain rows: every step
+        // between the products is a row-wise pass on the worker pool (`ops::rows`).
+        let mut x = values(&self.embed.embedding(&ids)?)?;
+        let mut xn = vec![0f32; x.len()];
+        let eps = cfg.rms_eps as f32;
+        let mut delta: Option<Vec<f32>> = None;
         for (li, layer) in self.layers.iter().enumerate() {
-            let xn = ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            x = (x + self.attention_block(&batch, li, layer, &xn, caches)?)?;
-            let xn = ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            x = (x + self.mlp_block(&batch, li, layer, &xn)?)?;
+            rows::add_rms_norm(&mut x, delta.as_deref(), &layer.attn_norm, eps, &mut xn);
+            let a = self.attention_block(&batch, li, layer, &xn, caches)?;
+            rows::add_rms_norm(&mut x, Some(&a), &layer.ffn_norm, eps, &mut xn);
+            delta = Some(self.mlp_block(&batch, li, layer, &xn)?);
+        }
+        if let Some(d) = &delta {
+            rows::add(&mut x, d);
         }
         for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
             cache.len += seq.len();
         }
-        let mut last_rows = Vec::with_capacity(tokens.len());
-        let mut end = 0u32;
+        // Each sequence's last row, normed, through the head.
+        let hidden = cfg.hidden;
+        let mut last = Vec::with_capacity(tokens.len() * hidden);
+        let mut end = 0;
         for seq in tokens {
-            end += seq.len() as u32;
-            last_rows.push(end - 1);
+            end += seq.len();
+            last.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
         }
-        let last = Tensor::from_vec(last_rows, tokens.len(), &self.device)?;
-        let x = x.index_select(&last, 0)?;
-        let x = ops::rms_norm(&x, &self.norm, cfg.rms_eps)?;
-        Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
+        let mut normed = vec![0f32; last.len()];
+        rows::add_rms_norm(&mut last, None, &self.norm, eps, &mut normed);
+        let logits = project(&self.head, &normed, tokens.len(), None, &[])?;
+        let vocab = logits.len() / tokens.len();
+        Ok(Tensor::from_vec(
+            logits,
+            (tokens.len(), vocab),
+            &self.device,
+        )?)
     }
 }
 
@@ -545,38 +552,34 @@ impl LlamaModel {
         batch: &Batch<'_>,
         li: usize,
         layer: &Layer,
-        xn: &Tensor,
+        xn: &[f32],
         caches: &mut [&mut KvCache],
-    ) -> Result<Tensor, ModelError> {
+    ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.cfg;
         let (n, h, kvh, hd) = (batch.n, cfg.heads, cfg.kv_heads, cfg.head_dim);
         // (n, (h + 2 kvh) * hd)
-        let qkv = project(
+        let mut qkv = project(
             &layer.qkv,
             xn,
+            n,
             batch.lora(li, Projection::Qkv),
             &[h * hd, kvh * hd, kvh * hd],
         )?;
-        let qkv = match &layer.qkv_bias {
-            Some(b) => qkv.broadcast_add(b)?,
-            None => qkv,
+        let mut q = vec![0f32; n * h * hd];
+        let shape = rows::QkvShape {
+            heads: h,
+            kv_heads: kvh,
+            head_dim: hd,
+            bias: layer.qkv_bias.as_deref(),
+            head_norm: layer.qk_norm.as_ref().map(|(q, k)| (&q[..], &k[..])),
+            eps: cfg.rms_eps as f32,
+            rope: self.rope_style,
+            cos: &self.cos,
+            sin: &self.sin,
+            positions: &batch.positions,
         };
-        let q = qkv.narrow(1, 0, h * hd)?.reshape((n, h, hd))?;
-        let k = qkv.narrow(1, h * hd, kvh * hd)?.reshape((n, kvh, hd))?;
-        let v = qkv
-            .narrow(1, (h + kvh) * hd, kvh * hd)?
-            .reshape((n, kvh, hd))?;
-        let (q, k) = match &layer.qk_norm {
-            Some((qn, kn)) => (
-                ops::rms_norm(&q, qn, cfg.rms_eps)?,
-                ops::rms_norm(&k, kn, cfg.rms_eps)?,
-            ),
-            None => (q, k),
-        };
-        let q = ops::rope(&q, &batch.cos, &batch.sin, self.rope_style)?;
-        let k = ops::rope(&k, &batch.cos, &batch.sin, self.rope_style)?;
-        append_kv(batch.tokens, caches, li, &k, &v)?;
-        let qf = q.flatten_all()?.to_vec1::<f32>()?;
+        rows::prepare_qkv(&mut qkv, &mut q, &shape);
+        append_kv(batch.tokens, caches, li, &qkv, h * hd, kvh * hd);
         let mut attn_out = vec![0f32; n * h * hd];
         let mut row = 0;
         let seqs: Vec<SeqAttention<'_, f16>> = batch
@@ -594,11 +597,11 @@ impl LlamaModel {
                 s
             })
             .collect();
-        attention(&qf, &mut attn_out, &seqs, h, kvh, hd);
-        let attn = Tensor::from_vec(attn_out, (n, h * hd), &self.device)?;
+        attention(&q, &mut attn_out, &seqs, h, kvh, hd);
         project(
             &layer.o,
-            &attn,
+            &attn_out,
+            n,
             batch.lora(li, Projection::O),
             &[cfg.hidden],
         )
@@ -610,37 +613,33 @@ impl LlamaModel {
         batch: &Batch<'_>,
         li: usize,
         layer: &Layer,
-        xn: &Tensor,
-    ) -> Result<Tensor, ModelError> {
+        xn: &[f32],
+    ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.cfg;
         let gu = project(
             &layer.gate_up,
             xn,
+            batch.n,
             batch.lora(li, Projection::GateUp),
             &[cfg.ffn, cfg.ffn],
         )?;
-        let gu = gu.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let act = Tensor::from_vec(
-            ops::silu_mul_rows(&gu, cfg.ffn),
-            (batch.n, cfg.ffn),
-            &self.device,
-        )?;
+        let act = ops::silu_mul_rows(&gu, cfg.ffn);
         project(
             &layer.down,
             &act,
+            batch.n,
             batch.lora(li, Projection::Down),
             &[cfg.hidden],
         )
     }
 }
 
-/// What every layer of one forward call shares: the sequences' tokens, the rows in all, their
-/// rotary angles, and each row's adapter (none when no row has one).
+/// What every layer of one forward call shares: the sequences' tokens, the rows in all, each
+/// row's position, and each row's adapter (none when no row has one).
 struct Batch<'a> {
     tokens: &'a [&'a [u32]],
     n: usize,
-    cos: Tensor,
-    sin: Tensor,
+    positions: Vec<u32>,
     lora_rows: Option<Vec<Option<&'a LoraAdapter>>>,
 }
 
@@ -655,28 +654,34 @@ impl Batch<'_> {
     }
 }
 
-/// Appends this call's keys and values of layer `li` (`(rows, kv_heads, head_dim)`, sequence after
-/// sequence) to each sequence's cache, in f16.
+/// Appends this call's keys and values of layer `li` to each sequence's cache, in f16: rows of
+/// `qkv` hold `q_width` query values, then the keys and the values (`kv_width` each), sequence
+/// after sequence.
 fn append_kv(
     tokens: &[&[u32]],
     caches: &mut [&mut KvCache],
     li: usize,
-    k: &Tensor,
-    v: &Tensor,
-) -> Result<(), ModelError> {
-    let kf = k.flatten_all()?.to_vec1::<f32>()?;
-    let vf = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let width = kf.len() / tokens.iter().map(|t| t.len()).sum::<usize>().max(1);
-    let mut row = 0;
+    qkv: &[f32],
+    q_width: usize,
+    kv_width: usize,
+) {
+    use half::slice::HalfFloatSliceExt;
+    let width = q_width + 2 * kv_width;
+    let mut rows = qkv.chunks_exact(width);
     for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
-        let t = seq.len();
         let c = &mut cache.layers[li];
-        let span = row * width..(row + t) * width;
-        c.k.extend(kf[span.clone()].iter().map(|&x| f16::from_f32(x)));
-        c.v.extend(vf[span].iter().map(|&x| f16::from_f32(x)));
-        row += t;
+        let (k0, v0) = (c.k.len(), c.v.len());
+        c.k.resize(k0 + seq.len() * kv_width, f16::ZERO);
+        c.v.resize(v0 + seq.len() * kv_width, f16::ZERO);
+        for ((row, k), v) in (&mut rows)
+            .take(seq.len())
+            .zip(c.k[k0..].chunks_exact_mut(kv_width))
+            .zip(c.v[v0..].chunks_exact_mut(kv_width))
+        {
+            k.convert_from_f32_slice(&row[q_width..q_width + kv_width]);
+            v.convert_from_f32_slice(&row[q_width + kv_width..]);
+        }
     }
-    Ok(())
 }
 
 /// Each row's adapter, for the flattened batch (one entry per token).
@@ -716,19 +721,17 @@ fn modules(a: &LoraAdapter, layer: usize, p: Projection) -> Vec<Option<&ModuleLo
     }
 }
 
-/// Adds each row's adapter delta to a (possibly fused) projection output `y`; module i of the
-/// projection covers the next `widths[i]` output columns.
-/// `x · Wᵀ` for a (possibly fused) projection, plus each row's adapter delta when `lora` names
-/// the rows' adapters, the layer and the projection; module i of the projection covers the next
-/// `widths[i]` output columns. On Q8 weights the activations are quantized once for the base
-/// product and the adapters' shrink, and the deltas go into the product before it becomes a
-/// tensor.
+/// `x · Wᵀ` for `n` rows of `x` and a (possibly fused) projection, plus each row's adapter delta
+/// when `lora` names the rows' adapters, the layer and the projection; module i of the
+/// projection covers the next `widths[i]` output columns. On Q8 weights the activations are
+/// quantized once for the base product and the adapters' shrink.
 fn project(
     proj: &Proj,
-    x: &Tensor,
+    x: &[f32],
+    n: usize,
     lora: Option<(&[Option<&LoraAdapter>], usize, Projection)>,
     widths: &[usize],
-) -> Result<Tensor, ModelError> {
+) -> Result<Vec<f32>, ModelError> {
     let slots: Vec<Vec<ModuleSlot<'_>>> = match lora {
         None => Vec::new(),
         Some((rows, layer, projection)) => rows
@@ -753,24 +756,28 @@ fn project(
             })
             .collect(),
     };
-    if slots.iter().all(Vec::is_empty) {
-        return Ok(proj.forward(x)?);
-    }
-    let (n, input) = x.dims2()?;
-    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let input = x.len() / n.max(1);
     let (mut y, out, xq) = match proj {
         Proj::Q8(m) => {
-            let xq = QuantRows::parallel(&xv, n, input)?;
+            let xq = QuantRows::parallel(x, n, input)?;
             (m.product(&xq)?, m.rows, Some(xq))
         }
-        Proj::Candle(_) => {
-            let y = proj.forward(x)?;
-            let out = y.dim(1)?;
-            (y.flatten_all()?.to_vec1::<f32>()?, out, None)
+        Proj::Candle(m) => {
+            let t = Tensor::from_slice(x, (n, input), &Device::Cpu)?;
+            let y = values(&m.forward(&t)?)?;
+            let out = y.len() / n.max(1);
+            (y, out, None)
         }
     };
-    lora_add(&mut y, out, &xv, xq.as_ref(), input, &slots)?;
-    Ok(Tensor::from_vec(y, (n, out), x.device())?)
+    if !slots.iter().all(Vec::is_empty) {
+        lora_add(&mut y, out, x, xq.as_ref(), input, &slots)?;
+    }
+    Ok(y)
+}
+
+/// A tensor's values as one f32 vector.
+fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
 /// Reads one tensor by GGUF name, `None` when the file lacks it.
@@ -1134,6 +1141,16 @@ pub(crate) fn rope_tables(
     device: &Device,
 ) -> Result<(Tensor, Tensor), ModelError> {
     let half = cfg.head_dim / 2;
+    let (cos, sin) = rope_values(cfg)?;
+    Ok((
+        Tensor::from_vec(cos, (cfg.context_length, half), device)?,
+        Tensor::from_vec(sin, (cfg.context_length, half), device)?,
+    ))
+}
+
+/// The rotary angles' cosines and sines of every position, (context_length, head_dim / 2) each.
+fn rope_values(cfg: &LlamaConfig) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
+    let half = cfg.head_dim / 2;
     let inv = scaled_frequencies(cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling)?;
     let mut cos = Vec::with_capacity(cfg.context_length * half);
     let mut sin = Vec::with_capacity(cfg.context_length * half);
@@ -1144,10 +1161,7 @@ pub(crate) fn rope_tables(
             sin.push(a.sin());
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (cfg.context_length, half), device)?,
-        Tensor::from_vec(sin, (cfg.context_length, half), device)?,
-    ))
+    Ok((cos, sin))
 }
 
 #[cfg(test)]

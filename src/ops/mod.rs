@@ -1,6 +1,7 @@
 //! Tensor ops the engine composes its model from: RMS norm, rotary embeddings and the fused
-//! SiLU-gate here, batched Q8_0 products (`qgemm`), multi-adapter LoRA (`lora`, `q4`) and
-//! grouped-query attention (`attention`). Training does not run through these: it has its own
+//! SiLU-gate here, the same steps on flat rows (`rows`, what the CPU forward pass runs), batched
+//! Q8_0 products (`qgemm`), multi-adapter LoRA (`lora`, `q4`) and grouped-query attention
+//! (`attention`). Training does not run through these: it has its own
 //! forward and backward passes on flat f32 rows (`grad`), since candle's fused ops carry no
 //! gradient. The same ops on an accelerator are `device::Kernels` (the kernels of
 //! `kernels/*.cu`), which the engine's device forward pass (`engine::gpu`) composes.
@@ -17,6 +18,7 @@ pub mod memory;
 pub mod q4;
 pub mod qgemm;
 pub mod qgemm_amx;
+pub mod rows;
 
 use candle_core::{Result, Tensor, D};
 
