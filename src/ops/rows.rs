@@ -57,7 +57,8 @@ pub fn add_rms_norm(x: &mut [f32], delta: Option<&[f32]>, w: &[f32], eps: f32, o
         return;
     }
     let span = ROWS_PER_TASK * width;
-    let cells: Vec<(&mut [f32], &mut [f32], Option<&[f32]>)> = x
+    type Cell<'a> = (&'a mut [f32], &'a mut [f32], Option<&'a [f32]>);
+    let cells: Vec<Cell<'_>> = x
         .chunks_mut(span)
         .zip(out.chunks_mut(span))
         .enumerate()
