@@ -130,8 +130,11 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = p.mul_add(r, c);
     }
-    // n is in -126..=0, so n + 127 is a valid biased exponent.
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n is in -126..=0, so n + 127 is a valid biased exponent. Added to 2^23 it becomes the low
+    // bits of the sum's representation, and shifted into the exponent field it is 2^n: no
+    // float-to-int conversion, whose saturating `as` kept the loops around this scalar.
+    let biased = (n + (127.0 + 8_388_608.0)).to_bits() << 23;
+    p * f32::from_bits(biased)
 }
 
 /// How a model pairs the dimensions RoPE rotates together.
