@@ -1227,11 +1227,11 @@ mod tests {
             return;
         }
         for nb in [1usize, 3, 8, 18, 48, 50] {
-            for rows in [5usize, 16, 37] {
+            for rows in [5usize, 16, 37, 48, 64] {
                 let cols = nb * BLOCK;
                 let q = Q8Matrix::from_f32(&lcg(rows * cols, nb as u64 + rows as u64), rows, cols)
                     .unwrap();
-                for m in [1usize, 15, 16, 17, 40] {
+                for m in [1usize, 15, 16, 17, 40, 48, 64] {
                     let x = lcg(m * cols, 7 + m as u64);
                     let want = q
                         .product_on_vectors(&QuantRows::new_for(&x, m, cols, Kernel::Portable))
