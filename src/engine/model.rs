@@ -510,12 +510,17 @@ impl LlamaModel {
         let mut x = values(&self.embed.embedding(&ids)?)?;
         let mut xn = vec![0f32; x.len()];
         let eps = cfg.rms_eps as f32;
+        let mut scratch = Scratch {
+            q: vec![0f32; n * cfg.q_width()],
+            attn: vec![0f32; n * cfg.q_width()],
+            act: vec![0f32; n * cfg.ffn],
+        };
         let mut delta: Option<Vec<f32>> = None;
         for (li, layer) in self.layers.iter().enumerate() {
             rows::add_rms_norm(&mut x, delta.as_deref(), &layer.attn_norm, eps, &mut xn);
-            let a = self.attention_block(&batch, li, layer, &xn, caches)?;
+            let a = self.attention_block(&batch, li, layer, &xn, caches, &mut scratch)?;
             rows::add_rms_norm(&mut x, Some(&a), &layer.ffn_norm, eps, &mut xn);
-            delta = Some(self.mlp_block(&batch, li, layer, &xn)?);
+            delta = Some(self.mlp_block(&batch, li, layer, &xn, &mut scratch.act)?);
         }
         if let Some(d) = &delta {
             rows::add(&mut x, d);
@@ -554,6 +559,7 @@ impl LlamaModel {
         layer: &Layer,
         xn: &[f32],
         caches: &mut [&mut KvCache],
+        scratch: &mut Scratch,
     ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.cfg;
         let (n, h, kvh, hd) = (batch.n, cfg.heads, cfg.kv_heads, cfg.head_dim);
@@ -565,7 +571,7 @@ impl LlamaModel {
             batch.lora(li, Projection::Qkv),
             &[h * hd, kvh * hd, kvh * hd],
         )?;
-        let mut q = vec![0f32; n * h * hd];
+        let Scratch { q, attn, .. } = scratch;
         let shape = rows::QkvShape {
             heads: h,
             kv_heads: kvh,
@@ -578,9 +584,8 @@ impl LlamaModel {
             sin: &self.sin,
             positions: &batch.positions,
         };
-        rows::prepare_qkv(&mut qkv, &mut q, &shape);
+        rows::prepare_qkv(&mut qkv, q, &shape);
         append_kv(batch.tokens, caches, li, &qkv, h * hd, kvh * hd);
-        let mut attn_out = vec![0f32; n * h * hd];
         let mut row = 0;
         let seqs: Vec<SeqAttention<'_, f16>> = batch
             .tokens
@@ -597,10 +602,10 @@ impl LlamaModel {
                 s
             })
             .collect();
-        attention(&q, &mut attn_out, &seqs, h, kvh, hd);
+        attention(q, attn, &seqs, h, kvh, hd);
         project(
             &layer.o,
-            &attn_out,
+            attn,
             n,
             batch.lora(li, Projection::O),
             &[cfg.hidden],
@@ -614,6 +619,7 @@ impl LlamaModel {
         li: usize,
         layer: &Layer,
         xn: &[f32],
+        act: &mut [f32],
     ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.cfg;
         let gu = project(
@@ -623,15 +629,23 @@ impl LlamaModel {
             batch.lora(li, Projection::GateUp),
             &[cfg.ffn, cfg.ffn],
         )?;
-        let act = ops::silu_mul_rows(&gu, cfg.ffn);
+        ops::silu_mul_rows(&gu, cfg.ffn, act);
         project(
             &layer.down,
-            &act,
+            act,
             batch.n,
             batch.lora(li, Projection::Down),
             &[cfg.hidden],
         )
     }
+}
+
+/// Buffers every layer of one forward call reuses: the queries as attention reads them, its
+/// output, and the gated MLP's activations.
+struct Scratch {
+    q: Vec<f32>,
+    attn: Vec<f32>,
+    act: Vec<f32>,
 }
 
 /// What every layer of one forward call shares: the sequences' tokens, the rows in all, each

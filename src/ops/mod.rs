@@ -71,12 +71,12 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// `silu(gate) · up` for rows that hold `width` gate values then `width` up values (what the fused
-/// gate/up projection writes): n × 2·width in, n × width out. Vectorized (`exp_nonpositive`), and
-/// spread over the worker pool for prefill-sized batches.
-pub fn silu_mul_rows(gu: &[f32], width: usize) -> Vec<f32> {
-    let mut out = vec![0f32; gu.len() / 2];
+/// gate/up projection writes): n × 2·width in, n × width into `out`. Vectorized
+/// (`exp_nonpositive`), and spread over the worker pool for prefill-sized batches.
+pub fn silu_mul_rows(gu: &[f32], width: usize, out: &mut [f32]) {
+    let out = &mut out[..gu.len() / 2];
     if width == 0 {
-        return out;
+        return;
     }
     let rows = |range: std::ops::Range<usize>, out: &mut [f32]| {
         for (o, row) in out
@@ -94,8 +94,8 @@ pub fn silu_mul_rows(gu: &[f32], width: usize) -> Vec<f32> {
     const ROWS_PER_TASK: usize = 16;
     let n = out.len() / width;
     if n <= ROWS_PER_TASK {
-        rows(0..gu.len(), &mut out);
-        return out;
+        rows(0..gu.len(), out);
+        return;
     }
     let cells: Vec<std::sync::Mutex<&mut [f32]>> = out
         .chunks_mut(ROWS_PER_TASK * width)
@@ -109,8 +109,6 @@ pub fn silu_mul_rows(gu: &[f32], width: usize) -> Vec<f32> {
             }
         }
     });
-    drop(cells);
-    out
 }
 
 /// `e^x` for x ≤ 0 (a softmax's shifted scores, a sigmoid's `e^-|x|`), in plain arithmetic the
@@ -228,8 +226,8 @@ mod tests {
         .to_vec1()
         .unwrap();
         for rows in [1usize, n] {
-            let got = silu_mul_rows(&gu[..rows * 2 * width], width);
-            assert_eq!(got.len(), rows * width);
+            let mut got = vec![f32::NAN; rows * width];
+            silu_mul_rows(&gu[..rows * 2 * width], width, &mut got);
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
