@@ -5,6 +5,8 @@
 //!
 //! Every backward here is checked against central finite differences in the tests below.
 
+use super::exp_nonpositive;
+
 /// Runs `f(row_index, row)` over the `row_len`-wide rows of `data` on all cores.
 pub fn par_rows<F>(data: &mut [f32], row_len: usize, f: F)
 where
@@ -115,12 +117,11 @@ pub fn causal_softmax_fwd(s: &mut [f32], t: usize, scale: f32) {
         let max = seen
             .iter()
             .fold(f32::NEG_INFINITY, |m, v| m.max(*v * scale));
-        let mut sum = 0.0;
+        // Two loops, so the exponentials are vector code (libm's `expf` is a scalar call).
         for v in seen.iter_mut() {
-            *v = (*v * scale - max).exp();
-            sum += *v;
+            *v = exp_nonpositive(*v * scale - max);
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / seen.iter().sum::<f32>();
         seen.iter_mut().for_each(|v| *v *= inv);
         masked.iter_mut().for_each(|v| *v = 0.0);
     });
@@ -137,8 +138,16 @@ pub fn causal_softmax_bwd(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
     });
 }
 
+/// `1 / (1 + e^-x)` from `e^-|x|` (which never overflows), in arithmetic the compiler vectorizes.
+#[inline]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    let e = exp_nonpositive(-x.abs());
+    let s = 1.0 / (1.0 + e);
+    if x >= 0.0 {
+        s
+    } else {
+        e * s
+    }
 }
 
 /// `silu(gate) ⊙ up`, elementwise.
@@ -167,11 +176,10 @@ pub fn cross_entropy(logits: &mut [f32], vocab: usize, targets: &[u32], weight: 
     let losses = std::sync::Mutex::new(vec![0f64; targets.len()]);
     par_rows(logits, vocab, |r, row| {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-        let mut sum = 0f64;
         for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += f64::from(*v);
+            *v = exp_nonpositive(*v - max);
         }
+        let sum: f64 = row.iter().map(|&v| f64::from(v)).sum();
         let target = targets[r] as usize;
         let p_target = f64::from(row[target]) / sum;
         let inv = (1.0 / sum) as f32;
