@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
+use candle_core::{CpuStorage, Device, Storage, Tensor};
 
 use super::Precision;
 use crate::engine::model::{rope_tables, LayerExtras, LlamaConfig, ModelError, ModelSource};
@@ -77,6 +77,16 @@ impl Frozen {
         }
     }
 
+    /// `forward` as a row-major vector.
+    fn forward_values(&self, x: &Tensor) -> Result<Vec<f32>> {
+        match self {
+            Self::F32(w) => Ok(to_vec(&x.matmul(&w.t()?)?)?),
+            Self::Bf16 { forward, .. } => {
+                with_values(x, |v| amx_rows(v, v.len() / forward.k.max(1), forward))?
+            }
+        }
+    }
+
     /// `x · Wᵀ` for row-major x of `rows` rows, as a row-major vector (no tensor round trip).
     fn forward_rows(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
         match self {
@@ -119,8 +129,7 @@ impl Frozen {
 /// `x · B` on AMX tiles, x a (rows, B's k) tensor.
 fn tiles(x: &Tensor, b: &amx::PackedB) -> Result<Tensor> {
     let rows = x.dim(0)?;
-    let v = x.flatten_all()?.to_vec1::<f32>()?;
-    let y = amx_rows(&v, rows, b)?;
+    let y = with_values(x, |v| amx_rows(v, rows, b))??;
     Ok(Tensor::from_vec(y, (rows, b.n), &Device::Cpu)?)
 }
 
@@ -317,6 +326,33 @@ fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
+/// Runs `f` on a tensor's values in row-major order: borrowed from its storage when they lie
+/// there contiguously in f32 (most of the step's tensors), copied otherwise. A step's copies of
+/// whole activations between tensors and vectors were a sixth of its time.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[start..end]));
+        }
+    }
+    Ok(f(&to_vec(t)?))
+}
+
+/// Columns `start..start + width` of a 2-D tensor's rows, in one copy.
+fn columns(t: &Tensor, start: usize, width: usize) -> candle_core::Result<Vec<f32>> {
+    let cols = t.dim(1)?;
+    with_values(t, |v| {
+        let mut out = Vec::with_capacity(v.len() / cols.max(1) * width);
+        for row in v.chunks_exact(cols) {
+            out.extend_from_slice(&row[start..start + width]);
+        }
+        out
+    })
+}
+
 /// A training batch: `rows` sequences padded to `t` tokens; `targets[i]` is the token position i
 /// must predict, for positions that carry loss.
 pub struct Batch {
@@ -493,15 +529,16 @@ impl TrainBase {
         rng: &mut SplitMix,
         saved: &mut [Option<LoraSaved>; 7],
     ) -> Result<Tensor> {
-        let y = self.layers[layer].groups[g].forward(x)?;
+        let frozen = &self.layers[layer].groups[g];
         let (first, count) = GROUPS[g];
         let widths = self.group_widths(g);
         if (first..first + count).all(|m| lora.slots[layer][m].is_none()) {
-            return Ok(y);
+            return frozen.forward(x);
         }
         // Each targeted module's `scale · u Bᵀ` is added into its columns of y in place.
-        let (n, total) = y.dims2()?;
-        let mut out = to_vec(&y)?;
+        let n = x.dim(0)?;
+        let total: usize = widths.iter().sum();
+        let mut out = frozen.forward_values(x)?;
         let scale = lora.scale();
         let mut offset = 0;
         for (j, m) in (first..first + count).enumerate() {
@@ -509,14 +546,16 @@ impl TrainBase {
                 let (xd, mask) = dropout_input(x, dropout, rng)?;
                 let (a, b) = factors(theta, &s, lora.rank)?;
                 let u = xd.matmul(&a.t()?)?; // (n, rank)
-                let delta = to_vec(&u.matmul(&b.t()?)?)?; // (n, width)
                 let w = widths[j];
-                for (row, d) in out.chunks_mut(total).zip(delta.chunks(w)) {
-                    row[offset..offset + w]
-                        .iter_mut()
-                        .zip(d)
-                        .for_each(|(o, v)| *o += scale * v);
-                }
+                with_values(&u.matmul(&b.t()?)?, |delta| {
+                    // (n, width)
+                    for (row, d) in out.chunks_mut(total).zip(delta.chunks(w)) {
+                        row[offset..offset + w]
+                            .iter_mut()
+                            .zip(d)
+                            .for_each(|(o, v)| *o += scale * v);
+                    }
+                })?;
                 saved[m] = Some(LoraSaved { x: xd, u, mask });
             }
             offset += widths[j];
@@ -652,8 +691,8 @@ impl TrainBase {
                 Some(b) => qkv.broadcast_add(b)?,
                 None => qkv,
             };
-            let mut q = to_vec(&qkv.narrow(1, 0, h * hd)?.contiguous()?)?;
-            let mut k = to_vec(&qkv.narrow(1, h * hd, kvh * hd)?.contiguous()?)?;
+            let mut q = columns(&qkv, 0, h * hd)?;
+            let mut k = columns(&qkv, h * hd, kvh * hd)?;
             let v = qkv.narrow(1, (h + kvh) * hd, kvh * hd)?.contiguous()?;
             // Qwen3: each head of q and k RMS-normed before RoPE.
             let qk_normed = match &layer.qk_norm {
@@ -680,23 +719,23 @@ impl TrainBase {
             ))?;
             let k = heads_major(Tensor::from_vec(k, (bsz, t, kvh, hd), &Device::Cpu)?)?;
             let v = heads_major(v.reshape((bsz, t, kvh, hd))?)?;
-            let mut s = to_vec(&self.bmm(&q, &k, true)?)?;
+            let mut s = self.bmm_values(&q, &k, true)?;
             grad::causal_softmax_fwd(&mut s, t, scale);
             let p = Tensor::from_vec(s, (bsz, kvh, group * t, t), &Device::Cpu)?;
             let o = self.bmm(&p, &v, false)?.reshape((bsz, h, t, hd))?;
             let attn = o.transpose(1, 2)?.contiguous()?.reshape((n, h * hd))?;
             let out = self.group_forward(li, 1, &attn, lora, theta, dropout, rng, &mut lsaved)?;
             let mut x2 = x.clone();
-            x2.iter_mut().zip(to_vec(&out)?).for_each(|(a, b)| *a += b);
+            with_values(&out, |o| x2.iter_mut().zip(o).for_each(|(a, b)| *a += b))?;
             let (h2, rstd2) = grad::rms_norm_fwd(&x2, &layer.ffn_norm, eps);
             let h2 = Tensor::from_vec(h2, (n, cfg.hidden), &Device::Cpu)?;
             let gu = self.group_forward(li, 2, &h2, lora, theta, dropout, rng, &mut lsaved)?;
-            let gate = to_vec(&gu.narrow(1, 0, cfg.ffn)?.contiguous()?)?;
-            let up = to_vec(&gu.narrow(1, cfg.ffn, cfg.ffn)?.contiguous()?)?;
+            let gate = columns(&gu, 0, cfg.ffn)?;
+            let up = columns(&gu, cfg.ffn, cfg.ffn)?;
             let act = Tensor::from_vec(grad::silu_mul_fwd(&gate, &up), (n, cfg.ffn), &Device::Cpu)?;
             let down = self.group_forward(li, 3, &act, lora, theta, dropout, rng, &mut lsaved)?;
             let mut x3 = x2.clone();
-            x3.iter_mut().zip(to_vec(&down)?).for_each(|(a, b)| *a += b);
+            with_values(&down, |d| x3.iter_mut().zip(d).for_each(|(a, b)| *a += b))?;
             saved.push(LayerSaved {
                 x,
                 rstd1,
@@ -782,8 +821,8 @@ impl TrainBase {
         let dev = Device::Cpu;
         // MLP: x3 = x2 + down(silu(gate) ⊙ up).
         let dy = Tensor::from_slice(&dx3, (n, cfg.hidden), &dev)?;
-        let dact = to_vec(&self.group_backward(li, 3, &dy, lora, theta, &s.lora, grad)?)?;
-        let (dgate, dup) = grad::silu_mul_bwd(&dact, &s.gate, &s.up);
+        let dact = self.group_backward(li, 3, &dy, lora, theta, &s.lora, grad)?;
+        let (dgate, dup) = with_values(&dact, |d| grad::silu_mul_bwd(d, &s.gate, &s.up))?;
         let dgu = Tensor::cat(
             &[
                 Tensor::from_vec(dgate, (n, cfg.ffn), &dev)?,
@@ -791,18 +830,19 @@ impl TrainBase {
             ],
             1,
         )?;
-        let dh2 = to_vec(&self.group_backward(li, 2, &dgu, lora, theta, &s.lora, grad)?)?;
-        let mut dx2 = grad::rms_norm_bwd(&dh2, &s.x2, &layer.ffn_norm, &s.rstd2);
+        let dh2 = self.group_backward(li, 2, &dgu, lora, theta, &s.lora, grad)?;
+        let mut dx2 = with_values(&dh2, |d| {
+            grad::rms_norm_bwd(d, &s.x2, &layer.ffn_norm, &s.rstd2)
+        })?;
         dx2.iter_mut().zip(&dx3).for_each(|(a, b)| *a += b);
         // Attention: x2 = x + o(softmax(q kᵀ) v).
         let dy = Tensor::from_slice(&dx2, (n, cfg.hidden), &dev)?;
         let dattn = self.group_backward(li, 1, &dy, lora, theta, &s.lora, grad)?;
         let do_ =
             heads_major(dattn.reshape((bsz, t, h, hd))?)?.reshape((bsz, kvh, group * t, hd))?;
-        let mut dp = to_vec(&self.bmm(&do_, &s.v, true)?)?;
+        let mut dp = self.bmm_values(&do_, &s.v, true)?;
         let dv = self.bmm(&s.p.t()?.contiguous()?, &do_, false)?; // (b, kv, t, hd)
-        let p = to_vec(&s.p)?;
-        grad::causal_softmax_bwd(&p, &mut dp, t, scale);
+        with_values(&s.p, |p| grad::causal_softmax_bwd(p, &mut dp, t, scale))?;
         let ds = Tensor::from_vec(dp, (bsz, kvh, group * t, t), &dev)?;
         let dq = self.bmm(&ds, &s.k, false)?.reshape((bsz, h, t, hd))?;
         let dk = self.bmm(&ds.t()?.contiguous()?, &s.q, false)?; // (b, kv, t, hd)
@@ -823,8 +863,10 @@ impl TrainBase {
             ],
             1,
         )?;
-        let dh1 = to_vec(&self.group_backward(li, 0, &dqkv, lora, theta, &s.lora, grad)?)?;
-        let mut dx = grad::rms_norm_bwd(&dh1, &s.x, &layer.attn_norm, &s.rstd1);
+        let dh1 = self.group_backward(li, 0, &dqkv, lora, theta, &s.lora, grad)?;
+        let mut dx = with_values(&dh1, |d| {
+            grad::rms_norm_bwd(d, &s.x, &layer.attn_norm, &s.rstd1)
+        })?;
         dx.iter_mut().zip(&dx2).for_each(|(a, b)| *a += b);
         Ok(dx)
     }
@@ -840,17 +882,31 @@ impl TrainBase {
                 false => a.matmul(b)?,
             });
         }
-        let (d0, d1, m, k) = a.dims4()?;
+        let (d0, d1, m, _) = a.dims4()?;
         let (_, _, zr, zc) = b.dims4()?;
         let n = if transposed { zr } else { zc };
-        let x = a.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let z = b.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let y = amx::batched(&x, m, k, &z, zr, zc, transposed, d0 * d1).ok_or_else(|| {
+        let y = self.bmm_values(a, b, transposed)?;
+        Ok(Tensor::from_vec(y, (d0, d1, m, n), &Device::Cpu)?)
+    }
+
+    /// `bmm` as a row-major vector.
+    fn bmm_values(&self, a: &Tensor, b: &Tensor, transposed: bool) -> Result<Vec<f32>> {
+        if self.precision != Precision::Bf16 {
+            return Ok(to_vec(&self.bmm(a, b, transposed)?)?);
+        }
+        let (d0, d1, m, k) = a.dims4()?;
+        let (_, _, zr, zc) = b.dims4()?;
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let y = with_values(&a, |x| {
+            with_values(&b, |z| {
+                amx::batched(x, m, k, z, zr, zc, transposed, d0 * d1)
+            })
+        })??;
+        y.ok_or_else(|| {
             ModelError::Unsupported(
                 "bf16 products need AMX tiles, which this host does not grant".into(),
             )
-        })?;
-        Ok(Tensor::from_vec(y, (d0, d1, m, n), &Device::Cpu)?)
+        })
     }
 }
 
@@ -875,9 +931,9 @@ fn factors(theta: &[f32], s: &FactorSlot, rank: usize) -> candle_core::Result<(T
 }
 
 fn add_into(dst: &mut [f32], t: &Tensor) -> candle_core::Result<()> {
-    let v = to_vec(&t.contiguous()?)?;
-    dst.iter_mut().zip(v).for_each(|(a, b)| *a += b);
-    Ok(())
+    with_values(&t.contiguous()?, |v| {
+        dst.iter_mut().zip(v).for_each(|(a, b)| *a += b)
+    })
 }
 
 /// Inverted dropout on a LoRA branch's input: each value is zeroed with probability `p` and the
