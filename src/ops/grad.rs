@@ -152,21 +152,36 @@ fn sigmoid(x: f32) -> f32 {
 
 /// `silu(gate) ⊙ up`, elementwise.
 pub fn silu_mul_fwd(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.iter()
-        .zip(up)
-        .map(|(g, u)| g * sigmoid(*g) * u)
-        .collect()
+    let mut out = gate.to_vec();
+    par_rows(&mut out, CHUNK, |c, o| {
+        let at = c * CHUNK;
+        for ((o, g), u) in o.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
+            *o = g * sigmoid(*g) * u;
+        }
+    });
+    out
 }
+
+/// Elements one thread of the element-wise passes takes at a time.
+const CHUNK: usize = 1 << 14;
 
 /// Gradients of [`silu_mul_fwd`] with respect to gate and up.
 pub fn silu_mul_bwd(da: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = Vec::with_capacity(da.len());
-    let mut du = Vec::with_capacity(da.len());
-    for ((d, g), u) in da.iter().zip(gate).zip(up) {
-        let s = sigmoid(*g);
-        du.push(d * g * s);
-        dg.push(d * u * s * (1.0 + g * (1.0 - s)));
-    }
+    let mut dg = da.to_vec();
+    let mut du = da.to_vec();
+    par_rows(&mut du, CHUNK, |c, du| {
+        let at = c * CHUNK;
+        for (du, g) in du.iter_mut().zip(&gate[at..]) {
+            *du *= g * sigmoid(*g);
+        }
+    });
+    par_rows(&mut dg, CHUNK, |c, dg| {
+        let at = c * CHUNK;
+        for ((dg, g), u) in dg.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
+            let s = sigmoid(*g);
+            *dg *= u * s * (1.0 + g * (1.0 - s));
+        }
+    });
     (dg, du)
 }
 

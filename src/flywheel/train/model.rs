@@ -723,7 +723,7 @@ impl TrainBase {
             grad::causal_softmax_fwd(&mut s, t, scale);
             let p = Tensor::from_vec(s, (bsz, kvh, group * t, t), &Device::Cpu)?;
             let o = self.bmm(&p, &v, false)?.reshape((bsz, h, t, hd))?;
-            let attn = o.transpose(1, 2)?.contiguous()?.reshape((n, h * hd))?;
+            let attn = swap_middle(&o)?.reshape((n, h * hd))?;
             let out = self.group_forward(li, 1, &attn, lora, theta, dropout, rng, &mut lsaved)?;
             let mut x2 = x.clone();
             with_values(&out, |o| x2.iter_mut().zip(o).for_each(|(a, b)| *a += b))?;
@@ -841,14 +841,14 @@ impl TrainBase {
         let do_ =
             heads_major(dattn.reshape((bsz, t, h, hd))?)?.reshape((bsz, kvh, group * t, hd))?;
         let mut dp = self.bmm_values(&do_, &s.v, true)?;
-        let dv = self.bmm(&s.p.t()?.contiguous()?, &do_, false)?; // (b, kv, t, hd)
+        let dv = self.bmm(&transpose_last(&s.p)?, &do_, false)?; // (b, kv, t, hd)
         with_values(&s.p, |p| grad::causal_softmax_bwd(p, &mut dp, t, scale))?;
         let ds = Tensor::from_vec(dp, (bsz, kvh, group * t, t), &dev)?;
         let dq = self.bmm(&ds, &s.k, false)?.reshape((bsz, h, t, hd))?;
-        let dk = self.bmm(&ds.t()?.contiguous()?, &s.q, false)?; // (b, kv, t, hd)
-        let mut dq = to_vec(&dq.transpose(1, 2)?.contiguous()?)?;
-        let mut dk = to_vec(&dk.transpose(1, 2)?.contiguous()?)?;
-        let dv = dv.transpose(1, 2)?.contiguous()?.reshape((n, kvh * hd))?;
+        let dk = self.bmm(&transpose_last(&ds)?, &s.q, false)?; // (b, kv, t, hd)
+        let mut dq = swap_middle_values(&dq)?;
+        let mut dk = swap_middle_values(&dk)?;
+        let dv = swap_middle(&dv)?.reshape((n, kvh * hd))?;
         grad::rope_halves(&mut dq, h, hd, &rope.0, &rope.1, true);
         grad::rope_halves(&mut dk, kvh, hd, &rope.0, &rope.1, true);
         if let (Some(raw), Some((qn, kn))) = (&s.qk_normed, &layer.qk_norm) {
@@ -912,7 +912,53 @@ impl TrainBase {
 
 /// (b, t, heads, hd) → (b, heads, t, hd), contiguous.
 fn heads_major(x: Tensor) -> candle_core::Result<Tensor> {
-    x.transpose(1, 2)?.contiguous()
+    swap_middle(&x)
+}
+
+/// (a, b, c, d) → (a, c, b, d), contiguous: rows of d are copied whole (candle's strided copy
+/// walks the elements one at a time).
+fn swap_middle(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (a, b, c, d) = x.dims4()?;
+    Tensor::from_vec(swap_middle_values(x)?, (a, c, b, d), &Device::Cpu)
+}
+
+/// `swap_middle` as a row-major vector.
+fn swap_middle_values(x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (a, b, c, d) = x.dims4()?;
+    with_values(&x.contiguous()?, |v| {
+        let mut out = Vec::with_capacity(v.len());
+        for i in 0..a {
+            for k in 0..c {
+                for j in 0..b {
+                    let at = ((i * b + j) * c + k) * d;
+                    out.extend_from_slice(&v[at..at + d]);
+                }
+            }
+        }
+        out
+    })
+}
+
+/// (a, b, m, n) → (a, b, n, m), contiguous, in 32 × 32 blocks that stay in cache.
+fn transpose_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (a, b, m, n) = x.dims4()?;
+    const BLOCK: usize = 32;
+    let out = with_values(&x.contiguous()?, |v| {
+        let mut out = vec![0f32; v.len()];
+        for (src, dst) in v.chunks_exact(m * n).zip(out.chunks_exact_mut(m * n)) {
+            for i0 in (0..m).step_by(BLOCK) {
+                for j0 in (0..n).step_by(BLOCK) {
+                    for i in i0..(i0 + BLOCK).min(m) {
+                        for j in j0..(j0 + BLOCK).min(n) {
+                            dst[j * m + i] = src[i * n + j];
+                        }
+                    }
+                }
+            }
+        }
+        out
+    })?;
+    Tensor::from_vec(out, (a, b, n, m), &Device::Cpu)
 }
 
 /// A module's A (rank, inputs) and B (outputs, rank) as tensors.
