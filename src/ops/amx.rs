@@ -134,7 +134,8 @@ pub fn matmul(x: &[f32], m: usize, b: &PackedB) -> Option<Vec<f32>> {
 }
 
 /// `batch` independent products `x_i · B_i` (attention's, per sequence and head): x is `batch`
-/// row-major m × k matrices; z is `batch` matrices of `zr` × `zc`, and B_i is z_iᵀ when
+/// row-major m × k matrices, or k × m ones holding x_iᵀ when `x_transposed` (each is transposed
+/// by the thread that takes it); z is `batch` matrices of `zr` × `zc`, and B_i is z_iᵀ when
 /// `transposed` (so k = zc, n = zr) or z_i (k = zr, n = zc). Pairs are split between threads, each
 /// product runs on one. Returns `batch` m × n matrices, or `None` where AMX cannot run.
 #[allow(clippy::too_many_arguments)]
@@ -142,6 +143,7 @@ pub fn batched(
     x: &[f32],
     m: usize,
     k: usize,
+    x_transposed: bool,
     z: &[f32],
     zr: usize,
     zc: usize,
@@ -165,6 +167,7 @@ pub fn batched(
         let spare = &mut y.spare_capacity_mut()[..batch * m * n];
         for (t, out) in spare.chunks_mut(per * m * n).enumerate() {
             s.spawn(move || {
+                let mut xt = Vec::new();
                 for (i, yi) in out.chunks_mut(m * n).enumerate() {
                     let pair = t * per + i;
                     let zi = &z[pair * zr * zc..(pair + 1) * zr * zc];
@@ -173,7 +176,13 @@ pub fn batched(
                     } else {
                         PackedB::plain(zi, zr, zc)
                     };
-                    one(&x[pair * m * k..(pair + 1) * m * k], m, &b, yi);
+                    let xi = &x[pair * m * k..(pair + 1) * m * k];
+                    if x_transposed {
+                        transpose_into(xi, k, m, &mut xt);
+                        one(&xt, m, &b, yi);
+                    } else {
+                        one(xi, m, &b, yi);
+                    }
                 }
             });
         }
@@ -181,6 +190,24 @@ pub fn batched(
     // SAFETY: `one` wrote every pair's m × n values.
     unsafe { y.set_len(batch * m * n) };
     Some(y)
+}
+
+/// `src` (rows × cols, row-major) transposed into `dst` (cols × rows), in 32 × 32 blocks that
+/// stay in cache.
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut Vec<f32>) {
+    const B: usize = 32;
+    dst.clear();
+    dst.resize(rows * cols, 0.0);
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                let row = &src[r * cols..(r + 1) * cols];
+                for c in c0..(c0 + B).min(cols) {
+                    dst[c * rows + r] = row[c];
+                }
+            }
+        }
+    }
 }
 
 /// One product on this thread, writing all of `y` (m × b.n). Padded shapes go through a padded
@@ -427,10 +454,18 @@ mod tests {
         }
         let (batch, m, k, n) = (5, 40, 64, 48);
         let x = random(batch * m * k, 21);
-        for transposed in [true, false] {
+        // The same x_i stored transposed (k × m each).
+        let xt: Vec<f32> = x
+            .chunks(m * k)
+            .flat_map(|xi| (0..k).flat_map(move |c| (0..m).map(move |r| xi[r * k + c])))
+            .collect();
+        for (transposed, x_transposed) in
+            [(true, false), (false, false), (false, true), (true, true)]
+        {
             let (zr, zc) = if transposed { (n, k) } else { (k, n) };
             let z = random(batch * zr * zc, 22);
-            let y = batched(&x, m, k, &z, zr, zc, transposed, batch).unwrap();
+            let input = if x_transposed { &xt } else { &x };
+            let y = batched(input, m, k, x_transposed, &z, zr, zc, transposed, batch).unwrap();
             for i in 0..batch {
                 let zi = &z[i * zr * zc..(i + 1) * zr * zc];
                 let b = if transposed {
@@ -442,12 +477,15 @@ mod tests {
                 assert_eq!(
                     y[i * m * n..(i + 1) * m * n],
                     want[..],
-                    "pair {i}, transposed {transposed}"
+                    "pair {i}, transposed {transposed}, x transposed {x_transposed}"
                 );
             }
         }
-        assert!(batched(&x, m, k + 1, &random(10, 1), 2, 5, true, batch).is_none());
-        assert_eq!(batched(&[], 0, k, &[], 0, k, true, 3), Some(Vec::new()));
+        assert!(batched(&x, m, k + 1, false, &random(10, 1), 2, 5, true, batch).is_none());
+        assert_eq!(
+            batched(&[], 0, k, false, &[], 0, k, true, 3),
+            Some(Vec::new())
+        );
         let b = PackedB::transposed(&[], 0, k);
         assert_eq!(matmul(&x[..2 * k], 2, &b), Some(Vec::new()));
         assert_eq!(

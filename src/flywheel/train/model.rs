@@ -841,11 +841,11 @@ impl TrainBase {
         let do_ =
             heads_major(dattn.reshape((bsz, t, h, hd))?)?.reshape((bsz, kvh, group * t, hd))?;
         let mut dp = self.bmm_values(&do_, &s.v, true)?;
-        let dv = self.bmm(&transpose_last(&s.p)?, &do_, false)?; // (b, kv, t, hd)
+        let dv = self.bmm_of(&s.p, true, &do_, false)?; // (b, kv, t, hd)
         with_values(&s.p, |p| grad::causal_softmax_bwd(p, &mut dp, t, scale))?;
         let ds = Tensor::from_vec(dp, (bsz, kvh, group * t, t), &dev)?;
         let dq = self.bmm(&ds, &s.k, false)?.reshape((bsz, h, t, hd))?;
-        let dk = self.bmm(&transpose_last(&ds)?, &s.q, false)?; // (b, kv, t, hd)
+        let dk = self.bmm_of(&ds, true, &s.q, false)?; // (b, kv, t, hd)
         let mut dq = swap_middle_values(&dq)?;
         let mut dk = swap_middle_values(&dk)?;
         let dv = swap_middle(&dv)?.reshape((n, kvh * hd))?;
@@ -876,30 +876,55 @@ impl TrainBase {
     /// Attention's batched product over the leading (sequence, head) dimensions of 4-D tensors:
     /// `a · bᵀ` when `transposed`, else `a · b`; on AMX tiles in bf16 training.
     fn bmm(&self, a: &Tensor, b: &Tensor, transposed: bool) -> Result<Tensor> {
+        self.bmm_of(a, false, b, transposed)
+    }
+
+    /// `bmm` of `aᵀ` (its last two dimensions swapped) when `a_transposed`.
+    fn bmm_of(
+        &self,
+        a: &Tensor,
+        a_transposed: bool,
+        b: &Tensor,
+        transposed: bool,
+    ) -> Result<Tensor> {
         if self.precision != Precision::Bf16 {
+            let a = if a_transposed { a.t()? } else { a.clone() };
             return Ok(match transposed {
                 true => a.matmul(&b.t()?)?,
                 false => a.matmul(b)?,
             });
         }
-        let (d0, d1, m, _) = a.dims4()?;
+        let (d0, d1, r, c) = a.dims4()?;
+        let m = if a_transposed { c } else { r };
         let (_, _, zr, zc) = b.dims4()?;
         let n = if transposed { zr } else { zc };
-        let y = self.bmm_values(a, b, transposed)?;
+        let y = self.bmm_values_of(a, a_transposed, b, transposed)?;
         Ok(Tensor::from_vec(y, (d0, d1, m, n), &Device::Cpu)?)
     }
 
     /// `bmm` as a row-major vector.
     fn bmm_values(&self, a: &Tensor, b: &Tensor, transposed: bool) -> Result<Vec<f32>> {
+        self.bmm_values_of(a, false, b, transposed)
+    }
+
+    /// `bmm_of` as a row-major vector.
+    fn bmm_values_of(
+        &self,
+        a: &Tensor,
+        a_transposed: bool,
+        b: &Tensor,
+        transposed: bool,
+    ) -> Result<Vec<f32>> {
         if self.precision != Precision::Bf16 {
-            return Ok(to_vec(&self.bmm(a, b, transposed)?)?);
+            return Ok(to_vec(&self.bmm_of(a, a_transposed, b, transposed)?)?);
         }
-        let (d0, d1, m, k) = a.dims4()?;
+        let (d0, d1, r, c) = a.dims4()?;
+        let (m, k) = if a_transposed { (c, r) } else { (r, c) };
         let (_, _, zr, zc) = b.dims4()?;
         let (a, b) = (a.contiguous()?, b.contiguous()?);
         let y = with_values(&a, |x| {
             with_values(&b, |z| {
-                amx::batched(x, m, k, z, zr, zc, transposed, d0 * d1)
+                amx::batched(x, m, k, a_transposed, z, zr, zc, transposed, d0 * d1)
             })
         })??;
         y.ok_or_else(|| {
@@ -937,28 +962,6 @@ fn swap_middle_values(x: &Tensor) -> candle_core::Result<Vec<f32>> {
         }
         out
     })
-}
-
-/// (a, b, m, n) → (a, b, n, m), contiguous, in 32 × 32 blocks that stay in cache.
-fn transpose_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (a, b, m, n) = x.dims4()?;
-    const BLOCK: usize = 32;
-    let out = with_values(&x.contiguous()?, |v| {
-        let mut out = vec![0f32; v.len()];
-        for (src, dst) in v.chunks_exact(m * n).zip(out.chunks_exact_mut(m * n)) {
-            for i0 in (0..m).step_by(BLOCK) {
-                for j0 in (0..n).step_by(BLOCK) {
-                    for i in i0..(i0 + BLOCK).min(m) {
-                        for j in j0..(j0 + BLOCK).min(n) {
-                            dst[j * m + i] = src[i * n + j];
-                        }
-                    }
-                }
-            }
-        }
-        out
-    })?;
-    Tensor::from_vec(out, (a, b, n, m), &Device::Cpu)
 }
 
 /// A module's A (rank, inputs) and B (outputs, rank) as tensors.
