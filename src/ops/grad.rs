@@ -172,14 +172,14 @@ pub fn silu_mul_bwd(da: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>
     par_rows(&mut du, CHUNK, |c, du| {
         let at = c * CHUNK;
         for (du, g) in du.iter_mut().zip(&gate[at..]) {
-            *du *= g * sigmoid(*g);
+            *du = *du * g * sigmoid(*g);
         }
     });
     par_rows(&mut dg, CHUNK, |c, dg| {
         let at = c * CHUNK;
         for ((dg, g), u) in dg.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
             let s = sigmoid(*g);
-            *dg *= u * s * (1.0 + g * (1.0 - s));
+            *dg = *dg * u * s * (1.0 + g * (1.0 - s));
         }
     });
     (dg, du)
