@@ -522,22 +522,31 @@ impl LlamaModel {
             rows::add_rms_norm(&mut x, Some(&a), &layer.ffn_norm, eps, &mut xn);
             delta = Some(self.mlp_block(&batch, li, layer, &xn, &mut scratch.act)?);
         }
-        if let Some(d) = &delta {
-            rows::add(&mut x, d);
-        }
         for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
             cache.len += seq.len();
         }
-        // Each sequence's last row, normed, through the head.
+        // Each sequence's last row, with the last layer's MLP added (only these rows reach the
+        // head), normed, through the head.
         let hidden = cfg.hidden;
-        let mut last = Vec::with_capacity(tokens.len() * hidden);
-        let mut end = 0;
-        for seq in tokens {
-            end += seq.len();
-            last.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
-        }
+        let last_rows = |v: &[f32]| {
+            let mut out = Vec::with_capacity(tokens.len() * hidden);
+            let mut end = 0;
+            for seq in tokens {
+                end += seq.len();
+                out.extend_from_slice(&v[(end - 1) * hidden..end * hidden]);
+            }
+            out
+        };
+        let mut last = last_rows(&x);
+        let last_delta = delta.as_deref().map(last_rows);
         let mut normed = vec![0f32; last.len()];
-        rows::add_rms_norm(&mut last, None, &self.norm, eps, &mut normed);
+        rows::add_rms_norm(
+            &mut last,
+            last_delta.as_deref(),
+            &self.norm,
+            eps,
+            &mut normed,
+        );
         let logits = project(&self.head, &normed, tokens.len(), None, &[])?;
         let vocab = logits.len() / tokens.len();
         Ok(Tensor::from_vec(

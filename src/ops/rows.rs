@@ -79,13 +79,6 @@ pub fn add_rms_norm(x: &mut [f32], delta: Option<&[f32]>, w: &[f32], eps: f32, o
     });
 }
 
-/// `x += delta`, elementwise.
-pub fn add(x: &mut [f32], delta: &[f32]) {
-    for (x, d) in x.iter_mut().zip(delta) {
-        *x += d;
-    }
-}
-
 /// What happens to the queries and keys between their projection and attention.
 pub struct QkvShape<'a> {
     pub heads: usize,
