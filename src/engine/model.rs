@@ -171,6 +171,8 @@ pub enum ModelError {
     Unsupported(String),
     #[error("{0}")]
     Device(#[from] crate::ops::device::DeviceError),
+    #[error("{0}")]
+    Shape(#[from] crate::ops::sgemm::ShapeError),
 }
 
 /// A projection matrix in one of the in-memory formats.

@@ -19,6 +19,7 @@ pub mod q4;
 pub mod qgemm;
 pub mod qgemm_amx;
 pub mod rows;
+pub mod sgemm;
 
 use candle_core::{Result, Tensor, D};
 

@@ -7,6 +7,7 @@
 //! layout here, so the trained factors are a plain PEFT adapter that serves on any base format.
 
 use std::path::Path;
+use std::rc::Rc;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{CpuStorage, Device, Storage, Tensor};
@@ -14,6 +15,7 @@ use candle_core::{CpuStorage, Device, Storage, Tensor};
 use super::Precision;
 use crate::engine::model::{rope_tables, LayerExtras, LlamaConfig, ModelError, ModelSource};
 use crate::ops::RopeStyle;
+use crate::ops::sgemm::{self, View};
 use crate::ops::{amx, grad};
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -36,7 +38,7 @@ struct BaseLayer {
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
     /// q, k and v biases, stacked as the qkv group's outputs (Qwen2); frozen like the weights.
-    qkv_bias: Option<Tensor>,
+    qkv_bias: Option<Vec<f32>>,
     /// RMSNorm weights over each query head and each key head (Qwen3).
     qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     /// One (outputs, inputs) matrix per group in `GROUPS`: qkv, o, gate_up, down.
@@ -44,10 +46,15 @@ struct BaseLayer {
 }
 
 /// A frozen (outputs, inputs) weight and the two products training takes of it: `x · Wᵀ` forward
-/// and `dy · W` backward. In f32 it is one tensor; in bf16 it is held in AMX tile order once per
-/// product (together the bytes of the f32 copy they replace).
+/// and `dy · W` backward, on row-major rows. In f32 it is the matrix itself (the products run on
+/// gemm's kernels); in bf16 it is held in AMX tile order once per product (together the bytes of
+/// the f32 copy they replace).
 enum Frozen {
-    F32(Tensor),
+    F32 {
+        w: Vec<f32>,
+        outputs: usize,
+        inputs: usize,
+    },
     Bf16 {
         /// Wᵀ, for `x · Wᵀ`.
         forward: amx::PackedB,
@@ -58,79 +65,44 @@ enum Frozen {
 
 impl Frozen {
     fn new(w: Tensor, precision: Precision) -> Result<Self> {
-        if precision != Precision::Bf16 {
-            return Ok(Self::F32(w));
-        }
         let (rows, cols) = w.dims2()?;
         let v = to_vec(&w)?;
+        if precision != Precision::Bf16 {
+            return Ok(Self::F32 {
+                w: v,
+                outputs: rows,
+                inputs: cols,
+            });
+        }
         Ok(Self::Bf16 {
             forward: amx::PackedB::transposed(&v, rows, cols),
             backward: amx::PackedB::plain(&v, rows, cols),
         })
     }
 
-    /// `x · Wᵀ` for x (n, inputs): (n, outputs).
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x · Wᵀ` for row-major x of `rows` rows: (rows, outputs).
+    fn forward_rows(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         match self {
-            Self::F32(w) => Ok(x.matmul(&w.t()?)?),
-            Self::Bf16 { forward, .. } => tiles(x, forward),
+            Self::F32 { w, outputs, inputs } => Ok(sgemm::product(
+                1.0,
+                View::rows(x, rows, *inputs),
+                View::rows(w, *outputs, *inputs).t(),
+            )?),
+            Self::Bf16 { forward, .. } => amx_rows(x, rows, forward),
         }
     }
 
-    /// `forward` as a row-major vector.
-    fn forward_values(&self, x: &Tensor) -> Result<Vec<f32>> {
+    /// `dy · W` for row-major dy of `rows` rows: (rows, inputs).
+    fn backward_rows(&self, dy: &[f32], rows: usize) -> Result<Vec<f32>> {
         match self {
-            Self::F32(w) => Ok(to_vec(&x.matmul(&w.t()?)?)?),
-            Self::Bf16 { forward, .. } => {
-                with_values(x, |v| amx_rows(v, v.len() / forward.k.max(1), forward))?
-            }
+            Self::F32 { w, outputs, inputs } => Ok(sgemm::product(
+                1.0,
+                View::rows(dy, rows, *outputs),
+                View::rows(w, *outputs, *inputs),
+            )?),
+            Self::Bf16 { backward, .. } => amx_rows(dy, rows, backward),
         }
     }
-
-    /// `x · Wᵀ` for row-major x of `rows` rows, as a row-major vector (no tensor round trip).
-    fn forward_rows(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
-        match self {
-            Self::F32(_) => {
-                let cols = x.len() / rows.max(1);
-                Ok(to_vec(&self.forward(&Tensor::from_vec(
-                    x,
-                    (rows, cols),
-                    &Device::Cpu,
-                )?)?)?)
-            }
-            Self::Bf16 { forward, .. } => amx_rows(&x, rows, forward),
-        }
-    }
-
-    /// `dy · W` likewise.
-    fn backward_rows(&self, dy: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
-        match self {
-            Self::F32(_) => {
-                let cols = dy.len() / rows.max(1);
-                Ok(to_vec(&self.backward(&Tensor::from_vec(
-                    dy,
-                    (rows, cols),
-                    &Device::Cpu,
-                )?)?)?)
-            }
-            Self::Bf16 { backward, .. } => amx_rows(&dy, rows, backward),
-        }
-    }
-
-    /// `dy · W` for dy (n, outputs): (n, inputs).
-    fn backward(&self, dy: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::F32(w) => Ok(dy.matmul(w)?),
-            Self::Bf16 { backward, .. } => tiles(dy, backward),
-        }
-    }
-}
-
-/// `x · B` on AMX tiles, x a (rows, B's k) tensor.
-fn tiles(x: &Tensor, b: &amx::PackedB) -> Result<Tensor> {
-    let rows = x.dim(0)?;
-    let y = with_values(x, |v| amx_rows(v, rows, b))??;
-    Ok(Tensor::from_vec(y, (rows, b.n), &Device::Cpu)?)
 }
 
 fn amx_rows(x: &[f32], rows: usize, b: &amx::PackedB) -> Result<Vec<f32>> {
@@ -341,16 +313,26 @@ fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Resul
     Ok(f(&to_vec(t)?))
 }
 
-/// Columns `start..start + width` of a 2-D tensor's rows, in one copy.
-fn columns(t: &Tensor, start: usize, width: usize) -> candle_core::Result<Vec<f32>> {
-    let cols = t.dim(1)?;
-    with_values(t, |v| {
-        let mut out = Vec::with_capacity(v.len() / cols.max(1) * width);
-        for row in v.chunks_exact(cols) {
-            out.extend_from_slice(&row[start..start + width]);
+/// Columns `start..start + width` of row-major rows `cols` wide, in one copy.
+fn columns(v: &[f32], cols: usize, start: usize, width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(v.len() / cols.max(1) * width);
+    for row in v.chunks_exact(cols) {
+        out.extend_from_slice(&row[start..start + width]);
+    }
+    out
+}
+
+/// Row-major matrices of the same rows side by side: each part is (its values, its width).
+fn side_by_side(parts: &[(&[f32], usize)]) -> Vec<f32> {
+    let total: usize = parts.iter().map(|(_, w)| w).sum();
+    let rows = parts.first().map_or(0, |(v, w)| v.len() / (*w).max(1));
+    let mut out = Vec::with_capacity(rows * total);
+    for r in 0..rows {
+        for (v, w) in parts {
+            out.extend_from_slice(&v[r * w..(r + 1) * w]);
         }
-        out
-    })
+    }
+    out
 }
 
 /// A training batch: `rows` sequences padded to `t` tokens; `targets[i]` is the token position i
@@ -365,12 +347,12 @@ pub struct Batch {
 
 /// What the backward pass needs from one module's LoRA branch.
 struct LoraSaved {
-    /// The branch's input after dropout: (n, inputs).
-    x: Tensor,
+    /// The branch's input after dropout: (n, inputs); without dropout, the group's input itself.
+    x: Rc<Vec<f32>>,
     /// `x · Aᵀ`: (n, rank).
-    u: Tensor,
+    u: Vec<f32>,
     /// The dropout mask (0 or 1/(1-p) per input), when dropout is on.
-    mask: Option<Tensor>,
+    mask: Option<Vec<f32>>,
 }
 
 /// Queries and keys before their per-head RMSNorm (Qwen3), and each head's inverse RMS.
@@ -453,9 +435,10 @@ impl TrainBase {
                     let qb = unpermute_rows(&col(b.narrow(0, 0, q)?)?, cfg.heads)?;
                     let kb = unpermute_rows(&col(b.narrow(0, q, kv)?)?, cfg.kv_heads)?;
                     let vb = col(b.narrow(0, q + kv, kv)?)?;
-                    Some(Tensor::cat(&[qb, kb, vb], 0)?.flatten_all()?)
+                    Some(to_vec(&Tensor::cat(&[qb, kb, vb], 0)?)?)
                 }
-                b => b,
+                Some(b) => Some(to_vec(&b)?),
+                None => None,
             };
             let qk_norm = match extras.qk_norm {
                 Some((q, k)) => Some((to_vec(&q)?, to_vec(&k)?)),
@@ -516,85 +499,95 @@ impl TrainBase {
             .collect()
     }
 
-    /// `x · Wᵀ` for group `g` of `layer`, plus each targeted module's `scale · dropout(x) Aᵀ Bᵀ`.
+    /// `x · Wᵀ` for group `g` of `layer` on the n rows of x, plus each targeted module's
+    /// `scale · dropout(x) Aᵀ Bᵀ`, added into its band of the output's columns in place.
     #[allow(clippy::too_many_arguments)]
     fn group_forward(
         &self,
         layer: usize,
         g: usize,
-        x: &Tensor,
+        x: &Rc<Vec<f32>>,
+        n: usize,
         lora: &LoraFactors,
         theta: &[f32],
         dropout: f32,
         rng: &mut SplitMix,
         saved: &mut [Option<LoraSaved>; 7],
-    ) -> Result<Tensor> {
-        let frozen = &self.layers[layer].groups[g];
+    ) -> Result<Vec<f32>> {
+        let mut out = self.layers[layer].groups[g].forward_rows(x, n)?;
         let (first, count) = GROUPS[g];
         let widths = self.group_widths(g);
-        if (first..first + count).all(|m| lora.slots[layer][m].is_none()) {
-            return frozen.forward(x);
-        }
-        // Each targeted module's `scale · u Bᵀ` is added into its columns of y in place.
-        let n = x.dim(0)?;
         let total: usize = widths.iter().sum();
-        let mut out = frozen.forward_values(x)?;
-        let scale = lora.scale();
+        let (scale, rank) = (lora.scale(), lora.rank);
         let mut offset = 0;
         for (j, m) in (first..first + count).enumerate() {
             if let Some(s) = lora.slots[layer][m] {
-                let (xd, mask) = dropout_input(x, dropout, rng)?;
-                let (a, b) = factors(theta, &s, lora.rank)?;
-                let u = xd.matmul(&a.t()?)?; // (n, rank)
-                let w = widths[j];
-                with_values(&u.matmul(&b.t()?)?, |delta| {
-                    // (n, width)
-                    for (row, d) in out.chunks_mut(total).zip(delta.chunks(w)) {
-                        row[offset..offset + w]
-                            .iter_mut()
-                            .zip(d)
-                            .for_each(|(o, v)| *o += scale * v);
-                    }
-                })?;
+                let (xd, mask) = dropout_input(x, dropout, rng);
+                let (a, b) = factor_values(theta, &s, rank);
+                let u = sgemm::product(
+                    1.0,
+                    View::rows(&xd, n, s.inputs),
+                    View::rows(a, rank, s.inputs).t(),
+                )?; // (n, rank)
+                sgemm::matmul(
+                    &mut out[offset..],
+                    total,
+                    true,
+                    scale,
+                    View::rows(&u, n, rank),
+                    View::rows(b, s.outputs, rank).t(),
+                )?;
                 saved[m] = Some(LoraSaved { x: xd, u, mask });
             }
             offset += widths[j];
         }
-        Ok(Tensor::from_vec(out, (n, total), &Device::Cpu)?)
+        Ok(out)
     }
 
-    /// The input gradient of a group given its output gradient `dy`; LoRA factor gradients are
-    /// added into `grad`.
+    /// The input gradient of a group given its output gradient `dy` (n rows); LoRA factor
+    /// gradients are added into `grad` in place.
     #[allow(clippy::too_many_arguments)]
     fn group_backward(
         &self,
         layer: usize,
         g: usize,
-        dy: &Tensor,
+        dy: &[f32],
+        n: usize,
         lora: &LoraFactors,
         theta: &[f32],
         saved: &[Option<LoraSaved>; 7],
         grad: &mut [f32],
-    ) -> Result<Tensor> {
-        let mut dx = self.layers[layer].groups[g].backward(dy)?;
+    ) -> Result<Vec<f32>> {
+        let mut dx = self.layers[layer].groups[g].backward_rows(dy, n)?;
         let (first, count) = GROUPS[g];
         let widths = self.group_widths(g);
+        let total: usize = widths.iter().sum();
+        let (scale, rank) = (lora.scale(), lora.rank);
         let mut offset = 0;
-        let scale = f64::from(lora.scale());
         for (j, m) in (first..first + count).enumerate() {
             if let (Some(s), Some(sv)) = (lora.slots[layer][m], &saved[m]) {
-                let dym = dy.narrow(1, offset, widths[j])?;
-                let (a, b) = factors(theta, &s, lora.rank)?;
-                let db = (dym.t()?.matmul(&sv.u)? * scale)?; // (outputs, rank)
-                let du = (dym.matmul(&b)? * scale)?; // (n, rank)
-                let da = du.t()?.matmul(&sv.x)?; // (rank, inputs)
-                add_into(&mut grad[s.a..s.a + lora.rank * s.inputs], &da)?;
-                add_into(&mut grad[s.b..s.b + s.outputs * lora.rank], &db)?;
-                let dxl = du.matmul(&a)?;
-                dx = match &sv.mask {
-                    Some(mask) => (dx + dxl.mul(mask)?)?,
-                    None => (dx + dxl)?,
-                };
+                let dym = View::rows(dy, n, total).columns(offset, widths[j]);
+                let (a, b) = factor_values(theta, &s, rank);
+                let a = View::rows(a, rank, s.inputs);
+                let u = View::rows(&sv.u, n, rank);
+                // dB += scale · dyᵀ u: (outputs, rank)
+                sgemm::matmul(&mut grad[s.b..], rank, true, scale, dym.t(), u)?;
+                // du = scale · dy B: (n, rank)
+                let du = sgemm::product(scale, dym, View::rows(b, s.outputs, rank))?;
+                let du = View::rows(&du, n, rank);
+                // dA += duᵀ x: (rank, inputs)
+                let x = View::rows(&sv.x, n, s.inputs);
+                sgemm::matmul(&mut grad[s.a..], s.inputs, true, 1.0, du.t(), x)?;
+                // dx += du A, through the dropout mask when there is one.
+                match &sv.mask {
+                    None => sgemm::matmul(&mut dx, s.inputs, true, 1.0, du, a)?,
+                    Some(mask) => {
+                        let dxl = sgemm::product(1.0, du, a)?;
+                        for ((d, l), k) in dx.iter_mut().zip(&dxl).zip(mask) {
+                            *d += l * k;
+                        }
+                    }
+                }
             }
             offset += widths[j];
         }
@@ -643,8 +636,8 @@ impl TrainBase {
         let (xl, _) = self.forward_layers(batch, lora, theta, 0.0, &mut rng)?;
         let n = batch.rows * batch.t;
         let (h, _) = grad::rms_norm_fwd(&xl, &self.norm, self.cfg.rms_eps as f32);
-        let h = Tensor::from_vec(h, (n, self.cfg.hidden), &Device::Cpu)?;
-        self.head.forward(&h)
+        let logits = self.head.forward_rows(&h, n)?;
+        Ok(Tensor::from_vec(logits, (n, self.cfg.vocab), &Device::Cpu)?)
     }
 
     /// cos and sin for every row of a (rows, t) batch: row i of a sequence sits at position i.
@@ -685,15 +678,18 @@ impl TrainBase {
         for (li, layer) in self.layers.iter().enumerate() {
             let mut lsaved: [Option<LoraSaved>; 7] = Default::default();
             let (h1, rstd1) = grad::rms_norm_fwd(&x, &layer.attn_norm, eps);
-            let h1 = Tensor::from_vec(h1, (n, cfg.hidden), &Device::Cpu)?;
-            let qkv = self.group_forward(li, 0, &h1, lora, theta, dropout, rng, &mut lsaved)?;
-            let qkv = match &layer.qkv_bias {
-                Some(b) => qkv.broadcast_add(b)?,
-                None => qkv,
-            };
-            let mut q = columns(&qkv, 0, h * hd)?;
-            let mut k = columns(&qkv, h * hd, kvh * hd)?;
-            let v = qkv.narrow(1, (h + kvh) * hd, kvh * hd)?.contiguous()?;
+            let h1 = Rc::new(h1);
+            let mut qkv =
+                self.group_forward(li, 0, &h1, n, lora, theta, dropout, rng, &mut lsaved)?;
+            let width = (h + 2 * kvh) * hd;
+            if let Some(b) = &layer.qkv_bias {
+                for row in qkv.chunks_exact_mut(width) {
+                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                }
+            }
+            let mut q = columns(&qkv, width, 0, h * hd);
+            let mut k = columns(&qkv, width, h * hd, kvh * hd);
+            let v = columns(&qkv, width, (h + kvh) * hd, kvh * hd);
             // Qwen3: each head of q and k RMS-normed before RoPE.
             let qk_normed = match &layer.qk_norm {
                 Some((qn, kn)) => {
@@ -718,24 +714,24 @@ impl TrainBase {
                 hd,
             ))?;
             let k = heads_major(Tensor::from_vec(k, (bsz, t, kvh, hd), &Device::Cpu)?)?;
-            let v = heads_major(v.reshape((bsz, t, kvh, hd))?)?;
+            let v = heads_major(Tensor::from_vec(v, (bsz, t, kvh, hd), &Device::Cpu)?)?;
             let mut s = self.bmm_values(&q, &k, true)?;
             grad::causal_softmax_fwd(&mut s, t, scale);
             let p = Tensor::from_vec(s, (bsz, kvh, group * t, t), &Device::Cpu)?;
             let o = self.bmm(&p, &v, false)?.reshape((bsz, h, t, hd))?;
-            let attn = swap_middle(&o)?.reshape((n, h * hd))?;
-            let out = self.group_forward(li, 1, &attn, lora, theta, dropout, rng, &mut lsaved)?;
+            let attn = Rc::new(swap_middle_values(&o)?); // (n, heads · head_dim)
+            let out = self.group_forward(li, 1, &attn, n, lora, theta, dropout, rng, &mut lsaved)?;
             let mut x2 = x.clone();
-            with_values(&out, |o| x2.iter_mut().zip(o).for_each(|(a, b)| *a += b))?;
+            x2.iter_mut().zip(&out).for_each(|(a, b)| *a += b);
             let (h2, rstd2) = grad::rms_norm_fwd(&x2, &layer.ffn_norm, eps);
-            let h2 = Tensor::from_vec(h2, (n, cfg.hidden), &Device::Cpu)?;
-            let gu = self.group_forward(li, 2, &h2, lora, theta, dropout, rng, &mut lsaved)?;
-            let gate = columns(&gu, 0, cfg.ffn)?;
-            let up = columns(&gu, cfg.ffn, cfg.ffn)?;
-            let act = Tensor::from_vec(grad::silu_mul_fwd(&gate, &up), (n, cfg.ffn), &Device::Cpu)?;
-            let down = self.group_forward(li, 3, &act, lora, theta, dropout, rng, &mut lsaved)?;
+            let h2 = Rc::new(h2);
+            let gu = self.group_forward(li, 2, &h2, n, lora, theta, dropout, rng, &mut lsaved)?;
+            let gate = columns(&gu, 2 * cfg.ffn, 0, cfg.ffn);
+            let up = columns(&gu, 2 * cfg.ffn, cfg.ffn, cfg.ffn);
+            let act = Rc::new(grad::silu_mul_fwd(&gate, &up));
+            let down = self.group_forward(li, 3, &act, n, lora, theta, dropout, rng, &mut lsaved)?;
             let mut x3 = x2.clone();
-            with_values(&down, |d| x3.iter_mut().zip(d).for_each(|(a, b)| *a += b))?;
+            x3.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
             saved.push(LayerSaved {
                 x,
                 rstd1,
@@ -782,11 +778,11 @@ impl TrainBase {
             }
             let (hn, rstd) = grad::rms_norm_fwd(&rows, &self.norm, eps);
             let m = chunk.len();
-            let mut logits = self.head.forward_rows(hn, m)?;
+            let mut logits = self.head.forward_rows(&hn, m)?;
             let targets: Vec<u32> = chunk.iter().map(|(_, t)| *t).collect();
             loss += grad::cross_entropy(&mut logits, vocab, &targets, weight);
             if want_grad {
-                let dh = self.head.backward_rows(logits, m)?;
+                let dh = self.head.backward_rows(&logits, m)?;
                 let drows = grad::rms_norm_bwd(&dh, &rows, &self.norm, &rstd);
                 for (i, (pos, _)) in chunk.iter().enumerate() {
                     dx[pos * d..(pos + 1) * d]
@@ -820,26 +816,16 @@ impl TrainBase {
         let scale = 1.0 / (hd as f32).sqrt();
         let dev = Device::Cpu;
         // MLP: x3 = x2 + down(silu(gate) ⊙ up).
-        let dy = Tensor::from_slice(&dx3, (n, cfg.hidden), &dev)?;
-        let dact = self.group_backward(li, 3, &dy, lora, theta, &s.lora, grad)?;
-        let (dgate, dup) = with_values(&dact, |d| grad::silu_mul_bwd(d, &s.gate, &s.up))?;
-        let dgu = Tensor::cat(
-            &[
-                Tensor::from_vec(dgate, (n, cfg.ffn), &dev)?,
-                Tensor::from_vec(dup, (n, cfg.ffn), &dev)?,
-            ],
-            1,
-        )?;
-        let dh2 = self.group_backward(li, 2, &dgu, lora, theta, &s.lora, grad)?;
-        let mut dx2 = with_values(&dh2, |d| {
-            grad::rms_norm_bwd(d, &s.x2, &layer.ffn_norm, &s.rstd2)
-        })?;
+        let dact = self.group_backward(li, 3, &dx3, n, lora, theta, &s.lora, grad)?;
+        let (dgate, dup) = grad::silu_mul_bwd(&dact, &s.gate, &s.up);
+        let dgu = side_by_side(&[(&dgate, cfg.ffn), (&dup, cfg.ffn)]);
+        let dh2 = self.group_backward(li, 2, &dgu, n, lora, theta, &s.lora, grad)?;
+        let mut dx2 = grad::rms_norm_bwd(&dh2, &s.x2, &layer.ffn_norm, &s.rstd2);
         dx2.iter_mut().zip(&dx3).for_each(|(a, b)| *a += b);
         // Attention: x2 = x + o(softmax(q kᵀ) v).
-        let dy = Tensor::from_slice(&dx2, (n, cfg.hidden), &dev)?;
-        let dattn = self.group_backward(li, 1, &dy, lora, theta, &s.lora, grad)?;
-        let do_ =
-            heads_major(dattn.reshape((bsz, t, h, hd))?)?.reshape((bsz, kvh, group * t, hd))?;
+        let dattn = self.group_backward(li, 1, &dx2, n, lora, theta, &s.lora, grad)?;
+        let do_ = heads_major(Tensor::from_vec(dattn, (bsz, t, h, hd), &dev)?)?
+            .reshape((bsz, kvh, group * t, hd))?;
         let mut dp = self.bmm_values(&do_, &s.v, true)?;
         let dv = self.bmm_of(&s.p, true, &do_, false)?; // (b, kv, t, hd)
         with_values(&s.p, |p| grad::causal_softmax_bwd(p, &mut dp, t, scale))?;
@@ -848,25 +834,16 @@ impl TrainBase {
         let dk = self.bmm_of(&ds, true, &s.q, false)?; // (b, kv, t, hd)
         let mut dq = swap_middle_values(&dq)?;
         let mut dk = swap_middle_values(&dk)?;
-        let dv = swap_middle(&dv)?.reshape((n, kvh * hd))?;
+        let dv = swap_middle_values(&dv)?;
         grad::rope_halves(&mut dq, h, hd, &rope.0, &rope.1, true);
         grad::rope_halves(&mut dk, kvh, hd, &rope.0, &rope.1, true);
         if let (Some(raw), Some((qn, kn))) = (&s.qk_normed, &layer.qk_norm) {
             dq = grad::rms_norm_bwd(&dq, &raw.q, qn, &raw.q_rstd);
             dk = grad::rms_norm_bwd(&dk, &raw.k, kn, &raw.k_rstd);
         }
-        let dqkv = Tensor::cat(
-            &[
-                Tensor::from_vec(dq, (n, h * hd), &dev)?,
-                Tensor::from_vec(dk, (n, kvh * hd), &dev)?,
-                dv,
-            ],
-            1,
-        )?;
-        let dh1 = self.group_backward(li, 0, &dqkv, lora, theta, &s.lora, grad)?;
-        let mut dx = with_values(&dh1, |d| {
-            grad::rms_norm_bwd(d, &s.x, &layer.attn_norm, &s.rstd1)
-        })?;
+        let dqkv = side_by_side(&[(&dq, h * hd), (&dk, kvh * hd), (&dv, kvh * hd)]);
+        let dh1 = self.group_backward(li, 0, &dqkv, n, lora, theta, &s.lora, grad)?;
+        let mut dx = grad::rms_norm_bwd(&dh1, &s.x, &layer.attn_norm, &s.rstd1);
         dx.iter_mut().zip(&dx2).for_each(|(a, b)| *a += b);
         Ok(dx)
     }
@@ -979,28 +956,30 @@ fn factors(theta: &[f32], s: &FactorSlot, rank: usize) -> candle_core::Result<(T
     Ok((a, b))
 }
 
-fn add_into(dst: &mut [f32], t: &Tensor) -> candle_core::Result<()> {
-    with_values(&t.contiguous()?, |v| {
-        dst.iter_mut().zip(v).for_each(|(a, b)| *a += b)
-    })
+/// A module's A (rank, inputs) and B (outputs, rank) as row-major slices of `theta`.
+fn factor_values<'a>(theta: &'a [f32], s: &FactorSlot, rank: usize) -> (&'a [f32], &'a [f32]) {
+    (
+        &theta[s.a..s.a + rank * s.inputs],
+        &theta[s.b..s.b + s.outputs * rank],
+    )
 }
 
 /// Inverted dropout on a LoRA branch's input: each value is zeroed with probability `p` and the
-/// rest scaled by 1/(1-p). Returns the branch input and its mask (none when `p` is 0).
+/// rest scaled by 1/(1-p). Returns the branch input (x itself when `p` is 0) and its mask.
 fn dropout_input(
-    x: &Tensor,
+    x: &Rc<Vec<f32>>,
     p: f32,
     rng: &mut SplitMix,
-) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+) -> (Rc<Vec<f32>>, Option<Vec<f32>>) {
     if p <= 0.0 {
-        return Ok((x.clone(), None));
+        return (Rc::clone(x), None);
     }
     let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
+    let mask: Vec<f32> = (0..x.len())
         .map(|_| if rng.unit() < p { 0.0 } else { keep })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-    Ok((x.mul(&mask)?, Some(mask)))
+    let xd = x.iter().zip(&mask).map(|(v, k)| v * k).collect();
+    (Rc::new(xd), Some(mask))
 }
 
 #[cfg(test)]
