@@ -63,11 +63,12 @@ fn main() {
         None,
         &AtomicBool::new(false),
         &mut |p| {
-            per_step.push(last.elapsed().as_secs_f64());
+            let took = last.elapsed().as_secs_f64();
+            per_step.push(took);
             last = Instant::now();
             println!(
-                "step {}/{}: loss {:.3}",
-                p.step, p.total_steps, p.train_loss
+                "step {}/{}: loss {:.3}, {:.2} s",
+                p.step, p.total_steps, p.train_loss, took
             );
         },
     )
