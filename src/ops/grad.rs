@@ -150,39 +150,36 @@ fn sigmoid(x: f32) -> f32 {
     }
 }
 
-/// `silu(gate) ⊙ up`, elementwise.
-pub fn silu_mul_fwd(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let mut out = gate.to_vec();
-    par_rows(&mut out, CHUNK, |c, o| {
-        let at = c * CHUNK;
-        for ((o, g), u) in o.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
+/// `silu(gate) ⊙ up` over rows laid out `[gate | up]`, each half `width` wide (the gate and up
+/// projections' shared output): (rows, width).
+pub fn silu_mul_fwd(gu: &[f32], width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gu.len() / 2];
+    par_rows(&mut out, width, |r, o| {
+        let (gate, up) = gu[2 * r * width..2 * (r + 1) * width].split_at(width);
+        for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
             *o = g * sigmoid(*g) * u;
         }
     });
     out
 }
 
-/// Elements one thread of the element-wise passes takes at a time.
-const CHUNK: usize = 1 << 14;
-
-/// Gradients of [`silu_mul_fwd`] with respect to gate and up.
-pub fn silu_mul_bwd(da: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = da.to_vec();
-    let mut du = da.to_vec();
-    par_rows(&mut du, CHUNK, |c, du| {
-        let at = c * CHUNK;
-        for (du, g) in du.iter_mut().zip(&gate[at..]) {
-            *du = *du * g * sigmoid(*g);
+/// The gradient of [`silu_mul_fwd`] with respect to its `[gate | up]` rows, given the output's
+/// gradient `da` (rows, width).
+pub fn silu_mul_bwd(da: &[f32], gu: &[f32], width: usize) -> Vec<f32> {
+    let mut dgu = vec![0f32; gu.len()];
+    par_rows(&mut dgu, 2 * width, |r, d| {
+        let (gate, up) = gu[2 * r * width..2 * (r + 1) * width].split_at(width);
+        let da = &da[r * width..(r + 1) * width];
+        let (dg, du) = d.split_at_mut(width);
+        for ((du, g), a) in du.iter_mut().zip(gate).zip(da) {
+            *du = a * g * sigmoid(*g);
         }
-    });
-    par_rows(&mut dg, CHUNK, |c, dg| {
-        let at = c * CHUNK;
-        for ((dg, g), u) in dg.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
+        for (((dg, g), u), a) in dg.iter_mut().zip(gate).zip(up).zip(da) {
             let s = sigmoid(*g);
-            *dg = *dg * u * s * (1.0 + g * (1.0 - s));
+            *dg = a * u * s * (1.0 + g * (1.0 - s));
         }
     });
-    (dg, du)
+    dgu
 }
 
 /// Cross-entropy of `targets` under rows of `logits` (each `vocab` wide). Returns the summed loss
@@ -306,9 +303,26 @@ mod tests {
         let g: Vec<f32> = lcg(16, 9).iter().map(|v| v * 4.0).collect();
         let u = lcg(16, 10);
         let r = lcg(16, 11);
-        let (dg, du) = silu_mul_bwd(&r, &g, &u);
-        check(&g, &dg, |g| dot(&silu_mul_fwd(g, &u), &r));
-        check(&u, &du, |u| dot(&silu_mul_fwd(&g, u), &r));
+        // Two rows of [gate | up], 8 wide.
+        let gu = |g: &[f32], u: &[f32]| {
+            let mut out = Vec::new();
+            for (g, u) in g.chunks(8).zip(u.chunks(8)) {
+                out.extend_from_slice(g);
+                out.extend_from_slice(u);
+            }
+            out
+        };
+        let dgu = silu_mul_bwd(&r, &gu(&g, &u), 8);
+        let dg: Vec<f32> = dgu.chunks(8).step_by(2).flatten().copied().collect();
+        let du: Vec<f32> = dgu
+            .chunks(8)
+            .skip(1)
+            .step_by(2)
+            .flatten()
+            .copied()
+            .collect();
+        check(&g, &dg, |g| dot(&silu_mul_fwd(&gu(g, &u), 8), &r));
+        check(&u, &du, |u| dot(&silu_mul_fwd(&gu(&g, u), 8), &r));
     }
 
     #[test]

@@ -158,7 +158,10 @@ mod tests {
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
-            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) as f32 / 65536.0 - 0.5)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) as f32 / 65536.0
+                    - 0.5
+            })
             .collect()
     }
 
@@ -201,7 +204,10 @@ mod tests {
                     before[i * wide + j]
                 };
                 let got = dst[i * wide + j];
-                assert!((got - expect).abs() <= 1e-4, "({i}, {j}): {got} vs {expect}");
+                assert!(
+                    (got - expect).abs() <= 1e-4,
+                    "({i}, {j}): {got} vs {expect}"
+                );
             }
         }
     }

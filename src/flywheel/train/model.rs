@@ -14,8 +14,8 @@ use candle_core::{CpuStorage, Device, Storage, Tensor};
 
 use super::Precision;
 use crate::engine::model::{rope_tables, LayerExtras, LlamaConfig, ModelError, ModelSource};
-use crate::ops::RopeStyle;
 use crate::ops::sgemm::{self, View};
+use crate::ops::RopeStyle;
 use crate::ops::{amx, grad};
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -377,8 +377,8 @@ struct LayerSaved {
     p: Tensor,
     x2: Vec<f32>,
     rstd2: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    /// The gate and up projections' output, rows of `[gate | up]`.
+    gu: Vec<f32>,
     lora: [Option<LoraSaved>; 7],
 }
 
@@ -720,16 +720,16 @@ impl TrainBase {
             let p = Tensor::from_vec(s, (bsz, kvh, group * t, t), &Device::Cpu)?;
             let o = self.bmm(&p, &v, false)?.reshape((bsz, h, t, hd))?;
             let attn = Rc::new(swap_middle_values(&o)?); // (n, heads · head_dim)
-            let out = self.group_forward(li, 1, &attn, n, lora, theta, dropout, rng, &mut lsaved)?;
+            let out =
+                self.group_forward(li, 1, &attn, n, lora, theta, dropout, rng, &mut lsaved)?;
             let mut x2 = x.clone();
             x2.iter_mut().zip(&out).for_each(|(a, b)| *a += b);
             let (h2, rstd2) = grad::rms_norm_fwd(&x2, &layer.ffn_norm, eps);
             let h2 = Rc::new(h2);
             let gu = self.group_forward(li, 2, &h2, n, lora, theta, dropout, rng, &mut lsaved)?;
-            let gate = columns(&gu, 2 * cfg.ffn, 0, cfg.ffn);
-            let up = columns(&gu, 2 * cfg.ffn, cfg.ffn, cfg.ffn);
-            let act = Rc::new(grad::silu_mul_fwd(&gate, &up));
-            let down = self.group_forward(li, 3, &act, n, lora, theta, dropout, rng, &mut lsaved)?;
+            let act = Rc::new(grad::silu_mul_fwd(&gu, cfg.ffn));
+            let down =
+                self.group_forward(li, 3, &act, n, lora, theta, dropout, rng, &mut lsaved)?;
             let mut x3 = x2.clone();
             x3.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
             saved.push(LayerSaved {
@@ -742,8 +742,7 @@ impl TrainBase {
                 p,
                 x2,
                 rstd2,
-                gate,
-                up,
+                gu,
                 lora: lsaved,
             });
             x = x3;
@@ -817,15 +816,18 @@ impl TrainBase {
         let dev = Device::Cpu;
         // MLP: x3 = x2 + down(silu(gate) ⊙ up).
         let dact = self.group_backward(li, 3, &dx3, n, lora, theta, &s.lora, grad)?;
-        let (dgate, dup) = grad::silu_mul_bwd(&dact, &s.gate, &s.up);
-        let dgu = side_by_side(&[(&dgate, cfg.ffn), (&dup, cfg.ffn)]);
+        let dgu = grad::silu_mul_bwd(&dact, &s.gu, cfg.ffn);
         let dh2 = self.group_backward(li, 2, &dgu, n, lora, theta, &s.lora, grad)?;
         let mut dx2 = grad::rms_norm_bwd(&dh2, &s.x2, &layer.ffn_norm, &s.rstd2);
         dx2.iter_mut().zip(&dx3).for_each(|(a, b)| *a += b);
         // Attention: x2 = x + o(softmax(q kᵀ) v).
         let dattn = self.group_backward(li, 1, &dx2, n, lora, theta, &s.lora, grad)?;
-        let do_ = heads_major(Tensor::from_vec(dattn, (bsz, t, h, hd), &dev)?)?
-            .reshape((bsz, kvh, group * t, hd))?;
+        let do_ = heads_major(Tensor::from_vec(dattn, (bsz, t, h, hd), &dev)?)?.reshape((
+            bsz,
+            kvh,
+            group * t,
+            hd,
+        ))?;
         let mut dp = self.bmm_values(&do_, &s.v, true)?;
         let dv = self.bmm_of(&s.p, true, &do_, false)?; // (b, kv, t, hd)
         with_values(&s.p, |p| grad::causal_softmax_bwd(p, &mut dp, t, scale))?;
@@ -966,11 +968,7 @@ fn factor_values<'a>(theta: &'a [f32], s: &FactorSlot, rank: usize) -> (&'a [f32
 
 /// Inverted dropout on a LoRA branch's input: each value is zeroed with probability `p` and the
 /// rest scaled by 1/(1-p). Returns the branch input (x itself when `p` is 0) and its mask.
-fn dropout_input(
-    x: &Rc<Vec<f32>>,
-    p: f32,
-    rng: &mut SplitMix,
-) -> (Rc<Vec<f32>>, Option<Vec<f32>>) {
+fn dropout_input(x: &Rc<Vec<f32>>, p: f32, rng: &mut SplitMix) -> (Rc<Vec<f32>>, Option<Vec<f32>>) {
     if p <= 0.0 {
         return (Rc::clone(x), None);
     }
