@@ -571,13 +571,15 @@ impl TrainBase {
                 let a = View::rows(a, rank, s.inputs);
                 let u = View::rows(&sv.u, n, rank);
                 // dB += scale · dyᵀ u: (outputs, rank)
-                sgemm::matmul(&mut grad[s.b..], rank, true, scale, dym.t(), u)?;
+                let db = &mut grad[s.b..s.b + s.outputs * rank];
+                sgemm::matmul(db, rank, true, scale, dym.t(), u)?;
                 // du = scale · dy B: (n, rank)
                 let du = sgemm::product(scale, dym, View::rows(b, s.outputs, rank))?;
                 let du = View::rows(&du, n, rank);
                 // dA += duᵀ x: (rank, inputs)
                 let x = View::rows(&sv.x, n, s.inputs);
-                sgemm::matmul(&mut grad[s.a..], s.inputs, true, 1.0, du.t(), x)?;
+                let da = &mut grad[s.a..s.a + rank * s.inputs];
+                sgemm::matmul(da, s.inputs, true, 1.0, du.t(), x)?;
                 // dx += du A, through the dropout mask when there is one.
                 match &sv.mask {
                     None => sgemm::matmul(&mut dx, s.inputs, true, 1.0, du, a)?,
