@@ -151,15 +151,11 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 /// `silu(gate) ⊙ up` over rows laid out `[gate | up]`, each half `width` wide (the gate and up
-/// projections' shared output): (rows, width).
+/// projections' shared output): (rows, width). The serving pass's `ops::silu_mul_rows`, into a
+/// new vector.
 pub fn silu_mul_fwd(gu: &[f32], width: usize) -> Vec<f32> {
     let mut out = vec![0f32; gu.len() / 2];
-    par_rows(&mut out, width, |r, o| {
-        let (gate, up) = gu[2 * r * width..2 * (r + 1) * width].split_at(width);
-        for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
-            *o = g * sigmoid(*g) * u;
-        }
-    });
+    super::silu_mul_rows(gu, width, &mut out);
     out
 }
 
@@ -171,11 +167,9 @@ pub fn silu_mul_bwd(da: &[f32], gu: &[f32], width: usize) -> Vec<f32> {
         let (gate, up) = gu[2 * r * width..2 * (r + 1) * width].split_at(width);
         let da = &da[r * width..(r + 1) * width];
         let (dg, du) = d.split_at_mut(width);
-        for ((du, g), a) in du.iter_mut().zip(gate).zip(da) {
-            *du = a * g * sigmoid(*g);
-        }
-        for (((dg, g), u), a) in dg.iter_mut().zip(gate).zip(up).zip(da) {
+        for ((((dg, du), g), u), a) in dg.iter_mut().zip(du).zip(gate).zip(up).zip(da) {
             let s = sigmoid(*g);
+            *du = a * g * s;
             *dg = a * u * s * (1.0 + g * (1.0 - s));
         }
     });
