@@ -937,17 +937,17 @@ pub(super) mod x86 {
         )
     }
 
-    /// Lanes t < n of the result are the sums of the eight lanes of `v[t]`, as in `sum_each`;
-    /// lanes from n on hold anything (the tail's callers mask them). A model whose width leaves
-    /// one or two blocks past the last group (576 = 2 groups + 2 blocks) pays two horizontal adds
-    /// per row here instead of six.
+    /// Lanes t < T of the result are the sums of the eight lanes of `v[t]`, as in `sum_each`;
+    /// `v[T..]` is not read, and lanes from T on hold anything. A model whose width leaves one or
+    /// two blocks past the last group (576 = 2 groups + 2 blocks) pays two horizontal adds per
+    /// row here instead of six.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn sum_first(v: &[__m256i; GROUP], n: usize) -> __m256i {
-        let q = if n <= 2 {
+    fn sum_first<const T: usize>(v: &[__m256i; GROUP]) -> __m256i {
+        let q = if T <= 2 {
             let h = _mm256_hadd_epi32(v[0], v[1]);
             _mm256_hadd_epi32(h, h)
-        } else if n <= 4 {
+        } else if T <= 4 {
             _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]))
         } else {
             return sum_each(v);
@@ -989,6 +989,58 @@ pub(super) mod x86 {
             /// `s` is valid for the extent `Span` describes, with R activation rows.
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name<const R: usize>(s: &Span) {
+                /// Blocks past the last whole group, `n` ≤ T of them, stored plain from
+                /// `at.0` (weights; scales from `at.1`) and `at.2` (activation row 0; scales
+                /// from `at.3`): block t's four-byte partial dots are summed across its vector
+                /// into lane t (exact integer sums), then scaled into that lane alone, as in a
+                /// whole group. Lanes from n on get a zero scale (masked loads), and a fused
+                /// a · 0 + f is f itself for any f such a lane holds (it starts at +0 and never
+                /// becomes -0), so they keep their bits without a blend.
+                ///
+                /// SAFETY (callers): the CPU has the kernel's features; the pointers are valid
+                /// for n blocks of one weight row and of R activation rows `cols` bytes apart
+                /// (scales `nb` apart).
+                #[inline]
+                #[target_feature(enable = $features)]
+                unsafe fn tail_blocks<const R: usize, const T: usize>(
+                    at: (*const i8, *const f32, *const i8, *const f32),
+                    cols: usize,
+                    nb: usize,
+                    n: usize,
+                    mut f: [__m256; R],
+                ) -> [__m256; R] {
+                    let (w, ws, x, xs) = at;
+                    let zero = _mm256_setzero_si256();
+                    // SAFETY: blocks below n of the rows the caller vouches for.
+                    unsafe {
+                        let load = |p: *const i8| _mm256_loadu_si256(p.cast());
+                        let mut prepared = [(zero, zero); T];
+                        let mut bias = [zero; GROUP];
+                        for t in 0..T {
+                            if t < n {
+                                let wv = load(w.add(t * BLOCK));
+                                bias[t] = $bias(zero, wv);
+                                prepared[t] = $prep(wv);
+                            }
+                        }
+                        let bias = sum_first::<T>(&bias);
+                        let mask = tail_mask(n);
+                        let wst = _mm256_maskload_ps(ws, mask);
+                        for (r, fr) in f.iter_mut().enumerate() {
+                            let mut dots = [zero; GROUP];
+                            for (t, (d, &(p, q))) in dots.iter_mut().zip(&prepared).enumerate() {
+                                if t < n {
+                                    *d = $dot(zero, p, q, load(x.add(r * cols + t * BLOCK)));
+                                }
+                            }
+                            let a = _mm256_sub_epi32(sum_first::<T>(&dots), bias);
+                            let sc = _mm256_mul_ps(wst, _mm256_maskload_ps(xs.add(r * nb), mask));
+                            *fr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sc, *fr);
+                        }
+                    }
+                    f
+                }
+
                 let nb = s.nb;
                 let cols = nb * BLOCK;
                 let whole = nb / GROUP;
@@ -1039,41 +1091,17 @@ pub(super) mod x86 {
                                 *fr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sc, *fr);
                             }
                         }
-                        // Tail blocks (fewer than a group, stored plain): block t's
-                        // four-byte partial dots are summed across its vector into lane t, then
-                        // scaled by its scales into that lane alone, as in a whole group.
+                        // Tail blocks (fewer than a group, stored plain), in arrays of two,
+                        // four or eight vectors so that they stay in registers.
                         let tail = nb - whole * GROUP;
-                        if tail > 0 {
-                            let t0 = whole * GROUP;
-                            let mut prepared = [(zero, zero); GROUP];
-                            let mut bias = [zero; GROUP];
-                            for (t, (p, b)) in prepared
-                                .iter_mut()
-                                .zip(bias.iter_mut())
-                                .take(tail)
-                                .enumerate()
-                            {
-                                let wv = load(w.add((t0 + t) * BLOCK));
-                                *b = $bias(zero, wv);
-                                *p = $prep(wv);
-                            }
-                            let bias = sum_each(&bias);
-                            let mask = tail_mask(tail);
-                            let wst = _mm256_maskload_ps(ws.add(t0), mask);
-                            for (r, fr) in f.iter_mut().enumerate() {
-                                let mut dots = [zero; GROUP];
-                                for (t, (d, &(p, q))) in
-                                    dots.iter_mut().zip(&prepared).take(tail).enumerate()
-                                {
-                                    *d = $dot(zero, p, q, load(x.add(r * cols + (t0 + t) * BLOCK)));
-                                }
-                                let a = _mm256_sub_epi32(sum_first(&dots, tail), bias);
-                                let xst = _mm256_maskload_ps(xs.add(r * nb + t0), mask);
-                                let sc = _mm256_mul_ps(wst, xst);
-                                let added = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sc, *fr);
-                                *fr = _mm256_blendv_ps(*fr, added, _mm256_castsi256_ps(mask));
-                            }
-                        }
+                        let t0 = whole * GROUP;
+                        let at = (w.add(t0 * BLOCK), ws.add(t0), x.add(t0 * BLOCK), xs.add(t0));
+                        let f = match tail {
+                            0 => f,
+                            1..=2 => tail_blocks::<R, 2>(at, cols, nb, tail, f),
+                            3..=4 => tail_blocks::<R, 4>(at, cols, nb, tail, f),
+                            _ => tail_blocks::<R, 8>(at, cols, nb, tail, f),
+                        };
                         for (r, fr) in f.iter().enumerate() {
                             *s.out.add(r * s.stride + j) = hsum(*fr);
                         }
@@ -1205,7 +1233,7 @@ mod tests {
     #[test]
     fn every_kernel_gives_the_same_bits_as_the_portable_one() {
         let kernels = kernels_here();
-        for nb in [1usize, 3, 4, 8, 15, 18, 48, 50] {
+        for nb in [1usize, 3, 4, 8, 13, 14, 15, 18, 48, 50] {
             let (rows, cols) = (13, nb * BLOCK);
             let w =
                 Tensor::from_vec(lcg(rows * cols, nb as u64), (rows, cols), &Device::Cpu).unwrap();
