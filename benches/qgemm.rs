@@ -22,8 +22,8 @@ const LAYERS: usize = 30;
 const ROUNDS: usize = 7;
 /// Decode batches; prefill-sized batches for the layer's matrices (on AMX hosts, 16 rows and more
 /// run on the tiles).
-const BATCHES: [usize; 4] = [1, 4, 8, 16];
-const PREFILL: [usize; 3] = [16, 64, 256];
+const BATCHES: [usize; 6] = [1, 4, 8, 16, 24, 32];
+const PREFILL: [usize; 5] = [16, 24, 32, 64, 256];
 
 /// Runs `mats` (in order, `repeat` times) against each batch of rows, in alternating rounds.
 fn report(name: &str, mats: &[&Q8Matrix], repeat: usize, passes: usize, batches: &[usize]) {

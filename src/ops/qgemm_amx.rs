@@ -33,10 +33,12 @@ const WORD: usize = 4;
 const WORDS: usize = BLOCK / WORD;
 
 /// Activation rows from which `Q8Matrix::product` uses the tiles. A tile always computes 16 rows,
-/// so 8 cost what 16 do: with the weights in cache that about ties with the vector kernels at 8
-/// rows, but a decode step streams the weights from memory, and there 8 sequences run faster on the
-/// vector kernels (`benches/amx_int8.sh`).
-pub const MIN_ROWS: usize = 16;
+/// so 17 cost what 32 do. With the vector kernels' tail blocks in registers, 16 rows run faster on
+/// them than on the tiles when a decode step streams the weights from memory (16.2 against 18.7 ms
+/// a step's matrices, `cargo bench --bench qgemm -- streamed`) and about tie with the weights in
+/// cache; at 24 rows the tiles are ahead in cache (1.8 against 2.0 ms) and level when streaming,
+/// and at 32 they win both ways.
+pub const MIN_ROWS: usize = 24;
 
 /// Whether the tile path runs here.
 pub fn usable() -> bool {
