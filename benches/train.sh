@@ -2,10 +2,15 @@
 # LoRA training throughput beside PyTorch + PEFT on the same GGUF (dequantized to f32), same
 # machine, same run. Installs torch, transformers, peft and gguf into target/torch-venv (PyPI's
 # torch is the CUDA build, ~4 GB; it runs on the CPU).
-# Usage: benches/train.sh [STEPS]   (PyTorch f32 and bf16-autocast, then Flywheel f32 and auto)
+# Usage: benches/train.sh [STEPS] [--avx2]   (PyTorch f32 and bf16-autocast, then Flywheel f32
+# and auto)
+# --avx2: both sides limited to what an AVX2-only CPU runs, on this host: PyTorch with
+# ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2; Flywheel built without gemm's AVX-512
+# kernels (in target/avx2) and run with FLYWHEEL_NO_AVX512=1, where `auto` is f32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-3}"
+avx2="${2:-}"
 bash scripts/fetch-model.sh
 venv=target/torch-venv
 if ! "$venv/bin/python" -c "import torch, peft, transformers, gguf" 2>/dev/null; then
@@ -13,6 +18,17 @@ if ! "$venv/bin/python" -c "import torch, peft, transformers, gguf" 2>/dev/null;
   "$venv/bin/pip" install --quiet --disable-pip-version-check torch transformers peft gguf
 fi
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ "$avx2" = --avx2 ]; then
+  grep -m1 "model name" /proc/cpuinfo || true
+  echo "AVX2-only on this host: PyTorch with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2;"
+  echo "Flywheel without gemm's AVX-512 kernels, FLYWHEEL_NO_AVX512=1"
+  export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FLYWHEEL_NO_AVX512=1
+  "$venv/bin/python" benches/train_peft.py "$model" "$steps"
+  "$venv/bin/python" benches/train_peft.py "$model" "$steps" --bf16
+  CARGO_TARGET_DIR=target/avx2 cargo bench --no-default-features --bench train -- \
+    --steps "$steps" --precision auto
+  exit 0
+fi
 "$venv/bin/python" benches/train_peft.py "$model" "$steps"
 "$venv/bin/python" benches/train_peft.py "$model" "$steps" --bf16
 cargo bench --bench train -- --steps "$steps" --precision f32

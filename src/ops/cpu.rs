@@ -26,6 +26,15 @@ pub struct CpuFeatures {
 }
 
 impl CpuFeatures {
+    /// These features with AVX-512 and AMX taken away (AMX's kernels need AVX-512 too).
+    pub fn without_avx512(self) -> Self {
+        Self {
+            avx2: self.avx2,
+            fma: self.fma,
+            ..Self::default()
+        }
+    }
+
     /// AMX bf16 products may run.
     pub fn amx_bf16_usable(&self) -> bool {
         self.amx_bf16 && self.amx_granted
@@ -99,7 +108,7 @@ fn detect() -> CpuFeatures {
     let tile = edx & (1 << 24) != 0;
     let amx_bf16 = tile && edx & (1 << 22) != 0;
     let amx_int8 = tile && edx & (1 << 25) != 0;
-    CpuFeatures {
+    let found = CpuFeatures {
         avx2: has!("avx2"),
         fma: has!("fma"),
         avx512f: has!("avx512f"),
@@ -109,7 +118,12 @@ fn detect() -> CpuFeatures {
         avx512bf16: has!("avx512bf16"),
         amx_bf16,
         amx_int8,
-        amx_granted: tile && request_tile_state() && !amx_disabled_by_env(),
+        amx_granted: tile && !disabled_by_env("FLYWHEEL_NO_AMX") && request_tile_state(),
+    };
+    if disabled_by_env("FLYWHEEL_NO_AVX512") {
+        found.without_avx512()
+    } else {
+        found
     }
 }
 
@@ -118,9 +132,10 @@ fn detect() -> CpuFeatures {
     CpuFeatures::default()
 }
 
-/// `FLYWHEEL_NO_AMX=1` keeps AMX unused (to compare paths on one host).
-fn amx_disabled_by_env() -> bool {
-    std::env::var("FLYWHEEL_NO_AMX").is_ok_and(|v| !v.is_empty() && v != "0")
+/// `FLYWHEEL_NO_AMX=1` keeps AMX unused, and `FLYWHEEL_NO_AVX512=1` AVX-512 and AMX both, so one
+/// host can compare its kernel paths (the second runs what an AVX2-only CPU runs).
+fn disabled_by_env(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// Asks Linux for the AMX tile data state for this process (every thread, present and future).
@@ -163,6 +178,15 @@ mod tests {
             ..CpuFeatures::default()
         };
         assert!(!refused.amx_bf16_usable());
+        let masked = CpuFeatures {
+            avx2: true,
+            fma: true,
+            avx512f: true,
+            avx512vnni: true,
+            ..refused
+        }
+        .without_avx512();
+        assert_eq!(masked.describe(), "AVX2+FMA");
         assert!(
             refused.describe().contains("refused"),
             "{}",

@@ -160,9 +160,8 @@ impl Kernel {
             target_feature = "fma"
         ))]
         {
-            if std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-            {
+            let f = super::cpu::features();
+            if f.avx512vnni && f.avx512vl {
                 return Kernel::Vnni;
             }
             Kernel::Avx2
