@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The engine bench of an earlier revision against this checkout's, on the same machine in one run:
 # prefill of a 256-token prompt and 1/4/8/16-stream decode, each build once on AMX tiles and once
-# with FLYWHEEL_NO_AMX=1 (the AVX-512 VNNI kernels), alternating, ROUNDS rounds.
+# with FLYWHEEL_NO_AMX=1 (the AVX-512 VNNI kernels), alternating, ROUNDS rounds; this checkout's
+# build also with FLYWHEEL_NO_AVX512=1 (the AVX2 kernels an AVX2-only CPU runs).
 # The earlier revision is built in a worktree under target/ab/ (a few minutes the first time).
 # Usage: benches/engine_ab.sh BEFORE_REV [ROUNDS] [DECODE_TOKENS]
 set -euo pipefail
@@ -26,11 +27,14 @@ grep -m1 "model name" /proc/cpuinfo || true
 echo "before: $(git rev-parse --short "$before"), after: $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with uncommitted changes)')"
 for round in $(seq "$rounds"); do
   for build in before after; do
-    for mode in tiles vnni; do
+    modes="tiles vnni avx2"
+    bin="$new"
+    if [ "$build" = before ]; then bin="$old" modes="tiles vnni"; fi
+    for mode in $modes; do
       echo "== $build, $mode, round $round"
-      bin="$new"
-      if [ "$build" = before ]; then bin="$old"; fi
-      if [ "$mode" = vnni ]; then export FLYWHEEL_NO_AMX=1; else unset FLYWHEEL_NO_AMX; fi
+      unset FLYWHEEL_NO_AMX FLYWHEEL_NO_AVX512
+      if [ "$mode" = vnni ]; then export FLYWHEEL_NO_AMX=1; fi
+      if [ "$mode" = avx2 ]; then export FLYWHEEL_NO_AVX512=1; fi
       "$bin" --weights q8_0 --decode "$decode" --plain-only
     done
   done

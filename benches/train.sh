@@ -4,9 +4,11 @@
 # torch is the CUDA build, ~4 GB; it runs on the CPU).
 # Usage: benches/train.sh [STEPS] [--avx2]   (PyTorch f32 and bf16-autocast, then Flywheel f32
 # and auto)
-# --avx2: both sides limited to what an AVX2-only CPU runs, on this host: PyTorch with
-# ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2; Flywheel built without gemm's AVX-512
-# kernels (in target/avx2) and run with FLYWHEEL_NO_AVX512=1, where `auto` is f32.
+# --avx2: both sides limited to what an AVX2-only CPU runs, on this host, in f32 only: PyTorch with
+# ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2 and ONEDNN_MAX_CPU_ISA=AVX2 (its bf16
+# autocast has no bf16 instructions to use there and runs many times slower than f32); Flywheel
+# built without gemm's AVX-512 kernels (in target/avx2) and run with FLYWHEEL_NO_AVX512=1, where
+# `auto` is f32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-3}"
@@ -20,11 +22,12 @@ fi
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ "$avx2" = --avx2 ]; then
   grep -m1 "model name" /proc/cpuinfo || true
-  echo "AVX2-only on this host: PyTorch with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2;"
-  echo "Flywheel without gemm's AVX-512 kernels, FLYWHEEL_NO_AVX512=1"
-  export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FLYWHEEL_NO_AVX512=1
+  echo "AVX2 only: PyTorch with ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2"
+  echo "ONEDNN_MAX_CPU_ISA=AVX2; Flywheel without gemm's AVX-512 kernels, FLYWHEEL_NO_AVX512=1"
+  export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+  export FLYWHEEL_NO_AVX512=1
+  "$venv/bin/python" -c "import torch; print(torch.backends.cpu.get_cpu_capability())"
   "$venv/bin/python" benches/train_peft.py "$model" "$steps"
-  "$venv/bin/python" benches/train_peft.py "$model" "$steps" --bf16
   CARGO_TARGET_DIR=target/avx2 cargo bench --no-default-features --bench train -- \
     --steps "$steps" --precision auto
   exit 0
