@@ -2,11 +2,12 @@
 //! tiles already loaded (two independent 16×16 results over 32 bytes of k, the shape the serving
 //! path uses per Q8_0 block), timed in chunks of 100,000 pairs, with no memory traffic at all.
 //!
-//! On the 2-vCPU Xeon these benchmarks run on, the rate is bimodal: some runs go at about 4.9 ns a
-//! product (16 cycles, the documented throughput) and others at about three times that, for the
-//! whole run or for the first tens of milliseconds. The code is the same; the host decides. Every
-//! tile figure in BENCHMARKS.md (prefill, wide decode, bf16 training) carries that variance, which
-//! this bench makes visible.
+//! On the 2-vCPU Xeon these benchmarks run on, the rate is bimodal: about 4.9 ns a product (16
+//! cycles, the documented throughput) or about three times that, for whole runs, or switching from
+//! the slow rate to the fast one after some tens of milliseconds. The code is the same; the host
+//! decides. Every tile figure in BENCHMARKS.md (prefill, wide decode, bf16 training) carries that
+//! variance, which this bench makes visible. Each chunk configures and releases the tiles, as each
+//! of the serving path's products does.
 //!
 //! `cargo bench --bench amx_rate [-- RUNS]` (one core; default 4 runs of 60 chunks, 0.5 s apart).
 #![allow(unsafe_code)]
