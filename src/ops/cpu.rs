@@ -23,6 +23,9 @@ pub struct CpuFeatures {
     pub amx_int8: bool,
     /// ...and the kernel granted this process the tile state (so they may be used).
     pub amx_granted: bool,
+    /// The variable that turned instruction sets off for this process, if one did
+    /// (`FLYWHEEL_NO_AMX`, `FLYWHEEL_NO_AVX512`), for the description.
+    pub turned_off_by: Option<&'static str>,
 }
 
 impl CpuFeatures {
@@ -31,6 +34,7 @@ impl CpuFeatures {
         Self {
             avx2: self.avx2,
             fma: self.fma,
+            turned_off_by: Some("FLYWHEEL_NO_AVX512"),
             ..Self::default()
         }
     }
@@ -68,17 +72,23 @@ impl CpuFeatures {
             if self.amx_int8 {
                 ext.push("INT8");
             }
-            let state = if self.amx_granted {
-                "tile state granted"
-            } else {
-                "tile state refused by the kernel: not used"
+            let state = match (self.amx_granted, self.turned_off_by) {
+                (true, _) => "tile state granted".to_string(),
+                (false, Some(by)) => format!("turned off by {by}"),
+                (false, None) => "tile state refused by the kernel: not used".to_string(),
             };
             parts.push(format!("AMX ({}; {state})", ext.join(", ")));
         }
-        if parts.is_empty() {
-            "no SIMD extension beyond the baseline".into()
+        let line = if parts.is_empty() {
+            "no SIMD extension beyond the baseline".to_string()
         } else {
             parts.join(", ")
+        };
+        match self.turned_off_by {
+            Some("FLYWHEEL_NO_AVX512") => {
+                format!("{line} (AVX-512 and AMX turned off by FLYWHEEL_NO_AVX512)")
+            }
+            _ => line,
         }
     }
 }
@@ -108,6 +118,7 @@ fn detect() -> CpuFeatures {
     let tile = edx & (1 << 24) != 0;
     let amx_bf16 = tile && edx & (1 << 22) != 0;
     let amx_int8 = tile && edx & (1 << 25) != 0;
+    let no_amx = disabled_by_env("FLYWHEEL_NO_AMX");
     let found = CpuFeatures {
         avx2: has!("avx2"),
         fma: has!("fma"),
@@ -118,7 +129,8 @@ fn detect() -> CpuFeatures {
         avx512bf16: has!("avx512bf16"),
         amx_bf16,
         amx_int8,
-        amx_granted: tile && !disabled_by_env("FLYWHEEL_NO_AMX") && request_tile_state(),
+        amx_granted: tile && !no_amx && request_tile_state(),
+        turned_off_by: (tile && no_amx).then_some("FLYWHEEL_NO_AMX"),
     };
     if disabled_by_env("FLYWHEEL_NO_AVX512") {
         found.without_avx512()
@@ -186,7 +198,16 @@ mod tests {
             ..refused
         }
         .without_avx512();
-        assert_eq!(masked.describe(), "AVX2+FMA");
+        assert_eq!(
+            masked.describe(),
+            "AVX2+FMA (AVX-512 and AMX turned off by FLYWHEEL_NO_AVX512)"
+        );
+        let off = CpuFeatures {
+            turned_off_by: Some("FLYWHEEL_NO_AMX"),
+            ..refused
+        };
+        assert!(off.describe().contains("turned off by FLYWHEEL_NO_AMX"));
+        assert!(!off.amx_bf16_usable());
         assert!(
             refused.describe().contains("refused"),
             "{}",
