@@ -1,5 +1,6 @@
 //! The batched int8 product alone (`ops::qgemm::Q8Matrix::product`) at SmolLM2-135M's shapes,
-//! for 1, 4, 8 and 16 activation rows (and 16, 64 and 256 for prefill), timed in alternating rounds:
+//! for 1, 4, 8, 16, 24 and 32 activation rows (and 16, 24, 32, 64 and 256 for prefill), timed in
+//! alternating rounds:
 //! - *streamed*: one decode step's matrices as the engine holds them on a Q8_0 base (30 layers of
 //!   the fused q/k/v, o, gate/up and down projections, then the tied 49152-row output head; 151 MB,
 //!   far more than the caches, so every step reads the weights from memory as decoding does);
@@ -20,8 +21,8 @@ use common::values;
 
 const LAYERS: usize = 30;
 const ROUNDS: usize = 7;
-/// Decode batches; prefill-sized batches for the layer's matrices (on AMX hosts, 16 rows and more
-/// run on the tiles).
+/// Decode batches; prefill-sized batches for the layer's matrices (on AMX hosts, from
+/// `qgemm_amx::MIN_ROWS` = 24 rows on, the products run on the tiles).
 const BATCHES: [usize; 6] = [1, 4, 8, 16, 24, 32];
 const PREFILL: [usize; 5] = [16, 24, 32, 64, 256];
 

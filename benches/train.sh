@@ -15,7 +15,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-3}"
-avx2="${2:-}"
+mode="${2:-}"
+case "$mode" in
+  "" | --avx2 | --no-amx) ;;
+  *) echo "usage: benches/train.sh [STEPS] [--avx2|--no-amx]" >&2; exit 2 ;;
+esac
 bash scripts/fetch-model.sh
 venv=target/torch-venv
 if ! "$venv/bin/python" -c "import torch, peft, transformers, gguf" 2>/dev/null; then
@@ -23,7 +27,7 @@ if ! "$venv/bin/python" -c "import torch, peft, transformers, gguf" 2>/dev/null;
   "$venv/bin/pip" install --quiet --disable-pip-version-check torch transformers peft gguf
 fi
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ "$avx2" = --no-amx ]; then
+if [ "$mode" = --no-amx ]; then
   grep -m1 "model name" /proc/cpuinfo || true
   echo "No AMX: PyTorch with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16; Flywheel with FLYWHEEL_NO_AMX=1"
   export ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 FLYWHEEL_NO_AMX=1
@@ -32,7 +36,7 @@ if [ "$avx2" = --no-amx ]; then
   cargo bench --bench train -- --steps "$steps" --precision auto
   exit 0
 fi
-if [ "$avx2" = --avx2 ]; then
+if [ "$mode" = --avx2 ]; then
   grep -m1 "model name" /proc/cpuinfo || true
   echo "AVX2 only: PyTorch with ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2"
   echo "ONEDNN_MAX_CPU_ISA=AVX2; Flywheel without gemm's AVX-512 kernels, FLYWHEEL_NO_AVX512=1"
