@@ -23,9 +23,28 @@ pub struct CpuFeatures {
     pub amx_int8: bool,
     /// ...and the kernel granted this process the tile state (so they may be used).
     pub amx_granted: bool,
-    /// The variable that turned instruction sets off for this process, if one did
-    /// (`FLYWHEEL_NO_AMX`, `FLYWHEEL_NO_AVX512`), for the description.
-    pub turned_off_by: Option<&'static str>,
+    /// What an environment variable turned off for this process, if anything (for the
+    /// description; the flags above already leave it out).
+    pub turned_off: Option<TurnedOff>,
+}
+
+/// Instruction sets a variable keeps unused, so one host can run another's kernel paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnedOff {
+    /// `FLYWHEEL_NO_AMX=1`: the tiles.
+    Amx,
+    /// `FLYWHEEL_NO_AVX512=1`: AVX-512 and the tiles, what an AVX2-only CPU runs.
+    Avx512,
+}
+
+impl TurnedOff {
+    /// The variable that does it.
+    pub fn variable(self) -> &'static str {
+        match self {
+            TurnedOff::Amx => "FLYWHEEL_NO_AMX",
+            TurnedOff::Avx512 => "FLYWHEEL_NO_AVX512",
+        }
+    }
 }
 
 impl CpuFeatures {
@@ -34,7 +53,7 @@ impl CpuFeatures {
         Self {
             avx2: self.avx2,
             fma: self.fma,
-            turned_off_by: Some("FLYWHEEL_NO_AVX512"),
+            turned_off: Some(TurnedOff::Avx512),
             ..Self::default()
         }
     }
@@ -72,9 +91,9 @@ impl CpuFeatures {
             if self.amx_int8 {
                 ext.push("INT8");
             }
-            let state = match (self.amx_granted, self.turned_off_by) {
+            let state = match (self.amx_granted, self.turned_off) {
                 (true, _) => "tile state granted".to_string(),
-                (false, Some(by)) => format!("turned off by {by}"),
+                (false, Some(off)) => format!("turned off by {}", off.variable()),
                 (false, None) => "tile state refused by the kernel: not used".to_string(),
             };
             parts.push(format!("AMX ({}; {state})", ext.join(", ")));
@@ -84,9 +103,9 @@ impl CpuFeatures {
         } else {
             parts.join(", ")
         };
-        match self.turned_off_by {
-            Some("FLYWHEEL_NO_AVX512") => {
-                format!("{line} (AVX-512 and AMX turned off by FLYWHEEL_NO_AVX512)")
+        match self.turned_off {
+            Some(off @ TurnedOff::Avx512) => {
+                format!("{line} (AVX-512 and AMX turned off by {})", off.variable())
             }
             _ => line,
         }
@@ -118,7 +137,7 @@ fn detect() -> CpuFeatures {
     let tile = edx & (1 << 24) != 0;
     let amx_bf16 = tile && edx & (1 << 22) != 0;
     let amx_int8 = tile && edx & (1 << 25) != 0;
-    let no_amx = disabled_by_env("FLYWHEEL_NO_AMX");
+    let no_amx = disabled_by_env(TurnedOff::Amx.variable());
     let found = CpuFeatures {
         avx2: has!("avx2"),
         fma: has!("fma"),
@@ -130,9 +149,9 @@ fn detect() -> CpuFeatures {
         amx_bf16,
         amx_int8,
         amx_granted: tile && !no_amx && request_tile_state(),
-        turned_off_by: (tile && no_amx).then_some("FLYWHEEL_NO_AMX"),
+        turned_off: (tile && no_amx).then_some(TurnedOff::Amx),
     };
-    if disabled_by_env("FLYWHEEL_NO_AVX512") {
+    if disabled_by_env(TurnedOff::Avx512.variable()) {
         found.without_avx512()
     } else {
         found
@@ -203,7 +222,7 @@ mod tests {
             "AVX2+FMA (AVX-512 and AMX turned off by FLYWHEEL_NO_AVX512)"
         );
         let off = CpuFeatures {
-            turned_off_by: Some("FLYWHEEL_NO_AMX"),
+            turned_off: Some(TurnedOff::Amx),
             ..refused
         };
         assert!(off.describe().contains("turned off by FLYWHEEL_NO_AMX"));
