@@ -90,10 +90,28 @@ pub fn attention<T: KvElem>(
     kv_heads: usize,
     head_dim: usize,
 ) {
-    attention_on(q, out, seqs, heads, kv_heads, head_dim, vector::usable());
+    let vectors = vector::usable();
+    let transposed = vectors && super::cpu::features().avx512f;
+    attention_on(q, out, seqs, heads, kv_heads, head_dim, vectors, transposed);
 }
 
-/// `attention`, with the vector path for f16 caches allowed or not (tests compare the two).
+/// `attention` with the transposed-key scores allowed or not, for benchmarks (they need
+/// AVX-512F: allowing them elsewhere panics).
+#[cfg(any(test, feature = "testing"))]
+pub fn attention_with<T: KvElem>(
+    q: &[f32],
+    out: &mut [f32],
+    seqs: &[SeqAttention<'_, T>],
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    transposed: bool,
+) {
+    let vectors = vector::usable();
+    attention_on(q, out, seqs, heads, kv_heads, head_dim, vectors, transposed);
+}
+
+/// `attention`, with the vector path for f16 caches allowed or not, and the transposed-key
+/// scores (AVX-512F) for fresh prompts allowed or not: tests compare them.
+#[allow(clippy::too_many_arguments)]
 fn attention_on<T: KvElem>(
     q: &[f32],
     out: &mut [f32],
@@ -102,6 +120,7 @@ fn attention_on<T: KvElem>(
     kv_heads: usize,
     head_dim: usize,
     vectors: bool,
+    transposed: bool,
 ) {
     let group = heads / kv_heads;
     // The vector path: f16 caches, heads a multiple of 32 wide, at most 4 query heads per kv
@@ -114,9 +133,23 @@ fn attention_on<T: KvElem>(
     let scale = 1.0 / (head_dim as f32).sqrt();
     // One cell per (row, kv head): the `group` query heads of that kv head, head_dim each.
     let cells: Vec<Mutex<&mut [f32]>> = out.chunks_mut(group * head_dim).map(Mutex::new).collect();
+    // Sequences with enough query tokens read their keys transposed (see `transpose_keys`).
+    let keys_t: Vec<Option<Vec<f32>>> = seqs
+        .iter()
+        .map(|seq| {
+            let k = T::as_f16(seq.k).filter(|_| vectors && transposed)?;
+            let total = k.len() / (kv_heads * head_dim).max(1);
+            // Enough queries to repay the copy, and most of the keys this call's own: with a
+            // long cached prefix the copy costs more than it saves.
+            (seq.tokens >= TRANSPOSE_FROM && 2 * seq.tokens >= total)
+                .then(|| transpose_keys(k, kv_heads, head_dim))
+        })
+        .collect();
+    // Longest rows first: a causal prefill's last queries read the most keys, and the pool
+    // hands out the tasks in order.
     let mut tasks = Vec::new();
     for (s, seq) in seqs.iter().enumerate() {
-        for j in 0..seq.tokens {
+        for j in (0..seq.tokens).rev() {
             for g in 0..kv_heads {
                 tasks.push((s, j, g));
             }
@@ -139,7 +172,17 @@ fn attention_on<T: KvElem>(
             scores.resize(group * visible, 0f32);
             let at = |p: usize| p * width + g * head_dim;
             let f16s = T::as_f16(seq.k).zip(T::as_f16(seq.v)).filter(|_| vectors);
-            if let Some((k, _)) = f16s {
+            if let Some(kt) = &keys_t[s] {
+                let per_head = kt.len() / kv_heads;
+                vector::scores_transposed(
+                    qs,
+                    &kt[g * per_head..(g + 1) * per_head],
+                    head_dim,
+                    visible,
+                    scale,
+                    &mut scores,
+                );
+            } else if let Some((k, _)) = f16s {
                 vector::scores(
                     qs,
                     &k[at(0)..],
@@ -163,7 +206,7 @@ fn attention_on<T: KvElem>(
             };
             let mut sums = [0f32; MAX_GROUP];
             for (sc, sum) in scores.chunks_exact_mut(visible).zip(sums.iter_mut()) {
-                let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let max = max_lanes(sc);
                 // Two loops, so the compiler vectorizes the exponentials (libm's are scalar calls).
                 for x in sc.iter_mut() {
                     *x = exp_nonpositive(*x - max);
@@ -268,6 +311,50 @@ mod vector {
         }
     }
 
+    /// `scores` from the kv head's keys as `transpose_keys` lays them out (`kt`: that head's
+    /// blocks), sixteen keys to an AVX-512 vector: the same bits as `scores`, with no horizontal
+    /// sums and one query broadcast for two vectors of keys.
+    pub(super) fn scores_transposed(
+        q: &[f32],
+        kt: &[f32],
+        dim: usize,
+        visible: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let group = q.len() / dim.max(1);
+        assert!(
+            super::super::cpu::features().avx512f,
+            "the transposed scores need AVX-512F"
+        );
+        assert!(
+            dim > 0
+                && dim.is_multiple_of(32)
+                && (1..=4).contains(&group)
+                && q.len() == group * dim
+                && visible > 0
+                && kt.len() >= visible.div_ceil(super::KEYS) * dim * super::KEYS
+                && scores.len() >= group * visible
+                && usable()
+        );
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        // SAFETY: the assertion bounds every access (whole blocks of kt up to `visible` keys,
+        // `group` heads of q, group · visible scores) and checks the CPU features.
+        unsafe {
+            let (q, k, s) = (q.as_ptr(), kt.as_ptr(), scores.as_mut_ptr());
+            match group {
+                1 => x86::zmm::scores::<1>(q, k, dim, visible, scale, s),
+                2 => x86::zmm::scores::<2>(q, k, dim, visible, scale, s),
+                3 => x86::zmm::scores::<3>(q, k, dim, visible, scale, s),
+                _ => x86::zmm::scores::<4>(q, k, dim, visible, scale, s),
+            }
+        }
+    }
+
     /// `o_h = Σ_p w[h · visible + p] · v_p` for the group's heads (`o`: group × dim).
     pub(super) fn values(
         w: &[f32],
@@ -355,6 +442,147 @@ mod vector {
             }
         }
 
+        /// The scores of sixteen keys at a time, from keys transposed by `transpose_keys`, with
+        /// AVX-512F. Each lane of `scores`' two accumulators adds, in order, dimensions c + l and
+        /// c + 16 + l (the first) and c + 8 + l and c + 24 + l (the second) for each 32 from c,
+        /// and the lanes are then summed in `hsum`'s tree; here a vector lane is a key instead,
+        /// and the same operations in the same order give each key's score the same bits.
+        pub(super) mod zmm {
+            use super::super::super::KEYS;
+            use std::arch::x86_64::*;
+
+            /// `hsum`'s lane `l` for `H` blocks of keys from block `b` and `G` heads: the two
+            /// accumulators' sum. Loops, not closures: a closure would not inherit the target
+            /// features, and AVX-512 is not the build's.
+            ///
+            /// SAFETY (callers): blocks b..b + H are inside `kt`, `q` holds G × dim.
+            #[inline]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn lane<const G: usize, const H: usize>(
+                q: *const f32,
+                kt: *const f32,
+                dim: usize,
+                b: usize,
+                l: usize,
+            ) -> [[__m512; H]; G] {
+                // SAFETY: d < dim, so every read is inside the blocks and the heads.
+                unsafe {
+                    let mut acc = [[[_mm512_setzero_ps(); 2]; H]; G];
+                    for c in (0..dim).step_by(32) {
+                        for i in 0..4 {
+                            let d = c + 8 * i + l;
+                            let mut kv = [_mm512_setzero_ps(); H];
+                            for (k, kv) in kv.iter_mut().enumerate() {
+                                *kv = _mm512_loadu_ps(kt.add(((b + k) * dim + d) * KEYS));
+                            }
+                            for (h, a) in acc.iter_mut().enumerate() {
+                                let qv = _mm512_set1_ps(*q.add(h * dim + d));
+                                for (a, kv) in a.iter_mut().zip(kv) {
+                                    a[i % 2] = _mm512_fmadd_ps(kv, qv, a[i % 2]);
+                                }
+                            }
+                        }
+                    }
+                    let mut sums = [[_mm512_setzero_ps(); H]; G];
+                    for (s, a) in sums.iter_mut().zip(&acc) {
+                        for (s, a) in s.iter_mut().zip(a) {
+                            *s = _mm512_add_ps(a[0], a[1]);
+                        }
+                    }
+                    sums
+                }
+            }
+
+            /// Lane sums added head by head and block by block.
+            #[inline]
+            #[target_feature(enable = "avx512f")]
+            fn add<const G: usize, const H: usize>(
+                mut a: [[__m512; H]; G],
+                b: [[__m512; H]; G],
+            ) -> [[__m512; H]; G] {
+                for (a, b) in a.iter_mut().zip(&b) {
+                    for (a, b) in a.iter_mut().zip(b) {
+                        *a = _mm512_add_ps(*a, *b);
+                    }
+                }
+                a
+            }
+
+            /// The scores of blocks b..b + H (keys b · 16..), for G heads, into `out`.
+            ///
+            /// SAFETY (callers): as `lane`; `out` holds G rows of `visible` scores.
+            #[inline]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn blocks<const G: usize, const H: usize>(
+                q: *const f32,
+                kt: *const f32,
+                dim: usize,
+                b: usize,
+                visible: usize,
+                scale: f32,
+                out: *mut f32,
+            ) {
+                // SAFETY: as the callers vouch; stores stay below h · visible + visible.
+                unsafe {
+                    let even = add(
+                        add(
+                            lane::<G, H>(q, kt, dim, b, 0),
+                            lane::<G, H>(q, kt, dim, b, 4),
+                        ),
+                        add(
+                            lane::<G, H>(q, kt, dim, b, 2),
+                            lane::<G, H>(q, kt, dim, b, 6),
+                        ),
+                    );
+                    let odd = add(
+                        add(
+                            lane::<G, H>(q, kt, dim, b, 1),
+                            lane::<G, H>(q, kt, dim, b, 5),
+                        ),
+                        add(
+                            lane::<G, H>(q, kt, dim, b, 3),
+                            lane::<G, H>(q, kt, dim, b, 7),
+                        ),
+                    );
+                    let scale = _mm512_set1_ps(scale);
+                    for (h, sums) in add(even, odd).iter().enumerate() {
+                        for (k, sum) in sums.iter().enumerate() {
+                            let first = (b + k) * KEYS;
+                            let n = visible.saturating_sub(first).min(KEYS);
+                            let mask = ((1u32 << n) - 1) as __mmask16;
+                            let r = _mm512_mul_ps(*sum, scale);
+                            _mm512_mask_storeu_ps(out.add(h * visible + first), mask, r);
+                        }
+                    }
+                }
+            }
+
+            /// SAFETY (callers): as `super::super::scores_transposed` asserts, with G heads, on
+            /// a CPU with AVX-512F.
+            #[target_feature(enable = "avx512f")]
+            pub(in super::super) unsafe fn scores<const G: usize>(
+                q: *const f32,
+                kt: *const f32,
+                dim: usize,
+                visible: usize,
+                scale: f32,
+                out: *mut f32,
+            ) {
+                // SAFETY: whole blocks below `visible.div_ceil(16)`, two sharing each query
+                // broadcast, the last alone when their number is odd.
+                unsafe {
+                    let n = visible.div_ceil(KEYS);
+                    for b in (0..n).step_by(2) {
+                        if b + 1 < n {
+                            blocks::<G, 2>(q, kt, dim, b, visible, scale, out);
+                        } else {
+                            blocks::<G, 1>(q, kt, dim, b, visible, scale, out);
+                        }
+                    }
+                }
+            }
+        }
+
         /// SAFETY (callers): as `super::values` asserts, with G heads.
         #[target_feature(enable = "avx2,fma,f16c")]
         pub(super) unsafe fn values<const G: usize>(
@@ -391,6 +619,45 @@ mod vector {
             }
         }
     }
+}
+
+/// Keys per block of `transpose_keys`: one AVX-512 vector's lanes.
+const KEYS: usize = 16;
+
+/// Query tokens of one sequence from which its keys are transposed for the scores: every query
+/// reads the whole transposed copy, so a few of them repay the copy (decode steps, one token a
+/// sequence, read the cache as it is).
+const TRANSPOSE_FROM: usize = 8;
+
+/// An f16 cache's keys (positions × kv_heads × dim) as f32, kv head by kv head, in blocks of
+/// `KEYS` positions stored dimension by dimension: block b's dimension d holds that dimension of
+/// positions b · KEYS.. side by side, zero past the last position. Each vector load is then one
+/// dimension of sixteen keys, and sixteen scores come out of one vector with no horizontal sums.
+fn transpose_keys(k: &[f16], kv_heads: usize, dim: usize) -> Vec<f32> {
+    let width = kv_heads * dim;
+    let total = k.len() / width.max(1);
+    let blocks = total.div_ceil(KEYS);
+    let mut kt = vec![0f32; kv_heads * blocks * dim * KEYS];
+    // One writer per (kv head, block).
+    let cells: Vec<Mutex<&mut [f32]>> = kt.chunks_mut(dim * KEYS).map(Mutex::new).collect();
+    candle_core::utils::barrier_pool().execute_chunked(cells.len(), |range| {
+        let mut row = vec![0f32; dim];
+        for i in range {
+            let (g, b) = (i / blocks, i % blocks);
+            let Ok(mut dst) = cells[i].lock() else {
+                continue;
+            };
+            for lane in 0..KEYS.min(total - b * KEYS) {
+                let at = (b * KEYS + lane) * width + g * dim;
+                widen(&k[at..at + dim], &mut row);
+                for (d, &x) in row.iter().enumerate() {
+                    dst[d * KEYS + lane] = x;
+                }
+            }
+        }
+    });
+    drop(cells);
+    kt
 }
 
 /// Query heads per kv head the op handles (Llama 3 70B has 8; model loading checks the ratio).
@@ -468,6 +735,22 @@ fn sum_lanes(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
+/// The largest value, NaN aside (as `f32::max` folds), in eight independent lanes: the
+/// maximum of finite values does not depend on the order, and the lanes vectorize.
+#[inline]
+fn max_lanes(xs: &[f32]) -> f32 {
+    let (chunks, rest) = xs.as_chunks::<8>();
+    let mut acc = [f32::NEG_INFINITY; 8];
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    acc.iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+}
+
 /// `o += w · v`.
 #[inline]
 fn axpy(o: &mut [f32], w: f32, v: &[f32]) {
@@ -522,7 +805,7 @@ mod tests {
                 .collect();
             let run = |vectors: bool| {
                 let mut out = vec![0f32; row * heads * dim];
-                attention_on(&q, &mut out, &seqs, heads, kv_heads, dim, vectors);
+                attention_on(&q, &mut out, &seqs, heads, kv_heads, dim, vectors, false);
                 out
             };
             let (fast, plain) = (run(true), run(false));
@@ -540,9 +823,98 @@ mod tests {
     }
 
     #[test]
+    fn transposed_keys_give_the_same_bits() {
+        if !vector::usable() || !crate::ops::cpu::features().avx512f {
+            println!(
+                "SKIPPED: the transposed scores need AVX-512F and F16C, which this host lacks"
+            );
+            return;
+        }
+        for (dim, kv_heads, group) in [(64, 3, 3), (64, 2, 4), (128, 2, 1), (32, 1, 2)] {
+            let heads = kv_heads * group;
+            let width = kv_heads * dim;
+            // Cached positions and this call's tokens (the last ones): odd and even numbers of
+            // 16-key blocks, whole and partial, short prefixes already cached; and sequences
+            // that stay on the per-key path (too few tokens, or a long cached prefix).
+            let shapes = [
+                (8usize, 8usize),
+                (37, 29),
+                (5, 5),
+                (70, 9),
+                (17, 7),
+                (1, 1),
+                (40, 40),
+                (64, 40),
+                (20, 12),
+                (33, 12),
+            ];
+            let caches: Vec<(Vec<f16>, Vec<f16>)> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, _))| {
+                    let k = crate::ops::test_values(n * width, 30 + i as u64);
+                    let v = crate::ops::test_values(n * width, 40 + i as u64);
+                    let half = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect();
+                    (half(k), half(v))
+                })
+                .collect();
+            let mut row = 0;
+            let seqs: Vec<SeqAttention<'_, f16>> = caches
+                .iter()
+                .zip(shapes)
+                .map(|((k, v), (_, t))| {
+                    let s = SeqAttention {
+                        k,
+                        v,
+                        row,
+                        tokens: t,
+                    };
+                    row += t;
+                    s
+                })
+                .collect();
+            let q: Vec<f32> = crate::ops::test_values(row * heads * dim, 5)
+                .into_iter()
+                .map(|x| 4.0 * x)
+                .collect();
+            let run = |transposed: bool| {
+                let mut out = vec![0f32; row * heads * dim];
+                attention_on(&q, &mut out, &seqs, heads, kv_heads, dim, true, transposed);
+                out
+            };
+            let plain = run(false);
+            for (i, (a, b)) in run(true).iter().zip(&plain).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "dim {dim}, group {group}, element {i}: {a} vs {b}"
+                );
+            }
+            assert!(
+                plain.iter().any(|x| x.abs() > 0.05),
+                "the outputs are not all near zero"
+            );
+        }
+    }
+
+    #[test]
     fn lane_sums_cover_whole_chunks_and_the_rest() {
         assert_eq!(sum_lanes(&[1.0; 19]), 19.0);
         assert_eq!(sum_lanes(&[]), 0.0);
+    }
+
+    #[test]
+    fn lane_maxima_match_the_folded_maximum() {
+        let xs = crate::ops::test_values(37, 9);
+        for n in [0, 1, 7, 8, 9, 16, 37] {
+            let want = xs[..n].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            assert_eq!(max_lanes(&xs[..n]).to_bits(), want.to_bits(), "{n} values");
+        }
+        // The largest value in the rest after whole chunks, and NaN passed over.
+        let mut ys = vec![-1.0f32; 19];
+        ys[18] = 3.0;
+        ys[2] = f32::NAN;
+        assert_eq!(max_lanes(&ys), 3.0);
     }
 
     #[test]
