@@ -96,13 +96,23 @@ pub(super) fn interleaved_index(b: usize, e: usize, nb: usize) -> usize {
 const BIAS: i8 = i8::MIN;
 
 /// Quantizes one row of `cols` values into interleaved int8 `dst` (each byte xor `bias`: 0 for
-/// weights, `BIAS` for activations) and its block scales.
-fn quantize_row(src: &[f32], dst: &mut [i8], scales: &mut [f32], bias: i8) {
+/// weights, `BIAS` for activations) and its block scales; and into `natural`, when given, block
+/// after block with no bias (the tiles' order).
+fn quantize_row(
+    src: &[f32],
+    dst: &mut [i8],
+    scales: &mut [f32],
+    bias: i8,
+    mut natural: Option<&mut [i8]>,
+) {
     let nb = src.len() / BLOCK;
     let whole = nb / GROUP * GROUP;
     let mut block = [0i8; BLOCK];
     for b in 0..nb {
         scales[b] = quantize_block(&src[b * BLOCK..(b + 1) * BLOCK], &mut block);
+        if let Some(n) = natural.as_deref_mut() {
+            n[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&block);
+        }
         if bias != 0 {
             block.iter_mut().for_each(|q| *q ^= bias);
         }
@@ -219,6 +229,9 @@ pub struct QuantRows {
     quants: Vec<i8>,
     scales: Vec<f32>,
     kernel: Kernel,
+    /// The same rows in the tiles' order, written by the same pass when a batch will run on
+    /// them (`qgemm_amx::MIN_ROWS` rows or more on a host with the tiles).
+    natural: Option<qgemm_amx::Natural>,
 }
 
 impl Q8Matrix {
@@ -248,7 +261,7 @@ impl Q8Matrix {
             .zip(quants.chunks_mut(cols))
             .zip(data.chunks(cols))
         {
-            quantize_row(src, q, s, 0);
+            quantize_row(src, q, s, 0, None);
         }
         Ok(Self {
             rows,
@@ -369,6 +382,7 @@ impl Q8Matrix {
                 m: xq.m,
                 bias: xq.kernel.bias(),
             },
+            xq.natural.as_ref(),
         )
     }
 
@@ -429,22 +443,34 @@ impl QuantRows {
         let nb = cols / BLOCK;
         let mut rows = Self::zeroed(m, cols, kernel);
         let bias = kernel.bias();
+        let mut natural = (m >= qgemm_amx::MIN_ROWS && qgemm_amx::usable())
+            .then(|| qgemm_amx::Natural::zeroed(m, cols));
+        let mut tile_rows: Vec<Option<&mut [i8]>> = match natural.as_mut() {
+            Some(a) => a.bytes_mut().chunks_mut(cols).take(m).map(Some).collect(),
+            None => (0..m).map(|_| None).collect(),
+        };
         // One writer per row.
         let work: Vec<_> = x
             .chunks(cols)
             .zip(rows.quants.chunks_mut(cols))
             .zip(rows.scales.chunks_mut(nb))
+            .zip(tile_rows.iter_mut())
             .map(std::sync::Mutex::new)
             .collect();
         candle_core::utils::barrier_pool().execute_chunked(work.len(), |range| {
             for cell in &work[range] {
                 if let Ok(mut guard) = cell.lock() {
-                    let ((src, q), s) = &mut *guard;
-                    quantize_row(src, q, s, bias);
+                    let (((src, q), s), tiles) = &mut *guard;
+                    quantize_row(src, q, s, bias, tiles.as_deref_mut());
                 }
             }
         });
         drop(work);
+        drop(tile_rows);
+        if let Some(a) = natural.as_mut() {
+            a.scales_mut()[..m * nb].copy_from_slice(&rows.scales);
+        }
+        rows.natural = natural;
         Ok(rows)
     }
 
@@ -529,6 +555,7 @@ impl QuantRows {
             quants: vec![0i8; m * cols],
             scales: vec![0f32; m * nb],
             kernel,
+            natural: None,
         }
     }
 
@@ -548,7 +575,7 @@ impl QuantRows {
             .zip(rows.quants.chunks_mut(cols))
             .zip(rows.scales.chunks_mut(nb))
         {
-            quantize_row(src, q, s, bias);
+            quantize_row(src, q, s, bias, None);
         }
         rows
     }
@@ -1287,6 +1314,11 @@ mod tests {
                             .product_on_tiles(&QuantRows::new_for(&x, m, cols, k))
                             .unwrap();
                         assert_eq!(got, want, "{k:?}: {rows} x {nb} blocks, batch {m}");
+                        // Batches for the tiles are also quantized straight into their order.
+                        let xq = QuantRows::parallel_for(&x, m, cols, k).unwrap();
+                        assert_eq!(xq.natural.is_some(), m >= qgemm_amx::MIN_ROWS, "batch {m}");
+                        let got = q.product_on_tiles(&xq).unwrap();
+                        assert_eq!(got, want, "{k:?}, tiles' order: {rows} x {nb}, batch {m}");
                     }
                 }
             }

@@ -8,9 +8,10 @@
 //! end in `hsum8`'s order. That is the arithmetic of every `qgemm` kernel, so the results are
 //! bit-identical to theirs (`qgemm`'s tests compare them on every shape they try).
 //!
-//! The tiles want their own byte order: activation rows with each block's 32 bytes together (the
-//! rows are quantized interleaved for the vector kernels, so they are put back in order once per
-//! call, and unbiased), and the weights of 16 rows side by side, four bytes of each row per 64-byte
+//! The tiles want their own byte order: activation rows with each block's 32 bytes together,
+//! unbiased (`QuantRows` writes a batch meant for the tiles that way too, in the same pass that
+//! quantizes it for the vector kernels; rows quantized only for those are put back in order once
+//! per call), and the weights of 16 rows side by side, four bytes of each row per 64-byte
 //! tile row. The weights are repacked that way per panel of 16 rows as a worker reaches it, into a
 //! buffer the size of the panel, and used against every 16-row tile of activations: the matrix
 //! is held once, in the vector kernels' layout, and decoding a single sequence is unchanged.
@@ -65,8 +66,9 @@ pub(super) struct Inputs<'a> {
 }
 
 /// `x · Wᵀ`, m × rows, row-major; `None` where the tiles cannot run (see `usable`) or the
-/// extents do not agree.
-pub(super) fn product(w: &Weights, x: &Inputs) -> Option<Vec<f32>> {
+/// extents do not agree. `natural`: the activations already in the tiles' order (see
+/// `Natural::zeroed`), when they were quantized for the tiles.
+pub(super) fn product(w: &Weights, x: &Inputs, natural: Option<&Natural>) -> Option<Vec<f32>> {
     let (n, cols) = (w.rows, w.cols);
     let nb = cols / BLOCK;
     if !usable()
@@ -75,6 +77,7 @@ pub(super) fn product(w: &Weights, x: &Inputs) -> Option<Vec<f32>> {
         || w.scales.len() < n * nb
         || x.quants.len() < x.m * cols
         || x.scales.len() < x.m * nb
+        || natural.is_some_and(|a| a.cols != cols || a.rows() < x.m)
     {
         return None;
     }
@@ -82,7 +85,14 @@ pub(super) fn product(w: &Weights, x: &Inputs) -> Option<Vec<f32>> {
     if m == 0 || n == 0 || nb == 0 {
         return Some(vec![0f32; m * n]);
     }
-    let a = Natural::new(x, cols);
+    let built;
+    let a = match natural {
+        Some(a) => a,
+        None => {
+            built = Natural::new(x, cols);
+            &built
+        }
+    };
     // Every value is written below (each panel all m rows of its columns), so y starts
     // uninitialized.
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
@@ -103,7 +113,7 @@ pub(super) fn product(w: &Weights, x: &Inputs) -> Option<Vec<f32>> {
                 let next = (n0 + TILE).min(n) * cols..(n0 + 2 * TILE).min(n) * cols;
                 super::qgemm::prefetch_l2(&w.quants[next]);
                 x86::pack(w, n0, &mut panel);
-                x86::panel(&a, m, &panel, out.0.add(n0), n, (n - n0).min(TILE));
+                x86::panel(a, m, &panel, out.0.add(n0), n, (n - n0).min(TILE));
             }
             x86::release();
         }
@@ -123,7 +133,7 @@ struct SharedOut(*mut f32);
 unsafe impl Sync for SharedOut {}
 
 /// Activations in block order, signed, padded with zero rows to whole tiles.
-struct Natural {
+pub(super) struct Natural {
     /// `rows` × cols bytes.
     bytes: Vec<i8>,
     /// `rows` × nb scales (zero in the padding).
@@ -135,7 +145,42 @@ struct Natural {
 }
 
 impl Natural {
-    /// On the worker pool, a tile of rows at a time.
+    /// Room for `m` rows of `cols` (a multiple of 32), all zero, for the quantizer to fill: row
+    /// i's bytes are `bytes_mut()[i · cols..][..cols]`, block after block, signed, and its scales
+    /// `scales_mut()[i · cols / 32..]`.
+    pub(super) fn zeroed(m: usize, cols: usize) -> Self {
+        let nb = cols / BLOCK;
+        let rows = m.div_ceil(TILE) * TILE;
+        Natural {
+            bytes: vec![0; rows * cols],
+            scales: vec![0.0; rows * nb],
+            cols,
+            nb,
+            order: Self::order(nb),
+        }
+    }
+
+    pub(super) fn bytes_mut(&mut self) -> &mut [i8] {
+        &mut self.bytes
+    }
+
+    pub(super) fn scales_mut(&mut self) -> &mut [f32] {
+        &mut self.scales
+    }
+
+    /// Rows held, padding included.
+    fn rows(&self) -> usize {
+        self.bytes.len() / self.cols.max(1)
+    }
+
+    /// The blocks in the order the panels scale them, lane by lane.
+    fn order(nb: usize) -> Vec<usize> {
+        (0..GROUP.min(nb))
+            .flat_map(|j| (j..nb).step_by(GROUP))
+            .collect()
+    }
+
+    /// From rows quantized for the vector kernels, on the worker pool, a tile of rows at a time.
     fn new(x: &Inputs, cols: usize) -> Self {
         let nb = cols / BLOCK;
         let rows = x.m.div_ceil(TILE) * TILE;
@@ -180,9 +225,7 @@ impl Natural {
             scales,
             cols,
             nb,
-            order: (0..GROUP.min(nb))
-                .flat_map(|j| (j..nb).step_by(GROUP))
-                .collect(),
+            order: Self::order(nb),
         }
     }
 }
