@@ -517,18 +517,7 @@ impl LlamaModel {
             attn: vec![0f32; n * cfg.q_width()],
             act: vec![0f32; n * cfg.ffn],
         };
-        let mut delta: Option<Vec<f32>> = None;
-        for (li, layer) in self.layers.iter().enumerate() {
-            rows::add_rms_norm(&mut x, delta.as_deref(), &layer.attn_norm, eps, &mut xn);
-            let a = self.attention_block(&batch, li, layer, &xn, caches, &mut scratch)?;
-            rows::add_rms_norm(&mut x, Some(&a), &layer.ffn_norm, eps, &mut xn);
-            delta = Some(self.mlp_block(&batch, li, layer, &xn, &mut scratch.act)?);
-        }
-        for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
-            cache.len += seq.len();
-        }
-        // Each sequence's last row, with the last layer's MLP added (only these rows reach the
-        // head), normed, through the head.
+        // Each sequence's last row of a (rows, hidden) buffer: only these rows reach the head.
         let hidden = cfg.hidden;
         let last_rows = |v: &[f32]| {
             let mut out = Vec::with_capacity(tokens.len() * hidden);
@@ -539,8 +528,35 @@ impl LlamaModel {
             }
             out
         };
+        let mut delta: Option<Vec<f32>> = None;
+        // The last layer's MLP output, for the last rows only.
+        let mut last_delta: Option<Vec<f32>> = None;
+        let top = self.layers.len().saturating_sub(1);
+        for (li, layer) in self.layers.iter().enumerate() {
+            rows::add_rms_norm(&mut x, delta.as_deref(), &layer.attn_norm, eps, &mut xn);
+            let a = self.attention_block(&batch, li, layer, &xn, caches, &mut scratch)?;
+            rows::add_rms_norm(&mut x, Some(&a), &layer.ffn_norm, eps, &mut xn);
+            if li == top {
+                // Nothing reads the other rows' last MLP (their keys and values are cached
+                // already), so a prompt runs it for its last row alone.
+                let last = Batch {
+                    tokens,
+                    n: tokens.len(),
+                    positions: Vec::new(),
+                    lora_rows: batch.lora_rows.as_ref().map(|_| adapters.to_vec()),
+                };
+                let xn = last_rows(&xn);
+                let act = &mut scratch.act[..tokens.len() * cfg.ffn];
+                last_delta = Some(self.mlp_block(&last, li, layer, &xn, act)?);
+            } else {
+                delta = Some(self.mlp_block(&batch, li, layer, &xn, &mut scratch.act)?);
+            }
+        }
+        for (seq, cache) in tokens.iter().zip(caches.iter_mut()) {
+            cache.len += seq.len();
+        }
+        // Each sequence's last row, with the last layer's MLP added, normed, through the head.
         let mut last = last_rows(&x);
-        let last_delta = delta.as_deref().map(last_rows);
         let mut normed = vec![0f32; last.len()];
         rows::add_rms_norm(
             &mut last,
