@@ -356,6 +356,8 @@ mod vector {
     }
 
     /// `o_h = Σ_p w[h · visible + p] · v_p` for the group's heads (`o`: group × dim).
+    /// With AVX-512F, sixteen dimensions to a vector (the same operations on each, so the same
+    /// bits).
     pub(super) fn values(
         w: &[f32],
         v: &[f16],
@@ -364,16 +366,43 @@ mod vector {
         visible: usize,
         o: &mut [f32],
     ) {
+        let wide = super::super::cpu::features().avx512f;
+        values_on(w, v, stride, dim, visible, o, wide);
+    }
+
+    /// `values`, on sixteen-lane vectors or not (tests compare the two).
+    pub(super) fn values_on(
+        w: &[f32],
+        v: &[f16],
+        stride: usize,
+        dim: usize,
+        visible: usize,
+        o: &mut [f32],
+        wide: bool,
+    ) {
         let group = o.len() / dim.max(1);
         assert!(fits(dim, group, o.len(), v, stride, visible) && w.len() >= group * visible);
+        assert!(
+            !wide || super::super::cpu::features().avx512f,
+            "sixteen-lane values need AVX-512F"
+        );
         #[cfg(all(
             target_arch = "x86_64",
             target_feature = "avx2",
             target_feature = "fma"
         ))]
-        // SAFETY: as in `scores`.
+        // SAFETY: as in `scores`; AVX-512F checked for the wide kernel.
         unsafe {
             let (w, v, o) = (w.as_ptr(), v.as_ptr(), o.as_mut_ptr());
+            if wide {
+                match group {
+                    1 => x86::zmm::values::<1>(w, v, stride, dim, visible, o),
+                    2 => x86::zmm::values::<2>(w, v, stride, dim, visible, o),
+                    3 => x86::zmm::values::<3>(w, v, stride, dim, visible, o),
+                    _ => x86::zmm::values::<4>(w, v, stride, dim, visible, o),
+                }
+                return;
+            }
             match group {
                 1 => x86::values::<1>(w, v, stride, dim, visible, o),
                 2 => x86::values::<2>(w, v, stride, dim, visible, o),
@@ -442,13 +471,13 @@ mod vector {
             }
         }
 
-        /// The scores of sixteen keys at a time, from keys transposed by `transpose_keys`, with
-        /// AVX-512F. Each lane of `scores`' two accumulators adds, in order, dimensions c + l and
+        /// Sixteen lanes with AVX-512F: the weighted sums of values, and the scores of sixteen
+        /// keys at a time from keys transposed by `transpose_keys`. For the scores, each lane of `scores`' two accumulators adds, in order, dimensions c + l and
         /// c + 16 + l (the first) and c + 8 + l and c + 24 + l (the second) for each 32 from c,
         /// and the lanes are then summed in `hsum`'s tree; here a vector lane is a key instead,
         /// and the same operations in the same order give each key's score the same bits.
         pub(super) mod zmm {
-            use super::super::super::KEYS;
+            use super::super::super::{KEYS, PREFETCH};
             use std::arch::x86_64::*;
 
             /// `hsum`'s lane `l` for `H` blocks of keys from block `b` and `G` heads: the two
@@ -553,6 +582,87 @@ mod vector {
                             let r = _mm512_mul_ps(*sum, scale);
                             _mm512_mask_storeu_ps(out.add(h * visible + first), mask, r);
                         }
+                    }
+                }
+            }
+
+            /// Sixteen f16 at `p` as f32.
+            ///
+            /// SAFETY (callers): p has 16 readable f16.
+            #[inline]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn load16(p: *const half::f16) -> __m512 {
+                // SAFETY: as the callers vouch.
+                unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+            }
+
+            /// `C` vectors (16 dimensions each) of G heads' outputs from dimension c, over all
+            /// visible positions in order: each lane's sum is the AVX2 kernel's, operation for
+            /// operation.
+            ///
+            /// SAFETY (callers): as `values`, with c + 16 · C <= dim.
+            #[inline]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn chunk<const G: usize, const C: usize>(
+                w: *const f32,
+                v: *const half::f16,
+                stride: usize,
+                dim: usize,
+                visible: usize,
+                c: usize,
+                o: *mut f32,
+            ) {
+                // SAFETY: rows p < visible of v, G · visible weights, G · dim outputs.
+                unsafe {
+                    let mut acc = [[_mm512_setzero_ps(); C]; G];
+                    for p in 0..visible {
+                        let row = v.add(p * stride + c);
+                        if p + PREFETCH < visible {
+                            let ahead = v.add((p + PREFETCH) * stride + c).cast::<i8>();
+                            _mm_prefetch::<_MM_HINT_T0>(ahead);
+                        }
+                        let mut vr = [_mm512_setzero_ps(); C];
+                        for (i, vr) in vr.iter_mut().enumerate() {
+                            *vr = load16(row.add(16 * i));
+                        }
+                        for (h, a) in acc.iter_mut().enumerate() {
+                            let wv = _mm512_set1_ps(*w.add(h * visible + p));
+                            for (a, vv) in a.iter_mut().zip(vr) {
+                                *a = _mm512_fmadd_ps(wv, vv, *a);
+                            }
+                        }
+                    }
+                    for (h, a) in acc.iter().enumerate() {
+                        for (i, a) in a.iter().enumerate() {
+                            _mm512_storeu_ps(o.add(h * dim + c + 16 * i), *a);
+                        }
+                    }
+                }
+            }
+
+            /// `super::super::values` with sixteen dimensions to a vector: 64 at a time (one
+            /// query broadcast for four vectors), then 32.
+            ///
+            /// SAFETY (callers): as `super::super::values` asserts, with G heads, on a CPU with
+            /// AVX-512F.
+            #[target_feature(enable = "avx512f")]
+            pub(in super::super) unsafe fn values<const G: usize>(
+                w: *const f32,
+                v: *const half::f16,
+                stride: usize,
+                dim: usize,
+                visible: usize,
+                o: *mut f32,
+            ) {
+                // SAFETY: the chunks cover dim (a multiple of 32) exactly.
+                unsafe {
+                    let mut c = 0;
+                    while c + 64 <= dim {
+                        chunk::<G, 4>(w, v, stride, dim, visible, c, o);
+                        c += 64;
+                    }
+                    if c < dim {
+                        chunk::<G, 2>(w, v, stride, dim, visible, c, o);
                     }
                 }
             }
@@ -894,6 +1004,43 @@ mod tests {
                 plain.iter().any(|x| x.abs() > 0.05),
                 "the outputs are not all near zero"
             );
+        }
+    }
+
+    #[test]
+    fn sixteen_lane_values_give_the_same_bits() {
+        if !vector::usable() || !crate::ops::cpu::features().avx512f {
+            println!("SKIPPED: sixteen-lane values need AVX-512F and F16C, which this host lacks");
+            return;
+        }
+        for dim in [32usize, 64, 96, 128] {
+            for group in 1..=4 {
+                for visible in [1usize, 5, 37] {
+                    let stride = 3 * dim;
+                    let v: Vec<f16> = crate::ops::test_values(visible * stride, dim as u64)
+                        .into_iter()
+                        .map(f16::from_f32)
+                        .collect();
+                    let w: Vec<f32> = crate::ops::test_values(group * visible, 7)
+                        .into_iter()
+                        .map(f32::abs)
+                        .collect();
+                    let run = |wide: bool| {
+                        let mut o = vec![0f32; group * dim];
+                        vector::values_on(&w, &v, stride, dim, visible, &mut o, wide);
+                        o
+                    };
+                    let (wide, narrow) = (run(true), run(false));
+                    for (i, (a, b)) in wide.iter().zip(&narrow).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "dim {dim}, group {group}, {visible} rows, element {i}"
+                        );
+                    }
+                    assert!(narrow.iter().any(|x| *x != 0.0));
+                }
+            }
         }
     }
 
