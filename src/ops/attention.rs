@@ -131,8 +131,19 @@ fn attention_on<T: KvElem>(
         "attention: {heads} heads over {kv_heads} kv heads exceeds {MAX_GROUP} per kv head"
     );
     let scale = 1.0 / (head_dim as f32).sqrt();
-    // One cell per (row, kv head): the `group` query heads of that kv head, head_dim each.
-    let cells: Vec<Mutex<&mut [f32]>> = out.chunks_mut(group * head_dim).map(Mutex::new).collect();
+    // One cell per (row, kv head): the `group` query heads of that kv head, head_dim each. Each
+    // task writes its own cell through a shared pointer: the sequences' rows are disjoint and
+    // inside `out` (asserted), and a task is one (row, kv head). A lock per cell cost more than
+    // the cell's softmax, its cache line shared between the workers.
+    assert!(
+        seqs.iter()
+            .all(|s| (s.row + s.tokens) * heads * head_dim <= out.len())
+            && seqs.windows(2).all(|w| w[0].row + w[0].tokens <= w[1].row),
+        "attention: sequences' rows must be in order, disjoint and inside the output"
+    );
+    let cell = group * head_dim;
+    let cells = SharedOut(out.as_mut_ptr());
+    let cells = &cells;
     // Sequences with enough query tokens read their keys transposed (see `transpose_keys`).
     let keys_t: Vec<Option<Vec<f32>>> = seqs
         .iter()
@@ -201,8 +212,10 @@ fn attention_on<T: KvElem>(
                     }
                 }
             }
-            let Ok(mut o) = cells[row * kv_heads + g].lock() else {
-                continue;
+            // SAFETY: cell (row, g) lies inside `out` (rows below the asserted bound, g below
+            // kv_heads) and no other task has the same (row, g); `out` outlives the pool call.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(cells.0.add((row * kv_heads + g) * cell), cell)
             };
             let mut sums = [0f32; MAX_GROUP];
             for (sc, sum) in scores.chunks_exact_mut(visible).zip(sums.iter_mut()) {
@@ -215,7 +228,7 @@ fn attention_on<T: KvElem>(
             }
             // Each cached value row is read once for all the heads that share it.
             if let Some((_, v)) = f16s {
-                vector::values(&scores, &v[at(0)..], width, head_dim, visible, &mut o);
+                vector::values(&scores, &v[at(0)..], width, head_dim, visible, o);
             } else {
                 o.fill(0.0);
                 for p in 0..visible {
@@ -730,6 +743,12 @@ mod vector {
         }
     }
 }
+
+/// The output buffer, shared with the worker pool for disjoint writes.
+struct SharedOut(*mut f32);
+// SAFETY: every task writes its own cell (see `attention_on`), so sharing the pointer races on
+// nothing.
+unsafe impl Sync for SharedOut {}
 
 /// Keys per block of `transpose_keys`: one AVX-512 vector's lanes.
 const KEYS: usize = 16;
