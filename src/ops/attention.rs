@@ -131,6 +131,7 @@ fn attention_on<T: KvElem>(
         "attention: {heads} heads over {kv_heads} kv heads exceeds {MAX_GROUP} per kv head"
     );
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let wide = vectors && super::cpu::features().avx512f;
     // One cell per (row, kv head): the `group` query heads of that kv head, head_dim each. Each
     // task writes its own cell through a shared pointer: the sequences' rows are disjoint and
     // inside `out` (asserted), and a task is one (row, kv head). A lock per cell cost more than
@@ -219,12 +220,7 @@ fn attention_on<T: KvElem>(
             };
             let mut sums = [0f32; MAX_GROUP];
             for (sc, sum) in scores.chunks_exact_mut(visible).zip(sums.iter_mut()) {
-                let max = max_lanes(sc);
-                // Two loops, so the compiler vectorizes the exponentials (libm's are scalar calls).
-                for x in sc.iter_mut() {
-                    *x = exp_nonpositive(*x - max);
-                }
-                *sum = sum_lanes(sc);
+                *sum = exponentials(sc, wide);
             }
             // Each cached value row is read once for all the heads that share it.
             if let Some((_, v)) = f16s {
@@ -852,7 +848,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// A sum in eight independent lanes (vectorizable, unlike one running sum).
-#[inline]
+#[inline(always)]
 fn sum_lanes(xs: &[f32]) -> f32 {
     let (chunks, rest) = xs.as_chunks::<8>();
     let mut acc = [0f32; 8];
@@ -864,9 +860,40 @@ fn sum_lanes(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
+/// A head's scores turned into e^(score - max) in place; returns their sum. With `wide`
+/// (AVX-512F present), compiled for sixteen-lane vectors: every operation is element by element
+/// or in `max_lanes`' and `sum_lanes`' fixed lanes, so the bits are the same.
+#[inline]
+fn exponentials(sc: &mut [f32], wide: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        /// # Safety
+        /// The CPU has AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn on_avx512(sc: &mut [f32]) -> f32 {
+            exponentials_here(sc)
+        }
+        // SAFETY: the callers pass `wide` only where AVX-512F is present.
+        return unsafe { on_avx512(sc) };
+    }
+    let _ = wide;
+    exponentials_here(sc)
+}
+
+/// `exponentials` for the vector width of the function it is inlined into.
+#[inline(always)]
+fn exponentials_here(sc: &mut [f32]) -> f32 {
+    let max = max_lanes(sc);
+    // Two loops, so the compiler vectorizes the exponentials (libm's are scalar calls).
+    for x in sc.iter_mut() {
+        *x = exp_nonpositive(*x - max);
+    }
+    sum_lanes(sc)
+}
+
 /// The largest value, NaN aside (as `f32::max` folds), in eight independent lanes: the
 /// maximum of finite values does not depend on the order, and the lanes vectorize.
-#[inline]
+#[inline(always)]
 fn max_lanes(xs: &[f32]) -> f32 {
     let (chunks, rest) = xs.as_chunks::<8>();
     let mut acc = [f32::NEG_INFINITY; 8];
@@ -1067,6 +1094,31 @@ mod tests {
     fn lane_sums_cover_whole_chunks_and_the_rest() {
         assert_eq!(sum_lanes(&[1.0; 19]), 19.0);
         assert_eq!(sum_lanes(&[]), 0.0);
+    }
+
+    #[test]
+    fn the_exponentials_have_the_same_bits_on_avx512() {
+        if !crate::ops::cpu::features().avx512f {
+            println!("SKIPPED: this host has no AVX-512F");
+            return;
+        }
+        for n in [1usize, 7, 16, 37, 300] {
+            let scores: Vec<f32> = crate::ops::test_values(n, n as u64)
+                .into_iter()
+                .map(|x| 30.0 * x)
+                .collect();
+            let (mut wide, mut narrow) = (scores.clone(), scores);
+            let (a, b) = (
+                exponentials(&mut wide, true),
+                exponentials(&mut narrow, false),
+            );
+            assert_eq!(a.to_bits(), b.to_bits(), "{n} scores: sums {a} vs {b}");
+            assert!(wide
+                .iter()
+                .zip(&narrow)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            assert!(narrow.iter().any(|&x| x == 1.0) && narrow.iter().all(|&x| x <= 1.0));
+        }
     }
 
     #[test]
