@@ -1117,7 +1117,7 @@ mod tests {
                 .iter()
                 .zip(&narrow)
                 .all(|(a, b)| a.to_bits() == b.to_bits()));
-            assert!(narrow.iter().any(|&x| x == 1.0) && narrow.iter().all(|&x| x <= 1.0));
+            assert!(narrow.contains(&1.0) && narrow.iter().all(|&x| x <= 1.0));
         }
     }
 
