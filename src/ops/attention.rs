@@ -919,6 +919,71 @@ fn axpy(o: &mut [f32], w: f32, v: &[f32]) {
 mod tests {
     use super::*;
 
+    /// A batch for `attention_on`: random f16 caches for sequences of (cached positions, this
+    /// call's tokens), and queries for all their tokens.
+    struct Cases {
+        caches: Vec<(Vec<f16>, Vec<f16>)>,
+        tokens: Vec<usize>,
+        q: Vec<f32>,
+        shape: (usize, usize, usize),
+    }
+
+    impl Cases {
+        fn new(
+            shapes: &[(usize, usize)],
+            heads: usize,
+            kv_heads: usize,
+            dim: usize,
+            seed: u64,
+        ) -> Self {
+            let width = kv_heads * dim;
+            let half = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect();
+            let caches = shapes
+                .iter()
+                .zip(seed..)
+                .map(|(&(n, _), s)| {
+                    let k = crate::ops::test_values(n * width, s);
+                    let v = crate::ops::test_values(n * width, s + 100);
+                    (half(k), half(v))
+                })
+                .collect();
+            let tokens: Vec<usize> = shapes.iter().map(|&(_, t)| t).collect();
+            let rows: usize = tokens.iter().sum();
+            let q = crate::ops::test_values(rows * heads * dim, seed + 200)
+                .into_iter()
+                .map(|x| 4.0 * x)
+                .collect();
+            Cases {
+                caches,
+                tokens,
+                q,
+                shape: (heads, kv_heads, dim),
+            }
+        }
+
+        /// `attention_on` over the batch, the vector path and the transposed scores allowed or
+        /// not.
+        fn run(&self, vectors: bool, transposed: bool) -> Vec<f32> {
+            let (heads, kv_heads, dim) = self.shape;
+            let mut row = 0;
+            let seqs: Vec<SeqAttention<'_, f16>> = self
+                .caches
+                .iter()
+                .zip(&self.tokens)
+                .map(|((k, v), &tokens)| {
+                    let s = SeqAttention { k, v, row, tokens };
+                    row += tokens;
+                    s
+                })
+                .collect();
+            let mut out = vec![0f32; self.q.len()];
+            attention_on(
+                &self.q, &mut out, &seqs, heads, kv_heads, dim, vectors, transposed,
+            );
+            out
+        }
+    }
+
     #[test]
     fn the_vector_path_matches_the_generic_one() {
         if !vector::usable() {
@@ -926,45 +991,14 @@ mod tests {
             return;
         }
         for (dim, kv_heads, group) in [(64, 3, 3), (64, 2, 4), (128, 2, 1), (32, 1, 2)] {
-            let heads = kv_heads * group;
-            let width = kv_heads * dim;
-            let lens = [1usize, 37, 5];
-            let tokens = [1usize, 1, 5];
-            let caches: Vec<(Vec<f16>, Vec<f16>)> = lens
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| {
-                    let k = crate::ops::test_values(n * width, 10 + i as u64);
-                    let v = crate::ops::test_values(n * width, 20 + i as u64);
-                    let half = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect();
-                    (half(k), half(v))
-                })
-                .collect();
-            let mut row = 0;
-            let seqs: Vec<SeqAttention<'_, f16>> = caches
-                .iter()
-                .zip(tokens)
-                .map(|((k, v), t)| {
-                    let s = SeqAttention {
-                        k,
-                        v,
-                        row,
-                        tokens: t,
-                    };
-                    row += t;
-                    s
-                })
-                .collect();
-            let q: Vec<f32> = crate::ops::test_values(row * heads * dim, 3)
-                .into_iter()
-                .map(|x| 4.0 * x)
-                .collect();
-            let run = |vectors: bool| {
-                let mut out = vec![0f32; row * heads * dim];
-                attention_on(&q, &mut out, &seqs, heads, kv_heads, dim, vectors, false);
-                out
-            };
-            let (fast, plain) = (run(true), run(false));
+            let batch = Cases::new(
+                &[(1, 1), (37, 1), (5, 5)],
+                kv_heads * group,
+                kv_heads,
+                dim,
+                10,
+            );
+            let (fast, plain) = (batch.run(true, false), batch.run(false, false));
             for (i, (a, b)) in fast.iter().zip(&plain).enumerate() {
                 assert!(
                     (a - b).abs() < 1e-5,
@@ -982,64 +1016,29 @@ mod tests {
     fn transposed_keys_give_the_same_bits() {
         if !vector::usable() || !crate::ops::cpu::features().avx512f {
             println!(
-                "SKIPPED: the transposed scores need AVX-512F and F16C, which this host lacks"
+                "SKIPPED: the transposed scores need AVX-512F and F16C, not both in use here (FLYWHEEL_NO_AVX512 or the CPU)"
             );
             return;
         }
+        // Cached positions and this call's tokens (the last ones): odd and even numbers of
+        // 16-key blocks, whole and partial, short prefixes already cached; and sequences that
+        // stay on the per-key path (too few tokens, or a long cached prefix).
+        let shapes = [
+            (8usize, 8usize),
+            (37, 29),
+            (5, 5),
+            (70, 9),
+            (17, 7),
+            (1, 1),
+            (40, 40),
+            (64, 40),
+            (20, 12),
+            (33, 12),
+        ];
         for (dim, kv_heads, group) in [(64, 3, 3), (64, 2, 4), (128, 2, 1), (32, 1, 2)] {
-            let heads = kv_heads * group;
-            let width = kv_heads * dim;
-            // Cached positions and this call's tokens (the last ones): odd and even numbers of
-            // 16-key blocks, whole and partial, short prefixes already cached; and sequences
-            // that stay on the per-key path (too few tokens, or a long cached prefix).
-            let shapes = [
-                (8usize, 8usize),
-                (37, 29),
-                (5, 5),
-                (70, 9),
-                (17, 7),
-                (1, 1),
-                (40, 40),
-                (64, 40),
-                (20, 12),
-                (33, 12),
-            ];
-            let caches: Vec<(Vec<f16>, Vec<f16>)> = shapes
-                .iter()
-                .enumerate()
-                .map(|(i, &(n, _))| {
-                    let k = crate::ops::test_values(n * width, 30 + i as u64);
-                    let v = crate::ops::test_values(n * width, 40 + i as u64);
-                    let half = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect();
-                    (half(k), half(v))
-                })
-                .collect();
-            let mut row = 0;
-            let seqs: Vec<SeqAttention<'_, f16>> = caches
-                .iter()
-                .zip(shapes)
-                .map(|((k, v), (_, t))| {
-                    let s = SeqAttention {
-                        k,
-                        v,
-                        row,
-                        tokens: t,
-                    };
-                    row += t;
-                    s
-                })
-                .collect();
-            let q: Vec<f32> = crate::ops::test_values(row * heads * dim, 5)
-                .into_iter()
-                .map(|x| 4.0 * x)
-                .collect();
-            let run = |transposed: bool| {
-                let mut out = vec![0f32; row * heads * dim];
-                attention_on(&q, &mut out, &seqs, heads, kv_heads, dim, true, transposed);
-                out
-            };
-            let plain = run(false);
-            for (i, (a, b)) in run(true).iter().zip(&plain).enumerate() {
+            let batch = Cases::new(&shapes, kv_heads * group, kv_heads, dim, 30);
+            let plain = batch.run(true, false);
+            for (i, (a, b)) in batch.run(true, true).iter().zip(&plain).enumerate() {
                 assert_eq!(
                     a.to_bits(),
                     b.to_bits(),
@@ -1056,7 +1055,7 @@ mod tests {
     #[test]
     fn sixteen_lane_values_give_the_same_bits() {
         if !vector::usable() || !crate::ops::cpu::features().avx512f {
-            println!("SKIPPED: sixteen-lane values need AVX-512F and F16C, which this host lacks");
+            println!("SKIPPED: sixteen-lane values need AVX-512F and F16C, not both in use here (FLYWHEEL_NO_AVX512 or the CPU)");
             return;
         }
         for dim in [32usize, 64, 96, 128] {
@@ -1099,7 +1098,7 @@ mod tests {
     #[test]
     fn the_exponentials_have_the_same_bits_on_avx512() {
         if !crate::ops::cpu::features().avx512f {
-            println!("SKIPPED: this host has no AVX-512F");
+            println!("SKIPPED: AVX-512F is not in use here (FLYWHEEL_NO_AVX512 or the CPU)");
             return;
         }
         for n in [1usize, 7, 16, 37, 300] {

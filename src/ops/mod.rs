@@ -269,7 +269,7 @@ mod tests {
     #[allow(unsafe_code)]
     fn the_fused_silu_mul_has_the_same_bits_on_avx512() {
         if !cpu::features().avx512f {
-            println!("SKIPPED: this host has no AVX-512F");
+            println!("SKIPPED: AVX-512F is not in use here (FLYWHEEL_NO_AVX512 or the CPU)");
             return;
         }
         // Widths with and without a remainder past whole vectors, values past the exponential's
