@@ -76,14 +76,14 @@ fn main() {
             let mut times: Vec<Vec<f64>> = vec![Vec::new(); ways.len()];
             let mut first: Option<Vec<f32>> = None;
             for _ in 0..ROUNDS {
-                for (i, (_, keys)) in ways.iter().enumerate() {
+                for (i, (_, transposed)) in ways.iter().enumerate() {
                     let start = Instant::now();
                     attention_with(
                         &q,
                         &mut out,
                         &seqs,
                         (shape.heads, shape.kv_heads, HEAD_DIM),
-                        *keys,
+                        *transposed,
                     );
                     times[i].push(start.elapsed().as_secs_f64());
                     // Every way gives the same bits.

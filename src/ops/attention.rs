@@ -984,6 +984,26 @@ mod tests {
         }
     }
 
+    /// Every element of `got` agrees with `want` as `same` says, and `want` is not all near zero.
+    fn agree(
+        got: &[f32],
+        want: &[f32],
+        same: impl Fn(f32, f32) -> bool,
+        (dim, group): (usize, usize),
+    ) {
+        assert_eq!(got.len(), want.len());
+        for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                same(a, b),
+                "dim {dim}, group {group}, element {i}: {a} vs {b}"
+            );
+        }
+        assert!(
+            want.iter().any(|x| x.abs() > 0.05),
+            "the outputs are not all near zero"
+        );
+    }
+
     #[test]
     fn the_vector_path_matches_the_generic_one() {
         if !vector::usable() {
@@ -999,16 +1019,7 @@ mod tests {
                 10,
             );
             let (fast, plain) = (batch.run(true, false), batch.run(false, false));
-            for (i, (a, b)) in fast.iter().zip(&plain).enumerate() {
-                assert!(
-                    (a - b).abs() < 1e-5,
-                    "dim {dim}, group {group}, element {i}: {a} vs {b}"
-                );
-            }
-            assert!(
-                plain.iter().any(|x| x.abs() > 0.05),
-                "the outputs are not all near zero"
-            );
+            agree(&fast, &plain, |a, b| (a - b).abs() < 1e-5, (dim, group));
         }
     }
 
@@ -1037,17 +1048,12 @@ mod tests {
         ];
         for (dim, kv_heads, group) in [(64, 3, 3), (64, 2, 4), (128, 2, 1), (32, 1, 2)] {
             let batch = Cases::new(&shapes, kv_heads * group, kv_heads, dim, 30);
-            let plain = batch.run(true, false);
-            for (i, (a, b)) in batch.run(true, true).iter().zip(&plain).enumerate() {
-                assert_eq!(
-                    a.to_bits(),
-                    b.to_bits(),
-                    "dim {dim}, group {group}, element {i}: {a} vs {b}"
-                );
-            }
-            assert!(
-                plain.iter().any(|x| x.abs() > 0.05),
-                "the outputs are not all near zero"
+            let (transposed, plain) = (batch.run(true, true), batch.run(true, false));
+            agree(
+                &transposed,
+                &plain,
+                |a, b| a.to_bits() == b.to_bits(),
+                (dim, group),
             );
         }
     }
